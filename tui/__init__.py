@@ -1,0 +1,1 @@
+"""The `llamachat` command line and the Textual chat app."""

@@ -1,0 +1,1 @@
+"""One module per `llamachat` subcommand: `configure(parser)` and `run(args) -> int`."""
