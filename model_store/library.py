@@ -1,0 +1,558 @@
+"""The model library: `models.toml`, the list of models a user has, their defaults, and the
+one default model.
+
+The file is for people as much as for the program, so reads are strict but kind (one
+sentence naming the file, line, model or field at fault; unknown keys only warn) and writes
+keep whatever the user wrote (comments, order, spacing: tomlkit edits the parsed document
+in place). Every write is atomic: the new text goes to a temp file in the same folder, is
+fsynced and renamed over the old one, whose previous contents are kept as `models.toml.bak`.
+
+Layout (version 1):
+
+    version = 1                      # format version; a newer one makes the file read-only here
+    default = "smollm2-135m-instruct"
+
+    [models.smollm2-135m-instruct]
+    path = "SmolLM2-135M-Instruct.Q4_1.gguf"   # relative paths are inside the data dir's models/
+    description = "..."
+    temp = 0.2                       # any key of runtime.params.SETTINGS: that model's default
+    n_ctx = 2048
+
+Settings are checked with runtime.params.check_setting, the same table the command-line flags
+and the app use.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomlkit
+import tomlkit.exceptions
+
+from llamachat.runtime.errors import ConfigError, UserError
+from llamachat.runtime.params import SETTINGS, check_setting
+
+from . import paths
+
+try:  # fcntl is POSIX-only; elsewhere writers are simply not serialised against each other
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+# The newest layout this program reads and writes. A file with a bigger `version` was written
+# by a newer llamachat: we still read what we understand, but refuse to write it.
+FORMAT_VERSION = 1
+
+# Keys of a [models.NAME] table besides the settings.
+ENTRY_KEYS = ("path", "description")
+TOP_KEYS = ("version", "default", "models")
+
+# Names are what people type after -m, so keep them shell- and TOML-friendly.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,79}$")
+
+HEADER = f"""\
+# llamachat model library. `llamachat models edit` opens this file; `llamachat models --help`
+# lists the commands that change it. Edits by hand are welcome: comments and order are kept.
+#
+# version  the layout of this file (this llamachat writes {FORMAT_VERSION}).
+# default  the model used when you give no -m/--model.
+#
+# Each model is a table [models.NAME]; NAME is what you pass to -m. Its keys:
+#   path         the .gguf file; a relative path is inside llamachat's data dir (models/).
+#   description  free text shown by `llamachat models list/show`.
+#   and any of these defaults for that model (a command-line flag still wins):
+#     temp top_k top_p min_p typical_p repeat_penalty repeat_last_n presence_penalty
+#     frequency_penalty mirostat mirostat_tau mirostat_eta seed n_predict n_ctx threads
+#     system_prompt chat_format
+#   Ranges are llama.cpp's (e.g. temp >= 0, top_p 0..1, n_ctx >= 1); `llamachat models set`
+#   checks them, and so does every read of this file.
+#
+# Example:
+#   [models.my-model]
+#   path = "/home/me/models/my-model.Q4_K_M.gguf"
+#   description = "my fine-tune"
+#   temp = 0.7
+#   n_ctx = 4096
+
+version = {FORMAT_VERSION}
+"""
+
+
+@dataclass
+class ModelEntry:
+    """One model: its file, description and its default settings (validated, typed)."""
+
+    name: str
+    path: Path
+    description: str = ""
+    settings: dict = field(default_factory=dict)
+    missing: bool = False  # the file is gone (listed, never a crash)
+    adhoc: bool = False  # a path given on the command line, not in the library
+
+
+def _config_error(file: Path, message: str) -> ConfigError:
+    return ConfigError(f"{file}: {message}")
+
+
+def _syntax_error(file: Path, text: str, err: Exception) -> ConfigError:
+    """The TOML syntax error as `FILE, line L, column C: invalid TOML: WHAT`."""
+    line = col = None
+    what = str(err)
+    try:  # Python 3.11+: tomllib states line and column in its message, 1-based
+        import tomllib
+
+        try:
+            tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exact:
+            what = str(exact)
+            m = re.search(r"\(at line (\d+), column (\d+)\)$", what)
+            if m:
+                line, col = int(m.group(1)), int(m.group(2))
+                what = what[: m.start()].strip()
+            elif what.endswith("(at end of document)"):
+                lines = text.split("\n")
+                line, col = len(lines), len(lines[-1]) + 1
+                what = what[: -len("(at end of document)")].strip() + " at the end of the file"
+    except ImportError:  # pragma: no cover - Python 3.10
+        pass
+    if line is None and isinstance(err, tomlkit.exceptions.ParseError):
+        line, col = err.line, err.col + 1  # tomlkit counts columns from 0
+        what = re.sub(r"\s*at line \d+ col \d+$", "", what)
+    where = f"line {line}, column {col}" if line is not None else "somewhere"
+    what = what[:1].lower() + what[1:]
+    return ConfigError(f"{file}, {where}: invalid TOML: {what}")
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise UserError(f"{name!r} is not a usable model name: use letters, digits and . _ + - (up to 80, starting with a letter or digit)")
+    return name
+
+
+def name_from_path(path: Path) -> str:
+    """A model name made from a file name: `SmolLM2-135M.Q4_1.gguf` -> `smollm2-135m-q4_1`."""
+    stem = Path(path).name
+    if stem.lower().endswith(".gguf"):
+        stem = stem[:-5]
+    name = re.sub(r"[^a-z0-9_+-]+", "-", stem.lower()).strip("-_+")
+    return name[:80] or "model"
+
+
+def _resolve_model_path(raw: str) -> Path:
+    p = Path(raw).expanduser()
+    return p if p.is_absolute() else paths.models_dir() / p
+
+
+def _stored_path(path: Path) -> str:
+    """How a path is written: relative when inside the models dir (so LLAMACHAT_HOME or the
+    data dir can move), else absolute."""
+    path = Path(path).expanduser().resolve()
+    try:
+        return path.relative_to(paths.models_dir().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def is_inside_data_dir(path: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(paths.data_dir().resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def parse_document(text: str, file: Path):
+    """(tomlkit document, plain dict) or ConfigError with line and column."""
+    try:
+        doc = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as err:
+        raise _syntax_error(file, text, err) from None
+    try:
+        plain = doc.unwrap()
+    except Exception as err:  # pragma: no cover - tomlkit accepted something it cannot convert
+        raise _config_error(file, f"cannot be read ({err})") from None
+    return doc, plain
+
+
+def _interpret(plain: dict, file: Path):
+    """Check the plain data; returns (models, default_name, version, warnings)."""
+    warnings: list[str] = []
+    version = plain.get("version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _config_error(file, f"version must be a whole number of at least 1, got {version!r}")
+    newer = version > FORMAT_VERSION
+    for key in plain:
+        if key not in TOP_KEYS:
+            warnings.append(f"{file}: unknown key {key!r} ignored{_suggest(key, TOP_KEYS)}")
+
+    tables = plain.get("models", {})
+    if not isinstance(tables, dict):
+        raise _config_error(file, "`models` must be a table of [models.NAME] tables")
+    models: dict[str, ModelEntry] = {}
+    for name, table in tables.items():
+        where = f"model {name!r}"
+        if not isinstance(table, dict):
+            raise _config_error(file, f"{where} must be a table ([models.{name}]) with at least a path")
+        if not _NAME_RE.match(name):
+            raise _config_error(file, f"{where}: the name must use letters, digits and . _ + - (up to 80, starting with a letter or digit)")
+        raw_path = table.get("path")
+        if not isinstance(raw_path, str) or not raw_path.strip():
+            raise _config_error(file, f"{where} needs path = \"FILE.gguf\" (text)" if raw_path is None else f"{where}: path must be text, got {raw_path!r}")
+        description = table.get("description", "")
+        if not isinstance(description, str):
+            raise _config_error(file, f"{where}: description must be text, got {description!r}")
+        settings = {}
+        for key, value in table.items():
+            if key in ENTRY_KEYS:
+                continue
+            if key not in SETTINGS:
+                if not newer:  # a newer format may well have keys we do not know
+                    warnings.append(f"{file}: {where}: unknown key {key!r} ignored{_suggest(key, list(SETTINGS) + list(ENTRY_KEYS))}")
+                continue
+            try:
+                settings[key] = check_setting(key, value)
+            except ValueError as err:
+                raise _config_error(file, f"{where}: {err}") from None
+        path = _resolve_model_path(raw_path)
+        models[name] = ModelEntry(name, path, description, settings, missing=not path.is_file())
+
+    default = plain.get("default")
+    if default is not None:
+        if not isinstance(default, str):
+            raise _config_error(file, f"default must be a model name (text), got {default!r}")
+        if default not in models:
+            known = ", ".join(models) or "none yet"
+            raise _config_error(file, f"default = {default!r} names no model in this file (models: {known})")
+    if newer:
+        warnings.append(f"{file} has version {version}, newer than this llamachat understands ({FORMAT_VERSION}): it is read-only here; upgrade llamachat to change it")
+    return models, default, version, warnings
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: Path, text: str, backup: bool = True) -> None:
+    """Replace `target` with `text` all at once: temp file in the same dir, fsync, rename.
+    With `backup`, the old contents are first kept as TARGET.bak (written the same way).
+    A failure at any point leaves the old file as it was. OSError -> UserError."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if backup and target.is_file():
+            _replace_with(target.with_name(target.name + ".bak"), target.read_bytes())
+        _replace_with(target, text.encode("utf-8"))
+    except OSError as err:
+        raise UserError(f"could not write {target}: {err.strerror or err}; the previous version is unchanged") from None
+
+
+def _replace_with(target: Path, data: bytes) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:  # keep the user's permissions on the file (e.g. 600)
+            os.chmod(tmp_name, target.stat().st_mode & 0o7777)
+        except OSError:
+            pass
+        os.replace(tmp_name, target)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(target.parent)
+
+
+@contextmanager
+def _locked(file: Path):
+    """Serialise read-modify-write of models.toml between processes (app + CLI)."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file.with_name(file.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+class Library:
+    """The parsed models.toml. Every change re-reads the file under a lock, applies itself to
+    that document and writes it back, so edits made elsewhere since `load` are not lost."""
+
+    def __init__(self, file: Path, doc, models, default_name, version, warnings, exists: bool):
+        self.file = Path(file)
+        self._doc = doc
+        self.models: dict[str, ModelEntry] = models
+        self.default_name: str | None = default_name
+        self.version: int = version
+        self.warnings: list[str] = warnings
+        self.exists = exists
+
+    # ---- reading -------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, file: Path | None = None) -> "Library":
+        """The library in `file` (default: paths.config_file()); a missing file is an empty
+        library. Raises ConfigError for a file that cannot be used."""
+        file = Path(file) if file is not None else paths.config_file()
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls(file, None, {}, None, FORMAT_VERSION, [], exists=False)
+        except UnicodeDecodeError as err:
+            raise _config_error(file, f"is not UTF-8 text (byte {err.start})") from None
+        except OSError as err:
+            raise _config_error(file, f"cannot be read: {err.strerror or err}") from None
+        return cls.from_text(text, file)
+
+    @classmethod
+    def from_text(cls, text: str, file: Path) -> "Library":
+        doc, plain = parse_document(text, file)
+        models, default, version, warnings = _interpret(plain, file)
+        return cls(file, doc, models, default, version, warnings, exists=True)
+
+    @property
+    def read_only(self) -> bool:
+        return self.version > FORMAT_VERSION
+
+    @property
+    def read_only_reason(self) -> str | None:
+        if not self.read_only:
+            return None
+        return (f"{self.file} has version {self.version}, newer than this llamachat understands "
+                f"({FORMAT_VERSION}), so it is not changed here; upgrade llamachat to edit the library")
+
+    @property
+    def default(self) -> ModelEntry | None:
+        return self.models.get(self.default_name) if self.default_name else None
+
+    def get(self, name: str) -> ModelEntry:
+        """The entry called `name`, or UserError naming the choices."""
+        if name in self.models:
+            return self.models[name]
+        known = ", ".join(self.models) if self.models else "the library is empty (`llamachat pull` fetches the default model)"
+        raise UserError(f"no model named {name!r} in {self.file}{_suggest(name, self.models)}; models: {known}")
+
+    def resolve(self, name_or_path: str | os.PathLike | None) -> ModelEntry:
+        """What `-m` means: None -> the default model; a library name -> that entry; a path to
+        an existing file not in the library -> an ad-hoc entry (no settings). A library entry
+        whose file is gone is an error here (callers are about to load it)."""
+        if name_or_path is None:
+            if self.default_name is None:
+                if self.models:
+                    raise UserError(f"no default model is set in {self.file}; choose one with `llamachat models default NAME` or pass -m (models: {', '.join(self.models)})")
+                raise UserError("the model library is empty; run `llamachat pull` to fetch the default model, or pass -m FILE.gguf")
+            entry = self.models[self.default_name]
+        else:
+            key = os.fspath(name_or_path)
+            entry = self.models.get(key)
+            if entry is None:
+                candidate = Path(key).expanduser()
+                if candidate.is_file():
+                    resolved = candidate.resolve()
+                    for known in self.models.values():  # a path of a library model gets its settings
+                        if not known.missing and known.path.resolve() == resolved:
+                            return known
+                    return ModelEntry(name_from_path(candidate), resolved, adhoc=True)
+                if candidate.exists():
+                    raise UserError(f"{key} is not a file")
+                looks_like_path = key.lower().endswith(".gguf") or os.sep in key or "/" in key
+                if looks_like_path:
+                    raise UserError(f"{key}: no such file")
+                self.get(key)  # raises with the list of names
+        if entry.missing:
+            raise UserError(f"model {entry.name!r}: its file {entry.path} is gone; point it at the file with `llamachat models set {entry.name} path=FILE` or remove it with `llamachat models remove {entry.name}`")
+        return entry
+
+    # ---- writing -------------------------------------------------------------------------
+
+    @contextmanager
+    def _editing(self):
+        """Re-read the file under the lock, let the caller change the tomlkit document, check
+        the result with the same rules as any read, write it atomically, refresh self."""
+        if self.read_only:
+            raise ConfigError(self.read_only_reason)
+        with _locked(self.file):
+            current = Library.load(self.file)
+            if current.read_only:
+                raise ConfigError(current.read_only_reason)
+            doc = current._doc if current._doc is not None else tomlkit.parse(HEADER)
+            yield doc
+            text = tomlkit.dumps(doc)
+            fresh = Library.from_text(text, self.file)  # never write what we could not read back
+            write_atomic(self.file, text, backup=current.exists)
+        self._take(fresh)
+
+    def _take(self, other: "Library") -> None:
+        self._doc, self.models, self.default_name = other._doc, other.models, other.default_name
+        self.version, self.warnings, self.exists = other.version, other.warnings, other.exists
+
+    def reload(self) -> "Library":
+        self._take(Library.load(self.file))
+        return self
+
+    @staticmethod
+    def _models_table(doc):
+        if "models" not in doc:
+            doc["models"] = tomlkit.table(is_super_table=True)
+        return doc["models"]
+
+    def add(self, path, name: str | None = None, description: str = "", settings: dict | None = None) -> ModelEntry:
+        """Add a GGUF file (validated first: GGUFError if it is not one) under `name`
+        (default: made from the file name). The first model added becomes the default."""
+        from llamachat.runtime.gguf_file import GGUFFile
+
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise UserError(f"{path}: no such file")
+        if not path.is_file():
+            raise UserError(f"{path} is not a file")
+        with GGUFFile(path):  # raises GGUFError with the reason
+            pass
+        name = check_name(name if name is not None else name_from_path(path))
+        if not isinstance(description, str):
+            raise UserError(f"description must be text, got {description!r}")
+        checked = self._check_settings(name, settings or {})
+        resolved = path.resolve()
+        with self._editing() as doc:
+            current = Library.from_text(tomlkit.dumps(doc), self.file)
+            if name in current.models:
+                raise UserError(f"a model named {name!r} is already in the library; choose another with --name")
+            for other in current.models.values():
+                if not other.missing and other.path.resolve() == resolved:
+                    raise UserError(f"{path} is already in the library as {other.name!r}")
+            table = tomlkit.table()
+            table["path"] = _stored_path(resolved)
+            if description:
+                table["description"] = description
+            for key, value in checked.items():
+                table[key] = value
+            self._models_table(doc)[name] = table
+            if current.default_name is None:
+                doc["default"] = name
+        return self.models[name]
+
+    def remove(self, name: str, delete_file: bool = False, force: bool = False) -> Path | None:
+        """Remove `name` from the library. With delete_file, also delete its file, but only
+        if it is inside llamachat's data dir (or `force`) and no other entry uses it; refused
+        otherwise before anything changes. Returns the deleted path, if any. Removing the
+        default model leaves no default."""
+        entry = self.get(name)
+        target = None
+        if delete_file and not entry.missing:
+            target = entry.path
+            if not force and not is_inside_data_dir(target):
+                raise UserError(f"{target} is outside llamachat's data dir ({paths.data_dir()}), so it was not deleted and {name!r} stays in the library; add --force to delete it anyway, or remove without --delete-file")
+            users = [o.name for o in self.models.values() if o.name != name and not o.missing and o.path.resolve() == target.resolve()]
+            if users:
+                raise UserError(f"{target} is also used by {', '.join(users)}, so it was not deleted and {name!r} stays in the library")
+        with self._editing() as doc:
+            models = doc.get("models")
+            if models is None or name not in models:
+                raise UserError(f"no model named {name!r} in {self.file} (it was removed meanwhile)")
+            del models[name]
+            if doc.get("default") == name:
+                del doc["default"]
+        if target is not None:
+            try:
+                target.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise UserError(f"{name!r} was removed from the library but its file {target} could not be deleted: {err.strerror or err}") from None
+        return target
+
+    def set(self, name: str, **settings) -> ModelEntry:
+        """Change settings of `name` (any key of runtime.params.SETTINGS, plus `path` and
+        `description`); a value of None removes that key (back to llama.cpp's default)."""
+        self.get(name)
+        changes = {}
+        for key, value in settings.items():
+            if value is None:
+                changes[key] = None
+            elif key == "description":
+                if not isinstance(value, str):
+                    raise UserError(f"model {name!r}: description must be text, got {value!r}")
+                changes[key] = value
+            elif key == "path":
+                p = Path(os.fspath(value)).expanduser()
+                if not p.is_file():
+                    raise UserError(f"{p}: no such file")
+                from llamachat.runtime.gguf_file import GGUFFile
+
+                with GGUFFile(p):
+                    pass
+                changes[key] = _stored_path(p)
+            else:
+                changes.update(self._check_settings(name, {key: value}))
+        if "path" in changes and changes["path"] is None:
+            raise UserError(f"model {name!r}: path cannot be removed; use `llamachat models remove {name}`")
+        with self._editing() as doc:
+            models = doc.get("models")
+            if models is None or name not in models:
+                raise UserError(f"no model named {name!r} in {self.file} (it was removed meanwhile)")
+            table = models[name]
+            for key, value in changes.items():
+                if value is None:
+                    if key in table:
+                        del table[key]
+                else:
+                    table[key] = value
+        return self.models[name]
+
+    def set_default(self, name: str) -> ModelEntry:
+        self.get(name)
+        with self._editing() as doc:
+            if name not in doc.get("models", {}):
+                raise UserError(f"no model named {name!r} in {self.file} (it was removed meanwhile)")
+            doc["default"] = name
+        return self.models[name]
+
+    @staticmethod
+    def _check_settings(name: str, settings: dict) -> dict:
+        checked = {}
+        for key, value in settings.items():
+            if key not in SETTINGS:
+                raise UserError(f"unknown setting {key!r}{_suggest(key, SETTINGS)}; settings: {', '.join(SETTINGS)}")
+            try:
+                checked[key] = check_setting(key, value)
+            except ValueError as err:
+                raise UserError(f"model {name!r}: {err}") from None
+        return checked
+
+    def ensure_file(self) -> Path:
+        """Create models.toml with its explaining header if it does not exist yet."""
+        if not self.file.exists():
+            with _locked(self.file):
+                if not self.file.exists():
+                    write_atomic(self.file, HEADER, backup=False)
+            self.reload()
+        return self.file
+
