@@ -209,9 +209,11 @@ class GGUFFile:
         if version == 1:
             raise _Invalid("GGUF version 1 is not supported (only versions 2 and 3)")
         if version not in (2, 3):
-            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
-            if swapped in (1, 2, 3):
-                raise _Invalid(f"version {version} is version {swapped} byte-swapped: this looks like a big-endian GGUF file, and only little-endian files are supported")
+            # a big-endian file read as little-endian shows its small version in the high
+            # bytes (3 reads as 0x03000000); gguf.cpp uses the same low-16-bits test
+            if version and not version & 0xFFFF:
+                swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+                raise _Invalid(f"version {version} looks like version {swapped} byte-swapped: probably a big-endian GGUF file, and only little-endian files are supported")
             raise _Invalid(f"unsupported GGUF version {version} (only versions 2 and 3)")
         self.version = version
         n_tensors, n_kv = struct.unpack_from("<QQ", mm, 8)

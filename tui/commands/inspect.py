@@ -1,0 +1,152 @@
+"""`llamachat inspect FILE [--json]`: describe a GGUF file, or refuse a broken one.
+
+Opening the file validates it completely (runtime.gguf_file), so a malformed file ends in
+`llamachat: FILE: not a valid GGUF file: REASON` and exit 2, never a traceback. The summary
+is what a user wants before running a model: architecture, size, quantization, shapes,
+tokenizer. `--json` prints the same facts as one stable JSON object (keys in `describe`).
+
+Imports only rich and the GGUF reader: no Textual, no numba.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from gguf.constants import LlamaFileType
+
+from llamachat.runtime.gguf_file import GGUFFile
+
+# tokenizer.ggml.model -> llama.cpp's vocabulary type (llama_vocab_type)
+VOCAB_TYPES = {"llama": "SPM", "gpt2": "BPE", "bert": "WPM", "t5": "UGM", "rwkv": "RWKV", "plamo2": "PLaMo2", "no_vocab": "none"}
+_DEFAULT_ROPE_BASE = 10000.0  # llama.cpp's default when {arch}.rope.freq_base is absent
+
+
+def configure(parser) -> None:
+    parser.add_argument("file", metavar="FILE", help="path to a .gguf file")
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+
+
+def file_type_name(file_type: int | None) -> str | None:
+    """general.file_type as llama-quantize names it ("Q4_1", "Q4_K_M", "F16", "F32")."""
+    if file_type is None:
+        return None
+    try:
+        ft = LlamaFileType(int(file_type))
+    except ValueError:
+        return f"unknown ({file_type})"
+    return ft.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def _plain(value: Any) -> Any:
+    """Metadata values as JSON-friendly Python values (per-layer arrays become lists)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def describe(g: GGUFFile) -> dict[str, Any]:
+    """The facts `inspect` shows, as a stable dict (the --json output)."""
+    md = g.metadata
+    arch = md.get("general.architecture")
+    pre = f"{arch}." if arch else "\0"  # no architecture: no per-architecture keys match
+
+    types = Counter(t.ggml_type.name for t in g.tensors.values())
+    file_type_id = md.get("general.file_type")
+    tokens = md.get("tokenizer.ggml.tokens")
+    tok_model = md.get("tokenizer.ggml.model")
+    heads = md.get(pre + "attention.head_count")
+    kv_heads = md.get(pre + "attention.head_count_kv", heads)  # llama.cpp: absent = no GQA
+    rope_base = md.get(pre + "rope.freq_base")
+    vocab_size = len(tokens) if tokens is not None else md.get(pre + "vocab_size")
+    return {
+        "path": str(g.path),
+        "file_size": g.file_size,
+        "gguf_version": g.version,
+        "architecture": arch,
+        "name": md.get("general.name"),
+        "parameters": sum(t.n_elements for t in g.tensors.values()),
+        "file_type": file_type_name(file_type_id),
+        "file_type_id": file_type_id,
+        "tensor_count": len(g.tensors),
+        "tensor_types": dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "context_length": md.get(pre + "context_length"),
+        "embedding_length": md.get(pre + "embedding_length"),
+        "block_count": md.get(pre + "block_count"),
+        "head_count": _plain(heads),
+        "head_count_kv": _plain(kv_heads),
+        "rope_freq_base": float(rope_base) if rope_base is not None else None,
+        "vocab_type": VOCAB_TYPES.get(tok_model, tok_model) if tok_model is not None else None,
+        "tokenizer_model": tok_model,
+        "vocab_size": vocab_size,
+        "chat_template": isinstance(md.get("tokenizer.chat_template"), str),
+        "metadata_keys": len(md),
+    }
+
+
+def human_size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # not reached
+
+
+def human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _shown(value: Any, missing: str = "not set") -> str:
+    return missing if value is None else str(value)
+
+
+def _rows(d: dict[str, Any]) -> list[tuple[str, str]]:
+    ft = d["file_type"] or "not recorded"
+    if d["file_type_id"] is not None:
+        ft += f" (general.file_type {d['file_type_id']})"
+    types = ", ".join(f"{name} {count}" for name, count in d["tensor_types"].items()) or "none"
+    vocab = _shown(d["vocab_type"])
+    if d["tokenizer_model"] is not None and d["tokenizer_model"] != d["vocab_type"]:
+        vocab += f" (tokenizer.ggml.model {d['tokenizer_model']!r})"
+    rope = f"{d['rope_freq_base']:g}" if d["rope_freq_base"] is not None else f"not set (llama.cpp uses {_DEFAULT_ROPE_BASE:g})"
+    return [
+        ("file", d["path"]),
+        ("file size", f"{human_size(d['file_size'])} ({d['file_size']:,} bytes)"),
+        ("GGUF version", str(d["gguf_version"])),
+        ("architecture", _shown(d["architecture"])),
+        ("model name", _shown(d["name"])),
+        ("parameters", f"{human_count(d['parameters'])} ({d['parameters']:,})"),
+        ("file type", ft),
+        ("tensors", f"{d['tensor_count']}: {types}"),
+        ("context length", _shown(d["context_length"])),
+        ("embedding size", _shown(d["embedding_length"])),
+        ("layers", _shown(d["block_count"])),
+        ("heads", _shown(d["head_count"])),
+        ("KV heads", _shown(d["head_count_kv"])),
+        ("rope base", rope),
+        ("vocabulary", f"{vocab}, {_shown(d['vocab_size'], 'size unknown')} tokens"),
+        ("chat template", "yes" if d["chat_template"] else "no"),
+        ("metadata keys", str(d["metadata_keys"])),
+    ]
+
+
+def run(args) -> int:
+    with GGUFFile(args.file) as g:
+        d = describe(g)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"GGUF model: {d['name'] or d['path']}", show_header=False, box=None, title_justify="left")
+    table.add_column("field", style="bold cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for field, value in _rows(d):
+        table.add_row(field, value)
+    Console().print(table)
+    return 0
