@@ -1,1 +1,108 @@
-"""Block quantization formats, one module per ggml format (layout, dequantize, quantize)."""
+"""Block quantization formats, one module per ggml format (layout, dequantize, quantize), and
+the registry that maps a ggml type to its kernels.
+
+    from llamachat.runtime.quants import dequantize, quantize, row_nbytes, FORMATS
+    dequantize(raw_uint8, ggml_type, n_per_row) -> np.float32 [n_rows, n_per_row]
+    quantize(x_f32_2d, ggml_type) -> np.uint8 [n_rows, row_nbytes]   (byte-exact with ggml)
+    row_nbytes(ggml_type, n_per_row) -> int
+    FORMATS: dict[GGMLQuantizationType, Format]
+
+`Format.dequantize_rows(raw_2d_uint8, out_2d_f32)` and `Format.quantize_rows(x_2d_f32,
+out_2d_uint8)` are the raw kernels (numba for the block formats, parallel over rows): they
+write into caller-provided C-contiguous arrays, so the engine can dequantize a weight tile into
+a reused buffer. Block and type sizes come from gguf.constants.GGML_QUANT_SIZES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from . import plain, q4_0, q4_1, q8_0
+
+T = GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class Format:
+    ggml_type: GGMLQuantizationType
+    block_size: int  # values per block
+    type_size: int  # bytes per block
+    dequantize_rows: Callable[[np.ndarray, np.ndarray], None]
+    quantize_rows: Callable[[np.ndarray, np.ndarray], None]
+
+    @property
+    def name(self) -> str:
+        return self.ggml_type.name
+
+
+def _format(ggml_type, dequantize_rows, quantize_rows) -> Format:
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    return Format(ggml_type, block_size, type_size, dequantize_rows, quantize_rows)
+
+
+FORMATS: dict[GGMLQuantizationType, Format] = {
+    f.ggml_type: f
+    for f in (
+        _format(T.F32, plain.dequantize_f32, plain.quantize_f32),
+        _format(T.F16, plain.dequantize_f16, plain.quantize_f16),
+        _format(T.BF16, plain.dequantize_bf16, plain.quantize_bf16),
+        _format(T.Q8_0, q8_0.dequantize_rows, q8_0.quantize_rows),
+        _format(T.Q4_0, q4_0.dequantize_rows, q4_0.quantize_rows),
+        _format(T.Q4_1, q4_1.dequantize_rows, q4_1.quantize_rows),
+    )
+}
+
+
+def get_format(ggml_type) -> Format:
+    """The Format for a ggml type (int or GGMLQuantizationType); ValueError naming the supported
+    ones if there is none (callers that face a user's file turn that into a ModelError)."""
+    try:
+        t = GGMLQuantizationType(int(ggml_type))
+    except ValueError:
+        raise ValueError(f"unknown ggml type {ggml_type}") from None
+    fmt = FORMATS.get(t)
+    if fmt is None:
+        supported = ", ".join(f.name for f in FORMATS.values())
+        raise ValueError(f"ggml type {t.name} is not supported (supported: {supported})")
+    return fmt
+
+
+def row_nbytes(ggml_type, n_per_row: int) -> int:
+    """Bytes of one row of n_per_row values; ValueError if n_per_row is not whole blocks."""
+    fmt = get_format(ggml_type)
+    if n_per_row % fmt.block_size:
+        raise ValueError(f"a {fmt.name} row needs a multiple of {fmt.block_size} values, not {n_per_row}")
+    return n_per_row // fmt.block_size * fmt.type_size
+
+
+def dequantize(raw: np.ndarray, ggml_type, n_per_row: int) -> np.ndarray:
+    """Rows of raw ggml data (uint8, 1-D or 2-D) -> float32 [n_rows, n_per_row]."""
+    fmt = get_format(ggml_type)
+    nbytes = row_nbytes(fmt.ggml_type, n_per_row)
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8:
+        raw = raw.reshape(-1).view(np.uint8)
+    if raw.size % nbytes:
+        raise ValueError(f"{raw.size} bytes are not whole {fmt.name} rows of {n_per_row} values")
+    rows = np.ascontiguousarray(raw.reshape(-1, nbytes))
+    out = np.empty((rows.shape[0], n_per_row), dtype=np.float32)
+    fmt.dequantize_rows(rows, out)
+    return out
+
+
+def quantize(x: np.ndarray, ggml_type) -> np.ndarray:
+    """float rows [n_rows, n_per_row] (1-D = one row) -> uint8 [n_rows, row_nbytes], byte for
+    byte what ggml's quantize_row_*_ref / quantize_* (no imatrix) write."""
+    fmt = get_format(ggml_type)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    elif x.ndim != 2:
+        x = x.reshape(-1, x.shape[-1])
+    out = np.empty((x.shape[0], row_nbytes(fmt.ggml_type, x.shape[1])), dtype=np.uint8)
+    fmt.quantize_rows(x, out)
+    return out

@@ -1,0 +1,146 @@
+"""The block formats (runtime/quants): dequantize and quantize against gguf-py's numpy
+implementation (gguf.quants) on random blocks and on the real SmolLM2 tensors, ggml's scalar
+rounding helpers against numpy, and the registry's argument checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import quants as gq
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
+
+from llamachat.runtime.quants import FORMATS, dequantize, quantize, row_nbytes
+from llamachat.runtime.quants.rounding import fp16_to_fp32, fp32_to_fp16_bits, nearest_int, roundf
+
+BLOCK_FORMATS = [t for t in FORMATS if GGML_QUANT_SIZES[t][0] > 1]
+
+
+def random_blocks(t: T, n_rows: int, n_per_row: int, seed: int = 0) -> np.ndarray:
+    """Random raw rows whose f16 scales are finite (random bytes elsewhere: every quant value)."""
+    rng = np.random.default_rng(seed)
+    nbytes = row_nbytes(t, n_per_row)
+    raw = rng.integers(0, 256, size=(n_rows, nbytes), dtype=np.uint8)
+    # overwrite every 2-byte-aligned f16 that is a scale with a sane half: easiest is to make
+    # all high bytes of halves in the first 4 bytes of each block small exponents
+    bs, ts = GGML_QUANT_SIZES[t]
+    blocks = raw.reshape(n_rows, -1, ts)
+    halves = rng.uniform(-2.0, 2.0, size=blocks.shape[:2] + (2,)).astype(np.float16).view(np.uint8)
+    if t in (T.Q2_K, T.Q4_K, T.Q5_K):  # d and dmin at the start of the block
+        blocks[..., 0:4] = halves
+    elif t == T.Q3_K or t == T.Q6_K:  # d at the end of the block
+        blocks[..., ts - 2:ts] = halves[..., 0:2]
+    elif t in (T.Q4_1, T.Q5_1):  # d, m
+        blocks[..., 0:4] = halves
+    else:  # d
+        blocks[..., 0:2] = halves[..., 0:2]
+    return raw
+
+
+@pytest.mark.parametrize("t", BLOCK_FORMATS, ids=lambda t: t.name)
+def test_dequantize_matches_gguf_py_on_random_blocks(t):
+    n = 512 if GGML_QUANT_SIZES[t][0] == 256 else 96
+    raw = random_blocks(t, 7, n)
+    ours = dequantize(raw, t, n)
+    ref = gq.dequantize(raw, t).reshape(7, n)
+    assert ours.dtype == np.float32 and ours.shape == (7, n)
+    np.testing.assert_array_equal(ours, ref)
+    # 1-D input is the same rows
+    np.testing.assert_array_equal(dequantize(raw.reshape(-1), t, n), ours)
+
+
+@pytest.mark.parametrize("t", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
+def test_plain_formats_round_trip(t):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    q = quantize(x, t)
+    assert q.shape == (5, row_nbytes(t, 64))
+    ref = x.view(np.uint8) if t == T.F32 else gq.quantize(x, t).view(np.uint8).reshape(5, -1)
+    np.testing.assert_array_equal(q, ref)
+    np.testing.assert_array_equal(dequantize(q, t, 64), gq.dequantize(q, t).reshape(5, 64))
+
+
+def test_bf16_nan_and_rounding():
+    x = np.array([[np.nan, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -np.inf, 3.0e38]], dtype=np.float32)
+    np.testing.assert_array_equal(quantize(x, T.BF16), gq.quantize(x, T.BF16).view(np.uint8).reshape(1, -1))
+
+
+GGUF_PY_QUANTIZE = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
+
+
+@pytest.mark.parametrize("t", [t for t in GGUF_PY_QUANTIZE if t in FORMATS], ids=lambda t: t.name)
+def test_quantize_matches_gguf_py(t):
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((16, 256)) * rng.uniform(0.001, 10, size=(16, 1))).astype(np.float32)
+    x[3, :32] = 0.0  # an all-zero block: d = 0, the 1/d guard
+    x[4, 32:64] = 5.0  # a constant block
+    ours = quantize(x, t)
+    ref = gq.quantize(x, t).reshape(16, -1)
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("t", BLOCK_FORMATS, ids=lambda t: t.name)
+def test_quantize_round_trip_is_close(t):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 512)).astype(np.float32)
+    y = dequantize(quantize(x, t), t, 512)
+    bits = 8 * GGML_QUANT_SIZES[t][1] / GGML_QUANT_SIZES[t][0]
+    # relative RMS error of a b-bit quantizer on Gaussian data is roughly 2^-b; allow 4x
+    rms = np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x**2))
+    assert rms < 4 * 2.0 ** (-(bits - 1.0)), (t.name, rms)
+
+
+def test_fp32_to_fp16_matches_numpy_round_to_nearest_even():
+    rng = np.random.default_rng(4)
+    bits = rng.integers(0, 2**32, size=20000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    # plus the edges: halfway cases, overflow threshold, subnormals, zeros, inf
+    edges = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e9, -1e9, np.inf, -np.inf, 2**-24, 2**-25,
+                      3 * 2**-26, 2**-14, 2**-14 - 2**-25, 1.0 + 2**-11, 1.0 + 3 * 2**-11, 5.960464e-08],
+                     dtype=np.float32)
+    x = np.concatenate([x, edges, (rng.standard_normal(5000) * 0.01).astype(np.float32)])
+    ours = np.array([fp32_to_fp16_bits(v) for v in x], dtype=np.int64)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16).view(np.uint16).astype(np.int64)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(ours[finite], ref[finite])
+    assert np.all(ours[~finite] & 0x7FFF == 0x7E00)
+
+
+def test_fp16_to_fp32_exact_for_every_half():
+    h = np.arange(65536, dtype=np.uint16)
+    ours = np.array([fp16_to_fp32(v) for v in h], dtype=np.float32)
+    ref = h.view(np.float16).astype(np.float32)
+    same = (ours.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(ours) & np.isnan(ref))
+    assert same.all()
+
+
+def test_nearest_int_and_roundf():
+    assert [nearest_int(np.float32(v)) for v in (0.5, 1.5, 2.5, -0.5, -1.5, 2.4999998)] == [0, 2, 2, 0, -2, 2]
+    assert [roundf(np.float32(v)) for v in (0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997)] == [1, 2, 3, -1, -3, 0]
+
+
+def test_registry_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        row_nbytes(T.Q4_0, 48)
+    with pytest.raises(ValueError, match="not supported"):
+        row_nbytes(T.IQ2_XXS, 256)
+    with pytest.raises(ValueError, match="whole"):
+        dequantize(np.zeros(19, np.uint8), T.Q4_0, 32)
+
+
+@pytest.mark.real_model
+def test_dequantize_real_smollm2_tensors(smollm2_path):
+    from llamachat.runtime.gguf_file import GGUFFile
+
+    with GGUFFile(smollm2_path) as g:
+        seen = set()
+        for name, info in g.tensors.items():
+            if info.ggml_type in seen and not name.startswith("blk.0."):
+                continue
+            seen.add(info.ggml_type)
+            n = info.shape[0]
+            ours = dequantize(info.rows(), info.ggml_type, n)
+            ref = gq.dequantize(np.asarray(info.rows()), info.ggml_type).reshape(-1, n)
+            np.testing.assert_array_equal(ours, ref, err_msg=name)
+        assert {T.Q4_1, T.Q8_0, T.F32} <= seen
