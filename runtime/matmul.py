@@ -1,0 +1,387 @@
+"""Products of quantized weight matrices with float activations: `y = x @ W.T`.
+
+W is a GGUF tensor left as it sits in the memory map (rows of ggml blocks, `TensorInfo.rows()`);
+x is float32 [T, K] (T tokens). Numerics follow llama.cpp's CPU backend: before a product the
+activations are converted to the weight format's "vec_dot_type" (Q8_0 for Q8_0/Q4_0/Q5_0, Q8_1
+for Q4_1/Q5_1, Q8_K for the K-quants, F16 for F16, BF16 for BF16), so our sums use the same
+rounded activations as llama.cpp's integer dot products.
+
+Two paths, chosen per call:
+- decode (few tokens) on the hot formats (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16, F32): fused numba
+  kernels reading the blocks directly, integer dot products against the int8 activations,
+  rows split over threads.
+- everything else (prefill blocks, and every format without a fused kernel): a tile of rows
+  dequantized to float32 once (`runtime.quants.dequantize`), multiplied by the block of rounded
+  activations with numpy's BLAS. The tile is transient; weights stay quantized in the mmap.
+
+Layouts (ggml-common.h), per block, little endian, `d`/`m`/`dmin` are IEEE half floats:
+  Q8_0  34 B / 32: d, int8 qs[32]                                  w = d*q
+  Q4_0  18 B / 32: d, qs[16] (low nibble = weight j, high = j+16)  w = d*(q-8)
+  Q4_1  20 B / 32: d, m, qs[16] (same nibble order)                w = d*q + m
+  Q4_K 144 B / 256: d, dmin, scales[12] (8 x 6-bit scale/min pairs), qs[128]
+       (64-weight chunks: 32 bytes, low nibbles = first 32, high = next 32)  w = d*sc*q - dmin*mn
+  Q6_K 210 B / 256: ql[128], qh[64], int8 scales[16], d             w = d*sc*(q-32)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from numba import njit, prange
+
+# --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
+
+ACT_F32, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = range(6)
+
+VEC_DOT_TYPE = {
+    T.F32: ACT_F32, T.F16: ACT_F16, T.BF16: ACT_BF16,
+    T.Q8_0: ACT_Q8_0, T.Q4_0: ACT_Q8_0, T.Q5_0: ACT_Q8_0,
+    T.Q4_1: ACT_Q8_1, T.Q5_1: ACT_Q8_1,
+    T.Q2_K: ACT_Q8_K, T.Q3_K: ACT_Q8_K, T.Q4_K: ACT_Q8_K, T.Q5_K: ACT_Q8_K, T.Q6_K: ACT_Q8_K,
+}
+SUPPORTED_TYPES = frozenset(VEC_DOT_TYPE)
+# formats with a fused decode kernel below
+FUSED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K})
+# at or above this many tokens a dequantized tile times BLAS beats per-token fused kernels
+PREFILL_MIN_TOKENS = 4
+# rows dequantized at once on the tile path (bounds the transient float32 tile)
+TILE_ROWS = 2048
+
+# half float -> float32 for every bit pattern (block scales are read through this table)
+F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(cache=True, inline="always")
+def _f16(table, row, o):
+    return table[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+
+
+@njit(cache=True, inline="always")
+def round_to_f16(x):
+    """x rounded to the nearest half float (ties to even), as float32: ggml's FP32_TO_FP16."""
+    ax = abs(x)
+    if ax == 0.0 or not math.isfinite(x):
+        return np.float32(x)
+    if ax >= 65520.0:
+        return np.float32(math.copysign(math.inf, x))
+    if ax < 6.103515625e-05:  # half subnormals: a fixed quantum of 2**-24
+        return np.float32(np.rint(x * 16777216.0) / 16777216.0)
+    m, e = math.frexp(x)  # x = m * 2**e, 0.5 <= |m| < 1: 11 significant bits in a half
+    return np.float32(math.ldexp(np.rint(m * 2048.0), e - 11))
+
+
+@njit(cache=True, inline="always")
+def _round_to_bf16(x):
+    # ggml's FP32_TO_BF16: round to nearest even on the top 16 bits (NaN aside)
+    if x == 0.0 or not math.isfinite(x):
+        return np.float32(x)
+    m, e = math.frexp(x)
+    return np.float32(math.ldexp(np.rint(m * 256.0), e - 8))
+
+
+@njit(cache=True)
+def quantize_activations(x, mode, xq, xd, xs, xhat):
+    """x f32 [T, K] -> the activations llama.cpp's dot products see.
+
+    Q8_0/Q8_1: per 32 values d = amax/127 (stored as half), q = round(x/d); Q8_1 adds the
+    block sum s = half(d*sum(q)). Q8_K: per 256 values iscale = -127/max (max: the signed
+    value of largest magnitude), q = min(127, round(iscale*x)), d = 1/iscale as float32.
+    Fills xq int8 [T, K], xd f32 [T, K/32] (each 32-group's scale), xs f32 [T, K/32] (each
+    32-group's d*sum(q), used for the Q4_1/Q4_K offsets) and xhat f32 [T, K] = the rounded
+    activations as floats (for the BLAS path).
+    """
+    n_tok, k = x.shape
+    for t in range(n_tok):
+        if mode == ACT_F32:
+            for i in range(k):
+                xhat[t, i] = x[t, i]
+        elif mode == ACT_F16:
+            for i in range(k):
+                xhat[t, i] = round_to_f16(x[t, i])
+        elif mode == ACT_BF16:
+            for i in range(k):
+                xhat[t, i] = _round_to_bf16(x[t, i])
+        elif mode == ACT_Q8_0 or mode == ACT_Q8_1:
+            for b in range(k // 32):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(x[t, b * 32 + j]))
+                d = amax / np.float32(127.0)
+                inv = np.float32(1.0) / d if d != 0.0 else np.float32(0.0)
+                dh = round_to_f16(d)
+                total = 0
+                for j in range(32):
+                    q = np.int32(np.rint(x[t, b * 32 + j] * inv))
+                    xq[t, b * 32 + j] = q
+                    xhat[t, b * 32 + j] = dh * q
+                    total += q
+                xd[t, b] = dh
+                s = dh * np.float32(total)
+                xs[t, b] = round_to_f16(d * np.float32(total)) if mode == ACT_Q8_1 else s
+        else:  # ACT_Q8_K
+            for b in range(k // 256):
+                amax = np.float32(0.0)
+                vmax = np.float32(0.0)
+                for j in range(256):
+                    v = x[t, b * 256 + j]
+                    if abs(v) > amax:
+                        amax = abs(v)
+                        vmax = v
+                if amax == 0.0:
+                    for j in range(256):
+                        xq[t, b * 256 + j] = 0
+                        xhat[t, b * 256 + j] = 0.0
+                    for g in range(8):
+                        xd[t, b * 8 + g] = 0.0
+                        xs[t, b * 8 + g] = 0.0
+                    continue
+                iscale = np.float32(-127.0) / vmax
+                d = np.float32(1.0) / iscale
+                for g in range(8):
+                    total = 0
+                    for j in range(32):
+                        i = b * 256 + g * 32 + j
+                        q = min(127, np.int32(np.rint(iscale * x[t, i])))
+                        xq[t, i] = q
+                        xhat[t, i] = d * q
+                        total += q
+                    xd[t, b * 8 + g] = d
+                    xs[t, b * 8 + g] = d * np.float32(total)
+
+
+# --- fused decode kernels: one output row per iteration, rows split over threads ------------
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q8_0(w, table, xq, xd, out):
+    n_rows, nb = w.shape[0], xd.shape[0]
+    for r in prange(n_rows):
+        row = w[r]
+        acc = np.float32(0.0)
+        for b in range(nb):
+            o = b * 34
+            blk = row[o + 2:o + 34].view(np.int8)
+            xb = xq[b * 32:b * 32 + 32]
+            s = np.int32(0)
+            for j in range(32):
+                s += np.int32(blk[j]) * np.int32(xb[j])
+            acc += _f16(table, row, o) * xd[b] * np.float32(s)
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q4(w, table, xq, xd, xs, out, with_min):
+    """Q4_0 (with_min False: w = d*(q-8)) and Q4_1 (True: w = d*q + m)."""
+    n_rows, nb = w.shape[0], xd.shape[0]
+    bs = 20 if with_min else 18
+    for r in prange(n_rows):
+        row = w[r]
+        acc = np.float32(0.0)
+        for b in range(nb):
+            o = b * bs
+            qs = row[o + bs - 16:o + bs]
+            xlo = xq[b * 32:b * 32 + 16]
+            xhi = xq[b * 32 + 16:b * 32 + 32]
+            s = np.int32(0)
+            if with_min:
+                for j in range(16):
+                    q = np.int32(qs[j])
+                    s += (q & 15) * np.int32(xlo[j]) + (q >> 4) * np.int32(xhi[j])
+                acc += _f16(table, row, o) * xd[b] * np.float32(s) + _f16(table, row, o + 2) * xs[b]
+            else:
+                for j in range(16):
+                    q = np.int32(qs[j])
+                    s += ((q & 15) - 8) * np.int32(xlo[j]) + ((q >> 4) - 8) * np.int32(xhi[j])
+                acc += _f16(table, row, o) * xd[b] * np.float32(s)
+        out[r] = acc
+
+
+@njit(cache=True, inline="always")
+def _q4k_scale_min(sc, j):
+    if j < 4:
+        return np.int32(sc[j] & 63), np.int32(sc[j + 4] & 63)
+    return (np.int32((sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4)),
+            np.int32((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)))
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q4_k(w, table, xq, xd, xs, out):
+    n_rows, nb = w.shape[0], xd.shape[0] // 8
+    for r in prange(n_rows):
+        row = w[r]
+        acc = np.float32(0.0)
+        for b in range(nb):
+            o = b * 144
+            d = _f16(table, row, o)
+            dmin = _f16(table, row, o + 2)
+            sc = row[o + 4:o + 16]
+            isum = np.float32(0.0)
+            msum = np.float32(0.0)
+            for c in range(4):
+                qs = row[o + 16 + 32 * c:o + 48 + 32 * c]
+                xlo = xq[b * 256 + 64 * c:b * 256 + 64 * c + 32]
+                xhi = xq[b * 256 + 64 * c + 32:b * 256 + 64 * c + 64]
+                slo = np.int32(0)
+                shi = np.int32(0)
+                for j in range(32):
+                    q = np.int32(qs[j])
+                    slo += (q & 15) * np.int32(xlo[j])
+                    shi += (q >> 4) * np.int32(xhi[j])
+                s1, m1 = _q4k_scale_min(sc, 2 * c)
+                s2, m2 = _q4k_scale_min(sc, 2 * c + 1)
+                isum += np.float32(s1 * slo + s2 * shi)
+                msum += np.float32(m1) * xs[b * 8 + 2 * c] + np.float32(m2) * xs[b * 8 + 2 * c + 1]
+            acc += d * xd[b * 8] * isum - dmin * msum
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q6_k(w, table, xq, xd, out):
+    n_rows, nb = w.shape[0], xd.shape[0] // 8
+    for r in prange(n_rows):
+        row = w[r]
+        acc = np.float32(0.0)
+        for b in range(nb):
+            o = b * 210
+            scales = row[o + 192:o + 208].view(np.int8)
+            isum = np.int32(0)
+            for half in range(2):
+                ql = row[o + 64 * half:o + 64 * half + 64]
+                qh = row[o + 128 + 32 * half:o + 128 + 32 * half + 32]
+                xb = xq[b * 256 + 128 * half:b * 256 + 128 * half + 128]
+                for g in range(2):  # 16-value groups share a scale
+                    s0 = np.int32(0)
+                    s1 = np.int32(0)
+                    s2 = np.int32(0)
+                    s3 = np.int32(0)
+                    for l in range(16 * g, 16 * g + 16):
+                        a = np.int32(ql[l])
+                        c = np.int32(ql[l + 32])
+                        h = np.int32(qh[l])
+                        s0 += (((a & 15) | ((h & 3) << 4)) - 32) * np.int32(xb[l])
+                        s1 += (((c & 15) | (((h >> 2) & 3) << 4)) - 32) * np.int32(xb[l + 32])
+                        s2 += (((a >> 4) | (((h >> 4) & 3) << 4)) - 32) * np.int32(xb[l + 64])
+                        s3 += (((c >> 4) | (((h >> 6) & 3) << 4)) - 32) * np.int32(xb[l + 96])
+                    sc = scales[8 * half + g:8 * half + g + 8]
+                    isum += (np.int32(sc[0]) * s0 + np.int32(sc[2]) * s1
+                             + np.int32(sc[4]) * s2 + np.int32(sc[6]) * s3)
+            acc += _f16(table, row, o + 208) * xd[b * 8] * np.float32(isum)
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_f16(w, table, x, out):
+    n_rows = w.shape[0]
+    k = x.shape[0]
+    for r in prange(n_rows):
+        row = w[r].view(np.uint16)
+        acc = np.float32(0.0)
+        for i in range(k):
+            acc += table[row[i]] * x[i]
+        out[r] = acc
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_f32(w, x, out):
+    n_rows = w.shape[0]
+    k = x.shape[0]
+    for r in prange(n_rows):
+        row = w[r].view(np.float32)
+        acc = np.float32(0.0)
+        for i in range(k):
+            acc += row[i] * x[i]
+        out[r] = acc
+
+
+# --- the tile path and the dispatcher ------------------------------------------------------
+
+def dequantize_rows(raw: np.ndarray, ggml_type, n_per_row: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows of a weight as float32 [n_rows, n_per_row], through the quants registry's kernel
+    (into `out` when given: a reused tile buffer)."""
+    from .quants import FORMATS
+
+    ggml_type = T(ggml_type)
+    if out is None:
+        out = np.empty((raw.shape[0], n_per_row), np.float32)
+    fmt = FORMATS.get(ggml_type)
+    if fmt is None:  # formats the registry does not have yet: gguf-py's reference numpy code
+        from gguf.quants import dequantize as gguf_dequantize
+
+        out[...] = gguf_dequantize(np.ascontiguousarray(raw), ggml_type).reshape(raw.shape[0], n_per_row)
+        return out
+    fmt.dequantize_rows(np.ascontiguousarray(raw), out)
+    return out
+
+
+class QuantWeight:
+    """A weight matrix [n_out, n_in] left quantized in the memory map: `rows` is uint8
+    [n_out, row_bytes] (ggml shape (n_in, n_out))."""
+
+    __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode")
+
+    def __init__(self, name: str, ggml_type, n_in: int, n_out: int, rows: np.ndarray):
+        self.name = name
+        self.ggml_type = T(ggml_type)
+        self.n_in = int(n_in)
+        self.n_out = int(n_out)
+        self.rows = rows
+        self.act_mode = VEC_DOT_TYPE[self.ggml_type]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.rows.nbytes)
+
+
+class Activations:
+    """x rounded to a weight format's vec_dot_type, reusable by every weight of that format
+    that multiplies the same x (q, k and v; gate and up)."""
+
+    __slots__ = ("mode", "xq", "xd", "xs", "xhat")
+
+    def __init__(self, x: np.ndarray, mode: int):
+        n_tok, k = x.shape
+        self.mode = mode
+        self.xq = np.empty((n_tok, k), np.int8)
+        self.xd = np.empty((n_tok, max(k // 32, 1)), np.float32)
+        self.xs = np.empty((n_tok, max(k // 32, 1)), np.float32)
+        self.xhat = np.empty((n_tok, k), np.float32)
+        quantize_activations(x, mode, self.xq, self.xd, self.xs, self.xhat)
+
+
+def quantize_for(x: np.ndarray, w: QuantWeight) -> Activations:
+    return Activations(np.ascontiguousarray(x, dtype=np.float32), w.act_mode)
+
+
+def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None = None) -> np.ndarray:
+    """x [T, n_in] (or Activations for w's format) -> x @ W.T as float32 [T, n_out]."""
+    act = x if isinstance(x, Activations) else quantize_for(x, w)
+    if act.mode != w.act_mode:
+        raise ValueError(f"{w.name}: activations are in the wrong format")
+    n_tok = act.xhat.shape[0]
+    if act.xhat.shape[1] != w.n_in:
+        raise ValueError(f"{w.name}: expects {w.n_in} inputs, got {act.xhat.shape[1]}")
+    if out is None:
+        out = np.empty((n_tok, w.n_out), np.float32)
+    t = w.ggml_type
+    if n_tok < PREFILL_MIN_TOKENS and t in FUSED_TYPES:
+        for i in range(n_tok):
+            if t == T.Q4_1 or t == T.Q4_0:
+                _matvec_q4(w.rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i], t == T.Q4_1)
+            elif t == T.Q8_0:
+                _matvec_q8_0(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
+            elif t == T.Q4_K:
+                _matvec_q4_k(w.rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
+            elif t == T.Q6_K:
+                _matvec_q6_k(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
+            elif t == T.F16:
+                _matvec_f16(w.rows, F16_TABLE, act.xhat[i], out[i])
+            else:
+                _matvec_f32(w.rows, act.xhat[i], out[i])
+        return out
+    tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
+    for start in range(0, w.n_out, TILE_ROWS):
+        stop = min(start + TILE_ROWS, w.n_out)
+        dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
+        np.matmul(act.xhat, tile[:stop - start].T, out=out[:, start:stop])
+    return out

@@ -1,0 +1,96 @@
+"""The quantized products (runtime/matmul.py) against a plain dequantization.
+
+Random blocks of every supported format; the weights are dequantized by gguf-py's reference
+(`gguf.quants.dequantize`) and by our registry, the activations rounded the way llama.cpp's
+vec_dot_type does (checked against a numpy transcription of ggml's quantize_row_q8_*), and
+both the fused decode kernels (1 token) and the tile path (many tokens) must give x @ W.T.
+"""
+
+import numpy as np
+import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+
+from llamachat.runtime import matmul as mm
+
+# byte offsets of the half-float scale fields in each block (random bytes elsewhere)
+SCALE_FIELDS = {
+    T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2],
+    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+}
+ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+             T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def random_rows(ggml_type, n_rows, n_per_row, rng):
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    if ggml_type == T.F32:
+        return rng.standard_normal((n_rows, n_per_row)).astype(np.float32).view(np.uint8)
+    if ggml_type == T.F16:
+        return rng.standard_normal((n_rows, n_per_row)).astype(np.float16).view(np.uint8)
+    if ggml_type == T.BF16:
+        bits = rng.standard_normal((n_rows, n_per_row)).astype(np.float32).view(np.uint32) >> 16
+        return bits.astype(np.uint16).view(np.uint8)
+    nb = n_per_row // block
+    raw = rng.integers(0, 256, size=(n_rows, nb, size), dtype=np.uint8)
+    for off in SCALE_FIELDS[ggml_type]:
+        scale = (rng.uniform(0.001, 0.05, size=(n_rows, nb)) * rng.choice([-1, 1], size=(n_rows, nb))).astype(np.float16)
+        raw[:, :, off:off + 2] = scale.view(np.uint8).reshape(n_rows, nb, 2)
+    return raw.reshape(n_rows, nb * size)
+
+
+def numpy_q8(x, block, f16_scale):
+    """ggml's quantize_row_q8_0/q8_1 (block 32, half scale) and q8_K (block 256, float scale)."""
+    xb = x.reshape(-1, block).astype(np.float32)
+    if block == 32:
+        d = np.abs(xb).max(axis=1) / np.float32(127)
+        inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+        q = np.rint(xb * inv[:, None])
+        d = d.astype(np.float16).astype(np.float32)
+    else:
+        idx = np.abs(xb).argmax(axis=1)
+        vmax = xb[np.arange(len(xb)), idx]
+        iscale = (np.float32(-127) / vmax).astype(np.float32)
+        q = np.minimum(127, np.rint(iscale[:, None] * xb))
+        d = (np.float32(1) / iscale).astype(np.float32)
+    return (q * d[:, None]).reshape(x.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode,block", [(mm.ACT_Q8_0, 32), (mm.ACT_Q8_1, 32), (mm.ACT_Q8_K, 256)])
+def test_activation_rounding_matches_ggml(mode, block):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 512)).astype(np.float32) * 3
+    act = mm.Activations(x, mode)
+    assert np.array_equal(act.xhat, np.stack([numpy_q8(r, block, True) for r in x]))
+    assert np.allclose(act.xhat, x, atol=np.abs(x).max() / 100)
+    # the 32-group sums used for the minimum terms
+    sums = act.xhat.reshape(3, -1, 32).sum(axis=2)
+    assert np.allclose(act.xs, sums, rtol=2e-3, atol=1e-3)
+
+
+def test_half_rounding_matches_numpy():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-9, 5, 2000), [0.0, 65504.0, 1e-8, -3e-5]])
+    x = x.astype(np.float32)[None, :]
+    act = mm.Activations(x, mm.ACT_F16)
+    assert np.array_equal(act.xhat, x.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+def test_products_match_dequantized_weights(ggml_type):
+    rng = np.random.default_rng(int(ggml_type) + 7)
+    n_out, n_in = 70, 512
+    raw = random_rows(ggml_type, n_out, n_in, rng)
+    w_ref = gguf_dequantize(raw, ggml_type).reshape(n_out, n_in).astype(np.float64)
+    assert np.array_equal(mm.dequantize_rows(raw, ggml_type, n_in), w_ref.astype(np.float32))
+    w = mm.QuantWeight("w", ggml_type, n_in, n_out, raw)
+    for n_tok in (1, 2, 9):
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        act = mm.quantize_for(x, w)
+        expected = act.xhat.astype(np.float64) @ w_ref.T
+        got = mm.matmul(w, act)
+        scale = np.abs(act.xhat).astype(np.float64) @ np.abs(w_ref).T
+        assert np.all(np.abs(got - expected) <= 1e-5 * scale + 1e-6), (ggml_type.name, n_tok)
+        # and the rounding of the activations is small
+        plain = x.astype(np.float64) @ w_ref.T
+        assert np.all(np.abs(got - plain) <= 0.03 * scale + 1e-4)
