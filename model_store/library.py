@@ -49,6 +49,11 @@ except ImportError:  # pragma: no cover
 # by a newer llamachat: we still read what we understand, but refuse to write it.
 FORMAT_VERSION = 1
 
+# mkstemp creates files 0600; files we rename into place get the mode a plain open() would give.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+NEW_FILE_MODE = 0o666 & ~_UMASK
+
 # Keys of a [models.NAME] table besides the settings.
 ENTRY_KEYS = ("path", "description")
 TOP_KEYS = ("version", "default", "models")
@@ -274,9 +279,10 @@ def _replace_with(target: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         try:  # keep the user's permissions on the file (e.g. 600)
-            os.chmod(tmp_name, target.stat().st_mode & 0o7777)
+            mode = target.stat().st_mode & 0o7777
         except OSError:
-            pass
+            mode = NEW_FILE_MODE
+        os.chmod(tmp_name, mode)
         os.replace(tmp_name, target)
     except BaseException:
         try:
@@ -556,3 +562,55 @@ class Library:
             self.reload()
         return self.file
 
+
+
+@dataclass
+class FileSummary:
+    """What `models list/show` (and the app's picker) say about a model file, read from its
+    GGUF header. `error` is the one-line reason when the file is missing or not valid."""
+
+    size: int | None = None
+    quant: str | None = None
+    context_length: int | None = None
+    architecture: str | None = None
+    name: str | None = None
+    error: str | None = None
+
+
+def file_type_name(file_type, tensor_types) -> str | None:
+    """general.file_type as llama.cpp names it (Q4_1, Q4_K_M, F16...); without that key, the
+    commonest tensor type other than F32."""
+    from gguf.constants import LlamaFileType
+
+    if isinstance(file_type, int) and not isinstance(file_type, bool):
+        try:
+            name = LlamaFileType(file_type).name
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            return f"file type {file_type}"
+    counts: dict[str, int] = {}
+    for t in tensor_types:
+        counts[t.name] = counts.get(t.name, 0) + 1
+    quantized = {k: v for k, v in counts.items() if k != "F32"} or counts
+    return max(quantized, key=quantized.get) if quantized else None
+
+
+def file_summary(path: Path) -> FileSummary:
+    from llamachat.runtime.gguf_file import GGUFFile
+
+    path = Path(path)
+    if not path.is_file():
+        return FileSummary(error=f"{path}: no such file")
+    summary = FileSummary(size=path.stat().st_size)
+    try:
+        with GGUFFile(path) as g:
+            arch = g.get("general.architecture")
+            summary.architecture = arch if isinstance(arch, str) else None
+            context = g.get(f"{arch}.context_length") if summary.architecture else None
+            summary.context_length = int(context) if isinstance(context, int) and not isinstance(context, bool) else None
+            summary.quant = file_type_name(g.get("general.file_type"), (t.ggml_type for t in g.tensors.values()))
+            name = g.get("general.name")
+            summary.name = name if isinstance(name, str) else None
+    except UserError as err:
+        summary.error = str(err)
+    return summary
