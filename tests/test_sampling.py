@@ -1,0 +1,299 @@
+"""The samplers against llama.cpp's tests/test-sampling.cpp (same inputs, same expected
+probabilities, same 1e-5 tolerance), the random stream against libstdc++'s, and the chain's
+order, determinism and speed."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from llamachat.runtime.params import SamplingParams
+from llamachat.runtime.sampling import (
+    Candidates, Mirostat, MirostatV2, Penalties, Rng, Sampler, discrete, dist, logit_bias,
+    min_p, temperature, top_k, top_p, typical,
+)
+
+P4 = [0.1, 0.2, 0.3, 0.4]
+
+
+def check(cur: Candidates, expected):
+    assert len(cur) == len(expected), (cur.p, expected)
+    assert np.all(np.abs(cur.p - np.asarray(expected, np.float32)) < 1e-5), (cur.p, expected)
+
+
+def run(probs, expected, *samplers, draw=True):
+    cur = Candidates.from_probs(probs)
+    for s in samplers:
+        s(cur)
+    if draw:
+        dist(cur, Rng(0))
+    check(cur, expected)
+    return cur
+
+
+# --- test-sampling.cpp's cases ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temp, expected", [(1.0, P4), (0.0, [0, 0, 0, 1])])
+def test_temp(temp, expected):
+    run(P4, expected, lambda c: temperature(c, temp))
+
+
+@pytest.mark.parametrize("k, expected", [
+    (1, [1.0]),
+    (3, [0.44444, 0.33333, 0.22222]),
+    (4, [0.4, 0.3, 0.2, 0.1]),
+    (0, P4),
+])
+def test_top_k(k, expected):
+    run(P4, expected, lambda c: top_k(c, k))
+
+
+@pytest.mark.parametrize("p, expected", [
+    (0.0, [1.0]),
+    (0.7, [0.571429, 0.428571]),
+    (0.8, [0.44444, 0.33333, 0.22222]),
+    (1.0, P4),
+])
+def test_top_p(p, expected):
+    run(P4, expected, lambda c: top_p(c, p, 0))
+
+
+@pytest.mark.parametrize("p, expected", [
+    (0.00, P4),
+    (0.24, P4),
+    (0.26, [0.2 / 0.9, 0.3 / 0.9, 0.4 / 0.9]),
+    (0.49, [0.2 / 0.9, 0.3 / 0.9, 0.4 / 0.9]),
+    (0.51, [0.3 / 0.7, 0.4 / 0.7]),
+    (0.74, [0.3 / 0.7, 0.4 / 0.7]),
+    (0.76, [1.0]),
+    (1.00, [1.0]),
+    (1.05, [1.0]),
+])
+def test_min_p(p, expected):
+    run(P4, expected, lambda c: min_p(c, p, 0))
+
+
+@pytest.mark.parametrize("probs, expected", [
+    ([0.97, 0.01, 0.01, 0.01], [0.97]),
+    ([0.4, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2]),
+])
+def test_typical(probs, expected):
+    run(probs, expected, lambda c: typical(c, 0.5, 0), draw=False)
+
+
+@pytest.mark.parametrize("last, expected, repeat, freq, present", [
+    ([0], [0, 0.25, 0.25, 0.25, 0.25], 50.0, 0.0, 0.0),
+    ([0, 1, 2], [0, 0, 0, 0.5, 0.5], 50.0, 0.0, 0.0),
+    ([0, 1, 2, 0, 0], [0, 0, 0, 0.5, 0.5], 50.0, 0.0, 0.0),
+    ([0], [0.000011, 0.249997, 0.249997, 0.249997, 0.249997], 1.0, 5.0, 5.0),
+    ([0, 1, 2], [0.000023, 0.000023, 0.000023, 0.499966, 0.499966], 1.0, 5.0, 5.0),
+    ([0, 1, 2, 0, 0], [0.000000, 0.000023, 0.000023, 0.499977, 0.499977], 1.0, 5.0, 5.0),
+])
+def test_penalties(last, expected, repeat, freq, present):
+    pen = Penalties(len(last), repeat, freq, present)
+    for t in last:
+        pen.accept(t)
+    run([0.2] * 5, expected, pen.apply)
+
+
+def _queue(n_vocab, sequence, k, p, mp):
+    """test_sampler_queue: logits = log(id) over 10000 tokens, samplers in the given order."""
+    cur = Candidates.from_logits(np.log(np.arange(n_vocab, dtype=np.float32), where=np.arange(n_vocab) > 0,
+                                        out=np.full(n_vocab, -np.inf, np.float32)))
+    min_id, max_id = 0, n_vocab - 1
+    for s in sequence:
+        {"k": lambda: top_k(cur, k), "p": lambda: top_p(cur, p, 1), "m": lambda: min_p(cur, mp, 1)}[s]()
+        dist(cur, Rng(0))
+        size = len(cur)
+        if s == "k":
+            expected = min(size, k)
+            min_id = max(min_id, n_vocab - k)
+            assert size == expected and cur.ids[0] == max_id and cur.ids[expected - 1] == min_id
+        elif s == "p":
+            divisor = n_vocab * (n_vocab - 1) // 2 - min_id * (min_id - 1) // 2
+            target = math.ceil(np.float32(p) * divisor)
+            min_id, expected, cumsum = n_vocab, 0, 0
+            while True:
+                min_id -= 1
+                expected += 1
+                cumsum += min_id
+                if cumsum >= target:
+                    break
+            if min_id == 1:
+                min_id -= 1
+                expected += 1
+            assert size == expected
+            assert not cur.sorted or (cur.ids[0] == max_id and cur.ids[expected - 1] == min_id)
+        else:
+            expected = max(math.ceil((1.0 - np.float32(mp)) * n_vocab), 1)
+            expected = min(expected, size)
+            min_id = max(math.floor(np.float32(mp) * n_vocab), 1)
+            min_id = min(max(min_id, n_vocab - size), n_vocab - 1)
+            assert size == expected
+            assert not cur.sorted or (cur.ids[0] == max_id and cur.ids[expected - 1] == min_id)
+
+
+@pytest.mark.parametrize("sequence, k, p, mp", [
+    ("k", 10000, 1.0, 1.0), ("k", 1, 1.0, 1.0), ("p", 10000, 1.0, 1.0), ("p", 10000, 0.0, 1.0),
+    ("m", 10000, 1.0, 1.0), ("m", 10000, 1.0, 1e-12),
+    ("k", 100, 1.0, 1.0), ("p", 10000, 0.0003, 1.0), ("p", 10000, 0.8, 1.0),
+    ("m", 10000, 1.0, 9997.9 / 9999.0), ("m", 10000, 1.0, 0.1),
+    ("kp", 100, 0.8, 0.1), ("km", 100, 0.8, 0.1), ("pk", 100, 0.8, 0.1), ("pm", 100, 0.8, 0.1),
+    ("mk", 100, 0.8, 0.1), ("mp", 100, 0.8, 9997.9 / 9999.0), ("mp", 100, 0.8, 0.1),
+    ("kpm", 100, 0.8, 0.1), ("kmp", 100, 0.8, 0.1), ("pkm", 100, 0.8, 0.1), ("pmk", 100, 0.8, 0.1),
+    ("mkp", 100, 0.8, 0.1), ("mpk", 100, 0.8, 0.1),
+])
+def test_sampler_queue(sequence, k, p, mp):
+    _queue(10000, sequence, k, p, mp)
+
+
+# --- the random stream: numbers printed by g++/libstdc++ from std::mt19937 ----------------------
+
+
+def test_rng_is_libstdcxx_mt19937():
+    bits = np.random.MT19937()
+    bits._legacy_seeding(5489)
+    assert bits.random_raw(10000)[-1] == 4123659995  # the C++ standard's check value
+    rng = Rng(42)  # std::uniform_real_distribution<double>(0, 1) on std::mt19937(42)
+    assert [rng.canonical() for _ in range(4)] == [
+        0.79654298428784598, 0.18343478789336848, 0.77969099761266125, 0.59685016158005655]
+
+
+def test_discrete_distribution_matches_libstdcxx():
+    rng = Rng(1234)  # std::discrete_distribution<int> over these weights, std::mt19937(1234)
+    w = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625], np.float32)
+    assert [discrete(w, rng) for _ in range(12)] == [0, 2, 1, 2, 2, 0, 0, 2, 0, 0, 0, 0]
+    rng = Rng(7)  # one weight: no number drawn
+    assert discrete(np.ones(1, np.float32), rng) == 0
+    assert rng._bits.random_raw() == 327741615
+
+
+def test_dist_picks_by_cumulative_probability():
+    cur = Candidates.from_probs(P4)
+    # seed 42's first number is 0.7965: the running sum 0.1, 0.3, 0.6, 1.0 first reaches it at id 3
+    assert dist(cur, Rng(42)) == 3
+    cur = Candidates.from_probs([0.9, 0.1])
+    r = Rng(1234).canonical()
+    assert dist(cur, Rng(1234)) == (0 if r <= 0.9 else 1)
+    one = Candidates.from_probs([0.3])
+    rng = Rng(7)
+    assert dist(one, rng) == 0 and rng._bits.random_raw() == 327741615  # nothing drawn
+
+
+# --- the chain ---------------------------------------------------------------------------------
+
+
+def _logits(n=49152, seed=3):
+    return np.random.default_rng(seed).normal(0, 3, n).astype(np.float32)
+
+
+def test_greedy_is_argmax_and_ignores_the_seed():
+    logits = _logits()
+    for seed in (1, 2, 3):
+        s = Sampler(SamplingParams(temp=0.0, seed=seed), len(logits))
+        assert s.sample(logits) == int(np.argmax(logits))
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens():
+    logits = [_logits(seed=i) for i in range(20)]
+    params = SamplingParams(temp=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=1234)
+    a = Sampler(params, 49152)
+    b = Sampler(params, 49152)
+    c = Sampler(params.updated(seed=99), 49152)
+    ta, tb, tc = ([s.sample(x) for x in logits] for s in (a, b, c))
+    assert ta == tb and ta != tc
+    a.reset()
+    assert [a.sample(x) for x in logits] == ta
+
+
+def test_chain_keeps_to_top_k():
+    logits = _logits()
+    allowed = set(np.argsort(-logits)[:3].tolist())
+    s = Sampler(SamplingParams(temp=5.0, top_k=3, top_p=1.0, min_p=0.0, seed=5), len(logits))
+    picked = {s.sample(logits) for _ in range(200)}
+    assert picked <= allowed and len(picked) == 3
+
+
+def test_logit_bias_and_ignore_eos():
+    logits = _logits()
+    best = int(np.argmax(logits))
+    s = Sampler(SamplingParams(temp=0.0, logit_bias=((best, -math.inf), (17, 100.0))), len(logits))
+    assert s.sample(logits) == 17
+    s = Sampler(SamplingParams(temp=0.0, ignore_eos=True), len(logits), eog_ids={best, 17})
+    assert s.sample(logits) == int(np.argsort(-logits)[1])
+    cur = Candidates(np.array([5, 9, 2], np.int32), np.zeros(3, np.float32))  # not in id order
+    logit_bias(cur, [(2, 1.5), (9, -1.0), (40, 3.0)])
+    assert cur.logits.tolist() == [0.0, -1.0, 1.5]
+
+
+def test_penalties_see_accepted_tokens_within_the_window():
+    logits = np.zeros(10, np.float32)
+    logits[3] = 2.0
+    logits[4] = 1.9
+    s = Sampler(SamplingParams(temp=0.0, repeat_penalty=1.5, repeat_last_n=2), 10)
+    assert s.sample(logits) == 3
+    s.accept(3)
+    assert s.sample(logits) == 4  # 2.0 / 1.5 < 1.9
+    s.accept(0)
+    s.accept(0)  # 3 has left the 2-token window
+    assert s.sample(logits) == 3
+
+
+def test_penalties_on_a_reordered_list():
+    pen = Penalties(4, 2.0, 0.5, 1.0)
+    for t in (7, 7, 2):
+        pen.accept(t)
+    cur = Candidates(np.array([7, 1, 2], np.int32), np.array([4.0, 4.0, -1.0], np.float32))
+    pen.apply(cur)
+    assert cur.logits.tolist() == [4.0 / 2 - 2 * 0.5 - 1.0, 4.0, -1.0 * 2 - 0.5 - 1.0]
+
+
+def test_mirostat_v2_keeps_surprise_below_mu_and_adapts():
+    logits = _logits()
+    rng = Rng(11)
+    m = MirostatV2(rng, tau=5.0, eta=0.1)
+    assert m.mu == np.float32(10.0)
+    cur = Candidates.from_logits(logits)
+    temperature(cur, 1.0)
+    i = m.apply(cur)
+    kept_p = np.exp(logits - logits.max())
+    kept_p /= kept_p.sum()
+    assert len(cur) == int((-np.log2(kept_p) <= 10.0).sum())
+    assert cur.sorted and np.all(np.diff(cur.logits) <= 0)
+    surprise = -np.log2(cur.p[i])
+    assert m.mu == pytest.approx(10.0 - 0.1 * (surprise - 5.0), rel=1e-5)
+
+
+def test_mirostat_v1_samples_from_a_small_top_k():
+    logits = _logits()
+    params = SamplingParams(mirostat=1, temp=0.8, seed=3)
+    s = Sampler(params, len(logits))
+    top = set(np.argsort(-logits)[:2000].tolist())
+    tokens = [s.sample(logits) for _ in range(30)]
+    assert set(tokens) <= top
+    s2 = Sampler(params, len(logits))
+    assert [s2.sample(logits) for _ in range(30)] == tokens
+    assert isinstance(s.mirostat, Mirostat) and s.mirostat.mu != np.float32(10.0)
+
+
+def test_mirostat_greedy_temperature_picks_the_top_token():
+    logits = _logits()
+    for mode in (1, 2):
+        s = Sampler(SamplingParams(mirostat=mode, temp=0.0, seed=1), len(logits))
+        assert s.sample(logits) == int(np.argmax(logits))
+
+
+def test_default_chain_costs_well_under_a_millisecond():
+    logits = _logits()
+    s = Sampler(SamplingParams(seed=1, repeat_penalty=1.1), len(logits))
+    s.accept_many(range(64))
+    s.sample(logits)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        s.accept(s.sample(logits))
+    per_token = (time.perf_counter() - t0) / 50
+    assert per_token < 1e-3, f"{per_token * 1e3:.2f} ms per token"
