@@ -181,7 +181,7 @@ def parse_document(text: str, file: Path):
     """(tomlkit document, plain dict) or ConfigError with line and column."""
     try:
         doc = tomlkit.parse(text)
-    except tomlkit.exceptions.ParseError as err:
+    except tomlkit.exceptions.TOMLKitError as err:  # ParseError, KeyAlreadyPresent, ...
         raise _syntax_error(file, text, err) from None
     try:
         plain = doc.unwrap()
