@@ -7,7 +7,7 @@ in the order given, the data section starting at the first aligned byte after th
 
 Metadata value types: taken from `value_types` when given (what `GGUFFile.value_types`
 holds, so a read file round-trips), else inferred: bool -> BOOL, int -> UINT32 (INT32 when
-negative, INT64/UINT64 when it does not fit), float -> FLOAT32, str -> STRING, list of str
+negative, UINT64/INT64 when it does not fit), float -> FLOAT32, str -> STRING, list of str
 -> array of STRING, numpy array -> array of its dtype, list of numbers -> INT32/INT64 or
 FLOAT32 array. A tensor's data may be bytes, a numpy array, or a zero-argument callable
 returning either (called only when the tensor is written, so a large model is never held
@@ -65,8 +65,12 @@ def _infer_scalar(value: Any) -> GGUFValueType:
             return GGUFValueType.UINT32
         if -(1 << 31) <= v < 0:
             return GGUFValueType.INT32
-        if v >= 1 << 63:
+        if v > 0:
+            if v >= 1 << 64:
+                raise ValueError(f"integer {v} does not fit in 64 bits")
             return GGUFValueType.UINT64
+        if v < -(1 << 63):
+            raise ValueError(f"integer {v} does not fit in 64 bits")
         return GGUFValueType.INT64
     if isinstance(value, (float, np.floating)):
         return GGUFValueType.FLOAT32
@@ -101,7 +105,7 @@ def _encode_value(vtype: GGUFValueType, value: Any, elem_type: GGUFValueType | N
     if vtype == GGUFValueType.STRING:
         return _string(value)
     if vtype == GGUFValueType.ARRAY:
-        et = elem_type or _array_element_type(value)
+        et = _array_element_type(value) if elem_type is None else GGUFValueType(int(elem_type))
         if et == GGUFValueType.ARRAY:
             raise TypeError("GGUF does not allow arrays of arrays")
         head = struct.pack("<IQ", int(et), len(value))
@@ -168,7 +172,10 @@ def write_gguf(
     head = bytearray()
     head += GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(entries), len(meta))
     for key, value in meta.items():
-        vtype = value_types.get(key) or _infer_scalar(value)
+        vtype = value_types.get(key)
+        if vtype is None:  # not `or`: UINT8 is 0
+            vtype = _infer_scalar(value)
+        vtype = GGUFValueType(int(vtype))
         head += _string(key) + struct.pack("<I", int(vtype))
         head += _encode_value(vtype, value, array_types.get(key))
 
