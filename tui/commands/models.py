@@ -64,6 +64,8 @@ def run(args) -> int:
         if action == "edit":  # the way to repair a broken file
             return do_edit(None, args)
         raise ConfigError(f"{err} (fix it with `llamachat models edit`)") from None
+    if lib.read_only and action in WRITING_ACTIONS:  # the refusal says it all; no notice first
+        raise ConfigError(lib.read_only_reason)
     _print_warnings(lib.warnings)
     return ACTIONS[action](lib, args)
 
@@ -311,6 +313,7 @@ def do_path(lib, args) -> int:
     return 0
 
 
+WRITING_ACTIONS = ("add", "remove", "set", "default", "edit")
 ACTIONS = {
     "list": do_list,
     "show": do_show,
