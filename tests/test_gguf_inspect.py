@@ -97,3 +97,21 @@ def test_smollm2_inspects_correctly(smollm2_path, capsys):
     text = capsys.readouterr().out
     for expected in ("llama", "Q4_1", "Q4_1 210, F32 61, Q8_0 1", "49152 tokens", "134.52M"):
         assert expected in text
+
+
+def test_odd_metadata_is_shown_not_crashed_on(tmp_path, capsys):
+    # markup-like and non-UTF-8 names, keys of unexpected types, no general.file_type
+    md = {
+        "general.architecture": "llama",
+        "general.name": b"[/] [bold]bad \xff name".decode("utf-8", "surrogateescape"),
+        "llama.rope.freq_base": "fast", "llama.context_length": -3, "general.alignment": 64,
+        "tokenizer.ggml.tokens": "not a list",
+    }
+    path = write_gguf(tmp_path / "odd.gguf", md, [("a", (32, 2), T.Q4_0, bytes(36)), ("b", (32, 3), T.Q4_0, bytes(54)), ("c", (4,), T.F32, bytes(16))])
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "[/] [bold]bad \ufffd name" in text and "Q4_0 (guessed from the tensors" in text
+    assert main(["inspect", str(path), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["file_type"] == "Q4_0" and d["file_type_guessed"] is True and d["file_type_id"] is None
+    assert d["rope_freq_base"] == "fast" and d["context_length"] == -3 and d["vocab_size"] is None

@@ -34,15 +34,18 @@ def file_type_name(file_type: int | None) -> str | None:
         return None
     try:
         ft = LlamaFileType(int(file_type))
-    except ValueError:
-        return f"unknown ({file_type})"
+    except (TypeError, ValueError):
+        return f"unknown ({_plain(file_type)})"
     return ft.name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def _plain(value: Any) -> Any:
-    """Metadata values as JSON-friendly Python values (per-layer arrays become lists)."""
+    """Metadata values as JSON-friendly Python values (per-layer arrays become lists; bytes
+    that were not UTF-8, kept by the reader as surrogates, shown as U+FFFD)."""
     if hasattr(value, "tolist"):
         return value.tolist()
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return value
 
 
@@ -54,32 +57,38 @@ def describe(g: GGUFFile) -> dict[str, Any]:
 
     types = Counter(t.ggml_type.name for t in g.tensors.values())
     file_type_id = md.get("general.file_type")
+    file_type = file_type_name(file_type_id)
+    guessed = file_type is None and bool(types)
+    if guessed:
+        # as llama.cpp's loader does without general.file_type: the most common tensor type
+        file_type = types.most_common(1)[0][0]
     tokens = md.get("tokenizer.ggml.tokens")
     tok_model = md.get("tokenizer.ggml.model")
     heads = md.get(pre + "attention.head_count")
     kv_heads = md.get(pre + "attention.head_count_kv", heads)  # llama.cpp: absent = no GQA
     rope_base = md.get(pre + "rope.freq_base")
-    vocab_size = len(tokens) if tokens is not None else md.get(pre + "vocab_size")
+    vocab_size = len(tokens) if isinstance(tokens, list) else md.get(pre + "vocab_size")
     return {
-        "path": str(g.path),
+        "path": _plain(str(g.path)),
         "file_size": g.file_size,
         "gguf_version": g.version,
-        "architecture": arch,
-        "name": md.get("general.name"),
+        "architecture": _plain(arch),
+        "name": _plain(md.get("general.name")),
         "parameters": sum(t.n_elements for t in g.tensors.values()),
-        "file_type": file_type_name(file_type_id),
-        "file_type_id": file_type_id,
+        "file_type": file_type,
+        "file_type_id": _plain(file_type_id),
+        "file_type_guessed": guessed,
         "tensor_count": len(g.tensors),
         "tensor_types": dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "context_length": md.get(pre + "context_length"),
-        "embedding_length": md.get(pre + "embedding_length"),
-        "block_count": md.get(pre + "block_count"),
+        "context_length": _plain(md.get(pre + "context_length")),
+        "embedding_length": _plain(md.get(pre + "embedding_length")),
+        "block_count": _plain(md.get(pre + "block_count")),
         "head_count": _plain(heads),
         "head_count_kv": _plain(kv_heads),
-        "rope_freq_base": float(rope_base) if rope_base is not None else None,
-        "vocab_type": VOCAB_TYPES.get(tok_model, tok_model) if tok_model is not None else None,
-        "tokenizer_model": tok_model,
-        "vocab_size": vocab_size,
+        "rope_freq_base": float(rope_base) if isinstance(rope_base, (int, float)) else _plain(rope_base),
+        "vocab_type": _plain(VOCAB_TYPES.get(tok_model, tok_model)) if tok_model is not None else None,
+        "tokenizer_model": _plain(tok_model),
+        "vocab_size": _plain(vocab_size),
         "chat_template": isinstance(md.get("tokenizer.chat_template"), str),
         "metadata_keys": len(md),
     }
@@ -106,20 +115,23 @@ def _shown(value: Any, missing: str = "not set") -> str:
 
 def _rows(d: dict[str, Any]) -> list[tuple[str, str]]:
     ft = d["file_type"] or "not recorded"
-    if d["file_type_id"] is not None:
+    if d["file_type_guessed"]:
+        ft += " (guessed from the tensors: general.file_type is not set)"
+    elif d["file_type_id"] is not None:
         ft += f" (general.file_type {d['file_type_id']})"
     types = ", ".join(f"{name} {count}" for name, count in d["tensor_types"].items()) or "none"
     vocab = _shown(d["vocab_type"])
     if d["tokenizer_model"] is not None and d["tokenizer_model"] != d["vocab_type"]:
         vocab += f" (tokenizer.ggml.model {d['tokenizer_model']!r})"
-    rope = f"{d['rope_freq_base']:g}" if d["rope_freq_base"] is not None else f"not set (llama.cpp uses {_DEFAULT_ROPE_BASE:g})"
+    rope = d["rope_freq_base"]
+    rope = f"not set (llama.cpp uses {_DEFAULT_ROPE_BASE:g})" if rope is None else f"{rope:g}" if isinstance(rope, float) else str(rope)
     return [
         ("file", d["path"]),
-        ("file size", f"{human_size(d['file_size'])} ({d['file_size']:,} bytes)"),
+        ("file size", human_size(d["file_size"]) + (f" ({d['file_size']:,} bytes)" if d["file_size"] >= 1024 else "")),
         ("GGUF version", str(d["gguf_version"])),
         ("architecture", _shown(d["architecture"])),
         ("model name", _shown(d["name"])),
-        ("parameters", f"{human_count(d['parameters'])} ({d['parameters']:,})"),
+        ("parameters", human_count(d["parameters"]) + (f" ({d['parameters']:,})" if d["parameters"] >= 1000 else "")),
         ("file type", ft),
         ("tensors", f"{d['tensor_count']}: {types}"),
         ("context length", _shown(d["context_length"])),
@@ -128,7 +140,7 @@ def _rows(d: dict[str, Any]) -> list[tuple[str, str]]:
         ("heads", _shown(d["head_count"])),
         ("KV heads", _shown(d["head_count_kv"])),
         ("rope base", rope),
-        ("vocabulary", f"{vocab}, {_shown(d['vocab_size'], 'size unknown')} tokens"),
+        ("vocabulary", f"{vocab}, " + (f"{d['vocab_size']} tokens" if d["vocab_size"] is not None else "size unknown")),
         ("chat template", "yes" if d["chat_template"] else "no"),
         ("metadata keys", str(d["metadata_keys"])),
     ]
@@ -142,11 +154,13 @@ def run(args) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"GGUF model: {d['name'] or d['path']}", show_header=False, box=None, title_justify="left")
+    # Text(), not markup: names and paths come from the file and may hold "[...]"
+    table = Table(title=Text(f"GGUF model: {d['name'] or d['path']}"), show_header=False, box=None, title_justify="left")
     table.add_column("field", style="bold cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
     for field, value in _rows(d):
-        table.add_row(field, value)
-    Console().print(table)
+        table.add_row(field, Text(value))
+    Console(highlight=False).print(table)
     return 0
