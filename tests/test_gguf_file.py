@@ -105,7 +105,7 @@ def test_huge_counts_fail_fast_without_allocating(tmp_path):
     elapsed = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert elapsed < 0.1 and peak < 1 << 20
+    assert elapsed < 1.0 and peak < 1 << 20  # a loop over 2^62 keys would never end
 
 
 def test_closed_file_refuses_new_views_but_old_views_stay_valid(tmp_path):
