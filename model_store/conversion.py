@@ -1,0 +1,135 @@
+"""What every source format converts into, and writing it as a GGUF F16 file.
+
+A `Conversion` is the plan for one GGUF: metadata recorded through gguf-py's GGUFWriter
+(so keys and value types are exactly the ones llama.cpp's converters write) and a list of
+`PlannedTensor`s, each able to load itself as float32 in llama.cpp's layout on demand. The
+importers (import_hf, import_meta, importers.plan_gguf) build one; lora.py wraps the
+tensors' loaders; `write_f16` streams it to disk one tensor at a time.
+
+Output types follow convert_hf_to_gguf.py with `--outtype f16`: 1-D tensors and norms stay
+F32, every other tensor becomes F16 (round to nearest even, as torch's `.to(float16)`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+from gguf.constants import GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+from llamachat.runtime.gguf_writer import write_gguf
+
+Progress = Callable[[str, int, int, str], None]  # (stage, done, total, what)
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # GGUF name, e.g. blk.0.attn_q.weight
+    shape: tuple[int, ...]  # numpy order: (rows, row length)
+    source_dtype: str  # shown in the progress log
+    load: Callable[[], np.ndarray]  # float32, llama.cpp layout, `shape`
+
+    @property
+    def out_type(self) -> GGMLQuantizationType:
+        if len(self.shape) <= 1 or self.name.endswith("_norm.weight"):
+            return GGMLQuantizationType.F32
+        return GGMLQuantizationType.F16
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.n_elements * (4 if self.out_type == GGMLQuantizationType.F32 else 2)
+
+
+@dataclass
+class Conversion:
+    source: Path
+    kind: str  # "Hugging Face", "Meta", "GGUF"
+    recorder: gguf.GGUFWriter  # metadata, recorded (never written by gguf-py)
+    tensors: list[PlannedTensor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # said to the user (e.g. the vocab size used)
+    n_head: int = 0
+    n_head_kv: int = 0
+
+    @property
+    def out_nbytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tensors)
+
+    def find(self, name: str) -> PlannedTensor | None:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        return None
+
+
+def new_recorder(name: str) -> gguf.GGUFWriter:
+    """A GGUFWriter that is never opened: only its add_* methods are used, to record the
+    metadata the way the converters add it (general.* first, as they do)."""
+    gw = gguf.GGUFWriter(None, "llama")
+    gw.add_type("model")
+    gw.add_name(name)
+    return gw
+
+
+def recorded_metadata(gw: gguf.GGUFWriter) -> tuple[dict, dict]:
+    """(metadata, value_types) for write_gguf from the recorder's key/values."""
+    metadata, types = {}, {}
+    for key, v in gw.kv_data[0].items():
+        metadata[key] = v.value
+        if v.type != GGUFValueType.ARRAY:
+            types[key] = v.type
+    return metadata, types
+
+
+def permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face q/k rows -> llama.cpp's (Meta's) order: convert_hf_to_gguf.py's
+    `LlamaModel.permute`. HF rotates the two halves of each head; llama.cpp (like Meta's
+    code) rotates adjacent pairs, so each head's rows are interleaved back."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `permute_for_rope` (llama.cpp order -> Hugging Face order)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_f16(conv: Conversion, path: Path, progress: Progress | None = None) -> Path:
+    """Write the conversion as GGUF (F16 for 2-D weights) to `path`, atomically; each
+    tensor is loaded only when it is written."""
+    gw = conv.recorder
+    gw.add_file_type(LlamaFileType.MOSTLY_F16)
+    gw.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    metadata, value_types = recorded_metadata(gw)
+    total = len(conv.tensors)
+
+    def data_of(i: int, t: PlannedTensor):
+        def load():
+            if progress:
+                progress("convert", i, total, f"{t.name} {t.source_dtype} -> {t.out_type.name} {list(t.shape)}")
+            x = t.load()
+            if tuple(x.shape) != tuple(t.shape):  # a bug, not a user error: shapes were checked when planned
+                raise AssertionError(f"{t.name}: loaded {x.shape}, planned {t.shape}")
+            out = x.astype(np.float32 if t.out_type == GGMLQuantizationType.F32 else np.float16)
+            if progress and i + 1 == total:
+                progress("convert", total, total, "")
+            return out
+
+        return load
+
+    entries = [(t.name, tuple(reversed(t.shape)), t.out_type, data_of(i, t)) for i, t in enumerate(conv.tensors)]
+    return write_gguf(path, metadata, entries, value_types=value_types)
+
+
+def free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize

@@ -1,0 +1,296 @@
+"""`import_model`: bring a model into the library from a GGUF file, a Hugging Face folder or
+a Meta checkpoint, optionally merging a LoRA adapter and quantizing, then register it.
+
+Owns the import's sequence and its promises:
+1. everything that can be checked is checked before a byte is written: the source kind,
+   the quant type, the name (free in the library, a free file name in the data dir), every
+   tensor's shape, the adapter's shapes, and the free disk space;
+2. all work happens in a private temporary folder inside the library's models dir (same
+   file system, so the final step is a rename): the F16 GGUF is written there (one tensor
+   at a time, never the whole model in memory), validated by opening it, quantized by
+   runtime.quantize_model if asked, validated again;
+3. the result is linked into place without ever replacing an existing file, then added to
+   the library; if that fails the file is removed again. On any failure (full disk,
+   Ctrl-C, bad input) the temporary folder is deleted: nothing half-written remains and
+   neither the source nor the library is touched.
+
+The sources' readers live in import_hf.py, import_meta.py (with safetensors_reader.py,
+pth_reader.py, vocab_convert.py) and lora.py; conversion.py writes the F16 file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType
+
+from llamachat.runtime.errors import GGUFError, ModelError, UserError
+
+from . import paths
+from .conversion import Conversion, PlannedTensor, Progress, free_bytes, new_recorder, write_f16
+from .library import Library, ModelEntry, check_name, name_from_path
+
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+@dataclass
+class ImportResult:
+    entry: ModelEntry
+    kind: str  # "GGUF", "Hugging Face", "Meta"
+    path: Path
+    size: int  # bytes of the stored file
+    f16_size: int | None = None  # bytes of the F16 conversion (before quantizing), if made
+    source_size: int | None = None  # bytes of a GGUF source
+    notes: list[str] = field(default_factory=list)
+    report: dict | None = None  # --report: {"text": ..., "f16": ppl, "result": ppl}
+
+
+def source_kind(source: Path) -> str:
+    if source.is_file():
+        with open(source, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "GGUF"
+        raise UserError(f"{source}: not a GGUF file; import takes a .gguf file, a Hugging Face model folder (config.json) or a Meta checkpoint folder (params.json)")
+    if source.is_dir():
+        if (source / "config.json").is_file():
+            return "Hugging Face"
+        if (source / "params.json").is_file():
+            return "Meta"
+        raise UserError(f"{source}: neither config.json (Hugging Face) nor params.json (Meta) is in this folder")
+    raise UserError(f"{source}: no such file or folder")
+
+
+def check_quant_type(quant: str | None) -> str | None:
+    """The canonical quant type name, or UserError listing the valid ones."""
+    if quant is None:
+        return None
+    from llamachat.runtime.quantize_model import QUANT_TYPES
+
+    for t in QUANT_TYPES:
+        if t.lower() == str(quant).lower():
+            return t
+    raise UserError(f"unknown quantization type {quant!r}; choose one of: {', '.join(QUANT_TYPES)}")
+
+
+def default_name(source: Path, quant: str | None) -> str:
+    base = name_from_path(source) if source.is_file() else name_from_path(Path(source.resolve().name))
+    if quant and quant.lower() not in base:
+        base = f"{base}-{quant.lower()}"
+    return base[:80]
+
+
+def plan_gguf(path: Path, name: str) -> Conversion:
+    """A float GGUF as a Conversion (used to merge a LoRA into it): its metadata is kept,
+    its tensors are re-read as float32."""
+    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.quants import dequantize
+
+    g = GGUFFile(path)
+    conv = Conversion(source=path, kind="GGUF", recorder=new_recorder(name))
+    gw = conv.recorder
+    skip = {"general.architecture", "general.type", "general.name", "general.file_type", "general.quantization_version", "general.alignment"}
+    from gguf.constants import GGUFValueType
+
+    for key, value in g.metadata.items():
+        if key in skip:
+            continue
+        vtype = g.value_types[key]
+        if vtype == GGUFValueType.ARRAY:
+            gw.add_key_value(key, list(value) if not isinstance(value, np.ndarray) else value, vtype)
+        else:
+            gw.add_key_value(key, value, vtype)
+    conv.n_head = int(g.get("llama.attention.head_count", 0))
+    conv.n_head_kv = int(g.get("llama.attention.head_count_kv", conv.n_head))
+    for info in g.tensors.values():
+        if info.ggml_type not in FLOAT_TYPES:
+            raise UserError(f"{path}: tensor {info.name} is {info.ggml_type.name}; a LoRA can only be merged into an F32/F16/BF16 model (import the unquantized model)")
+        shape = tuple(reversed(info.shape))
+
+        def load(info=info, shape=shape):
+            return dequantize(info.data(), info.ggml_type, info.shape[0]).reshape(shape)
+
+        conv.tensors.append(PlannedTensor(info.name, shape, info.ggml_type.name, load))
+    return conv
+
+
+def _check_gguf_source(path: Path, quant: str | None, lora) -> tuple[int, bool]:
+    """Validate a GGUF source (architecture, types); returns (size, is_float)."""
+    from llamachat.runtime.gguf_file import GGUFFile
+
+    with GGUFFile(path) as g:
+        arch = g.get("general.architecture")
+        if arch != "llama":
+            raise ModelError(f"{path}: architecture {arch!r} is not supported (llama only)")
+        quantized = sorted({t.ggml_type.name for t in g.tensors.values() if t.ggml_type not in FLOAT_TYPES})
+        if quantized and quant:
+            raise UserError(f"{path} is already quantized ({', '.join(quantized)}); importing it with --quant would quantize it twice: use `llamachat quantize --allow-requantize` if you mean it")
+        return g.file_size, not quantized
+
+
+def _space_error(folder: Path, what: str, need: int | None = None) -> UserError:
+    extra = f" (about {need / 1e6:.0f} MB needed, {free_bytes(folder) / 1e6:.0f} MB free)" if need else ""
+    return UserError(f"no space left on the disk holding {folder} while {what}{extra}; nothing was imported")
+
+
+def run_import(source, name: str | None = None, quant: str | None = None, lora=None,
+               progress: Progress | None = None, report: bool = False) -> ImportResult:
+    """The whole import (see the module docstring); `progress(stage, done, total, what)`."""
+    source = Path(source).expanduser()
+    kind = source_kind(source)
+    quant = check_quant_type(quant)
+    if quant in ("F16",) and kind != "GGUF":
+        quant = None  # F16 is what conversion makes anyway
+    name = check_name(name if name is not None else default_name(source, quant))
+    library = Library.load()
+    if library.read_only:
+        raise UserError(f"the library cannot be changed: {library.read_only_reason}")
+    if name in library.models:
+        raise UserError(f"a model named {name!r} is already in the library; choose another with --name")
+    models_dir = paths.models_dir()
+    dest = models_dir / f"{name}.gguf"
+    if dest.exists():
+        raise UserError(f"{dest} already exists; choose another name with --name (nothing was changed)")
+    if report and not quant:
+        raise UserError("--report compares a quantized result with its F16 source: give --quant TYPE too")
+    adapter = None
+    if lora is not None:
+        from .lora import load_adapter
+
+        adapter = load_adapter(lora)
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    conv = None
+    if kind == "GGUF":
+        source_size, is_float = _check_gguf_source(source, quant, adapter)
+        if adapter is not None:
+            conv = plan_gguf(source, name)
+    elif kind == "Hugging Face":
+        from .import_hf import plan_hf
+
+        conv = plan_hf(source, name)
+    else:
+        from .import_meta import plan_meta
+
+        conv = plan_meta(source, name)
+    if conv is not None:
+        notes += conv.notes
+        if adapter is not None:
+            from .lora import apply_adapter
+
+            n = apply_adapter(conv, adapter)
+            notes.append(f"merged LoRA {adapter.folder.name} (r {adapter.r}, alpha {adapter.alpha:g}) into {n} tensors")
+        need = conv.out_nbytes + (conv.out_nbytes // 2 if quant else 0)
+        source_size = None
+    else:
+        need = source_size if quant is None else source_size // 2
+    if free_bytes(models_dir) < need + (16 << 20):
+        raise _space_error(models_dir, f"importing {name}", need)
+
+    work = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".import-{name}-"))
+    try:
+        f16_size = None
+        try:
+            if conv is not None:
+                f16 = write_f16(conv, work / "f16.gguf", progress)
+                _validate(f16)
+                f16_size = f16.stat().st_size
+                current = f16
+            else:
+                current = _bring_gguf(source, work / "source.gguf", progress)
+            result = current
+            if quant:
+                from llamachat.runtime.quantize_model import quantize_file
+
+                result = work / f"{quant}.gguf"
+                quantize_file(current, result, quant, progress=progress, allow_requantize=False)
+                _validate(result)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _space_error(models_dir, f"writing {name}") from None
+            raise
+        rep = None
+        if report:
+            rep = quality_report(current, result, progress)
+        try:
+            os.link(result, dest)  # never replaces an existing file
+        except FileExistsError:
+            raise UserError(f"{dest} appeared while importing; nothing was changed (choose another --name)") from None
+        try:
+            entry = Library.load().add(dest, name=name, description=f"imported from {source.name} ({kind}{', ' + quant if quant else ''})")
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ImportResult(entry=entry, kind=kind, path=dest, size=dest.stat().st_size, f16_size=f16_size,
+                        source_size=source_size, notes=notes, report=rep)
+
+
+def import_model(source, name: str | None = None, quant: str | None = None, lora=None,
+                 progress: Progress | None = None) -> ModelEntry:
+    """Import and register a model; returns its library entry. For the app's worker:
+    `progress(stage, done, total, what)` is called from the calling thread."""
+    return run_import(source, name=name, quant=quant, lora=lora, progress=progress).entry
+
+
+def _validate(path: Path) -> None:
+    from llamachat.runtime.gguf_file import GGUFFile
+
+    try:
+        with GGUFFile(path):
+            pass
+    except GGUFError as err:  # our own output is broken: a bug, but say it plainly
+        raise UserError(f"the converted file failed validation ({err.reason}); nothing was imported") from None
+
+
+def _bring_gguf(source: Path, target: Path, progress: Progress | None) -> Path:
+    """A GGUF source into the work folder: hard-linked when on the same disk (no copy, and
+    the library's file survives the original's deletion), else copied."""
+    try:
+        os.link(source, target)
+        return target
+    except OSError:
+        pass
+    total = source.stat().st_size
+    done = 0
+    with open(source, "rb") as src, open(target, "wb") as out:
+        while chunk := src.read(8 << 20):
+            out.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress("copy", done, total, source.name)
+        out.flush()
+        os.fsync(out.fileno())
+    _validate(target)
+    return target
+
+
+# --report -----------------------------------------------------------------------------
+
+REPORT_TEXT = """\
+The quick brown fox jumps over the lazy dog. A language model assigns a probability to
+every next word; perplexity is the exponential of the average negative log probability it
+gave to the words that really came next, so lower is better. Quantization stores each
+weight in fewer bits, which makes the model smaller and faster to run on a CPU, at the
+cost of some accuracy. This short text is only a rough check: it shows how much a
+quantization type changes the model's predictions compared with its sixteen-bit source.
+"""
+
+
+def quality_report(f16_path: Path, result_path: Path, progress: Progress | None = None) -> dict:
+    """Perplexity of the F16 source and of the result on REPORT_TEXT."""
+    from llamachat.runtime.perplexity import perplexity_of_text
+
+    out = {"text_chars": len(REPORT_TEXT)}
+    for key, path in (("f16", f16_path), ("result", result_path)):
+        if progress:
+            progress("report", 0, 1, f"perplexity of {key}")
+        out[key] = float(perplexity_of_text(path, REPORT_TEXT))
+    return out
