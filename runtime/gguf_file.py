@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,10 @@ class GGUFFile:
             raise UserError(f"{p}: no such file") from None
         except OSError as e:
             raise UserError(f"{p}: cannot read the file ({e.strerror or e})") from None
-        if os.path.isdir(p):
+        if stat.S_ISDIR(st.st_mode):
             raise UserError(f"{p}: is a directory, not a GGUF file")
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{p}: is not a regular file, so it cannot be a GGUF model")
         self.file_size = st.st_size
         if self.file_size < HEADER_BYTES:
             raise GGUFError(p, f"the file is {self.file_size} bytes long, too short for a GGUF header ({HEADER_BYTES} bytes)")
