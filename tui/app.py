@@ -1,0 +1,570 @@
+"""The Textual chat app (`llamachat` on a terminal): `run(args)` is its entry point.
+
+The app owns the conversation (conversation.py), the engine (engine_worker.Engine), the saved
+chats (chat_store.ChatStore) and the settings; the screens only show them. The engine runs in
+`@work(thread=True)` workers: loading a model and generating a reply never run on the UI
+thread. A reply's text goes into a StreamBuffer that a 0.1 s UI timer drains into the message
+being written, so the screen gets a handful of updates per second however fast tokens come.
+Workers report back with messages (ReplyDone, LoadDone); every failure becomes a notification,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.message import Message as TextualMessage
+from textual.screen import Screen
+
+from llamachat.runtime.errors import UserError
+
+from . import conversation as conv_mod
+from .chat_store import ChatStore
+from .conversation import CHAT, INSTRUCT, INTERACTIVE, Conversation, Message
+from .engine_worker import Engine, GenerationResult, StreamBuffer, describe_error, quant_name
+from .screens.chat import ChatScreen
+from .screens.chats import ChatsScreen
+from .screens.first_run import FirstRunScreen
+from .screens.help import HelpScreen
+from .screens.library import LibraryScreen
+from .widgets.chat_input import ChatInput
+from .widgets.message_view import MessageView
+from .widgets.sidebar import Sidebar
+
+DRAIN_SECONDS = 0.1  # how often streamed text reaches the screen
+
+
+class ReplyDone(TextualMessage):
+    def __init__(self, result: GenerationResult):
+        super().__init__()
+        self.result = result
+
+
+class LoadDone(TextualMessage):
+    def __init__(self, entry, error: str | None, reason: str):
+        super().__init__()
+        self.entry = entry
+        self.error = error
+        self.reason = reason
+
+
+class ChatApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "llamachat"
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+
+    def __init__(self, args=None, *, entry=None, llama_factory=None, store_path=None,
+                 library_loader=None, puller=None):
+        super().__init__()
+        self.args = args
+        self.entry = entry  # the library ModelEntry in use (None: first run)
+        self.engine = Engine(llama_factory)
+        self._library_loader = library_loader
+        self._puller = puller
+        self.store_path = store_path
+        self.store: ChatStore | None = None
+        self.settings = conv_mod.merged_settings(args, entry.settings if entry else None)
+        self.conv = Conversation.from_args(args, system_prompt=self.settings["system_prompt"]) if args is not None else Conversation(system_prompt=self.settings["system_prompt"])
+        self.logit_bias = conv_mod.parse_logit_bias(getattr(args, "logit_bias", None))
+        self.chat_id: int | None = None
+        self.buffer = StreamBuffer()
+        self.reply_view: MessageView | None = None
+        self.generating = False
+        self.loading = False
+        self.load_fraction: float | None = None
+        self.last_tps: float | None = None
+        self.loaded_settings: dict = {}  # the load-time settings of the model now in the engine
+        self._pending_reply = False  # a reply to start once the load in progress ends
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def get_default_screen(self) -> Screen:
+        self._chat_screen = ChatScreen(id="chat")
+        return self._chat_screen
+
+    @property
+    def chat_screen(self) -> ChatScreen:
+        return self._chat_screen
+
+    def chat_screen_ready(self) -> None:
+        """Called once the chat screen is composed: open the chats, show settings, load the model."""
+        try:
+            self.store = ChatStore(self.store_path)
+        except UserError as err:
+            self.store = None
+            self.notify(f"{err}; chats will not be saved this time", severity="error", title="Saved chats")
+        self.set_interval(DRAIN_SECONDS, self._drain)
+        self.refresh_models()
+        self.chat_screen.sidebar.show_settings(self.settings)
+        self._show_mode()
+        if self.conv.mode != CHAT and self.conv.preamble.strip():
+            self.chat_screen.add_message(MessageView("preamble", self.conv.preamble.strip(), name_label=f"Prompt ({self.conv.preamble_name})"))
+        if self.entry is None:
+            self.push_screen(FirstRunScreen(self._puller))
+        else:
+            self._start_load(self.entry, reason="start")
+        self.update_status()
+
+    async def action_quit(self) -> None:
+        """Stop the reply in progress, wait for the worker, then exit with 0."""
+        self.engine.cancel()
+        workers = [w for w in self.workers if w.group in ("engine", "pull") and not w.is_finished]
+        if workers:
+            self.notify("Stopping…", timeout=2)
+            await self.workers.wait_for_complete(workers)
+        if self.store is not None:
+            self.store.close()
+        self.exit(0)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def _show_mode(self) -> None:
+        conv = self.conv
+        if conv.mode == CHAT:
+            text = "mode: chat (the model's template" + (f", {self.settings['chat_format']}" if self.settings.get("chat_format") else "") + ")"
+        elif conv.mode == INSTRUCT:
+            text = f"mode: instruct ({conv.preamble_name or 'no prompt file'})"
+        else:
+            rp = ", ".join(repr(r) for r in conv.reverse_prompts) or "none"
+            text = f"mode: interactive ({conv.preamble_name or 'no prompt'}; reverse prompt {rp})"
+        try:
+            self.chat_screen.query_one("#mode-info").update(text)
+            area = self.chat_screen.query_one("#system-prompt")
+            area.disabled = conv.mode != CHAT
+        except Exception:
+            pass
+
+    def status_text(self) -> str:
+        name = self.entry.name if self.entry else "no model"
+        parts = [name]
+        if self.loading:
+            pct = f" {self.load_fraction * 100:.0f}%" if self.load_fraction is not None else ""
+            parts.append(f"loading{pct}")
+        elif self.engine.loaded:
+            quant = quant_name(self.engine.metadata())
+            if quant:
+                parts.append(quant)
+            parts.append(f"{self.last_tps:.1f} tok/s" if self.last_tps else "– tok/s")
+            parts.append(f"ctx {self.engine.n_tokens()}/{self.engine.n_ctx()}")
+        parts.append("full ctx: shift" if getattr(self.args, "context_shift", False) else "full ctx: stop")
+        parts.append(self.conv.mode)
+        if self.generating:
+            parts.append("generating… (Esc stops)")
+        return " │ ".join(parts)
+
+    def update_status(self) -> None:
+        try:
+            self.chat_screen.set_status(self.status_text())
+        except Exception:
+            pass
+
+    def _drain(self) -> None:
+        text = self.buffer.drain()
+        if text and self.reply_view is not None:
+            self.reply_view.append(text)
+        if self.loading:
+            self.chat_screen.sidebar.show_progress(self.load_fraction or 0.0)
+        if self.loading or self.generating:
+            self.update_status()
+
+    # -- models -----------------------------------------------------------------------------
+
+    def load_library(self):
+        if self._library_loader is not None:
+            return self._library_loader()
+        from llamachat.model_store.library import Library
+
+        return Library.load()
+
+    def refresh_models(self) -> None:
+        options: list[tuple[str, str]] = []
+        try:
+            lib = self.load_library()
+            for entry in lib.models.values():
+                label = entry.name + ("  (missing)" if entry.missing else "") + ("  ★" if entry.name == lib.default_name else "")
+                options.append((label, entry.name))
+        except UserError as err:
+            self.notify(str(err), severity="error", title="Model library")
+        if self.entry is not None and not any(v == self.entry.name for _, v in options):
+            options.append((self.entry.name + "  (file)", self.entry.name))
+        self.chat_screen.sidebar.show_models(options, self.entry.name if self.entry else None)
+
+    def library_changed(self) -> None:
+        """The library screen changed models.toml: refresh the picker and this model's defaults."""
+        self.refresh_models()
+
+    def switch_model(self, name: str) -> None:
+        if self.entry is not None and name == self.entry.name and self.engine.loaded:
+            return
+        try:
+            entry = self.load_library().resolve(name)
+        except UserError as err:
+            self.notify(str(err), severity="error", title="Cannot switch model")
+            self.refresh_models()
+            return
+        if self.generating:
+            self.engine.cancel()
+        self.entry = entry
+        self.settings = conv_mod.merged_settings(self.args, entry.settings)
+        if self.conv.mode == CHAT and not self.conv.messages:
+            self.conv.system_prompt = self.settings["system_prompt"]
+        self.chat_screen.sidebar.show_settings(self.settings)
+        self._start_load(entry, reason="switch")
+
+    def _load_settings(self) -> dict:
+        return conv_mod.load_kwargs(self.settings, self.args)
+
+    def _start_load(self, entry, reason: str) -> None:
+        self.loading = True
+        self.load_fraction = 0.0
+        self.chat_screen.sidebar.show_progress(0.0)
+        self.update_status()
+        self._load_worker(entry, self._load_settings(), reason)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def _load_worker(self, entry, kwargs: dict, reason: str) -> None:
+        def progress(fraction: float) -> None:
+            self.load_fraction = float(fraction)  # read by the UI timer
+
+        try:
+            self.engine.load(entry.path, progress=progress, **kwargs)
+            error = None
+        except BaseException as err:  # noqa: BLE001 - shown as a notification
+            error = describe_error(err)
+        self.post_message(LoadDone(entry, error, reason))
+
+    def on_load_done(self, message: LoadDone) -> None:
+        self.loading = False
+        self.load_fraction = None
+        self.chat_screen.sidebar.show_progress(None)
+        if message.error:
+            self.notify(message.error, severity="error", title="Model not loaded", timeout=10)
+            self._pending_reply = False
+        else:
+            self.loaded_settings = self._load_settings()
+            if message.reason == "n_ctx":
+                self.notify(f"The context was re-created with n_ctx={self.engine.n_ctx()}; the chat is kept.", title="Context")
+            elif message.reason == "switch":
+                self.notify(f"Loaded {message.entry.name}.", title="Model")
+            if message.entry is self.entry:
+                self.last_tps = None
+            if self._pending_reply:
+                self._pending_reply = False
+                self.start_reply()
+            elif not self.conv.user_speaks_first() and not self.generating:
+                self.start_reply()
+        self.update_status()
+
+    # -- settings ---------------------------------------------------------------------------
+
+    @on(Sidebar.SettingChanged)
+    def setting_changed(self, event: Sidebar.SettingChanged) -> None:
+        if self.settings.get(event.name) == event.value and not (event.name == "n_ctx" and event.submitted):
+            return
+        self.settings[event.name] = event.value
+        if event.name == "seed":
+            self.engine.pending_seed = event.value  # llama.cpp seeds once; a new seed applies from the next reply
+        if event.name == "n_ctx" and event.submitted:
+            self._maybe_recreate_context()
+
+    def _maybe_recreate_context(self) -> bool:
+        """Re-create the context if a load-time setting changed; True if a load started."""
+        if self.entry is None or self.loading or self.generating:
+            return False
+        if self.engine.loaded and self._load_settings()["n_ctx"] == self.loaded_settings.get("n_ctx"):
+            return False
+        self.notify(f"Re-creating the context with n_ctx={self.settings['n_ctx']}…", title="Context")
+        self._start_load(self.entry, reason="n_ctx")
+        return True
+
+    @on(Sidebar.ModelChosen)
+    def model_chosen(self, event: Sidebar.ModelChosen) -> None:
+        self.switch_model(event.name)
+
+    @on(Sidebar.SystemPromptChanged)
+    def system_prompt_changed(self, event: Sidebar.SystemPromptChanged) -> None:
+        self.settings["system_prompt"] = event.text
+        self.conv.system_prompt = event.text
+
+    # -- the conversation -------------------------------------------------------------------
+
+    @on(ChatInput.Submitted)
+    def message_submitted(self, event: ChatInput.Submitted) -> None:
+        if self.send(event.text):
+            event.chat_input.clear()
+
+    def send(self, text: str) -> bool:
+        """Add the user's message and start the reply; False (with a notice) if not now."""
+        if self.generating:
+            self.notify("A reply is being written: wait for it or press Esc to stop it.", severity="warning")
+            return False
+        if self.entry is None:
+            self.notify("No model yet: pick one in the sidebar or the library (Ctrl+L).", severity="warning")
+            return False
+        text = text.rstrip("\n")
+        if not text.strip():
+            return False
+        self.conv.messages.append(Message("user", text))
+        self.chat_screen.add_message(MessageView("user", text))
+        self.save_chat()
+        self.start_reply()
+        return True
+
+    def start_reply(self) -> None:
+        if self.loading:
+            self._pending_reply = True
+            self.notify("The reply starts once the model has loaded.", timeout=3)
+            return
+        if not self.engine.loaded:
+            self.notify("No model is loaded: pick one in the sidebar.", severity="error")
+            return
+        if self._maybe_recreate_context():
+            self._pending_reply = True
+            return
+        request = self.conv.request()
+        sampling = conv_mod.call_kwargs(self.settings)
+        self.buffer.drain()
+        name = self.entry.name if self.entry else "Assistant"
+        self.reply_view = self.chat_screen.add_message(MessageView("assistant", name_label=name, streaming=True))
+        self.chat_screen.messages.anchor()
+        self.generating = True
+        self.chat_screen.set_generating(True)
+        self.update_status()
+        self._generate_worker(request, sampling)
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def _generate_worker(self, request, sampling: dict) -> None:
+        try:
+            result = self.engine.generate(request, sampling, self.buffer.push, self.logit_bias)
+        except BaseException as err:  # noqa: BLE001 - generate never raises; belt and braces
+            result = GenerationResult(error=describe_error(err))
+        self.post_message(ReplyDone(result))
+
+    def on_reply_done(self, message: ReplyDone) -> None:
+        result = message.result
+        view = self.reply_view
+        rest = self.buffer.drain()
+        if view is not None and rest:
+            view.append(rest)
+        self.reply_view = None
+        self.generating = False
+        self.chat_screen.set_generating(False)
+        if result.error and not result.text:
+            if view is not None:
+                view.remove()
+            self.notify(result.error, severity="error", title="No reply", timeout=10)
+        else:
+            msg = self.conv.reply_message(result.text, result.stop_reason, result.cancelled)
+            self.conv.messages.append(msg)
+            if view is not None:
+                view.finish(self.conv.display_text(msg), stopped=msg.stopped, note=msg.note)
+            if result.error:
+                self.notify(result.error, severity="error", title="Reply cut short", timeout=10)
+            if result.stop_reason == "context_full":
+                self.notify(f"The context is full ({result.n_ctx} tokens), so the reply stopped. "
+                            "Start a new chat (Ctrl+N), raise n_ctx in the sidebar, or run with --context-shift.",
+                            severity="warning", title="Context full", timeout=10)
+            tps = result.tokens_per_second
+            if tps:
+                self.last_tps = tps
+            self.save_chat()
+        self.update_status()
+        if self.engine.loaded and self.entry is not None and not self.loading:
+            self._maybe_recreate_context()
+
+    def action_stop(self) -> None:
+        if self.generating:
+            self.engine.cancel()
+
+    def _views(self) -> list[MessageView]:
+        return [v for v in self.chat_screen.messages.query(MessageView) if v.role in ("user", "assistant")]
+
+    def action_regenerate(self) -> None:
+        if self.generating or self.loading:
+            self.notify("Wait for the current reply or load to finish (Esc stops a reply).", severity="warning")
+            return
+        if not self.conv.messages:
+            self.notify("Nothing to regenerate yet.")
+            return
+        views = self._views()
+        if self.conv.messages[-1].role == "assistant":
+            self.conv.messages.pop()
+            if views and views[-1].role == "assistant":
+                views[-1].remove()
+        self.start_reply()
+
+    def action_edit_last(self) -> None:
+        if self.generating:
+            self.notify("Stop the reply first (Esc).", severity="warning")
+            return
+        idx = max((i for i, m in enumerate(self.conv.messages) if m.role == "user"), default=None)
+        if idx is None:
+            self.notify("No message to edit yet.")
+            return
+        text = self.conv.messages[idx].content
+        n_remove = len(self.conv.messages) - idx
+        del self.conv.messages[idx:]
+        for view in self._views()[-n_remove:]:
+            view.remove()
+        self.save_chat()
+        box = self.chat_screen.chat_input
+        box.text = text
+        box.focus()
+        box.move_cursor(box.document.end)
+        self.notify("Your last message is back in the box: edit it and press Enter.", timeout=4)
+
+    def action_new_chat(self) -> None:
+        if self.generating:
+            self.notify("Stop the reply first (Esc).", severity="warning")
+            return
+        self.conv = Conversation(mode=self.conv.mode, preamble=self.conv.preamble, preamble_name=self.conv.preamble_name,
+                                 reverse_prompts=list(self.conv.reverse_prompts), system_prompt=self.settings["system_prompt"])
+        self.chat_id = None
+        self._rebuild_views()
+        self.notify("New chat.", timeout=2)
+        if self.engine.loaded and not self.loading and not self.conv.user_speaks_first():
+            self.start_reply()
+        self.update_status()
+
+    def _rebuild_views(self) -> None:
+        screen = self.chat_screen
+        screen.clear_messages()
+        if self.conv.mode != CHAT and self.conv.preamble.strip():
+            screen.add_message(MessageView("preamble", self.conv.preamble.strip(), name_label=f"Prompt ({self.conv.preamble_name})"))
+        name = self.entry.name if self.entry else "Assistant"
+        for msg in self.conv.messages:
+            screen.add_message(MessageView(msg.role, self.conv.display_text(msg), name_label="You" if msg.role == "user" else name,
+                                           stopped=msg.stopped, note=msg.note))
+        screen.messages.anchor()
+        self._show_mode()
+
+    # -- saved chats ------------------------------------------------------------------------
+
+    def save_chat(self) -> None:
+        if self.store is None or not self.conv.messages:
+            return
+        try:
+            self.chat_id = self.store.save(self.conv, self.entry.name if self.entry else "", self.chat_id)
+        except UserError as err:
+            self.notify(str(err), severity="error", title="Chat not saved")
+
+    def action_chats(self) -> None:
+        if self.store is None:
+            self.notify("Saved chats are not available (the database could not be opened).", severity="error")
+            return
+
+        def opened(chat_id: int | None) -> None:
+            if chat_id is not None:
+                self.open_chat(chat_id)
+
+        self.push_screen(ChatsScreen(), opened)
+
+    def open_chat(self, chat_id: int) -> None:
+        if self.generating:
+            self.notify("Stop the reply first (Esc).", severity="warning")
+            return
+        try:
+            conv, model = self.store.load(chat_id)
+        except UserError as err:
+            self.notify(str(err), severity="error")
+            return
+        self.conv = conv
+        self.chat_id = chat_id
+        if conv.mode == CHAT:
+            self.settings["system_prompt"] = conv.system_prompt
+            self.chat_screen.sidebar.show_settings(self.settings)
+        self._rebuild_views()
+        if self.entry is not None and model and model != self.entry.name:
+            self.notify(f"This chat was held with {model}; it continues with {self.entry.name} (pick another in the sidebar).", timeout=6)
+        self.update_status()
+
+    def delete_chat(self, chat_id: int) -> None:
+        self.store.delete(chat_id)
+        if chat_id == self.chat_id:
+            self.chat_id = None
+
+    def export_chat(self, chat_id: int | None = None) -> Path:
+        """Write a chat (default: the current one) as Markdown into the data dir's exports/."""
+        from llamachat.model_store.paths import data_dir
+
+        if chat_id is None:
+            if not self.conv.messages:
+                raise UserError("this chat is empty: nothing to export")
+            conv, model = self.conv, (self.entry.name if self.entry else "")
+            self.save_chat()
+            chat_id = self.chat_id
+        else:
+            conv, model = self.store.load(chat_id)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", conv.title()).strip("-").lower()[:40] or "chat"
+        folder = data_dir() / "exports"
+        path = folder / f"chat-{chat_id}-{slug}.md"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".md.tmp")
+            tmp.write_text(conv.to_markdown(model), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as err:
+            raise UserError(f"{path}: could not write the export ({err.strerror or err})") from None
+        return path
+
+    def action_export(self) -> None:
+        try:
+            path = self.export_chat()
+        except UserError as err:
+            self.notify(str(err), severity="error")
+            return
+        self.notify(f"Exported to {path}", title="Chat exported")
+
+    # -- other screens ----------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_library(self) -> None:
+        if not isinstance(self.screen, LibraryScreen):
+            self.push_screen(LibraryScreen(self.load_library))
+
+    def first_run_done(self, entry) -> None:
+        self.pop_screen()
+        self.notify(f"{entry.name} is ready.", title="Model downloaded")
+        self.entry = entry
+        self.settings = conv_mod.merged_settings(self.args, entry.settings)
+        self.chat_screen.sidebar.show_settings(self.settings)
+        self.refresh_models()
+        self._start_load(entry, reason="start")
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("New chat", "Start a new conversation (the current one is saved)", self.action_new_chat)
+        yield SystemCommand("Saved chats", "Open, delete or export saved chats", self.action_chats)
+        yield SystemCommand("Export chat", "Write this chat as Markdown into the data dir", self.action_export)
+        yield SystemCommand("Regenerate", "Write the last reply again", self.action_regenerate)
+        yield SystemCommand("Edit last message", "Put the last message back in the box", self.action_edit_last)
+        yield SystemCommand("Stop", "Stop the reply being written", self.action_stop)
+        yield SystemCommand("Model library", "Models, their defaults, the default model", self.action_library)
+        yield SystemCommand("Help", "Keys and modes", self.action_help)
+
+
+def run(args) -> int:
+    """Resolve the model (errors are one line before anything starts), then run the app."""
+    entry = None
+    from llamachat.model_store.library import Library
+
+    lib = Library.load()
+    if args.model is not None or lib.default_name is not None:
+        entry = conv_mod.resolve_model(args.model)
+    elif lib.models:
+        entry = conv_mod.resolve_model(next(iter(lib.models)))
+    # validate flags, the prompt file and the logit bias before the screen changes
+    conv_mod.merged_settings(args, entry.settings if entry else None)
+    Conversation.from_args(args)
+    conv_mod.parse_logit_bias(getattr(args, "logit_bias", None))
+    app = ChatApp(args, entry=entry)
+    app.run()
+    return app.return_code or 0

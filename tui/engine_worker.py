@@ -1,0 +1,215 @@
+"""The bridge between a UI and the engine: load a model and run one generation at a time,
+from a background thread, handing the text over through a buffer the UI drains at its own pace.
+
+Nothing here imports Textual: the app calls `Engine.load` / `Engine.generate` inside its
+`@work(thread=True)` workers and drains `StreamBuffer` on a timer (a handful of UI updates per
+second however fast tokens come); the headless chat calls the same methods with a callback that
+writes to stdout. `Engine.cancel()` is safe from any thread: the running generation ends within
+one token and keeps what it made.
+
+Every failure becomes a `GenerationResult.error` / `EngineError` sentence; a traceback never
+reaches the user.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llamachat.runtime.errors import UserError
+
+from .conversation import Request
+
+
+class EngineError(UserError):
+    """The engine failed in a way the user should hear about as one sentence."""
+
+
+def default_llama_factory():
+    """The real engine class, imported only when a model is first loaded (keeps start-up quick)."""
+    from llamachat.runtime import Llama
+
+    return Llama
+
+
+def describe_error(err: BaseException) -> str:
+    """One sentence for an exception: UserErrors say it themselves; anything else is named."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, MemoryError):
+        return "out of memory: try a smaller n_ctx or a smaller model"
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"engine error ({err.__class__.__name__}{': ' + text if text else ''})"
+
+
+class StreamBuffer:
+    """Text pieces from the worker thread, drained by the UI thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._parts: list[str] = []
+
+    def push(self, text: str) -> None:
+        if text:
+            with self._lock:
+                self._parts.append(text)
+
+    def drain(self) -> str:
+        with self._lock:
+            text = "".join(self._parts)
+            self._parts.clear()
+        return text
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" (the chunk's)
+    stop_reason: str | None = None  # last_stats: "eos" | "stop" | "length" | "context_full" | "cancelled"
+    cancelled: bool = False
+    error: str | None = None
+    stats: dict = field(default_factory=dict)
+    n_tokens: int = 0
+    n_ctx: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        n = self.stats.get("completion_tokens")
+        ms = self.stats.get("eval_ms")
+        if n and ms:
+            return n * 1000.0 / ms
+        return None
+
+
+class Engine:
+    """One model at a time; `load` and `generate` block, so call them from a worker thread."""
+
+    def __init__(self, llama_factory: Callable | None = None):
+        self._factory = llama_factory
+        self.llm = None
+        self.model_path = None
+        self.load_kwargs: dict = {}
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()  # one engine call at a time
+        self.pending_seed: int | None = None  # a seed set since the last reply: applied once
+
+    @property
+    def loaded(self) -> bool:
+        return self.llm is not None
+
+    def load(self, model_path, progress: Callable[[float], None] | None = None, **kwargs) -> None:
+        """(Re-)create the Llama for `model_path` with these keywords; raises EngineError/UserError."""
+        factory = self._factory or default_llama_factory()
+        with self._lock:
+            self.llm = None  # release the old model (and its KV cache) before loading the next
+            try:
+                self.llm = factory(str(model_path), progress=progress, verbose=False, **kwargs)
+            except UserError:
+                raise
+            except FileNotFoundError as err:
+                raise UserError(f"{model_path}: file not found ({err.strerror or err})") from None
+            except Exception as err:  # an engine bug must not kill the UI: one sentence instead
+                raise EngineError(f"{model_path}: cannot load the model: {describe_error(err)}") from None
+            self.model_path = model_path
+            self.load_kwargs = dict(kwargs)
+
+    def n_ctx(self) -> int:
+        try:
+            return int(self.llm.n_ctx()) if self.llm is not None else 0
+        except Exception:
+            return 0
+
+    def n_tokens(self) -> int:
+        try:
+            return int(self.llm.n_tokens) if self.llm is not None else 0
+        except Exception:
+            return 0
+
+    def metadata(self) -> dict:
+        try:
+            return dict(self.llm.metadata or {}) if self.llm is not None else {}
+        except Exception:
+            return {}
+
+    def cancel(self) -> None:
+        """Stop the running generation (any thread). It keeps the text made so far."""
+        self._cancel.set()
+        llm = self.llm
+        if llm is not None:
+            try:
+                llm.cancel()
+            except Exception:
+                pass
+
+    def generate(self, request: Request, sampling: dict, on_text: Callable[[str], None],
+                 logit_bias: dict | None = None) -> GenerationResult:
+        """Run one generation, streaming text pieces to `on_text`; never raises."""
+        result = GenerationResult()
+        if self.llm is None:
+            result.error = "no model is loaded"
+            return result
+        self._cancel.clear()
+        kwargs = dict(sampling)
+        kwargs["stream"] = True
+        if request.stop:
+            kwargs["stop"] = list(request.stop)
+        if logit_bias:
+            kwargs["logit_bias"] = dict(logit_bias)
+        if self.pending_seed is not None:
+            kwargs["seed"] = self.pending_seed
+        start = time.perf_counter()
+        pieces: list[str] = []
+        with self._lock:
+            llm = self.llm
+            try:
+                if request.messages is not None:
+                    chunks = llm.create_chat_completion(request.messages, **kwargs)
+                else:
+                    chunks = llm(request.prompt, **kwargs)
+                for chunk in chunks:
+                    choice = chunk["choices"][0]
+                    if "delta" in choice:
+                        text = choice["delta"].get("content") or ""
+                    else:
+                        text = choice.get("text") or ""
+                    if text:
+                        pieces.append(text)
+                        on_text(text)
+                    if choice.get("finish_reason"):
+                        result.finish_reason = choice["finish_reason"]
+                self.pending_seed = None
+            except Exception as err:
+                result.error = describe_error(err)
+            result.seconds = time.perf_counter() - start
+            try:
+                result.stats = dict(llm.last_stats or {})
+            except Exception:
+                result.stats = {}
+            result.n_tokens = self.n_tokens()
+            result.n_ctx = self.n_ctx()
+        result.text = "".join(pieces)
+        result.stop_reason = result.stats.get("stop_reason") or result.finish_reason
+        result.cancelled = self._cancel.is_set() or result.finish_reason == "cancelled" or result.stop_reason == "cancelled"
+        return result
+
+    def close(self) -> None:
+        self.cancel()
+        with self._lock:
+            self.llm = None
+
+
+def quant_name(metadata: dict) -> str:
+    """The quantization of a model as llama.cpp names it (from general.file_type), or ''."""
+    ftype = metadata.get("general.file_type")
+    if ftype is None:
+        return ""
+    try:
+        from gguf import LlamaFileType
+
+        name = LlamaFileType(int(ftype)).name
+    except Exception:
+        return str(ftype)
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")

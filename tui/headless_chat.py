@@ -1,0 +1,155 @@
+"""Chat without the full-screen app (`--no-tui`, or stdin/stdout not a terminal).
+
+Each stdin line is a user turn and EOF ends the chat; replies stream to stdout as they are
+generated. All three modes of the app work here (see conversation.py): chat (the model's chat
+template), `--instruct` (Alpaca turns after the prompt file) and `-i` (a raw transcript the
+prompt file opens, handing over to the user at the reverse prompt). As in llama.cpp, the prompt
+file is shown first, "> " marks the user's turn in chat and instruct modes, and `--color` shows
+the prompt in yellow and the user's text in bold green. When stdin is piped the user's lines
+are echoed so stdout reads as the whole transcript.
+
+Ctrl-C during a reply stops that reply (it keeps what was generated); Ctrl-C while waiting for
+input ends the chat. Never imports Textual.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from llamachat.runtime.errors import UserError
+
+from .conversation import (
+    CHAT,
+    INTERACTIVE,
+    Conversation,
+    Message,
+    call_kwargs,
+    interactive_user_line,
+    load_kwargs,
+    merged_settings,
+    parse_logit_bias,
+    resolve_model,
+)
+from .engine_worker import Engine, GenerationResult
+
+# llama.cpp's console colours (common/console.cpp)
+PROMPT_COLOR = "\x1b[33m"
+USER_COLOR = "\x1b[1m\x1b[32m"
+RESET = "\x1b[0m"
+
+
+class _Output:
+    def __init__(self, stream, color: bool):
+        self.stream = stream
+        self.color = color
+
+    def write(self, text: str, color: str | None = None) -> None:
+        if not text:
+            return
+        if self.color and color:
+            text = color + text + RESET
+        self.stream.write(text)
+        self.stream.flush()
+
+
+def _generate(engine: Engine, conv: Conversation, sampling: dict, bias: dict, out: _Output) -> GenerationResult:
+    """Run one reply in a thread so Ctrl-C in the main thread can cancel it cleanly."""
+    box: dict = {}
+
+    def work():
+        box["result"] = engine.generate(conv.request(), sampling, lambda text: out.write(text), bias)
+
+    worker = threading.Thread(target=work, name="llamachat-generate", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        engine.cancel()
+        worker.join()
+    return box.get("result") or GenerationResult(error="the generation did not finish")
+
+
+def _report(result: GenerationResult, verbose: bool) -> None:
+    if result.error:
+        print(f"\nllamachat: {result.error}", file=sys.stderr, flush=True)
+    elif result.stop_reason == "context_full":
+        print(f"\nllamachat: the context is full ({result.n_ctx} tokens): the reply stopped; "
+              "use a larger -c/--ctx-size or --context-shift", file=sys.stderr, flush=True)
+    if verbose and result.stats:
+        s = result.stats
+        tps = result.tokens_per_second
+        print(f"\nllamachat: prompt {s.get('prompt_tokens', 0)} tokens in {s.get('prompt_ms', 0):.0f} ms; "
+              f"generated {s.get('completion_tokens', 0)} tokens in {s.get('eval_ms', 0):.0f} ms"
+              f"{f' ({tps:.1f} tokens/s)' if tps else ''}; context {result.n_tokens}/{result.n_ctx}",
+              file=sys.stderr, flush=True)
+
+
+def run(args, llama_factory=None, stdin=None, stdout=None) -> int:
+    stdin = stdin or sys.stdin
+    out = _Output(stdout or sys.stdout, bool(getattr(args, "color", False)))
+    entry = resolve_model(getattr(args, "model", None))
+    settings = merged_settings(args, entry.settings)
+    conv = Conversation.from_args(args, system_prompt=settings["system_prompt"])
+    bias = parse_logit_bias(getattr(args, "logit_bias", None))
+    engine = Engine(llama_factory)
+    engine.load(entry.path, **load_kwargs(settings, args))
+    sampling = call_kwargs(settings)
+    verbose = bool(getattr(args, "verbose", False))
+    echo = not stdin.isatty() if hasattr(stdin, "isatty") else True
+
+    def reply() -> None:
+        result = _generate(engine, conv, sampling, bias, out)
+        if result.error:
+            _report(result, verbose)
+            if conv.messages and conv.messages[-1].role == "user":
+                conv.messages.pop()  # the turn failed; the user can try again
+            return
+        msg = conv.reply_message(result.text, result.stop_reason, result.cancelled)
+        conv.messages.append(msg)
+        if conv.mode == INTERACTIVE:
+            out.write(msg.content[len(result.text):])  # the reverse prompt that hands over, as llama.cpp shows it
+        elif not result.text.endswith("\n"):
+            out.write("\n")
+        _report(result, verbose)
+
+    try:
+        if conv.mode != CHAT and conv.preamble:
+            out.write(conv.preamble, PROMPT_COLOR)
+        if not conv.user_speaks_first():
+            reply()
+        while True:
+            if conv.mode != INTERACTIVE:
+                out.write("\n> ")
+            if out.color and not echo:
+                out.stream.write(USER_COLOR)  # the terminal echoes what the user types in this colour
+                out.stream.flush()
+            try:
+                line = stdin.readline()
+            except KeyboardInterrupt:
+                line = ""
+            finally:
+                if out.color and not echo:
+                    out.stream.write(RESET)
+                    out.stream.flush()
+            if not line:
+                out.write("\n")
+                break
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if echo:
+                shown = interactive_user_line(conv.transcript(), line) if conv.mode == INTERACTIVE else line + "\n"
+                out.write(shown, USER_COLOR)
+            conv.messages.append(Message("user", line))
+            reply()
+    except BrokenPipeError:
+        engine.cancel()
+        raise
+    finally:
+        engine.close()
+    return 0
+
+
+__all__ = ["run", "UserError"]

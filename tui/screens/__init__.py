@@ -1,0 +1,1 @@
+"""The chat app's screens: chat, help, saved chats, model library, first run, confirm."""

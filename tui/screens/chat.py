@@ -1,0 +1,88 @@
+"""The main screen: the conversation (auto-scrolling until the user scrolls up), the message box
+with Send and Stop, the settings sidebar, and a status line (model, quant, tokens/s of the last
+reply, context used / n_ctx, what happens when the context fills). The screen only shows things;
+the app (tui/app.py) owns the engine and the conversation."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Static
+
+from ..widgets.chat_input import ChatInput
+from ..widgets.message_view import MessageView
+from ..widgets.sidebar import Sidebar
+
+
+class ChatScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "app.stop", "Stop"),
+        Binding("ctrl+n", "app.new_chat", "New chat"),
+        Binding("ctrl+r", "app.regenerate", "Regenerate"),
+        Binding("ctrl+e", "app.edit_last", "Edit last"),
+        Binding("ctrl+o", "app.chats", "Chats"),
+        Binding("ctrl+l", "app.library", "Library"),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
+        Binding("f1", "app.help", "Help"),
+        Binding("question_mark", "app.help", "Help", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="main"):
+            with Vertical(id="chat-column"):
+                yield VerticalScroll(id="messages")
+                with Horizontal(id="input-row"):
+                    yield ChatInput(id="prompt")
+                    with Vertical(id="input-buttons"):
+                        yield Button("Send", id="send", variant="primary", compact=True)
+                        yield Button("Stop", id="stop", variant="error", compact=True, disabled=True)
+            yield Sidebar(id="sidebar")
+        yield Static("", id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#messages", VerticalScroll).anchor()
+        self.query_one("#prompt", ChatInput).focus()
+        self.app.chat_screen_ready()
+
+    @property
+    def messages(self) -> VerticalScroll:
+        return self.query_one("#messages", VerticalScroll)
+
+    @property
+    def sidebar(self) -> Sidebar:
+        return self.query_one(Sidebar)
+
+    @property
+    def chat_input(self) -> ChatInput:
+        return self.query_one("#prompt", ChatInput)
+
+    def add_message(self, view: MessageView) -> MessageView:
+        self.messages.mount(view)
+        return view
+
+    def clear_messages(self) -> None:
+        self.messages.remove_children()
+
+    def set_generating(self, generating: bool) -> None:
+        self.query_one("#stop", Button).disabled = not generating
+        self.query_one("#send", Button).disabled = generating
+
+    def set_status(self, text: str) -> None:
+        self.query_one("#status", Static).update(text)
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.sidebar
+        sidebar.display = not sidebar.display
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "send":
+            event.stop()
+            text = self.chat_input.text
+            if text.strip():
+                self.chat_input.post_message(ChatInput.Submitted(self.chat_input, text))
+        elif event.button.id == "stop":
+            event.stop()
+            self.app.action_stop()

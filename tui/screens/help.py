@@ -1,0 +1,56 @@
+"""F1 / ?: the keys and what each mode does."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP = """\
+# llamachat
+
+## Keys
+| key | what it does |
+|---|---|
+| Enter | send the message |
+| Ctrl+J (or Shift+Enter where the terminal sends it) | new line in the message |
+| Esc | stop the reply (what it wrote so far stays, marked *stopped*) |
+| Ctrl+R | regenerate the last reply |
+| Ctrl+E | edit the last message: it goes back into the box, its reply is removed |
+| Ctrl+N | new chat (the current one is saved) |
+| Ctrl+O | saved chats: open, delete, export to Markdown |
+| Ctrl+L | the model library: defaults, add, remove, set the default |
+| Ctrl+B | show or hide the sidebar |
+| Ctrl+P | command palette |
+| F1 or ? | this help |
+| Ctrl+Q | quit |
+
+## Sidebar
+Pick the model at the top (missing files are marked; loading shows a progress bar).
+Sampling settings apply to the next reply; an invalid value shows why and is not used.
+Changing **n_ctx** re-creates the context (press Enter in the field, or it happens at the
+next reply); the chat is kept. Values start from the model's library defaults, and
+command-line flags (`--temp 0` ...) win over those.
+
+## Modes
+- **chat**: the model's chat template (or the library's `chat_format`) and the system prompt.
+- **instruct** (`--instruct --prompt-file alpaca`): each message is sent as an Alpaca
+  instruction after the prompt file; a reply ends at end of text or the next `### Instruction:`.
+- **interactive** (`-i -r "User:" -f chat-with-bob`): a transcript the prompt file opens; the
+  model writes until the reverse prompt, then your line follows.
+
+When the context is full the reply stops with a notice, or, with `--context-shift`, the older
+half of the context is dropped and the reply goes on; the status line says which.
+
+Press Esc to close.
+"""
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [Binding("escape,f1,q", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-box"):
+            yield Markdown(HELP)

@@ -1,0 +1,1 @@
+"""The chat app's own widgets: the message input, a chat message, the settings sidebar."""

@@ -1,0 +1,56 @@
+"""One message in the chat pane: a header line (who, and whether the reply was stopped) and the
+text rendered as Markdown (code fences highlighted). A reply streams in through `append`."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Label, Markdown
+
+
+class MessageView(Vertical):
+    def __init__(self, role: str, text: str = "", *, name_label: str = "", stopped: bool = False,
+                 note: str = "", streaming: bool = False, **kwargs):
+        super().__init__(classes=f"message {role}", **kwargs)
+        self.role = role
+        self.name_label = name_label or ("You" if role == "user" else "Assistant")
+        self._text = text
+        self.stopped = stopped
+        self.note = note
+        self.streaming = streaming
+        self.source = text  # what has been shown so far (the raw streamed text while streaming)
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._header(), classes="message-header")
+        yield Markdown(self._text or ("…" if self.streaming else ""), classes="message-body")
+
+    def _header(self) -> str:
+        header = self.name_label
+        if self.streaming:
+            header += "  ⋯ generating"
+        if self.stopped:
+            header += "  ■ stopped"
+        if self.note:
+            header += f"  ({self.note})"
+        return header
+
+    def append(self, text: str) -> None:
+        """Add streamed text (called a handful of times per second with what has accumulated)."""
+        if not text:
+            return
+        markdown = self.query_one(Markdown)
+        if not self.source:
+            markdown.update(text)
+        else:
+            markdown.append(text)
+        self.source += text
+
+    def finish(self, text: str, stopped: bool = False, note: str = "") -> None:
+        self.streaming = False
+        self.stopped = stopped
+        self.note = note
+        self.set_class(stopped, "stopped")
+        self.query_one(".message-header", Label).update(self._header())
+        if text != self.source:
+            self.query_one(Markdown).update(text)
+            self.source = text

@@ -1,0 +1,139 @@
+"""The parameter sidebar: model picker (with load progress), the sampling settings, the system
+prompt. Every field is checked with runtime.params' rules as it is typed; an invalid value shows
+the sentence under the field and is not applied. Valid changes are posted as `SettingChanged`
+and apply to the next reply (n_ctx re-creates the context: on Enter, or at the next reply).
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
+from textual.widgets import Input, Label, ProgressBar, Select, Static, TextArea
+
+from llamachat.runtime.params import SETTINGS, check_setting
+
+from ..conversation import SIDEBAR_SETTINGS
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+class Sidebar(VerticalScroll):
+    class SettingChanged(Message):
+        def __init__(self, name: str, value, submitted: bool = False):
+            super().__init__()
+            self.name = name
+            self.value = value
+            self.submitted = submitted
+
+    class ModelChosen(Message):
+        def __init__(self, name: str):
+            super().__init__()
+            self.name = name
+
+    class SystemPromptChanged(Message):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._updating = False  # set while the app fills the fields, so that is not a user edit
+
+    def compose(self) -> ComposeResult:
+        yield Label("Model", classes="sidebar-title")
+        yield Select([], id="model-select", prompt="(no model)", allow_blank=True, compact=True)
+        yield ProgressBar(total=100, show_eta=False, id="load-progress")
+        yield Static("", id="mode-info")
+        yield Label("Sampling", classes="sidebar-title")
+        for name, label in SIDEBAR_SETTINGS:
+            with Horizontal(classes="setting-row"):
+                yield Label(label, classes="setting-label")
+                yield Input(id=f"setting-{name}", compact=True, classes="setting-input",
+                            tooltip=SETTINGS[name].help)
+            yield Static("", id=f"error-{name}", classes="setting-error")
+        yield Label("System prompt", classes="sidebar-title")
+        yield TextArea(id="system-prompt", soft_wrap=True, compact=True, tab_behavior="focus")
+
+    # -- filled in by the app ---------------------------------------------------------------
+
+    def show_settings(self, settings: dict) -> None:
+        self._updating = True
+        try:
+            for name, _ in SIDEBAR_SETTINGS:
+                field = self.query_one(f"#setting-{name}", Input)
+                field.value = format_value(settings[name])
+                field.remove_class("-invalid")
+                self.query_one(f"#error-{name}", Static).update("")
+                self.query_one(f"#error-{name}", Static).remove_class("-shown")
+            area = self.query_one("#system-prompt", TextArea)
+            if area.text != settings.get("system_prompt", ""):
+                area.text = settings.get("system_prompt", "")
+        finally:
+            self.call_after_refresh(self._done_updating)
+
+    def _done_updating(self) -> None:
+        self._updating = False
+
+    def show_models(self, options: list[tuple[str, str]], current: str | None) -> None:
+        self._updating = True
+        select = self.query_one("#model-select", Select)
+        select.set_options(options)
+        if current is not None and any(value == current for _, value in options):
+            select.value = current
+        self.call_after_refresh(self._done_updating)
+
+    def show_progress(self, fraction: float | None) -> None:
+        bar = self.query_one("#load-progress", ProgressBar)
+        bar.display = fraction is not None
+        if fraction is not None:
+            bar.update(progress=max(0.0, min(1.0, fraction)) * 100)
+
+    # -- user edits -----------------------------------------------------------------------
+
+    def _check(self, field: Input) -> tuple[str, object] | None:
+        name = field.id.removeprefix("setting-")
+        error = self.query_one(f"#error-{name}", Static)
+        try:
+            value = check_setting(name, field.value.strip())
+        except ValueError as err:
+            field.add_class("-invalid")
+            error.update(str(err)); error.add_class("-shown")
+            return None
+        field.remove_class("-invalid")
+        error.update("")
+        error.remove_class("-shown")
+        return name, value
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if not (event.input.id or "").startswith("setting-"):
+            return
+        event.stop()
+        checked = self._check(event.input)
+        if checked and not self._updating:
+            self.post_message(self.SettingChanged(*checked))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if not (event.input.id or "").startswith("setting-"):
+            return
+        event.stop()
+        checked = self._check(event.input)
+        if checked:
+            self.post_message(self.SettingChanged(*checked, submitted=True))
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        event.stop()
+        if self._updating or event.value is Select.BLANK:
+            return
+        self.post_message(self.ModelChosen(str(event.value)))
+
+    def on_text_area_changed(self, event: TextArea.Changed) -> None:
+        if event.text_area.id != "system-prompt":
+            return
+        event.stop()
+        if not self._updating:
+            self.post_message(self.SystemPromptChanged(event.text_area.text))
