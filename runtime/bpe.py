@@ -1,0 +1,141 @@
+"""Byte-level BPE merging (GPT-2 style vocabularies, `tokenizer.ggml.model = gpt2`), as llama.cpp does it.
+
+A pre-tokenized word is first byte-encoded: its UTF-8 bytes become the printable stand-ins of
+GPT-2's byte-to-unicode table ('Ġ' for a space, ...), the alphabet the vocabulary and the merges
+are written in. Then adjacent symbols are merged, lowest merge rank first (ties: leftmost),
+with a heap of candidate pairs over a linked list of symbols, so a word of n characters costs
+O(n log n); a candidate whose two symbols changed since it was queued is skipped, as in
+llama.cpp (llm_tokenizer_bpe_session). A final symbol that is not a token falls back to its
+single-character tokens, where they exist. Words repeat a lot in real text: results are cached.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's table: printable bytes map to themselves, the rest to U+0100 and up, in order."""
+    keep = list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table = [""] * 256
+    for b in keep:
+        table[b] = chr(b)
+    n = 0
+    for b in range(256):
+        if not table[b]:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+BYTE_TO_UNICODE: list[str] = _bytes_to_unicode()
+UNICODE_TO_BYTE: dict[str, int] = {ch: b for b, ch in enumerate(BYTE_TO_UNICODE)}
+
+
+class _ByteEncodeTable(dict):
+    """str.translate table: a code point -> the stand-ins of its UTF-8 bytes."""
+
+    def __missing__(self, cp: int) -> str:
+        enc = "".join(BYTE_TO_UNICODE[b] for b in chr(cp).encode("utf-8", "surrogatepass"))
+        self[cp] = enc
+        return enc
+
+
+_BYTE_ENCODE = _ByteEncodeTable()
+
+
+def byte_encode(word: str) -> str:
+    return word.translate(_BYTE_ENCODE)
+
+
+def byte_decode(text: str) -> bytes | None:
+    """A byte-level token text back to its bytes; None if a character is not a byte stand-in."""
+    try:
+        return bytes(UNICODE_TO_BYTE[ch] for ch in text)
+    except KeyError:
+        return None
+
+
+_CACHE_LIMIT = 200_000
+
+
+class BPEMerger:
+    """Merges byte-encoded words into token ids with a vocabulary and its ranked merges."""
+
+    def __init__(self, token_to_id: dict[str, int], merges: list[str], ignore_merges: bool = False):
+        self.token_to_id = token_to_id
+        # llama.cpp keys ranks by the pair split at the first space after position 0; a pair
+        # of space-free symbols joined with one space is exactly that string, so the merge
+        # line itself is the key. The first occurrence of a duplicate line wins (emplace).
+        n = len(merges)
+        self.ranks: dict[str, int] = dict(zip(reversed(merges), range(n - 1, -1, -1)))
+        self.ignore_merges = ignore_merges
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def encode_word(self, word: str) -> tuple[int, ...]:
+        """Token ids of one byte-encoded word."""
+        cached = self._cache.get(word)
+        if cached is not None:
+            return cached
+        ids = self._merge(word)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[word] = ids
+        return ids
+
+    def _merge(self, word: str) -> tuple[int, ...]:
+        vocab = self.token_to_id
+        if self.ignore_merges or len(word) == 1:
+            tid = vocab.get(word)
+            if tid is not None:
+                return (tid,)
+        ranks = self.ranks
+        syms = list(word)
+        n = len(syms)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        heap: list[tuple[int, int, int, str]] = []
+        for i in range(n - 1):
+            r = ranks.get(syms[i] + " " + syms[i + 1])
+            if r is not None:
+                heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            _, left, right, text = pop(heap)
+            ls, rs = syms[left], syms[right]
+            if not ls or not rs or ls + rs != text:
+                continue  # stale: one side changed since this pair was queued
+            syms[left] = text
+            syms[right] = ""
+            after = nxt[right]
+            nxt[left] = after
+            if after >= 0:
+                prv[after] = left
+            before = prv[left]
+            if before >= 0:
+                r = ranks.get(syms[before] + " " + text)
+                if r is not None:
+                    push(heap, (r, before, left, syms[before] + text))
+            if after >= 0:
+                r = ranks.get(text + " " + syms[after])
+                if r is not None:
+                    push(heap, (r, left, after, text + syms[after]))
+        out: list[int] = []
+        i = 0
+        while i != -1:
+            s = syms[i]
+            tid = vocab.get(s)
+            if tid is not None:
+                out.append(tid)
+            else:
+                # llama.cpp looks up each UTF-8 byte of the symbol as a one-byte token text;
+                # only ASCII stand-ins can be such a text
+                for ch in s:
+                    if ch < "\x80":
+                        t = vocab.get(ch)
+                        if t is not None:
+                            out.append(t)
+            i = nxt[i]
+        return tuple(out)

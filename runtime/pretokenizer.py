@@ -1,0 +1,299 @@
+"""BPE pre-tokenizers: llama.cpp's regex sets per `tokenizer.ggml.pre`, applied the way llama.cpp applies them.
+
+llama.cpp (unicode.cpp, `unicode_regex_split`) runs each regex of a set over the pieces the
+previous one produced; text a regex does not match stays a piece of its own. Regexes that use
+Unicode categories (\\p{L}, \\p{N}, ...) are run by std::regex on a "collapsed" copy of the text
+in which every non-ASCII code point becomes one stand-in character for its category (0xD1
+number, 0xD2 letter, 0xD3 punctuation, 0xD4 mark, 0xD5 symbol, 0x0B whitespace, 0xD0 other) and
+each \\p{X} in the regex becomes a class of that stand-in plus the ASCII members of X. We do
+exactly the same with Python's `re` (ASCII mode, so \\s is ECMAScript's ASCII whitespace), which
+keeps llama.cpp's quirks (e.g. its ASCII \\p{S} lacks '~') and runs in C at regex speed. The
+hand-written GPT-2 and Llama-3 splitters llama.cpp uses for two of these regexes are equivalent
+to the regexes themselves, so they need no special case here.
+
+Categories come from `unicodedata` (as llama.cpp's tables come from UnicodeData.txt), and the
+whitespace set is llama.cpp's (Unicode White_Space).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import warnings
+
+# --- the regex sets (llama-vocab.cpp, llm_tokenizer_bpe) ------------------------------------
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DEEPSEEK_LLM_LETTERS = (
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"
+)
+_TEKKEN = (
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+REGEX_SETS: dict[str, tuple[str, ...]] = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "llama3": (_LLAMA3,),
+    "deepseek-llm": ("[\r\n]", _DEEPSEEK_LLM_LETTERS, "\\s?[!-/:-~！-／：-～‘-‟　-。]+", "\\s+$", "[一-龥ࠀ-一가-퟿]+", r"\p{N}+"),
+    "deepseek3-llm": (
+        r"\p{N}{1,3}",
+        "[一-龥぀-ゟ゠-ヿ]+",
+        "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+    ),
+    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"),
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
+    "starcoder": (r"\p{N}", _GPT2),
+    "gpt2": (_GPT2,),
+    "qwen2": (_QWEN2,),
+    "poro": (" ?[^(\\s|.,!?…。，、।۔،)]+",),
+    "chatglm4": (_LLAMA3,),
+    "viking": (" ?[^(\\s|.,!?…。，、।۔،)]+", r"\p{N}"),
+    "tekken": (_TEKKEN,),
+    "chameleon": (
+        "<sentinel:[0-9]+>",
+        "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z",
+        "([\\t\\n]|    |  )",
+        r"\p{N}",
+        r"[\p{P}!-/:-@\[-`{-~]",
+        _GPT2,
+    ),
+    "gpt4o": (_GPT4O,),
+    "bailingmoe": (
+        r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    ),
+    "seed-coder": (
+        r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ),
+    "superbpe": (r"\p{N}+", r"(?=(\d{3})+(?!\d))"),
+}
+
+
+class PreTokenizerInfo:
+    """What a `tokenizer.ggml.pre` name means in llama.cpp: the regex set and the flags it sets."""
+
+    __slots__ = ("regex_set", "ignore_merges", "clean_spaces", "add_bos")
+
+    def __init__(self, regex_set, ignore_merges=False, clean_spaces=True, add_bos=None):
+        self.regex_set = regex_set
+        self.ignore_merges = ignore_merges
+        self.clean_spaces = clean_spaces
+        self.add_bos = add_bos  # llama.cpp's default before the metadata's add_bos_token applies
+
+
+def _info(regex_set, **kw):
+    return PreTokenizerInfo(regex_set, **kw)
+
+
+# tokenizer.ggml.pre -> llama.cpp's pre type (llama-vocab.cpp, llama_vocab::impl::load)
+PRE_TOKENIZERS: dict[str, PreTokenizerInfo] = {
+    "default": _info("default"),
+    **{n: _info("llama3", ignore_merges=True, add_bos=True) for n in (
+        "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")},
+    "deepseek-llm": _info("deepseek-llm", clean_spaces=False),
+    "deepseek-coder": _info("deepseek-coder", clean_spaces=False),
+    "deepseek-v3": _info("deepseek3-llm", clean_spaces=False),
+    "falcon": _info("falcon"),
+    "mpt": _info("gpt2"),
+    "starcoder": _info("starcoder"),
+    **{n: _info("gpt2") for n in (
+        "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+        "mellum", "exaone4", "jina-v1-en", "jina-v2-code", "roberta-bpe", "olmo", "jais")},
+    "refact": _info("starcoder"),
+    "command-r": _info("starcoder", clean_spaces=False),
+    **{n: _info("qwen2", clean_spaces=False) for n in ("qwen2", "deepseek-r1-qwen", "kormo", "hunyuan")},
+    "megrez": _info("qwen2"),
+    "stablelm2": _info("qwen2"),
+    "dbrx": _info("llama3"),
+    "smaug-bpe": _info("llama3"),
+    "poro-chat": _info("poro", clean_spaces=False),
+    "bloom": _info("poro"),
+    "gpt3-finnish": _info("poro"),
+    "glm4": _info("chatglm4"),
+    "chatglm-bpe": _info("chatglm4"),
+    "viking": _info("viking", clean_spaces=False),
+    "tekken": _info("tekken", ignore_merges=True, clean_spaces=False, add_bos=True),
+    "smollm": _info("starcoder", clean_spaces=False),
+    "codeshell": _info("starcoder"),
+    "exaone": _info("starcoder"),
+    "minerva-7b": _info("starcoder"),
+    "chameleon": _info("chameleon", clean_spaces=False, add_bos=True),
+    **{n: _info("gpt4o", clean_spaces=False) for n in ("gpt-4o", "llama4")},
+    "trillion": _info("gpt2", clean_spaces=False),
+    "granite-docling": _info("gpt2", clean_spaces=False),
+    **{n: _info("bailingmoe", clean_spaces=False) for n in ("bailingmoe", "bailingmoe2", "llada-moe")},
+    "seed-coder": _info("seed-coder", clean_spaces=False),
+    "superbpe": _info("superbpe", clean_spaces=False),
+}
+
+
+# --- llama.cpp's collapsed representation ------------------------------------------------------
+
+WHITESPACE = frozenset(
+    list(range(0x09, 0x0E)) + [0x20, 0x85, 0xA0, 0x1680] + list(range(0x2000, 0x200B)) + [0x2028, 0x2029, 0x202F, 0x205F, 0x3000]
+)
+_CATEGORY_STANDIN = {"N": "\xd1", "L": "\xd2", "P": "\xd3", "M": "\xd4", "S": "\xd5"}
+# \p{X} -> stand-in + the ASCII members llama.cpp lists for X (unicode.cpp, k_ucat_map)
+_UCAT = {
+    r"\p{N}": ("N", "0-9"),
+    r"\p{L}": ("L", "A-Za-z"),
+    r"\p{P}": ("P", "!-#%-*,-/:-;?-@\\[-\\]_\\{\\}"),
+    r"\p{M}": ("M", ""),
+    r"\p{S}": ("S", "\\$\\+<->^`\\|"),
+    r"\p{Lu}": ("L", "A-Za-z"),
+    r"\p{Ll}": ("L", "A-Za-z"),
+    r"\p{Lt}": ("L", "A-Za-z"),
+    r"\p{Lm}": ("L", "A-Za-z"),
+    r"\p{Lo}": ("L", "A-Za-z"),
+}
+
+
+class _CollapseTable(dict):
+    """str.translate table: ASCII stays, other code points become their category's stand-in."""
+
+    def __missing__(self, cp: int) -> str:
+        if cp < 128:
+            ch = chr(cp)
+        elif cp in WHITESPACE:
+            ch = "\x0b"
+        else:
+            ch = _CATEGORY_STANDIN.get(unicodedata.category(chr(cp))[0], "\xd0")
+        self[cp] = ch
+        return ch
+
+
+class _WhitespaceTable(dict):
+    """str.translate table for regexes without categories: only non-ASCII whitespace -> 0x0B."""
+
+    def __missing__(self, cp: int) -> str:
+        ch = "\x0b" if cp >= 128 and cp in WHITESPACE else chr(cp)
+        self[cp] = ch
+        return ch
+
+
+_COLLAPSE = _CollapseTable()
+_WS_ONLY = _WhitespaceTable()
+
+
+def uses_categories(regex: str) -> bool:
+    return any(k in regex for k in _UCAT)
+
+
+def collapse_regex(regex: str) -> str:
+    """llama.cpp's rewrite of a regex for the collapsed text (same scan, same quirks)."""
+    out = []
+    inside = False
+    i = 0
+    n = len(regex)
+    while i < n:
+        c = regex[i]
+        if c == "[" and (i == 0 or regex[i - 1] != "\\"):
+            out.append("[")
+            inside = True
+            i += 1
+            continue
+        if inside and c == "]" and regex[i - 1] != "\\":
+            out.append("]")
+            inside = False
+            i += 1
+            continue
+        if c == "\\" and i + 3 < n and regex[i + 1] == "p" and regex[i + 2] == "{":
+            close = regex.find("}", i + 3)
+            if close != -1 and close <= i + 10:
+                pat = regex[i : close + 1]
+                if pat in _UCAT:
+                    cat, ascii_members = _UCAT[pat]
+                    body = _CATEGORY_STANDIN[cat] + ascii_members
+                    out.append(body if inside else "[" + body + "]")
+                    i = close + 1
+                    continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _ecmascript_to_python(regex: str) -> str:
+    """The few ECMAScript spellings Python reads differently: `$` is only the end of input."""
+    out = []
+    inside = False
+    i = 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            out.append(regex[i : i + 2])
+            i += 2
+            continue
+        if c == "[":
+            inside = True
+        elif c == "]":
+            inside = False
+        elif c == "$" and not inside:
+            c = r"\Z"
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+class _CompiledRegex:
+    __slots__ = ("pattern", "collapsed")
+
+    def __init__(self, regex: str):
+        self.collapsed = uses_categories(regex)
+        source = collapse_regex(regex) if self.collapsed else regex
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "possible nested set" notes
+            self.pattern = re.compile(_ecmascript_to_python(source), re.ASCII)
+
+
+class PreTokenizer:
+    """Splits text into the words BPE merges within, for one regex set."""
+
+    def __init__(self, regex_set: str):
+        self.name = regex_set
+        self.regexes = [_CompiledRegex(r) for r in REGEX_SETS[regex_set]]
+        self._need_collapse = any(r.collapsed for r in self.regexes)
+        self._need_plain = any(not r.collapsed for r in self.regexes)
+
+    def split(self, text: str) -> list[str]:
+        if not text:
+            return []
+        ascii_text = text.isascii()
+        collapsed = text if ascii_text or not self._need_collapse else text.translate(_COLLAPSE)
+        plain = text if ascii_text or not self._need_plain else text.translate(_WS_ONLY)
+        # spans as (start, end) over code points; each regex refines every span
+        spans = [(0, len(text))]
+        for rx in self.regexes:
+            subject = collapsed if rx.collapsed else plain
+            finditer = rx.pattern.finditer
+            new_spans = []
+            append = new_spans.append
+            for start, end in spans:
+                if start == 0 and end == len(subject):
+                    piece, base = subject, 0
+                else:
+                    piece, base = subject[start:end], start
+                last = 0
+                for m in finditer(piece):
+                    ms, me = m.span()
+                    if ms > last:
+                        append((base + last, base + ms))
+                    if me > ms:  # an empty match only cuts (llama.cpp's empty word yields no token)
+                        append((base + ms, base + me))
+                    last = me
+                if last < end - start:
+                    append((base + last, end))
+            spans = new_spans
+        return [text[s:e] for s, e in spans]

@@ -1,0 +1,106 @@
+"""SentencePiece-style merging (`tokenizer.ggml.model = llama`), as llama.cpp's llm_tokenizer_spm does it.
+
+The text arrives with spaces already escaped to '▁'. Start from single characters and keep
+merging the adjacent pair whose concatenation is the vocabulary token with the highest score
+(ties: leftmost), using a heap of candidates over a linked list of symbols; a candidate whose
+symbols changed since it was queued is skipped. A final symbol that is not a token is emitted
+byte by byte as `<0xXX>` byte tokens (byte fallback).
+
+Speed without changing the result: when no token contains '▁' right after another character,
+no merge can ever join the text before a word-initial '▁' run with what follows, so each run
+"▁*[^▁]*" is merged on its own and cached (words repeat). Vocabularies where that does not hold
+are merged whole, exactly as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+
+_SEGMENT = re.compile("\u2581+[^\u2581]*|[^\u2581]+")
+_CACHE_LIMIT = 200_000
+
+
+class SPMMerger:
+    def __init__(self, token_to_id: dict[str, int], scores: list[float], byte_ids: list[int | None], unk_id: int | None):
+        self.token_to_id = token_to_id
+        self.scores = scores
+        self.byte_ids = byte_ids  # byte value -> token id (<0xXX>, else the one-byte text), or None
+        self.unk_id = unk_id
+        self.can_split = not any(
+            "\u2581" in t[1:] and any(t[i] == "\u2581" and t[i - 1] != "\u2581" for i in range(1, len(t)))
+            for t in token_to_id
+        )
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if not self.can_split:
+            return list(self._merge(text))
+        out: list[int] = []
+        cache = self._cache
+        for seg in _SEGMENT.findall(text):
+            ids = cache.get(seg)
+            if ids is None:
+                ids = self._merge(seg)
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                cache[seg] = ids
+            out.extend(ids)
+        return out
+
+    def _merge(self, text: str) -> tuple[int, ...]:
+        vocab, scores = self.token_to_id, self.scores
+        syms = list(text)
+        n = len(syms)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        heap: list[tuple[float, int, int, int]] = []
+        for i in range(n - 1):
+            s = syms[i] + syms[i + 1]
+            tid = vocab.get(s)
+            if tid is not None:
+                heap.append((-scores[tid], i, i + 1, 2))
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            _, left, right, size = pop(heap)
+            ls, rs = syms[left], syms[right]
+            if not ls or not rs or len(ls) + len(rs) != size:
+                continue  # stale (lengths only grow, so a changed pair never matches its size)
+            text = ls + rs
+            syms[left] = text
+            syms[right] = ""
+            after = nxt[right]
+            nxt[left] = after
+            if after >= 0:
+                prv[after] = left
+            before = prv[left]
+            if before >= 0:
+                cand = syms[before] + text
+                tid = vocab.get(cand)
+                if tid is not None:
+                    push(heap, (-scores[tid], before, left, len(cand)))
+            if after >= 0:
+                cand = text + syms[after]
+                tid = vocab.get(cand)
+                if tid is not None:
+                    push(heap, (-scores[tid], left, after, len(cand)))
+        out: list[int] = []
+        i = 0
+        while i != -1:
+            s = syms[i]
+            tid = vocab.get(s)
+            if tid is not None:
+                out.append(tid)
+            else:
+                for b in s.encode("utf-8", "surrogateescape"):
+                    bid = self.byte_ids[b]
+                    if bid is None:
+                        bid = self.unk_id
+                    if bid is not None:
+                        out.append(bid)
+            i = nxt[i]
+        return tuple(out)
