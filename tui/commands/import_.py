@@ -1,0 +1,65 @@
+"""`llamachat import SOURCE [--name N] [--quant TYPE] [--lora ADAPTER] [--report]`: add a
+model to the library from a GGUF file, a Hugging Face folder or a Meta checkpoint folder,
+converted to GGUF F16 (and quantized with --quant). The work is
+model_store.importers.run_import; this module draws its progress (one line per tensor, as
+llama.cpp's converters log) and the closing summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE", help="a .gguf file, a Hugging Face model folder (config.json) or a Meta checkpoint folder (params.json)")
+    parser.add_argument("--name", help="library name (default: made from SOURCE and the quant type)")
+    parser.add_argument("--quant", metavar="TYPE", help="quantize after converting: Q4_K_M, Q8_0, Q4_0, ... (as llama-quantize names them)")
+    parser.add_argument("--lora", metavar="ADAPTER", help="merge this PEFT LoRA adapter folder into the weights first")
+    parser.add_argument("--report", action="store_true", help="with --quant: perplexity of the result and of its F16 source on a short built-in text")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no per-tensor log")
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
+
+
+class TensorLog:
+    """`progress(stage, done, total, what)` -> one stderr line per tensor, like the converters'
+    `[  3/ 20] blk.0.attn_q.weight BF16 -> F16 [64, 64]`."""
+
+    def __init__(self, stream, quiet: bool):
+        self.stream, self.quiet, self.last_stage = stream, quiet, None
+
+    def __call__(self, stage: str, done: int, total: int, what: str = "") -> None:
+        if self.quiet:
+            return
+        if stage != self.last_stage:
+            self.last_stage = stage
+            print(f"{stage}:", file=self.stream)
+        if what:
+            width = len(str(total))
+            print(f"  [{done + 1:>{width}}/{total}] {what}" if stage in ("convert", "quantize") else f"  {what} {done}/{total}",
+                  file=self.stream, flush=True)
+
+
+def run(args) -> int:
+    from llamachat.model_store.importers import run_import
+
+    log = TensorLog(sys.stderr, args.quiet)
+    result = run_import(args.source, name=args.name, quant=args.quant, lora=args.lora, progress=log, report=args.report)
+    for note in result.notes:
+        print(f"note: {note}")
+    sizes = []
+    if result.source_size is not None:
+        sizes.append(f"source {_mb(result.source_size)}")
+    if result.f16_size is not None:
+        sizes.append(f"F16 {_mb(result.f16_size)}")
+    sizes.append(f"stored {_mb(result.size)}")
+    print(f"Imported {result.entry.name} ({result.kind}; {', '.join(sizes)}) into {result.path}.")
+    if result.report:
+        rep = result.report
+        print(f"Perplexity on the built-in text ({rep['text_chars']} characters):")
+        print(f"  F16 source          {rep['f16']:10.4f}")
+        print(f"  {args.quant.upper():<19} {rep['result']:10.4f}  ({100 * (rep['result'] / rep['f16'] - 1):+.2f}%)")
+    return 0
