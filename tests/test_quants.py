@@ -21,18 +21,17 @@ def random_blocks(t: T, n_rows: int, n_per_row: int, seed: int = 0) -> np.ndarra
     rng = np.random.default_rng(seed)
     nbytes = row_nbytes(t, n_per_row)
     raw = rng.integers(0, 256, size=(n_rows, nbytes), dtype=np.uint8)
-    # overwrite every 2-byte-aligned f16 that is a scale with a sane half: easiest is to make
-    # all high bytes of halves in the first 4 bytes of each block small exponents
+    # the f16 scales (d, and dmin or m) get finite values; where they sit depends on the layout
     bs, ts = GGML_QUANT_SIZES[t]
     blocks = raw.reshape(n_rows, -1, ts)
     halves = rng.uniform(-2.0, 2.0, size=blocks.shape[:2] + (2,)).astype(np.float16).view(np.uint8)
-    if t in (T.Q2_K, T.Q4_K, T.Q5_K):  # d and dmin at the start of the block
+    if t in (T.Q4_K, T.Q5_K, T.Q4_1, T.Q5_1):  # d and dmin (or m) at the start of the block
         blocks[..., 0:4] = halves
-    elif t == T.Q3_K or t == T.Q6_K:  # d at the end of the block
+    elif t == T.Q2_K:  # d and dmin at the end
+        blocks[..., ts - 4:ts] = halves
+    elif t in (T.Q3_K, T.Q6_K):  # d at the end
         blocks[..., ts - 2:ts] = halves[..., 0:2]
-    elif t in (T.Q4_1, T.Q5_1):  # d, m
-        blocks[..., 0:4] = halves
-    else:  # d
+    else:  # d first
         blocks[..., 0:2] = halves[..., 0:2]
     return raw
 

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from . import plain, q4_0, q4_1, q8_0
+from . import plain, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 
 T = GGMLQuantizationType
 
@@ -53,6 +53,13 @@ FORMATS: dict[GGMLQuantizationType, Format] = {
         _format(T.Q8_0, q8_0.dequantize_rows, q8_0.quantize_rows),
         _format(T.Q4_0, q4_0.dequantize_rows, q4_0.quantize_rows),
         _format(T.Q4_1, q4_1.dequantize_rows, q4_1.quantize_rows),
+        _format(T.Q5_0, q5_0.dequantize_rows, q5_0.quantize_rows),
+        _format(T.Q5_1, q5_1.dequantize_rows, q5_1.quantize_rows),
+        _format(T.Q2_K, q2_k.dequantize_rows, q2_k.quantize_rows),
+        _format(T.Q3_K, q3_k.dequantize_rows, q3_k.quantize_rows),
+        _format(T.Q4_K, q4_k.dequantize_rows, q4_k.quantize_rows),
+        _format(T.Q5_K, q5_k.dequantize_rows, q5_k.quantize_rows),
+        _format(T.Q6_K, q6_k.dequantize_rows, q6_k.quantize_rows),
     )
 }
 

@@ -1,0 +1,209 @@
+"""The scale searches ggml's K-quant reference quantizers run per sub-block (ggml-quants.c):
+make_qx_quants (rmse_type 1, no importance weights: Q6_K), make_q3_quants (Q3_K) and
+make_qkx2_quants (Q2_K, Q4_K, Q5_K). Without an imatrix, llama-quantize's quantize_q*_K call
+quantize_row_q*_K_ref, which use exactly these.
+
+Byte-exactness depends on doing every step in float32 in the C order: numba turns
+float32 * int into float64, so every integer is converted with f32() before it meets a float,
+and sums are accumulated one term at a time like the C loops (no reassociation, no FMA:
+ggml-base is built without -mfma, and numba without fastmath does not contract).
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .rounding import nearest_int
+
+GROUP_MAX_EPS = np.float32(1e-15)
+f32 = np.float32
+
+
+@njit(cache=True)
+def make_qx_quants(n, nmax, x, L):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): weights x^2, scale search over
+    iscale = -(nmax + 0.1*is)/max for is in -9..9. L gets l + nmax in [0, 2*nmax)."""
+    vmax = f32(0.0)
+    amax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            vmax = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(-nmax) / vmax
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+        w = x[i] * x[i]
+        fl = f32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(f32(nmax) + f32(0.1) * f32(step)) / vmax
+        sumlx = f32(0.0)
+        suml2 = f32(0.0)
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            l = max(-nmax, min(nmax - 1, l))
+            w = x[i] * x[i]
+            fl = f32(l)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                l = nearest_int(iscale * x[i])
+                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True)
+def make_q3_quants(n, nmax, x, L):
+    """make_q3_quants(n, nmax, x, L, do_rmse=true): start from iscale = -nmax/max, then up to
+    5 rounds of moving single quants while that improves the x^2-weighted fit.
+    L gets l + nmax in [0, 2*nmax)."""
+    vmax = f32(0.0)
+    amax = f32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            vmax = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    iscale = f32(-nmax) / vmax
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    for i in range(n):
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l
+        w = x[i] * x[i]
+        fl = f32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    for itry in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            fL = f32(L[i])
+            slx = sumlx - w * x[i] * fL
+            if slx > 0:
+                sl2 = suml2 - w * fL * fL
+                new_l = nearest_int(x[i] * sl2 / slx)
+                new_l = max(-nmax, min(nmax - 1, new_l))
+                if new_l != L[i]:
+                    fn = f32(new_l)
+                    slx += w * x[i] * fn
+                    sl2 += w * fn * fn
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[i] += nmax
+    return sumlx / suml2 if suml2 > 0 else f32(0.0)
+
+
+@njit(cache=True)
+def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+    """make_qkx2_quants: fit x ~ scale * L + min (min <= 0, L in [0, nmax]) by weighted least
+    squares over nstep+1 candidate iscales. Returns (scale, the_min) with the_min = -min."""
+    rmin = f32(rmin)
+    rdelta = f32(rdelta)
+    vmin = x[0]
+    vmax = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < vmin:
+            vmin = x[i]
+        if x[i] > vmax:
+            vmax = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if vmin > 0:
+        vmin = f32(0.0)
+    if vmax == vmin:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0), -vmin
+    iscale = f32(nmax) / (vmax - vmin)
+    scale = f32(1.0) / iscale
+    best_error = f32(0.0)
+    for i in range(n):
+        l = nearest_int(iscale * (x[i] - vmin))
+        L[i] = max(0, min(nmax, l))
+        diff = scale * f32(L[i]) + vmin - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, -vmin
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * f32(step) + f32(nmax)) / (vmax - vmin)
+        sum_l = f32(0.0)
+        sum_l2 = f32(0.0)
+        sum_xl = f32(0.0)
+        for i in range(n):
+            l = nearest_int(iscale * (x[i] - vmin))
+            l = max(0, min(nmax, l))
+            Laux[i] = l
+            w = weights[i]
+            fl = f32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > 0:
+                this_min = f32(0.0)
+                this_scale = sum_xl / sum_l2
+            cur_error = f32(0.0)
+            for i in range(n):
+                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                vmin = this_min
+    return scale, -vmin
+
+
+@njit(cache=True)
+def sqrtf(v):
+    # float64 sqrt rounded to float32 equals the correctly rounded float32 sqrt
+    return f32(math.sqrt(float(v)))
+
+
+@njit(cache=True)
+def get_scale_min_k4(j, q):
+    """The 6-bit scale and min of sub-block j from the 12 packed bytes q (Q4_K, Q5_K)."""
+    if j < 4:
+        return np.int32(q[j]) & 63, np.int32(q[j + 4]) & 63
+    d = (np.int32(q[j + 4]) & 0xF) | ((np.int32(q[j - 4]) >> 6) << 4)
+    m = (np.int32(q[j + 4]) >> 4) | ((np.int32(q[j]) >> 6) << 4)
+    return d, m
