@@ -73,9 +73,11 @@ def run(args) -> int:
 # ---- helpers ----------------------------------------------------------------------------------
 
 def _console():
+    """rich on a terminal; piped, a wide console so paths and rows are never folded."""
     from rich.console import Console
 
-    return Console()
+    console = Console()
+    return console if console.is_terminal else Console(width=400)
 
 
 def _say(text: str) -> None:

@@ -54,14 +54,14 @@ def run(args) -> int:
     from llamachat.model_store.library import Library
     from llamachat.model_store.pull import already_pulled, catalog_entry, pull
 
-    out = Console()
     if args.list:
         from rich.table import Table
 
         table = Table("key", "library name", "size", "description", box=None)
         for entry in CATALOG.values():
             table.add_row(entry.key, entry.library_name, f"{entry.size_bytes / 1e6:.0f} MB", entry.description)
-        out.print(table)
+        console = Console()
+        (console if console.is_terminal else Console(width=400)).print(table)
         return 0
 
     entry = catalog_entry(args.key)
@@ -70,11 +70,11 @@ def run(args) -> int:
         Console(stderr=True).print(f"llamachat: warning: {warning}", markup=False, highlight=False)
     done = already_pulled(entry, lib)
     if done is not None:
-        out.print(f"{done.name} is already pulled ({done.path}).", markup=False, highlight=False)
+        print(f"{done.name} is already pulled ({done.path}).")
         return 0
     with RichProgress(Console(stderr=True)) as progress:
         model = pull(args.key, progress)
     lib.reload()
     note = " It is the default model." if lib.default_name == model.name else f" The default model is still {lib.default_name}."
-    out.print(f"Pulled {model.name} into {model.path}.{note}", markup=False, highlight=False)
+    print(f"Pulled {model.name} into {model.path}.{note}")
     return 0
