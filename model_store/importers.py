@@ -134,7 +134,7 @@ def _check_gguf_source(path: Path, quant: str | None, lora) -> tuple[int, bool]:
 
 
 def _space_error(folder: Path, what: str, need: int | None = None) -> UserError:
-    extra = f" (about {need / 1e6:.0f} MB needed, {free_bytes(folder) / 1e6:.0f} MB free)" if need else ""
+    extra = f" (about {need / 1e6:.1f} MB needed, {free_bytes(folder) / 1e6:.1f} MB free)" if need else ""
     return UserError(f"no space left on the disk holding {folder} while {what}{extra}; nothing was imported")
 
 
