@@ -134,8 +134,10 @@ def _check_gguf_source(path: Path, quant: str | None, lora) -> tuple[int, bool]:
 
 
 def _space_error(folder: Path, what: str, need: int | None = None) -> UserError:
-    extra = f" (about {need / 1e6:.1f} MB needed, {free_bytes(folder) / 1e6:.1f} MB free)" if need else ""
-    return UserError(f"no space left on the disk holding {folder} while {what}{extra}; nothing was imported")
+    if need is not None:
+        return UserError(f"not enough space on the disk holding {folder} for {what} (about {need / 1e6:.1f} MB needed, "
+                         f"{free_bytes(folder) / 1e6:.1f} MB free); nothing was imported")
+    return UserError(f"no space left on the disk holding {folder} while {what}; nothing was imported")
 
 
 def run_import(source, name: str | None = None, quant: str | None = None, lora=None,
@@ -191,7 +193,7 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
     else:
         need = source_size if quant is None else source_size // 2
     if free_bytes(models_dir) < need + (16 << 20):
-        raise _space_error(models_dir, f"importing {name}", need)
+        raise _space_error(models_dir, name, need)
 
     work = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".import-{name}-"))
     try:
