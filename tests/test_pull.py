@@ -179,3 +179,15 @@ def test_interrupted_extraction_leaves_no_file(private_cache):
         fetch_to_cache(SMOLLM2, Recorder(stop_at="extract"))
     assert list((private_cache / "models").iterdir()) == []
     assert sha256_of(fetch_to_cache(SMOLLM2)) == SMOLLM2.sha256
+
+
+def test_full_disk_is_one_sentence_and_adds_nothing(smollm2_path, monkeypatch):
+    from llamachat.model_store import pull as pull_module
+
+    def no_space(source, target, entry, progress):
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr(pull_module, "_install", no_space)
+    with pytest.raises(UserError, match=r"could not install the model into .*: No space left on device .*run `llamachat pull smollm2` again"):
+        pull()
+    assert Library.load().models == {} and not target_path().exists()
