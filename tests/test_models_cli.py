@@ -117,12 +117,20 @@ def test_warnings_and_broken_file_through_the_cli(capsys, model_file):
     assert code == 2 and "line 2, column" in err and "invalid TOML" in err and "llamachat models edit" in err
 
 
-def test_missing_file_is_marked_in_the_list(capsys, tmp_path):
+def test_missing_and_invalid_files_are_marked_in_the_list(capsys, tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"this is not a GGUF file, only text")
     file = paths.config_file()
     file.parent.mkdir(parents=True)
-    file.write_text(f'[models.gone]\npath = "{tmp_path / "gone.gguf"}"\n')
+    file.write_text(f'[models.gone]\npath = "{tmp_path / "gone.gguf"}"\nseed = 4294967295\n[models.junk]\npath = "{junk}"\n')
     code, out, _ = run(capsys, "list")
-    assert code == 0 and "missing" in out and "gone" in out
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert rows["gone"].rstrip().endswith("missing") and rows["junk"].rstrip().endswith("invalid")
+    code, out, _ = run(capsys, "show", "gone")
+    assert code == 0 and "(missing)" in out and any(l.split()[:3] == ["seed", "4294967295", "library"] for l in out.splitlines())
+    code, out, _ = run(capsys, "show", "junk")
+    assert code == 0 and "not a valid GGUF file" in out
 
 
 def test_parse_assignment_reads_toml_scalars():

@@ -99,6 +99,13 @@ def human_size(n: int | None) -> str:
     return ""  # pragma: no cover
 
 
+def format_setting(value) -> str:
+    """As it would be typed after `models set NAME key=`: 0.7, 42, 'text'."""
+    if isinstance(value, str):
+        return repr(value)
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def parse_assignment(text: str) -> tuple[str, object]:
     """`key=value` with the value read as a TOML scalar (0.7, 42, true, "text"); anything that
     is not valid TOML is taken as plain text, so `system_prompt=You are terse` works."""
@@ -190,9 +197,9 @@ def do_show(lib, args) -> int:
     settings = Table("setting", "value", "from", box=None, header_style="bold", pad_edge=False)
     for name, setting in SETTINGS.items():
         if name in entry.settings:
-            settings.add_row(name, repr(entry.settings[name]) if setting.type is str else f"{entry.settings[name]:g}", "library")
+            settings.add_row(name, format_setting(entry.settings[name]), "library")
         else:
-            settings.add_row(name, repr(setting.default) if setting.type is str else f"{setting.default:g}", "llama.cpp default", style="dim")
+            settings.add_row(name, format_setting(setting.default), "llama.cpp default", style="dim")
     console.print()
     console.print(settings)
     return 0
