@@ -207,6 +207,38 @@ def parse_document(text: str, file: Path):
     return doc, plain
 
 
+def _interpret_model(name: str, table, file: Path, warnings: list, newer: bool) -> ModelEntry:
+    where = f"model {name!r}"
+    if not isinstance(table, dict):
+        raise _config_error(file, f"{where} must be a table ([models.{name}]) with at least a path")
+    if not _NAME_RE.match(name):
+        raise _config_error(file, f"{where}: the name must use letters, digits and . _ + - (up to 80, starting with a letter or digit)")
+    raw_path = table.get("path")
+    if raw_path is None:
+        raise _config_error(file, f'{where} needs path = "FILE.gguf"')
+    if not isinstance(raw_path, str):
+        raise _config_error(file, f"{where}: path must be text, got {raw_path!r}")
+    if not raw_path.strip():
+        raise _config_error(file, f"{where}: path is empty")
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise _config_error(file, f"{where}: description must be text, got {description!r}")
+    settings = {}
+    for key, value in table.items():
+        if key in ENTRY_KEYS:
+            continue
+        if key not in SETTINGS:
+            if not newer:  # a newer format may well have keys we do not know
+                warnings.append(f"{file}: {where}: unknown key {key!r} ignored{_suggest(key, list(SETTINGS) + list(ENTRY_KEYS))}")
+            continue
+        try:
+            settings[key] = check_setting(key, value)
+        except ValueError as err:
+            raise _config_error(file, f"{where}: {err}") from None
+    path = _resolve_model_path(raw_path)
+    return ModelEntry(name, path, description, settings, missing=not path.is_file())
+
+
 def _interpret(plain: dict, file: Path):
     """Check the plain data; returns (models, default_name, version, warnings)."""
     warnings: list[str] = []
@@ -215,47 +247,35 @@ def _interpret(plain: dict, file: Path):
         raise _config_error(file, f"version must be a whole number of at least 1, got {version!r}")
     newer = version > FORMAT_VERSION
     for key in plain:
-        if key not in TOP_KEYS:
+        if key not in TOP_KEYS and not newer:
             warnings.append(f"{file}: unknown key {key!r} ignored{_suggest(key, TOP_KEYS)}")
 
     tables = plain.get("models", {})
     if not isinstance(tables, dict):
-        raise _config_error(file, "`models` must be a table of [models.NAME] tables")
+        if not newer:
+            raise _config_error(file, "`models` must be a table of [models.NAME] tables")
+        tables = {}
     models: dict[str, ModelEntry] = {}
     for name, table in tables.items():
-        where = f"model {name!r}"
-        if not isinstance(table, dict):
-            raise _config_error(file, f"{where} must be a table ([models.{name}]) with at least a path")
-        if not _NAME_RE.match(name):
-            raise _config_error(file, f"{where}: the name must use letters, digits and . _ + - (up to 80, starting with a letter or digit)")
-        raw_path = table.get("path")
-        if not isinstance(raw_path, str) or not raw_path.strip():
-            raise _config_error(file, f"{where} needs path = \"FILE.gguf\" (text)" if raw_path is None else f"{where}: path must be text, got {raw_path!r}")
-        description = table.get("description", "")
-        if not isinstance(description, str):
-            raise _config_error(file, f"{where}: description must be text, got {description!r}")
-        settings = {}
-        for key, value in table.items():
-            if key in ENTRY_KEYS:
-                continue
-            if key not in SETTINGS:
-                if not newer:  # a newer format may well have keys we do not know
-                    warnings.append(f"{file}: {where}: unknown key {key!r} ignored{_suggest(key, list(SETTINGS) + list(ENTRY_KEYS))}")
-                continue
-            try:
-                settings[key] = check_setting(key, value)
-            except ValueError as err:
-                raise _config_error(file, f"{where}: {err}") from None
-        path = _resolve_model_path(raw_path)
-        models[name] = ModelEntry(name, path, description, settings, missing=not path.is_file())
+        try:
+            models[name] = _interpret_model(name, table, file, warnings, newer)
+        except ConfigError as err:
+            if not newer:
+                raise
+            # a newer layout may describe a model differently: skip it, say so, keep the rest
+            warnings.append(f"{err} (skipped: this llamachat reads version {FORMAT_VERSION})")
 
     default = plain.get("default")
     if default is not None:
         if not isinstance(default, str):
-            raise _config_error(file, f"default must be a model name (text), got {default!r}")
-        if default not in models:
-            known = ", ".join(models) or "none yet"
-            raise _config_error(file, f"default = {default!r} names no model in this file (models: {known})")
+            if not newer:
+                raise _config_error(file, f"default must be a model name (text), got {default!r}")
+            default = None
+        elif default not in models:
+            if not newer:
+                known = ", ".join(models) or "none yet"
+                raise _config_error(file, f"default = {default!r} names no model in this file (models: {known})")
+            default = None
     if newer:
         warnings.append(f"{file} has version {version}, newer than this llamachat understands ({FORMAT_VERSION}): it is read-only here; upgrade llamachat to change it")
     return models, default, version, warnings

@@ -139,6 +139,7 @@ def test_wrong_type_or_range_names_model_and_field(gguf_a, line, field, why):
     "text, words",
     [
         ('[models.m]\ndescription = "no path"\n', "model 'm' needs path"),
+        ('[models.m]\npath = ""\n', "model 'm': path is empty"),
         ("[models.m]\npath = 3\n", "model 'm': path must be text"),
         ('[models.m]\npath = "x.gguf"\ndescription = 1\n', "description must be text"),
         ('models = 3\n', "`models` must be a table"),
@@ -184,6 +185,15 @@ def test_newer_version_is_read_only(gguf_a, gguf_b):
             change()
     assert file.read_text() == text
     assert not file.with_name("models.toml.bak").exists()
+
+
+def test_newer_version_reads_what_it_can(gguf_a):
+    write_config(f'version = {FORMAT_VERSION + 1}\nthemes = ["dark"]\ndefault = "new"\n'
+                 f'[models.a]\npath = "{gguf_a}"\n[models.new]\nlocation = {{ url = "https://x" }}\n')
+    lib = Library.load()
+    assert lib.read_only and list(lib.models) == ["a"] and lib.default_name is None
+    assert any("model 'new' needs path" in w and "skipped" in w for w in lib.warnings)
+    assert not any("themes" in w for w in lib.warnings)
 
 
 # ---- resolve ---------------------------------------------------------------------------------
