@@ -1,0 +1,326 @@
+"""`Llama`: llama-cpp-python's high-level API on llamachat's engine.
+
+A program written for llama-cpp-python runs with only its import changed:
+
+    from llamachat.runtime import Llama
+    llm = Llama(model_path=PATH, n_ctx=512, n_batch=126)
+    out = llm(prompt, max_tokens=256, temperature=0.1, top_p=0.5, echo=False, stop=["#"])
+    out["choices"][0]["text"]
+
+Owns the call signatures and the response shapes (completion dicts and stream chunks, chat
+completions through the model's chat template), the mapping of llama-cpp-python's argument
+names onto runtime.params.SamplingParams, and the per-instance state: the model with its KV cache
+(kept between calls, so a chat turn only evaluates its new tokens), the tokenizer and the
+statistics of the last call. Keyword arguments of llama-cpp-python that mean nothing here
+(n_gpu_layers, use_mlock, logits_all, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import UserError
+from .generate import GenerationStats, Generator
+from .params import SamplingParams
+
+# generate's stop reasons -> llama-cpp-python's finish_reason
+FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "cancelled": "cancelled"}
+
+
+def sampling_params(temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0, repeat_penalty=1.0,
+                    repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0, mirostat_mode=0,
+                    mirostat_tau=5.0, mirostat_eta=0.1, seed=-1, logit_bias=None, ignore_eos=False) -> SamplingParams:
+    """llama-cpp-python's argument names -> SamplingParams, each value checked (UserError)."""
+    if temperature is not None and temperature < 0:
+        temperature = 0.0  # llama.cpp: a negative temperature is greedy too
+    values = dict(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+                  repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+                  frequency_penalty=frequency_penalty, mirostat=mirostat_mode, mirostat_tau=mirostat_tau,
+                  mirostat_eta=mirostat_eta, seed=seed)
+    try:
+        params = SamplingParams().updated(**values)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return params.updated(logit_bias=_logit_bias(logit_bias), ignore_eos=bool(ignore_eos))
+
+
+def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """{token: bias} (keys may be strings, as in JSON) or [(token, bias), ...]."""
+    if not bias:
+        return ()
+    items = bias.items() if isinstance(bias, dict) else bias
+    out = []
+    for item in items:
+        try:
+            token, value = item
+            out.append((int(token), float(value)))
+        except (TypeError, ValueError):
+            raise UserError(f"logit_bias entries must be token id -> number, got {item!r}") from None
+    return tuple(out)
+
+
+def timing_lines(load_ms: float, stats: GenerationStats) -> list[str]:
+    """llama.cpp's llama_perf_context_print lines for one run."""
+    def rate(ms, n):
+        return (f"({ms / n:8.2f} ms per token, {n * 1e3 / ms:8.2f} tokens per second)"
+                if n and ms > 0 else "(     n/a ms per token,      n/a tokens per second)")
+    total_ms = stats.prompt_ms + stats.eval_ms + stats.sample_ms
+    name = "llama_perf_context_print"
+    return [
+        f"{name}:        load time = {load_ms:10.2f} ms",
+        f"{name}: prompt eval time = {stats.prompt_ms:10.2f} ms / {stats.prompt_eval_tokens:5d} tokens "
+        + rate(stats.prompt_ms, stats.prompt_eval_tokens),
+        f"{name}:        eval time = {stats.eval_ms:10.2f} ms / {stats.eval_runs:5d} runs   "
+        + rate(stats.eval_ms, stats.eval_runs),
+        f"{name}:       total time = {total_ms:10.2f} ms / {stats.prompt_eval_tokens + stats.eval_runs:5d} tokens",
+    ]
+
+
+class Llama:
+    """A loaded model you can complete text and chats with (llama-cpp-python's `Llama`)."""
+
+    def __init__(self, model_path: str | Path, n_ctx: int = 512, n_threads: int | None = None, seed: int = -1,
+                 verbose: bool = False, n_batch: int = 512, chat_format: str | None = None,
+                 context_shift: bool = False, n_keep: int = 0, progress=None, **ignored: Any):
+        from .gguf_file import GGUFFile
+        from .model import load_model
+        from .tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= 0xFFFFFFFF:
+            raise UserError(f"seed must be -1 (random) or between 0 and {0xFFFFFFFF}, got {seed!r}")
+        gguf = GGUFFile(str(model_path))
+        try:
+            tokenizer = Tokenizer.from_gguf(gguf)
+            if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx == 0:
+                # llama-cpp-python: n_ctx=0 means the context the model was trained with
+                n_ctx = int(gguf.get(f"{gguf.get('general.architecture')}.context_length", 0) or 0) or 2048
+            model = load_model(gguf, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, progress=progress)
+        except BaseException:
+            gguf.close()
+            raise
+        self._setup(model, tokenizer, gguf, str(model_path), n_threads=n_threads, seed=seed, verbose=verbose,
+                    chat_format=chat_format, context_shift=context_shift, n_keep=n_keep)
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        if verbose:
+            for warning in getattr(self.model, "warnings", []):
+                print(f"llamachat: warning: {warning}", file=sys.stderr)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, model_path: str = "", chat_template=None, **options) -> "Llama":
+        """A Llama over an already loaded model and tokenizer (options as for the constructor)."""
+        self = cls.__new__(cls)
+        self._setup(model, tokenizer, None, model_path or str(getattr(model, "path", "")), **options)
+        self._chat_template = chat_template
+        return self
+
+    def _setup(self, model, tokenizer, gguf, model_path: str, n_threads=None, seed: int = -1, verbose: bool = False,
+               chat_format=None, context_shift: bool = False, n_keep: int = 0) -> None:
+        self.model_path = model_path
+        self.model = model
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.verbose = verbose
+        self.chat_format = chat_format
+        self.context_shift = context_shift
+        self.n_keep = n_keep
+        self._gguf = gguf
+        self.generator = Generator(model, tokenizer, n_threads=n_threads)
+        self._chat_template = None
+        self._lock = threading.Lock()
+        md = gguf.metadata if gguf is not None else getattr(model, "metadata", {}) or {}
+        self.metadata = {k: v for k, v in md.items() if isinstance(v, (str, int, float, bool))}
+        self.load_ms = 0.0
+        self.last_stats: dict | None = None
+
+    # -- small things ----------------------------------------------------------------------------
+
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens now in the KV cache."""
+        return self.generator.n_tokens
+
+    def n_vocab(self) -> int:
+        return self.tokenizer.n_vocab
+
+    def token_bos(self) -> int:
+        return self.tokenizer.bos_id
+
+    def token_eos(self) -> int:
+        return self.tokenizer.eos_id
+
+    def reset(self) -> None:
+        """Empty the KV cache (the next call evaluates its whole prompt)."""
+        self.generator.reset()
+
+    def cancel(self) -> None:
+        """From any thread: the running generation ends within one token and keeps its text."""
+        self.generator.cancel()
+
+    def close(self) -> None:
+        self.cancel()
+        with self._lock:
+            self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens=None, special: bool = False) -> bytes:
+        return self.tokenizer.decode_bytes(tokens, special)
+
+    # -- completions -------------------------------------------------------------------------------
+
+    def __call__(self, prompt, **kwargs):
+        return self.create_completion(prompt, **kwargs)
+
+    def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
+                          repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
+                          frequency_penalty: float = 0.0, mirostat_mode: int = 0, mirostat_tau: float = 5.0,
+                          mirostat_eta: float = 0.1, seed: int | None = None, logit_bias=None, ignore_eos: bool = False,
+                          echo: bool = False, stop: str | Sequence[str] | None = None, stream: bool = False,
+                          model: str | None = None, **ignored: Any):
+        """llama-cpp-python's completion dict, or with stream=True an iterator of its chunks."""
+        params = sampling_params(temperature, top_p, top_k, min_p, typical_p, repeat_penalty, repeat_last_n,
+                                 presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
+                                 self._seed_for(seed), logit_bias, ignore_eos)
+        if isinstance(prompt, str):
+            tokens = self._prompt_tokens(prompt)
+            echo_text = prompt
+        else:
+            tokens = [int(t) for t in prompt]
+            echo_text = self.tokenizer.decode([t for t in tokens if t != self.tokenizer.bos_id])
+        pieces = self._run(tokens, params, max_tokens, stop)
+        meta = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
+                "model": model or self.model_path}
+        if stream:
+            return self._completion_chunks(meta, pieces, echo_text if echo else "")
+        text = "".join(pieces)
+        if echo:
+            text = echo_text + text
+        return {**meta, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": self._finish_reason()}],
+                "usage": self._usage()}
+
+    def _completion_chunks(self, meta: dict, pieces: Iterator[str], echo_text: str):
+        def chunk(text, finish_reason=None):
+            return {**meta, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}
+
+        if echo_text:
+            yield chunk(echo_text)
+        for piece in pieces:
+            yield chunk(piece)
+        yield chunk("", self._finish_reason())
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.2,
+                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
+                               repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
+                               frequency_penalty: float = 0.0, mirostat_mode: int = 0, mirostat_tau: float = 5.0,
+                               mirostat_eta: float = 0.1, seed: int | None = None, logit_bias=None,
+                               ignore_eos: bool = False, stop: str | Sequence[str] | None = None, stream: bool = False,
+                               model: str | None = None, **ignored: Any):
+        """An OpenAI-style chat completion (llama-cpp-python's shapes), the prompt built by the
+        model's chat template (or `chat_format`)."""
+        params = sampling_params(temperature, top_p, top_k, min_p, typical_p, repeat_penalty, repeat_last_n,
+                                 presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
+                                 self._seed_for(seed), logit_bias, ignore_eos)
+        tokens = self.chat_template.encode(messages, self.tokenizer, add_generation_prompt=True)
+        pieces = self._run(tokens, params, max_tokens, stop)
+        meta = {"id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion", "created": int(time.time()),
+                "model": model or self.model_path}
+        if stream:
+            return self._chat_chunks({**meta, "object": "chat.completion.chunk"}, pieces)
+        text = "".join(pieces)
+        return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "logprobs": None, "finish_reason": self._finish_reason()}],
+                "usage": self._usage()}
+
+    def _chat_chunks(self, meta: dict, pieces: Iterator[str]):
+        def chunk(delta, finish_reason=None):
+            return {**meta, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+        yield chunk({"role": "assistant"})
+        for piece in pieces:
+            yield chunk({"content": piece})
+        yield chunk({}, self._finish_reason())
+
+    @property
+    def chat_template(self):
+        if self._chat_template is None:
+            from .chat_template import ChatTemplate
+
+            name = self.metadata.get("general.name") or Path(self.model_path).stem
+            source = self._gguf if self._gguf is not None else self.model.metadata
+            self._chat_template = ChatTemplate.for_model(source, self.tokenizer, override=self.chat_format, model_name=name)
+        return self._chat_template
+
+    # -- the shared part ---------------------------------------------------------------------------
+
+    def _seed_for(self, seed: int | None) -> int:
+        return self.seed if seed is None else seed
+
+    def _prompt_tokens(self, prompt: str) -> list[int]:
+        """As llama-cpp-python: special tokens in the text parsed, BOS as the vocabulary says;
+        an empty prompt is just the BOS token."""
+        tokens = self.tokenizer.encode(prompt, add_special=True, parse_special=True) if prompt else []
+        if not tokens and self.tokenizer.bos_id is not None:
+            tokens = [self.tokenizer.bos_id]
+        return tokens
+
+    def _run(self, tokens: list[int], params: SamplingParams, max_tokens, stop) -> Iterator[str]:
+        """Start a generation; the returned iterator holds the lock until it is exhausted."""
+        n_predict = -1 if max_tokens is None or max_tokens <= 0 else int(max_tokens)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        gen = self.generator.generate(tokens, params, n_predict=n_predict, stop=stops,
+                                       context_shift=self.context_shift, n_keep=self.n_keep)
+        self._lock.acquire()
+        try:
+            first = next(gen, None)  # the checks (prompt length...) raise here, not mid-stream
+        except BaseException:
+            self._finish()
+            self._lock.release()
+            raise
+        return self._pieces(first, gen)
+
+    def _pieces(self, first, gen) -> Iterator[str]:
+        try:
+            if first is not None:
+                yield first
+            yield from gen
+        finally:
+            gen.close()
+            self._finish()
+            self._lock.release()
+
+    def _finish(self) -> None:
+        stats = self.generator.last_stats
+        self.last_stats = {
+            "prompt_tokens": stats.prompt_tokens, "prompt_ms": stats.prompt_ms,
+            "completion_tokens": stats.completion_tokens, "eval_ms": stats.eval_ms,
+            "stop_reason": stats.stop_reason, "n_past": stats.n_past, "n_ctx": stats.n_ctx,
+            "prompt_eval_tokens": stats.prompt_eval_tokens, "eval_runs": stats.eval_runs,
+            "sample_ms": stats.sample_ms, "seed": stats.seed, "context_shifts": stats.context_shifts,
+        }
+        if self.verbose:
+            print("\n".join(timing_lines(self.load_ms, stats)), file=sys.stderr)
+
+    def _finish_reason(self) -> str:
+        return FINISH_REASON.get((self.last_stats or {}).get("stop_reason"), "stop")
+
+    def _usage(self) -> dict:
+        s = self.last_stats or {}
+        return {"prompt_tokens": s.get("prompt_tokens", 0), "completion_tokens": s.get("completion_tokens", 0),
+                "total_tokens": s.get("prompt_tokens", 0) + s.get("completion_tokens", 0)}

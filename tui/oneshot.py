@@ -1,0 +1,154 @@
+"""`llamachat -m MODEL (-p TEXT | -f FILE) ... --no-tui`: one completion, like llama.cpp's
+`llama-cli -no-cnv`, streamed to stdout.
+
+Owns what the one-shot command does with the flags tui/cli.py parsed: the model from the library
+(a name, a path, or the default), settings merged flag > library entry > llama.cpp default, the
+prompt (-p with llama.cpp's escapes, or -f: a path or a shipped prompt name, one trailing newline
+dropped), special tokens in it parsed and BOS added as the vocabulary says, only the generated
+text on stdout (the prompt first with --echo), flushed piece by piece; -r reverse prompts end the
+completion (printed, as llama.cpp prints them); llama.cpp's timing lines on stderr with --verbose.
+
+Ctrl-C while generating leaves what was printed and lets KeyboardInterrupt reach tui/cli.py
+(exit 130, no traceback). Never imports Textual.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from llamachat.runtime.errors import UserError
+from llamachat.runtime.params import SETTINGS, SamplingParams, check_setting
+
+# argparse dest -> the flag as the user typed it (for error messages)
+FLAGS = {
+    "n_predict": "-n/--n-predict", "n_ctx": "-c/--ctx-size", "temp": "--temp", "top_k": "--top-k",
+    "top_p": "--top-p", "min_p": "--min-p", "typical_p": "--typical", "repeat_penalty": "--repeat-penalty",
+    "repeat_last_n": "--repeat-last-n", "presence_penalty": "--presence-penalty",
+    "frequency_penalty": "--frequency-penalty", "mirostat": "--mirostat", "mirostat_eta": "--mirostat-lr",
+    "mirostat_tau": "--mirostat-ent", "seed": "-s/--seed", "threads": "-t/--threads",
+}
+
+
+def check_flags(args) -> None:
+    """Every value given on the command line, before anything loads: one sentence naming the flag."""
+    for dest, flag in FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        try:
+            check_setting(dest, value)
+        except ValueError as err:
+            raise UserError(f"{flag}: {err}") from None
+    if getattr(args, "n_ctx", None) is not None and args.n_ctx <= 0:
+        raise UserError(f"-c/--ctx-size: the context size must be a positive number of tokens, got {args.n_ctx}")
+    if getattr(args, "threads", None) is not None and args.threads <= 0:
+        raise UserError(f"-t/--threads: the number of threads must be at least 1, got {args.threads}")
+    if getattr(args, "n_keep", 0) is not None and args.n_keep < -1:
+        raise UserError(f"--keep: must be -1 (the whole prompt) or a number of tokens, got {args.n_keep}")
+    if args.prompt is not None and args.file is not None:
+        raise UserError("-p/--prompt and -f/--file both give the prompt: use one of them")
+
+
+def process_escapes(text: str) -> str:
+    """llama.cpp's string_process_escapes for -p and -r: \\n \\r \\t \\' \\" \\\\ and \\xNN."""
+    if "\\" not in text:
+        return text
+    src = text.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    i, n = 0, len(src)
+    simple = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("'"): b"'", ord('"'): b'"', ord("\\"): b"\\"}
+    while i < n:
+        c = src[i]
+        if c == 0x5C and i + 1 < n:
+            i += 1
+            e = src[i]
+            if e in simple:
+                out += simple[e]
+            elif e == ord("x") and i + 2 < n and all(chr(h) in "0123456789abcdefABCDEF" for h in src[i + 1:i + 3]):
+                out.append(int(src[i + 1:i + 3], 16))
+                i += 2
+            else:
+                out += bytes([0x5C, e])
+        else:
+            out.append(c)
+        i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def read_prompt(args) -> str:
+    """The prompt text: -p (escapes processed) or -f (a path or a shipped prompt's name)."""
+    if args.prompt is not None:
+        return process_escapes(args.prompt)
+    from llamachat.prompts import find_prompt_file, shipped_prompt_names
+
+    path = find_prompt_file(args.file)
+    if path is None:
+        raise UserError(f"{args.file}: no such prompt file (give a path, or one of the shipped prompts: "
+                        f"{', '.join(shipped_prompt_names())})")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the prompt file ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: the prompt file is not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})") from None
+    return text[:-1] if text.endswith("\n") else text  # llama.cpp drops one trailing newline
+
+
+def _write(stream, text: str) -> None:
+    if text:
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:  # raw bytes from a \xNN escape: shown as U+FFFD
+            stream.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        stream.flush()
+
+
+def run(args) -> int:
+    from llamachat.tui.conversation import merged_settings, parse_logit_bias, resolve_model
+
+    check_flags(args)
+    prompt_text = read_prompt(args)
+    bias = parse_logit_bias(getattr(args, "logit_bias", None))
+    reverse = [process_escapes(r) for r in (getattr(args, "reverse_prompt", None) or []) if r]
+    entry = resolve_model(args.model)
+    settings = merged_settings(args, entry.settings)
+    params = SamplingParams().updated(**{k: settings[k] for k in (
+        "temp", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+        "frequency_penalty", "mirostat", "mirostat_tau", "mirostat_eta", "seed")})
+
+    from llamachat.runtime.llama_api import Llama, timing_lines
+
+    threads = settings["threads"] or None  # 0 = all cores
+    llm = Llama(str(entry.path), n_ctx=settings["n_ctx"], n_threads=threads, seed=settings["seed"],
+                context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
+    for warning in getattr(llm.model, "warnings", []):
+        print(f"llamachat: warning: {warning}", file=sys.stderr)
+    n_vocab = llm.tokenizer.n_vocab
+    for token in bias:
+        if not 0 <= token < n_vocab:
+            raise UserError(f"--logit-bias: token id {token} is outside the vocabulary (0..{n_vocab - 1})")
+    params = params.updated(logit_bias=tuple(bias.items()), ignore_eos=bool(args.ignore_eos))
+
+    tokens = llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True)
+    out = sys.stdout
+    if args.echo:
+        _write(out, prompt_text)
+    pieces = llm.generator.generate(tokens, params, n_predict=settings["n_predict"], reverse_prompts=reverse,
+                                    context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
+    try:
+        for piece in pieces:
+            _write(out, piece)
+    finally:
+        pieces.close()
+        if args.verbose:
+            stats = llm.generator.last_stats
+            lines = [f"sampler seed: {stats.seed}", f"stop reason: {stats.stop_reason}",
+                     *timing_lines(llm.load_ms, stats)]
+            print("\n" + "\n".join(lines), file=sys.stderr)
+    if out.isatty():
+        out.write("\n")
+    out.flush()
+    return 0
