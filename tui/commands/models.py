@@ -26,6 +26,9 @@ from llamachat.runtime.errors import ConfigError, UserError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from llamachat.runtime.params import SETTINGS
+
+    keys = ", ".join(SETTINGS)
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.add_parser("list", help="list the models (the default; same as no ACTION)")
     p = sub.add_parser("show", help="show one model's file and settings")
@@ -35,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="library name (default: made from the file name)")
     p.add_argument("--description", default="", help="free text shown in the list")
     p.add_argument("--set", dest="settings", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="a default setting for this model, e.g. temp=0.7 n_ctx=4096")
+                   help=f"a default setting for this model, e.g. temp=0.7 n_ctx=4096 (keys: {keys})")
     p.add_argument("--default", action="store_true", help="make it the default model")
     p = sub.add_parser("remove", help="remove a model from the library")
     p.add_argument("name")
@@ -44,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="with --delete-file: delete it even outside the data dir")
     p = sub.add_parser("set", help="change a model's settings (values are TOML: 0.7, 42, \"text\")")
     p.add_argument("name")
-    p.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("assignments", nargs="*", metavar="KEY=VALUE",
+                   help=f"KEY is one of {keys}, path or description; VALUE is a TOML value (text may go unquoted)")
     p.add_argument("--unset", action="append", default=[], metavar="KEY", help="remove a setting (back to llama.cpp's default)")
     p = sub.add_parser("default", help="make a model the default")
     p.add_argument("name")
