@@ -207,6 +207,18 @@ def parse_document(text: str, file: Path):
     return doc, plain
 
 
+def check_model_setting(key: str, value):
+    """runtime.params.check_setting, plus: a chat_format must name a built-in format (found
+    when the file is read, not when a chat starts)."""
+    value = check_setting(key, value)
+    if key == "chat_format" and value:
+        from llamachat.runtime.chat_template import BUILTIN_FORMATS
+
+        if value not in BUILTIN_FORMATS:
+            raise ValueError(f"chat_format must be one of {', '.join(BUILTIN_FORMATS)} (or empty for the model's own template), got {value!r}")
+    return value
+
+
 def _interpret_model(name: str, table, file: Path, warnings: list, newer: bool) -> ModelEntry:
     where = f"model {name!r}"
     if not isinstance(table, dict):
@@ -232,7 +244,7 @@ def _interpret_model(name: str, table, file: Path, warnings: list, newer: bool) 
                 warnings.append(f"{file}: {where}: unknown key {key!r} ignored{_suggest(key, list(SETTINGS) + list(ENTRY_KEYS))}")
             continue
         try:
-            settings[key] = check_setting(key, value)
+            settings[key] = check_model_setting(key, value)
         except ValueError as err:
             raise _config_error(file, f"{where}: {err}") from None
     path = _resolve_model_path(raw_path)
@@ -589,7 +601,7 @@ class Library:
             if key not in SETTINGS:
                 raise UserError(f"unknown setting {key!r}{_suggest(key, SETTINGS)}; settings: {', '.join(SETTINGS)}")
             try:
-                checked[key] = check_setting(key, value)
+                checked[key] = check_model_setting(key, value)
             except ValueError as err:
                 raise UserError(f"model {name!r}: {err}") from None
         return checked

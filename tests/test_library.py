@@ -124,6 +124,7 @@ def test_unknown_keys_warn_naming_them(gguf_a):
         ("seed = true", "seed", "must be a number"),
         ("system_prompt = 3", "system_prompt", "must be text"),
         ("repeat_last_n = -2", "repeat_last_n", "at least -1"),
+        ('chat_format = "chatlm"', "chat_format", "must be one of chatml, llama-2"),
     ],
 )
 def test_wrong_type_or_range_names_model_and_field(gguf_a, line, field, why):
@@ -201,6 +202,9 @@ def test_newer_version_reads_what_it_can(gguf_a):
 def test_resolve_names_paths_and_unknowns(gguf_a, gguf_b, tmp_path):
     lib = Library.load()
     lib.add(gguf_a, name="alpha", settings={"temp": 0.3})
+    lib.set("alpha", chat_format="chatml")
+    lib.set("alpha", chat_format="")
+    lib.set("alpha", chat_format=None)
     assert lib.resolve(None).name == "alpha"
     assert lib.resolve("alpha").settings == {"temp": 0.3}
     # the library's own file by path gets the library's settings
