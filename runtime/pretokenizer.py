@@ -32,8 +32,9 @@ _QWEN2 = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# escaped: editors and copy-paste normalize some of these letters (e.g. U+1F7D, U+212A) away
 _DEEPSEEK_LLM_LETTERS = (
-    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+"
+    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+"
 )
 _TEKKEN = (
     r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
@@ -48,20 +49,20 @@ _GPT4O = (
 REGEX_SETS: dict[str, tuple[str, ...]] = {
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
     "llama3": (_LLAMA3,),
-    "deepseek-llm": ("[\r\n]", _DEEPSEEK_LLM_LETTERS, "\\s?[!-/:-~！-／：-～‘-‟　-。]+", "\\s+$", "[一-龥ࠀ-一가-퟿]+", r"\p{N}+"),
+    "deepseek-llm": ("[\r\n]", _DEEPSEEK_LLM_LETTERS, "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", "\\s+$", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}+"),
     "deepseek3-llm": (
         r"\p{N}{1,3}",
-        "[一-龥぀-ゟ゠-ヿ]+",
+        "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
         "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
     ),
-    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"),
+    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}"),
     "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
     "starcoder": (r"\p{N}", _GPT2),
     "gpt2": (_GPT2,),
     "qwen2": (_QWEN2,),
-    "poro": (" ?[^(\\s|.,!?…。，、।۔،)]+",),
+    "poro": (" ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+",),
     "chatglm4": (_LLAMA3,),
-    "viking": (" ?[^(\\s|.,!?…。，、।۔،)]+", r"\p{N}"),
+    "viking": (" ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+", r"\p{N}"),
     "tekken": (_TEKKEN,),
     "chameleon": (
         "<sentinel:[0-9]+>",
@@ -247,15 +248,39 @@ def _ecmascript_to_python(regex: str) -> str:
     return "".join(out)
 
 
+def _uncapture(regex: str) -> str:
+    """Make every group non-capturing, so that re.split with one outer group returns exactly
+    gap, match, gap, match, ..."""
+    out = []
+    inside = False
+    i = 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\" and i + 1 < len(regex):
+            out.append(regex[i : i + 2])
+            i += 2
+            continue
+        if c == "[":
+            inside = True
+        elif c == "]":
+            inside = False
+        elif c == "(" and not inside and not regex.startswith("?", i + 1):
+            c = "(?:"
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 class _CompiledRegex:
-    __slots__ = ("pattern", "collapsed")
+    __slots__ = ("split", "collapsed")
 
     def __init__(self, regex: str):
         self.collapsed = uses_categories(regex)
         source = collapse_regex(regex) if self.collapsed else regex
+        source = "(" + _uncapture(_ecmascript_to_python(source)) + ")"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # "possible nested set" notes
-            self.pattern = re.compile(_ecmascript_to_python(source), re.ASCII)
+            self.split = re.compile(source, re.ASCII).split
 
 
 class PreTokenizer:
@@ -264,36 +289,31 @@ class PreTokenizer:
     def __init__(self, regex_set: str):
         self.name = regex_set
         self.regexes = [_CompiledRegex(r) for r in REGEX_SETS[regex_set]]
-        self._need_collapse = any(r.collapsed for r in self.regexes)
-        self._need_plain = any(not r.collapsed for r in self.regexes)
 
     def split(self, text: str) -> list[str]:
+        """The words of `text`: each regex cuts every piece into its matches and the text
+        between them (re.split with one group gives exactly that, empty strings aside)."""
         if not text:
             return []
-        ascii_text = text.isascii()
-        collapsed = text if ascii_text or not self._need_collapse else text.translate(_COLLAPSE)
-        plain = text if ascii_text or not self._need_plain else text.translate(_WS_ONLY)
-        # spans as (start, end) over code points; each regex refines every span
-        spans = [(0, len(text))]
+        pieces = [text]
         for rx in self.regexes:
-            subject = collapsed if rx.collapsed else plain
-            finditer = rx.pattern.finditer
-            new_spans = []
-            append = new_spans.append
-            for start, end in spans:
-                if start == 0 and end == len(subject):
-                    piece, base = subject, 0
-                else:
-                    piece, base = subject[start:end], start
-                last = 0
-                for m in finditer(piece):
-                    ms, me = m.span()
-                    if ms > last:
-                        append((base + last, base + ms))
-                    if me > ms:  # an empty match only cuts (llama.cpp's empty word yields no token)
-                        append((base + ms, base + me))
-                    last = me
-                if last < end - start:
-                    append((base + last, end))
-            spans = new_spans
-        return [text[s:e] for s, e in spans]
+            split = rx.split
+            table = _COLLAPSE if rx.collapsed else _WS_ONLY
+            out: list[str] = []
+            for piece in pieces:
+                if piece.isascii():
+                    out.extend(filter(None, split(piece)))
+                    continue
+                subject = piece.translate(table)  # same length: one character per code point
+                parts = split(subject)
+                if subject == piece:
+                    out.extend(filter(None, parts))
+                    continue
+                pos = 0
+                for part in parts:
+                    if part:
+                        end = pos + len(part)
+                        out.append(piece[pos:end])
+                        pos = end
+            pieces = out
+        return pieces
