@@ -1,0 +1,185 @@
+"""The llama forward pass, in the order of llama2.c's run.c (and llama.cpp's build_llama):
+
+    x = embedding rows of the tokens
+    for each layer:
+        h = rmsnorm(x) * attn_norm
+        q, k, v = h @ Wq, h @ Wk, h @ Wv;  rotate q and k by their positions (RoPE)
+        append k, v to the cache;  a = softmax(q k^T / sqrt(head_dim), causal) v   (GQA)
+        x = x + a @ Wo
+        h = rmsnorm(x) * ffn_norm
+        x = x + (silu(h @ Wgate) * (h @ Wup)) @ Wdown
+    logits = (rmsnorm(x) * output_norm) @ Wout
+
+Products go through runtime.matmul (weights stay quantized); the small numba kernels here
+(RoPE, attention) are the rest of the work. RoPE is llama.cpp's "normal" mode, the one
+LLM_ARCH_LLAMA uses: dimensions (2i, 2i+1) of each head rotate together by
+pos * freq_scale * base**(-2i/n_rot) (divided by rope_freqs[i] when the file has that tensor);
+dimensions past n_rot are left alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .matmul import matmul, quantize_for, round_to_f16
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    # ggml_rms_norm: mean of squares accumulated in double, scale = 1/sqrt(mean + eps) in float
+    mean = np.einsum("ij,ij->i", x, x, dtype=np.float64) / x.shape[1]
+    scale = (1.0 / np.sqrt((mean + eps).astype(np.float32))).astype(np.float32)
+    return (x * scale[:, None]) * weight
+
+
+def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [T, n_rot/2] of each position's angles, as ggml_rope_cache_init makes them
+    (theta_scale = base**(-2/n_rot) raised by repeated float32 multiplication)."""
+    half = cfg.n_rot // 2
+    inv = np.empty(half, np.float32)
+    theta_scale = np.float32(cfg.rope_freq_base) ** np.float32(-2.0 / cfg.n_rot)
+    f = np.float32(1.0)
+    for i in range(half):
+        inv[i] = f
+        f = np.float32(f * theta_scale)
+    theta = positions.astype(np.float32)[:, None] * inv[None, :]
+    if cfg.rope_freqs is not None:
+        theta = theta / cfg.rope_freqs[None, :half]
+    theta = (theta * np.float32(cfg.rope_freq_scale)).astype(np.float32)
+    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+
+@njit(cache=True, fastmath=True)
+def apply_rope(x, n_heads, head_dim, n_rot, cos, sin):
+    """Rotate x [T, n_heads*head_dim] in place: pairs (2i, 2i+1) of each head."""
+    n_tok = x.shape[0]
+    for t in range(n_tok):
+        for h in range(n_heads):
+            base = h * head_dim
+            for i in range(n_rot // 2):
+                x0 = x[t, base + 2 * i]
+                x1 = x[t, base + 2 * i + 1]
+                c = cos[t, i]
+                s = sin[t, i]
+                x[t, base + 2 * i] = x0 * c - x1 * s
+                x[t, base + 2 * i + 1] = x0 * s + x1 * c
+
+
+@njit(cache=True, inline="always")
+def _round_half_inplace(acc, bits):
+    """Round float32 values (acc, with bits = acc.view(uint32)) to half precision, ties to
+    even: what storing into a ggml_fp16_t does."""
+    for d in range(acc.shape[0]):
+        u = bits[d]
+        if (u & 0x7FFFFFFF) < 0x38800000:  # below the half normals: a fixed quantum of 2**-24
+            acc[d] = np.float32(np.rint(np.float64(acc[d]) * 16777216.0) / 16777216.0)
+        else:
+            bits[d] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+
+
+@njit(cache=True, parallel=True)
+def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
+    """Causal multi-head attention with grouped KV heads, computed as llama.cpp's CPU flash
+    attention does it (ggml_compute_forward_flash_attn_ext_f16, F16 cache): q rounded to half,
+    one pass over the keys with a running maximum, the weighted sum of values kept in half
+    precision (rescaled when the maximum grows), divided by the sum of weights at the end.
+
+    q [T, n_head*head_dim] for positions n_past..n_past+T-1; k_cache/v_cache [n_ctx, n_head_kv*
+    head_dim] of one layer, already holding those positions. Query head h reads KV head
+    h // (n_head/n_head_kv), as ggml's broadcast does.
+    """
+    n_tok = q.shape[0]
+    group = n_head // n_head_kv
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    for job in prange(n_tok * n_head):
+        t = job // n_head
+        h = job % n_head
+        kv0 = (h // group) * head_dim
+        qh = np.empty(head_dim, np.float32)
+        for d in range(head_dim):
+            qh[d] = round_to_f16(q[t, h * head_dim + d])
+        acc = np.zeros(head_dim, np.float32)
+        bits = acc.view(np.uint32)
+        m = np.float32(-np.inf)
+        total = np.float32(0.0)
+        for j in range(n_past + t + 1):
+            dot = np.float32(0.0)
+            for d in range(head_dim):
+                dot += qh[d] * k_cache[j, kv0 + d]
+            s = dot * scale
+            ms = np.float32(1.0)
+            vs = np.float32(1.0)
+            if s > m:
+                ms = np.float32(math.exp(m - s)) if m != -np.inf else np.float32(0.0)
+                m = s
+                for d in range(head_dim):
+                    acc[d] *= ms
+                _round_half_inplace(acc, bits)
+            else:
+                vs = np.float32(math.exp(s - m))
+            for d in range(head_dim):
+                acc[d] += v_cache[j, kv0 + d] * vs
+            _round_half_inplace(acc, bits)
+            total = total * ms + vs
+        inv = np.float32(1.0) / total
+        for d in range(head_dim):
+            out[t, h * head_dim + d] = acc[d] * inv
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
+    """Run tokens [T] at positions cache.n_past.. through the model, append them to the KV
+    cache and return the logits of the last token [n_vocab] (or of all tokens [T, n_vocab])."""
+    cfg = model.config
+    cache = model.cache
+    w = model.weights
+    n_tok = len(tokens)
+    pos0 = cache.n_past
+    positions = np.arange(pos0, pos0 + n_tok)
+    cos, sin = rope_tables(positions, cfg)
+    hd = cfg.head_dim
+    attn_out = np.empty((n_tok, cfg.n_head * hd), np.float32)
+
+    x = model.embed(tokens)
+    for il, layer in enumerate(w.layers):
+        # attention
+        h = rmsnorm(x, layer.attn_norm, cfg.rms_eps)
+        act = quantize_for(h, layer.wq)
+        q = matmul(layer.wq, act)
+        k = matmul(layer.wk, act if layer.wk.act_mode == act.mode else quantize_for(h, layer.wk))
+        v = matmul(layer.wv, act if layer.wv.act_mode == act.mode else quantize_for(h, layer.wv))
+        apply_rope(q, cfg.n_head, hd, cfg.n_rot, cos, sin)
+        apply_rope(k, cfg.n_head_kv, hd, cfg.n_rot, cos, sin)
+        cache.store(il, pos0, k, v)
+        attention(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
+        x = x + matmul(layer.wo, attn_out)
+        # feed-forward (SwiGLU)
+        h = rmsnorm(x, layer.ffn_norm, cfg.rms_eps)
+        act = quantize_for(h, layer.w_gate)
+        gate = matmul(layer.w_gate, act)
+        up = matmul(layer.w_up, act if layer.w_up.act_mode == act.mode else quantize_for(h, layer.w_up))
+        x = x + matmul(layer.w_down, silu(gate) * up)
+    cache.n_past = pos0 + n_tok
+
+    x = x if want_all else x[-1:]
+    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
+    logits = matmul(w.output, x)
+    return logits if want_all else logits[0]
+
+
+def rerotate_keys(model, start: int, end: int, delta: int) -> None:
+    """Add delta to the positions of cached keys [start, end) of every layer (context shift):
+    rotating an already rotated key by delta is rotating the original by pos + delta."""
+    cfg = model.config
+    if end <= start or delta == 0:
+        return
+    cos, sin = rope_tables(np.full(end - start, delta), cfg)
+    for il in range(cfg.n_layer):
+        k = model.cache.k[il, start:end].copy()
+        apply_rope(k, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, cos, sin)
+        model.cache.k[il, start:end] = k.astype(np.float16)

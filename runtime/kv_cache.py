@@ -1,0 +1,43 @@
+"""The attention key/value cache of one sequence: keys (already rotated by RoPE) and values of
+every position processed so far, per layer.
+
+Stored as float32 holding half-float values: llama.cpp keeps its cache in F16, so every value
+written is rounded to half precision first and attention sees the numbers llama.cpp sees. The
+arrays are allocated zeroed (np.zeros: pages are only touched when written), so a large n_ctx
+costs memory only as it fills.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVCache:
+    def __init__(self, n_layer: int, n_ctx: int, kv_dim: int):
+        self.n_layer = n_layer
+        self.n_ctx = n_ctx
+        self.kv_dim = kv_dim
+        self.k = np.zeros((n_layer, n_ctx, kv_dim), np.float32)
+        self.v = np.zeros((n_layer, n_ctx, kv_dim), np.float32)
+        self.n_past = 0  # positions 0..n_past-1 hold valid entries
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+    def store(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write rows k, v [T, kv_dim] at positions pos..pos+T-1, rounded to half precision."""
+        n = k.shape[0]
+        self.k[layer, pos:pos + n] = k.astype(np.float16)
+        self.v[layer, pos:pos + n] = v.astype(np.float16)
+
+    def truncate(self, n: int) -> None:
+        self.n_past = max(0, min(int(n), self.n_past))
+
+    def remove(self, start: int, count: int) -> None:
+        """Drop positions [start, start+count) and move the later ones down by count (their
+        keys still carry the old rotation: the caller re-rotates them)."""
+        end = self.n_past
+        self.k[:, start:end - count] = self.k[:, start + count:end]
+        self.v[:, start:end - count] = self.v[:, start + count:end]
+        self.n_past = end - count
