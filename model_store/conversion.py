@@ -4,7 +4,7 @@ A `Conversion` is the plan for one GGUF: metadata recorded through gguf-py's GGU
 (so keys and value types are exactly the ones llama.cpp's converters write) and a list of
 `PlannedTensor`s, each able to load itself as float32 in llama.cpp's layout on demand. The
 importers (import_hf, import_meta, importers.plan_gguf) build one; lora.py wraps the
-tensors' loaders; `write_f16` streams it to disk one tensor at a time.
+tensors' loaders; `write_float` streams it to disk one tensor at a time.
 
 Output types follow convert_hf_to_gguf.py with `--outtype f16`: 1-D tensors and norms stay
 F32, every other tensor becomes F16 (round to nearest even, as torch's `.to(float16)`).
@@ -23,6 +23,8 @@ from gguf.constants import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from llamachat.runtime.gguf_writer import write_gguf
 
+from .checkpoint_tensor import bf16_bits
+
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, what)
 
 
@@ -33,11 +35,13 @@ class PlannedTensor:
     source_dtype: str  # shown in the progress log
     load: Callable[[], np.ndarray]  # float32, llama.cpp layout, `shape`
 
+    float_type: GGMLQuantizationType = GGMLQuantizationType.F16  # what 2-D weights are written as
+
     @property
     def out_type(self) -> GGMLQuantizationType:
         if len(self.shape) <= 1 or self.name.endswith("_norm.weight"):
             return GGMLQuantizationType.F32
-        return GGMLQuantizationType.F16
+        return self.float_type
 
     @property
     def n_elements(self) -> int:
@@ -100,11 +104,29 @@ def unpermute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_f16(conv: Conversion, path: Path, progress: Progress | None = None) -> Path:
-    """Write the conversion as GGUF (F16 for 2-D weights) to `path`, atomically; each
-    tensor is loaded only when it is written."""
+FILE_TYPES = {
+    GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
+    GGMLQuantizationType.BF16: LlamaFileType.MOSTLY_BF16,
+    GGMLQuantizationType.F32: LlamaFileType.ALL_F32,
+}
+
+
+def _cast(x: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    if ggml_type == GGMLQuantizationType.F32:
+        return x.astype(np.float32)
+    if ggml_type == GGMLQuantizationType.BF16:
+        return bf16_bits(x)
+    return x.astype(np.float16)  # round to nearest even, as torch's .to(torch.float16)
+
+
+def write_float(conv: Conversion, path: Path, progress: Progress | None = None,
+                float_type: GGMLQuantizationType = GGMLQuantizationType.F16) -> Path:
+    """Write the conversion as GGUF to `path` (2-D weights as `float_type`: F16 by default,
+    BF16 or F32), atomically; each tensor is loaded only when it is written."""
+    for t in conv.tensors:
+        t.float_type = float_type
     gw = conv.recorder
-    gw.add_file_type(LlamaFileType.MOSTLY_F16)
+    gw.add_file_type(FILE_TYPES[float_type])
     gw.add_quantization_version(gguf.GGML_QUANT_VERSION)
     metadata, value_types = recorded_metadata(gw)
     total = len(conv.tensors)
@@ -116,7 +138,7 @@ def write_f16(conv: Conversion, path: Path, progress: Progress | None = None) ->
             x = t.load()
             if tuple(x.shape) != tuple(t.shape):  # a bug, not a user error: shapes were checked when planned
                 raise AssertionError(f"{t.name}: loaded {x.shape}, planned {t.shape}")
-            out = x.astype(np.float32 if t.out_type == GGMLQuantizationType.F32 else np.float16)
+            out = _cast(x, t.out_type)
             if progress and i + 1 == total:
                 progress("convert", total, total, "")
             return out

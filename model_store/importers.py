@@ -33,7 +33,7 @@ from gguf.constants import GGMLQuantizationType
 from llamachat.runtime.errors import GGUFError, ModelError, UserError
 
 from . import paths
-from .conversion import Conversion, PlannedTensor, Progress, free_bytes, new_recorder, write_f16
+from .conversion import Conversion, PlannedTensor, Progress, free_bytes, new_recorder, write_float
 from .library import Library, ModelEntry, check_name, name_from_path
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -70,12 +70,9 @@ def check_quant_type(quant: str | None) -> str | None:
     """The canonical quant type name, or UserError listing the valid ones."""
     if quant is None:
         return None
-    from llamachat.runtime.quantize_model import QUANT_TYPES
+    from llamachat.runtime.quantize_model import parse_quant_type
 
-    for t in QUANT_TYPES:
-        if t.lower() == str(quant).lower():
-            return t
-    raise UserError(f"unknown quantization type {quant!r}; choose one of: {', '.join(QUANT_TYPES)}")
+    return parse_quant_type(str(quant))
 
 
 def default_name(source: Path, quant: str | None) -> str:
@@ -146,9 +143,10 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
     source = Path(source).expanduser()
     kind = source_kind(source)
     quant = check_quant_type(quant)
-    if quant in ("F16",) and kind != "GGUF":
-        quant = None  # F16 is what conversion makes anyway
-    name = check_name(name if name is not None else default_name(source, quant))
+    float_type = GGMLQuantizationType.F16
+    if quant in ("F16", "BF16", "F32") and kind != "GGUF":
+        float_type, quant = GGMLQuantizationType[quant], None  # written directly by the conversion
+    name = check_name(name if name is not None else default_name(source, quant or (float_type.name if float_type != GGMLQuantizationType.F16 else None)))
     library = Library.load()
     if library.read_only:
         raise UserError(f"the library cannot be changed: {library.read_only_reason}")
@@ -188,6 +186,8 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
 
             n = apply_adapter(conv, adapter)
             notes.append(f"merged LoRA {adapter.folder.name} (r {adapter.r}, alpha {adapter.alpha:g}) into {n} tensors")
+        for t in conv.tensors:
+            t.float_type = float_type
         need = conv.out_nbytes + (conv.out_nbytes // 2 if quant else 0)
         source_size = None
     else:
@@ -200,7 +200,7 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
         f16_size = None
         try:
             if conv is not None:
-                f16 = write_f16(conv, work / "f16.gguf", progress)
+                f16 = write_float(conv, work / f"{float_type.name}.gguf", progress, float_type)
                 _validate(f16)
                 f16_size = f16.stat().st_size
                 current = f16
@@ -208,10 +208,8 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
                 current = _bring_gguf(source, work / "source.gguf", progress)
             result = current
             if quant:
-                from llamachat.runtime.quantize_model import quantize_file
-
                 result = work / f"{quant}.gguf"
-                quantize_file(current, result, quant, progress=progress, allow_requantize=False)
+                _quantize(current, result, quant, progress)
                 _validate(result)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -233,6 +231,19 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
         shutil.rmtree(work, ignore_errors=True)
     return ImportResult(entry=entry, kind=kind, path=dest, size=dest.stat().st_size, f16_size=f16_size,
                         source_size=source_size, notes=notes, report=rep)
+
+
+def _quantize(src: Path, dst: Path, quant: str, progress: Progress | None):
+    """runtime.quantize_model (llama-quantize's choices and bytes), its per-tensor callback
+    turned into our progress lines."""
+    from llamachat.runtime.quantize_model import quantize_model
+
+    def on_tensor(i, n, plan, before, after):
+        if progress:
+            progress("quantize", i, n, f"{plan.name} {plan.src_type.name} -> {plan.dst_type.name} "
+                                       f"{before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
+
+    return quantize_model(src, dst, quant, allow_requantize=False, on_tensor=on_tensor)
 
 
 def import_model(source, name: str | None = None, quant: str | None = None, lora=None,
