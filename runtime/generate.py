@@ -39,6 +39,7 @@ class GenerationStats:
     eval_runs: int = 0  # single-token evaluations
     eval_ms: float = 0.0
     sample_ms: float = 0.0
+    sample_runs: int = 0
     stop_reason: str = ""
     n_past: int = 0
     n_ctx: int = 0
@@ -240,6 +241,7 @@ class Generator:
                 token = sampler.sample(logits)
                 sampler.accept(token)
                 stats.sample_ms += (time.perf_counter() - t0) * 1e3
+                stats.sample_runs += 1
                 if token in eog:
                     reason = "eos"
                     break

@@ -72,6 +72,8 @@ def timing_lines(load_ms: float, stats: GenerationStats) -> list[str]:
     total_ms = stats.prompt_ms + stats.eval_ms + stats.sample_ms
     name = "llama_perf_context_print"
     return [
+        f"llama_perf_sampler_print:    sampling time = {stats.sample_ms:10.2f} ms / {stats.sample_runs:5d} runs   "
+        + rate(stats.sample_ms, stats.sample_runs),
         f"{name}:        load time = {load_ms:10.2f} ms",
         f"{name}: prompt eval time = {stats.prompt_ms:10.2f} ms / {stats.prompt_eval_tokens:5d} tokens "
         + rate(stats.prompt_ms, stats.prompt_eval_tokens),

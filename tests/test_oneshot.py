@@ -175,6 +175,7 @@ def test_verbose_prints_llama_cpp_timing_lines(fake, capsys):
     _, path, _ = fake
     code, out, err = cli(capsys, "-m", path, "-p", "Say hello:", "--temp", "0", "--verbose", "--no-tui")
     assert out == "Hello world."
+    assert re.search(r"llama_perf_sampler_print: +sampling time = +[\d.]+ ms / +13 runs", err)  # 12 + the EOS
     assert re.search(r"llama_perf_context_print: +load time = +[\d.]+ ms", err)
     assert re.search(r"prompt eval time = +[\d.]+ ms / +10 tokens \( *[\d.]+ ms per token, +[\d.]+ tokens per second\)", err)
     assert re.search(r"eval time = +[\d.]+ ms / +12 runs", err)
