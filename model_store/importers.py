@@ -48,7 +48,7 @@ class ImportResult:
     f16_size: int | None = None  # bytes of the F16 conversion (before quantizing), if made
     source_size: int | None = None  # bytes of a GGUF source
     notes: list[str] = field(default_factory=list)
-    report: dict | None = None  # --report: {"text": ..., "f16": ppl, "result": ppl}
+    report: dict | None = None  # --report: {"tokens", "f16", "result" (perplexities), "f16_size", "result_size"}
 
 
 def source_kind(source: Path) -> str:
@@ -157,7 +157,7 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
     if dest.exists():
         raise UserError(f"{dest} already exists; choose another name with --name (nothing was changed)")
     if report and not quant:
-        raise UserError("--report compares a quantized result with its F16 source: give --quant TYPE too")
+        raise UserError("--report compares a quantized result with its F16 source: give --quant with a quantized type (Q4_K_M, Q8_0, ...)")
     adapter = None
     if lora is not None:
         from .lora import load_adapter
@@ -287,23 +287,50 @@ def _bring_gguf(source: Path, target: Path, progress: Progress | None) -> Path:
 
 # --report -----------------------------------------------------------------------------
 
+# A short, plain passage (written for llamachat): enough tokens for a stable number on a
+# small model, few enough that scoring it takes seconds.
 REPORT_TEXT = """\
-The quick brown fox jumps over the lazy dog. A language model assigns a probability to
-every next word; perplexity is the exponential of the average negative log probability it
-gave to the words that really came next, so lower is better. Quantization stores each
-weight in fewer bits, which makes the model smaller and faster to run on a CPU, at the
-cost of some accuracy. This short text is only a rough check: it shows how much a
-quantization type changes the model's predictions compared with its sixteen-bit source.
+The quick brown fox jumps over the lazy dog. A language model reads text one token at a
+time and, at every step, gives a probability to each token that could come next.
+Perplexity is the exponential of the average negative log probability the model gave to
+the tokens that really came next, so lower is better: a model that is never surprised has
+a perplexity of one. Quantization stores each weight in fewer bits, which makes a model
+smaller and faster to run on an ordinary computer, at the cost of some accuracy. Eight
+bits per weight cost almost nothing; four bits cost a little more; two or three bits cost
+noticeably more, most of all for small models. This short passage is only a rough check:
+it shows how much a quantization type changes the model's predictions compared with the
+sixteen-bit file it was made from, before you spend time chatting with it.
 """
 
 
-def quality_report(f16_path: Path, result_path: Path, progress: Progress | None = None) -> dict:
-    """Perplexity of the F16 source and of the result on REPORT_TEXT."""
-    from llamachat.runtime.perplexity import perplexity_of_text
+def text_perplexity(path: Path, text: str = REPORT_TEXT, n_ctx: int = 512) -> tuple[float, int]:
+    """(perplexity, tokens scored) of one window of `text` (BOS as the tokenizer adds it; at
+    most n_ctx tokens and the model's training context): exp of the mean negative
+    log-likelihood of every token after the first, in float64."""
+    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.model import load_model
+    from llamachat.runtime.tokenizer import Tokenizer
 
-    out = {"text_chars": len(REPORT_TEXT)}
-    for key, path in (("f16", f16_path), ("result", result_path)):
+    with GGUFFile(path) as g:
+        n_ctx = min(n_ctx, int(g.get("llama.context_length", n_ctx)))
+        tokens = Tokenizer.from_gguf(g).encode(text, add_special=True)[:n_ctx]
+    model = load_model(path, n_ctx=max(len(tokens), 8))
+    try:
+        logits = np.asarray(model.eval(tokens, logits="all"), dtype=np.float64)[:-1]
+    finally:
+        model.close()
+    top = logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    nll = log_z - logits[np.arange(len(tokens) - 1), tokens[1:]]
+    return float(np.exp(nll.mean())), len(tokens) - 1
+
+
+def quality_report(f16_path: Path, result_path: Path, progress: Progress | None = None) -> dict:
+    """Perplexity of the F16 source and of the result on REPORT_TEXT, with both sizes."""
+    out = {}
+    for i, (key, path) in enumerate((("f16", f16_path), ("result", result_path))):
         if progress:
-            progress("report", 0, 1, f"perplexity of {key}")
-        out[key] = float(perplexity_of_text(path, REPORT_TEXT))
+            progress("report", i, 2, f"perplexity of {path.stem}")
+        out[key], out["tokens"] = text_perplexity(path)
+        out[key + "_size"] = path.stat().st_size
     return out

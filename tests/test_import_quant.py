@@ -69,3 +69,37 @@ def test_cli_quant_log(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "quantize:" in err and "blk.0.attn_q.weight F16 -> Q8_0" in err
     assert "Imported small (Hugging Face; F16 " in out and "stored " in out
+
+
+def test_report_perplexities_match_a_numpy_forward(tmp_path, capsys):
+    from llamachat.model_store.importers import REPORT_TEXT
+    from llamachat.runtime.tokenizer import Tokenizer
+    from test_import_engine import reference_logits
+
+    _, held = sentencepiece_model(tmp_path / "spm", added=False)
+    result = run_import(tmp_path / "spm", quant="Q8_0", report=True)
+    rep = result.report
+    tokens = Tokenizer.from_gguf(result.path).encode(REPORT_TEXT, add_special=True)[:256]  # the model's context
+    assert rep["tokens"] == len(tokens) - 1 == 255
+    logits = reference_logits(held, tokens, rope="half", eps=1e-5)[:-1]
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    want = float(np.exp(-logp[np.arange(len(tokens) - 1), tokens[1:]].mean()))
+    assert rep["f16"] == pytest.approx(want, rel=1e-2)
+    assert rep["result"] == pytest.approx(rep["f16"], rel=2e-2) and rep["result"] != rep["f16"]
+    assert rep["result_size"] == result.size and rep["f16_size"] == result.f16_size
+
+
+def test_report_needs_a_quant_type(tmp_path):
+    sentencepiece_model(tmp_path / "spm", added=False)
+    with pytest.raises(UserError, match="--report compares a quantized result with its F16 source"):
+        run_import(tmp_path / "spm", report=True)
+
+
+def test_cli_report(tmp_path, capsys):
+    sentencepiece_model(tmp_path / "spm", added=False)
+    assert main(["import", str(tmp_path / "spm"), "--quant", "Q4_0", "--report", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "Perplexity on the built-in text (" in out
+    lines = [line.split() for line in out.splitlines() if line.strip().startswith(("F16 source", "Q4_0"))]
+    assert lines[0][:2] == ["F16", "source"] and lines[1][0] == "Q4_0" and lines[1][-1].endswith("%)")

@@ -29,18 +29,24 @@ class TensorLog:
     `[  3/ 20] blk.0.attn_q.weight BF16 -> F16 [64, 64]`."""
 
     def __init__(self, stream, quiet: bool):
-        self.stream, self.quiet, self.last_stage = stream, quiet, None
+        self.stream, self.quiet, self.last_stage, self.last_tenth = stream, quiet, None, -1
 
     def __call__(self, stage: str, done: int, total: int, what: str = "") -> None:
         if self.quiet:
             return
         if stage != self.last_stage:
-            self.last_stage = stage
+            self.last_stage, self.last_tenth = stage, -1
             print(f"{stage}:", file=self.stream)
-        if what:
-            width = len(str(total))
-            print(f"  [{done + 1:>{width}}/{total}] {what}" if stage in ("convert", "quantize") else f"  {what} {done}/{total}",
-                  file=self.stream, flush=True)
+        if stage in ("convert", "quantize"):
+            if what:
+                print(f"  [{done + 1:>{len(str(total))}}/{total}] {what}", file=self.stream, flush=True)
+        elif stage == "copy":  # byte counts: a line per tenth
+            tenth = done * 10 // max(total, 1)
+            if tenth != self.last_tenth:
+                self.last_tenth = tenth
+                print(f"  {what} {_mb(done)} / {_mb(total)}", file=self.stream, flush=True)
+        elif what:
+            print(f"  {what}", file=self.stream, flush=True)
 
 
 def run(args) -> int:
@@ -59,7 +65,8 @@ def run(args) -> int:
     print(f"Imported {result.entry.name} ({result.kind}; {', '.join(sizes)}) into {result.path}.")
     if result.report:
         rep = result.report
-        print(f"Perplexity on the built-in text ({rep['text_chars']} characters):")
-        print(f"  F16 source          {rep['f16']:10.4f}")
-        print(f"  {args.quant.upper():<19} {rep['result']:10.4f}  ({100 * (rep['result'] / rep['f16'] - 1):+.2f}%)")
+        quant = result.path.stem if args.quant is None else args.quant.upper()
+        print(f"Perplexity on the built-in text ({rep['tokens']} tokens scored):")
+        print(f"  {'F16 source':<12} {_mb(rep['f16_size']):>10}  {rep['f16']:10.4f}")
+        print(f"  {quant:<12} {_mb(rep['result_size']):>10}  {rep['result']:10.4f}  ({100 * (rep['result'] / rep['f16'] - 1):+.2f}%)")
     return 0
