@@ -61,6 +61,7 @@ class Conversion:
     notes: list[str] = field(default_factory=list)  # said to the user (e.g. the vocab size used)
     n_head: int = 0
     n_head_kv: int = 0
+    array_types: dict = field(default_factory=dict)  # element types of array keys, when known (a GGUF source)
 
     @property
     def out_nbytes(self) -> int:
@@ -146,7 +147,7 @@ def write_float(conv: Conversion, path: Path, progress: Progress | None = None,
         return load
 
     entries = [(t.name, tuple(reversed(t.shape)), t.out_type, data_of(i, t)) for i, t in enumerate(conv.tensors)]
-    return write_gguf(path, metadata, entries, value_types=value_types)
+    return write_gguf(path, metadata, entries, value_types=value_types, array_types=conv.array_types)
 
 
 def free_bytes(folder: Path) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -76,7 +77,13 @@ def check_quant_type(quant: str | None) -> str | None:
 
 
 def default_name(source: Path, quant: str | None) -> str:
-    base = name_from_path(source) if source.is_file() else name_from_path(Path(source.resolve().name))
+    folder = source.resolve()
+    if source.is_file():
+        base = name_from_path(source)
+    elif re.fullmatch(r"\d+(\.\d+)?[bm]", folder.name.lower()) and folder.parent.name:
+        base = name_from_path(Path(f"{folder.parent.name}-{folder.name}"))  # Meta's llama/7B -> llama-7b
+    else:
+        base = name_from_path(Path(folder.name))
     if quant and quant.lower() not in base:
         base = f"{base}-{quant.lower()}"
     return base[:80]
@@ -102,6 +109,7 @@ def plan_gguf(path: Path, name: str) -> Conversion:
             gw.add_key_value(key, list(value) if not isinstance(value, np.ndarray) else value, vtype)
         else:
             gw.add_key_value(key, value, vtype)
+    conv.array_types = {k: v for k, v in g.array_types.items() if k not in skip}
     conv.n_head = int(g.get("llama.attention.head_count", 0))
     conv.n_head_kv = int(g.get("llama.attention.head_count_kv", conv.n_head))
     for info in g.tensors.values():

@@ -125,3 +125,8 @@ def test_meta_tiktoken_tokenizer_is_explained(tmp_path):
     (folder / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")  # Llama 3's tiktoken format
     with pytest.raises(UserError, match="not a SentencePiece model.*tiktoken"):
         run_import(folder)
+
+
+def test_meta_size_folder_is_named_after_its_parent(tmp_path):
+    make_meta(tmp_path / "llama" / "7B", tokenizer_in_parent=True)
+    assert run_import(tmp_path / "llama" / "7B").entry.name == "llama-7b"

@@ -145,3 +145,12 @@ def test_not_an_adapter_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no adapter_config.json; --lora takes a PEFT adapter folder"):
         run_import(tmp_path / "base", lora=tmp_path / "empty")
+
+
+def test_lora_into_quantized_gguf_is_refused(tmp_path):
+    sentencepiece_model(tmp_path / "base", added=False)
+    quantized = run_import(tmp_path / "base", name="q", quant="Q8_0").path
+    make_adapter(tmp_path / "adapter")
+    with pytest.raises(UserError, match=r"tensor .* is Q8_0; a LoRA can only be merged into an F32/F16/BF16 model"):
+        run_import(quantized, name="merged", lora=tmp_path / "adapter")
+    assert sorted(p.name for p in paths.models_dir().iterdir()) == ["q.gguf"]
