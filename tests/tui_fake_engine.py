@@ -83,6 +83,7 @@ class FakeLlama:
         self.n_tokens = prompt_tokens
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         made = ""
+        emitted = 0  # text that could be the start of a stop string is held back, as llama-cpp-python does
         stop_reason = "eos"
         n = 0
         for piece in _pieces(reply):
@@ -99,17 +100,18 @@ class FakeLlama:
                 time.sleep(self.script.delay)
             n += 1
             self.n_tokens += 1
-            candidate = made + piece
-            hit = min((candidate.find(s) for s in stops if s in candidate), default=-1)
+            made += piece
+            hit = min((made.find(s) for s in stops if s in made), default=-1)
             if hit >= 0:
-                piece = candidate[len(made):hit]
-                made = candidate[:hit]
-                if piece:
-                    yield self._chunk(piece, None, chat)
+                made = made[:hit]
                 stop_reason = "stop"
                 break
-            made = candidate
-            yield self._chunk(piece, None, chat)
+            held = max((k for s in stops for k in range(1, len(s)) if made.endswith(s[:k])), default=0)
+            if len(made) - held > emitted:
+                yield self._chunk(made[emitted:len(made) - held], None, chat)
+                emitted = len(made) - held
+        if len(made) > emitted:
+            yield self._chunk(made[emitted:], None, chat)
         self.last_stats = dict(prompt_tokens=prompt_tokens, prompt_ms=1.0, completion_tokens=n, eval_ms=10.0 * max(n, 1),
                                stop_reason=stop_reason, n_past=self.n_tokens, n_ctx=self._n_ctx)
         finish = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "cancelled": "cancelled"}[stop_reason]

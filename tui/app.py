@@ -12,6 +12,7 @@ never a traceback.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -121,6 +122,32 @@ class ChatApp(App):
             self.store.close()
         self.exit(0)
 
+    # -- a bug must not end in a traceback on the user's screen ----------------------------
+
+    quiet_crashes = False  # run() turns this on; tests keep Textual's loud failure
+    crash_message: str | None = None
+
+    def _fatal_error(self) -> None:
+        if not self.quiet_crashes:
+            return super()._fatal_error()
+        import traceback
+
+        from llamachat.model_store.paths import data_dir
+
+        error = self._exception
+        where = data_dir() / "crash.log"
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            with open(where, "a", encoding="utf-8") as log:
+                log.write(time.strftime("\n--- %Y-%m-%d %H:%M:%S ---\n"))
+                log.write("".join(traceback.format_exception(error)) if error else "unknown error\n")
+            detail = f"; details in {where}"
+        except OSError:
+            detail = ""
+        self.crash_message = f"internal error ({describe_error(error) if error else 'unknown'}){detail}"
+        self.engine.cancel()
+        self._close_messages_no_wait()
+
     # -- status -----------------------------------------------------------------------------
 
     def _show_mode(self) -> None:
@@ -199,8 +226,8 @@ class ChatApp(App):
         self.refresh_models()
 
     def switch_model(self, name: str) -> None:
-        if self.entry is not None and name == self.entry.name and self.engine.loaded:
-            return
+        if self.entry is not None and name == self.entry.name and (self.engine.loaded or self.loading):
+            return  # also what the picker reports when the app fills it in
         try:
             entry = self.load_library().resolve(name)
         except UserError as err:
@@ -288,6 +315,8 @@ class ChatApp(App):
 
     @on(Sidebar.SystemPromptChanged)
     def system_prompt_changed(self, event: Sidebar.SystemPromptChanged) -> None:
+        if event.text == self.settings.get("system_prompt"):
+            return
         self.settings["system_prompt"] = event.text
         self.conv.system_prompt = event.text
 
@@ -303,8 +332,8 @@ class ChatApp(App):
         if self.generating:
             self.notify("A reply is being written: wait for it or press Esc to stop it.", severity="warning")
             return False
-        if self.entry is None:
-            self.notify("No model yet: pick one in the sidebar or the library (Ctrl+L).", severity="warning")
+        if self.entry is None or not (self.engine.loaded or self.loading):
+            self.notify("No model is loaded: pick one in the sidebar or the library (Ctrl+L).", severity="warning")
             return False
         text = text.rstrip("\n")
         if not text.strip():
@@ -566,5 +595,8 @@ def run(args) -> int:
     Conversation.from_args(args)
     conv_mod.parse_logit_bias(getattr(args, "logit_bias", None))
     app = ChatApp(args, entry=entry)
+    app.quiet_crashes = True
     app.run()
+    if app.crash_message:
+        raise UserError(app.crash_message, exit_code=1)
     return app.return_code or 0

@@ -166,6 +166,8 @@ class Conversation:
         if mode != CHAT:
             if getattr(args, "file", None):
                 preamble, name = read_prompt_file(args.file)
+                if preamble.endswith("\n"):  # llama.cpp drops the file's final newline (common/arg.cpp, -f)
+                    preamble = preamble[:-1]
             elif getattr(args, "prompt", None):
                 preamble, name = args.prompt, "-p"
         reverse = [r for r in (getattr(args, "reverse_prompt", None) or []) if r]

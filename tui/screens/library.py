@@ -27,9 +27,9 @@ FORM_KEYS = ("description", *SETTINGS)
 class LibraryScreen(Screen):
     BINDINGS = [
         Binding("escape", "close", "Back to chat"),
-        Binding("ctrl+s", "save", "Save"),
-        Binding("ctrl+d", "make_default", "Set default"),
-        Binding("ctrl+u", "use_model", "Use in chat"),
+        Binding("ctrl+s", "save", "Save", priority=True),
+        Binding("ctrl+d", "make_default", "Set default", priority=True),  # over Input's delete-right (Delete still works)
+        Binding("ctrl+t", "use_model", "Use in chat", priority=True),
     ]
 
     def __init__(self, library_loader):

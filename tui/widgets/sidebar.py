@@ -40,10 +40,6 @@ class Sidebar(VerticalScroll):
             super().__init__()
             self.text = text
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._updating = False  # set while the app fills the fields, so that is not a user edit
-
     def compose(self) -> ComposeResult:
         yield Label("Model", classes="sidebar-title")
         yield Select([], id="model-select", prompt="(no model)", allow_blank=True, compact=True)
@@ -61,31 +57,24 @@ class Sidebar(VerticalScroll):
 
     # -- filled in by the app ---------------------------------------------------------------
 
-    def show_settings(self, settings: dict) -> None:
-        self._updating = True
-        try:
-            for name, _ in SIDEBAR_SETTINGS:
-                field = self.query_one(f"#setting-{name}", Input)
-                field.value = format_value(settings[name])
-                field.remove_class("-invalid")
-                self.query_one(f"#error-{name}", Static).update("")
-                self.query_one(f"#error-{name}", Static).remove_class("-shown")
-            area = self.query_one("#system-prompt", TextArea)
-            if area.text != settings.get("system_prompt", ""):
-                area.text = settings.get("system_prompt", "")
-        finally:
-            self.call_after_refresh(self._done_updating)
+    # Filling a field posts Changed like a user edit would; the app ignores values it already has.
 
-    def _done_updating(self) -> None:
-        self._updating = False
+    def show_settings(self, settings: dict) -> None:
+        for name, _ in SIDEBAR_SETTINGS:
+            field = self.query_one(f"#setting-{name}", Input)
+            field.value = format_value(settings[name])
+            field.remove_class("-invalid")
+            self.query_one(f"#error-{name}", Static).update("")
+            self.query_one(f"#error-{name}", Static).remove_class("-shown")
+        area = self.query_one("#system-prompt", TextArea)
+        if area.text != settings.get("system_prompt", ""):
+            area.text = settings.get("system_prompt", "")
 
     def show_models(self, options: list[tuple[str, str]], current: str | None) -> None:
-        self._updating = True
         select = self.query_one("#model-select", Select)
         select.set_options(options)
         if current is not None and any(value == current for _, value in options):
             select.value = current
-        self.call_after_refresh(self._done_updating)
 
     def show_progress(self, fraction: float | None) -> None:
         bar = self.query_one("#load-progress", ProgressBar)
@@ -114,7 +103,7 @@ class Sidebar(VerticalScroll):
             return
         event.stop()
         checked = self._check(event.input)
-        if checked and not self._updating:
+        if checked:
             self.post_message(self.SettingChanged(*checked))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -127,7 +116,7 @@ class Sidebar(VerticalScroll):
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
-        if self._updating or event.value is Select.BLANK:
+        if not isinstance(event.value, str):  # the blank entry (Select.NULL)
             return
         self.post_message(self.ModelChosen(str(event.value)))
 
@@ -135,5 +124,4 @@ class Sidebar(VerticalScroll):
         if event.text_area.id != "system-prompt":
             return
         event.stop()
-        if not self._updating:
-            self.post_message(self.SystemPromptChanged(event.text_area.text))
+        self.post_message(self.SystemPromptChanged(event.text_area.text))

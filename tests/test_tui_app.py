@@ -1,0 +1,486 @@
+"""Pilot tests of the chat app (App.run_test) with the scripted fake engine: streaming, stop,
+sidebar edits reaching the sampler, flags over library defaults, n_ctx re-creation, model
+switch, library edits, saved chats, the three modes, errors as notifications, quitting."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tui_fake_engine import FakeScript  # noqa: E402
+
+from llamachat.model_store.library import Library  # noqa: E402
+from llamachat.runtime.gguf_writer import write_gguf  # noqa: E402
+from llamachat.tui.app import ChatApp  # noqa: E402
+from llamachat.tui.cli import build_main_parser  # noqa: E402
+from llamachat.tui.widgets.message_view import MessageView  # noqa: E402
+
+SIZE = (110, 36)
+
+
+def tiny_gguf(path: Path) -> Path:
+    write_gguf(path, {"general.architecture": "llama", "general.name": path.stem},
+               [("x", (32,), 0, np.zeros(32, np.float32))])
+    return path
+
+
+@pytest.fixture
+def library(tmp_path):
+    lib = Library.load()
+    lib.add(tiny_gguf(tmp_path / "alpha.gguf"), name="alpha", settings={"temp": 0.3, "top_k": 12})
+    lib.add(tiny_gguf(tmp_path / "beta.gguf"), name="beta", settings={"n_ctx": 256})
+    return lib
+
+
+def make_app(args_list=(), script=None, model="alpha", **kwargs):
+    args = build_main_parser().parse_args(list(args_list))
+    entry = Library.load().resolve(model) if model else None
+    script = script or FakeScript(replies=["Paris is the capital of France."])
+    app = ChatApp(args, entry=entry, llama_factory=script.factory, **kwargs)
+    return app, script
+
+
+async def wait_for(pilot, condition, timeout=10.0):
+    end = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError("timed out waiting")
+        await pilot.pause(0.05)
+
+
+async def ready(pilot, app):
+    await wait_for(pilot, lambda: app.engine.loaded and not app.loading)
+
+
+async def send(pilot, app, text):
+    app.chat_screen.chat_input.focus()
+    app.chat_screen.chat_input.text = text
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: app.generating or (app.conv.messages and app.conv.messages[-1].role == "assistant"))
+
+
+async def reply_done(pilot, app):
+    await wait_for(pilot, lambda: not app.generating and app.conv.messages and app.conv.messages[-1].role == "assistant")
+
+
+def views(app, role=None):
+    return [v for v in app.chat_screen.messages.query(MessageView) if role is None or v.role == role]
+
+
+def notifications(app):
+    return [n.message for n in app._notifications]
+
+
+async def test_reply_streams_in_batches_and_is_saved(library):
+    words = " ".join(f"word{i}" for i in range(60))
+    script = FakeScript(replies=[words], delay=0.01)
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        appends = []
+        await send(pilot, app, "Tell me sixty words")
+        view = app.reply_view
+        original = view.append
+        view.append = lambda text: (appends.append(text), original(text))
+        await wait_for(pilot, lambda: len(view.source) > 0)
+        assert app.generating  # text is on screen while the reply is still being written
+        await reply_done(pilot, app)
+        assert app.conv.messages[-1].content == words
+        assert view.source.strip() == words
+        # 60 tokens at 10 ms each: ~0.6 s, drained every 0.1 s -> a handful of updates, not one per token
+        assert 1 <= len(appends) <= 15
+        assert "tok/s" in app.status_text() and "ctx " in app.status_text()
+        assert app.store.list()[0].n_messages == 2
+
+
+async def test_escape_stops_and_keeps_partial_reply(library):
+    long = " ".join(f"w{i}" for i in range(400))
+    script = FakeScript(replies=[long], delay=0.01)
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "go on and on")
+        await wait_for(pilot, lambda: len(app.reply_view.source) > 20 if app.reply_view else False)
+        await pilot.press("escape")
+        await reply_done(pilot, app)
+        msg = app.conv.messages[-1]
+        assert msg.stopped and 0 < len(msg.content) < len(long)
+        assert long.startswith(msg.content)
+        view = views(app, "assistant")[-1]
+        assert view.stopped and view.has_class("stopped")
+        assert "stopped" in str(view.query_one(".message-header").render())
+        # the next message works as usual after a stop
+        script.replies.append("fine")
+        await send(pilot, app, "again")
+        await reply_done(pilot, app)
+        assert app.conv.messages[-1].content == "fine"
+
+
+async def test_flags_override_library_defaults_and_sidebar_edits_reach_sampler(library):
+    script = FakeScript(replies=["one", "two"])
+    app, _ = make_app(["--temp", "0", "--repeat-penalty", "1.1"], script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        sidebar = app.chat_screen.sidebar
+        assert sidebar.query_one("#setting-temp").value == "0"  # the flag wins over the library's 0.3
+        assert sidebar.query_one("#setting-top_k").value == "12"  # the library's default
+        await send(pilot, app, "first")
+        await reply_done(pilot, app)
+        call = script.calls[-1]
+        assert call["temperature"] == 0.0 and call["top_k"] == 12 and call["repeat_penalty"] == 1.1
+        assert call["max_tokens"] is None
+
+        # edit in the sidebar: valid values apply to the next reply, invalid ones are refused
+        sidebar.query_one("#setting-top_p").value = "0.5"
+        sidebar.query_one("#setting-n_predict").value = "7"
+        sidebar.query_one("#setting-temp").value = "-1"
+        await pilot.pause(0.2)
+        error = sidebar.query_one("#error-temp")
+        assert "temp must be at least 0" in str(error.render())
+        assert error.has_class("-shown")
+        await send(pilot, app, "second")
+        await reply_done(pilot, app)
+        call = script.calls[-1]
+        assert call["top_p"] == 0.5 and call["max_tokens"] == 7
+        assert call["temperature"] == 0.0  # the invalid -1 was not applied
+
+
+async def test_seed_and_system_prompt_apply_to_next_reply(library):
+    script = FakeScript(replies=["a", "b", "c"])
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        sidebar = app.chat_screen.sidebar
+        sidebar.query_one("#setting-seed").value = "42"
+        sidebar.query_one("#system-prompt").text = "Be brief."
+        await pilot.pause(0.2)
+        await send(pilot, app, "hi")
+        await reply_done(pilot, app)
+        call = script.calls[-1]
+        assert call["seed"] == 42
+        assert call["messages"][0] == {"role": "system", "content": "Be brief."}
+        await send(pilot, app, "more")
+        await reply_done(pilot, app)
+        assert "seed" not in script.calls[-1]  # seeded once, as llama.cpp does
+
+
+async def test_n_ctx_change_recreates_context_and_keeps_chat(library):
+    script = FakeScript(replies=["x", "y"])
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        assert script.instances[-1].n_ctx() == 2048
+        await send(pilot, app, "hello")
+        await reply_done(pilot, app)
+        field = app.chat_screen.sidebar.query_one("#setting-n_ctx")
+        field.focus()
+        field.value = "1024"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(script.instances) == 2 and not app.loading)
+        assert script.instances[-1].n_ctx() == 1024
+        assert any("n_ctx=1024" in n for n in notifications(app))
+        assert len(app.conv.messages) == 2  # the chat is kept
+        await send(pilot, app, "still here?")
+        await reply_done(pilot, app)
+        assert [m["content"] for m in script.calls[-1]["messages"]] == ["hello", "x", "still here?"]
+
+
+async def test_model_switch_loads_in_worker_with_progress(library):
+    script = FakeScript(replies=["from beta"], load_delay=0.6)
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        select = app.chat_screen.sidebar.query_one("#model-select")
+        labels = [str(prompt) for prompt, _ in select._options]
+        assert any("alpha" in label and "★" in label for label in labels)
+        select.value = "beta"
+        await wait_for(pilot, lambda: app.loading)
+        bar = app.chat_screen.sidebar.query_one("#load-progress")
+        assert bar.display  # progress is visible while the UI stays live
+        assert "loading" in app.status_text()
+        await ready(pilot, app)
+        assert not bar.display
+        assert app.entry.name == "beta" and Path(script.instances[-1].model_path).name == "beta.gguf"
+        assert script.instances[-1].n_ctx() == 256  # beta's library default
+        assert app.chat_screen.sidebar.query_one("#setting-n_ctx").value == "256"
+        await send(pilot, app, "who are you")
+        await reply_done(pilot, app)
+        assert app.conv.messages[-1].content == "from beta"
+
+
+async def test_missing_model_is_marked_and_refused(library, tmp_path):
+    gone = tiny_gguf(tmp_path / "gone.gguf")
+    Library.load().add(gone, name="gone")
+    gone.unlink()
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        select = app.chat_screen.sidebar.query_one("#model-select")
+        assert any("gone" in str(p) and "missing" in str(p) for p, _ in select._options)
+        select.value = "gone"
+        await pilot.pause(0.3)
+        assert app.entry.name == "alpha"
+        assert any("gone" in n and "is gone" in n for n in notifications(app))
+
+
+async def test_engine_errors_become_notifications(library):
+    script = FakeScript(fail_load="the tensor blk.0 is broken")
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: not app.loading)
+        assert not app.engine.loaded
+        assert any("cannot load the model" in n and "blk.0" in n for n in notifications(app))
+        app.chat_screen.chat_input.text = "hello?"
+        app.chat_screen.chat_input.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert any("No model is loaded" in n for n in notifications(app))
+        assert app.chat_screen.chat_input.text == "hello?" and not app.conv.messages
+    assert app.return_code in (None, 0)
+
+
+async def test_regenerate_and_edit_last(library):
+    script = FakeScript(replies=["first answer", "second answer", "third answer"])
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "question one")
+        await reply_done(pilot, app)
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.conv.messages[-1].content == "second answer" and not app.generating)
+        assert [m.content for m in app.conv.messages] == ["question one", "second answer"]
+        assert len(views(app)) == 2
+        await pilot.press("ctrl+e")
+        await pilot.pause(0.1)
+        assert app.conv.messages == [] and views(app) == []
+        assert app.chat_screen.chat_input.text == "question one"
+        app.chat_screen.chat_input.text = "question one, edited"
+        await pilot.press("enter")
+        await reply_done(pilot, app)
+        assert [m.content for m in app.conv.messages] == ["question one, edited", "third answer"]
+
+
+async def test_enter_sends_ctrl_j_is_newline(library):
+    script = FakeScript(replies=["ok"])
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        box = app.chat_screen.chat_input
+        box.focus()
+        await pilot.press("a", "ctrl+j", "b")
+        assert box.text == "a\nb" and not app.conv.messages
+        await pilot.press("enter")
+        await reply_done(pilot, app)
+        assert app.conv.messages[0].content == "a\nb" and box.text == ""
+
+
+async def test_saved_chats_reopen_delete_export(library, tmp_path):
+    store = tmp_path / "chats.sqlite3"
+    script = FakeScript(replies=["Paris.", "Berlin.", "Rome."])
+    app, _ = make_app(script=script, store_path=store)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "Capital of France?")
+        await reply_done(pilot, app)
+        await send(pilot, app, "And Germany?")
+        await reply_done(pilot, app)
+        await pilot.press("ctrl+n")
+        await send(pilot, app, "Capital of Italy?")
+        await reply_done(pilot, app)
+    # a new app (a new process, as far as the store knows) lists and reopens them
+    app2, script2 = make_app(script=FakeScript(replies=["Madrid."]), store_path=store)
+    async with app2.run_test(size=SIZE) as pilot:
+        await ready(pilot, app2)
+        chats = app2.store.list()
+        assert [c.title for c in chats] == ["Capital of Italy?", "Capital of France?"]
+        await pilot.press("ctrl+o")
+        await pilot.pause(0.2)
+        await pilot.press("down", "enter")
+        await pilot.pause(0.2)
+        assert [m.content for m in app2.conv.messages] == ["Capital of France?", "Paris.", "And Germany?", "Berlin."]
+        assert len(views(app2)) == 4
+        await send(pilot, app2, "And Spain?")
+        await reply_done(pilot, app2)
+        assert [m["content"] for m in script2.calls[-1]["messages"]][-3:] == ["And Germany?", "Berlin.", "And Spain?"]
+        assert app2.store.list()[0].n_messages == 6
+
+        path = app2.export_chat()
+        text = path.read_text()
+        assert text.startswith("# Capital of France?") and "**You:**" in text and "Madrid." in text
+
+        await pilot.press("ctrl+o")
+        await pilot.pause(0.2)
+        await pilot.press("d")
+        await pilot.pause(0.2)
+        await pilot.press("y")
+        await pilot.pause(0.2)
+        assert len(app2.store.list()) == 1
+
+
+async def test_library_screen_edits_adds_sets_default_and_removes(library, tmp_path):
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+l")
+        await pilot.pause(0.3)
+        screen = app.screen
+        assert screen.selected == "alpha"
+        assert screen.query_one("#lib-temp").value == "0.3"
+        # an invalid value: the sentence is shown and nothing is saved
+        screen.query_one("#lib-top_p").value = "2"
+        await pilot.pause(0.1)
+        screen.action_save()
+        await pilot.pause(0.1)
+        assert "top_p must be between 0 and 1" in str(screen.query_one("#lib-error-top_p").render())
+        assert "top_p" not in Library.load().models["alpha"].settings
+        # valid edits (and clearing a field removes the key)
+        screen.query_one("#lib-top_p").value = "0.9"
+        screen.query_one("#lib-temp").value = ""
+        screen.query_one("#lib-description").value = "first model"
+        screen.action_save()
+        await pilot.pause(0.1)
+        entry = Library.load().models["alpha"]
+        assert entry.settings == {"top_k": 12, "top_p": 0.9} and entry.description == "first model"
+        # add from a path: a bad file is refused with the library's sentence
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(b"not gguf at all")
+        screen.query_one("#add-path").value = str(bad)
+        screen.add_model()
+        await pilot.pause(0.1)
+        assert any("not a valid GGUF file" in n for n in notifications(app))
+        screen.query_one("#add-path").value = str(tiny_gguf(tmp_path / "gamma.gguf"))
+        screen.query_one("#add-name").value = "gamma"
+        screen.add_model()
+        await pilot.pause(0.1)
+        assert "gamma" in Library.load().models and screen.selected == "gamma"
+        screen.action_make_default()
+        assert Library.load().default_name == "gamma"
+        screen.remove_model()
+        await pilot.pause(0.2)
+        await pilot.press("y")
+        await pilot.pause(0.2)
+        assert "gamma" not in Library.load().models
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+        select = app.chat_screen.sidebar.query_one("#model-select")
+        assert not any("gamma" in str(p) for p, _ in select._options)
+
+
+async def test_instruct_mode_sends_alpaca_turns(library):
+    script = FakeScript(replies=["Jupiter is the largest planet.\n### Instruction: ignored", "Saturn."])
+    app, _ = make_app(["--instruct", "--prompt-file", "alpaca", "-n", "64"], script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        assert views(app)[0].role == "preamble"
+        await send(pilot, app, "Name the largest planet in the solar system.")
+        await reply_done(pilot, app)
+        call = script.calls[-1]
+        preamble = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        assert call["prompt"] == preamble + "\n\n### Instruction:\n\nName the largest planet in the solar system.\n\n### Response:\n\n"
+        assert "### Instruction:" in call["stop"] and call["max_tokens"] == 64
+        assert app.conv.messages[-1].content.strip() == "Jupiter is the largest planet."
+        await send(pilot, app, "And the second largest?")
+        await reply_done(pilot, app)
+        assert script.calls[-1]["prompt"].endswith(
+            "### Response:\n\nJupiter is the largest planet.\n\n### Instruction:\n\nAnd the second largest?\n\n### Response:\n\n")
+
+
+async def test_interactive_mode_transcript_and_reverse_prompt(library):
+    script = FakeScript(replies=[" Bob: Hi there. How can I help?\nUser: tail"])
+    app, _ = make_app(["-i", "-r", "User:", "-f", "chat-with-bob"], script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.pause(0.2)
+        assert not script.calls  # the file ends with "User:": the user speaks first
+        await send(pilot, app, "Hello, Bob.")
+        await reply_done(pilot, app)
+        call = script.calls[-1]
+        bob = Path(__file__).resolve().parents[1] / "prompts" / "chat-with-bob.txt"
+        assert call["prompt"] == bob.read_text().removesuffix("\n") + " Hello, Bob.\n"
+        assert call["stop"] == ["User:"]
+        msg = app.conv.messages[-1]
+        assert msg.content == " Bob: Hi there. How can I help?\nUser:"
+        assert views(app, "assistant")[-1].source == "Bob: Hi there. How can I help?"
+
+
+async def test_interactive_mode_model_writes_first_without_reverse_prompt(library):
+    script = FakeScript(replies=["Once upon a time."])
+    app, _ = make_app(["-i", "-p", "Tell a story:"], script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await reply_done(pilot, app)
+        assert script.calls[0]["prompt"] == "Tell a story:"
+
+
+async def test_context_full_is_told(library):
+    script = FakeScript(replies=[" ".join(["x"] * 50)])
+    app, _ = make_app(["-c", "20"], script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        assert "full ctx: stop" in app.status_text()
+        await send(pilot, app, "fill it")
+        await reply_done(pilot, app)
+        assert app.conv.messages[-1].note == "context full"
+        assert any("The context is full (20 tokens)" in n for n in notifications(app))
+
+
+async def test_quit_while_generating_exits_zero(library):
+    script = FakeScript(replies=[" ".join(["z"] * 1000)], delay=0.01)
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "talk")
+        await wait_for(pilot, lambda: app.reply_view is not None and len(app.reply_view.source) > 5)
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.5)
+    assert app.return_code == 0
+    assert script.instances[0].last_stats["stop_reason"] == "cancelled"
+
+
+async def test_help_and_palette_commands(library):
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f1")
+        await pilot.pause(0.1)
+        assert type(app.screen).__name__ == "HelpScreen"
+        await pilot.press("escape")
+        await pilot.pause(0.1)
+        app.set_focus(None)
+        await pilot.press("question_mark")
+        await pilot.pause(0.1)
+        assert type(app.screen).__name__ == "HelpScreen"
+        await pilot.press("escape")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for title in ("New chat", "Saved chats", "Export chat", "Regenerate", "Model library", "Help"):
+            assert title in titles
+
+
+async def test_first_run_pulls_default_model_then_chats(tmp_path):
+    model = tiny_gguf(tmp_path / "pulled.gguf")
+    seen = []
+
+    def fake_pull(key, progress):
+        seen.append(key)
+        for i in range(5):
+            progress("download", i * 10, 40)
+        return Library.load().add(model, name="smollm2-135m-instruct")
+
+    args = build_main_parser().parse_args([])
+    script = FakeScript(replies=["hello!"])
+    app = ChatApp(args, entry=None, llama_factory=script.factory, puller=fake_pull)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.2)
+        assert type(app.screen).__name__ == "FirstRunScreen"
+        await pilot.click("#pull")
+        await ready(pilot, app)
+        assert seen == ["smollm2"] and app.entry.name == "smollm2-135m-instruct"
+        assert type(app.screen).__name__ == "ChatScreen"
+        await send(pilot, app, "hi")
+        await reply_done(pilot, app)
+        assert app.conv.messages[-1].content == "hello!"
