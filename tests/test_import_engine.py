@@ -6,7 +6,6 @@ permutation end to end; and text generation and tokenization work on the result.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import import_fixtures as fx
 from llamachat.model_store.importers import run_import

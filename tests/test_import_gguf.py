@@ -14,7 +14,6 @@ from llamachat.model_store.importers import run_import
 from llamachat.model_store.library import Library
 from llamachat.runtime import gguf_writer
 from llamachat.runtime.errors import ModelError, UserError
-from llamachat.runtime.gguf_file import GGUFFile
 from test_import_hf import sentencepiece_model
 
 

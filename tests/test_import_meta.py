@@ -3,7 +3,6 @@ hand as torch.save would, tokenizer.model): tensors unpermuted, shards joined, v
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
