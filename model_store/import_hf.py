@@ -80,7 +80,9 @@ class WeightFiles:
                 self._from_index(index, opener)
                 return
         single = [p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.is_file()]
-        shards = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+        # Mistral's folders also hold consolidated.safetensors (Meta naming): not ours to read
+        shards = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("consolidated")) \
+            or sorted(folder.glob("pytorch_model*.bin"))
         files = single[:1] or shards
         if not files:
             raise UserError(f"{folder}: no weights found (model.safetensors, model-*-of-*.safetensors or pytorch_model.bin)")
