@@ -119,9 +119,11 @@ def run(args, llama_factory=None, stdin=None, stdout=None) -> int:
             out.write(conv.preamble, PROMPT_COLOR)
         if not conv.user_speaks_first():
             reply()
+        marker = "\n> "
         while True:
             if conv.mode != INTERACTIVE:
-                out.write("\n> ")
+                out.write(marker)
+            marker = "\n> "
             if out.color and not echo:
                 out.stream.write(USER_COLOR)  # the terminal echoes what the user types in this colour
                 out.stream.flush()
@@ -138,6 +140,7 @@ def run(args, llama_factory=None, stdin=None, stdout=None) -> int:
                 break
             line = line.rstrip("\r\n")
             if not line.strip():
+                marker = "> " if not echo else ""  # a terminal shows the empty line; ask again
                 continue
             if echo:
                 shown = interactive_user_line(conv.transcript(), line) if conv.mode == INTERACTIVE else line + "\n"

@@ -1,0 +1,116 @@
+"""Headless chat (`--no-tui` / piped stdin), run as the user runs it: a subprocess through the
+CLI, with the scripted fake engine standing in for the model (the real-model runs are in
+test_headless_real.py). Each stdin line is a turn, EOF ends, replies stream to stdout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llamachat.runtime.gguf_writer import write_gguf
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+RUNNER = f"""
+import atexit, json, sys
+sys.path.insert(0, {str(TESTS)!r})
+from tui_fake_engine import FakeScript
+from llamachat.tui import cli, headless_chat
+script = FakeScript(replies=json.loads(sys.argv[1]))
+real_run = headless_chat.run
+headless_chat.run = lambda args: real_run(args, llama_factory=script.factory)
+def report():
+    sys.stderr.write("\\nCALLS=" + json.dumps(dict(calls=script.calls,
+        textual=any(m == "textual" or m.startswith("textual.") for m in sys.modules),
+        load=[i.load_kwargs for i in script.instances])) + "\\n")
+atexit.register(report)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, {"general.architecture": "llama"}, [("x", (32,), 0, np.zeros(32, np.float32))])
+    return path
+
+
+def run(replies, args, stdin: str):
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(replies), *args], input=stdin,
+                          capture_output=True, text=True, timeout=120)
+    err, _, calls = proc.stderr.rpartition("CALLS=")
+    info = json.loads(calls) if calls else {}
+    return proc.returncode, proc.stdout, err, info
+
+
+def test_chat_mode_turns_and_eof(model):
+    code, out, err, info = run(["Paris.", "Berlin."], ["-m", str(model), "--temp", "0", "--system", "Be terse."],
+                               "Capital of France?\n\nCapital of Germany?\n")
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert out == "\n> Capital of France?\nParis.\n\n> Capital of Germany?\nBerlin.\n\n> \n"
+    first, second = info["calls"]
+    assert first["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of France?"}]
+    assert second["messages"][-2:] == [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Capital of Germany?"}]
+    assert first["temperature"] == 0.0
+    assert not info["textual"]  # the headless path never imports the UI
+
+
+def test_instruct_mode(model):
+    code, out, err, info = run(["Jupiter.\n### Instruction: more"], ["-m", str(model), "--instruct", "--prompt-file", "alpaca", "-n", "64"],
+                               "Name the largest planet in the solar system.\n")
+    assert code == 0, err
+    preamble = (ROOT / "prompts" / "alpaca.txt").read_text().removesuffix("\n")
+    assert out.startswith(preamble + "\n> Name the largest planet in the solar system.\nJupiter.\n")
+    (call,) = info["calls"]
+    assert call["prompt"] == preamble + "\n\n### Instruction:\n\nName the largest planet in the solar system.\n\n### Response:\n\n"
+    assert call["stop"] == ["### Instruction:"] and call["max_tokens"] == 64
+
+
+def test_interactive_mode_transcript(model):
+    code, out, err, info = run([" Bob: Hi. What can I do for you?\nUser: x", " Bob: Paris.\nUser:"],
+                               ["-m", str(model), "-i", "-r", "User:", "-f", "chat-with-bob"],
+                               "Hello.\nCapital of France?\n")
+    assert code == 0, err
+    bob = (ROOT / "prompts" / "chat-with-bob.txt").read_text().removesuffix("\n")
+    assert out == bob + " Hello.\n Bob: Hi. What can I do for you?\nUser: Capital of France?\n Bob: Paris.\nUser:\n"
+    assert info["calls"][1]["prompt"] == bob + " Hello.\n Bob: Hi. What can I do for you?\nUser: Capital of France?\n"
+    assert info["calls"][1]["stop"] == ["User:"]
+
+
+def test_color_marks_prompt_and_user_text(model):
+    code, out, err, _ = run(["Bob: ok\nUser:"], ["-m", str(model), "-i", "-r", "User:", "-f", "chat-with-bob", "--color"], "Hi\n")
+    assert code == 0, err
+    assert out.startswith("\x1b[33mTranscript of a dialog")  # the prompt in yellow, as llama.cpp
+    assert "\x1b[1m\x1b[32m Hi\n\x1b[0m" in out  # the user's text in bold green
+    assert out.endswith("Bob: ok\nUser:\n")  # the model's text uncoloured
+
+
+def test_eof_at_once_and_flag_settings(model):
+    code, out, err, info = run([], ["-m", str(model), "-c", "128", "-s", "7", "--context-shift", "--keep", "5"], "")
+    assert code == 0, err
+    assert info["calls"] == []
+    (load,) = info["load"]
+    assert load["n_ctx"] == 128 and load["seed"] == 7 and load["context_shift"] is True and load["n_keep"] == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--instruct", "-f", "no-such-prompt"], "prompt file 'no-such-prompt' not found"),
+    (["--temp", "-2"], "temp must be at least 0"),
+    (["-l", "12x"], "--logit-bias '12x'"),
+])
+def test_user_errors_are_one_line(model, args, message):
+    code, out, err, _ = run([], ["-m", str(model), *args], "hi\n")
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_model_is_one_line(tmp_path):
+    code, out, err, _ = run([], ["-m", str(tmp_path / "nope.gguf")], "hi\n")
+    assert code == 2 and "nope.gguf: no such file" in err and "Traceback" not in err
