@@ -207,6 +207,9 @@ def test_edit_creates_the_file_and_can_repair_a_broken_one(capsys, model_file, t
     assert code == 0, err
     assert file.read_text().startswith("# llamachat model library.") and "m" in Library.load().models
     file.write_text("this is [not toml\n")
+    monkeypatch.setenv("EDITOR", fake_editor(tmp_path, "pass\n"))  # closed without fixing it
+    code, out, err = run(capsys, "edit")
+    assert code == 2 and "invalid TOML" in err and file.read_text() == "this is [not toml\n"
     monkeypatch.setenv("EDITOR", fake_editor(tmp_path, f"p.write_text('[models.m]\\npath = \"{model_file}\"\\n')\n"))
     code, out, err = run(capsys, "edit")
     assert code == 0, err

@@ -294,6 +294,8 @@ def do_edit(lib, args) -> int:
     except UnicodeDecodeError:
         after = file.read_bytes().decode("utf-8", errors="replace")
     if after == before:
+        if lib is None:  # it was broken before the editor, and still is
+            Library.load(file)  # raises the ConfigError saying why
         _say(f"No changes to {file}.")
         return 0
     rejected = file.with_name(file.name + ".rejected")
