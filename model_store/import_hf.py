@@ -24,7 +24,7 @@ from .checkpoint_tensor import CheckpointTensor
 from .conversion import Conversion, PlannedTensor, new_recorder, permute_for_rope
 from .pth_reader import PthFile
 from .safetensors_reader import SafetensorsFile
-from .vocab_convert import add_bpe_vocab, add_sentencepiece_vocab
+from .vocab_convert import add_bpe_vocab, add_sentencepiece_vocab, read_json
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -121,6 +121,7 @@ def plan_hf(folder: Path, name: str) -> Conversion:
     config = _read_config(folder)
     cfg_path = folder / "config.json"
     archs = config.get("architectures") or []
+    archs = [archs] if isinstance(archs, str) else archs
     arch = archs[0] if archs else config.get("model_type", "unknown")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{cfg_path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -165,7 +166,7 @@ def plan_hf(folder: Path, name: str) -> Conversion:
     gw.add_vocab_size(n_vocab)
     gw.add_rope_dimension_count(head_dim)
     if (folder / "tokenizer_config.json").is_file():
-        tc = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tc = read_json(folder / "tokenizer_config.json")
         if (prefix := tc.get("add_prefix_space")) is not None:
             gw.add_add_space_prefix(bool(prefix))
     if (folder / "tokenizer.model").is_file():

@@ -34,12 +34,15 @@ LLAMA3_PATTERN = (
 KNOWN_PRE_TOKENIZERS = ("llama-bpe (Llama 3)", "smollm", "gpt-2")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: cannot be read as JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return data
 
 
 def _does_token_look_special(text: str) -> bool:
@@ -89,7 +92,7 @@ def add_sentencepiece_vocab(gw, folder: Path, vocab_size: int | None, model_file
     sp = _load_spm(model_file)
     n_sp = sp.vocab_size()
     added_file = folder / "added_tokens.json"
-    added = _read_json(added_file) if added_file.is_file() else {}
+    added = read_json(added_file) if added_file.is_file() else {}
     if vocab_size is None:
         vocab_size = max([n_sp] + [int(i) + 1 for i in added.values()])
     if vocab_size < n_sp:
@@ -116,7 +119,7 @@ def add_sentencepiece_vocab(gw, folder: Path, vocab_size: int | None, model_file
             tokens[tid], scores[tid], types[tid] = text, -1000.0, TokenType.USER_DEFINED
     config_file = folder / "tokenizer_config.json"
     if config_file.is_file():
-        for tid, data in (_read_json(config_file).get("added_tokens_decoder") or {}).items():
+        for tid, data in (read_json(config_file).get("added_tokens_decoder") or {}).items():
             tid, text = int(tid), data["content"]
             if not 0 <= tid < vocab_size:
                 continue
@@ -163,7 +166,7 @@ def add_bpe_vocab(gw, folder: Path, vocab_size: int | None) -> int:
     """Add the tokenizer.* keys for a byte-level BPE tokenizer.json to `gw`, as
     convert_hf_to_gguf.py's `_set_vocab_gpt2` writes them; returns the vocabulary size."""
     path = folder / "tokenizer.json"
-    tj = _read_json(path)
+    tj = read_json(path)
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise UserError(f"{path}: only byte-level BPE tokenizers (or a tokenizer.model) can be converted, this one is {model.get('type')!r}")

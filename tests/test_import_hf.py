@@ -222,3 +222,16 @@ def test_cli_import_and_inspect(tmp_path, capsys):
     assert main(["import", str(tmp_path / "Tiny-SPM"), "--name", "tiny"]) == 2
     assert "a model named 'tiny' is already in the library" in capsys.readouterr().err
     assert models_dir_files() == ["tiny.gguf"]
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("config.json", "{not json", r"config\.json: cannot be read as JSON"),
+    ("tokenizer_config.json", "{not json", r"tokenizer_config\.json: cannot be read as JSON|tokenizer files cannot be used"),
+    ("tokenizer.json", "[1, 2]", r"tokenizer\.json: not a JSON object"),
+])
+def test_broken_json_files_are_named(tmp_path, smol_vocab_folder, file, content, message):
+    make_bpe_model(tmp_path / "m", smol_vocab_folder)
+    (tmp_path / "m" / file).write_text(content)
+    with pytest.raises(UserError, match=message):
+        run_import(tmp_path / "m")
+    assert models_dir_files() == []
