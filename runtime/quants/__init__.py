@@ -8,22 +8,129 @@ the registry that maps a ggml type to its kernels.
     FORMATS: dict[GGMLQuantizationType, Format]
 
 `Format.dequantize_rows(raw_2d_uint8, out_2d_f32)` and `Format.quantize_rows(x_2d_f32,
-out_2d_uint8)` are the raw kernels (numba for the block formats, parallel over rows): they
-write into caller-provided C-contiguous arrays, so the engine can dequantize a weight tile into
-a reused buffer. Block and type sizes come from gguf.constants.GGML_QUANT_SIZES.
+out_2d_uint8)` run the kernels (numba for the block formats, parallel over rows) writing into
+caller-provided C-contiguous arrays, so the engine can dequantize a weight tile into a reused
+buffer. Inside numba code, call a module's `dequantize_row(row_u8, y_f32)` directly.
+Block and type sizes come from gguf.constants.GGML_QUANT_SIZES.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from numba import njit, prange
 
 from . import plain, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 
 T = GGMLQuantizationType
+
+# The block formats, in the order of the `kind` numbers the two dispatch kernels below switch
+# on. Each module has serial `dequantize_row(row, y)` and `quantize_row(x, row)`; one parallel
+# kernel per direction calls them, so a cold start compiles two drivers, not twenty (numba's
+# parallel lowering is the slow part of compiling).
+BLOCK_MODULES = {T.Q8_0: q8_0, T.Q4_0: q4_0, T.Q4_1: q4_1, T.Q5_0: q5_0, T.Q5_1: q5_1,
+                 T.Q2_K: q2_k, T.Q3_K: q3_k, T.Q4_K: q4_k, T.Q5_K: q5_k, T.Q6_K: q6_k}
+_KIND = {t: i for i, t in enumerate(BLOCK_MODULES)}
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_block_rows(kind, raw, out):
+    for r in prange(raw.shape[0]):
+        row = raw[r]
+        y = out[r]
+        if kind == 0:
+            q8_0.dequantize_row(row, y)
+        elif kind == 1:
+            q4_0.dequantize_row(row, y)
+        elif kind == 2:
+            q4_1.dequantize_row(row, y)
+        elif kind == 3:
+            q5_0.dequantize_row(row, y)
+        elif kind == 4:
+            q5_1.dequantize_row(row, y)
+        elif kind == 5:
+            q2_k.dequantize_row(row, y)
+        elif kind == 6:
+            q3_k.dequantize_row(row, y)
+        elif kind == 7:
+            q4_k.dequantize_row(row, y)
+        elif kind == 8:
+            q5_k.dequantize_row(row, y)
+        else:
+            q6_k.dequantize_row(row, y)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_block_rows(kind, x, out):
+    for r in range(x.shape[0]):
+        xr = x[r]
+        row = out[r]
+        if kind == 0:
+            q8_0.quantize_row(xr, row)
+        elif kind == 1:
+            q4_0.quantize_row(xr, row)
+        elif kind == 2:
+            q4_1.quantize_row(xr, row)
+        elif kind == 3:
+            q5_0.quantize_row(xr, row)
+        elif kind == 4:
+            q5_1.quantize_row(xr, row)
+        elif kind == 5:
+            q2_k.quantize_row(xr, row)
+        elif kind == 6:
+            q3_k.quantize_row(xr, row)
+        elif kind == 7:
+            q4_k.quantize_row(xr, row)
+        elif kind == 8:
+            q5_k.quantize_row(xr, row)
+        else:
+            q6_k.quantize_row(xr, row)
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: numba compiles read-only and writable arrays separately, and weights
+    come from a read-only memory map, so every input is passed read-only (one compilation)."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _block_dequantizer(kind: int):
+    def dequantize_rows(raw, out):
+        _dequantize_block_rows(kind, _readonly(raw), out)
+    return dequantize_rows
+
+
+def _block_quantizer(kind: int):
+    def quantize_rows(x, out):
+        # quantizing is per row and costly (the K-quant searches): rows are split over threads
+        # (the numba kernel releases the GIL), which needs no parallel compilation
+        global _pool
+        x = _readonly(x)
+        n_threads = min(_threads(), max(1, x.shape[0] // 16))
+        if n_threads == 1:
+            _quantize_block_rows(kind, x, out)
+            return
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="llamachat-quantize")
+        bounds = np.linspace(0, x.shape[0], n_threads + 1).astype(int)
+        jobs = [_pool.submit(_quantize_block_rows, kind, x[a:b], out[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        for job in jobs:
+            job.result()
+    return quantize_rows
 
 
 @dataclass(frozen=True)
@@ -45,22 +152,10 @@ def _format(ggml_type, dequantize_rows, quantize_rows) -> Format:
 
 
 FORMATS: dict[GGMLQuantizationType, Format] = {
-    f.ggml_type: f
-    for f in (
-        _format(T.F32, plain.dequantize_f32, plain.quantize_f32),
-        _format(T.F16, plain.dequantize_f16, plain.quantize_f16),
-        _format(T.BF16, plain.dequantize_bf16, plain.quantize_bf16),
-        _format(T.Q8_0, q8_0.dequantize_rows, q8_0.quantize_rows),
-        _format(T.Q4_0, q4_0.dequantize_rows, q4_0.quantize_rows),
-        _format(T.Q4_1, q4_1.dequantize_rows, q4_1.quantize_rows),
-        _format(T.Q5_0, q5_0.dequantize_rows, q5_0.quantize_rows),
-        _format(T.Q5_1, q5_1.dequantize_rows, q5_1.quantize_rows),
-        _format(T.Q2_K, q2_k.dequantize_rows, q2_k.quantize_rows),
-        _format(T.Q3_K, q3_k.dequantize_rows, q3_k.quantize_rows),
-        _format(T.Q4_K, q4_k.dequantize_rows, q4_k.quantize_rows),
-        _format(T.Q5_K, q5_k.dequantize_rows, q5_k.quantize_rows),
-        _format(T.Q6_K, q6_k.dequantize_rows, q6_k.quantize_rows),
-    )
+    T.F32: _format(T.F32, plain.dequantize_f32, plain.quantize_f32),
+    T.F16: _format(T.F16, plain.dequantize_f16, plain.quantize_f16),
+    T.BF16: _format(T.BF16, plain.dequantize_bf16, plain.quantize_bf16),
+    **{t: _format(t, _block_dequantizer(k), _block_quantizer(k)) for t, k in _KIND.items()},
 }
 
 

@@ -14,7 +14,7 @@ against the one of largest magnitude (iscale = -32 / that scale), values requant
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit, prange
+from numba import njit
 
 from .ksearch import f32, make_q3_quants
 from .rounding import nearest_int, read_f16, write_f16
@@ -29,86 +29,82 @@ def _scale(sc, j):
     return (low | (((np.int32(sc[8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
 
 
-@njit(cache=True, parallel=True)
-def dequantize_rows(raw, out):
-    n_rows, n = out.shape
-    for r in prange(n_rows):
-        row = raw[r]
-        y = out[r]
-        for b in range(n // QK):
-            o = b * BLOCK_BYTES
-            hm = row[o:o + 32]
-            qs = row[o + 32:o + 96]
-            sc = row[o + 96:o + 108]
-            d_all = read_f16(row, o + 108)
-            yb = y[b * QK:(b + 1) * QK]
-            for h in range(2):
-                for s in range(4):
-                    bit = 4 * h + s
-                    for half in range(2):
-                        j = 8 * h + 2 * s + half
-                        dl = d_all * f32(_scale(sc, j))
-                        for l in range(16):
-                            k = 16 * half + l
-                            q = ((np.int32(qs[32 * h + k]) >> (2 * s)) & 3) - (0 if (np.int32(hm[k]) >> bit) & 1 else 4)
-                            yb[128 * h + 32 * s + k] = dl * f32(q)
+@njit(cache=True, nogil=True)
+def dequantize_row(row, y):
+    n = y.shape[0]
+    for b in range(n // QK):
+        o = b * BLOCK_BYTES
+        hm = row[o:o + 32]
+        qs = row[o + 32:o + 96]
+        sc = row[o + 96:o + 108]
+        d_all = read_f16(row, o + 108)
+        yb = y[b * QK:(b + 1) * QK]
+        for h in range(2):
+            for s in range(4):
+                bit = 4 * h + s
+                for half in range(2):
+                    j = 8 * h + 2 * s + half
+                    dl = d_all * f32(_scale(sc, j))
+                    for l in range(16):
+                        k = 16 * half + l
+                        q = ((np.int32(qs[32 * h + k]) >> (2 * s)) & 3) - (0 if (np.int32(hm[k]) >> bit) & 1 else 4)
+                        yb[128 * h + 32 * s + k] = dl * f32(q)
 
 
-@njit(cache=True, parallel=True)
-def quantize_rows(x, out):
-    n_rows, n = x.shape
-    for r in prange(n_rows):
-        L = np.empty(QK, np.int8)
-        scales = np.empty(16, np.float32)
-        for b in range(n // QK):
-            xb = x[r, b * QK:(b + 1) * QK]
-            blk = out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-            max_scale = f32(0.0)
-            amax = f32(0.0)
+@njit(cache=True, nogil=True)
+def quantize_row(xr, row):
+    n = xr.shape[0]
+    L = np.empty(QK, np.int8)
+    scales = np.empty(16, np.float32)
+    for b in range(n // QK):
+        xb = xr[b * QK:(b + 1) * QK]
+        blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
+        max_scale = f32(0.0)
+        amax = f32(0.0)
+        for j in range(16):
+            scales[j] = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            a = abs(scales[j])
+            if a > amax:
+                amax = a
+                max_scale = scales[j]
+        sc = blk[96:108]
+        sc[:] = 0
+        if max_scale != 0:
+            iscale = f32(-32) / max_scale
             for j in range(16):
-                scales[j] = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
-                a = abs(scales[j])
-                if a > amax:
-                    amax = a
-                    max_scale = scales[j]
-            sc = blk[96:108]
-            sc[:] = 0
-            if max_scale != 0:
-                iscale = f32(-32) / max_scale
-                for j in range(16):
-                    l = nearest_int(iscale * scales[j])
-                    l = ((l + 128) & 0xFF) - 128  # C stores it in an int8_t
-                    l = max(-32, min(31, l)) + 32
-                    if j < 8:
-                        sc[j] = l & 0xF
-                    else:
-                        sc[j - 8] |= (l & 0xF) << 4
-                    l >>= 4
-                    sc[j % 4 + 8] |= l << (2 * (j // 4))
-                d = write_f16(blk, 108, f32(1.0) / iscale)
-            else:
-                d = write_f16(blk, 108, f32(0.0))
-            for j in range(16):
-                dj = d * f32(_scale(sc, j))
-                if dj == 0:
-                    continue
-                for ii in range(16):
-                    l = nearest_int(xb[16 * j + ii] / dj)
-                    L[16 * j + ii] = max(-4, min(3, l)) + 4
-            hmask = blk[0:32]
-            hmask[:] = 0
-            m = 0
-            hbit = 1
-            for j in range(QK):
-                if L[j] > 3:
-                    hmask[m] |= hbit
-                    L[j] -= 4
-                m += 1
-                if m == 32:
-                    m = 0
-                    hbit <<= 1
-            qs = blk[32:96]
-            for h in range(2):
-                for l in range(32):
-                    o = 128 * h + l
-                    qs[32 * h + l] = L[o] | (L[o + 32] << 2) | (L[o + 64] << 4) | (L[o + 96] << 6)
+                l = nearest_int(iscale * scales[j])
+                l = ((l + 128) & 0xFF) - 128  # C stores it in an int8_t
+                l = max(-32, min(31, l)) + 32
+                if j < 8:
+                    sc[j] = l & 0xF
+                else:
+                    sc[j - 8] |= (l & 0xF) << 4
+                l >>= 4
+                sc[j % 4 + 8] |= l << (2 * (j // 4))
+            d = write_f16(blk, 108, f32(1.0) / iscale)
+        else:
+            d = write_f16(blk, 108, f32(0.0))
+        for j in range(16):
+            dj = d * f32(_scale(sc, j))
+            if dj == 0:
+                continue
+            for ii in range(16):
+                l = nearest_int(xb[16 * j + ii] / dj)
+                L[16 * j + ii] = max(-4, min(3, l)) + 4
+        hmask = blk[0:32]
+        hmask[:] = 0
+        m = 0
+        hbit = 1
+        for j in range(QK):
+            if L[j] > 3:
+                hmask[m] |= hbit
+                L[j] -= 4
+            m += 1
+            if m == 32:
+                m = 0
+                hbit <<= 1
+        qs = blk[32:96]
+        for h in range(2):
+            for l in range(32):
+                o = 128 * h + l
+                qs[32 * h + l] = L[o] | (L[o + 32] << 2) | (L[o + 64] << 4) | (L[o + 96] << 6)

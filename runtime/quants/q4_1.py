@@ -10,7 +10,7 @@ q = min(15, (int8)((x - min) / d + 0.5)).
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit, prange
+from numba import njit
 
 from .rounding import read_f16, write_f16
 
@@ -19,43 +19,37 @@ HALF = QK // 2
 FLT_MAX = np.float32(3.4028234663852886e38)
 
 
-@njit(cache=True, parallel=True)
-def dequantize_rows(raw, out):
-    n_rows, n = out.shape
-    for r in prange(n_rows):
-        row = raw[r]
-        y = out[r]
-        for b in range(n // QK):
-            o = b * BLOCK_BYTES
-            d = read_f16(row, o)
-            m = read_f16(row, o + 2)
-            for j in range(HALF):
-                q = np.int32(row[o + 4 + j])
-                y[b * QK + j] = np.float32(q & 0xF) * d + m
-                y[b * QK + HALF + j] = np.float32(q >> 4) * d + m
+@njit(cache=True, nogil=True)
+def dequantize_row(row, y):
+    n = y.shape[0]
+    for b in range(n // QK):
+        o = b * BLOCK_BYTES
+        d = read_f16(row, o)
+        m = read_f16(row, o + 2)
+        for j in range(HALF):
+            q = np.int32(row[o + 4 + j])
+            y[b * QK + j] = np.float32(q & 0xF) * d + m
+            y[b * QK + HALF + j] = np.float32(q >> 4) * d + m
 
 
-@njit(cache=True, parallel=True)
-def quantize_rows(x, out):
-    n_rows, n = x.shape
-    for r in prange(n_rows):
-        xr = x[r]
-        row = out[r]
-        for b in range(n // QK):
-            xb = xr[b * QK:(b + 1) * QK]
-            o = b * BLOCK_BYTES
-            vmin = FLT_MAX
-            vmax = -FLT_MAX
-            for j in range(QK):
-                if xb[j] < vmin:
-                    vmin = xb[j]
-                if xb[j] > vmax:
-                    vmax = xb[j]
-            d = (vmax - vmin) / np.float32(15)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            write_f16(row, o, d)
-            write_f16(row, o + 2, vmin)
-            for j in range(HALF):
-                q0 = min(15, int((xb[j] - vmin) * inv + np.float32(0.5)))
-                q1 = min(15, int((xb[HALF + j] - vmin) * inv + np.float32(0.5)))
-                row[o + 4 + j] = np.uint8(q0 | (q1 << 4))
+@njit(cache=True, nogil=True)
+def quantize_row(xr, row):
+    n = xr.shape[0]
+    for b in range(n // QK):
+        xb = xr[b * QK:(b + 1) * QK]
+        o = b * BLOCK_BYTES
+        vmin = FLT_MAX
+        vmax = -FLT_MAX
+        for j in range(QK):
+            if xb[j] < vmin:
+                vmin = xb[j]
+            if xb[j] > vmax:
+                vmax = xb[j]
+        d = (vmax - vmin) / np.float32(15)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        write_f16(row, o, d)
+        write_f16(row, o + 2, vmin)
+        for j in range(HALF):
+            q0 = min(15, int((xb[j] - vmin) * inv + np.float32(0.5)))
+            q1 = min(15, int((xb[HALF + j] - vmin) * inv + np.float32(0.5)))
+            row[o + 4 + j] = np.uint8(q0 | (q1 << 4))

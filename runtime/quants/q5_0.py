@@ -10,7 +10,7 @@ q = min(31, (int8)(x / d + 16.5)).
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit, prange
+from numba import njit
 
 from .rounding import read_f16, write_f16
 
@@ -18,49 +18,43 @@ QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0]
 HALF = QK // 2
 
 
-@njit(cache=True, parallel=True)
-def dequantize_rows(raw, out):
-    n_rows, n = out.shape
-    for r in prange(n_rows):
-        row = raw[r]
-        y = out[r]
-        for b in range(n // QK):
-            o = b * BLOCK_BYTES
-            d = read_f16(row, o)
-            qh = (np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8) | (np.int64(row[o + 4]) << 16)
-                  | (np.int64(row[o + 5]) << 24))
-            for j in range(HALF):
-                q = np.int32(row[o + 6 + j])
-                h0 = np.int32((qh >> j) << 4) & 0x10
-                h1 = np.int32(qh >> (j + 12)) & 0x10
-                y[b * QK + j] = np.float32(((q & 0xF) | h0) - 16) * d
-                y[b * QK + HALF + j] = np.float32(((q >> 4) | h1) - 16) * d
+@njit(cache=True, nogil=True)
+def dequantize_row(row, y):
+    n = y.shape[0]
+    for b in range(n // QK):
+        o = b * BLOCK_BYTES
+        d = read_f16(row, o)
+        qh = (np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8) | (np.int64(row[o + 4]) << 16)
+              | (np.int64(row[o + 5]) << 24))
+        for j in range(HALF):
+            q = np.int32(row[o + 6 + j])
+            h0 = np.int32((qh >> j) << 4) & 0x10
+            h1 = np.int32(qh >> (j + 12)) & 0x10
+            y[b * QK + j] = np.float32(((q & 0xF) | h0) - 16) * d
+            y[b * QK + HALF + j] = np.float32(((q >> 4) | h1) - 16) * d
 
 
-@njit(cache=True, parallel=True)
-def quantize_rows(x, out):
-    n_rows, n = x.shape
-    for r in prange(n_rows):
-        xr = x[r]
-        row = out[r]
-        for b in range(n // QK):
-            xb = xr[b * QK:(b + 1) * QK]
-            o = b * BLOCK_BYTES
-            amax = np.float32(0.0)
-            vmax = np.float32(0.0)
-            for j in range(QK):
-                if amax < abs(xb[j]):
-                    amax = abs(xb[j])
-                    vmax = xb[j]
-            d = vmax / np.float32(-16)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            write_f16(row, o, d)
-            qh = np.int64(0)
-            for j in range(HALF):
-                q0 = min(31, int(xb[j] * inv + np.float32(16.5)))
-                q1 = min(31, int(xb[HALF + j] * inv + np.float32(16.5)))
-                row[o + 6 + j] = np.uint8((q0 & 0xF) | ((q1 & 0xF) << 4))
-                qh |= ((q0 & 0x10) >> 4) << j
-                qh |= ((q1 & 0x10) >> 4) << (j + HALF)
-            for k in range(4):
-                row[o + 2 + k] = np.uint8((qh >> (8 * k)) & 0xFF)
+@njit(cache=True, nogil=True)
+def quantize_row(xr, row):
+    n = xr.shape[0]
+    for b in range(n // QK):
+        xb = xr[b * QK:(b + 1) * QK]
+        o = b * BLOCK_BYTES
+        amax = np.float32(0.0)
+        vmax = np.float32(0.0)
+        for j in range(QK):
+            if amax < abs(xb[j]):
+                amax = abs(xb[j])
+                vmax = xb[j]
+        d = vmax / np.float32(-16)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        write_f16(row, o, d)
+        qh = np.int64(0)
+        for j in range(HALF):
+            q0 = min(31, int(xb[j] * inv + np.float32(16.5)))
+            q1 = min(31, int(xb[HALF + j] * inv + np.float32(16.5)))
+            row[o + 6 + j] = np.uint8((q0 & 0xF) | ((q1 & 0xF) << 4))
+            qh |= ((q0 & 0x10) >> 4) << j
+            qh |= ((q1 & 0x10) >> 4) << (j + HALF)
+        for k in range(4):
+            row[o + 2 + k] = np.uint8((qh >> (8 * k)) & 0xFF)

@@ -14,7 +14,7 @@ scales against the one of largest magnitude (iscale = -128 / that scale), values
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit, prange
+from numba import njit
 
 from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants
 from .rounding import nearest_int, read_f16, write_f16
@@ -22,73 +22,69 @@ from .rounding import nearest_int, read_f16, write_f16
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
 
 
-@njit(cache=True, parallel=True)
-def dequantize_rows(raw, out):
-    n_rows, n = out.shape
-    for r in prange(n_rows):
-        row = raw[r]
-        y = out[r]
-        for b in range(n // QK):
-            o = b * BLOCK_BYTES
-            d = read_f16(row, o + 208)
-            yb = y[b * QK:(b + 1) * QK]
-            for h in range(2):
-                ql = row[o + 64 * h:o + 64 * h + 64]
-                qh = row[o + 128 + 32 * h:o + 128 + 32 * h + 32]
-                sc = row[o + 192 + 8 * h:o + 192 + 8 * h + 8]
-                for s in range(4):
-                    for l in range(32):
-                        lo = np.int32(ql[32 * (s % 2) + l])
-                        lo = (lo & 0xF) if s < 2 else (lo >> 4)
-                        q = (lo | (((np.int32(qh[l]) >> (2 * s)) & 3) << 4)) - 32
-                        scale = np.int32(sc[2 * s + l // 16])
-                        scale = scale - ((scale & 0x80) << 1)
-                        yb[128 * h + 32 * s + l] = d * f32(scale) * f32(q)
-
-
-@njit(cache=True, parallel=True)
-def quantize_rows(x, out):
-    n_rows, n = x.shape
-    for r in prange(n_rows):
-        L = np.empty(QK, np.int8)
-        scales = np.empty(16, np.float32)
-        for b in range(n // QK):
-            xb = x[r, b * QK:(b + 1) * QK]
-            blk = out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-            max_scale = f32(0.0)
-            max_abs_scale = f32(0.0)
-            for j in range(16):
-                scales[j] = make_qx_quants(16, 32, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
-                a = abs(scales[j])
-                if a > max_abs_scale:
-                    max_abs_scale = a
-                    max_scale = scales[j]
-            if max_abs_scale < GROUP_MAX_EPS:
-                blk[:] = 0  # all-zero block; d = +0.0 is also all-zero bytes
-                continue
-            iscale = f32(-128) / max_scale
-            d = write_f16(blk, 208, f32(1.0) / iscale)
-            sc = blk[192:208]
-            for j in range(16):
-                sc[j] = np.uint8(min(127, nearest_int(iscale * scales[j])) & 0xFF)
-            for j in range(16):
-                s = np.int32(sc[j])
-                s = s - ((s & 0x80) << 1)
-                dj = d * f32(s)
-                if dj == 0:
-                    continue
-                for ii in range(16):
-                    l = nearest_int(xb[16 * j + ii] / dj)
-                    L[16 * j + ii] = max(-32, min(31, l)) + 32
-            for h in range(2):
-                ql = blk[64 * h:64 * h + 64]
-                qh = blk[128 + 32 * h:128 + 32 * h + 32]
+@njit(cache=True, nogil=True)
+def dequantize_row(row, y):
+    n = y.shape[0]
+    for b in range(n // QK):
+        o = b * BLOCK_BYTES
+        d = read_f16(row, o + 208)
+        yb = y[b * QK:(b + 1) * QK]
+        for h in range(2):
+            ql = row[o + 64 * h:o + 64 * h + 64]
+            qh = row[o + 128 + 32 * h:o + 128 + 32 * h + 32]
+            sc = row[o + 192 + 8 * h:o + 192 + 8 * h + 8]
+            for s in range(4):
                 for l in range(32):
-                    o = 128 * h + l
-                    q1 = np.int32(L[o])
-                    q2 = np.int32(L[o + 32])
-                    q3 = np.int32(L[o + 64])
-                    q4 = np.int32(L[o + 96])
-                    ql[l] = (q1 & 0xF) | ((q3 & 0xF) << 4)
-                    ql[l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
-                    qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+                    lo = np.int32(ql[32 * (s % 2) + l])
+                    lo = (lo & 0xF) if s < 2 else (lo >> 4)
+                    q = (lo | (((np.int32(qh[l]) >> (2 * s)) & 3) << 4)) - 32
+                    scale = np.int32(sc[2 * s + l // 16])
+                    scale = scale - ((scale & 0x80) << 1)
+                    yb[128 * h + 32 * s + l] = d * f32(scale) * f32(q)
+
+
+@njit(cache=True, nogil=True)
+def quantize_row(xr, row):
+    n = xr.shape[0]
+    L = np.empty(QK, np.int8)
+    scales = np.empty(16, np.float32)
+    for b in range(n // QK):
+        xb = xr[b * QK:(b + 1) * QK]
+        blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
+        max_scale = f32(0.0)
+        max_abs_scale = f32(0.0)
+        for j in range(16):
+            scales[j] = make_qx_quants(16, 32, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+            a = abs(scales[j])
+            if a > max_abs_scale:
+                max_abs_scale = a
+                max_scale = scales[j]
+        if max_abs_scale < GROUP_MAX_EPS:
+            blk[:] = 0  # all-zero block; d = +0.0 is also all-zero bytes
+            continue
+        iscale = f32(-128) / max_scale
+        d = write_f16(blk, 208, f32(1.0) / iscale)
+        sc = blk[192:208]
+        for j in range(16):
+            sc[j] = np.uint8(min(127, nearest_int(iscale * scales[j])) & 0xFF)
+        for j in range(16):
+            s = np.int32(sc[j])
+            s = s - ((s & 0x80) << 1)
+            dj = d * f32(s)
+            if dj == 0:
+                continue
+            for ii in range(16):
+                l = nearest_int(xb[16 * j + ii] / dj)
+                L[16 * j + ii] = max(-32, min(31, l)) + 32
+        for h in range(2):
+            ql = blk[64 * h:64 * h + 64]
+            qh = blk[128 + 32 * h:128 + 32 * h + 32]
+            for l in range(32):
+                o = 128 * h + l
+                q1 = np.int32(L[o])
+                q2 = np.int32(L[o + 32])
+                q3 = np.int32(L[o + 64])
+                q4 = np.int32(L[o + 96])
+                ql[l] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+                ql[l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
+                qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)

@@ -7,41 +7,35 @@ quantize is quantize_row_q8_0_ref: d = amax / 127, q = roundf(x / d) (half away 
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit, prange
+from numba import njit
 
 from .rounding import read_f16, roundf, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
 
 
-@njit(cache=True, parallel=True)
-def dequantize_rows(raw, out):
-    n_rows, n = out.shape
-    for r in prange(n_rows):
-        row = raw[r]
-        y = out[r]
-        for b in range(n // QK):
-            o = b * BLOCK_BYTES
-            d = read_f16(row, o)
-            for j in range(QK):
-                q = np.int32(row[o + 2 + j])
-                y[b * QK + j] = np.float32(q - ((q & 0x80) << 1)) * d
+@njit(cache=True, nogil=True)
+def dequantize_row(row, y):
+    n = y.shape[0]
+    for b in range(n // QK):
+        o = b * BLOCK_BYTES
+        d = read_f16(row, o)
+        for j in range(QK):
+            q = np.int32(row[o + 2 + j])
+            y[b * QK + j] = np.float32(q - ((q & 0x80) << 1)) * d
 
 
-@njit(cache=True, parallel=True)
-def quantize_rows(x, out):
-    n_rows, n = x.shape
-    for r in prange(n_rows):
-        xr = x[r]
-        row = out[r]
-        for b in range(n // QK):
-            xb = xr[b * QK:(b + 1) * QK]
-            o = b * BLOCK_BYTES
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(xb[j]))
-            d = amax / np.float32(127)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            write_f16(row, o, d)
-            for j in range(QK):
-                row[o + 2 + j] = np.uint8(np.int32(roundf(xb[j] * inv)) & 0xFF)
+@njit(cache=True, nogil=True)
+def quantize_row(xr, row):
+    n = xr.shape[0]
+    for b in range(n // QK):
+        xb = xr[b * QK:(b + 1) * QK]
+        o = b * BLOCK_BYTES
+        amax = np.float32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(xb[j]))
+        d = amax / np.float32(127)
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        write_f16(row, o, d)
+        for j in range(QK):
+            row[o + 2 + j] = np.uint8(np.int32(roundf(xb[j] * inv)) & 0xFF)
