@@ -122,3 +122,38 @@ def test_pth_missing_storage(tmp_path):
                 dst.writestr(info, src.read(info))
     with PthFile(broken) as f, pytest.raises(UserError, match="storage consolidated/data/0 is missing"):
         f.tensor("a")
+
+
+def test_pth_written_by_real_torch(tmp_path):
+    """tests/data/torch_2.13_state_dict.pth was written by PyTorch 2.13.0 (CPU) with:
+
+        vals = lambda n, scale, shift: (torch.arange(n, dtype=torch.float32) % 29 - 14) * scale + shift
+        base = vals(48, 0.125, 0.0).reshape(6, 8)
+        torch.save(OrderedDict(f32=vals(12, .25, 1.).reshape(3, 4), f16=vals(20, .5, -1.).reshape(4, 5).half(),
+                   bf16=vals(16, .125, .5).reshape(2, 8).bfloat16(), transposed=base.t(), rows_2_to_4=base[2:5],
+                   base=base, param=nn.Parameter(vals(5, 1., 0.)), norm=torch.ones(8, dtype=torch.bfloat16)), path)
+
+    (torch is not a dependency; the file is the real format, with storage alignment, a
+    shared storage at an offset, a transposed view and a Parameter.)"""
+    from pathlib import Path
+
+    def vals(n, scale, shift):
+        return ((np.arange(n, dtype=np.float32) % 29 - 14) * scale + shift).astype(np.float32)
+
+    base = vals(48, 0.125, 0.0).reshape(6, 8)
+    want = {
+        "f32": ("F32", vals(12, 0.25, 1.0).reshape(3, 4)),
+        "f16": ("F16", vals(20, 0.5, -1.0).reshape(4, 5)),
+        "bf16": ("BF16", vals(16, 0.125, 0.5).reshape(2, 8)),
+        "transposed": ("F32", base.T),
+        "rows_2_to_4": ("F32", base[2:5]),
+        "base": ("F32", base),
+        "param": ("F32", vals(5, 1.0, 0.0)),
+        "norm": ("BF16", np.ones(8, np.float32)),
+    }
+    with PthFile(Path(__file__).parent / "data" / "torch_2.13_state_dict.pth") as f:
+        assert f.names == list(want)
+        for name, (dtype, values) in want.items():
+            t = f.tensor(name)
+            assert (t.dtype, t.shape) == (dtype, values.shape), name
+            np.testing.assert_array_equal(t.to_f32(), values, err_msg=name)
