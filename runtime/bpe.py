@@ -7,6 +7,8 @@ with a heap of candidate pairs over a linked list of symbols, so a word of n cha
 O(n log n); a candidate whose two symbols changed since it was queued is skipped, as in
 llama.cpp (llm_tokenizer_bpe_session). A final symbol that is not a token falls back to its
 single-character tokens, where they exist. Words repeat a lot in real text: results are cached.
+A very long word (a run of 10 MB without a space, say) is merged by a numba kernel on token ids
+instead, same algorithm and same order, so even pathological input takes seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def byte_decode(text: str) -> bytes | None:
 
 
 _CACHE_LIMIT = 200_000
+_CACHEABLE = 1_000  # longer words are not worth keeping
+LONG_WORD = 256  # from this length on, merge with the numba kernel (when the vocabulary allows)
 
 
 class BPEMerger:
@@ -71,17 +75,75 @@ class BPEMerger:
         self.ranks: dict[str, int] = dict(zip(reversed(merges), range(n - 1, -1, -1)))
         self.ignore_merges = ignore_merges
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._fast = None  # (alphabet -> id, pair table, key base), False if unusable; built on first need
 
     def encode_word(self, word: str) -> tuple[int, ...]:
         """Token ids of one byte-encoded word."""
         cached = self._cache.get(word)
         if cached is not None:
             return cached
-        ids = self._merge(word)
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[word] = ids
+        ids = self._merge_long(word) if len(word) >= LONG_WORD else None
+        if ids is None:
+            ids = self._merge(word)
+        if len(word) <= _CACHEABLE:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[word] = ids
         return ids
+
+    def _merge_long(self, word: str) -> tuple[int, ...] | None:
+        """The numba path; None when the vocabulary or the word does not allow it."""
+        if self.ignore_merges and word in self.token_to_id:
+            return (self.token_to_id[word],)
+        if self._fast is None:
+            self._fast = self._build_fast_tables()
+        if not self._fast:
+            return None
+        import numpy as np
+
+        alphabet, table, base, n_vocab = self._fast
+        cps = np.frombuffer(word.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        if int(cps.max()) >= len(alphabet):
+            return None
+        ids = alphabet[cps]
+        if (ids < 0).any():
+            return None
+        out, _ = _merge_kernel(ids, table, base)
+        return tuple(t for t in out.tolist() if t < n_vocab)
+
+    def _build_fast_tables(self):
+        """Merges as integers: (left id * base + right id) -> (rank << 32 | merged id). Byte
+        stand-ins that are no token get ids from n_vocab on (the text path drops them at the
+        end, and so do we). Usable only when every applicable merge yields a token, so that
+        every other symbol is a token and merging on ids is merging on texts."""
+        import numpy as np
+
+        vocab = self.token_to_id
+        n = max(vocab.values()) + 1
+        alphabet = np.full(max(ord(c) for c in BYTE_TO_UNICODE) + 1, -1, dtype=np.int64)
+        pseudo: dict[str, int] = {}
+        for ch in BYTE_TO_UNICODE:
+            tid = vocab.get(ch)
+            if tid is None:
+                tid = pseudo[ch] = n + len(pseudo)
+            alphabet[ord(ch)] = tid
+        keys, vals = [], []
+        for line, rank in self.ranks.items():
+            pos = line.find(" ", 1)
+            if pos < 0:
+                continue
+            a, b = line[:pos], line[pos + 1 :]
+            ia = vocab.get(a, pseudo.get(a))
+            ib = vocab.get(b, pseudo.get(b))
+            if ia is None or ib is None:
+                continue  # never applies: every symbol is a token or a byte stand-in
+            ic = vocab.get(a + b)
+            if ic is None:
+                return False
+            keys.append(ia * (n + 256) + ib)
+            vals.append((rank << 32) | ic)
+        table = _build_pair_table(np.array(keys, dtype=np.int64), np.array(vals, dtype=np.int64))
+        return alphabet, table, n + 256, n
 
     def _merge(self, word: str) -> tuple[int, ...]:
         vocab = self.token_to_id
@@ -139,3 +201,15 @@ class BPEMerger:
                             out.append(t)
             i = nxt[i]
         return tuple(out)
+
+
+def _merge_kernel(ids, table, base):
+    from .tokenizer_kernels import merge_symbols  # numba is imported only when a long word needs it
+
+    return merge_symbols(ids, table, base)
+
+
+def _build_pair_table(keys, vals):
+    from .tokenizer_kernels import build_pair_table
+
+    return build_pair_table(keys, vals)
