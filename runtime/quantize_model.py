@@ -336,6 +336,8 @@ def quantize_model(in_path, out_path, quant_type: str, *, allow_requantize: bool
         value_types["general.quantization_version"] = GGUFValueType.UINT32
         metadata["general.file_type"] = int(ftype)
         value_types["general.file_type"] = GGUFValueType.UINT32
+        for key in ("split.no", "split.count", "split.tensors.count"):  # the output is one file
+            metadata.pop(key, None)
 
         hashes = {p.name: hashlib.sha256() for p in plans}
 

@@ -4,7 +4,7 @@ Layouts: F32 = 4-byte IEEE single per value; F16 = 2-byte IEEE half per value;
 BF16 = the upper 16 bits of the float32 (ggml_bf16_t).
 Conversions follow ggml: F32->F16 rounds to nearest even (GGML_FP32_TO_FP16 == numpy's
 astype); F32->BF16 is ggml_compute_fp32_to_bf16 (round to nearest even, NaN forced quiet).
-Each `dequantize_rows(raw, out)` / `quantize_rows(x, out)` works on whole 2-D row arrays.
+Each `dequantize_X(raw, out)` / `quantize_X(x, out)` works on whole 2-D row arrays.
 """
 
 import numpy as np
