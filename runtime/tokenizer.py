@@ -106,6 +106,14 @@ def _sanitize(text: str | bytes) -> str:
         return raw.decode("utf-8", "replace")
 
 
+def decode_utf8(data: bytes, what: str) -> str:
+    """Prompt bytes as text, or a UserError naming the first bad byte's offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason})") from None
+
+
 class Tokenizer:
     """A GGUF vocabulary with llama.cpp's encode/decode. Build with `Tokenizer.from_gguf(path)`."""
 
@@ -230,7 +238,8 @@ class Tokenizer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_gguf(cls, source) -> "Tokenizer":
-        """From a path or an open GGUFFile (a vocab-only GGUF is enough)."""
+        """From a path, an open GGUFFile (a vocab-only GGUF is enough), a metadata dict, or a
+        loaded model (anything with a `.gguf` GGUFFile or a `.metadata` dict)."""
         from .gguf_file import GGUFFile
 
         if isinstance(source, GGUFFile):
@@ -240,7 +249,13 @@ class Tokenizer:
                 return cls(g.metadata, str(Path(source)))
         if isinstance(source, dict):
             return cls(source)
-        raise TypeError(f"Tokenizer.from_gguf needs a path or a GGUFFile, not {type(source).__name__}")
+        g = getattr(source, "gguf", None)
+        if isinstance(g, GGUFFile):
+            return cls(g.metadata, str(g.path))
+        md = getattr(source, "metadata", None)
+        if isinstance(md, dict):
+            return cls(md, str(getattr(source, "path", getattr(source, "model_path", "<model>"))))
+        raise TypeError(f"Tokenizer.from_gguf needs a path, a GGUFFile or a model, not {type(source).__name__}")
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], source: str = "<metadata>") -> "Tokenizer":

@@ -191,3 +191,23 @@ def test_token_id_out_of_range_in_decode():
     tok = Tokenizer.from_metadata(_tiny_bpe_metadata())
     with pytest.raises(UserError):
         tok.decode([10**7])
+
+
+def test_from_loaded_model_like_objects(smollm2_path):
+    from llamachat.runtime.gguf_file import GGUFFile
+
+    class FakeModel:
+        def __init__(self, g):
+            self.gguf = g
+
+    with GGUFFile(smollm2_path) as g:
+        assert Tokenizer.from_gguf(FakeModel(g)).n_vocab == 49152
+        assert Tokenizer.from_gguf(dict(g.metadata)).encode("Hello world") == [19556, 905]
+
+
+def test_decode_utf8_names_the_offset():
+    from llamachat.runtime.tokenizer import decode_utf8
+
+    assert decode_utf8("ok ✓".encode(), "x") == "ok ✓"
+    with pytest.raises(UserError, match=r"prompt.txt is not valid UTF-8: byte 0xe2 at offset 3"):
+        decode_utf8(b"abc\xe2\x9c", "prompt.txt")

@@ -6,7 +6,8 @@ them), or with --ids the list `[1, 2, 3]`. As in llama-tokenize, escapes in the 
 --no-bos, and special tokens written in the text are parsed (--parse-special, the default;
 --no-parse-special turns it off). -m takes a library model name or a path to a .gguf file.
 
-Only the GGUF reader and the tokenizer are imported: no Textual, no numba.
+Only the GGUF reader and the tokenizer are imported: no Textual (numba only for words of
+hundreds of characters without a break).
 """
 
 from __future__ import annotations
@@ -56,13 +57,6 @@ def process_escapes(data: bytes) -> bytes:
     return bytes(out)
 
 
-def decode_utf8(data: bytes, what: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason})") from None
-
-
 def _read_prompt(args) -> tuple[bytes, str]:
     if args.prompt is not None:
         return args.prompt.encode("utf-8", "surrogateescape"), "the prompt"
@@ -93,7 +87,7 @@ def resolve_model_path(name_or_path: str | None) -> Path:
 
 
 def run(args) -> int:
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.tokenizer import Tokenizer, decode_utf8
 
     raw, what = _read_prompt(args)
     if not args.no_escape:
