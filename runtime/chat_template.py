@@ -243,7 +243,9 @@ class ChatTemplate:
 
     @staticmethod
     def _special_token_strings(tokenizer) -> dict[str, str]:
-        out = {"bos_token": "", "eos_token": "", "unk_token": "", "pad_token": ""}
+        """bos_token/eos_token always (empty if absent: built-in formats concatenate them);
+        unk_token/pad_token only when the vocabulary has them, as in HF's special_tokens_map."""
+        out = {"bos_token": "", "eos_token": ""}
         if tokenizer is None:
             return out
         for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("unk_token", "unk_id"), ("pad_token", "pad_id")):
