@@ -422,7 +422,7 @@ async def test_context_full_is_told(library):
     app, _ = make_app(["-c", "20"], script=script)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
-        assert "full ctx: stop" in app.status_text()
+        assert "(full: stop)" in app.status_text()
         await send(pilot, app, "fill it")
         await reply_done(pilot, app)
         assert app.conv.messages[-1].note == "context full"

@@ -11,6 +11,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Iterable
 from textual import on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.message import Message as TextualMessage
 from textual.screen import Screen
 
@@ -38,6 +40,21 @@ from .widgets.message_view import MessageView
 from .widgets.sidebar import Sidebar
 
 DRAIN_SECONDS = 0.1  # how often streamed text reaches the screen
+
+
+def _while_screen_exists(method):
+    """A worker's report or a timer tick can arrive while the app is closing and its widgets
+    are already gone; there is nothing left to update then, so that is not an error."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except NoMatches:
+            self.log.warning(f"{method.__name__}: the chat screen's widgets are gone (closing)")
+            return None
+
+    return wrapper
 
 
 class ReplyDone(TextualMessage):
@@ -177,11 +194,11 @@ class ChatApp(App):
             if quant:
                 parts.append(quant)
             parts.append(f"{self.last_tps:.1f} tok/s" if self.last_tps else "– tok/s")
-            parts.append(f"ctx {self.engine.n_tokens()}/{self.engine.n_ctx()}")
-        parts.append("full ctx: shift" if getattr(self.args, "context_shift", False) else "full ctx: stop")
-        parts.append(self.conv.mode)
+            policy = "shift" if getattr(self.args, "context_shift", False) else "stop"
+            parts.append(f"ctx {self.engine.n_tokens()}/{self.engine.n_ctx()} (full: {policy})")
         if self.generating:
-            parts.append("generating… (Esc stops)")
+            parts.append("writing… Esc stops")
+        parts.append(self.conv.mode)
         return " │ ".join(parts)
 
     def update_status(self) -> None:
@@ -190,6 +207,7 @@ class ChatApp(App):
         except Exception:
             pass
 
+    @_while_screen_exists
     def _drain(self) -> None:
         text = self.buffer.drain()
         if text and self.reply_view is not None:
@@ -208,6 +226,7 @@ class ChatApp(App):
 
         return Library.load()
 
+    @_while_screen_exists
     def refresh_models(self) -> None:
         options: list[tuple[str, str]] = []
         try:
@@ -225,6 +244,7 @@ class ChatApp(App):
         """The library screen changed models.toml: refresh the picker and this model's defaults."""
         self.refresh_models()
 
+    @_while_screen_exists
     def switch_model(self, name: str) -> None:
         if self.entry is not None and name == self.entry.name and (self.engine.loaded or self.loading):
             return  # also what the picker reports when the app fills it in
@@ -265,6 +285,7 @@ class ChatApp(App):
             error = describe_error(err)
         self.post_message(LoadDone(entry, error, reason))
 
+    @_while_screen_exists
     def on_load_done(self, message: LoadDone) -> None:
         self.loading = False
         self.load_fraction = None
@@ -290,6 +311,7 @@ class ChatApp(App):
     # -- settings ---------------------------------------------------------------------------
 
     @on(Sidebar.SettingChanged)
+    @_while_screen_exists
     def setting_changed(self, event: Sidebar.SettingChanged) -> None:
         if self.settings.get(event.name) == event.value and not (event.name == "n_ctx" and event.submitted):
             return
@@ -310,6 +332,7 @@ class ChatApp(App):
         return True
 
     @on(Sidebar.ModelChosen)
+    @_while_screen_exists
     def model_chosen(self, event: Sidebar.ModelChosen) -> None:
         self.switch_model(event.name)
 
@@ -374,6 +397,7 @@ class ChatApp(App):
             result = GenerationResult(error=describe_error(err))
         self.post_message(ReplyDone(result))
 
+    @_while_screen_exists
     def on_reply_done(self, message: ReplyDone) -> None:
         result = message.result
         view = self.reply_view
@@ -398,6 +422,10 @@ class ChatApp(App):
                 self.notify(f"The context is full ({result.n_ctx} tokens), so the reply stopped. "
                             "Start a new chat (Ctrl+N), raise n_ctx in the sidebar, or run with --context-shift.",
                             severity="warning", title="Context full", timeout=10)
+            shifts = result.stats.get("context_shifts") or 0
+            if shifts:
+                self.notify(f"The context filled up {shifts} time{'s' if shifts > 1 else ''} during this reply; "
+                            "older tokens were dropped (context shift) and the reply went on.", title="Context shifted", timeout=8)
             tps = result.tokens_per_second
             if tps:
                 self.last_tps = tps

@@ -19,9 +19,9 @@ from ..widgets.sidebar import Sidebar
 class ChatScreen(Screen):
     BINDINGS = [
         Binding("escape", "app.stop", "Stop"),
-        Binding("ctrl+n", "app.new_chat", "New chat"),
-        Binding("ctrl+r", "app.regenerate", "Regenerate"),
-        Binding("ctrl+e", "app.edit_last", "Edit last", priority=True),  # over the TextArea's end-of-line (End still works)
+        Binding("ctrl+n", "app.new_chat", "New"),
+        Binding("ctrl+r", "app.regenerate", "Regen"),
+        Binding("ctrl+e", "app.edit_last", "Edit", priority=True),  # over the TextArea's end-of-line (End still works)
         Binding("ctrl+o", "app.chats", "Chats"),
         Binding("ctrl+l", "app.library", "Library"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),

@@ -48,10 +48,8 @@ class LibraryScreen(Screen):
                 yield Input(placeholder="path to a .gguf file", id="add-path")
                 yield Input(placeholder="name (optional: made from the file name)", id="add-name")
                 with Horizontal(classes="dialog-buttons"):
-                    yield Button("Add", id="add", variant="primary")
-                    yield Button("Set default", id="default")
-                    yield Button("Use in chat", id="use")
-                    yield Button("Remove", id="remove", variant="error")
+                    yield Button("Add", id="add", variant="primary", compact=True)
+                    yield Button("Use in chat", id="use", compact=True)
             with VerticalScroll(id="library-form"):
                 yield Label("", id="form-title", classes="sidebar-title")
                 for key in FORM_KEYS:
@@ -61,8 +59,10 @@ class LibraryScreen(Screen):
                         yield Input(id=f"lib-{key}", compact=True, placeholder=placeholder, classes="setting-input")
                     yield Static("", id=f"lib-error-{key}", classes="setting-error")
                 with Horizontal(classes="dialog-buttons"):
-                    yield Button("Save", id="save", variant="primary")
-                    yield Button("Back", id="back")
+                    yield Button("Save", id="save", variant="primary", compact=True)
+                    yield Button("Set default", id="default", compact=True)
+                    yield Button("Remove", id="remove", variant="error", compact=True)
+                    yield Button("Back", id="back", compact=True)
         yield Footer()
 
     def on_mount(self) -> None:
