@@ -172,7 +172,10 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
 
         adapter = load_adapter(lora)
 
-    models_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{models_dir}: cannot create the models folder ({err.strerror})") from None
     notes: list[str] = []
     conv = None
     if kind == "GGUF":
@@ -203,7 +206,10 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
     if free_bytes(models_dir) < need + (16 << 20):
         raise _space_error(models_dir, name, need)
 
-    work = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".import-{name}-"))
+    try:
+        work = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".import-{name}-"))
+    except OSError as err:
+        raise UserError(f"{models_dir}: cannot write there ({err.strerror}); nothing was imported") from None
     try:
         f16_size = None
         try:
@@ -222,14 +228,11 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _space_error(models_dir, f"writing {name}") from None
-            raise
+            raise UserError(f"{err.filename or models_dir}: {err.strerror or err}; nothing was imported") from None
         rep = None
         if report:
             rep = quality_report(current, result, progress)
-        try:
-            os.link(result, dest)  # never replaces an existing file
-        except FileExistsError:
-            raise UserError(f"{dest} appeared while importing; nothing was changed (choose another --name)") from None
+        _place(result, dest)
         try:
             entry = Library.load().add(dest, name=name, description=f"imported from {source.name} ({kind}{', ' + quant if quant else ''})")
         except BaseException:
@@ -239,6 +242,23 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
         shutil.rmtree(work, ignore_errors=True)
     return ImportResult(entry=entry, kind=kind, path=dest, size=dest.stat().st_size, f16_size=f16_size,
                         source_size=source_size, notes=notes, report=rep)
+
+
+def _place(result: Path, dest: Path) -> None:
+    """Move the finished file to `dest` without ever replacing a file that is there: a hard
+    link where the file system has them, else an exclusively created placeholder replaced."""
+    try:
+        os.link(result, dest)
+        return
+    except FileExistsError:
+        raise UserError(f"{dest} appeared while importing; nothing was changed (choose another --name)") from None
+    except OSError:
+        pass  # no hard links here (some network or FAT file systems)
+    try:
+        os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise UserError(f"{dest} appeared while importing; nothing was changed (choose another --name)") from None
+    os.replace(result, dest)
 
 
 def _quantize(src: Path, dst: Path, quant: str, progress: Progress | None):

@@ -156,3 +156,25 @@ def test_bad_name(tmp_path):
     sentencepiece_model(tmp_path / "base", added=False)
     with pytest.raises(UserError, match="is not a usable model name"):
         run_import(tmp_path / "base", name="../escape")
+
+
+def test_without_hard_links_the_file_is_still_placed_safely(tmp_path, monkeypatch):
+    sentencepiece_model(tmp_path / "base", added=False)
+
+    def no_links(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(importers.os, "link", no_links)
+    result = run_import(tmp_path / "base", name="base")
+    assert result.path.stat().st_size == result.size > 0 and leftovers() == ["base.gguf"]
+
+
+def test_unwritable_models_dir_is_one_sentence(tmp_path, monkeypatch):
+    sentencepiece_model(tmp_path / "base", added=False)
+
+    def refuse(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(importers.tempfile, "mkdtemp", refuse)
+    with pytest.raises(UserError, match=r"models: cannot write there \(Permission denied\); nothing was imported"):
+        run_import(tmp_path / "base", name="base")
