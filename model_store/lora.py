@@ -89,8 +89,12 @@ def load_adapter(folder) -> Adapter:
         raise UserError(f"{cfg_path}: fan_in_fan_out adapters (GPT-2 style Conv1D) do not apply to llama models")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     targets = cfg.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [targets]
+
+    def targeted(module: str) -> bool:
+        # PEFT: a string is a regex the full module name must match; a list names modules by suffix
+        if isinstance(targets, str):
+            return re.fullmatch(targets, module) is not None
+        return not targets or module in targets or module.rsplit(".", 1)[-1] in targets
 
     weights_path = next((p for p in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if p.is_file()), None)
     if weights_path is None:
@@ -110,8 +114,8 @@ def load_adapter(folder) -> Adapter:
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
             raise UserError(f"{weights_path}: base_model.model.{module}.lora_{missing}.weight is missing")
-        if targets and module.rsplit(".", 1)[-1] not in targets and module not in targets:
-            continue  # PEFT only applies the listed modules
+        if not targeted(module):
+            continue  # PEFT only applies the targeted modules
         target = _target_name(module)
         if target is None:
             raise UserError(f"{weights_path}: adapter tensor base_model.model.{module}.lora_A.weight targets {module}, which a llama model does not have")

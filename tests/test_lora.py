@@ -154,3 +154,15 @@ def test_lora_into_quantized_gguf_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"tensor .* is Q8_0; a LoRA can only be merged into an F32/F16/BF16 model"):
         run_import(quantized, name="merged", lora=tmp_path / "adapter")
     assert sorted(p.name for p in paths.models_dir().iterdir()) == ["q.gguf"]
+
+
+def test_target_modules_as_regex(tmp_path):
+    _, held = sentencepiece_model(tmp_path / "base", added=False)
+    lora = make_adapter(tmp_path / "adapter", config_changes={"target_modules": r".*\.layers\.1\.self_attn\.(q|v)_proj"})
+    result = run_import(tmp_path / "base", name="merged", lora=tmp_path / "adapter")
+    assert result.notes == ["merged LoRA adapter (r 4, alpha 8) into 2 tensors"]
+    only = {n: ab for n, ab in lora.items() if n.startswith("model.layers.1.self_attn.") and ("q_proj" in n or "v_proj" in n)}
+    want = expected_gguf(merged_in_numpy(held, only, ALPHA / R))
+    with GGUFFile(result.path) as g:
+        for name, w in want.items():
+            np.testing.assert_array_equal(gguf_tensor(g, name), w, err_msg=name)
