@@ -484,3 +484,17 @@ async def test_first_run_pulls_default_model_then_chats(tmp_path):
         await send(pilot, app, "hi")
         await reply_done(pilot, app)
         assert app.conv.messages[-1].content == "hello!"
+
+
+async def test_a_bug_ends_in_one_sentence_and_a_log_not_a_traceback(library, isolated_home):
+    app, _ = make_app()
+    app.quiet_crashes = True  # as run() sets it
+    with pytest.raises(ZeroDivisionError):  # run_test re-raises for the test; run() does not
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(pilot, app)
+            app.call_later(lambda: 1 / 0)
+            await pilot.pause(0.5)
+    assert app.crash_message.startswith("internal error (ZeroDivisionError: division by zero); details in ")
+    log = isolated_home / "data" / "crash.log"
+    assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()
+    assert not app._exit_renderables  # nothing printed to the terminal

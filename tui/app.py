@@ -119,9 +119,7 @@ class ChatApp(App):
         self.set_interval(DRAIN_SECONDS, self._drain)
         self.refresh_models()
         self.chat_screen.sidebar.show_settings(self.settings)
-        self._show_mode()
-        if self.conv.mode != CHAT and self.conv.preamble.strip():
-            self.chat_screen.add_message(MessageView("preamble", self.conv.preamble.strip(), name_label=f"Prompt ({self.conv.preamble_name})"))
+        self._rebuild_views()
         if self.entry is None:
             self.push_screen(FirstRunScreen(self._puller))
         else:
@@ -133,7 +131,8 @@ class ChatApp(App):
         self.engine.cancel()
         workers = [w for w in self.workers if w.group in ("engine", "pull") and not w.is_finished]
         if workers:
-            self.notify("Stopping…", timeout=2)
+            # a reply stops within a token; a model load or a download cannot be interrupted
+            self.notify("Stopping…" if self.generating else "Waiting for the model load or download to finish…", timeout=5)
             await self.workers.wait_for_complete(workers)
         if self.store is not None:
             self.store.close()
@@ -161,7 +160,8 @@ class ChatApp(App):
             detail = f"; details in {where}"
         except OSError:
             detail = ""
-        self.crash_message = f"internal error ({describe_error(error) if error else 'unknown'}){detail}"
+        what = f"{error.__class__.__name__}: {error}" if error is not None else "unknown"
+        self.crash_message = f"internal error ({what}){detail}"
         self.engine.cancel()
         self._close_messages_no_wait()
 
@@ -180,7 +180,7 @@ class ChatApp(App):
             self.chat_screen.query_one("#mode-info").update(text)
             area = self.chat_screen.query_one("#system-prompt")
             area.disabled = conv.mode != CHAT
-        except Exception:
+        except NoMatches:  # the chat screen is not composed yet or already gone
             pass
 
     def status_text(self) -> str:
@@ -204,7 +204,7 @@ class ChatApp(App):
     def update_status(self) -> None:
         try:
             self.chat_screen.set_status(self.status_text())
-        except Exception:
+        except NoMatches:
             pass
 
     @_while_screen_exists
@@ -379,7 +379,7 @@ class ChatApp(App):
             self._pending_reply = True
             return
         request = self.conv.request()
-        sampling = conv_mod.call_kwargs(self.settings)
+        sampling = conv_mod.call_kwargs(self.settings, self.args)
         self.buffer.drain()
         name = self.entry.name if self.entry else "Assistant"
         self.reply_view = self.chat_screen.add_message(MessageView("assistant", name_label=name, streaming=True))

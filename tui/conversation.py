@@ -94,9 +94,11 @@ def parse_logit_bias(items) -> dict[int, float]:
     return bias
 
 
-def call_kwargs(settings: dict) -> dict:
+def call_kwargs(settings: dict, args=None) -> dict:
     """The sampling keywords of one Llama call for these settings (seed handled by the caller)."""
     kwargs = {kw: settings[name] for name, kw in _CALL_KEYWORDS.items()}
+    if getattr(args, "ignore_eos", False):
+        kwargs["ignore_eos"] = True
     n_predict = settings["n_predict"]
     kwargs["max_tokens"] = n_predict if n_predict > 0 else None
     return kwargs

@@ -95,7 +95,7 @@ def run(args, llama_factory=None, stdin=None, stdout=None) -> int:
     bias = parse_logit_bias(getattr(args, "logit_bias", None))
     engine = Engine(llama_factory)
     engine.load(entry.path, **load_kwargs(settings, args))
-    sampling = call_kwargs(settings)
+    sampling = call_kwargs(settings, args)
     verbose = bool(getattr(args, "verbose", False))
     echo = not stdin.isatty() if hasattr(stdin, "isatty") else True
 
