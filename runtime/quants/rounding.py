@@ -20,6 +20,12 @@ import numpy as np
 from numba import njit
 
 
+# 2^(e - 25) for a half's exponent field e: a normal half is (1024 + mantissa) * 2^(e - 25).
+# A table lookup, because math.ldexp is a library call that costs more than the rest of a
+# block's dequantization.
+_POW2_HALF_EXP = np.array([2.0 ** (e - 25) for e in range(32)])
+
+
 @njit(cache=True)
 def fp16_to_fp32(h):
     h = np.int32(h)
@@ -30,7 +36,7 @@ def fp16_to_fp32(h):
     elif e == 31:
         v = math.inf if m == 0 else math.nan
     else:
-        v = math.ldexp(float(m | 0x400), e - 25)
+        v = float(m | 0x400) * _POW2_HALF_EXP[e]
     if h & 0x8000:
         v = -v
     return np.float32(v)
@@ -39,6 +45,12 @@ def fp16_to_fp32(h):
 @njit(cache=True)
 def read_f16(row, offset):
     return fp16_to_fp32(np.int32(row[offset]) | (np.int32(row[offset + 1]) << 8))
+
+
+# for half exponents e = -14..15 (index e + 14): 2^e, and the scale 2^(10 - e) that puts the
+# mantissa of a value in [2^e, 2^(e+1)) into 1024..2048 (exact: a power-of-two product)
+_POW2_F16_NORMAL = np.array([2.0 ** (k - 14) for k in range(30)])
+_POW2_F16_SCALE = np.array([2.0 ** (10 - (k - 14)) for k in range(30)])
 
 
 @njit(cache=True)
@@ -54,8 +66,17 @@ def fp32_to_fp16_bits(x):
         return sign | np.int32(0x7C00)
     if a < 6.103515625e-05:  # below 2^-14: subnormal half, step 2^-24
         return sign | np.int32(np.rint(a * 16777216.0))
-    e = math.frexp(a)[1] - 1  # a = 1.f * 2^e
-    mant = np.int32(np.rint(math.ldexp(a, 10 - e)))  # 1024..2048; 2048 carries into the exponent
+    # a = 1.f * 2^e with e in -14..15: find e by binary search over the powers of two
+    lo = 0
+    hi = 29
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if a >= _POW2_F16_NORMAL[mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    e = lo - 14
+    mant = np.int32(np.rint(a * _POW2_F16_SCALE[lo]))  # 1024..2048; 2048 carries into the exponent
     return sign | (((e + 15) << 10) + mant - 1024)
 
 
