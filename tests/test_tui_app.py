@@ -498,3 +498,28 @@ async def test_a_bug_ends_in_one_sentence_and_a_log_not_a_traceback(library, iso
     log = isolated_home / "data" / "crash.log"
     assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()
     assert not app._exit_renderables  # nothing printed to the terminal
+
+
+async def test_autoscroll_follows_until_the_user_scrolls_up(library):
+    lines = "\n\n".join(f"Paragraph {i} of a long reply." for i in range(80))
+    script = FakeScript(replies=[lines, "short"], delay=0.01)
+    app, _ = make_app(script=script)
+    async with app.run_test(size=(90, 24)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "write a lot")
+        pane = app.chat_screen.messages
+        await wait_for(pilot, lambda: pane.max_scroll_y > 10)
+        await pilot.pause(0.2)
+        assert pane.scroll_y >= pane.max_scroll_y - 3  # following the reply
+        for _ in range(5):
+            pane._scroll_up_for_pointer(animate=False)  # what a mouse wheel turn does
+        await pilot.pause(0.1)
+        held = pane.scroll_y
+        await wait_for(pilot, lambda: pane.max_scroll_y > held + 20)
+        await pilot.pause(0.2)
+        assert pane.scroll_y <= held + 1  # the user's position is kept while text keeps coming
+        await reply_done(pilot, app)
+        await send(pilot, app, "and now?")
+        await reply_done(pilot, app)
+        await pilot.pause(0.3)
+        assert pane.scroll_y >= pane.max_scroll_y - 1  # a new message follows again
