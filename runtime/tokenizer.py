@@ -52,6 +52,9 @@ ESCAPED_SPACE = "\u2581"
 _EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
               "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
 _EOM_TEXTS = ("<|eom_id|>",)
+_FIM_PRE_TEXTS = ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>")
+_FIM_SUF_TEXTS = ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>")
+_FIM_MID_TEXTS = ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>")
 _FIM_PAD_TEXTS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")
 _FIM_REP_TEXTS = ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")
 _FIM_SEP_TEXTS = ("<|file_sep|>",)
@@ -281,6 +284,12 @@ class Tokenizer:
             self.eot_id = find(_EOT_TEXTS)
         if self.eom_id is None:
             self.eom_id = find(_EOM_TEXTS)
+        if self.fim_pre_id is None:
+            self.fim_pre_id = find(_FIM_PRE_TEXTS)
+        if self.fim_suf_id is None:
+            self.fim_suf_id = find(_FIM_SUF_TEXTS)
+        if self.fim_mid_id is None:
+            self.fim_mid_id = find(_FIM_MID_TEXTS)
         if self.fim_pad_id is None:
             self.fim_pad_id = find(_FIM_PAD_TEXTS)
         if self.fim_rep_id is None:
