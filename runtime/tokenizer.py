@@ -4,7 +4,8 @@ Owns reading and validating the `tokenizer.ggml.*` metadata (a vocab-only GGUF i
 the special-token bookkeeping llama.cpp does at load (BOS/EOS/EOT ids, the end-of-generation
 set, control and user-defined tokens), splitting text around special tokens, and detokenizing
 (whole, or streamed without ever emitting half a UTF-8 character). The merging itself lives in
-spm.py (SentencePiece vocabularies, `llama`) and bpe.py + pretokenizer.py (`gpt2`).
+spm.py (SentencePiece vocabularies, `llama`), bpe.py + pretokenizer.py (`gpt2`) and wpm.py
+(WordPiece, `bert`).
 
 Reference: llama.cpp src/llama-vocab.cpp (load, tokenizer_st_partition, tokenize, token_to_piece).
 """
@@ -127,10 +128,10 @@ class Tokenizer:
         model = md.get("tokenizer.ggml.model")
         if model is None:
             raise ModelError(f"{source}: the file has no tokenizer (tokenizer.ggml.model is missing)")
-        if model not in ("llama", "gpt2"):
-            raise ModelError(f"{source}: tokenizer type {model!r} is not supported (supported: 'llama' SentencePiece and 'gpt2' BPE vocabularies)")
+        if model not in ("llama", "gpt2", "bert"):
+            raise ModelError(f"{source}: tokenizer type {model!r} is not supported (supported: 'llama' SentencePiece, 'gpt2' BPE and 'bert' WordPiece vocabularies)")
         self.model = model
-        self.vocab_type = "spm" if model == "llama" else "bpe"
+        self.vocab_type = {"llama": "spm", "gpt2": "bpe", "bert": "wpm"}[model]
 
         tokens = _as_list(md.get("tokenizer.ggml.tokens"))
         if not tokens or not all(isinstance(t, str) for t in tokens):
@@ -184,6 +185,10 @@ class Tokenizer:
                 self.add_bos = info.add_bos
             self._pre_tokenizer = PreTokenizer(info.regex_set)
             self.bos_id, self.eos_id, self.unk_id = 11, 11, None
+        elif self.vocab_type == "wpm":
+            self.add_bos, self.add_eos, self.add_space_prefix, self.clean_spaces = True, False, False, True
+            self._pre_tokenizer = None
+            self.bos_id, self.eos_id, self.unk_id = 101, None, 100  # [CLS], -, [UNK]
         else:
             self.add_bos, self.add_eos, self.add_space_prefix, self.clean_spaces = True, False, True, False
             self._pre_tokenizer = None
@@ -195,7 +200,9 @@ class Tokenizer:
         # ---- special token ids ----
         self.eot_id = self.eom_id = self.sep_id = self.pad_id = self.mask_id = None
         self.fim_pre_id = self.fim_suf_id = self.fim_mid_id = self.fim_pad_id = self.fim_rep_id = self.fim_sep_id = None
-        for attr in ("bos_id", "eos_id", "unk_id"):
+        if self.vocab_type == "wpm":
+            self.sep_id, self.pad_id, self.mask_id = 102, 0, 103  # [SEP], [PAD], [MASK]
+        for attr in ("bos_id", "eos_id", "unk_id", "sep_id", "pad_id", "mask_id"):
             d = getattr(self, attr)
             if d is not None and d >= n:
                 setattr(self, attr, None)  # llama.cpp disables a default id outside the vocabulary
@@ -228,6 +235,12 @@ class Tokenizer:
                 raise ModelError(f"{source}: a BPE (gpt2) vocabulary needs tokenizer.ggml.merges, a list of strings")
             self._bpe = BPEMerger(token_to_id, merges, ignore_merges)
             self._word_cache: dict[str, tuple[int, ...]] = {}
+        elif self.vocab_type == "wpm":
+            from .wpm import WPMEncoder
+
+            lowercase = md.get("tokenizer.ggml.normalizer.lowercase", True)
+            strip = md.get("tokenizer.ggml.normalizer.strip_accents", lowercase)
+            self._wpm = WPMEncoder(token_to_id, self.unk_id, bool(lowercase), bool(strip))
         else:
             byte_ids: list[int | None] = []
             for b in range(256):
@@ -389,6 +402,18 @@ class Tokenizer:
                 else:
                     fragments.append(frag)
         out: list[int] = []
+        if self.vocab_type == "wpm":
+            # llama.cpp: [CLS] text [SEP] whenever add_special, whatever add_bos says
+            if add_special and self.bos_id is not None:
+                out.append(self.bos_id)
+            for frag in fragments:
+                if isinstance(frag, int):
+                    out.append(frag)
+                else:
+                    self._wpm.encode(frag, out)
+            if add_special and self.sep_id is not None:
+                out.append(self.sep_id)
+            return out
         if add_special and self.add_bos:
             out.append(self.bos_id)
         if self.vocab_type == "spm":
@@ -484,7 +509,7 @@ class Tokenizer:
         if attr & (_HIDDEN | ATTR_USER_DEFINED):
             return text.encode("utf-8", "surrogateescape")
         if attr & ATTR_NORMAL:
-            if self.vocab_type == "spm":
+            if self.vocab_type != "bpe":
                 return text.replace(ESCAPED_SPACE, " ").encode("utf-8", "surrogateescape")
             out = bytearray()
             for ch in text:

@@ -154,7 +154,7 @@ def test_tiny_bpe_merges():
         (lambda md: md.update({"tokenizer.ggml.bos_token_id": 10**6}), "bos_token_id"),
         (lambda md: md.update({"tokenizer.ggml.eos_token_id": -1}), "eos_token_id"),
         (lambda md: md.update({"tokenizer.ggml.merges": None}), "merges"),
-        (lambda md: md.update({"tokenizer.ggml.model": "bert"}), "not supported"),
+        (lambda md: md.update({"tokenizer.ggml.model": "rwkv"}), "not supported"),
         (lambda md: md.pop("tokenizer.ggml.model"), "no tokenizer"),
         (lambda md: md.update({"tokenizer.ggml.tokens": md["tokenizer.ggml.tokens"] + ["a"],
                                "tokenizer.ggml.token_type": np.ones(len(md["tokenizer.ggml.tokens"]) + 1, np.int32)}), "duplicate token"),
@@ -211,3 +211,25 @@ def test_decode_utf8_names_the_offset():
     assert decode_utf8("ok ✓".encode(), "x") == "ok ✓"
     with pytest.raises(UserError, match=r"prompt.txt is not valid UTF-8: byte 0xe2 at offset 3"):
         decode_utf8(b"abc\xe2\x9c", "prompt.txt")
+
+
+def _tiny_wpm_metadata():
+    tokens = [f"[unused{i}]" for i in range(100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += ["\u2581hello", "\u2581world", "\u2581un", "aff", "able", "\u2581,", "\u2581cafe", "\u2581日", "\u2581本"]
+    types = [3] * 100 + [2, 3, 3, 3] + [1] * 9
+    return {
+        "tokenizer.ggml.model": "bert",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": np.array(types, np.int32),
+    }
+
+
+def test_wordpiece():
+    tok = Tokenizer.from_metadata(_tiny_wpm_metadata())
+    t = tok.token_id
+    ids = tok.encode("Hello, UNAFFABLE\tworld!  Café 日本", add_special=True)
+    assert ids == [101, t("\u2581hello"), t("\u2581,"), t("\u2581un"), t("aff"), t("able"), t("\u2581world"), 100,
+                   t("\u2581cafe"), t("\u2581日"), t("\u2581本"), 102]
+    assert tok.encode("xyz", add_special=False) == [100]  # a word that cannot be covered
+    assert tok.decode([t("\u2581hello"), t("\u2581world")]) == " hello world"
+    assert tok.encode("[MASK] hello", add_special=False, parse_special=True) == [103, t("\u2581hello")]
