@@ -24,8 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
 
-def _mib(n: int) -> str:
-    return f"{n / 1024 / 1024:8.2f} MiB"
+def _mib(n: int, decimals: int = 2) -> str:
+    return f"{n / 1024 / 1024:8.{decimals}f} MiB"
 
 
 def run(args) -> int:
@@ -49,7 +49,7 @@ def run(args) -> int:
                 note = " (fallback)" if plan.fell_back else ""
                 line += f"converting to {plan.dst_type.name}{note} .. size = {_mib(before)} -> {_mib(after)}"
             else:
-                line += f"size = {_mib(before)}"
+                line += f"size = {_mib(before, 3)}"
             progress.console.print(line, markup=False)
             progress.update(task, total=n, completed=i + 1, description=plan.name)
 
