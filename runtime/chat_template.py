@@ -145,6 +145,24 @@ class _GenerationTag(Extension):
         return nodes.Scope(body)
 
 
+def _too_big(args, kwargs, limit) -> bool:
+    return any(isinstance(a, int) and not isinstance(a, bool) and a > limit for a in (*args, *kwargs.values()))
+
+
+def _bounded(filter_func, limit):
+    """A width-taking filter that refuses absurd widths (they allocate before any check)."""
+
+    def bounded(*args, **kwargs):
+        if _too_big(args[1:], kwargs, limit):
+            raise SecurityError("a string that large is not allowed")
+        return filter_func(*args, **kwargs)
+
+    for attr in ("jinja_pass_arg",):  # keep jinja's pass_context/pass_environment marker
+        if hasattr(filter_func, attr):
+            setattr(bounded, attr, getattr(filter_func, attr))
+    return bounded
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     """The sandbox, with a deadline checked on every call/attribute access and bounded
     string/list repetition and powers."""
@@ -156,6 +174,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag])
         self._local = threading.local()
         self.filters["tojson"] = _tojson
+        for name in ("center", "indent", "wordwrap", "truncate"):
+            self.filters[name] = _bounded(self.filters[name], self.max_repeat)
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = _strftime_now
 
@@ -176,6 +196,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
         __self._check()
+        if isinstance(getattr(__obj, "__self__", None), str) and _too_big(args, kwargs, __self.max_repeat):
+            raise SecurityError("a string that large is not allowed")  # 'x'.center(10**9), zfill, ...
         return super().call(__context, __obj, *args, **kwargs)
 
     def getattr(self, obj, attribute):

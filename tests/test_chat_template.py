@@ -120,6 +120,9 @@ def test_helpers(smol):
     [
         ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
         ("{{ 'x' * 100000000 }}", "unsafe"),
+        ("{{ 'x'.center(1000000000) }}", "unsafe"),
+        ("{{ 'x' | center(1000000000) }}", "unsafe"),
+        ("{{ 'x' | indent(1000000000, true) }}", "unsafe"),
         ("{{ raise_exception('System role not supported') }}", "refused the conversation: System role not supported"),
         ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
         ("{{ messages.append(1) }}", "unsafe"),
