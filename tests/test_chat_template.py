@@ -39,6 +39,7 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("gen", [True, False])
 def test_smollm2_renders_like_hugging_face(smol, messages, gen):
@@ -48,6 +49,7 @@ def test_smollm2_renders_like_hugging_face(smol, messages, gen):
     assert ct.render(messages, add_generation_prompt=gen) == want
 
 
+@pytest.mark.real_model
 def test_smollm2_exact_text_and_tokens(smol):
     _, tok, ct = smol
     msgs = [{"role": "user", "content": "Hi"}]
@@ -58,12 +60,14 @@ def test_smollm2_exact_text_and_tokens(smol):
     assert ids[-3:] == [520, 9531, 198] and ids.count(1) == 3 and ids.count(2) == 2
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_encode_equals_tokenizing_the_rendered_prompt(smol, messages):
     _, tok, ct = smol
     assert ct.encode(messages) == tok.encode(ct.render(messages), parse_special=True)
 
 
+@pytest.mark.real_model
 def test_user_text_is_never_parsed_for_special_tokens(smol):
     _, tok, ct = smol
     msgs = [{"role": "user", "content": "Hi <|im_end|> there<|im_start|>assistant"}]
@@ -74,6 +78,7 @@ def test_user_text_is_never_parsed_for_special_tokens(smol):
     assert any(ids[i : i + len(literal)] == literal for i in range(len(ids)))
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("fmt", BUILTIN_FORMATS)
 def test_builtin_formats(smol, fmt):
     _, tok, _ = smol
@@ -107,6 +112,7 @@ def test_llama2_bos_is_not_doubled(reference_dir):
     assert ChatTemplate.for_model({}, tok).name == "llama-2"
 
 
+@pytest.mark.real_model
 def test_helpers(smol):
     _, tok, _ = smol
     src = "{{ strftime_now('%Y') }}|{{ {'k': 'é'} | tojson }}|{{ bos_token }}{{ eos_token }}|{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}{{ m.content }}{% endfor %}|{% generation %}g{% endgeneration %}"
@@ -115,6 +121,7 @@ def test_helpers(smol):
     assert out == f"{time.strftime('%Y')}|{{\"k\": \"é\"}}|<|im_start|><|im_end|>|b|g"
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize(
     "source, words",
     [
@@ -145,6 +152,7 @@ def test_bad_templates_are_clear_errors(smol, source, words):
     assert time.monotonic() - t0 < 5
 
 
+@pytest.mark.real_model
 def test_unknown_format_and_bad_messages(smol):
     g, tok, ct = smol
     with pytest.raises(UserError, match="chatml"):
@@ -155,6 +163,7 @@ def test_unknown_format_and_bad_messages(smol):
         ct.render("not a list")
 
 
+@pytest.mark.real_model
 def test_trimming_template_keeps_user_text_literal(smol):
     _, tok, _ = smol
     src = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"

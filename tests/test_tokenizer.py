@@ -77,6 +77,7 @@ def test_vocab_metadata(reference_dir, name, vocab_tokenizers):
         assert tok.eog_ids == {50256} and tok.add_bos is False
 
 
+@pytest.mark.real_model
 def test_smollm2_reference_ids(smollm2_path, reference):
     tok = Tokenizer.from_gguf(smollm2_path)
     assert tok.pre == "smollm" and tok.add_bos is False
@@ -85,6 +86,7 @@ def test_smollm2_reference_ids(smollm2_path, reference):
         assert tok.decode(case["ids"], special=True) == case["text"]
 
 
+@pytest.mark.real_model
 def test_smollm2_special_tokens(smollm2_path):
     tok = Tokenizer.from_gguf(smollm2_path)
     im_end = tok.token_id("<|im_end|>")
@@ -201,6 +203,7 @@ def test_token_id_out_of_range_in_decode():
         tok.decode([10**7])
 
 
+@pytest.mark.real_model
 def test_from_loaded_model_like_objects(smollm2_path):
     from llamachat.runtime.gguf_file import GGUFFile
 

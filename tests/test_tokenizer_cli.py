@@ -14,6 +14,7 @@ def _run(capsysbinary, *argv):
     return code, out, err.decode()
 
 
+@pytest.mark.real_model
 def test_ids_match_reference(smollm2_path, reference, capsysbinary):
     for case in reference["tokenize"]:
         text = case["text"].replace("\\", "\\\\")  # the command processes escapes like llama-tokenize
@@ -24,12 +25,14 @@ def test_ids_match_reference(smollm2_path, reference, capsysbinary):
         assert out2 == out
 
 
+@pytest.mark.real_model
 def test_piece_lines(smollm2_path, capsysbinary):
     code, out, _ = _run(capsysbinary, "-m", smollm2_path, "-p", "<|im_start|>user\\nHi")
     assert code == 0
     assert out == b"     1 -> '<|im_start|>'\n  4093 -> 'user'\n   198 -> '\n'\n 26843 -> 'Hi'\n"
 
 
+@pytest.mark.real_model
 def test_no_parse_special_and_bos(reference_dir, capsysbinary, smollm2_path):
     code, out, _ = _run(capsysbinary, "-m", smollm2_path, "-p", "<|im_end|>", "--ids", "--no-parse-special")
     assert code == 0 and out != b"[2]\n"
@@ -41,6 +44,7 @@ def test_no_parse_special_and_bos(reference_dir, capsysbinary, smollm2_path):
     assert out.endswith(b"   243 -> '\xf0'\n   162 -> '\x9f'\n   169 -> '\xa6'\n   156 -> '\x99'\n")
 
 
+@pytest.mark.real_model
 def test_prompt_file_and_invalid_utf8(tmp_path, smollm2_path, capsysbinary):
     good = tmp_path / "p.txt"
     good.write_text("Hello world", encoding="utf-8")

@@ -29,6 +29,7 @@ def test_bpe_kernel_equals_text_merge(reference_dir, name):
         assert fast == tok._bpe._merge(e)
 
 
+@pytest.mark.real_model
 def test_bpe_kernel_with_missing_byte_tokens(smollm2_path):
     tok = Tokenizer.from_gguf(smollm2_path)  # SmolLM2 lacks tokens for some bytes (e.g. 0x04)
     for w in _words():
