@@ -114,6 +114,15 @@ def test_fp16_to_fp32_exact_for_every_half():
     assert same.all()
 
 
+def test_f16_rows_dequantize_exactly_for_every_half():
+    h = np.arange(65536, dtype=np.uint16).reshape(64, 1024)
+    ours = dequantize(h.view(np.uint8), T.F16, 1024)
+    ref = h.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(ours.view(np.uint32)[~nan], ref.view(np.uint32)[~nan])
+    assert np.isnan(ours[nan]).all()
+
+
 def test_nearest_int_and_roundf():
     assert [nearest_int(np.float32(v)) for v in (0.5, 1.5, 2.5, -0.5, -1.5, 2.4999998)] == [0, 2, 2, 0, -2, 2]
     assert [roundf(np.float32(v)) for v in (0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997)] == [1, 2, 3, -1, -3, 0]

@@ -1,4 +1,5 @@
-"""The unblocked float formats F32, F16 and BF16 (numpy: each is one vectorized conversion).
+"""The unblocked float formats F32, F16 and BF16 (numpy, and numba for F16 -> F32, which numpy
+does slowly).
 
 Layouts: F32 = 4-byte IEEE single per value; F16 = 2-byte IEEE half per value;
 BF16 = the upper 16 bits of the float32 (ggml_bf16_t).
@@ -8,6 +9,31 @@ Each `dequantize_X(raw, out)` / `quantize_X(x, out)` works on whole 2-D row arra
 """
 
 import numpy as np
+from numba import njit
+
+F16_MAGIC = np.float32(2.0**-14)  # subtracting it turns a denormal half's rebased bits into its value
+
+
+@njit(cache=True, nogil=True)
+def dequantize_f16_row(row, y):
+    """One row of halves (raw bytes) -> float32, bit-exact (NaN payloads aside): the half's
+    fields are moved into float32 position with integer selects (vectorizable), then the
+    denormals, rebased to 2^-14 * (1 + m/1024), get 2^-14 subtracted."""
+    h = row.view(np.uint16)
+    u = y.view(np.uint32)
+    for i in range(h.shape[0]):
+        x = np.uint32(h[i])
+        o = (x & np.uint32(0x7FFF)) << np.uint32(13)
+        e = o & np.uint32(0x0F800000)
+        o += np.uint32(112 << 23)  # rebias the exponent 15 -> 127
+        o = o + np.uint32(112 << 23) if e == np.uint32(0x0F800000) else o  # inf / NaN: exponent 255
+        o = o + np.uint32(1 << 23) if e == np.uint32(0) else o  # zero / denormal: see below
+        u[i] = o | ((x & np.uint32(0x8000)) << np.uint32(16))
+    for i in range(h.shape[0]):
+        x = np.uint32(h[i])
+        if (x & np.uint32(0x7C00)) == np.uint32(0):
+            v = abs(y[i]) - F16_MAGIC
+            y[i] = -v if x & np.uint32(0x8000) else v
 
 
 def dequantize_f32(raw, out):
@@ -16,10 +42,6 @@ def dequantize_f32(raw, out):
 
 def quantize_f32(x, out):
     out.view(np.float32)[...] = x
-
-
-def dequantize_f16(raw, out):
-    out[...] = raw.view(np.float16)
 
 
 def quantize_f16(x, out):
