@@ -17,7 +17,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from .bpe import BPEMerger, byte_encode, UNICODE_TO_BYTE
 from .errors import ModelError, UserError
