@@ -24,7 +24,10 @@ from .errors import ModelError, UserError
 from .pretokenizer import PRE_TOKENIZERS, PreTokenizer
 from .spm import SPMMerger
 
+# Warnings (e.g. an unknown pre-tokenizer) go to Tokenizer.warnings for the caller to show;
+# the logger stays silent unless the application configures logging (stderr would garble the TUI).
 log = logging.getLogger("llamachat.tokenizer")
+log.addHandler(logging.NullHandler())
 
 # GGUF token types (tokenizer.ggml.token_type) and llama.cpp's token attributes
 TYPE_UNDEFINED, TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED, TYPE_UNUSED, TYPE_BYTE = range(7)
