@@ -35,20 +35,21 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [T, n_rot/2] of each position's angles, as ggml_rope_cache_init makes them
-    (theta_scale = base**(-2/n_rot) raised by repeated float32 multiplication)."""
+    """cos and sin [T, n_rot/2] of each position's angles, as ggml_rope_cache_init makes them:
+    theta starts at the position and is multiplied by theta_scale = base**(-2/n_rot) once per
+    pair, in float32; cos/sin are correctly rounded float32 (as glibc's cosf/sinf)."""
     half = cfg.n_rot // 2
-    inv = np.empty(half, np.float32)
-    theta_scale = np.float32(cfg.rope_freq_base) ** np.float32(-2.0 / cfg.n_rot)
-    f = np.float32(1.0)
+    theta_scale = np.float32(cfg.rope_freq_base ** (-2.0 / cfg.n_rot))
+    theta = np.empty((len(positions), half), np.float32)
+    t = positions.astype(np.float32)
     for i in range(half):
-        inv[i] = f
-        f = np.float32(f * theta_scale)
-    theta = positions.astype(np.float32)[:, None] * inv[None, :]
+        theta[:, i] = t
+        t = (t * theta_scale).astype(np.float32)
     if cfg.rope_freqs is not None:
-        theta = theta / cfg.rope_freqs[None, :half]
+        theta = (theta / cfg.rope_freqs[None, :half]).astype(np.float32)
     theta = (theta * np.float32(cfg.rope_freq_scale)).astype(np.float32)
-    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    th = theta.astype(np.float64)
+    return np.cos(th).astype(np.float32), np.sin(th).astype(np.float32)
 
 
 @njit(cache=True, fastmath=True)

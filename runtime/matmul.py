@@ -109,7 +109,8 @@ def quantize_activations(x, mode, xq, xd, xs, xhat):
                 for j in range(32):
                     amax = max(amax, abs(x[t, b * 32 + j]))
                 d = amax / np.float32(127.0)
-                inv = np.float32(1.0) / d if d != 0.0 else np.float32(0.0)
+                # ggml's x86 quantize_row_q8_0/q8_1 scale by 127/amax (not 1/d)
+                inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
                 dh = round_to_f16(d)
                 total = 0
                 for j in range(32):

@@ -88,6 +88,11 @@ def test_products_match_dequantized_weights(ggml_type):
         x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
         act = mm.quantize_for(x, w)
         expected = act.xhat.astype(np.float64) @ w_ref.T
+        if ggml_type in (T.Q4_1, T.Q5_1):
+            # ggml's Q8_1 keeps each block's sum as half(d*sum(q)): the min terms use that
+            mins = raw.reshape(n_out, -1, GGML_QUANT_SIZES[ggml_type][1])[:, :, 2:4].copy().view(np.float16)[:, :, 0]
+            block_sums = act.xhat.astype(np.float64).reshape(n_tok, -1, 32).sum(axis=2)
+            expected += (act.xs - block_sums) @ mins.astype(np.float64).T
         got = mm.matmul(w, act)
         scale = np.abs(act.xhat).astype(np.float64) @ np.abs(w_ref).T
         assert np.all(np.abs(got - expected) <= 1e-5 * scale + 1e-6), (ggml_type.name, n_tok)

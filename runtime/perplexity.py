@@ -1,0 +1,80 @@
+"""Perplexity of a model on a text, computed exactly as llama.cpp's llama-perplexity does it.
+
+The whole text is tokenized once (BOS first if the vocabulary adds BOS), cut into chunks of
+n_ctx tokens (a partial last chunk is dropped), and each chunk is evaluated from an empty
+cache. Where the vocabulary adds BOS, the first token of every chunk is *replaced* by BOS (as
+llama.cpp does). Only the second half of each chunk is scored: the logits at positions
+n_ctx/2 .. n_ctx-2 against the tokens that follow them, so every scored token has at least
+n_ctx/2 tokens of context. After each chunk the running value exp(mean NLL) is reported; the
+final estimate is exp(mean NLL) +/- the standard error of the mean NLL times the perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    stderr: float  # of the perplexity: sqrt(var(NLL) / (count-1)) * ppl
+    count: int  # scored tokens
+    running: list[float] = field(default_factory=list)  # after each chunk
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in double precision (llama.cpp's log_softmax)."""
+    x = logits.astype(np.float64)
+    mx = x.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(x - mx).sum(axis=1))
+    return -(x[np.arange(len(targets)), targets] - mx[:, 0] - log_sum)
+
+
+def perplexity(model, tokens: Sequence[int], n_ctx: int, n_chunks: int = -1, bos_id: int | None = None,
+               on_chunk: Callable[[int, float], None] | None = None,
+               cancel: threading.Event | None = None) -> PerplexityResult:
+    """tokens: the whole text's ids (BOS already in front when the vocabulary adds it);
+    bos_id: set when the vocabulary adds BOS (each chunk then starts with it). The model's
+    context must hold n_ctx tokens. on_chunk(i, running_ppl) after each chunk (1-based)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if n_ctx < 4 or n_ctx % 2:
+        raise UserError(f"the context size for perplexity must be an even number of at least 4 tokens, not {n_ctx}")
+    if model.n_ctx < n_ctx:
+        raise UserError(f"the model was loaded with a context of {model.n_ctx} tokens, fewer than {n_ctx}")
+    if len(tokens) < 2 * n_ctx:
+        raise UserError(f"you need at least {2 * n_ctx} tokens to evaluate perplexity with a context of {n_ctx} "
+                        f"(the text has {len(tokens)} tokens)")
+    n_max = len(tokens) // n_ctx
+    n = n_max if n_chunks is None or n_chunks < 0 else min(n_chunks, n_max)
+    if n == 0:
+        raise UserError("--chunks must be at least 1")
+    first = n_ctx // 2
+    nll = 0.0
+    nll2 = 0.0
+    count = 0
+    running = []
+    for i in range(n):
+        chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
+        if bos_id is not None:
+            chunk[0] = bos_id
+        model.truncate(0)
+        logits = model.eval(chunk, logits="all", cancel=cancel)
+        v = token_nll(logits[first:n_ctx - 1], chunk[first + 1:])
+        nll += float(v.sum())
+        nll2 += float((v * v).sum())
+        count += len(v)
+        running.append(math.exp(nll / count))
+        if on_chunk:
+            on_chunk(i + 1, running[-1])
+    mean = nll / count
+    ppl = math.exp(mean)
+    var = nll2 / count - mean * mean
+    stderr = math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else float("nan")
+    return PerplexityResult(ppl, stderr, count, running)
