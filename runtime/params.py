@@ -39,11 +39,14 @@ class Setting:
         return number
 
     def _range(self) -> str:
+        def show(bound):  # integer settings print whole bounds (1048576, not 1.04858e+06)
+            return str(int(bound)) if self.type is int else f"{bound:g}"
+
         if self.low is not None and self.high is not None:
-            return f"between {self.low:g} and {self.high:g}"
+            return f"between {show(self.low)} and {show(self.high)}"
         if self.low is not None:
-            return f"at least {self.low:g}"
-        return f"at most {self.high:g}"
+            return f"at least {show(self.low)}"
+        return f"at most {show(self.high)}"
 
 
 # name, type, llama.cpp default, low, high
