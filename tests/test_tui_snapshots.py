@@ -28,6 +28,11 @@ print(capitals["France"])
 """
 
 
+def steady(app):
+    """No blinking cursor in a snapshot (its phase would decide the picture)."""
+    app.chat_screen.chat_input.cursor_blink = False
+
+
 @pytest.fixture
 def library(tmp_path):
     lib = Library.load()
@@ -41,6 +46,7 @@ def test_chat_screen_after_a_reply(snap_compare, library):
 
     async def run_before(pilot):
         await ready(pilot, app)
+        steady(app)
         await send(pilot, app, "What is the capital of France? Answer in one word.")
         await reply_done(pilot, app)
         app.chat_screen.chat_input.focus()
@@ -55,6 +61,7 @@ def test_stopped_reply_and_invalid_setting(snap_compare, library):
 
     async def run_before(pilot):
         await ready(pilot, app)
+        steady(app)
         await send(pilot, app, "Count for me.")
         while len(app.reply_view.source) < 40:
             await pilot.pause(0.05)
@@ -77,6 +84,7 @@ def test_instruct_mode_screen(snap_compare, library):
 
     async def run_before(pilot):
         await ready(pilot, app)
+        steady(app)
         await send(pilot, app, "Name the largest planet in the solar system.")
         await reply_done(pilot, app)
         await pilot.pause(0.3)
@@ -89,6 +97,7 @@ def test_help_screen(snap_compare, library):
 
     async def run_before(pilot):
         await ready(pilot, app)
+        steady(app)
         await pilot.press("f1")
         await pilot.pause(0.3)
 
@@ -100,6 +109,7 @@ def test_library_screen(snap_compare, library):
 
     async def run_before(pilot):
         await ready(pilot, app)
+        steady(app)
         await pilot.press("ctrl+l")
         await pilot.pause(0.3)
         app.screen.query_one("#library-file").update("models.toml")  # the real path is a temp dir
