@@ -106,6 +106,21 @@ def test_fp32_to_fp16_matches_numpy_round_to_nearest_even():
     assert np.all(ours[~finite] & 0x7FFF == 0x7E00)
 
 
+def test_f16_rows_quantize_like_numpy_round_to_nearest_even():
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 2**32, size=40000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    edges = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e9, np.inf, -np.inf, 2**-24, 2**-25,
+                      -(2**-25), 3 * 2**-26, 2**-14, 2**-14 - 2**-25, 1.0 + 2**-11, 1.0 + 3 * 2**-11, 1e-30],
+                     dtype=np.float32)
+    x = np.concatenate([x, edges, (rng.standard_normal(4000) * 0.01).astype(np.float32)]).reshape(2, -1)
+    ours = quantize(x, T.F16).view(np.uint16)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(ours[~nan], ref[~nan])
+    assert np.all(ours[nan] & 0x7FFF == 0x7E00)
+
+
 def test_fp16_to_fp32_exact_for_every_half():
     h = np.arange(65536, dtype=np.uint16)
     ours = np.array([fp16_to_fp32(v) for v in h], dtype=np.float32)

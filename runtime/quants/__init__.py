@@ -36,7 +36,7 @@ T = GGMLQuantizationType
 BLOCK_MODULES = {T.Q8_0: q8_0, T.Q4_0: q4_0, T.Q4_1: q4_1, T.Q5_0: q5_0, T.Q5_1: q5_1,
                  T.Q2_K: q2_k, T.Q3_K: q3_k, T.Q4_K: q4_k, T.Q5_K: q5_k, T.Q6_K: q6_k}
 _KIND = {t: i for i, t in enumerate(BLOCK_MODULES)}
-_F16_KIND = len(BLOCK_MODULES)  # F16 -> F32 shares the parallel dequantize driver
+_F16_KIND = len(BLOCK_MODULES)  # F16 <-> F32 share the block formats' drivers
 
 
 @njit(cache=True, parallel=True)
@@ -91,8 +91,10 @@ def _quantize_block_rows(kind, x, out):
             q4_k.quantize_row(xr, row)
         elif kind == 8:
             q5_k.quantize_row(xr, row)
-        else:
+        elif kind == 9:
             q6_k.quantize_row(xr, row)
+        else:
+            plain.quantize_f16_row(xr, row)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -156,7 +158,7 @@ def _format(ggml_type, dequantize_rows, quantize_rows) -> Format:
 
 FORMATS: dict[GGMLQuantizationType, Format] = {
     T.F32: _format(T.F32, plain.dequantize_f32, plain.quantize_f32),
-    T.F16: _format(T.F16, _block_dequantizer(_F16_KIND), plain.quantize_f16),
+    T.F16: _format(T.F16, _block_dequantizer(_F16_KIND), _block_quantizer(_F16_KIND)),
     T.BF16: _format(T.BF16, plain.dequantize_bf16, plain.quantize_bf16),
     **{t: _format(t, _block_dequantizer(k), _block_quantizer(k)) for t, k in _KIND.items()},
 }

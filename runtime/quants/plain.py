@@ -44,8 +44,29 @@ def quantize_f32(x, out):
     out.view(np.float32)[...] = x
 
 
-def quantize_f16(x, out):
-    out.view(np.float16)[...] = x  # numpy's float32->float16 cast is round-to-nearest-even
+F16_DENORM_MAGIC = np.float32(0.5)  # bits ((127 - 15) + (23 - 10) + 1) << 23: adding it rounds a tiny value to a half denormal
+
+
+@njit(cache=True, nogil=True)
+def quantize_f16_row(x, row):
+    """One row float32 -> halves, round to nearest even like GGML_FP32_TO_FP16 (NaN -> 0x7E00):
+    integer arithmetic on the bits for normal halves (add 0xFFF + the lowest kept bit, shift),
+    and for denormals a float add of 0.5 that leaves the rounded half mantissa in the low bits.
+    numpy's own cast is right too, but slow."""
+    u = x.view(np.uint32)
+    h = row.view(np.uint16)
+    tmp = np.empty(x.shape[0], np.float32)
+    for i in range(x.shape[0]):
+        tmp[i] = abs(x[i]) + F16_DENORM_MAGIC
+    t = tmp.view(np.uint32)
+    for i in range(x.shape[0]):
+        f = u[i] & np.uint32(0x7FFFFFFF)
+        sign = (u[i] >> np.uint32(16)) & np.uint32(0x8000)
+        normal = (f + np.uint32(((15 - 127) << 23) + 0xFFF) + ((f >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+        denormal = t[i] - np.uint32(0x3F000000)
+        big = np.uint32(0x7E00) if f > np.uint32(0x7F800000) else np.uint32(0x7C00)
+        o = big if f >= np.uint32(0x47800000) else (denormal if f < np.uint32(0x38800000) else normal)
+        h[i] = o | sign
 
 
 def dequantize_bf16(raw, out):
