@@ -5,7 +5,14 @@ Imports nothing from the UI. Heavy modules (numba kernels) load lazily, on first
 name that needs them, so `import llamachat.runtime` stays cheap.
 """
 
+import os
 from importlib import import_module
+
+# numba's OpenMP workers spin after each parallel region by default; during prompt processing
+# they then fight numpy's BLAS threads for the 2 cores (a 256-token prefill ran 20x slower).
+# Sleeping workers cost a few microseconds per region instead. Read by libgomp when numba
+# first loads it, so it is set here, before any kernel runs; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import ConfigError, GGUFError, ModelError, UserError
 
