@@ -17,6 +17,7 @@ Block and type sizes come from gguf.constants.GGML_QUANT_SIZES.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -107,6 +108,7 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 def _threads() -> int:
@@ -129,8 +131,9 @@ def _block_quantizer(kind: int):
         if n_threads == 1:
             _quantize_block_rows(kind, x, out)
             return
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="llamachat-quantize")
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="llamachat-quantize")
         bounds = np.linspace(0, x.shape[0], n_threads + 1).astype(int)
         jobs = [_pool.submit(_quantize_block_rows, kind, x[a:b], out[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         for job in jobs:
