@@ -1,0 +1,60 @@
+"""`llamachat bench -m MODEL [-p 256] [-n 64] [-t 2] [-r 3] [--json]`, like llama-bench.
+
+Prints a table (model, size, params, threads, test, t/s as mean ± stddev) or, with --json, a
+JSON list of objects with keys model, test, tokens_per_second, stddev, threads (and
+n_tokens, samples, model_size, model_type).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from llamachat.runtime.errors import UserError
+
+
+def configure(parser) -> None:
+    parser.add_argument("-m", "--model", help="library model name or path to a .gguf file (default: the library's default model)")
+    parser.add_argument("-p", "--n-prompt", dest="n_prompt", type=int, default=256, help="prompt tokens processed in one batch (0 = skip; default 256)")
+    parser.add_argument("-n", "--n-gen", dest="n_gen", type=int, default=64, help="tokens generated one at a time (0 = skip; default 64)")
+    parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("-r", "--repetitions", dest="reps", type=int, default=3, help="repetitions of each test after a warm-up (default 3)")
+    parser.add_argument("-b", "--batch-size", dest="n_batch", type=int, default=2048, help="tokens per evaluation call (default 2048)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+
+def run(args) -> int:
+    from llamachat.model_store.library import Library
+    from llamachat.runtime.bench import bench
+    from llamachat.runtime.model import load_model
+
+    for flag, value, low in (("-p", args.n_prompt, 0), ("-n", args.n_gen, 0), ("-r", args.reps, 1), ("-b", args.n_batch, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, not {value}")
+    if args.n_prompt == 0 and args.n_gen == 0:
+        raise UserError("nothing to measure: -p and -n are both 0")
+    path = Path(Library.load().resolve(args.model).path)
+    model = load_model(path, n_ctx=max(args.n_prompt, args.n_gen, 1), n_threads=args.threads, n_batch=args.n_batch)
+    name = model.metadata.get("general.name") or path.stem
+    size_gib = path.stat().st_size / 2**30
+    n_params = sum(t.n_elements for t in model.gguf.tensors.values())
+    ftype = model.weights.layers[0].wq.ggml_type.name
+    rows = []
+
+    def show(res):
+        if not args.json:
+            print(f"| {name:<24} | {size_gib * 1024:8.2f} MiB | {n_params / 1e6:7.2f} M | {ftype:<6} | {res.threads:7d} | "
+                  f"{res.test:>6} | {res.mean:8.2f} ± {res.stddev:.2f} |", flush=True)
+
+    if not args.json:
+        print(f"| {'model':<24} | {'size':>12} | {'params':>9} | {'type':<6} | threads | {'test':>6} | {'t/s':>15} |")
+        print(f"| {'-' * 24} | {'-' * 12}:| {'-' * 9}:| {'-' * 6} | {'-' * 6}: | {'-' * 6}:| {'-' * 15}:|")
+    for res in bench(model, args.n_prompt, args.n_gen, args.reps, on_result=show):
+        rows.append({"model": name, "model_path": str(path), "model_size": path.stat().st_size, "model_type": ftype,
+                     "test": res.test, "n_tokens": res.n_tokens, "tokens_per_second": round(res.mean, 3),
+                     "stddev": round(res.stddev, 3), "samples": [round(s, 3) for s in res.samples], "threads": res.threads})
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    return 0
