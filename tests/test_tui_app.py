@@ -523,3 +523,18 @@ async def test_autoscroll_follows_until_the_user_scrolls_up(library):
         await reply_done(pilot, app)
         await pilot.pause(0.3)
         assert pane.scroll_y >= pane.max_scroll_y - 1  # a new message follows again
+
+
+async def test_a_turn_that_gets_no_reply_goes_back_into_the_box(library):
+    script = FakeScript(replies=["never"])
+    app, _ = make_app(["-c", "4"], script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        box = app.chat_screen.chat_input
+        box.focus()
+        box.text = "a question that is much too long for four tokens"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: any("more than the context size" in n for n in notifications(app)))
+        await wait_for(pilot, lambda: not app.generating and views(app) == [])
+        assert app.conv.messages == []
+        assert box.text == "a question that is much too long for four tokens"

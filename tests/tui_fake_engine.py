@@ -80,6 +80,8 @@ class FakeLlama:
         self._cancel.clear()
         reply = self.script.next_reply(prompt_text)
         prompt_tokens = len(_pieces(prompt_text))
+        if prompt_tokens > self._n_ctx:  # as the engine: refused before anything is generated
+            raise ValueError(f"the prompt is {prompt_tokens} tokens long, more than the context size of {self._n_ctx} tokens")
         self.n_tokens = prompt_tokens
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         made = ""

@@ -410,6 +410,7 @@ class ChatApp(App):
         if result.error and not result.text:
             if view is not None:
                 view.remove()
+            self._take_back_failed_message()
             self.notify(result.error, severity="error", title="No reply", timeout=10)
         else:
             msg = self.conv.reply_message(result.text, result.stop_reason, result.cancelled)
@@ -433,6 +434,19 @@ class ChatApp(App):
         self.update_status()
         if self.engine.loaded and self.entry is not None and not self.loading:
             self._maybe_recreate_context()
+
+    def _take_back_failed_message(self) -> None:
+        """A turn that got no reply leaves the conversation; its text goes back into the box."""
+        if not self.conv.messages or self.conv.messages[-1].role != "user":
+            return
+        text = self.conv.messages.pop().content
+        views = self._views()
+        if views and views[-1].role == "user":
+            views[-1].remove()
+        box = self.chat_screen.chat_input
+        if not box.text.strip():
+            box.text = text
+        self.save_chat()
 
     def action_stop(self) -> None:
         if self.generating:
