@@ -440,9 +440,9 @@ class ChatApp(App):
         if not self.conv.messages or self.conv.messages[-1].role != "user":
             return
         text = self.conv.messages.pop().content
-        views = self._views()
-        if views and views[-1].role == "user":
-            views[-1].remove()
+        users = [v for v in self._views() if v.role == "user"]
+        if users:
+            users[-1].remove()
         box = self.chat_screen.chat_input
         if not box.text.strip():
             box.text = text
