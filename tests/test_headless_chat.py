@@ -114,3 +114,28 @@ def test_user_errors_are_one_line(model, args, message):
 def test_missing_model_is_one_line(tmp_path):
     code, out, err, _ = run([], ["-m", str(tmp_path / "nope.gguf")], "hi\n")
     assert code == 2 and "nope.gguf: no such file" in err and "Traceback" not in err
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(model, tmp_path):
+    import os
+    import signal
+
+    runner = RUNNER.replace("FakeScript(replies=json.loads(sys.argv[1]))", "FakeScript(replies=json.loads(sys.argv[1]), delay=0.02)")
+    long = " ".join(f"w{i}" for i in range(2000))
+    lines = tmp_path / "in.txt"
+    lines.write_text("first\nsecond\n")
+    proc = subprocess.Popen([sys.executable, "-c", runner, json.dumps([long, "second reply"]), "-m", str(model)],
+                            stdin=open(lines), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "w20 " not in seen:
+        seen += proc.stdout.read(1)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    out = seen + out
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "did not finish" not in err
+    first, rest = out.split("> second\n")
+    assert "w20" in first and "w1999" not in first  # stopped part-way, the text so far kept
+    assert rest.startswith("second reply\n")
+    calls = json.loads(err.rpartition("CALLS=")[2])["calls"]
+    assert calls[1]["messages"][1]["content"].startswith("w0 w1")  # the partial reply stays in the chat

@@ -56,18 +56,24 @@ class _Output:
 def _generate(engine: Engine, conv: Conversation, sampling: dict, bias: dict, out: _Output) -> GenerationResult:
     """Run one reply in a thread so Ctrl-C in the main thread can cancel it cleanly."""
     box: dict = {}
+    done = threading.Event()
 
     def work():
-        box["result"] = engine.generate(conv.request(), sampling, lambda text: out.write(text), bias)
+        try:
+            box["result"] = engine.generate(conv.request(), sampling, lambda text: out.write(text), bias)
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, name="llamachat-generate", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.1)
-    except KeyboardInterrupt:
-        engine.cancel()
-        worker.join()
+    # Wait on an Event, not Thread.join: a Ctrl-C that interrupts join() can make later joins
+    # return while the thread still runs (CPython before 3.13).
+    threading.Thread(target=work, name="llamachat-generate", daemon=True).start()
+    while True:
+        try:
+            while not done.wait(0.1):
+                pass
+            break
+        except KeyboardInterrupt:
+            engine.cancel()  # the reply stops within a token and keeps its text; wait for that
     return box.get("result") or GenerationResult(error="the generation did not finish")
 
 
