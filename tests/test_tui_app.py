@@ -183,7 +183,7 @@ async def test_n_ctx_change_recreates_context_and_keeps_chat(library):
         await pilot.press("enter")
         await wait_for(pilot, lambda: len(script.instances) == 2 and not app.loading)
         assert script.instances[-1].n_ctx() == 1024
-        assert any("n_ctx=1024" in n for n in notifications(app))
+        assert any("Re-creating the context with n_ctx=1024" in n for n in notifications(app))
         assert len(app.conv.messages) == 2  # the chat is kept
         await send(pilot, app, "still here?")
         await reply_done(pilot, app)
@@ -538,3 +538,24 @@ async def test_a_turn_that_gets_no_reply_goes_back_into_the_box(library):
         await wait_for(pilot, lambda: not app.generating and views(app) == [])
         assert app.conv.messages == []
         assert box.text == "a question that is much too long for four tokens"
+
+
+async def test_library_edit_of_the_model_in_use_reaches_the_sidebar_and_reloads(library):
+    script = FakeScript(replies=["ok"])
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+l")
+        await pilot.pause(0.3)
+        screen = app.screen
+        screen.query_one("#lib-top_p").value = "0.5"
+        screen.query_one("#lib-chat_format").value = "chatml"
+        screen.action_save()
+        await pilot.pause(0.1)
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+        assert app.chat_screen.sidebar.query_one("#setting-top_p").value == "0.5"
+        await send(pilot, app, "hi")
+        await reply_done(pilot, app)
+        assert len(script.instances) == 2 and script.instances[-1].load_kwargs["chat_format"] == "chatml"
+        assert script.calls[-1]["top_p"] == 0.5

@@ -241,8 +241,23 @@ class ChatApp(App):
         self.chat_screen.sidebar.show_models(options, self.entry.name if self.entry else None)
 
     def library_changed(self) -> None:
-        """The library screen changed models.toml: refresh the picker and this model's defaults."""
+        """The library screen changed models.toml: refresh the picker and, if the model in use
+        got new defaults, start from them (a context change reloads at the next reply)."""
         self.refresh_models()
+        if self.entry is None or getattr(self.entry, "adhoc", False):
+            return
+        try:
+            fresh = self.load_library().models.get(self.entry.name)
+        except UserError:
+            return
+        if fresh is None or fresh.missing or (fresh.settings == self.entry.settings and fresh.path == self.entry.path):
+            return
+        self.entry = fresh
+        self.settings = conv_mod.merged_settings(self.args, fresh.settings)
+        if self.conv.mode == CHAT:
+            self.conv.system_prompt = self.settings["system_prompt"]
+        self.chat_screen.sidebar.show_settings(self.settings)
+        self.notify(f"The sidebar now shows {fresh.name}'s new defaults.", title="Model library")
 
     @_while_screen_exists
     def switch_model(self, name: str) -> None:
@@ -296,7 +311,7 @@ class ChatApp(App):
         else:
             self.loaded_settings = self._load_settings()
             if message.reason == "n_ctx":
-                self.notify(f"The context was re-created with n_ctx={self.engine.n_ctx()}; the chat is kept.", title="Context")
+                self.notify(f"Ready with n_ctx={self.engine.n_ctx()}; the chat is kept.", title="Context")
             elif message.reason == "switch":
                 self.notify(f"Loaded {message.entry.name}.", title="Model")
             if message.entry is self.entry:
@@ -321,13 +336,22 @@ class ChatApp(App):
         if event.name == "n_ctx" and event.submitted:
             self._maybe_recreate_context()
 
+    def _load_changes(self) -> list[str]:
+        """Load-time settings that differ from the model now loaded (seed is applied per reply)."""
+        now, then = self._load_settings(), self.loaded_settings
+        return [k for k in now if k != "seed" and now[k] != then.get(k)]
+
     def _maybe_recreate_context(self) -> bool:
         """Re-create the context if a load-time setting changed; True if a load started."""
-        if self.entry is None or self.loading or self.generating:
+        if self.entry is None or self.loading or self.generating or not self.engine.loaded:
             return False
-        if self.engine.loaded and self._load_settings()["n_ctx"] == self.loaded_settings.get("n_ctx"):
+        changed = self._load_changes()
+        if not changed:
             return False
-        self.notify(f"Re-creating the context with n_ctx={self.settings['n_ctx']}…", title="Context")
+        if changed == ["n_ctx"]:
+            self.notify(f"Re-creating the context with n_ctx={self.settings['n_ctx']}…", title="Context")
+        else:
+            self.notify(f"Reloading {self.entry.name} for the new {', '.join(changed)}…", title="Model")
         self._start_load(self.entry, reason="n_ctx")
         return True
 
