@@ -24,13 +24,15 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .matmul import matmul, quantize_for, round_to_f16
+from .matmul import fma32, matmul, quantize_for, round_to_f16
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    # ggml_rms_norm: mean of squares accumulated in double, scale = 1/sqrt(mean + eps) in float
-    mean = np.einsum("ij,ij->i", x, x, dtype=np.float64) / x.shape[1]
-    scale = (1.0 / np.sqrt((mean + eps).astype(np.float32))).astype(np.float32)
+    # ggml_rms_norm: squares in float summed in double, mean and 1/sqrt(mean + eps) in float,
+    # x * scale, then (a separate ggml_mul) * weight
+    sq = np.einsum("ij,ij->ij", x, x).astype(np.float64)
+    mean = (sq.sum(axis=1) / x.shape[1]).astype(np.float32)
+    scale = (np.float32(1.0) / np.sqrt(mean + np.float32(eps))).astype(np.float32)
     return (x * scale[:, None]) * weight
 
 
@@ -52,7 +54,7 @@ def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(th).astype(np.float32), np.sin(th).astype(np.float32)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True)
 def apply_rope(x, n_heads, head_dim, n_rot, cos, sin):
     """Rotate x [T, n_heads*head_dim] in place: pairs (2i, 2i+1) of each head."""
     n_tok = x.shape[0]
@@ -64,8 +66,9 @@ def apply_rope(x, n_heads, head_dim, n_rot, cos, sin):
                 x1 = x[t, base + 2 * i + 1]
                 c = cos[t, i]
                 s = sin[t, i]
-                x[t, base + 2 * i] = x0 * c - x1 * s
-                x[t, base + 2 * i + 1] = x0 * s + x1 * c
+                # as compiled in ggml (-ffp-contract=fast): the first product is fused
+                x[t, base + 2 * i] = fma32(x0, c, -(x1 * s))
+                x[t, base + 2 * i + 1] = fma32(x0, s, x1 * c)
 
 
 @njit(cache=True, inline="always")
@@ -94,6 +97,7 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
     n_tok = q.shape[0]
     group = n_head // n_head_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_simd = head_dim - head_dim % 32
     for job in prange(n_tok * n_head):
         t = job // n_head
         h = job % n_head
@@ -103,13 +107,26 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
             qh[d] = round_to_f16(q[t, h * head_dim + d])
         acc = np.zeros(head_dim, np.float32)
         bits = acc.view(np.uint32)
+        sums = np.empty(32, np.float32)
         m = np.float32(-np.inf)
         total = np.float32(0.0)
         for j in range(n_past + t + 1):
-            dot = np.float32(0.0)
-            for d in range(head_dim):
-                dot += qh[d] * k_cache[j, kv0 + d]
-            s = dot * scale
+            # ggml_vec_dot_f16 (AVX2): 4 accumulators x 8 lanes over 32-wide steps, fma
+            for lane in range(32):
+                sums[lane] = 0.0
+            for i in range(0, n_simd, 32):
+                for lane in range(32):
+                    sums[lane] = fma32(qh[i + lane], k_cache[j, kv0 + i + lane], sums[lane])
+            for lane in range(8):
+                sums[lane] = (sums[lane] + sums[lane + 16]) + (sums[lane + 8] + sums[lane + 24])
+            t0 = sums[0] + sums[4]
+            t1 = sums[1] + sums[5]
+            t2 = sums[2] + sums[6]
+            t3 = sums[3] + sums[7]
+            dot = np.float64((t0 + t1) + (t2 + t3))
+            for d in range(n_simd, head_dim):  # leftovers, in double
+                dot += np.float64(qh[d] * k_cache[j, kv0 + d])
+            s = np.float32(dot) * scale
             ms = np.float32(1.0)
             vs = np.float32(1.0)
             if s > m:
@@ -120,10 +137,10 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
                 _round_half_inplace(acc, bits)
             else:
                 vs = np.float32(math.exp(s - m))
-            for d in range(head_dim):
-                acc[d] += v_cache[j, kv0 + d] * vs
+            for d in range(head_dim):  # ggml_vec_mad_f16: fma in float, stored as half
+                acc[d] = fma32(v_cache[j, kv0 + d], vs, acc[d])
             _round_half_inplace(acc, bits)
-            total = total * ms + vs
+            total = fma32(total, ms, vs)
         inv = np.float32(1.0) / total
         for d in range(head_dim):
             out[t, h * head_dim + d] = acc[d] * inv

@@ -44,8 +44,9 @@ VEC_DOT_TYPE = {
 SUPPORTED_TYPES = frozenset(VEC_DOT_TYPE)
 # formats with a fused decode kernel below
 FUSED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K})
-# at or above this many tokens a dequantized tile times BLAS beats per-token fused kernels
-PREFILL_MIN_TOKENS = 4
+# at or above this many tokens a dequantized tile times BLAS (much faster, not bit-identical
+# to ggml) replaces the per-token fused kernels (llama.cpp's exact sums)
+PREFILL_MIN_TOKENS = 32
 # rows dequantized at once on the tile path (bounds the transient float32 tile)
 TILE_ROWS = 2048
 
@@ -216,6 +217,22 @@ def _sum16(prod, base):
     for j in range(16):  # a constant trip count: LLVM unrolls it into vector adds
         s += np.int32(prod[base + j])
     return s
+
+
+@njit(cache=True, inline="always")
+def fma32(a, b, c):
+    """float32 fused multiply-add (a*b exact in double, one rounding to double, then float32)."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@njit(cache=True, inline="always")
+def hsum8(acc):
+    """ggml's hsum_float_8: (x_i + x_{i+4}), then (0+2), (1+3), then the two."""
+    r0 = acc[4] + acc[0]
+    r1 = acc[5] + acc[1]
+    r2 = acc[6] + acc[2]
+    r3 = acc[7] + acc[3]
+    return (r0 + r2) + (r1 + r3)
 
 
 @njit(cache=True, parallel=True, fastmath=True)

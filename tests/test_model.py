@@ -284,20 +284,21 @@ def test_reference_continuations_are_our_choices(smollm2, reference):
 
 
 @pytest.mark.real_model
-def test_first_greedy_continuation_matches_llama_cpp(smollm2, reference):
+@pytest.mark.parametrize("index", [0, 2])
+def test_greedy_continuations_match_llama_cpp(smollm2, reference, index):
     m, tok = smollm2
-    case = reference["greedy"][0]
+    case = reference["greedy"][index]
     ids = tok.encode(case["prompt"], add_special=True, parse_special=True)
     assert greedy(m, tok, ids, case["n_predict"]).rstrip() == case["continuation"]
 
 
 @pytest.mark.real_model
-@pytest.mark.xfail(reason="the fibonacci and robot prompts each hit one near tie (0.41 and 0.08 logits) that "
-                          "our float rounding (not bit-identical to ggml's SIMD sums) resolves the other way",
+@pytest.mark.xfail(reason="at step 13 ('return max(' vs our 'return n *') llama.cpp's token trails ours by "
+                          "0.49 logits: our float sums are not bit-identical to ggml's SIMD ones, and this "
+                          "model's F16 KV cache amplifies one flipped half-float rounding that far",
                    strict=False)
-@pytest.mark.parametrize("index", [1, 2])
-def test_other_greedy_continuations_match_llama_cpp(smollm2, reference, index):
+def test_fibonacci_greedy_continuation_matches_llama_cpp(smollm2, reference):
     m, tok = smollm2
-    case = reference["greedy"][index]
+    case = reference["greedy"][1]
     ids = tok.encode(case["prompt"], add_special=True, parse_special=True)
     assert greedy(m, tok, ids, case["n_predict"]).rstrip() == case["continuation"]
