@@ -98,6 +98,7 @@ class ChatApp(App):
         self.last_tps: float | None = None
         self.loaded_settings: dict = {}  # the load-time settings of the model now in the engine
         self._pending_reply = False  # a reply to start once the load in progress ends
+        self._live: tuple[float, int] | None = None  # (time, n_tokens) at the reply's first text
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -193,13 +194,22 @@ class ChatApp(App):
             quant = quant_name(self.engine.metadata())
             if quant:
                 parts.append(quant)
-            parts.append(f"{self.last_tps:.1f} tok/s" if self.last_tps else "– tok/s")
+            parts.append(self._rate_text())
             policy = "shift" if getattr(self.args, "context_shift", False) else "stop"
             parts.append(f"ctx {self.engine.n_tokens()}/{self.engine.n_ctx()} (full: {policy})")
         if self.generating:
             parts.append("writing… Esc stops")
         parts.append(self.conv.mode)
         return " │ ".join(parts)
+
+    def _rate_text(self) -> str:
+        if self.generating and self._live is not None:
+            t0, n0 = self._live
+            elapsed = time.monotonic() - t0
+            made = self.engine.n_tokens() - n0
+            if elapsed > 0.5 and made > 0:
+                return f"{made / elapsed:.1f} tok/s"
+        return f"{self.last_tps:.1f} tok/s" if self.last_tps else "– tok/s"
 
     def update_status(self) -> None:
         try:
@@ -211,6 +221,8 @@ class ChatApp(App):
     def _drain(self) -> None:
         text = self.buffer.drain()
         if text and self.reply_view is not None:
+            if self._live is None:
+                self._live = (time.monotonic(), self.engine.n_tokens())
             self.reply_view.append(text)
         if self.loading:
             self.chat_screen.sidebar.show_progress(self.load_fraction or 0.0)
@@ -409,6 +421,7 @@ class ChatApp(App):
         self.reply_view = self.chat_screen.add_message(MessageView("assistant", name_label=name, streaming=True))
         self.chat_screen.messages.anchor()
         self.generating = True
+        self._live = None
         self.chat_screen.set_generating(True)
         self.update_status()
         self._generate_worker(request, sampling)
