@@ -315,8 +315,8 @@ def _bring_gguf(source: Path, target: Path, progress: Progress | None) -> Path:
 
 # --report -----------------------------------------------------------------------------
 
-# A short, plain passage (written for llamachat): enough tokens for a stable number on a
-# small model, few enough that scoring it takes seconds.
+# A short, plain passage (written for llamachat): enough tokens for a few chunks of
+# llama-perplexity's method on any vocabulary, few enough that scoring takes seconds.
 REPORT_TEXT = """\
 The quick brown fox jumps over the lazy dog. A language model reads text one token at a
 time and, at every step, gives a probability to each token that could come next.
@@ -328,29 +328,38 @@ bits per weight cost almost nothing; four bits cost a little more; two or three 
 noticeably more, most of all for small models. This short passage is only a rough check:
 it shows how much a quantization type changes the model's predictions compared with the
 sixteen-bit file it was made from, before you spend time chatting with it.
+
+A library keeps the models you have added under short names, each with its own defaults
+for temperature, context size and the other sampling settings. Importing a model converts
+its weights from the format it was published in to a single GGUF file, checks the file,
+and only then records it under its name, so that a failed or interrupted import leaves
+nothing behind. The vocabulary travels with the weights: the tokens, their scores or
+merge rules, and the special tokens that begin and end a turn of a conversation.
 """
+REPORT_MAX_CTX = 128
 
 
-def text_perplexity(path: Path, text: str = REPORT_TEXT, n_ctx: int = 512) -> tuple[float, int]:
-    """(perplexity, tokens scored) of one window of `text` (BOS as the tokenizer adds it; at
-    most n_ctx tokens and the model's training context): exp of the mean negative
-    log-likelihood of every token after the first, in float64."""
+def text_perplexity(path: Path, text: str = REPORT_TEXT) -> tuple[float, int, int]:
+    """(perplexity, tokens scored, n_ctx) of `text` by llama-perplexity's method
+    (runtime.perplexity), with the largest even context up to REPORT_MAX_CTX (and the
+    model's training context) that still gives the two chunks that method needs."""
     from llamachat.runtime.gguf_file import GGUFFile
     from llamachat.runtime.model import load_model
+    from llamachat.runtime.perplexity import perplexity
     from llamachat.runtime.tokenizer import Tokenizer
 
     with GGUFFile(path) as g:
-        n_ctx = min(n_ctx, int(g.get("llama.context_length", n_ctx)))
-        tokens = Tokenizer.from_gguf(g).encode(text, add_special=True)[:n_ctx]
-    model = load_model(path, n_ctx=max(len(tokens), 8))
-    try:
-        logits = np.asarray(model.eval(tokens, logits="all"), dtype=np.float64)[:-1]
-    finally:
-        model.close()
-    top = logits.max(axis=1, keepdims=True)
-    log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-    nll = log_z - logits[np.arange(len(tokens) - 1), tokens[1:]]
-    return float(np.exp(nll.mean())), len(tokens) - 1
+        tok = Tokenizer.from_gguf(g)
+        tokens = tok.encode(text, add_special=True)
+        n_ctx = min(REPORT_MAX_CTX, len(tokens) // 2, int(g.get("llama.context_length", REPORT_MAX_CTX))) // 2 * 2
+        if n_ctx < 4:
+            raise UserError(f"{path}: the built-in text is too short for this vocabulary to measure perplexity")
+        model = load_model(g, n_ctx=n_ctx)
+        try:
+            result = perplexity(model, tokens, n_ctx, bos_id=tok.bos_id if tok.add_bos else None)
+        finally:
+            model.close()
+    return result.ppl, result.count, n_ctx
 
 
 def quality_report(f16_path: Path, result_path: Path, progress: Progress | None = None) -> dict:
@@ -359,6 +368,6 @@ def quality_report(f16_path: Path, result_path: Path, progress: Progress | None 
     for i, (key, path) in enumerate((("f16", f16_path), ("result", result_path))):
         if progress:
             progress("report", i, 2, f"perplexity of {path.stem}")
-        out[key], out["tokens"] = text_perplexity(path)
+        out[key], out["tokens"], out["n_ctx"] = text_perplexity(path)
         out[key + "_size"] = path.stat().st_size
     return out

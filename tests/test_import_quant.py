@@ -72,6 +72,8 @@ def test_cli_quant_log(tmp_path, capsys):
 
 
 def test_report_perplexities_match_a_numpy_forward(tmp_path, capsys):
+    """llama-perplexity's method (chunks of n_ctx, BOS replacing each chunk's first token,
+    the second half scored) over a numpy forward pass of the source weights."""
     from llamachat.model_store.importers import REPORT_TEXT
     from llamachat.runtime.tokenizer import Tokenizer
     from test_import_engine import reference_logits
@@ -79,13 +81,19 @@ def test_report_perplexities_match_a_numpy_forward(tmp_path, capsys):
     _, held = sentencepiece_model(tmp_path / "spm", added=False)
     result = run_import(tmp_path / "spm", quant="Q8_0", report=True)
     rep = result.report
-    tokens = Tokenizer.from_gguf(result.path).encode(REPORT_TEXT, add_special=True)[:256]  # the model's context
-    assert rep["tokens"] == len(tokens) - 1 == 255
-    logits = reference_logits(held, tokens, rope="half", eps=1e-5)[:-1]
-    logp = logits - logits.max(1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-    want = float(np.exp(-logp[np.arange(len(tokens) - 1), tokens[1:]].mean()))
-    assert rep["f16"] == pytest.approx(want, rel=1e-2)
+    tok = Tokenizer.from_gguf(result.path)
+    tokens = tok.encode(REPORT_TEXT, add_special=True)
+    n_ctx = rep["n_ctx"]
+    assert n_ctx == 128 and tok.add_bos
+    nll = []
+    for c in range(len(tokens) // n_ctx):
+        chunk = [tok.bos_id] + tokens[c * n_ctx + 1:(c + 1) * n_ctx]
+        logits = reference_logits(held, chunk, rope="half", eps=1e-5)
+        logp = logits - logits.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        nll += [-logp[i, chunk[i + 1]] for i in range(n_ctx // 2, n_ctx - 1)]
+    assert rep["tokens"] == len(nll)
+    assert rep["f16"] == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-2)
     assert rep["result"] == pytest.approx(rep["f16"], rel=2e-2) and rep["result"] != rep["f16"]
     assert rep["result_size"] == result.size and rep["f16_size"] == result.f16_size
 

@@ -66,7 +66,7 @@ def run(args) -> int:
     if result.report:
         rep = result.report
         quant = result.path.stem if args.quant is None else args.quant.upper()
-        print(f"Perplexity on the built-in text ({rep['tokens']} tokens scored):")
+        print(f"Perplexity on the built-in text (llama-perplexity's method, context {rep['n_ctx']}, {rep['tokens']} tokens scored):")
         print(f"  {'F16 source':<12} {_mb(rep['f16_size']):>10}  {rep['f16']:10.4f}")
         print(f"  {quant:<12} {_mb(rep['result_size']):>10}  {rep['result']:10.4f}  ({100 * (rep['result'] / rep['f16'] - 1):+.2f}%)")
     return 0
