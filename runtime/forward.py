@@ -27,13 +27,24 @@ from numba import njit, prange
 from .matmul import fma32, matmul, quantize_for, round_to_f16
 
 
+@njit(cache=True)
+def _rmsnorm(x, weight, eps, out):
+    for t in range(x.shape[0]):
+        total = 0.0
+        for i in range(x.shape[1]):
+            total += np.float64(x[t, i] * x[t, i])
+        mean = np.float32(total / x.shape[1])
+        scale = np.float32(1.0) / np.float32(math.sqrt(mean + eps))
+        for i in range(x.shape[1]):
+            out[t, i] = (x[t, i] * scale) * weight[i]
+
+
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    # ggml_rms_norm: squares in float summed in double, mean and 1/sqrt(mean + eps) in float,
-    # x * scale, then (a separate ggml_mul) * weight
-    sq = np.einsum("ij,ij->ij", x, x).astype(np.float64)
-    mean = (sq.sum(axis=1) / x.shape[1]).astype(np.float32)
-    scale = (np.float32(1.0) / np.sqrt(mean + np.float32(eps))).astype(np.float32)
-    return (x * scale[:, None]) * weight
+    """ggml_rms_norm then ggml_mul: squares in float summed in double, mean and
+    1/sqrt(mean + eps) in float, x * scale, then * weight."""
+    out = np.empty_like(x)
+    _rmsnorm(x, weight, np.float32(eps), out)
+    return out
 
 
 def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
