@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,10 +146,18 @@ def _space_error(folder: Path, what: str, need: int | None = None) -> UserError:
     return UserError(f"no space left on the disk holding {folder} while {what}; nothing was imported")
 
 
+class ImportCancelled(UserError):
+    """The import was cancelled through its `cancel` event; nothing was imported."""
+
+
 def run_import(source, name: str | None = None, quant: str | None = None, lora=None,
-               progress: Progress | None = None, report: bool = False) -> ImportResult:
-    """The whole import (see the module docstring); `progress(stage, done, total, what)`."""
+               progress: Progress | None = None, report: bool = False,
+               cancel: threading.Event | None = None) -> ImportResult:
+    """The whole import (see the module docstring); `progress(stage, done, total, what)`.
+    Setting `cancel` stops it at the next tensor with ImportCancelled, leaving nothing."""
     source = Path(source).expanduser()
+    if cancel is not None:
+        progress = _cancellable(progress, cancel, source)
     kind = source_kind(source)
     quant = check_quant_type(quant)
     float_type = GGMLQuantizationType.F16
@@ -275,10 +284,21 @@ def _quantize(src: Path, dst: Path, quant: str, progress: Progress | None):
 
 
 def import_model(source, name: str | None = None, quant: str | None = None, lora=None,
-                 progress: Progress | None = None) -> ModelEntry:
+                 progress: Progress | None = None, cancel: threading.Event | None = None) -> ModelEntry:
     """Import and register a model; returns its library entry. For the app's worker:
-    `progress(stage, done, total, what)` is called from the calling thread."""
-    return run_import(source, name=name, quant=quant, lora=lora, progress=progress).entry
+    `progress(stage, done, total, what)` is called from the calling thread; setting `cancel`
+    (from any thread) ends the import at the next tensor with ImportCancelled."""
+    return run_import(source, name=name, quant=quant, lora=lora, progress=progress, cancel=cancel).entry
+
+
+def _cancellable(progress: Progress | None, cancel: threading.Event, source: Path) -> Progress:
+    def checked(stage: str, done: int, total: int, what: str = "") -> None:
+        if cancel.is_set():
+            raise ImportCancelled(f"the import of {source} was cancelled; nothing was imported")
+        if progress:
+            progress(stage, done, total, what)
+
+    return checked
 
 
 def _validate(path: Path) -> None:

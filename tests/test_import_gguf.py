@@ -178,3 +178,23 @@ def test_unwritable_models_dir_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(importers.tempfile, "mkdtemp", refuse)
     with pytest.raises(UserError, match=r"models: cannot write there \(Permission denied\); nothing was imported"):
         run_import(tmp_path / "base", name="base")
+
+
+def test_cancel_from_another_thread_leaves_nothing(tmp_path):
+    import threading
+
+    from llamachat.model_store.importers import ImportCancelled, import_model
+
+    sentencepiece_model(tmp_path / "base", added=False)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(stage, done, total, what):
+        seen.append(done)
+        if done == 3:
+            threading.Thread(target=cancel.set).start()
+            threading.Event().wait(0.2)
+
+    with pytest.raises(ImportCancelled, match=r"the import of .*base was cancelled; nothing was imported"):
+        import_model(tmp_path / "base", name="base", quant="Q8_0", progress=progress, cancel=cancel)
+    assert max(seen) == 3 and leftovers() == [] and Library.load().models == {}
