@@ -139,3 +139,13 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(model, tmp_path):
     assert rest.startswith("second reply\n")
     calls = json.loads(err.rpartition("CALLS=")[2])["calls"]
     assert calls[1]["messages"][1]["content"].startswith("w0 w1")  # the partial reply stays in the chat
+
+
+def test_interactive_mode_keeps_the_reverse_prompt_that_stopped_it(model):
+    code, out, err, info = run(["Thought: I add.\nObservation: 4\nQuestion: next", "Final Answer: 4"],
+                               ["-m", str(model), "-i", "-r", "Question:", "-r", "Observation:", "-f", "reason-act"],
+                               "What is 2+2?\nok\n")
+    assert code == 0, err
+    assert info["calls"][0]["stop"] == ["Question:", "Observation:"]
+    # the reply stopped at "Observation:", the second reverse prompt, and the transcript says so
+    assert info["calls"][1]["prompt"].endswith("\nQuestion: What is 2+2?\nThought: I add.\nObservation: ok\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from types import SimpleNamespace
 
 
 class FakeScript:
@@ -53,6 +54,9 @@ class FakeLlama:
         self.metadata = {"general.name": "fake", "general.file_type": 3}  # 3 = MOSTLY_Q4_1
         self.last_stats: dict = {}
         self._cancel = threading.Event()
+        self._made_pieces: list[str] = []
+        # what the real engine's Generator exposes: the generated token ids of the last run
+        self.generator = SimpleNamespace(last_stats=SimpleNamespace(tokens=[]))
         for i in range(1, 5):
             if progress:
                 progress(i / 4)
@@ -68,6 +72,9 @@ class FakeLlama:
 
     def reset(self) -> None:
         self.n_tokens = 0
+
+    def detokenize(self, tokens, prev_tokens=None, special=False) -> bytes:
+        return "".join(self._made_pieces[t] for t in tokens).encode()
 
     def tokenize(self, text, add_bos=True, special=False):
         if isinstance(text, bytes):
@@ -88,6 +95,8 @@ class FakeLlama:
         emitted = 0  # text that could be the start of a stop string is held back, as llama-cpp-python does
         stop_reason = "eos"
         n = 0
+        self._made_pieces = []
+        self.generator.last_stats.tokens = []
         for piece in _pieces(reply):
             if self._cancel.is_set():
                 stop_reason = "cancelled"
@@ -102,6 +111,8 @@ class FakeLlama:
                 time.sleep(self.script.delay)
             n += 1
             self.n_tokens += 1
+            self._made_pieces.append(piece)
+            self.generator.last_stats.tokens.append(len(self._made_pieces) - 1)
             made += piece
             hit = min((made.find(s) for s in stops if s in made), default=-1)
             if hit >= 0:

@@ -450,7 +450,7 @@ class ChatApp(App):
             self._take_back_failed_message()
             self.notify(result.error, severity="error", title="No reply", timeout=10)
         else:
-            msg = self.conv.reply_message(result.text, result.stop_reason, result.cancelled)
+            msg = self.conv.reply_message(result.text, result.stop_reason, result.cancelled, result.stop_text)
             self.conv.messages.append(msg)
             if view is not None:
                 view.finish(self.conv.display_text(msg), stopped=msg.stopped, note=msg.note)

@@ -219,13 +219,14 @@ class Conversation:
         tail = self.preamble.rstrip()
         return any(tail.endswith(r.rstrip()) for r in self.reverse_prompts if r.strip())
 
-    def reply_message(self, text: str, stop_reason: str | None, cancelled: bool = False) -> Message:
+    def reply_message(self, text: str, stop_reason: str | None, cancelled: bool = False,
+                      stop_text: str | None = None) -> Message:
         """The assistant message for a finished (or stopped) generation. In interactive mode the
         reverse prompt that handed over to the user is part of the transcript, as in llama.cpp,
         which also injects the first reverse prompt when the model ends its text."""
         content = text
         if self.mode == INTERACTIVE and not cancelled and self.reverse_prompts and stop_reason in ("stop", "eos"):
-            content = text + self.reverse_prompts[0]
+            content = text + (stop_text if stop_text in self.reverse_prompts else self.reverse_prompts[0])
         note = ""
         if stop_reason == "context_full":
             note = "context full"

@@ -74,6 +74,7 @@ class GenerationResult:
     n_tokens: int = 0
     n_ctx: int = 0
     seconds: float = 0.0
+    stop_text: str | None = None  # which stop string ended it, when the engine lets us tell
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -192,6 +193,8 @@ class Engine:
             result.n_ctx = self.n_ctx()
         result.text = "".join(pieces)
         result.stop_reason = result.stats.get("stop_reason") or result.finish_reason
+        if result.stop_reason == "stop" and request.stop:
+            result.stop_text = _matched_stop(llm, request.stop, result.text)
         result.cancelled = self._cancel.is_set() or result.finish_reason == "cancelled" or result.stop_reason == "cancelled"
         return result
 
@@ -199,6 +202,21 @@ class Engine:
         self.cancel()
         with self._lock:
             self.llm = None
+
+
+def _matched_stop(llm, stops: list[str], text: str) -> str | None:
+    """The stop string that ended a generation. The API hides it (the text stops before it),
+    so read it from the generated tokens when the engine exposes them; None if it does not."""
+    if len(stops) == 1:
+        return stops[0]
+    try:
+        tokens = list(llm.generator.last_stats.tokens)
+        full = llm.detokenize(tokens).decode("utf-8", "replace")
+    except Exception:
+        return None
+    found = [(full.find(s, max(0, len(text) - len(s))), s) for s in stops]
+    found = [(at, s) for at, s in found if at >= 0]
+    return min(found)[1] if found else None
 
 
 def quant_name(metadata: dict) -> str:

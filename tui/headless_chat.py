@@ -112,7 +112,7 @@ def run(args, llama_factory=None, stdin=None, stdout=None) -> int:
             if conv.messages and conv.messages[-1].role == "user":
                 conv.messages.pop()  # the turn failed; the user can try again
             return
-        msg = conv.reply_message(result.text, result.stop_reason, result.cancelled)
+        msg = conv.reply_message(result.text, result.stop_reason, result.cancelled, result.stop_text)
         conv.messages.append(msg)
         if conv.mode == INTERACTIVE:
             out.write(msg.content[len(result.text):])  # the reverse prompt that hands over, as llama.cpp shows it
