@@ -159,22 +159,25 @@ def plan_hf(folder: Path, name: str) -> Conversion:
         gw.add_value_length(head_dim)
     rope_freqs = _rope_scaling(gw, config, head_dim, cfg_path)
 
+    # the vocabulary is read once into its own recorder and added after the hyper-parameters,
+    # in the converters' order; its size goes into llama.vocab_size first
+    vocab_gw = gguf.GGUFWriter(None, "llama")
     if (folder / "tokenizer.model").is_file():
-        n_vocab = add_sentencepiece_vocab(_Deferred(), folder, vocab_size)
+        n_vocab = add_sentencepiece_vocab(vocab_gw, folder, vocab_size)
     else:
-        n_vocab = add_bpe_vocab(_Deferred(), folder, vocab_size)
+        n_vocab = add_bpe_vocab(vocab_gw, folder, vocab_size)
     gw.add_vocab_size(n_vocab)
     gw.add_rope_dimension_count(head_dim)
     if (folder / "tokenizer_config.json").is_file():
         tc = read_json(folder / "tokenizer_config.json")
         if (prefix := tc.get("add_prefix_space")) is not None:
             gw.add_add_space_prefix(bool(prefix))
-    if (folder / "tokenizer.model").is_file():
-        add_sentencepiece_vocab(gw, folder, vocab_size)
-    else:
-        add_bpe_vocab(gw, folder, vocab_size)
+    for key, value in vocab_gw.kv_data[0].items():
+        if key != "general.architecture":
+            gw.add_key_value(key, value.value, value.type, value.sub_type)
     if vocab_size == 49152:
         # convert_hf_to_gguf.py's LlamaModel: granite/SmolLM-sized vocabularies never add BOS
+        gw.kv_data[0].pop(gguf.Keys.Tokenizer.ADD_BOS, None)  # replaced, not duplicated (gguf-py warns)
         gw.add_add_bos_token(False)
 
     # tensors: expected shape (numpy order) of each, then check the files against them
@@ -239,14 +242,6 @@ def _planned(weights: WeightFiles, hf_name: str, n_head: int, n_head_kv: int) ->
     src = weights.files[weights.where[hf_name]]
     dtype = src.tensor(hf_name).dtype
     return PlannedTensor(name, weights.shape(hf_name), dtype, load)
-
-
-class _Deferred:
-    """A recorder that records nothing: used to learn the vocabulary size before the
-    hyper-parameters are added (the converters add the vocabulary after them)."""
-
-    def __getattr__(self, name):
-        return lambda *a, **k: None
 
 
 def _rope_scaling(gw, config: dict, head_dim: int, path: Path):
