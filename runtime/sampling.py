@@ -55,8 +55,15 @@ class Candidates:
         self.identity = identity
 
     @classmethod
-    def from_logits(cls, logits: np.ndarray) -> "Candidates":
-        logits = np.asarray(logits, dtype=F32).ravel().copy()
+    def from_logits(cls, logits: np.ndarray, buffer: np.ndarray | None = None) -> "Candidates":
+        """A working copy of `logits` (into `buffer` if given: a fresh 200 kB array per token
+        costs more in page faults than the whole default chain)."""
+        logits = np.asarray(logits, dtype=F32).ravel()
+        if buffer is not None and buffer.shape == logits.shape:
+            np.copyto(buffer, logits)
+            logits = buffer
+        else:
+            logits = logits.copy()
         return cls(_arange(len(logits)), logits, _EMPTY_P, identity=True)
 
     @classmethod
@@ -448,6 +455,7 @@ class Sampler:
             self.mirostat = MirostatV2(self.rng, params.mirostat_tau, params.mirostat_eta)
         else:
             self.mirostat = None
+        self._buffer: np.ndarray | None = None
 
     def accept(self, token: int) -> None:
         self.penalties.accept(token)
@@ -466,7 +474,9 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token id for these logits (llama_sampler_sample over the chain)."""
-        cur = Candidates.from_logits(logits)
+        if self._buffer is None or self._buffer.shape != np.shape(logits):
+            self._buffer = np.empty(np.shape(logits), F32)
+        cur = Candidates.from_logits(logits, self._buffer)
         index = self.apply(cur)  # replaces cur.ids: read them only afterwards
         return int(cur.ids[index])
 
