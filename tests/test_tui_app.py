@@ -559,3 +559,19 @@ async def test_library_edit_of_the_model_in_use_reaches_the_sidebar_and_reloads(
         await reply_done(pilot, app)
         assert len(script.instances) == 2 and script.instances[-1].load_kwargs["chat_format"] == "chatml"
         assert script.calls[-1]["top_p"] == 0.5
+
+
+async def test_quick_second_switch_wins(library):
+    script = FakeScript(replies=["from beta"], load_delay=0.4)
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        select = app.chat_screen.sidebar.query_one("#model-select")
+        select.value = "beta"
+        await wait_for(pilot, lambda: app.loading)
+        select.value = "alpha"
+        await pilot.pause(0.1)
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: len(script.instances) == 3 and not app.loading)
+        assert app.entry.name == "alpha" and Path(app.engine.llm.model_path).name == "alpha.gguf"
+        assert app.loaded_settings["n_ctx"] == 2048

@@ -64,11 +64,13 @@ class ReplyDone(TextualMessage):
 
 
 class LoadDone(TextualMessage):
-    def __init__(self, entry, error: str | None, reason: str):
+    def __init__(self, entry, error: str | None, reason: str, kwargs: dict, seq: int):
         super().__init__()
         self.entry = entry
         self.error = error
         self.reason = reason
+        self.kwargs = kwargs  # what the model was loaded with
+        self.seq = seq
 
 
 class ChatApp(App):
@@ -99,6 +101,7 @@ class ChatApp(App):
         self.loaded_settings: dict = {}  # the load-time settings of the model now in the engine
         self._pending_reply = False  # a reply to start once the load in progress ends
         self._live: tuple[float, int] | None = None  # (time, n_tokens) at the reply's first text
+        self._load_seq = 0  # only the newest load's report counts (a quick second switch wins)
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -298,10 +301,11 @@ class ChatApp(App):
         self.load_fraction = 0.0
         self.chat_screen.sidebar.show_progress(0.0)
         self.update_status()
-        self._load_worker(entry, self._load_settings(), reason)
+        self._load_seq += 1
+        self._load_worker(entry, self._load_settings(), reason, self._load_seq)
 
     @work(thread=True, exit_on_error=False, group="engine")
-    def _load_worker(self, entry, kwargs: dict, reason: str) -> None:
+    def _load_worker(self, entry, kwargs: dict, reason: str, seq: int) -> None:
         def progress(fraction: float) -> None:
             self.load_fraction = float(fraction)  # read by the UI timer
 
@@ -310,10 +314,12 @@ class ChatApp(App):
             error = None
         except BaseException as err:  # noqa: BLE001 - shown as a notification
             error = describe_error(err)
-        self.post_message(LoadDone(entry, error, reason))
+        self.post_message(LoadDone(entry, error, reason, kwargs, seq))
 
     @_while_screen_exists
     def on_load_done(self, message: LoadDone) -> None:
+        if message.seq != self._load_seq:
+            return  # a newer load is on its way; its report is the one that counts
         self.loading = False
         self.load_fraction = None
         self.chat_screen.sidebar.show_progress(None)
@@ -321,7 +327,7 @@ class ChatApp(App):
             self.notify(message.error, severity="error", title="Model not loaded", timeout=10)
             self._pending_reply = False
         else:
-            self.loaded_settings = self._load_settings()
+            self.loaded_settings = dict(message.kwargs)
             if message.reason == "n_ctx":
                 self.notify(f"Ready with n_ctx={self.engine.n_ctx()}; the chat is kept.", title="Context")
             elif message.reason == "switch":
