@@ -199,7 +199,13 @@ def test_real_model_greedy_matches_llama_cpp_and_streams_the_same(smollm2_path, 
 @pytest.mark.real_model
 def test_real_model_chat(smollm2_path):
     llm = Llama(str(smollm2_path), n_ctx=1024)
-    out = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
-                                     max_tokens=24, temperature=0)
+    out = llm.create_chat_completion([{"role": "user", "content": "Hi! Who are you?"}], max_tokens=100, temperature=0)
     text = out["choices"][0]["message"]["content"]
-    assert "Paris" in text and "<|im" not in text
+    # the template's default system prompt names the model; the reply ends at <|im_end|>, not shown
+    assert "SmolLM" in text and "<|im" not in text and out["choices"][0]["finish_reason"] == "stop"
+    first = llm.last_stats["prompt_tokens"]
+    out = llm.create_chat_completion([{"role": "user", "content": "Hi! Who are you?"},
+                                      {"role": "assistant", "content": text},
+                                      {"role": "user", "content": "Thanks."}], max_tokens=4, temperature=0)
+    # the second turn evaluates only what follows the first turn's cached tokens
+    assert llm.last_stats["prompt_eval_tokens"] < llm.last_stats["prompt_tokens"] - first
