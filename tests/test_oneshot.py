@@ -98,11 +98,11 @@ def test_process_escapes_like_llama_cpp():
     assert process_escapes("trailing\\") == "trailing\\"
 
 
-def test_reverse_prompt_ends_the_completion_and_is_printed(fake, capsys):
+def test_reverse_prompt_acts_as_a_stop_string(fake, capsys):
     state, path, _ = fake
     state["text"] = "Bob: fine.\nUser: and you?"
-    code, out, _ = cli(capsys, "-m", path, "-p", "x", "-r", "User:", "--temp", "0", "--no-tui")
-    assert code == 0 and out == "Bob: fine.\nUser:"
+    code, out, err = cli(capsys, "-m", path, "-p", "x", "-r", "User:", "-r", "Nobody", "--temp", "0", "--verbose", "--no-tui")
+    assert code == 0 and out == "Bob: fine.\n" and "stop reason: stop" in err
 
 
 def test_prompt_file_path_shipped_name_and_bad_utf8(fake, capsys, tmp_path):

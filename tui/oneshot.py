@@ -5,8 +5,9 @@ Owns what the one-shot command does with the flags tui/cli.py parsed: the model 
 (a name, a path, or the default), settings merged flag > library entry > llama.cpp default, the
 prompt (-p with llama.cpp's escapes, or -f: a path or a shipped prompt name, one trailing newline
 dropped), special tokens in it parsed and BOS added as the vocabulary says, only the generated
-text on stdout (the prompt first with --echo), flushed piece by piece; -r reverse prompts end the
-completion (printed, as llama.cpp prints them); llama.cpp's timing lines on stderr with --verbose.
+text on stdout (the prompt first with --echo), flushed piece by piece; -r reverse prompts act as
+stop strings here (there is no user to hand over to): the completion ends before them, and they
+are not printed; llama.cpp's timing lines on stderr with --verbose.
 
 Ctrl-C while generating leaves what was printed and lets KeyboardInterrupt reach tui/cli.py
 (exit 130, no traceback). Never imports Textual.
@@ -136,7 +137,7 @@ def run(args) -> int:
     out = sys.stdout
     if args.echo:
         _write(out, prompt_text)
-    pieces = llm.generator.generate(tokens, params, n_predict=settings["n_predict"], reverse_prompts=reverse,
+    pieces = llm.generator.generate(tokens, params, n_predict=settings["n_predict"], stop=reverse,
                                     context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
     try:
         for piece in pieces:
