@@ -125,3 +125,24 @@ def test_first_run_screen(snap_compare):
         await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_saved_chats_screen(snap_compare, library, monkeypatch):
+    import llamachat.tui.screens.chats as chats_screen
+
+    monkeypatch.setattr(chats_screen, "_when", lambda ts: "2026-01-01 12:00")  # the clock is not part of the picture
+    app, _ = make_app(script=FakeScript(replies=["Paris.", "Rome."]))
+
+    async def run_before(pilot):
+        await ready(pilot, app)
+        steady(app)
+        await send(pilot, app, "Capital of France?")
+        await reply_done(pilot, app)
+        await pilot.press("ctrl+n")
+        await send(pilot, app, "Capital of Italy?")
+        await reply_done(pilot, app)
+        app.clear_notifications()  # the "New chat." toast would depend on timing
+        await pilot.press("ctrl+o")
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
