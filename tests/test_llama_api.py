@@ -209,3 +209,25 @@ def test_real_model_chat(smollm2_path):
                                       {"role": "user", "content": "Thanks."}], max_tokens=4, temperature=0)
     # the second turn evaluates only what follows the first turn's cached tokens
     assert llm.last_stats["prompt_eval_tokens"] < llm.last_stats["prompt_tokens"] - first
+
+
+@pytest.mark.real_model
+def test_real_model_cancel_from_another_thread_and_context_shift(smollm2_path):
+    llm = Llama(str(smollm2_path), n_ctx=64, context_shift=True, n_keep=-1)
+    got = []
+    cancelled_at = []
+    for chunk in llm("Once upon a time", max_tokens=-1, temperature=0, ignore_eos=True, stream=True):
+        got.append(chunk["choices"][0]["text"])
+        if len(got) == 5:
+            def cancel():
+                cancelled_at.append(len(got))
+                llm.cancel()
+            threading.Timer(0.05, cancel).start()
+        if len(got) > 1000:
+            break
+    assert chunk["choices"][0]["finish_reason"] == "cancelled" and llm.last_stats["stop_reason"] == "cancelled"
+    assert len(got) - 1 <= cancelled_at[0] + 1  # the last chunk is the empty finishing one
+    # a context of 64 with context_shift: 150 tokens come out, the cache shifting under them
+    out = llm("Once upon a time", max_tokens=150, temperature=0, ignore_eos=True)
+    assert out["usage"]["completion_tokens"] == 150 and out["choices"][0]["finish_reason"] == "length"
+    assert llm.last_stats["context_shifts"] >= 2 and llm.n_tokens < 64
