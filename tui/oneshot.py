@@ -16,10 +16,9 @@ Ctrl-C while generating leaves what was printed and lets KeyboardInterrupt reach
 from __future__ import annotations
 
 import sys
-import time
 
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.params import SETTINGS, SamplingParams, check_setting
+from llamachat.runtime.params import SamplingParams, check_setting
 
 # argparse dest -> the flag as the user typed it (for error messages)
 FLAGS = {
