@@ -50,14 +50,14 @@ def run(replies, args, stdin: str):
 
 
 def test_chat_mode_turns_and_eof(model):
-    code, out, err, info = run(["Paris.", "Berlin."], ["-m", str(model), "--temp", "0", "--system", "Be terse."],
+    code, out, err, info = run(["Paris.\n\n\n", "Berlin."], ["-m", str(model), "--temp", "0", "--system", "Be terse."],
                                "Capital of France?\n\nCapital of Germany?\n")
     assert code == 0, err
     assert "Traceback" not in err
     assert out == "\n> Capital of France?\nParis.\n\n> Capital of Germany?\nBerlin.\n\n> \n"
     first, second = info["calls"]
     assert first["messages"] == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Capital of France?"}]
-    assert second["messages"][-2:] == [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Capital of Germany?"}]
+    assert second["messages"][-2:] == [{"role": "assistant", "content": "Paris.\n\n\n"}, {"role": "user", "content": "Capital of Germany?"}]
     assert first["temperature"] == 0.0
     assert not info["textual"]  # the headless path never imports the UI
 

@@ -53,14 +53,31 @@ class _Output:
         self.stream.flush()
 
 
+class _TrimmedReply:
+    """Streams a chat or instruct reply but holds back trailing whitespace, so a reply that
+    ends in blank lines does not push the next "> " down the screen."""
+
+    def __init__(self, out: _Output):
+        self.out = out
+        self.pending = ""
+
+    def __call__(self, text: str) -> None:
+        text = self.pending + text
+        shown = text.rstrip()
+        self.pending = text[len(shown):]
+        self.out.write(shown)
+
+
 def _generate(engine: Engine, conv: Conversation, sampling: dict, bias: dict, out: _Output) -> GenerationResult:
     """Run one reply in a thread so Ctrl-C in the main thread can cancel it cleanly."""
     box: dict = {}
     done = threading.Event()
+    # an interactive transcript is shown exactly as the model sees it
+    write = (lambda text: out.write(text)) if conv.mode == INTERACTIVE else _TrimmedReply(out)
 
     def work():
         try:
-            box["result"] = engine.generate(conv.request(), sampling, lambda text: out.write(text), bias)
+            box["result"] = engine.generate(conv.request(), sampling, write, bias)
         finally:
             done.set()
 
@@ -116,7 +133,7 @@ def run(args, llama_factory=None, stdin=None, stdout=None) -> int:
         conv.messages.append(msg)
         if conv.mode == INTERACTIVE:
             out.write(msg.content[len(result.text):])  # the reverse prompt that hands over, as llama.cpp shows it
-        elif not result.text.endswith("\n"):
+        else:
             out.write("\n")
         _report(result, verbose)
 
