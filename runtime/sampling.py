@@ -201,9 +201,9 @@ def top_p(cur: Candidates, p: float, min_keep: int = 0) -> None:
         cur.take(order, sorted=True)
     else:
         cum = np.cumsum(cur.p, dtype=F32)
-    hit = (cum >= p32) & (np.arange(1, len(cum) + 1) >= min_keep)
-    last = int(np.argmax(hit)) + 1 if hit.any() else len(cur)
-    cur.truncate(last)
+    # the running sum never falls, so the first position reaching p is a binary search away
+    first = int(np.searchsorted(cum, p32, side="left"))
+    cur.truncate(max(first, min_keep - 1) + 1 if first < len(cum) else len(cur))
 
 
 def min_p(cur: Candidates, p: float, min_keep: int = 0) -> None:
@@ -219,9 +219,9 @@ def min_p(cur: Candidates, p: float, min_keep: int = 0) -> None:
             return
         _sort(cur)
     min_logit = cur.logits[0] + log_p
-    below = (cur.logits < min_logit) & (np.arange(len(cur)) >= min_keep)
-    below[0] = False  # the first token always stays
-    cur.truncate(int(np.argmax(below)) if below.any() else len(cur))
+    # sorted: the tokens at or above min_logit are a prefix; the first token always stays
+    first_below = int(np.count_nonzero(cur.logits >= min_logit))
+    cur.truncate(min(max(first_below, 1, min_keep), len(cur)))
 
 
 def typical(cur: Candidates, p: float, min_keep: int = 0) -> None:
@@ -474,9 +474,13 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token id for these logits (llama_sampler_sample over the chain)."""
-        if self._buffer is None or self._buffer.shape != np.shape(logits):
-            self._buffer = np.empty(np.shape(logits), F32)
-        cur = Candidates.from_logits(logits, self._buffer)
+        if self.biases or self.penalties.active:  # these change logits in place: work on a copy
+            if self._buffer is None or self._buffer.shape != np.shape(logits):
+                self._buffer = np.empty(np.shape(logits), F32)
+            cur = Candidates.from_logits(logits, self._buffer)
+        else:  # every later step makes new arrays: the caller's logits are only read
+            flat = np.asarray(logits, dtype=F32).ravel()
+            cur = Candidates(_arange(len(flat)), flat, _EMPTY_P, identity=True)
         index = self.apply(cur)  # replaces cur.ids: read them only afterwards
         return int(cur.ids[index])
 

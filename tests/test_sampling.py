@@ -297,3 +297,14 @@ def test_default_chain_costs_well_under_a_millisecond():
         s.accept(s.sample(logits))
     per_token = (time.perf_counter() - t0) / 50
     assert per_token < 1e-3, f"{per_token * 1e3:.2f} ms per token"
+
+
+def test_the_callers_logits_are_never_changed():
+    logits = _logits()
+    before = logits.copy()
+    for params in (SamplingParams(seed=1), SamplingParams(seed=1, repeat_penalty=1.3, logit_bias=((5, -math.inf),)),
+                   SamplingParams(seed=1, mirostat=2), SamplingParams(seed=1, top_k=0, typical_p=0.5)):
+        s = Sampler(params, len(logits))
+        s.accept_many(range(100))
+        s.sample(logits)
+        assert np.array_equal(logits, before)
