@@ -397,6 +397,9 @@ async def test_interactive_mode_transcript_and_reverse_prompt(library):
         await ready(pilot, app)
         await pilot.pause(0.2)
         assert not script.calls  # the file ends with "User:": the user speaks first
+        preamble = views(app)[0]
+        assert preamble.role == "preamble" and not preamble.markdown  # a transcript keeps its line breaks
+        assert "\nUser: Hello, Bob.\nBob: Hello." in str(preamble.query_one(".message-body").render())
         await send(pilot, app, "Hello, Bob.")
         await reply_done(pilot, app)
         call = script.calls[-1]

@@ -404,7 +404,7 @@ class ChatApp(App):
         if not text.strip():
             return False
         self.conv.messages.append(Message("user", text))
-        self.chat_screen.add_message(MessageView("user", text))
+        self.chat_screen.add_message(MessageView("user", text, markdown=self._markdown_replies()))
         self.save_chat()
         self.start_reply()
         return True
@@ -424,7 +424,8 @@ class ChatApp(App):
         sampling = conv_mod.call_kwargs(self.settings, self.args)
         self.buffer.drain()
         name = self.entry.name if self.entry else "Assistant"
-        self.reply_view = self.chat_screen.add_message(MessageView("assistant", name_label=name, streaming=True))
+        self.reply_view = self.chat_screen.add_message(MessageView("assistant", name_label=name, streaming=True,
+                                                                   markdown=self._markdown_replies()))
         self.chat_screen.messages.anchor()
         self.generating = True
         self._live = None
@@ -545,15 +546,20 @@ class ChatApp(App):
             self.start_reply()
         self.update_status()
 
+    def _markdown_replies(self) -> bool:
+        """Chat and instruct replies are Markdown; an interactive transcript is shown as written."""
+        return self.conv.mode != INTERACTIVE
+
     def _rebuild_views(self) -> None:
         screen = self.chat_screen
         screen.clear_messages()
         if self.conv.mode != CHAT and self.conv.preamble.strip():
-            screen.add_message(MessageView("preamble", self.conv.preamble.strip(), name_label=f"Prompt ({self.conv.preamble_name})"))
+            screen.add_message(MessageView("preamble", self.conv.preamble.strip(), name_label=f"Prompt ({self.conv.preamble_name})",
+                                           markdown=False))
         name = self.entry.name if self.entry else "Assistant"
         for msg in self.conv.messages:
             screen.add_message(MessageView(msg.role, self.conv.display_text(msg), name_label="You" if msg.role == "user" else name,
-                                           stopped=msg.stopped, note=msg.note))
+                                           stopped=msg.stopped, note=msg.note, markdown=self._markdown_replies()))
         screen.messages.anchor()
         self._show_mode()
 
