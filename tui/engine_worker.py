@@ -105,7 +105,12 @@ class Engine:
         """(Re-)create the Llama for `model_path` with these keywords; raises EngineError/UserError."""
         factory = self._factory or default_llama_factory()
         with self._lock:
-            self.llm = None  # release the old model (and its KV cache) before loading the next
+            old, self.llm = self.llm, None  # release the old model (and its KV cache) before loading the next
+            if old is not None and hasattr(old, "close"):
+                try:
+                    old.close()
+                except Exception:
+                    pass
             try:
                 self.llm = factory(str(model_path), progress=progress, verbose=False, **kwargs)
             except UserError:
