@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .matmul import fma32, matmul, quantize_for, round_to_f16
+from .matmul import F16_TABLE, FUSED_TYPES, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
 
 
 @njit(cache=True)
@@ -192,13 +192,131 @@ def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
         act = quantize_for(h, layer.w_gate)
         gate = matmul(layer.w_gate, act)
         up = matmul(layer.w_up, act if layer.w_up.act_mode == act.mode else quantize_for(h, layer.w_up))
-        x = x + matmul(layer.w_down, silu(gate) * up)
+        act = np.empty_like(gate)
+        for t in range(n_tok):
+            _silu_mul(gate[t], up[t], act[t])
+        x = x + matmul(layer.w_down, act)
     cache.n_past = pos0 + n_tok
 
     x = x if want_all else x[-1:]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
     logits = matmul(w.output, x)
     return logits if want_all else logits[0]
+
+
+@njit(cache=True, inline="always")
+def _ggml_expf(x):
+    """ggml_v_expf (AVX2), the exp ggml's SiLU uses: ARM's optimized-routines expf (1.5 ulp),
+    replayed in float32 step by step (2**n built directly: the bit tricks give exactly that).
+    Constants: 0x1.715476p+0, 0x1.8p23, 0x1.62e4p-1, 0x1.7f7d1cp-20, 0x1.0e4020p-7,
+    0x1.573e2ep-5, 0x1.555e66p-3, 0x1.fffdb6p-2, 0x1.ffffecp-1."""
+    z = fma32(x, np.float32(1.4426950216293335), np.float32(12582912.0))  # x*log2(e) + 0x1.8p23
+    n = np.float32(z - np.float32(12582912.0))
+    if abs(n) > 126.0:  # ggml's slow path (over/underflow); here the exact value is as good
+        return np.float32(math.exp(x))
+    b = fma32(-n, np.float32(1.428606765330187e-06), fma32(-n, np.float32(0.693145751953125), x))
+    k = np.float32(math.ldexp(1.0, int(n)))
+    u = np.float32(b * b)
+    j = fma32(fma32(fma32(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
+                    fma32(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
+              u, np.float32(np.float32(0.9999994039535522) * b))
+    return fma32(j, k, k)
+
+
+@njit(cache=True)
+def _silu_mul(gate, up, out):
+    """SwiGLU as ggml_vec_swiglu_f32: x / (1 + expf(-x)) * up, in float32."""
+    for i in range(gate.shape[0]):
+        g = gate[i]
+        out[i] = (g / (np.float32(1.0) + _ggml_expf(-g))) * up[i]
+
+
+@njit(cache=True)
+def _project(mats, types, first, count, x, table, outs):
+    """outs[i] = mats[first+i] @ x[0] for i < count, rounding x once per activation format."""
+    n = x.shape[1]
+    xq = np.empty((1, n), np.int8)
+    xd = np.empty((1, n // 32), np.float32)
+    xs = np.empty((1, n // 32), np.float32)
+    xhat = np.empty((1, n), np.float32)
+    mode = -1
+    for i in range(count):
+        t = types[first + i]
+        if act_mode_of(t) != mode:
+            mode = act_mode_of(t)
+            quantize_activations(x, mode, xq, xd, xs, xhat)
+        matvec_fused(t, mats[first + i], table, xq[0], xd[0], xs[0], xhat[0], outs[i])
+
+
+@njit(cache=True)
+def decode_layer(x, attn_norm, ffn_norm, eps, mats, types, k_cache, v_cache, pos, cos, sin,
+                 n_head, n_head_kv, head_dim, n_rot, table):
+    """One layer for one token (x [1, n_embd], updated in place) in a single compiled call:
+    the same steps and kernels as `forward`, without a Python-level call per step.
+    mats/types: (wq, wk, wv, wo, w_gate, w_up, w_down) raw rows and their ggml types."""
+    n_embd = x.shape[1]
+    kv_dim = n_head_kv * head_dim
+    n_ff = mats[4].shape[0]
+    h = np.empty((1, n_embd), np.float32)
+    q = np.empty((1, n_head * head_dim), np.float32)
+    k = np.empty((1, kv_dim), np.float32)
+    v = np.empty((1, kv_dim), np.float32)
+    att = np.empty((1, n_head * head_dim), np.float32)
+    proj = np.empty((1, n_embd), np.float32)
+    gate = np.empty((1, n_ff), np.float32)
+    up = np.empty((1, n_ff), np.float32)
+    act = np.empty((1, n_ff), np.float32)
+
+    # attention
+    _rmsnorm(x, attn_norm, eps, h)
+    _project(mats, types, 0, 1, h, table, (q[0],))
+    _project(mats, types, 1, 2, h, table, (k[0], v[0]))
+    apply_rope(q, n_head, head_dim, n_rot, cos, sin)
+    apply_rope(k, n_head_kv, head_dim, n_rot, cos, sin)
+    for i in range(kv_dim):  # the cache holds half floats
+        k_cache[pos, i] = round_to_f16(k[0, i])
+        v_cache[pos, i] = round_to_f16(v[0, i])
+    attention(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
+    _project(mats, types, 3, 1, att, table, (proj[0],))
+    for i in range(n_embd):
+        x[0, i] += proj[0, i]
+
+    # feed-forward (SwiGLU)
+    _rmsnorm(x, ffn_norm, eps, h)
+    _project(mats, types, 4, 2, h, table, (gate[0], up[0]))
+    _silu_mul(gate[0], up[0], act[0])
+    _project(mats, types, 6, 1, act, table, (proj[0],))
+    for i in range(n_embd):
+        x[0, i] += proj[0, i]
+
+
+def fused_layers(weights) -> list | None:
+    """Per layer (mats, types) for decode_layer, or None if some matrix has no fused kernel
+    (or the shapes do not suit it): those models decode through `forward`."""
+    out = []
+    for layer in weights.layers:
+        ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
+        if any(w.ggml_type not in FUSED_TYPES or w.n_in % 32 for w in ws):
+            return None
+        out.append((tuple(np.ascontiguousarray(w.rows) for w in ws), np.array([int(w.ggml_type) for w in ws], np.int64)))
+    return out
+
+
+def decode_token(model, token: int) -> np.ndarray:
+    """One token at position n_past with one compiled call per layer; logits [n_vocab]."""
+    cfg = model.config
+    cache = model.cache
+    pos = cache.n_past
+    cos, sin = rope_tables(np.array([pos]), cfg)
+    x = model.embed(np.array([token]))
+    eps = np.float32(cfg.rms_eps)
+    for il, (mats, types) in enumerate(model.fused):
+        layer = model.weights.layers[il]
+        decode_layer(x, layer.attn_norm, layer.ffn_norm, eps, mats, types, cache.k[il], cache.v[il], pos,
+                     cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
+    cache.n_past = pos + 1
+    x = rmsnorm(x, model.weights.output_norm, cfg.rms_eps)
+    return matmul(model.weights.output, x)[0]
 
 
 def rerotate_keys(model, start: int, end: int, delta: int) -> None:

@@ -46,7 +46,7 @@ SUPPORTED_TYPES = frozenset(VEC_DOT_TYPE)
 FUSED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K})
 # at or above this many tokens a dequantized tile times BLAS (much faster, not bit-identical
 # to ggml) replaces the per-token fused kernels (llama.cpp's exact sums)
-PREFILL_MIN_TOKENS = 32
+PREFILL_MIN_TOKENS = 16
 # rows dequantized at once on the tile path (bounds the transient float32 tile)
 TILE_ROWS = 2048
 
@@ -235,21 +235,38 @@ def hsum8(acc):
     return (r0 + r2) + (r1 + r3)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def _matvec_q4_1(w, table, xq, xd, xs, out):
-    """w = d*q + m: sum = d*dx*sum(q*xq) + m*(dx*sum(xq))."""
+    """w = d*q + m, summed exactly as ggml's AVX2 vec_dot_q4_1_q8_1 does: per block 8 integer
+    lanes (values 4l..4l+3; the low nibbles are values 0-15, the high ones 16-31), each
+    accumulated over blocks as fma(d*dx, lane, acc_l); the min terms fma'd into one scalar;
+    result = hsum_float_8(acc) + mins. Float rounding identical to llama.cpp's matters: its
+    F16 KV cache rounds these outputs, and this small model amplifies a flipped rounding."""
     n_rows, rb = w.shape
+    nb = rb // 20
     xlo, xhi, _ = _spread_q4(xq, rb, 20)
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        prod = np.empty(rb, np.int16)
+        plo = np.empty(rb, np.int16)
+        phi = np.empty(rb, np.int16)
+        acc = np.empty(8, np.float32)
         for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             row = w[r]
-            _nibble_products(row, xlo, xhi, prod)
-            acc = np.float32(0.0)
-            for b in range(rb // 20):
-                s = _sum16(prod, b * 20 + 4)
-                acc += _f16(table, row, b * 20) * xd[b] * np.float32(s) + _f16(table, row, b * 20 + 2) * xs[b]
-            out[r] = acc
+            for i in range(rb):  # contiguous: vectorized
+                q = np.int16(row[i])
+                plo[i] = (q & 15) * xlo[i]
+                phi[i] = (q >> 4) * xhi[i]
+            acc[:] = 0.0
+            mins = np.float32(0.0)
+            for b in range(nb):
+                o = b * 20 + 4
+                d0d1 = _f16(table, row, b * 20) * xd[b]
+                mins = fma32(_f16(table, row, b * 20 + 2), xs[b], mins)
+                for l in range(4):
+                    lo = np.int32(plo[o + 4 * l]) + np.int32(plo[o + 4 * l + 1]) + np.int32(plo[o + 4 * l + 2]) + np.int32(plo[o + 4 * l + 3])
+                    hi = np.int32(phi[o + 4 * l]) + np.int32(phi[o + 4 * l + 1]) + np.int32(phi[o + 4 * l + 2]) + np.int32(phi[o + 4 * l + 3])
+                    acc[l] = fma32(d0d1, np.float32(lo), acc[l])
+                    acc[l + 4] = fma32(d0d1, np.float32(hi), acc[l + 4])
+            out[r] = hsum8(acc) + mins
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -466,3 +483,37 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
         delta = act.xs - act.xhat.reshape(n_tok, -1, 32).sum(axis=2, dtype=np.float32)
         out += delta @ mins.T
     return out
+
+
+# --- one compiled call per layer for single-token decode ------------------------------------
+
+_ACT_OF_TYPE = np.full(64, -1, np.int64)
+for _t, _mode in VEC_DOT_TYPE.items():
+    _ACT_OF_TYPE[int(_t)] = _mode
+_Q4_0, _Q4_1, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1), int(T.Q8_0), int(T.Q4_K),
+                                                   int(T.Q6_K), int(T.F16), int(T.F32))
+
+
+@njit(cache=True)
+def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
+    """out = W x for one token with W's fused kernel (t: its ggml type, in FUSED_TYPES);
+    x given as its rounded activations (xq/xd/xs for the integer kernels, xhat for floats)."""
+    if t == _Q4_1:
+        _matvec_q4_1(w, table, xq, xd, xs, out)
+    elif t == _Q4_0:
+        _matvec_q4_0(w, table, xq, xd, out)
+    elif t == _Q8_0:
+        _matvec_q8_0(w, table, xq, xd, out)
+    elif t == _Q4_K:
+        _matvec_q4_k(w, table, xq, xd, xs, out)
+    elif t == _Q6_K:
+        _matvec_q6_k(w, table, xq, xd, out)
+    elif t == _F16:
+        _matvec_f16(w, table, xhat, out)
+    else:
+        _matvec_f32(w, xhat, out)
+
+
+@njit(cache=True)
+def act_mode_of(t):
+    return _ACT_OF_TYPE[t]

@@ -263,6 +263,10 @@ class LlamaModel:
         self.cache = KVCache(config.n_layer, n_ctx, config.n_head_kv * config.head_dim)
         self.warnings: list[str] = []
         self._lock = threading.Lock()
+        from .forward import fused_layers
+
+        # single-token decode in one compiled call per layer, when every matrix has a fused kernel
+        self.fused = fused_layers(weights)
 
     @property
     def n_past(self) -> int:
@@ -288,7 +292,7 @@ class LlamaModel:
         """Append tokens at n_past, in chunks of n_batch; return float32 logits of the last
         token [n_vocab] (logits="last") or of every token [len(tokens), n_vocab] ("all").
         If `cancel` is set when a chunk ends, raises EvalCancelled (finished chunks stay)."""
-        from .forward import forward
+        from .forward import decode_token, forward
 
         if logits not in ("last", "all"):
             raise ValueError("logits must be 'last' or 'all'")
@@ -308,7 +312,10 @@ class LlamaModel:
                     raise EvalCancelled(start)
                 chunk = ids[start:start + self.n_batch]
                 last = start + self.n_batch >= ids.size
-                if want_all or last:
+                if len(chunk) == 1 and self.fused is not None:
+                    logits_1 = decode_token(self, int(chunk[0]))
+                    outs.append(logits_1[None, :] if want_all else logits_1)
+                elif want_all or last:
                     outs.append(forward(self, chunk, want_all))
                 else:
                     forward(self, chunk, False)
