@@ -235,7 +235,14 @@ def hsum8(acc):
     return (r0 + r2) + (r1 + r3)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, inline="always")
+def _lane(p, o):
+    return np.float32(np.int32(p[o]) + np.int32(p[o + 1]) + np.int32(p[o + 2]) + np.int32(p[o + 3]))
+
+
+# fastmath 'contract' only: a*b + c becomes one fused multiply-add (as ggml's
+# _mm256_fmadd_ps and GCC's contraction of `summs += m*s`), nothing is reassociated
+@njit(cache=True, parallel=True, fastmath={"contract"})
 def _matvec_q4_1(w, table, xq, xd, xs, out):
     """w = d*q + m, summed exactly as ggml's AVX2 vec_dot_q4_1_q8_1 does: per block 8 integer
     lanes (values 4l..4l+3; the low nibbles are values 0-15, the high ones 16-31), each
@@ -248,25 +255,28 @@ def _matvec_q4_1(w, table, xq, xd, xs, out):
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         plo = np.empty(rb, np.int16)
         phi = np.empty(rb, np.int16)
-        acc = np.empty(8, np.float32)
         for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             row = w[r]
             for i in range(rb):  # contiguous: vectorized
                 q = np.int16(row[i])
                 plo[i] = (q & 15) * xlo[i]
                 phi[i] = (q >> 4) * xhi[i]
-            acc[:] = 0.0
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
             mins = np.float32(0.0)
             for b in range(nb):
                 o = b * 20 + 4
-                d0d1 = _f16(table, row, b * 20) * xd[b]
-                mins = fma32(_f16(table, row, b * 20 + 2), xs[b], mins)
-                for l in range(4):
-                    lo = np.int32(plo[o + 4 * l]) + np.int32(plo[o + 4 * l + 1]) + np.int32(plo[o + 4 * l + 2]) + np.int32(plo[o + 4 * l + 3])
-                    hi = np.int32(phi[o + 4 * l]) + np.int32(phi[o + 4 * l + 1]) + np.int32(phi[o + 4 * l + 2]) + np.int32(phi[o + 4 * l + 3])
-                    acc[l] = fma32(d0d1, np.float32(lo), acc[l])
-                    acc[l + 4] = fma32(d0d1, np.float32(hi), acc[l + 4])
-            out[r] = hsum8(acc) + mins
+                d = _f16(table, row, b * 20) * xd[b]
+                mins = _f16(table, row, b * 20 + 2) * xs[b] + mins
+                a0 = d * _lane(plo, o) + a0
+                a1 = d * _lane(plo, o + 4) + a1
+                a2 = d * _lane(plo, o + 8) + a2
+                a3 = d * _lane(plo, o + 12) + a3
+                a4 = d * _lane(phi, o) + a4
+                a5 = d * _lane(phi, o + 4) + a5
+                a6 = d * _lane(phi, o + 8) + a6
+                a7 = d * _lane(phi, o + 12) + a7
+            # hsum_float_8
+            out[r] = (((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))) + mins
 
 
 @njit(cache=True, parallel=True, fastmath=True)
