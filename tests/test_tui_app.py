@@ -578,3 +578,28 @@ async def test_quick_second_switch_wins(library):
         await wait_for(pilot, lambda: len(script.instances) == 3 and not app.loading)
         assert app.entry.name == "alpha" and Path(app.engine.llm.model_path).name == "alpha.gguf"
         assert app.loaded_settings["n_ctx"] == 2048
+
+
+async def test_typing_stays_responsive_while_a_fast_reply_streams(library):
+    import time as _time
+
+    # paragraphs of 40 words, as replies come; ~2000 tokens/s, far faster than the real engine
+    words = "\n\n".join(" ".join(f"w{i}" for i in range(p, p + 40)) for p in range(0, 2000, 40))
+    script = FakeScript(replies=[words], delay=0.0005)
+    app, _ = make_app(["-c", "8192"], script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "go")
+        await wait_for(pilot, lambda: app.reply_view is not None and len(app.reply_view.source) > 100)
+        box = app.chat_screen.chat_input
+        box.focus()
+        start = _time.monotonic()
+        for key in "hey":  # as a terminal delivers keys (pilot.press would wait for the app to go idle)
+            app.simulate_key(key)
+        while box.text != "hey":
+            await asyncio.sleep(0.01)
+        typed = _time.monotonic() - start
+        assert app.generating  # the keys were handled while the reply was still streaming
+        assert typed < 0.5, f"keys took {typed:.2f} s to reach the box"
+        await reply_done(pilot, app)
+        assert app.conv.messages[-1].content == words

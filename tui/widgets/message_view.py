@@ -61,7 +61,7 @@ class MessageView(Vertical):
         self.note = note
         self.set_class(stopped, "stopped")
         self.query_one(".message-header", Label).update(self._header())
-        if text != self.source:
+        if text.strip() != self.source.strip():  # re-rendering a long reply costs; only when it differs
             body = self.query_one(".message-body")
             body.update(text)
             self.source = text
