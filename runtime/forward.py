@@ -94,7 +94,8 @@ def _round_half_inplace(acc, bits):
             bits[d] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
 
 
-@njit(cache=True, parallel=True)
+# fastmath 'contract': each a*b + c below is one fused multiply-add, as in ggml's SIMD code
+@njit(cache=True, parallel=True, fastmath={"contract"})
 def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
     """Causal multi-head attention with grouped KV heads, computed as llama.cpp's CPU flash
     attention does it (ggml_compute_forward_flash_attn_ext_f16, F16 cache): q rounded to half,
@@ -127,7 +128,7 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
                 sums[lane] = 0.0
             for i in range(0, n_simd, 32):
                 for lane in range(32):
-                    sums[lane] = fma32(qh[i + lane], k_cache[j, kv0 + i + lane], sums[lane])
+                    sums[lane] = qh[i + lane] * k_cache[j, kv0 + i + lane] + sums[lane]
             for lane in range(8):
                 sums[lane] = (sums[lane] + sums[lane + 16]) + (sums[lane + 8] + sums[lane + 24])
             t0 = sums[0] + sums[4]
@@ -149,9 +150,9 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
             else:
                 vs = np.float32(math.exp(s - m))
             for d in range(head_dim):  # ggml_vec_mad_f16: fma in float, stored as half
-                acc[d] = fma32(v_cache[j, kv0 + d], vs, acc[d])
+                acc[d] = v_cache[j, kv0 + d] * vs + acc[d]
             _round_half_inplace(acc, bits)
-            total = fma32(total, ms, vs)
+            total = total * ms + vs
         inv = np.float32(1.0) / total
         for d in range(head_dim):
             out[t, h * head_dim + d] = acc[d] * inv
