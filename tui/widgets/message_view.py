@@ -61,7 +61,7 @@ class MessageView(Vertical):
         self.note = note
         self.set_class(stopped, "stopped")
         self.query_one(".message-header", Label).update(self._header())
-        if text.strip() != self.source.strip():  # re-rendering a long reply costs; only when it differs
-            body = self.query_one(".message-body")
-            body.update(text)
-            self.source = text
+        # Markdown ignores the whitespace around a text, and re-rendering a long reply costs
+        if not self.markdown or text.strip() != self.source.strip():
+            self.query_one(".message-body").update(text)
+        self.source = text
