@@ -43,7 +43,7 @@ VEC_DOT_TYPE = {
 }
 SUPPORTED_TYPES = frozenset(VEC_DOT_TYPE)
 # formats with a fused decode kernel below
-FUSED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K})
+FUSED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q6_K})
 # at or above this many tokens a dequantized tile times BLAS (much faster, not bit-identical
 # to ggml) replaces the per-token fused kernels (llama.cpp's exact sums)
 PREFILL_MIN_TOKENS = 16
@@ -296,6 +296,34 @@ def _matvec_q4_0(w, table, xq, xd, out):
             out[r] = acc
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q5_0(w, table, xq, xd, out):
+    """Q5_0 (22 B / 32: d, qh[4] = the 32 fifth bits, qs[16] nibbles ordered as in Q4_0):
+    w = d*(q - 16), so sum(w*x) = d*(sum(nibble*x) + 16*sum(bit*x) - 16*sum(x)); the nibble
+    part is Q4_0's contiguous pass, the bit part one 32-step loop per block."""
+    n_rows, rb = w.shape
+    nb = rb // 22
+    xlo, xhi, xsum = _spread_q4(xq, rb, 22)
+    x32 = np.empty(nb * 32, np.int32)
+    for i in range(nb * 32):
+        x32[i] = xq[i]
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        prod = np.empty(rb, np.int16)
+        for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            row = w[r]
+            _nibble_products(row, xlo, xhi, prod)  # header bytes meet zeros in xlo/xhi
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * 22
+                qh = np.int32(row[o + 2]) | (np.int32(row[o + 3]) << 8) | (np.int32(row[o + 4]) << 16) | (np.int32(row[o + 5]) << 24)
+                bits = np.int32(0)
+                for j in range(32):
+                    bits += ((qh >> j) & 1) * x32[b * 32 + j]
+                s = _sum16(prod, o + 6) + 16 * bits - 16 * xsum[b]
+                acc += _f16(table, row, o) * xd[b] * np.float32(s)
+            out[r] = acc
+
+
 @njit(cache=True, inline="always")
 def _q4k_scale_min(sc, j):
     if j < 4:
@@ -471,6 +499,8 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
                 _matvec_q4_0(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
             elif t == T.Q8_0:
                 _matvec_q8_0(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
+            elif t == T.Q5_0:
+                _matvec_q5_0(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
             elif t == T.Q4_K:
                 _matvec_q4_k(w.rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
             elif t == T.Q6_K:
@@ -500,8 +530,8 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
 _ACT_OF_TYPE = np.full(64, -1, np.int64)
 for _t, _mode in VEC_DOT_TYPE.items():
     _ACT_OF_TYPE[int(_t)] = _mode
-_Q4_0, _Q4_1, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1), int(T.Q8_0), int(T.Q4_K),
-                                                   int(T.Q6_K), int(T.F16), int(T.F32))
+_Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q8_0),
+                                                          int(T.Q4_K), int(T.Q6_K), int(T.F16), int(T.F32))
 
 
 @njit(cache=True)
@@ -514,6 +544,8 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
         _matvec_q4_0(w, table, xq, xd, out)
     elif t == _Q8_0:
         _matvec_q8_0(w, table, xq, xd, out)
+    elif t == _Q5_0:
+        _matvec_q5_0(w, table, xq, xd, out)
     elif t == _Q4_K:
         _matvec_q4_k(w, table, xq, xd, xs, out)
     elif t == _Q6_K:
