@@ -83,15 +83,16 @@ def apply_rope(x, n_heads, head_dim, n_rot, cos, sin):
 
 
 @njit(cache=True, inline="always")
-def _round_half_inplace(acc, bits):
-    """Round float32 values (acc, with bits = acc.view(uint32)) to half precision, ties to
-    even: what storing into a ggml_fp16_t does."""
+def _round_half_inplace(acc, bits, magic, magic_bits):
+    """Round float32 values to half precision in place, ties to even: what storing into a
+    ggml_fp16_t does. x + C - C with C = 1.5 * 2**(e+13) (e: x's exponent, at least -14)
+    rounds x to the half-float quantum of its binade; both loops vectorize.
+    bits/magic_bits are uint32 views of acc/magic."""
     for d in range(acc.shape[0]):
-        u = bits[d]
-        if (u & 0x7FFFFFFF) < 0x38800000:  # below the half normals: a fixed quantum of 2**-24
-            acc[d] = np.float32(np.rint(np.float64(acc[d]) * 16777216.0) / 16777216.0)
-        else:
-            bits[d] = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+        e = bits[d] & np.uint32(0x7F800000)
+        magic_bits[d] = max(e, np.uint32(113 << 23)) + np.uint32(0x06C00000)
+    for d in range(acc.shape[0]):
+        acc[d] = (acc[d] + magic[d]) - magic[d]
 
 
 # fastmath 'contract': each a*b + c below is one fused multiply-add, as in ggml's SIMD code
@@ -120,6 +121,8 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
         acc = np.zeros(head_dim, np.float32)
         bits = acc.view(np.uint32)
         sums = np.empty(32, np.float32)
+        magic = np.empty(head_dim, np.float32)
+        magic_bits = magic.view(np.uint32)
         m = np.float32(-np.inf)
         total = np.float32(0.0)
         for j in range(n_past + t + 1):
@@ -146,12 +149,12 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
                 m = s
                 for d in range(head_dim):
                     acc[d] *= ms
-                _round_half_inplace(acc, bits)
+                _round_half_inplace(acc, bits, magic, magic_bits)
             else:
                 vs = np.float32(math.exp(s - m))
             for d in range(head_dim):  # ggml_vec_mad_f16: fma in float, stored as half
                 acc[d] = v_cache[j, kv0 + d] * vs + acc[d]
-            _round_half_inplace(acc, bits)
+            _round_half_inplace(acc, bits, magic, magic_bits)
             total = total * ms + vs
         inv = np.float32(1.0) / total
         for d in range(head_dim):
