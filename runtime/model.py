@@ -260,7 +260,12 @@ class LlamaModel:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_threads = n_threads
-        self.cache = KVCache(config.n_layer, n_ctx, config.n_head_kv * config.head_dim)
+        try:
+            self.cache = KVCache(config.n_layer, n_ctx, config.n_head_kv * config.head_dim)
+        except MemoryError:
+            need = 2 * 4 * config.n_layer * n_ctx * config.n_head_kv * config.head_dim
+            raise ModelError(f"a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB for its key/value cache, "
+                             f"more than this machine can reserve; use a smaller context size") from None
         self.warnings: list[str] = []
         self._lock = threading.Lock()
         from .forward import fused_layers
@@ -371,7 +376,7 @@ def load_model(path, n_ctx: int = 2048, n_threads: int | None = None, n_batch: i
         if g is not path:
             g.close()
         raise
-    kv_bytes = 2 * 2 * cfg.n_layer * n_ctx * cfg.n_head_kv * cfg.head_dim  # as half floats
+    kv_bytes = model.cache.nbytes  # float32 holding half-float values (filled as the context grows)
     need = g.file_size + kv_bytes
     avail = _available_memory()
     if avail is not None and need > avail:
