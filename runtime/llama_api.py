@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -135,6 +136,7 @@ class Llama:
         self.generator = Generator(model, tokenizer, n_threads=n_threads)
         self._chat_template = None
         self._lock = threading.Lock()
+        self._active = None  # (iterator, thread id) of the generation in progress
         md = gguf.metadata if gguf is not None else getattr(model, "metadata", {}) or {}
         self.metadata = {k: v for k, v in md.items() if isinstance(v, (str, int, float, bool))}
         self.load_ms = 0.0
@@ -206,26 +208,29 @@ class Llama:
         else:
             tokens = [int(t) for t in prompt]
             echo_text = self.tokenizer.decode([t for t in tokens if t != self.tokenizer.bos_id])
-        pieces = self._run(tokens, params, max_tokens, stop)
+        pieces, run = self._run(tokens, params, max_tokens, stop)
         meta = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
                 "model": model or self.model_path}
         if stream:
-            return self._completion_chunks(meta, pieces, echo_text if echo else "")
+            return self._completion_chunks(meta, pieces, run, echo_text if echo else "")
         text = "".join(pieces)
         if echo:
             text = echo_text + text
-        return {**meta, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": self._finish_reason()}],
-                "usage": self._usage()}
+        return {**meta, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": _finish_reason(run)}],
+                "usage": _usage(run)}
 
-    def _completion_chunks(self, meta: dict, pieces: Iterator[str], echo_text: str):
+    def _completion_chunks(self, meta: dict, pieces: Iterator[str], run: dict, echo_text: str):
         def chunk(text, finish_reason=None):
             return {**meta, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}
 
-        if echo_text:
-            yield chunk(echo_text)
-        for piece in pieces:
-            yield chunk(piece)
-        yield chunk("", self._finish_reason())
+        try:
+            if echo_text:
+                yield chunk(echo_text)
+            for piece in pieces:
+                yield chunk(piece)
+        finally:
+            pieces.close()  # a reader that stops early frees the model at once
+        yield chunk("", _finish_reason(run))
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.2,
                                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
@@ -240,24 +245,27 @@ class Llama:
                                  presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
                                  self._seed_for(seed), logit_bias, ignore_eos)
         tokens = self.chat_template.encode(messages, self.tokenizer, add_generation_prompt=True)
-        pieces = self._run(tokens, params, max_tokens, stop)
+        pieces, run = self._run(tokens, params, max_tokens, stop)
         meta = {"id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion", "created": int(time.time()),
                 "model": model or self.model_path}
         if stream:
-            return self._chat_chunks({**meta, "object": "chat.completion.chunk"}, pieces)
+            return self._chat_chunks({**meta, "object": "chat.completion.chunk"}, pieces, run)
         text = "".join(pieces)
         return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": None, "finish_reason": self._finish_reason()}],
-                "usage": self._usage()}
+                                     "logprobs": None, "finish_reason": _finish_reason(run)}],
+                "usage": _usage(run)}
 
-    def _chat_chunks(self, meta: dict, pieces: Iterator[str]):
+    def _chat_chunks(self, meta: dict, pieces: Iterator[str], run: dict):
         def chunk(delta, finish_reason=None):
             return {**meta, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
-        yield chunk({"role": "assistant"})
-        for piece in pieces:
-            yield chunk({"content": piece})
-        yield chunk({}, self._finish_reason())
+        try:
+            yield chunk({"role": "assistant"})
+            for piece in pieces:
+                yield chunk({"content": piece})
+        finally:
+            pieces.close()  # a reader that stops early frees the model at once
+        yield chunk({}, _finish_reason(run))
 
     @property
     def chat_template(self):
@@ -282,12 +290,20 @@ class Llama:
             tokens = [self.tokenizer.bos_id]
         return tokens
 
-    def _run(self, tokens: list[int], params: SamplingParams, max_tokens, stop) -> Iterator[str]:
-        """Start a generation; the returned iterator holds the lock until it is exhausted."""
+    def _run(self, tokens: list[int], params: SamplingParams, max_tokens, stop) -> tuple[Iterator[str], dict]:
+        """Start a generation (one at a time per model: the KV cache is shared). The returned
+        iterator holds the model until it is exhausted, closed or dropped; the dict gets this
+        run's statistics when it ends."""
+        run: dict = {}
         n_predict = -1 if max_tokens is None or max_tokens <= 0 else int(max_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        active = self._active
+        if active is not None and active[1] == threading.get_ident():
+            unfinished = active[0]()
+            if unfinished is not None:  # this thread's unfinished stream: it ends here, as if its reader stopped
+                unfinished.close()
         gen = self.generator.generate(tokens, params, n_predict=n_predict, stop=stops,
-                                       context_shift=self.context_shift, n_keep=self.n_keep)
+                                      context_shift=self.context_shift, n_keep=self.n_keep)
         self._lock.acquire()
         try:
             first = next(gen, None)  # the checks (prompt length...) raise here, not mid-stream
@@ -295,19 +311,25 @@ class Llama:
             self._finish()
             self._lock.release()
             raise
-        return self._pieces(first, gen)
+        pieces = self._pieces(first, gen, run)
+        next(pieces)  # enter its try block now, so dropping it unread still releases the model
+        # weakly: a stream dropped unread must be collected (its cleanup frees the model)
+        self._active = (weakref.ref(pieces), threading.get_ident())
+        return pieces, run
 
-    def _pieces(self, first, gen) -> Iterator[str]:
+    def _pieces(self, first, gen, run: dict) -> Iterator[str]:
         try:
+            yield None  # the priming step taken by _run
             if first is not None:
                 yield first
             yield from gen
         finally:
             gen.close()
-            self._finish()
+            self._active = None
+            run.update(self._finish())
             self._lock.release()
 
-    def _finish(self) -> None:
+    def _finish(self) -> dict:
         stats = self.generator.last_stats
         self.last_stats = {
             "prompt_tokens": stats.prompt_tokens, "prompt_ms": stats.prompt_ms,
@@ -318,11 +340,13 @@ class Llama:
         }
         if self.verbose:
             print("\n".join(timing_lines(self.load_ms, stats)), file=sys.stderr)
+        return self.last_stats
 
-    def _finish_reason(self) -> str:
-        return FINISH_REASON.get((self.last_stats or {}).get("stop_reason"), "stop")
 
-    def _usage(self) -> dict:
-        s = self.last_stats or {}
-        return {"prompt_tokens": s.get("prompt_tokens", 0), "completion_tokens": s.get("completion_tokens", 0),
-                "total_tokens": s.get("prompt_tokens", 0) + s.get("completion_tokens", 0)}
+def _finish_reason(run: dict) -> str:
+    return FINISH_REASON.get(run.get("stop_reason"), "stop")
+
+
+def _usage(run: dict) -> dict:
+    return {"prompt_tokens": run.get("prompt_tokens", 0), "completion_tokens": run.get("completion_tokens", 0),
+            "total_tokens": run.get("prompt_tokens", 0) + run.get("completion_tokens", 0)}

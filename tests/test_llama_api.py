@@ -231,3 +231,36 @@ def test_real_model_cancel_from_another_thread_and_context_shift(smollm2_path):
     out = llm("Once upon a time", max_tokens=150, temperature=0, ignore_eos=True)
     assert out["usage"]["completion_tokens"] == 150 and out["choices"][0]["finish_reason"] == "length"
     assert llm.last_stats["context_shifts"] >= 2 and llm.n_tokens < 64
+
+
+def test_a_dropped_or_abandoned_stream_frees_the_model():
+    llm, _ = fake_llama()
+    stream = llm(PROMPT, max_tokens=50, stream=True)
+    del stream  # never read
+    assert llm(PROMPT, max_tokens=3)["choices"][0]["text"] == " hi"
+    first = llm(PROMPT, max_tokens=50, stream=True)
+    assert next(first)["choices"][0]["text"] == " "
+    # a second call in the same thread ends the first stream instead of waiting for it forever
+    assert llm(PROMPT, max_tokens=3)["choices"][0]["text"] == " hi"
+    rest = list(first)  # what is left of the first stream: its finishing chunk, cancelled
+    assert [c["choices"][0]["finish_reason"] for c in rest] == ["cancelled"] and rest[0]["choices"][0]["text"] == ""
+    done = threading.Event()
+
+    def other_thread():
+        llm(PROMPT, max_tokens=2)
+        done.set()
+
+    held = llm(PROMPT, max_tokens=50, stream=True)
+    next(held)
+    t = threading.Thread(target=other_thread, daemon=True)
+    t.start()
+    assert not done.wait(0.2)  # another thread waits for the model...
+    held.close()
+    assert done.wait(5)  # ...and gets it when the stream is closed
+    t.join()
+    unread = llm(PROMPT, max_tokens=50, stream=True)
+    del unread  # dropped unread: another thread is not kept waiting either
+    done.clear()
+    t = threading.Thread(target=other_thread, daemon=True)
+    t.start()
+    assert done.wait(5)
