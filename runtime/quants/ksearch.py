@@ -20,10 +20,11 @@ GROUP_MAX_EPS = np.float32(1e-15)
 f32 = np.float32
 
 
-@njit(cache=True)
-def make_qx_quants(n, nmax, x, L):
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): weights x^2, scale search over
-    iscale = -(nmax + 0.1*is)/max for is in -9..9. L gets l + nmax in [0, 2*nmax)."""
+@njit(cache=True, inline='always')
+def signed_absmax(n, x):
+    """(the first of x[:n] of largest magnitude, that magnitude), as ggml's loops find it
+    (strict >: the first wins a tie). make_qx_quants, make_q3_quants, Q4_0/Q5_0 and the
+    Q3_K/Q6_K super-block scales all scale against it."""
     vmax = f32(0.0)
     amax = f32(0.0)
     for i in range(n):
@@ -31,21 +32,37 @@ def make_qx_quants(n, nmax, x, L):
         if ax > amax:
             amax = ax
             vmax = x[i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return f32(0.0)
-    iscale = f32(-nmax) / vmax
+    return vmax, amax
+
+
+@njit(cache=True, inline='always')
+def _first_fit(n, nmax, x, L, offset, iscale):
+    """The opening step of make_qx_quants and make_q3_quants: l = clamp(nearest_int(iscale *
+    x), -nmax, nmax - 1) stored as l + offset, and the x^2-weighted sums (sum w*x*l,
+    sum w*l*l) of that fit."""
     sumlx = f32(0.0)
     suml2 = f32(0.0)
     for i in range(n):
         l = nearest_int(iscale * x[i])
         l = max(-nmax, min(nmax - 1, l))
-        L[i] = l + nmax
+        L[i] = l + offset
         w = x[i] * x[i]
         fl = f32(l)
         sumlx += w * x[i] * fl
         suml2 += w * fl * fl
+    return sumlx, suml2
+
+
+@njit(cache=True)
+def make_qx_quants(n, nmax, x, L):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): weights x^2, scale search over
+    iscale = -(nmax + 0.1*is)/max for is in -9..9. L gets l + nmax in [0, 2*nmax)."""
+    vmax, amax = signed_absmax(n, x)
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return f32(0.0)
+    sumlx, suml2 = _first_fit(n, nmax, x, L, nmax, f32(-nmax) / vmax)
     scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
     best = scale * sumlx
     for step in range(-9, 10):
@@ -75,28 +92,12 @@ def make_q3_quants(n, nmax, x, L):
     """make_q3_quants(n, nmax, x, L, do_rmse=true): start from iscale = -nmax/max, then up to
     5 rounds of moving single quants while that improves the x^2-weighted fit.
     L gets l + nmax in [0, 2*nmax)."""
-    vmax = f32(0.0)
-    amax = f32(0.0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            vmax = x[i]
+    vmax, amax = signed_absmax(n, x)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[i] = 0
         return f32(0.0)
-    iscale = f32(-nmax) / vmax
-    sumlx = f32(0.0)
-    suml2 = f32(0.0)
-    for i in range(n):
-        l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
-        L[i] = l
-        w = x[i] * x[i]
-        fl = f32(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
+    sumlx, suml2 = _first_fit(n, nmax, x, L, 0, f32(-nmax) / vmax)
     for itry in range(5):
         n_changed = 0
         for i in range(n):
@@ -207,3 +208,4 @@ def get_scale_min_k4(j, q):
     d = (np.int32(q[j + 4]) & 0xF) | ((np.int32(q[j - 4]) >> 6) << 4)
     m = (np.int32(q[j + 4]) >> 4) | ((np.int32(q[j]) >> 6) << 4)
     return d, m
+

@@ -16,7 +16,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
-from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants
+from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, signed_absmax
 from .rounding import nearest_int, read_f16, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
@@ -51,14 +51,9 @@ def quantize_row(xr, row):
     for b in range(n // QK):
         xb = xr[b * QK:(b + 1) * QK]
         blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-        max_scale = f32(0.0)
-        max_abs_scale = f32(0.0)
         for j in range(16):
             scales[j] = make_qx_quants(16, 32, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
-            a = abs(scales[j])
-            if a > max_abs_scale:
-                max_abs_scale = a
-                max_scale = scales[j]
+        max_scale, max_abs_scale = signed_absmax(16, scales)
         if max_abs_scale < GROUP_MAX_EPS:
             blk[:] = 0  # all-zero block; d = +0.0 is also all-zero bytes
             continue
