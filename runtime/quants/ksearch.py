@@ -1,6 +1,8 @@
 """The scale searches ggml's K-quant reference quantizers run per sub-block (ggml-quants.c):
 make_qx_quants (rmse_type 1, no importance weights: Q6_K), make_q3_quants (Q3_K) and
-make_qkx2_quants (Q2_K, Q4_K, Q5_K). Without an imatrix, llama-quantize's quantize_q*_K call
+make_qkx2_quants (Q2_K, Q4_K, Q5_K), and what Q4_K and Q5_K share around it (the 12 bytes
+of packed 6-bit scales and mins: get_scale_min_k4, scales_mins_k4, quantize_scales_mins_k4).
+Without an imatrix, llama-quantize's quantize_q*_K call
 quantize_row_q*_K_ref, which use exactly these.
 
 Byte-exactness depends on doing every step in float32 in the C order: numba turns
@@ -14,7 +16,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .rounding import nearest_int
+from .rounding import nearest_int, write_f16
 
 GROUP_MAX_EPS = np.float32(1e-15)
 f32 = np.float32
@@ -209,3 +211,60 @@ def get_scale_min_k4(j, q):
     m = (np.int32(q[j + 4]) >> 4) | ((np.int32(q[j]) >> 6) << 4)
     return d, m
 
+
+@njit(cache=True, inline='always')
+def scales_mins_k4(g, sc, d, dmin):
+    """Q4_K/Q5_K: the 64 values of group g are sub-blocks 2g and 2g+1; returns their
+    (d * scale, dmin * min) pairs (d1, m1, d2, m2): x = d1 * q - m1, then d2 * q - m2."""
+    s1, m1 = get_scale_min_k4(2 * g, sc)
+    s2, m2 = get_scale_min_k4(2 * g + 1, sc)
+    return d * f32(s1), dmin * f32(m1), d * f32(s2), dmin * f32(m2)
+
+
+@njit(cache=True, inline='always')
+def quantize_scales_mins_k4(xb, blk, L, Laux, weights, scales, mins, nmax, rmin, nstep):
+    """Q4_K/Q5_K quantize of one super-block xb (256 values) up to its quants, as
+    quantize_row_q4_K_ref/q5_K_ref do it: make_qkx2_quants(32, nmax, weights = rms + |x|,
+    rmin, rdelta 0.1, nstep) per sub-block, the 6-bit scales and mins against the largest
+    packed into blk[4:16], d and dmin written at blk[0:4], and L[0:256] set to every value
+    requantized with the rounded scales (in [0, nmax]). The callers pack L their own way."""
+    max_scale = f32(0.0)
+    max_min = f32(0.0)
+    for j in range(8):
+        xs = xb[32 * j:32 * j + 32]
+        sum_x2 = f32(0.0)
+        for l in range(32):
+            sum_x2 += xs[l] * xs[l]
+        av_x = sqrtf(sum_x2 / f32(32))
+        for l in range(32):
+            weights[l] = av_x + abs(xs[l])
+        scales[j], mins[j] = make_qkx2_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
+                                              rmin, 0.1, nstep, False)
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    inv_scale = f32(63) / max_scale if max_scale > 0 else f32(0.0)
+    inv_min = f32(63) / max_min if max_min > 0 else f32(0.0)
+    sc = blk[4:16]
+    for j in range(8):
+        ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # C stores the int in a uint8_t
+        lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+        if j < 4:
+            sc[j] = ls
+            sc[j + 4] = lm
+        else:
+            sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            sc[j - 4] |= (ls >> 4) << 6
+            sc[j] |= (lm >> 4) << 6
+    d = write_f16(blk, 0, max_scale / f32(63))
+    dmin = write_f16(blk, 2, max_min / f32(63))
+    for j in range(8):
+        s, m = get_scale_min_k4(j, sc)
+        dj = d * f32(s)
+        if dj == 0:
+            continue
+        dm = dmin * f32(m)
+        for ii in range(32):
+            l = nearest_int((xb[32 * j + ii] + dm) / dj)
+            L[32 * j + ii] = max(0, min(nmax, l))

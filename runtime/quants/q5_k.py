@@ -15,8 +15,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
-from .ksearch import f32, get_scale_min_k4, make_qkx2_quants, sqrtf
-from .rounding import nearest_int, read_f16, write_f16
+from .ksearch import f32, quantize_scales_mins_k4, scales_mins_k4
+from .rounding import read_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]
 
@@ -33,12 +33,7 @@ def dequantize_row(row, y):
         qs = row[o + 48:o + BLOCK_BYTES]
         yb = y[b * QK:(b + 1) * QK]
         for g in range(4):
-            s1, m1 = get_scale_min_k4(2 * g, sc)
-            s2, m2 = get_scale_min_k4(2 * g + 1, sc)
-            d1 = d * f32(s1)
-            mm1 = dmin * f32(m1)
-            d2 = d * f32(s2)
-            mm2 = dmin * f32(m2)
+            d1, mm1, d2, mm2 = scales_mins_k4(g, sc, d, dmin)
             for l in range(32):
                 q = (np.int32(qs[32 * g + l]) & 0xF) + (((np.int32(qh[l]) >> (2 * g)) & 1) << 4)
                 yb[64 * g + l] = d1 * f32(q) - mm1
@@ -58,46 +53,7 @@ def quantize_row(xr, row):
     for b in range(n // QK):
         xb = xr[b * QK:(b + 1) * QK]
         blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-        max_scale = f32(0.0)
-        max_min = f32(0.0)
-        for j in range(8):
-            xs = xb[32 * j:32 * j + 32]
-            sum_x2 = f32(0.0)
-            for l in range(32):
-                sum_x2 += xs[l] * xs[l]
-            av_x = sqrtf(sum_x2 / f32(32))
-            for l in range(32):
-                weights[l] = av_x + abs(xs[l])
-            scales[j], mins[j] = make_qkx2_quants(32, 31, xs, weights, L[32 * j:32 * j + 32], Laux,
-                                                  -0.5, 0.1, 15, False)
-            if scales[j] > max_scale:
-                max_scale = scales[j]
-            if mins[j] > max_min:
-                max_min = mins[j]
-        inv_scale = f32(63) / max_scale if max_scale > 0 else f32(0.0)
-        inv_min = f32(63) / max_min if max_min > 0 else f32(0.0)
-        sc = blk[4:16]
-        for j in range(8):
-            ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
-            lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-            if j < 4:
-                sc[j] = ls
-                sc[j + 4] = lm
-            else:
-                sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
-                sc[j - 4] |= (ls >> 4) << 6
-                sc[j] |= (lm >> 4) << 6
-        d = write_f16(blk, 0, max_scale / f32(63))
-        dmin = write_f16(blk, 2, max_min / f32(63))
-        for j in range(8):
-            s, m = get_scale_min_k4(j, sc)
-            dj = d * f32(s)
-            if dj == 0:
-                continue
-            dm = dmin * f32(m)
-            for ii in range(32):
-                l = nearest_int((xb[32 * j + ii] + dm) / dj)
-                L[32 * j + ii] = max(0, min(31, l))
+        quantize_scales_mins_k4(xb, blk, L, Laux, weights, scales, mins, 31, -0.5, 15)
         qh = blk[16:48]
         qs = blk[48:]
         qh[:] = 0
