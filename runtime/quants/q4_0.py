@@ -11,6 +11,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
+from .ksearch import signed_absmax
 from .rounding import read_f16, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
@@ -35,12 +36,7 @@ def quantize_row(xr, row):
     for b in range(n // QK):
         xb = xr[b * QK:(b + 1) * QK]
         o = b * BLOCK_BYTES
-        amax = np.float32(0.0)
-        vmax = np.float32(0.0)
-        for j in range(QK):
-            if amax < abs(xb[j]):
-                amax = abs(xb[j])
-                vmax = xb[j]
+        vmax, _ = signed_absmax(QK, xb)
         d = vmax / np.float32(-8)
         inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
         write_f16(row, o, d)

@@ -12,11 +12,11 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
+from .block32 import min_max
 from .rounding import read_f16, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
 HALF = QK // 2
-FLT_MAX = np.float32(3.4028234663852886e38)
 
 
 @njit(cache=True, nogil=True)
@@ -38,13 +38,7 @@ def quantize_row(xr, row):
     for b in range(n // QK):
         xb = xr[b * QK:(b + 1) * QK]
         o = b * BLOCK_BYTES
-        vmin = FLT_MAX
-        vmax = -FLT_MAX
-        for j in range(QK):
-            if xb[j] < vmin:
-                vmin = xb[j]
-            if xb[j] > vmax:
-                vmax = xb[j]
+        vmin, vmax = min_max(QK, xb)
         d = (vmax - vmin) / np.float32(15)
         inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
         write_f16(row, o, d)

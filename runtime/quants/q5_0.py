@@ -12,6 +12,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
+from .block32 import high_bits, pack_pair, read_qh, write_qh
+from .ksearch import signed_absmax
 from .rounding import read_f16, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0]
@@ -24,12 +26,10 @@ def dequantize_row(row, y):
     for b in range(n // QK):
         o = b * BLOCK_BYTES
         d = read_f16(row, o)
-        qh = (np.int64(row[o + 2]) | (np.int64(row[o + 3]) << 8) | (np.int64(row[o + 4]) << 16)
-              | (np.int64(row[o + 5]) << 24))
+        qh = read_qh(row, o + 2)
         for j in range(HALF):
             q = np.int32(row[o + 6 + j])
-            h0 = np.int32((qh >> j) << 4) & 0x10
-            h1 = np.int32(qh >> (j + 12)) & 0x10
+            h0, h1 = high_bits(qh, j)
             y[b * QK + j] = np.float32(((q & 0xF) | h0) - 16) * d
             y[b * QK + HALF + j] = np.float32(((q >> 4) | h1) - 16) * d
 
@@ -40,12 +40,7 @@ def quantize_row(xr, row):
     for b in range(n // QK):
         xb = xr[b * QK:(b + 1) * QK]
         o = b * BLOCK_BYTES
-        amax = np.float32(0.0)
-        vmax = np.float32(0.0)
-        for j in range(QK):
-            if amax < abs(xb[j]):
-                amax = abs(xb[j])
-                vmax = xb[j]
+        vmax, _ = signed_absmax(QK, xb)
         d = vmax / np.float32(-16)
         inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
         write_f16(row, o, d)
@@ -53,8 +48,5 @@ def quantize_row(xr, row):
         for j in range(HALF):
             q0 = min(31, int(xb[j] * inv + np.float32(16.5)))
             q1 = min(31, int(xb[HALF + j] * inv + np.float32(16.5)))
-            row[o + 6 + j] = np.uint8((q0 & 0xF) | ((q1 & 0xF) << 4))
-            qh |= ((q0 & 0x10) >> 4) << j
-            qh |= ((q1 & 0x10) >> 4) << (j + HALF)
-        for k in range(4):
-            row[o + 2 + k] = np.uint8((qh >> (8 * k)) & 0xFF)
+            qh = pack_pair(row, o + 6, qh, j, q0, q1)
+        write_qh(row, o + 2, qh)
