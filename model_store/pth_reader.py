@@ -22,7 +22,7 @@ import numpy as np
 
 from llamachat.runtime.errors import UserError
 
-from .checkpoint_tensor import STORED_DTYPES, CheckpointTensor
+from .checkpoint_tensor import STORED_DTYPES, CheckpointFile, CheckpointTensor
 
 # torch storage class name -> our dtype name
 STORAGE_DTYPES = {
@@ -99,23 +99,10 @@ def _entry_data_offset(raw: mmap.mmap, info: zipfile.ZipInfo) -> int:
     return pos + 30 + name_len + extra_len
 
 
-class PthFile:
+class PthFile(CheckpointFile):
     """`PthFile(path)`: `.names`, `.shape(name)`, `.tensor(name) -> CheckpointTensor`."""
 
-    def __init__(self, path):
-        self.path = Path(path)
-        try:
-            self._file = open(self.path, "rb")
-        except OSError as err:
-            raise UserError(f"{self.path}: cannot open ({err.strerror})") from None
-        try:
-            self._open()
-        except BaseException:
-            self._file.close()
-            raise
-
-    def _bad(self, reason: str) -> UserError:
-        return UserError(f"{self.path}: not a readable PyTorch checkpoint: {reason}")
+    KIND = "a readable PyTorch checkpoint"
 
     def _open(self) -> None:
         if not zipfile.is_zipfile(self._file):
@@ -141,21 +128,13 @@ class PthFile:
         if not isinstance(state, dict):
             raise self._bad("data.pkl does not hold a state dict")
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        self._tensors: dict[str, _LazyTensor] = {}
         for name, value in state.items():
             if isinstance(value, _LazyTensor):
-                self._tensors[str(name)] = value
+                self._index[str(name)] = value  # a _LazyTensor
         self._storages: dict[str, np.ndarray] = {}
 
-    @property
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._tensors[name].size
+        return self._index[name].size
 
     def _storage(self, ref: _StorageRef) -> np.ndarray:
         arr = self._storages.get(ref.key)
@@ -180,7 +159,7 @@ class PthFile:
         return arr
 
     def tensor(self, name: str) -> CheckpointTensor:
-        t = self._tensors[name]
+        t = self._index[name]
         storage = self._storage(t.storage)
         itemsize = storage.itemsize
         extent = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) + 1 if all(t.size) else t.offset
@@ -190,12 +169,3 @@ class PthFile:
             storage[t.offset:], shape=t.size, strides=tuple(s * itemsize for s in t.stride), writeable=False
         )
         return CheckpointTensor(name, t.storage.dtype, t.size, view)
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -11,36 +11,22 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from pathlib import Path
 
 import numpy as np
 
 from llamachat.runtime.errors import UserError
 
-from .checkpoint_tensor import STORED_DTYPES, CheckpointTensor
+from .checkpoint_tensor import STORED_DTYPES, CheckpointFile, CheckpointTensor
 
 MAX_HEADER_BYTES = 100 << 20  # the format's own limit
 
 
-class SafetensorsFile:
+class SafetensorsFile(CheckpointFile):
     """`SafetensorsFile(path)`: `.names`, `.tensor(name) -> CheckpointTensor`, `.close()`."""
 
-    def __init__(self, path):
-        self.path = Path(path)
-        try:
-            self._file = open(self.path, "rb")
-        except OSError as err:
-            raise UserError(f"{self.path}: cannot open ({err.strerror})") from None
-        try:
-            self._parse()
-        except BaseException:
-            self._file.close()
-            raise
+    KIND = "a valid safetensors file"
 
-    def _bad(self, reason: str) -> UserError:
-        return UserError(f"{self.path}: not a valid safetensors file: {reason}")
-
-    def _parse(self) -> None:
+    def _open(self) -> None:
         size = self.path.stat().st_size
         head = self._file.read(8)
         if len(head) < 8:
@@ -57,7 +43,6 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         data_size = size - self.data_start
-        self._infos: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             try:
                 dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
@@ -68,31 +53,13 @@ class SafetensorsFile:
             count = int(np.prod(shape, dtype=np.int64)) if shape else 1
             if any(d < 0 for d in shape) or not (0 <= begin <= end <= data_size) or end - begin != count * STORED_DTYPES[dtype].itemsize:
                 raise self._bad(f"tensor {name!r}: offsets {begin}..{end} do not hold a {dtype} {list(shape)} inside the file (truncated?)")
-            self._infos[name] = (dtype, shape, begin, end)
+            self._index[name] = (dtype, shape, begin, end)
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
-    @property
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._infos[name][1]
+        return self._index[name][1]
 
     def tensor(self, name: str) -> CheckpointTensor:
-        dtype, shape, begin, end = self._infos[name]
+        dtype, shape, begin, end = self._index[name]
         buf = np.frombuffer(self._mm, dtype=np.uint8, count=end - begin, offset=self.data_start + begin)
         return CheckpointTensor(name, dtype, shape, buf.view(STORED_DTYPES[dtype]).reshape(shape))
-
-    def close(self) -> None:
-        # views handed out keep the mapping alive; closing the file object is always safe
-        self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
