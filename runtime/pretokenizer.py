@@ -226,8 +226,9 @@ def collapse_regex(regex: str) -> str:
     return "".join(out)
 
 
-def _ecmascript_to_python(regex: str) -> str:
-    """The few ECMAScript spellings Python reads differently: `$` is only the end of input."""
+def _rewrite_outside_classes(regex: str, rewrite) -> str:
+    """Copy a regex, escapes (`\\x`) and character classes (`[...]`) as they are; every other
+    character regex[i] becomes rewrite(regex, i) (a string)."""
     out = []
     inside = False
     i = 0
@@ -241,34 +242,22 @@ def _ecmascript_to_python(regex: str) -> str:
             inside = True
         elif c == "]":
             inside = False
-        elif c == "$" and not inside:
-            c = r"\Z"
+        elif not inside:
+            c = rewrite(regex, i)
         out.append(c)
         i += 1
     return "".join(out)
+
+
+def _ecmascript_to_python(regex: str) -> str:
+    """The few ECMAScript spellings Python reads differently: `$` is only the end of input."""
+    return _rewrite_outside_classes(regex, lambda r, i: r"\Z" if r[i] == "$" else r[i])
 
 
 def _uncapture(regex: str) -> str:
     """Make every group non-capturing, so that re.split with one outer group returns exactly
     gap, match, gap, match, ..."""
-    out = []
-    inside = False
-    i = 0
-    while i < len(regex):
-        c = regex[i]
-        if c == "\\" and i + 1 < len(regex):
-            out.append(regex[i : i + 2])
-            i += 2
-            continue
-        if c == "[":
-            inside = True
-        elif c == "]":
-            inside = False
-        elif c == "(" and not inside and not regex.startswith("?", i + 1):
-            c = "(?:"
-        out.append(c)
-        i += 1
-    return "".join(out)
+    return _rewrite_outside_classes(regex, lambda r, i: "(?:" if r[i] == "(" and not r.startswith("?", i + 1) else r[i])
 
 
 class _CompiledRegex:
