@@ -241,17 +241,21 @@ class GGUFFile:
             pos += n
             return s
 
+        def read_name(what: str, empty: str) -> tuple[bytes, str]:
+            # a metadata key or tensor name: a non-empty UTF-8 string
+            raw = read_string(what)
+            if not raw:
+                raise _Invalid(empty)
+            try:
+                return raw, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Invalid(f"{what} ({raw[:64]!r}) is not valid UTF-8") from None
+
         # ---- key/value metadata
         metadata = self.metadata
         value_types = self.value_types
         for i in range(n_kv):
-            raw_key = read_string(f"metadata key #{i}")
-            if not raw_key:
-                raise _Invalid(f"metadata key #{i} is empty")
-            try:
-                key = raw_key.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _Invalid(f"metadata key #{i} ({raw_key[:64]!r}) is not valid UTF-8") from None
+            _, key = read_name(f"metadata key #{i}", f"metadata key #{i} is empty")
             if key in metadata:
                 raise _Invalid(f"duplicate metadata key {key!r}")
             need(4, f"the type of key {key!r}")
@@ -309,13 +313,7 @@ class GGUFFile:
         infos = []
         names = set()
         for i in range(n_tensors):
-            raw_name = read_string(f"the name of tensor #{i}")
-            if not raw_name:
-                raise _Invalid(f"tensor #{i} has an empty name")
-            try:
-                name = raw_name.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _Invalid(f"the name of tensor #{i} ({raw_name[:64]!r}) is not valid UTF-8") from None
+            raw_name, name = read_name(f"the name of tensor #{i}", f"tensor #{i} has an empty name")
             if len(raw_name) > MAX_NAME_BYTES:
                 raise _Invalid(f"tensor name {name[:64]!r}... is {len(raw_name)} bytes long (at most {MAX_NAME_BYTES})")
             if name in names:
