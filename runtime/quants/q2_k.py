@@ -16,7 +16,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
 from .ksearch import f32, make_qkx2_quants
-from .rounding import nearest_int, read_f16, write_f16
+from .rounding import nearest_int, read_f16_pair, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K]
 
@@ -28,8 +28,7 @@ def dequantize_row(row, y):
         o = b * BLOCK_BYTES
         sc = row[o:o + 16]
         qs = row[o + 16:o + 80]
-        d = read_f16(row, o + 80)
-        dmin = read_f16(row, o + 82)
+        d, dmin = read_f16_pair(row, o + 80)
         yb = y[b * QK:(b + 1) * QK]
         for h in range(2):
             for s in range(4):

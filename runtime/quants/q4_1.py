@@ -13,7 +13,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
 from .block32 import min_max
-from .rounding import read_f16, write_f16
+from .rounding import read_f16_pair, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
 HALF = QK // 2
@@ -24,8 +24,7 @@ def dequantize_row(row, y):
     n = y.shape[0]
     for b in range(n // QK):
         o = b * BLOCK_BYTES
-        d = read_f16(row, o)
-        m = read_f16(row, o + 2)
+        d, m = read_f16_pair(row, o)
         for j in range(HALF):
             q = np.int32(row[o + 4 + j])
             y[b * QK + j] = np.float32(q & 0xF) * d + m

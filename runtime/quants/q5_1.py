@@ -14,7 +14,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
 from .block32 import high_bits, min_max, pack_pair, read_qh, write_qh
-from .rounding import read_f16, write_f16
+from .rounding import read_f16_pair, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_1]
 HALF = QK // 2
@@ -25,8 +25,7 @@ def dequantize_row(row, y):
     n = y.shape[0]
     for b in range(n // QK):
         o = b * BLOCK_BYTES
-        d = read_f16(row, o)
-        m = read_f16(row, o + 2)
+        d, m = read_f16_pair(row, o)
         qh = read_qh(row, o + 4)
         for j in range(HALF):
             q = np.int32(row[o + 8 + j])

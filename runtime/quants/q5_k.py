@@ -16,7 +16,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
 from .ksearch import f32, quantize_scales_mins_k4, scales_mins_k4
-from .rounding import read_f16
+from .rounding import read_f16_pair
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]
 
@@ -26,8 +26,7 @@ def dequantize_row(row, y):
     n = y.shape[0]
     for b in range(n // QK):
         o = b * BLOCK_BYTES
-        d = read_f16(row, o)
-        dmin = read_f16(row, o + 2)
+        d, dmin = read_f16_pair(row, o)
         sc = row[o + 4:o + 16]
         qh = row[o + 16:o + 48]
         qs = row[o + 48:o + BLOCK_BYTES]

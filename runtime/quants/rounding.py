@@ -4,7 +4,8 @@
 - `fp32_to_fp16_bits(x)`: float32 to half bits, round-to-nearest-even: what GGML_FP32_TO_FP16
   does (F16C `_cvtss_sh(x, 0)` or ggml's software fallback, which agree), and what numpy's
   `astype(np.float16)` does.
-- `read_f16(row, offset)`: the little-endian half at row[offset:offset+2], as float32.
+- `read_f16(row, offset)`: the little-endian half at row[offset:offset+2], as float32;
+  `read_f16_pair(row, offset)` the two at row[offset:offset+4] (a block's d and m/dmin).
 - `write_f16(row, offset, x)`: round x to half (RNE), store it, and return the stored value as
   float32: ggml's quantizers keep computing with GGML_FP16_TO_FP32(y.d), the rounded scale.
 - `nearest_int(x)`: ggml's `nearest_int` (adds 1.5*2^23 in float32: round half to even).
@@ -45,6 +46,12 @@ def fp16_to_fp32(h):
 @njit(cache=True)
 def read_f16(row, offset):
     return fp16_to_fp32(np.int32(row[offset]) | (np.int32(row[offset + 1]) << 8))
+
+
+@njit(cache=True)
+def read_f16_pair(row, offset):
+    """The two halves at row[offset:offset+4] as float32: a block's (d, m) or (d, dmin)."""
+    return read_f16(row, offset), read_f16(row, offset + 2)
 
 
 # for half exponents e = -14..15 (index e + 14): 2^e, and the scale 2^(10 - e) that puts the
