@@ -121,6 +121,7 @@ class Generator:
         self.cache_tokens: list[int] = []  # the tokens whose keys/values are in the cache, in order
         self.last_stats = GenerationStats()
         self._cancel = threading.Event()
+        self._rng = None  # the sampler's random stream, continued by the next run with the same seed
 
     # -- control (any thread) ------------------------------------------------------------------
 
@@ -192,8 +193,9 @@ class Generator:
 
     def generate(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), n_predict: int = -1,
                  stop: Iterable[str] = (), reverse_prompts: Iterable[str] = (), context_shift: bool = False,
-                 n_keep: int = 0) -> Iterator[str]:
-        """Yield the generated text piece by piece; `last_stats` describes the run once the
+                 n_keep: int = 0, continue_stream: bool = False) -> Iterator[str]:
+        """Yield the generated text piece by piece; with continue_stream and the same fixed seed
+        as the previous run, the random stream goes on from where that run left it; `last_stats` describes the run once the
         iterator is exhausted (or closed). n_predict < 0: until end of generation or the context
         is full. Raises UserError for an empty prompt or one longer than the context."""
         prompt = [int(t) for t in prompt]
@@ -214,7 +216,9 @@ class Generator:
             self.model.set_threads(self.n_threads)  # numba's thread count is per thread
 
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt), n_ctx=n_ctx)
-        sampler = Sampler(params, self.model.config.n_vocab, tok.eog_ids, n_ctx)
+        sampler = Sampler(params, self.model.config.n_vocab, tok.eog_ids, n_ctx,
+                          rng=self._rng if continue_stream else None)
+        self._rng = sampler.rng
         stats.seed = sampler.seed
         sampler.accept_many(prompt)  # the penalties see the prompt, as in llama-cli
         gate = TextGate(stop, reverse_prompts)

@@ -208,7 +208,7 @@ class Llama:
         else:
             tokens = [int(t) for t in prompt]
             echo_text = self.tokenizer.decode([t for t in tokens if t != self.tokenizer.bos_id])
-        pieces, run = self._run(tokens, params, max_tokens, stop)
+        pieces, run = self._run(tokens, params, max_tokens, stop, continue_stream=seed is None)
         meta = {"id": f"cmpl-{uuid.uuid4()}", "object": "text_completion", "created": int(time.time()),
                 "model": model or self.model_path}
         if stream:
@@ -245,7 +245,7 @@ class Llama:
                                  presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
                                  self._seed_for(seed), logit_bias, ignore_eos)
         tokens = self.chat_template.encode(messages, self.tokenizer, add_generation_prompt=True)
-        pieces, run = self._run(tokens, params, max_tokens, stop)
+        pieces, run = self._run(tokens, params, max_tokens, stop, continue_stream=seed is None)
         meta = {"id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion", "created": int(time.time()),
                 "model": model or self.model_path}
         if stream:
@@ -280,6 +280,8 @@ class Llama:
     # -- the shared part ---------------------------------------------------------------------------
 
     def _seed_for(self, seed: int | None) -> int:
+        """A call's own seed restarts the random stream; without one, a fixed Llama(seed=...)
+        stream goes on across calls (llama.cpp seeds once), so a regenerated reply differs."""
         return self.seed if seed is None else seed
 
     def _prompt_tokens(self, prompt: str) -> list[int]:
@@ -290,7 +292,8 @@ class Llama:
             tokens = [self.tokenizer.bos_id]
         return tokens
 
-    def _run(self, tokens: list[int], params: SamplingParams, max_tokens, stop) -> tuple[Iterator[str], dict]:
+    def _run(self, tokens: list[int], params: SamplingParams, max_tokens, stop,
+             continue_stream: bool = False) -> tuple[Iterator[str], dict]:
         """Start a generation (one at a time per model: the KV cache is shared). The returned
         iterator holds the model until it is exhausted, closed or dropped; the dict gets this
         run's statistics when it ends."""
@@ -303,7 +306,8 @@ class Llama:
             if unfinished is not None:  # this thread's unfinished stream: it ends here, as if its reader stopped
                 unfinished.close()
         gen = self.generator.generate(tokens, params, n_predict=n_predict, stop=stops,
-                                      context_shift=self.context_shift, n_keep=self.n_keep)
+                                      context_shift=self.context_shift, n_keep=self.n_keep,
+                                      continue_stream=continue_stream)
         self._lock.acquire()
         try:
             first = next(gen, None)  # the checks (prompt length...) raise here, not mid-stream

@@ -436,7 +436,10 @@ class Sampler:
     token and `accept(token)` for every token that enters the context (prompt tokens too, so
     the penalties see them, as llama-cli does)."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int, eog_ids: Iterable[int] = (), n_ctx: int | None = None):
+    def __init__(self, params: SamplingParams, n_vocab: int, eog_ids: Iterable[int] = (), n_ctx: int | None = None,
+                 rng: "Rng | None" = None):
+        """`rng`: a random stream to continue (llama.cpp seeds once per session, so a fixed seed
+        gives each reply of a chat the next part of one stream, not the same draws again)."""
         self.params = params
         self.n_vocab = n_vocab
         biases = [(int(t), float(b)) for t, b in params.logit_bias]
@@ -447,8 +450,12 @@ class Sampler:
         if last_n == -1:  # -1 = the whole context
             last_n = n_ctx if n_ctx else n_vocab
         self.penalties = Penalties(last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty)
-        self.seed = random_seed() if params.seed in (-1, LLAMA_DEFAULT_SEED) else params.seed
-        self.rng = Rng(self.seed)
+        fixed = params.seed not in (-1, LLAMA_DEFAULT_SEED)
+        if fixed and rng is not None and rng.seed == params.seed & 0xFFFFFFFF:
+            self.seed, self.rng = rng.seed, rng
+        else:
+            self.seed = params.seed if fixed else random_seed()
+            self.rng = Rng(self.seed)
         if params.mirostat == 1:
             self.mirostat: Mirostat | None = Mirostat(n_vocab, self.rng, params.mirostat_tau, params.mirostat_eta, 100)
         elif params.mirostat == 2:

@@ -150,7 +150,10 @@ def test_seeds():
     opts = dict(max_tokens=12, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, ignore_eos=True)
     llm = Llama.from_model(model, tok, seed=7)
     a, b = (llm("a", **opts)["choices"][0]["text"] for _ in range(2))
-    assert a == b  # the instance's seed: every call the same
+    assert a != b  # llama.cpp seeds once: the second reply continues the stream, it is no replay
+    again = Llama.from_model(model, tok, seed=7)
+    assert [again("a", **opts)["choices"][0]["text"] for _ in range(2)] == [a, b]  # same seed, same texts
+    assert llm("a", seed=7, **opts)["choices"][0]["text"] == a  # a call's own seed restarts the stream
     c = llm("a", seed=8, **opts)["choices"][0]["text"]
     assert c != a and llm.last_stats["seed"] == 8
     rnd = Llama.from_model(model, tok)  # seed -1: a fresh random seed per call
