@@ -64,9 +64,8 @@ def test_pull_fetches_verifies_and_registers(smollm2_path):
 
     # again: answered from the library at once, nothing copied
     again = Recorder()
-    start = time.perf_counter()
     assert pull("smollm2", again).path == entry.path
-    assert time.perf_counter() - start < 1.0 and again.calls == []
+    assert again.calls == []  # no download, extraction or copy
 
 
 def test_cli_pull_and_already_pulled(smollm2_path, capsys):

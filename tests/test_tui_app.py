@@ -599,7 +599,8 @@ async def test_typing_stays_responsive_while_a_fast_reply_streams(library):
         while box.text != "hey":
             await asyncio.sleep(0.01)
         typed = _time.monotonic() - start
-        assert app.generating  # the keys were handled while the reply was still streaming
-        assert typed < 0.5, f"keys took {typed:.2f} s to reach the box"
+        # the keys were handled while the reply was still streaming (no wall-clock bound: CI
+        # machines are shared; a UI thread blocked by the stream would only see them at the end)
+        assert app.generating, f"keys reached the box only after the reply ended ({typed:.2f} s)"
         await reply_done(pilot, app)
         assert app.conv.messages[-1].content == words
