@@ -24,7 +24,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .matmul import F16_TABLE, FUSED_TYPES, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
+from gguf.constants import GGMLQuantizationType
+
+from .matmul import F16_TABLE, FUSED_TYPES, Q4_1_PACKED, pack_q4_1, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
 
 
 @njit(cache=True)
@@ -161,6 +163,13 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
             out[t, h * head_dim + d] = acc[d] * inv
 
 
+# the same kernel without threads: for one token over a short context a parallel region's
+# wake-up costs more than the work (identical arithmetic; prange runs as range)
+attention_serial = njit(cache=True, fastmath={"contract"})(attention.py_func)
+# decode attends in parallel from this many cached positions on
+ATTN_PARALLEL_MIN = 32
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
@@ -294,15 +303,84 @@ def decode_layer(x, attn_norm, ffn_norm, eps, mats, types, k_cache, v_cache, pos
         x[0, i] += proj[0, i]
 
 
+@njit(cache=True)
+def _matvec_into(t, w, x, table, out):
+    """out[0] = W x[0] with W's fused kernel, x rounded to W's activation format first."""
+    n = x.shape[1]
+    xq = np.empty((1, n), np.int8)
+    xd = np.empty((1, n // 32), np.float32)
+    xs = np.empty((1, n // 32), np.float32)
+    xhat = np.empty((1, n), np.float32)
+    quantize_activations(x, act_mode_of(t), xq, xd, xs, xhat)
+    matvec_fused(t, w, table, xq[0], xd[0], xs[0], xhat[0], out[0])
+
+
+@njit(cache=True)
+def decode_layer_grouped(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
+                         k_cache, v_cache, pos, cos, sin, n_head, n_head_kv, head_dim, n_rot, table):
+    """decode_layer with q/k/v stacked into one matrix and gate/up into another (same format
+    each): 4 parallel products per layer instead of 7. Each output row is the same sum of the
+    same rounded activations as before, so results are identical; only fewer thread wake-ups."""
+    n_embd = x.shape[1]
+    q_dim = n_head * head_dim
+    kv_dim = n_head_kv * head_dim
+    n_ff = gate_up.shape[0] // 2
+    h = np.empty((1, n_embd), np.float32)
+    qkv_out = np.empty((1, q_dim + 2 * kv_dim), np.float32)
+    att = np.empty((1, q_dim), np.float32)
+    proj = np.empty((1, n_embd), np.float32)
+    gu = np.empty((1, 2 * n_ff), np.float32)
+    act = np.empty((1, n_ff), np.float32)
+
+    # attention
+    _rmsnorm(x, attn_norm, eps, h)
+    _matvec_into(t_qkv, qkv, h, table, qkv_out)
+    q = qkv_out[:, :q_dim]
+    k = qkv_out[:, q_dim:q_dim + kv_dim]
+    apply_rope(q, n_head, head_dim, n_rot, cos, sin)
+    apply_rope(k, n_head_kv, head_dim, n_rot, cos, sin)
+    for i in range(kv_dim):  # the cache holds half floats
+        k_cache[pos, i] = round_to_f16(qkv_out[0, q_dim + i])
+        v_cache[pos, i] = round_to_f16(qkv_out[0, q_dim + kv_dim + i])
+    if pos + 1 >= ATTN_PARALLEL_MIN:
+        attention(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
+    else:
+        attention_serial(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
+    _matvec_into(t_o, wo, att, table, proj)
+    for i in range(n_embd):
+        x[0, i] += proj[0, i]
+
+    # feed-forward (SwiGLU)
+    _rmsnorm(x, ffn_norm, eps, h)
+    _matvec_into(t_gu, gate_up, h, table, gu)
+    _silu_mul(gu[0, :n_ff], gu[0, n_ff:], act[0])
+    _matvec_into(t_down, down, act, table, proj)
+    for i in range(n_embd):
+        x[0, i] += proj[0, i]
+
+
 def fused_layers(weights) -> list | None:
-    """Per layer (mats, types) for decode_layer, or None if some matrix has no fused kernel
-    (or the shapes do not suit it): those models decode through `forward`."""
+    """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
+    q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
+    load; Q4_1 ones repacked by pack_q4_1: the layers' size, 66 MB for SmolLM2 Q4_1), else ("plain", mats, types) for decode_layer; None if
+    some matrix has no fused kernel (or the shapes do not suit it): those decode via `forward`."""
     out = []
     for layer in weights.layers:
         ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
         if any(w.ggml_type not in FUSED_TYPES or w.n_in % 32 for w in ws):
             return None
-        out.append((tuple(np.ascontiguousarray(w.rows) for w in ws), np.array([int(w.ggml_type) for w in ws], np.int64)))
+        types = np.array([int(w.ggml_type) for w in ws], np.int64)
+        if types[0] == types[1] == types[2] and types[4] == types[5]:
+            mats = [np.concatenate([layer.wq.rows, layer.wk.rows, layer.wv.rows]), np.ascontiguousarray(layer.wo.rows),
+                    np.concatenate([layer.w_gate.rows, layer.w_up.rows]), np.ascontiguousarray(layer.w_down.rows)]
+            types = np.array([types[0], types[3], types[4], types[6]], np.int64)
+            for i in range(4):  # Q4_1 rows repacked for the faster lane sums (same results)
+                if types[i] == int(GGMLQuantizationType.Q4_1):
+                    mats[i] = pack_q4_1(mats[i])
+                    types[i] = Q4_1_PACKED
+            out.append(("grouped", tuple(mats), types))
+        else:
+            out.append(("plain", tuple(np.ascontiguousarray(w.rows) for w in ws), types))
     return out
 
 
@@ -314,10 +392,15 @@ def decode_token(model, token: int) -> np.ndarray:
     cos, sin = rope_tables(np.array([pos]), cfg)
     x = model.embed(np.array([token]))
     eps = np.float32(cfg.rms_eps)
-    for il, (mats, types) in enumerate(model.fused):
+    for il, (kind, mats, types) in enumerate(model.fused):
         layer = model.weights.layers[il]
-        decode_layer(x, layer.attn_norm, layer.ffn_norm, eps, mats, types, cache.k[il], cache.v[il], pos,
-                     cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
+        if kind == "grouped":
+            decode_layer_grouped(x, layer.attn_norm, layer.ffn_norm, eps, mats[0], types[0], mats[1], types[1],
+                                 mats[2], types[2], mats[3], types[3], cache.k[il], cache.v[il], pos,
+                                 cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
+        else:
+            decode_layer(x, layer.attn_norm, layer.ffn_norm, eps, mats, types, cache.k[il], cache.v[il], pos,
+                         cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
     cache.n_past = pos + 1
     x = rmsnorm(x, model.weights.output_norm, cfg.rms_eps)
     return matmul(model.weights.output, x)[0]

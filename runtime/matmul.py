@@ -527,18 +527,90 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
 
 # --- one compiled call per layer for single-token decode ------------------------------------
 
-_ACT_OF_TYPE = np.full(64, -1, np.int64)
+_ACT_OF_TYPE = np.full(128, -1, np.int64)
 for _t, _mode in VEC_DOT_TYPE.items():
     _ACT_OF_TYPE[int(_t)] = _mode
 _Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q8_0),
                                                           int(T.Q4_K), int(T.Q6_K), int(T.F16), int(T.F32))
 
 
+# --- Q4_1 repacked for decode ---------------------------------------------------------------
+#
+# _matvec_q4_1 spends most of its time on the per-block lane sums (8 lanes of 4 products, read
+# one by one). Repacked rows put the 16 quant bytes of all blocks first, ordered so that the 4
+# bytes of one lane are 4*nb apart: byte (4l+k) of block b sits at k*4*nb + 4*b + l. The lane
+# sums are then 4 contiguous vector adds, and the block headers (d, m as half floats) follow as
+# 4*nb bytes (d of every block, then m of every block). Same bytes, same size as the file's rows.
+Q4_1_PACKED = 100  # pseudo type code of such rows in matvec_fused
+
+
+def pack_q4_1(raw: np.ndarray) -> np.ndarray:
+    """Q4_1 rows uint8 [n, nb*20] -> repacked rows uint8 [n, nb*20] (layout above)."""
+    n, rb = raw.shape
+    nb = rb // 20
+    blocks = np.asarray(raw).reshape(n, nb, 20)
+    qs = blocks[:, :, 4:].reshape(n, nb, 4, 4)  # [row, block, lane l, k]
+    out = np.empty((n, rb), np.uint8)
+    out[:, :16 * nb] = qs.transpose(0, 3, 1, 2).reshape(n, 16 * nb)  # [row, k, block, l]
+    out[:, 16 * nb:18 * nb] = blocks[:, :, 0:2].reshape(n, 2 * nb)
+    out[:, 18 * nb:] = blocks[:, :, 2:4].reshape(n, 2 * nb)
+    return out
+
+
+# fastmath 'contract' only, as _matvec_q4_1: the same fused multiply-adds, nothing reassociated
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def _matvec_q4_1_packed(w, table, xq, xd, xs, out):
+    """_matvec_q4_1 on pack_q4_1 rows: each lane the same exact integer sum, then the same
+    fma chains and final sum in the same order, so the results are bit-identical."""
+    n_rows, rb = w.shape
+    nb = rb // 20
+    n4 = 4 * nb
+    nq = 16 * nb
+    xlo = np.empty(nq, np.int16)
+    xhi = np.empty(nq, np.int16)
+    for k in range(4):
+        for b in range(nb):
+            for l in range(4):
+                xlo[k * n4 + 4 * b + l] = xq[b * 32 + 4 * l + k]
+                xhi[k * n4 + 4 * b + l] = xq[b * 32 + 16 + 4 * l + k]
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        plo = np.empty(nq, np.int16)
+        phi = np.empty(nq, np.int16)
+        llo = np.empty(n4, np.float32)
+        lhi = np.empty(n4, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            row = w[r]
+            for i in range(nq):  # contiguous: vectorized
+                q = np.int16(row[i])
+                plo[i] = (q & 15) * xlo[i]
+                phi[i] = (q >> 4) * xhi[i]
+            for i in range(n4):  # lane sums (at most 4*15*127: int16), contiguous
+                llo[i] = np.float32(np.int16(plo[i] + plo[n4 + i] + plo[2 * n4 + i] + plo[3 * n4 + i]))
+                lhi[i] = np.float32(np.int16(phi[i] + phi[n4 + i] + phi[2 * n4 + i] + phi[3 * n4 + i]))
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+            mins = np.float32(0.0)
+            for b in range(nb):
+                d = _f16(table, row, nq + 2 * b) * xd[b]
+                mins = _f16(table, row, nq + 2 * nb + 2 * b) * xs[b] + mins
+                a0 = d * llo[4 * b] + a0
+                a1 = d * llo[4 * b + 1] + a1
+                a2 = d * llo[4 * b + 2] + a2
+                a3 = d * llo[4 * b + 3] + a3
+                a4 = d * lhi[4 * b] + a4
+                a5 = d * lhi[4 * b + 1] + a5
+                a6 = d * lhi[4 * b + 2] + a6
+                a7 = d * lhi[4 * b + 3] + a7
+            out[r] = (((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))) + mins
+
+
 @njit(cache=True)
 def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
-    """out = W x for one token with W's fused kernel (t: its ggml type, in FUSED_TYPES);
-    x given as its rounded activations (xq/xd/xs for the integer kernels, xhat for floats)."""
-    if t == _Q4_1:
+    """out = W x for one token with W's fused kernel (t: its ggml type, in FUSED_TYPES, or
+    Q4_1_PACKED for pack_q4_1 rows); x given as its rounded activations (xq/xd/xs for the
+    integer kernels, xhat for floats)."""
+    if t == Q4_1_PACKED:
+        _matvec_q4_1_packed(w, table, xq, xd, xs, out)
+    elif t == _Q4_1:
         _matvec_q4_1(w, table, xq, xd, xs, out)
     elif t == _Q4_0:
         _matvec_q4_0(w, table, xq, xd, out)
@@ -554,6 +626,9 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
         _matvec_f16(w, table, xhat, out)
     else:
         _matvec_f32(w, xhat, out)
+
+
+_ACT_OF_TYPE[Q4_1_PACKED] = ACT_Q8_1
 
 
 @njit(cache=True)

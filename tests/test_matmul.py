@@ -99,3 +99,20 @@ def test_products_match_dequantized_weights(ggml_type):
         # and the rounding of the activations is small
         plain = x.astype(np.float64) @ w_ref.T
         assert np.all(np.abs(got - plain) <= 0.03 * scale + 1e-4)
+
+
+def test_repacked_q4_1_decode_is_bit_identical():
+    """pack_q4_1 rows through the packed kernel give exactly _matvec_q4_1's floats (the greedy
+    continuations depend on every rounding), on random blocks and several activation scales."""
+    rng = np.random.default_rng(7)
+    raw = random_rows(T.Q4_1, 67, 576, rng)  # not a multiple of the 16-row tasks
+    packed = mm.pack_q4_1(raw)
+    assert packed.shape == raw.shape
+    for scale in (0.01, 1.0, 30.0):
+        x = (rng.standard_normal((1, 576)) * scale).astype(np.float32)
+        act = mm.Activations(x, mm.ACT_Q8_1)
+        ref = np.empty(67, np.float32)
+        got = np.empty(67, np.float32)
+        mm._matvec_q4_1(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], ref)
+        mm.matvec_fused(mm.Q4_1_PACKED, packed, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], got)
+        assert np.array_equal(ref.view(np.uint32), got.view(np.uint32))
