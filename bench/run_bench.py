@@ -7,8 +7,11 @@ For each model (library name or .gguf path; default: the library's default model
 - pp/tg tokens/s as `llamachat bench` measures them (mean ± stddev over -r repetitions);
 - decode bytes per token (every weight matrix is read once per generated token) against this
   machine's single-thread memory read bandwidth (numpy sum over 256 MB), i.e. the tg bound;
-- warm start to first token: a fresh `python` process that imports the engine, loads the
-  model and evaluates one token (numba kernels from the on-disk cache);
+- cold start to first token: a fresh `python` process with an empty numba cache directory
+  (every kernel compiled, as on the first-ever run) that imports the engine, loads the model
+  and evaluates one token; warm start: the same with the kernels cached on disk;
+- peak RSS of a fresh process that runs the pp and tg tests, against the budget
+  model file size + KV cache + 250 MB;
 - with --llama-bench, llama-bench's figures for the same file and the ratio ours/theirs.
 Run it on a quiet machine: the 2 cores are shared, and figures from a busy one mean little.
 """
@@ -17,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -35,16 +41,56 @@ def memory_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
     return nbytes / best
 
 
-def warm_start_seconds(path: Path, threads: int) -> float:
-    code = ("import time; t0 = time.perf_counter();"
-            "from llamachat.runtime.model import load_model;"
-            f"m = load_model({str(path)!r}, n_ctx=64, n_threads={threads}); m.eval([1]);"
-            "print(time.perf_counter() - t0)")
-    subprocess.run([sys.executable, "-c", code], capture_output=True)  # make sure kernels are cached
+def machine() -> str:
+    """CPU model and core count, e.g. 'AMD EPYC 7B13, 2 cores'."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def start_to_first_token(path: Path, threads: int, cache_dir: str | None = None) -> float:
+    """Seconds from a fresh interpreter's start to the first token's logits (the interpreter's
+    own start-up included); cache_dir: a NUMBA_CACHE_DIR to use (an empty one: cold start)."""
+    code = ("from llamachat.runtime.model import load_model;"
+            f"m = load_model({str(path)!r}, n_ctx=64, n_threads={threads}); m.eval([1]); print('ok')")
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = cache_dir
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     total = time.perf_counter() - t0
-    return total if out.stdout.strip() else float("nan")
+    return total if out.stdout.strip() == "ok" else float("nan")
+
+
+def peak_rss(path: Path, args) -> tuple[float, float]:
+    """(peak RSS, budget) in MiB of a fresh process running pp then tg; budget = file size +
+    KV cache + 250 MiB."""
+    code = ("import resource, json, os;"
+            "from llamachat.runtime.model import load_model;"
+            "from llamachat.runtime.bench import bench;"
+            f"m = load_model({str(path)!r}, n_ctx={max(args.n_prompt, args.n_gen, 1)}, n_threads={args.threads});"
+            f"bench(m, {args.n_prompt}, {args.n_gen}, 1);"
+            "print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
+            f" (os.path.getsize({str(path)!r}) + m.cache.nbytes) / 2**20 + 250]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        rss, budget = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return float("nan"), float("nan")
+    return rss, budget
 
 
 def llama_bench(exe: str, path: Path, args) -> dict[str, float]:
@@ -69,14 +115,20 @@ def main() -> int:
     args = ap.parse_args()
 
     from llamachat.model_store.library import Library
+    from llamachat.runtime.errors import UserError
     from llamachat.runtime.bench import bench
     from llamachat.runtime.model import load_model
 
+    print(f"machine: {machine()}; load average at start: {load_average()}")
     bw = memory_bandwidth()
     print(f"memory read bandwidth (1 thread, numpy sum of 256 MB): {bw / 1e9:.1f} GB/s")
     lib = Library.load()
     for name in args.model or [None]:
-        path = Path(lib.resolve(name).path)
+        try:
+            path = Path(lib.resolve(name).path) if name is None or not name.endswith(".gguf") else Path(name)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         m = load_model(path, n_ctx=max(args.n_prompt, args.n_gen), n_threads=args.threads)
         weight_bytes = m.weights.nbytes
         print(f"\n{path.name}: {weight_bytes / 2**20:.1f} MiB of weights read per generated token; "
@@ -91,7 +143,14 @@ def main() -> int:
                 line += f"  llama.cpp {theirs[test]:8.1f}  ratio {r.mean / theirs[test]:.2f}"
             print(line)
         m.close()
-        print(f"  warm start to first token: {warm_start_seconds(path, args.threads):.2f} s")
+        with tempfile.TemporaryDirectory(prefix="llamachat-numba-") as empty:
+            cold = start_to_first_token(path, args.threads, empty)
+        start_to_first_token(path, args.threads)  # make sure the usual cache holds every kernel
+        warm = start_to_first_token(path, args.threads)
+        print(f"  start to first token (fresh process): cold (kernels compiled) {cold:.1f} s, warm {warm:.2f} s")
+        rss, budget = peak_rss(path, args)
+        print(f"  peak RSS running pp+tg: {rss:.0f} MiB (budget: file + KV cache + 250 MiB = {budget:.0f} MiB)")
+    print(f"\nload average at end: {load_average()} (figures from a busy machine mean little)")
     return 0
 
 

@@ -359,6 +359,25 @@ def decode_layer_grouped(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_
         x[0, i] += proj[0, i]
 
 
+def _release_pages(a: np.ndarray) -> None:
+    """Drop the memory-map pages under `a` from this process (MADV_DONTNEED: clean file pages,
+    read again from the file if ever touched), so a weight held as a packed copy is not also
+    counted in memory as its mapped original. Whole pages inside `a` only."""
+    import ctypes
+    import mmap
+
+    if not hasattr(mmap, "MADV_DONTNEED") or a.base is None:
+        return
+    page = mmap.PAGESIZE
+    start = -(-a.ctypes.data // page) * page
+    end = (a.ctypes.data + a.nbytes) // page * page
+    if end > start:
+        try:
+            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+
+
 def fused_layers(weights) -> list | None:
     """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
     q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
@@ -374,10 +393,16 @@ def fused_layers(weights) -> list | None:
             mats = [np.concatenate([layer.wq.rows, layer.wk.rows, layer.wv.rows]), np.ascontiguousarray(layer.wo.rows),
                     np.concatenate([layer.w_gate.rows, layer.w_up.rows]), np.ascontiguousarray(layer.w_down.rows)]
             types = np.array([types[0], types[3], types[4], types[6]], np.int64)
-            for i in range(4):  # Q4_1 rows repacked for the faster lane sums (same results)
+            groups = ((layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,))
+            for i, ws_i in enumerate(groups):  # Q4_1 rows repacked for the faster lane sums (same results)
                 if types[i] == int(GGMLQuantizationType.Q4_1):
                     mats[i] = pack_q4_1(mats[i])
                     types[i] = Q4_1_PACKED
+                    start = 0
+                    for w in ws_i:  # every product of this weight now reads the packed copy
+                        w.packed = mats[i][start:start + w.n_out]
+                        start += w.n_out
+                        _release_pages(w.rows)
             out.append(("grouped", tuple(mats), types))
         else:
             out.append(("plain", tuple(np.ascontiguousarray(w.rows) for w in ws), types))

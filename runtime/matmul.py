@@ -445,7 +445,7 @@ class QuantWeight:
     """A weight matrix [n_out, n_in] left quantized in the memory map: `rows` is uint8
     [n_out, row_bytes] (ggml shape (n_in, n_out))."""
 
-    __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode")
+    __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode", "packed")
 
     def __init__(self, name: str, ggml_type, n_in: int, n_out: int, rows: np.ndarray):
         self.name = name
@@ -454,6 +454,9 @@ class QuantWeight:
         self.n_out = int(n_out)
         self.rows = rows
         self.act_mode = VEC_DOT_TYPE[self.ggml_type]
+        # Q4_1 only: the same rows repacked by pack_q4_1 (then used instead of `rows`, whose
+        # memory-map pages can be released)
+        self.packed: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -493,7 +496,9 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     t = w.ggml_type
     if n_tok < PREFILL_MIN_TOKENS and t in FUSED_TYPES:
         for i in range(n_tok):
-            if t == T.Q4_1:
+            if w.packed is not None:
+                _matvec_q4_1_packed(w.packed, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
+            elif t == T.Q4_1:
                 _matvec_q4_1(w.rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
             elif t == T.Q4_0:
                 _matvec_q4_0(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
@@ -513,13 +518,17 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
     for start in range(0, w.n_out, TILE_ROWS):
         stop = min(start + TILE_ROWS, w.n_out)
-        dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
+        raw = w.rows[start:stop] if w.packed is None else unpack_q4_1(w.packed[start:stop])
+        dequantize_rows(raw, t, w.n_in, tile[:stop - start])
         np.matmul(act.xhat, tile[:stop - start].T, out=out[:, start:stop])
     if act.mode == ACT_Q8_1:
         # llama.cpp's Q8_1 carries each block's sum as half(d*sum(q)), not sum(half(d)*q):
         # add min * (that sum - the sum of our rounded activations) so both paths agree
         bs = GGML_QUANT_SIZES[t][1]
-        mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
+        if w.packed is not None:  # m of every block: the last 2*nb bytes of a packed row
+            mins = F16_TABLE[w.packed[:, w.packed.shape[1] * 9 // 10:].copy().view(np.uint16)]
+        else:
+            mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
         delta = act.xs - act.xhat.reshape(n_tok, -1, 32).sum(axis=2, dtype=np.float32)
         out += delta @ mins.T
     return out
@@ -555,6 +564,17 @@ def pack_q4_1(raw: np.ndarray) -> np.ndarray:
     out[:, 16 * nb:18 * nb] = blocks[:, :, 0:2].reshape(n, 2 * nb)
     out[:, 18 * nb:] = blocks[:, :, 2:4].reshape(n, 2 * nb)
     return out
+
+
+def unpack_q4_1(packed: np.ndarray) -> np.ndarray:
+    """pack_q4_1's inverse: repacked rows -> the file's Q4_1 rows."""
+    n, rb = packed.shape
+    nb = rb // 20
+    raw = np.empty((n, nb, 20), np.uint8)
+    raw[:, :, 0:2] = packed[:, 16 * nb:18 * nb].reshape(n, nb, 2)
+    raw[:, :, 2:4] = packed[:, 18 * nb:].reshape(n, nb, 2)
+    raw[:, :, 4:] = packed[:, :16 * nb].reshape(n, 4, nb, 4).transpose(0, 2, 3, 1).reshape(n, nb, 16)
+    return raw.reshape(n, rb)
 
 
 # fastmath 'contract' only, as _matvec_q4_1: the same fused multiply-adds, nothing reassociated

@@ -116,3 +116,18 @@ def test_repacked_q4_1_decode_is_bit_identical():
         mm._matvec_q4_1(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], ref)
         mm.matvec_fused(mm.Q4_1_PACKED, packed, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], got)
         assert np.array_equal(ref.view(np.uint32), got.view(np.uint32))
+
+
+@pytest.mark.parametrize("n_tok", [1, 3, 40])
+def test_packed_weight_gives_the_same_products(n_tok):
+    """A Q4_1 QuantWeight holding a packed copy (decode and prefill read it instead of the
+    memory map) multiplies exactly as the file's rows do; unpack_q4_1 inverts pack_q4_1."""
+    rng = np.random.default_rng(n_tok)
+    raw = random_rows(T.Q4_1, 50, 256, rng)
+    assert np.array_equal(mm.unpack_q4_1(mm.pack_q4_1(raw)), raw)
+    plain = mm.QuantWeight("w", T.Q4_1, 256, 50, raw)
+    packed = mm.QuantWeight("w", T.Q4_1, 256, 50, raw)
+    packed.packed = mm.pack_q4_1(raw)
+    packed.rows = np.zeros_like(raw)  # would give zeros if still read
+    x = rng.standard_normal((n_tok, 256)).astype(np.float32)
+    assert np.array_equal(mm.matmul(plain, x).view(np.uint32), mm.matmul(packed, x).view(np.uint32))
