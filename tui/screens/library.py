@@ -3,7 +3,8 @@
 A table of models (default marked, missing files marked) and, for the selected model, a form
 of its defaults: each field is checked with runtime.params' rules, an empty field means
 "llama.cpp's default" (the key is removed). Add a model from a file path, remove one, set the
-default. Every change goes through model_store.library (validated, written atomically); its
+default, and import a model (Ctrl+O: the import dialog, a GGUF file, a Hugging Face or Meta
+folder, optionally quantized). Every change goes through model_store.library (validated, written atomically); its
 error sentences are shown as they are.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Input, Label, Static
@@ -20,16 +22,37 @@ from llamachat.runtime.params import SETTINGS, check_setting
 
 from ..widgets.sidebar import format_value
 from .confirm import ConfirmScreen
+from .import_dialog import ImportDialog
 
 FORM_KEYS = ("description", *SETTINGS)
 
 
+class LibraryCommands(Provider):
+    """The library screen's actions in the command palette."""
+
+    def _commands(self):
+        screen = self.screen
+        return [("Import a model…", "From a GGUF file, a Hugging Face or Meta folder, optionally quantized", screen.action_import_model)]
+
+    async def discover(self) -> Hits:
+        for title, help_text, action in self._commands():
+            yield DiscoveryHit(title, action, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, help_text, action in self._commands():
+            if (score := matcher.match(title)) > 0:
+                yield Hit(score, matcher.highlight(title), action, help=help_text)
+
+
 class LibraryScreen(Screen):
+    COMMANDS = {LibraryCommands}
     BINDINGS = [
         Binding("escape", "close", "Back to chat"),
         Binding("ctrl+s", "save", "Save", priority=True),
         Binding("ctrl+d", "make_default", "Set default", priority=True),  # over Input's delete-right (Delete still works)
         Binding("ctrl+t", "use_model", "Use in chat", priority=True),
+        Binding("ctrl+o", "import_model", "Import…", priority=True),
     ]
 
     def __init__(self, library_loader):
@@ -50,6 +73,7 @@ class LibraryScreen(Screen):
                 with Horizontal(classes="dialog-buttons"):
                     yield Button("Add", id="add", variant="primary", compact=True)
                     yield Button("Use in chat", id="use", compact=True)
+                    yield Button("Import…", id="import", compact=True)
             with VerticalScroll(id="library-form"):
                 yield Label("", id="form-title", classes="sidebar-title")
                 for key in FORM_KEYS:
@@ -233,6 +257,23 @@ class LibraryScreen(Screen):
 
         self.app.push_screen(ConfirmScreen(f"Remove {name} from the library? The file itself is kept.", yes="Remove"), done)
 
+    def action_import_model(self) -> None:
+        """The import dialog; a model it imports is shown selected here and in the picker."""
+
+        def done(name: str | None) -> None:
+            if not name:
+                return
+            self.reload(name)
+            entry = self.library.models.get(name) if self.library else None
+            where = f" ({entry.path.name})" if entry else ""
+            self.notify(f"Imported {name}{where}.", title="Model library")
+            self.app.library_changed()
+
+        if self.library is not None and self.library.read_only:
+            self.notify(f"The library cannot be changed: {self.library.read_only_reason}", severity="error")
+            return
+        self.app.push_screen(ImportDialog(), done)
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id in ("add-path", "add-name"):
             self.add_model()
@@ -242,7 +283,8 @@ class LibraryScreen(Screen):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
         actions = {"add": self.add_model, "default": self.action_make_default, "use": self.action_use_model,
-                   "remove": self.remove_model, "save": self.action_save, "back": self.action_close}
+                   "remove": self.remove_model, "save": self.action_save, "back": self.action_close,
+                   "import": self.action_import_model}
         actions[event.button.id]()
 
     def action_close(self) -> None:
