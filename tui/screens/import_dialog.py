@@ -19,6 +19,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, ProgressBar, Select, Static
 
@@ -37,6 +38,14 @@ def quant_type_names() -> list[str]:
 
 class ImportDialog(ModalScreen[str | None]):
     BINDINGS = [Binding("escape", "cancel", "Cancel / close")]
+
+    class Finished(Message):
+        """From the worker: the imported model's name, or the error sentence."""
+
+        def __init__(self, name: str | None, error: str | None):
+            super().__init__()
+            self.name = name
+            self.error = error
 
     def __init__(self):
         super().__init__()
@@ -133,15 +142,16 @@ class ImportDialog(ModalScreen[str | None]):
         def progress(stage: str, done: int, total: int, what: str = "") -> None:
             self._latest = (stage, done, total, what)  # one assignment: read by the UI timer
 
+        # post_message, not call_from_thread: it never blocks, even if the app is closing
         try:
             entry = import_model(source, name=name, quant=quant, lora=lora, progress=progress, cancel=cancel)
         except UserError as err:
-            self.app.call_from_thread(self._finished, None, str(err))
+            self.post_message(self.Finished(None, str(err)))
             return
         except OSError as err:  # a disk error the importer did not word itself
-            self.app.call_from_thread(self._finished, None, f"the import failed: {err.strerror or err}; nothing was imported")
+            self.post_message(self.Finished(None, f"the import failed: {err.strerror or err}; nothing was imported"))
             return
-        self.app.call_from_thread(self._finished, entry.name, None)
+        self.post_message(self.Finished(entry.name, None))
 
     # -- progress and the end ---------------------------------------------------------------
 
@@ -165,13 +175,13 @@ class ImportDialog(ModalScreen[str | None]):
         label = STAGES.get(stage, stage.capitalize())
         self.query_one("#import-stage", Label).update(f"{label} {done}/{total}" + (f": {what}" if what else ""))
 
-    def _finished(self, name: str | None, error: str | None) -> None:
+    def on_import_dialog_finished(self, message: Finished) -> None:
         self.running = False
-        if name is not None:
-            self.dismiss(name)
+        if message.name is not None:
+            self.dismiss(message.name)
             return
         self._show_running(False)
-        self._error(error or "")
+        self._error(message.error or "")
 
     def action_cancel(self) -> None:
         if self.running:
