@@ -26,7 +26,7 @@ from numba import njit, prange
 
 from gguf.constants import GGMLQuantizationType
 
-from .matmul import F16_TABLE, FUSED_TYPES, Q4_1_PACKED, pack_q4_1, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
+from .matmul import F16_TABLE, FUSED_TYPES, Q4_1_PACKED, pack_q4_1, pack_rows, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
 
 
 @njit(cache=True)
@@ -383,6 +383,10 @@ def fused_layers(weights) -> list | None:
     q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
     load; Q4_1 ones repacked by pack_q4_1: the layers' size, 66 MB for SmolLM2 Q4_1), else ("plain", mats, types) for decode_layer; None if
     some matrix has no fused kernel (or the shapes do not suit it): those decode via `forward`."""
+    out_w = weights.output
+    if out_w.ggml_type == GGMLQuantizationType.Q8_0 and out_w.packed is None and out_w.n_in % 32 == 0:
+        out_w.packed = pack_rows(out_w.rows, out_w.ggml_type)  # 1.8x faster logits, same floats
+        _release_pages(out_w.rows)
     out = []
     for layer in weights.layers:
         ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)

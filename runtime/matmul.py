@@ -454,8 +454,8 @@ class QuantWeight:
         self.n_out = int(n_out)
         self.rows = rows
         self.act_mode = VEC_DOT_TYPE[self.ggml_type]
-        # Q4_1 only: the same rows repacked by pack_q4_1 (then used instead of `rows`, whose
-        # memory-map pages can be released)
+        # Q4_1/Q8_0 only: the same rows repacked by pack_rows (then used instead of `rows`,
+        # whose memory-map pages can be released)
         self.packed: np.ndarray | None = None
 
     @property
@@ -496,8 +496,10 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     t = w.ggml_type
     if n_tok < PREFILL_MIN_TOKENS and t in FUSED_TYPES:
         for i in range(n_tok):
-            if w.packed is not None:
+            if w.packed is not None and t == T.Q4_1:
                 _matvec_q4_1_packed(w.packed, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
+            elif w.packed is not None:
+                _matvec_q8_0_packed(w.packed, F16_TABLE, act.xq[i], act.xd[i], out[i])
             elif t == T.Q4_1:
                 _matvec_q4_1(w.rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
             elif t == T.Q4_0:
@@ -518,7 +520,7 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
     for start in range(0, w.n_out, TILE_ROWS):
         stop = min(start + TILE_ROWS, w.n_out)
-        raw = w.rows[start:stop] if w.packed is None else unpack_q4_1(w.packed[start:stop])
+        raw = w.rows[start:stop] if w.packed is None else unpack_rows(w.packed[start:stop], t)
         dequantize_rows(raw, t, w.n_in, tile[:stop - start])
         np.matmul(act.xhat, tile[:stop - start].T, out=out[:, start:stop])
     if act.mode == ACT_Q8_1:
@@ -623,6 +625,76 @@ def _matvec_q4_1_packed(w, table, xq, xd, xs, out):
             out[r] = (((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))) + mins
 
 
+# Q8_0 repacked the same way: quant byte 8m+l of block b at m*8*nb + 8*b + l (m < 4, l < 8),
+# so each block's 8 partial sums come from 4 contiguous vector adds; then d of every block.
+Q8_0_PACKED = 101
+
+
+def pack_q8_0(raw: np.ndarray) -> np.ndarray:
+    """Q8_0 rows uint8 [n, nb*34] -> repacked rows uint8 [n, nb*34] (layout above)."""
+    n, rb = raw.shape
+    nb = rb // 34
+    blocks = np.asarray(raw).reshape(n, nb, 34)
+    out = np.empty((n, rb), np.uint8)
+    out[:, :32 * nb] = blocks[:, :, 2:].reshape(n, nb, 4, 8).transpose(0, 2, 1, 3).reshape(n, 32 * nb)
+    out[:, 32 * nb:] = blocks[:, :, :2].reshape(n, 2 * nb)
+    return out
+
+
+def unpack_q8_0(packed: np.ndarray) -> np.ndarray:
+    """pack_q8_0's inverse."""
+    n, rb = packed.shape
+    nb = rb // 34
+    raw = np.empty((n, nb, 34), np.uint8)
+    raw[:, :, :2] = packed[:, 32 * nb:].reshape(n, nb, 2)
+    raw[:, :, 2:] = packed[:, :32 * nb].reshape(n, 4, nb, 8).transpose(0, 2, 1, 3).reshape(n, nb, 32)
+    return raw.reshape(n, rb)
+
+
+def pack_rows(raw: np.ndarray, ggml_type) -> np.ndarray | None:
+    """The packed copy of a weight's rows if its format has a packed decode kernel, else None."""
+    if ggml_type == T.Q4_1:
+        return pack_q4_1(raw)
+    if ggml_type == T.Q8_0:
+        return pack_q8_0(raw)
+    return None
+
+
+def unpack_rows(packed: np.ndarray, ggml_type) -> np.ndarray:
+    return unpack_q4_1(packed) if ggml_type == T.Q4_1 else unpack_q8_0(packed)
+
+
+# as _matvec_q8_0 (fastmath=True) compiles: acc = fma(dx, d*sum, acc) per block; the integer
+# sum is exact in any order, so the results are bit-identical
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def _matvec_q8_0_packed(w, table, xq, xd, out):
+    n_rows, rb = w.shape
+    nb = rb // 34
+    n8 = 8 * nb
+    nq = 32 * nb
+    xe = np.empty(nq, np.int16)
+    for m in range(4):
+        for b in range(nb):
+            for l in range(8):
+                xe[m * n8 + 8 * b + l] = xq[b * 32 + 8 * m + l]
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        prod = np.empty(nq, np.int16)
+        t = np.empty(n8, np.int32)
+        for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            row = w[r]
+            qs = row.view(np.int8)
+            for i in range(nq):  # contiguous: vectorized
+                prod[i] = np.int16(qs[i]) * xe[i]
+            for i in range(n8):
+                t[i] = np.int32(prod[i]) + np.int32(prod[n8 + i]) + np.int32(prod[2 * n8 + i]) + np.int32(prod[3 * n8 + i])
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = 8 * b
+                s = ((t[o] + t[o + 1]) + (t[o + 2] + t[o + 3])) + ((t[o + 4] + t[o + 5]) + (t[o + 6] + t[o + 7]))
+                acc = xd[b] * (_f16(table, row, nq + 2 * b) * np.float32(s)) + acc
+            out[r] = acc
+
+
 @njit(cache=True)
 def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
     """out = W x for one token with W's fused kernel (t: its ggml type, in FUSED_TYPES, or
@@ -630,6 +702,8 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
     integer kernels, xhat for floats)."""
     if t == Q4_1_PACKED:
         _matvec_q4_1_packed(w, table, xq, xd, xs, out)
+    elif t == Q8_0_PACKED:
+        _matvec_q8_0_packed(w, table, xq, xd, out)
     elif t == _Q4_1:
         _matvec_q4_1(w, table, xq, xd, xs, out)
     elif t == _Q4_0:
@@ -649,6 +723,7 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
 
 
 _ACT_OF_TYPE[Q4_1_PACKED] = ACT_Q8_1
+_ACT_OF_TYPE[Q8_0_PACKED] = ACT_Q8_0
 
 
 @njit(cache=True)

@@ -23,7 +23,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from .errors import ModelError, UserError
 from .kv_cache import KVCache
-from .matmul import SUPPORTED_TYPES, QuantWeight, dequantize_rows
+from .matmul import SUPPORTED_TYPES, QuantWeight, dequantize_rows, unpack_rows
 
 log = logging.getLogger("llamachat")
 
@@ -290,8 +290,9 @@ class LlamaModel:
         numba.set_num_threads(self.n_threads)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
-        rows = self.weights.token_embd.rows[tokens]
-        return dequantize_rows(rows, self.weights.token_embd.ggml_type, self.config.n_embd)
+        w = self.weights.token_embd
+        rows = w.rows[tokens] if w.packed is None else unpack_rows(w.packed[tokens], w.ggml_type)
+        return dequantize_rows(rows, w.ggml_type, self.config.n_embd)
 
     def eval(self, tokens: Sequence[int], logits: str = "last", cancel: threading.Event | None = None) -> np.ndarray:
         """Append tokens at n_past, in chunks of n_batch; return float32 logits of the last

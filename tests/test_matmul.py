@@ -131,3 +131,15 @@ def test_packed_weight_gives_the_same_products(n_tok):
     packed.rows = np.zeros_like(raw)  # would give zeros if still read
     x = rng.standard_normal((n_tok, 256)).astype(np.float32)
     assert np.array_equal(mm.matmul(plain, x).view(np.uint32), mm.matmul(packed, x).view(np.uint32))
+
+
+@pytest.mark.parametrize("n_tok", [1, 40])
+def test_packed_q8_0_weight_gives_the_same_products(n_tok):
+    rng = np.random.default_rng(10 + n_tok)
+    raw = random_rows(T.Q8_0, 45, 256, rng)
+    assert np.array_equal(mm.unpack_q8_0(mm.pack_q8_0(raw)), raw)
+    plain = mm.QuantWeight("w", T.Q8_0, 256, 45, raw)
+    packed = mm.QuantWeight("w", T.Q8_0, 256, 45, np.zeros_like(raw))
+    packed.packed = mm.pack_rows(raw, T.Q8_0)
+    x = (rng.standard_normal((n_tok, 256)) * 4).astype(np.float32)
+    assert np.array_equal(mm.matmul(plain, x).view(np.uint32), mm.matmul(packed, x).view(np.uint32))
