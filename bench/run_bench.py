@@ -83,7 +83,9 @@ def peak_rss(path: Path, args) -> tuple[float, float]:
             "from llamachat.runtime.bench import bench;"
             f"m = load_model({str(path)!r}, n_ctx={max(args.n_prompt, args.n_gen, 1)}, n_threads={args.threads});"
             f"bench(m, {args.n_prompt}, {args.n_gen}, 1);"
-            "print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
+            # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec
+            "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')];"
+            "print(json.dumps([(hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024,"
             f" (os.path.getsize({str(path)!r}) + m.cache.nbytes) / 2**20 + 250]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     try:
