@@ -163,8 +163,13 @@ def quantize_activations(x, mode, xq, xd, xs, xhat):
 ROWS_PER_TASK = 16
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+# fastmath 'contract' only (see _matvec_q4_1): sums in ggml's AVX2 order, bit for bit
+@njit(cache=True, parallel=True, fastmath={"contract"})
 def _matvec_q8_0(w, table, xq, xd, out):
+    """Summed as ggml's AVX2 vec_dot_q8_0_q8_0 (and llamafile's tinyBLAS_Q0_AVX, the same
+    order) does: per block 8 integer lanes (values 4l..4l+3), each accumulated over blocks as
+    fma(d_w*d_x, lane, acc_l); result = hsum_float_8(acc). (This is the tied output product
+    of Q4_1 SmolLM2: the logits.)"""
     n_rows, rb = w.shape
     nb = xd.shape[0]
     xe = np.zeros(rb, np.int16)
@@ -178,14 +183,19 @@ def _matvec_q8_0(w, table, xq, xd, out):
             qs = row.view(np.int8)
             for i in range(rb):
                 prod[i] = np.int16(qs[i]) * xe[i]
-            acc = np.float32(0.0)
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
             for b in range(nb):
-                s = np.int32(0)
-                base = b * 34 + 2
-                for j in range(32):
-                    s += np.int32(prod[base + j])
-                acc += _f16(table, row, b * 34) * xd[b] * np.float32(s)
-            out[r] = acc
+                o = b * 34 + 2
+                d = _f16(table, row, b * 34) * xd[b]
+                a0 = d * _lane(prod, o) + a0
+                a1 = d * _lane(prod, o + 4) + a1
+                a2 = d * _lane(prod, o + 8) + a2
+                a3 = d * _lane(prod, o + 12) + a3
+                a4 = d * _lane(prod, o + 16) + a4
+                a5 = d * _lane(prod, o + 20) + a5
+                a6 = d * _lane(prod, o + 24) + a6
+                a7 = d * _lane(prod, o + 28) + a7
+            out[r] = ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
 
 
 @njit(cache=True, inline="always")
