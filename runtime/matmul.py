@@ -47,6 +47,11 @@ FUSED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T
 # at or above this many tokens a dequantized tile times BLAS (much faster, not bit-identical
 # to ggml) replaces the per-token fused kernels (llama.cpp's exact sums)
 PREFILL_MIN_TOKENS = 16
+# llama.cpp's CPU batches use the same per-row sums as decode for every fused format
+# (llamafile's sgemm has no Q4_1/Q5_1/K-quant kernel, and its Q8_0/Q4_0/Q5_0 kernel sums in
+# vec_dot's lane order), so with EXACT_PREFILL the fused kernels serve batches of any size:
+# prompts and perplexity then reproduce llama.cpp bit for bit (about 2x slower prefill)
+EXACT_PREFILL = True
 # rows dequantized at once on the tile path (bounds the transient float32 tile)
 TILE_ROWS = 2048
 
@@ -501,7 +506,7 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     if out is None:
         out = np.empty((n_tok, w.n_out), np.float32)
     t = w.ggml_type
-    if n_tok < PREFILL_MIN_TOKENS and t in FUSED_TYPES:
+    if t in FUSED_TYPES and (EXACT_PREFILL or n_tok < PREFILL_MIN_TOKENS):
         for i in range(n_tok):
             if t == T.Q4_1:
                 _matvec_q4_1(w.rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])

@@ -291,3 +291,26 @@ def test_greedy_continuations_match_llama_cpp(smollm2, reference, index):
     case = reference["greedy"][index]
     ids = tok.encode(case["prompt"], add_special=True, parse_special=True)
     assert greedy(m, tok, ids, case["n_predict"]).rstrip() == case["continuation"]
+
+
+def test_tiled_attention_is_causal_softmax_attention():
+    """forward.attention_tiled (ggml's path for batches of >= 64 tokens) against float64 causal
+    softmax attention with grouped KV heads, over more than one KV tile."""
+    from llamachat.runtime.forward import FA_TILE_Q, attention_tiled
+
+    rng = np.random.default_rng(3)
+    n_past, n_tok, n_head, n_kv, hd = 10, FA_TILE_Q + 7, 4, 2, 32
+    q = rng.standard_normal((n_tok, n_head * hd)).astype(np.float32)
+    k = rng.standard_normal((n_past + n_tok, n_kv * hd)).astype(np.float16).astype(np.float32)
+    v = rng.standard_normal((n_past + n_tok, n_kv * hd)).astype(np.float16).astype(np.float32)
+    out = np.empty_like(q)
+    attention_tiled(q, k, v, n_past, n_head, n_kv, hd, out)
+    for t in range(n_tok):
+        for h in range(n_head):
+            g = h // (n_head // n_kv)
+            kk = k[:n_past + t + 1, g * hd:(g + 1) * hd].astype(np.float64)
+            vv = v[:n_past + t + 1, g * hd:(g + 1) * hd].astype(np.float64)
+            s = kk @ q[t, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            want = p @ vv / p.sum()
+            assert np.allclose(out[t, h * hd:(h + 1) * hd], want, atol=1e-5), (t, h)
