@@ -50,7 +50,8 @@ PREFILL_MIN_TOKENS = 16
 # llama.cpp's CPU batches use the same per-row sums as decode for every fused format
 # (llamafile's sgemm has no Q4_1/Q5_1/K-quant kernel, and its Q8_0/Q4_0/Q5_0 kernel sums in
 # vec_dot's lane order), so with EXACT_PREFILL the fused kernels serve batches of any size:
-# prompts and perplexity then reproduce llama.cpp bit for bit (about 2x slower prefill)
+# prompts and perplexity then reproduce llama.cpp bit for bit (measured on SmolLM2, 2 threads:
+# 40-token prompt 1.8 s vs 4.1 s on the tile path, 200 tokens 10.7 s vs 10.1 s)
 EXACT_PREFILL = True
 # rows dequantized at once on the tile path (bounds the transient float32 tile)
 TILE_ROWS = 2048
