@@ -49,10 +49,21 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
+@njit(cache=True)
+def _rope_cos_sin(theta, cos, sin):
+    """cosf/sinf of float32 angles: numba lowers math.cos/math.sin of a float32 to libm's cosf
+    and sinf, the functions ggml's rope_yarn calls. (glibc's are not correctly rounded: about
+    2% of these angles differ by one ulp from the float64 cos/sin rounded to float32.)"""
+    for t in range(theta.shape[0]):
+        for i in range(theta.shape[1]):
+            cos[t, i] = math.cos(theta[t, i])
+            sin[t, i] = math.sin(theta[t, i])
+
+
 def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin [T, n_rot/2] of each position's angles, as ggml_rope_cache_init makes them:
     theta starts at the position and is multiplied by theta_scale = base**(-2/n_rot) once per
-    pair, in float32; cos/sin are correctly rounded float32 (as glibc's cosf/sinf)."""
+    pair, in float32; cos/sin are libm's cosf/sinf of those float32 angles."""
     half = cfg.n_rot // 2
     theta_scale = np.float32(cfg.rope_freq_base ** (-2.0 / cfg.n_rot))
     theta = np.empty((len(positions), half), np.float32)
@@ -63,8 +74,10 @@ def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
     if cfg.rope_freqs is not None:
         theta = (theta / cfg.rope_freqs[None, :half]).astype(np.float32)
     theta = (theta * np.float32(cfg.rope_freq_scale)).astype(np.float32)
-    th = theta.astype(np.float64)
-    return np.cos(th).astype(np.float32), np.sin(th).astype(np.float32)
+    cos = np.empty_like(theta)
+    sin = np.empty_like(theta)
+    _rope_cos_sin(theta, cos, sin)
+    return cos, sin
 
 
 @njit(cache=True)
@@ -169,6 +182,70 @@ attention_serial = njit(cache=True, fastmath={"contract"})(attention.py_func)
 # decode attends in parallel from this many cached positions on
 ATTN_PARALLEL_MIN = 32
 
+# ggml's CPU flash attention takes a tiled path when a batch holds at least this many query rows
+# (GGML_FA_TILE_Q; the KV tiles are GGML_FA_TILE_KV = 64 long); fewer rows use `attention`
+FA_TILE_Q = 64
+FA_TILE_KV = 64
+
+
+@njit(cache=True, parallel=True)
+def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
+    """Causal attention as ggml_compute_forward_flash_attn_ext_tiled computes it (batches of
+    >= FA_TILE_Q tokens, F16 cache): q stays float32; per KV tile of 64 positions the scores
+    are fma chains over the head dimension (simd_gemm) times the scale, the running maximum
+    moves to the tile's maximum (accumulator and sum rescaled by expf(old - new)), the
+    weights are ggml_v_expf(s - max) summed 8 lanes at a time into a double added to the
+    float sum, and the values are accumulated in float32 by fma in position order. Same
+    arguments as `attention`."""
+    n_tok = q.shape[0]
+    group = n_head // n_head_kv
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    for job in prange(n_tok * n_head):
+        t = job // n_head
+        h = job % n_head
+        kv0 = (h // group) * head_dim
+        n_kv = n_past + t + 1
+        acc = np.zeros(head_dim, np.float32)
+        s = np.empty(FA_TILE_KV, np.float32)
+        total = np.float32(0.0)
+        m = np.float32(-np.inf)
+        for ic in range(0, n_kv, FA_TILE_KV):
+            tile_max = np.float32(-np.inf)
+            for tk in range(FA_TILE_KV):
+                j = ic + tk
+                if j < n_kv:
+                    dot = np.float32(0.0)
+                    for d in range(head_dim):
+                        dot = fma32(q[t, h * head_dim + d], k_cache[j, kv0 + d], dot)
+                    s[tk] = dot * scale
+                else:  # masked (future or padding): weight 0
+                    s[tk] = -np.inf
+                tile_max = max(tile_max, s[tk])
+            m_new = max(m, tile_max)
+            if m_new > m:
+                ms = np.float32(math.exp(np.float32(m - m_new)))  # libm expf
+                for d in range(head_dim):
+                    acc[d] *= ms
+                total *= ms
+            m = m_new
+            tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
+            for c in range(0, FA_TILE_KV, 8):
+                for i in range(8):
+                    s[c + i] = _ggml_expf(np.float32(s[c + i] - m_new))
+                r0 = s[c + 4] + s[c + 0]
+                r1 = s[c + 5] + s[c + 1]
+                r2 = s[c + 6] + s[c + 2]
+                r3 = s[c + 7] + s[c + 3]
+                tile_sum += np.float64((r0 + r2) + (r1 + r3))
+            total = np.float32(np.float64(total) + tile_sum)
+            for tk in range(min(FA_TILE_KV, n_kv - ic)):
+                p = s[tk]
+                for d in range(head_dim):
+                    acc[d] = fma32(p, v_cache[ic + tk, kv0 + d], acc[d])
+        inv = np.float32(1.0) / total
+        for d in range(head_dim):
+            out[t, h * head_dim + d] = acc[d] * inv
+
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
@@ -198,7 +275,8 @@ def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
         apply_rope(q, cfg.n_head, hd, cfg.n_rot, cos, sin)
         apply_rope(k, cfg.n_head_kv, hd, cfg.n_rot, cos, sin)
         cache.store(il, pos0, k, v)
-        attention(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
+        attend = attention_tiled if n_tok >= FA_TILE_Q else attention
+        attend(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
         x = x + matmul(layer.wo, attn_out)
         # feed-forward (SwiGLU)
         h = rmsnorm(x, layer.ffn_norm, cfg.rms_eps)

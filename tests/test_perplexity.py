@@ -76,4 +76,6 @@ def test_smollm2_perplexity_matches_llama_cpp(smollm2_path, reference, reference
     last = out[-1]
     assert last.startswith("Final estimate: PPL = ")
     ppl = float(last.split("=")[1].split("+/-")[0])
-    assert ppl == pytest.approx(reference["perplexity"]["original_q4_1"], rel=0.01)
+    # llama-perplexity prints 4 decimals: the engine reproduces ggml's arithmetic (the tiled flash
+    # attention of 256-token batches, vec_dot sums for every product), so the value is the same
+    assert ppl == reference["perplexity"]["original_q4_1"]
