@@ -26,6 +26,7 @@ from numba import njit, prange
 
 from gguf.constants import GGMLQuantizationType
 
+from . import matmul as _matmul_module
 from .matmul import F16_TABLE, FUSED_TYPES, Q4_1_PACKED, pack_q4_1, pack_rows, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
 
 
@@ -275,7 +276,7 @@ def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
         apply_rope(q, cfg.n_head, hd, cfg.n_rot, cos, sin)
         apply_rope(k, cfg.n_head_kv, hd, cfg.n_rot, cos, sin)
         cache.store(il, pos0, k, v)
-        attend = attention_tiled if n_tok >= FA_TILE_Q else attention
+        attend = attention_tiled if _matmul_module.EXACT_PREFILL and n_tok >= FA_TILE_Q else attention
         attend(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
         x = x + matmul(layer.wo, attn_out)
         # feed-forward (SwiGLU)

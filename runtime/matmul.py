@@ -26,6 +26,7 @@ Layouts (ggml-common.h), per block, little endian, `d`/`m`/`dmin` are IEEE half 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
@@ -50,9 +51,11 @@ PREFILL_MIN_TOKENS = 16
 # llama.cpp's CPU batches use the same per-row sums as decode for every fused format
 # (llamafile's sgemm has no Q4_1/Q5_1/K-quant kernel, and its Q8_0/Q4_0/Q5_0 kernel sums in
 # vec_dot's lane order), so with EXACT_PREFILL the fused kernels serve batches of any size:
-# prompts and perplexity then reproduce llama.cpp bit for bit (measured on SmolLM2, 2 threads:
-# 40-token prompt 1.8 s vs 4.1 s on the tile path, 200 tokens 10.7 s vs 10.1 s)
-EXACT_PREFILL = True
+# prompts and perplexity then reproduce llama.cpp bit for bit (forward.py also switches batches
+# of 64+ tokens to ggml's tiled flash attention). It costs prompt speed (SmolLM2 Q4_1, 2 threads:
+# pp256 about 50 tok/s exact vs 120 default), so it is opt-in: LLAMACHAT_EXACT_PREFILL=1.
+# Single-token decode is exact either way, and prompts under 16 tokens too.
+EXACT_PREFILL = os.environ.get("LLAMACHAT_EXACT_PREFILL", "") == "1"
 # rows dequantized at once on the tile path (bounds the transient float32 tile)
 TILE_ROWS = 2048
 
