@@ -87,3 +87,32 @@ def test_smollm2_perplexity_matches_llama_cpp(smollm2_path, reference, reference
         assert ppl == reference["perplexity"]["original_q4_1"]
     else:  # the fast prefill path (BLAS tiles): the issue's bound
         assert ppl == pytest.approx(reference["perplexity"]["original_q4_1"], rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def smollm2_quantized(smollm2_path, tmp_path_factory):
+    """The files llama.cpp's reference perplexities were measured on, made the same way:
+    F16 from the Q4_1 file (--allow-requantize), the others quantized from that F16 file."""
+    from llamachat.runtime.quantize_model import quantize_model
+
+    folder = tmp_path_factory.mktemp("smollm2-quants")
+    f16 = folder / "f16.gguf"
+    quantize_model(smollm2_path, f16, "F16", allow_requantize=True)
+    files = {"f16": f16}
+    for quant in ("Q8_0", "Q4_0", "Q4_K_M"):
+        files[quant] = folder / f"{quant}.gguf"
+        quantize_model(f16, files[quant], quant)
+    return files
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["f16", "Q8_0", "Q4_0", "Q4_K_M"])
+def test_quantized_smollm2_perplexity_matches_llama_cpp(smollm2_quantized, key, reference, reference_dir, capsys):
+    from llamachat.tui.cli import main
+
+    text = reference_dir / reference["perplexity"]["text"]
+    assert main(["perplexity", "-m", str(smollm2_quantized[key]), "-f", str(text), "-c", "256", "-t", "2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    ppl = float(last.split("=")[1].split("+/-")[0])
+    assert ppl == pytest.approx(reference["perplexity"][key], rel=0.01), (key, ppl)
