@@ -27,14 +27,12 @@ class Setting:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f"{self.name} must be a number, got {value!r}")
         try:
-            number = self.type(value) if not isinstance(value, str) else self.type(float(value)) if self.type is float else int(value)
+            number = self.type(value)  # int('3') and float('0.5') parse text too
         except (TypeError, ValueError):
             raise ValueError(f"{self.name} must be {'an integer' if self.type is int else 'a number'}, got {value!r}") from None
         if self.type is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"{self.name} must be an integer, got {value!r}")
-        if self.low is not None and number < self.low:
-            raise ValueError(f"{self.name} must be {self._range()}, got {value!r}")
-        if self.high is not None and number > self.high:
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
             raise ValueError(f"{self.name} must be {self._range()}, got {value!r}")
         return number
 
