@@ -644,8 +644,10 @@ def _matvec_q4_1_packed(w, table, xq, xd, xs, out):
             out[r] = (((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))) + mins
 
 
-# Q8_0 repacked the same way: quant byte 8m+l of block b at m*8*nb + 8*b + l (m < 4, l < 8),
-# so each block's 8 partial sums come from 4 contiguous vector adds; then d of every block.
+# Q8_0 repacked so that ggml's lanes are contiguous: ggml's AVX2 vec_dot_q8_0_q8_0 sums each
+# block as 8 int32 lanes, lane L holding values 4L..4L+3. Byte 4L+k of block b sits at
+# k*8*nb + 8*b + L (k < 4, L < 8), so a lane of every block is the sum of 4 contiguous
+# vectors; then d of every block as half floats. Same bytes, same size as the file's rows.
 Q8_0_PACKED = 101
 
 
@@ -655,7 +657,7 @@ def pack_q8_0(raw: np.ndarray) -> np.ndarray:
     nb = rb // 34
     blocks = np.asarray(raw).reshape(n, nb, 34)
     out = np.empty((n, rb), np.uint8)
-    out[:, :32 * nb] = blocks[:, :, 2:].reshape(n, nb, 4, 8).transpose(0, 2, 1, 3).reshape(n, 32 * nb)
+    out[:, :32 * nb] = blocks[:, :, 2:].reshape(n, nb, 8, 4).transpose(0, 3, 1, 2).reshape(n, 32 * nb)
     out[:, 32 * nb:] = blocks[:, :, :2].reshape(n, 2 * nb)
     return out
 
@@ -666,7 +668,7 @@ def unpack_q8_0(packed: np.ndarray) -> np.ndarray:
     nb = rb // 34
     raw = np.empty((n, nb, 34), np.uint8)
     raw[:, :, :2] = packed[:, 32 * nb:].reshape(n, nb, 2)
-    raw[:, :, 2:] = packed[:, :32 * nb].reshape(n, 4, nb, 8).transpose(0, 2, 1, 3).reshape(n, nb, 32)
+    raw[:, :, 2:] = packed[:, :32 * nb].reshape(n, 4, nb, 8).transpose(0, 2, 3, 1).reshape(n, nb, 32)
     return raw.reshape(n, rb)
 
 
@@ -683,39 +685,44 @@ def unpack_rows(packed: np.ndarray, ggml_type) -> np.ndarray:
     return unpack_q4_1(packed) if ggml_type == T.Q4_1 else unpack_q8_0(packed)
 
 
-# the same sums as _matvec_q8_0 (ggml's AVX2 vec_dot_q8_0_q8_0 order): ggml's lane L of a block
-# holds values 4L..4L+3, which in the packed layout are the 4 contiguous products at
-# (L // 2) * 8 * nb + 8 * b + 4 * (L % 2); so the results are bit-identical
+# the same sums as _matvec_q8_0 (ggml's AVX2 vec_dot_q8_0_q8_0 order), so the results are
+# bit-identical. The lane sums are computed in int32 and stored as int32 before the float
+# conversion: numba types int8*int32 as int64, and only the store lets LLVM narrow the
+# vectors back to 8 lanes (with float or int64 arithmetic this loop ran 2-4x slower).
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def _matvec_q8_0_packed(w, table, xq, xd, out):
     n_rows, rb = w.shape
     nb = rb // 34
     n8 = 8 * nb
     nq = 32 * nb
-    xe = np.empty(nq, np.int16)
-    for m in range(4):
+    xe = np.empty(nq, np.int32)
+    for k in range(4):
         for b in range(nb):
-            for l in range(8):
-                xe[m * n8 + 8 * b + l] = xq[b * 32 + 8 * m + l]
+            for lane in range(8):
+                xe[k * n8 + 8 * b + lane] = xq[b * 32 + 4 * lane + k]
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        prod = np.empty(nq, np.int16)
+        isum = np.empty(n8, np.int32)
+        lanes = np.empty(n8, np.float32)
         for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             row = w[r]
             qs = row.view(np.int8)
-            for i in range(nq):  # contiguous: vectorized
-                prod[i] = np.int16(qs[i]) * xe[i]
+            for i in range(n8):  # contiguous: vectorized (vpmulld)
+                isum[i] = (np.int32(qs[i]) * xe[i] + np.int32(qs[n8 + i]) * xe[n8 + i]
+                           + np.int32(qs[2 * n8 + i]) * xe[2 * n8 + i] + np.int32(qs[3 * n8 + i]) * xe[3 * n8 + i])
+            for i in range(n8):
+                lanes[i] = np.float32(isum[i])
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
             for b in range(nb):
                 o = 8 * b
                 d = _f16(table, row, nq + 2 * b) * xd[b]
-                a0 = d * _lane(prod, o) + a0
-                a1 = d * _lane(prod, o + 4) + a1
-                a2 = d * _lane(prod, n8 + o) + a2
-                a3 = d * _lane(prod, n8 + o + 4) + a3
-                a4 = d * _lane(prod, 2 * n8 + o) + a4
-                a5 = d * _lane(prod, 2 * n8 + o + 4) + a5
-                a6 = d * _lane(prod, 3 * n8 + o) + a6
-                a7 = d * _lane(prod, 3 * n8 + o + 4) + a7
+                a0 = d * lanes[o] + a0
+                a1 = d * lanes[o + 1] + a1
+                a2 = d * lanes[o + 2] + a2
+                a3 = d * lanes[o + 3] + a3
+                a4 = d * lanes[o + 4] + a4
+                a5 = d * lanes[o + 5] + a5
+                a6 = d * lanes[o + 6] + a6
+                a7 = d * lanes[o + 7] + a7
             out[r] = ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
 
 

@@ -163,6 +163,20 @@ def test_quantized_tiny_model_and_tied_output(tmp_path):
     assert close(m.eval(TOKENS, logits="all"), ref, tol=5e-2)
 
 
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1])
+def test_one_call_decode_equals_per_product_path(tmp_path, qtype):
+    """Token-by-token decode (one compiled call per layer, q/k/v and gate/up stacked) gives
+    the very floats of one product at a time (a block of < 16 tokens)."""
+    w = tiny_weights(3)
+    types = {k: qtype for k in w if k.endswith(".weight") and w[k].ndim == 2 and w[k].shape[1] % 32 == 0}
+    m = load_model(write_tiny(tmp_path / "q.gguf", w, types=types), n_ctx=32, n_threads=2)
+    assert m.fused is not None and all(kind == "grouped" for kind, _, _ in m.fused)
+    block = m.eval(TOKENS, logits="all")
+    m.truncate(0)
+    steps = np.stack([m.eval([t]) for t in TOKENS])
+    assert np.array_equal(steps, block)
+
+
 def test_context_shift_rerotates_keys(tmp_path):
     w = tiny_weights(2)
     m = load_model(write_tiny(tmp_path / "tiny.gguf", w), n_ctx=16, n_threads=1)
