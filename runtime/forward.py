@@ -248,6 +248,33 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             out[t, h * head_dim + d] = acc[d] * inv
 
 
+def attention_blas(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
+    """Causal attention of a prompt block with numpy's BLAS: per KV head, the scores of all
+    the queries of its group against all cached keys in one matrix product, masked, softmax
+    in float32, times the values. The float32 arithmetic of ggml's tiled flash attention
+    (which llama.cpp uses for batches of 64+ tokens), in a different summation order; the
+    default prompt path, where the products already use BLAS. Same arguments as `attention`."""
+    n_tok = q.shape[0]
+    n_kv = n_past + n_tok
+    group = n_head // n_head_kv
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    # query t sits at position n_past + t and sees keys 0..n_past + t
+    future = np.arange(n_kv)[None, :] > (n_past + np.arange(n_tok))[:, None]
+    future = np.repeat(future, group, axis=0)  # rows ordered (t, head of the group)
+    for g in range(n_head_kv):
+        cols = slice(g * group * head_dim, (g + 1) * group * head_dim)
+        qg = q[:, cols].reshape(n_tok * group, head_dim)
+        kg = k_cache[:n_kv, g * head_dim:(g + 1) * head_dim]
+        vg = v_cache[:n_kv, g * head_dim:(g + 1) * head_dim]
+        s = qg @ kg.T
+        s *= scale
+        s[future] = -np.inf
+        s -= s.max(axis=1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=1, keepdims=True)
+        out[:, cols] = (s @ vg).reshape(n_tok, group * head_dim)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
@@ -276,7 +303,10 @@ def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
         apply_rope(q, cfg.n_head, hd, cfg.n_rot, cos, sin)
         apply_rope(k, cfg.n_head_kv, hd, cfg.n_rot, cos, sin)
         cache.store(il, pos0, k, v)
-        attend = attention_tiled if _matmul_module.EXACT_PREFILL and n_tok >= FA_TILE_Q else attention
+        if _matmul_module.EXACT_PREFILL:
+            attend = attention_tiled if n_tok >= FA_TILE_Q else attention
+        else:
+            attend = attention_blas if n_tok >= _matmul_module.PREFILL_MIN_TOKENS else attention
         attend(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
         x = x + matmul(layer.wo, attn_out)
         # feed-forward (SwiGLU)

@@ -307,10 +307,15 @@ def test_greedy_continuations_match_llama_cpp(smollm2, reference, index):
     assert greedy(m, tok, ids, case["n_predict"]).rstrip() == case["continuation"]
 
 
-def test_tiled_attention_is_causal_softmax_attention():
-    """forward.attention_tiled (ggml's path for batches of >= 64 tokens) against float64 causal
-    softmax attention with grouped KV heads, over more than one KV tile."""
-    from llamachat.runtime.forward import FA_TILE_Q, attention_tiled
+@pytest.mark.parametrize("kernel", ["attention_tiled", "attention_blas"])
+def test_block_attention_is_causal_softmax_attention(kernel):
+    """forward.attention_tiled (ggml's path for batches of >= 64 tokens) and attention_blas (the
+    default prompt path) against float64 causal softmax attention with grouped KV heads, over
+    more than one KV tile."""
+    from llamachat.runtime import forward
+    from llamachat.runtime.forward import FA_TILE_Q
+
+    attend = getattr(forward, kernel)
 
     rng = np.random.default_rng(3)
     n_past, n_tok, n_head, n_kv, hd = 10, FA_TILE_Q + 7, 4, 2, 32
@@ -318,7 +323,7 @@ def test_tiled_attention_is_causal_softmax_attention():
     k = rng.standard_normal((n_past + n_tok, n_kv * hd)).astype(np.float16).astype(np.float32)
     v = rng.standard_normal((n_past + n_tok, n_kv * hd)).astype(np.float16).astype(np.float32)
     out = np.empty_like(q)
-    attention_tiled(q, k, v, n_past, n_head, n_kv, hd, out)
+    attend(q, k, v, n_past, n_head, n_kv, hd, out)
     for t in range(n_tok):
         for h in range(n_head):
             g = h // (n_head // n_kv)
