@@ -315,8 +315,7 @@ def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
         gate = matmul(layer.w_gate, act)
         up = matmul(layer.w_up, act if layer.w_up.act_mode == act.mode else quantize_for(h, layer.w_up))
         act = np.empty_like(gate)
-        for t in range(n_tok):
-            _silu_mul(gate[t], up[t], act[t])
+        _silu_mul(gate.reshape(-1), up.reshape(-1), act.reshape(-1))
         x = x + matmul(layer.w_down, act)
     cache.n_past = pos0 + n_tok
 
@@ -345,12 +344,39 @@ def _ggml_expf(x):
     return fma32(j, k, k)
 
 
+@njit(cache=True, inline="always")
+def _expf_reduce(x):
+    """_ggml_expf's first steps: n = round(x*log2(e)) and the reduced argument b."""
+    z = fma32(x, np.float32(1.4426950216293335), np.float32(12582912.0))
+    n = np.float32(z - np.float32(12582912.0))
+    b = fma32(-n, np.float32(1.428606765330187e-06), fma32(-n, np.float32(0.693145751953125), x))
+    return n, b
+
+
 @njit(cache=True)
 def _silu_mul(gate, up, out):
-    """SwiGLU as ggml_vec_swiglu_f32: x / (1 + expf(-x)) * up, in float32."""
-    for i in range(gate.shape[0]):
+    """SwiGLU as ggml_vec_swiglu_f32: x / (1 + expf(-x)) * up, in float32, with expf =
+    _ggml_expf. Written as branch-free loops that LLVM vectorizes (2**n built from its bits in
+    a scratch array); the few |x| > 87 (where ggml takes its slow path) are redone one by one."""
+    size = gate.shape[0]
+    kbits = np.empty(size, np.int32)
+    k = kbits.view(np.float32)
+    for i in range(size):
+        n, _ = _expf_reduce(-gate[i])
+        kbits[i] = (np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23
+    poly = np.empty(size, np.float32)  # separate loops: each one vectorizes
+    for i in range(size):
+        _, b = _expf_reduce(-gate[i])
+        u = np.float32(b * b)
+        poly[i] = fma32(fma32(fma32(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
+                              fma32(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
+                        u, np.float32(np.float32(0.9999994039535522) * b))
+    for i in range(size):
+        out[i] = (gate[i] / (np.float32(1.0) + fma32(poly[i], k[i], k[i]))) * up[i]
+    for i in range(size):
         g = gate[i]
-        out[i] = (g / (np.float32(1.0) + _ggml_expf(-g))) * up[i]
+        if abs(g) > np.float32(87.0):
+            out[i] = (g / (np.float32(1.0) + _ggml_expf(-g))) * up[i]
 
 
 @njit(cache=True)

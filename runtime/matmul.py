@@ -537,18 +537,21 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
                 _matvec_f32(w.rows, act.xhat[i], out[i])
         return out
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
+    packed_code = Q4_1_PACKED if t == T.Q4_1 else Q8_0_PACKED
+    mins = np.empty((w.n_out, w.n_in // 32), np.float32) if w.packed is not None and t == T.Q4_1 else None
     for start in range(0, w.n_out, TILE_ROWS):
         stop = min(start + TILE_ROWS, w.n_out)
-        raw = w.rows[start:stop] if w.packed is None else unpack_rows(w.packed[start:stop], t)
-        dequantize_rows(raw, t, w.n_in, tile[:stop - start])
+        if w.packed is None:
+            dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
+        else:
+            _dequantize_packed(packed_code, w.packed[start:stop], F16_TABLE, tile[:stop - start],
+                               mins[start:stop] if mins is not None else tile[:0])
         np.matmul(act.xhat, tile[:stop - start].T, out=out[:, start:stop])
     if act.mode == ACT_Q8_1:
         # llama.cpp's Q8_1 carries each block's sum as half(d*sum(q)), not sum(half(d)*q):
         # add min * (that sum - the sum of our rounded activations) so both paths agree
         bs = GGML_QUANT_SIZES[t][1]
-        if w.packed is not None:  # m of every block: the last 2*nb bytes of a packed row
-            mins = F16_TABLE[w.packed[:, w.packed.shape[1] * 9 // 10:].copy().view(np.uint16)]
-        else:
+        if mins is None:
             mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
         delta = act.xs - act.xhat.reshape(n_tok, -1, 32).sum(axis=2, dtype=np.float32)
         out += delta @ mins.T
@@ -724,6 +727,40 @@ def _matvec_q8_0_packed(w, table, xq, xd, out):
                 a6 = d * lanes[o + 6] + a6
                 a7 = d * lanes[o + 7] + a7
             out[r] = ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_packed(t, w, table, out, mins):
+    """Packed rows (t: Q4_1_PACKED or Q8_0_PACKED) -> float32 rows [n, K] for the prompt path,
+    the same values as the quants registry's dequantize of the file's rows; Q4_1 also fills
+    mins [n, K/32] with each block's m."""
+    n_rows, rb = w.shape
+    for r in prange(n_rows):
+        row = w[r]
+        y = out[r]
+        if t == Q4_1_PACKED:
+            nb = rb // 20
+            n4 = 4 * nb
+            nq = 16 * nb
+            for b in range(nb):
+                d = _f16(table, row, nq + 2 * b)
+                m = _f16(table, row, nq + 2 * nb + 2 * b)
+                mins[r, b] = m
+                for lane in range(4):
+                    for k in range(4):
+                        q = np.int32(row[k * n4 + 4 * b + lane])
+                        y[32 * b + 4 * lane + k] = np.float32(q & 15) * d + m
+                        y[32 * b + 16 + 4 * lane + k] = np.float32(q >> 4) * d + m
+        else:
+            nb = rb // 34
+            n8 = 8 * nb
+            nq = 32 * nb
+            qs = row.view(np.int8)
+            for b in range(nb):
+                d = _f16(table, row, nq + 2 * b)
+                for lane in range(8):
+                    for k in range(4):
+                        y[32 * b + 4 * lane + k] = np.float32(qs[k * n8 + 8 * b + lane]) * d
 
 
 @njit(cache=True)

@@ -333,3 +333,18 @@ def test_block_attention_is_causal_softmax_attention(kernel):
             p = np.exp(s - s.max())
             want = p @ vv / p.sum()
             assert np.allclose(out[t, h * hd:(h + 1) * hd], want, atol=1e-5), (t, h)
+
+
+def test_vectorized_swiglu_is_the_scalar_one_bit_for_bit():
+    """forward._silu_mul (branch-free loops, 2**n from its bits) equals g / (1 + expf(-g)) * up
+    with _ggml_expf one value at a time, including ggml's slow-path range |g| > 87."""
+    from llamachat.runtime.forward import _ggml_expf, _silu_mul
+
+    rng = np.random.default_rng(5)
+    g = np.concatenate([(rng.standard_normal(20000) * s).astype(np.float32) for s in (0.1, 1, 10, 60)]
+                       + [np.array([0, -0.0, 87, -87, 87.5, -87.5, 88.7, -88.7, 89, -104, 1e30, -1e30, 1e-40], np.float32)])
+    up = rng.standard_normal(g.size).astype(np.float32)
+    out = np.empty_like(g)
+    _silu_mul(g, up, out)
+    want = np.array([(x / (np.float32(1.0) + _ggml_expf(-x))) * u for x, u in zip(g, up)], np.float32)
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
