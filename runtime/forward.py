@@ -27,7 +27,7 @@ from numba import njit, prange
 from gguf.constants import GGMLQuantizationType
 
 from . import matmul as _matmul_module
-from .matmul import F16_TABLE, FUSED_TYPES, Q4_1_PACKED, Q8_0_PACKED, pack_rows, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
+from .matmul import F16_TABLE, FUSED_TYPES, PACKED_CODE, pack_rows, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
 
 
 @njit(cache=True)
@@ -513,18 +513,18 @@ def _release_pages(a: np.ndarray) -> None:
             pass
 
 
-_PACKED_TYPE = {int(GGMLQuantizationType.Q4_1): Q4_1_PACKED, int(GGMLQuantizationType.Q8_0): Q8_0_PACKED}
+_PACKED_TYPE = {int(t): code for t, code in PACKED_CODE.items()}
 
 
 def fused_layers(weights) -> list | None:
     """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
     q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
-    load; Q4_1 and Q8_0 ones repacked by pack_rows, their file pages released: the layers' size, 66 MB
+    load; Q4_1, Q4_0 and Q8_0 ones repacked by pack_rows, their file pages released: the layers' size, 66 MB
     for SmolLM2 Q4_1), else ("plain", mats, types) for decode_layer; None if
     some matrix has no fused kernel (or the shapes do not suit it): those decode via `forward`."""
     out_w = weights.output
-    if out_w.ggml_type == GGMLQuantizationType.Q8_0 and out_w.packed is None and out_w.n_in % 32 == 0:
-        out_w.packed = pack_rows(out_w.rows, out_w.ggml_type)  # 1.8x faster logits, same floats
+    if out_w.ggml_type in PACKED_CODE and out_w.packed is None and out_w.n_in % 32 == 0:
+        out_w.packed = pack_rows(out_w.rows, out_w.ggml_type)  # faster logits, same floats
         _release_pages(out_w.rows)
     out = []
     for layer in weights.layers:
@@ -537,7 +537,7 @@ def fused_layers(weights) -> list | None:
                     np.concatenate([layer.w_gate.rows, layer.w_up.rows]), np.ascontiguousarray(layer.w_down.rows)]
             types = np.array([types[0], types[3], types[4], types[6]], np.int64)
             groups = ((layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,))
-            for i, ws_i in enumerate(groups):  # Q4_1/Q8_0 rows repacked for the faster lane sums (same results)
+            for i, ws_i in enumerate(groups):  # Q4_1/Q4_0/Q8_0 rows repacked for the faster lane sums (same results)
                 if types[i] in _PACKED_TYPE:
                     mats[i] = pack_rows(mats[i], types[i])
                     types[i] = _PACKED_TYPE[int(types[i])]

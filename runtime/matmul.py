@@ -515,10 +515,8 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     t = w.ggml_type
     if t in FUSED_TYPES and (EXACT_PREFILL or n_tok < PREFILL_MIN_TOKENS):
         for i in range(n_tok):
-            if w.packed is not None and t == T.Q4_1:
-                _matvec_q4_1_packed(w.packed, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
-            elif w.packed is not None:
-                _matvec_q8_0_packed(w.packed, F16_TABLE, act.xq[i], act.xd[i], out[i])
+            if w.packed is not None:
+                matvec_fused(PACKED_CODE[t], w.packed, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
             elif t == T.Q4_1:
                 _matvec_q4_1(w.rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
             elif t == T.Q4_0:
@@ -537,14 +535,13 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
                 _matvec_f32(w.rows, act.xhat[i], out[i])
         return out
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
-    packed_code = Q4_1_PACKED if t == T.Q4_1 else Q8_0_PACKED
     mins = np.empty((w.n_out, w.n_in // 32), np.float32) if w.packed is not None and t == T.Q4_1 else None
     for start in range(0, w.n_out, TILE_ROWS):
         stop = min(start + TILE_ROWS, w.n_out)
         if w.packed is None:
             dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
         else:
-            _dequantize_packed(packed_code, w.packed[start:stop], F16_TABLE, tile[:stop - start],
+            _dequantize_packed(PACKED_CODE[t], w.packed[start:stop], F16_TABLE, tile[:stop - start],
                                mins[start:stop] if mins is not None else tile[:0])
         np.matmul(act.xhat, tile[:stop - start].T, out=out[:, start:stop])
     if act.mode == ACT_Q8_1:
@@ -567,49 +564,55 @@ _Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1)
                                                           int(T.Q4_K), int(T.Q6_K), int(T.F16), int(T.F32))
 
 
-# --- Q4_1 repacked for decode ---------------------------------------------------------------
+# --- Q4_1 and Q4_0 repacked for decode ------------------------------------------------------
 #
 # _matvec_q4_1 spends most of its time on the per-block lane sums (8 lanes of 4 products, read
 # one by one). Repacked rows put the 16 quant bytes of all blocks first, ordered so that the 4
 # bytes of one lane are 4*nb apart: byte (4l+k) of block b sits at k*4*nb + 4*b + l. The lane
-# sums are then 4 contiguous vector adds, and the block headers (d, m as half floats) follow as
-# 4*nb bytes (d of every block, then m of every block). Same bytes, same size as the file's rows.
-Q4_1_PACKED = 100  # pseudo type code of such rows in matvec_fused
+# sums are then 4 contiguous vector adds, and the block headers follow as half floats: d of
+# every block, then (Q4_1) m of every block. Same bytes, same size as the file's rows.
+Q4_1_PACKED = 100  # pseudo type codes of such rows in matvec_fused
+Q4_0_PACKED = 102
 
 
-def pack_q4_1(raw: np.ndarray) -> np.ndarray:
-    """Q4_1 rows uint8 [n, nb*20] -> repacked rows uint8 [n, nb*20] (layout above)."""
+def _pack_q4(raw: np.ndarray, bs: int) -> np.ndarray:
+    """Q4_1 (bs 20: d, m, qs) or Q4_0 (bs 18: d, qs) rows uint8 [n, nb*bs] -> repacked rows of the
+    same size (layout above)."""
     n, rb = raw.shape
-    nb = rb // 20
-    blocks = np.asarray(raw).reshape(n, nb, 20)
-    qs = blocks[:, :, 4:].reshape(n, nb, 4, 4)  # [row, block, lane l, k]
+    nb = rb // bs
+    blocks = np.asarray(raw).reshape(n, nb, bs)
+    qs = blocks[:, :, bs - 16:].reshape(n, nb, 4, 4)  # [row, block, lane l, k]
     out = np.empty((n, rb), np.uint8)
     out[:, :16 * nb] = qs.transpose(0, 3, 1, 2).reshape(n, 16 * nb)  # [row, k, block, l]
-    out[:, 16 * nb:18 * nb] = blocks[:, :, 0:2].reshape(n, 2 * nb)
-    out[:, 18 * nb:] = blocks[:, :, 2:4].reshape(n, 2 * nb)
+    for h in range(0, bs - 16, 2):  # d, then m
+        out[:, (16 + h) * nb:(18 + h) * nb] = blocks[:, :, h:h + 2].reshape(n, 2 * nb)
     return out
 
 
-def unpack_q4_1(packed: np.ndarray) -> np.ndarray:
-    """pack_q4_1's inverse: repacked rows -> the file's Q4_1 rows."""
+def _unpack_q4(packed: np.ndarray, bs: int) -> np.ndarray:
+    """_pack_q4's inverse: repacked rows -> the file's rows."""
     n, rb = packed.shape
-    nb = rb // 20
-    raw = np.empty((n, nb, 20), np.uint8)
-    raw[:, :, 0:2] = packed[:, 16 * nb:18 * nb].reshape(n, nb, 2)
-    raw[:, :, 2:4] = packed[:, 18 * nb:].reshape(n, nb, 2)
-    raw[:, :, 4:] = packed[:, :16 * nb].reshape(n, 4, nb, 4).transpose(0, 2, 3, 1).reshape(n, nb, 16)
+    nb = rb // bs
+    raw = np.empty((n, nb, bs), np.uint8)
+    for h in range(0, bs - 16, 2):
+        raw[:, :, h:h + 2] = packed[:, (16 + h) * nb:(18 + h) * nb].reshape(n, nb, 2)
+    raw[:, :, bs - 16:] = packed[:, :16 * nb].reshape(n, 4, nb, 4).transpose(0, 2, 3, 1).reshape(n, nb, 16)
     return raw.reshape(n, rb)
 
 
 # fastmath 'contract' only, as _matvec_q4_1: the same fused multiply-adds, nothing reassociated
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def _matvec_q4_1_packed(w, table, xq, xd, xs, out):
-    """_matvec_q4_1 on pack_q4_1 rows: each lane the same exact integer sum, then the same
-    fma chains and final sum in the same order, so the results are bit-identical."""
+def _matvec_q4_packed(w, table, xq, xd, xs, out, has_min):
+    """Q4_1 (has_min) or Q4_0 on _pack_q4 rows, summed as ggml's AVX2 vec_dot_q4_1_q8_1 /
+    vec_dot_q4_0_q8_0: per block 8 integer lanes (values 4l..4l+3; the low nibbles are values
+    0-15, the high ones 16-31; Q4_0's quants less 8), each accumulated over blocks as
+    fma(d*dx, lane, acc_l); Q4_1's min terms fma'd into one scalar; result = hsum_float_8(acc)
+    (+ mins). For Q4_1 bit-identical to _matvec_q4_1 on the file's rows (tested)."""
     n_rows, rb = w.shape
-    nb = rb // 20
+    nb = rb // 20 if has_min else rb // 18
     n4 = 4 * nb
     nq = 16 * nb
+    off = np.int16(0 if has_min else 8)
     xlo = np.empty(nq, np.int16)
     xhi = np.empty(nq, np.int16)
     for k in range(4):
@@ -626,8 +629,8 @@ def _matvec_q4_1_packed(w, table, xq, xd, xs, out):
             row = w[r]
             for i in range(nq):  # contiguous: vectorized
                 q = np.int16(row[i])
-                plo[i] = (q & 15) * xlo[i]
-                phi[i] = (q >> 4) * xhi[i]
+                plo[i] = ((q & 15) - off) * xlo[i]
+                phi[i] = ((q >> 4) - off) * xhi[i]
             for i in range(n4):  # lane sums (at most 4*15*127: int16), contiguous
                 llo[i] = np.float32(np.int16(plo[i] + plo[n4 + i] + plo[2 * n4 + i] + plo[3 * n4 + i]))
                 lhi[i] = np.float32(np.int16(phi[i] + phi[n4 + i] + phi[2 * n4 + i] + phi[3 * n4 + i]))
@@ -635,7 +638,8 @@ def _matvec_q4_1_packed(w, table, xq, xd, xs, out):
             mins = np.float32(0.0)
             for b in range(nb):
                 d = _f16(table, row, nq + 2 * b) * xd[b]
-                mins = _f16(table, row, nq + 2 * nb + 2 * b) * xs[b] + mins
+                if has_min:
+                    mins = _f16(table, row, nq + 2 * nb + 2 * b) * xs[b] + mins
                 a0 = d * llo[4 * b] + a0
                 a1 = d * llo[4 * b + 1] + a1
                 a2 = d * llo[4 * b + 2] + a2
@@ -644,7 +648,8 @@ def _matvec_q4_1_packed(w, table, xq, xd, xs, out):
                 a5 = d * lhi[4 * b + 1] + a5
                 a6 = d * lhi[4 * b + 2] + a6
                 a7 = d * lhi[4 * b + 3] + a7
-            out[r] = (((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))) + mins
+            acc = ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
+            out[r] = acc + mins if has_min else acc
 
 
 # Q8_0 repacked so that ggml's lanes are contiguous: ggml's AVX2 vec_dot_q8_0_q8_0 sums each
@@ -675,17 +680,28 @@ def unpack_q8_0(packed: np.ndarray) -> np.ndarray:
     return raw.reshape(n, rb)
 
 
+# formats with a packed layout -> its pseudo type code in matvec_fused / _dequantize_packed
+PACKED_CODE = {T.Q4_1: Q4_1_PACKED, T.Q4_0: Q4_0_PACKED, T.Q8_0: Q8_0_PACKED}
+
+
 def pack_rows(raw: np.ndarray, ggml_type) -> np.ndarray | None:
     """The packed copy of a weight's rows if its format has a packed decode kernel, else None."""
     if ggml_type == T.Q4_1:
-        return pack_q4_1(raw)
+        return _pack_q4(raw, 20)
+    if ggml_type == T.Q4_0:
+        return _pack_q4(raw, 18)
     if ggml_type == T.Q8_0:
         return pack_q8_0(raw)
     return None
 
 
 def unpack_rows(packed: np.ndarray, ggml_type) -> np.ndarray:
-    return unpack_q4_1(packed) if ggml_type == T.Q4_1 else unpack_q8_0(packed)
+    """pack_rows' inverse."""
+    if ggml_type == T.Q4_1:
+        return _unpack_q4(packed, 20)
+    if ggml_type == T.Q4_0:
+        return _unpack_q4(packed, 18)
+    return unpack_q8_0(packed)
 
 
 # the same sums as _matvec_q8_0 (ggml's AVX2 vec_dot_q8_0_q8_0 order), so the results are
@@ -731,7 +747,7 @@ def _matvec_q8_0_packed(w, table, xq, xd, out):
 
 @njit(cache=True, parallel=True)
 def _dequantize_packed(t, w, table, out, mins):
-    """Packed rows (t: Q4_1_PACKED or Q8_0_PACKED) -> float32 rows [n, K] for the prompt path,
+    """Packed rows (t: a PACKED_CODE value) -> float32 rows [n, K] for the prompt path,
     the same values as the quants registry's dequantize of the file's rows; Q4_1 also fills
     mins [n, K/32] with each block's m."""
     n_rows, rb = w.shape
@@ -751,6 +767,17 @@ def _dequantize_packed(t, w, table, out, mins):
                         q = np.int32(row[k * n4 + 4 * b + lane])
                         y[32 * b + 4 * lane + k] = np.float32(q & 15) * d + m
                         y[32 * b + 16 + 4 * lane + k] = np.float32(q >> 4) * d + m
+        elif t == Q4_0_PACKED:
+            nb = rb // 18
+            n4 = 4 * nb
+            nq = 16 * nb
+            for b in range(nb):
+                d = _f16(table, row, nq + 2 * b)
+                for lane in range(4):
+                    for k in range(4):
+                        q = np.int32(row[k * n4 + 4 * b + lane])
+                        y[32 * b + 4 * lane + k] = np.float32((q & 15) - 8) * d
+                        y[32 * b + 16 + 4 * lane + k] = np.float32((q >> 4) - 8) * d
         else:
             nb = rb // 34
             n8 = 8 * nb
@@ -766,10 +793,12 @@ def _dequantize_packed(t, w, table, out, mins):
 @njit(cache=True)
 def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
     """out = W x for one token with W's fused kernel (t: its ggml type, in FUSED_TYPES, or
-    Q4_1_PACKED for pack_q4_1 rows); x given as its rounded activations (xq/xd/xs for the
+    a PACKED_CODE value for pack_rows rows); x given as its rounded activations (xq/xd/xs for the
     integer kernels, xhat for floats)."""
     if t == Q4_1_PACKED:
-        _matvec_q4_1_packed(w, table, xq, xd, xs, out)
+        _matvec_q4_packed(w, table, xq, xd, xs, out, True)
+    elif t == Q4_0_PACKED:
+        _matvec_q4_packed(w, table, xq, xd, xs, out, False)
     elif t == Q8_0_PACKED:
         _matvec_q8_0_packed(w, table, xq, xd, out)
     elif t == _Q4_1:
@@ -792,6 +821,7 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
 
 _ACT_OF_TYPE[Q4_1_PACKED] = ACT_Q8_1
 _ACT_OF_TYPE[Q8_0_PACKED] = ACT_Q8_0
+_ACT_OF_TYPE[Q4_0_PACKED] = ACT_Q8_0
 
 
 @njit(cache=True)

@@ -102,11 +102,11 @@ def test_products_match_dequantized_weights(ggml_type):
 
 
 def test_repacked_q4_1_decode_is_bit_identical():
-    """pack_q4_1 rows through the packed kernel give exactly _matvec_q4_1's floats (the greedy
+    """pack_rows Q4_1 rows through the packed kernel give exactly _matvec_q4_1's floats (the greedy
     continuations depend on every rounding), on random blocks and several activation scales."""
     rng = np.random.default_rng(7)
     raw = random_rows(T.Q4_1, 67, 576, rng)  # not a multiple of the 16-row tasks
-    packed = mm.pack_q4_1(raw)
+    packed = mm.pack_rows(raw, T.Q4_1)
     assert packed.shape == raw.shape
     for scale in (0.01, 1.0, 30.0):
         x = (rng.standard_normal((1, 576)) * scale).astype(np.float32)
@@ -121,13 +121,13 @@ def test_repacked_q4_1_decode_is_bit_identical():
 @pytest.mark.parametrize("n_tok", [1, 3, 40])
 def test_packed_weight_gives_the_same_products(n_tok):
     """A Q4_1 QuantWeight holding a packed copy (decode and prefill read it instead of the
-    memory map) multiplies exactly as the file's rows do; unpack_q4_1 inverts pack_q4_1."""
+    memory map) multiplies exactly as the file's rows do; unpack_rows inverts pack_rows."""
     rng = np.random.default_rng(n_tok)
     raw = random_rows(T.Q4_1, 50, 256, rng)
-    assert np.array_equal(mm.unpack_q4_1(mm.pack_q4_1(raw)), raw)
+    assert np.array_equal(mm.unpack_rows(mm.pack_rows(raw, T.Q4_1), T.Q4_1), raw)
     plain = mm.QuantWeight("w", T.Q4_1, 256, 50, raw)
     packed = mm.QuantWeight("w", T.Q4_1, 256, 50, raw)
-    packed.packed = mm.pack_q4_1(raw)
+    packed.packed = mm.pack_rows(raw, T.Q4_1)
     packed.rows = np.zeros_like(raw)  # would give zeros if still read
     x = rng.standard_normal((n_tok, 256)).astype(np.float32)
     assert np.array_equal(mm.matmul(plain, x).view(np.uint32), mm.matmul(packed, x).view(np.uint32))
@@ -143,3 +143,41 @@ def test_packed_q8_0_weight_gives_the_same_products(n_tok):
     packed.packed = mm.pack_rows(raw, T.Q8_0)
     x = (rng.standard_normal((n_tok, 256)) * 4).astype(np.float32)
     assert np.array_equal(mm.matmul(plain, x).view(np.uint32), mm.matmul(packed, x).view(np.uint32))
+
+
+def _ggml_q4_0_dot(raw, xq, xd):
+    """ggml's AVX2 vec_dot_q4_0_q8_0 in numpy: per block 8 int32 lanes (values 4l..4l+3 of
+    (nibble - 8) * x), acc_l = fma(d_w*d_x, lane, acc_l) over blocks (fma: one rounding of the
+    exact double result), then hsum_float_8."""
+    n, rb = raw.shape
+    nb = rb // 18
+    blocks = raw.reshape(n, nb, 18)
+    dw = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    qs = blocks[:, :, 2:].astype(np.int32)
+    vals = np.concatenate([(qs & 15) - 8, (qs >> 4) - 8], axis=2)  # [n, nb, 32]
+    lanes = (vals * xq.reshape(nb, 32).astype(np.int32)).reshape(n, nb, 8, 4).sum(axis=3).astype(np.float32)
+    acc = np.zeros((n, 8), np.float32)
+    for b in range(nb):
+        d = (dw[:, b] * xd[b]).astype(np.float32)
+        acc = (d[:, None].astype(np.float64) * lanes[:, b].astype(np.float64) + acc.astype(np.float64)).astype(np.float32)
+    r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
+    return ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
+
+
+@pytest.mark.parametrize("n_tok", [1, 40])
+def test_packed_q4_0_is_ggml_lane_order_and_prefill_agrees(n_tok):
+    """Q4_0 rows packed at load: decode sums exactly as ggml's AVX2 kernel (numpy replay above);
+    the prompt path (tiles from the packed rows) agrees with the file's rows; unpack inverts."""
+    rng = np.random.default_rng(20 + n_tok)
+    raw = random_rows(T.Q4_0, 37, 576, rng)
+    assert np.array_equal(mm.unpack_rows(mm.pack_rows(raw, T.Q4_0), T.Q4_0), raw)
+    plain = mm.QuantWeight("w", T.Q4_0, 576, 37, raw)
+    packed = mm.QuantWeight("w", T.Q4_0, 576, 37, np.zeros_like(raw))
+    packed.packed = mm.pack_rows(raw, T.Q4_0)
+    x = (rng.standard_normal((n_tok, 576)) * 3).astype(np.float32)
+    got = mm.matmul(packed, x)
+    if n_tok == 1:
+        act = mm.quantize_for(x, packed)
+        assert np.array_equal(got[0].view(np.uint32), _ggml_q4_0_dot(raw, act.xq[0], act.xd[0]).view(np.uint32))
+    else:
+        assert np.array_equal(got.view(np.uint32), mm.matmul(plain, x).view(np.uint32))
