@@ -20,6 +20,7 @@ dimensions past n_rot are left alone.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -252,8 +253,8 @@ def attention_blas(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out
     """Causal attention of a prompt block with numpy's BLAS: per KV head, the scores of all
     the queries of its group against all cached keys in one matrix product, masked, softmax
     in float32, times the values. The float32 arithmetic of ggml's tiled flash attention
-    (which llama.cpp uses for batches of 64+ tokens), in a different summation order; the
-    default prompt path, where the products already use BLAS. Same arguments as `attention`."""
+    (which llama.cpp uses for batches of 64+ tokens), in a different summation order: the
+    default for such blocks, whose products already use BLAS. Same arguments as `attention`."""
     n_tok = q.shape[0]
     n_kv = n_past + n_tok
     group = n_head // n_head_kv
@@ -303,10 +304,12 @@ def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
         apply_rope(q, cfg.n_head, hd, cfg.n_rot, cos, sin)
         apply_rope(k, cfg.n_head_kv, hd, cfg.n_rot, cos, sin)
         cache.store(il, pos0, k, v)
-        if _matmul_module.EXACT_PREFILL:
-            attend = attention_tiled if n_tok >= FA_TILE_Q else attention
+        # as llama.cpp: the one-row kernel for small batches, float32 tiles from 64 tokens on
+        # (ggml's tiled kernel when exact, else its BLAS counterpart)
+        if n_tok < FA_TILE_Q:
+            attend = attention
         else:
-            attend = attention_blas if n_tok >= _matmul_module.PREFILL_MIN_TOKENS else attention
+            attend = attention_tiled if _matmul_module.EXACT_PREFILL else attention_blas
         attend(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
         x = x + matmul(layer.wo, attn_out)
         # feed-forward (SwiGLU)
@@ -552,14 +555,93 @@ def fused_layers(weights) -> list | None:
     return out
 
 
+class LayerStack(NamedTuple):
+    """Every layer's decode matrices in 4 arrays [n_layer, rows, row bytes] (and the norms in 2),
+    for decode_all_layers; the output matrix as matvec_fused takes it (out_type -1: none)."""
+    mats: tuple
+    types: tuple
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    out_rows: np.ndarray
+    out_type: int
+
+
+def stack_layers(weights, fused) -> LayerStack | None:
+    """When every layer is "grouped" with the same formats and shapes (as in any llama GGUF
+    quantized to one type), move fused_layers' per-layer matrices into stacked arrays, so one
+    compiled call decodes a whole token. The stacks are filled layer by layer while the
+    per-layer copies are dropped (`fused` and the weights' packed views then point into the
+    stacks), so memory does not grow."""
+    if not fused or any(kind != "grouped" for kind, _, _ in fused):
+        return None
+    _, mats0, types0 = fused[0]
+    for _, mats, types in fused:
+        if not np.array_equal(types, types0) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(mats, mats0)):
+            return None
+    n = len(fused)
+    stacks = tuple(np.empty((n,) + m.shape, m.dtype) for m in mats0)
+    for il in range(n):
+        kind, mats, types = fused[il]
+        layer = weights.layers[il]
+        groups = ((layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,))
+        for i, m in enumerate(mats):
+            stacks[i][il] = m
+            if groups[i][0].packed is not None:
+                start = 0
+                for w in groups[i]:
+                    w.packed = stacks[i][il, start:start + w.n_out]
+                    start += w.n_out
+        fused[il] = (kind, tuple(st[il] for st in stacks), types)
+        del mats
+    out_w = weights.output
+    if out_w.packed is not None:
+        out_rows, out_type = out_w.packed, PACKED_CODE[out_w.ggml_type]
+    elif out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
+        out_rows, out_type = np.ascontiguousarray(out_w.rows), int(out_w.ggml_type)
+    else:
+        out_rows, out_type = np.zeros((1, 1), np.uint8), -1
+    return LayerStack(stacks, tuple(int(t) for t in types0),
+                      np.stack([layer.attn_norm for layer in weights.layers]).astype(np.float32),
+                      np.stack([layer.ffn_norm for layer in weights.layers]).astype(np.float32),
+                      out_rows, out_type)
+
+
+@njit(cache=True)
+def decode_all_layers(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
+                      k_cache, v_cache, pos, cos, sin, n_head, n_head_kv, head_dim, n_rot, table,
+                      output_norm, out_rows, out_type, logits):
+    """decode_layer_grouped for every layer of a LayerStack, then the final norm and the output
+    product into logits [1, n_vocab] (unless out_type is -1): one compiled call per token."""
+    for il in range(qkv.shape[0]):
+        decode_layer_grouped(x, attn_norm[il], ffn_norm[il], eps, qkv[il], t_qkv, wo[il], t_o, gate_up[il], t_gu,
+                             down[il], t_down, k_cache[il], v_cache[il], pos, cos, sin, n_head, n_head_kv,
+                             head_dim, n_rot, table)
+    if out_type >= 0:
+        xn = np.empty_like(x)
+        _rmsnorm(x, output_norm, eps, xn)
+        _matvec_into(out_type, out_rows, xn, table, logits)
+
+
 def decode_token(model, token: int) -> np.ndarray:
-    """One token at position n_past with one compiled call per layer; logits [n_vocab]."""
+    """One token at position n_past in one compiled call (decode_all_layers) when the layers
+    are stacked, else one per layer; logits [n_vocab]."""
     cfg = model.config
     cache = model.cache
     pos = cache.n_past
     cos, sin = rope_tables(np.array([pos]), cfg)
     x = model.embed(np.array([token]))
     eps = np.float32(cfg.rms_eps)
+    st = model.layer_stack
+    if st is not None:
+        logits = np.empty((1, cfg.n_vocab), np.float32)
+        (qkv, wo, gate_up, down), (t_qkv, t_o, t_gu, t_down) = st.mats, st.types
+        decode_all_layers(x, st.attn_norm, st.ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
+                          cache.k, cache.v, pos, cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot,
+                          F16_TABLE, model.weights.output_norm, st.out_rows, st.out_type, logits)
+        cache.n_past = pos + 1
+        if st.out_type >= 0:
+            return logits[0]
+        return matmul(model.weights.output, rmsnorm(x, model.weights.output_norm, cfg.rms_eps))[0]
     for il, (kind, mats, types) in enumerate(model.fused):
         layer = model.weights.layers[il]
         if kind == "grouped":
