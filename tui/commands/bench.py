@@ -25,7 +25,7 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from llamachat.model_store.library import Library
+    from llamachat.model_store.library import Library, file_type_name
     from llamachat.runtime.bench import bench
     from llamachat.runtime.model import load_model
 
@@ -39,7 +39,8 @@ def run(args) -> int:
     name = model.metadata.get("general.name") or path.stem
     size_gib = path.stat().st_size / 2**30
     n_params = sum(t.n_elements for t in model.gguf.tensors.values())
-    ftype = model.weights.layers[0].wq.ggml_type.name
+    # as llama-bench labels it: general.file_type's name (Q4_K_M), else the commonest tensor type
+    ftype = file_type_name(model.metadata.get("general.file_type"), [t.ggml_type for t in model.gguf.tensors.values()]) or "?"
     rows = []
 
     def show(res):
