@@ -754,30 +754,23 @@ def _dequantize_packed(t, w, table, out, mins):
     for r in prange(n_rows):
         row = w[r]
         y = out[r]
-        if t == Q4_1_PACKED:
-            nb = rb // 20
+        if t == Q4_1_PACKED or t == Q4_0_PACKED:
+            has_min = t == Q4_1_PACKED
+            nb = rb // 20 if has_min else rb // 18
             n4 = 4 * nb
             nq = 16 * nb
+            off = 0 if has_min else 8
             for b in range(nb):
                 d = _f16(table, row, nq + 2 * b)
-                m = _f16(table, row, nq + 2 * nb + 2 * b)
-                mins[r, b] = m
+                m = np.float32(0.0)
+                if has_min:
+                    m = _f16(table, row, nq + 2 * nb + 2 * b)
+                    mins[r, b] = m
                 for lane in range(4):
                     for k in range(4):
                         q = np.int32(row[k * n4 + 4 * b + lane])
-                        y[32 * b + 4 * lane + k] = np.float32(q & 15) * d + m
-                        y[32 * b + 16 + 4 * lane + k] = np.float32(q >> 4) * d + m
-        elif t == Q4_0_PACKED:
-            nb = rb // 18
-            n4 = 4 * nb
-            nq = 16 * nb
-            for b in range(nb):
-                d = _f16(table, row, nq + 2 * b)
-                for lane in range(4):
-                    for k in range(4):
-                        q = np.int32(row[k * n4 + 4 * b + lane])
-                        y[32 * b + 4 * lane + k] = np.float32((q & 15) - 8) * d
-                        y[32 * b + 16 + 4 * lane + k] = np.float32((q >> 4) - 8) * d
+                        y[32 * b + 4 * lane + k] = np.float32((q & 15) - off) * d + m
+                        y[32 * b + 16 + 4 * lane + k] = np.float32((q >> 4) - off) * d + m
         else:
             nb = rb // 34
             n8 = 8 * nb
