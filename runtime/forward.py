@@ -519,42 +519,6 @@ def _release_pages(a: np.ndarray) -> None:
 _PACKED_TYPE = {int(t): code for t, code in PACKED_CODE.items()}
 
 
-def fused_layers(weights) -> list | None:
-    """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
-    q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
-    load; Q4_1, Q4_0 and Q8_0 ones repacked by pack_rows, their file pages released: the layers' size, 66 MB
-    for SmolLM2 Q4_1), else ("plain", mats, types) for decode_layer; None if
-    some matrix has no fused kernel (or the shapes do not suit it): those decode via `forward`."""
-    out_w = weights.output
-    if out_w.ggml_type in PACKED_CODE and out_w.packed is None and out_w.n_in % 32 == 0:
-        out_w.packed = pack_rows(out_w.rows, out_w.ggml_type)  # faster logits, same floats
-        _release_pages(out_w.rows)
-    out = []
-    for layer in weights.layers:
-        ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
-        if any(w.ggml_type not in FUSED_TYPES or w.n_in % 32 for w in ws):
-            return None
-        types = np.array([int(w.ggml_type) for w in ws], np.int64)
-        if types[0] == types[1] == types[2] and types[4] == types[5]:
-            mats = [np.concatenate([layer.wq.rows, layer.wk.rows, layer.wv.rows]), np.ascontiguousarray(layer.wo.rows),
-                    np.concatenate([layer.w_gate.rows, layer.w_up.rows]), np.ascontiguousarray(layer.w_down.rows)]
-            types = np.array([types[0], types[3], types[4], types[6]], np.int64)
-            groups = ((layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,))
-            for i, ws_i in enumerate(groups):  # Q4_1/Q4_0/Q8_0 rows repacked for the faster lane sums (same results)
-                if types[i] in _PACKED_TYPE:
-                    mats[i] = pack_rows(mats[i], types[i])
-                    types[i] = _PACKED_TYPE[int(types[i])]
-                    start = 0
-                    for w in ws_i:  # every product of this weight now reads the packed copy
-                        w.packed = mats[i][start:start + w.n_out]
-                        start += w.n_out
-                        _release_pages(w.rows)
-            out.append(("grouped", tuple(mats), types))
-        else:
-            out.append(("plain", tuple(np.ascontiguousarray(w.rows) for w in ws), types))
-    return out
-
-
 class LayerStack(NamedTuple):
     """Every layer's decode matrices in 4 arrays [n_layer, rows, row bytes] (and the norms in 2),
     for decode_all_layers; the output matrix as matvec_fused takes it (out_type -1: none)."""
@@ -566,44 +530,70 @@ class LayerStack(NamedTuple):
     out_type: int
 
 
-def stack_layers(weights, fused) -> LayerStack | None:
-    """When every layer is "grouped" with the same formats and shapes (as in any llama GGUF
-    quantized to one type), move fused_layers' per-layer matrices into stacked arrays, so one
-    compiled call decodes a whole token. The stacks are filled layer by layer while the
-    per-layer copies are dropped (`fused` and the weights' packed views then point into the
-    stacks), so memory does not grow."""
-    if not fused or any(kind != "grouped" for kind, _, _ in fused):
-        return None
-    _, mats0, types0 = fused[0]
-    for _, mats, types in fused:
-        if not np.array_equal(types, types0) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(mats, mats0)):
-            return None
-    n = len(fused)
-    stacks = tuple(np.empty((n,) + m.shape, m.dtype) for m in mats0)
-    for il in range(n):
-        kind, mats, types = fused[il]
-        layer = weights.layers[il]
-        groups = ((layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,))
-        for i, m in enumerate(mats):
-            stacks[i][il] = m
-            if groups[i][0].packed is not None:
-                start = 0
-                for w in groups[i]:
-                    w.packed = stacks[i][il, start:start + w.n_out]
-                    start += w.n_out
-        fused[il] = (kind, tuple(st[il] for st in stacks), types)
-        del mats
+def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
+    """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
+    q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
+    load; Q4_1, Q4_0 and Q8_0 ones repacked by pack_rows, their file pages released: the
+    layers' size, 66 MB for SmolLM2 Q4_1), else ("plain", mats, types) for decode_layer; None
+    if some matrix has no fused kernel (or the shapes do not suit it): those decode via
+    `forward`. When every layer is grouped with the same formats and shapes (any llama GGUF
+    quantized to one type), the copies are written straight into the 4 arrays of a LayerStack
+    (the per-layer entries are views of them), so decode_all_layers takes a whole token in one
+    compiled call; else the stack is None."""
     out_w = weights.output
+    if out_w.ggml_type in PACKED_CODE and out_w.packed is None and out_w.n_in % 32 == 0:
+        out_w.packed = pack_rows(out_w.rows, out_w.ggml_type)  # faster logits, same floats
+        _release_pages(out_w.rows)
+    plan = []
+    for layer in weights.layers:
+        ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
+        if any(w.ggml_type not in FUSED_TYPES or w.n_in % 32 for w in ws):
+            return None, None
+        types = [int(w.ggml_type) for w in ws]
+        if types[0] == types[1] == types[2] and types[4] == types[5]:
+            plan.append(((layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,)))
+        else:
+            plan.append(None)
+
+    def shape(groups):  # formats and matrix shapes of a grouped layer
+        return tuple((int(g[0].ggml_type), sum(w.n_out for w in g), g[0].rows.shape[1]) for g in groups)
+
+    stacks = None
+    if all(p is not None for p in plan) and len({shape(p) for p in plan}) == 1:
+        stacks = tuple(np.empty((len(plan), n_out, row_bytes), np.uint8) for _, n_out, row_bytes in shape(plan[0]))
+    out = []
+    for il, groups in enumerate(plan):
+        layer = weights.layers[il]
+        if groups is None:
+            ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
+            out.append(("plain", tuple(np.ascontiguousarray(w.rows) for w in ws),
+                        np.array([int(w.ggml_type) for w in ws], np.int64)))
+            continue
+        mats = []
+        types = np.array([int(g[0].ggml_type) for g in groups], np.int64)
+        for i, ws_i in enumerate(groups):
+            m = np.concatenate([w.rows for w in ws_i], out=None if stacks is None else stacks[i][il])
+            if types[i] in _PACKED_TYPE:  # Q4_1/Q4_0/Q8_0 rows repacked for the faster lane sums (same results)
+                m[...] = pack_rows(m, types[i])
+                types[i] = _PACKED_TYPE[int(types[i])]
+                start = 0
+                for w in ws_i:  # every product of this weight now reads the packed copy
+                    w.packed = m[start:start + w.n_out]
+                    start += w.n_out
+                    _release_pages(w.rows)
+            mats.append(m)
+        out.append(("grouped", tuple(mats), types))
+    if stacks is None:
+        return out, None
     if out_w.packed is not None:
         out_rows, out_type = out_w.packed, PACKED_CODE[out_w.ggml_type]
     elif out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
         out_rows, out_type = np.ascontiguousarray(out_w.rows), int(out_w.ggml_type)
     else:
         out_rows, out_type = np.zeros((1, 1), np.uint8), -1
-    return LayerStack(stacks, tuple(int(t) for t in types0),
-                      np.stack([layer.attn_norm for layer in weights.layers]).astype(np.float32),
-                      np.stack([layer.ffn_norm for layer in weights.layers]).astype(np.float32),
-                      out_rows, out_type)
+    norms = [np.stack([getattr(layer, name) for layer in weights.layers]).astype(np.float32)
+             for name in ("attn_norm", "ffn_norm")]
+    return out, LayerStack(stacks, tuple(int(t) for t in out[0][2]), *norms, out_rows, out_type)
 
 
 @njit(cache=True)

@@ -268,12 +268,11 @@ class LlamaModel:
                              f"more than this machine can reserve; use a smaller context size") from None
         self.warnings: list[str] = []
         self._lock = threading.Lock()
-        from .forward import fused_layers, stack_layers
+        from .forward import fused_layers
 
         # single-token decode in one compiled call per layer, when every matrix has a fused kernel,
         # and in one call per token when the layers are also alike (stacked)
-        self.fused = fused_layers(weights)
-        self.layer_stack = stack_layers(weights, self.fused)
+        self.fused, self.layer_stack = fused_layers(weights)
 
     @property
     def n_past(self) -> int:
