@@ -533,8 +533,9 @@ class LayerStack(NamedTuple):
 def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
     q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
-    load; Q4_1, Q4_0 and Q8_0 ones repacked by pack_rows, their file pages released: the
-    layers' size, 66 MB for SmolLM2 Q4_1), else ("plain", mats, types) for decode_layer; None
+    load; Q4_1, Q4_0, Q5_0 and Q8_0 ones repacked by pack_rows, their file pages released: the
+    layers' size, 66 MB for SmolLM2 Q4_1), else ("plain", mats, types) for decode_layer (the 7
+    matrices, packed the same way); None
     if some matrix has no fused kernel (or the shapes do not suit it): those decode via
     `forward`. When every layer is grouped with the same formats and shapes (any llama GGUF
     quantized to one type), the copies are written straight into the 4 arrays of a LayerStack
@@ -564,25 +565,31 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     out = []
     for il, groups in enumerate(plan):
         layer = weights.layers[il]
-        if groups is None:
-            ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
-            out.append(("plain", tuple(np.ascontiguousarray(w.rows) for w in ws),
-                        np.array([int(w.ggml_type) for w in ws], np.int64)))
-            continue
+        if groups is None:  # one matrix at a time, each packed when its format has a layout
+            groups = tuple((w,) for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
         mats = []
         types = np.array([int(g[0].ggml_type) for g in groups], np.int64)
         for i, ws_i in enumerate(groups):
-            m = np.concatenate([w.rows for w in ws_i], out=None if stacks is None else stacks[i][il])
-            if types[i] in _PACKED_TYPE:  # Q4_1/Q4_0/Q8_0 rows repacked for the faster lane sums (same results)
-                m[...] = pack_rows(m, types[i])
+            packable = types[i] in _PACKED_TYPE  # Q4_1/Q4_0/Q5_0/Q8_0: repacked for the faster lane sums
+            if stacks is not None:
+                m = np.concatenate([w.rows for w in ws_i], out=stacks[i][il])
+                if packable:
+                    m[...] = pack_rows(m, types[i])
+            else:  # a lone matrix of another format stays the memory map's rows
+                m = np.concatenate([w.rows for w in ws_i]) if len(ws_i) > 1 else np.ascontiguousarray(ws_i[0].rows)
+                if packable:
+                    m = pack_rows(m, types[i])
+            if packable:
                 types[i] = _PACKED_TYPE[int(types[i])]
                 start = 0
                 for w in ws_i:  # every product of this weight now reads the packed copy
                     w.packed = m[start:start + w.n_out]
                     start += w.n_out
                     _release_pages(w.rows)
+            if len(groups) == 7:  # decode_layer indexes them: one array type for all (numba)
+                m.flags.writeable = False
             mats.append(m)
-        out.append(("grouped", tuple(mats), types))
+        out.append(("grouped" if len(groups) == 4 else "plain", tuple(mats), types))
     if stacks is None:
         return out, None
     if out_w.packed is not None:

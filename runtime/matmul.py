@@ -564,28 +564,42 @@ _Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1)
                                                           int(T.Q4_K), int(T.Q6_K), int(T.F16), int(T.F32))
 
 
-# --- Q4_1 and Q4_0 repacked for decode ------------------------------------------------------
+# --- Q4_1, Q4_0 and Q5_0 repacked for decode -----------------------------------------------
 #
 # _matvec_q4_1 spends most of its time on the per-block lane sums (8 lanes of 4 products, read
 # one by one). Repacked rows put the 16 quant bytes of all blocks first, ordered so that the 4
 # bytes of one lane are 4*nb apart: byte (4l+k) of block b sits at k*4*nb + 4*b + l. The lane
-# sums are then 4 contiguous vector adds, and the block headers follow as half floats: d of
-# every block, then (Q4_1) m of every block. Same bytes, same size as the file's rows.
+# sums are then 4 contiguous vector adds. Q5_0's fifth bits follow as 4*nb bytes: byte 4*b + l
+# holds, at bits 2k and 2k+1, those of the low and high nibble of quant byte (4l+k). Then the
+# block headers as half floats: d of every block, then (Q4_1) m of every block. Same bytes,
+# same size as the file's rows.
 Q4_1_PACKED = 100  # pseudo type codes of such rows in matvec_fused
 Q4_0_PACKED = 102
+Q5_0_PACKED = 103
+
+
+_BIT = np.arange(4)
 
 
 def _pack_q4(raw: np.ndarray, bs: int) -> np.ndarray:
-    """Q4_1 (bs 20: d, m, qs) or Q4_0 (bs 18: d, qs) rows uint8 [n, nb*bs] -> repacked rows of the
-    same size (layout above)."""
+    """Q4_1 (bs 20: d, m, qs), Q4_0 (bs 18: d, qs) or Q5_0 (bs 22: d, qh, qs) rows uint8
+    [n, nb*bs] -> repacked rows of the same size (layout above)."""
     n, rb = raw.shape
     nb = rb // bs
     blocks = np.asarray(raw).reshape(n, nb, bs)
     qs = blocks[:, :, bs - 16:].reshape(n, nb, 4, 4)  # [row, block, lane l, k]
     out = np.empty((n, rb), np.uint8)
     out[:, :16 * nb] = qs.transpose(0, 3, 1, 2).reshape(n, 16 * nb)  # [row, k, block, l]
-    for h in range(0, bs - 16, 2):  # d, then m
-        out[:, (16 + h) * nb:(18 + h) * nb] = blocks[:, :, h:h + 2].reshape(n, 2 * nb)
+    at = 16 * nb
+    if bs == 22:  # qh bit j = fifth bit of value j (value 4l+k: low nibble, 16+4l+k: high)
+        qh = blocks[:, :, 2:6].copy().view("<u4")[:, :, 0]
+        bits = ((qh[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8).reshape(n, nb, 2, 4, 4)
+        hb = ((bits[:, :, 0] << (2 * _BIT)) | (bits[:, :, 1] << (2 * _BIT + 1))).sum(axis=3, dtype=np.uint8)
+        out[:, at:at + 4 * nb] = hb.reshape(n, 4 * nb)
+        at += 4 * nb
+    for h in range(0, 4 if bs == 20 else 2, 2):  # d, then m
+        out[:, at:at + 2 * nb] = blocks[:, :, h:h + 2].reshape(n, 2 * nb)
+        at += 2 * nb
     return out
 
 
@@ -594,25 +608,37 @@ def _unpack_q4(packed: np.ndarray, bs: int) -> np.ndarray:
     n, rb = packed.shape
     nb = rb // bs
     raw = np.empty((n, nb, bs), np.uint8)
-    for h in range(0, bs - 16, 2):
-        raw[:, :, h:h + 2] = packed[:, (16 + h) * nb:(18 + h) * nb].reshape(n, nb, 2)
     raw[:, :, bs - 16:] = packed[:, :16 * nb].reshape(n, 4, nb, 4).transpose(0, 2, 3, 1).reshape(n, nb, 16)
+    at = 16 * nb
+    if bs == 22:
+        hb = packed[:, at:at + 4 * nb].reshape(n, nb, 4, 1)  # [row, block, lane l, -]
+        bits = np.stack([(hb >> (2 * _BIT)) & 1, (hb >> (2 * _BIT + 1)) & 1], axis=2)  # [row, block, lo/hi, l, k]
+        qh = (bits.reshape(n, nb, 32).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
+        raw[:, :, 2:6] = qh.astype("<u4")[:, :, None].view(np.uint8)
+        at += 4 * nb
+    for h in range(0, 4 if bs == 20 else 2, 2):
+        raw[:, :, h:h + 2] = packed[:, at:at + 2 * nb].reshape(n, nb, 2)
+        at += 2 * nb
     return raw.reshape(n, rb)
 
 
 # fastmath 'contract' only, as _matvec_q4_1: the same fused multiply-adds, nothing reassociated
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def _matvec_q4_packed(w, table, xq, xd, xs, out, has_min):
-    """Q4_1 (has_min) or Q4_0 on _pack_q4 rows, summed as ggml's AVX2 vec_dot_q4_1_q8_1 /
-    vec_dot_q4_0_q8_0: per block 8 integer lanes (values 4l..4l+3; the low nibbles are values
-    0-15, the high ones 16-31; Q4_0's quants less 8), each accumulated over blocks as
-    fma(d*dx, lane, acc_l); Q4_1's min terms fma'd into one scalar; result = hsum_float_8(acc)
-    (+ mins). For Q4_1 bit-identical to _matvec_q4_1 on the file's rows (tested)."""
+def _matvec_q4_packed(w, table, xq, xd, xs, out, bs):
+    """Q4_1 (bs 20), Q4_0 (18) or Q5_0 (22) on _pack_q4 rows, summed as ggml's AVX2
+    vec_dot_q4_1_q8_1 / vec_dot_q4_0_q8_0 / vec_dot_q5_0_q8_0: per block 8 integer lanes
+    (values 4l..4l+3; the low nibbles are values 0-15, the high ones 16-31; Q4_0's quants less
+    8, Q5_0's with their fifth bit less 16), each accumulated over blocks as fma(d*dx, lane,
+    acc_l); Q4_1's min terms fma'd into one scalar; result = hsum_float_8(acc) (+ mins). For
+    Q4_1 bit-identical to _matvec_q4_1 on the file's rows (tested)."""
     n_rows, rb = w.shape
-    nb = rb // 20 if has_min else rb // 18
+    has_min = bs == 20
+    five = bs == 22
+    nb = rb // bs
     n4 = 4 * nb
     nq = 16 * nb
-    off = np.int16(0 if has_min else 8)
+    hd = nq + 4 * nb if five else nq  # where the d of every block starts
+    off = np.int16(0 if has_min else (16 if five else 8))
     xlo = np.empty(nq, np.int16)
     xhi = np.empty(nq, np.int16)
     for k in range(4):
@@ -627,17 +653,26 @@ def _matvec_q4_packed(w, table, xq, xd, xs, out, has_min):
         lhi = np.empty(n4, np.float32)
         for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             row = w[r]
-            for i in range(nq):  # contiguous: vectorized
-                q = np.int16(row[i])
-                plo[i] = ((q & 15) - off) * xlo[i]
-                phi[i] = ((q >> 4) - off) * xhi[i]
-            for i in range(n4):  # lane sums (at most 4*15*127: int16), contiguous
+            if five:
+                for k in range(4):
+                    for j in range(n4):  # contiguous: vectorized
+                        i = k * n4 + j
+                        q = np.int16(row[i])
+                        h = np.int16(row[nq + j]) >> (2 * k)
+                        plo[i] = (((q & 15) | ((h & 1) << 4)) - off) * xlo[i]
+                        phi[i] = (((q >> 4) | ((h & 2) << 3)) - off) * xhi[i]
+            else:
+                for i in range(nq):  # contiguous: vectorized
+                    q = np.int16(row[i])
+                    plo[i] = ((q & 15) - off) * xlo[i]
+                    phi[i] = ((q >> 4) - off) * xhi[i]
+            for i in range(n4):  # lane sums (at most 4*16*127: int16), contiguous
                 llo[i] = np.float32(np.int16(plo[i] + plo[n4 + i] + plo[2 * n4 + i] + plo[3 * n4 + i]))
                 lhi[i] = np.float32(np.int16(phi[i] + phi[n4 + i] + phi[2 * n4 + i] + phi[3 * n4 + i]))
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
             mins = np.float32(0.0)
             for b in range(nb):
-                d = _f16(table, row, nq + 2 * b) * xd[b]
+                d = _f16(table, row, hd + 2 * b) * xd[b]
                 if has_min:
                     mins = _f16(table, row, nq + 2 * nb + 2 * b) * xs[b] + mins
                 a0 = d * llo[4 * b] + a0
@@ -681,15 +716,14 @@ def unpack_q8_0(packed: np.ndarray) -> np.ndarray:
 
 
 # formats with a packed layout -> its pseudo type code in matvec_fused / _dequantize_packed
-PACKED_CODE = {T.Q4_1: Q4_1_PACKED, T.Q4_0: Q4_0_PACKED, T.Q8_0: Q8_0_PACKED}
+PACKED_CODE = {T.Q4_1: Q4_1_PACKED, T.Q4_0: Q4_0_PACKED, T.Q5_0: Q5_0_PACKED, T.Q8_0: Q8_0_PACKED}
+_Q4_BLOCK = {T.Q4_1: 20, T.Q4_0: 18, T.Q5_0: 22}  # the _pack_q4 formats' block bytes
 
 
 def pack_rows(raw: np.ndarray, ggml_type) -> np.ndarray | None:
     """The packed copy of a weight's rows if its format has a packed decode kernel, else None."""
-    if ggml_type == T.Q4_1:
-        return _pack_q4(raw, 20)
-    if ggml_type == T.Q4_0:
-        return _pack_q4(raw, 18)
+    if ggml_type in _Q4_BLOCK:
+        return _pack_q4(raw, _Q4_BLOCK[ggml_type])
     if ggml_type == T.Q8_0:
         return pack_q8_0(raw)
     return None
@@ -697,10 +731,8 @@ def pack_rows(raw: np.ndarray, ggml_type) -> np.ndarray | None:
 
 def unpack_rows(packed: np.ndarray, ggml_type) -> np.ndarray:
     """pack_rows' inverse."""
-    if ggml_type == T.Q4_1:
-        return _unpack_q4(packed, 20)
-    if ggml_type == T.Q4_0:
-        return _unpack_q4(packed, 18)
+    if ggml_type in _Q4_BLOCK:
+        return _unpack_q4(packed, _Q4_BLOCK[ggml_type])
     return unpack_q8_0(packed)
 
 
@@ -754,23 +786,28 @@ def _dequantize_packed(t, w, table, out, mins):
     for r in prange(n_rows):
         row = w[r]
         y = out[r]
-        if t == Q4_1_PACKED or t == Q4_0_PACKED:
+        if t != Q8_0_PACKED:
             has_min = t == Q4_1_PACKED
-            nb = rb // 20 if has_min else rb // 18
+            five = t == Q5_0_PACKED
+            nb = rb // 20 if has_min else (rb // 22 if five else rb // 18)
             n4 = 4 * nb
             nq = 16 * nb
-            off = 0 if has_min else 8
+            hd = nq + 4 * nb if five else nq
+            off = 0 if has_min else (16 if five else 8)
             for b in range(nb):
-                d = _f16(table, row, nq + 2 * b)
+                d = _f16(table, row, hd + 2 * b)
                 m = np.float32(0.0)
                 if has_min:
                     m = _f16(table, row, nq + 2 * nb + 2 * b)
                     mins[r, b] = m
                 for lane in range(4):
+                    h = np.int32(row[nq + 4 * b + lane]) if five else 0
                     for k in range(4):
                         q = np.int32(row[k * n4 + 4 * b + lane])
-                        y[32 * b + 4 * lane + k] = np.float32((q & 15) - off) * d + m
-                        y[32 * b + 16 + 4 * lane + k] = np.float32((q >> 4) - off) * d + m
+                        lo = (q & 15) | (((h >> (2 * k)) & 1) << 4)
+                        hi = (q >> 4) | (((h >> (2 * k + 1)) & 1) << 4)
+                        y[32 * b + 4 * lane + k] = np.float32(lo - off) * d + m
+                        y[32 * b + 16 + 4 * lane + k] = np.float32(hi - off) * d + m
         else:
             nb = rb // 34
             n8 = 8 * nb
@@ -789,9 +826,11 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
     a PACKED_CODE value for pack_rows rows); x given as its rounded activations (xq/xd/xs for the
     integer kernels, xhat for floats)."""
     if t == Q4_1_PACKED:
-        _matvec_q4_packed(w, table, xq, xd, xs, out, True)
+        _matvec_q4_packed(w, table, xq, xd, xs, out, 20)
     elif t == Q4_0_PACKED:
-        _matvec_q4_packed(w, table, xq, xd, xs, out, False)
+        _matvec_q4_packed(w, table, xq, xd, xs, out, 18)
+    elif t == Q5_0_PACKED:
+        _matvec_q4_packed(w, table, xq, xd, xs, out, 22)
     elif t == Q8_0_PACKED:
         _matvec_q8_0_packed(w, table, xq, xd, out)
     elif t == _Q4_1:
@@ -815,6 +854,7 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
 _ACT_OF_TYPE[Q4_1_PACKED] = ACT_Q8_1
 _ACT_OF_TYPE[Q8_0_PACKED] = ACT_Q8_0
 _ACT_OF_TYPE[Q4_0_PACKED] = ACT_Q8_0
+_ACT_OF_TYPE[Q5_0_PACKED] = ACT_Q8_0
 
 
 @njit(cache=True)

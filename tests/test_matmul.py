@@ -181,3 +181,42 @@ def test_packed_q4_0_is_ggml_lane_order_and_prefill_agrees(n_tok):
         assert np.array_equal(got[0].view(np.uint32), _ggml_q4_0_dot(raw, act.xq[0], act.xd[0]).view(np.uint32))
     else:
         assert np.array_equal(got.view(np.uint32), mm.matmul(plain, x).view(np.uint32))
+
+
+def _ggml_q5_0_dot(raw, xq, xd):
+    """ggml's AVX2 vec_dot_q5_0_q8_0 in numpy: values (nibble | fifth bit << 4) - 16, then the
+    lanes and fma chains of _ggml_q4_0_dot."""
+    n, rb = raw.shape
+    nb = rb // 22
+    blocks = raw.reshape(n, nb, 22)
+    dw = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    qh = blocks[:, :, 2:6].copy().view("<u4")[:, :, 0]
+    qs = blocks[:, :, 6:].astype(np.int32)
+    bits = ((qh[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
+    vals = np.concatenate([qs & 15, qs >> 4], axis=2) + 16 * bits - 16
+    lanes = (vals * xq.reshape(nb, 32).astype(np.int32)).reshape(n, nb, 8, 4).sum(axis=3).astype(np.float32)
+    acc = np.zeros((n, 8), np.float32)
+    for b in range(nb):
+        d = (dw[:, b] * xd[b]).astype(np.float32)
+        acc = (d[:, None].astype(np.float64) * lanes[:, b].astype(np.float64) + acc.astype(np.float64)).astype(np.float32)
+    r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
+    return ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
+
+
+@pytest.mark.parametrize("n_tok", [1, 40])
+def test_packed_q5_0_is_ggml_lane_order_and_prefill_agrees(n_tok):
+    """As for Q4_0: Q5_0 rows packed at load (fifth bits regrouped per lane) decode in ggml's
+    order, the prompt path agrees with the file's rows, and unpack inverts pack."""
+    rng = np.random.default_rng(30 + n_tok)
+    raw = random_rows(T.Q5_0, 37, 576, rng)
+    assert np.array_equal(mm.unpack_rows(mm.pack_rows(raw, T.Q5_0), T.Q5_0), raw)
+    plain = mm.QuantWeight("w", T.Q5_0, 576, 37, raw)
+    packed = mm.QuantWeight("w", T.Q5_0, 576, 37, np.zeros_like(raw))
+    packed.packed = mm.pack_rows(raw, T.Q5_0)
+    x = (rng.standard_normal((n_tok, 576)) * 3).astype(np.float32)
+    got = mm.matmul(packed, x)
+    if n_tok == 1:
+        act = mm.quantize_for(x, packed)
+        assert np.array_equal(got[0].view(np.uint32), _ggml_q5_0_dot(raw, act.xq[0], act.xd[0]).view(np.uint32))
+    else:
+        assert np.array_equal(got.view(np.uint32), mm.matmul(plain, x).view(np.uint32))

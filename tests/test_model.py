@@ -160,10 +160,15 @@ def test_quantized_tiny_model_and_tied_output(tmp_path):
         wd[name] = dequantize(m.gguf.tensors[name].rows(), t, w[name].shape[1])
     wd["output.weight"] = wd["token_embd.weight"]
     ref = reference_forward(wd, TOKENS)
-    assert close(m.eval(TOKENS, logits="all"), ref, tol=5e-2)
+    block = m.eval(TOKENS, logits="all")
+    assert close(block, ref, tol=5e-2)
+    # mixed formats: layers decode one (packed) matrix at a time, with the same floats
+    assert m.fused is not None and m.layer_stack is None and all(kind == "plain" for kind, _, _ in m.fused)
+    m.truncate(0)
+    assert np.array_equal(np.stack([m.eval([t]) for t in TOKENS]), block)
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1])
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0])
 def test_one_call_decode_equals_per_product_path(tmp_path, qtype):
     """Token-by-token decode (one compiled call per layer, q/k/v and gate/up stacked) gives
     the very floats of one product at a time (a block of < 16 tokens)."""
