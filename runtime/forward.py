@@ -581,11 +581,16 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
                     m = pack_rows(m, types[i])
             if packable:
                 types[i] = _PACKED_TYPE[int(types[i])]
+            if packable or m.base is not ws_i[0].rows.base:  # a copy: every product reads it
                 start = 0
-                for w in ws_i:  # every product of this weight now reads the packed copy
-                    w.packed = m[start:start + w.n_out]
+                for w in ws_i:  # (the packed copy, or the same rows as the file's)
+                    view = m[start:start + w.n_out]
                     start += w.n_out
                     _release_pages(w.rows)
+                    if packable:
+                        w.packed = view
+                    else:
+                        w.rows = view
             if len(groups) == 7:  # decode_layer indexes them: one array type for all (numba)
                 m.flags.writeable = False
             mats.append(m)
