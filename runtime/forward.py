@@ -25,8 +25,6 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from gguf.constants import GGMLQuantizationType
-
 from . import matmul as _matmul_module
 from .matmul import F16_TABLE, FUSED_TYPES, PACKED_CODE, pack_rows, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
 
@@ -535,9 +533,9 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
     load; Q4_1, Q4_0, Q5_0 and Q8_0 ones repacked by pack_rows, their file pages released: the
     layers' size, 66 MB for SmolLM2 Q4_1), else ("plain", mats, types) for decode_layer (the 7
-    matrices, packed the same way); None
-    if some matrix has no fused kernel (or the shapes do not suit it): those decode via
-    `forward`. When every layer is grouped with the same formats and shapes (any llama GGUF
+    matrices, packed the same way); None if some matrix has no fused kernel (or the shapes do
+    not suit it): those decode via `forward`. Weights whose rows were copied read the copy from
+    then on (their file pages released), so nothing is held twice. When every layer is grouped with the same formats and shapes (any llama GGUF
     quantized to one type), the copies are written straight into the 4 arrays of a LayerStack
     (the per-layer entries are views of them), so decode_all_layers takes a whole token in one
     compiled call; else the stack is None."""
@@ -575,7 +573,7 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
                 m = np.concatenate([w.rows for w in ws_i], out=stacks[i][il])
                 if packable:
                     m[...] = pack_rows(m, types[i])
-            else:  # a lone matrix of another format stays the memory map's rows
+            else:  # a lone matrix that is not packed stays the memory map's rows
                 m = np.concatenate([w.rows for w in ws_i]) if len(ws_i) > 1 else np.ascontiguousarray(ws_i[0].rows)
                 if packable:
                     m = pack_rows(m, types[i])
