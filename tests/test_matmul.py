@@ -145,16 +145,12 @@ def test_packed_q8_0_weight_gives_the_same_products(n_tok):
     assert np.array_equal(mm.matmul(plain, x).view(np.uint32), mm.matmul(packed, x).view(np.uint32))
 
 
-def _ggml_q4_0_dot(raw, xq, xd):
-    """ggml's AVX2 vec_dot_q4_0_q8_0 in numpy: per block 8 int32 lanes (values 4l..4l+3 of
-    (nibble - 8) * x), acc_l = fma(d_w*d_x, lane, acc_l) over blocks (fma: one rounding of the
-    exact double result), then hsum_float_8."""
-    n, rb = raw.shape
-    nb = rb // 18
-    blocks = raw.reshape(n, nb, 18)
-    dw = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
-    qs = blocks[:, :, 2:].astype(np.int32)
-    vals = np.concatenate([(qs & 15) - 8, (qs >> 4) - 8], axis=2)  # [n, nb, 32]
+def _ggml_lane_dot(dw, vals, xq, xd):
+    """ggml's AVX2 vec_dot of a 32-value block format with Q8_0 activations, in numpy: per
+    block 8 int32 lanes (values 4l..4l+3 of vals * x), acc_l = fma(d_w*d_x, lane, acc_l) over
+    blocks (fma: one rounding of the exact double result), then hsum_float_8.
+    dw [n, nb] block scales, vals [n, nb, 32] integer values."""
+    n, nb = dw.shape
     lanes = (vals * xq.reshape(nb, 32).astype(np.int32)).reshape(n, nb, 8, 4).sum(axis=3).astype(np.float32)
     acc = np.zeros((n, 8), np.float32)
     for b in range(nb):
@@ -164,59 +160,38 @@ def _ggml_q4_0_dot(raw, xq, xd):
     return ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
 
 
-@pytest.mark.parametrize("n_tok", [1, 40])
-def test_packed_q4_0_is_ggml_lane_order_and_prefill_agrees(n_tok):
-    """Q4_0 rows packed at load: decode sums exactly as ggml's AVX2 kernel (numpy replay above);
-    the prompt path (tiles from the packed rows) agrees with the file's rows; unpack inverts."""
-    rng = np.random.default_rng(20 + n_tok)
-    raw = random_rows(T.Q4_0, 37, 576, rng)
-    assert np.array_equal(mm.unpack_rows(mm.pack_rows(raw, T.Q4_0), T.Q4_0), raw)
-    plain = mm.QuantWeight("w", T.Q4_0, 576, 37, raw)
-    packed = mm.QuantWeight("w", T.Q4_0, 576, 37, np.zeros_like(raw))
-    packed.packed = mm.pack_rows(raw, T.Q4_0)
-    x = (rng.standard_normal((n_tok, 576)) * 3).astype(np.float32)
-    got = mm.matmul(packed, x)
-    if n_tok == 1:
-        act = mm.quantize_for(x, packed)
-        assert np.array_equal(got[0].view(np.uint32), _ggml_q4_0_dot(raw, act.xq[0], act.xd[0]).view(np.uint32))
-    else:
-        assert np.array_equal(got.view(np.uint32), mm.matmul(plain, x).view(np.uint32))
-
-
-def _ggml_q5_0_dot(raw, xq, xd):
-    """ggml's AVX2 vec_dot_q5_0_q8_0 in numpy: values (nibble | fifth bit << 4) - 16, then the
-    lanes and fma chains of _ggml_q4_0_dot."""
-    n, rb = raw.shape
-    nb = rb // 22
-    blocks = raw.reshape(n, nb, 22)
+def _ggml_block_values(raw, qtype):
+    """Block scales and integer values of Q4_0 (nibble - 8) or Q5_0 rows ((nibble | fifth bit
+    << 4) - 16)."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    n, nb = raw.shape[0], raw.shape[1] // size
+    blocks = raw.reshape(n, nb, size)
     dw = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
-    qh = blocks[:, :, 2:6].copy().view("<u4")[:, :, 0]
-    qs = blocks[:, :, 6:].astype(np.int32)
-    bits = ((qh[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
-    vals = np.concatenate([qs & 15, qs >> 4], axis=2) + 16 * bits - 16
-    lanes = (vals * xq.reshape(nb, 32).astype(np.int32)).reshape(n, nb, 8, 4).sum(axis=3).astype(np.float32)
-    acc = np.zeros((n, 8), np.float32)
-    for b in range(nb):
-        d = (dw[:, b] * xd[b]).astype(np.float32)
-        acc = (d[:, None].astype(np.float64) * lanes[:, b].astype(np.float64) + acc.astype(np.float64)).astype(np.float32)
-    r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
-    return ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
+    qs = blocks[:, :, size - 16:].astype(np.int32)
+    vals = np.concatenate([qs & 15, qs >> 4], axis=2)
+    if qtype == T.Q5_0:
+        qh = blocks[:, :, 2:6].copy().view("<u4")[:, :, 0]
+        return dw, vals + 16 * ((qh[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32) - 16
+    return dw, vals - 8
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0])
 @pytest.mark.parametrize("n_tok", [1, 40])
-def test_packed_q5_0_is_ggml_lane_order_and_prefill_agrees(n_tok):
-    """As for Q4_0: Q5_0 rows packed at load (fifth bits regrouped per lane) decode in ggml's
-    order, the prompt path agrees with the file's rows, and unpack inverts pack."""
-    rng = np.random.default_rng(30 + n_tok)
-    raw = random_rows(T.Q5_0, 37, 576, rng)
-    assert np.array_equal(mm.unpack_rows(mm.pack_rows(raw, T.Q5_0), T.Q5_0), raw)
-    plain = mm.QuantWeight("w", T.Q5_0, 576, 37, raw)
-    packed = mm.QuantWeight("w", T.Q5_0, 576, 37, np.zeros_like(raw))
-    packed.packed = mm.pack_rows(raw, T.Q5_0)
+def test_packed_q4_0_q5_0_are_ggml_lane_order_and_prefill_agrees(qtype, n_tok):
+    """Q4_0 / Q5_0 rows packed at load (Q5_0's fifth bits regrouped per lane): decode sums
+    exactly as ggml's AVX2 kernels (numpy replay above); the prompt path (tiles from the
+    packed rows) agrees with the file's rows; unpack inverts pack."""
+    rng = np.random.default_rng(20 + n_tok + int(qtype))
+    raw = random_rows(qtype, 37, 576, rng)
+    assert np.array_equal(mm.unpack_rows(mm.pack_rows(raw, qtype), qtype), raw)
+    plain = mm.QuantWeight("w", qtype, 576, 37, raw)
+    packed = mm.QuantWeight("w", qtype, 576, 37, np.zeros_like(raw))
+    packed.packed = mm.pack_rows(raw, qtype)
     x = (rng.standard_normal((n_tok, 576)) * 3).astype(np.float32)
     got = mm.matmul(packed, x)
     if n_tok == 1:
         act = mm.quantize_for(x, packed)
-        assert np.array_equal(got[0].view(np.uint32), _ggml_q5_0_dot(raw, act.xq[0], act.xd[0]).view(np.uint32))
+        want = _ggml_lane_dot(*_ggml_block_values(raw, qtype), act.xq[0], act.xd[0])
+        assert np.array_equal(got[0].view(np.uint32), want.view(np.uint32))
     else:
         assert np.array_equal(got.view(np.uint32), mm.matmul(plain, x).view(np.uint32))
