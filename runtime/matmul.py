@@ -625,12 +625,15 @@ def _unpack_q4(packed: np.ndarray, bs: int) -> np.ndarray:
 # fastmath 'contract' only, as _matvec_q4_1: the same fused multiply-adds, nothing reassociated
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def _matvec_q4_packed(w, table, xq, xd, xs, out, bs):
-    """Q4_1 (bs 20), Q4_0 (18) or Q5_0 (22) on _pack_q4 rows, summed as ggml's AVX2
-    vec_dot_q4_1_q8_1 / vec_dot_q4_0_q8_0 / vec_dot_q5_0_q8_0: per block 8 integer lanes
-    (values 4l..4l+3; the low nibbles are values 0-15, the high ones 16-31; Q4_0's quants less
-    8, Q5_0's with their fifth bit less 16), each accumulated over blocks as fma(d*dx, lane,
-    acc_l); Q4_1's min terms fma'd into one scalar; result = hsum_float_8(acc) (+ mins). For
-    Q4_1 bit-identical to _matvec_q4_1 on the file's rows (tested)."""
+    """Q4_1 (bs 20), Q4_0 (18) or Q5_0 (22) on _pack_q4 rows, summed as llama.cpp does on an
+    AVX2 CPU. Q4_1 and Q5_0 as ggml's vec_dot_q4_1_q8_1 / vec_dot_q5_0_q8_0: per block 8 integer
+    lanes (values 4l..4l+3; the low nibbles are values 0-15, the high ones 16-31; Q5_0's with
+    their fifth bit less 16), each accumulated over blocks as fma(d*dx, lane, acc_l); Q4_1's
+    min terms fma'd into one scalar; result = hsum_float_8(acc) (+ mins). For Q4_1
+    bit-identical to _matvec_q4_1 on the file's rows (tested). Q4_0 weights (rows a multiple of
+    8) are repacked by llama.cpp at load and multiplied by ggml_gemv_q4_0_8x8_q8_0: per block
+    the exact integer sum of its 32 products (quants less 8), acc = fma(sum, d*dx, acc), one
+    chain per row (llama.cpp's greedy output on Q4_0 files matches only this order)."""
     n_rows, rb = w.shape
     has_min = bs == 20
     five = bs == 22
@@ -669,6 +672,14 @@ def _matvec_q4_packed(w, table, xq, xd, xs, out, bs):
             for i in range(n4):  # lane sums (at most 4*16*127: int16), contiguous
                 llo[i] = np.float32(np.int16(plo[i] + plo[n4 + i] + plo[2 * n4 + i] + plo[3 * n4 + i]))
                 lhi[i] = np.float32(np.int16(phi[i] + phi[n4 + i] + phi[2 * n4 + i] + phi[3 * n4 + i]))
+            if bs == 18:  # Q4_0: llama.cpp's repacked GEMV order, one chain per row (see above)
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    o = 4 * b
+                    isum = ((llo[o] + llo[o + 1]) + (llo[o + 2] + llo[o + 3])) + ((lhi[o] + lhi[o + 1]) + (lhi[o + 2] + lhi[o + 3]))
+                    acc = isum * (_f16(table, row, hd + 2 * b) * xd[b]) + acc
+                out[r] = acc
+                continue
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
             mins = np.float32(0.0)
             for b in range(nb):

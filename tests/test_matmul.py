@@ -160,6 +160,18 @@ def _ggml_lane_dot(dw, vals, xq, xd):
     return ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
 
 
+def _ggml_repack_dot(dw, vals, xq, xd):
+    """llama.cpp's AVX2 ggml_gemv_q4_0_8x8_q8_0 (Q4_0 weights repacked at load) in numpy: per
+    block the integer sum of its 32 products, acc = fma(sum, d_w*d_x, acc) over blocks."""
+    n, nb = dw.shape
+    sums = (vals * xq.reshape(nb, 32).astype(np.int32)).sum(axis=2).astype(np.float32)
+    acc = np.zeros(n, np.float32)
+    for b in range(nb):
+        d = (dw[:, b] * xd[b]).astype(np.float32)
+        acc = (sums[:, b].astype(np.float64) * d.astype(np.float64) + acc.astype(np.float64)).astype(np.float32)
+    return acc
+
+
 def _ggml_block_values(raw, qtype):
     """Block scales and integer values of Q4_0 (nibble - 8) or Q5_0 rows ((nibble | fifth bit
     << 4) - 16)."""
@@ -179,8 +191,9 @@ def _ggml_block_values(raw, qtype):
 @pytest.mark.parametrize("n_tok", [1, 40])
 def test_packed_q4_0_q5_0_are_ggml_lane_order_and_prefill_agrees(qtype, n_tok):
     """Q4_0 / Q5_0 rows packed at load (Q5_0's fifth bits regrouped per lane): decode sums
-    exactly as ggml's AVX2 kernels (numpy replay above); the prompt path (tiles from the
-    packed rows) agrees with the file's rows; unpack inverts pack."""
+    exactly as llama.cpp's AVX2 kernels (numpy replays above: Q4_0 goes through its repacked
+    GEMV, Q5_0 through vec_dot); the prompt path (tiles from the packed rows) agrees with the
+    file's rows; unpack inverts pack."""
     rng = np.random.default_rng(20 + n_tok + int(qtype))
     raw = random_rows(qtype, 37, 576, rng)
     assert np.array_equal(mm.unpack_rows(mm.pack_rows(raw, qtype), qtype), raw)
@@ -191,7 +204,8 @@ def test_packed_q4_0_q5_0_are_ggml_lane_order_and_prefill_agrees(qtype, n_tok):
     got = mm.matmul(packed, x)
     if n_tok == 1:
         act = mm.quantize_for(x, packed)
-        want = _ggml_lane_dot(*_ggml_block_values(raw, qtype), act.xq[0], act.xd[0])
+        replay = _ggml_repack_dot if qtype == T.Q4_0 else _ggml_lane_dot
+        want = replay(*_ggml_block_values(raw, qtype), act.xq[0], act.xd[0])
         assert np.array_equal(got[0].view(np.uint32), want.view(np.uint32))
     else:
         assert np.array_equal(got.view(np.uint32), mm.matmul(plain, x).view(np.uint32))
