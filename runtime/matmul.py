@@ -351,19 +351,28 @@ def _q4k_scale_min(sc, j):
             np.int32((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)))
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+# fastmath 'contract' only: the two fma chains below, nothing reassociated
+@njit(cache=True, parallel=True, fastmath={"contract"})
 def _matvec_q4_k(w, table, xq, xd, xs, out):
+    """Q4_K summed as llama.cpp does on an AVX2 CPU, where Q4_K matrices (rows a multiple of 8)
+    are repacked at load and multiplied by ggml_gemv_q4_K_8x8_q8_K: per 256-value block the
+    exact integer sums isum = sum_j scale_j * dot_j and imin = sum_j min_j * bsum_j (bsum: the
+    sum of a 32-group's int8 activations), acc = fma(isum, d*dx, acc) and
+    accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm."""
     n_rows, nb = w.shape[0], xd.shape[0] // 8
+    bsum = np.zeros(nb * 8, np.int32)
+    for g in range(nb * 8):
+        for j in range(32):
+            bsum[g] += np.int32(xq[g * 32 + j])
     for r in prange(n_rows):
         row = w[r]
         acc = np.float32(0.0)
+        accm = np.float32(0.0)
         for b in range(nb):
             o = b * 144
-            d = _f16(table, row, o)
-            dmin = _f16(table, row, o + 2)
             sc = row[o + 4:o + 16]
-            isum = np.float32(0.0)
-            msum = np.float32(0.0)
+            isum = 0
+            imin = 0
             for c in range(4):
                 qs = row[o + 16 + 32 * c:o + 48 + 32 * c]
                 xlo = xq[b * 256 + 64 * c:b * 256 + 64 * c + 32]
@@ -376,10 +385,12 @@ def _matvec_q4_k(w, table, xq, xd, xs, out):
                     shi += (q >> 4) * np.int32(xhi[j])
                 s1, m1 = _q4k_scale_min(sc, 2 * c)
                 s2, m2 = _q4k_scale_min(sc, 2 * c + 1)
-                isum += np.float32(s1 * slo + s2 * shi)
-                msum += np.float32(m1) * xs[b * 8 + 2 * c] + np.float32(m2) * xs[b * 8 + 2 * c + 1]
-            acc += d * xd[b * 8] * isum - dmin * msum
-        out[r] = acc
+                isum += s1 * slo + s2 * shi
+                imin += m1 * bsum[b * 8 + 2 * c] + m2 * bsum[b * 8 + 2 * c + 1]
+            dx = xd[b * 8]
+            acc = np.float32(isum) * (_f16(table, row, o) * dx) + acc
+            accm = np.float32(imin) * (_f16(table, row, o + 2) * dx) + accm
+        out[r] = acc - accm
 
 
 @njit(cache=True, parallel=True, fastmath=True)

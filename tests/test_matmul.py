@@ -209,3 +209,34 @@ def test_packed_q4_0_q5_0_are_ggml_lane_order_and_prefill_agrees(qtype, n_tok):
         assert np.array_equal(got[0].view(np.uint32), want.view(np.uint32))
     else:
         assert np.array_equal(got.view(np.uint32), mm.matmul(plain, x).view(np.uint32))
+
+
+def test_q4_k_decode_is_llama_cpp_repacked_gemv_order():
+    """Q4_K decode sums as llama.cpp's AVX2 ggml_gemv_q4_K_8x8_q8_K (the kernel its repacked
+    Q4_K matrices go through): exact integer block sums, two fma chains, replayed here."""
+    rng = np.random.default_rng(44)
+    raw = random_rows(T.Q4_K, 19, 512, rng)
+    w = mm.QuantWeight("w", T.Q4_K, 512, 19, raw)
+    x = (rng.standard_normal((1, 512)) * 2).astype(np.float32)
+    got = mm.matmul(w, x)[0]
+    act = mm.quantize_for(x, w)
+    xq = act.xq[0].astype(np.int64)
+    want = np.empty(19, np.float32)
+    for r in range(19):
+        acc = accm = np.float32(0.0)
+        for b in range(2):
+            blk = raw[r, b * 144:(b + 1) * 144]
+            d, dmin = blk[:4].copy().view(np.float16).astype(np.float32)
+            isum = imin = 0
+            for c in range(4):
+                q = blk[16 + 32 * c:48 + 32 * c].astype(np.int64)
+                lo, hi = xq[b * 256 + 64 * c:b * 256 + 64 * c + 32], xq[b * 256 + 64 * c + 32:b * 256 + 64 * c + 64]
+                s1, m1 = mm._q4k_scale_min(blk[4:16], 2 * c)
+                s2, m2 = mm._q4k_scale_min(blk[4:16], 2 * c + 1)
+                isum += s1 * int(((q & 15) * lo).sum()) + s2 * int(((q >> 4) * hi).sum())
+                imin += m1 * int(lo.sum()) + m2 * int(hi.sum())
+            dx = act.xd[0, b * 8]
+            acc = np.float32(np.float64(isum) * np.float64(np.float32(d * dx)) + np.float64(acc))
+            accm = np.float32(np.float64(imin) * np.float64(np.float32(dmin * dx)) + np.float64(accm))
+        want[r] = acc - accm
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
