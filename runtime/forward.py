@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import matmul as _matmul_module
-from .matmul import F16_TABLE, FUSED_TYPES, PACKED_CODE, pack_rows, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
+from .matmul import F16_TABLE, FUSED_TYPES, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
 
 
 @njit(cache=True)
@@ -497,7 +497,7 @@ def decode_layer_grouped(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_
 
 def _release_pages(a: np.ndarray) -> None:
     """Drop the memory-map pages under `a` from this process (MADV_DONTNEED: clean file pages,
-    read again from the file if ever touched), so a weight held as a packed copy is not also
+    read again from the file if ever touched), so a weight held as a stacked copy is not also
     counted in memory as its mapped original. Whole pages inside `a` only."""
     import ctypes
     import mmap
@@ -514,9 +514,6 @@ def _release_pages(a: np.ndarray) -> None:
             pass
 
 
-_PACKED_TYPE = {int(t): code for t, code in PACKED_CODE.items()}
-
-
 class LayerStack(NamedTuple):
     """Every layer's decode matrices in 4 arrays [n_layer, rows, row bytes] (and the norms in 2),
     for decode_all_layers; the output matrix as matvec_fused takes it (out_type -1: none)."""
@@ -531,18 +528,15 @@ class LayerStack(NamedTuple):
 def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
     q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
-    load; Q4_1, Q4_0, Q5_0 and Q8_0 ones repacked by pack_rows, their file pages released: the
-    layers' size, 66 MB for SmolLM2 Q4_1), else ("plain", mats, types) for decode_layer (the 7
-    matrices, packed the same way); None if some matrix has no fused kernel (or the shapes do
-    not suit it): those decode via `forward`. Weights whose rows were copied read the copy from
-    then on (their file pages released), so nothing is held twice. When every layer is grouped with the same formats and shapes (any llama GGUF
+    load, their file pages released: the layers' size, 66 MB for SmolLM2 Q4_1), else ("plain",
+    mats, types) for decode_layer (the 7 matrices, the memory map's rows); None if some matrix
+    has no fused kernel (or the shapes do not suit it): those decode via `forward`. Weights whose
+    rows were copied read the copy from then on (their file pages released), so nothing is held
+    twice. When every layer is grouped with the same formats and shapes (any llama GGUF
     quantized to one type), the copies are written straight into the 4 arrays of a LayerStack
     (the per-layer entries are views of them), so decode_all_layers takes a whole token in one
     compiled call; else the stack is None."""
     out_w = weights.output
-    if out_w.ggml_type in PACKED_CODE and out_w.packed is None and out_w.n_in % 32 == 0:
-        out_w.packed = pack_rows(out_w.rows, out_w.ggml_type)  # faster logits, same floats
-        _release_pages(out_w.rows)
     plan = []
     for layer in weights.layers:
         ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
@@ -563,41 +557,29 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     out = []
     for il, groups in enumerate(plan):
         layer = weights.layers[il]
-        if groups is None:  # one matrix at a time, each packed when its format has a layout
+        if groups is None:  # one matrix at a time
             groups = tuple((w,) for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
         mats = []
         types = np.array([int(g[0].ggml_type) for g in groups], np.int64)
         for i, ws_i in enumerate(groups):
-            packable = types[i] in _PACKED_TYPE  # Q4_1/Q4_0/Q5_0/Q8_0: repacked for the faster lane sums
             if stacks is not None:
                 m = np.concatenate([w.rows for w in ws_i], out=stacks[i][il])
-                if packable:
-                    m[...] = pack_rows(m, types[i])
-            else:  # a lone matrix that is not packed stays the memory map's rows
+            else:  # a lone matrix stays the memory map's rows
                 m = np.concatenate([w.rows for w in ws_i]) if len(ws_i) > 1 else np.ascontiguousarray(ws_i[0].rows)
-                if packable:
-                    m = pack_rows(m, types[i])
-            if packable:
-                types[i] = _PACKED_TYPE[int(types[i])]
-            if packable or m.base is not ws_i[0].rows.base:  # a copy: every product reads it
+            if m.base is not ws_i[0].rows.base:  # a copy: every product reads it
                 start = 0
-                for w in ws_i:  # (the packed copy, or the same rows as the file's)
+                for w in ws_i:
                     view = m[start:start + w.n_out]
                     start += w.n_out
                     _release_pages(w.rows)
-                    if packable:
-                        w.packed = view
-                    else:
-                        w.rows = view
+                    w.rows = view
             if len(groups) == 7:  # decode_layer indexes them: one array type for all (numba)
                 m.flags.writeable = False
             mats.append(m)
         out.append(("grouped" if len(groups) == 4 else "plain", tuple(mats), types))
     if stacks is None:
         return out, None
-    if out_w.packed is not None:
-        out_rows, out_type = out_w.packed, PACKED_CODE[out_w.ggml_type]
-    elif out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
+    if out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
         out_rows, out_type = np.ascontiguousarray(out_w.rows), int(out_w.ggml_type)
     else:
         out_rows, out_type = np.zeros((1, 1), np.uint8), -1

@@ -32,6 +32,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
+from .simd import q4_0_dot, q4_1_dot, q5_0_dot, q8_0_dot
+
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
 ACT_F32, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = range(6)
@@ -164,183 +166,55 @@ def quantize_activations(x, mode, xq, xd, xs, xhat):
 
 # --- fused decode kernels: one output row per iteration, rows split over threads ------------
 
-# The 32-value formats: a block is a header (scales) and then its quants. The activations are
-# first spread to the byte positions of a row (zeros under the header bytes), so the products
-# become one contiguous elementwise pass over the row's bytes into an int16 scratch row, which
-# LLVM vectorizes; the per-block integer sums and float scaling come after. (Indexing the
-# quants block by block instead made LLVM gather bytes one at a time: 10x slower.)
-ROWS_PER_TASK = 16
+# The 32-value formats multiply through runtime.simd: ggml's AVX2 block dot products written as
+# LLVM vector IR, reading the file's own rows (see that module). The same integer lanes summed
+# in the same order give llama.cpp's floats bit for bit; the greedy continuations depend on it
+# (llama.cpp's F16 KV cache rounds these outputs, and this small model amplifies one flipped
+# rounding). `table` is unused by them (the IR converts half floats itself); it keeps one
+# signature for every kernel.
 
 
-# fastmath 'contract' only (see _matvec_q4_1): sums in ggml's AVX2 order, bit for bit
-@njit(cache=True, parallel=True, fastmath={"contract"})
+@njit(cache=True, parallel=True)
+def _matvec_q4_1(w, table, xq, xd, xs, out):
+    """w = d*q + m, as ggml's AVX2 vec_dot_q4_1_q8_1: per block 8 integer lanes (values
+    4l..4l+3; the low nibbles are values 0-15, the high ones 16-31), each accumulated over
+    blocks as fma(d*dx, lane, acc_l); the min terms fma'd into one scalar (m * the Q8_1 block
+    sum); result = hsum_float_8(acc) + mins."""
+    for r in prange(w.shape[0]):
+        out[r] = q4_1_dot(w, r, xq, xd, xs)
+
+
+@njit(cache=True, parallel=True)
 def _matvec_q8_0(w, table, xq, xd, out):
-    """Summed as ggml's AVX2 vec_dot_q8_0_q8_0 (and llamafile's tinyBLAS_Q0_AVX, the same
-    order) does: per block 8 integer lanes (values 4l..4l+3), each accumulated over blocks as
-    fma(d_w*d_x, lane, acc_l); result = hsum_float_8(acc). (This is the tied output product
-    of Q4_1 SmolLM2: the logits.)"""
-    n_rows, rb = w.shape
-    nb = xd.shape[0]
-    xe = np.zeros(rb, np.int16)
-    for b in range(nb):
-        for j in range(32):
-            xe[b * 34 + 2 + j] = xq[b * 32 + j]
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        prod = np.empty(rb, np.int16)
-        for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[r]
-            qs = row.view(np.int8)
-            for i in range(rb):
-                prod[i] = np.int16(qs[i]) * xe[i]
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-            for b in range(nb):
-                o = b * 34 + 2
-                d = _f16(table, row, b * 34) * xd[b]
-                a0 = d * _lane(prod, o) + a0
-                a1 = d * _lane(prod, o + 4) + a1
-                a2 = d * _lane(prod, o + 8) + a2
-                a3 = d * _lane(prod, o + 12) + a3
-                a4 = d * _lane(prod, o + 16) + a4
-                a5 = d * _lane(prod, o + 20) + a5
-                a6 = d * _lane(prod, o + 24) + a6
-                a7 = d * _lane(prod, o + 28) + a7
-            out[r] = ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
+    """As ggml's AVX2 vec_dot_q8_0_q8_0 (and llamafile's tinyBLAS_Q0_AVX, the same order): per
+    block 8 integer lanes, acc_l = fma(d_w*d_x, lane, acc_l), result hsum_float_8(acc). (The
+    tied output product of SmolLM2: the logits.)"""
+    for r in prange(w.shape[0]):
+        out[r] = q8_0_dot(w, r, xq, xd)
 
 
-@njit(cache=True, inline="always")
-def _spread_q4(xq, rb, bs):
-    """int8 activations -> int16 rows aligned with a Q4 row's bytes (low/high nibble partners)."""
-    nb = rb // bs
-    xlo = np.zeros(rb, np.int16)
-    xhi = np.zeros(rb, np.int16)
-    xsum = np.zeros(nb, np.int32)
-    for b in range(nb):
-        for j in range(16):
-            xlo[b * bs + bs - 16 + j] = xq[b * 32 + j]
-            xhi[b * bs + bs - 16 + j] = xq[b * 32 + 16 + j]
-        for j in range(32):
-            xsum[b] += np.int32(xq[b * 32 + j])
-    return xlo, xhi, xsum
+@njit(cache=True, parallel=True)
+def _matvec_q4_0(w, table, xq, xd, out):
+    """w = d*(q-8). On an AVX2 CPU llama.cpp repacks Q4_0 matrices (rows a multiple of 8) at
+    load and multiplies them by ggml_gemv_q4_0_8x8_q8_0: per block the exact integer sum of its
+    32 products, acc = fma(sum, d*dx, acc), one chain per row (llama.cpp's greedy output on
+    Q4_0 files matches only this order)."""
+    for r in prange(w.shape[0]):
+        out[r] = q4_0_dot(w, r, xq, xd)
 
 
-@njit(cache=True, inline="always")
-def _nibble_products(row, xlo, xhi, prod):
-    for i in range(row.shape[0]):
-        q = np.int16(row[i])
-        prod[i] = (q & 15) * xlo[i] + (q >> 4) * xhi[i]
-
-
-@njit(cache=True, inline="always")
-def _sum16(prod, base):
-    s = np.int32(0)
-    for j in range(16):  # a constant trip count: LLVM unrolls it into vector adds
-        s += np.int32(prod[base + j])
-    return s
+@njit(cache=True, parallel=True)
+def _matvec_q5_0(w, table, xq, xd, out):
+    """Q5_0 (22 B / 32: d, qh[4] = the 32 fifth bits, qs[16] nibbles ordered as in Q4_0),
+    w = d*(q - 16), as ggml's AVX2 vec_dot_q5_0_q8_0: Q8_0's lanes and order."""
+    for r in prange(w.shape[0]):
+        out[r] = q5_0_dot(w, r, xq, xd)
 
 
 @njit(cache=True, inline="always")
 def fma32(a, b, c):
     """float32 fused multiply-add (a*b exact in double, one rounding to double, then float32)."""
     return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
-
-
-@njit(cache=True, inline="always")
-def hsum8(acc):
-    """ggml's hsum_float_8: (x_i + x_{i+4}), then (0+2), (1+3), then the two."""
-    r0 = acc[4] + acc[0]
-    r1 = acc[5] + acc[1]
-    r2 = acc[6] + acc[2]
-    r3 = acc[7] + acc[3]
-    return (r0 + r2) + (r1 + r3)
-
-
-@njit(cache=True, inline="always")
-def _lane(p, o):
-    return np.float32(np.int32(p[o]) + np.int32(p[o + 1]) + np.int32(p[o + 2]) + np.int32(p[o + 3]))
-
-
-# fastmath 'contract' only: a*b + c becomes one fused multiply-add (as ggml's
-# _mm256_fmadd_ps and GCC's contraction of `summs += m*s`), nothing is reassociated
-@njit(cache=True, parallel=True, fastmath={"contract"})
-def _matvec_q4_1(w, table, xq, xd, xs, out):
-    """w = d*q + m, summed exactly as ggml's AVX2 vec_dot_q4_1_q8_1 does: per block 8 integer
-    lanes (values 4l..4l+3; the low nibbles are values 0-15, the high ones 16-31), each
-    accumulated over blocks as fma(d*dx, lane, acc_l); the min terms fma'd into one scalar;
-    result = hsum_float_8(acc) + mins. Float rounding identical to llama.cpp's matters: its
-    F16 KV cache rounds these outputs, and this small model amplifies a flipped rounding."""
-    n_rows, rb = w.shape
-    nb = rb // 20
-    xlo, xhi, _ = _spread_q4(xq, rb, 20)
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        plo = np.empty(rb, np.int16)
-        phi = np.empty(rb, np.int16)
-        for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[r]
-            for i in range(rb):  # contiguous: vectorized
-                q = np.int16(row[i])
-                plo[i] = (q & 15) * xlo[i]
-                phi[i] = (q >> 4) * xhi[i]
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-            mins = np.float32(0.0)
-            for b in range(nb):
-                o = b * 20 + 4
-                d = _f16(table, row, b * 20) * xd[b]
-                mins = _f16(table, row, b * 20 + 2) * xs[b] + mins
-                a0 = d * _lane(plo, o) + a0
-                a1 = d * _lane(plo, o + 4) + a1
-                a2 = d * _lane(plo, o + 8) + a2
-                a3 = d * _lane(plo, o + 12) + a3
-                a4 = d * _lane(phi, o) + a4
-                a5 = d * _lane(phi, o + 4) + a5
-                a6 = d * _lane(phi, o + 8) + a6
-                a7 = d * _lane(phi, o + 12) + a7
-            # hsum_float_8
-            out[r] = (((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))) + mins
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _matvec_q4_0(w, table, xq, xd, out):
-    """w = d*(q-8): sum = d*dx*(sum(q*xq) - 8*sum(xq))."""
-    n_rows, rb = w.shape
-    xlo, xhi, xsum = _spread_q4(xq, rb, 18)
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        prod = np.empty(rb, np.int16)
-        for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[r]
-            _nibble_products(row, xlo, xhi, prod)
-            acc = np.float32(0.0)
-            for b in range(rb // 18):
-                s = _sum16(prod, b * 18 + 2)
-                acc += _f16(table, row, b * 18) * xd[b] * np.float32(s - 8 * xsum[b])
-            out[r] = acc
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _matvec_q5_0(w, table, xq, xd, out):
-    """Q5_0 (22 B / 32: d, qh[4] = the 32 fifth bits, qs[16] nibbles ordered as in Q4_0):
-    w = d*(q - 16), so sum(w*x) = d*(sum(nibble*x) + 16*sum(bit*x) - 16*sum(x)); the nibble
-    part is Q4_0's contiguous pass, the bit part one 32-step loop per block."""
-    n_rows, rb = w.shape
-    nb = rb // 22
-    xlo, xhi, xsum = _spread_q4(xq, rb, 22)
-    x32 = np.empty(nb * 32, np.int32)
-    for i in range(nb * 32):
-        x32[i] = xq[i]
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        prod = np.empty(rb, np.int16)
-        for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[r]
-            _nibble_products(row, xlo, xhi, prod)  # header bytes meet zeros in xlo/xhi
-            acc = np.float32(0.0)
-            for b in range(nb):
-                o = b * 22
-                qh = np.int32(row[o + 2]) | (np.int32(row[o + 3]) << 8) | (np.int32(row[o + 4]) << 16) | (np.int32(row[o + 5]) << 24)
-                bits = np.int32(0)
-                for j in range(32):
-                    bits += ((qh >> j) & 1) * x32[b * 32 + j]
-                s = _sum16(prod, o + 6) + 16 * bits - 16 * xsum[b]
-                acc += _f16(table, row, o) * xd[b] * np.float32(s)
-            out[r] = acc
 
 
 @njit(cache=True, inline="always")
@@ -475,7 +349,7 @@ class QuantWeight:
     """A weight matrix [n_out, n_in] left quantized in the memory map: `rows` is uint8
     [n_out, row_bytes] (ggml shape (n_in, n_out))."""
 
-    __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode", "packed")
+    __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode")
 
     def __init__(self, name: str, ggml_type, n_in: int, n_out: int, rows: np.ndarray):
         self.name = name
@@ -484,9 +358,6 @@ class QuantWeight:
         self.n_out = int(n_out)
         self.rows = rows
         self.act_mode = VEC_DOT_TYPE[self.ggml_type]
-        # Q4_1/Q8_0 only: the same rows repacked by pack_rows (then used instead of `rows`,
-        # whose memory-map pages can be released)
-        self.packed: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -525,42 +396,20 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
         out = np.empty((n_tok, w.n_out), np.float32)
     t = w.ggml_type
     if t in FUSED_TYPES and (EXACT_PREFILL or n_tok < PREFILL_MIN_TOKENS):
+        rows = np.ascontiguousarray(w.rows)
         for i in range(n_tok):
-            if w.packed is not None:
-                matvec_fused(PACKED_CODE[t], w.packed, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
-            elif t == T.Q4_1:
-                _matvec_q4_1(w.rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
-            elif t == T.Q4_0:
-                _matvec_q4_0(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
-            elif t == T.Q8_0:
-                _matvec_q8_0(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
-            elif t == T.Q5_0:
-                _matvec_q5_0(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
-            elif t == T.Q4_K:
-                _matvec_q4_k(w.rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], out[i])
-            elif t == T.Q6_K:
-                _matvec_q6_k(w.rows, F16_TABLE, act.xq[i], act.xd[i], out[i])
-            elif t == T.F16:
-                _matvec_f16(w.rows, F16_TABLE, act.xhat[i], out[i])
-            else:
-                _matvec_f32(w.rows, act.xhat[i], out[i])
+            matvec_fused(int(t), rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
         return out
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
-    mins = np.empty((w.n_out, w.n_in // 32), np.float32) if w.packed is not None and t == T.Q4_1 else None
     for start in range(0, w.n_out, TILE_ROWS):
         stop = min(start + TILE_ROWS, w.n_out)
-        if w.packed is None:
-            dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
-        else:
-            _dequantize_packed(PACKED_CODE[t], w.packed[start:stop], F16_TABLE, tile[:stop - start],
-                               mins[start:stop] if mins is not None else tile[:0])
+        dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
         np.matmul(act.xhat, tile[:stop - start].T, out=out[:, start:stop])
     if act.mode == ACT_Q8_1:
         # llama.cpp's Q8_1 carries each block's sum as half(d*sum(q)), not sum(half(d)*q):
         # add min * (that sum - the sum of our rounded activations) so both paths agree
         bs = GGML_QUANT_SIZES[t][1]
-        if mins is None:
-            mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
+        mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
         delta = act.xs - act.xhat.reshape(n_tok, -1, 32).sum(axis=2, dtype=np.float32)
         out += delta @ mins.T
     return out
@@ -575,287 +424,11 @@ _Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1)
                                                           int(T.Q4_K), int(T.Q6_K), int(T.F16), int(T.F32))
 
 
-# --- Q4_1, Q4_0 and Q5_0 repacked for decode -----------------------------------------------
-#
-# _matvec_q4_1 spends most of its time on the per-block lane sums (8 lanes of 4 products, read
-# one by one). Repacked rows put the 16 quant bytes of all blocks first, ordered so that the 4
-# bytes of one lane are 4*nb apart: byte (4l+k) of block b sits at k*4*nb + 4*b + l. The lane
-# sums are then 4 contiguous vector adds. Q5_0's fifth bits follow as 4*nb bytes: byte 4*b + l
-# holds, at bits 2k and 2k+1, those of the low and high nibble of quant byte (4l+k). Then the
-# block headers as half floats: d of every block, then (Q4_1) m of every block. Same bytes,
-# same size as the file's rows.
-Q4_1_PACKED = 100  # pseudo type codes of such rows in matvec_fused
-Q4_0_PACKED = 102
-Q5_0_PACKED = 103
-
-
-_BIT = np.arange(4)
-
-
-def _pack_q4(raw: np.ndarray, bs: int) -> np.ndarray:
-    """Q4_1 (bs 20: d, m, qs), Q4_0 (bs 18: d, qs) or Q5_0 (bs 22: d, qh, qs) rows uint8
-    [n, nb*bs] -> repacked rows of the same size (layout above)."""
-    n, rb = raw.shape
-    nb = rb // bs
-    blocks = np.asarray(raw).reshape(n, nb, bs)
-    qs = blocks[:, :, bs - 16:].reshape(n, nb, 4, 4)  # [row, block, lane l, k]
-    out = np.empty((n, rb), np.uint8)
-    out[:, :16 * nb] = qs.transpose(0, 3, 1, 2).reshape(n, 16 * nb)  # [row, k, block, l]
-    at = 16 * nb
-    if bs == 22:  # qh bit j = fifth bit of value j (value 4l+k: low nibble, 16+4l+k: high)
-        qh = blocks[:, :, 2:6].copy().view("<u4")[:, :, 0]
-        bits = ((qh[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8).reshape(n, nb, 2, 4, 4)
-        hb = ((bits[:, :, 0] << (2 * _BIT)) | (bits[:, :, 1] << (2 * _BIT + 1))).sum(axis=3, dtype=np.uint8)
-        out[:, at:at + 4 * nb] = hb.reshape(n, 4 * nb)
-        at += 4 * nb
-    for h in range(0, 4 if bs == 20 else 2, 2):  # d, then m
-        out[:, at:at + 2 * nb] = blocks[:, :, h:h + 2].reshape(n, 2 * nb)
-        at += 2 * nb
-    return out
-
-
-def _unpack_q4(packed: np.ndarray, bs: int) -> np.ndarray:
-    """_pack_q4's inverse: repacked rows -> the file's rows."""
-    n, rb = packed.shape
-    nb = rb // bs
-    raw = np.empty((n, nb, bs), np.uint8)
-    raw[:, :, bs - 16:] = packed[:, :16 * nb].reshape(n, 4, nb, 4).transpose(0, 2, 3, 1).reshape(n, nb, 16)
-    at = 16 * nb
-    if bs == 22:
-        hb = packed[:, at:at + 4 * nb].reshape(n, nb, 4, 1)  # [row, block, lane l, -]
-        bits = np.stack([(hb >> (2 * _BIT)) & 1, (hb >> (2 * _BIT + 1)) & 1], axis=2)  # [row, block, lo/hi, l, k]
-        qh = (bits.reshape(n, nb, 32).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
-        raw[:, :, 2:6] = qh.astype("<u4")[:, :, None].view(np.uint8)
-        at += 4 * nb
-    for h in range(0, 4 if bs == 20 else 2, 2):
-        raw[:, :, h:h + 2] = packed[:, at:at + 2 * nb].reshape(n, nb, 2)
-        at += 2 * nb
-    return raw.reshape(n, rb)
-
-
-# fastmath 'contract' only, as _matvec_q4_1: the same fused multiply-adds, nothing reassociated
-@njit(cache=True, parallel=True, fastmath={"contract"})
-def _matvec_q4_packed(w, table, xq, xd, xs, out, bs):
-    """Q4_1 (bs 20), Q4_0 (18) or Q5_0 (22) on _pack_q4 rows, summed as llama.cpp does on an
-    AVX2 CPU. Q4_1 and Q5_0 as ggml's vec_dot_q4_1_q8_1 / vec_dot_q5_0_q8_0: per block 8 integer
-    lanes (values 4l..4l+3; the low nibbles are values 0-15, the high ones 16-31; Q5_0's with
-    their fifth bit less 16), each accumulated over blocks as fma(d*dx, lane, acc_l); Q4_1's
-    min terms fma'd into one scalar; result = hsum_float_8(acc) (+ mins). For Q4_1
-    bit-identical to _matvec_q4_1 on the file's rows (tested). Q4_0 weights (rows a multiple of
-    8) are repacked by llama.cpp at load and multiplied by ggml_gemv_q4_0_8x8_q8_0: per block
-    the exact integer sum of its 32 products (quants less 8), acc = fma(sum, d*dx, acc), one
-    chain per row (llama.cpp's greedy output on Q4_0 files matches only this order)."""
-    n_rows, rb = w.shape
-    has_min = bs == 20
-    five = bs == 22
-    nb = rb // bs
-    n4 = 4 * nb
-    nq = 16 * nb
-    hd = nq + 4 * nb if five else nq  # where the d of every block starts
-    off = np.int16(0 if has_min else (16 if five else 8))
-    xlo = np.empty(nq, np.int16)
-    xhi = np.empty(nq, np.int16)
-    for k in range(4):
-        for b in range(nb):
-            for l in range(4):
-                xlo[k * n4 + 4 * b + l] = xq[b * 32 + 4 * l + k]
-                xhi[k * n4 + 4 * b + l] = xq[b * 32 + 16 + 4 * l + k]
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        plo = np.empty(nq, np.int16)
-        phi = np.empty(nq, np.int16)
-        llo = np.empty(n4, np.float32)
-        lhi = np.empty(n4, np.float32)
-        for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[r]
-            if five:
-                for k in range(4):
-                    for j in range(n4):  # contiguous: vectorized
-                        i = k * n4 + j
-                        q = np.int16(row[i])
-                        h = np.int16(row[nq + j]) >> (2 * k)
-                        plo[i] = (((q & 15) | ((h & 1) << 4)) - off) * xlo[i]
-                        phi[i] = (((q >> 4) | ((h & 2) << 3)) - off) * xhi[i]
-            else:
-                for i in range(nq):  # contiguous: vectorized
-                    q = np.int16(row[i])
-                    plo[i] = ((q & 15) - off) * xlo[i]
-                    phi[i] = ((q >> 4) - off) * xhi[i]
-            for i in range(n4):  # lane sums (at most 4*16*127: int16), contiguous
-                llo[i] = np.float32(np.int16(plo[i] + plo[n4 + i] + plo[2 * n4 + i] + plo[3 * n4 + i]))
-                lhi[i] = np.float32(np.int16(phi[i] + phi[n4 + i] + phi[2 * n4 + i] + phi[3 * n4 + i]))
-            if bs == 18:  # Q4_0: llama.cpp's repacked GEMV order, one chain per row (see above)
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    o = 4 * b
-                    isum = ((llo[o] + llo[o + 1]) + (llo[o + 2] + llo[o + 3])) + ((lhi[o] + lhi[o + 1]) + (lhi[o + 2] + lhi[o + 3]))
-                    acc = isum * (_f16(table, row, hd + 2 * b) * xd[b]) + acc
-                out[r] = acc
-                continue
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-            mins = np.float32(0.0)
-            for b in range(nb):
-                d = _f16(table, row, hd + 2 * b) * xd[b]
-                if has_min:
-                    mins = _f16(table, row, nq + 2 * nb + 2 * b) * xs[b] + mins
-                a0 = d * llo[4 * b] + a0
-                a1 = d * llo[4 * b + 1] + a1
-                a2 = d * llo[4 * b + 2] + a2
-                a3 = d * llo[4 * b + 3] + a3
-                a4 = d * lhi[4 * b] + a4
-                a5 = d * lhi[4 * b + 1] + a5
-                a6 = d * lhi[4 * b + 2] + a6
-                a7 = d * lhi[4 * b + 3] + a7
-            acc = ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
-            out[r] = acc + mins if has_min else acc
-
-
-# Q8_0 repacked so that ggml's lanes are contiguous: ggml's AVX2 vec_dot_q8_0_q8_0 sums each
-# block as 8 int32 lanes, lane L holding values 4L..4L+3. Byte 4L+k of block b sits at
-# k*8*nb + 8*b + L (k < 4, L < 8), so a lane of every block is the sum of 4 contiguous
-# vectors; then d of every block as half floats. Same bytes, same size as the file's rows.
-Q8_0_PACKED = 101
-
-
-def pack_q8_0(raw: np.ndarray) -> np.ndarray:
-    """Q8_0 rows uint8 [n, nb*34] -> repacked rows uint8 [n, nb*34] (layout above)."""
-    n, rb = raw.shape
-    nb = rb // 34
-    blocks = np.asarray(raw).reshape(n, nb, 34)
-    out = np.empty((n, rb), np.uint8)
-    out[:, :32 * nb] = blocks[:, :, 2:].reshape(n, nb, 8, 4).transpose(0, 3, 1, 2).reshape(n, 32 * nb)
-    out[:, 32 * nb:] = blocks[:, :, :2].reshape(n, 2 * nb)
-    return out
-
-
-def unpack_q8_0(packed: np.ndarray) -> np.ndarray:
-    """pack_q8_0's inverse."""
-    n, rb = packed.shape
-    nb = rb // 34
-    raw = np.empty((n, nb, 34), np.uint8)
-    raw[:, :, :2] = packed[:, 32 * nb:].reshape(n, nb, 2)
-    raw[:, :, 2:] = packed[:, :32 * nb].reshape(n, 4, nb, 8).transpose(0, 2, 3, 1).reshape(n, nb, 32)
-    return raw.reshape(n, rb)
-
-
-# formats with a packed layout -> its pseudo type code in matvec_fused / _dequantize_packed
-PACKED_CODE = {T.Q4_1: Q4_1_PACKED, T.Q4_0: Q4_0_PACKED, T.Q5_0: Q5_0_PACKED, T.Q8_0: Q8_0_PACKED}
-_Q4_BLOCK = {T.Q4_1: 20, T.Q4_0: 18, T.Q5_0: 22}  # the _pack_q4 formats' block bytes
-
-
-def pack_rows(raw: np.ndarray, ggml_type) -> np.ndarray | None:
-    """The packed copy of a weight's rows if its format has a packed decode kernel, else None."""
-    if ggml_type in _Q4_BLOCK:
-        return _pack_q4(raw, _Q4_BLOCK[ggml_type])
-    if ggml_type == T.Q8_0:
-        return pack_q8_0(raw)
-    return None
-
-
-def unpack_rows(packed: np.ndarray, ggml_type) -> np.ndarray:
-    """pack_rows' inverse."""
-    if ggml_type in _Q4_BLOCK:
-        return _unpack_q4(packed, _Q4_BLOCK[ggml_type])
-    return unpack_q8_0(packed)
-
-
-# the same sums as _matvec_q8_0 (ggml's AVX2 vec_dot_q8_0_q8_0 order), so the results are
-# bit-identical. The lane sums are computed in int32 and stored as int32 before the float
-# conversion: numba types int8*int32 as int64, and only the store lets LLVM narrow the
-# vectors back to 8 lanes (with float or int64 arithmetic this loop ran 2-4x slower).
-@njit(cache=True, parallel=True, fastmath={"contract"})
-def _matvec_q8_0_packed(w, table, xq, xd, out):
-    n_rows, rb = w.shape
-    nb = rb // 34
-    n8 = 8 * nb
-    nq = 32 * nb
-    xe = np.empty(nq, np.int32)
-    for k in range(4):
-        for b in range(nb):
-            for lane in range(8):
-                xe[k * n8 + 8 * b + lane] = xq[b * 32 + 4 * lane + k]
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        isum = np.empty(n8, np.int32)
-        lanes = np.empty(n8, np.float32)
-        for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[r]
-            qs = row.view(np.int8)
-            for i in range(n8):  # contiguous: vectorized (vpmulld)
-                isum[i] = (np.int32(qs[i]) * xe[i] + np.int32(qs[n8 + i]) * xe[n8 + i]
-                           + np.int32(qs[2 * n8 + i]) * xe[2 * n8 + i] + np.int32(qs[3 * n8 + i]) * xe[3 * n8 + i])
-            for i in range(n8):
-                lanes[i] = np.float32(isum[i])
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-            for b in range(nb):
-                o = 8 * b
-                d = _f16(table, row, nq + 2 * b) * xd[b]
-                a0 = d * lanes[o] + a0
-                a1 = d * lanes[o + 1] + a1
-                a2 = d * lanes[o + 2] + a2
-                a3 = d * lanes[o + 3] + a3
-                a4 = d * lanes[o + 4] + a4
-                a5 = d * lanes[o + 5] + a5
-                a6 = d * lanes[o + 6] + a6
-                a7 = d * lanes[o + 7] + a7
-            out[r] = ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))
-
-
-@njit(cache=True, parallel=True)
-def _dequantize_packed(t, w, table, out, mins):
-    """Packed rows (t: a PACKED_CODE value) -> float32 rows [n, K] for the prompt path,
-    the same values as the quants registry's dequantize of the file's rows; Q4_1 also fills
-    mins [n, K/32] with each block's m."""
-    n_rows, rb = w.shape
-    for r in prange(n_rows):
-        row = w[r]
-        y = out[r]
-        if t != Q8_0_PACKED:
-            has_min = t == Q4_1_PACKED
-            five = t == Q5_0_PACKED
-            nb = rb // 20 if has_min else (rb // 22 if five else rb // 18)
-            n4 = 4 * nb
-            nq = 16 * nb
-            hd = nq + 4 * nb if five else nq
-            off = 0 if has_min else (16 if five else 8)
-            for b in range(nb):
-                d = _f16(table, row, hd + 2 * b)
-                m = np.float32(0.0)
-                if has_min:
-                    m = _f16(table, row, nq + 2 * nb + 2 * b)
-                    mins[r, b] = m
-                for lane in range(4):
-                    h = np.int32(row[nq + 4 * b + lane]) if five else 0
-                    for k in range(4):
-                        q = np.int32(row[k * n4 + 4 * b + lane])
-                        lo = (q & 15) | (((h >> (2 * k)) & 1) << 4)
-                        hi = (q >> 4) | (((h >> (2 * k + 1)) & 1) << 4)
-                        y[32 * b + 4 * lane + k] = np.float32(lo - off) * d + m
-                        y[32 * b + 16 + 4 * lane + k] = np.float32(hi - off) * d + m
-        else:
-            nb = rb // 34
-            n8 = 8 * nb
-            nq = 32 * nb
-            qs = row.view(np.int8)
-            for b in range(nb):
-                d = _f16(table, row, nq + 2 * b)
-                for lane in range(8):
-                    for k in range(4):
-                        y[32 * b + 4 * lane + k] = np.float32(qs[k * n8 + 8 * b + lane]) * d
-
-
 @njit(cache=True)
 def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
-    """out = W x for one token with W's fused kernel (t: its ggml type, in FUSED_TYPES, or
-    a PACKED_CODE value for pack_rows rows); x given as its rounded activations (xq/xd/xs for the
+    """out = W x for one token with W's fused kernel (t: its ggml type, in FUSED_TYPES); x given as its rounded activations (xq/xd/xs for the
     integer kernels, xhat for floats)."""
-    if t == Q4_1_PACKED:
-        _matvec_q4_packed(w, table, xq, xd, xs, out, 20)
-    elif t == Q4_0_PACKED:
-        _matvec_q4_packed(w, table, xq, xd, xs, out, 18)
-    elif t == Q5_0_PACKED:
-        _matvec_q4_packed(w, table, xq, xd, xs, out, 22)
-    elif t == Q8_0_PACKED:
-        _matvec_q8_0_packed(w, table, xq, xd, out)
-    elif t == _Q4_1:
+    if t == _Q4_1:
         _matvec_q4_1(w, table, xq, xd, xs, out)
     elif t == _Q4_0:
         _matvec_q4_0(w, table, xq, xd, out)
@@ -871,12 +444,6 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
         _matvec_f16(w, table, xhat, out)
     else:
         _matvec_f32(w, xhat, out)
-
-
-_ACT_OF_TYPE[Q4_1_PACKED] = ACT_Q8_1
-_ACT_OF_TYPE[Q8_0_PACKED] = ACT_Q8_0
-_ACT_OF_TYPE[Q4_0_PACKED] = ACT_Q8_0
-_ACT_OF_TYPE[Q5_0_PACKED] = ACT_Q8_0
 
 
 @njit(cache=True)

@@ -23,7 +23,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from .errors import ModelError, UserError
 from .kv_cache import KVCache
-from .matmul import SUPPORTED_TYPES, QuantWeight, dequantize_rows, unpack_rows
+from .matmul import SUPPORTED_TYPES, QuantWeight, dequantize_rows
 
 log = logging.getLogger("llamachat")
 
@@ -292,7 +292,7 @@ class LlamaModel:
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         w = self.weights.token_embd
-        rows = w.rows[tokens] if w.packed is None else unpack_rows(w.packed[tokens], w.ggml_type)
+        rows = w.rows[tokens]
         return dequantize_rows(rows, w.ggml_type, self.config.n_embd)
 
     def eval(self, tokens: Sequence[int], logits: str = "last", cancel: threading.Event | None = None) -> np.ndarray:

@@ -101,50 +101,6 @@ def test_products_match_dequantized_weights(ggml_type):
         assert np.all(np.abs(got - plain) <= 0.03 * scale + 1e-4)
 
 
-def test_repacked_q4_1_decode_is_bit_identical():
-    """pack_rows Q4_1 rows through the packed kernel give exactly _matvec_q4_1's floats (the greedy
-    continuations depend on every rounding), on random blocks and several activation scales."""
-    rng = np.random.default_rng(7)
-    raw = random_rows(T.Q4_1, 67, 576, rng)  # not a multiple of the 16-row tasks
-    packed = mm.pack_rows(raw, T.Q4_1)
-    assert packed.shape == raw.shape
-    for scale in (0.01, 1.0, 30.0):
-        x = (rng.standard_normal((1, 576)) * scale).astype(np.float32)
-        act = mm.Activations(x, mm.ACT_Q8_1)
-        ref = np.empty(67, np.float32)
-        got = np.empty(67, np.float32)
-        mm._matvec_q4_1(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], ref)
-        mm.matvec_fused(mm.Q4_1_PACKED, packed, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], got)
-        assert np.array_equal(ref.view(np.uint32), got.view(np.uint32))
-
-
-@pytest.mark.parametrize("n_tok", [1, 3, 40])
-def test_packed_weight_gives_the_same_products(n_tok):
-    """A Q4_1 QuantWeight holding a packed copy (decode and prefill read it instead of the
-    memory map) multiplies exactly as the file's rows do; unpack_rows inverts pack_rows."""
-    rng = np.random.default_rng(n_tok)
-    raw = random_rows(T.Q4_1, 50, 256, rng)
-    assert np.array_equal(mm.unpack_rows(mm.pack_rows(raw, T.Q4_1), T.Q4_1), raw)
-    plain = mm.QuantWeight("w", T.Q4_1, 256, 50, raw)
-    packed = mm.QuantWeight("w", T.Q4_1, 256, 50, raw)
-    packed.packed = mm.pack_rows(raw, T.Q4_1)
-    packed.rows = np.zeros_like(raw)  # would give zeros if still read
-    x = rng.standard_normal((n_tok, 256)).astype(np.float32)
-    assert np.array_equal(mm.matmul(plain, x).view(np.uint32), mm.matmul(packed, x).view(np.uint32))
-
-
-@pytest.mark.parametrize("n_tok", [1, 40])
-def test_packed_q8_0_weight_gives_the_same_products(n_tok):
-    rng = np.random.default_rng(10 + n_tok)
-    raw = random_rows(T.Q8_0, 45, 256, rng)
-    assert np.array_equal(mm.unpack_q8_0(mm.pack_q8_0(raw)), raw)
-    plain = mm.QuantWeight("w", T.Q8_0, 256, 45, raw)
-    packed = mm.QuantWeight("w", T.Q8_0, 256, 45, np.zeros_like(raw))
-    packed.packed = mm.pack_rows(raw, T.Q8_0)
-    x = (rng.standard_normal((n_tok, 256)) * 4).astype(np.float32)
-    assert np.array_equal(mm.matmul(plain, x).view(np.uint32), mm.matmul(packed, x).view(np.uint32))
-
-
 def _ggml_lane_dot(dw, vals, xq, xd):
     """ggml's AVX2 vec_dot of a 32-value block format with Q8_0 activations, in numpy: per
     block 8 int32 lanes (values 4l..4l+3 of vals * x), acc_l = fma(d_w*d_x, lane, acc_l) over
@@ -187,28 +143,111 @@ def _ggml_block_values(raw, qtype):
     return dw, vals - 8
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0])
-@pytest.mark.parametrize("n_tok", [1, 40])
-def test_packed_q4_0_q5_0_are_ggml_lane_order_and_prefill_agrees(qtype, n_tok):
-    """Q4_0 / Q5_0 rows packed at load (Q5_0's fifth bits regrouped per lane): decode sums
-    exactly as llama.cpp's AVX2 kernels (numpy replays above: Q4_0 goes through its repacked
-    GEMV, Q5_0 through vec_dot); the prompt path (tiles from the packed rows) agrees with the
-    file's rows; unpack inverts pack."""
-    rng = np.random.default_rng(20 + n_tok + int(qtype))
-    raw = random_rows(qtype, 37, 576, rng)
-    assert np.array_equal(mm.unpack_rows(mm.pack_rows(raw, qtype), qtype), raw)
-    plain = mm.QuantWeight("w", qtype, 576, 37, raw)
-    packed = mm.QuantWeight("w", qtype, 576, 37, np.zeros_like(raw))
-    packed.packed = mm.pack_rows(raw, qtype)
-    x = (rng.standard_normal((n_tok, 576)) * 3).astype(np.float32)
-    got = mm.matmul(packed, x)
-    if n_tok == 1:
-        act = mm.quantize_for(x, packed)
-        replay = _ggml_repack_dot if qtype == T.Q4_0 else _ggml_lane_dot
-        want = replay(*_ggml_block_values(raw, qtype), act.xq[0], act.xd[0])
-        assert np.array_equal(got[0].view(np.uint32), want.view(np.uint32))
-    else:
-        assert np.array_equal(got.view(np.uint32), mm.matmul(plain, x).view(np.uint32))
+def _ggml_q4_1_dot(raw, xq, xd, xs):
+    """ggml's AVX2 vec_dot_q4_1_q8_1 in numpy: the lanes of _ggml_lane_dot over the nibbles,
+    plus summs = fma(m, s, summs) over blocks (s: the Q8_1 block sum)."""
+    n, nb = raw.shape[0], raw.shape[1] // 20
+    blocks = raw.reshape(n, nb, 20)
+    dw = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    m = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    qs = blocks[:, :, 4:].astype(np.int32)
+    summs = np.zeros(n, np.float32)
+    for b in range(nb):
+        summs = (m[:, b].astype(np.float64) * np.float64(xs[b]) + summs).astype(np.float32)
+    return _ggml_lane_dot(dw, np.concatenate([qs & 15, qs >> 4], axis=2), xq, xd) + summs
+
+
+def _ggml_reference(raw, qtype, act):
+    """What llama.cpp's AVX2 CPU backend computes for one token (numpy replays above): Q4_1
+    through vec_dot_q4_1_q8_1, Q8_0 / Q5_0 through their vec_dot, Q4_0 through its repacked
+    GEMV."""
+    xq, xd, xs = act.xq[0], act.xd[0], act.xs[0]
+    if qtype == T.Q4_1:
+        return _ggml_q4_1_dot(raw, xq, xd, xs)
+    if qtype == T.Q8_0:
+        blocks = raw.reshape(raw.shape[0], -1, 34)
+        dw = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+        return _ggml_lane_dot(dw, blocks[:, :, 2:].view(np.int8).astype(np.int32), xq, xd)
+    replay = _ggml_repack_dot if qtype == T.Q4_0 else _ggml_lane_dot
+    return replay(*_ggml_block_values(raw, qtype), xq, xd)
+
+
+def _ggml_rows(qtype, n, k, rng):
+    raw = random_rows(qtype, n, k, rng)
+    if qtype == T.Q8_0:  # ggml's quantizer writes -127..127, never -128
+        qs = raw.reshape(n, -1, 34)[:, :, 2:]
+        qs[qs == 128] = 129
+    return raw
+
+
+SIMD_TYPES = [T.Q4_1, T.Q8_0, T.Q4_0, T.Q5_0]
+
+
+@pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda t: t.name)
+def test_decode_sums_as_llama_cpp_avx2(qtype):
+    """One-token products of the 32-value formats (runtime.simd's IR on the file's rows) give
+    llama.cpp's AVX2 floats bit for bit, on random blocks and several activation scales (the
+    greedy continuations depend on every rounding)."""
+    rng = np.random.default_rng(30 + int(qtype))
+    raw = _ggml_rows(qtype, 67, 576, rng)
+    w = mm.QuantWeight("w", qtype, 576, 67, raw)
+    for scale in (0.01, 1.0, 30.0):
+        x = (rng.standard_normal((1, 576)) * scale).astype(np.float32)
+        got = mm.matmul(w, x)[0]
+        want = _ggml_reference(raw, qtype, mm.quantize_for(x, w))
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (qtype.name, scale)
+
+
+_PORTABLE_SCRIPT = """
+import sys
+import numpy as np
+from numba import njit
+from llamachat.runtime import simd
+assert not simd.AVX2
+d = np.load(sys.argv[1])
+@njit
+def run(kind, w, xq, xd, xs, out):
+    for r in range(w.shape[0]):
+        if kind == 0:
+            out[r] = simd.q4_1_dot(w, r, xq, xd, xs)
+        elif kind == 1:
+            out[r] = simd.q8_0_dot(w, r, xq, xd)
+        elif kind == 2:
+            out[r] = simd.q4_0_dot(w, r, xq, xd)
+        else:
+            out[r] = simd.q5_0_dot(w, r, xq, xd)
+outs = {}
+for kind in range(4):
+    out = np.empty(d[f"w{kind}"].shape[0], np.float32)
+    run(kind, d[f"w{kind}"], d[f"xq{kind}"], d[f"xd{kind}"], d[f"xs{kind}"], out)
+    outs[f"out{kind}"] = out
+np.savez(sys.argv[2], **outs)
+"""
+
+
+def test_portable_ir_gives_the_same_floats(tmp_path):
+    """Without AVX2 (forced by LLAMACHAT_NO_AVX2=1; a fresh numba cache so nothing compiled for
+    AVX2 is reused) the portable IR sums the same integer lanes in the same order: the same
+    floats as llama.cpp's AVX2 kernels."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    data, want = {}, {}
+    for kind, qtype in enumerate(SIMD_TYPES):
+        raw = _ggml_rows(qtype, 21, 256, rng)
+        x = (rng.standard_normal((1, 256)) * 2).astype(np.float32)
+        act = mm.quantize_for(x, mm.QuantWeight("w", qtype, 256, 21, raw))
+        data.update({f"w{kind}": raw, f"xq{kind}": act.xq[0], f"xd{kind}": act.xd[0], f"xs{kind}": act.xs[0]})
+        want[kind] = _ggml_reference(raw, qtype, act)
+    np.savez(tmp_path / "in.npz", **data)
+    env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                   env=env, check=True, timeout=600)
+    got = np.load(tmp_path / "out.npz")
+    for kind, qtype in enumerate(SIMD_TYPES):
+        assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), qtype.name
 
 
 def test_q4_k_decode_is_llama_cpp_repacked_gemv_order():

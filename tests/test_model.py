@@ -162,7 +162,7 @@ def test_quantized_tiny_model_and_tied_output(tmp_path):
     ref = reference_forward(wd, TOKENS)
     block = m.eval(TOKENS, logits="all")
     assert close(block, ref, tol=5e-2)
-    # mixed formats: layers decode one (packed) matrix at a time, with the same floats
+    # mixed formats: layers decode one matrix at a time, with the same floats
     assert m.fused is not None and m.layer_stack is None and all(kind == "plain" for kind, _, _ in m.fused)
     m.truncate(0)
     assert np.array_equal(np.stack([m.eval([t]) for t in TOKENS]), block)

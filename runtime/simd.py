@@ -1,0 +1,228 @@
+"""ggml's AVX2 block dot products, written as LLVM vector IR (numba `@intrinsic`).
+
+What LLVM's auto-vectorizer makes of numba loops is not what llama.cpp's hand-written kernels
+do: per 32-value block the quants are unpacked into one 32-byte vector, multiplied with the
+int8 activations by `vpmaddubsw` (unsigned x signed bytes, adjacent pairs summed to int16),
+the pairs summed to 8 int32 lanes by `vpmaddwd`, the lanes converted to float and
+fused-multiply-added into an 8-lane accumulator. Each row then costs about 14 instructions
+per block (the numba loops needed 2-3 times as many cycles). Emitting that IR ourselves gives
+the same instructions, and - because the same lanes are summed in the same order - the same
+floats as llama.cpp, bit for bit.
+
+The kernels read the file's own block layout (no repacked copy). On a CPU without AVX2 the
+same functions emit portable vector IR (int32 products summed 4 by 4: the same integer lane
+sums, the same floats, only slower); `AVX2` says which one the host gets, and tests compile
+both.
+
+Row dots (typed for numba, used inside jitted loops):
+  q4_1_dot(w, r, xq, xd, xs)  Q4_1 row r against Q8_1 activations (vec_dot_q4_1_q8_1)
+  q8_0_dot(w, r, xq, xd)      Q8_0 row r against Q8_0 activations (vec_dot_q8_0_q8_0)
+  q5_0_dot(w, r, xq, xd)      Q5_0 row r against Q8_0 activations (vec_dot_q5_0_q8_0)
+  q4_0_dot(w, r, xq, xd)      Q4_0 row r in llama.cpp's repacked-GEMV order
+                              (ggml_gemv_q4_0_8x8_q8_0: per block the exact integer sum of
+                              its 32 products, then one fma chain per row)
+w: uint8 [rows, row bytes] (C-contiguous rows), xq int8 [K], xd/xs float32 [K/32].
+"""
+
+from __future__ import annotations
+
+import os
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+def _host_has_avx2() -> bool:
+    if os.environ.get("LLAMACHAT_NO_AVX2") == "1":  # to exercise the portable IR
+        return False
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+        return bool(features.get("avx2")) and bool(features.get("fma")) and bool(features.get("f16c"))
+    except Exception:  # noqa: BLE001 - no feature query: the portable IR is always correct
+        return False
+
+
+AVX2 = _host_has_avx2()
+
+_i1, _i8, _i16, _i32, _i64, _f32 = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),
+                                    ir.IntType(64), ir.FloatType())
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _mask(values):
+    return ir.Constant(_vec(_i32, len(values)), list(values))
+
+
+def _fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _load(builder, ptr, ty, offset):
+    """An unaligned load of `ty` at byte pointer ptr + offset (an i64 value or int)."""
+    if isinstance(offset, int):
+        offset = ir.Constant(_i64, offset)
+    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), ty.as_pointer()), align=1)
+
+
+def _half(builder, ptr, offset):
+    """The IEEE half at ptr + offset, as float32 (vcvtph2ps with F16C)."""
+    return builder.fpext(builder.bitcast(_load(builder, ptr, _i16, offset), ir.HalfType()), _f32)
+
+
+def _splat(builder, x, n):
+    v = builder.insert_element(ir.Constant(_vec(x.type, n), ir.Undefined), x, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, ir.Constant(_vec(x.type, n), ir.Undefined), _mask([0] * n))
+
+
+def _nibbles(builder, qs):
+    """16 quant bytes -> 32 bytes: the low nibbles (values 0-15), then the high ones (16-31):
+    ggml's bytes_from_nibbles_32."""
+    lo = builder.and_(qs, ir.Constant(_vec(_i8, 16), [15] * 16))
+    hi = builder.lshr(qs, ir.Constant(_vec(_i8, 16), [4] * 16))
+    return builder.shuffle_vector(lo, hi, _mask(range(32)))
+
+
+def _lanes_unsigned(builder, qx, qy):
+    """8 int32 lanes, lane l = sum of qx[4l+k]*qy[4l+k] (k < 4), qx unsigned bytes, qy signed:
+    ggml's mul_sum_us8_pairs (vpmaddubsw, then vpmaddwd against ones)."""
+    if AVX2:
+        v16 = _vec(_i16, 16)
+        pairs = builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [qx.type, qy.type]), [qx, qy])
+        ones = ir.Constant(v16, [1] * 16)
+        return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_i32, 8), [v16, v16]), [ones, pairs])
+    return _lanes_portable(builder, builder.zext(qx, _vec(_i32, 32)), builder.sext(qy, _vec(_i32, 32)))
+
+
+def _lanes_signed(builder, qx, qy):
+    """The same lanes for signed qx: ggml's mul_sum_i8_pairs (|qx| times qy carrying qx's sign)."""
+    if AVX2:
+        v32 = qx.type
+        sign = _fn(builder, "llvm.x86.avx2.psign.b", v32, [v32, v32])
+        return _lanes_unsigned(builder, builder.call(sign, [qx, qx]), builder.call(sign, [qy, qx]))
+    return _lanes_portable(builder, builder.sext(qx, _vec(_i32, 32)), builder.sext(qy, _vec(_i32, 32)))
+
+
+def _lanes_portable(builder, x32, y32):
+    prod = builder.mul(x32, y32)
+    lanes = builder.shuffle_vector(prod, prod, _mask(range(0, 32, 4)))
+    for k in range(1, 4):
+        lanes = builder.add(lanes, builder.shuffle_vector(prod, prod, _mask(range(k, 32, 4))))
+    return lanes
+
+
+def _hsum8(builder, acc):
+    """ggml's hsum_float_8: (a4+a0) + (a6+a2), + (a5+a1) + (a7+a3), in that order."""
+    r = builder.fadd(builder.shuffle_vector(acc, acc, _mask([4, 5, 6, 7])),
+                     builder.shuffle_vector(acc, acc, _mask([0, 1, 2, 3])))
+    r = builder.fadd(r, builder.shuffle_vector(r, r, _mask([2, 3, 2, 3])))
+    return builder.fadd(builder.extract_element(r, ir.Constant(_i32, 0)), builder.extract_element(r, ir.Constant(_i32, 1)))
+
+
+def _fma(builder, a, b, c):
+    name = f"llvm.fma.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fma.f32"
+    return builder.call(_fn(builder, name, a.type, [a.type, a.type, a.type]), [a, b, c])
+
+
+def _row_kernel(block_bytes, n_act, init, body, finish):
+    """An intrinsic (w, r, xq, xd[, xs]) -> float32 looping over row r's blocks. The state (a
+    list of accumulators) starts as `init`; body(builder, blk, qy, scales, state) gets the
+    block's byte pointer, its 32 activations and the n_act activation scales of the block and
+    returns the new state; finish(builder, state) gives the row's result."""
+
+    def make_sig(w, r, xq, *act):
+        arrays = (w, xq, *act)
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays):
+            return None  # the IR reads rows and activations as contiguous memory
+        return types.float32(w, r, xq, *act)
+
+    def codegen(context, builder, signature, args):
+        wt, _, xqt, *act_t = signature.args
+        warr = context.make_array(wt)(context, builder, args[0])
+        row_bytes = builder.extract_value(warr.shape, 1)
+        row = builder.gep(warr.data, [builder.mul(args[1], builder.extract_value(warr.strides, 0))])
+        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
+        scale_ptrs = [context.make_array(t)(context, builder, a).data for t, a in zip(act_t, args[3:])]
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
+        slots = [cgutils.alloca_once_value(builder, v) for v in init]
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            blk = builder.gep(row, [builder.mul(b, ir.Constant(b.type, block_bytes))])
+            qy = _load(builder, yq, _vec(_i8, 32), builder.mul(b, ir.Constant(b.type, 32)))
+            scales = [builder.load(builder.gep(p, [b])) for p in scale_ptrs]
+            state = body(builder, blk, qy, scales, [builder.load(s) for s in slots])
+            for s, v in zip(slots, state):
+                builder.store(v, s)
+        return finish(builder, [builder.load(s) for s in slots])
+
+    if n_act == 1:  # (numba's intrinsics take no *args)
+        def typer(typingctx, w, r, xq, xd):
+            return make_sig(w, r, xq, xd), codegen
+    else:
+        def typer(typingctx, w, r, xq, xd, xs):
+            return make_sig(w, r, xq, xd, xs), codegen
+    return typer
+
+
+_ZERO8 = ir.Constant(_vec(_f32, 8), [0.0] * 8)
+_ZERO = ir.Constant(_f32, 0.0)
+
+
+def _lane_accumulate(builder, d, lanes, acc):
+    """acc = fma(d, float(lanes), acc) on all 8 lanes (ggml: _mm256_fmadd_ps(d, q, acc))."""
+    return _fma(builder, _splat(builder, d, 8), builder.sitofp(lanes, _vec(_f32, 8)), acc)
+
+
+def _q4_1_body(builder, blk, qy, scales, state):
+    yd, ys = scales
+    acc, mins = state
+    lanes = _lanes_unsigned(builder, _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4)), qy)
+    acc = _lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), yd), lanes, acc)
+    mins = _fma(builder, _half(builder, blk, 2), ys, mins)  # summs += m * s
+    return [acc, mins]
+
+
+def _q4_1_finish(builder, state):
+    return builder.fadd(_hsum8(builder, state[0]), state[1])
+
+
+def _q8_0_body(builder, blk, qy, scales, state):
+    lanes = _lanes_signed(builder, _load(builder, blk, _vec(_i8, 32), 2), qy)
+    return [_lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), scales[0]), lanes, state[0])]
+
+
+def _q5_0_body(builder, blk, qy, scales, state):
+    # ggml: qx = nibbles | (~fifth bit & 0xF0): the value less 16 as a signed byte
+    bits = builder.bitcast(_load(builder, blk, _i32, 2), _vec(_i1, 32))
+    high = builder.select(bits, ir.Constant(_vec(_i8, 32), [0] * 32), ir.Constant(_vec(_i8, 32), [0xF0] * 32))
+    qx = builder.or_(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 6)), high)
+    lanes = _lanes_signed(builder, qx, qy)
+    return [_lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), scales[0]), lanes, state[0])]
+
+
+def _lanes_finish(builder, state):
+    return _hsum8(builder, state[0])
+
+
+def _q4_0_body(builder, blk, qy, scales, state):
+    qx = builder.sub(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 2)), ir.Constant(_vec(_i8, 32), [8] * 32))
+    lanes = _lanes_signed(builder, qx, qy)
+    total = builder.call(_fn(builder, "llvm.vector.reduce.add.v8i32", _i32, [lanes.type]), [lanes])
+    d = builder.fmul(_half(builder, blk, 0), scales[0])
+    return [_fma(builder, builder.sitofp(total, _f32), d, state[0])]  # acc = fma(sum, d*dx, acc)
+
+
+def _scalar_finish(builder, state):
+    return state[0]
+
+
+q4_1_dot = intrinsic(_row_kernel(20, 2, [_ZERO8, _ZERO], _q4_1_body, _q4_1_finish))
+q8_0_dot = intrinsic(_row_kernel(34, 1, [_ZERO8], _q8_0_body, _lanes_finish))
+q5_0_dot = intrinsic(_row_kernel(22, 1, [_ZERO8], _q5_0_body, _lanes_finish))
+q4_0_dot = intrinsic(_row_kernel(18, 1, [_ZERO], _q4_0_body, _scalar_finish))
