@@ -95,19 +95,21 @@ def peak_rss(path: Path, args) -> tuple[float, float]:
     return rss, budget
 
 
-# importing llamachat.runtime sets OMP_WAIT_POLICY=PASSIVE (for numba's OpenMP threads) unless the
-# user set it; llama.cpp's OpenMP threads inherit it and then generate at half speed, so
-# llama-bench gets the environment as the user had it
-_USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+# importing llamachat.runtime sets OMP_WAIT_POLICY and GOMP_SPINCOUNT (for numba's OpenMP
+# threads) unless the user set them; llama.cpp's OpenMP threads would inherit them (with PASSIVE
+# it generated at half speed), so llama-bench gets the environment as the user had it
 
 
 def llama_bench(exe: str, path: Path, args) -> dict[str, float]:
     cmd = [exe, "-m", str(path), "-p", str(args.n_prompt), "-n", str(args.n_gen), "-t", str(args.threads),
            "-r", str(args.reps), "-o", "json"]
+    from llamachat.runtime import USER_OMP_ENV
+
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if _USER_OMP_WAIT_POLICY is not None:
-        env["OMP_WAIT_POLICY"] = _USER_OMP_WAIT_POLICY
+    for name, value in USER_OMP_ENV.items():
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     figures = {}
     for row in json.loads(out):
