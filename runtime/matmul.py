@@ -384,6 +384,52 @@ def quantize_for(x: np.ndarray, w: QuantWeight) -> Activations:
     return Activations(np.ascontiguousarray(x, dtype=np.float32), w.act_mode)
 
 
+@njit(cache=True, parallel=True)
+def _dequantize_tile(t, w, table, out, mins):
+    """Q4_1 / Q4_0 / Q5_0 / Q8_0 rows (t: the ggml type) -> float32 [n, K] for the prompt path,
+    the registry's values (tested); Q4_1 also fills mins [n, K/32] with each block's m. A
+    little faster than the registry's serial row kernels, and the mins come for free."""
+    n_rows, rb = w.shape
+    for r in prange(n_rows):
+        row = w[r]
+        y = out[r]
+        if t == _Q8_0:
+            qs = row.view(np.int8)
+            for b in range(rb // 34):
+                d = _f16(table, row, 34 * b)
+                for j in range(32):
+                    y[32 * b + j] = np.float32(qs[34 * b + 2 + j]) * d
+            continue
+        bs = 20 if t == _Q4_1 else (22 if t == _Q5_0 else 18)
+        off = 0 if t == _Q4_1 else (16 if t == _Q5_0 else 8)
+        for b in range(rb // bs):
+            o = bs * b
+            d = _f16(table, row, o)
+            m = np.float32(0.0)
+            if t == _Q4_1:
+                m = _f16(table, row, o + 2)
+                mins[r, b] = m
+            qh = np.uint32(0)
+            if t == _Q5_0:
+                qh = np.uint32(row[o + 2]) | (np.uint32(row[o + 3]) << 8) | (np.uint32(row[o + 4]) << 16) | (np.uint32(row[o + 5]) << 24)
+            for j in range(16):
+                q = np.int32(row[o + bs - 16 + j])
+                lo = q & 15
+                hi = q >> 4
+                if t == _Q5_0:
+                    lo |= np.int32((qh >> j) & 1) << 4
+                    hi |= np.int32((qh >> (j + 16)) & 1) << 4
+                if t == _Q4_1:
+                    y[32 * b + j] = np.float32(lo) * d + m
+                    y[32 * b + 16 + j] = np.float32(hi) * d + m
+                else:  # (adding a zero m would turn -0.0 into +0.0)
+                    y[32 * b + j] = np.float32(lo - off) * d
+                    y[32 * b + 16 + j] = np.float32(hi - off) * d
+
+
+_TILE_TYPES = frozenset({T.Q4_1, T.Q4_0, T.Q5_0, T.Q8_0})
+
+
 def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None = None) -> np.ndarray:
     """x [T, n_in] (or Activations for w's format) -> x @ W.T as float32 [T, n_out]."""
     act = x if isinstance(x, Activations) else quantize_for(x, w)
@@ -401,15 +447,21 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
             matvec_fused(int(t), rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
         return out
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
+    mins = np.empty((w.n_out, w.n_in // 32), np.float32) if t == T.Q4_1 else np.empty((0, 0), np.float32)
     for start in range(0, w.n_out, TILE_ROWS):
         stop = min(start + TILE_ROWS, w.n_out)
-        dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
+        if t in _TILE_TYPES:
+            _dequantize_tile(int(t), np.ascontiguousarray(w.rows[start:stop]), F16_TABLE, tile[:stop - start],
+                             mins[start:stop])
+        else:
+            dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
         np.matmul(act.xhat, tile[:stop - start].T, out=out[:, start:stop])
     if act.mode == ACT_Q8_1:
         # llama.cpp's Q8_1 carries each block's sum as half(d*sum(q)), not sum(half(d)*q):
         # add min * (that sum - the sum of our rounded activations) so both paths agree
-        bs = GGML_QUANT_SIZES[t][1]
-        mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
+        if t != T.Q4_1:  # Q5_1
+            bs = GGML_QUANT_SIZES[t][1]
+            mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
         delta = act.xs - act.xhat.reshape(n_tok, -1, 32).sum(axis=2, dtype=np.float32)
         out += delta @ mins.T
     return out

@@ -279,3 +279,18 @@ def test_q4_k_decode_is_llama_cpp_repacked_gemv_order():
             accm = np.float32(np.float64(imin) * np.float64(np.float32(dmin * dx)) + np.float64(accm))
         want[r] = acc - accm
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda t: t.name)
+def test_prompt_tiles_are_the_registry_dequantization(qtype):
+    """The prompt path's tile dequantizer gives the quants registry's floats exactly (and
+    Q4_1's block minimums)."""
+    rng = np.random.default_rng(40 + int(qtype))
+    raw = random_rows(qtype, 29, 576, rng)
+    want = mm.dequantize_rows(raw, qtype, 576)
+    got = np.empty_like(want)
+    mins = np.full((29, 18), np.nan, np.float32)
+    mm._dequantize_tile(int(qtype), raw, mm.F16_TABLE, got, mins if qtype == T.Q4_1 else mins[:0])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    if qtype == T.Q4_1:
+        assert np.array_equal(mins, raw.reshape(29, 18, 20)[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32))
