@@ -32,7 +32,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import q4_0_dot, q4_1_dot, q5_0_dot, q8_0_dot
+from .simd import q4_0_dot, q4_0_dot8, q4_1_dot, q5_0_dot, q8_0_dot
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -199,7 +199,10 @@ def _matvec_q4_0(w, table, xq, xd, out):
     load and multiplies them by ggml_gemv_q4_0_8x8_q8_0: per block the exact integer sum of its
     32 products, acc = fma(sum, d*dx, acc), one chain per row (llama.cpp's greedy output on
     Q4_0 files matches only this order)."""
-    for r in prange(w.shape[0]):
+    n8 = w.shape[0] // 8
+    for g in prange(n8):  # 8 rows at a time (one fma per block for all 8)
+        q4_0_dot8(w, 8 * g, xq, xd, out)
+    for r in range(8 * n8, w.shape[0]):
         out[r] = q4_0_dot(w, r, xq, xd)
 
 

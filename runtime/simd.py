@@ -226,3 +226,68 @@ q4_1_dot = intrinsic(_row_kernel(20, 2, [_ZERO8, _ZERO], _q4_1_body, _q4_1_finis
 q8_0_dot = intrinsic(_row_kernel(34, 1, [_ZERO8], _q8_0_body, _lanes_finish))
 q5_0_dot = intrinsic(_row_kernel(22, 1, [_ZERO8], _q5_0_body, _lanes_finish))
 q4_0_dot = intrinsic(_row_kernel(18, 1, [_ZERO], _q4_0_body, _scalar_finish))
+
+
+def _row_sums8(builder, lanes):
+    """8 rows' lane vectors -> one vector of the 8 rows' lane totals (exact integers). AVX2:
+    the vphaddd transpose of ggml's repacked GEMV; else 8 reductions."""
+    if AVX2:
+        v8 = lanes[0].type
+        hadd = _fn(builder, "llvm.x86.avx2.phadd.d", v8, [v8, v8])
+        pairs = [builder.call(hadd, [lanes[i], lanes[i + 1]]) for i in range(0, 8, 2)]
+        quads = [builder.call(hadd, [pairs[0], pairs[1]]), builder.call(hadd, [pairs[2], pairs[3]])]
+        # quads: rows 0-3 (then 4-7) as [lanes 0-3 sums | lanes 4-7 sums]
+        lo = builder.shuffle_vector(quads[0], quads[1], _mask([0, 1, 2, 3, 8, 9, 10, 11]))
+        hi = builder.shuffle_vector(quads[0], quads[1], _mask([4, 5, 6, 7, 12, 13, 14, 15]))
+        return builder.add(lo, hi)
+    reduce = _fn(builder, "llvm.vector.reduce.add.v8i32", _i32, [lanes[0].type])
+    total = ir.Constant(lanes[0].type, ir.Undefined)
+    for i, lv in enumerate(lanes):
+        total = builder.insert_element(total, builder.call(reduce, [lv]), ir.Constant(_i32, i))
+    return total
+
+
+def _q4_0_rows8_typer(typingctx, w, r0, xq, xd, out):
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        wt, _, xqt, xdt, outt = signature.args
+        warr = context.make_array(wt)(context, builder, args[0])
+        row_bytes = builder.extract_value(warr.shape, 1)
+        stride = builder.extract_value(warr.strides, 0)
+        r0 = args[1]
+        rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
+        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
+        yd = context.make_array(xdt)(context, builder, args[3]).data
+        outp = context.make_array(outt)(context, builder, args[4]).data
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 18))
+        acc_slot = cgutils.alloca_once_value(builder, _ZERO8)
+        ones8 = ir.Constant(_vec(_i8, 32), [1] * 32)
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            o = builder.mul(b, ir.Constant(b.type, 18))
+            qy = _load(builder, yq, _vec(_i8, 32), builder.mul(b, ir.Constant(b.type, 32)))
+            # sum((q - 8) * y) = sum(q * y) - 8 * sum(y): unsigned nibbles, no sign tricks
+            ysum = builder.call(_fn(builder, "llvm.vector.reduce.add.v8i32", _i32, [_vec(_i32, 8)]),
+                                [_lanes_unsigned(builder, ones8, qy)])
+            lanes = [_lanes_unsigned(builder, _nibbles(builder, _load(builder, rows[k], _vec(_i8, 16), builder.add(o, ir.Constant(o.type, 2)))), qy)
+                     for k in range(8)]
+            sums = builder.sub(_row_sums8(builder, lanes), _splat(builder, builder.shl(ysum, ir.Constant(_i32, 3)), 8))
+            dbits = ir.Constant(_vec(_i16, 8), ir.Undefined)
+            for k in range(8):
+                dbits = builder.insert_element(dbits, _load(builder, rows[k], _i16, o), ir.Constant(_i32, k))
+            d = builder.fpext(builder.bitcast(dbits, _vec(ir.HalfType(), 8)), _vec(_f32, 8))
+            dd = builder.fmul(d, _splat(builder, builder.load(builder.gep(yd, [b])), 8))
+            acc = _fma(builder, builder.sitofp(sums, _vec(_f32, 8)), dd, builder.load(acc_slot))
+            builder.store(acc, acc_slot)
+        dst = builder.bitcast(builder.gep(outp, [r0]), _vec(_f32, 8).as_pointer())
+        builder.store(builder.load(acc_slot), dst, align=4)
+        return context.get_dummy_value()
+
+    return types.none(w, r0, xq, xd, out), codegen
+
+
+# 8 rows r0..r0+7 of Q4_0 at once into out[r0:r0+8], as ggml_gemv_q4_0_8x8_q8_0 does: the
+# same per-row chains as q4_0_dot (identical floats), one 8-lane fma per block for all 8
+q4_0_dot8 = intrinsic(_q4_0_rows8_typer)

@@ -213,7 +213,10 @@ def run(kind, w, xq, xd, xs, out):
         elif kind == 1:
             out[r] = simd.q8_0_dot(w, r, xq, xd)
         elif kind == 2:
-            out[r] = simd.q4_0_dot(w, r, xq, xd)
+            if r % 8 == 0 and r + 8 <= w.shape[0]:
+                simd.q4_0_dot8(w, r, xq, xd, out)  # rows r..r+7
+            elif r >= w.shape[0] // 8 * 8:
+                out[r] = simd.q4_0_dot(w, r, xq, xd)
         else:
             out[r] = simd.q5_0_dot(w, r, xq, xd)
 outs = {}
