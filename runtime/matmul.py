@@ -32,7 +32,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import q4_0_dot, q4_0_dot8, q4_1_dot, q5_0_dot, q8_0_dot
+from .simd import q4_0_dot, q4_0_dot8, q4_1_dot, q5_0_dot, q6_k_dot, q8_0_dot
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -270,38 +270,12 @@ def _matvec_q4_k(w, table, xq, xd, xs, out):
         out[r] = acc - accm
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def _matvec_q6_k(w, table, xq, xd, out):
-    n_rows, nb = w.shape[0], xd.shape[0] // 8
-    for r in prange(n_rows):
-        row = w[r]
-        acc = np.float32(0.0)
-        for b in range(nb):
-            o = b * 210
-            scales = row[o + 192:o + 208].view(np.int8)
-            isum = np.int32(0)
-            for half in range(2):
-                ql = row[o + 64 * half:o + 64 * half + 64]
-                qh = row[o + 128 + 32 * half:o + 128 + 32 * half + 32]
-                xb = xq[b * 256 + 128 * half:b * 256 + 128 * half + 128]
-                for g in range(2):  # 16-value groups share a scale
-                    s0 = np.int32(0)
-                    s1 = np.int32(0)
-                    s2 = np.int32(0)
-                    s3 = np.int32(0)
-                    for l in range(16 * g, 16 * g + 16):
-                        a = np.int32(ql[l])
-                        c = np.int32(ql[l + 32])
-                        h = np.int32(qh[l])
-                        s0 += (((a & 15) | ((h & 3) << 4)) - 32) * np.int32(xb[l])
-                        s1 += (((c & 15) | (((h >> 2) & 3) << 4)) - 32) * np.int32(xb[l + 32])
-                        s2 += (((a >> 4) | (((h >> 4) & 3) << 4)) - 32) * np.int32(xb[l + 64])
-                        s3 += (((c >> 4) | (((h >> 6) & 3) << 4)) - 32) * np.int32(xb[l + 96])
-                    sc = scales[8 * half + g:8 * half + g + 8]
-                    isum += (np.int32(sc[0]) * s0 + np.int32(sc[2]) * s1
-                             + np.int32(sc[4]) * s2 + np.int32(sc[6]) * s3)
-            acc += _f16(table, row, o + 208) * xd[b * 8] * np.float32(isum)
-        out[r] = acc
+    """As ggml's AVX2 vec_dot_q6_K_q8_K: per 256-value block 8 integer lanes of
+    scale * (q - 32) * x, acc_l = fma(dx*d, lane, acc_l), result hsum_float_8(acc)."""
+    for r in prange(w.shape[0]):
+        out[r] = q6_k_dot(w, r, xq, xd)
 
 
 @njit(cache=True, parallel=True, fastmath=True)

@@ -18,6 +18,7 @@ Row dots (typed for numba, used inside jitted loops):
   q4_1_dot(w, r, xq, xd, xs)  Q4_1 row r against Q8_1 activations (vec_dot_q4_1_q8_1)
   q8_0_dot(w, r, xq, xd)      Q8_0 row r against Q8_0 activations (vec_dot_q8_0_q8_0)
   q5_0_dot(w, r, xq, xd)      Q5_0 row r against Q8_0 activations (vec_dot_q5_0_q8_0)
+  q6_k_dot(w, r, xq, xd)      Q6_K row r against Q8_K activations (vec_dot_q6_K_q8_K)
   q4_0_dot(w, r, xq, xd)      Q4_0 row r in llama.cpp's repacked-GEMV order
                               (ggml_gemv_q4_0_8x8_q8_0: per block the exact integer sum of
                               its 32 products, then one fma chain per row)
@@ -130,11 +131,12 @@ def _fma(builder, a, b, c):
     return builder.call(_fn(builder, name, a.type, [a.type, a.type, a.type]), [a, b, c])
 
 
-def _row_kernel(block_bytes, n_act, init, body, finish):
+def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32):
     """An intrinsic (w, r, xq, xd[, xs]) -> float32 looping over row r's blocks. The state (a
-    list of accumulators) starts as `init`; body(builder, blk, qy, scales, state) gets the
-    block's byte pointer, its 32 activations and the n_act activation scales of the block and
-    returns the new state; finish(builder, state) gives the row's result."""
+    list of accumulators) starts as `init`; body(builder, blk, y, scales, state) gets the
+    block's byte pointer, a pointer to its block_values int8 activations and the n_act
+    activation scales of the block's first 32 values, and returns the new state;
+    finish(builder, state) gives the row's result."""
 
     def make_sig(w, r, xq, *act):
         arrays = (w, xq, *act)
@@ -154,9 +156,10 @@ def _row_kernel(block_bytes, n_act, init, body, finish):
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             blk = builder.gep(row, [builder.mul(b, ir.Constant(b.type, block_bytes))])
-            qy = _load(builder, yq, _vec(_i8, 32), builder.mul(b, ir.Constant(b.type, 32)))
-            scales = [builder.load(builder.gep(p, [b])) for p in scale_ptrs]
-            state = body(builder, blk, qy, scales, [builder.load(s) for s in slots])
+            y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, block_values))])
+            scale_at = builder.mul(b, ir.Constant(b.type, block_values // 32))
+            scales = [builder.load(builder.gep(p, [scale_at])) for p in scale_ptrs]
+            state = body(builder, blk, y, scales, [builder.load(s) for s in slots])
             for s, v in zip(slots, state):
                 builder.store(v, s)
         return finish(builder, [builder.load(s) for s in slots])
@@ -179,7 +182,8 @@ def _lane_accumulate(builder, d, lanes, acc):
     return _fma(builder, _splat(builder, d, 8), builder.sitofp(lanes, _vec(_f32, 8)), acc)
 
 
-def _q4_1_body(builder, blk, qy, scales, state):
+def _q4_1_body(builder, blk, y, scales, state):
+    qy = _load(builder, y, _vec(_i8, 32), 0)
     yd, ys = scales
     acc, mins = state
     lanes = _lanes_unsigned(builder, _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4)), qy)
@@ -192,12 +196,14 @@ def _q4_1_finish(builder, state):
     return builder.fadd(_hsum8(builder, state[0]), state[1])
 
 
-def _q8_0_body(builder, blk, qy, scales, state):
+def _q8_0_body(builder, blk, y, scales, state):
+    qy = _load(builder, y, _vec(_i8, 32), 0)
     lanes = _lanes_signed(builder, _load(builder, blk, _vec(_i8, 32), 2), qy)
     return [_lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), scales[0]), lanes, state[0])]
 
 
-def _q5_0_body(builder, blk, qy, scales, state):
+def _q5_0_body(builder, blk, y, scales, state):
+    qy = _load(builder, y, _vec(_i8, 32), 0)
     # ggml: qx = nibbles | (~fifth bit & 0xF0): the value less 16 as a signed byte
     bits = builder.bitcast(_load(builder, blk, _i32, 2), _vec(_i1, 32))
     high = builder.select(bits, ir.Constant(_vec(_i8, 32), [0] * 32), ir.Constant(_vec(_i8, 32), [0xF0] * 32))
@@ -210,7 +216,8 @@ def _lanes_finish(builder, state):
     return _hsum8(builder, state[0])
 
 
-def _q4_0_body(builder, blk, qy, scales, state):
+def _q4_0_body(builder, blk, y, scales, state):
+    qy = _load(builder, y, _vec(_i8, 32), 0)
     qx = builder.sub(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 2)), ir.Constant(_vec(_i8, 32), [8] * 32))
     lanes = _lanes_signed(builder, qx, qy)
     total = builder.call(_fn(builder, "llvm.vector.reduce.add.v8i32", _i32, [lanes.type]), [lanes])
@@ -222,10 +229,60 @@ def _scalar_finish(builder, state):
     return state[0]
 
 
+def _scaled_lanes(builder, q, qy, sc_lo, sc_hi, bias):
+    """8 int32 lanes of sum(sc * (q - bias) * y) over 4-byte groups, q unsigned bytes (0-63),
+    the first 16 bytes scaled by sc_lo, the last 16 by sc_hi (i32 values). AVX2: ggml's
+    vpmaddubsw(q, y) - vpmaddubsw(bias, y), then vpmaddwd against the int16 scales."""
+    v16 = _vec(_i16, 16)
+    if AVX2:
+        madd_us = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [q.type, qy.type])
+        p16 = builder.call(madd_us, [q, qy])
+        if bias:
+            p16 = builder.sub(p16, builder.call(madd_us, [ir.Constant(q.type, [bias] * 32), qy]))
+        lo = _splat(builder, builder.trunc(sc_lo, _i16), 8)
+        hi = _splat(builder, builder.trunc(sc_hi, _i16), 8)
+        scales = builder.shuffle_vector(lo, hi, _mask(range(16)))
+        return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_i32, 8), [v16, v16]), [scales, p16])
+    v32 = _vec(_i32, 32)
+    vals = builder.zext(q, v32)
+    if bias:
+        vals = builder.sub(vals, ir.Constant(v32, [bias] * 32))
+    scales = builder.shuffle_vector(_splat(builder, sc_lo, 16), _splat(builder, sc_hi, 16), _mask(range(32)))
+    return _lanes_portable(builder, builder.mul(vals, scales), builder.sext(qy, v32))
+
+
+def _q6_k_body(builder, blk, y, scales, state):
+    """ggml's AVX2 vec_dot_q6_K_q8_K for one 256-value block (210 B: ql[128], qh[64],
+    int8 scales[16], d): 8 int32 lanes of sum(scale * (q - 32) * y), then
+    acc = fma(d*dx, lanes, acc). Value v: low 4 bits from ql (64 bytes per 128 values: values
+    0-31 and 32-63 in the low nibbles, 64-95 and 96-127 in the high ones), 2 high bits from qh
+    (bits 2k of byte l for values l + 32k), scale scales[v / 16]."""
+    v32 = _vec(_i8, 32)
+    m4 = ir.Constant(v32, [15] * 32)
+    m2 = ir.Constant(v32, [3] * 32)
+    sc = [builder.sext(_load(builder, blk, _i8, 192 + i), _i32) for i in range(16)]
+    lanes = None
+    for j in range(2):
+        bits1 = _load(builder, blk, v32, 64 * j)
+        bits2 = _load(builder, blk, v32, 64 * j + 32)
+        bits_h = _load(builder, blk, v32, 128 + 32 * j)
+        low = [builder.and_(bits1, m4), builder.and_(bits2, m4),
+               builder.lshr(bits1, ir.Constant(v32, [4] * 32)), builder.lshr(bits2, ir.Constant(v32, [4] * 32))]
+        for k in range(4):
+            high = builder.and_(builder.lshr(bits_h, ir.Constant(v32, [2 * k] * 32)), m2)
+            q = builder.or_(low[k], builder.shl(high, ir.Constant(v32, [4] * 32)))
+            qy = _load(builder, y, v32, 128 * j + 32 * k)
+            part = _scaled_lanes(builder, q, qy, sc[8 * j + 2 * k], sc[8 * j + 2 * k + 1], 32)
+            lanes = part if lanes is None else builder.add(lanes, part)
+    d = builder.fmul(scales[0], _half(builder, blk, 208))  # ggml: y.d * x.d
+    return [_lane_accumulate(builder, d, lanes, state[0])]
+
+
 q4_1_dot = intrinsic(_row_kernel(20, 2, [_ZERO8, _ZERO], _q4_1_body, _q4_1_finish))
 q8_0_dot = intrinsic(_row_kernel(34, 1, [_ZERO8], _q8_0_body, _lanes_finish))
 q5_0_dot = intrinsic(_row_kernel(22, 1, [_ZERO8], _q5_0_body, _lanes_finish))
 q4_0_dot = intrinsic(_row_kernel(18, 1, [_ZERO], _q4_0_body, _scalar_finish))
+q6_k_dot = intrinsic(_row_kernel(210, 1, [_ZERO8], _q6_k_body, _lanes_finish, block_values=256))
 
 
 def _row_sums8(builder, lanes):

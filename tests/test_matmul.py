@@ -217,10 +217,12 @@ def run(kind, w, xq, xd, xs, out):
                 simd.q4_0_dot8(w, r, xq, xd, out)  # rows r..r+7
             elif r >= w.shape[0] // 8 * 8:
                 out[r] = simd.q4_0_dot(w, r, xq, xd)
-        else:
+        elif kind == 3:
             out[r] = simd.q5_0_dot(w, r, xq, xd)
+        else:
+            out[r] = simd.q6_k_dot(w, r, xq, xd)
 outs = {}
-for kind in range(4):
+for kind in range(5):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
     run(kind, d[f"w{kind}"], d[f"xq{kind}"], d[f"xd{kind}"], d[f"xs{kind}"], out)
     outs[f"out{kind}"] = out
@@ -244,12 +246,17 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
         act = mm.quantize_for(x, mm.QuantWeight("w", qtype, 256, 21, raw))
         data.update({f"w{kind}": raw, f"xq{kind}": act.xq[0], f"xd{kind}": act.xd[0], f"xs{kind}": act.xs[0]})
         want[kind] = _ggml_reference(raw, qtype, act)
+    raw = random_rows(T.Q6_K, 21, 512, rng)  # kind 4
+    x = (rng.standard_normal((1, 512)) * 2).astype(np.float32)
+    act = mm.quantize_for(x, mm.QuantWeight("w", T.Q6_K, 512, 21, raw))
+    data.update({"w4": raw, "xq4": act.xq[0], "xd4": act.xd[0], "xs4": act.xs[0]})
+    want[4] = mm.matmul(mm.QuantWeight("w", T.Q6_K, 512, 21, raw), x)[0]  # (replayed above)
     np.savez(tmp_path / "in.npz", **data)
     env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                    env=env, check=True, timeout=600)
     got = np.load(tmp_path / "out.npz")
-    for kind, qtype in enumerate(SIMD_TYPES):
+    for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K]):
         assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), qtype.name
 
 
@@ -282,6 +289,44 @@ def test_q4_k_decode_is_llama_cpp_repacked_gemv_order():
             accm = np.float32(np.float64(imin) * np.float64(np.float32(dmin * dx)) + np.float64(accm))
         want[r] = acc - accm
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def _q6_k_values(raw):
+    """Q6_K rows -> d [n, nb] and scale * (q - 32) [n, nb, 256] as integers."""
+    n, nb = raw.shape[0], raw.shape[1] // 210
+    blocks = raw.reshape(n, nb, 210).astype(np.int64)
+    vals = np.empty((n, nb, 256), np.int64)
+    for j in range(2):
+        ql = blocks[:, :, 64 * j:64 * j + 64]
+        qh = blocks[:, :, 128 + 32 * j:160 + 32 * j]
+        for k in range(4):
+            low = (ql[:, :, 32 * (k % 2):32 * (k % 2) + 32] >> (4 * (k // 2))) & 15
+            vals[:, :, 128 * j + 32 * k:128 * j + 32 * k + 32] = (low | (((qh >> (2 * k)) & 3) << 4)) - 32
+    scales = raw.reshape(n, nb, 210)[:, :, 192:208].view(np.int8).astype(np.int64)
+    d = raw.reshape(n, nb, 210)[:, :, 208:210].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    return d, vals * np.repeat(scales, 16, axis=2)
+
+
+def test_q6_k_decode_is_llama_cpp_avx2_order():
+    """Q6_K decode sums as ggml's AVX2 vec_dot_q6_K_q8_K: per 256-value block 8 exact integer
+    lanes (the lane of value v: (v % 32) // 4), acc_l = fma(dx*d, lane, acc_l), hsum_float_8."""
+    rng = np.random.default_rng(46)
+    raw = random_rows(T.Q6_K, 19, 512, rng)
+    w = mm.QuantWeight("w", T.Q6_K, 512, 19, raw)
+    for scale in (0.02, 1.0, 40.0):
+        x = (rng.standard_normal((1, 512)) * scale).astype(np.float32)
+        got = mm.matmul(w, x)[0]
+        act = mm.quantize_for(x, w)
+        d, vals = _q6_k_values(raw)
+        prods = vals * act.xq[0].astype(np.int64).reshape(2, 256)
+        lanes = prods.reshape(19, 2, 8, 8, 4).sum(axis=(2, 4)).astype(np.float64)  # [row, block, lane]
+        acc = np.zeros((19, 8), np.float32)
+        for b in range(2):
+            db = (np.float32(act.xd[0, 8 * b]) * d[:, b]).astype(np.float32)
+            acc = (db[:, None].astype(np.float64) * lanes[:, b] + acc.astype(np.float64)).astype(np.float32)
+        r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
+        want = ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), scale
 
 
 @pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda t: t.name)
