@@ -32,7 +32,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import q4_0_dot, q4_0_dot8, q4_1_dot, q5_0_dot, q6_k_dot, q8_0_dot
+from .simd import q4_0_dot, q4_0_dot8, q4_1_dot, q4_k_dot8, q5_0_dot, q6_k_dot, q8_0_dot
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -237,11 +237,14 @@ def _matvec_q4_k(w, table, xq, xd, xs, out):
     sum of a 32-group's int8 activations), acc = fma(isum, d*dx, acc) and
     accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm."""
     n_rows, nb = w.shape[0], xd.shape[0] // 8
+    n8 = n_rows // 8
+    for g in prange(n8):  # 8 rows at a time in vector IR (runtime.simd), as ggml's kernel
+        q4_k_dot8(w, 8 * g, xq, xd, out)
     bsum = np.zeros(nb * 8, np.int32)
     for g in range(nb * 8):
         for j in range(32):
             bsum[g] += np.int32(xq[g * 32 + j])
-    for r in prange(n_rows):
+    for r in range(8 * n8, n_rows):  # the other rows: the same sums, one row at a time
         row = w[r]
         acc = np.float32(0.0)
         accm = np.float32(0.0)

@@ -348,3 +348,95 @@ def _q4_0_rows8_typer(typingctx, w, r0, xq, xd, out):
 # 8 rows r0..r0+7 of Q4_0 at once into out[r0:r0+8], as ggml_gemv_q4_0_8x8_q8_0 does: the
 # same per-row chains as q4_0_dot (identical floats), one 8-lane fma per block for all 8
 q4_0_dot8 = intrinsic(_q4_0_rows8_typer)
+
+
+def _q4_k_scales(builder, blk):
+    """The 8 (scale, min) pairs of a Q4_K block, 6 bits each in bytes 4..15 (ggml's
+    get_scale_min_k4), as i32 values."""
+    b = [builder.zext(_load(builder, blk, _i8, 4 + i), _i32) for i in range(12)]
+    c = lambda v: ir.Constant(_i32, v)  # noqa: E731
+    pairs = []
+    for j in range(8):
+        if j < 4:
+            pairs.append((builder.and_(b[j], c(63)), builder.and_(b[j + 4], c(63))))
+        else:
+            sc = builder.or_(builder.and_(b[j + 4], c(15)), builder.shl(builder.lshr(b[j - 4], c(6)), c(4)))
+            mn = builder.or_(builder.lshr(b[j + 4], c(4)), builder.shl(builder.lshr(b[j], c(6)), c(4)))
+            pairs.append((sc, mn))
+    return pairs
+
+
+def _halves8(builder, rows, offset):
+    """The half float at `offset` of 8 blocks (one per row pointer) as a float32 vector."""
+    bits = ir.Constant(_vec(_i16, 8), ir.Undefined)
+    for k, row in enumerate(rows):
+        bits = builder.insert_element(bits, _load(builder, row, _i16, offset), ir.Constant(_i32, k))
+    return builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 8)), _vec(_f32, 8))
+
+
+def _q4_k_rows8_typer(typingctx, w, r0, xq, xd, out):
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        wt, _, xqt, xdt, outt = signature.args
+        warr = context.make_array(wt)(context, builder, args[0])
+        row_bytes = builder.extract_value(warr.shape, 1)
+        stride = builder.extract_value(warr.strides, 0)
+        r0 = args[1]
+        rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
+        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
+        yd = context.make_array(xdt)(context, builder, args[3]).data
+        outp = context.make_array(outt)(context, builder, args[4]).data
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 144))
+        acc_slot = cgutils.alloca_once_value(builder, _ZERO8)
+        accm_slot = cgutils.alloca_once_value(builder, _ZERO8)
+        ones8 = ir.Constant(_vec(_i8, 32), [1] * 32)
+        v32 = _vec(_i8, 32)
+        reduce = _fn(builder, "llvm.vector.reduce.add.v8i32", _i32, [_vec(_i32, 8)])
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            o = builder.mul(b, ir.Constant(b.type, 144))
+            y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, 256))])
+            qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
+            bsum = _row_sums8(builder, [_lanes_unsigned(builder, ones8, q) for q in qy])  # per 32-group
+            isum_lanes, imins = [], []
+            for row in rows:
+                blk = builder.gep(row, [o])
+                pairs = _q4_k_scales(builder, blk)
+                lanes = None
+                for c in range(4):
+                    qs = _load(builder, blk, v32, 16 + 32 * c)
+                    lo = builder.and_(qs, ir.Constant(v32, [15] * 32))
+                    hi = builder.lshr(qs, ir.Constant(v32, [4] * 32))
+                    for q, g in ((lo, 2 * c), (hi, 2 * c + 1)):
+                        part = _scaled_lanes(builder, q, qy[g], pairs[g][0], pairs[g][0], 0)
+                        lanes = part if lanes is None else builder.add(lanes, part)
+                isum_lanes.append(lanes)
+                mins = ir.Constant(_vec(_i32, 8), ir.Undefined)
+                for g in range(8):
+                    mins = builder.insert_element(mins, pairs[g][1], ir.Constant(_i32, g))
+                imins.append(builder.call(reduce, [builder.mul(mins, bsum)]))
+            isums = _row_sums8(builder, isum_lanes)
+            imin = ir.Constant(_vec(_i32, 8), ir.Undefined)
+            for k, v in enumerate(imins):
+                imin = builder.insert_element(imin, v, ir.Constant(_i32, k))
+            dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(b.type, 8))])), 8)
+            blks = [builder.gep(row, [o]) for row in rows]
+            d = builder.fmul(_halves8(builder, blks, 0), dx)
+            dmin = builder.fmul(_halves8(builder, blks, 2), dx)
+            f32x8 = _vec(_f32, 8)
+            builder.store(_fma(builder, builder.sitofp(isums, f32x8), d, builder.load(acc_slot)), acc_slot)
+            builder.store(_fma(builder, builder.sitofp(imin, f32x8), dmin, builder.load(accm_slot)), accm_slot)
+        dst = builder.bitcast(builder.gep(outp, [r0]), _vec(_f32, 8).as_pointer())
+        builder.store(builder.fsub(builder.load(acc_slot), builder.load(accm_slot)), dst, align=4)
+        return context.get_dummy_value()
+
+    return types.none(w, r0, xq, xd, out), codegen
+
+
+# 8 Q4_K rows r0..r0+7 into out[r0:r0+8] as ggml_gemv_q4_K_8x8_q8_K (llama.cpp repacks Q4_K
+# matrices whose rows are a multiple of 8 and runs this): per 256-value block the exact integer
+# sums isum = sum_g scale_g * dot_g and imin = sum_g min_g * (sum of group g's activations),
+# acc = fma(isum, d*dx, acc), accm = fma(imin, dmin*dx, accm); result acc - accm
+q4_k_dot8 = intrinsic(_q4_k_rows8_typer)

@@ -219,10 +219,12 @@ def run(kind, w, xq, xd, xs, out):
                 out[r] = simd.q4_0_dot(w, r, xq, xd)
         elif kind == 3:
             out[r] = simd.q5_0_dot(w, r, xq, xd)
-        else:
+        elif kind == 4:
             out[r] = simd.q6_k_dot(w, r, xq, xd)
+        elif r % 8 == 0 and r + 8 <= w.shape[0]:  # kind 5: Q4_K, 8 rows at a time
+            simd.q4_k_dot8(w, r, xq, xd, out)
 outs = {}
-for kind in range(5):
+for kind in range(6):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
     run(kind, d[f"w{kind}"], d[f"xq{kind}"], d[f"xd{kind}"], d[f"xs{kind}"], out)
     outs[f"out{kind}"] = out
@@ -251,12 +253,16 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     act = mm.quantize_for(x, mm.QuantWeight("w", T.Q6_K, 512, 21, raw))
     data.update({"w4": raw, "xq4": act.xq[0], "xd4": act.xd[0], "xs4": act.xs[0]})
     want[4] = mm.matmul(mm.QuantWeight("w", T.Q6_K, 512, 21, raw), x)[0]  # (replayed above)
+    raw = random_rows(T.Q4_K, 16, 512, rng)  # kind 5
+    act = mm.quantize_for(x, mm.QuantWeight("w", T.Q4_K, 512, 16, raw))
+    data.update({"w5": raw, "xq5": act.xq[0], "xd5": act.xd[0], "xs5": act.xs[0]})
+    want[5] = mm.matmul(mm.QuantWeight("w", T.Q4_K, 512, 16, raw), x)[0]  # (replayed above)
     np.savez(tmp_path / "in.npz", **data)
     env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                    env=env, check=True, timeout=600)
     got = np.load(tmp_path / "out.npz")
-    for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K]):
+    for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K]):
         assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), qtype.name
 
 
