@@ -21,6 +21,12 @@ if USER_OMP_ENV["OMP_WAIT_POLICY"] is None and USER_OMP_ENV["GOMP_SPINCOUNT"] is
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ["GOMP_SPINCOUNT"] = "1000"  # overrides PASSIVE's zero: spin briefly, then sleep
 
+from .numba_cache import drop_stale_numba_cache
+
+# forward.py's kernels link matmul.py's and simd.py's (and the quants'): any edit to any of
+# them must recompile the lot (see numba_cache)
+drop_stale_numba_cache(os.path.dirname(os.path.abspath(__file__)), ("", "quants"))
+
 from .errors import ConfigError, GGUFError, ModelError, UserError
 
 # public name -> module that defines it (imported on first access)

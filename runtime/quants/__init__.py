@@ -26,42 +26,14 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit, prange
 
+from ..numba_cache import drop_stale_numba_cache
 from . import plain, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 
 T = GGMLQuantizationType
 
 
-def _drop_stale_numba_cache() -> None:
-    """numba's on-disk cache checks only the source file of the function it caches, but the
-    kernels here inline functions from the other modules (the drivers below inline every row
-    function, which inline rounding.py and ksearch.py). So when any module of this package
-    changed since the cache was written, drop the package's cache files: one recompile,
-    instead of silently running the old code."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    cache_dir = os.path.join(here, "__pycache__")
-    try:
-        sources = sorted(f for f in os.listdir(here) if f.endswith(".py"))
-        stamp = ";".join(f"{f}:{os.stat(os.path.join(here, f)).st_mtime_ns}:{os.stat(os.path.join(here, f)).st_size}"
-                         for f in sources)
-        stamp_file = os.path.join(cache_dir, "numba-sources.stamp")
-        try:
-            with open(stamp_file) as fh:
-                if fh.read() == stamp:
-                    return
-        except OSError:
-            pass
-        if os.path.isdir(cache_dir):
-            for f in os.listdir(cache_dir):
-                if f.endswith((".nbi", ".nbc")):
-                    os.unlink(os.path.join(cache_dir, f))
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(stamp_file, "w") as fh:
-            fh.write(stamp)
-    except OSError:  # a read-only install: numba then caches elsewhere or not at all
-        pass
-
-
-_drop_stale_numba_cache()
+# numba's cache would keep inlined code of a changed sibling module (runtime.numba_cache)
+drop_stale_numba_cache(os.path.dirname(os.path.abspath(__file__)))
 
 # The block formats, in the order of the `kind` numbers the two dispatch kernels below switch
 # on. Each module has serial `dequantize_row(row, y)` and `quantize_row(x, row)`; one parallel

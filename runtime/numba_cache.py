@@ -1,0 +1,44 @@
+"""Dropping numba's on-disk cache when the sources it was compiled from changed.
+
+numba's cache checks only the source file of the function it caches, but our kernels call
+kernels of other modules, and numba links the callees' code into the caller's cache entry:
+after an edit to matmul.py or simd.py, forward.py's cached decode functions would silently keep
+running the old products (and after an upgrade that changes one file's kernels, the same). So a
+stamp of every source file of a package (and its subpackages) is kept beside the cache; when it
+no longer matches, the package's cache files are deleted: one recompile, never stale code.
+Reads only file metadata; imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def drop_stale_numba_cache(package_dir: str, watched: tuple[str, ...] = ("",)) -> None:
+    """Delete package_dir/__pycache__/*.nbi|nbc if any .py file in the `watched` folders
+    (relative to package_dir) changed since the last call; a read-only install is left as it is."""
+    cache_dir = os.path.join(package_dir, "__pycache__")
+    try:
+        parts = []
+        for sub in watched:
+            folder = os.path.join(package_dir, sub)
+            for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+                st = os.stat(os.path.join(folder, name))
+                parts.append(f"{sub}/{name}:{st.st_mtime_ns}:{st.st_size}")
+        stamp = ";".join(parts)
+        stamp_file = os.path.join(cache_dir, "numba-sources.stamp")
+        try:
+            with open(stamp_file) as fh:
+                if fh.read() == stamp:
+                    return
+        except OSError:
+            pass
+        if os.path.isdir(cache_dir):
+            for name in os.listdir(cache_dir):
+                if name.endswith((".nbi", ".nbc")):
+                    os.unlink(os.path.join(cache_dir, name))
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(stamp_file, "w") as fh:
+            fh.write(stamp)
+    except OSError:  # a read-only install: numba then caches elsewhere or not at all
+        pass
