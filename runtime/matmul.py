@@ -32,7 +32,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import q4_0_dot, q4_0_dot8, q4_1_dot, q4_k_dot8, q5_0_dot, q6_k_dot, q8_0_dot
+from .simd import q4_0_dot, q4_0_dot8, q4_1_dot, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -230,16 +230,20 @@ def _q4k_scale_min(sc, j):
 
 # fastmath 'contract' only: the two fma chains below, nothing reassociated
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def _matvec_q4_k(w, table, xq, xd, xs, out):
+def _matvec_q4_k(w, table, xq, xd, xs, out, per_chunk=False):
     """Q4_K summed as llama.cpp does on an AVX2 CPU, where Q4_K matrices (rows a multiple of 8)
     are repacked at load and multiplied by ggml_gemv_q4_K_8x8_q8_K: per 256-value block the
     exact integer sums isum = sum_j scale_j * dot_j and imin = sum_j min_j * bsum_j (bsum: the
     sum of a 32-group's int8 activations), acc = fma(isum, d*dx, acc) and
-    accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm."""
+    accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm. per_chunk: the two fmas per
+    64 values instead, as its ggml_gemm_q4_K_8x8_q8_K does for a batch's tokens in fours."""
     n_rows, nb = w.shape[0], xd.shape[0] // 8
     n8 = n_rows // 8
-    for g in prange(n8):  # 8 rows at a time in vector IR (runtime.simd), as ggml's kernel
-        q4_k_dot8(w, 8 * g, xq, xd, out)
+    for g in prange(n8):  # 8 rows at a time in vector IR (runtime.simd), as ggml's kernels
+        if per_chunk:
+            q4_k_dot8_chunks(w, 8 * g, xq, xd, out)
+        else:
+            q4_k_dot8(w, 8 * g, xq, xd, out)
     bsum = np.zeros(nb * 8, np.int32)
     for g in range(nb * 8):
         for j in range(32):
@@ -267,9 +271,15 @@ def _matvec_q4_k(w, table, xq, xd, xs, out):
                 s2, m2 = _q4k_scale_min(sc, 2 * c + 1)
                 isum += s1 * slo + s2 * shi
                 imin += m1 * bsum[b * 8 + 2 * c] + m2 * bsum[b * 8 + 2 * c + 1]
-            dx = xd[b * 8]
-            acc = np.float32(isum) * (_f16(table, row, o) * dx) + acc
-            accm = np.float32(imin) * (_f16(table, row, o + 2) * dx) + accm
+                if per_chunk:
+                    acc = np.float32(isum) * (_f16(table, row, o) * xd[b * 8]) + acc
+                    accm = np.float32(imin) * (_f16(table, row, o + 2) * xd[b * 8]) + accm
+                    isum = 0
+                    imin = 0
+            if not per_chunk:
+                dx = xd[b * 8]
+                acc = np.float32(isum) * (_f16(table, row, o) * dx) + acc
+                accm = np.float32(imin) * (_f16(table, row, o + 2) * dx) + accm
         out[r] = acc - accm
 
 
@@ -423,8 +433,10 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     t = w.ggml_type
     if t in FUSED_TYPES and (EXACT_PREFILL or n_tok < PREFILL_MIN_TOKENS):
         rows = np.ascontiguousarray(w.rows)
+        in_fours = n_tok - n_tok % 4  # llama.cpp multiplies these by its Q4_K gemm, the rest by gemv
         for i in range(n_tok):
-            matvec_fused(int(t), rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
+            code = Q4_K_CHUNKS if t == T.Q4_K and i < in_fours and w.n_out % 8 == 0 else int(t)
+            matvec_fused(code, rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
         return out
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
     mins = np.empty((w.n_out, w.n_in // 32), np.float32) if t == T.Q4_1 else np.empty((0, 0), np.float32)
@@ -452,6 +464,9 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
 _ACT_OF_TYPE = np.full(128, -1, np.int64)
 for _t, _mode in VEC_DOT_TYPE.items():
     _ACT_OF_TYPE[int(_t)] = _mode
+# Q4_K in llama.cpp's batch order (its gemm: the tokens of a batch in fours), for matvec_fused
+Q4_K_CHUNKS = 112
+_ACT_OF_TYPE[Q4_K_CHUNKS] = ACT_Q8_K
 _Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q8_0),
                                                           int(T.Q4_K), int(T.Q6_K), int(T.F16), int(T.F32))
 
@@ -469,7 +484,9 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
     elif t == _Q5_0:
         _matvec_q5_0(w, table, xq, xd, out)
     elif t == _Q4_K:
-        _matvec_q4_k(w, table, xq, xd, xs, out)
+        _matvec_q4_k(w, table, xq, xd, xs, out, False)
+    elif t == Q4_K_CHUNKS:
+        _matvec_q4_k(w, table, xq, xd, xs, out, True)
     elif t == _Q6_K:
         _matvec_q6_k(w, table, xq, xd, out)
     elif t == _F16:

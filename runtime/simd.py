@@ -374,9 +374,18 @@ def _halves8(builder, rows, offset):
     return builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 8)), _vec(_f32, 8))
 
 
-def _q4_k_rows8_typer(typingctx, w, r0, xq, xd, out):
-    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
-        return None
+def _q4_k_rows8(per_chunk):
+    """The typer of an intrinsic (w, r0, xq, xd, out) writing Q4_K rows r0..r0+7 into
+    out[r0:r0+8]: per 256-value block the exact integer sums isum = sum_g scale_g * dot_g and
+    imin = sum_g min_g * (sum of 32-group g's activations), acc = fma(isum, d*dx, acc),
+    accm = fma(imin, dmin*dx, accm); result acc - accm (ggml_gemv_q4_K_8x8_q8_K). per_chunk:
+    the fmas per 64 values instead (groups 2c and 2c+1), as its gemm for a batch's tokens in
+    fours (ggml_gemm_q4_K_8x8_q8_K)."""
+
+    def typer(typingctx, w, r0, xq, xd, out):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
+            return None
+        return types.none(w, r0, xq, xd, out), codegen
 
     def codegen(context, builder, signature, args):
         wt, _, xqt, xdt, outt = signature.args
@@ -393,50 +402,56 @@ def _q4_k_rows8_typer(typingctx, w, r0, xq, xd, out):
         accm_slot = cgutils.alloca_once_value(builder, _ZERO8)
         ones8 = ir.Constant(_vec(_i8, 32), [1] * 32)
         v32 = _vec(_i8, 32)
-        reduce = _fn(builder, "llvm.vector.reduce.add.v8i32", _i32, [_vec(_i32, 8)])
+        f32x8 = _vec(_f32, 8)
+
+        def rows_vector(values):  # 8 i32 scalars (one per row) -> <8 x i32>
+            vec = ir.Constant(_vec(_i32, 8), ir.Undefined)
+            for k, v in enumerate(values):
+                vec = builder.insert_element(vec, v, ir.Constant(_i32, k))
+            return vec
+
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             o = builder.mul(b, ir.Constant(b.type, 144))
             y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, 256))])
             qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
-            bsum = _row_sums8(builder, [_lanes_unsigned(builder, ones8, q) for q in qy])  # per 32-group
-            isum_lanes, imins = [], []
+            bsum_vec = _row_sums8(builder, [_lanes_unsigned(builder, ones8, q) for q in qy])  # per 32-group
+            bsum = [builder.extract_element(bsum_vec, ir.Constant(_i32, g)) for g in range(8)]
+            chunk_lanes, chunk_mins = [], []  # [row][chunk]
             for row in rows:
                 blk = builder.gep(row, [o])
                 pairs = _q4_k_scales(builder, blk)
-                lanes = None
+                lanes, mins = [], []
                 for c in range(4):
                     qs = _load(builder, blk, v32, 16 + 32 * c)
                     lo = builder.and_(qs, ir.Constant(v32, [15] * 32))
                     hi = builder.lshr(qs, ir.Constant(v32, [4] * 32))
-                    for q, g in ((lo, 2 * c), (hi, 2 * c + 1)):
-                        part = _scaled_lanes(builder, q, qy[g], pairs[g][0], pairs[g][0], 0)
-                        lanes = part if lanes is None else builder.add(lanes, part)
-                isum_lanes.append(lanes)
-                mins = ir.Constant(_vec(_i32, 8), ir.Undefined)
-                for g in range(8):
-                    mins = builder.insert_element(mins, pairs[g][1], ir.Constant(_i32, g))
-                imins.append(builder.call(reduce, [builder.mul(mins, bsum)]))
-            isums = _row_sums8(builder, isum_lanes)
-            imin = ir.Constant(_vec(_i32, 8), ir.Undefined)
-            for k, v in enumerate(imins):
-                imin = builder.insert_element(imin, v, ir.Constant(_i32, k))
+                    lanes.append(builder.add(_scaled_lanes(builder, lo, qy[2 * c], pairs[2 * c][0], pairs[2 * c][0], 0),
+                                             _scaled_lanes(builder, hi, qy[2 * c + 1], pairs[2 * c + 1][0], pairs[2 * c + 1][0], 0)))
+                    mins.append(builder.add(builder.mul(pairs[2 * c][1], bsum[2 * c]),
+                                            builder.mul(pairs[2 * c + 1][1], bsum[2 * c + 1])))
+                chunk_lanes.append(lanes)
+                chunk_mins.append(mins)
             dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(b.type, 8))])), 8)
             blks = [builder.gep(row, [o]) for row in rows]
             d = builder.fmul(_halves8(builder, blks, 0), dx)
             dmin = builder.fmul(_halves8(builder, blks, 2), dx)
-            f32x8 = _vec(_f32, 8)
-            builder.store(_fma(builder, builder.sitofp(isums, f32x8), d, builder.load(acc_slot)), acc_slot)
-            builder.store(_fma(builder, builder.sitofp(imin, f32x8), dmin, builder.load(accm_slot)), accm_slot)
-        dst = builder.bitcast(builder.gep(outp, [r0]), _vec(_f32, 8).as_pointer())
+            if per_chunk:
+                steps = [([lanes[c] for lanes in chunk_lanes], [mins[c] for mins in chunk_mins]) for c in range(4)]
+            else:
+                add_all = lambda vals: vals[0] if len(vals) == 1 else builder.add(add_all(vals[:-1]), vals[-1])  # noqa: E731
+                steps = [([add_all(lanes) for lanes in chunk_lanes], [add_all(mins) for mins in chunk_mins])]
+            for lanes, mins in steps:
+                isums = builder.sitofp(_row_sums8(builder, lanes), f32x8)
+                imins = builder.sitofp(rows_vector(mins), f32x8)
+                builder.store(_fma(builder, isums, d, builder.load(acc_slot)), acc_slot)
+                builder.store(_fma(builder, imins, dmin, builder.load(accm_slot)), accm_slot)
+        dst = builder.bitcast(builder.gep(outp, [r0]), f32x8.as_pointer())
         builder.store(builder.fsub(builder.load(acc_slot), builder.load(accm_slot)), dst, align=4)
         return context.get_dummy_value()
 
-    return types.none(w, r0, xq, xd, out), codegen
+    return typer
 
 
-# 8 Q4_K rows r0..r0+7 into out[r0:r0+8] as ggml_gemv_q4_K_8x8_q8_K (llama.cpp repacks Q4_K
-# matrices whose rows are a multiple of 8 and runs this): per 256-value block the exact integer
-# sums isum = sum_g scale_g * dot_g and imin = sum_g min_g * (sum of group g's activations),
-# acc = fma(isum, d*dx, acc), accm = fma(imin, dmin*dx, accm); result acc - accm
-q4_k_dot8 = intrinsic(_q4_k_rows8_typer)
+q4_k_dot8 = intrinsic(_q4_k_rows8(False))
+q4_k_dot8_chunks = intrinsic(_q4_k_rows8(True))

@@ -266,22 +266,20 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
         assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), qtype.name
 
 
-def test_q4_k_decode_is_llama_cpp_repacked_gemv_order():
-    """Q4_K decode sums as llama.cpp's AVX2 ggml_gemv_q4_K_8x8_q8_K (the kernel its repacked
-    Q4_K matrices go through): exact integer block sums, two fma chains, replayed here."""
-    rng = np.random.default_rng(44)
-    raw = random_rows(T.Q4_K, 19, 512, rng)
-    w = mm.QuantWeight("w", T.Q4_K, 512, 19, raw)
-    x = (rng.standard_normal((1, 512)) * 2).astype(np.float32)
-    got = mm.matmul(w, x)[0]
-    act = mm.quantize_for(x, w)
-    xq = act.xq[0].astype(np.int64)
-    want = np.empty(19, np.float32)
-    for r in range(19):
+def _ggml_q4_k_replay(raw, act, t, per_chunk):
+    """ggml's AVX2 Q4_K kernels for repacked matrices in numpy, token t: per 256-value block the
+    exact integer sums isum = sum scale*dot and imin = sum min*(group sum of x), fma'd into two
+    chains per block (gemv) or per 64 values (gemm, a batch's tokens in fours); acc - accm."""
+    n = raw.shape[0]
+    xq = act.xq[t].astype(np.int64)
+    want = np.empty(n, np.float32)
+    fma = lambda a, b, c: np.float32(np.float64(a) * np.float64(b) + np.float64(c))  # noqa: E731
+    for r in range(n):
         acc = accm = np.float32(0.0)
-        for b in range(2):
+        for b in range(raw.shape[1] // 144):
             blk = raw[r, b * 144:(b + 1) * 144]
             d, dmin = blk[:4].copy().view(np.float16).astype(np.float32)
+            dx = act.xd[t, b * 8]
             isum = imin = 0
             for c in range(4):
                 q = blk[16 + 32 * c:48 + 32 * c].astype(np.int64)
@@ -290,11 +288,36 @@ def test_q4_k_decode_is_llama_cpp_repacked_gemv_order():
                 s2, m2 = mm._q4k_scale_min(blk[4:16], 2 * c + 1)
                 isum += s1 * int(((q & 15) * lo).sum()) + s2 * int(((q >> 4) * hi).sum())
                 imin += m1 * int(lo.sum()) + m2 * int(hi.sum())
-            dx = act.xd[0, b * 8]
-            acc = np.float32(np.float64(isum) * np.float64(np.float32(d * dx)) + np.float64(acc))
-            accm = np.float32(np.float64(imin) * np.float64(np.float32(dmin * dx)) + np.float64(accm))
+                if per_chunk:
+                    acc, accm = fma(isum, np.float32(d * dx), acc), fma(imin, np.float32(dmin * dx), accm)
+                    isum = imin = 0
+            if not per_chunk:
+                acc, accm = fma(isum, np.float32(d * dx), acc), fma(imin, np.float32(dmin * dx), accm)
         want[r] = acc - accm
-    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    return want
+
+
+def test_q4_k_sums_as_llama_cpp_repacked_kernels():
+    """Q4_K products as llama.cpp's AVX2 kernels for repacked Q4_K (rows a multiple of 8):
+    ggml_gemv_q4_K_8x8_q8_K for single tokens and a batch's last n % 4 tokens, its gemm (the
+    fmas per 64 values) for the batch's tokens in fours. (Both orders were also checked against
+    libggml-cpu itself.) Rows past a multiple of 8 (the numba loop) sum as the IR rows do."""
+    rng = np.random.default_rng(44)
+    raw = random_rows(T.Q4_K, 24, 512, rng)
+    w = mm.QuantWeight("w", T.Q4_K, 512, 24, raw)
+    for n_tok in (1, 5):
+        x = (rng.standard_normal((n_tok, 512)) * 2).astype(np.float32)
+        got = mm.matmul(w, x)
+        act = mm.quantize_for(x, w)
+        for t in range(n_tok):
+            want = _ggml_q4_k_replay(raw, act, t, per_chunk=t < n_tok - n_tok % 4)
+            assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (n_tok, t)
+    assert not np.array_equal(_ggml_q4_k_replay(raw, act, 0, True), _ggml_q4_k_replay(raw, act, 0, False))
+    for per_chunk in (False, True):
+        full, part = np.empty(24, np.float32), np.empty(19, np.float32)
+        mm._matvec_q4_k(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], full, per_chunk)
+        mm._matvec_q4_k(np.ascontiguousarray(raw[:19]), mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], part, per_chunk)
+        assert np.array_equal(full[:19].view(np.uint32), part.view(np.uint32))
 
 
 def _q6_k_values(raw):
