@@ -95,7 +95,7 @@ def peak_rss(path: Path, args) -> tuple[float, float]:
     return rss, budget
 
 
-# importing llamachat.runtime sets OMP_WAIT_POLICY and GOMP_SPINCOUNT (for numba's OpenMP
+# importing llamachat.runtime sets OMP_WAIT_POLICY, GOMP_SPINCOUNT and OPENBLAS_THREAD_TIMEOUT (for numba's OpenMP
 # threads) unless the user set them; llama.cpp's OpenMP threads would inherit them (with PASSIVE
 # it generated at half speed), so llama-bench gets the environment as the user had it
 

@@ -316,7 +316,7 @@ def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
         gate = matmul(layer.w_gate, act)
         up = matmul(layer.w_up, act if layer.w_up.act_mode == act.mode else quantize_for(h, layer.w_up))
         act = np.empty_like(gate)
-        _silu_mul(gate.reshape(-1), up.reshape(-1), act.reshape(-1))
+        _silu_mul_rows(gate, up, act)
         x = x + matmul(layer.w_down, act)
     cache.n_past = pos0 + n_tok
 
@@ -378,6 +378,13 @@ def _silu_mul(gate, up, out):
         g = gate[i]
         if abs(g) > np.float32(87.0):
             out[i] = (g / (np.float32(1.0) + _ggml_expf(-g))) * up[i]
+
+
+@njit(cache=True, parallel=True)
+def _silu_mul_rows(gate, up, out):
+    """_silu_mul on [T, n_ff] arrays, the tokens split over threads (prompt batches)."""
+    for t in prange(gate.shape[0]):
+        _silu_mul(gate[t], up[t], out[t])
 
 
 @njit(cache=True)

@@ -164,6 +164,13 @@ def quantize_activations(x, mode, xq, xd, xs, xhat):
                     xs[t, b * 8 + g] = d * np.float32(total)
 
 
+@njit(cache=True, parallel=True)
+def _quantize_activations_rows(x, mode, xq, xd, xs, xhat):
+    """quantize_activations with the tokens split over threads (a prompt's batch)."""
+    for t in prange(x.shape[0]):
+        quantize_activations(x[t:t + 1], mode, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], xhat[t:t + 1])
+
+
 # --- fused decode kernels: one output row per iteration, rows split over threads ------------
 
 # The 32-value formats multiply through runtime.simd: ggml's AVX2 block dot products written as
@@ -367,7 +374,10 @@ class Activations:
         self.xd = np.empty((n_tok, max(k // 32, 1)), np.float32)
         self.xs = np.empty((n_tok, max(k // 32, 1)), np.float32)
         self.xhat = np.empty((n_tok, k), np.float32)
-        quantize_activations(x, mode, self.xq, self.xd, self.xs, self.xhat)
+        if n_tok > 1:
+            _quantize_activations_rows(x, mode, self.xq, self.xd, self.xs, self.xhat)
+        else:
+            quantize_activations(x, mode, self.xq, self.xd, self.xs, self.xhat)
 
 
 def quantize_for(x: np.ndarray, w: QuantWeight) -> Activations:
