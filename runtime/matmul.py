@@ -32,7 +32,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import q4_0_dot, q4_0_dot8, q4_1_dot, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot
+from .simd import f16_dot, q4_0_dot, q4_0_dot8, q4_1_dot, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -298,16 +298,19 @@ def _matvec_q6_k(w, table, xq, xd, out):
         out[r] = q6_k_dot(w, r, xq, xd)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def _matvec_f16(w, table, x, out):
-    n_rows = w.shape[0]
+    """As ggml's AVX2 ggml_vec_dot_f16 (x: the activations rounded to half): the vector IR's 4
+    accumulators over 32-value steps and their reduction, then the K % 32 leftovers in double."""
     k = x.shape[0]
-    for r in prange(n_rows):
-        row = w[r].view(np.uint16)
-        acc = np.float32(0.0)
-        for i in range(k):
-            acc += table[row[i]] * x[i]
-        out[r] = acc
+    tail = k - k % 32
+    for r in prange(w.shape[0]):
+        acc = np.float64(f16_dot(w, r, x))
+        if tail < k:
+            row = w[r].view(np.uint16)
+            for i in range(tail, k):
+                acc += np.float64(table[row[i]] * x[i])
+        out[r] = np.float32(acc)
 
 
 @njit(cache=True, parallel=True, fastmath=True)

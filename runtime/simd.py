@@ -477,3 +477,42 @@ def _q4_k_rows8(per_chunk):
 
 q4_k_dot8 = intrinsic(_q4_k_rows8(False))
 q4_k_dot8_chunks = intrinsic(_q4_k_rows8(True))
+
+
+def _f16_dot_typer(typingctx, w, r, x):
+    """(w uint8 [rows, 2*K] of IEEE halves, r, x float32 [K] already rounded to half) ->
+    float32: ggml's AVX2 ggml_vec_dot_f16 over the first K - K % 32 values: 4 accumulators of 8
+    lanes, fma per 32-value step; reduced (a0+a2) + (a1+a3), then its 128-bit halves added and
+    two horizontal adds. (The K % 32 leftovers are the caller's, in double as ggml's.)"""
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, x)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        wt, _, xt = signature.args
+        warr = context.make_array(wt)(context, builder, args[0])
+        row_bytes = builder.extract_value(warr.shape, 1)
+        row = builder.gep(warr.data, [builder.mul(args[1], builder.extract_value(warr.strides, 0))])
+        xp = builder.bitcast(context.make_array(xt)(context, builder, args[2]).data, _i8.as_pointer())
+        n_steps = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 64))
+        f32x8 = _vec(_f32, 8)
+        slots = [cgutils.alloca_once_value(builder, _ZERO8) for _ in range(4)]
+        with cgutils.for_range(builder, n_steps) as loop:
+            o = builder.mul(loop.index, ir.Constant(loop.index.type, 64))
+            _prefetch(builder, row, o, 64)
+            xo = builder.mul(loop.index, ir.Constant(loop.index.type, 128))
+            for j in range(4):
+                bits = _load(builder, row, _vec(_i16, 8), builder.add(o, ir.Constant(o.type, 16 * j)))
+                wv = builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 8)), f32x8)
+                xv = _load(builder, xp, f32x8, builder.add(xo, ir.Constant(xo.type, 32 * j)))
+                builder.store(_fma(builder, wv, xv, builder.load(slots[j])), slots[j])
+        a = [builder.load(sl) for sl in slots]
+        v = builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3]))
+        t0 = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
+        # _mm_hadd_ps(t0, t0) twice: (t0_0 + t0_1) + (t0_2 + t0_3)
+        e = [builder.extract_element(t0, ir.Constant(_i32, i)) for i in range(4)]
+        return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
+
+    return types.float32(w, r, x), codegen
+
+
+f16_dot = intrinsic(_f16_dot_typer)

@@ -371,3 +371,29 @@ def test_prompt_tiles_are_the_registry_dequantization(qtype):
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
     if qtype == T.Q4_1:
         assert np.array_equal(mins, raw.reshape(29, 18, 20)[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32))
+
+
+def test_f16_decode_sums_as_ggml_vec_dot_f16():
+    """F16 one-token products as ggml's AVX2 ggml_vec_dot_f16: activations rounded to half,
+    4 accumulators x 8 lanes over 32-value steps (fma), reduced (a0+a2)+(a1+a3), 128-bit
+    halves added, two horizontal adds; the K % 32 leftovers added in double."""
+    rng = np.random.default_rng(48)
+    for k in (576, 592):  # 592: 16 leftovers
+        raw = random_rows(T.F16, 13, k, rng)
+        w = mm.QuantWeight("w", T.F16, k, 13, raw)
+        x = (rng.standard_normal((1, k)) * 3).astype(np.float32)
+        got = mm.matmul(w, x)[0]
+        xh = x[0].astype(np.float16).astype(np.float64)
+        wv = raw.view(np.float16).astype(np.float64)
+        np_ = k - k % 32
+        acc = np.zeros((13, 4, 8), np.float32)
+        for i in range(0, np_, 32):
+            prod = wv[:, i:i + 32].reshape(13, 4, 8) * xh[i:i + 32].reshape(4, 8)  # exact in double
+            acc = (prod + acc.astype(np.float64)).astype(np.float32)  # one rounding: fma
+        v = (acc[:, 0] + acc[:, 2]) + (acc[:, 1] + acc[:, 3])
+        t0 = v[:, :4] + v[:, 4:]
+        res = ((t0[:, 0] + t0[:, 1]) + (t0[:, 2] + t0[:, 3])).astype(np.float64)
+        for i in range(np_, k):
+            res += (wv[:, i] * xh[i]).astype(np.float32).astype(np.float64)
+        want = res.astype(np.float32)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
