@@ -26,7 +26,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import matmul as _matmul_module
-from .matmul import F16_TABLE, FUSED_TYPES, act_mode_of, fma32, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
+from .matmul import F16_TABLE, FUSED_TYPES, act_mode_of, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
+from .simd import fmaf
 
 
 @njit(cache=True)
@@ -93,8 +94,8 @@ def apply_rope(x, n_heads, head_dim, n_rot, cos, sin):
                 c = cos[t, i]
                 s = sin[t, i]
                 # as compiled in ggml (-ffp-contract=fast): the first product is fused
-                x[t, base + 2 * i] = fma32(x0, c, -(x1 * s))
-                x[t, base + 2 * i + 1] = fma32(x0, s, x1 * c)
+                x[t, base + 2 * i] = fmaf(x0, c, -(x1 * s))
+                x[t, base + 2 * i + 1] = fmaf(x0, s, x1 * c)
 
 
 @njit(cache=True, inline="always")
@@ -216,7 +217,7 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
                 if j < n_kv:
                     dot = np.float32(0.0)
                     for d in range(head_dim):
-                        dot = fma32(q[t, h * head_dim + d], k_cache[j, kv0 + d], dot)
+                        dot = fmaf(q[t, h * head_dim + d], k_cache[j, kv0 + d], dot)
                     s[tk] = dot * scale
                 else:  # masked (future or padding): weight 0
                     s[tk] = -np.inf
@@ -241,7 +242,7 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             for tk in range(min(FA_TILE_KV, n_kv - ic)):
                 p = s[tk]
                 for d in range(head_dim):
-                    acc[d] = fma32(p, v_cache[ic + tk, kv0 + d], acc[d])
+                    acc[d] = fmaf(p, v_cache[ic + tk, kv0 + d], acc[d])
         inv = np.float32(1.0) / total
         for d in range(head_dim):
             out[t, h * head_dim + d] = acc[d] * inv
@@ -334,25 +335,25 @@ def _ggml_expf(x):
     replayed in float32 step by step (2**n built directly: the bit tricks give exactly that).
     Constants: 0x1.715476p+0, 0x1.8p23, 0x1.62e4p-1, 0x1.7f7d1cp-20, 0x1.0e4020p-7,
     0x1.573e2ep-5, 0x1.555e66p-3, 0x1.fffdb6p-2, 0x1.ffffecp-1."""
-    z = fma32(x, np.float32(1.4426950216293335), np.float32(12582912.0))  # x*log2(e) + 0x1.8p23
+    z = fmaf(x, np.float32(1.4426950216293335), np.float32(12582912.0))  # x*log2(e) + 0x1.8p23
     n = np.float32(z - np.float32(12582912.0))
     if abs(n) > 126.0:  # ggml's slow path (over/underflow); here the exact value is as good
         return np.float32(math.exp(x))
-    b = fma32(-n, np.float32(1.428606765330187e-06), fma32(-n, np.float32(0.693145751953125), x))
+    b = fmaf(-n, np.float32(1.428606765330187e-06), fmaf(-n, np.float32(0.693145751953125), x))
     k = np.float32(math.ldexp(1.0, int(n)))
     u = np.float32(b * b)
-    j = fma32(fma32(fma32(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
-                    fma32(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
+    j = fmaf(fmaf(fmaf(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
+                    fmaf(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
               u, np.float32(np.float32(0.9999994039535522) * b))
-    return fma32(j, k, k)
+    return fmaf(j, k, k)
 
 
 @njit(cache=True, inline="always")
 def _expf_reduce(x):
     """_ggml_expf's first steps: n = round(x*log2(e)) and the reduced argument b."""
-    z = fma32(x, np.float32(1.4426950216293335), np.float32(12582912.0))
+    z = fmaf(x, np.float32(1.4426950216293335), np.float32(12582912.0))
     n = np.float32(z - np.float32(12582912.0))
-    b = fma32(-n, np.float32(1.428606765330187e-06), fma32(-n, np.float32(0.693145751953125), x))
+    b = fmaf(-n, np.float32(1.428606765330187e-06), fmaf(-n, np.float32(0.693145751953125), x))
     return n, b
 
 
@@ -371,11 +372,11 @@ def _silu_mul(gate, up, out):
     for i in range(size):
         _, b = _expf_reduce(-gate[i])
         u = np.float32(b * b)
-        poly[i] = fma32(fma32(fma32(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
-                              fma32(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
+        poly[i] = fmaf(fmaf(fmaf(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
+                              fmaf(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
                         u, np.float32(np.float32(0.9999994039535522) * b))
     for i in range(size):
-        out[i] = (gate[i] / (np.float32(1.0) + fma32(poly[i], k[i], k[i]))) * up[i]
+        out[i] = (gate[i] / (np.float32(1.0) + fmaf(poly[i], k[i], k[i]))) * up[i]
     for i in range(size):
         g = gate[i]
         if abs(g) > np.float32(87.0):

@@ -222,12 +222,6 @@ def _matvec_q5_0(w, table, xq, xd, out):
 
 
 @njit(cache=True, inline="always")
-def fma32(a, b, c):
-    """float32 fused multiply-add (a*b exact in double, one rounding to double, then float32)."""
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
-
-
-@njit(cache=True, inline="always")
 def _q4k_scale_min(sc, j):
     if j < 4:
         return np.int32(sc[j] & 63), np.int32(sc[j + 4] & 63)

@@ -516,3 +516,18 @@ def _f16_dot_typer(typingctx, w, r, x):
 
 
 f16_dot = intrinsic(_f16_dot_typer)
+
+
+def _fmaf_typer(typingctx, a, b, c):
+    """float32 a*b + c with one rounding (llvm.fma.f32: vfmadd on FMA CPUs, a libm call
+    elsewhere), which LLVM vectorizes inside loops."""
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _fma(builder, *args)
+
+    return types.float32(a, b, c), codegen
+
+
+fmaf = intrinsic(_fmaf_typer)
