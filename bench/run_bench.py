@@ -6,7 +6,8 @@
 For each model (library name or .gguf path; default: the library's default model):
 - pp/tg tokens/s as `llamachat bench` measures them (mean ± stddev over -r repetitions);
 - decode bytes per token (every weight matrix is read once per generated token) against this
-  machine's single-thread memory read bandwidth (numpy sum over 256 MB), i.e. the tg bound;
+  machine's memory read bandwidth with the same threads (numpy sums over 256 MB), i.e. the
+  tg bound;
 - cold start to first token: a fresh `python` process with an empty numba cache directory
   (every kernel compiled, as on the first-ever run) that imports the engine, loads the model
   and evaluates one token; warm start: the same with the kernels cached on disk;
@@ -31,13 +32,18 @@ from pathlib import Path
 import numpy as np
 
 
-def memory_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
-    a = np.ones(nbytes // 8, dtype=np.float64)
+def memory_bandwidth(threads: int, nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Bytes/s read by `threads` threads each summing its own part of 256 MB (numpy's sum
+    releases the GIL): what generation with that many threads can stream at best."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = np.array_split(np.ones(nbytes // 8, dtype=np.float64), threads)
     best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
 
@@ -134,8 +140,8 @@ def main() -> int:
     from llamachat.runtime.model import load_model
 
     print(f"machine: {machine()}; load average at start: {load_average()}")
-    bw = memory_bandwidth()
-    print(f"memory read bandwidth (1 thread, numpy sum of 256 MB): {bw / 1e9:.1f} GB/s")
+    bw = memory_bandwidth(args.threads)
+    print(f"memory read bandwidth ({args.threads} threads, numpy sums of 256 MB): {bw / 1e9:.1f} GB/s")
     lib = Library.load()
     for name in args.model or [None]:
         try:
