@@ -371,7 +371,10 @@ class Activations:
         self.xd = np.empty((n_tok, max(k // 32, 1)), np.float32)
         self.xs = np.empty((n_tok, max(k // 32, 1)), np.float32)
         self.xhat = np.empty((n_tok, k), np.float32)
-        if n_tok > 1:
+        if mode == ACT_F16 and n_tok > 1:  # numpy's IEEE conversion: the same rounding, 4x faster
+            with np.errstate(over="ignore"):  # beyond the half range: inf, as ggml's FP32_TO_FP16
+                np.copyto(self.xhat, x.astype(np.float16))
+        elif n_tok > 1:
             _quantize_activations_rows(x, mode, self.xq, self.xd, self.xs, self.xhat)
         else:
             quantize_activations(x, mode, self.xq, self.xd, self.xs, self.xhat)

@@ -397,3 +397,15 @@ def test_f16_decode_sums_as_ggml_vec_dot_f16():
             res += (wv[:, i] * xh[i]).astype(np.float32).astype(np.float64)
         want = res.astype(np.float32)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
+
+
+def test_f16_activation_rounding_of_a_batch_is_the_per_token_one():
+    """Batches round F16 activations with numpy's conversion; single tokens with
+    round_to_f16: the same halves, including subnormals, ties and overflow to inf."""
+    rng = np.random.default_rng(50)
+    x = (rng.standard_normal((5, 64)) * 10).astype(np.float32)
+    x[0, :8] = [1e-8, -3e-7, 65519.0, 65520.0, -1e6, 2049.0, 2051.0, 6.1e-5]
+    batch = mm.Activations(x, mm.ACT_F16).xhat
+    for t in range(5):
+        one = mm.Activations(x[t:t + 1], mm.ACT_F16).xhat[0]
+        assert np.array_equal(batch[t].view(np.uint32), one.view(np.uint32))
