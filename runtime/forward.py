@@ -258,23 +258,50 @@ def attention_blas(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out
     n_kv = n_past + n_tok
     group = n_head // n_head_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    # query t sits at position n_past + t and sees keys 0..n_past + t
-    future = np.arange(n_kv)[None, :] > (n_past + np.arange(n_tok))[:, None]
-    # rows ordered (t, head of the group); adding -inf masks as assigning it does (and 3x
-    # faster than boolean indexing)
-    mask = np.repeat(np.where(future, np.float32(-np.inf), np.float32(0.0)), group, axis=0)
     for g in range(n_head_kv):
         cols = slice(g * group * head_dim, (g + 1) * group * head_dim)
-        qg = q[:, cols].reshape(n_tok * group, head_dim)
+        qg = q[:, cols].reshape(n_tok * group, head_dim)  # rows ordered (t, head of the group)
         kg = k_cache[:n_kv, g * head_dim:(g + 1) * head_dim]
         vg = v_cache[:n_kv, g * head_dim:(g + 1) * head_dim]
         s = qg @ kg.T
-        s *= scale
-        s += mask
-        s -= s.max(axis=1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=1, keepdims=True)
-        out[:, cols] = (s @ vg).reshape(n_tok, group * head_dim)
+        _causal_softmax_rows(s, n_past, group, scale)
+        out[:, cols] = (s @ vg).reshape(n_tok * group, head_dim).reshape(n_tok, group * head_dim)
+
+
+@njit(cache=True, parallel=True)
+def _causal_softmax_rows(s, n_past, group, scale):
+    """In place, per row r (query t = r // group at position n_past + t): softmax of
+    scale * s over the keys 0..n_past + t, zeros after (the future). One pass per row, rows
+    over threads, exp as ggml's vectorized expf (its tiled attention's); the sum in float32."""
+    n_kv = s.shape[1]
+    for r in prange(s.shape[0]):
+        n = min(n_kv, n_past + r // group + 1)
+        row = s[r]
+        m = np.float32(-np.inf)
+        for j in range(n):
+            row[j] = row[j] * scale
+            m = max(m, row[j])
+        kbits = np.empty(n, np.int32)  # exp(x - m), x - m <= 0: 2**n built from its bits
+        two_n = kbits.view(np.float32)
+        for j in range(n):
+            k, _ = _expf_reduce(row[j] - m)
+            kbits[j] = (np.int32(max(k, np.float32(-126.0))) + 127) << 23
+        for j in range(n):
+            x = row[j] - m
+            _, b = _expf_reduce(x)
+            u = np.float32(b * b)
+            p = fmaf(fmaf(fmaf(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
+                          fmaf(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
+                     u, np.float32(np.float32(0.9999994039535522) * b))
+            row[j] = fmaf(p, two_n[j], two_n[j]) if x >= np.float32(-87.0) else np.float32(0.0)
+        total = np.float32(0.0)
+        for j in range(n):
+            total += row[j]
+        inv = np.float32(1.0) / total
+        for j in range(n):
+            row[j] *= inv
+        for j in range(n, n_kv):
+            row[j] = 0.0
 
 
 def silu(x: np.ndarray) -> np.ndarray:
