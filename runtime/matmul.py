@@ -6,13 +6,16 @@ activations are converted to the weight format's "vec_dot_type" (Q8_0 for Q8_0/Q
 for Q4_1/Q5_1, Q8_K for the K-quants, F16 for F16, BF16 for BF16), so our sums use the same
 rounded activations as llama.cpp's integer dot products.
 
-Two paths, chosen per call:
-- decode (few tokens) on the hot formats (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16, F32): fused numba
-  kernels reading the blocks directly, integer dot products against the int8 activations,
-  rows split over threads.
+Three paths, chosen per call:
+- decode (few tokens) on the hot formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16, F32): fused
+  kernels reading the blocks directly (runtime.simd: ggml's AVX2 loops as LLVM vector IR),
+  integer dot products against the int8 activations, rows split over threads; llama.cpp's
+  floats bit for bit.
+- Q4_0 batches of any size (rows a multiple of 8): 8 rows x 4 tokens per step, the same floats
+  as one-token decode and as llama.cpp's batches.
 - everything else (prefill blocks, and every format without a fused kernel): a tile of rows
-  dequantized to float32 once (`runtime.quants.dequantize`), multiplied by the block of rounded
-  activations with numpy's BLAS. The tile is transient; weights stay quantized in the mmap.
+  dequantized to float32 once, multiplied by the block of rounded activations with numpy's
+  BLAS. The tile is transient; weights stay quantized in the mmap.
 
 Layouts (ggml-common.h), per block, little endian, `d`/`m`/`dmin` are IEEE half floats:
   Q8_0  34 B / 32: d, int8 qs[32]                                  w = d*q
@@ -32,7 +35,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import f16_dot, q4_0_dot, q4_0_dot8, q4_1_dot, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot
+from .simd import f16_dot, q4_0_dot, q4_0_dot8, q4_0_gemm, q4_1_dot, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -55,7 +58,8 @@ PREFILL_MIN_TOKENS = 16
 # vec_dot's lane order), so with EXACT_PREFILL the fused kernels serve batches of any size:
 # prompts and perplexity then reproduce llama.cpp bit for bit (forward.py also switches batches
 # of 64+ tokens to ggml's tiled flash attention). It costs prompt speed (SmolLM2 Q4_1, 2 threads:
-# pp256 about 50 tok/s exact vs 120 default), so it is opt-in: LLAMACHAT_EXACT_PREFILL=1.
+# pp256 about 50 tok/s exact vs 380 default; Q4_0 batches are exact either way), so it is
+# opt-in: LLAMACHAT_EXACT_PREFILL=1.
 # Single-token decode is exact either way, and prompts under 16 tokens too.
 EXACT_PREFILL = os.environ.get("LLAMACHAT_EXACT_PREFILL", "") == "1"
 # rows dequantized at once on the tile path (bounds the transient float32 tile)
@@ -211,6 +215,30 @@ def _matvec_q4_0(w, table, xq, xd, out):
         q4_0_dot8(w, 8 * g, xq, xd, out)
     for r in range(8 * n8, w.shape[0]):
         out[r] = q4_0_dot(w, r, xq, xd)
+
+
+GEMM_TOKENS = 4  # tokens per q4_0_gemm step (2, 3 and 4 measured alike)
+
+
+@njit(cache=True, parallel=True)
+def _matmat_q4_0(w, xq, xd, out):
+    """out [T, rows] = the T tokens' products with Q4_0 rows (a multiple of 8), bit for bit
+    as one-token decode and as llama.cpp's batches (its repacked gemm for tokens in fours,
+    gemv for the rest): 8 rows x 4 tokens per step (runtime.simd.q4_0_gemm), the 8 rows'
+    weights staying in cache while every token passes."""
+    n_tok, k = xq.shape
+    nb = k // 32
+    ysum = np.zeros((n_tok, nb), np.int32)
+    for t in range(n_tok):
+        for b in range(nb):
+            for j in range(32):
+                ysum[t, b] += np.int32(xq[t, 32 * b + j])
+    t4 = n_tok // GEMM_TOKENS
+    for g in prange(w.shape[0] // 8):
+        for tg in range(t4):
+            q4_0_gemm(w, 8 * g, xq, xd, ysum, GEMM_TOKENS * tg, out)
+        for t in range(GEMM_TOKENS * t4, n_tok):
+            q4_0_dot8(w, 8 * g, xq[t], xd[t], out[t])
 
 
 @njit(cache=True, parallel=True)
@@ -441,6 +469,9 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     if out is None:
         out = np.empty((n_tok, w.n_out), np.float32)
     t = w.ggml_type
+    if t == T.Q4_0 and n_tok > 1 and w.n_out % 8 == 0:  # exact and faster than the BLAS tiles
+        _matmat_q4_0(np.ascontiguousarray(w.rows), act.xq, act.xd, out)
+        return out
     if t in FUSED_TYPES and (EXACT_PREFILL or n_tok < PREFILL_MIN_TOKENS):
         rows = np.ascontiguousarray(w.rows)
         in_fours = n_tok - n_tok % 4  # llama.cpp multiplies these by its Q4_K gemm, the rest by gemv

@@ -531,3 +531,56 @@ def _fmaf_typer(typingctx, a, b, c):
 
 
 fmaf = intrinsic(_fmaf_typer)
+
+
+def _q4_0_gemm(n_t):
+    """The typer of q4_0_gemm, n_t tokens per step."""
+
+    def _q4_0_gemm_typer(typingctx, w, r0, xq, xd, ysum, t0, out):
+        """Q4_0 rows r0..r0+7 times tokens t0..t0+n_t-1 into out[t0:t0+n_t, r0:r0+8] (xq int8 [T, K],
+        xd float32 [T, K/32], ysum int32 [T, K/32]: each block's sum of activations, out float32
+        [T, rows]): per (row, token) the same chain as q4_0_dot8, the exact integer block sum
+        sum(q*y) - 8*sum(y) fma'd by d*dx per block, as ggml_gemm_q4_0_8x8_q8_0 sums a batch's
+        tokens in fours; the weights' nibbles and scales are unpacked once for the n_t tokens."""
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, ysum, out)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            wt, _, xqt, xdt, yst, _, outt = signature.args
+            warr = context.make_array(wt)(context, builder, args[0])
+            row_bytes = builder.extract_value(warr.shape, 1)
+            stride = builder.extract_value(warr.strides, 0)
+            r0, t0 = args[1], args[5]
+            rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
+            xarr = context.make_array(xqt)(context, builder, args[2])
+            k_vals = builder.extract_value(xarr.shape, 1)
+            nb = builder.sdiv(k_vals, ir.Constant(k_vals.type, 32))
+            oarr = context.make_array(outt)(context, builder, args[6])
+            n_out = builder.extract_value(oarr.shape, 1)
+            toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+            yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+            yd = [builder.gep(context.make_array(xdt)(context, builder, args[3]).data, [builder.mul(tk, nb)]) for tk in toks]
+            ys = [builder.gep(context.make_array(yst)(context, builder, args[4]).data, [builder.mul(tk, nb)]) for tk in toks]
+            slots = [cgutils.alloca_once_value(builder, _ZERO8) for _ in range(n_t)]
+            f32x8 = _vec(_f32, 8)
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                o = builder.mul(b, ir.Constant(b.type, 18))
+                q = [_nibbles(builder, _load(builder, row, _vec(_i8, 16), builder.add(o, ir.Constant(o.type, 2)))) for row in rows]
+                d = _halves8(builder, [builder.gep(row, [o]) for row in rows], 0)
+                for t in range(n_t):
+                    qy = _load(builder, yq[t], _vec(_i8, 32), builder.mul(b, ir.Constant(b.type, 32)))
+                    eight_ysum = builder.shl(builder.load(builder.gep(ys[t], [b])), ir.Constant(_i32, 3))
+                    sums = builder.sub(_row_sums8(builder, [_lanes_unsigned(builder, qk, qy) for qk in q]), _splat(builder, eight_ysum, 8))
+                    dd = builder.fmul(d, _splat(builder, builder.load(builder.gep(yd[t], [b])), 8))
+                    builder.store(_fma(builder, builder.sitofp(sums, f32x8), dd, builder.load(slots[t])), slots[t])
+            for t in range(n_t):
+                dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r0)])
+                builder.store(builder.load(slots[t]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.none(w, r0, xq, xd, ysum, t0, out), codegen
+    return _q4_0_gemm_typer
+
+
+q4_0_gemm = intrinsic(_q4_0_gemm(4))

@@ -409,3 +409,18 @@ def test_f16_activation_rounding_of_a_batch_is_the_per_token_one():
     for t in range(5):
         one = mm.Activations(x[t:t + 1], mm.ACT_F16).xhat[0]
         assert np.array_equal(batch[t].view(np.uint32), one.view(np.uint32))
+
+
+@pytest.mark.parametrize("n_tok", [2, 11, 40])
+def test_q4_0_batches_are_the_one_token_products(n_tok):
+    """Q4_0 batches (8 rows x 4 tokens per step, the rest token by token) give each token's
+    one-token decode floats, which are llama.cpp's gemv and gemm ones (both orders were checked
+    against libggml-cpu): prompts of any length multiply Q4_0 exactly."""
+    rng = np.random.default_rng(60 + n_tok)
+    raw = random_rows(T.Q4_0, 48, 576, rng)
+    w = mm.QuantWeight("w", T.Q4_0, 576, 48, raw)
+    x = (rng.standard_normal((n_tok, 576)) * 2).astype(np.float32)
+    got = mm.matmul(w, x)
+    for t in range(n_tok):
+        one = mm.matmul(w, x[t:t + 1])[0]
+        assert np.array_equal(one.view(np.uint32), got[t].view(np.uint32)), t
