@@ -29,7 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# before numpy: the engine's thread settings (OpenMP spin, OpenBLAS's worker timeout) apply only
+# to libraries not loaded yet, as when the llamachat command runs
+import llamachat.runtime  # noqa: F401,E402
+import numpy as np  # noqa: E402
 
 
 def memory_bandwidth(threads: int, nbytes: int = 256 << 20, reps: int = 5) -> float:

@@ -14,15 +14,23 @@ same functions emit portable vector IR (int32 products summed 4 by 4: the same i
 sums, the same floats, only slower); `AVX2` says which one the host gets, and tests compile
 both.
 
-Row dots (typed for numba, used inside jitted loops):
-  q4_1_dot(w, r, xq, xd, xs)  Q4_1 row r against Q8_1 activations (vec_dot_q4_1_q8_1)
-  q8_0_dot(w, r, xq, xd)      Q8_0 row r against Q8_0 activations (vec_dot_q8_0_q8_0)
-  q5_0_dot(w, r, xq, xd)      Q5_0 row r against Q8_0 activations (vec_dot_q5_0_q8_0)
-  q6_k_dot(w, r, xq, xd)      Q6_K row r against Q8_K activations (vec_dot_q6_K_q8_K)
-  q4_0_dot(w, r, xq, xd)      Q4_0 row r in llama.cpp's repacked-GEMV order
-                              (ggml_gemv_q4_0_8x8_q8_0: per block the exact integer sum of
-                              its 32 products, then one fma chain per row)
-w: uint8 [rows, row bytes] (C-contiguous rows), xq int8 [K], xd/xs float32 [K/32].
+Kernels (typed for numba, used inside jitted loops; w uint8 [rows, row bytes] with C-contiguous
+rows, xq int8 [K], xd/xs float32 [K/32]; the 8-row ones write out[r0:r0+8]):
+  q4_1_dot(w, r, xq, xd, xs)   Q4_1 row r against Q8_1 activations (vec_dot_q4_1_q8_1)
+  q8_0_dot(w, r, xq, xd)       Q8_0 row r against Q8_0 activations (vec_dot_q8_0_q8_0)
+  q5_0_dot(w, r, xq, xd)       Q5_0 row r against Q8_0 activations (vec_dot_q5_0_q8_0)
+  q6_k_dot(w, r, xq, xd)       Q6_K row r against Q8_K activations (vec_dot_q6_K_q8_K)
+  q4_0_dot(w, r, xq, xd)       Q4_0 row r in llama.cpp's repacked order (ggml_gemv_q4_0_8x8_q8_0:
+                               per block the exact integer sum of its 32 products, then one
+                               fma chain per row); q4_0_dot8(w, r0, xq, xd, out) 8 rows at once
+  q4_0_gemm(w, r0, xq, xd, ysum, t0, out)  8 rows x 4 tokens of a batch, the same sums
+  q4_k_dot8(w, r0, xq, xd, out)            Q4_K, ggml_gemv_q4_K_8x8_q8_K's order;
+  q4_k_dot8_chunks(...)                    its gemm's (a batch's tokens in fours)
+  f16_dot(w, r, x)             F16 row r against half-rounded activations (ggml_vec_dot_f16)
+  fmaf(a, b, c)                float32 fused multiply-add (llvm.fma.f32)
+Every kernel also prefetches the weights 8 KiB ahead (decode streams them from DRAM).
+LLAMACHAT_NO_AVX2=1 forces the portable IR (numba's cache does not key on it: use a fresh
+NUMBA_CACHE_DIR, as the tests do).
 """
 
 from __future__ import annotations
@@ -351,10 +359,7 @@ def _q4_0_rows8_typer(typingctx, w, r0, xq, xd, out):
             lanes = [_lanes_unsigned(builder, _nibbles(builder, _load(builder, rows[k], _vec(_i8, 16), builder.add(o, ir.Constant(o.type, 2)))), qy)
                      for k in range(8)]
             sums = builder.sub(_row_sums8(builder, lanes), _splat(builder, builder.shl(ysum, ir.Constant(_i32, 3)), 8))
-            dbits = ir.Constant(_vec(_i16, 8), ir.Undefined)
-            for k in range(8):
-                dbits = builder.insert_element(dbits, _load(builder, rows[k], _i16, o), ir.Constant(_i32, k))
-            d = builder.fpext(builder.bitcast(dbits, _vec(ir.HalfType(), 8)), _vec(_f32, 8))
+            d = _halves8(builder, [builder.gep(row, [o]) for row in rows], 0)
             dd = builder.fmul(d, _splat(builder, builder.load(builder.gep(yd, [b])), 8))
             acc = _fma(builder, builder.sitofp(sums, _vec(_f32, 8)), dd, builder.load(acc_slot))
             builder.store(acc, acc_slot)
