@@ -58,8 +58,10 @@ PREFILL_MIN_TOKENS = 16
 # vec_dot's lane order), so with EXACT_PREFILL the fused kernels serve batches of any size:
 # prompts and perplexity then reproduce llama.cpp bit for bit (forward.py also switches batches
 # of 64+ tokens to ggml's tiled flash attention). It costs prompt speed (SmolLM2 Q4_1, 2 threads:
-# pp256 about 50 tok/s exact vs 380 default; Q4_0 batches are exact either way), so it is
-# opt-in: LLAMACHAT_EXACT_PREFILL=1.
+# pp256 about 140 tok/s exact vs 420 default; Q4_0 batches are exact either way), so it is
+# opt-in: LLAMACHAT_EXACT_PREFILL=1. (Verified on the Q4_1, Q4_0 and Q8_0 files' perplexity.
+# The F16, Q5_0, Q6_K and Q4_K_M files' still differ from llama-perplexity's: its F16 batches go
+# through llamafile's tinyBLAS, in another order; the Q5_0 and Q6_K causes are not known yet.)
 # Single-token decode is exact either way, and prompts under 16 tokens too.
 EXACT_PREFILL = os.environ.get("LLAMACHAT_EXACT_PREFILL", "") == "1"
 # rows dequantized at once on the tile path (bounds the transient float32 tile)
