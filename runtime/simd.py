@@ -330,21 +330,28 @@ def _row_sums8(builder, lanes):
     return total
 
 
+def _rows8_operands(context, builder, signature, args, block_bytes):
+    """The operands of an 8-row kernel (w, r0, xq, xd, out): the 8 row pointers, the int8
+    activations and their scales, the output's data pointer and the blocks per row."""
+    wt, _, xqt, xdt, outt = signature.args
+    warr = context.make_array(wt)(context, builder, args[0])
+    row_bytes = builder.extract_value(warr.shape, 1)
+    stride = builder.extract_value(warr.strides, 0)
+    r0 = args[1]
+    rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
+    yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
+    yd = context.make_array(xdt)(context, builder, args[3]).data
+    outp = context.make_array(outt)(context, builder, args[4]).data
+    return rows, yq, yd, outp, builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
+
+
 def _q4_0_rows8_typer(typingctx, w, r0, xq, xd, out):
     if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
         return None
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, outt = signature.args
-        warr = context.make_array(wt)(context, builder, args[0])
-        row_bytes = builder.extract_value(warr.shape, 1)
-        stride = builder.extract_value(warr.strides, 0)
+        rows, yq, yd, outp, n_blocks = _rows8_operands(context, builder, signature, args, 18)
         r0 = args[1]
-        rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
-        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-        yd = context.make_array(xdt)(context, builder, args[3]).data
-        outp = context.make_array(outt)(context, builder, args[4]).data
-        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 18))
         acc_slot = cgutils.alloca_once_value(builder, _ZERO8)
         ones8 = ir.Constant(_vec(_i8, 32), [1] * 32)
         with cgutils.for_range(builder, n_blocks) as loop:
@@ -413,16 +420,8 @@ def _q4_k_rows8(per_chunk):
         return types.none(w, r0, xq, xd, out), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, outt = signature.args
-        warr = context.make_array(wt)(context, builder, args[0])
-        row_bytes = builder.extract_value(warr.shape, 1)
-        stride = builder.extract_value(warr.strides, 0)
+        rows, yq, yd, outp, n_blocks = _rows8_operands(context, builder, signature, args, 144)
         r0 = args[1]
-        rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
-        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-        yd = context.make_array(xdt)(context, builder, args[3]).data
-        outp = context.make_array(outt)(context, builder, args[4]).data
-        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 144))
         acc_slot = cgutils.alloca_once_value(builder, _ZERO8)
         accm_slot = cgutils.alloca_once_value(builder, _ZERO8)
         ones8 = ir.Constant(_vec(_i8, 32), [1] * 32)
