@@ -46,6 +46,8 @@ from numba.extending import intrinsic
 def _host_has_avx2() -> bool:
     if os.environ.get("LLAMACHAT_NO_AVX2") == "1":  # to exercise the portable IR
         return False
+    if os.environ.get("NUMBA_CPU_NAME", "host") != "host":  # code for another CPU than this one:
+        return False  # x86 intrinsics might not exist there
     try:
         from llvmlite import binding
 
@@ -56,6 +58,22 @@ def _host_has_avx2() -> bool:
 
 
 AVX2 = _host_has_avx2()
+
+
+def _host_has_f16c() -> bool:
+    if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
+        return False
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("f16c"))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# half -> float by the CPU's conversion instruction (vcvtph2ps), else by integer arithmetic:
+# LLVM lowers a half fpext without F16C to a runtime-library call the JIT cannot resolve
+F16C = _host_has_f16c()
 
 _i1, _i8, _i16, _i32, _i64, _f32 = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),
                                     ir.IntType(64), ir.FloatType())
@@ -81,8 +99,31 @@ def _load(builder, ptr, ty, offset):
 
 
 def _half(builder, ptr, offset):
-    """The IEEE half at ptr + offset, as float32 (vcvtph2ps with F16C)."""
-    return builder.fpext(builder.bitcast(_load(builder, ptr, _i16, offset), ir.HalfType()), _f32)
+    """The IEEE half at ptr + offset, as float32."""
+    return _halves_to_float(builder, _load(builder, ptr, _i16, offset))
+
+
+def _halves_to_float(builder, bits):
+    """IEEE half bit patterns (i16 or <n x i16>) -> float32, exactly."""
+    n = bits.type.count if isinstance(bits.type, ir.VectorType) else None
+    f32 = _f32 if n is None else _vec(_f32, n)
+    if F16C:
+        return builder.fpext(builder.bitcast(bits, ir.HalfType() if n is None else _vec(ir.HalfType(), n)), f32)
+    i32 = _i32 if n is None else _vec(_i32, n)
+
+    def c(v):
+        return ir.Constant(i32, v if n is None else [v] * n)
+
+    x = builder.zext(bits, i32)
+    sign = builder.shl(builder.and_(x, c(0x8000)), c(16))
+    exp = builder.and_(builder.lshr(x, c(10)), c(0x1F))
+    mant = builder.and_(x, c(0x3FF))
+    normal = builder.or_(builder.shl(builder.add(exp, c(112)), c(23)), builder.shl(mant, c(13)))
+    special = builder.or_(c(0x7F800000), builder.shl(mant, c(13)))  # inf, nan
+    tiny = builder.bitcast(builder.fmul(builder.sitofp(mant, f32), ir.Constant(f32, 2.0 ** -24 if n is None else [2.0 ** -24] * n)), i32)
+    mag = builder.select(builder.icmp_unsigned("==", exp, c(0)), tiny,
+                         builder.select(builder.icmp_unsigned("==", exp, c(31)), special, normal))
+    return builder.bitcast(builder.or_(sign, mag), f32)
 
 
 # Decode reads every weight once per token, from DRAM (SmolLM2's layers are 60-140 MB, more
@@ -403,7 +444,7 @@ def _halves8(builder, rows, offset):
     bits = ir.Constant(_vec(_i16, 8), ir.Undefined)
     for k, row in enumerate(rows):
         bits = builder.insert_element(bits, _load(builder, row, _i16, offset), ir.Constant(_i32, k))
-    return builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 8)), _vec(_f32, 8))
+    return _halves_to_float(builder, bits)
 
 
 def _q4_k_rows8(per_chunk):
@@ -506,7 +547,7 @@ def _f16_dot_typer(typingctx, w, r, x):
             xo = builder.mul(loop.index, ir.Constant(loop.index.type, 128))
             for j in range(4):
                 bits = _load(builder, row, _vec(_i16, 8), builder.add(o, ir.Constant(o.type, 16 * j)))
-                wv = builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 8)), f32x8)
+                wv = _halves_to_float(builder, bits)
                 xv = _load(builder, xp, f32x8, builder.add(xo, ir.Constant(xo.type, 32 * j)))
                 builder.store(_fma(builder, wv, xv, builder.load(slots[j])), slots[j])
         a = [builder.load(sl) for sl in slots]

@@ -203,7 +203,19 @@ import sys
 import numpy as np
 from numba import njit
 from llamachat.runtime import simd
-assert not simd.AVX2
+from numba import types
+from numba.extending import intrinsic
+assert not simd.AVX2 and not simd.F16C
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    return types.float32(bits), lambda context, builder, sig, args: simd._halves_to_float(builder, args[0])
+
+@njit
+def all_halves(out):
+    for i in range(65536):
+        out[i] = half_to_float(np.uint16(i))
+
 d = np.load(sys.argv[1])
 @njit
 def run(kind, w, xq, xd, xs, out):
@@ -228,14 +240,18 @@ for kind in range(6):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
     run(kind, d[f"w{kind}"], d[f"xq{kind}"], d[f"xd{kind}"], d[f"xs{kind}"], out)
     outs[f"out{kind}"] = out
+halves = np.empty(65536, np.float32)
+all_halves(halves)
+outs["halves"] = halves
 np.savez(sys.argv[2], **outs)
 """
 
 
 def test_portable_ir_gives_the_same_floats(tmp_path):
-    """Without AVX2 (forced by LLAMACHAT_NO_AVX2=1; a fresh numba cache so nothing compiled for
-    AVX2 is reused) the portable IR sums the same integer lanes in the same order: the same
-    floats as llama.cpp's AVX2 kernels."""
+    """Without AVX2 and F16C (LLAMACHAT_NO_AVX2=1 and code for a generic x86 CPU; a fresh numba
+    cache so nothing compiled for this one is reused) the portable IR sums the same integer
+    lanes in the same order: the same floats as llama.cpp's AVX2 kernels; halves convert
+    exactly by integer arithmetic."""
     import os
     import subprocess
     import sys
@@ -258,12 +274,17 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     data.update({"w5": raw, "xq5": act.xq[0], "xd5": act.xd[0], "xs5": act.xs[0]})
     want[5] = mm.matmul(mm.QuantWeight("w", T.Q4_K, 512, 16, raw), x)[0]  # (replayed above)
     np.savez(tmp_path / "in.npz", **data)
-    env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                    env=env, check=True, timeout=600)
     got = np.load(tmp_path / "out.npz")
     for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K]):
         assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), qtype.name
+    # half -> float by integer arithmetic (no F16C): every bit pattern, NaNs as NaNs
+    want_halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    nan = np.isnan(want_halves)
+    assert np.array_equal(np.isnan(got["halves"]), nan)
+    assert np.array_equal(got["halves"][~nan].view(np.uint32), want_halves[~nan].view(np.uint32))
 
 
 def _ggml_q4_k_replay(raw, act, t, per_chunk):
