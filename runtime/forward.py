@@ -265,7 +265,7 @@ def attention_blas(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out
         vg = v_cache[:n_kv, g * head_dim:(g + 1) * head_dim]
         s = qg @ kg.T
         _causal_softmax_rows(s, n_past, group, scale)
-        out[:, cols] = (s @ vg).reshape(n_tok * group, head_dim).reshape(n_tok, group * head_dim)
+        out[:, cols] = (s @ vg).reshape(n_tok, group * head_dim)
 
 
 @njit(cache=True, parallel=True)
@@ -289,10 +289,7 @@ def _causal_softmax_rows(s, n_past, group, scale):
         for j in range(n):
             x = row[j] - m
             _, b = _expf_reduce(x)
-            u = np.float32(b * b)
-            p = fmaf(fmaf(fmaf(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
-                          fmaf(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
-                     u, np.float32(np.float32(0.9999994039535522) * b))
+            p = _expf_poly(b)
             row[j] = fmaf(p, two_n[j], two_n[j]) if x >= np.float32(-87.0) else np.float32(0.0)
         total = np.float32(0.0)
         for j in range(n):
@@ -368,11 +365,17 @@ def _ggml_expf(x):
         return np.float32(math.exp(x))
     b = fmaf(-n, np.float32(1.428606765330187e-06), fmaf(-n, np.float32(0.693145751953125), x))
     k = np.float32(math.ldexp(1.0, int(n)))
-    u = np.float32(b * b)
-    j = fmaf(fmaf(fmaf(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
-                    fmaf(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
-              u, np.float32(np.float32(0.9999994039535522) * b))
+    j = _expf_poly(b)
     return fmaf(j, k, k)
+
+
+@njit(cache=True, inline="always")
+def _expf_poly(b):
+    """_ggml_expf's polynomial on the reduced argument b: exp(b) - 1 before scaling by 2**n."""
+    u = np.float32(b * b)
+    return fmaf(fmaf(fmaf(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
+                     fmaf(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
+                u, np.float32(np.float32(0.9999994039535522) * b))
 
 
 @njit(cache=True, inline="always")
@@ -398,10 +401,7 @@ def _silu_mul(gate, up, out):
     poly = np.empty(size, np.float32)  # separate loops: each one vectorizes
     for i in range(size):
         _, b = _expf_reduce(-gate[i])
-        u = np.float32(b * b)
-        poly[i] = fmaf(fmaf(fmaf(np.float32(0.008247390389442444), b, np.float32(0.04189976677298546)), u,
-                              fmaf(np.float32(0.16668395698070526), b, np.float32(0.4999912679195404))),
-                        u, np.float32(np.float32(0.9999994039535522) * b))
+        poly[i] = _expf_poly(b)
     for i in range(size):
         out[i] = (gate[i] / (np.float32(1.0) + fmaf(poly[i], k[i], k[i]))) * up[i]
     for i in range(size):
