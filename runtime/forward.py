@@ -26,7 +26,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import matmul as _matmul_module
-from .matmul import F16_TABLE, FUSED_TYPES, act_mode_of, matmul, matvec_fused, quantize_activations, quantize_for, round_to_f16
+from .matmul import (F16_TABLE, FUSED_TYPES, act_mode_of, matmul, matvec_fused, pack_q4_0x8, quantize_activations, quantize_for,
+                     repack, repackable, round_to_f16)
 from .simd import fmaf
 
 
@@ -562,6 +563,24 @@ class LayerStack(NamedTuple):
     out_type: int
 
 
+def _repack_alone(w) -> None:
+    """Repack one matrix into a new array, its file pages released."""
+    mapped = w.rows
+    repack(w)
+    _release_pages(mapped)
+
+
+def _repack_each(weights) -> None:
+    """Every matrix llama.cpp would repack (the layers' Q4_0 with rows a multiple of 8, and an
+    untied output), each into its own array: for models decoded by `forward`."""
+    for layer in weights.layers:
+        for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
+            if repackable(w):
+                _repack_alone(w)
+    if weights.output is not weights.token_embd and repackable(weights.output):
+        _repack_alone(weights.output)
+
+
 def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
     q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
@@ -578,6 +597,7 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     for layer in weights.layers:
         ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
         if any(w.ggml_type not in FUSED_TYPES or w.n_in % 32 for w in ws):
+            _repack_each(weights)
             return None, None
         types = [int(w.ggml_type) for w in ws]
         if types[0] == types[1] == types[2] and types[4] == types[5]:
@@ -597,12 +617,14 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
         if groups is None:  # one matrix at a time
             groups = tuple((w,) for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
         mats = []
-        types = np.array([int(g[0].ggml_type) for g in groups], np.int64)
         for i, ws_i in enumerate(groups):
             if stacks is not None:
                 m = np.concatenate([w.rows for w in ws_i], out=stacks[i][il])
             else:  # a lone matrix stays the memory map's rows
                 m = np.concatenate([w.rows for w in ws_i]) if len(ws_i) > 1 else np.ascontiguousarray(ws_i[0].rows)
+            packed = all(repackable(w) for w in ws_i)
+            if packed:  # (8-row groups never straddle two matrices: each has a multiple of 8 rows)
+                m = pack_q4_0x8(m, out=m if m.base is not ws_i[0].rows.base else None)
             if m.base is not ws_i[0].rows.base:  # a copy: every product reads it
                 start = 0
                 for w in ws_i:
@@ -610,14 +632,18 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
                     start += w.n_out
                     _release_pages(w.rows)
                     w.rows = view
+                    w.packed = packed
             if len(groups) == 7:  # decode_layer indexes them: one array type for all (numba)
                 m.flags.writeable = False
             mats.append(m)
+        types = np.array([g[0].kernel for g in groups], np.int64)
         out.append(("grouped" if len(groups) == 4 else "plain", tuple(mats), types))
+    if out_w is not weights.token_embd and repackable(out_w):
+        _repack_alone(out_w)
     if stacks is None:
         return out, None
     if out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
-        out_rows, out_type = np.ascontiguousarray(out_w.rows), int(out_w.ggml_type)
+        out_rows, out_type = np.ascontiguousarray(out_w.rows), out_w.kernel
     else:
         out_rows, out_type = np.zeros((1, 1), np.uint8), -1
     norms = [np.stack([getattr(layer, name) for layer in weights.layers]).astype(np.float32)

@@ -11,8 +11,9 @@ Three paths, chosen per call:
   kernels reading the blocks directly (runtime.simd: ggml's AVX2 loops as LLVM vector IR),
   integer dot products against the int8 activations, rows split over threads; llama.cpp's
   floats bit for bit.
-- Q4_0 batches of any size (rows a multiple of 8): 8 rows x 4 tokens per step, the same floats
-  as one-token decode and as llama.cpp's batches.
+- Q4_0 matrices with rows a multiple of 8 are repacked at load (`repack`, as llama.cpp does:
+  8 rows interleaved block by block): one token 8 rows at a time, batches of any size 8 rows x
+  4 tokens per step, the same floats as llama.cpp's kernels for its repacked Q4_0.
 - everything else (prefill blocks, and every format without a fused kernel): a tile of rows
   dequantized to float32 once, multiplied by the block of rounded activations with numpy's
   BLAS. The tile is transient; weights stay quantized in the mmap.
@@ -35,7 +36,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import f16_dot, q4_0_dot, q4_0_dot8, q4_0_gemm, q4_1_dot, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot
+from .simd import Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, f16_dot, q4_0_dot, q4_0x8_gemm, q4_0x8_gemv, q4_1_dot, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -208,39 +209,76 @@ def _matvec_q8_0(w, table, xq, xd, out):
 
 @njit(cache=True, parallel=True)
 def _matvec_q4_0(w, table, xq, xd, out):
-    """w = d*(q-8). On an AVX2 CPU llama.cpp repacks Q4_0 matrices (rows a multiple of 8) at
-    load and multiplies them by ggml_gemv_q4_0_8x8_q8_0: per block the exact integer sum of its
-    32 products, acc = fma(sum, d*dx, acc), one chain per row (llama.cpp's greedy output on
-    Q4_0 files matches only this order)."""
-    n8 = w.shape[0] // 8
-    for g in prange(n8):  # 8 rows at a time (one fma per block for all 8)
-        q4_0_dot8(w, 8 * g, xq, xd, out)
-    for r in range(8 * n8, w.shape[0]):
+    """w = d*(q-8), a Q4_0 matrix llama.cpp leaves in the file's layout (rows not a multiple of
+    8, or the token embeddings as a tied output): ggml's AVX2 vec_dot_q4_0_q8_0, Q8_0's lanes
+    and order."""
+    for r in prange(w.shape[0]):
         out[r] = q4_0_dot(w, r, xq, xd)
 
 
-GEMM_TOKENS = 4  # tokens per q4_0_gemm step (2, 3 and 4 measured alike)
+GEMM_TOKENS = 4  # tokens per q4_0x8_gemm step (2, 3 and 4 measured alike)
+
+
+@njit(cache=True)
+def _block_sums8(xq, ysum8):
+    """ysum8[t, b] = 8 * the sum of token t's int8 activations in block b (the -8 of Q4_0's
+    quants, taken out of the integer products)."""
+    for t in range(xq.shape[0]):
+        for b in range(ysum8.shape[1]):
+            s = np.int32(0)
+            for j in range(32):
+                s += np.int32(xq[t, 32 * b + j])
+            ysum8[t, b] = 8 * s
 
 
 @njit(cache=True, parallel=True)
-def _matmat_q4_0(w, xq, xd, out):
-    """out [T, rows] = the T tokens' products with Q4_0 rows (a multiple of 8), bit for bit
-    as one-token decode and as llama.cpp's batches (its repacked gemm for tokens in fours,
-    gemv for the rest): 8 rows x 4 tokens per step (runtime.simd.q4_0_gemm), the 8 rows'
-    weights staying in cache while every token passes."""
+def _matvec_q4_0x8(w, table, xq, xd, out):
+    """One token times a repacked Q4_0 matrix (`repack`), as llama.cpp's
+    ggml_gemv_q4_0_8x8_q8_0: per row and block the exact integer sum of the 32 products, acc =
+    fma(sum, d*dx, acc), one chain per row; 8 rows per step (runtime.simd.q4_0x8_gemv)."""
+    k = xq.shape[0]
+    xq2 = xq.reshape((1, k))
+    xd2 = xd.reshape((1, k // 32))
+    out2 = out.reshape((1, out.shape[0]))
+    ysum8 = np.empty((1, k // 32), np.int32)
+    _block_sums8(xq2, ysum8)
+    for g in prange(w.shape[0] // 8):
+        q4_0x8_gemv(w, 8 * g, xq2, xd2, ysum8, 0, out2)
+
+
+@njit(cache=True, parallel=True)
+def _matmat_q4_0x8(w, xq, xd, out):
+    """out [T, rows] = the T tokens' products with a repacked Q4_0 matrix, bit for bit as
+    one-token decode and as llama.cpp's batches (its gemm for tokens in fours, gemv for the
+    rest: the same per-(row, token) chains): 8 rows x 4 tokens per step
+    (runtime.simd.q4_0x8_gemm), the 8 rows' weights staying in cache while every token passes."""
     n_tok, k = xq.shape
-    nb = k // 32
-    ysum = np.zeros((n_tok, nb), np.int32)
-    for t in range(n_tok):
-        for b in range(nb):
-            for j in range(32):
-                ysum[t, b] += np.int32(xq[t, 32 * b + j])
+    ysum8 = np.empty((n_tok, k // 32), np.int32)
+    for t in prange(n_tok):
+        _block_sums8(xq[t:t + 1], ysum8[t:t + 1])
     t4 = n_tok // GEMM_TOKENS
     for g in prange(w.shape[0] // 8):
         for tg in range(t4):
-            q4_0_gemm(w, 8 * g, xq, xd, ysum, GEMM_TOKENS * tg, out)
+            q4_0x8_gemm(w, 8 * g, xq, xd, ysum8, GEMM_TOKENS * tg, out)
         for t in range(GEMM_TOKENS * t4, n_tok):
-            q4_0_dot8(w, 8 * g, xq[t], xd[t], out[t])
+            q4_0x8_gemv(w, 8 * g, xq, xd, ysum8, t, out)
+
+
+def pack_q4_0x8(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Q4_0 rows [n, row bytes] (n a multiple of 8) -> the same bytes in the interleaved layout
+    of runtime.simd (per 8 rows and block: the 8 scales, then 4 vectors of 4 rows x 8 quant
+    bytes), into `out` (may be `rows` itself) or a new array."""
+    n, rb = rows.shape
+    g, nb = n // 8, rb // 18
+    blocks = rows.reshape(g, 8, nb, 18)
+    d = blocks[:, :, :, :2].transpose(0, 2, 1, 3).reshape(g, nb, 16)
+    qs = blocks[:, list(Q4_0X8_ROWS_LO + Q4_0X8_ROWS_HI), :, 2:]  # [g, 8 rows, nb, 16] (a copy)
+    qs = qs.reshape(g, 2, 4, nb, 2, 8).transpose(0, 3, 1, 4, 2, 5).reshape(g, nb, 128)
+    packed = np.concatenate([d, qs], axis=2).reshape(n, rb)
+    if out is None:
+        return packed
+    out[...] = packed
+    return out
 
 
 @njit(cache=True, parallel=True)
@@ -371,9 +409,10 @@ def dequantize_rows(raw: np.ndarray, ggml_type, n_per_row: int, out: np.ndarray 
 
 class QuantWeight:
     """A weight matrix [n_out, n_in] left quantized in the memory map: `rows` is uint8
-    [n_out, row_bytes] (ggml shape (n_in, n_out))."""
+    [n_out, row bytes] (ggml shape (n_in, n_out)), the file's blocks; or, once `repack`ed
+    (`packed`), the same bytes interleaved 8 rows at a time for runtime.simd's Q4_0 kernels."""
 
-    __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode")
+    __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode", "packed")
 
     def __init__(self, name: str, ggml_type, n_in: int, n_out: int, rows: np.ndarray):
         self.name = name
@@ -382,10 +421,30 @@ class QuantWeight:
         self.n_out = int(n_out)
         self.rows = rows
         self.act_mode = VEC_DOT_TYPE[self.ggml_type]
+        self.packed = False
 
     @property
     def nbytes(self) -> int:
         return int(self.rows.nbytes)
+
+    @property
+    def kernel(self) -> int:
+        """The code matvec_fused dispatches on: the ggml type, or Q4_0X8 once repacked."""
+        return Q4_0X8 if self.packed else int(self.ggml_type)
+
+
+def repackable(w: QuantWeight) -> bool:
+    """Whether llama.cpp repacks this matrix on an AVX2 CPU (and `repack` does): Q4_0 with rows a
+    multiple of 8."""
+    return w.ggml_type == T.Q4_0 and w.n_out % 8 == 0 and w.n_in % 32 == 0 and not w.packed
+
+
+def repack(w: QuantWeight, out: np.ndarray | None = None) -> None:
+    """Interleave a repackable matrix's rows for the 8-row kernels (into `out`, e.g. a slot of a
+    stacked copy, or a new array); `rows` then holds that layout and `packed` is set. Only
+    matrix products read it: never repack the token embeddings."""
+    w.rows = pack_q4_0x8(np.ascontiguousarray(w.rows), out)
+    w.packed = True
 
 
 class Activations:
@@ -471,8 +530,11 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     if out is None:
         out = np.empty((n_tok, w.n_out), np.float32)
     t = w.ggml_type
-    if t == T.Q4_0 and n_tok > 1 and w.n_out % 8 == 0:  # exact and faster than the BLAS tiles
-        _matmat_q4_0(np.ascontiguousarray(w.rows), act.xq, act.xd, out)
+    if w.packed:  # any batch: exact, and faster than the BLAS tiles
+        if n_tok > 1:
+            _matmat_q4_0x8(w.rows, act.xq, act.xd, out)
+        else:
+            _matvec_q4_0x8(w.rows, F16_TABLE, act.xq[0], act.xd[0], out[0])
         return out
     if t in FUSED_TYPES and (EXACT_PREFILL or n_tok < PREFILL_MIN_TOKENS):
         rows = np.ascontiguousarray(w.rows)
@@ -510,6 +572,9 @@ for _t, _mode in VEC_DOT_TYPE.items():
 # Q4_K in llama.cpp's batch order (its gemm: the tokens of a batch in fours), for matvec_fused
 Q4_K_CHUNKS = 112
 _ACT_OF_TYPE[Q4_K_CHUNKS] = ACT_Q8_K
+# Q4_0 repacked 8 rows at a time (`repack`)
+Q4_0X8 = 113
+_ACT_OF_TYPE[Q4_0X8] = ACT_Q8_0
 _Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q8_0),
                                                           int(T.Q4_K), int(T.Q6_K), int(T.F16), int(T.F32))
 
@@ -520,6 +585,8 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
     integer kernels, xhat for floats)."""
     if t == _Q4_1:
         _matvec_q4_1(w, table, xq, xd, xs, out)
+    elif t == Q4_0X8:
+        _matvec_q4_0x8(w, table, xq, xd, out)
     elif t == _Q4_0:
         _matvec_q4_0(w, table, xq, xd, out)
     elif t == _Q8_0:

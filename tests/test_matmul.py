@@ -159,8 +159,8 @@ def _ggml_q4_1_dot(raw, xq, xd, xs):
 
 def _ggml_reference(raw, qtype, act):
     """What llama.cpp's AVX2 CPU backend computes for one token (numpy replays above): Q4_1
-    through vec_dot_q4_1_q8_1, Q8_0 / Q5_0 through their vec_dot, Q4_0 through its repacked
-    GEMV."""
+    through vec_dot_q4_1_q8_1, Q8_0 / Q5_0 / Q4_0 (a matrix it does not repack) through their
+    vec_dot."""
     xq, xd, xs = act.xq[0], act.xd[0], act.xs[0]
     if qtype == T.Q4_1:
         return _ggml_q4_1_dot(raw, xq, xd, xs)
@@ -168,8 +168,7 @@ def _ggml_reference(raw, qtype, act):
         blocks = raw.reshape(raw.shape[0], -1, 34)
         dw = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
         return _ggml_lane_dot(dw, blocks[:, :, 2:].view(np.int8).astype(np.int32), xq, xd)
-    replay = _ggml_repack_dot if qtype == T.Q4_0 else _ggml_lane_dot
-    return replay(*_ggml_block_values(raw, qtype), xq, xd)
+    return _ggml_lane_dot(*_ggml_block_values(raw, qtype), xq, xd)
 
 
 def _ggml_rows(qtype, n, k, rng):
@@ -225,10 +224,7 @@ def run(kind, w, xq, xd, xs, out):
         elif kind == 1:
             out[r] = simd.q8_0_dot(w, r, xq, xd)
         elif kind == 2:
-            if r % 8 == 0 and r + 8 <= w.shape[0]:
-                simd.q4_0_dot8(w, r, xq, xd, out)  # rows r..r+7
-            elif r >= w.shape[0] // 8 * 8:
-                out[r] = simd.q4_0_dot(w, r, xq, xd)
+            out[r] = simd.q4_0_dot(w, r, xq, xd)
         elif kind == 3:
             out[r] = simd.q5_0_dot(w, r, xq, xd)
         elif kind == 4:
@@ -240,6 +236,15 @@ for kind in range(6):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
     run(kind, d[f"w{kind}"], d[f"xq{kind}"], d[f"xd{kind}"], d[f"xs{kind}"], out)
     outs[f"out{kind}"] = out
+
+@njit
+def run_x8(w, xq, xd, ysum8, out):  # repacked Q4_0: tokens 0-3 by the gemm, token 4 by the gemv
+    for g in range(w.shape[0] // 8):
+        simd.q4_0x8_gemm(w, 8 * g, xq, xd, ysum8, 0, out)
+        simd.q4_0x8_gemv(w, 8 * g, xq, xd, ysum8, 4, out)
+out = np.empty((5, d["w6"].shape[0]), np.float32)
+run_x8(d["w6"], d["xq6"], d["xd6"], d["ys6"], out)
+outs["out6"] = out
 halves = np.empty(65536, np.float32)
 all_halves(halves)
 outs["halves"] = halves
@@ -273,13 +278,19 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     act = mm.quantize_for(x, mm.QuantWeight("w", T.Q4_K, 512, 16, raw))
     data.update({"w5": raw, "xq5": act.xq[0], "xd5": act.xd[0], "xs5": act.xs[0]})
     want[5] = mm.matmul(mm.QuantWeight("w", T.Q4_K, 512, 16, raw), x)[0]  # (replayed above)
+    raw = random_rows(T.Q4_0, 24, 256, rng)  # kind 6: repacked Q4_0, 5 tokens
+    x5 = (rng.standard_normal((5, 256)) * 2).astype(np.float32)
+    act = mm.quantize_for(x5, mm.QuantWeight("w", T.Q4_0, 256, 24, raw))
+    data.update({"w6": mm.pack_q4_0x8(raw), "xq6": act.xq, "xd6": act.xd,
+                 "ys6": 8 * act.xq.reshape(5, -1, 32).sum(axis=2, dtype=np.int32)})
+    want[6] = np.stack([_ggml_repack_dot(*_ggml_block_values(raw, T.Q4_0), act.xq[t], act.xd[t]) for t in range(5)])
     np.savez(tmp_path / "in.npz", **data)
     env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                    env=env, check=True, timeout=600)
     got = np.load(tmp_path / "out.npz")
-    for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K]):
-        assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), qtype.name
+    for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K, "repacked Q4_0"]):
+        assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), str(qtype)
     # half -> float by integer arithmetic (no F16C): every bit pattern, NaNs as NaNs
     want_halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
     nan = np.isnan(want_halves)
@@ -432,16 +443,50 @@ def test_f16_activation_rounding_of_a_batch_is_the_per_token_one():
         assert np.array_equal(batch[t].view(np.uint32), one.view(np.uint32))
 
 
-@pytest.mark.parametrize("n_tok", [2, 11, 40])
-def test_q4_0_batches_are_the_one_token_products(n_tok):
-    """Q4_0 batches (8 rows x 4 tokens per step, the rest token by token) give each token's
-    one-token decode floats, which are llama.cpp's gemv and gemm ones (both orders were checked
-    against libggml-cpu): prompts of any length multiply Q4_0 exactly."""
+@pytest.mark.parametrize("n_tok", [1, 2, 11, 40])
+def test_repacked_q4_0_sums_as_llama_cpp(n_tok):
+    """A repacked Q4_0 matrix (rows a multiple of 8, interleaved 8 at a time as llama.cpp does
+    on an AVX2 CPU) gives, for one token and for batches of any length (8 rows x 4 tokens per
+    step, the rest token by token), each token's floats of ggml_gemv_q4_0_8x8_q8_0 (its gemm's
+    are the same; both orders were also checked against libggml-cpu). The matrix in the file's
+    layout stays vec_dot's lane order."""
     rng = np.random.default_rng(60 + n_tok)
     raw = random_rows(T.Q4_0, 48, 576, rng)
-    w = mm.QuantWeight("w", T.Q4_0, 576, 48, raw)
+    w = mm.QuantWeight("w", T.Q4_0, 576, 48, raw.copy())
+    assert mm.repackable(w) and w.kernel == int(T.Q4_0)
+    mm.repack(w)
+    assert w.packed and w.kernel == mm.Q4_0X8 and not mm.repackable(w)
+    assert w.rows.shape == raw.shape and not np.array_equal(w.rows, raw)
     x = (rng.standard_normal((n_tok, 576)) * 2).astype(np.float32)
     got = mm.matmul(w, x)
+    unpacked = mm.matmul(mm.QuantWeight("w", T.Q4_0, 576, 48, raw), x)
+    act = mm.quantize_for(x, w)
     for t in range(n_tok):
-        one = mm.matmul(w, x[t:t + 1])[0]
-        assert np.array_equal(one.view(np.uint32), got[t].view(np.uint32)), t
+        want = _ggml_repack_dot(*_ggml_block_values(raw, T.Q4_0), act.xq[t], act.xd[t])
+        assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), t
+        lanes = _ggml_lane_dot(*_ggml_block_values(raw, T.Q4_0), act.xq[t], act.xd[t])
+        if n_tok < mm.PREFILL_MIN_TOKENS:  # (larger unpacked batches take the BLAS tiles)
+            assert np.array_equal(unpacked[t].view(np.uint32), lanes.view(np.uint32)), t
+
+
+def test_q4_0_repacked_layout():
+    """pack_q4_0x8 per 8 rows and block: the 8 scales, then rows 0,1,4,5 and 2,3,6,7, each
+    quant bytes 0-7 then 8-15; in place gives the same bytes; only matrices llama.cpp repacks
+    qualify."""
+    rng = np.random.default_rng(9)
+    raw = random_rows(T.Q4_0, 16, 64, rng)  # 2 groups x 2 blocks
+    packed = mm.pack_q4_0x8(raw)
+    blocks = raw.reshape(16, 2, 18)
+    for g in range(2):
+        for b in range(2):
+            got = packed.reshape(2, 2, 144)[g, b]
+            rows = blocks[8 * g:8 * g + 8, b]
+            assert np.array_equal(got[:16], rows[:, :2].ravel())
+            order = [0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7]
+            halves = [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4
+            want = np.concatenate([rows[r, 2 + 8 * h:10 + 8 * h] for r, h in zip(order, halves)])
+            assert np.array_equal(got[16:], want)
+    inplace = raw.copy()
+    assert mm.pack_q4_0x8(inplace, out=inplace) is inplace and np.array_equal(inplace, packed)
+    assert not mm.repackable(mm.QuantWeight("w", T.Q4_0, 64, 12, random_rows(T.Q4_0, 12, 64, rng)))
+    assert not mm.repackable(mm.QuantWeight("w", T.Q4_1, 64, 16, random_rows(T.Q4_1, 16, 64, rng)))
