@@ -164,8 +164,32 @@ def test_quantized_tiny_model_and_tied_output(tmp_path):
     assert close(block, ref, tol=5e-2)
     # mixed formats: layers decode one matrix at a time, with the same floats
     assert m.fused is not None and m.layer_stack is None and all(kind == "plain" for kind, _, _ in m.fused)
+    # the Q4_0 matrices repacked 8 rows at a time (as llama.cpp does), the others as in the file
+    layers = m.weights.layers
+    assert all(layer.w_gate.packed and layer.wo.packed and not layer.wq.packed for layer in layers)
     m.truncate(0)
     assert np.array_equal(np.stack([m.eval([t]) for t in TOKENS]), block)
+
+
+def test_q4_0_repacked_without_fused_decode(tmp_path):
+    """A layer matrix without a fused kernel (Q5_1) sends decode through `forward`; the Q4_0
+    matrices are repacked all the same (each into its own array) and the model still computes
+    the reference forward pass, token by token as in one block."""
+    w = tiny_weights(4)
+    types = {k: T.Q4_0 for k in w if k.endswith(".weight") and w[k].ndim == 2 and k != "token_embd.weight"}
+    types.update({k: T.Q5_1 for k in w if k.endswith("ffn_down.weight")})
+    path = write_tiny(tmp_path / "q.gguf", w, types=types)
+    m = load_model(path, n_ctx=32, n_threads=1)
+    assert m.fused is None
+    assert all(layer.wq.packed and not layer.w_down.packed for layer in m.weights.layers) and m.weights.output.packed
+    from llamachat.runtime.quants import dequantize
+    wd = dict(w)
+    for name, t in types.items():
+        wd[name] = dequantize(m.gguf.tensors[name].rows(), t, w[name].shape[1])
+    block = m.eval(TOKENS, logits="all")
+    assert close(block, reference_forward(wd, TOKENS), tol=5e-2)
+    m.truncate(0)
+    assert close(np.stack([m.eval([t]) for t in TOKENS]), block, tol=1e-3)
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0])
@@ -176,6 +200,10 @@ def test_one_call_decode_equals_per_product_path(tmp_path, qtype):
     types = {k: qtype for k in w if k.endswith(".weight") and w[k].ndim == 2 and w[k].shape[1] % 32 == 0}
     m = load_model(write_tiny(tmp_path / "q.gguf", w, types=types), n_ctx=32, n_threads=2)
     assert m.fused is not None and all(kind == "grouped" for kind, _, _ in m.fused)
+    # Q4_0: every layer matrix and the (untied) output repacked, the embeddings never
+    mats = [w for layer in m.weights.layers for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)]
+    assert all(w.packed == (qtype == T.Q4_0) for w in mats + [m.weights.output])
+    assert not m.weights.token_embd.packed
     block = m.eval(TOKENS, logits="all")
     m.truncate(0)
     steps = np.stack([m.eval([t]) for t in TOKENS])
