@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import matmul as _matmul_module
-from .matmul import (F16_TABLE, FUSED_TYPES, act_mode_of, matmul, matvec_fused, pack_q4_0x8, quantize_activations, quantize_for,
+from .matmul import (F16_TABLE, FUSED_TYPES, act_mode_of, matmul, matvec_fused, pack_x8, quantize_activations, quantize_for,
                      repack, repackable, round_to_f16)
 from .simd import fmaf
 
@@ -624,7 +624,7 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
                 m = np.concatenate([w.rows for w in ws_i]) if len(ws_i) > 1 else np.ascontiguousarray(ws_i[0].rows)
             packed = all(repackable(w) for w in ws_i)
             if packed:  # (8-row groups never straddle two matrices: each has a multiple of 8 rows)
-                m = pack_q4_0x8(m, out=m if m.base is not ws_i[0].rows.base else None)
+                m = pack_x8(m, ws_i[0].ggml_type, out=m if m.base is not ws_i[0].rows.base else None)
             if m.base is not ws_i[0].rows.base:  # a copy: every product reads it
                 start = 0
                 for w in ws_i:

@@ -36,7 +36,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, f16_dot, q4_0_dot, q4_0x8_gemm, q4_0x8_gemv, q4_1_dot, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot
+from .simd import (Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, f16_dot, q4_0_dot, q4_0x8_gemm, q4_0x8_gemv, q4_1_dot, q4_1x8_dot8, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot)
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -264,17 +264,73 @@ def _matmat_q4_0x8(w, xq, xd, out):
             q4_0x8_gemv(w, 8 * g, xq, xd, ysum8, t, out)
 
 
-def pack_q4_0x8(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Q4_0 rows [n, row bytes] (n a multiple of 8) -> the same bytes in the interleaved layout
-    of runtime.simd (per 8 rows and block: the 8 scales, then 4 vectors of 4 rows x 8 quant
-    bytes), into `out` (may be `rows` itself) or a new array."""
+_X8_BLOCK = {T.Q4_0: 18, T.Q4_1: 20}  # file block bytes of the interleaved formats
+
+
+def _x8_layout(blocks: np.ndarray, t) -> np.ndarray:
+    """[g, 8 rows, nb, block bytes] (any dtype) -> [g, nb, 8 * block bytes] in runtime.simd's
+    interleaved layout of format t: the 8 scales (Q4_1: then the 8 minimums), then 4 vectors of 4
+    rows x 8 quant bytes."""
+    g, _, nb, bs = blocks.shape
+    order = list(Q4_0X8_ROWS_LO + Q4_0X8_ROWS_HI)
+
+    def row_order(a):  # [g, 8, nb, k] -> [g, nb, 8 * k]
+        return a.transpose(0, 2, 1, 3).reshape(g, nb, -1)
+
+    parts = [row_order(blocks[:, :, :, :2])]
+    if t == T.Q4_1:
+        parts.append(row_order(blocks[:, :, :, 2:4]))
+    qs = blocks[:, order, :, bs - 16:].reshape(g, 2, 4, nb, 2, 8)  # [g, s, row, nb, v, byte]
+    parts.append(qs.transpose(0, 3, 1, 4, 2, 5).reshape(g, nb, 128))
+    return np.concatenate(parts, axis=2)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q4_1x8(w, table, xq, xd, xs, out):
+    """One token times a repacked Q4_1 matrix: vec_dot_q4_1_q8_1's lanes, 8 rows at a time
+    (runtime.simd.q4_1x8_dot8), the same floats as _matvec_q4_1 on the file's rows."""
+    for g in prange(w.shape[0] // 8):
+        q4_1x8_dot8(w, 8 * g, xq, xd, xs, out)
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_tile_x8(t, w, table, out, mins):
+    """_dequantize_tile for rows repacked 8 at a time (Q4_0 or Q4_1; w: whole 8-row groups): the
+    same values, read from the interleaved layout (`_x8_layout`)."""
+    n_rows, rb = w.shape
+    bs = 20 if t == _Q4_1 else 18
+    head = 8 * bs - 128
+    flat = w.reshape(-1)
+    for r in prange(n_rows):
+        g, k = r // 8, r % 8
+        s, q = (k >> 1) & 1, (k & 1) | ((k >> 2) << 1)  # its 4-row set, and its place in that
+        y = out[r]
+        for b in range(rb // bs):
+            base = 8 * g * rb + 8 * b * bs
+            d = _f16(table, flat, base + 2 * k)
+            m = np.float32(0.0)
+            if t == _Q4_1:
+                m = _f16(table, flat, base + 16 + 2 * k)
+                mins[r, b] = m
+            for v in range(2):  # quant bytes 8v..8v+7: vector 2s + v, bytes 8q..8q+7
+                src = base + head + 32 * (2 * s + v) + 8 * q
+                o = 32 * b + 8 * v
+                if t == _Q4_1:
+                    for j in range(8):
+                        y[o + j] = np.float32(flat[src + j] & 15) * d + m
+                        y[o + 16 + j] = np.float32(flat[src + j] >> 4) * d + m
+                else:
+                    for j in range(8):
+                        y[o + j] = np.float32(np.int32(flat[src + j] & 15) - 8) * d
+                        y[o + 16 + j] = np.float32(np.int32(flat[src + j] >> 4) - 8) * d
+
+
+def pack_x8(rows: np.ndarray, t, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows of format t [n, row bytes] (n a multiple of 8) -> the same weights interleaved 8
+    rows at a time (runtime.simd), into `out` (may be `rows` itself) or a new array."""
     n, rb = rows.shape
-    g, nb = n // 8, rb // 18
-    blocks = rows.reshape(g, 8, nb, 18)
-    d = blocks[:, :, :, :2].transpose(0, 2, 1, 3).reshape(g, nb, 16)
-    qs = blocks[:, list(Q4_0X8_ROWS_LO + Q4_0X8_ROWS_HI), :, 2:]  # [g, 8 rows, nb, 16] (a copy)
-    qs = qs.reshape(g, 2, 4, nb, 2, 8).transpose(0, 3, 1, 4, 2, 5).reshape(g, nb, 128)
-    packed = np.concatenate([d, qs], axis=2).reshape(n, rb)
+    bs = _X8_BLOCK[t]
+    packed = _x8_layout(np.ascontiguousarray(rows).reshape(n // 8, 8, rb // bs, bs), t).reshape(n, rb)
     if out is None:
         return packed
     out[...] = packed
@@ -429,21 +485,21 @@ class QuantWeight:
 
     @property
     def kernel(self) -> int:
-        """The code matvec_fused dispatches on: the ggml type, or Q4_0X8 once repacked."""
-        return Q4_0X8 if self.packed else int(self.ggml_type)
+        """The code matvec_fused dispatches on: the ggml type, or its repacked kernel's."""
+        return _X8_KERNEL[self.ggml_type] if self.packed else int(self.ggml_type)
 
 
 def repackable(w: QuantWeight) -> bool:
-    """Whether llama.cpp repacks this matrix on an AVX2 CPU (and `repack` does): Q4_0 with rows a
-    multiple of 8."""
-    return w.ggml_type == T.Q4_0 and w.n_out % 8 == 0 and w.n_in % 32 == 0 and not w.packed
+    """Whether `repack` applies: Q4_0 (as llama.cpp repacks it on an AVX2 CPU) and Q4_1 (faster
+    decode, the same floats as its vec_dot), rows a multiple of 8."""
+    return w.ggml_type in _X8_BLOCK and w.n_out % 8 == 0 and w.n_in % 32 == 0 and not w.packed
 
 
 def repack(w: QuantWeight, out: np.ndarray | None = None) -> None:
     """Interleave a repackable matrix's rows for the 8-row kernels (into `out`, e.g. a slot of a
     stacked copy, or a new array); `rows` then holds that layout and `packed` is set. Only
     matrix products read it: never repack the token embeddings."""
-    w.rows = pack_q4_0x8(np.ascontiguousarray(w.rows), out)
+    w.rows = pack_x8(np.ascontiguousarray(w.rows), w.ggml_type, out)
     w.packed = True
 
 
@@ -530,7 +586,7 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     if out is None:
         out = np.empty((n_tok, w.n_out), np.float32)
     t = w.ggml_type
-    if w.packed:  # any batch: exact, and faster than the BLAS tiles
+    if w.packed and t == T.Q4_0:  # any batch: exact, and faster than the BLAS tiles
         if n_tok > 1:
             _matmat_q4_0x8(w.rows, act.xq, act.xd, out)
         else:
@@ -540,14 +596,16 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
         rows = np.ascontiguousarray(w.rows)
         in_fours = n_tok - n_tok % 4  # llama.cpp multiplies these by its Q4_K gemm, the rest by gemv
         for i in range(n_tok):
-            code = Q4_K_CHUNKS if t == T.Q4_K and i < in_fours and w.n_out % 8 == 0 else int(t)
+            code = Q4_K_CHUNKS if t == T.Q4_K and i < in_fours and w.n_out % 8 == 0 else w.kernel
             matvec_fused(code, rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
         return out
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
     mins = np.empty((w.n_out, w.n_in // 32), np.float32) if t == T.Q4_1 else np.empty((0, 0), np.float32)
     for start in range(0, w.n_out, TILE_ROWS):
         stop = min(start + TILE_ROWS, w.n_out)
-        if t in _TILE_TYPES:
+        if w.packed:  # (TILE_ROWS is a multiple of 8)
+            _dequantize_tile_x8(int(t), w.rows[start:stop], F16_TABLE, tile[:stop - start], mins[start:stop])
+        elif t in _TILE_TYPES:
             _dequantize_tile(int(t), np.ascontiguousarray(w.rows[start:stop]), F16_TABLE, tile[:stop - start],
                              mins[start:stop])
         else:
@@ -572,9 +630,11 @@ for _t, _mode in VEC_DOT_TYPE.items():
 # Q4_K in llama.cpp's batch order (its gemm: the tokens of a batch in fours), for matvec_fused
 Q4_K_CHUNKS = 112
 _ACT_OF_TYPE[Q4_K_CHUNKS] = ACT_Q8_K
-# Q4_0 repacked 8 rows at a time (`repack`)
-Q4_0X8 = 113
+# matrices repacked 8 rows at a time (`repack`)
+Q4_0X8, Q4_1X8 = 113, 114
 _ACT_OF_TYPE[Q4_0X8] = ACT_Q8_0
+_ACT_OF_TYPE[Q4_1X8] = ACT_Q8_1
+_X8_KERNEL = {T.Q4_0: Q4_0X8, T.Q4_1: Q4_1X8}
 _Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q8_0),
                                                           int(T.Q4_K), int(T.Q6_K), int(T.F16), int(T.F32))
 
@@ -587,6 +647,8 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
         _matvec_q4_1(w, table, xq, xd, xs, out)
     elif t == Q4_0X8:
         _matvec_q4_0x8(w, table, xq, xd, out)
+    elif t == Q4_1X8:
+        _matvec_q4_1x8(w, table, xq, xd, xs, out)
     elif t == _Q4_0:
         _matvec_q4_0(w, table, xq, xd, out)
     elif t == _Q8_0:

@@ -245,6 +245,14 @@ def run_x8(w, xq, xd, ysum8, out):  # repacked Q4_0: tokens 0-3 by the gemm, tok
 out = np.empty((5, d["w6"].shape[0]), np.float32)
 run_x8(d["w6"], d["xq6"], d["xd6"], d["ys6"], out)
 outs["out6"] = out
+
+@njit
+def run_q4_1x8(w, xq, xd, xs, out):
+    for g in range(w.shape[0] // 8):
+        simd.q4_1x8_dot8(w, 8 * g, xq, xd, xs, out)
+out = np.empty(d["w7"].shape[0], np.float32)
+run_q4_1x8(d["w7"], d["xq7"], d["xd7"], d["xs7"], out)
+outs["out7"] = out
 halves = np.empty(65536, np.float32)
 all_halves(halves)
 outs["halves"] = halves
@@ -281,15 +289,19 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     raw = random_rows(T.Q4_0, 24, 256, rng)  # kind 6: repacked Q4_0, 5 tokens
     x5 = (rng.standard_normal((5, 256)) * 2).astype(np.float32)
     act = mm.quantize_for(x5, mm.QuantWeight("w", T.Q4_0, 256, 24, raw))
-    data.update({"w6": mm.pack_q4_0x8(raw), "xq6": act.xq, "xd6": act.xd,
+    data.update({"w6": mm.pack_x8(raw, T.Q4_0), "xq6": act.xq, "xd6": act.xd,
                  "ys6": 8 * act.xq.reshape(5, -1, 32).sum(axis=2, dtype=np.int32)})
     want[6] = np.stack([_ggml_repack_dot(*_ggml_block_values(raw, T.Q4_0), act.xq[t], act.xd[t]) for t in range(5)])
+    raw = _ggml_rows(T.Q4_1, 24, 256, rng)  # kind 7: repacked Q4_1
+    act = mm.quantize_for(x5[:1], mm.QuantWeight("w", T.Q4_1, 256, 24, raw))
+    data.update({"w7": mm.pack_x8(raw, T.Q4_1), "xq7": act.xq[0], "xd7": act.xd[0], "xs7": act.xs[0]})
+    want[7] = _ggml_reference(raw, T.Q4_1, act)
     np.savez(tmp_path / "in.npz", **data)
     env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                    env=env, check=True, timeout=600)
     got = np.load(tmp_path / "out.npz")
-    for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K, "repacked Q4_0"]):
+    for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K, "repacked Q4_0", "repacked Q4_1"]):
         assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), str(qtype)
     # half -> float by integer arithmetic (no F16C): every bit pattern, NaNs as NaNs
     want_halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -469,13 +481,46 @@ def test_repacked_q4_0_sums_as_llama_cpp(n_tok):
             assert np.array_equal(unpacked[t].view(np.uint32), lanes.view(np.uint32)), t
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0])
+def test_repacked_rows_give_the_file_rows_floats(qtype):
+    """Repacked Q4_1 (8 rows interleaved: vec_dot_q4_1_q8_1's lanes for 4 rows per vector) gives
+    llama.cpp's one-token floats bit for bit, like the file's rows; the prompt path's tiles
+    dequantized from either layout are the same, so long batches agree too."""
+    rng = np.random.default_rng(70 + int(qtype))
+    raw = _ggml_rows(qtype, 40, 576, rng)
+    plain = mm.QuantWeight("w", qtype, 576, 40, raw)
+    packed = mm.QuantWeight("w", qtype, 576, 40, raw.copy())
+    mm.repack(packed)
+    assert packed.packed and packed.kernel != plain.kernel
+    for scale in (0.01, 1.0, 30.0):
+        x = (rng.standard_normal((1, 576)) * scale).astype(np.float32)
+        got = mm.matmul(packed, x)[0]
+        if qtype == T.Q4_1:
+            want = _ggml_reference(raw, qtype, mm.quantize_for(x, plain))
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), scale
+            assert np.array_equal(mm.matmul(plain, x)[0].view(np.uint32), want.view(np.uint32)), scale
+    for n_rows in (40, 16):  # tiles of whole 8-row groups
+        tile_a = np.empty((n_rows, 576), np.float32)
+        tile_b = np.empty_like(tile_a)
+        mins_a = np.empty((n_rows, 18), np.float32)
+        mins_b = np.empty_like(mins_a)
+        mm._dequantize_tile(int(qtype), raw[:n_rows], mm.F16_TABLE, tile_a, mins_a)
+        mm._dequantize_tile_x8(int(qtype), packed.rows[:n_rows], mm.F16_TABLE, tile_b, mins_b)
+        assert np.array_equal(tile_a.view(np.uint32), tile_b.view(np.uint32))
+        if qtype == T.Q4_1:
+            assert np.array_equal(mins_a, mins_b)
+    x = (rng.standard_normal((40, 576)) * 2).astype(np.float32)
+    if qtype == T.Q4_1:  # (Q4_0 batches: the integer gemm, test_repacked_q4_0_sums_as_llama_cpp)
+        assert np.array_equal(mm.matmul(packed, x).view(np.uint32), mm.matmul(plain, x).view(np.uint32))
+
+
 def test_q4_0_repacked_layout():
-    """pack_q4_0x8 per 8 rows and block: the 8 scales, then rows 0,1,4,5 and 2,3,6,7, each
+    """pack_x8 (Q4_0) per 8 rows and block: the 8 scales, then rows 0,1,4,5 and 2,3,6,7, each
     quant bytes 0-7 then 8-15; in place gives the same bytes; only matrices llama.cpp repacks
     qualify."""
     rng = np.random.default_rng(9)
     raw = random_rows(T.Q4_0, 16, 64, rng)  # 2 groups x 2 blocks
-    packed = mm.pack_q4_0x8(raw)
+    packed = mm.pack_x8(raw, T.Q4_0)
     blocks = raw.reshape(16, 2, 18)
     for g in range(2):
         for b in range(2):
@@ -487,6 +532,6 @@ def test_q4_0_repacked_layout():
             want = np.concatenate([rows[r, 2 + 8 * h:10 + 8 * h] for r, h in zip(order, halves)])
             assert np.array_equal(got[16:], want)
     inplace = raw.copy()
-    assert mm.pack_q4_0x8(inplace, out=inplace) is inplace and np.array_equal(inplace, packed)
+    assert mm.pack_x8(inplace, T.Q4_0, out=inplace) is inplace and np.array_equal(inplace, packed)
     assert not mm.repackable(mm.QuantWeight("w", T.Q4_0, 64, 12, random_rows(T.Q4_0, 12, 64, rng)))
-    assert not mm.repackable(mm.QuantWeight("w", T.Q4_1, 64, 16, random_rows(T.Q4_1, 16, 64, rng)))
+    assert not mm.repackable(mm.QuantWeight("w", T.Q5_0, 64, 16, random_rows(T.Q5_0, 16, 64, rng)))

@@ -164,9 +164,9 @@ def test_quantized_tiny_model_and_tied_output(tmp_path):
     assert close(block, ref, tol=5e-2)
     # mixed formats: layers decode one matrix at a time, with the same floats
     assert m.fused is not None and m.layer_stack is None and all(kind == "plain" for kind, _, _ in m.fused)
-    # the Q4_0 matrices repacked 8 rows at a time (as llama.cpp does), the others as in the file
+    # the Q4_0 and Q4_1 matrices repacked 8 rows at a time, the others as in the file
     layers = m.weights.layers
-    assert all(layer.w_gate.packed and layer.wo.packed and not layer.wq.packed for layer in layers)
+    assert all(layer.w_gate.packed and layer.wo.packed and layer.w_down.packed and not layer.wq.packed for layer in layers)
     m.truncate(0)
     assert np.array_equal(np.stack([m.eval([t]) for t in TOKENS]), block)
 
@@ -200,9 +200,9 @@ def test_one_call_decode_equals_per_product_path(tmp_path, qtype):
     types = {k: qtype for k in w if k.endswith(".weight") and w[k].ndim == 2 and w[k].shape[1] % 32 == 0}
     m = load_model(write_tiny(tmp_path / "q.gguf", w, types=types), n_ctx=32, n_threads=2)
     assert m.fused is not None and all(kind == "grouped" for kind, _, _ in m.fused)
-    # Q4_0: every layer matrix and the (untied) output repacked, the embeddings never
+    # Q4_0 / Q4_1: every layer matrix and the (untied) output repacked, the embeddings never
     mats = [w for layer in m.weights.layers for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)]
-    assert all(w.packed == (qtype == T.Q4_0) for w in mats + [m.weights.output])
+    assert all(w.packed == (qtype in (T.Q4_0, T.Q4_1)) for w in mats + [m.weights.output])
     assert not m.weights.token_embd.packed
     block = m.eval(TOKENS, logits="all")
     m.truncate(0)
