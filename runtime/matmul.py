@@ -1,6 +1,6 @@
 """Products of quantized weight matrices with float activations: `y = x @ W.T`.
 
-W is a GGUF tensor left as it sits in the memory map (rows of ggml blocks, `TensorInfo.rows()`);
+W is a GGUF tensor's rows of ggml blocks (`TensorInfo.rows()`, the memory map, or a copy);
 x is float32 [T, K] (T tokens). Numerics follow llama.cpp's CPU backend: before a product the
 activations are converted to the weight format's "vec_dot_type" (Q8_0 for Q8_0/Q4_0/Q5_0, Q8_1
 for Q4_1/Q5_1, Q8_K for the K-quants, F16 for F16, BF16 for BF16), so our sums use the same
@@ -11,9 +11,11 @@ Three paths, chosen per call:
   kernels reading the blocks directly (runtime.simd: ggml's AVX2 loops as LLVM vector IR),
   integer dot products against the int8 activations, rows split over threads; llama.cpp's
   floats bit for bit.
-- Q4_0 matrices with rows a multiple of 8 are repacked at load (`repack`, as llama.cpp does:
-  8 rows interleaved block by block): one token 8 rows at a time, batches of any size 8 rows x
-  4 tokens per step, the same floats as llama.cpp's kernels for its repacked Q4_0.
+- Q4_0 and Q4_1 matrices with rows a multiple of 8 are repacked at load (`repack`: 8 rows
+  interleaved block by block, into the stacked copy decode uses anyway). Q4_0, as llama.cpp
+  repacks it: one token 8 rows at a time, batches of any size 8 rows x 4 tokens per step, the
+  same floats as its kernels for repacked Q4_0. Q4_1: one token 8 rows at a time in
+  vec_dot_q4_1_q8_1's lanes (the same floats as the file's rows); batches take the tiles.
 - everything else (prefill blocks, and every format without a fused kernel): a tile of rows
   dequantized to float32 once, multiplied by the block of rounded activations with numpy's
   BLAS. The tile is transient; weights stay quantized in the mmap.
