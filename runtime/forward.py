@@ -571,8 +571,8 @@ def _repack_alone(w) -> None:
 
 
 def _repack_each(weights) -> None:
-    """Every matrix llama.cpp would repack (the layers' Q4_0 with rows a multiple of 8, and an
-    untied output), each into its own array: for models decoded by `forward`."""
+    """Every repackable matrix (`repackable`: the layers' Q4_0 and Q4_1 with rows a multiple of 8,
+    and an untied output), each into its own array: for models decoded by `forward`."""
     for layer in weights.layers:
         for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
             if repackable(w):

@@ -468,7 +468,8 @@ def dequantize_rows(raw: np.ndarray, ggml_type, n_per_row: int, out: np.ndarray 
 class QuantWeight:
     """A weight matrix [n_out, n_in] left quantized in the memory map: `rows` is uint8
     [n_out, row bytes] (ggml shape (n_in, n_out)), the file's blocks; or, once `repack`ed
-    (`packed`), the same bytes interleaved 8 rows at a time for runtime.simd's Q4_0 kernels."""
+    (`packed`), the same bytes interleaved 8 rows at a time for runtime.simd's Q4_0 / Q4_1
+    kernels."""
 
     __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode", "packed")
 
@@ -497,11 +498,11 @@ def repackable(w: QuantWeight) -> bool:
     return w.ggml_type in _X8_BLOCK and w.n_out % 8 == 0 and w.n_in % 32 == 0 and not w.packed
 
 
-def repack(w: QuantWeight, out: np.ndarray | None = None) -> None:
-    """Interleave a repackable matrix's rows for the 8-row kernels (into `out`, e.g. a slot of a
-    stacked copy, or a new array); `rows` then holds that layout and `packed` is set. Only
-    matrix products read it: never repack the token embeddings."""
-    w.rows = pack_x8(np.ascontiguousarray(w.rows), w.ggml_type, out)
+def repack(w: QuantWeight) -> None:
+    """Interleave a repackable matrix's rows into a new array for the 8-row kernels; `rows` then
+    holds that layout and `packed` is set. Only matrix products read it: never repack the token
+    embeddings. (fused_layers packs its stacked copies in place with pack_x8.)"""
+    w.rows = pack_x8(w.rows, w.ggml_type)
     w.packed = True
 
 

@@ -617,13 +617,15 @@ def _quad_lanes(builder, qs, ys):
 
 
 def _pair_add(builder, lo, hi):
-    """vphaddd: [lo0+lo1, lo2+lo3, hi0+hi1, hi2+hi3 | lo4+lo5, lo6+lo7, hi4+hi5, hi6+hi7]."""
-    if AVX2:
+    """vphaddd's order: [lo0+lo1, lo2+lo3, hi0+hi1, hi2+hi3 | lo4+lo5, lo6+lo7, hi4+hi5, hi6+hi7]
+    (int32 lanes; float lanes by the same shuffles, each sum one IEEE addition)."""
+    is_float = lo.type.element == _f32
+    if AVX2 and not is_float:
         v8 = lo.type
         return builder.call(_fn(builder, "llvm.x86.avx2.phadd.d", v8, [v8, v8]), [lo, hi])
     even = builder.shuffle_vector(lo, hi, _mask([0, 2, 8, 10, 4, 6, 12, 14]))
     odd = builder.shuffle_vector(lo, hi, _mask([1, 3, 9, 11, 5, 7, 13, 15]))
-    return builder.add(even, odd)
+    return builder.fadd(even, odd) if is_float else builder.add(even, odd)
 
 
 def _q4_0x8(n_t, prefetch):
@@ -747,9 +749,7 @@ def _q4_1x8_typer(typingctx, w, r0, xq, xd, xs, out):
         # hsum_float_8 per row: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)), then + summs
         sets = [builder.fadd(builder.fadd(state[4 * s + 2], state[4 * s]), builder.fadd(state[4 * s + 3], state[4 * s + 1]))
                 for s in range(2)]
-        even = builder.shuffle_vector(sets[0], sets[1], _mask([0, 2, 8, 10, 4, 6, 12, 14]))
-        odd = builder.shuffle_vector(sets[0], sets[1], _mask([1, 3, 9, 11, 5, 7, 13, 15]))
-        total = builder.fadd(builder.fadd(even, odd), state[8])
+        total = builder.fadd(_pair_add(builder, sets[0], sets[1]), state[8])
         builder.store(total, builder.bitcast(builder.gep(outp, [r0]), f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
