@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "import": "add a model from a GGUF file, a Hugging Face folder or a Meta checkpoint",
     "pull": "download a catalog model (default: smollm2)",
     "models": "list and edit the model library (models.toml)",
+    "serve": "serve a model over an OpenAI-compatible HTTP API (like llama-server)",
 }
 
 
