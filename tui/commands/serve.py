@@ -83,14 +83,16 @@ def run(args) -> int:
     entry = resolve_model(args.model)
     merged_settings(args, entry.settings)  # -c / -t checked by the CLI's rules before anything starts
     library_file = Library.load().file
+    sock = bind_socket(args.host, args.port)
     if not _is_loopback(args.host):
         warning = f"llamachat: warning: listening on {args.host}: other machines can reach this server"
         print(warning + ("" if key else "; without --api-key anyone who reaches it can use it"), file=sys.stderr)
-    sock = bind_socket(args.host, args.port)
     host = ModelHost(ServedModel(entry.name, entry.path, dict(entry.settings)), args, library_file,
                      queue_size=args.queue_size, verbose=args.verbose)
     try:
         with server_logging():
+            print(f"llamachat serve: loading {entry.name} (a first run compiles the engine: a minute or more)",
+                  file=sys.stderr, flush=True)
             host.start()
             app = create_app(host, api_key=key, cors_origins=args.cors_origins, verbose=args.verbose)
             server = make_server(app, host, verbose=args.verbose)

@@ -103,8 +103,18 @@ class ModelHost:
         """Load the first model (so a bad file is refused before the server listens), then
         start the worker. Raises UserError."""
         self._load(self._first)
+        self._warm_up()
         self._thread = threading.Thread(target=self._work, name="llamachat-serve-engine", daemon=True)
         self._thread.start()
+
+    def _warm_up(self) -> None:
+        """One tiny chat through the engine, so the first client does not wait while the
+        template compiles and the engine's kernels load (or compile, on a first run)."""
+        try:
+            self.llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0.0)
+            self.llm.reset()
+        except UserError as err:  # e.g. a template that refuses this conversation: clients will hear it
+            log.warning("llamachat serve: warm-up: %s", err)
 
     def shutdown(self) -> None:
         """Refuse new jobs, end the waiting ones and cancel the running one (any thread)."""
@@ -125,6 +135,11 @@ class ModelHost:
         self.shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                # stuck in something a cancel cannot interrupt (a kernel compiling): closing the
+                # model would wait for it; the process is ending, so leave it to exit
+                log.warning("llamachat serve: the engine did not stop within %.0f s; exiting without waiting", timeout)
+                return
         llm, self.llm = self.llm, None
         if llm is not None:
             try:
@@ -248,7 +263,6 @@ class ModelHost:
             except Exception:
                 pass
         factory = self._factory or default_llama_factory()
-        log.info("llamachat serve: loading %s (%s)", model.name, model.path)
         try:
             self.llm = factory(str(model.path), verbose=False, **load_kwargs(settings))
         except UserError:
@@ -299,6 +313,7 @@ class ModelHost:
             job.post("error", ApiError(499, "the client closed the request", code="cancelled"))
             return
         if self.model is None or job.model.name != self.model.name or job.model.path != self.model.path:
+            log.info("llamachat serve: loading %s in place of %s", job.model.name, self.model.name if self.model else "nothing")
             try:
                 self._load(job.model)
             except UserError as err:
@@ -351,7 +366,10 @@ class ModelHost:
         }
         seconds = time.monotonic() - started
         job.summary.update(finish_reason=finish, usage=usage, seconds=seconds, stop_reason=stats.get("stop_reason"))
-        job.post("done", finish or "stop", usage)
+        if finish == "cancelled" and self._closed:
+            job.post("error", ApiError(503, "the server is shutting down", type="server_error", code="shutting_down"))
+        else:
+            job.post("done", finish or "stop", usage)
         rate = f" ({completion_tokens / (stats['eval_ms'] / 1e3):.1f} tokens/s)" if stats.get("eval_ms") else ""
         log.info("llamachat serve: %s %s: prompt %d tokens (%d cached), %d generated in %.2f s%s, %s",
                  req.kind, job.model.name, prompt_tokens, usage["prompt_tokens_details"]["cached_tokens"],
