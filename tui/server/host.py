@@ -150,10 +150,11 @@ class ModelHost:
     # -- the event loop's side --------------------------------------------------------------------
 
     def served_models(self) -> list[ServedModel]:
-        """The resident model first, then the library's models whose files exist."""
-        models = [self.model or self._first]
-        for m in self._library_models():
-            if m.name != models[0].name:
+        """The resident model first, then the one the server started with (it may be a file
+        outside the library), then the library's models whose files exist; one per name."""
+        models: list[ServedModel] = []
+        for m in [self.model or self._first, self._first] + self._library_models():
+            if all(m.name != known.name for known in models):
                 models.append(m)
         return models
 
