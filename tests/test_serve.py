@@ -117,7 +117,23 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def greedy_chat(engine, messages, max_tokens):
+# The engine evaluates a prompt chunk of 16 tokens or more with float tiles and a shorter one
+# with quantized activations (runtime/matmul.py, PREFILL_MIN_TOKENS), so a reply can depend on
+# how much of its prompt was cached: comparisons start both sides from the same cache state.
+
+
+def fresh(host: ModelHost) -> None:
+    """Empty the server's KV cache, once the worker is idle (it tidies up after the answer)."""
+    wait_for(lambda: host.waiting == 0 and host._current is None, 10, "the worker becoming idle")
+    host.llm.reset()
+
+
+def greedy_chat(engine, messages, max_tokens, cached=False):
+    """The engine's greedy reply from an empty cache, or (cached) with the prompt already in it,
+    as a server has it when the same conversation is asked again."""
+    engine.reset()
+    if cached:
+        engine.create_chat_completion(messages, temperature=0.0, max_tokens=1)
     out = engine.create_chat_completion(messages, temperature=0.0, max_tokens=max_tokens)
     return out["choices"][0]["message"]["content"], out["usage"]
 
@@ -146,7 +162,8 @@ def test_models_lists_the_library_with_the_resident_model_first(client):
     assert client.models.retrieve("smol").id == "smol"
 
 
-def test_greedy_chat_is_the_engines_reply_and_usage_counts_the_templates_tokens(client, engine):
+def test_greedy_chat_is_the_engines_reply_and_usage_counts_the_templates_tokens(client, engine, host):
+    fresh(host)
     reply = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=24)
     expected, usage = greedy_chat(engine, QUESTION, 24)
     assert reply.choices[0].message.role == "assistant"
@@ -158,7 +175,8 @@ def test_greedy_chat_is_the_engines_reply_and_usage_counts_the_templates_tokens(
     assert reply.model == "smol"
 
 
-def test_streamed_chat_is_the_same_reply_in_pieces(client, engine):
+def test_streamed_chat_is_the_same_reply_in_pieces(client, engine, host):
+    fresh(host)
     stream = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=24,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
@@ -172,34 +190,41 @@ def test_streamed_chat_is_the_same_reply_in_pieces(client, engine):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == usage["completion_tokens"]
 
 
-def test_completions_text_token_ids_echo_and_stream(client, engine):
+def test_completions_text_token_ids_echo_and_stream(client, engine, host):
     prompt = "Once upon a time"
+    engine.reset()
     expected = engine(prompt, temperature=0.0, max_tokens=12)["choices"][0]["text"]
+    fresh(host)
     out = client.completions.create(model="smol", prompt=prompt, temperature=0, max_tokens=12)
     assert out.choices[0].text == expected
     assert out.usage.prompt_tokens == len(engine.tokenize(prompt.encode()))
     tokens = engine.tokenize(prompt.encode())
+    fresh(host)
     assert client.completions.create(model="smol", prompt=tokens, temperature=0, max_tokens=12).choices[0].text == expected
+    fresh(host)
     echoed = client.completions.create(model="smol", prompt=prompt, temperature=0, max_tokens=12, echo=True)
     assert echoed.choices[0].text == prompt + expected
+    fresh(host)
     streamed = client.completions.create(model="smol", prompt=prompt, temperature=0, max_tokens=12, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected
     default = client.completions.create(model="smol", prompt=prompt, temperature=0)
     assert default.usage.completion_tokens == 16  # OpenAI's default max_tokens for completions
 
 
-def test_stop_strings_end_the_reply_before_them(client, engine):
+def test_stop_strings_end_the_reply_before_them(client, engine, host):
     expected, _ = greedy_chat(engine, QUESTION, 24)
     words = expected.split()
     assert len(words) >= 4, expected
     stop = words[2]
+    fresh(host)
     reply = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=24, stop=[stop, "@@@"])
     assert reply.choices[0].message.content == expected[:expected.index(stop)]
     assert reply.choices[0].finish_reason == "stop"
 
 
-def test_a_seed_gives_the_same_sampled_reply_again(client):
+def test_a_seed_gives_the_same_sampled_reply_again(client, host):
     def sample(seed):
+        fresh(host)
         return client.chat.completions.create(model="smol", messages=QUESTION, temperature=1.0, top_p=1.0,
                                               max_tokens=20, seed=seed).choices[0].message.content
 
@@ -227,6 +252,7 @@ def test_a_request_may_name_another_library_model_which_then_gets_loaded(client,
     # its library system prompt is sent as the app sends it
     expected, _ = greedy_chat(engine, [{"role": "system", "content": PIRATE}] + QUESTION, 16)
     assert reply.choices[0].message.content == expected
+    fresh(host)
     back = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=16)
     assert back.choices[0].message.content == greedy_chat(engine, QUESTION, 16)[0]
 
@@ -365,6 +391,7 @@ def long_stream(server, max_tokens=400):
 
 
 def test_a_client_that_leaves_mid_stream_cancels_its_generation(server, host, client, engine):
+    fresh(host)
     with long_stream(server, max_tokens=400) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
@@ -386,28 +413,34 @@ def test_a_client_that_leaves_mid_stream_cancels_its_generation(server, host, cl
     assert summary["usage"]["completion_tokens"] < 400
     start = time.monotonic()
     reply = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=8)
-    assert reply.choices[0].message.content == greedy_chat(engine, QUESTION, 8)[0]
+    assert reply.choices[0].message.content == greedy_chat(engine, QUESTION, 8, cached=True)[0]
     assert start - left_at < 10
 
 
 def test_several_clients_at_once_each_get_their_own_reply(server, engine):
-    questions = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello."]
-    expected = [greedy_chat(engine, [{"role": "user", "content": q}], 12)[0] for q in questions]
+    # system prompts that differ from their first word: whatever order the requests run in,
+    # each prompt after the first shares only the template's opening with the cache, and its
+    # rest (16 tokens or more) is evaluated as it is from an empty cache
+    conversations = [[{"role": "system", "content": f"{name}: you are a helpful assistant who answers in one short sentence."},
+                      {"role": "user", "content": q}]
+                     for name, q in (("Alpha", "What is the capital of France?"), ("Bravo", "Name a colour."),
+                                     ("Charlie", "What is 2 + 2?"), ("Delta", "Say hello."))]
+    expected = [greedy_chat(engine, messages, 12)[0] for messages in conversations]
     results: dict[int, str] = {}
 
     def ask(i):
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         stream = i % 2 == 0
-        out = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": questions[i]}],
+        out = c.chat.completions.create(model="smol", messages=conversations[i],
                                         temperature=0, max_tokens=12, stream=stream)
         results[i] = "".join(ch.choices[0].delta.content or "" for ch in out) if stream else out.choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(conversations))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert [results.get(i) for i in range(len(questions))] == expected
+    assert [results.get(i) for i in range(len(conversations))] == expected
 
 
 def test_past_the_queue_requests_get_503_with_retry_after(server, host, engine, monkeypatch):
@@ -422,6 +455,7 @@ def test_past_the_queue_requests_get_503_with_retry_after(server, host, engine, 
         answers[name] = post(server, "/v1/chat/completions", chat_body(temperature=0, max_tokens=4))
 
     threads = [threading.Thread(target=ask, args=(name,)) for name in ("running", "waiting")]
+    fresh(host)
     try:
         threads[0].start()
         wait_for(lambda: host._current is not None, 10, "the first request reaching the worker")
@@ -435,10 +469,10 @@ def test_past_the_queue_requests_get_503_with_retry_after(server, host, engine, 
         gate.set()
         for t in threads:
             t.join(60)
-    expected = greedy_chat(engine, QUESTION, 4)[0]
-    for name in ("running", "waiting"):
+    # the second asks what the first asked: its prompt is in the cache then
+    for name, cached in (("running", False), ("waiting", True)):
         assert answers[name].status_code == 200
-        assert answers[name].json()["choices"][0]["message"]["content"] == expected
+        assert answers[name].json()["choices"][0]["message"]["content"] == greedy_chat(engine, QUESTION, 4, cached)[0]
 
 
 # -- the command -------------------------------------------------------------------------------------
