@@ -352,6 +352,18 @@ def test_unknown_models_paths_and_methods(server, smollm2_path):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
+def test_cors_only_for_the_origins_given(host):
+    from starlette.testclient import TestClient
+
+    app = TestClient(create_app(host, cors_origins=["http://localhost:3000"]))  # in-process, no socket
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "Authorization"}
+    allowed = app.options("/v1/chat/completions", headers={"Origin": "http://localhost:3000", **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    other = app.options("/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    assert app.get("/health", headers={"Origin": "http://localhost:3000"}).headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
 def test_no_cors_headers_unless_asked(server):
     response = httpx.options(server.url + "/v1/models", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"})
     assert "access-control-allow-origin" not in response.headers
@@ -408,9 +420,10 @@ def test_a_client_that_leaves_mid_stream_cancels_its_generation(server, host, cl
         left_at = time.monotonic()
     wait_for(lambda: host.history and host.history[-1].get("finish_reason") == "cancelled", 10, "the cancellation")
     summary = host.history[-1]
-    # it stopped at once, far short of its 400 tokens (a few more may have been made while the
-    # close travelled to the server)
+    # it stopped far short of its 400 tokens, within a token of hearing of the close: a token
+    # takes 10-100 ms here (more on a loaded machine), 400 of them many seconds
     assert summary["usage"]["completion_tokens"] < 400
+    assert summary["cancel_seconds"] < 2
     start = time.monotonic()
     reply = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=8)
     assert reply.choices[0].message.content == greedy_chat(engine, QUESTION, 8, cached=True)[0]
@@ -556,4 +569,4 @@ def test_llamachat_serve_answers_and_stops_cleanly_on_ctrl_c(smollm2_path, tmp_p
             proc.wait(10)
     err = proc.stderr.read()
     assert code in (0, 130), err
-    assert "Traceback" not in err and "k3y" not in err
+    assert "Traceback" not in err and "k3y" not in err and "capital of France" not in err  # no keys, no prompts

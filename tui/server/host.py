@@ -250,6 +250,8 @@ class ModelHost:
                 with self._lock:
                     self._current = None
                 job.ended_at = time.monotonic()
+                if job.cancelled_at is not None:
+                    job.summary["cancel_seconds"] = job.ended_at - job.cancelled_at
                 self._durations.append(job.ended_at - start)
                 self.history.append(job.summary)
                 job.finished.set()
