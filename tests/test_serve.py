@@ -277,6 +277,18 @@ def chat_body(**fields):
     return {"model": "smol", "messages": QUESTION, "max_tokens": 4, **fields}
 
 
+def test_llama_cpps_extra_fields_and_harmless_openai_fields_are_accepted(server):
+    extras = {"top_k": 20, "min_p": 0.1, "typical_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 32,
+              "presence_penalty": 0.5, "frequency_penalty": 0.5, "mirostat": 2, "mirostat_tau": 4.0,
+              "mirostat_eta": 0.2, "seed": 5, "ignore_eos": True, "cache_prompt": True, "n_predict": 3,
+              "logit_bias": {"28": -100}, "user": "someone", "metadata": {"a": "b"}, "n": 1, "stream": False}
+    for path, body in (("/v1/chat/completions", chat_body(**extras)),
+                       ("/v1/completions", {"model": "smol", "prompt": "Hello", **extras})):
+        answer = post(server, path, body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 3  # n_predict, and ignore_eos kept it going
+
+
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe{}", b"[" * 100000 + b"]" * 100000])
 def test_malformed_bodies_are_refused(server, raw):
     check_error(post(server, "/v1/chat/completions", raw), 400)
