@@ -24,7 +24,6 @@ and the app use.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tempfile
@@ -36,7 +35,7 @@ import tomlkit
 import tomlkit.exceptions
 
 from llamachat.runtime.errors import ConfigError, UserError
-from llamachat.runtime.params import SETTINGS, check_setting
+from llamachat.runtime.params import INT32_MAX, SETTINGS, check_setting, suggestion
 
 from . import paths
 
@@ -70,7 +69,7 @@ def _settings_comment() -> str:
     for setting in SETTINGS.values():
         if setting.type is str:
             allowed = "text"
-        elif setting.low is not None and setting.high is not None:
+        elif setting.low is not None and setting.high is not None and setting.high < INT32_MAX:
             allowed = f"{num(setting.low)} .. {num(setting.high)}"
         elif setting.low is not None:
             allowed = f">= {num(setting.low)}"
@@ -151,9 +150,7 @@ def _syntax_error(file: Path, text: str, err: Exception) -> ConfigError:
     return ConfigError(f"{file}, {where}: invalid TOML: {what}")
 
 
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_suggest = suggestion
 
 
 def check_name(name: str) -> str:
@@ -208,15 +205,9 @@ def parse_document(text: str, file: Path):
 
 
 def check_model_setting(key: str, value):
-    """runtime.params.check_setting, plus: a chat_format must name a built-in format (found
-    when the file is read, not when a chat starts)."""
-    value = check_setting(key, value)
-    if key == "chat_format" and value:
-        from llamachat.runtime.chat_template import BUILTIN_FORMATS
-
-        if value not in BUILTIN_FORMATS:
-            raise ValueError(f"chat_format must be one of {', '.join(BUILTIN_FORMATS)} (or empty for the model's own template), got {value!r}")
-    return value
+    """runtime.params.check_setting: the one rule (finite numbers in range, a chat_format that
+    names a built-in format), applied when the file is read, not when a chat starts."""
+    return check_setting(key, value)
 
 
 def _interpret_model(name: str, table, file: Path, warnings: list, newer: bool) -> ModelEntry:
