@@ -639,6 +639,11 @@ def file_type_name(file_type, tensor_types) -> str | None:
     return max(quantized, key=quantized.get) if quantized else None
 
 
+def _clip(text: str, limit: int = 120) -> str:
+    """A string from a model file as a listing shows it (the file may hold megabytes of it)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def file_summary(path: Path) -> FileSummary:
     from llamachat.runtime.gguf_file import GGUFFile
 
@@ -649,12 +654,12 @@ def file_summary(path: Path) -> FileSummary:
     try:
         with GGUFFile(path) as g:
             arch = g.get("general.architecture")
-            summary.architecture = arch if isinstance(arch, str) else None
+            summary.architecture = _clip(arch) if isinstance(arch, str) else None
             context = g.get(f"{arch}.context_length") if summary.architecture else None
             summary.context_length = int(context) if isinstance(context, int) and not isinstance(context, bool) else None
             summary.quant = file_type_name(g.get("general.file_type"), (t.ggml_type for t in g.tensors.values()))
             name = g.get("general.name")
-            summary.name = name if isinstance(name, str) else None
+            summary.name = _clip(name) if isinstance(name, str) else None
     except UserError as err:
         summary.error = str(err)
     return summary

@@ -19,8 +19,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from .bpe import BPEMerger, byte_encode, UNICODE_TO_BYTE
-from .errors import ModelError, UserError
+from .errors import ModelError, UserError, shown
+from .params import suggestion
 from .pretokenizer import PRE_TOKENIZERS, PreTokenizer
 from .spm import SPMMerger
 
@@ -98,6 +101,20 @@ def _as_list(value: Any) -> list | None:
     return list(value) if isinstance(value, (list, tuple)) else None
 
 
+def _all_numbers(raw: Any, values: list, integers: bool) -> bool:
+    """Whether a per-token array holds only numbers (integers when asked), none of them NaN.
+    `raw` is the metadata value as read (a numpy array from a GGUF file), `values` its list."""
+    if hasattr(raw, "dtype"):
+        kind = raw.dtype.kind
+        if integers:
+            return kind in "iu"
+        return kind in "iu" or (kind == "f" and not np.isnan(raw).any())
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integers and not isinstance(v, int)) or v != v:
+            return False
+    return True
+
+
 def _sanitize(text: str | bytes) -> str:
     """Text as llama.cpp sees it: bytes that are not UTF-8 become U+FFFD."""
     if isinstance(text, (bytes, bytearray)):
@@ -131,8 +148,10 @@ class Tokenizer:
         model = md.get("tokenizer.ggml.model")
         if model is None:
             raise ModelError(f"{source}: the file has no tokenizer (tokenizer.ggml.model is missing)")
+        if not isinstance(model, str):
+            raise ModelError(f"{source}: tokenizer.ggml.model should be text, not {shown(model)}")
         if model not in ("llama", "gpt2", "bert"):
-            raise ModelError(f"{source}: tokenizer type {model!r} is not supported (supported: 'llama' SentencePiece, 'gpt2' BPE and 'bert' WordPiece vocabularies)")
+            raise ModelError(f"{source}: tokenizer type {shown(model)} is not supported (supported: 'llama' SentencePiece, 'gpt2' BPE and 'bert' WordPiece vocabularies)")
         self.model = model
         self.vocab_type = {"llama": "spm", "gpt2": "bpe", "bert": "wpm"}[model]
 
@@ -147,6 +166,10 @@ class Tokenizer:
                 raise ModelError(f"{source}: {key} is not an array")
             if arr is not None and len(arr) != n:
                 raise ModelError(f"{source}: the vocabulary arrays disagree in length: tokenizer.ggml.tokens has {n} entries but {key} has {len(arr)}")
+        if scores is not None and not _all_numbers(md.get("tokenizer.ggml.scores"), scores, integers=False):
+            raise ModelError(f"{source}: tokenizer.ggml.scores holds values that are not numbers (or are NaN); it needs one number per token")
+        if types is not None and not _all_numbers(md.get("tokenizer.ggml.token_type"), types, integers=True):
+            raise ModelError(f"{source}: tokenizer.ggml.token_type holds values that are not integers")
         self.n_vocab = n
 
         texts: list[str] = []
@@ -174,12 +197,19 @@ class Tokenizer:
 
         # ---- flags and pre-tokenizer (llama_vocab::impl::load) ----
         self.pre = md.get("tokenizer.ggml.pre")
+        if self.pre is not None and not isinstance(self.pre, str):
+            raise ModelError(f"{source}: tokenizer.ggml.pre should be the name of a pre-tokenizer (text), not {shown(self.pre)}")
+        for key in ("tokenizer.ggml.add_space_prefix", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+                    "tokenizer.ggml.normalizer.lowercase", "tokenizer.ggml.normalizer.strip_accents"):
+            if key in md and not isinstance(md[key], bool):
+                raise ModelError(f"{source}: {key} should be true or false, not {shown(md[key])}")
         ignore_merges = False
         if self.vocab_type == "bpe":
             self.add_bos, self.add_eos, self.add_space_prefix, self.clean_spaces = False, False, False, True
             info = PRE_TOKENIZERS.get(self.pre) if isinstance(self.pre, str) else None
             if info is None:
-                what = "has no pre-tokenizer type (tokenizer.ggml.pre)" if not self.pre else f"has pre-tokenizer type {self.pre!r}, which is not known"
+                what = ("has no pre-tokenizer type (tokenizer.ggml.pre)" if not self.pre else
+                        f"has pre-tokenizer type {shown(self.pre)}, which is not known{suggestion(self.pre, PRE_TOKENIZERS)}")
                 self._warn(f"{source}: the vocabulary {what}; using llama.cpp's 'default' pre-tokenizer, so tokens may differ from what the model was trained with")
                 info = PRE_TOKENIZERS["default"]
             ignore_merges = info.ignore_merges
@@ -214,7 +244,7 @@ class Tokenizer:
                 continue
             v = md[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= n:
-                msg = f"{source}: {key} = {v!r} is not a token id of this vocabulary ({n} tokens, ids 0..{n - 1})"
+                msg = f"{source}: {key} = {shown(v)} is not a token id of this vocabulary ({n} tokens, ids 0..{n - 1})"
                 if attr in ("bos_id", "eos_id"):
                     raise ModelError(msg)
                 self._warn(msg + "; ignored")
