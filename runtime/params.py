@@ -15,14 +15,10 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
+from .errors import shown as _shown
+
 # Text longer than this is not a value anyone meant to type: echoed shortened, never parsed.
 MAX_TEXT = 10_000
-
-
-def _shown(value) -> str:
-    """repr of a value as a message shows it: at most ~60 characters."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:45] + f"... ({len(text)} characters)"
 
 
 def suggestion(word: str, choices) -> str:
