@@ -274,7 +274,8 @@ class Llama:
 
             name = self.metadata.get("general.name") or Path(self.model_path).stem
             source = self._gguf if self._gguf is not None else self.model.metadata
-            self._chat_template = ChatTemplate.for_model(source, self.tokenizer, override=self.chat_format, model_name=name)
+            self._chat_template = ChatTemplate.for_model(source, self.tokenizer, override=self.chat_format, model_name=name,
+                                                         fallback=True)  # notice: self._chat_template.take_notice()
         return self._chat_template
 
     # -- the shared part ---------------------------------------------------------------------------
