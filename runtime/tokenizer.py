@@ -138,6 +138,56 @@ def decode_utf8(data: bytes, what: str) -> str:
         raise UserError(f"{what} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason})") from None
 
 
+# How much text a file given with -f may hold. A prompt: four times the text of the largest
+# context (2**20 tokens at about 4 bytes each). A text to measure or tokenize: what the pure
+# Python tokenizer gets through in minutes, not hours.
+MAX_PROMPT_BYTES = 16 << 20
+MAX_TEXT_BYTES = 64 << 20
+
+
+def read_text_input(path, what: str, max_bytes: int = MAX_TEXT_BYTES, stream=None) -> bytes:
+    """The bytes of a text input, or one UserError, promptly: a directory, device (/dev/zero,
+    /dev/urandom), FIFO or socket is refused without reading (reading one may never end), a
+    file or `stream` longer than `max_bytes` is refused after reading at most one byte past
+    the bound, and NUL bytes mean it is not text. The caller decodes (decode_utf8)."""
+    import stat
+
+    if stream is not None:
+        data = stream.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise UserError(f"{what} holds more than {max_bytes} bytes, more than llamachat reads as text")
+        _refuse_nul(data, what)
+        return data
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read {what} ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{p} is a directory, not {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{p} is not a regular file (a device, FIFO or socket), so it is not read as {what}; give a text file")
+    if st.st_size > max_bytes:
+        raise UserError(f"{p} is {st.st_size} bytes long, more than the {max_bytes} bytes llamachat reads as {what}")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since stat
+    except OSError as e:
+        raise UserError(f"{p}: cannot read {what} ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{p} is more than {max_bytes} bytes long, more than llamachat reads as {what}")
+    _refuse_nul(data, str(p))
+    return data
+
+
+def _refuse_nul(data: bytes, what: str) -> None:
+    at = data.find(b"\0")
+    if at >= 0:
+        raise UserError(f"{what} holds a NUL byte at offset {at}: it is not a text file")
+
+
 class Tokenizer:
     """A GGUF vocabulary with llama.cpp's encode/decode. Build with `Tokenizer.from_gguf(path)`."""
 
