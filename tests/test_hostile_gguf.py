@@ -24,7 +24,7 @@ from llamachat.runtime.tokenizer import Tokenizer
 from llamachat.tui.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gguf_corpus import RawGGUF, kv_str, kv_u32, valid_base  # noqa: E402
+from gguf_corpus import kv_u32, valid_base  # noqa: E402
 from test_model import N_VOCAB, tiny_metadata, write_tiny  # noqa: E402
 
 MEGA = "x" * 1_000_000  # a megabyte string, never to be echoed whole

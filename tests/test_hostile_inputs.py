@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llamachat.runtime.gguf_writer import write_gguf
 from llamachat.tui.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamachat.model_store.library import Library
-from llamachat.runtime.errors import ConfigError, UserError
+from llamachat.runtime.errors import ConfigError
 from llamachat.runtime.params import SETTINGS, check_setting
 from llamachat.tui.cli import main
 
