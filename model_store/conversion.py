@@ -12,6 +12,7 @@ F32, every other tensor becomes F16 (round to nearest even, as torch's `.to(floa
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,115 @@ import gguf
 import numpy as np
 from gguf.constants import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
+from llamachat.runtime.errors import UserError, shown
 from llamachat.runtime.gguf_writer import write_gguf
 
 from .checkpoint_tensor import bf16_bits
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, what)
+
+# Bounds on a source's hyper-parameters, far above any llama-family model (the largest have
+# 126 layers, hidden size 16384, a 256k vocabulary) and low enough that nothing sized by them
+# (the expected-tensor table, a row) is allocated before the files are checked against them.
+MAX_DIM = 1 << 20
+MAX_LAYERS = 4096
+
+# llama.cpp's layer tensors (after "blk.N.") and their shapes in numpy order (rows, row
+# length), from the hyper-parameters: one table for every importer.
+LLAMA_LAYER_SHAPES: dict[str, Callable[["LlamaDims"], tuple[int, ...]]] = {
+    "attn_norm.weight": lambda d: (d.n_embd,),
+    "attn_q.weight": lambda d: (d.n_head * d.head_dim, d.n_embd),
+    "attn_k.weight": lambda d: (d.n_head_kv * d.head_dim, d.n_embd),
+    "attn_v.weight": lambda d: (d.n_head_kv * d.head_dim, d.n_embd),
+    "attn_output.weight": lambda d: (d.n_embd, d.n_head * d.head_dim),
+    "ffn_norm.weight": lambda d: (d.n_embd,),
+    "ffn_gate.weight": lambda d: (d.n_ff, d.n_embd),
+    "ffn_up.weight": lambda d: (d.n_ff, d.n_embd),
+    "ffn_down.weight": lambda d: (d.n_embd, d.n_ff),
+}
+LLAMA_GLOBAL_SHAPES: dict[str, Callable[["LlamaDims"], tuple[int, ...]]] = {
+    "token_embd.weight": lambda d: (d.n_vocab, d.n_embd),
+    "output_norm.weight": lambda d: (d.n_embd,),
+    "output.weight": lambda d: (d.n_vocab, d.n_embd),
+}
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    """A llama model's sizes as a source states them, checked (check_llama_dims)."""
+
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    head_dim: int
+    n_vocab: int = 0  # known once the tokenizer is read
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: shape(self) for name, shape in LLAMA_LAYER_SHAPES.items()}
+
+    def global_shape(self, name: str) -> tuple[int, ...]:
+        return LLAMA_GLOBAL_SHAPES[name](self)
+
+
+def whole_number(value, key: str, where, low: int = 1, high: int = MAX_DIM) -> int:
+    """A hyper-parameter that must be an integer in [low, high] (JSON 1e9 and "64" are not)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{where}: {key} must be a whole number, not {shown(value)}")
+    if not low <= value <= high:
+        raise UserError(f"{where}: {key} is {value}; it must be between {low} and {high}")
+    return value
+
+
+def positive_number(value, key: str, where) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{where}: {key} must be a positive number, not {shown(value)}")
+    return float(value)
+
+
+def check_llama_dims(where, n_embd, n_layer, n_head, n_head_kv, n_ff, head_dim, names) -> LlamaDims:
+    """The sizes, each a bounded whole number, consistent with each other; `names` are the
+    source's own key names (hidden_size / dim, ...) in the order of the arguments."""
+    k_embd, k_layer, k_head, k_head_kv, k_ff, k_head_dim = names
+    dims = LlamaDims(
+        n_embd=whole_number(n_embd, k_embd, where), n_layer=whole_number(n_layer, k_layer, where, high=MAX_LAYERS),
+        n_head=whole_number(n_head, k_head, where), n_head_kv=whole_number(n_head_kv, k_head_kv, where),
+        n_ff=whole_number(n_ff, k_ff, where), head_dim=whole_number(head_dim, k_head_dim, where),
+    )
+    if dims.n_head % dims.n_head_kv or dims.head_dim % 2:
+        raise UserError(f"{where}: {k_head} {dims.n_head} / {k_head_kv} {dims.n_head_kv} / head size {dims.head_dim} "
+                        "do not form a llama model (the heads must divide evenly, the head size be even)")
+    return dims
+
+
+# JSON files beside a checkpoint (config.json, params.json, indexes, tokenizer.json): the
+# largest real ones are tokenizer.json files of some tens of megabytes.
+MAX_JSON_BYTES = 256 << 20
+
+
+def read_json_file(path: Path, max_bytes: int = MAX_JSON_BYTES):
+    """A JSON file's value, or one UserError: not a regular file, too large, not UTF-8, not
+    JSON, or nested too deeply for the parser (a hostile config.json)."""
+    import json
+    import stat
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{path}: not a regular file, so not read as JSON")
+        if st.st_size > max_bytes:
+            raise UserError(f"{path}: {st.st_size} bytes, more than a JSON file beside a model needs ({max_bytes}); not read")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise UserError(f"{path}: more than {max_bytes} bytes, more than a JSON file beside a model needs; not read")
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise UserError(f"{path}: cannot be read as JSON (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: cannot be read as JSON ({shown(str(err), 200)[1:-1]})") from None
 
 
 @dataclass

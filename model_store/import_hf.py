@@ -10,18 +10,19 @@ The metadata is what convert_hf_to_gguf.py's LlamaModel writes.
 
 from __future__ import annotations
 
-import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from llamachat.runtime.errors import UserError
+from llamachat.runtime.errors import UserError, shown
 
 from .checkpoint_tensor import CheckpointTensor
-from .conversion import Conversion, PlannedTensor, new_recorder, permute_for_rope
+from .conversion import (Conversion, PlannedTensor, check_llama_dims, new_recorder, permute_for_rope, positive_number,
+                         whole_number)
 from .pth_reader import PthFile
 from .safetensors_reader import SafetensorsFile
 from .vocab_convert import add_bpe_vocab, add_sentencepiece_vocab, read_json
@@ -50,21 +51,13 @@ IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
 def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot be read as JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: not a JSON object")
-    return config
+    return read_json(folder / "config.json")
 
 
 def _need(config: dict, key: str, path: Path):
-    value = config.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise UserError(f"{path}: {key} is missing or not a positive number")
-    return value
+    if config.get(key) is None:
+        raise UserError(f"{path}: {key} is missing")
+    return config[key]
 
 
 class WeightFiles:
@@ -90,10 +83,9 @@ class WeightFiles:
             self._open(f, SafetensorsFile if f.suffix == ".safetensors" else PthFile)
 
     def _from_index(self, index: Path, opener) -> None:
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UserError(f"{index}: cannot be read (no weight_map: {err})") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
+            raise UserError(f"{index}: cannot be read (no weight_map of tensor names to file names in this folder)")
         missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
         if missing:
             raise UserError(f"{self.folder}: missing shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} (listed in {index.name}); download {'them' if len(missing) > 1 else 'it'} and import again")
@@ -123,23 +115,31 @@ def plan_hf(folder: Path, name: str) -> Conversion:
     archs = config.get("architectures") or []
     archs = [archs] if isinstance(archs, str) else archs
     arch = archs[0] if archs else config.get("model_type", "unknown")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"{cfg_path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    n_embd = _need(config, "hidden_size", cfg_path)
-    n_layer = _need(config, "num_hidden_layers", cfg_path)
-    n_head = _need(config, "num_attention_heads", cfg_path)
-    n_head_kv = config.get("num_key_value_heads") or n_head
-    n_ff = _need(config, "intermediate_size", cfg_path)
-    head_dim = config.get("head_dim") or n_embd // n_head
-    if n_head % n_head_kv or head_dim % 2:
-        raise UserError(f"{cfg_path}: num_attention_heads {n_head} / num_key_value_heads {n_head_kv} / head size {head_dim} do not form a llama model")
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{cfg_path}: architecture {shown(arch)} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    n_embd = whole_number(_need(config, "hidden_size", cfg_path), "hidden_size", cfg_path)
+    n_head = whole_number(_need(config, "num_attention_heads", cfg_path), "num_attention_heads", cfg_path)
+    if n_embd % n_head and config.get("head_dim") is None:
+        raise UserError(f"{cfg_path}: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
+    dims = check_llama_dims(
+        cfg_path, n_embd, _need(config, "num_hidden_layers", cfg_path), n_head, config.get("num_key_value_heads") or n_head,
+        _need(config, "intermediate_size", cfg_path), config.get("head_dim") or n_embd // n_head,
+        ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim"))
+    n_layer, n_head_kv, n_ff, head_dim = dims.n_layer, dims.n_head_kv, dims.n_ff, dims.head_dim
+    vocab_size = config.get("vocab_size")
+    if vocab_size is not None:
+        whole_number(vocab_size, "vocab_size", cfg_path)
+    for key in ("rope_theta", "rms_norm_eps"):
+        if config.get(key) is not None:
+            positive_number(config[key], key, cfg_path)
+    if (ctx := config.get("max_position_embeddings")) is not None:
+        whole_number(ctx, "max_position_embeddings", cfg_path, high=(1 << 32) - 1)  # a GGUF u32
 
     weights = WeightFiles(folder)
     conv = Conversion(source=folder, kind="Hugging Face", recorder=new_recorder(name), n_head=n_head, n_head_kv=n_head_kv)
     gw = conv.recorder
 
     # tokenizer first: it decides the vocabulary size convert would write
-    vocab_size = config.get("vocab_size")
     if not (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
         raise UserError(f"{folder}: no tokenizer.json or tokenizer.model; the model cannot be converted without its vocabulary")
 
@@ -181,27 +181,16 @@ def plan_hf(folder: Path, name: str) -> Conversion:
         gw.add_add_bos_token(False)
 
     # tensors: expected shape (numpy order) of each, then check the files against them
-    q_rows, kv_rows = n_head * head_dim, n_head_kv * head_dim
-    expected = {
-        "model.embed_tokens.weight": (n_vocab, n_embd),
-    }
-    layer_shapes = {
-        "input_layernorm.weight": (n_embd,),
-        "self_attn.q_proj.weight": (q_rows, n_embd),
-        "self_attn.k_proj.weight": (kv_rows, n_embd),
-        "self_attn.v_proj.weight": (kv_rows, n_embd),
-        "self_attn.o_proj.weight": (n_embd, q_rows),
-        "post_attention_layernorm.weight": (n_embd,),
-        "mlp.gate_proj.weight": (n_ff, n_embd),
-        "mlp.up_proj.weight": (n_ff, n_embd),
-        "mlp.down_proj.weight": (n_embd, n_ff),
-    }
+    dims = replace(dims, n_vocab=n_vocab)
+    llama_shapes = dims.layer_shapes()
+    layer_shapes = {hf: llama_shapes[ours] for hf, ours in LAYER_TENSORS.items()}
+    expected = {"model.embed_tokens.weight": dims.global_shape("token_embd.weight")}
     for i in range(n_layer):
         for suffix, shape in layer_shapes.items():
             expected[f"model.layers.{i}.{suffix}"] = shape
-    expected["model.norm.weight"] = (n_embd,)
+    expected["model.norm.weight"] = dims.global_shape("output_norm.weight")
     if "lm_head.weight" in weights.where:
-        expected["lm_head.weight"] = (n_vocab, n_embd)
+        expected["lm_head.weight"] = dims.global_shape("output.weight")
     elif not config.get("tie_word_embeddings", False):
         raise UserError(f"{folder}: tensor lm_head.weight is missing (and config.json does not tie it to the embeddings); a shard may be missing")
 
@@ -248,19 +237,27 @@ def _rope_scaling(gw, config: dict, head_dim: int, path: Path):
     """Linear RoPE scaling -> rope.scaling.* keys; Llama 3.1's "llama3" scaling -> the
     rope_freqs tensor convert_hf_to_gguf.py computes. Returns that tensor or None."""
     scaling = config.get("rope_scaling") or {}
-    kind = (scaling.get("rope_type") or scaling.get("type") or "").lower()
+    if not isinstance(scaling, dict):
+        raise UserError(f"{path}: rope_scaling must be an object, not {shown(scaling)}")
+    kind = scaling.get("rope_type") or scaling.get("type") or ""
+    if not isinstance(kind, str):
+        raise UserError(f"{path}: rope_scaling type must be text, not {shown(kind)}")
+    kind = kind.lower()
     if not kind or kind == "default":
         return None
     if kind == "linear":
         gw.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        gw.add_rope_scaling_factor(float(scaling["factor"]))
+        gw.add_rope_scaling_factor(positive_number(scaling.get("factor"), "rope_scaling factor", path))
         return None
     if kind == "llama3":
-        base = float(config.get("rope_theta", 10000.0))
+        base = positive_number(config.get("rope_theta", 10000.0), "rope_theta", path)
         freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-        factor = scaling.get("factor", 8.0)
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_ctx = scaling.get("original_max_position_embeddings", 8192)
+        factor = positive_number(scaling.get("factor", 8.0), "rope_scaling factor", path)
+        low = positive_number(scaling.get("low_freq_factor", 1.0), "rope_scaling low_freq_factor", path)
+        high = positive_number(scaling.get("high_freq_factor", 4.0), "rope_scaling high_freq_factor", path)
+        if high <= low:
+            raise UserError(f"{path}: rope_scaling high_freq_factor {high:g} must be larger than low_freq_factor {low:g}")
+        old_ctx = positive_number(scaling.get("original_max_position_embeddings", 8192), "rope_scaling original_max_position_embeddings", path)
         low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
         factors = []
         for freq in freqs:
@@ -273,4 +270,4 @@ def _rope_scaling(gw, config: dict, head_dim: int, path: Path):
                 smooth = (old_ctx / wavelen - low) / (high - low)
                 factors.append(1 / ((1 - smooth) / factor + smooth))
         return np.array(factors, dtype=np.float32)
-    raise UserError(f"{path}: rope_scaling type {kind!r} is not supported (linear and llama3 are)")
+    raise UserError(f"{path}: rope_scaling type {shown(kind)} is not supported (linear and llama3 are)")

@@ -14,17 +14,17 @@ tokenizer's size is used and the user is told.
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from llamachat.runtime.errors import UserError
 
-from .conversion import Conversion, PlannedTensor, new_recorder
+from .conversion import Conversion, PlannedTensor, check_llama_dims, new_recorder, positive_number, whole_number
 from .pth_reader import PthFile
-from .vocab_convert import add_sentencepiece_vocab, sentencepiece_size
+from .vocab_convert import add_sentencepiece_vocab, read_json, sentencepiece_size
 
 LAYER_TENSORS = {
     "attention_norm.weight": "attn_norm.weight",
@@ -58,18 +58,22 @@ def find_tokenizer(folder: Path) -> Path:
 def plan_meta(folder: Path, name: str) -> Conversion:
     folder = Path(folder)
     params_path = folder / "params.json"
-    try:
-        params = json.loads(params_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{params_path}: cannot be read as JSON ({err})") from None
+    params = read_json(params_path)
     for key in ("dim", "n_layers", "n_heads", "norm_eps"):
-        if not isinstance(params.get(key), (int, float)) or params[key] <= 0:
-            raise UserError(f"{params_path}: {key} is missing or not a positive number")
+        if params.get(key) is None:
+            raise UserError(f"{params_path}: {key} is missing")
+    positive_number(params["norm_eps"], "norm_eps", params_path)
+    if params.get("rope_theta") is not None:
+        positive_number(params["rope_theta"], "rope_theta", params_path)
     if params.get("moe"):
         raise UserError(f"{params_path}: mixture-of-experts checkpoints are not supported")
-    n_embd, n_layer, n_head = int(params["dim"]), int(params["n_layers"]), int(params["n_heads"])
-    n_head_kv = int(params.get("n_kv_heads") or n_head)
-    head_dim = n_embd // n_head
+    n_embd = whole_number(params["dim"], "dim", params_path)
+    n_head = whole_number(params["n_heads"], "n_heads", params_path)
+    if n_embd % n_head:
+        raise UserError(f"{params_path}: dim {n_embd} is not a multiple of n_heads {n_head}")
+    dims = check_llama_dims(params_path, n_embd, params["n_layers"], n_head, params.get("n_kv_heads") or n_head, 1, n_embd // n_head,
+                            ("dim", "n_layers", "n_heads", "n_kv_heads", "the feed-forward size", "the head size"))
+    n_layer, n_head_kv, head_dim = dims.n_layer, dims.n_head_kv, dims.head_dim
 
     shard_paths = sorted(folder.glob("consolidated.*.pth"))
     if not shard_paths:
@@ -108,7 +112,7 @@ def plan_meta(folder: Path, name: str) -> Conversion:
     n_tok = sentencepiece_size(tokenizer)
     added = folder / "added_tokens.json"
     if added.is_file():
-        n_tok += len(json.loads(added.read_text(encoding="utf-8")))
+        n_tok += len(read_json(added))
     declared = params.get("vocab_size", -1)
     if declared != n_tok:
         what = "is -1" if declared == -1 else f"says {declared}"
@@ -140,24 +144,15 @@ def plan_meta(folder: Path, name: str) -> Conversion:
     gw.add_vocab_size(n_vocab)
     add_sentencepiece_vocab(gw, folder, n_vocab, model_file=tokenizer)
 
-    q_rows, kv_rows = n_head * head_dim, n_head_kv * head_dim
-    expected = {"tok_embeddings.weight": (n_vocab, n_embd)}
-    layer_shapes = {
-        "attention_norm.weight": (n_embd,),
-        "attention.wq.weight": (q_rows, n_embd),
-        "attention.wk.weight": (kv_rows, n_embd),
-        "attention.wv.weight": (kv_rows, n_embd),
-        "attention.wo.weight": (n_embd, q_rows),
-        "ffn_norm.weight": (n_embd,),
-        "feed_forward.w1.weight": (n_ff, n_embd),
-        "feed_forward.w3.weight": (n_ff, n_embd),
-        "feed_forward.w2.weight": (n_embd, n_ff),
-    }
+    dims = replace(dims, n_ff=n_ff, n_vocab=n_vocab)
+    llama_shapes = dims.layer_shapes()
+    layer_shapes = {meta: llama_shapes[ours] for meta, ours in LAYER_TENSORS.items()}
+    expected = {"tok_embeddings.weight": dims.global_shape("token_embd.weight")}
     for i in range(n_layer):
         for suffix, shape in layer_shapes.items():
             expected[f"layers.{i}.{suffix}"] = shape
-    expected["norm.weight"] = (n_embd,)
-    expected["output.weight"] = (n_vocab, n_embd)
+    expected["norm.weight"] = dims.global_shape("output_norm.weight")
+    expected["output.weight"] = dims.global_shape("output.weight")
     for tname in names:
         if tname not in expected and tname not in IGNORED:
             raise UserError(f"{shard_paths[0]}: tensor {tname!r} is not part of a llama model with this params.json (n_layers {n_layer}); cannot convert it")

@@ -65,6 +65,8 @@ def source_kind(source: Path) -> str:
         if (source / "params.json").is_file():
             return "Meta"
         raise UserError(f"{source}: neither config.json (Hugging Face) nor params.json (Meta) is in this folder")
+    if source.exists():  # /dev/zero, a FIFO, a socket: nothing an import reads
+        raise UserError(f"{source}: not a regular file or a folder; import takes a .gguf file, a Hugging Face model folder or a Meta checkpoint folder")
     raise UserError(f"{source}: no such file or folder")
 
 

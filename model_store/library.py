@@ -24,10 +24,8 @@ and the app use.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +33,8 @@ from pathlib import Path
 import tomlkit
 import tomlkit.exceptions
 
-from llamachat.runtime.errors import ConfigError, UserError
-from llamachat.runtime.params import SETTINGS, check_setting
+from llamachat.runtime.errors import ConfigError, UserError, shown
+from llamachat.runtime.params import INT32_MAX, SETTINGS, check_setting, suggestion
 
 from . import paths
 
@@ -49,10 +47,12 @@ except ImportError:  # pragma: no cover
 # by a newer llamachat: we still read what we understand, but refuse to write it.
 FORMAT_VERSION = 1
 
-# mkstemp creates files 0600; files we rename into place get the mode a plain open() would give.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-NEW_FILE_MODE = 0o666 & ~_UMASK
+# Bounds that keep reading (and editing) a hostile models.toml in seconds: a library of a
+# thousand models with descriptions is some hundred kilobytes and a few thousand values.
+MAX_FILE_BYTES = 1 << 20
+MAX_VALUES = 10_000  # tables, keys and array items together
+MAX_DEPTH = 16  # arrays and tables inside each other
+MAX_WARNINGS = 10
 
 # Keys of a [models.NAME] table besides the settings.
 ENTRY_KEYS = ("path", "description")
@@ -70,7 +70,7 @@ def _settings_comment() -> str:
     for setting in SETTINGS.values():
         if setting.type is str:
             allowed = "text"
-        elif setting.low is not None and setting.high is not None:
+        elif setting.low is not None and setting.high is not None and setting.high < INT32_MAX:
             allowed = f"{num(setting.low)} .. {num(setting.high)}"
         elif setting.low is not None:
             allowed = f">= {num(setting.low)}"
@@ -151,9 +151,7 @@ def _syntax_error(file: Path, text: str, err: Exception) -> ConfigError:
     return ConfigError(f"{file}, {where}: invalid TOML: {what}")
 
 
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_suggest = suggestion
 
 
 def check_name(name: str) -> str:
@@ -171,15 +169,33 @@ def name_from_path(path: Path) -> str:
     return name[:80] or "model"
 
 
+def _expand(path) -> Path:
+    """Path.expanduser, but `~nosuchuser/x.gguf` stays as written (then it is no such file)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def _resolve_model_path(raw: str) -> Path:
-    p = Path(raw).expanduser()
+    p = _expand(raw)
+    if str(p).startswith("~"):  # no such user: kept as written, listed as missing
+        return p
     return p if p.is_absolute() else paths.models_dir() / p
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, but an over-long or otherwise impossible path is simply not a file."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _stored_path(path: Path) -> str:
     """How a path is written: relative when inside the models dir (so LLAMACHAT_HOME or the
     data dir can move), else absolute."""
-    path = Path(path).expanduser().resolve()
+    path = _expand(path).resolve()
     try:
         return path.relative_to(paths.models_dir().resolve()).as_posix()
     except ValueError:
@@ -194,12 +210,65 @@ def is_inside_data_dir(path: Path) -> bool:
         return False
 
 
+def make_temp_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A new, hidden, uniquely named file in `folder`, open for writing: (fd, path). Created
+    0666 so the kernel applies the user's umask, as to any file a program creates (mkstemp's
+    0600 would hide a model or the library from the user's other accounts and tools)."""
+    import secrets
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")  # pragma: no cover
+
+
+def parse_plain(text: str, file: Path) -> dict:
+    """The TOML as plain Python data (tomllib, fast), checked for size and nesting; ConfigError
+    with line and column for bad syntax."""
+    try:
+        try:
+            import tomllib
+        except ImportError:  # pragma: no cover - Python 3.10: tomlkit reads too, more slowly
+            return parse_document(text, file)[1]
+        try:
+            plain = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise _syntax_error(file, text, err) from None
+    except RecursionError:
+        raise _config_error(file, "values are nested too deeply to be a model library") from None
+    _check_shape(plain, file)
+    return plain
+
+
+def _check_shape(plain: dict, file: Path) -> None:
+    """At most MAX_VALUES values and MAX_DEPTH levels (walked without recursion)."""
+    count = 0
+    stack = [(plain, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _config_error(file, f"values are nested more than {MAX_DEPTH} deep; a model library needs no such nesting")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            count += 1
+            if count > MAX_VALUES:
+                raise _config_error(file, f"holds more than {MAX_VALUES} values, more than a model library needs")
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+
+
 def parse_document(text: str, file: Path):
     """(tomlkit document, plain dict) or ConfigError with line and column."""
     try:
         doc = tomlkit.parse(text)
     except tomlkit.exceptions.TOMLKitError as err:  # ParseError, KeyAlreadyPresent, ...
         raise _syntax_error(file, text, err) from None
+    except RecursionError:
+        raise _config_error(file, "values are nested too deeply to be a model library") from None
     try:
         plain = doc.unwrap()
     except Exception as err:  # pragma: no cover - tomlkit accepted something it cannot convert
@@ -208,19 +277,13 @@ def parse_document(text: str, file: Path):
 
 
 def check_model_setting(key: str, value):
-    """runtime.params.check_setting, plus: a chat_format must name a built-in format (found
-    when the file is read, not when a chat starts)."""
-    value = check_setting(key, value)
-    if key == "chat_format" and value:
-        from llamachat.runtime.chat_template import BUILTIN_FORMATS
-
-        if value not in BUILTIN_FORMATS:
-            raise ValueError(f"chat_format must be one of {', '.join(BUILTIN_FORMATS)} (or empty for the model's own template), got {value!r}")
-    return value
+    """runtime.params.check_setting: the one rule (finite numbers in range, a chat_format that
+    names a built-in format), applied when the file is read, not when a chat starts."""
+    return check_setting(key, value)
 
 
 def _interpret_model(name: str, table, file: Path, warnings: list, newer: bool) -> ModelEntry:
-    where = f"model {name!r}"
+    where = f"model {shown(name)}"
     if not isinstance(table, dict):
         raise _config_error(file, f"{where} must be a table ([models.{name}]) with at least a path")
     if not _NAME_RE.match(name):
@@ -248,7 +311,7 @@ def _interpret_model(name: str, table, file: Path, warnings: list, newer: bool) 
         except ValueError as err:
             raise _config_error(file, f"{where}: {err}") from None
     path = _resolve_model_path(raw_path)
-    return ModelEntry(name, path, description, settings, missing=not path.is_file())
+    return ModelEntry(name, path, description, settings, missing=not _is_file(path))
 
 
 def _interpret(plain: dict, file: Path):
@@ -321,17 +384,16 @@ def write_atomic(target: Path, text: str, backup: bool = True) -> None:
 
 
 def _replace_with(target: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp_name = make_temp_file(target.parent, f".{target.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        try:  # keep the user's permissions on the file (e.g. 600)
-            mode = target.stat().st_mode & 0o7777
-        except OSError:
-            mode = NEW_FILE_MODE
-        os.chmod(tmp_name, mode)
+        try:  # keep the user's permissions on the file (e.g. 600); a new one has the umask's
+            os.chmod(tmp_name, target.stat().st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
         os.replace(tmp_name, target)
     except BaseException:
         try:
@@ -365,9 +427,10 @@ class Library:
     """The parsed models.toml. Every change re-reads the file under a lock, applies itself to
     that document and writes it back, so edits made elsewhere since `load` are not lost."""
 
-    def __init__(self, file: Path, doc, models, default_name, version, warnings, exists: bool):
+    def __init__(self, file: Path, doc, models, default_name, version, warnings, exists: bool, text: str | None = None):
         self.file = Path(file)
-        self._doc = doc
+        self._doc = doc  # the tomlkit document, parsed from _text only when an edit needs it
+        self._text = text
         self.models: dict[str, ModelEntry] = models
         self.default_name: str | None = default_name
         self.version: int = version
@@ -380,9 +443,20 @@ class Library:
     def load(cls, file: Path | None = None) -> "Library":
         """The library in `file` (default: paths.config_file()); a missing file is an empty
         library. Raises ConfigError for a file that cannot be used."""
+        import stat
+
         file = Path(file) if file is not None else paths.config_file()
         try:
-            text = file.read_text(encoding="utf-8")
+            st = os.stat(file)
+            if not stat.S_ISREG(st.st_mode):
+                raise _config_error(file, "is not a regular file (a directory, device or FIFO); it must be a TOML text file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise _config_error(file, f"is {st.st_size} bytes long, more than a model library needs ({MAX_FILE_BYTES}); it is not read")
+            with open(file, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+            if len(data) > MAX_FILE_BYTES:
+                raise _config_error(file, f"is more than {MAX_FILE_BYTES} bytes long, more than a model library needs; it is not read")
+            text = data.decode("utf-8")
         except FileNotFoundError:
             return cls(file, None, {}, None, FORMAT_VERSION, [], exists=False)
         except UnicodeDecodeError as err:
@@ -393,9 +467,17 @@ class Library:
 
     @classmethod
     def from_text(cls, text: str, file: Path) -> "Library":
-        doc, plain = parse_document(text, file)
+        plain = parse_plain(text, file)
         models, default, version, warnings = _interpret(plain, file)
-        return cls(file, doc, models, default, version, warnings, exists=True)
+        if len(warnings) > MAX_WARNINGS:
+            warnings = warnings[:MAX_WARNINGS - 1] + [f"{file}: ... and {len(warnings) - MAX_WARNINGS + 1} more warnings like these"]
+        return cls(file, None, models, default, version, warnings, exists=True, text=text)
+
+    def _document(self):
+        """The tomlkit document of the file as read (slower than the read: only for edits)."""
+        if self._doc is None and self._text is not None:
+            self._doc = parse_document(self._text, self.file)[0]
+        return self._doc
 
     @property
     def read_only(self) -> bool:
@@ -433,7 +515,7 @@ class Library:
             key = os.fspath(name_or_path)
             entry = self.models.get(key)
             if entry is None:
-                candidate = Path(key).expanduser()
+                candidate = _expand(key)
                 if candidate.is_file():
                     resolved = candidate.resolve()
                     for known in self.models.values():  # a path of a library model gets its settings
@@ -462,7 +544,7 @@ class Library:
             current = Library.load(self.file)
             if current.read_only:
                 raise ConfigError(current.read_only_reason)
-            doc = current._doc if current._doc is not None else tomlkit.parse(HEADER)
+            doc = current._document() if current.exists else tomlkit.parse(HEADER)
             yield doc
             text = tomlkit.dumps(doc)
             fresh = Library.from_text(text, self.file)  # never write what we could not read back
@@ -470,7 +552,7 @@ class Library:
         self._take(fresh)
 
     def _take(self, other: "Library") -> None:
-        self._doc, self.models, self.default_name = other._doc, other.models, other.default_name
+        self._doc, self._text, self.models, self.default_name = other._doc, other._text, other.models, other.default_name
         self.version, self.warnings, self.exists = other.version, other.warnings, other.exists
 
     def reload(self) -> "Library":
@@ -488,7 +570,7 @@ class Library:
         (default: made from the file name). The first model added becomes the default."""
         from llamachat.runtime.gguf_file import GGUFFile
 
-        path = Path(path).expanduser()
+        path = _expand(path)
         if not path.exists():
             raise UserError(f"{path}: no such file")
         if not path.is_file():
@@ -561,7 +643,7 @@ class Library:
                     raise UserError(f"model {name!r}: description must be text, got {value!r}")
                 changes[key] = value
             elif key == "path":
-                p = Path(os.fspath(value)).expanduser()
+                p = _expand(os.fspath(value))
                 if not p.is_file():
                     raise UserError(f"{p}: no such file")
                 from llamachat.runtime.gguf_file import GGUFFile
@@ -648,6 +730,11 @@ def file_type_name(file_type, tensor_types) -> str | None:
     return max(quantized, key=quantized.get) if quantized else None
 
 
+def _clip(text: str, limit: int = 120) -> str:
+    """A string from a model file as a listing shows it (the file may hold megabytes of it)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def file_summary(path: Path) -> FileSummary:
     from llamachat.runtime.gguf_file import GGUFFile
 
@@ -658,12 +745,12 @@ def file_summary(path: Path) -> FileSummary:
     try:
         with GGUFFile(path) as g:
             arch = g.get("general.architecture")
-            summary.architecture = arch if isinstance(arch, str) else None
+            summary.architecture = _clip(arch) if isinstance(arch, str) else None
             context = g.get(f"{arch}.context_length") if summary.architecture else None
             summary.context_length = int(context) if isinstance(context, int) and not isinstance(context, bool) else None
             summary.quant = file_type_name(g.get("general.file_type"), (t.ggml_type for t in g.tensors.values()))
             name = g.get("general.name")
-            summary.name = name if isinstance(name, str) else None
+            summary.name = _clip(name) if isinstance(name, str) else None
     except UserError as err:
         summary.error = str(err)
     return summary

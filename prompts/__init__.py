@@ -11,7 +11,7 @@ def shipped_prompt_names() -> list[str]:
 def find_prompt_file(name_or_path: str) -> Path | None:
     """A path as given if it exists, else a shipped prompt by name (with or without .txt)."""
     path = Path(name_or_path).expanduser()
-    if path.is_file():
+    if path.exists():  # a directory or device too: the reader refuses it with the right reason
         return path
     stem = name_or_path[:-4] if name_or_path.endswith(".txt") else name_or_path
     candidate = resources.files(__name__) / f"{stem}.txt"

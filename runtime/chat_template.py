@@ -18,6 +18,8 @@ ordinary text still tokenizes exactly as the whole rendered prompt would.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
 import threading
 import time
@@ -26,10 +28,18 @@ from typing import Any, Mapping, Sequence
 
 import jinja2
 from jinja2 import nodes
+from jinja2.compiler import CodeGenerator
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from .errors import UserError
+from .errors import UserError, shown
+
+log = logging.getLogger("llamachat")
+log.addHandler(logging.NullHandler())  # the caller shows ChatTemplate.notice; stderr would garble the app
+
+# A chat template is a few kilobytes (tool-calling ones some tens); past this it is not one,
+# and compiling it would take time nothing bounds.
+MAX_SOURCE_CHARS = 1 << 20
 
 BUILTIN_FORMATS = ("chatml", "llama-2", "llama-3", "mistral", "zephyr", "alpaca", "vicuna")
 
@@ -121,6 +131,15 @@ class _RenderLimit(Exception):
     """Time or size budget exceeded."""
 
 
+class _Refused(Exception):
+    """A template that could not be rendered (the sentence); a fallback format may take over."""
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """Text a template produced, as a message repeats it (a template may raise megabytes)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _raise_exception(message: Any = "") -> None:
     raise _TemplateRaised(str(message))
 
@@ -149,6 +168,50 @@ def _too_big(args, kwargs, limit) -> bool:
     return any(isinstance(a, int) and not isinstance(a, bool) and a > limit for a in (*args, *kwargs.values()))
 
 
+_NUMBER = re.compile(r"\d+")
+
+
+def _format_too_big(fmt, args, kwargs, limit) -> bool:
+    """Whether a %-format or str.format call could build a huge string: a width or precision
+    written in the format (`%999999999s`, `{:>999999999}`) or passed as an argument (`%*s`)."""
+    if isinstance(fmt, str) and any(len(n) > 7 or int(n) > limit for n in _NUMBER.findall(fmt)):
+        return True
+    if isinstance(args, (tuple, list)):
+        return _too_big(args, kwargs, limit)
+    if isinstance(args, dict):
+        return _too_big((), args, limit)
+    return _too_big((args,), kwargs, limit)
+
+
+def _str_call_too_big(method: str, s: str, args, kwargs, limit) -> bool:
+    """Whether a str method call would build a string longer than `limit` (estimated first)."""
+    if _too_big(args, kwargs, limit):  # center/ljust/rjust/zfill widths, expandtabs sizes
+        return True
+    if method == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        hits = s.count(args[0]) if args[0] else len(s) + 1
+        return len(s) + hits * len(args[1]) > limit
+    if method == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        return isinstance(size, int) and s.count("\t") * size > limit
+    if method == "join" and args and isinstance(args[0], (list, tuple)):
+        return len(s) * len(args[0]) > limit
+    if method in ("format", "format_map"):
+        return _format_too_big(s, args, kwargs, limit)
+    return False
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """Jinja's `a ~ b` joins strings without calling anything the sandbox sees; route it
+    through the environment so a doubling loop cannot build gigabytes."""
+
+    def visit_Concat(self, node, frame):
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
 def _bounded(filter_func, limit):
     """A width-taking filter that refuses absurd widths (they allocate before any check)."""
 
@@ -167,17 +230,66 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     """The sandbox, with a deadline checked on every call/attribute access and bounded
     string/list repetition and powers."""
 
-    intercepted_binops = frozenset(["*", "**"])
-    max_repeat = 1 << 20
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+    max_repeat = 1 << 20  # the size bound outside a render; a render sets its own (_local.limit)
+    code_generator_class = _BoundedCodeGenerator
 
     def __init__(self):
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag])
         self._local = threading.local()
-        self.filters["tojson"] = _tojson
+        self.filters["tojson"] = _bounded(_tojson, 64)  # indent
         for name in ("center", "indent", "wordwrap", "truncate"):
             self.filters[name] = _bounded(self.filters[name], self.max_repeat)
+        self.filters["format"] = self._bounded_format_filter(self.filters["format"])
+        self.filters["replace"] = self._bounded_str_filter(self.filters["replace"], "replace")
+        self.filters["join"] = self._bounded_join_filter(self.filters["join"])
+        self.globals["lipsum"] = self._bounded_lipsum(self.globals["lipsum"])
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = _strftime_now
+
+    @property
+    def limit(self) -> int:
+        return getattr(self._local, "limit", None) or self.max_repeat
+
+    def _refuse_if(self, too_big: bool, what: str = "a string that large") -> None:
+        if too_big:
+            raise SecurityError(f"{what} is not allowed")
+
+    def bounded_concat(self, parts) -> str:
+        self._check()
+        texts = [p if isinstance(p, str) else str(p) for p in parts]
+        self._refuse_if(sum(map(len, texts)) > self.limit)
+        return "".join(texts)
+
+    def _bounded_format_filter(self, do_format):
+        def bounded(value, *args, **kwargs):
+            self._refuse_if(_format_too_big(str(value) if isinstance(value, str) else value, args, kwargs, self.limit))
+            return do_format(value, *args, **kwargs)
+        return bounded
+
+    def _bounded_str_filter(self, filter_func, method):
+        def bounded(*args, **kwargs):
+            jinja_args = args[1:] if args and isinstance(args[0], jinja2.nodes.EvalContext) else args
+            s = jinja_args[0] if jinja_args else ""
+            self._refuse_if(isinstance(s, str) and _str_call_too_big(method, s, jinja_args[1:], kwargs, self.limit))
+            return filter_func(*args, **kwargs)
+        if hasattr(filter_func, "jinja_pass_arg"):
+            bounded.jinja_pass_arg = filter_func.jinja_pass_arg
+        return bounded
+
+    def _bounded_join_filter(self, do_join):
+        def bounded(eval_ctx, value, d="", attribute=None):
+            if isinstance(value, (list, tuple)):
+                self._refuse_if(len(str(d)) * len(value) > self.limit)
+            return do_join(eval_ctx, value, d, attribute)
+        bounded.jinja_pass_arg = do_join.jinja_pass_arg
+        return bounded
+
+    def _bounded_lipsum(self, lipsum):
+        def bounded(n=5, html=True, min=20, max=100):  # noqa: A002 - jinja's own parameter names
+            self._refuse_if(not all(isinstance(x, int) for x in (n, min, max)) or n * max > 10_000, "lipsum that large")
+            return lipsum(n, html, min, max)
+        return bounded
 
     def _check(self) -> None:
         deadline = getattr(self._local, "deadline", None)
@@ -188,17 +300,33 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self._check()
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self.max_repeat:
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self.limit:
                     raise SecurityError("a repetition that large is not allowed")
+        if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            self._refuse_if(len(left) + len(right) > self.limit)
+        if operator == "%" and isinstance(left, str):
+            self._refuse_if(_format_too_big(left, right, {}, self.limit))  # '%999999999s' % x
         if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1000:
             raise SecurityError("a power that large is not allowed")
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
         __self._check()
-        if isinstance(getattr(__obj, "__self__", None), str) and _too_big(args, kwargs, __self.max_repeat):
-            raise SecurityError("a string that large is not allowed")  # 'x'.center(10**9), zfill, ...
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str) and _str_call_too_big(getattr(__obj, "__name__", ""), owner, args, kwargs, __self.limit):
+            raise SecurityError("a string that large is not allowed")  # 'x'.center(10**9), replace, expandtabs, ...
         return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value):
+        wrapper = super().wrap_str_format(value)
+        if wrapper is None:
+            return None
+        fmt = value.__self__
+
+        def bounded(*args, **kwargs):  # '{:>999999999}'.format(x), format_map
+            self._refuse_if(_format_too_big(fmt, args, kwargs, self.limit))
+            return wrapper(*args, **kwargs)
+        return bounded
 
     def getattr(self, obj, attribute):
         self._check()
@@ -218,12 +346,20 @@ class ChatTemplate:
     time_limit = 2.0  # seconds per render
     min_output_limit = 1 << 20  # characters; plus four times the conversation's own text
 
-    def __init__(self, source: str, name: str, model_name: str, special_tokens: Mapping[str, str], tokenizer=None):
+    def __init__(self, source: str, name: str, model_name: str, special_tokens: Mapping[str, str], tokenizer=None,
+                 fallback: str | None = None):
         self.source = source
         self.name = name  # "model" for the model's own template, else the built-in format
-        self.model_name = model_name
+        self.model_name = model_name = model_name if isinstance(model_name, str) and len(model_name) <= 80 else shown(model_name)
         self.special_tokens = dict(special_tokens)
         self.tokenizer = tokenizer
+        # with a fallback (a built-in format's name), a model template that fails to compile or
+        # to render is replaced by that format once, and `notice` says so (for the caller to show)
+        self.fallback = fallback
+        self.notice: str | None = None
+        if len(source) > MAX_SOURCE_CHARS:
+            raise UserError(f"the chat template of {model_name} is {len(source)} characters long, more than any real "
+                            f"template ({MAX_SOURCE_CHARS}); choose a built-in format instead ({', '.join(BUILTIN_FORMATS)})")
         try:
             self._template = _ENV.from_string(source)
         except jinja2.TemplateSyntaxError as e:
@@ -236,26 +372,49 @@ class ChatTemplate:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def for_model(cls, gguf_file_or_metadata, tokenizer, override: str | None = None, model_name: str | None = None) -> "ChatTemplate":
+    def for_model(cls, gguf_file_or_metadata, tokenizer, override: str | None = None, model_name: str | None = None,
+                  fallback: bool = False) -> "ChatTemplate":
         """The model's own template, or the built-in format `override` (one of BUILTIN_FORMATS).
-        Without either, a built-in format that fits the vocabulary (llama.cpp falls back to chatml)."""
+        Without either, a built-in format that fits the vocabulary (llama.cpp falls back to chatml).
+        With `fallback`, a model template that cannot be compiled or rendered (too slow, too big,
+        unsafe, broken; not one that refuses the conversation on purpose) gives way to that
+        built-in format, and `notice` says so once."""
         metadata = getattr(gguf_file_or_metadata, "metadata", gguf_file_or_metadata) or {}
         if model_name is None:
             model_name = metadata.get("general.name") or str(getattr(gguf_file_or_metadata, "path", "the model"))
         specials = cls._special_token_strings(tokenizer)
         if override is not None:
             if override not in BUILTIN_FORMATS:
-                raise UserError(f"unknown chat format {override!r}; choose one of: {', '.join(BUILTIN_FORMATS)}")
+                raise UserError(f"unknown chat format {shown(override)}; choose one of: {', '.join(BUILTIN_FORMATS)}")
             return cls(_BUILTIN_SOURCES[override], override, model_name, specials, tokenizer)
+        fmt = cls._builtin_for(tokenizer)
         source = metadata.get("tokenizer.chat_template")
         if isinstance(source, str) and source.strip():
-            return cls(source, "model", model_name, specials, tokenizer)
+            try:
+                return cls(source, "model", model_name, specials, tokenizer, fallback=fmt if fallback else None)
+            except UserError as err:
+                if not fallback:
+                    raise
+                ct = cls(_BUILTIN_SOURCES[fmt], fmt, model_name, specials, tokenizer)
+                ct.notice = cls._fallback_notice(err, fmt)
+                log.warning(ct.notice)
+                return ct
+        return cls(_BUILTIN_SOURCES[fmt], fmt, model_name, specials, tokenizer)
+
+    @staticmethod
+    def _fallback_notice(err: UserError, fmt: str) -> str:
+        reason = re.sub(r"; choose a built-in format instead.*$", "", str(err))
+        return f"{reason}; using the built-in {fmt!r} format instead"
+
+    @staticmethod
+    def _builtin_for(tokenizer) -> str:
+        """The built-in format that fits a vocabulary (llama.cpp's guess falls back to chatml)."""
         fmt = "chatml"
         if tokenizer is not None and tokenizer.token_id("<|start_header_id|>") is not None:
             fmt = "llama-3"
         elif tokenizer is not None and tokenizer.vocab_type == "spm" and tokenizer.token_id("<|im_start|>") is None:
             fmt = "llama-2"
-        return cls(_BUILTIN_SOURCES[fmt], fmt, model_name, specials, tokenizer)
+        return fmt
 
     @classmethod
     def builtin(cls, name: str, tokenizer=None, model_name: str = "the model") -> "ChatTemplate":
@@ -292,9 +451,28 @@ class ChatTemplate:
         return out
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        try:
+            return self._render_strict(messages, add_generation_prompt)
+        except _Refused as err:
+            if self.fallback is None or self.name != "model":
+                raise UserError(str(err)) from None
+            reason = str(err)
+        fmt, self.fallback = self.fallback, None
+        self.notice = self._fallback_notice(UserError(reason), fmt)
+        log.warning(self.notice)
+        self.source, self.name, self._template = _BUILTIN_SOURCES[fmt], fmt, _ENV.from_string(_BUILTIN_SOURCES[fmt])
+        return self._render_strict(messages, add_generation_prompt)
+
+    def take_notice(self) -> str | None:
+        """The fallback notice, once (None afterwards and when nothing fell back)."""
+        notice, self.notice = self.notice, None
+        return notice
+
+    def _render_strict(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         text_len = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
         limit = self.min_output_limit + 4 * text_len
         local = _ENV._local
+        local.limit = limit
         local.deadline = time.monotonic() + self.time_limit
         tracer = _line_deadline_tracer(local.deadline) if sys.gettrace() is None else None
         pieces: list[str] = []
@@ -314,24 +492,25 @@ class ChatTemplate:
                     raise _RenderLimit("size")
                 pieces.append(chunk)
         except _TemplateRaised as e:
-            raise UserError(f"the chat template of {self.model_name} refused the conversation: {e}") from None
+            raise UserError(f"the chat template of {self.model_name} refused the conversation: {_clip(str(e))}") from None
         except _RenderLimit as e:
             what = f"took longer than {self.time_limit:g} s to render" if str(e) == "time" else f"produced more than {limit} characters"
-            raise UserError(f"the chat template of {self.model_name} {what}; choose a built-in format instead ({', '.join(BUILTIN_FORMATS)})") from None
+            raise _Refused(f"the chat template of {self.model_name} {what}; choose a built-in format instead ({', '.join(BUILTIN_FORMATS)})") from None
         except SecurityError as e:
-            raise UserError(f"the chat template of {self.model_name} tried something unsafe ({e}); choose a built-in format instead") from None
+            raise _Refused(f"the chat template of {self.model_name} tried something unsafe ({_clip(str(e))}); choose a built-in format instead") from None
         except RecursionError:
-            raise UserError(f"the chat template of {self.model_name} recursed too deeply; choose a built-in format instead") from None
+            raise _Refused(f"the chat template of {self.model_name} recursed too deeply; choose a built-in format instead") from None
         except MemoryError:
-            raise UserError(f"the chat template of {self.model_name} ran out of memory; choose a built-in format instead") from None
+            raise _Refused(f"the chat template of {self.model_name} ran out of memory; choose a built-in format instead") from None
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever a template does wrong, the user gets one sentence
-            raise UserError(f"the chat template of {self.model_name} failed ({type(e).__name__}: {e}); choose a built-in format instead") from None
+            raise _Refused(f"the chat template of {self.model_name} failed ({type(e).__name__}: {_clip(str(e))}); choose a built-in format instead") from None
         finally:
             if tracer is not None:
                 sys.settrace(None)
             local.deadline = None
+            local.limit = None
         return "".join(pieces)
 
     # ---------------------------------------------------------------- encoding
@@ -372,8 +551,8 @@ class ChatTemplate:
             return None
         wrapped = [dict(m, content=_OPEN + m["content"] + _CLOSE) if isinstance(m.get("content"), str) and m["content"] else m for m in messages]
         try:
-            marked = self._render(wrapped, add_generation_prompt)
-        except UserError:
+            marked = self._render_strict(wrapped, add_generation_prompt)
+        except (UserError, _Refused):
             return None
         parts: list[tuple[str, bool]] = []
         pos = 0

@@ -5,6 +5,21 @@ exit code it carries, and never as a traceback. The message names the file, fiel
 at fault and says what to do. Subclasses exist only where callers need to tell them apart.
 """
 
+# How much of a value taken from a file or typed by a user a message repeats: enough to
+# recognise it, never a megabyte on the terminal.
+SHOWN_CHARS = 60
+
+
+def shown(value, limit: int = SHOWN_CHARS) -> str:
+    """repr(value) for a message, shortened past `limit` characters, its full length said."""
+    if isinstance(value, (str, bytes)):
+        if len(value) <= limit:
+            return repr(value)
+        # never the repr of the whole: for a huge string that alone could be megabytes
+        return repr(value[:limit]) + f"... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
 
 class UserError(Exception):
     """A problem the user can fix; `str(err)` is the whole sentence shown to them."""

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .errors import GGUFError, UserError
+from .errors import GGUFError, UserError, shown
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -257,40 +257,40 @@ class GGUFFile:
         for i in range(n_kv):
             _, key = read_name(f"metadata key #{i}", f"metadata key #{i} is empty")
             if key in metadata:
-                raise _Invalid(f"duplicate metadata key {key!r}")
-            need(4, f"the type of key {key!r}")
+                raise _Invalid(f"duplicate metadata key {shown(key)}")
+            need(4, f"the type of key {shown(key)}")
             (vt_raw,) = _U32.unpack_from(mm, pos)
             pos += 4
             vtype = _VALUE_TYPES.get(vt_raw)
             if vtype is None:
-                raise _Invalid(f"key {key!r} has unknown value type {vt_raw}")
+                raise _Invalid(f"key {shown(key)} has unknown value type {vt_raw}")
             if vtype == GGUFValueType.ARRAY:
-                need(12, f"the array header of key {key!r}")
+                need(12, f"the array header of key {shown(key)}")
                 et_raw, count = struct.unpack_from("<IQ", mm, pos)
                 pos += 12
                 etype = _VALUE_TYPES.get(et_raw)
                 if etype is None:
-                    raise _Invalid(f"key {key!r} is an array of unknown value type {et_raw}")
+                    raise _Invalid(f"key {shown(key)} is an array of unknown value type {et_raw}")
                 if etype == GGUFValueType.ARRAY:
-                    raise _Invalid(f"key {key!r} is an array of arrays, which GGUF does not allow")
+                    raise _Invalid(f"key {shown(key)} is an array of arrays, which GGUF does not allow")
                 if etype == GGUFValueType.STRING:
                     # each string is at least its u64 length
                     if count * 8 > size - pos:
-                        raise _Invalid(f"key {key!r} claims {count} strings, more than the {size - pos} bytes left in the file")
+                        raise _Invalid(f"key {shown(key)} claims {count} strings, more than the {size - pos} bytes left in the file")
                     value, pos = _read_string_array(mm, pos, count, size, key)
                 else:
                     dtype = ARRAY_DTYPES[etype]
                     if count * dtype.itemsize > size - pos:
-                        raise _Invalid(f"key {key!r} claims {count} {etype.name} items, more than the {size - pos} bytes left in the file")
+                        raise _Invalid(f"key {shown(key)} claims {count} {etype.name} items, more than the {size - pos} bytes left in the file")
                     arr = np.frombuffer(mm, dtype=dtype, count=count, offset=pos).copy()
                     pos += count * dtype.itemsize
                     value = arr != 0 if etype == GGUFValueType.BOOL else arr
                 self.array_types[key] = etype
             elif vtype == GGUFValueType.STRING:
-                value = read_string(f"the value of key {key!r}").decode("utf-8", "surrogateescape")
+                value = read_string(f"the value of key {shown(key)}").decode("utf-8", "surrogateescape")
             else:
                 fmt, n = _SCALAR[vtype]
-                need(n, f"the value of key {key!r}")
+                need(n, f"the value of key {shown(key)}")
                 (value,) = struct.unpack_from(fmt, mm, pos)
                 pos += n
                 if vtype == GGUFValueType.BOOL:
@@ -378,11 +378,11 @@ def _read_string_array(mm: mmap.mmap, pos: int, count: int, size: int, key: str)
     unpack = _U64.unpack_from
     for i in range(count):
         if pos + 8 > size:
-            raise _Invalid(f"string #{i} of key {key!r} runs past the end of the file at byte {size} (truncated?)")
+            raise _Invalid(f"string #{i} of key {shown(key)} runs past the end of the file at byte {size} (truncated?)")
         (n,) = unpack(mm, pos)
         pos += 8
         if n > size - pos:
-            raise _Invalid(f"string #{i} of key {key!r} has length {n}, more than the {size - pos} bytes left in the file")
+            raise _Invalid(f"string #{i} of key {shown(key)} has length {n}, more than the {size - pos} bytes left in the file")
         # surrogateescape: token texts may hold bytes that are not UTF-8; they survive the
         # round trip (s.encode("utf-8", "surrogateescape")) instead of being replaced
         out[i] = mm[pos : pos + n].decode("utf-8", "surrogateescape")

@@ -91,7 +91,7 @@ class Llama:
                  verbose: bool = False, n_batch: int = 512, chat_format: str | None = None,
                  context_shift: bool = False, n_keep: int = 0, progress=None, **ignored: Any):
         from .gguf_file import GGUFFile
-        from .model import load_model
+        from .model import load_model, trained_context_length
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -102,7 +102,7 @@ class Llama:
             tokenizer = Tokenizer.from_gguf(gguf)
             if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx == 0:
                 # llama-cpp-python: n_ctx=0 means the context the model was trained with
-                n_ctx = int(gguf.get(f"{gguf.get('general.architecture')}.context_length", 0) or 0) or 2048
+                n_ctx = trained_context_length(gguf)
             model = load_model(gguf, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, progress=progress)
         except BaseException:
             gguf.close()
@@ -274,7 +274,8 @@ class Llama:
 
             name = self.metadata.get("general.name") or Path(self.model_path).stem
             source = self._gguf if self._gguf is not None else self.model.metadata
-            self._chat_template = ChatTemplate.for_model(source, self.tokenizer, override=self.chat_format, model_name=name)
+            self._chat_template = ChatTemplate.for_model(source, self.tokenizer, override=self.chat_format, model_name=name,
+                                                         fallback=True)  # notice: self._chat_template.take_notice()
         return self._chat_template
 
     # -- the shared part ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from .errors import ModelError, UserError
+from .errors import ModelError, UserError, shown
 from .kv_cache import KVCache
 from .matmul import SUPPORTED_TYPES, QuantWeight, dequantize_rows
 
@@ -62,6 +62,7 @@ class ModelConfig:
     n_ctx_train: int
     tied_output: bool
     rope_freqs: np.ndarray | None = None  # llama 3.1 style per-dimension frequency divisors
+    notes: tuple[str, ...] = ()  # what was adjusted while reading the file (shown as warnings)
 
     @property
     def rope_freq_scale(self) -> float:
@@ -72,74 +73,132 @@ class ModelConfig:
         return self.n_head // self.n_head_kv
 
 
-def _meta_int(md: dict, key: str, default=None, *, path) -> int:
+# The largest count a metadata key may hold: llama.cpp reads these as uint32; a layer, head or
+# embedding count beyond this could never match tensors a file can hold.
+MAX_META_INT = (1 << 31) - 1
+
+
+def _meta_int(md: dict, key: str, default=None, *, path, low: int = 1, high: int = MAX_META_INT) -> int:
+    """A whole-number metadata value in [low, high], else ModelError naming the key."""
     v = md.get(key, default)
     if v is None:
         raise ModelError(f"{path}: metadata key {key} is missing")
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise ModelError(f"{path}: metadata key {key} should be an integer, not {v!r}")
+        raise ModelError(f"{path}: metadata key {key} should be an integer, not {shown(v)}")
+    if not low <= v <= high:
+        raise ModelError(f"{path}: metadata key {key} is {v}; it must be between {low} and {high}")
     return int(v)
 
 
 def _meta_float(md: dict, key: str, default=None, *, path) -> float:
+    """A finite, positive metadata number (every float the forward pass reads is a base, a
+    scale or an epsilon: zero, negative, NaN or infinite ones give NaN logits or a crash)."""
     v = md.get(key, default)
     if v is None:
         raise ModelError(f"{path}: metadata key {key} is missing")
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ModelError(f"{path}: metadata key {key} should be a number, not {v!r}")
+        raise ModelError(f"{path}: metadata key {key} should be a number, not {shown(v)}")
+    if not np.isfinite(v) or v <= 0:
+        raise ModelError(f"{path}: metadata key {key} is {float(v):g}; it must be a positive finite number")
     return float(v)
 
 
-def config_from_gguf(g) -> ModelConfig:
-    """ModelConfig from a GGUFFile's metadata (and the embedding/output tensors' presence)."""
+def _meta_text(md: dict, key: str, default=None, *, path) -> str | None:
+    v = md.get(key, default)
+    if v is not None and not isinstance(v, str):
+        raise ModelError(f"{path}: metadata key {key} should be text, not {shown(v)}")
+    return v
+
+
+def _block_count_in_tensors(g) -> int:
+    """How many blk.N layers the file has tensors for (N from 0 up, without gaps)."""
+    present = set()
+    for name in g.tensors:
+        if name.startswith("blk."):
+            head = name[4:].split(".", 1)[0]
+            if head.isdigit():
+                present.add(int(head))
+    n = 0
+    while n in present:
+        n += 1
+    return n
+
+
+def trained_context_length(g) -> int:
+    """The context the file says the model was trained with, as a context size this engine can
+    give (llama-cpp-python's n_ctx=0): checked, at most MAX_CTX, 2048 when absent."""
+    return min(config_from_gguf(g, tensors=False).n_ctx_train, MAX_CTX)
+
+
+def config_from_gguf(g, tensors: bool = True) -> ModelConfig:
+    """ModelConfig from a GGUFFile's metadata, every key checked for type and range before use
+    and against the tensors present (unless `tensors` is False); ModelError names the key."""
     path = g.path
     md = g.metadata
     arch = md.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(f"{path}: architecture not supported: {arch}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if arch is None:
+            raise ModelError(f"{path}: metadata key general.architecture is missing; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ModelError(f"{path}: architecture not supported: {arch if isinstance(arch, str) and len(arch) <= 60 else shown(arch)}; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if "general.file_type" in md:
+        _meta_int(md, "general.file_type", path=path, low=0)
     p = f"{arch}."
     n_embd = _meta_int(md, p + "embedding_length", path=path)
     n_layer = _meta_int(md, p + "block_count", path=path)
     n_head = _meta_int(md, p + "attention.head_count", path=path)
     n_head_kv = _meta_int(md, p + "attention.head_count_kv", n_head, path=path)
     n_ff = _meta_int(md, p + "feed_forward_length", path=path)
-    for key, value in (("embedding_length", n_embd), ("block_count", n_layer), ("attention.head_count", n_head),
-                       ("attention.head_count_kv", n_head_kv), ("feed_forward_length", n_ff)):
-        if value <= 0:
-            raise ModelError(f"{path}: metadata key {p}{key} is {value}; it must be positive")
     if n_embd % n_head:
         raise ModelError(f"{path}: embedding length {n_embd} is not a multiple of the head count {n_head}")
     if n_head % n_head_kv:
         raise ModelError(f"{path}: head count {n_head} is not a multiple of the KV head count {n_head_kv}")
     head_dim = _meta_int(md, p + "attention.key_length", n_embd // n_head, path=path)
-    if head_dim != _meta_int(md, p + "attention.value_length", head_dim, path=path) or head_dim <= 0 or head_dim % 2:
-        raise ModelError(f"{path}: unsupported attention head size (key/value length {head_dim})")
+    if head_dim != _meta_int(md, p + "attention.value_length", head_dim, path=path) or head_dim % 2:
+        raise ModelError(f"{path}: unsupported attention head size (key/value length {head_dim}); RoPE needs an even size, the same for keys and values")
     n_rot = _meta_int(md, p + "rope.dimension_count", head_dim, path=path)
-    if n_rot <= 0 or n_rot > head_dim or n_rot % 2:
+    if n_rot > head_dim or n_rot % 2:
         raise ModelError(f"{path}: rope dimension count {n_rot} must be even and at most the head size {head_dim}")
     emb = g.tensors.get("token_embd.weight")
     n_vocab_default = emb.shape[1] if emb is not None and len(emb.shape) == 2 else None
-    if n_vocab_default is None and isinstance(md.get("tokenizer.ggml.tokens"), list):
-        n_vocab_default = len(md["tokenizer.ggml.tokens"])
+    tokens = md.get("tokenizer.ggml.tokens")
+    if n_vocab_default is None and isinstance(tokens, list):
+        n_vocab_default = len(tokens)
     n_vocab = _meta_int(md, p + "vocab_size", n_vocab_default, path=path)
+    if tensors:
+        blocks = _block_count_in_tensors(g)
+        if n_layer > blocks:
+            raise ModelError(f"{path}: metadata key {p}block_count is {n_layer}, but the file has tensors for {blocks} layers")
+        if isinstance(tokens, list) and emb is not None and len(emb.shape) == 2 and emb.shape[1] != len(tokens):
+            raise ModelError(f"{path}: tensor token_embd.weight has {emb.shape[1]} rows, but the vocabulary "
+                             f"(tokenizer.ggml.tokens) has {len(tokens)} tokens; they must agree")
 
-    scaling_type = md.get(p + "rope.scaling.type", "none")
-    factor = _meta_float(md, p + "rope.scaling.factor", 0.0, path=path)
+    scaling_type = _meta_text(md, p + "rope.scaling.type", "none", path=path)
+    factor = 1.0
     if scaling_type == "none" and p + "rope.scale_linear" in md:  # older files
         scaling_type, factor = "linear", _meta_float(md, p + "rope.scale_linear", path=path)
+    elif scaling_type == "linear":
+        factor = _meta_float(md, p + "rope.scaling.factor", path=path)
     if scaling_type not in ("none", "linear"):
-        raise ModelError(f"{path}: rope scaling type {scaling_type!r} is not supported; supported: none, linear")
-    if scaling_type == "linear" and factor <= 0:
-        raise ModelError(f"{path}: rope scaling factor {factor} must be positive")
+        raise ModelError(f"{path}: rope scaling type {shown(scaling_type)} is not supported; supported: none, linear")
     if scaling_type == "linear" and factor == 1.0:
         scaling_type = "none"
 
+    n_ctx_train = _meta_int(md, p + "context_length", 2048, path=path, high=(1 << 64) - 1)  # any u64: clamped below
+    notes = []
+    if n_ctx_train > MAX_CTX:
+        notes.append(f"{path}: metadata key {p}context_length is {n_ctx_train}, more than the {MAX_CTX} tokens "
+                     f"a context can hold here; using {MAX_CTX}")
+        n_ctx_train = MAX_CTX
+
     rope_freqs = None
-    if "rope_freqs.weight" in g.tensors:
+    if tensors and "rope_freqs.weight" in g.tensors:
         t = g.tensors["rope_freqs.weight"]
-        if t.shape[0] != n_rot // 2 or t.ggml_type not in (T.F32, T.F16):
+        if t.shape != (n_rot // 2,) or t.ggml_type not in (T.F32, T.F16):
             raise ModelError(f"{path}: tensor rope_freqs.weight should be {n_rot // 2} floats")
         rope_freqs = dequantize_rows(t.rows(), t.ggml_type, t.shape[0])[0].copy()
+        if not (np.isfinite(rope_freqs).all() and (rope_freqs > 0).all()):
+            raise ModelError(f"{path}: tensor rope_freqs.weight holds values that are not positive finite numbers")
 
     return ModelConfig(
         arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
@@ -147,9 +206,10 @@ def config_from_gguf(g) -> ModelConfig:
         rope_freq_base=_meta_float(md, p + "rope.freq_base", 10000.0, path=path),
         rope_scaling_type=scaling_type, rope_scaling_factor=factor if scaling_type == "linear" else 1.0,
         rms_eps=_meta_float(md, p + "attention.layer_norm_rms_epsilon", 1e-5, path=path),
-        n_ctx_train=_meta_int(md, p + "context_length", 2048, path=path),
+        n_ctx_train=n_ctx_train,
         tied_output="output.weight" not in g.tensors,
         rope_freqs=rope_freqs,
+        notes=tuple(notes),
     )
 
 
@@ -378,6 +438,9 @@ def load_model(path, n_ctx: int = 2048, n_threads: int | None = None, n_batch: i
         if g is not path:
             g.close()
         raise
+    for note in cfg.notes:
+        model.warnings.append(note)
+        log.warning(note)
     kv_bytes = model.cache.nbytes  # float32 holding half-float values (filled as the context grows)
     need = g.file_size + kv_bytes
     avail = _available_memory()

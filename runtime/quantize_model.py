@@ -79,7 +79,10 @@ def parse_quant_type(name: str) -> str:
     key = name.strip().upper()
     key = ALIASES.get(key, key)
     if key not in QUANT_TYPES:
-        raise UserError(f"unknown quantization type {name!r}; valid types: {', '.join(QUANT_TYPES)}")
+        from .params import suggestion
+
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise UserError(f"unknown quantization type {shown!r}{suggestion(key, QUANT_TYPES)}; valid types: {', '.join(QUANT_TYPES)}")
     return key
 
 

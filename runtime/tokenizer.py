@@ -19,8 +19,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from .bpe import BPEMerger, byte_encode, UNICODE_TO_BYTE
-from .errors import ModelError, UserError
+from .errors import ModelError, UserError, shown
+from .params import suggestion
 from .pretokenizer import PRE_TOKENIZERS, PreTokenizer
 from .spm import SPMMerger
 
@@ -98,6 +101,20 @@ def _as_list(value: Any) -> list | None:
     return list(value) if isinstance(value, (list, tuple)) else None
 
 
+def _all_numbers(raw: Any, values: list, integers: bool) -> bool:
+    """Whether a per-token array holds only numbers (integers when asked), none of them NaN.
+    `raw` is the metadata value as read (a numpy array from a GGUF file), `values` its list."""
+    if hasattr(raw, "dtype"):
+        kind = raw.dtype.kind
+        if integers:
+            return kind in "iu"
+        return kind in "iu" or (kind == "f" and not np.isnan(raw).any())
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integers and not isinstance(v, int)) or v != v:
+            return False
+    return True
+
+
 def _sanitize(text: str | bytes) -> str:
     """Text as llama.cpp sees it: bytes that are not UTF-8 become U+FFFD."""
     if isinstance(text, (bytes, bytearray)):
@@ -121,6 +138,56 @@ def decode_utf8(data: bytes, what: str) -> str:
         raise UserError(f"{what} is not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason})") from None
 
 
+# How much text a file given with -f may hold. A prompt: four times the text of the largest
+# context (2**20 tokens at about 4 bytes each). A text to measure or tokenize: what the pure
+# Python tokenizer gets through in minutes, not hours.
+MAX_PROMPT_BYTES = 16 << 20
+MAX_TEXT_BYTES = 64 << 20
+
+
+def read_text_input(path, what: str, max_bytes: int = MAX_TEXT_BYTES, stream=None) -> bytes:
+    """The bytes of a text input, or one UserError, promptly: a directory, device (/dev/zero,
+    /dev/urandom), FIFO or socket is refused without reading (reading one may never end), a
+    file or `stream` longer than `max_bytes` is refused after reading at most one byte past
+    the bound, and NUL bytes mean it is not text. The caller decodes (decode_utf8)."""
+    import stat
+
+    if stream is not None:
+        data = stream.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise UserError(f"{what} holds more than {max_bytes} bytes, more than llamachat reads as text")
+        _refuse_nul(data, what)
+        return data
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read {what} ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{p} is a directory, not {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{p} is not a regular file (a device, FIFO or socket), so it is not read as {what}; give a text file")
+    if st.st_size > max_bytes:
+        raise UserError(f"{p} is {st.st_size} bytes long, more than the {max_bytes} bytes llamachat reads as {what}")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since stat
+    except OSError as e:
+        raise UserError(f"{p}: cannot read {what} ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{p} is more than {max_bytes} bytes long, more than llamachat reads as {what}")
+    _refuse_nul(data, str(p))
+    return data
+
+
+def _refuse_nul(data: bytes, what: str) -> None:
+    at = data.find(b"\0")
+    if at >= 0:
+        raise UserError(f"{what} holds a NUL byte at offset {at}: it is not a text file")
+
+
 class Tokenizer:
     """A GGUF vocabulary with llama.cpp's encode/decode. Build with `Tokenizer.from_gguf(path)`."""
 
@@ -131,8 +198,10 @@ class Tokenizer:
         model = md.get("tokenizer.ggml.model")
         if model is None:
             raise ModelError(f"{source}: the file has no tokenizer (tokenizer.ggml.model is missing)")
+        if not isinstance(model, str):
+            raise ModelError(f"{source}: tokenizer.ggml.model should be text, not {shown(model)}")
         if model not in ("llama", "gpt2", "bert"):
-            raise ModelError(f"{source}: tokenizer type {model!r} is not supported (supported: 'llama' SentencePiece, 'gpt2' BPE and 'bert' WordPiece vocabularies)")
+            raise ModelError(f"{source}: tokenizer type {shown(model)} is not supported (supported: 'llama' SentencePiece, 'gpt2' BPE and 'bert' WordPiece vocabularies)")
         self.model = model
         self.vocab_type = {"llama": "spm", "gpt2": "bpe", "bert": "wpm"}[model]
 
@@ -147,6 +216,10 @@ class Tokenizer:
                 raise ModelError(f"{source}: {key} is not an array")
             if arr is not None and len(arr) != n:
                 raise ModelError(f"{source}: the vocabulary arrays disagree in length: tokenizer.ggml.tokens has {n} entries but {key} has {len(arr)}")
+        if scores is not None and not _all_numbers(md.get("tokenizer.ggml.scores"), scores, integers=False):
+            raise ModelError(f"{source}: tokenizer.ggml.scores holds values that are not numbers (or are NaN); it needs one number per token")
+        if types is not None and not _all_numbers(md.get("tokenizer.ggml.token_type"), types, integers=True):
+            raise ModelError(f"{source}: tokenizer.ggml.token_type holds values that are not integers")
         self.n_vocab = n
 
         texts: list[str] = []
@@ -174,12 +247,19 @@ class Tokenizer:
 
         # ---- flags and pre-tokenizer (llama_vocab::impl::load) ----
         self.pre = md.get("tokenizer.ggml.pre")
+        if self.pre is not None and not isinstance(self.pre, str):
+            raise ModelError(f"{source}: tokenizer.ggml.pre should be the name of a pre-tokenizer (text), not {shown(self.pre)}")
+        for key in ("tokenizer.ggml.add_space_prefix", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+                    "tokenizer.ggml.normalizer.lowercase", "tokenizer.ggml.normalizer.strip_accents"):
+            if key in md and not isinstance(md[key], bool):
+                raise ModelError(f"{source}: {key} should be true or false, not {shown(md[key])}")
         ignore_merges = False
         if self.vocab_type == "bpe":
             self.add_bos, self.add_eos, self.add_space_prefix, self.clean_spaces = False, False, False, True
             info = PRE_TOKENIZERS.get(self.pre) if isinstance(self.pre, str) else None
             if info is None:
-                what = "has no pre-tokenizer type (tokenizer.ggml.pre)" if not self.pre else f"has pre-tokenizer type {self.pre!r}, which is not known"
+                what = ("has no pre-tokenizer type (tokenizer.ggml.pre)" if not self.pre else
+                        f"has pre-tokenizer type {shown(self.pre)}, which is not known{suggestion(self.pre, PRE_TOKENIZERS)}")
                 self._warn(f"{source}: the vocabulary {what}; using llama.cpp's 'default' pre-tokenizer, so tokens may differ from what the model was trained with")
                 info = PRE_TOKENIZERS["default"]
             ignore_merges = info.ignore_merges
@@ -214,7 +294,7 @@ class Tokenizer:
                 continue
             v = md[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= n:
-                msg = f"{source}: {key} = {v!r} is not a token id of this vocabulary ({n} tokens, ids 0..{n - 1})"
+                msg = f"{source}: {key} = {shown(v)} is not a token id of this vocabulary ({n} tokens, ids 0..{n - 1})"
                 if attr in ("bos_id", "eos_id"):
                     raise ModelError(msg)
                 self._warn(msg + "; ignored")

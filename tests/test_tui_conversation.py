@@ -4,6 +4,7 @@ transcript prompts, and what the chat pane shows."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -38,8 +39,10 @@ def test_flag_over_library_over_default():
 
 
 def test_bad_values_are_sentences():
-    with pytest.raises(UserError, match=r"top_p must be between 0 and 1, got 2.0 \(command-line flag\)"):
-        merged_settings(args("--top-p", "2"))
+    with pytest.raises(UserError, match=r"^--top-p: top_p must be between 0 and 1, got 2.0"):
+        args("--top-p", "2")  # refused as the flag is read
+    with pytest.raises(UserError, match=r"top_p must be between 0 and 1, got 2 \(command-line flag\)"):
+        merged_settings(SimpleNamespace(top_p=2))  # and by the same rule when set another way
     with pytest.raises(UserError, match="model library: temp must be at least 0"):
         merged_settings(args(), {"temp": -1})
 

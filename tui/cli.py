@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from importlib import import_module
 
 from llamachat.runtime.errors import UserError
+from llamachat.runtime.params import SETTINGS, check_setting, suggestion
 
 # name -> one-line help; the module is llamachat.tui.commands.<name> (import_ for import)
 SUBCOMMANDS = {
@@ -32,6 +34,38 @@ SUBCOMMANDS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one sentence (a UserError, exit 2), never a usage dump;
+    an unknown choice gets a "did you mean". Subparsers inherit the class."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument ", "", message)
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            message = f"{message[:m.start()]}invalid choice {m.group(1)!r}{suggestion(m.group(1), choices)}; choose from {', '.join(choices)}"
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def setting_flag(name: str):
+    """An argparse type for a flag that sets runtime.params setting `name`: parsed and checked
+    by the one rule (finite, in range), so `--temp nan` fails as the flag is read."""
+    setting = SETTINGS[name]
+
+    def parse(text: str):
+        try:
+            value = setting.type(text) if setting.type is not str else text
+        except (TypeError, ValueError, OverflowError):
+            value = text  # check_setting words the complaint
+        try:
+            return check_setting(name, value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = setting.type.__name__
+    return parse
+
+
 def _module_for(name: str) -> str:
     return f"llamachat.tui.commands.{'import_' if name == 'import' else name}"
 
@@ -39,7 +73,7 @@ def _module_for(name: str) -> str:
 def build_main_parser() -> argparse.ArgumentParser:
     """llama.cpp `main`'s flags. Sampling flags default to None: unset means 'the model's
     library default, else llama.cpp's default' (runtime.params)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="llamachat",
         description="Chat with llama-family GGUF models on the CPU. "
         "Subcommands: " + ", ".join(SUBCOMMANDS) + " (llamachat SUBCOMMAND --help).",
@@ -47,23 +81,23 @@ def build_main_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help="library model name or path to a .gguf file (default: the library's default)")
     p.add_argument("-p", "--prompt", help="prompt text; without -i/--instruct, complete it and exit")
     p.add_argument("-f", "--file", "--prompt-file", dest="file", help="prompt file: a path or the name of a shipped prompt (alpaca, chat-with-bob, ...)")
-    p.add_argument("-n", "--n-predict", dest="n_predict", type=int, help="tokens to generate (-1 = until end of text)")
-    p.add_argument("-c", "--ctx-size", dest="n_ctx", type=int, help="context size in tokens")
-    p.add_argument("--temp", type=float, help="temperature (0 = greedy)")
-    p.add_argument("--top-k", dest="top_k", type=int)
-    p.add_argument("--top-p", dest="top_p", type=float)
-    p.add_argument("--min-p", dest="min_p", type=float)
-    p.add_argument("--typical", dest="typical_p", type=float)
-    p.add_argument("--repeat-penalty", dest="repeat_penalty", type=float)
-    p.add_argument("--repeat-last-n", dest="repeat_last_n", type=int)
-    p.add_argument("--presence-penalty", dest="presence_penalty", type=float)
-    p.add_argument("--frequency-penalty", dest="frequency_penalty", type=float)
-    p.add_argument("--mirostat", type=int, help="0 = off, 1 = mirostat, 2 = mirostat 2.0")
-    p.add_argument("--mirostat-lr", dest="mirostat_eta", type=float)
-    p.add_argument("--mirostat-ent", dest="mirostat_tau", type=float)
+    p.add_argument("-n", "--n-predict", dest="n_predict", type=setting_flag("n_predict"), help="tokens to generate (-1 = until end of text)")
+    p.add_argument("-c", "--ctx-size", dest="n_ctx", type=setting_flag("n_ctx"), help="context size in tokens")
+    p.add_argument("--temp", type=setting_flag("temp"), help="temperature (0 = greedy)")
+    p.add_argument("--top-k", dest="top_k", type=setting_flag("top_k"))
+    p.add_argument("--top-p", dest="top_p", type=setting_flag("top_p"))
+    p.add_argument("--min-p", dest="min_p", type=setting_flag("min_p"))
+    p.add_argument("--typical", dest="typical_p", type=setting_flag("typical_p"))
+    p.add_argument("--repeat-penalty", dest="repeat_penalty", type=setting_flag("repeat_penalty"))
+    p.add_argument("--repeat-last-n", dest="repeat_last_n", type=setting_flag("repeat_last_n"))
+    p.add_argument("--presence-penalty", dest="presence_penalty", type=setting_flag("presence_penalty"))
+    p.add_argument("--frequency-penalty", dest="frequency_penalty", type=setting_flag("frequency_penalty"))
+    p.add_argument("--mirostat", type=setting_flag("mirostat"), help="0 = off, 1 = mirostat, 2 = mirostat 2.0")
+    p.add_argument("--mirostat-lr", dest="mirostat_eta", type=setting_flag("mirostat_eta"))
+    p.add_argument("--mirostat-ent", dest="mirostat_tau", type=setting_flag("mirostat_tau"))
     p.add_argument("-l", "--logit-bias", dest="logit_bias", action="append", default=[], metavar="TOKEN_ID(+/-)BIAS", help="e.g. 15043+1 or 15043-inf")
-    p.add_argument("-s", "--seed", type=int, help="random seed (-1 = random)")
-    p.add_argument("-t", "--threads", type=int, help="CPU threads")
+    p.add_argument("-s", "--seed", type=setting_flag("seed"), help="random seed (-1 = random)")
+    p.add_argument("-t", "--threads", type=setting_flag("threads"), help="CPU threads")
     p.add_argument("-r", "--reverse-prompt", dest="reverse_prompt", action="append", default=[], help="stop (and hand over to the user) at this text; repeatable")
     p.add_argument("--keep", dest="n_keep", type=int, default=0, help="tokens of the prompt kept when the context shifts (-1 = all)")
     p.add_argument("--context-shift", action="store_true", help="when the context is full, drop the older half instead of stopping")
@@ -72,7 +106,7 @@ def build_main_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--interactive", action="store_true", help="interactive transcript mode (use with -r)")
     p.add_argument("--instruct", action="store_true", help="instruction mode (Alpaca-style turns)")
     p.add_argument("--system", dest="system_prompt", help="system prompt for chats")
-    p.add_argument("--chat-format", dest="chat_format", help="built-in chat format instead of the model's template")
+    p.add_argument("--chat-format", dest="chat_format", type=setting_flag("chat_format"), help="built-in chat format instead of the model's template")
     p.add_argument("--color", action="store_true", help="colour the user's text apart from the model's (headless)")
     p.add_argument("--no-tui", action="store_true", help="never start the full-screen app")
     p.add_argument("--verbose", action="store_true", help="timings and details on stderr")
@@ -81,13 +115,18 @@ def build_main_parser() -> argparse.ArgumentParser:
 
 def _run_subcommand(name: str, argv: list[str]) -> int:
     module = import_module(_module_for(name))
-    parser = argparse.ArgumentParser(prog=f"llamachat {name}", description=SUBCOMMANDS[name])
+    parser = ArgumentParser(prog=f"llamachat {name}", description=SUBCOMMANDS[name])
     module.configure(parser)
     args = parser.parse_args(argv)
     return int(module.run(args) or 0)
 
 
 def _run_main(argv: list[str]) -> int:
+    if argv and not argv[0].startswith("-"):
+        # the main command takes flags only, so a leading word is a mistyped subcommand
+        word = argv[0] if len(argv[0]) <= 40 else argv[0][:40] + "..."
+        raise UserError(f"unknown command {word!r}{suggestion(argv[0], SUBCOMMANDS)}; commands: "
+                        f"{', '.join(SUBCOMMANDS)}, or flags such as -m MODEL -p PROMPT (see `llamachat --help`)")
     args = build_main_parser().parse_args(argv)
     headless = args.no_tui or not sys.stdin.isatty() or not sys.stdout.isatty()
     if (args.prompt is not None or args.file is not None) and not (args.interactive or args.instruct):

@@ -127,9 +127,11 @@ def read_prompt_file(name_or_path: str) -> tuple[str, str]:
             f"prompt file {name_or_path!r} not found: give a path or one of the shipped prompts "
             f"({', '.join(shipped_prompt_names())})"
         )
+    from llamachat.runtime.tokenizer import MAX_PROMPT_BYTES, read_text_input
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        text = read_text_input(path, "a prompt file", MAX_PROMPT_BYTES).decode("utf-8")
+    except UnicodeDecodeError as err:
         raise UserError(f"{path}: cannot read the prompt file ({err.__class__.__name__}: {err})") from None
     return text, Path(path).name
 

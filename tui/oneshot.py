@@ -86,10 +86,9 @@ def read_prompt(args) -> str:
     if path is None:
         raise UserError(f"{args.file}: no such prompt file (give a path, or one of the shipped prompts: "
                         f"{', '.join(shipped_prompt_names())})")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read the prompt file ({err.strerror or err})") from None
+    from llamachat.runtime.tokenizer import MAX_PROMPT_BYTES, read_text_input
+
+    data = read_text_input(path, "a prompt file", MAX_PROMPT_BYTES)  # /dev/zero, a FIFO, 5 GB: refused at once
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

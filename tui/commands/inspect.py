@@ -109,8 +109,15 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+CLIP_CHARS = 120  # a string from the file is shown up to this long (the file may hold megabytes)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= CLIP_CHARS else f"{text[:CLIP_CHARS]}... ({len(text)} characters)"
+
+
 def _shown(value: Any, missing: str = "not set") -> str:
-    return missing if value is None else str(value)
+    return missing if value is None else _clip(str(value))
 
 
 def _rows(d: dict[str, Any]) -> list[tuple[str, str]]:
@@ -122,7 +129,7 @@ def _rows(d: dict[str, Any]) -> list[tuple[str, str]]:
     types = ", ".join(f"{name} {count}" for name, count in d["tensor_types"].items()) or "none"
     vocab = _shown(d["vocab_type"])
     if d["tokenizer_model"] is not None and d["tokenizer_model"] != d["vocab_type"]:
-        vocab += f" (tokenizer.ggml.model {d['tokenizer_model']!r})"
+        vocab += f" (tokenizer.ggml.model {_clip(repr(d['tokenizer_model']))})"
     rope = d["rope_freq_base"]
     rope = f"not set (llama.cpp uses {_DEFAULT_ROPE_BASE:g})" if rope is None else f"{rope:g}" if isinstance(rope, float) else str(rope)
     return [
@@ -157,7 +164,7 @@ def run(args) -> int:
     from rich.text import Text
 
     # Text(), not markup: names and paths come from the file and may hold "[...]"
-    table = Table(title=Text(f"GGUF model: {d['name'] or d['path']}"), show_header=False, box=None, title_justify="left")
+    table = Table(title=Text(f"GGUF model: {_shown(d['name']) if d['name'] else d['path']}"), show_header=False, box=None, title_justify="left")
     table.add_column("field", style="bold cyan", no_wrap=True)
     table.add_column("value", overflow="fold")
     for field, value in _rows(d):

@@ -33,14 +33,10 @@ def run(args) -> int:
     from llamachat.runtime.perplexity import perplexity
     from llamachat.runtime.tokenizer import Tokenizer
 
+    from llamachat.runtime.tokenizer import read_text_input
+
     try:
-        text = Path(args.file).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{args.file}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{args.file}: is a directory, not a text file") from None
-    except OSError as e:
-        raise UserError(f"{args.file}: cannot read the file ({e.strerror or e})") from None
+        text = read_text_input(args.file, "a text file").decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{args.file}: not valid UTF-8 text (byte offset {e.start})") from None
     if args.n_ctx <= 0:

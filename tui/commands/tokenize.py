@@ -60,17 +60,16 @@ def process_escapes(data: bytes) -> bytes:
 def _read_prompt(args) -> tuple[bytes, str]:
     if args.prompt is not None:
         return args.prompt.encode("utf-8", "surrogateescape"), "the prompt"
+    from llamachat.runtime.tokenizer import read_text_input
+
     if args.stdin:
-        return sys.stdin.buffer.read(), "standard input"
+        return read_text_input(None, "standard input", stream=sys.stdin.buffer), "standard input"
     from llamachat.prompts import find_prompt_file
 
     path = find_prompt_file(args.file)
     if path is None:
         raise UserError(f"{args.file}: no such file")
-    try:
-        return Path(path).read_bytes(), str(args.file)
-    except OSError as e:
-        raise UserError(f"{args.file}: cannot read the file ({e.strerror or e})") from None
+    return read_text_input(path, "a text file"), str(args.file)
 
 
 def resolve_model_path(name_or_path: str | None) -> Path:
