@@ -404,7 +404,7 @@ class ChatApp(App):
         if not text.strip():
             return False
         self.conv.messages.append(Message("user", text))
-        self.chat_screen.add_message(MessageView("user", text, markdown=self._markdown_replies()))
+        self.chat_screen.add_message(MessageView("user", text, markdown=False))
         self.save_chat()
         self.start_reply()
         return True
@@ -547,7 +547,8 @@ class ChatApp(App):
         self.update_status()
 
     def _markdown_replies(self) -> bool:
-        """Chat and instruct replies are Markdown; an interactive transcript is shown as written."""
+        """Chat and instruct replies are Markdown; an interactive transcript is shown as written,
+        and so is what the user typed (Markdown would join its lines into one paragraph)."""
         return self.conv.mode != INTERACTIVE
 
     def _rebuild_views(self) -> None:
@@ -559,7 +560,8 @@ class ChatApp(App):
         name = self.entry.name if self.entry else "Assistant"
         for msg in self.conv.messages:
             screen.add_message(MessageView(msg.role, self.conv.display_text(msg), name_label="You" if msg.role == "user" else name,
-                                           stopped=msg.stopped, note=msg.note, markdown=self._markdown_replies()))
+                                           stopped=msg.stopped, note=msg.note,
+                                           markdown=self._markdown_replies() and msg.role != "user"))
         screen.messages.anchor()
         self._show_mode()
 
