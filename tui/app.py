@@ -76,7 +76,11 @@ class LoadDone(TextualMessage):
 class ChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "llamachat"
-    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True),
+                # over the message box's copy: during a reply Ctrl+C stops it, as in a terminal;
+                # otherwise it copies a selection, and pressed twice it quits
+                Binding("ctrl+c", "interrupt", "Stop / quit", show=False, priority=True)]
+    QUIT_AGAIN_SECONDS = 3.0  # a second Ctrl+C within this long quits
 
     def __init__(self, args=None, *, entry=None, llama_factory=None, store_path=None,
                  library_loader=None, puller=None):
@@ -102,6 +106,7 @@ class ChatApp(App):
         self._pending_reply = False  # a reply to start once the load in progress ends
         self._live: tuple[float, int] | None = None  # (time, n_tokens) at the reply's first text
         self._load_seq = 0  # only the newest load's report counts (a quick second switch wins)
+        self._last_interrupt = 0.0  # when Ctrl+C last stopped a reply or asked to quit
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -131,16 +136,37 @@ class ChatApp(App):
         self.update_status()
 
     async def action_quit(self) -> None:
-        """Stop the reply in progress, wait for the worker, then exit with 0."""
+        """Stop the reply in progress, wait for the worker, keep what it wrote, then exit with 0."""
         self.engine.cancel()
         workers = [w for w in self.workers if w.group in ("engine", "pull") and not w.is_finished]
         if workers:
             # a reply stops within a token; a model load or a download cannot be interrupted
             self.notify("Stopping…" if self.generating else "Waiting for the model load or download to finish…", timeout=5)
             await self.workers.wait_for_complete(workers)
+        if self.generating:
+            # the worker's ReplyDone would arrive after the app has gone: file the partial reply now
+            results = [w.result for w in workers if isinstance(w.result, GenerationResult)]
+            self._finish_reply(results[-1] if results else GenerationResult(cancelled=True))
         if self.store is not None:
             self.store.close()
         self.exit(0)
+
+    async def action_interrupt(self) -> None:
+        now = time.monotonic()
+        if self.generating:
+            self.action_stop()
+            self._last_interrupt = now
+            self.notify("Reply stopped. Ctrl+C again (or Ctrl+Q) quits.", timeout=self.QUIT_AGAIN_SECONDS)
+            return
+        if now - self._last_interrupt <= self.QUIT_AGAIN_SECONDS:
+            await self.action_quit()
+            return
+        selected = getattr(self.focused, "selected_text", "")
+        if selected:
+            self.copy_to_clipboard(selected)
+            return
+        self._last_interrupt = now
+        self.notify("Press Ctrl+C again (or Ctrl+Q) to quit.", timeout=self.QUIT_AGAIN_SECONDS)
 
     # -- a bug must not end in a traceback on the user's screen ----------------------------
 
@@ -440,10 +466,14 @@ class ChatApp(App):
         except BaseException as err:  # noqa: BLE001 - generate never raises; belt and braces
             result = GenerationResult(error=describe_error(err))
         self.post_message(ReplyDone(result))
+        return result  # read by action_quit, which cannot wait for ReplyDone
 
     @_while_screen_exists
     def on_reply_done(self, message: ReplyDone) -> None:
-        result = message.result
+        if self.generating:  # not already filed by action_quit
+            self._finish_reply(message.result)
+
+    def _finish_reply(self, result: GenerationResult) -> None:
         view = self.reply_view
         rest = self.buffer.drain()
         if view is not None and rest:
@@ -541,6 +571,7 @@ class ChatApp(App):
                                  reverse_prompts=list(self.conv.reverse_prompts), system_prompt=self.settings["system_prompt"])
         self.chat_id = None
         self._rebuild_views()
+        self.chat_screen.chat_input.focus()
         self.notify("New chat.", timeout=2)
         if self.engine.loaded and not self.loading and not self.conv.user_speaks_first():
             self.start_reply()

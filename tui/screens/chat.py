@@ -5,6 +5,7 @@ the app (tui/app.py) owns the engine and the conversation."""
 
 from __future__ import annotations
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -18,13 +19,14 @@ from ..widgets.sidebar import Sidebar
 
 class ChatScreen(Screen):
     BINDINGS = [
-        Binding("escape", "app.stop", "Stop"),
+        Binding("escape", "escape", "Stop"),
         Binding("ctrl+n", "app.new_chat", "New"),
         Binding("ctrl+r", "app.regenerate", "Regen"),
         Binding("ctrl+e", "app.edit_last", "Edit", priority=True),  # over the TextArea's end-of-line (End still works)
         Binding("ctrl+o", "app.chats", "Chats"),
         Binding("ctrl+l", "app.library", "Library"),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
+        # F1 works everywhere; `?` only where it is not typed into a field
         Binding("f1", "app.help", "Help"),
         Binding("question_mark", "app.help", "Help", show=False),
     ]
@@ -72,6 +74,16 @@ class ChatScreen(Screen):
 
     def set_status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
+
+    def action_escape(self) -> None:
+        """Esc stops a reply and, from anywhere on the screen, returns to the message box."""
+        self.app.action_stop()
+        self.chat_input.focus()
+
+    @on(Sidebar.SettingChanged)
+    def _setting_entered(self, event: Sidebar.SettingChanged) -> None:
+        if event.submitted:  # Enter in a sidebar field: the next thing typed is a message again
+            self.chat_input.focus()
 
     def action_toggle_sidebar(self) -> None:
         sidebar = self.sidebar

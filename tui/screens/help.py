@@ -16,7 +16,8 @@ HELP = """\
 |---|---|
 | Enter | send the message |
 | Ctrl+J (or Shift+Enter where the terminal sends it) | new line in the message |
-| Esc | stop the reply (what it wrote so far stays, marked *stopped*) |
+| Esc | stop the reply (what it wrote so far stays, marked *stopped*); back to the message box |
+| Ctrl+C | stop the reply; pressed twice, quit |
 | Ctrl+R | regenerate the last reply |
 | Ctrl+E | edit the last message: it goes back into the box, its reply is removed |
 | Ctrl+N | new chat (the current one is saved) |
@@ -24,7 +25,7 @@ HELP = """\
 | Ctrl+L | the model library: defaults, add, remove, set the default |
 | Ctrl+B | show or hide the sidebar |
 | Ctrl+P | command palette |
-| F1 or ? | this help |
+| F1 (or ? outside the message box) | this help |
 | Ctrl+Q | quit |
 
 ## Sidebar

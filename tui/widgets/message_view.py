@@ -83,7 +83,7 @@ class MessageView(Vertical):
     def _kick(self) -> None:
         if not self._flushing:
             self._flushing = True
-            self.run_worker(self._flush(), group="markdown-stream")
+            self.run_worker(self._flush, group="markdown-stream")
 
     async def _flush(self) -> None:
         markdown = self.query_one(Markdown)
