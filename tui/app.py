@@ -83,8 +83,9 @@ class ChatApp(App):
     QUIT_AGAIN_SECONDS = 3.0  # a second Ctrl+C within this long quits
 
     def __init__(self, args=None, *, entry=None, llama_factory=None, store_path=None,
-                 library_loader=None, puller=None):
+                 library_loader=None, puller=None, start_problem: str | None = None):
         super().__init__()
+        self.start_problem = start_problem  # why the library's default model could not be used
         self.args = args
         self.entry = entry  # the library ModelEntry in use (None: first run)
         self.engine = Engine(llama_factory)
@@ -129,7 +130,12 @@ class ChatApp(App):
         self.refresh_models()
         self.chat_screen.sidebar.show_settings(self.settings)
         self._rebuild_views()
-        if self.entry is None:
+        if self.entry is None and self.start_problem:
+            # the library has models but the default cannot be used: the library screen fixes that
+            self.notify(f"{self.start_problem}. Pick or fix a model here, then Ctrl+T uses it in the chat.",
+                        severity="error", title="Default model", timeout=20)
+            self.push_screen(LibraryScreen(self.load_library))
+        elif self.entry is None:
             self.push_screen(FirstRunScreen(self._puller))
         else:
             self._start_load(self.entry, reason="start")
@@ -317,7 +323,27 @@ class ChatApp(App):
         if self.conv.mode == CHAT and not self.conv.messages:
             self.conv.system_prompt = self.settings["system_prompt"]
         self.chat_screen.sidebar.show_settings(self.settings)
+        self.refresh_models()  # the picker shows the new model, however the switch came
         self._start_load(entry, reason="switch")
+
+    @_while_screen_exists
+    def unload_model(self) -> None:
+        """"(no model)" in the picker: stop any reply, release the model; sending then says why not."""
+        if self.entry is None:
+            return
+        self.engine.cancel()
+        self.entry = None
+        self._load_seq += 1  # a load still running reports to nobody
+        self.loading = False
+        self._pending_reply = False
+        self.chat_screen.sidebar.show_progress(None)
+        self._unload_worker()
+        self.notify("No model: pick one in the sidebar or the library (Ctrl+L) to chat again.", title="Model")
+        self.update_status()
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def _unload_worker(self) -> None:
+        self.engine.close()  # waits for the reply in progress to stop (within a token)
 
     def _load_settings(self) -> dict:
         return conv_mod.load_kwargs(self.settings, self.args)
@@ -402,7 +428,10 @@ class ChatApp(App):
     @on(Sidebar.ModelChosen)
     @_while_screen_exists
     def model_chosen(self, event: Sidebar.ModelChosen) -> None:
-        self.switch_model(event.name)
+        if event.name is None:
+            self.unload_model()
+        else:
+            self.switch_model(event.name)
 
     @on(Sidebar.SystemPromptChanged)
     def system_prompt_changed(self, event: Sidebar.SystemPromptChanged) -> None:
@@ -704,21 +733,31 @@ class ChatApp(App):
         yield SystemCommand("Help", "Keys and modes", self.action_help)
 
 
-def run(args) -> int:
-    """Resolve the model (errors are one line before anything starts), then run the app."""
-    entry = None
+def startup_model(args):
+    """(entry, problem): the model to open with. A model named with -m must be usable (its
+    error is one line before anything starts); the library's default whose file is gone is not
+    fatal: the app opens without a model and says why (problem), so its library can fix it."""
     from llamachat.model_store.library import Library
 
     lib = Library.load()
-    if args.model is not None or lib.default_name is not None:
-        entry = conv_mod.resolve_model(args.model)
-    elif lib.models:
-        entry = conv_mod.resolve_model(next(iter(lib.models)))
+    if args.model is not None:
+        return conv_mod.resolve_model(args.model), None
+    if lib.default_name is None and not lib.models:
+        return None, None  # first run: the app offers to pull the default model
+    try:
+        return conv_mod.resolve_model(lib.default_name or next(iter(lib.models))), None
+    except UserError as err:
+        return None, str(err)
+
+
+def run(args) -> int:
+    """Resolve the model (errors are one line before anything starts), then run the app."""
+    entry, problem = startup_model(args)
     # validate flags, the prompt file and the logit bias before the screen changes
     conv_mod.merged_settings(args, entry.settings if entry else None)
     Conversation.from_args(args)
     conv_mod.parse_logit_bias(getattr(args, "logit_bias", None))
-    app = ChatApp(args, entry=entry)
+    app = ChatApp(args, entry=entry, start_problem=problem)
     app.quiet_crashes = True
     app.run()
     if app.crash_message:
