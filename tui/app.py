@@ -108,6 +108,9 @@ class ChatApp(App):
         self._live: tuple[float, int] | None = None  # (time, n_tokens) at the reply's first text
         self._load_seq = 0  # only the newest load's report counts (a quick second switch wins)
         self._last_interrupt = 0.0  # when Ctrl+C last stopped a reply or asked to quit
+        # the context meter outside a reply: what this conversation fills (None: unknown);
+        # the engine's own count is the previous conversation's until the next reply
+        self.ctx_used: int | None = 0
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -231,7 +234,8 @@ class ChatApp(App):
                 parts.append(quant)
             parts.append(self._rate_text())
             policy = "shift" if getattr(self.args, "context_shift", False) else "stop"
-            parts.append(f"ctx {self.engine.n_tokens()}/{self.engine.n_ctx()} (full: {policy})")
+            used = self.engine.n_tokens() if self.generating else self.ctx_used
+            parts.append(f"ctx {'?' if used is None else used}/{self.engine.n_ctx()} (full: {policy})")
         if self.generating:
             parts.append("writing… Esc stops")
         parts.append(self.conv.mode)
@@ -380,6 +384,7 @@ class ChatApp(App):
             self._pending_reply = False
         else:
             self.loaded_settings = dict(message.kwargs)
+            self.ctx_used = self._conversation_tokens()
             if message.reason == "n_ctx":
                 self.notify(f"Ready with n_ctx={self.engine.n_ctx()}; the chat is kept.", title="Context")
             elif message.reason == "switch":
@@ -533,10 +538,17 @@ class ChatApp(App):
             tps = result.tokens_per_second
             if tps:
                 self.last_tps = tps
+            self.ctx_used = result.n_tokens
             self.save_chat()
         self.update_status()
         if self.engine.loaded and self.entry is not None and not self.loading:
             self._maybe_recreate_context()
+
+    def _conversation_tokens(self) -> int | None:
+        """The context this conversation will fill at its next reply (0 when it is empty)."""
+        if not self.conv.messages:
+            return 0
+        return self.engine.count_tokens(self.conv.request())
 
     def _take_back_failed_message(self) -> None:
         """A turn that got no reply leaves the conversation; its text goes back into the box."""
@@ -585,6 +597,8 @@ class ChatApp(App):
         del self.conv.messages[idx:]
         for view in self._views()[-n_remove:]:
             view.remove()
+        self.ctx_used = self._conversation_tokens()
+        self.update_status()
         self.save_chat()
         box = self.chat_screen.chat_input
         box.text = text
@@ -599,6 +613,7 @@ class ChatApp(App):
         self.conv = Conversation(mode=self.conv.mode, preamble=self.conv.preamble, preamble_name=self.conv.preamble_name,
                                  reverse_prompts=list(self.conv.reverse_prompts), system_prompt=self.settings["system_prompt"])
         self.chat_id = None
+        self.ctx_used = 0
         self._rebuild_views()
         self.chat_screen.chat_input.focus()
         self.notify("New chat.", timeout=2)
@@ -657,6 +672,7 @@ class ChatApp(App):
             return
         self.conv = conv
         self.chat_id = chat_id
+        self.ctx_used = self._conversation_tokens()
         if conv.mode == CHAT:
             self.settings["system_prompt"] = conv.system_prompt
             self.chat_screen.sidebar.show_settings(self.settings)

@@ -134,6 +134,21 @@ class Engine:
         except Exception:
             return 0
 
+    def count_tokens(self, request: Request) -> int | None:
+        """How many tokens `request` fills the context with (its prompt, template included), or
+        None if the engine cannot tell. Tokenizing only: no generation, no lock needed."""
+        llm = self.llm
+        if llm is None:
+            return None
+        try:
+            if request.messages is not None:
+                if not request.messages:
+                    return 0
+                return len(llm.chat_template.encode(request.messages, llm.tokenizer, add_generation_prompt=False))
+            return len(llm.tokenize(request.prompt)) if request.prompt else 0
+        except Exception:  # an engine without a template (a stand-in) or a text it cannot encode
+            return None
+
     def metadata(self) -> dict:
         try:
             return dict(self.llm.metadata or {}) if self.llm is not None else {}
