@@ -143,12 +143,16 @@ def run(args) -> int:
             _write(out, piece)
     finally:
         pieces.close()
+        if out.isatty():  # the shell's prompt on a line of its own, also after Ctrl-C
+            out.write("\n")
+            out.flush()
+        stats = llm.generator.last_stats
         if args.verbose:
-            stats = llm.generator.last_stats
             lines = [f"sampler seed: {stats.seed}", f"stop reason: {stats.stop_reason}",
                      *timing_lines(llm.load_ms, stats)]
             print("\n" + "\n".join(lines), file=sys.stderr)
-    if out.isatty():
-        out.write("\n")
+        elif stats is not None and stats.stop_reason == "context_full":
+            print(f"\nllamachat: the context is full ({llm.n_ctx()} tokens), so the completion stopped there; "
+                  "use a larger -c/--ctx-size, or --context-shift to keep going", file=sys.stderr)
     out.flush()
     return 0
