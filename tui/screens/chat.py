@@ -25,7 +25,7 @@ class ChatScreen(Screen):
         Binding("ctrl+e", "app.edit_last", "Edit", priority=True),  # over the TextArea's end-of-line (End still works)
         Binding("ctrl+o", "app.chats", "Chats"),
         Binding("ctrl+l", "app.library", "Library"),
-        Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
+        Binding("ctrl+b", "toggle_sidebar", "Settings"),
         # F1 works everywhere; `?` only where it is not typed into a field
         Binding("f1", "app.help", "Help"),
         Binding("question_mark", "app.help", "Help", show=False),
@@ -45,6 +45,7 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.set_class(self.app.size.width < self.NARROW, "-narrow")
         self.query_one("#messages", VerticalScroll).anchor()
         self.query_one("#prompt", ChatInput).focus()
         self.app.chat_screen_ready()
@@ -85,9 +86,17 @@ class ChatScreen(Screen):
         if event.submitted:  # Enter in a sidebar field: the next thing typed is a message again
             self.chat_input.focus()
 
+    NARROW = 100  # below this many columns the sidebar starts hidden (Ctrl+B shows it)
+
+    def on_resize(self, event) -> None:
+        self.set_class(event.size.width < self.NARROW, "-narrow")
+
     def action_toggle_sidebar(self) -> None:
-        sidebar = self.sidebar
-        sidebar.display = not sidebar.display
+        # on a narrow screen the sidebar is hidden unless asked for, on a wide one shown unless not
+        if self.has_class("-narrow"):
+            self.toggle_class("-show-sidebar")
+        else:
+            self.toggle_class("-hide-sidebar")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "send":

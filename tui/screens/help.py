@@ -15,7 +15,7 @@ HELP = """\
 | key | what it does |
 |---|---|
 | Enter | send the message |
-| Ctrl+J (or Shift+Enter where the terminal sends it) | new line in the message |
+| Ctrl+J (Shift+Enter in some terminals) | new line in the message |
 | Esc | stop the reply (what it wrote so far stays, marked *stopped*); back to the message box |
 | Ctrl+C | stop the reply; pressed twice, quit |
 | Ctrl+R | regenerate the last reply |
@@ -23,7 +23,7 @@ HELP = """\
 | Ctrl+N | new chat (the current one is saved) |
 | Ctrl+O | saved chats: open, delete, export to Markdown |
 | Ctrl+L | the model library: defaults, add, remove, set the default |
-| Ctrl+B | show or hide the sidebar |
+| Ctrl+B | show or hide the settings sidebar (hidden at first under 100 columns) |
 | Ctrl+P | command palette |
 | F1 (or ? outside the message box) | this help |
 | Ctrl+Q | quit |
