@@ -162,13 +162,13 @@ class ChatApp(App):
 
     async def action_interrupt(self) -> None:
         now = time.monotonic()
+        if now - self._last_interrupt <= self.QUIT_AGAIN_SECONDS:
+            await self.action_quit()  # the second press: also while a stopping reply winds down
+            return
         if self.generating:
             self.action_stop()
             self._last_interrupt = now
             self.notify("Reply stopped. Ctrl+C again (or Ctrl+Q) quits.", timeout=self.QUIT_AGAIN_SECONDS)
-            return
-        if now - self._last_interrupt <= self.QUIT_AGAIN_SECONDS:
-            await self.action_quit()
             return
         selected = getattr(self.focused, "selected_text", "")
         if selected:
