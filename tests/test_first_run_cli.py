@@ -69,3 +69,23 @@ def test_chat_on_a_terminal_still_shows_its_prompts(tmp_path):
     out = Terminal()
     assert _headless(tmp_path, out, io.StringIO()) == 0
     assert out.getvalue() == "\n> Capital of France?\nParis.\n\n> Capital of Germany?\nBerlin.\n\n> \n"
+
+
+def test_inspect_accepts_a_library_name(tmp_path, capsys):
+    from first_run_support import make_library
+    from llamachat.tui.cli import main
+
+    make_library(tmp_path)
+    assert main(["inspect", "alpha", "--json"]) == 0
+    assert json_path(capsys.readouterr().out) == str(tmp_path / "alpha.gguf")
+    assert main(["inspect", "alpah"]) == 2
+    err = capsys.readouterr().err
+    assert "no model named 'alpah'" in err and "alpha" in err
+    assert main(["inspect", str(tmp_path / "missing.gguf")]) == 2
+    assert capsys.readouterr().err == f"llamachat: {tmp_path / 'missing.gguf'}: no such file\n"
+
+
+def json_path(out: str) -> str:
+    import json
+
+    return json.loads(out)["path"]
