@@ -32,6 +32,7 @@ from .conversation import CHAT, INSTRUCT, INTERACTIVE, Conversation, Message
 from .engine_worker import Engine, GenerationResult, StreamBuffer, describe_error, quant_name
 from .screens.chat import ChatScreen
 from .screens.chats import ChatsScreen
+from .screens.confirm import ConfirmScreen
 from .screens.first_run import FirstRunScreen
 from .screens.help import HelpScreen
 from .screens.library import LibraryScreen
@@ -686,37 +687,90 @@ class ChatApp(App):
         if chat_id == self.chat_id:
             self.chat_id = None
 
-    def export_chat(self, chat_id: int | None = None) -> Path:
-        """Write a chat (default: the current one) as Markdown into the data dir's exports/."""
-        from llamachat.model_store.paths import data_dir
-
-        if chat_id is None:
+    def _chat_for(self, chat_id: int | None):
+        """(conversation, model, id) of a saved chat, or of the one on screen (saved first)."""
+        if chat_id is None or chat_id == self.chat_id:
             if not self.conv.messages:
-                raise UserError("this chat is empty: nothing to export")
-            conv, model = self.conv, (self.entry.name if self.entry else "")
+                raise UserError("this chat is empty: nothing to export or rename yet")
             self.save_chat()
-            chat_id = self.chat_id
-        else:
-            conv, model = self.store.load(chat_id)
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", conv.title()).strip("-").lower()[:40] or "chat"
-        folder = data_dir() / "exports"
-        path = folder / f"chat-{chat_id}-{slug}.md"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".md.tmp")
-            tmp.write_text(conv.to_markdown(model), encoding="utf-8")
-            tmp.replace(path)
-        except OSError as err:
-            raise UserError(f"{path}: could not write the export ({err.strerror or err})") from None
-        return path
+            return self.conv, (self.entry.name if self.entry else ""), self.chat_id
+        conv, model = self.store.load(chat_id)
+        return conv, model, chat_id
 
-    def action_export(self) -> None:
+    def export_chat(self, chat_id: int | None = None, path: Path | str | None = None, overwrite: bool = False) -> Path:
+        """Write a chat (default: the current one) as Markdown to `path` (default: the data
+        dir's exports/); ExportExists if that file is there and overwrite is False."""
+        from .chat_store import default_export_path, export_markdown
+
+        conv, model, chat_id = self._chat_for(chat_id)
+        return export_markdown(conv, model, path or default_export_path(conv, chat_id), overwrite=overwrite)
+
+    def ask_export(self, chat_id: int | None = None) -> None:
+        """Ask where to export a chat (the default path filled in); ask again before replacing a file."""
+        from .chat_store import ExportExists, default_export_path
+        from .screens.prompt import PromptScreen
+
         try:
-            path = self.export_chat()
+            conv, _, saved_id = self._chat_for(chat_id)
         except UserError as err:
             self.notify(str(err), severity="error")
             return
-        self.notify(f"Exported to {path}", title="Chat exported")
+
+        def write(path: str, overwrite: bool) -> None:
+            try:
+                written = self.export_chat(saved_id if saved_id is not None else chat_id, path, overwrite=overwrite)
+            except ExportExists:
+                self.push_screen(ConfirmScreen(f"{path} already exists. Replace it?", yes="Replace"),
+                                 lambda yes: write(path, True) if yes else None)
+                return
+            except UserError as err:
+                self.notify(str(err), severity="error", title="Chat not exported")
+                return
+            self.notify(f"Exported to {written}", title="Chat exported")
+
+        def chosen(path: str | None) -> None:
+            if path and path.strip():
+                write(path.strip(), False)
+
+        self.push_screen(PromptScreen("Export this chat as Markdown to:", str(default_export_path(conv, saved_id)),
+                                      ok="Export"), chosen)
+
+    def rename_chat(self, chat_id: int | None, title: str) -> None:
+        """Give a chat (default: the one on screen) the user's title; empty: made from its text."""
+        if chat_id is None or chat_id == self.chat_id:
+            self.conv.name = " ".join(title.split())
+            self.save_chat()
+        elif self.store is not None:
+            self.store.rename(chat_id, title)
+
+    def ask_rename(self, chat_id: int | None = None, done=None) -> None:
+        from .screens.prompt import PromptScreen
+
+        try:
+            conv, _, _ = self._chat_for(chat_id)
+        except UserError as err:
+            self.notify(str(err), severity="error")
+            return
+
+        def chosen(title: str | None) -> None:
+            if title is None:
+                return
+            try:
+                self.rename_chat(chat_id, title)
+            except UserError as err:
+                self.notify(str(err), severity="error", title="Chat not renamed")
+                return
+            if done is not None:
+                done()
+
+        self.push_screen(PromptScreen("New title for this chat (empty: from its first message):", conv.title(),
+                                      ok="Rename"), chosen)
+
+    def action_export(self) -> None:
+        self.ask_export(None)
+
+    def action_rename(self) -> None:
+        self.ask_rename(None)
 
     # -- other screens ----------------------------------------------------------------------
 
@@ -741,7 +795,8 @@ class ChatApp(App):
         yield from super().get_system_commands(screen)
         yield SystemCommand("New chat", "Start a new conversation (the current one is saved)", self.action_new_chat)
         yield SystemCommand("Saved chats", "Open, delete or export saved chats", self.action_chats)
-        yield SystemCommand("Export chat", "Write this chat as Markdown into the data dir", self.action_export)
+        yield SystemCommand("Export chat", "Write this chat as Markdown to a file you choose", self.action_export)
+        yield SystemCommand("Rename chat", "Give this chat a title of your own", self.action_rename)
         yield SystemCommand("Regenerate", "Write the last reply again", self.action_regenerate)
         yield SystemCommand("Edit last message", "Put the last message back in the box", self.action_edit_last)
         yield SystemCommand("Stop", "Stop the reply being written", self.action_stop)

@@ -159,6 +159,7 @@ class Conversation:
     reverse_prompts: list[str] = field(default_factory=list)
     system_prompt: str = ""
     messages: list[Message] = field(default_factory=list)
+    name: str = ""  # a title the user gave the chat (empty: made from its first message)
 
     @classmethod
     def from_args(cls, args, system_prompt: str = "") -> "Conversation":
@@ -247,6 +248,8 @@ class Conversation:
         return text.strip()
 
     def title(self) -> str:
+        if self.name.strip():
+            return self.name.strip()
         for msg in self.messages:
             if msg.role == "user" and msg.content.strip():
                 line = msg.content.strip().splitlines()[0]

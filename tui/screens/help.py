@@ -21,7 +21,7 @@ HELP = """\
 | Ctrl+R | regenerate the last reply |
 | Ctrl+E | edit the last message: it goes back into the box, its reply is removed |
 | Ctrl+N | new chat (the current one is saved) |
-| Ctrl+O | saved chats: open, delete, export to Markdown |
+| Ctrl+O | saved chats: open (Enter), rename (r), delete (d), export to a Markdown file you name (e) |
 | Ctrl+L | the model library: defaults, add, remove, set the default |
 | Ctrl+B | show or hide the settings sidebar (hidden at first under 100 columns) |
 | Ctrl+P | command palette |
