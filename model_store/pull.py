@@ -44,6 +44,25 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 STAGES = ("download", "extract", "verify", "install")
 _CHUNK = 1 << 20
 
+# each stage's share of one overall bar, by the bytes it moves (download and unpack dominate)
+_STAGE_SPAN = {"download": (0.0, 0.6), "extract": (0.6, 0.8), "verify": (0.8, 0.85), "install": (0.85, 1.0)}
+
+
+class OverallProgress:
+    """One 0..1 figure for the whole pull from the per-stage `progress(stage, done, total)`
+    reports, which never goes back (a stage restarting at 0, a skipped stage, a second try)."""
+
+    def __init__(self):
+        self.fraction = 0.0
+        self.stage: str | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> float:
+        low, high = _STAGE_SPAN.get(stage, (self.fraction, self.fraction))
+        inside = min(1.0, done / total) if total else 0.0
+        self.fraction = max(self.fraction, low + (high - low) * inside)
+        self.stage = stage
+        return self.fraction
+
 
 def catalog_entry(key: str | None) -> CatalogEntry:
     """The catalog entry for `key` (None = the default), or UserError listing the known ones."""
