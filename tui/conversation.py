@@ -26,6 +26,8 @@ from llamachat.runtime.params import SETTINGS, check_setting
 
 CHAT, INSTRUCT, INTERACTIVE = "chat", "instruct", "interactive"
 
+LOOP_NOTE = "it was repeating itself"  # a reply the engine stopped because it looped
+
 INSTRUCT_TURN = "### Instruction:\n\n{message}\n\n### Response:\n\n"
 INSTRUCT_STOP = "### Instruction:"
 
@@ -233,6 +235,8 @@ class Conversation:
             note = "context full"
         elif stop_reason == "length":
             note = "n_predict reached"
+        elif stop_reason == "loop":
+            return Message("assistant", content, stopped=True, note=LOOP_NOTE)
         return Message("assistant", content, stopped=cancelled, note=note)
 
     def display_text(self, msg: Message) -> str:

@@ -63,11 +63,49 @@ class StreamBuffer:
         return text
 
 
+class LoopGuard:
+    """Notices a reply that has fallen into a loop: its text ends in the same stretch (a word, a
+    phrase, a paragraph) said again and again. Small models do this ("la femme, la femme, ...")
+    and would otherwise run on to the end of the context. A stretch counts as a loop once it
+    has come MIN_REPEATS times in a row over at least MIN_SPAN characters, so an ordinary
+    table rule, a row of zeros or a repeated line in code does not trip it."""
+
+    MIN_REPEATS = 4
+    MIN_SPAN = 200  # characters: a few seconds of a looping reply
+    MAX_UNIT = 400  # the longest repeated stretch looked for (a paragraph)
+    CHECK_EVERY = 32  # characters of new text between checks
+
+    def __init__(self):
+        self.text = ""
+        self._checked = 0
+
+    def feed(self, piece: str) -> bool:
+        """Add streamed text; True once the text ends in a loop."""
+        self.text += piece
+        if len(self.text) - self._checked < self.CHECK_EVERY:
+            return False
+        self._checked = len(self.text)
+        return self.looping(self.text)
+
+    @classmethod
+    def looping(cls, text: str) -> bool:
+        text = text.rstrip()
+        n = len(text)
+        for unit in range(1, min(cls.MAX_UNIT, n // cls.MIN_REPEATS) + 1):
+            tail = text[n - unit:]
+            repeats = 1
+            while (repeats + 1) * unit <= n and text[n - (repeats + 1) * unit:n - repeats * unit] == tail:
+                repeats += 1
+                if repeats >= cls.MIN_REPEATS and repeats * unit >= cls.MIN_SPAN:
+                    return True
+        return False
+
+
 @dataclass
 class GenerationResult:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" (the chunk's)
-    stop_reason: str | None = None  # last_stats: "eos" | "stop" | "length" | "context_full" | "cancelled"
+    stop_reason: str | None = None  # last_stats: "eos" | "stop" | "length" | "context_full" | "cancelled", or "loop" (LoopGuard)
     cancelled: bool = False
     error: str | None = None
     stats: dict = field(default_factory=dict)
@@ -183,6 +221,8 @@ class Engine:
             kwargs["seed"] = self.pending_seed
         start = time.perf_counter()
         pieces: list[str] = []
+        guard = LoopGuard()
+        looped = False
         with self._lock:
             llm = self.llm
             try:
@@ -199,6 +239,9 @@ class Engine:
                     if text:
                         pieces.append(text)
                         on_text(text)
+                        if not looped and guard.feed(text):
+                            looped = True
+                            llm.cancel()  # ends within a token; the user did not ask, so not _cancel
                     if choice.get("finish_reason"):
                         result.finish_reason = choice["finish_reason"]
                 self.pending_seed = None
@@ -216,6 +259,8 @@ class Engine:
         if result.stop_reason == "stop" and request.stop:
             result.stop_text = _matched_stop(llm, request.stop, result.text)
         result.cancelled = self._cancel.is_set() or result.finish_reason == "cancelled" or result.stop_reason == "cancelled"
+        if looped and not self._cancel.is_set():
+            result.stop_reason, result.cancelled = "loop", False
         return result
 
     def close(self) -> None:

@@ -100,6 +100,8 @@ def _generate(engine: Engine, conv: Conversation, sampling: dict, bias: dict, ou
 def _report(result: GenerationResult, verbose: bool) -> None:
     if result.error:
         print(f"\nllamachat: {result.error}", file=sys.stderr, flush=True)
+    elif result.stop_reason == "loop":
+        print("\nllamachat: the reply was stopped because it was repeating itself", file=sys.stderr, flush=True)
     elif result.stop_reason == "context_full":
         print(f"\nllamachat: the context is full ({result.n_ctx} tokens): the reply stopped; "
               "use a larger -c/--ctx-size or --context-shift", file=sys.stderr, flush=True)
