@@ -28,6 +28,7 @@ from llamachat.runtime.errors import UserError
 
 from . import conversation as conv_mod
 from .chat_store import ChatStore
+from .compile_progress import WATCH
 from .conversation import CHAT, INSTRUCT, INTERACTIVE, Conversation, Message
 from .engine_worker import Engine, GenerationResult, StreamBuffer, describe_error, quant_name
 from .screens.chat import ChatScreen
@@ -228,7 +229,7 @@ class ChatApp(App):
         parts = [name]
         if self.loading:
             pct = f" {self.load_fraction * 100:.0f}%" if self.load_fraction is not None else ""
-            parts.append(f"loading{pct}")
+            parts.append(f"loading{pct}" + (" · preparing the engine" if WATCH.status() else ""))
         elif self.engine.loaded:
             quant = quant_name(self.engine.metadata())
             if quant:
@@ -267,6 +268,7 @@ class ChatApp(App):
         if self.loading:
             self.chat_screen.sidebar.show_progress(self.load_fraction or 0.0)
         if self.loading or self.generating:
+            self.chat_screen.show_notice(WATCH.status())
             self.update_status()
 
     # -- models -----------------------------------------------------------------------------
@@ -380,6 +382,12 @@ class ChatApp(App):
         self.loading = False
         self.load_fraction = None
         self.chat_screen.sidebar.show_progress(None)
+        self.chat_screen.show_notice(None)
+        compiled, seconds = WATCH.summary()
+        if compiled and seconds > 1 and not message.error:
+            self.notify(f"The engine is ready for this CPU ({compiled} kernels compiled in {seconds:.0f} s, kept for "
+                        "next time).", title="First run", timeout=6)
+            WATCH.reset()
         if message.error:
             self.notify(message.error, severity="error", title="Model not loaded", timeout=10)
             self._pending_reply = False
@@ -516,6 +524,7 @@ class ChatApp(App):
         self.reply_view = None
         self.generating = False
         self.chat_screen.set_generating(False)
+        self.chat_screen.show_notice(None)
         if result.error and not result.text:
             if view is not None:
                 view.remove()

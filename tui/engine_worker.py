@@ -140,8 +140,15 @@ class Engine:
         return self.llm is not None
 
     def load(self, model_path, progress: Callable[[float], None] | None = None, **kwargs) -> None:
-        """(Re-)create the Llama for `model_path` with these keywords; raises EngineError/UserError."""
+        """(Re-)create the Llama for `model_path` with these keywords, then run the kernels once
+        (compiling them on a first run, while the user types, not after they press Enter);
+        raises EngineError/UserError."""
+        real = self._factory is None
         factory = self._factory or default_llama_factory()
+        if real:
+            from .compile_progress import WATCH
+
+            WATCH.install()
         with self._lock:
             old, self.llm = self.llm, None  # release the old model (and its KV cache) before loading the next
             if old is not None and hasattr(old, "close"):
@@ -159,6 +166,8 @@ class Engine:
                 raise EngineError(f"{model_path}: cannot load the model: {describe_error(err)}") from None
             self.model_path = model_path
             self.load_kwargs = dict(kwargs)
+            if real:
+                warm_up(self.llm)
 
     def n_ctx(self) -> int:
         try:
@@ -267,6 +276,33 @@ class Engine:
         self.cancel()
         with self._lock:
             self.llm = None
+
+
+def warm_up(llm) -> None:
+    """Evaluate a few tokens the three ways a chat will (a long prompt, a short one, one token
+    at a time), so every kernel the model's formats need is compiled or read from numba's cache
+    now; then empty the KV cache. Sampling and the random stream are not touched. Warm, it
+    costs a fraction of a second; a failure here is left for the first reply to report."""
+    model = getattr(llm, "model", None)
+    if model is None or not hasattr(model, "eval"):
+        return
+    try:
+        from llamachat.runtime.forward import FA_TILE_Q
+
+        sample = llm.tokenize(b"The quick brown fox jumps over the lazy dog, then rests a while. ", add_bos=True)
+        ids = (sample * (FA_TILE_Q // max(1, len(sample)) + 1))[:FA_TILE_Q]
+        room = int(model.n_ctx)
+        for n in (FA_TILE_Q, 8, 1):  # the tiled prompt path, the small-batch path, decode
+            if model.n_past + n > room:
+                break
+            model.eval(ids[:n], logits="last")
+    except Exception:  # noqa: BLE001 - the first reply meets the same problem and names it
+        pass
+    finally:
+        try:
+            llm.reset()
+        except Exception:
+            pass
 
 
 def _matched_stop(llm, stops: list[str], text: str) -> str | None:

@@ -134,7 +134,10 @@ def run(args, llama_factory=None, stdin=None, stdout=None, stderr=None) -> int:
     conv = Conversation.from_args(args, system_prompt=settings["system_prompt"])
     bias = parse_logit_bias(getattr(args, "logit_bias", None))
     engine = Engine(llama_factory)
-    engine.load(entry.path, **load_kwargs(settings, args))
+    from .compile_progress import StderrProgress
+
+    with StderrProgress():  # a first run compiles the kernels here: say so on a terminal
+        engine.load(entry.path, **load_kwargs(settings, args))
     sampling = call_kwargs(settings, args)
     verbose = bool(getattr(args, "verbose", False))
     echo = not stdin.isatty() if hasattr(stdin, "isatty") else True

@@ -121,9 +121,16 @@ def run(args) -> int:
 
     from llamachat.runtime.llama_api import Llama, timing_lines
 
+    from .compile_progress import StderrProgress, engine_cache_is_cold
+    from .engine_worker import warm_up
+
     threads = settings["threads"] or None  # 0 = all cores
-    llm = Llama(str(entry.path), n_ctx=settings["n_ctx"], n_threads=threads, seed=settings["seed"],
-                context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
+    cold = engine_cache_is_cold()
+    with StderrProgress():  # a first run compiles the kernels: a line on stderr says so
+        llm = Llama(str(entry.path), n_ctx=settings["n_ctx"], n_threads=threads, seed=settings["seed"],
+                    context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
+        if cold:  # compile now, with the line showing, rather than between the first words
+            warm_up(llm)
     for warning in getattr(llm.model, "warnings", []):
         print(f"llamachat: warning: {warning}", file=sys.stderr)
     n_vocab = llm.tokenizer.n_vocab

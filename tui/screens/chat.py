@@ -35,6 +35,7 @@ class ChatScreen(Screen):
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
                 yield VerticalScroll(id="messages")
+                yield Static("", id="engine-notice")  # what a long wait is (kernels compiling)
                 with Horizontal(id="input-row"):
                     yield ChatInput(id="prompt")
                     with Vertical(id="input-buttons"):
@@ -72,6 +73,12 @@ class ChatScreen(Screen):
     def set_generating(self, generating: bool) -> None:
         self.query_one("#stop", Button).disabled = not generating
         self.query_one("#send", Button).disabled = generating
+
+    def show_notice(self, text: str | None) -> None:
+        notice = self.query_one("#engine-notice", Static)
+        notice.display = bool(text)
+        if text:
+            notice.update(text)
 
     def set_status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
