@@ -127,3 +127,31 @@ def test_version_1_store_gains_titles(tmp_path):
     assert conv.name == "" and conv.title() == "hi"
     store.rename(1, "Greeting")
     assert store.list()[0].title == "Greeting" and store.load(1)[0].name == "Greeting"
+
+
+def test_last_code_block():
+    from llamachat.tui.app import last_code_block
+
+    text = "Use this:\n\n```python\nprint('a')\n```\n\nor this:\n\n~~~\nx = 1\n\ny = 2\n~~~\n\ndone"
+    assert last_code_block(text) == "x = 1\n\ny = 2"
+    assert last_code_block("first\n```c\nint main() {\n  return 0;") == "int main() {\n  return 0;"  # cut short
+    assert last_code_block("no code here, only `inline`") is None
+
+
+async def test_f2_and_f3_copy_the_reply_and_its_code(tmp_path):
+    make_library(tmp_path)
+    reply = "Here:\n\n```python\nprint('hi')\n```\n\nThat prints hi."
+    app, _ = make_app(script=FakeScript(replies=[reply]))
+    copied = []
+    app.copy_to_clipboard = copied.append
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f3")
+        await pilot.pause(0.1)
+        assert copied == [] and any("No code block" in n for n in notifications(app))
+        await send(pilot, app, "code please")
+        await reply_done(pilot, app)
+        await pilot.press("f2")
+        await pilot.press("f3")
+        await pilot.pause(0.1)
+        assert copied == [reply, "print('hi')"]

@@ -69,12 +69,12 @@ def test_stderr_progress_line_is_drawn_and_cleared(monkeypatch):
         watch._started(None)
         watch.started -= 2.0
         deadline = time.monotonic() + 10
-        while "Preparing" not in err.getvalue() and time.monotonic() < deadline:
+        while "compiling" not in err.getvalue() and time.monotonic() < deadline:
             time.sleep(0.02)
         watch._ended()
         watch.last -= 2.0
     out = err.getvalue()
-    assert "\r\x1b[Kllamachat: Preparing the engine for this CPU" in out
+    assert "\r\x1b[Kllamachat: compiling for this CPU (first run, ~30 s): 0 kernels, 2 s" in out
     assert out.endswith("\r\x1b[K")  # the line is gone at the end
     assert all(len(part) <= 79 for part in out.split("\r\x1b[K"))  # one terminal line
     plain = io.StringIO()  # not a terminal: nothing at all

@@ -356,6 +356,7 @@ class ChatApp(App):
         return conv_mod.load_kwargs(self.settings, self.args)
 
     def _start_load(self, entry, reason: str) -> None:
+        WATCH.reset()  # count this load's compiles (a first run, another format's first use)
         self.loading = True
         self.load_fraction = 0.0
         self.chat_screen.sidebar.show_progress(0.0)
@@ -387,7 +388,6 @@ class ChatApp(App):
         if compiled and seconds > 1 and not message.error:
             self.notify(f"The engine is ready for this CPU ({compiled} kernels compiled in {seconds:.0f} s, kept for "
                         "next time).", title="First run", timeout=6)
-            WATCH.reset()
         if message.error:
             self.notify(message.error, severity="error", title="Model not loaded", timeout=10)
             self._pending_reply = False
@@ -775,6 +775,29 @@ class ChatApp(App):
         self.push_screen(PromptScreen("New title for this chat (empty: from its first message):", conv.title(),
                                       ok="Rename"), chosen)
 
+    def action_copy_reply(self) -> None:
+        """The last reply to the clipboard (OSC 52: the terminal puts it there, also over ssh)."""
+        reply = next((m for m in reversed(self.conv.messages) if m.role == "assistant"), None)
+        if reply is None or not reply.content.strip():
+            self.notify("No reply to copy yet.", severity="warning")
+            return
+        text = self.conv.display_text(reply)
+        self.copy_to_clipboard(text)
+        self.notify(f"Copied the last reply ({len(text)} characters).", title="Clipboard", timeout=3)
+
+    def action_copy_code(self) -> None:
+        """The last fenced code block of the chat's replies to the clipboard."""
+        for msg in reversed(self.conv.messages):
+            if msg.role != "assistant":
+                continue
+            code = last_code_block(msg.content)
+            if code is not None:
+                self.copy_to_clipboard(code)
+                lines = code.count("\n") + 1
+                self.notify(f"Copied the last code block ({lines} line{'s' if lines != 1 else ''}).", title="Clipboard", timeout=3)
+                return
+        self.notify("No code block in the replies yet.", severity="warning")
+
     def action_export(self) -> None:
         self.ask_export(None)
 
@@ -806,11 +829,23 @@ class ChatApp(App):
         yield SystemCommand("Saved chats", "Open, delete or export saved chats", self.action_chats)
         yield SystemCommand("Export chat", "Write this chat as Markdown to a file you choose", self.action_export)
         yield SystemCommand("Rename chat", "Give this chat a title of your own", self.action_rename)
+        yield SystemCommand("Copy last reply", "Put the last reply on the clipboard (F2)", self.action_copy_reply)
+        yield SystemCommand("Copy last code block", "Put the last fenced code block on the clipboard (F3)", self.action_copy_code)
         yield SystemCommand("Regenerate", "Write the last reply again", self.action_regenerate)
         yield SystemCommand("Edit last message", "Put the last message back in the box", self.action_edit_last)
         yield SystemCommand("Stop", "Stop the reply being written", self.action_stop)
         yield SystemCommand("Model library", "Models, their defaults, the default model", self.action_library)
         yield SystemCommand("Help", "Keys and modes", self.action_help)
+
+
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})[^\n]*\n(.*?)(?:^ {0,3}\1[`~]*[ \t]*$|\Z)", re.M | re.S)
+
+
+def last_code_block(text: str) -> str | None:
+    """The body of the last fenced code block in Markdown text (an unclosed fence runs to the
+    end, as a reply cut short leaves it), without its fences; None if there is none."""
+    blocks = [m.group(2) for m in _FENCE.finditer(text)]
+    return blocks[-1].rstrip("\n") if blocks else None
 
 
 def startup_model(args):

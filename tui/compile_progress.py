@@ -60,8 +60,7 @@ class CompileWatch:
         name = f"{func.__module__.rsplit('.', 1)[-1]}.{func.__name__}" if func is not None else "a kernel"
         with self._lock:
             now = time.monotonic()
-            if self.started is None or (self.depth == 0 and now - self.last > 5.0):
-                self.reset()  # a new episode (another format's first use, say)
+            if self.started is None:  # the first since reset(): the front end resets per load
                 self.started = now
             self.depth += 1
             self.current = name
@@ -73,8 +72,9 @@ class CompileWatch:
             self.done += 1
             self.last = time.monotonic()
 
-    def status(self) -> str | None:
-        """A sentence for the user while compiling has gone on for over a second, else None."""
+    def status(self, compact: bool = False) -> str | None:
+        """A sentence for the user while compiling has gone on for over a second, else None
+        (compact: short enough for one 80-column line after "llamachat: ")."""
         with self._lock:
             now = time.monotonic()
             # between two kernels nothing compiles for a moment: still the same wait
@@ -83,6 +83,9 @@ class CompileWatch:
             elapsed = now - self.started
             if elapsed < QUIET_SECONDS:
                 return None
+            if compact:
+                return (f"compiling for this CPU (first run, ~{FIRST_RUN_SECONDS} s):"
+                        f" {self.done} kernels, {elapsed:.0f} s")
             return (f"Preparing the engine for this CPU (first run, about {FIRST_RUN_SECONDS} s): "
                     f"{self.done} kernel{'s' if self.done != 1 else ''} compiled, now {self.current} ({elapsed:.0f} s)")
 
@@ -121,7 +124,7 @@ class StderrProgress:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.draw(WATCH.status())
+            self.draw(WATCH.status(compact=True))
 
     def draw(self, text: str | None) -> None:
         if text:

@@ -26,6 +26,8 @@ class ChatScreen(Screen):
         Binding("ctrl+o", "app.chats", "Chats"),
         Binding("ctrl+l", "app.library", "Library"),
         Binding("ctrl+b", "toggle_sidebar", "Settings"),
+        Binding("f2", "app.copy_reply", "Copy reply", show=False),
+        Binding("f3", "app.copy_code", "Copy code", show=False),
         # F1 works everywhere; `?` only where it is not typed into a field
         Binding("f1", "app.help", "Help"),
         Binding("question_mark", "app.help", "Help", show=False),

@@ -24,7 +24,8 @@ HELP = """\
 | Ctrl+O | saved chats: open (Enter), rename (r), delete (d), export to a Markdown file you name (e) |
 | Ctrl+L | the model library: defaults, add, remove, set the default |
 | Ctrl+B | show or hide the settings sidebar (hidden at first under 100 columns) |
-| Ctrl+P | command palette |
+| F2 / F3 | copy the last reply / its last code block to the clipboard (OSC 52) |
+| Ctrl+P | command palette (rename or export this chat, copy, ...) |
 | F1 (or ? outside the message box) | this help |
 | Ctrl+Q | quit |
 
