@@ -72,3 +72,26 @@ def views(app, role=None):
 
 def notifications(app):
     return [n.message for n in app._notifications]
+
+
+class _Template:
+    @staticmethod
+    def encode(messages, tokenizer, add_generation_prompt=True):
+        from tui_fake_engine import _pieces
+
+        text = "".join(f"<|{m['role']}|>{m['content']}" for m in messages)
+        return list(range(len(_pieces(text))))
+
+
+def templated_factory(script):
+    """The fake engine with a chat template, as the real Llama has, so the app can count a
+    conversation's tokens (one per word, as the fake's tokenize)."""
+    from tui_fake_engine import FakeLlama
+
+    def make(path, **kwargs):
+        llm = FakeLlama(path, script=script, **kwargs)
+        llm.chat_template = _Template()
+        llm.tokenizer = None
+        return llm
+
+    return make

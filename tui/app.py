@@ -23,6 +23,7 @@ from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.message import Message as TextualMessage
 from textual.screen import Screen
+from textual.widgets import Static
 
 from llamachat.runtime.errors import UserError
 
@@ -235,13 +236,51 @@ class ChatApp(App):
             if quant:
                 parts.append(quant)
             parts.append(self._rate_text())
-            policy = "shift" if getattr(self.args, "context_shift", False) else "stop"
+            # a reply that fills the context stops (or shifts it); between turns, chat mode drops the oldest
+            policy = "shift" if self._context_policy() == "shift" else "stop"
             used = self.engine.n_tokens() if self.generating else self.ctx_used
-            parts.append(f"ctx {'?' if used is None else used}/{self.engine.n_ctx()} (full: {policy})")
+            parts.append(f"ctx {'?' if used is None else used}/{self.engine.n_ctx()} (full: {policy})"
+                         + (" · oldest turns dropped" if self.conv.memory_start else ""))
         if self.generating:
             parts.append("writing… Esc stops")
         parts.append(self.conv.mode)
         return " │ ".join(parts)
+
+    def _context_policy(self) -> str:
+        """What happens when the chat outgrows the context: the engine shifts it (--context-shift),
+        the app leaves the oldest turns out of the request (chat mode), or the reply stops."""
+        if getattr(self.args, "context_shift", False):
+            return "shift"
+        return "drop oldest" if self.conv.mode == CHAT else "stop"
+
+    def _fit_context(self) -> bool:
+        """Chat mode: leave the oldest turns out of the request until it fits in n_ctx with room
+        for the reply (n_predict, or an eighth of the context); the system prompt stays. True
+        if the model's memory now starts later than before."""
+        if self._context_policy() != "drop oldest":
+            return False
+        n_ctx = self.engine.n_ctx()
+        n_predict = self.settings.get("n_predict") or -1
+        room = n_predict if 0 < n_predict < n_ctx // 2 else n_ctx // 8
+        used = self.engine.count_tokens(self.conv.request())
+        moved = False
+        while used is not None and n_ctx and used + room > n_ctx and self.conv.forget_oldest_turn():
+            moved = True
+            used = self.engine.count_tokens(self.conv.request())
+        return moved
+
+    @_while_screen_exists
+    def _show_memory_start(self) -> None:
+        """A line in the chat above the first message the model still sees."""
+        for old in self.chat_screen.messages.query(".memory-start"):
+            old.remove()
+        start = self.conv.memory_start
+        views = self._views()
+        if self.conv.mode != CHAT or start <= 0 or start >= len(views):
+            return
+        line = Static(f"⋯ the model no longer sees the messages above: the chat outgrew its context "
+                      f"({self.engine.n_ctx() or '?'} tokens) ⋯", classes="memory-start")
+        self.chat_screen.messages.mount(line, before=views[start])
 
     def _rate_text(self) -> str:
         if self.generating and self._live is not None:
@@ -489,6 +528,10 @@ class ChatApp(App):
         if self._maybe_recreate_context():
             self._pending_reply = True
             return
+        if self._fit_context():
+            self._show_memory_start()
+            self.notify("This chat no longer fits in the model's context: the oldest turns are left out "
+                        "(a line in the chat marks where its memory begins).", title="Context", timeout=8)
         request = self.conv.request()
         sampling = conv_mod.call_kwargs(self.settings, self.args)
         self.buffer.drain()
@@ -648,6 +691,7 @@ class ChatApp(App):
                                            stopped=msg.stopped, note=msg.note,
                                            markdown=self._markdown_replies() and msg.role != "user"))
         screen.messages.anchor()
+        self._show_memory_start()
         self._show_mode()
 
     # -- saved chats ------------------------------------------------------------------------
