@@ -278,11 +278,12 @@ class Engine:
             self.llm = None
 
 
-def warm_up(llm) -> None:
-    """Evaluate a few tokens the three ways a chat will (a long prompt, a short one, one token
-    at a time), so every kernel the model's formats need is compiled or read from numba's cache
-    now; then empty the KV cache. Sampling and the random stream are not touched. Warm, it
-    costs a fraction of a second; a failure here is left for the first reply to report."""
+def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
+    """Evaluate a few tokens the ways a chat will (by default: a long prompt, a short one, one
+    token at a time; `sizes` says how many tokens each time), so every kernel the model's
+    formats need is compiled or read from numba's cache now; then empty the KV cache. Sampling
+    and the random stream are not touched. Warm, it costs a fraction of a second; a failure
+    here is left for the first reply to report."""
     model = getattr(llm, "model", None)
     if model is None or not hasattr(model, "eval"):
         return
@@ -290,9 +291,10 @@ def warm_up(llm) -> None:
         from llamachat.runtime.forward import FA_TILE_Q
 
         sample = llm.tokenize(b"The quick brown fox jumps over the lazy dog, then rests a while. ", add_bos=True)
-        ids = (sample * (FA_TILE_Q // max(1, len(sample)) + 1))[:FA_TILE_Q]
+        sizes = sizes or (FA_TILE_Q, 8, 1)  # the tiled prompt path, the small-batch path, decode
+        ids = (sample * (max(sizes) // max(1, len(sample)) + 1))[:max(sizes)]
         room = int(model.n_ctx)
-        for n in (FA_TILE_Q, 8, 1):  # the tiled prompt path, the small-batch path, decode
+        for n in sizes:
             if model.n_past + n > room:
                 break
             model.eval(ids[:n], logits="last")

@@ -129,8 +129,10 @@ def run(args) -> int:
     with StderrProgress():  # a first run compiles the kernels: a line on stderr says so
         llm = Llama(str(entry.path), n_ctx=settings["n_ctx"], n_threads=threads, seed=settings["seed"],
                     context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
-        if cold:  # compile now, with the line showing, rather than between the first words
-            warm_up(llm)
+        if cold:  # compile now, with the line showing, rather than between the first words; only
+            # the paths this run takes (its prompt's length, then decode), a cold start is long enough
+            n_prompt = len(llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True))
+            warm_up(llm, sizes=(max(1, n_prompt), 1))
     for warning in getattr(llm.model, "warnings", []):
         print(f"llamachat: warning: {warning}", file=sys.stderr)
     n_vocab = llm.tokenizer.n_vocab
