@@ -91,3 +91,21 @@ async def test_a_looping_reply_is_stopped_and_labelled(tmp_path):
         await send(pilot, app, "again")
         await reply_done(pilot, app)
         assert app.conv.messages[-1].content == "fine" and not app.conv.messages[-1].stopped
+
+
+def test_pulling_again_adds_new_catalog_defaults_and_keeps_the_users(smollm2_path, capsys):
+    from llamachat.model_store.pull import pull
+    from llamachat.tui.cli import main
+
+    entry = pull("smollm2")
+    lib = Library.load()
+    # a library from before the catalog had a system prompt and a reply cap, with the user's own temp
+    lib.set(entry.name, system_prompt=None, n_predict=None, temp=0.7)
+    assert main(["pull"]) == 0
+    out = capsys.readouterr().out
+    assert "system_prompt='You are a helpful assistant.'" in out and "n_predict=512" in out
+    settings = Library.load().models[entry.name].settings
+    assert settings["system_prompt"] == "You are a helpful assistant." and settings["n_predict"] == 512
+    assert settings["temp"] == 0.7  # the user's value stays
+    assert main(["pull"]) == 0
+    assert capsys.readouterr().out.strip().endswith("is already pulled (" + str(entry.path) + ").")
