@@ -22,6 +22,8 @@ def test_compile_watch_counts_numba_compiles():
     def kernel_for_the_test(x):
         return x + 1
 
+    kernel_for_the_test.py_func.__module__ = "llamachat.runtime.fake_kernels"  # counted as the engine's
+
     seen = []
     stop = threading.Event()
 
@@ -40,6 +42,13 @@ def test_compile_watch_counts_numba_compiles():
     assert done == 2 and seconds >= 0
     assert watch.current.endswith("kernel_for_the_test")
     kernel_for_the_test(3)  # compiled already: nothing new
+    assert watch.summary()[0] == 2
+
+    @numba.njit(cache=False)
+    def not_ours(x):
+        return x * 2
+
+    not_ours(1)  # numba's or another library's functions are not the engine's kernels
     assert watch.summary()[0] == 2
 
 

@@ -33,6 +33,7 @@ class CompileWatch:
         self.done = 0
         self.depth = 0  # compiles in progress (a kernel compiles the kernels it calls inside its own)
         self.current = ""
+        self._ours: list[bool] = []  # per compile in progress: one of the engine's kernels (not numba's own helpers)
 
     def install(self) -> "CompileWatch":
         """Listen to numba's compile events (once per process; a no-op without numba)."""
@@ -57,19 +58,24 @@ class CompileWatch:
 
     def _started(self, dispatcher) -> None:
         func = getattr(dispatcher, "py_func", None)
-        name = f"{func.__module__.rsplit('.', 1)[-1]}.{func.__name__}" if func is not None else "a kernel"
+        module = getattr(func, "__module__", "") or ""
+        # numba compiles its own numpy helpers on the way (arrayobj.impl...): they are not counted
+        ours = func is None or module.startswith("llamachat.")
         with self._lock:
             now = time.monotonic()
             if self.started is None:  # the first since reset(): the front end resets per load
                 self.started = now
             self.depth += 1
-            self.current = name
+            self._ours.append(ours)
+            if ours:
+                self.current = f"{module.rsplit('.', 1)[-1]}.{func.__name__}" if func is not None else "a kernel"
             self.last = now
 
     def _ended(self) -> None:
         with self._lock:
             self.depth = max(0, self.depth - 1)
-            self.done += 1
+            if self._ours.pop() if self._ours else True:
+                self.done += 1
             self.last = time.monotonic()
 
     def status(self, compact: bool = False) -> str | None:
