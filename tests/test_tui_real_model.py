@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,5 +48,8 @@ def test_headless_instruct_with_the_real_model(smollm2_path, tmp_path):
         input="Name the largest planet in the solar system.\n", capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    reply = proc.stdout.split("> Name the largest planet in the solar system.\n", 1)[1]
+    # stdout is a pipe: the prompt file, then the reply (no "> " or echoed question)
+    preamble = (Path(__file__).resolve().parents[1] / "prompts" / "alpaca.txt").read_text().removesuffix("\n")
+    assert proc.stdout.startswith(preamble + "\n") and "Name the largest planet" not in proc.stdout
+    reply = proc.stdout[len(preamble) + 1:]
     assert "Jupiter" in reply

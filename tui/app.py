@@ -23,15 +23,18 @@ from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.message import Message as TextualMessage
 from textual.screen import Screen
+from textual.widgets import Static
 
 from llamachat.runtime.errors import UserError
 
 from . import conversation as conv_mod
 from .chat_store import ChatStore
+from .compile_progress import WATCH
 from .conversation import CHAT, INSTRUCT, INTERACTIVE, Conversation, Message
 from .engine_worker import Engine, GenerationResult, StreamBuffer, describe_error, quant_name
 from .screens.chat import ChatScreen
 from .screens.chats import ChatsScreen
+from .screens.confirm import ConfirmScreen
 from .screens.first_run import FirstRunScreen
 from .screens.help import HelpScreen
 from .screens.library import LibraryScreen
@@ -76,11 +79,16 @@ class LoadDone(TextualMessage):
 class ChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "llamachat"
-    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True),
+                # over the message box's copy: during a reply Ctrl+C stops it, as in a terminal;
+                # otherwise it copies a selection, and pressed twice it quits
+                Binding("ctrl+c", "interrupt", "Stop / quit", show=False, priority=True)]
+    QUIT_AGAIN_SECONDS = 3.0  # a second Ctrl+C within this long quits
 
     def __init__(self, args=None, *, entry=None, llama_factory=None, store_path=None,
-                 library_loader=None, puller=None):
+                 library_loader=None, puller=None, start_problem: str | None = None):
         super().__init__()
+        self.start_problem = start_problem  # why the library's default model could not be used
         self.args = args
         self.entry = entry  # the library ModelEntry in use (None: first run)
         self.engine = Engine(llama_factory)
@@ -102,6 +110,10 @@ class ChatApp(App):
         self._pending_reply = False  # a reply to start once the load in progress ends
         self._live: tuple[float, int] | None = None  # (time, n_tokens) at the reply's first text
         self._load_seq = 0  # only the newest load's report counts (a quick second switch wins)
+        self._last_interrupt = 0.0  # when Ctrl+C last stopped a reply or asked to quit
+        # the context meter outside a reply: what this conversation fills (None: unknown);
+        # the engine's own count is the previous conversation's until the next reply
+        self.ctx_used: int | None = 0
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -124,23 +136,49 @@ class ChatApp(App):
         self.refresh_models()
         self.chat_screen.sidebar.show_settings(self.settings)
         self._rebuild_views()
-        if self.entry is None:
+        if self.entry is None and self.start_problem:
+            # the library has models but the default cannot be used: the library screen fixes that
+            self.notify(f"{self.start_problem}. Pick or fix a model here, then Ctrl+T uses it in the chat.",
+                        severity="error", title="Default model", timeout=20)
+            self.push_screen(LibraryScreen(self.load_library))
+        elif self.entry is None:
             self.push_screen(FirstRunScreen(self._puller))
         else:
             self._start_load(self.entry, reason="start")
         self.update_status()
 
     async def action_quit(self) -> None:
-        """Stop the reply in progress, wait for the worker, then exit with 0."""
+        """Stop the reply in progress, wait for the worker, keep what it wrote, then exit with 0."""
         self.engine.cancel()
         workers = [w for w in self.workers if w.group in ("engine", "pull") and not w.is_finished]
         if workers:
             # a reply stops within a token; a model load or a download cannot be interrupted
             self.notify("Stopping…" if self.generating else "Waiting for the model load or download to finish…", timeout=5)
             await self.workers.wait_for_complete(workers)
+        if self.generating:
+            # the worker's ReplyDone would arrive after the app has gone: file the partial reply now
+            results = [w.result for w in workers if isinstance(w.result, GenerationResult)]
+            self._finish_reply(results[-1] if results else GenerationResult(cancelled=True))
         if self.store is not None:
             self.store.close()
         self.exit(0)
+
+    async def action_interrupt(self) -> None:
+        now = time.monotonic()
+        if now - self._last_interrupt <= self.QUIT_AGAIN_SECONDS:
+            await self.action_quit()  # the second press: also while a stopping reply winds down
+            return
+        if self.generating:
+            self.action_stop()
+            self._last_interrupt = now
+            self.notify("Reply stopped. Ctrl+C again (or Ctrl+Q) quits.", timeout=self.QUIT_AGAIN_SECONDS)
+            return
+        selected = getattr(self.focused, "selected_text", "")
+        if selected:
+            self.copy_to_clipboard(selected)
+            return
+        self._last_interrupt = now
+        self.notify("Press Ctrl+C again (or Ctrl+Q) to quit.", timeout=self.QUIT_AGAIN_SECONDS)
 
     # -- a bug must not end in a traceback on the user's screen ----------------------------
 
@@ -192,18 +230,57 @@ class ChatApp(App):
         parts = [name]
         if self.loading:
             pct = f" {self.load_fraction * 100:.0f}%" if self.load_fraction is not None else ""
-            parts.append(f"loading{pct}")
+            parts.append(f"loading{pct}" + (" · preparing the engine" if WATCH.status() else ""))
         elif self.engine.loaded:
             quant = quant_name(self.engine.metadata())
             if quant:
                 parts.append(quant)
             parts.append(self._rate_text())
-            policy = "shift" if getattr(self.args, "context_shift", False) else "stop"
-            parts.append(f"ctx {self.engine.n_tokens()}/{self.engine.n_ctx()} (full: {policy})")
+            # a reply that fills the context stops (or shifts it); between turns, chat mode drops the oldest
+            policy = "shift" if self._context_policy() == "shift" else "stop"
+            used = self.engine.n_tokens() if self.generating else self.ctx_used
+            parts.append(f"ctx {'?' if used is None else used}/{self.engine.n_ctx()} (full: {policy})"
+                         + (" · oldest turns dropped" if self.conv.memory_start else ""))
         if self.generating:
             parts.append("writing… Esc stops")
         parts.append(self.conv.mode)
         return " │ ".join(parts)
+
+    def _context_policy(self) -> str:
+        """What happens when the chat outgrows the context: the engine shifts it (--context-shift),
+        the app leaves the oldest turns out of the request (chat mode), or the reply stops."""
+        if getattr(self.args, "context_shift", False):
+            return "shift"
+        return "drop oldest" if self.conv.mode == CHAT else "stop"
+
+    def _fit_context(self) -> bool:
+        """Chat mode: leave the oldest turns out of the request until it fits in n_ctx with room
+        for the reply (n_predict, or an eighth of the context); the system prompt stays. True
+        if the model's memory now starts later than before."""
+        if self._context_policy() != "drop oldest":
+            return False
+        n_ctx = self.engine.n_ctx()
+        n_predict = self.settings.get("n_predict") or -1
+        room = n_predict if 0 < n_predict < n_ctx // 2 else n_ctx // 8
+        used = self.engine.count_tokens(self.conv.request())
+        moved = False
+        while used is not None and n_ctx and used + room > n_ctx and self.conv.forget_oldest_turn():
+            moved = True
+            used = self.engine.count_tokens(self.conv.request())
+        return moved
+
+    @_while_screen_exists
+    def _show_memory_start(self) -> None:
+        """A line in the chat above the first message the model still sees."""
+        for old in self.chat_screen.messages.query(".memory-start"):
+            old.remove()
+        start = self.conv.memory_start
+        views = self._views()
+        if self.conv.mode != CHAT or start <= 0 or start >= len(views):
+            return
+        line = Static(f"⋯ the model no longer sees the messages above: the chat outgrew its context "
+                      f"({self.engine.n_ctx() or '?'} tokens) ⋯", classes="memory-start")
+        self.chat_screen.messages.mount(line, before=views[start])
 
     def _rate_text(self) -> str:
         if self.generating and self._live is not None:
@@ -230,6 +307,7 @@ class ChatApp(App):
         if self.loading:
             self.chat_screen.sidebar.show_progress(self.load_fraction or 0.0)
         if self.loading or self.generating:
+            self.chat_screen.show_notice(WATCH.status())
             self.update_status()
 
     # -- models -----------------------------------------------------------------------------
@@ -291,12 +369,33 @@ class ChatApp(App):
         if self.conv.mode == CHAT and not self.conv.messages:
             self.conv.system_prompt = self.settings["system_prompt"]
         self.chat_screen.sidebar.show_settings(self.settings)
+        self.refresh_models()  # the picker shows the new model, however the switch came
         self._start_load(entry, reason="switch")
+
+    @_while_screen_exists
+    def unload_model(self) -> None:
+        """"(no model)" in the picker: stop any reply, release the model; sending then says why not."""
+        if self.entry is None:
+            return
+        self.engine.cancel()
+        self.entry = None
+        self._load_seq += 1  # a load still running reports to nobody
+        self.loading = False
+        self._pending_reply = False
+        self.chat_screen.sidebar.show_progress(None)
+        self._unload_worker()
+        self.notify("No model: pick one in the sidebar or the library (Ctrl+L) to chat again.", title="Model")
+        self.update_status()
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def _unload_worker(self) -> None:
+        self.engine.close()  # waits for the reply in progress to stop (within a token)
 
     def _load_settings(self) -> dict:
         return conv_mod.load_kwargs(self.settings, self.args)
 
     def _start_load(self, entry, reason: str) -> None:
+        WATCH.reset()  # count this load's compiles (a first run, another format's first use)
         self.loading = True
         self.load_fraction = 0.0
         self.chat_screen.sidebar.show_progress(0.0)
@@ -323,11 +422,17 @@ class ChatApp(App):
         self.loading = False
         self.load_fraction = None
         self.chat_screen.sidebar.show_progress(None)
+        self.chat_screen.show_notice(None)
+        compiled, seconds = WATCH.summary()
+        if compiled and seconds > 1 and not message.error:
+            self.notify(f"The engine is ready for this CPU ({compiled} kernels compiled in {seconds:.0f} s, kept for "
+                        "next time).", title="First run", timeout=6)
         if message.error:
             self.notify(message.error, severity="error", title="Model not loaded", timeout=10)
             self._pending_reply = False
         else:
             self.loaded_settings = dict(message.kwargs)
+            self.ctx_used = self._conversation_tokens()
             if message.reason == "n_ctx":
                 self.notify(f"Ready with n_ctx={self.engine.n_ctx()}; the chat is kept.", title="Context")
             elif message.reason == "switch":
@@ -376,7 +481,10 @@ class ChatApp(App):
     @on(Sidebar.ModelChosen)
     @_while_screen_exists
     def model_chosen(self, event: Sidebar.ModelChosen) -> None:
-        self.switch_model(event.name)
+        if event.name is None:
+            self.unload_model()
+        else:
+            self.switch_model(event.name)
 
     @on(Sidebar.SystemPromptChanged)
     def system_prompt_changed(self, event: Sidebar.SystemPromptChanged) -> None:
@@ -404,7 +512,7 @@ class ChatApp(App):
         if not text.strip():
             return False
         self.conv.messages.append(Message("user", text))
-        self.chat_screen.add_message(MessageView("user", text, markdown=self._markdown_replies()))
+        self.chat_screen.add_message(MessageView("user", text, markdown=False))
         self.save_chat()
         self.start_reply()
         return True
@@ -420,6 +528,10 @@ class ChatApp(App):
         if self._maybe_recreate_context():
             self._pending_reply = True
             return
+        if self._fit_context():
+            self._show_memory_start()
+            self.notify("This chat no longer fits in the model's context: the oldest turns are left out "
+                        "(a line in the chat marks where its memory begins).", title="Context", timeout=8)
         request = self.conv.request()
         sampling = conv_mod.call_kwargs(self.settings, self.args)
         self.buffer.drain()
@@ -440,10 +552,14 @@ class ChatApp(App):
         except BaseException as err:  # noqa: BLE001 - generate never raises; belt and braces
             result = GenerationResult(error=describe_error(err))
         self.post_message(ReplyDone(result))
+        return result  # read by action_quit, which cannot wait for ReplyDone
 
     @_while_screen_exists
     def on_reply_done(self, message: ReplyDone) -> None:
-        result = message.result
+        if self.generating:  # not already filed by action_quit
+            self._finish_reply(message.result)
+
+    def _finish_reply(self, result: GenerationResult) -> None:
         view = self.reply_view
         rest = self.buffer.drain()
         if view is not None and rest:
@@ -451,6 +567,7 @@ class ChatApp(App):
         self.reply_view = None
         self.generating = False
         self.chat_screen.set_generating(False)
+        self.chat_screen.show_notice(None)
         if result.error and not result.text:
             if view is not None:
                 view.remove()
@@ -474,10 +591,17 @@ class ChatApp(App):
             tps = result.tokens_per_second
             if tps:
                 self.last_tps = tps
+            self.ctx_used = result.n_tokens
             self.save_chat()
         self.update_status()
         if self.engine.loaded and self.entry is not None and not self.loading:
             self._maybe_recreate_context()
+
+    def _conversation_tokens(self) -> int | None:
+        """The context this conversation will fill at its next reply (0 when it is empty)."""
+        if not self.conv.messages:
+            return 0
+        return self.engine.count_tokens(self.conv.request())
 
     def _take_back_failed_message(self) -> None:
         """A turn that got no reply leaves the conversation; its text goes back into the box."""
@@ -526,6 +650,8 @@ class ChatApp(App):
         del self.conv.messages[idx:]
         for view in self._views()[-n_remove:]:
             view.remove()
+        self.ctx_used = self._conversation_tokens()
+        self.update_status()
         self.save_chat()
         box = self.chat_screen.chat_input
         box.text = text
@@ -540,14 +666,17 @@ class ChatApp(App):
         self.conv = Conversation(mode=self.conv.mode, preamble=self.conv.preamble, preamble_name=self.conv.preamble_name,
                                  reverse_prompts=list(self.conv.reverse_prompts), system_prompt=self.settings["system_prompt"])
         self.chat_id = None
+        self.ctx_used = 0
         self._rebuild_views()
+        self.chat_screen.chat_input.focus()
         self.notify("New chat.", timeout=2)
         if self.engine.loaded and not self.loading and not self.conv.user_speaks_first():
             self.start_reply()
         self.update_status()
 
     def _markdown_replies(self) -> bool:
-        """Chat and instruct replies are Markdown; an interactive transcript is shown as written."""
+        """Chat and instruct replies are Markdown; an interactive transcript is shown as written,
+        and so is what the user typed (Markdown would join its lines into one paragraph)."""
         return self.conv.mode != INTERACTIVE
 
     def _rebuild_views(self) -> None:
@@ -559,8 +688,10 @@ class ChatApp(App):
         name = self.entry.name if self.entry else "Assistant"
         for msg in self.conv.messages:
             screen.add_message(MessageView(msg.role, self.conv.display_text(msg), name_label="You" if msg.role == "user" else name,
-                                           stopped=msg.stopped, note=msg.note, markdown=self._markdown_replies()))
+                                           stopped=msg.stopped, note=msg.note,
+                                           markdown=self._markdown_replies() and msg.role != "user"))
         screen.messages.anchor()
+        self._show_memory_start()
         self._show_mode()
 
     # -- saved chats ------------------------------------------------------------------------
@@ -595,6 +726,7 @@ class ChatApp(App):
             return
         self.conv = conv
         self.chat_id = chat_id
+        self.ctx_used = self._conversation_tokens()
         if conv.mode == CHAT:
             self.settings["system_prompt"] = conv.system_prompt
             self.chat_screen.sidebar.show_settings(self.settings)
@@ -608,37 +740,113 @@ class ChatApp(App):
         if chat_id == self.chat_id:
             self.chat_id = None
 
-    def export_chat(self, chat_id: int | None = None) -> Path:
-        """Write a chat (default: the current one) as Markdown into the data dir's exports/."""
-        from llamachat.model_store.paths import data_dir
-
-        if chat_id is None:
+    def _chat_for(self, chat_id: int | None):
+        """(conversation, model, id) of a saved chat, or of the one on screen (saved first)."""
+        if chat_id is None or chat_id == self.chat_id:
             if not self.conv.messages:
-                raise UserError("this chat is empty: nothing to export")
-            conv, model = self.conv, (self.entry.name if self.entry else "")
+                raise UserError("this chat is empty: nothing to export or rename yet")
             self.save_chat()
-            chat_id = self.chat_id
-        else:
-            conv, model = self.store.load(chat_id)
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", conv.title()).strip("-").lower()[:40] or "chat"
-        folder = data_dir() / "exports"
-        path = folder / f"chat-{chat_id}-{slug}.md"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".md.tmp")
-            tmp.write_text(conv.to_markdown(model), encoding="utf-8")
-            tmp.replace(path)
-        except OSError as err:
-            raise UserError(f"{path}: could not write the export ({err.strerror or err})") from None
-        return path
+            return self.conv, (self.entry.name if self.entry else ""), self.chat_id
+        conv, model = self.store.load(chat_id)
+        return conv, model, chat_id
 
-    def action_export(self) -> None:
+    def export_chat(self, chat_id: int | None = None, path: Path | str | None = None, overwrite: bool = False) -> Path:
+        """Write a chat (default: the current one) as Markdown to `path` (default: the data
+        dir's exports/); ExportExists if that file is there and overwrite is False."""
+        from .chat_store import default_export_path, export_markdown
+
+        conv, model, chat_id = self._chat_for(chat_id)
+        return export_markdown(conv, model, path or default_export_path(conv, chat_id), overwrite=overwrite)
+
+    def ask_export(self, chat_id: int | None = None) -> None:
+        """Ask where to export a chat (the default path filled in); ask again before replacing a file."""
+        from .chat_store import ExportExists, default_export_path
+        from .screens.prompt import PromptScreen
+
         try:
-            path = self.export_chat()
+            conv, _, saved_id = self._chat_for(chat_id)
         except UserError as err:
             self.notify(str(err), severity="error")
             return
-        self.notify(f"Exported to {path}", title="Chat exported")
+
+        def write(path: str, overwrite: bool) -> None:
+            try:
+                written = self.export_chat(saved_id if saved_id is not None else chat_id, path, overwrite=overwrite)
+            except ExportExists:
+                self.push_screen(ConfirmScreen(f"{path} already exists. Replace it?", yes="Replace"),
+                                 lambda yes: write(path, True) if yes else None)
+                return
+            except UserError as err:
+                self.notify(str(err), severity="error", title="Chat not exported")
+                return
+            self.notify(f"Exported to {written}", title="Chat exported")
+
+        def chosen(path: str | None) -> None:
+            if path and path.strip():
+                write(path.strip(), False)
+
+        self.push_screen(PromptScreen("Export this chat as Markdown to:", str(default_export_path(conv, saved_id)),
+                                      ok="Export"), chosen)
+
+    def rename_chat(self, chat_id: int | None, title: str) -> None:
+        """Give a chat (default: the one on screen) the user's title; empty: made from its text."""
+        if chat_id is None or chat_id == self.chat_id:
+            self.conv.name = " ".join(title.split())
+            self.save_chat()
+        elif self.store is not None:
+            self.store.rename(chat_id, title)
+
+    def ask_rename(self, chat_id: int | None = None, done=None) -> None:
+        from .screens.prompt import PromptScreen
+
+        try:
+            conv, _, _ = self._chat_for(chat_id)
+        except UserError as err:
+            self.notify(str(err), severity="error")
+            return
+
+        def chosen(title: str | None) -> None:
+            if title is None:
+                return
+            try:
+                self.rename_chat(chat_id, title)
+            except UserError as err:
+                self.notify(str(err), severity="error", title="Chat not renamed")
+                return
+            if done is not None:
+                done()
+
+        self.push_screen(PromptScreen("New title for this chat (empty: from its first message):", conv.title(),
+                                      ok="Rename"), chosen)
+
+    def action_copy_reply(self) -> None:
+        """The last reply to the clipboard (OSC 52: the terminal puts it there, also over ssh)."""
+        reply = next((m for m in reversed(self.conv.messages) if m.role == "assistant"), None)
+        if reply is None or not reply.content.strip():
+            self.notify("No reply to copy yet.", severity="warning")
+            return
+        text = self.conv.display_text(reply)
+        self.copy_to_clipboard(text)
+        self.notify(f"Copied the last reply ({len(text)} characters).", title="Clipboard", timeout=3)
+
+    def action_copy_code(self) -> None:
+        """The last fenced code block of the chat's replies to the clipboard."""
+        for msg in reversed(self.conv.messages):
+            if msg.role != "assistant":
+                continue
+            code = last_code_block(msg.content)
+            if code is not None:
+                self.copy_to_clipboard(code)
+                lines = code.count("\n") + 1
+                self.notify(f"Copied the last code block ({lines} line{'s' if lines != 1 else ''}).", title="Clipboard", timeout=3)
+                return
+        self.notify("No code block in the replies yet.", severity="warning")
+
+    def action_export(self) -> None:
+        self.ask_export(None)
+
+    def action_rename(self) -> None:
+        self.ask_rename(None)
 
     # -- other screens ----------------------------------------------------------------------
 
@@ -663,7 +871,10 @@ class ChatApp(App):
         yield from super().get_system_commands(screen)
         yield SystemCommand("New chat", "Start a new conversation (the current one is saved)", self.action_new_chat)
         yield SystemCommand("Saved chats", "Open, delete or export saved chats", self.action_chats)
-        yield SystemCommand("Export chat", "Write this chat as Markdown into the data dir", self.action_export)
+        yield SystemCommand("Export chat", "Write this chat as Markdown to a file you choose", self.action_export)
+        yield SystemCommand("Rename chat", "Give this chat a title of your own", self.action_rename)
+        yield SystemCommand("Copy last reply", "Put the last reply on the clipboard (F2)", self.action_copy_reply)
+        yield SystemCommand("Copy last code block", "Put the last fenced code block on the clipboard (F3)", self.action_copy_code)
         yield SystemCommand("Regenerate", "Write the last reply again", self.action_regenerate)
         yield SystemCommand("Edit last message", "Put the last message back in the box", self.action_edit_last)
         yield SystemCommand("Stop", "Stop the reply being written", self.action_stop)
@@ -671,21 +882,41 @@ class ChatApp(App):
         yield SystemCommand("Help", "Keys and modes", self.action_help)
 
 
-def run(args) -> int:
-    """Resolve the model (errors are one line before anything starts), then run the app."""
-    entry = None
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})[^\n]*\n(.*?)(?:^ {0,3}\1[`~]*[ \t]*$|\Z)", re.M | re.S)
+
+
+def last_code_block(text: str) -> str | None:
+    """The body of the last fenced code block in Markdown text (an unclosed fence runs to the
+    end, as a reply cut short leaves it), without its fences; None if there is none."""
+    blocks = [m.group(2) for m in _FENCE.finditer(text)]
+    return blocks[-1].rstrip("\n") if blocks else None
+
+
+def startup_model(args):
+    """(entry, problem): the model to open with. A model named with -m must be usable (its
+    error is one line before anything starts); the library's default whose file is gone is not
+    fatal: the app opens without a model and says why (problem), so its library can fix it."""
     from llamachat.model_store.library import Library
 
     lib = Library.load()
-    if args.model is not None or lib.default_name is not None:
-        entry = conv_mod.resolve_model(args.model)
-    elif lib.models:
-        entry = conv_mod.resolve_model(next(iter(lib.models)))
+    if args.model is not None:
+        return conv_mod.resolve_model(args.model), None
+    if lib.default_name is None and not lib.models:
+        return None, None  # first run: the app offers to pull the default model
+    try:
+        return conv_mod.resolve_model(lib.default_name or next(iter(lib.models))), None
+    except UserError as err:
+        return None, str(err)
+
+
+def run(args) -> int:
+    """Resolve the model (errors are one line before anything starts), then run the app."""
+    entry, problem = startup_model(args)
     # validate flags, the prompt file and the logit bias before the screen changes
     conv_mod.merged_settings(args, entry.settings if entry else None)
     Conversation.from_args(args)
     conv_mod.parse_logit_bias(getattr(args, "logit_bias", None))
-    app = ChatApp(args, entry=entry)
+    app = ChatApp(args, entry=entry, start_problem=problem)
     app.quiet_crashes = True
     app.run()
     if app.crash_message:

@@ -26,6 +26,8 @@ from llamachat.runtime.params import SETTINGS, check_setting
 
 CHAT, INSTRUCT, INTERACTIVE = "chat", "instruct", "interactive"
 
+LOOP_NOTE = "it was repeating itself"  # a reply the engine stopped because it looped
+
 INSTRUCT_TURN = "### Instruction:\n\n{message}\n\n### Response:\n\n"
 INSTRUCT_STOP = "### Instruction:"
 
@@ -161,6 +163,10 @@ class Conversation:
     reverse_prompts: list[str] = field(default_factory=list)
     system_prompt: str = ""
     messages: list[Message] = field(default_factory=list)
+    name: str = ""  # a title the user gave the chat (empty: made from its first message)
+    # chat mode: the first message the model still sees; the ones before it no longer fit in the
+    # context and were dropped from the request (the system prompt always stays)
+    memory_start: int = 0
 
     @classmethod
     def from_args(cls, args, system_prompt: str = "") -> "Conversation":
@@ -207,9 +213,22 @@ class Conversation:
         """The generation that produces the next assistant reply."""
         if self.mode == CHAT:
             messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt.strip() else []
-            messages += [{"role": m.role, "content": m.content} for m in self.messages]
+            start = min(self.memory_start, max(0, len(self.messages) - 1))  # never past the newest message
+            messages += [{"role": m.role, "content": m.content} for m in self.messages[start:]]
             return Request(messages=messages, stop=list(self.reverse_prompts))
         return Request(prompt=self.transcript(), stop=self.stop_strings())
+
+    def forget_oldest_turn(self) -> bool:
+        """Chat mode: move the start of the model's memory past the oldest turn it still sees
+        (to the next user message), keeping at least the newest user message; False if there
+        is nothing left to drop."""
+        if self.mode != CHAT:
+            return False
+        users = [i for i, m in enumerate(self.messages) if m.role == "user" and i > self.memory_start]
+        if not users:
+            return False
+        self.memory_start = users[0]
+        return True
 
     def user_speaks_first(self) -> bool:
         """Interactive mode: the model writes first unless the transcript already hands over to
@@ -234,6 +253,8 @@ class Conversation:
             note = "context full"
         elif stop_reason == "length":
             note = "n_predict reached"
+        elif stop_reason == "loop":
+            return Message("assistant", content, stopped=True, note=LOOP_NOTE)
         return Message("assistant", content, stopped=cancelled, note=note)
 
     def display_text(self, msg: Message) -> str:
@@ -249,6 +270,8 @@ class Conversation:
         return text.strip()
 
     def title(self) -> str:
+        if self.name.strip():
+            return self.name.strip()
         for msg in self.messages:
             if msg.role == "user" and msg.content.strip():
                 line = msg.content.strip().splitlines()[0]

@@ -63,11 +63,49 @@ class StreamBuffer:
         return text
 
 
+class LoopGuard:
+    """Notices a reply that has fallen into a loop: its text ends in the same stretch (a word, a
+    phrase, a paragraph) said again and again. Small models do this ("la femme, la femme, ...")
+    and would otherwise run on to the end of the context. A stretch counts as a loop once it
+    has come MIN_REPEATS times in a row over at least MIN_SPAN characters, so an ordinary
+    table rule, a row of zeros or a repeated line in code does not trip it."""
+
+    MIN_REPEATS = 4
+    MIN_SPAN = 200  # characters: a few seconds of a looping reply
+    MAX_UNIT = 400  # the longest repeated stretch looked for (a paragraph)
+    CHECK_EVERY = 32  # characters of new text between checks
+
+    def __init__(self):
+        self.text = ""
+        self._checked = 0
+
+    def feed(self, piece: str) -> bool:
+        """Add streamed text; True once the text ends in a loop."""
+        self.text += piece
+        if len(self.text) - self._checked < self.CHECK_EVERY:
+            return False
+        self._checked = len(self.text)
+        return self.looping(self.text)
+
+    @classmethod
+    def looping(cls, text: str) -> bool:
+        text = text.rstrip()
+        n = len(text)
+        for unit in range(1, min(cls.MAX_UNIT, n // cls.MIN_REPEATS) + 1):
+            tail = text[n - unit:]
+            repeats = 1
+            while (repeats + 1) * unit <= n and text[n - (repeats + 1) * unit:n - repeats * unit] == tail:
+                repeats += 1
+                if repeats >= cls.MIN_REPEATS and repeats * unit >= cls.MIN_SPAN:
+                    return True
+        return False
+
+
 @dataclass
 class GenerationResult:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" (the chunk's)
-    stop_reason: str | None = None  # last_stats: "eos" | "stop" | "length" | "context_full" | "cancelled"
+    stop_reason: str | None = None  # last_stats: "eos" | "stop" | "length" | "context_full" | "cancelled", or "loop" (LoopGuard)
     cancelled: bool = False
     error: str | None = None
     stats: dict = field(default_factory=dict)
@@ -102,8 +140,15 @@ class Engine:
         return self.llm is not None
 
     def load(self, model_path, progress: Callable[[float], None] | None = None, **kwargs) -> None:
-        """(Re-)create the Llama for `model_path` with these keywords; raises EngineError/UserError."""
+        """(Re-)create the Llama for `model_path` with these keywords, then run the kernels once
+        (compiling them on a first run, while the user types, not after they press Enter);
+        raises EngineError/UserError."""
+        real = self._factory is None
         factory = self._factory or default_llama_factory()
+        if real:
+            from .compile_progress import WATCH
+
+            WATCH.install()
         with self._lock:
             old, self.llm = self.llm, None  # release the old model (and its KV cache) before loading the next
             if old is not None and hasattr(old, "close"):
@@ -121,6 +166,8 @@ class Engine:
                 raise EngineError(f"{model_path}: cannot load the model: {describe_error(err)}") from None
             self.model_path = model_path
             self.load_kwargs = dict(kwargs)
+            if real:
+                warm_up(self.llm)
 
     def n_ctx(self) -> int:
         try:
@@ -133,6 +180,21 @@ class Engine:
             return int(self.llm.n_tokens) if self.llm is not None else 0
         except Exception:
             return 0
+
+    def count_tokens(self, request: Request) -> int | None:
+        """How many tokens `request` fills the context with (its prompt, template included), or
+        None if the engine cannot tell. Tokenizing only: no generation, no lock needed."""
+        llm = self.llm
+        if llm is None:
+            return None
+        try:
+            if request.messages is not None:
+                if not request.messages:
+                    return 0
+                return len(llm.chat_template.encode(request.messages, llm.tokenizer, add_generation_prompt=False))
+            return len(llm.tokenize(request.prompt)) if request.prompt else 0
+        except Exception:  # an engine without a template (a stand-in) or a text it cannot encode
+            return None
 
     def metadata(self) -> dict:
         try:
@@ -168,6 +230,8 @@ class Engine:
             kwargs["seed"] = self.pending_seed
         start = time.perf_counter()
         pieces: list[str] = []
+        guard = LoopGuard()
+        looped = False
         with self._lock:
             llm = self.llm
             try:
@@ -184,6 +248,9 @@ class Engine:
                     if text:
                         pieces.append(text)
                         on_text(text)
+                        if not looped and guard.feed(text):
+                            looped = True
+                            llm.cancel()  # ends within a token; the user did not ask, so not _cancel
                     if choice.get("finish_reason"):
                         result.finish_reason = choice["finish_reason"]
                 self.pending_seed = None
@@ -201,12 +268,43 @@ class Engine:
         if result.stop_reason == "stop" and request.stop:
             result.stop_text = _matched_stop(llm, request.stop, result.text)
         result.cancelled = self._cancel.is_set() or result.finish_reason == "cancelled" or result.stop_reason == "cancelled"
+        if looped and not self._cancel.is_set():
+            result.stop_reason, result.cancelled = "loop", False
         return result
 
     def close(self) -> None:
         self.cancel()
         with self._lock:
             self.llm = None
+
+
+def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
+    """Evaluate a few tokens the ways a chat will (by default: a long prompt, a short one, one
+    token at a time; `sizes` says how many tokens each time), so every kernel the model's
+    formats need is compiled or read from numba's cache now; then empty the KV cache. Sampling
+    and the random stream are not touched. Warm, it costs a fraction of a second; a failure
+    here is left for the first reply to report."""
+    model = getattr(llm, "model", None)
+    if model is None or not hasattr(model, "eval"):
+        return
+    try:
+        from llamachat.runtime.forward import FA_TILE_Q
+
+        sample = llm.tokenize(b"The quick brown fox jumps over the lazy dog, then rests a while. ", add_bos=True)
+        sizes = sizes or (FA_TILE_Q, 8, 1)  # the tiled prompt path, the small-batch path, decode
+        ids = (sample * (max(sizes) // max(1, len(sample)) + 1))[:max(sizes)]
+        room = int(model.n_ctx)
+        for n in sizes:
+            if model.n_past + n > room:
+                break
+            model.eval(ids[:n], logits="last")
+    except Exception:  # noqa: BLE001 - the first reply meets the same problem and names it
+        pass
+    finally:
+        try:
+            llm.reset()
+        except Exception:
+            pass
 
 
 def _matched_stop(llm, stops: list[str], text: str) -> str | None:

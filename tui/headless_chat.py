@@ -6,7 +6,10 @@ template), `--instruct` (Alpaca turns after the prompt file) and `-i` (a raw tra
 prompt file opens, handing over to the user at the reverse prompt). As in llama.cpp, the prompt
 file is shown first, "> " marks the user's turn in chat and instruct modes, and `--color` shows
 the prompt in yellow and the user's text in bold green. When stdin is piped the user's lines
-are echoed so stdout reads as the whole transcript.
+are echoed so the screen reads as the whole transcript.
+
+When stdout is not a terminal (a script reads it), it carries the replies only: the "> "
+prompts and the echoed user lines go to stderr if that is a terminal, and nowhere otherwise.
 
 Ctrl-C during a reply stops that reply (it keeps what was generated); Ctrl-C while waiting for
 input ends the chat. Never imports Textual.
@@ -97,6 +100,8 @@ def _generate(engine: Engine, conv: Conversation, sampling: dict, bias: dict, ou
 def _report(result: GenerationResult, verbose: bool) -> None:
     if result.error:
         print(f"\nllamachat: {result.error}", file=sys.stderr, flush=True)
+    elif result.stop_reason == "loop":
+        print("\nllamachat: the reply was stopped because it was repeating itself", file=sys.stderr, flush=True)
     elif result.stop_reason == "context_full":
         print(f"\nllamachat: the context is full ({result.n_ctx} tokens): the reply stopped; "
               "use a larger -c/--ctx-size or --context-shift", file=sys.stderr, flush=True)
@@ -109,15 +114,30 @@ def _report(result: GenerationResult, verbose: bool) -> None:
               file=sys.stderr, flush=True)
 
 
-def run(args, llama_factory=None, stdin=None, stdout=None) -> int:
+def _is_tty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+def run(args, llama_factory=None, stdin=None, stdout=None, stderr=None) -> int:
     stdin = stdin or sys.stdin
-    out = _Output(stdout or sys.stdout, bool(getattr(args, "color", False)))
+    color = bool(getattr(args, "color", False))
+    out = _Output(stdout or sys.stdout, color)
+    # the conversation's own furniture ("> ", the user's lines echoed): beside the replies on a
+    # terminal, out of the way of a script reading stdout
+    side = stderr or sys.stderr
+    prompts = out if _is_tty(out.stream) else (_Output(side, color) if _is_tty(side) else None)
     entry = resolve_model(getattr(args, "model", None))
     settings = merged_settings(args, entry.settings)
     conv = Conversation.from_args(args, system_prompt=settings["system_prompt"])
     bias = parse_logit_bias(getattr(args, "logit_bias", None))
     engine = Engine(llama_factory)
-    engine.load(entry.path, **load_kwargs(settings, args))
+    from .compile_progress import StderrProgress
+
+    with StderrProgress():  # a first run compiles the kernels here: say so on a terminal
+        engine.load(entry.path, **load_kwargs(settings, args))
     sampling = call_kwargs(settings, args)
     verbose = bool(getattr(args, "verbose", False))
     echo = not stdin.isatty() if hasattr(stdin, "isatty") else True
@@ -140,14 +160,16 @@ def run(args, llama_factory=None, stdin=None, stdout=None) -> int:
     try:
         if conv.mode != CHAT and conv.preamble:
             out.write(conv.preamble, PROMPT_COLOR)
+            if conv.mode != INTERACTIVE and prompts is not out:
+                out.write("\n")  # the "> " that would end its line is not on stdout
         if not conv.user_speaks_first():
             reply()
         marker = "\n> "
         while True:
-            if conv.mode != INTERACTIVE:
-                out.write(marker)
+            if conv.mode != INTERACTIVE and prompts is not None:
+                prompts.write(marker)
             marker = "\n> "
-            if out.color and not echo:
+            if out.color and not echo and prompts is out:
                 out.stream.write(USER_COLOR)  # the terminal echoes what the user types in this colour
                 out.stream.flush()
             try:
@@ -155,19 +177,23 @@ def run(args, llama_factory=None, stdin=None, stdout=None) -> int:
             except KeyboardInterrupt:
                 line = ""
             finally:
-                if out.color and not echo:
+                if out.color and not echo and prompts is out:
                     out.stream.write(RESET)
                     out.stream.flush()
             if not line:
-                out.write("\n")
+                if prompts is not None and conv.mode != INTERACTIVE:
+                    prompts.write("\n")
+                elif conv.mode == INTERACTIVE:
+                    out.write("\n")
                 break
             line = line.rstrip("\r\n")
             if not line.strip():
                 marker = "> " if not echo else ""  # a terminal shows the empty line; ask again
                 continue
-            if echo:
-                shown = interactive_user_line(conv.transcript(), line) if conv.mode == INTERACTIVE else line + "\n"
-                out.write(shown, USER_COLOR)
+            if echo and conv.mode == INTERACTIVE:  # the user's line is part of the raw transcript
+                out.write(interactive_user_line(conv.transcript(), line), USER_COLOR)
+            elif echo and prompts is not None:
+                prompts.write(line + "\n", USER_COLOR)
             conv.messages.append(Message("user", line))
             reply()
     except BrokenPipeError:

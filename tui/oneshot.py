@@ -120,9 +120,18 @@ def run(args) -> int:
 
     from llamachat.runtime.llama_api import Llama, timing_lines
 
+    from .compile_progress import StderrProgress, engine_cache_is_cold
+    from .engine_worker import warm_up
+
     threads = settings["threads"] or None  # 0 = all cores
-    llm = Llama(str(entry.path), n_ctx=settings["n_ctx"], n_threads=threads, seed=settings["seed"],
-                context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
+    cold = engine_cache_is_cold()
+    with StderrProgress():  # a first run compiles the kernels: a line on stderr says so
+        llm = Llama(str(entry.path), n_ctx=settings["n_ctx"], n_threads=threads, seed=settings["seed"],
+                    context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
+        if cold:  # compile now, with the line showing, rather than between the first words; only
+            # the paths this run takes (its prompt's length, then decode), a cold start is long enough
+            n_prompt = len(llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True))
+            warm_up(llm, sizes=(max(1, n_prompt), 1))
     for warning in getattr(llm.model, "warnings", []):
         print(f"llamachat: warning: {warning}", file=sys.stderr)
     n_vocab = llm.tokenizer.n_vocab
@@ -142,12 +151,16 @@ def run(args) -> int:
             _write(out, piece)
     finally:
         pieces.close()
+        if out.isatty():  # the shell's prompt on a line of its own, also after Ctrl-C
+            out.write("\n")
+            out.flush()
+        stats = llm.generator.last_stats
         if args.verbose:
-            stats = llm.generator.last_stats
             lines = [f"sampler seed: {stats.seed}", f"stop reason: {stats.stop_reason}",
                      *timing_lines(llm.load_ms, stats)]
             print("\n" + "\n".join(lines), file=sys.stderr)
-    if out.isatty():
-        out.write("\n")
+        elif stats is not None and stats.stop_reason == "context_full":
+            print(f"\nllamachat: the context is full ({llm.n_ctx()} tokens), so the completion stopped there; "
+                  "use a larger -c/--ctx-size, or --context-shift to keep going", file=sys.stderr)
     out.flush()
     return 0

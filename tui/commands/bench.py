@@ -42,15 +42,18 @@ def run(args) -> int:
     # as llama-bench labels it: general.file_type's name (Q4_K_M), else the commonest tensor type
     ftype = file_type_name(model.metadata.get("general.file_type"), [t.ggml_type for t in model.gguf.tensors.values()]) or "?"
     rows = []
+    # columns as wide as their widest entry, so a long model name keeps the table aligned
+    wn, wt = max(24, len(name)), max(6, len(ftype))
 
     def show(res):
         if not args.json:
-            print(f"| {name:<24} | {size_gib * 1024:8.2f} MiB | {n_params / 1e6:7.2f} M | {ftype:<6} | {res.threads:7d} | "
-                  f"{res.test:>6} | {res.mean:8.2f} ± {res.stddev:.2f} |", flush=True)
+            rate = f"{res.mean:.2f} ± {res.stddev:.2f}"
+            print(f"| {name:<{wn}} | {size_gib * 1024:8.2f} MiB | {n_params / 1e6:7.2f} M | {ftype:<{wt}} | {res.threads:7d} | "
+                  f"{res.test:>6} | {rate:>15} |", flush=True)
 
     if not args.json:
-        print(f"| {'model':<24} | {'size':>12} | {'params':>9} | {'type':<6} | threads | {'test':>6} | {'t/s':>15} |")
-        print(f"| {'-' * 24} | {'-' * 12}:| {'-' * 9}:| {'-' * 6} | {'-' * 6}: | {'-' * 6}:| {'-' * 15}:|")
+        print(f"| {'model':<{wn}} | {'size':>12} | {'params':>9} | {'type':<{wt}} | threads | {'test':>6} | {'t/s':>15} |")
+        print(f"| {'-' * wn} | {'-' * 12}:| {'-' * 9}:| {'-' * wt} | {'-' * 6}: | {'-' * 6}:| {'-' * 15}:|")
     for res in bench(model, args.n_prompt, args.n_gen, args.reps, on_result=show):
         rows.append({"model": name, "model_path": str(path), "model_size": path.stat().st_size, "model_type": ftype,
                      "test": res.test, "n_tokens": res.n_tokens, "tokens_per_second": round(res.mean, 3),

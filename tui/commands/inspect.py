@@ -11,6 +11,7 @@ Imports only rich and the GGUF reader: no Textual, no numba.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from typing import Any
 
@@ -24,7 +25,7 @@ _DEFAULT_ROPE_BASE = 10000.0  # llama.cpp's default when {arch}.rope.freq_base i
 
 
 def configure(parser) -> None:
-    parser.add_argument("file", metavar="FILE", help="path to a .gguf file")
+    parser.add_argument("file", metavar="MODEL", help="path to a .gguf file, or a library model's name")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
 
 
@@ -154,7 +155,12 @@ def _rows(d: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def run(args) -> int:
-    with GGUFFile(args.file) as g:
+    path = args.file
+    if not os.path.exists(path):  # not a file here: a library name (the library says if it is neither)
+        from llamachat.model_store.paths import model_file
+
+        path = str(model_file(path))
+    with GGUFFile(path) as g:
         d = describe(g)
     if args.json:
         print(json.dumps(d, indent=2))

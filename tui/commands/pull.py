@@ -52,7 +52,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from llamachat.model_store.library import Library
-    from llamachat.model_store.pull import already_pulled, catalog_entry, pull
+    from llamachat.model_store.pull import add_missing_defaults, already_pulled, catalog_entry, missing_defaults, pull
 
     if args.list:
         from rich.table import Table
@@ -70,6 +70,13 @@ def run(args) -> int:
         Console(stderr=True).print(f"llamachat: warning: {warning}", markup=False, highlight=False)
     done = already_pulled(entry, lib)
     if done is not None:
+        new = missing_defaults(entry, done)
+        if new and not lib.read_only:
+            add_missing_defaults(entry, lib)
+            shown = ", ".join(f"{k}={v!r}" for k, v in new.items())
+            print(f"{done.name} is already pulled ({done.path}); it now has the catalog's defaults {shown} "
+                  f"(change them with `llamachat models set {done.name} KEY=VALUE`).")
+            return 0
         print(f"{done.name} is already pulled ({done.path}).")
         return 0
     with RichProgress(Console(stderr=True)) as progress:

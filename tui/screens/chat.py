@@ -5,6 +5,7 @@ the app (tui/app.py) owns the engine and the conversation."""
 
 from __future__ import annotations
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -18,13 +19,16 @@ from ..widgets.sidebar import Sidebar
 
 class ChatScreen(Screen):
     BINDINGS = [
-        Binding("escape", "app.stop", "Stop"),
+        Binding("escape", "escape", "Stop"),
         Binding("ctrl+n", "app.new_chat", "New"),
         Binding("ctrl+r", "app.regenerate", "Regen"),
         Binding("ctrl+e", "app.edit_last", "Edit", priority=True),  # over the TextArea's end-of-line (End still works)
         Binding("ctrl+o", "app.chats", "Chats"),
         Binding("ctrl+l", "app.library", "Library"),
-        Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
+        Binding("ctrl+b", "toggle_sidebar", "Settings"),
+        Binding("f2", "app.copy_reply", "Copy reply", show=False),
+        Binding("f3", "app.copy_code", "Copy code", show=False),
+        # F1 works everywhere; `?` only where it is not typed into a field
         Binding("f1", "app.help", "Help"),
         Binding("question_mark", "app.help", "Help", show=False),
     ]
@@ -33,6 +37,7 @@ class ChatScreen(Screen):
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
                 yield VerticalScroll(id="messages")
+                yield Static("", id="engine-notice")  # what a long wait is (kernels compiling)
                 with Horizontal(id="input-row"):
                     yield ChatInput(id="prompt")
                     with Vertical(id="input-buttons"):
@@ -43,6 +48,7 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.set_class(self.app.size.width < self.NARROW, "-narrow")
         self.query_one("#messages", VerticalScroll).anchor()
         self.query_one("#prompt", ChatInput).focus()
         self.app.chat_screen_ready()
@@ -70,12 +76,36 @@ class ChatScreen(Screen):
         self.query_one("#stop", Button).disabled = not generating
         self.query_one("#send", Button).disabled = generating
 
+    def show_notice(self, text: str | None) -> None:
+        notice = self.query_one("#engine-notice", Static)
+        notice.display = bool(text)
+        if text:
+            notice.update(text)
+
     def set_status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
 
+    def action_escape(self) -> None:
+        """Esc stops a reply and, from anywhere on the screen, returns to the message box."""
+        self.app.action_stop()
+        self.chat_input.focus()
+
+    @on(Sidebar.SettingChanged)
+    def _setting_entered(self, event: Sidebar.SettingChanged) -> None:
+        if event.submitted:  # Enter in a sidebar field: the next thing typed is a message again
+            self.chat_input.focus()
+
+    NARROW = 100  # below this many columns the sidebar starts hidden (Ctrl+B shows it)
+
+    def on_resize(self, event) -> None:
+        self.set_class(event.size.width < self.NARROW, "-narrow")
+
     def action_toggle_sidebar(self) -> None:
-        sidebar = self.sidebar
-        sidebar.display = not sidebar.display
+        # on a narrow screen the sidebar is hidden unless asked for, on a wide one shown unless not
+        if self.has_class("-narrow"):
+            self.toggle_class("-show-sidebar")
+        else:
+            self.toggle_class("-hide-sidebar")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "send":

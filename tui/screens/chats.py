@@ -1,5 +1,5 @@
-"""Saved chats (Ctrl+O): open one, delete one, export one to Markdown. Dismisses with the id of
-the chat to open, or None."""
+"""Saved chats (Ctrl+O): open one, rename one, delete one (the question names it), export one
+to a Markdown file of the user's choosing. Dismisses with the id of the chat to open, or None."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class ChatsScreen(ModalScreen):
         Binding("enter", "open", "Open", show=False),
         Binding("d,delete", "delete", "Delete"),
         Binding("e", "export", "Export"),
+        Binding("r", "rename", "Rename"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -36,6 +37,7 @@ class ChatsScreen(ModalScreen):
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Open", id="open", variant="primary")
                 yield Button("Export", id="export")
+                yield Button("Rename", id="rename")
                 yield Button("Delete", id="delete", variant="error")
                 yield Button("Close", id="close")
 
@@ -67,7 +69,7 @@ class ChatsScreen(ModalScreen):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
         {"open": self.action_open, "export": self.action_export, "delete": self.action_delete,
-         "close": self.action_close}[event.button.id]()
+         "rename": self.action_rename, "close": self.action_close}[event.button.id]()
 
     def action_open(self) -> None:
         chat_id = self._selected()
@@ -79,14 +81,20 @@ class ChatsScreen(ModalScreen):
 
     def action_export(self) -> None:
         chat_id = self._selected()
-        if chat_id is None:
-            return
-        try:
-            path = self.app.export_chat(chat_id)
-        except UserError as err:
-            self.notify(str(err), severity="error")
-            return
-        self.notify(f"Exported to {path}", title="Chat exported")
+        if chat_id is not None:
+            self.app.ask_export(chat_id)
+
+    def action_rename(self) -> None:
+        chat_id = self._selected()
+        if chat_id is not None:
+            self.app.ask_rename(chat_id, done=self.refresh_table)
+
+    def _describe(self, chat_id: int) -> str:
+        """The chat as the user knows it: two chats may share a title, so when and how long too."""
+        for chat in self.app.store.list() if self.app.store else []:
+            if chat.id == chat_id:
+                return f"“{chat.title}” ({chat.n_messages} messages, {chat.model or 'no model'}, last used {_when(chat.updated_at)})"
+        return f"chat {chat_id}"
 
     def action_delete(self) -> None:
         chat_id = self._selected()
@@ -102,4 +110,4 @@ class ChatsScreen(ModalScreen):
                 self.notify(str(err), severity="error")
             self.refresh_table()
 
-        self.app.push_screen(ConfirmScreen("Delete this chat? This cannot be undone.", yes="Delete"), done)
+        self.app.push_screen(ConfirmScreen(f"Delete {self._describe(chat_id)}? This cannot be undone.", yes="Delete"), done)

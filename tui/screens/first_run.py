@@ -12,10 +12,11 @@ from textual.screen import Screen
 from textual.widgets import Button, Label, ProgressBar, Static
 
 from llamachat.model_store.catalog import CATALOG, DEFAULT_KEY
+from llamachat.model_store.pull import OverallProgress
 
 from ..engine_worker import describe_error
 
-STAGES = {"download": "Downloading", "extract": "Unpacking", "verify": "Checking the sha256 of"}
+STAGES = {"download": "Downloading", "extract": "Unpacking", "verify": "Checking the sha256 of", "install": "Installing"}
 
 
 class FirstRunScreen(Screen):
@@ -32,6 +33,7 @@ class FirstRunScreen(Screen):
         self._pull = puller  # callable(key, progress) -> ModelEntry; default model_store.pull.pull
         self.catalog_entry = CATALOG[DEFAULT_KEY]
         self._progress = (None, 0, 0)
+        self._overall = OverallProgress()  # one bar for all stages, never going back
         self._timer = None
 
     def compose(self) -> ComposeResult:
@@ -72,10 +74,7 @@ class FirstRunScreen(Screen):
         if stage is None:
             return
         bar = self.query_one("#pull-progress", ProgressBar)
-        if total:
-            bar.update(total=100, progress=100.0 * done / total)
-        else:
-            bar.update(total=None)
+        bar.update(total=100, progress=100.0 * self._overall(stage, done, total))
         self.query_one("#pull-stage", Static).update(
             f"{STAGES.get(stage, stage)} {self.catalog_entry.library_name}: {done / 1e6:.1f}"
             + (f" / {total / 1e6:.1f} MB" if total else " MB"))

@@ -15,16 +15,18 @@ HELP = """\
 | key | what it does |
 |---|---|
 | Enter | send the message |
-| Ctrl+J (or Shift+Enter where the terminal sends it) | new line in the message |
-| Esc | stop the reply (what it wrote so far stays, marked *stopped*) |
+| Ctrl+J (Shift+Enter in some terminals) | new line in the message |
+| Esc | stop the reply (what it wrote so far stays, marked *stopped*); back to the message box |
+| Ctrl+C | stop the reply; pressed twice, quit |
 | Ctrl+R | regenerate the last reply |
 | Ctrl+E | edit the last message: it goes back into the box, its reply is removed |
 | Ctrl+N | new chat (the current one is saved) |
-| Ctrl+O | saved chats: open, delete, export to Markdown |
+| Ctrl+O | saved chats: open (Enter), rename (r), delete (d), export to a Markdown file you name (e) |
 | Ctrl+L | the model library: defaults, add, remove, set the default |
-| Ctrl+B | show or hide the sidebar |
-| Ctrl+P | command palette |
-| F1 or ? | this help |
+| Ctrl+B | show or hide the settings sidebar (hidden at first under 100 columns) |
+| F2 / F3 | copy the last reply / its last code block to the clipboard (OSC 52) |
+| Ctrl+P | command palette (rename or export this chat, copy, ...) |
+| F1 (or ? outside the message box) | this help |
 | Ctrl+Q | quit |
 
 ## Sidebar

@@ -89,7 +89,12 @@ class LibraryScreen(Screen):
                     yield Button("Back", id="back", compact=True)
         yield Footer()
 
+    def on_resize(self, event) -> None:
+        # below 100 columns the form goes under the table instead of beside it
+        self.set_class(event.size.width < 100, "-narrow")
+
     def on_mount(self) -> None:
+        self.set_class(self.app.size.width < 100, "-narrow")  # a pushed screen gets no first Resize
         table = self.query_one(DataTable)
         table.add_columns("", "name", "file", "defaults")
         self.reload()

@@ -16,7 +16,8 @@ class ChatInput(TextArea):
             self.text = text
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("placeholder", "Message (Enter sends, Ctrl+J new line, Esc stops a reply)")
+        # short enough for an 80-column terminal; F1 has the rest
+        kwargs.setdefault("placeholder", "Message · Enter sends · Ctrl+J new line · F1 help")
         kwargs.setdefault("soft_wrap", True)
         kwargs.setdefault("show_line_numbers", False)
         kwargs.setdefault("tab_behavior", "focus")

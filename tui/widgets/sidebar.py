@@ -31,7 +31,9 @@ class Sidebar(VerticalScroll):
             self.submitted = submitted
 
     class ModelChosen(Message):
-        def __init__(self, name: str):
+        """The user picked a model in the picker; name None: "(no model)"."""
+
+        def __init__(self, name: str | None):
             super().__init__()
             self.name = name
 
@@ -71,10 +73,15 @@ class Sidebar(VerticalScroll):
             area.text = settings.get("system_prompt", "")
 
     def show_models(self, options: list[tuple[str, str]], current: str | None) -> None:
+        """Show the models and which one is in use. Not a user's choice, so no ModelChosen:
+        re-filling the list passes through the blank entry, which would unload the model."""
         select = self.query_one("#model-select", Select)
-        select.set_options(options)
-        if current is not None and any(value == current for _, value in options):
-            select.value = current
+        with select.prevent(Select.Changed):
+            select.set_options(options)
+            if current is not None and any(value == current for _, value in options):
+                select.value = current
+            else:
+                select.clear()
 
     def show_progress(self, fraction: float | None) -> None:
         bar = self.query_one("#load-progress", ProgressBar)
@@ -116,9 +123,8 @@ class Sidebar(VerticalScroll):
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
-        if not isinstance(event.value, str):  # the blank entry (Select.NULL)
-            return
-        self.post_message(self.ModelChosen(str(event.value)))
+        # the blank entry (Select.NULL) is "(no model)"
+        self.post_message(self.ModelChosen(str(event.value) if isinstance(event.value, str) else None))
 
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
         if event.text_area.id != "system-prompt":

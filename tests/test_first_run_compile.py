@@ -1,0 +1,120 @@
+"""No silent waits (issue 18, goal 1): while numba compiles the engine's kernels, the chat says
+so and how far it is; the command line draws a line on stderr when that is a terminal."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+from first_run_support import FakeScript, SIZE, make_app, make_library, notifications, ready, wait_for
+
+from llamachat.tui import compile_progress
+from llamachat.tui.compile_progress import CompileWatch, StderrProgress
+
+
+def test_compile_watch_counts_numba_compiles():
+    import numba
+
+    watch = CompileWatch().install()
+
+    @numba.njit(cache=False)
+    def kernel_for_the_test(x):
+        return x + 1
+
+    kernel_for_the_test.py_func.__module__ = "llamachat.runtime.fake_kernels"  # counted as the engine's
+
+    seen = []
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            seen.append(watch.status())
+            time.sleep(0.01)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    kernel_for_the_test(1)
+    kernel_for_the_test(2.5)  # a second signature: a second compile
+    stop.set()
+    t.join()
+    done, seconds = watch.summary()
+    assert done == 2 and seconds >= 0
+    assert watch.current.endswith("kernel_for_the_test")
+    kernel_for_the_test(3)  # compiled already: nothing new
+    assert watch.summary()[0] == 2
+
+    @numba.njit(cache=False)
+    def not_ours(x):
+        return x * 2
+
+    not_ours(1)  # numba's or another library's functions are not the engine's kernels
+    assert watch.summary()[0] == 2
+
+
+def test_status_speaks_only_after_a_second():
+    watch = CompileWatch()
+    watch._started(None)
+    assert watch.status() is None  # a quick compile is not worth a message
+    watch.started -= 2.0
+    text = watch.status()
+    assert text.startswith("Preparing the engine for this CPU") and "0 kernels compiled" in text
+    watch._ended()
+    assert "1 kernel compiled" in watch.status()  # the gap between two kernels is the same wait
+    watch.last -= 2.0
+    assert watch.status() is None
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_stderr_progress_line_is_drawn_and_cleared(monkeypatch):
+    watch = CompileWatch()
+    monkeypatch.setattr(compile_progress, "WATCH", watch)
+    err = Terminal()
+    with StderrProgress(err, interval=0.02):
+        watch._started(None)
+        watch.started -= 2.0
+        deadline = time.monotonic() + 10
+        while "compiling" not in err.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        watch._ended()
+        watch.last -= 2.0
+    out = err.getvalue()
+    assert "\r\x1b[Kllamachat: compiling for this CPU (first run, ~30 s): 0 kernels, 2 s" in out
+    assert out.endswith("\r\x1b[K")  # the line is gone at the end
+    assert all(len(part) <= 79 for part in out.split("\r\x1b[K"))  # one terminal line
+    plain = io.StringIO()  # not a terminal: nothing at all
+    with StderrProgress(plain, interval=0.02):
+        time.sleep(0.05)
+    assert plain.getvalue() == ""
+
+
+async def test_the_chat_says_what_the_wait_is(tmp_path, monkeypatch):
+    watch = CompileWatch()
+    monkeypatch.setattr("llamachat.tui.app.WATCH", watch)
+    make_library(tmp_path)
+    script = FakeScript()
+    release = threading.Event()
+
+    def compiling_factory(path, **kwargs):
+        watch._started(None)  # what numba reports while the first kernels compile
+        watch.started -= 2.0
+        release.wait(30)
+        watch._ended()
+        return script.factory(path, **kwargs)
+
+    app, _ = make_app(script=script)
+    app.engine._factory = compiling_factory
+    async with app.run_test(size=SIZE) as pilot:
+        notice = app.chat_screen.query_one("#engine-notice")
+        await wait_for(pilot, lambda: notice.display)
+        assert "Preparing the engine for this CPU" in str(notice.render())
+        assert "preparing the engine" in app.status_text()
+        release.set()
+        await ready(pilot, app)
+        await pilot.pause(0.2)
+        assert not notice.display
+        assert any("ready for this CPU" in n for n in notifications(app))

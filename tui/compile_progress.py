@@ -1,0 +1,166 @@
+"""What the engine is doing while numba compiles its kernels, for the front ends to show.
+
+The first use of the engine on a machine (or after an upgrade) compiles its kernels for this CPU:
+half a minute or more, during which nothing else happens. numba announces each compile that
+misses its on-disk cache ("numba:compile" events); `CompileWatch` counts them, so the app can
+say "preparing the engine for this CPU" in the chat and the command line can draw a progress
+line on stderr. A warm start compiles nothing and shows nothing.
+
+Imports numba only when installed (the engine has imported it by then), never at import time.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+FIRST_RUN_SECONDS = 30  # a cold start on a 2-core machine (README's figures), told to the user
+QUIET_SECONDS = 1.0  # a compile shorter than this is not worth a message
+
+
+class CompileWatch:
+    """Counts numba's compiles (cache misses) from any thread; read with `status()`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._installed = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.started: float | None = None  # when the first compile of this episode began
+        self.last: float = 0.0  # when a compile last began or ended
+        self.done = 0
+        self.depth = 0  # compiles in progress (a kernel compiles the kernels it calls inside its own)
+        self.current = ""
+        self._ours: list[bool] = []  # per compile in progress: one of the engine's kernels (not numba's own helpers)
+
+    def install(self) -> "CompileWatch":
+        """Listen to numba's compile events (once per process; a no-op without numba)."""
+        if self._installed:
+            return self
+        try:
+            from numba.core import event
+        except ImportError:
+            return self
+        watch = self
+
+        class _Listener(event.Listener):
+            def on_start(self, ev):
+                watch._started(ev.data.get("dispatcher") if isinstance(ev.data, dict) else None)
+
+            def on_end(self, ev):
+                watch._ended()
+
+        event.register("numba:compile", _Listener())
+        self._installed = True
+        return self
+
+    def _started(self, dispatcher) -> None:
+        func = getattr(dispatcher, "py_func", None)
+        module = getattr(func, "__module__", "") or ""
+        # numba compiles its own numpy helpers on the way (arrayobj.impl...): they are not counted
+        ours = func is None or module.startswith("llamachat.")
+        with self._lock:
+            now = time.monotonic()
+            if self.started is None:  # the first since reset(): the front end resets per load
+                self.started = now
+            self.depth += 1
+            self._ours.append(ours)
+            if ours:
+                self.current = f"{module.rsplit('.', 1)[-1]}.{func.__name__}" if func is not None else "a kernel"
+            self.last = now
+
+    def _ended(self) -> None:
+        with self._lock:
+            self.depth = max(0, self.depth - 1)
+            if self._ours.pop() if self._ours else True:
+                self.done += 1
+            self.last = time.monotonic()
+
+    def status(self, compact: bool = False) -> str | None:
+        """A sentence for the user while compiling has gone on for over a second, else None
+        (compact: short enough for one 80-column line after "llamachat: ")."""
+        with self._lock:
+            now = time.monotonic()
+            # between two kernels nothing compiles for a moment: still the same wait
+            if self.started is None or (self.depth == 0 and now - self.last > 1.5):
+                return None
+            elapsed = now - self.started
+            if elapsed < QUIET_SECONDS:
+                return None
+            if compact:
+                return (f"compiling for this CPU (first run, ~{FIRST_RUN_SECONDS} s):"
+                        f" {self.done} kernels, {elapsed:.0f} s")
+            return (f"Preparing the engine for this CPU (first run, about {FIRST_RUN_SECONDS} s): "
+                    f"{self.done} kernel{'s' if self.done != 1 else ''} compiled, now {self.current} ({elapsed:.0f} s)")
+
+    def summary(self) -> tuple[int, float]:
+        """(kernels compiled, seconds) of the latest episode."""
+        with self._lock:
+            if self.started is None:
+                return 0, 0.0
+            return self.done, self.last - self.started
+
+
+WATCH = CompileWatch()
+
+
+class StderrProgress:
+    """While it is open, redraws `WATCH.status()` as one line on stderr (a terminal only), and
+    clears it at the end, so a command-line user sees why the first run is slow."""
+
+    def __init__(self, stream=None, interval: float = 0.5):
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._shown = False
+
+    def __enter__(self):
+        try:
+            tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        if tty:
+            WATCH.install()
+            self._thread = threading.Thread(target=self._run, name="llamachat-compile-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.draw(WATCH.status(compact=True))
+
+    def draw(self, text: str | None) -> None:
+        if text:
+            width = 79
+            self.stream.write("\r\x1b[K" + ("llamachat: " + text)[:width])
+            self.stream.flush()
+            self._shown = True
+        elif self._shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._shown = False
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self.draw(None)
+        return False
+
+
+def engine_cache_is_cold() -> bool:
+    """True if numba has cached none of the engine's kernels yet (a first run, or the first after
+    an upgrade emptied the cache): the next evaluation will compile for a while."""
+    import glob
+    import os
+
+    from llamachat import runtime
+
+    folders = [os.path.join(os.path.dirname(runtime.__file__), "__pycache__")]
+    override = os.environ.get("NUMBA_CACHE_DIR")
+    if override:
+        folders.append(os.path.join(override, "**"))
+    return not any(glob.glob(os.path.join(f, "matmul*.nbi"), recursive=True) for f in folders)
