@@ -337,7 +337,8 @@ def dist(cur: Candidates, rng: Rng) -> int:
     n = len(cur)
     if n == 0:
         raise ValueError("no candidate tokens left to sample from")
-    if n == 1:  # llama.cpp returns before drawing: no random number is used up
+    if n == 1:  # llama.cpp draws anyway (its backend sampler draws once per token): keep in step
+        rng.canonical()
         cur.p = np.ones(1, F32)
         return 0
     max_l = cur.logits[0] if cur.sorted else cur.logits.max()
