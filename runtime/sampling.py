@@ -357,7 +357,7 @@ def discrete(p: np.ndarray, rng: Rng) -> int:
     if len(p) < 2:  # libstdc++ keeps no table for < 2 weights and answers 0 without drawing
         return 0
     w = p.astype(np.float64)
-    cp = np.cumsum(w / w.sum())
+    cp = np.cumsum(w / np.cumsum(w)[-1])  # std::accumulate adds left to right (np.sum is pairwise)
     cp[-1] = 1.0
     return int(np.searchsorted(cp, rng.canonical(), side="left"))
 

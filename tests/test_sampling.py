@@ -178,9 +178,12 @@ def test_dist_picks_by_cumulative_probability():
     cur = Candidates.from_probs([0.9, 0.1])
     r = Rng(1234).canonical()
     assert dist(cur, Rng(1234)) == (0 if r <= 0.9 else 1)
+    # one candidate left: llama.cpp (0c1e570) still draws a number, to stay in step with its
+    # backend sampler, which draws once per token; the next 32-bit word is therefore the third
     one = Candidates.from_probs([0.3])
-    rng = Rng(7)
-    assert dist(one, rng) == 0 and rng._bits.random_raw() == 327741615  # nothing drawn
+    rng, fresh = Rng(7), Rng(7)
+    fresh._bits.random_raw(2)
+    assert dist(one, rng) == 0 and rng._bits.random_raw() == fresh._bits.random_raw()
 
 
 # --- the chain ---------------------------------------------------------------------------------
@@ -295,3 +298,58 @@ def test_the_callers_logits_are_never_changed():
         s.accept_many(range(100))
         s.sample(logits)
         assert np.array_equal(logits, before)
+
+
+# --- llama.cpp's own continuations at temperature > 0 (real model) ------------------------------------
+
+
+def _sampled_cases():
+    """The `sampled` cases of ../shared/reference/smollm2.json, one pytest id per case."""
+    import json
+
+    from conftest import REFERENCE_DIR
+
+    ref = REFERENCE_DIR / "smollm2.json"
+    cases = json.loads(ref.read_text())["sampled"] if ref.is_file() else []
+    return [pytest.param(i, id=f"{c['name']}, seed {c['seed']}") for i, c in enumerate(cases)] or [
+        pytest.param(0, id="no-reference")]
+
+
+@pytest.fixture(scope="module")
+def smollm2_generator(smollm2_path):
+    from llamachat.runtime.generate import Generator
+    from llamachat.runtime.model import load_model
+    from llamachat.runtime.tokenizer import Tokenizer
+
+    model = load_model(smollm2_path, n_ctx=512)
+    yield Generator(model, Tokenizer.from_gguf(smollm2_path))
+    model.close()
+
+
+# llama-completion prints "\n\n" after the generated text (tools/completion/completion.cpp, at the
+# end of main), and the reference keeps what it printed.
+LLAMA_COMPLETION_TRAILER = "\n\n"
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("index", _sampled_cases())
+def test_sampled_continuation_is_llama_cpps_token_for_token(smollm2_generator, reference, index):
+    """The whole chain (penalties, top-k, typical, top-p, min-p, temperature, the seeded draw;
+    mirostat 1 and 2) against llama-completion's text for the same prompt, seed and settings."""
+    case = reference["sampled"][index]
+    assert case["continuation"].endswith(LLAMA_COMPLETION_TRAILER)
+    expected = case["continuation"][:-len(LLAMA_COMPLETION_TRAILER)]
+    p = case["params"]
+    params = SamplingParams(
+        temp=p["temp"], top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"], typical_p=p["typical_p"],
+        repeat_penalty=p["repeat_penalty"], repeat_last_n=p["repeat_last_n"],
+        presence_penalty=p["presence_penalty"], frequency_penalty=p["frequency_penalty"],
+        mirostat=p["mirostat"], mirostat_tau=p["mirostat_tau"], mirostat_eta=p["mirostat_eta"], seed=case["seed"])
+    gen = smollm2_generator
+    gen.reset()  # llama-completion evaluates the whole prompt
+    prompt = gen.tokenizer.encode(case["prompt"], add_special=True, parse_special=True)
+    text = "".join(gen.generate(prompt, params, n_predict=case["n_predict"]))
+    assert text == expected
+    stats = gen.last_stats
+    assert stats.stop_reason == ("eos" if case["ended_with_eos"] else "length")
+    assert (stats.completion_tokens == case["n_predict"]) != case["ended_with_eos"]
