@@ -12,7 +12,7 @@ import pytest
 from llamachat.runtime.params import SamplingParams
 from llamachat.runtime.sampling import (
     Candidates, Mirostat, MirostatV2, Penalties, Rng, Sampler, discrete, dist, logit_bias,
-    min_p, temperature, top_k, top_p, typical,
+    min_p, softmax, temperature, top_k, top_p, typical,
 )
 
 P4 = [0.1, 0.2, 0.3, 0.4]
@@ -184,6 +184,60 @@ def test_dist_picks_by_cumulative_probability():
     rng, fresh = Rng(7), Rng(7)
     fresh._bits.random_raw(2)
     assert dist(one, rng) == 0 and rng._bits.random_raw() == fresh._bits.random_raw()
+
+
+# --- equal logits: libstdc++'s order, not a stable sort ------------------------------------------
+#
+# Positions printed by g++ 12 / libstdc++ for llama.cpp's own code (llama-sampler.cpp's
+# partial_sort_inplace and bucket partial sort, typical's std::sort of indices) on logits with
+# many ties: x[i] = ((i * 7919) % 13) / 2 - 3.
+
+
+def _tied(n):
+    return (((np.arange(n) * 7919) % 13).astype(np.float32) / np.float32(2)) - np.float32(3)
+
+
+def test_top_k_orders_equal_logits_as_std_partial_sort():
+    cur = Candidates.from_logits(_tied(300))
+    top_k(cur, 20)
+    assert cur.ids.tolist() == [110, 71, 188, 58, 136, 201, 19, 240, 149, 162, 32, 6, 214, 45, 227, 123, 253, 175,
+                                97, 84]
+
+
+def test_full_sort_orders_equal_logits_as_llama_cpps_bucket_sort():
+    cur = Candidates.from_logits(_tied(49152))
+    softmax(cur, sort=True)
+    assert cur.ids[:40].tolist() == [
+        32844, 32662, 32675, 32688, 32701, 32714, 32727, 32740, 32753, 32766, 32779, 32792, 32805, 32818, 32831,
+        32649, 32857, 32870, 32883, 32896, 32909, 32922, 32935, 32948, 32961, 32974, 32987, 33000, 33013, 33026,
+        32454, 32272, 32285, 32298, 32311, 32324, 32337, 32350, 32363, 32376]
+
+
+def test_top_p_head_is_llama_cpps_256_bucket_sort():
+    from llamachat.runtime.sampling import _bucket_sort
+
+    assert _bucket_sort(_tied(2000), 256)[:40].tolist() == [
+        1384, 1267, 1280, 1293, 1306, 1319, 1332, 1345, 1358, 1371, 1254, 1397, 1410, 1423, 1436, 1449, 1462, 1475,
+        1488, 1501, 1137, 1020, 1033, 1046, 1059, 1072, 1085, 1098, 1111, 1124, 1514, 1150, 1163, 1176, 1189, 1202,
+        1215, 1228, 1241, 1891]
+
+
+def test_typical_sorts_its_scores_as_std_sort():
+    from llamachat.runtime.sampling import _ascending_order
+
+    assert _ascending_order(_tied(40)).tolist() == [
+        39, 26, 0, 13, 20, 33, 7, 1, 27, 14, 8, 34, 21, 15, 2, 28, 35, 9, 22, 16, 29, 3, 36, 23, 10, 17, 4, 30, 24, 37,
+        11, 31, 18, 5, 12, 38, 25, 32, 19, 6]
+
+
+def test_softmax_uses_the_c_librarys_expf():
+    # glibc 2.36's expf(-0.0137f) is 0x3f7c8447 (libm called through ctypes); numpy 2.4's float32 exp gives
+    # 0x3f7c8448 on AVX-512, which would make the second probability 0.49657506
+    e = np.array([0x3F7C8447], np.uint32).view(np.float32)[0]
+    cur = Candidates.from_logits(np.array([0.0, -0.0137], np.float32))
+    softmax(cur, sort=False)
+    total = np.float32(1.0) + e
+    assert cur.p.tolist() == [np.float32(1.0) / total, e / total]
 
 
 # --- the chain ---------------------------------------------------------------------------------
