@@ -11,8 +11,12 @@ Owns the call signatures and the response shapes (completion dicts and stream ch
 completions through the model's chat template), the mapping of llama-cpp-python's argument
 names onto runtime.params.SamplingParams, and the per-instance state: the model with its KV cache
 (kept between calls, so a chat turn only evaluates its new tokens), the tokenizer and the
-statistics of the last call. Keyword arguments of llama-cpp-python that mean nothing here
-(n_gpu_layers, use_mlock, logits_all, ...) are accepted and ignored.
+statistics of the last call. The constructor accepts and ignores llama-cpp-python's options
+that mean nothing here (n_gpu_layers, use_mlock, logits_all, ...). The completion methods take
+llama-cpp-python 0.3's parameters in its order; those this engine does not implement (grammar,
+logprobs, tools, ...) warn once per Llama when given a value that would do something, and a
+keyword llama-cpp-python does not know either is a TypeError, as in Python: a misspelt setting
+must not pass unnoticed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,6 +36,30 @@ from .params import SamplingParams
 
 # generate's stop reasons -> llama-cpp-python's finish_reason
 FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "cancelled": "cancelled"}
+
+
+def _off(value) -> bool:
+    return value is None
+
+
+def _no_list(value) -> bool:
+    return not value  # None or an empty list
+
+
+def _no_tool_choice(value) -> bool:
+    return value in (None, "none", "auto")  # with no tools given, nothing to choose
+
+
+# llama-cpp-python 0.3 parameters this engine does not implement -> whether a value leaves it off
+UNIMPLEMENTED_COMPLETION = {
+    "suffix": _off, "logprobs": _off, "tfs_z": lambda v: v == 1.0, "stopping_criteria": _off,
+    "logits_processor": _off, "grammar": _off,
+}
+UNIMPLEMENTED_CHAT = {
+    "functions": _no_list, "function_call": _no_tool_choice, "tools": _no_list, "tool_choice": _no_tool_choice,
+    "response_format": lambda v: v is None or v == {"type": "text"}, "tfs_z": lambda v: v == 1.0,
+    "logits_processor": _off, "grammar": _off, "logprobs": lambda v: not v, "top_logprobs": _off,
+}
 
 
 def sampling_params(temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0, repeat_penalty=1.0,
@@ -141,6 +170,7 @@ class Llama:
         self.metadata = {k: v for k, v in md.items() if isinstance(v, (str, int, float, bool))}
         self.load_ms = 0.0
         self.last_stats: dict | None = None
+        self._warned: set[str] = set()  # unimplemented keywords already warned about
 
     # -- small things ----------------------------------------------------------------------------
 
@@ -188,17 +218,19 @@ class Llama:
 
     # -- completions -------------------------------------------------------------------------------
 
-    def __call__(self, prompt, **kwargs):
-        return self.create_completion(prompt, **kwargs)
-
-    def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, temperature: float = 0.8,
-                          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
-                          repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
-                          frequency_penalty: float = 0.0, mirostat_mode: int = 0, mirostat_tau: float = 5.0,
-                          mirostat_eta: float = 0.1, seed: int | None = None, logit_bias=None, ignore_eos: bool = False,
-                          echo: bool = False, stop: str | Sequence[str] | None = None, stream: bool = False,
-                          model: str | None = None, **ignored: Any):
-        """llama-cpp-python's completion dict, or with stream=True an iterator of its chunks."""
+    def create_completion(self, prompt: str | Sequence[int], suffix: str | None = None, max_tokens: int | None = 16,
+                          temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+                          logprobs: int | None = None, echo: bool = False, stop: str | Sequence[str] | None = None,
+                          frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                          top_k: int = 40, stream: bool = False, seed: int | None = None, tfs_z: float = 1.0,
+                          mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                          model: str | None = None, stopping_criteria=None, logits_processor=None, grammar=None,
+                          logit_bias=None, *, repeat_last_n: int = 64, ignore_eos: bool = False):
+        """llama-cpp-python's completion dict, or with stream=True an iterator of its chunks.
+        Its parameters in its order; repeat_last_n and ignore_eos are llamachat's (keyword only)."""
+        self._warn_unimplemented("create_completion", UNIMPLEMENTED_COMPLETION, dict(
+            suffix=suffix, logprobs=logprobs, tfs_z=tfs_z, stopping_criteria=stopping_criteria,
+            logits_processor=logits_processor, grammar=grammar))
         params = sampling_params(temperature, top_p, top_k, min_p, typical_p, repeat_penalty, repeat_last_n,
                                  presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
                                  self._seed_for(seed), logit_bias, ignore_eos)
@@ -232,15 +264,25 @@ class Llama:
             pieces.close()  # a reader that stops early frees the model at once
         yield chunk("", _finish_reason(run))
 
-    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.2,
-                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
-                               repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
-                               frequency_penalty: float = 0.0, mirostat_mode: int = 0, mirostat_tau: float = 5.0,
-                               mirostat_eta: float = 0.1, seed: int | None = None, logit_bias=None,
-                               ignore_eos: bool = False, stop: str | Sequence[str] | None = None, stream: bool = False,
-                               model: str | None = None, **ignored: Any):
+    __call__ = create_completion  # as in llama-cpp-python: the same parameters, the same answer
+
+    def create_chat_completion(self, messages: list[dict], functions=None, function_call=None, tools=None,
+                               tool_choice=None, temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                               min_p: float = 0.05, typical_p: float = 1.0, stream: bool = False,
+                               stop: str | Sequence[str] | None = None, seed: int | None = None, response_format=None,
+                               max_tokens: int | None = None, presence_penalty: float = 0.0,
+                               frequency_penalty: float = 0.0, repeat_penalty: float = 1.0, tfs_z: float = 1.0,
+                               mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                               model: str | None = None, logits_processor=None, grammar=None, logit_bias=None,
+                               logprobs: bool | None = None, top_logprobs: int | None = None, *,
+                               repeat_last_n: int = 64, ignore_eos: bool = False):
         """An OpenAI-style chat completion (llama-cpp-python's shapes), the prompt built by the
-        model's chat template (or `chat_format`)."""
+        model's chat template (or `chat_format`). llama-cpp-python's parameters in its order;
+        repeat_last_n and ignore_eos are llamachat's (keyword only)."""
+        self._warn_unimplemented("create_chat_completion", UNIMPLEMENTED_CHAT, dict(
+            functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
+            response_format=response_format, tfs_z=tfs_z, logits_processor=logits_processor, grammar=grammar,
+            logprobs=logprobs, top_logprobs=top_logprobs))
         params = sampling_params(temperature, top_p, top_k, min_p, typical_p, repeat_penalty, repeat_last_n,
                                  presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
                                  self._seed_for(seed), logit_bias, ignore_eos)
@@ -279,6 +321,18 @@ class Llama:
         return self._chat_template
 
     # -- the shared part ---------------------------------------------------------------------------
+
+    def _warn_unimplemented(self, method: str, table: dict, given: dict) -> None:
+        """One warning naming the llama-cpp-python parameters given a value this engine would
+        ignore; each name once per Llama, so a loop of calls is not flooded."""
+        names = [name for name, value in given.items() if not table[name](value) and name not in self._warned]
+        if not names:
+            return
+        self._warned.update(names)
+        listed = ", ".join(names)
+        warnings.warn(f"Llama.{method}: llamachat does not implement {listed}; "
+                      f"{'it is' if len(names) == 1 else 'they are'} ignored", UserWarning, stacklevel=3)
+
 
     def _seed_for(self, seed: int | None) -> int:
         """A call's own seed restarts the random stream; without one, a fixed Llama(seed=...)

@@ -1,4 +1,4 @@
-"""llama.cpp's samplers (src/llama-sampling.cpp) and its `common_sampler` chain, in numpy.
+"""llama.cpp's samplers (src/llama-sampler.cpp) and its `common_sampler` chain.
 
 Owns: the candidate list a sampler works on, each sampler llama.cpp's `llama-cli` uses (logit
 bias, repetition/frequency/presence penalties, top-k, typical, top-p, min-p, temperature,
@@ -11,12 +11,18 @@ built from `runtime.params.SamplingParams` in llama.cpp's order:
 or, with mirostat 1/2, `logit bias -> temperature -> mirostat` (llama.cpp drops the rest of
 the chain then, penalties included).
 
-The arithmetic follows llama.cpp's: float32 logits and probabilities, the draw's running sum in
-double, and the same random stream: std::mt19937 seeded with the seed, and libstdc++'s
-`generate_canonical<double, 53>` (two 32-bit draws per number). With equal logits, a seed
-therefore picks the same tokens llama.cpp would pick; with ours, a seed always gives the same
-text. Everything on the full vocabulary is one vectorised numpy pass; the sort is partial
-(`argpartition`), so the default chain costs a fraction of a millisecond per token.
+Everything a draw depends on is done as llama.cpp (commit 0c1e570) built with GCC does it, so a
+seed picks the tokens llama.cpp picks from the same logits:
+- the arithmetic: float32 logits and probabilities summed left to right, the draw's running
+  sum in double, and expf/logf/log2f/powf from the C library (numba's math calls are libm's;
+  numpy's float32 exp and log differ from them in the last bits for a third of all inputs);
+- the order of equal logits: llama.cpp sorts with libstdc++'s std::partial_sort (a heap) and
+  std::sort (introsort), inside its own 128-bucket partial sort; neither is stable, and where two
+  kept tokens have the same logit (about one step in a hundred on SmolLM2) their order decides
+  which one a draw lands on. Those algorithms are replayed here step for step (numba kernels);
+- the random stream: std::mt19937 seeded with the seed, read as libstdc++'s
+  `generate_canonical<double, 53>` (two 32-bit words per number); the dist sampler draws a
+  number for every token, even when one candidate is left.
 """
 
 from __future__ import annotations
@@ -27,11 +33,16 @@ from collections import Counter, deque
 from typing import Iterable, Sequence
 
 import numpy as np
+from numba import njit
 
 from .params import SamplingParams
 
 F32 = np.float32
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"
+
+# numba kernels; error_model="numpy": a float division by zero gives inf or NaN, as in C (numba's
+# default raises ZeroDivisionError, as Python does)
+_kernel = njit(cache=True, error_model="numpy")
 
 
 # --- the candidate list ------------------------------------------------------------------
@@ -106,43 +117,348 @@ def _arange(n: int) -> np.ndarray:
     return ids
 
 
-def _descending(logits: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
-    """Positions sorted by descending logit; equal logits keep ascending position, so the
-    order is deterministic (llama.cpp's std::sort leaves ties in no particular order)."""
-    if positions is None:
-        return np.argsort(-logits, kind="stable")
-    positions = np.sort(positions)
-    return positions[np.argsort(-logits[positions], kind="stable")]
+# --- libstdc++'s sorting, replayed (bits/stl_heap.h, bits/stl_algo.h) ----------------------------
+#
+# Each kernel sorts parallel arrays (key, val) in place by descending key, the comparator
+# llama.cpp passes (a.logit > b.logit); `val` carries the positions along. Index arithmetic
+# follows the C++ (whose (hole - 1) / 2 is never evaluated at hole 0 where it would differ).
 
 
-def _top_positions(logits: np.ndarray, k: int) -> np.ndarray:
-    """The positions of the k largest logits, sorted by descending logit (a partial sort)."""
+@_kernel
+def _adjust_heap(key, val, first, hole, length, vkey, vval):
+    top = hole
+    second = hole
+    while second < (length - 1) // 2:
+        second = 2 * (second + 1)
+        if key[first + second] > key[first + second - 1]:
+            second -= 1
+        key[first + hole] = key[first + second]
+        val[first + hole] = val[first + second]
+        hole = second
+    if (length & 1) == 0 and second == (length - 2) // 2:
+        second = 2 * (second + 1)
+        key[first + hole] = key[first + second - 1]
+        val[first + hole] = val[first + second - 1]
+        hole = second - 1
+    parent = (hole - 1) // 2
+    while hole > top and key[first + parent] > vkey:  # __push_heap
+        key[first + hole] = key[first + parent]
+        val[first + hole] = val[first + parent]
+        hole = parent
+        parent = (hole - 1) // 2
+    key[first + hole] = vkey
+    val[first + hole] = vval
+
+
+@_kernel
+def _pop_heap(key, val, first, last, result):
+    vkey, vval = key[result], val[result]
+    key[result] = key[first]
+    val[result] = val[first]
+    _adjust_heap(key, val, first, 0, last - first, vkey, vval)
+
+
+@_kernel
+def _partial_sort(key, val, first, middle, last):
+    """std::partial_sort: __heap_select (make_heap, then sift in every smaller element), __sort_heap."""
+    length = middle - first
+    if length >= 2:
+        parent = (length - 2) // 2
+        while True:
+            _adjust_heap(key, val, first, parent, length, key[first + parent], val[first + parent])
+            if parent == 0:
+                break
+            parent -= 1
+    for i in range(middle, last):
+        if key[i] > key[first]:
+            _pop_heap(key, val, first, middle, i)
+    while middle - first > 1:
+        middle -= 1
+        _pop_heap(key, val, first, middle, middle)
+
+
+@_kernel
+def _swap(key, val, a, b):
+    key[a], key[b] = key[b], key[a]
+    val[a], val[b] = val[b], val[a]
+
+
+@_kernel
+def _linear_insert(key, val, last):
+    vkey, vval = key[last], val[last]
+    nxt = last - 1
+    while vkey > key[nxt]:
+        key[last] = key[nxt]
+        val[last] = val[nxt]
+        last = nxt
+        nxt -= 1
+    key[last] = vkey
+    val[last] = vval
+
+
+@_kernel
+def _insertion_sort(key, val, first, last):
+    if first == last:
+        return
+    for i in range(first + 1, last):
+        if key[i] > key[first]:
+            vkey, vval = key[i], val[i]
+            for j in range(i, first, -1):
+                key[j] = key[j - 1]
+                val[j] = val[j - 1]
+            key[first] = vkey
+            val[first] = vval
+        else:
+            _linear_insert(key, val, i)
+
+
+@_kernel
+def _std_sort(key, val, first, last):
+    """std::sort: introsort (median-of-three pivot, heapsort past 2*log2(n) levels) down to runs of
+    16, then one insertion sort. Ranges left for later sit on a stack instead of the C++ recursion:
+    they are disjoint, so the order they are sorted in changes nothing."""
+    n = last - first
+    if n <= 0:
+        return
+    lg = 0
+    while (n >> (lg + 1)) > 0:
+        lg += 1
+    stack = [(first, last, 2 * lg)]
+    while len(stack):
+        f, l, depth = stack.pop()
+        while l - f > 16:
+            if depth == 0:
+                _partial_sort(key, val, f, l, l)
+                break
+            depth -= 1
+            a, b, c = f + 1, f + (l - f) // 2, l - 1  # __move_median_to_first
+            if key[a] > key[b]:
+                if key[b] > key[c]:
+                    _swap(key, val, f, b)
+                elif key[a] > key[c]:
+                    _swap(key, val, f, c)
+                else:
+                    _swap(key, val, f, a)
+            elif key[a] > key[c]:
+                _swap(key, val, f, a)
+            elif key[b] > key[c]:
+                _swap(key, val, f, c)
+            else:
+                _swap(key, val, f, b)
+            lo, hi = f + 1, l  # __unguarded_partition around the pivot at f
+            while True:
+                while key[lo] > key[f]:
+                    lo += 1
+                hi -= 1
+                while key[f] > key[hi]:
+                    hi -= 1
+                if not lo < hi:
+                    break
+                _swap(key, val, lo, hi)
+                lo += 1
+            stack.append((lo, l, depth))
+            l = lo
+    if n > 16:  # __final_insertion_sort
+        _insertion_sort(key, val, first, first + 16)
+        for i in range(first + 16, last):
+            _linear_insert(key, val, i)
+    else:
+        _insertion_sort(key, val, first, last)
+
+
+@_kernel
+def _bucket_sort(logits, npartial):
+    """llama_token_data_array_partial_sort: the positions of the npartial largest logits, in the
+    order it leaves them: 128 buckets over [-10, 10) (float arithmetic, C's truncating int
+    conversion, whose out-of-range result INT_MIN clamps to bucket 0), filled in input order from
+    the top; every full bucket std::sort-ed, the last one std::partial_sort-ed."""
     n = len(logits)
-    if k >= n:
-        return _descending(logits)
-    if n >= 4096 and k <= n // 64:
-        # Cheaper than a partition of the whole vocabulary: a threshold from every 16th logit
-        # that about 2k logits pass, then the partition runs on those. If fewer than k pass,
-        # fall through to the full partition, so the answer is the same either way.
-        sample = logits[::16]
-        j = -(-k // 8)
-        threshold = np.partition(sample, len(sample) - j)[len(sample) - j]
-        passed = np.flatnonzero(logits >= threshold)
-        if len(passed) >= k:
-            if len(passed) > k:
-                passed = passed[np.argpartition(logits[passed], len(passed) - k)[len(passed) - k:]]
-            return _descending(logits, passed)
-    return _descending(logits, np.argpartition(logits, n - k)[n - k:])
+    scale = np.float32(128) / np.float32(20.0)
+    inter = np.float32(10.0) * scale
+    bucket = np.empty(n, np.int32)
+    histo = np.zeros(128, np.int64)
+    for i in range(n):
+        x = scale * logits[i] + inter
+        b = int(x) if -2147483648.0 < x < 2147483648.0 else 0
+        b = max(0, min(127, b))
+        bucket[i] = b
+        histo[b] += 1
+    nhave = 0
+    ib = 127
+    while ib >= 0:
+        nhave += histo[ib]
+        if nhave >= npartial:
+            break
+        ib -= 1
+    start = np.zeros(128, np.int64)
+    at = 0
+    for j in range(127, ib - 1, -1):
+        start[j] = at
+        at += histo[j]
+    key = np.empty(nhave, np.float32)
+    val = np.empty(nhave, np.int32)
+    for i in range(n):
+        j = bucket[i]
+        if j >= ib:
+            key[start[j]] = logits[i]
+            val[start[j]] = i
+            start[j] += 1
+    at = 0
+    for j in range(127, ib, -1):
+        _std_sort(key, val, at, at + histo[j])
+        at += histo[j]
+    _partial_sort(key, val, at, npartial, at + histo[ib])
+    return val[:npartial].copy()
 
 
-def _sort(cur: Candidates) -> None:
-    if not cur.sorted:
-        cur.take(_descending(cur.logits), sorted=True)
+@_kernel
+def _sorted_head(logits, npartial):
+    """llama_token_data_array_partial_sort_inplace: the positions of the npartial largest logits
+    in llama.cpp's order (std::partial_sort over the whole list up to 128, the buckets above)."""
+    if npartial > 128:
+        return _bucket_sort(logits, npartial)
+    return _heap_partial_sort(logits, npartial)
 
 
-def _seq_sum_f32(x: np.ndarray) -> F32:
-    """Left-to-right float32 sum, as a C `float` accumulator adds (np.sum is pairwise)."""
-    return np.cumsum(x, dtype=F32)[-1] if len(x) else F32(0)
+@_kernel
+def _heap_partial_sort(logits, npartial):
+    """std::partial_sort(first, first + npartial, last) without copying the list: __heap_select
+    pops the heap's top into position i, which the loop never reads again, so only the heap
+    itself needs to be a copy."""
+    key = logits[:npartial].copy()
+    val = np.arange(npartial).astype(np.int32)
+    length = npartial
+    if length >= 2:
+        parent = (length - 2) // 2
+        while True:
+            _adjust_heap(key, val, 0, parent, length, key[parent], val[parent])
+            if parent == 0:
+                break
+            parent -= 1
+    for i in range(npartial, len(logits)):
+        if logits[i] > key[0]:
+            _adjust_heap(key, val, 0, 0, length, logits[i], np.int32(i))
+    while length > 1:
+        length -= 1
+        _pop_heap(key, val, 0, length, length)
+    return val
+
+
+@_kernel
+def _ascending_order(x):
+    """The positions of x in std::sort's order for the comparator x[a] < x[b] (typical's)."""
+    key = -x  # a < b exactly when -a > -b, NaN included (every comparison with it is false)
+    val = np.arange(len(x)).astype(np.int32)
+    _std_sort(key, val, 0, len(x))
+    return val
+
+
+def _sort(cur: Candidates, npartial: int | None = None) -> None:
+    """Sort cur (keeping npartial candidates; default all) as llama.cpp's in-place partial sort does."""
+    n = len(cur) if npartial is None else npartial
+    cur.take(_sorted_head(cur.logits, n), sorted=True)
+
+
+# --- the C library's float functions and llama.cpp's float loops -------------------------------
+
+
+@_kernel
+def _logf(x):
+    return math.log(x)
+
+
+@_kernel
+def _log2f(x):
+    return math.log2(x)
+
+
+@_kernel
+def _softmax_p(logits, max_l):
+    """llama_sampler_softmax_impl's arithmetic: p = expf(logit - max), a float running sum, p /= sum."""
+    n = len(logits)
+    p = np.empty(n, np.float32)
+    total = np.float32(0.0)
+    for i in range(n):
+        e = math.exp(logits[i] - max_l)
+        p[i] = e
+        total += e
+    for i in range(n):
+        p[i] /= total
+    return p
+
+
+@_kernel
+def _dist_draw(logits, max_l, rnd):
+    """llama_sampler_dist_apply's arithmetic: expf in float, sums in double, the first position
+    whose running sum reaches sum * rnd (the last one if none does), p normalised in double."""
+    n = len(logits)
+    p = np.empty(n, np.float32)
+    sum_cum = 0.0
+    for i in range(n):
+        e = math.exp(logits[i] - max_l)
+        p[i] = e
+        sum_cum += e
+    target = sum_cum * rnd
+    run = 0.0
+    selected = n - 1
+    found = False
+    for i in range(n):
+        if not found:
+            run += p[i]
+            if run >= target:
+                selected = i
+                found = True
+        p[i] = p[i] / sum_cum
+    return selected, p
+
+
+@_kernel
+def _typical_keep(p, typ_p, min_keep):
+    """llama_sampler_typical_apply: entropy (a float sum of -p*logf(p), NaN if some p is 0, as
+    there), |-logf(p) - entropy| std::sort-ed ascending, the shortest prefix whose p sum exceeds
+    typ_p: the positions kept, in that order."""
+    n = len(p)
+    logp = np.empty(n, np.float32)
+    entropy = np.float32(0.0)
+    for i in range(n):
+        logp[i] = math.log(p[i])
+        entropy += -p[i] * logp[i]
+    shifted = np.empty(n, np.float32)
+    for i in range(n):
+        shifted[i] = abs(-logp[i] - entropy)
+    order = _ascending_order(shifted)
+    cum = np.float32(0.0)
+    last = n
+    for i in range(n):
+        cum += p[order[i]]
+        if cum > typ_p and (min_keep == 0 or i >= min_keep - 1):
+            last = i + 1
+            break
+    return order[:last].copy()
+
+
+@_kernel
+def _mirostat_k(p, m, n_vocab, mu):
+    """llama_sampler_mirostat_apply's k: s_hat from the top m probabilities, then the k that
+    makes the expected surprise mu (all in float, libm's logf and powf)."""
+    sum_ti_bi = np.float32(0.0)
+    sum_ti_sq = np.float32(0.0)
+    i = 0
+    while i < m - 1 and i < len(p) - 1:
+        t_i = math.log(np.float32(i + 2) / np.float32(i + 1))
+        b_i = math.log(p[i] / p[i + 1])
+        sum_ti_bi += t_i * b_i
+        sum_ti_sq += t_i * t_i
+        i += 1
+    s_hat = sum_ti_bi / sum_ti_sq
+    eps = s_hat - np.float32(1.0)
+    num = eps * math.pow(np.float32(2.0), mu)
+    den = np.float32(1.0) - math.pow(np.float32(n_vocab), -eps)
+    return math.pow(num / den, np.float32(1.0) / s_hat)
+
+
+def _max_logit(cur: Candidates) -> F32:
+    return cur.logits[0] if cur.sorted else cur.logits.max()
 
 
 # --- the samplers (llama.cpp names and semantics) ---------------------------------------------
@@ -150,12 +466,9 @@ def _seq_sum_f32(x: np.ndarray) -> F32:
 
 def softmax(cur: Candidates, sort: bool) -> None:
     """llama_sampler_softmax_impl: p = exp(logit - max) / sum, optionally sorting first."""
-    if sort:
+    if sort and not cur.sorted:
         _sort(cur)
-    max_l = cur.logits[0] if cur.sorted else cur.logits.max()
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = np.exp(cur.logits - max_l).astype(F32, copy=False)
-    cur.p = p / _seq_sum_f32(p)
+    cur.p = _softmax_p(cur.logits, F32(_max_logit(cur)))
 
 
 def logit_bias(cur: Candidates, biases: Sequence[tuple[int, float]]) -> None:
@@ -180,47 +493,57 @@ def top_k(cur: Candidates, k: int) -> None:
         return
     k = min(k, len(cur))
     if not cur.sorted:
-        cur.take(_top_positions(cur.logits, k), sorted=True)
+        _sort(cur, k)
     cur.truncate(k)
 
 
+def _first_reaching(cum: np.ndarray, p32: F32, min_i: int) -> int:
+    """The first i >= min_i with cum[i] >= p32 (cum never falls), or -1."""
+    i = max(int(np.searchsorted(cum, p32, side="left")), min_i)
+    return i if i < len(cum) else -1
+
+
 def top_p(cur: Candidates, p: float, min_keep: int = 0) -> None:
-    """Nucleus: the smallest most-likely prefix whose probability reaches p."""
+    """Nucleus: the smallest most-likely prefix whose probability reaches p (float running sum)."""
     if p >= 1.0:
         return
     softmax(cur, sort=False)
     p32 = F32(p)
-    if not cur.sorted:
-        # llama.cpp's adaptive partial sort: try the top 256 first, the whole list if needed
-        n = len(cur)
-        order = _top_positions(cur.logits, 256) if n > 1024 else _descending(cur.logits)
-        cum = np.cumsum(cur.p[order], dtype=F32)
-        if len(order) < n and not (cum >= p32).any():
-            order = _descending(cur.logits)
-            cum = np.cumsum(cur.p[order], dtype=F32)
-        cur.take(order, sorted=True)
-    else:
-        cum = np.cumsum(cur.p, dtype=F32)
-    # the running sum never falls, so the first position reaching p is a binary search away
-    first = int(np.searchsorted(cum, p32, side="left"))
-    cur.truncate(max(first, min_keep - 1) + 1 if first < len(cum) else len(cur))
+    n = len(cur)
+    min_i = max(min_keep - 1, 0)
+    if cur.sorted or n <= 1024:
+        if not cur.sorted:
+            _sort(cur)
+        i = _first_reaching(np.cumsum(cur.p, dtype=F32), p32, min_i)
+        cur.truncate(i + 1 if i >= 0 else n)
+        return
+    # llama.cpp's adaptive partial sort: the top 256 first; past them, the whole list sorted,
+    # the running sum carrying on from the 256 already added
+    head = _bucket_sort(cur.logits, 256)
+    cum = np.cumsum(cur.p[head], dtype=F32)
+    i = _first_reaching(cum, p32, min_i)
+    if i >= 0:
+        cur.take(head[:i + 1], sorted=True)
+        return
+    order = _bucket_sort(cur.logits, n)
+    rest = np.cumsum(np.concatenate(([cum[-1]], cur.p[order[256:]])), dtype=F32)[1:]
+    i = _first_reaching(rest, p32, min_i - 256)
+    cur.take(order[:256 + i + 1] if i >= 0 else order, sorted=True)
 
 
 def min_p(cur: Candidates, p: float, min_keep: int = 0) -> None:
     """Drop tokens whose probability is below p times the top token's."""
     if p <= 0.0 or len(cur) == 0:
         return
-    log_p = F32(math.log(p))
+    log_p = _logf(F32(p))
     if not cur.sorted:
-        min_logit = cur.logits.max() + log_p
-        keep = np.flatnonzero(cur.logits >= min_logit)
+        keep = np.flatnonzero(cur.logits >= cur.logits.max() + log_p)  # in list order, as there
         if len(keep) and len(keep) >= min_keep:
             cur.take(keep, sorted=False)
             return
         _sort(cur)
-    min_logit = cur.logits[0] + log_p
     # sorted: the tokens at or above min_logit are a prefix; the first token always stays
-    first_below = int(np.count_nonzero(cur.logits >= min_logit))
+    first_below = int(np.count_nonzero(cur.logits >= cur.logits[0] + log_p))
     cur.truncate(min(max(first_below, 1, min_keep), len(cur)))
 
 
@@ -229,18 +552,7 @@ def typical(cur: Candidates, p: float, min_keep: int = 0) -> None:
     if p >= 1.0:
         return
     softmax(cur, sort=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logp = np.log(cur.p).astype(F32, copy=False)
-        terms = np.where(cur.p > 0, -cur.p * logp, F32(0)).astype(F32, copy=False)
-        entropy = _seq_sum_f32(terms)
-        shifted = np.abs(-logp - entropy)
-    order = np.argsort(shifted, kind="stable")
-    cum = np.cumsum(cur.p[order], dtype=F32)
-    hit = cum > F32(p)
-    if min_keep > 0:
-        hit &= np.arange(len(cum)) >= min_keep - 1
-    last = int(np.argmax(hit)) + 1 if hit.any() else len(cur)
-    cur.take(order[:last], sorted=False)
+    cur.take(_typical_keep(cur.p, F32(p), int(min_keep)), sorted=False)
 
 
 def temperature(cur: Candidates, temp: float) -> None:
@@ -337,18 +649,12 @@ def dist(cur: Candidates, rng: Rng) -> int:
     n = len(cur)
     if n == 0:
         raise ValueError("no candidate tokens left to sample from")
-    if n == 1:  # llama.cpp returns before drawing: no random number is used up
+    rnd = rng.canonical()  # drawn even for one candidate, as llama.cpp does (see the module doc)
+    if n == 1:
         cur.p = np.ones(1, F32)
         return 0
-    max_l = cur.logits[0] if cur.sorted else cur.logits.max()
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = np.exp(cur.logits - max_l).astype(F32, copy=False)
-    running = np.cumsum(p, dtype=np.float64)  # llama.cpp sums in double
-    total = running[-1]
-    target = total * rng.canonical()
-    index = int(np.searchsorted(running, target, side="left"))
-    cur.p = (p / total).astype(F32)
-    return min(index, n - 1)
+    index, cur.p = _dist_draw(cur.logits, F32(_max_logit(cur)), rnd)
+    return int(index)
 
 
 def discrete(p: np.ndarray, rng: Rng) -> int:
@@ -356,7 +662,7 @@ def discrete(p: np.ndarray, rng: Rng) -> int:
     if len(p) < 2:  # libstdc++ keeps no table for < 2 weights and answers 0 without drawing
         return 0
     w = p.astype(np.float64)
-    cp = np.cumsum(w / w.sum())
+    cp = np.cumsum(w / np.cumsum(w)[-1])  # std::accumulate adds left to right (np.sum is pairwise)
     cp[-1] = 1.0
     return int(np.searchsorted(cp, rng.canonical(), side="left"))
 
@@ -366,6 +672,15 @@ def _int_of_float(x: float) -> int:
     if not math.isfinite(x) or not -2147483648.0 <= x < 2147483648.0:
         return -2147483648
     return int(x)
+
+
+@_kernel
+def _n_unsurprising(p, mu):
+    """How many leading candidates have -log2f(p) <= mu (mirostat 2's std::find_if)."""
+    for i in range(len(p)):
+        if -math.log2(p[i]) > mu:
+            return i
+    return len(p)
 
 
 class Mirostat:
@@ -381,30 +696,16 @@ class Mirostat:
         self.mu = F32(2.0) * self.tau
 
     def apply(self, cur: Candidates) -> int:
-        # llama.cpp sorts the whole list; only the top m and the top k are ever read, so a
-        # partial sort of those gives the same candidates without sorting 50k logits
-        softmax(cur, sort=False)
-        head = _top_positions(cur.logits, self.m) if not cur.sorted else np.arange(min(self.m, len(cur)))
-        p = cur.p[head]
-        n = min(self.m - 1, len(cur) - 1)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            i = np.arange(n, dtype=F32)
-            t = np.log((i + F32(2)) / (i + F32(1))).astype(F32)
-            b = np.log(p[:n] / p[1 : n + 1]).astype(F32)
-            s_hat = _seq_sum_f32(t * b) / _seq_sum_f32(t * t)
-            eps = s_hat - F32(1)
-            k = np.power((eps * np.power(F32(2), self.mu)) / (F32(1) - np.power(F32(self.n_vocab), -eps)), F32(1) / s_hat)
-        k = min(max(_int_of_float(float(k)), 1), len(cur))
-        order = head[:k] if k <= len(head) else _top_positions(cur.logits, k)
-        cur.take(order, sorted=True)
+        softmax(cur, sort=True)  # the whole list: the softmax's float sum runs in sorted order
+        k = _mirostat_k(cur.p, self.m, self.n_vocab, self.mu)
+        top_k(cur, max(_int_of_float(k), 1))
         softmax(cur, sort=True)
         index = discrete(cur.p, self.rng)
         self._update(cur.p[index])
         return index
 
     def _update(self, p: F32) -> None:
-        with np.errstate(divide="ignore"):
-            surprise = -np.log2(F32(p))
+        surprise = F32(-_log2f(F32(p)))
         self.mu = F32(self.mu - self.eta * (surprise - self.tau))
 
 
@@ -415,13 +716,8 @@ class MirostatV2(Mirostat):
         super().__init__(0, rng, tau, eta)
 
     def apply(self, cur: Candidates) -> int:
-        softmax(cur, sort=False)
-        with np.errstate(divide="ignore"):
-            keep = np.flatnonzero(-np.log2(cur.p) <= self.mu)
-        if len(keep) == 0:
-            keep = np.array([int(np.argmax(cur.logits))])
-        # surprise falls as p rises, so the kept set is a most-likely prefix: sort just it
-        cur.take(_descending(cur.logits, keep), sorted=True)
+        softmax(cur, sort=True)
+        cur.truncate(max(_n_unsurprising(cur.p, self.mu), 1))
         softmax(cur, sort=True)
         index = discrete(cur.p, self.rng)
         self._update(cur.p[index])

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
+import warnings
 
 import pytest
 
@@ -63,11 +65,75 @@ def test_echo():
     assert "".join(c["choices"][0]["text"] for c in chunks) == PROMPT + " hi"
 
 
-def test_token_list_prompt_and_unknown_kwargs():
+def test_token_list_prompt_and_llama_cpp_python_keywords_left_at_off():
     llm, _ = fake_llama()
     ids = llm.tokenize(PROMPT.encode())
-    out = llm(ids, max_tokens=3, logprobs=None, tfs_z=1.0, grammar=None, n_probs=0, suffix=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # their "off" values change nothing, so nothing to warn about
+        out = llm(ids, max_tokens=3, logprobs=None, tfs_z=1.0, grammar=None, suffix=None, stopping_criteria=None,
+                  logits_processor=None)
     assert out["choices"][0]["text"] == " hi"
+
+
+# llama-cpp-python 0.3.36's parameters, in order (llama_cpp/llama.py, Llama.create_completion,
+# Llama.__call__ and Llama.create_chat_completion)
+LLAMA_CPP_PYTHON_COMPLETION = [
+    "prompt", "suffix", "max_tokens", "temperature", "top_p", "min_p", "typical_p", "logprobs", "echo", "stop",
+    "frequency_penalty", "presence_penalty", "repeat_penalty", "top_k", "stream", "seed", "tfs_z", "mirostat_mode",
+    "mirostat_tau", "mirostat_eta", "model", "stopping_criteria", "logits_processor", "grammar", "logit_bias"]
+LLAMA_CPP_PYTHON_CHAT = [
+    "messages", "functions", "function_call", "tools", "tool_choice", "temperature", "top_p", "top_k", "min_p",
+    "typical_p", "stream", "stop", "seed", "response_format", "max_tokens", "presence_penalty", "frequency_penalty",
+    "repeat_penalty", "tfs_z", "mirostat_mode", "mirostat_tau", "mirostat_eta", "model", "logits_processor",
+    "grammar", "logit_bias", "logprobs", "top_logprobs"]
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("create_completion", LLAMA_CPP_PYTHON_COMPLETION), ("__call__", LLAMA_CPP_PYTHON_COMPLETION),
+    ("create_chat_completion", LLAMA_CPP_PYTHON_CHAT)])
+def test_positional_parameters_are_llama_cpp_pythons_in_its_order(method, expected):
+    params = list(inspect.signature(getattr(Llama, method)).parameters.values())[1:]  # without self
+    positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert positional == expected
+    # llamachat's own additions come after them, by keyword only, and nothing is swallowed
+    assert [p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD] == [
+        "repeat_last_n", "ignore_eos"]
+
+
+@pytest.mark.parametrize("call", [
+    lambda llm: llm(PROMPT, max_tokens=3, repetition_penalty=1.3),
+    lambda llm: llm.create_completion(PROMPT, max_tokens=3, repetition_penalty=1.3),
+    lambda llm: llm.create_chat_completion([{"role": "user", "content": "hi"}], repetition_penalty=1.3),
+], ids=["__call__", "create_completion", "create_chat_completion"])
+def test_an_unknown_keyword_is_a_type_error_naming_it(call):
+    llm, _ = fake_llama()
+    with pytest.raises(TypeError, match=r"got an unexpected keyword argument 'repetition_penalty'$"):
+        call(llm)
+    assert llm(PROMPT, max_tokens=3)["choices"][0]["text"] == " hi"  # the model is not left locked
+
+
+def test_unimplemented_llama_cpp_python_keywords_warn_once_naming_them():
+    llm, _ = fake_llama()
+    with pytest.warns(UserWarning) as caught:
+        out = llm(PROMPT, max_tokens=3, grammar=object(), logprobs=5)
+    assert [str(w.message) for w in caught] == [
+        "Llama.create_completion: llamachat does not implement logprobs, grammar; they are ignored"]
+    assert caught[0].filename == __file__  # it points at the caller's line
+    assert out["choices"][0]["text"] == " hi"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llm(PROMPT, max_tokens=3, grammar=object(), logprobs=5)  # already said
+    with pytest.warns(UserWarning, match=r"^Llama.create_completion: llamachat does not implement tfs_z; it is ignored$"):
+        llm(PROMPT, max_tokens=3, tfs_z=0.9, grammar=object())  # only the new name
+    with pytest.warns(UserWarning) as caught:
+        llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1,
+                                   tools=[{"type": "function"}], response_format={"type": "json_object"})
+    assert [str(w.message) for w in caught] == [
+        "Llama.create_chat_completion: llamachat does not implement tools, response_format; they are ignored"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1, tools=[], tool_choice="auto",
+                                   response_format={"type": "text"}, logprobs=False, functions=None)
 
 
 def test_bad_values_are_one_sentence():

@@ -12,7 +12,7 @@ import pytest
 from llamachat.runtime.params import SamplingParams
 from llamachat.runtime.sampling import (
     Candidates, Mirostat, MirostatV2, Penalties, Rng, Sampler, discrete, dist, logit_bias,
-    min_p, temperature, top_k, top_p, typical,
+    min_p, softmax, temperature, top_k, top_p, typical,
 )
 
 P4 = [0.1, 0.2, 0.3, 0.4]
@@ -178,9 +178,66 @@ def test_dist_picks_by_cumulative_probability():
     cur = Candidates.from_probs([0.9, 0.1])
     r = Rng(1234).canonical()
     assert dist(cur, Rng(1234)) == (0 if r <= 0.9 else 1)
+    # one candidate left: llama.cpp (0c1e570) still draws a number, to stay in step with its
+    # backend sampler, which draws once per token; the next 32-bit word is therefore the third
     one = Candidates.from_probs([0.3])
-    rng = Rng(7)
-    assert dist(one, rng) == 0 and rng._bits.random_raw() == 327741615  # nothing drawn
+    rng, fresh = Rng(7), Rng(7)
+    fresh._bits.random_raw(2)
+    assert dist(one, rng) == 0 and rng._bits.random_raw() == fresh._bits.random_raw()
+
+
+# --- equal logits: libstdc++'s order, not a stable sort ------------------------------------------
+#
+# Positions printed by g++ 12 / libstdc++ for llama.cpp's own code (llama-sampler.cpp's
+# partial_sort_inplace and bucket partial sort, typical's std::sort of indices) on logits with
+# many ties: x[i] = ((i * 7919) % 13) / 2 - 3.
+
+
+def _tied(n):
+    return (((np.arange(n) * 7919) % 13).astype(np.float32) / np.float32(2)) - np.float32(3)
+
+
+def test_top_k_orders_equal_logits_as_std_partial_sort():
+    cur = Candidates.from_logits(_tied(300))
+    top_k(cur, 20)
+    assert cur.ids.tolist() == [110, 71, 188, 58, 136, 201, 19, 240, 149, 162, 32, 6, 214, 45, 227, 123, 253, 175,
+                                97, 84]
+
+
+def test_full_sort_orders_equal_logits_as_llama_cpps_bucket_sort():
+    cur = Candidates.from_logits(_tied(49152))
+    softmax(cur, sort=True)
+    assert cur.ids[:40].tolist() == [
+        32844, 32662, 32675, 32688, 32701, 32714, 32727, 32740, 32753, 32766, 32779, 32792, 32805, 32818, 32831,
+        32649, 32857, 32870, 32883, 32896, 32909, 32922, 32935, 32948, 32961, 32974, 32987, 33000, 33013, 33026,
+        32454, 32272, 32285, 32298, 32311, 32324, 32337, 32350, 32363, 32376]
+
+
+def test_top_p_head_is_llama_cpps_256_bucket_sort():
+    from llamachat.runtime.sampling import _bucket_sort
+
+    assert _bucket_sort(_tied(2000), 256)[:40].tolist() == [
+        1384, 1267, 1280, 1293, 1306, 1319, 1332, 1345, 1358, 1371, 1254, 1397, 1410, 1423, 1436, 1449, 1462, 1475,
+        1488, 1501, 1137, 1020, 1033, 1046, 1059, 1072, 1085, 1098, 1111, 1124, 1514, 1150, 1163, 1176, 1189, 1202,
+        1215, 1228, 1241, 1891]
+
+
+def test_typical_sorts_its_scores_as_std_sort():
+    from llamachat.runtime.sampling import _ascending_order
+
+    assert _ascending_order(_tied(40)).tolist() == [
+        39, 26, 0, 13, 20, 33, 7, 1, 27, 14, 8, 34, 21, 15, 2, 28, 35, 9, 22, 16, 29, 3, 36, 23, 10, 17, 4, 30, 24, 37,
+        11, 31, 18, 5, 12, 38, 25, 32, 19, 6]
+
+
+def test_softmax_uses_the_c_librarys_expf():
+    # glibc 2.36's expf(-0.0137f) is 0x3f7c8447 (libm called through ctypes); numpy 2.4's float32 exp gives
+    # 0x3f7c8448 on AVX-512, which would make the second probability 0.49657506
+    e = np.array([0x3F7C8447], np.uint32).view(np.float32)[0]
+    cur = Candidates.from_logits(np.array([0.0, -0.0137], np.float32))
+    softmax(cur, sort=False)
+    total = np.float32(1.0) + e
+    assert cur.p.tolist() == [np.float32(1.0) / total, e / total]
 
 
 # --- the chain ---------------------------------------------------------------------------------
@@ -295,3 +352,58 @@ def test_the_callers_logits_are_never_changed():
         s.accept_many(range(100))
         s.sample(logits)
         assert np.array_equal(logits, before)
+
+
+# --- llama.cpp's own continuations at temperature > 0 (real model) ------------------------------------
+
+
+def _sampled_cases():
+    """The `sampled` cases of ../shared/reference/smollm2.json, one pytest id per case."""
+    import json
+
+    from conftest import REFERENCE_DIR
+
+    ref = REFERENCE_DIR / "smollm2.json"
+    cases = json.loads(ref.read_text())["sampled"] if ref.is_file() else []
+    return [pytest.param(i, id=f"{c['name']}, seed {c['seed']}") for i, c in enumerate(cases)] or [
+        pytest.param(0, id="no-reference")]
+
+
+@pytest.fixture(scope="module")
+def smollm2_generator(smollm2_path):
+    from llamachat.runtime.generate import Generator
+    from llamachat.runtime.model import load_model
+    from llamachat.runtime.tokenizer import Tokenizer
+
+    model = load_model(smollm2_path, n_ctx=512)
+    yield Generator(model, Tokenizer.from_gguf(smollm2_path))
+    model.close()
+
+
+# llama-completion prints "\n\n" after the generated text (tools/completion/completion.cpp, at the
+# end of main), and the reference keeps what it printed.
+LLAMA_COMPLETION_TRAILER = "\n\n"
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("index", _sampled_cases())
+def test_sampled_continuation_is_llama_cpps_token_for_token(smollm2_generator, reference, index):
+    """The whole chain (penalties, top-k, typical, top-p, min-p, temperature, the seeded draw;
+    mirostat 1 and 2) against llama-completion's text for the same prompt, seed and settings."""
+    case = reference["sampled"][index]
+    assert case["continuation"].endswith(LLAMA_COMPLETION_TRAILER)
+    expected = case["continuation"][:-len(LLAMA_COMPLETION_TRAILER)]
+    p = case["params"]
+    params = SamplingParams(
+        temp=p["temp"], top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"], typical_p=p["typical_p"],
+        repeat_penalty=p["repeat_penalty"], repeat_last_n=p["repeat_last_n"],
+        presence_penalty=p["presence_penalty"], frequency_penalty=p["frequency_penalty"],
+        mirostat=p["mirostat"], mirostat_tau=p["mirostat_tau"], mirostat_eta=p["mirostat_eta"], seed=case["seed"])
+    gen = smollm2_generator
+    gen.reset()  # llama-completion evaluates the whole prompt
+    prompt = gen.tokenizer.encode(case["prompt"], add_special=True, parse_special=True)
+    text = "".join(gen.generate(prompt, params, n_predict=case["n_predict"]))
+    assert text == expected
+    stats = gen.last_stats
+    assert stats.stop_reason == ("eos" if case["ended_with_eos"] else "length")
+    assert (stats.completion_tokens == case["n_predict"]) != case["ended_with_eos"]
