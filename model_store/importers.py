@@ -15,7 +15,8 @@ Owns the import's sequence and its promises:
    neither the source nor the library is touched.
 
 The sources' readers live in import_hf.py, import_meta.py (with safetensors_reader.py,
-pth_reader.py, vocab_convert.py) and lora.py; conversion.py writes the F16 file.
+pth_reader.py, vocab_convert.py), ggml_reader.py (llama.cpp's files from before GGUF) and
+lora.py; conversion.py writes the F16 file.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizat
 @dataclass
 class ImportResult:
     entry: ModelEntry
-    kind: str  # "GGUF", "Hugging Face", "Meta"
+    kind: str  # "GGUF", "Hugging Face", "Meta", "ggml" (llama.cpp's files before GGUF)
     path: Path
     size: int  # bytes of the stored file
     f16_size: int | None = None  # bytes of the F16 conversion (before quantizing), if made
@@ -54,11 +55,18 @@ class ImportResult:
 
 
 def source_kind(source: Path) -> str:
-    if source.is_file():
-        with open(source, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return "GGUF"
-        raise UserError(f"{source}: not a GGUF file; import takes a .gguf file, a Hugging Face model folder (config.json) or a Meta checkpoint folder (params.json)")
+    if source.exists() and not source.is_dir():
+        from .ggml_reader import is_ggml
+
+        try:
+            with open(source, "rb") as f:
+                if f.read(4) == b"GGUF":
+                    return "GGUF"
+        except OSError as err:
+            raise UserError(f"{source}: cannot read ({err.strerror})") from None
+        if is_ggml(source):
+            return "ggml"
+        raise UserError(f"{source}: not a GGUF file; import takes a .gguf file, a Hugging Face model folder (config.json), a Meta checkpoint folder (params.json) or one of llama.cpp's older ggml/ggmf/ggjt .bin files")
     if source.is_dir():
         if (source / "config.json").is_file():
             return "Hugging Face"
@@ -161,7 +169,7 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
     kind = source_kind(source)
     quant = check_quant_type(quant)
     float_type = GGMLQuantizationType.F16
-    if quant in ("F16", "BF16", "F32") and kind != "GGUF":
+    if quant in ("F16", "BF16", "F32") and kind not in ("GGUF", "ggml"):
         float_type, quant = GGMLQuantizationType[quant], None  # written directly by the conversion
     name = check_name(name if name is not None else default_name(source, quant or (float_type.name if float_type != GGMLQuantizationType.F16 else None)))
     library = Library.load()
@@ -187,7 +195,18 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
         raise UserError(f"{models_dir}: cannot create the models folder ({err.strerror})") from None
     notes: list[str] = []
     conv = None
-    if kind == "GGUF":
+    old = None
+    if kind == "ggml":  # checked whole now; converted to GGUF in the work folder below
+        from .ggml_reader import read_ggml
+
+        old = read_ggml(source)
+        if quant and any(t.ggml_type not in FLOAT_TYPES for t in old.tensors):
+            raise UserError(f"{source} is already quantized; importing it with --quant would quantize it twice: import it as it is, then use `llamachat quantize --allow-requantize` if you mean it")
+        if adapter is not None:
+            raise UserError(f"{source}: a LoRA is merged while converting float weights: import the {old.label} file first, then import the library's GGUF with --lora")
+        source_size = old.file_size
+        need = source_size if quant is None else source_size * 3 // 2
+    elif kind == "GGUF":
         source_size, is_float = _check_gguf_source(source, quant, adapter)
         if adapter is not None:
             conv = plan_gguf(source, name)
@@ -210,7 +229,7 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
             t.float_type = float_type
         need = conv.out_nbytes + (conv.out_nbytes // 2 if quant else 0)
         source_size = None
-    else:
+    elif old is None:
         need = source_size if quant is None else source_size // 2
     if free_bytes(models_dir) < need + (16 << 20):
         raise _space_error(models_dir, name, need)
@@ -227,6 +246,12 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
                 _validate(f16)
                 f16_size = f16.stat().st_size
                 current = f16
+            elif old is not None:
+                from .ggml_reader import convert_ggml
+
+                current, old_notes, _ = convert_ggml(source, work / "converted.gguf", name, progress)
+                notes += old_notes
+                _validate(current)
             else:
                 current = _bring_gguf(source, work / "source.gguf", progress)
             result = current

@@ -12,7 +12,7 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="SOURCE", help="a .gguf file, a Hugging Face model folder (config.json) or a Meta checkpoint folder (params.json)")
+    parser.add_argument("source", metavar="SOURCE", help="a .gguf file, a Hugging Face model folder (config.json), a Meta checkpoint folder (params.json) or an old llama.cpp ggml/ggmf/ggjt .bin file")
     parser.add_argument("--name", help="library name (default: made from SOURCE and the quant type)")
     parser.add_argument("--quant", metavar="TYPE", help="quantize after converting: Q4_K_M, Q8_0, Q4_0, ... (as llama-quantize names them)")
     parser.add_argument("--lora", metavar="ADAPTER", help="merge this PEFT LoRA adapter folder into the weights first")
