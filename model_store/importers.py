@@ -51,7 +51,7 @@ class ImportResult:
     f16_size: int | None = None  # bytes of the F16 conversion (before quantizing), if made
     source_size: int | None = None  # bytes of a GGUF source
     notes: list[str] = field(default_factory=list)
-    report: dict | None = None  # --report: {"tokens", "f16", "result" (perplexities), "f16_size", "result_size"}
+    report: dict | None = None  # --report: quality_report's figures
 
 
 def source_kind(source: Path) -> str:
@@ -268,7 +268,8 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
             rep = quality_report(current, result, progress)
         _place(result, dest)
         try:
-            entry = Library.load().add(dest, name=name, description=f"imported from {source.name} ({kind}{', ' + quant if quant else ''})")
+            entry = Library.load().add(dest, name=name, description=f"imported from {source.name} ({kind}{', ' + quant if quant else ''})",
+                                       quality=quality_entry(rep, _float_type_of(current)) if rep else None)
         except BaseException:
             dest.unlink(missing_ok=True)
             raise
@@ -276,6 +277,15 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
         shutil.rmtree(work, ignore_errors=True)
     return ImportResult(entry=entry, kind=kind, path=dest, size=dest.stat().st_size, f16_size=f16_size,
                         source_size=source_size, notes=notes, report=rep)
+
+
+def _float_type_of(path: Path) -> str:
+    """F16, BF16 or F32: the type of a float source's matrices, for the report."""
+    from llamachat.runtime.gguf_file import GGUFFile
+
+    with GGUFFile(path) as g:
+        types = {t.ggml_type.name for t in g.tensors.values() if len(t.shape) == 2}
+    return "F32" if types == {"F32"} else "BF16" if "BF16" in types else "F16"
 
 
 def _place(result: Path, dest: Path) -> None:
@@ -384,35 +394,55 @@ merge rules, and the special tokens that begin and end a turn of a conversation.
 REPORT_MAX_CTX = 128
 
 
-def text_perplexity(path: Path, text: str = REPORT_TEXT) -> tuple[float, int, int]:
-    """(perplexity, tokens scored, n_ctx) of `text` by llama-perplexity's method
-    (runtime.perplexity), with the largest even context up to REPORT_MAX_CTX (and the
-    model's training context) that still gives the two chunks that method needs."""
-    from llamachat.runtime.gguf_file import GGUFFile
-    from llamachat.runtime.model import load_model
-    from llamachat.runtime.perplexity import perplexity
+def _report_tokens(g, text: str) -> tuple[list[int], int, int | None]:
+    """(tokens of `text`, n_ctx, bos id or None) for the model in GGUFFile `g`: the largest
+    even context up to REPORT_MAX_CTX (and the training context) that still gives the two
+    chunks llama-perplexity's method needs."""
     from llamachat.runtime.tokenizer import Tokenizer
 
-    with GGUFFile(path) as g:
-        tok = Tokenizer.from_gguf(g)
-        tokens = tok.encode(text, add_special=True)
-        n_ctx = min(REPORT_MAX_CTX, len(tokens) // 2, int(g.get("llama.context_length", REPORT_MAX_CTX))) // 2 * 2
-        if n_ctx < 4:
-            raise UserError(f"{path}: the built-in text is too short for this vocabulary to measure perplexity")
-        model = load_model(g, n_ctx=n_ctx)
-        try:
-            result = perplexity(model, tokens, n_ctx, bos_id=tok.bos_id if tok.add_bos else None)
-        finally:
-            model.close()
-    return result.ppl, result.count, n_ctx
+    tok = Tokenizer.from_gguf(g)
+    tokens = tok.encode(text, add_special=True)
+    n_ctx = min(REPORT_MAX_CTX, len(tokens) // 2, int(g.get("llama.context_length", REPORT_MAX_CTX))) // 2 * 2
+    if n_ctx < 4:
+        raise UserError(f"{g.path}: the built-in text is too short for this vocabulary to measure perplexity")
+    return tokens, n_ctx, tok.bos_id if tok.add_bos else None
 
 
-def quality_report(f16_path: Path, result_path: Path, progress: Progress | None = None) -> dict:
-    """Perplexity of the F16 source and of the result on REPORT_TEXT, with both sizes."""
-    out = {}
-    for i, (key, path) in enumerate((("f16", f16_path), ("result", result_path))):
+def quality_report(f16_path: Path, result_path: Path, progress: Progress | None = None, text: str = REPORT_TEXT) -> dict:
+    """The result measured against its float source on `text`, as llama-perplexity
+    --kl-divergence does: both perplexities, the mean KL divergence (nats per token, with its
+    standard error) and how often the two models' top tokens agree, over the same scored
+    tokens; with both sizes. `progress("report", chunk, chunks, what)` after each chunk."""
+    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.model import load_model
+    from llamachat.runtime.perplexity import kl_divergence, scored_log_probs
+
+    with GGUFFile(f16_path) as g:
+        tokens, n_ctx, bos = _report_tokens(g, text)
+    n_chunks = len(tokens) // n_ctx
+    runs = []
+    for step, path in enumerate((f16_path, result_path)):
+        label = "the float source" if step == 0 else path.stem
+
+        def on_chunk(i, n, step=step, label=label):
+            if progress:
+                progress("report", step * n_chunks + i, 2 * n_chunks, f"{label}: chunk {i}/{n}")
+
         if progress:
-            progress("report", i, 2, f"perplexity of {path.stem}")
-        out[key], out["tokens"], out["n_ctx"] = text_perplexity(path)
-        out[key + "_size"] = path.stat().st_size
-    return out
+            progress("report", step * n_chunks, 2 * n_chunks, f"{label}: chunk 0/{n_chunks}")
+        with GGUFFile(path) as g:
+            model = load_model(g, n_ctx=n_ctx)
+            try:
+                runs.append(scored_log_probs(model, tokens, n_ctx, bos_id=bos, on_chunk=on_chunk))
+            finally:
+                model.close()
+    kl = kl_divergence(*runs)
+    return {"tokens": kl.count, "n_ctx": n_ctx, "f16": kl.base_ppl, "result": kl.ppl, "kl": kl.kl_mean,
+            "kl_stderr": kl.kl_stderr, "top_agree": kl.top_agree,
+            "f16_size": f16_path.stat().st_size, "result_size": result_path.stat().st_size}
+
+
+def quality_entry(report: dict, source_type: str = "F16") -> dict:
+    """What the library keeps of a report (models.toml `quality`, shown by `models list`)."""
+    return {"ppl": round(report["result"], 4), "source_ppl": round(report["f16"], 4), "kl": round(report["kl"], 6),
+            "top_agree": round(report["top_agree"], 4), "tokens": int(report["tokens"]), "source": source_type}
