@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+from importlib import resources
 import re
 import shutil
 import tempfile
@@ -370,28 +371,13 @@ def _bring_gguf(source: Path, target: Path, progress: Progress | None) -> Path:
 
 # --report -----------------------------------------------------------------------------
 
-# A short, plain passage (written for llamachat): enough tokens for a few chunks of
-# llama-perplexity's method on any vocabulary, few enough that scoring takes seconds.
-REPORT_TEXT = """\
-The quick brown fox jumps over the lazy dog. A language model reads text one token at a
-time and, at every step, gives a probability to each token that could come next.
-Perplexity is the exponential of the average negative log probability the model gave to
-the tokens that really came next, so lower is better: a model that is never surprised has
-a perplexity of one. Quantization stores each weight in fewer bits, which makes a model
-smaller and faster to run on an ordinary computer, at the cost of some accuracy. Eight
-bits per weight cost almost nothing; four bits cost a little more; two or three bits cost
-noticeably more, most of all for small models. This short passage is only a rough check:
-it shows how much a quantization type changes the model's predictions compared with the
-sixteen-bit file it was made from, before you spend time chatting with it.
-
-A library keeps the models you have added under short names, each with its own defaults
-for temperature, context size and the other sampling settings. Importing a model converts
-its weights from the format it was published in to a single GGUF file, checks the file,
-and only then records it under its name, so that a failed or interrupted import leaves
-nothing behind. The vocabulary travels with the weights: the tokens, their scores or
-merge rules, and the special tokens that begin and end a turn of a conversation.
-"""
+# Prose of several kinds (history, a recipe, a letter, questions and answers, a story with
+# dialogue, advice, numbers), written for llamachat and shipped as package data: a few
+# thousand tokens for any vocabulary, enough for a steady mean KL divergence, few enough
+# that measuring a small model takes seconds.
+REPORT_TEXT = resources.files("llamachat.model_store").joinpath("quality_text.txt").read_text(encoding="utf-8")
 REPORT_MAX_CTX = 128
+REPORT_MAX_CHUNKS = 24  # a small vocabulary makes many tokens of the text: at most this many chunks
 
 
 def _report_tokens(g, text: str) -> tuple[list[int], int, int | None]:
@@ -419,7 +405,7 @@ def quality_report(f16_path: Path, result_path: Path, progress: Progress | None 
 
     with GGUFFile(f16_path) as g:
         tokens, n_ctx, bos = _report_tokens(g, text)
-    n_chunks = len(tokens) // n_ctx
+    n_chunks = min(len(tokens) // n_ctx, REPORT_MAX_CHUNKS)
     runs = []
     for step, path in enumerate((f16_path, result_path)):
         label = "the float source" if step == 0 else path.stem
@@ -433,7 +419,7 @@ def quality_report(f16_path: Path, result_path: Path, progress: Progress | None 
         with GGUFFile(path) as g:
             model = load_model(g, n_ctx=n_ctx)
             try:
-                runs.append(scored_log_probs(model, tokens, n_ctx, bos_id=bos, on_chunk=on_chunk))
+                runs.append(scored_log_probs(model, tokens, n_ctx, n_chunks=n_chunks, bos_id=bos, on_chunk=on_chunk))
             finally:
                 model.close()
     kl = kl_divergence(*runs)

@@ -98,17 +98,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - mx - np.log(np.exp(x - mx).sum(axis=1, keepdims=True))
 
 
-def scored_log_probs(model, tokens: Sequence[int], n_ctx: int, bos_id: int | None = None,
+def scored_log_probs(model, tokens: Sequence[int], n_ctx: int, n_chunks: int = -1, bos_id: int | None = None,
                      on_chunk: Callable[[int, int], None] | None = None,
                      cancel: threading.Event | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per chunk of `perplexity`'s method: (log-probabilities at the scored positions, as
     float32 [n_ctx/2 - 1, n_vocab], and the tokens that followed). The base model's
     distributions are kept this way while the compared model runs (llama-perplexity writes
-    them to a file instead). on_chunk(i, n) after each chunk (1-based)."""
+    them to a file instead). At most `n_chunks` chunks when >= 0; on_chunk(i, n) after each
+    chunk (1-based)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     if n_ctx < 4 or n_ctx % 2 or len(tokens) < 2 * n_ctx:
         raise UserError(f"you need at least {2 * n_ctx} tokens and an even context of at least 4 to compare models (the text has {len(tokens)} tokens)")
-    n = len(tokens) // n_ctx
+    n = len(tokens) // n_ctx if n_chunks < 0 else min(n_chunks, len(tokens) // n_ctx)
     first = n_ctx // 2
     out = []
     for i in range(n):
