@@ -10,6 +10,11 @@ The file, as llama.cpp's loader read it (all integers little-endian int32/uint32
                 (row length first, as GGUF), the name, then (ggjt only) zero padding to a
                 multiple of 32 bytes from the file's start, then the data.
 
+Before ggjt, a 13B or larger model was written in parts, FILE, FILE.1, FILE.2, ..., each with
+the whole header and vocabulary and a slice of every matrix (tok_embeddings, wo and w2 cut
+along their rows' length, the others into groups of rows, norms whole in each): they are
+joined as llama.cpp's loader joined them.
+
 Tensor names are Meta's (tok_embeddings.weight, layers.N.attention.wq.weight, ...) with q/k
 rows already in llama.cpp's order. n_ff is not stored: llama.cpp derived it from n_mult,
 ((2*4*n_embd/3 + n_mult - 1) / n_mult) * n_mult; n_head_kv is not stored either (the 70B
@@ -75,6 +80,8 @@ class OldTensor:
     ggml_type: GGMLQuantizationType
     offset: int  # of the data in the file
     nbytes: int  # stored bytes
+    pieces: list = field(default_factory=list)  # a split file's parts: [(path, OldTensor)], joined along ne[axis]
+    axis: int = 0
 
 
 @dataclass
@@ -91,7 +98,8 @@ class GGMLFile:
     ftype: int
     vocab: list[tuple[bytes, float]] = field(default_factory=list)
     tensors: list[OldTensor] = field(default_factory=list)
-    file_size: int = 0
+    file_size: int = 0  # all parts together
+    n_parts: int = 1
 
     @property
     def label(self) -> str:
@@ -139,9 +147,22 @@ class _Reader:
 
 
 def read_ggml(path) -> GGMLFile:
-    """The header, vocabulary and tensor table of an old llama.cpp file, every size checked
-    against the file's before anything large is read."""
+    """The header, vocabulary and tensor table of an old llama.cpp file (joined with its
+    parts FILE.1, FILE.2, ... when it has them), every size checked against the file's before
+    anything large is read."""
     path = Path(path)
+    gf = _read_one(path)
+    part_paths = []
+    if gf.fmt != "ggjt":  # ggjt files were always whole; older 13B+ conversions were split
+        while (p := path.with_name(f"{path.name}.{len(part_paths) + 1}")).exists():
+            part_paths.append(p)
+    if part_paths:
+        gf = _join_parts(gf, [gf] + [_read_one(p) for p in part_paths])
+    _check_tensors(gf)
+    return gf
+
+
+def _read_one(path: Path) -> GGMLFile:
     try:
         f = open(path, "rb")
     except OSError as err:
@@ -163,8 +184,47 @@ def read_ggml(path) -> GGMLFile:
         _check_hparams(gf)
         gf.vocab = _read_vocab(r, gf)
         gf.tensors = _read_tensor_table(r, gf)
-    _check_tensors(gf)
     return gf
+
+
+def split_axis(meta_name: str) -> int:
+    """The ne axis a multi-part file split a matrix along, as llama.cpp's loader joined them:
+    tok_embeddings, wo and w2 by columns (ne0), every other matrix by rows (ne1)."""
+    if meta_name.startswith("tok_embeddings.") or meta_name.endswith((".attention.wo.weight", ".feed_forward.w2.weight")):
+        return 0
+    return 1
+
+
+def _join_parts(first: GGMLFile, parts: list[GGMLFile]) -> GGMLFile:
+    """One GGMLFile whose matrices list their pieces, one per part file, in order."""
+    hp = ("fmt", "version", "n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot")
+    for part in parts[1:]:
+        if any(getattr(part, k) != getattr(first, k) for k in hp) or [n for n, _ in part.vocab] != [n for n, _ in first.vocab]:
+            raise UserError(f"{part.path}: its header differs from {first.path.name}'s; the parts do not belong together")
+        if [t.name for t in part.tensors] != [t.name for t in first.tensors]:
+            raise UserError(f"{part.path}: holds different tensors from {first.path.name}; the parts do not belong together")
+    joined = []
+    for i, t in enumerate(first.tensors):
+        pieces = [p.tensors[i] for p in parts]
+        if any(q.ggml_type != t.ggml_type or len(q.ne) != len(t.ne) for q in pieces):
+            raise UserError(f"{parts[1].path}: tensor {t.name} differs in type from {first.path.name}'s; the parts do not belong together")
+        if len(t.ne) == 1:  # norms are whole in every part
+            if any(q.ne != t.ne for q in pieces):
+                raise UserError(f"{parts[1].path}: tensor {t.name} has another size than in {first.path.name}; the parts do not belong together")
+            joined.append(t)
+            continue
+        axis = split_axis(t.name)
+        other = 1 - axis
+        if any(q.ne[other] != t.ne[other] for q in pieces):
+            raise UserError(f"{parts[1].path}: tensor {t.name} is not split the way llama.cpp split it (along ne{axis}); the parts do not belong together")
+        ne = list(t.ne)
+        ne[axis] = sum(q.ne[axis] for q in pieces)
+        joined.append(OldTensor(t.name, tuple(ne), t.ggml_type, t.offset, sum(q.nbytes for q in pieces),
+                                pieces=[(part.path, q) for part, q in zip(parts, pieces)], axis=axis))
+    first.tensors = joined
+    first.file_size = sum(p.file_size for p in parts)
+    first.n_parts = len(parts)
+    return first
 
 
 def _check_hparams(gf: GGMLFile) -> None:
@@ -270,9 +330,6 @@ def n_embd_kv(gf: GGMLFile) -> int:
 
 
 def _check_tensors(gf: GGMLFile) -> None:
-    if gf.file_size > 0 and (gf.path.with_name(gf.path.name + ".1")).exists() and gf.fmt != "ggjt":
-        raise UserError(f"{gf.path}: {gf.path.name}.1 beside it means a model split in parts, which llamachat cannot join; "
-                        "convert the original weights (a Meta or Hugging Face folder) instead")
     seen = set()
     for t in gf.tensors:
         if t.name in seen:
@@ -390,7 +447,8 @@ def gguf_vocab(gf: GGMLFile) -> tuple[list[str], list[float], list[int], list[st
 def convert_ggml(source, out: Path, name: str, progress: Progress | None = None) -> tuple[Path, list[str], GGMLFile]:
     """Rewrite an old llama.cpp file as GGUF at `out` (atomically); returns (out, notes, file)."""
     gf = read_ggml(source)
-    notes = [f"read a {gf.label} file ({FTYPE_NAMES[gf.ftype]}); context length {CONTEXT_LENGTH} and "
+    parts = f" in {gf.n_parts} parts" if gf.n_parts > 1 else ""
+    notes = [f"read a {gf.label} file{parts} ({FTYPE_NAMES[gf.ftype]}); context length {CONTEXT_LENGTH} and "
              f"RMS norm epsilon {RMS_EPS:g} are not stored in it: llama.cpp's converter defaults used"]
     kv = n_embd_kv(gf)
     gw = new_recorder(name)
@@ -418,7 +476,7 @@ def convert_ggml(source, out: Path, name: str, progress: Progress | None = None)
     gw.add_eos_token_id(2)
     metadata, value_types = recorded_metadata(gw)
 
-    data = np.memmap(gf.path, dtype=np.uint8, mode="r")
+    maps = {p: np.memmap(p, dtype=np.uint8, mode="r") for p in {gf.path} | {p for t in gf.tensors for p, _ in t.pieces}}
     rounding = ScaleRounding()
     total = len(gf.tensors)
 
@@ -426,7 +484,13 @@ def convert_ggml(source, out: Path, name: str, progress: Progress | None = None)
         def load():
             if progress:
                 progress("convert", i, total, f"{t.name} {t.ggml_type.name} ({gf.label}) -> {gguf_name(t.name)} {t.ggml_type.name} {list(t.ne)}")
-            out_bytes = convert_blocks(data[t.offset:t.offset + t.nbytes], t.ggml_type, gf.qnt_version, f"{gf.path}: tensor {t.name}", rounding)
+            what = f"{gf.path}: tensor {t.name}"
+            if not t.pieces:
+                out_bytes = convert_blocks(maps[gf.path][t.offset:t.offset + t.nbytes], t.ggml_type, gf.qnt_version, what, rounding)
+            else:  # each part's rows (axis 1) or each row's parts (axis 0), in part order
+                converted = [convert_blocks(maps[p][q.offset:q.offset + q.nbytes], q.ggml_type, gf.qnt_version, what, rounding).reshape(q.ne[1], -1)
+                             for p, q in t.pieces]
+                out_bytes = np.concatenate(converted, axis=0 if t.axis == 1 else 1).reshape(-1)
             if progress and i + 1 == total:
                 progress("convert", total, total, "")
             return out_bytes
@@ -437,7 +501,7 @@ def convert_ggml(source, out: Path, name: str, progress: Progress | None = None)
     try:
         write_gguf(out, metadata, entries, value_types=value_types)
     finally:
-        del data
+        maps.clear()
     if rounding.count:
         notes.append(f"{rounding.count} float32 block scales of the {gf.label} file were rounded to GGUF's float16 "
                      f"(largest relative change {rounding.worst:.2g}); the quantized values are kept bit for bit")

@@ -262,6 +262,34 @@ def test_float32_scales_are_rounded_and_the_quants_kept(tmp_path, weights, spm):
             assert np.all(np.abs(got - want) <= np.abs(want) * 2.0 ** -11 + 1e-30), name
 
 
+@pytest.mark.parametrize("fmt,version,t", [("ggmf", 1, T.F16), ("ggml", None, T.Q4_0)])
+def test_model_in_parts_is_joined(tmp_path, weights, spm, fmt, version, t):
+    """A 13B-style split in two files, FILE and FILE.1, cut as llama.cpp's converter cut them."""
+    n_parts = 2
+    parts = [[] for _ in range(n_parts)]
+    for name, w in weights.items():
+        if w.ndim == 1:
+            for p in parts:
+                p.append((name, (w.shape[0],), 0, w.astype("<f4").tobytes()))
+            continue
+        by_columns = name.startswith("tok_embeddings.") or name.endswith((".attention.wo.weight", ".feed_forward.w2.weight"))
+        for p, piece in zip(parts, np.split(w, n_parts, axis=1 if by_columns else 0)):
+            raw = gguf_blocks({name: piece}, t)[name]
+            p.append((name, tuple(reversed(piece.shape)), int(t), old_layout(raw, t, 0)))
+    src = tmp_path / "ggml-model.bin"
+    write_old_file(src, fmt, version, old_vocab(spm), parts[0], {"ftype": FTYPE[t]})
+    write_old_file(tmp_path / "ggml-model.bin.1", fmt, version, old_vocab(spm), parts[1], {"ftype": FTYPE[t]})
+    result = run_import(src, name="joined")
+    assert "in 2 parts" in result.notes[0]
+    blocks = gguf_blocks(weights, t)
+    with GGUFFile(result.path) as g:
+        for name, w in weights.items():
+            np.testing.assert_array_equal(np.asarray(g.tensors[gguf_name(name)].data()).view(np.uint8).reshape(-1), blocks[name], err_msg=name)
+    # a part from another model is refused
+    write_old_file(tmp_path / "ggml-model.bin.1", fmt, version, old_vocab(spm), parts[1], {"ftype": FTYPE[t], "n_layer": 1})
+    assert "the parts do not belong together" in _error(src)
+
+
 # --- refusals ----------------------------------------------------------------------------
 
 def _error(src, **kw) -> str:
