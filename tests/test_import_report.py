@@ -10,7 +10,6 @@ import pytest
 
 from llamachat.model_store.importers import REPORT_MAX_CHUNKS, REPORT_TEXT, run_import
 from llamachat.model_store.library import Library
-from llamachat.runtime.errors import UserError
 from llamachat.runtime.perplexity import kl_divergence, scored_log_probs
 from llamachat.tui.cli import main
 from test_import_hf import sentencepiece_model
