@@ -15,13 +15,15 @@ Owns the import's sequence and its promises:
    neither the source nor the library is touched.
 
 The sources' readers live in import_hf.py, import_meta.py (with safetensors_reader.py,
-pth_reader.py, vocab_convert.py) and lora.py; conversion.py writes the F16 file.
+pth_reader.py, vocab_convert.py), ggml_reader.py (llama.cpp's files from before GGUF) and
+lora.py; conversion.py writes the F16 file.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from importlib import resources
 import re
 import shutil
 import tempfile
@@ -44,21 +46,28 @@ FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizat
 @dataclass
 class ImportResult:
     entry: ModelEntry
-    kind: str  # "GGUF", "Hugging Face", "Meta"
+    kind: str  # "GGUF", "Hugging Face", "Meta", "ggml" (llama.cpp's files before GGUF)
     path: Path
     size: int  # bytes of the stored file
     f16_size: int | None = None  # bytes of the F16 conversion (before quantizing), if made
     source_size: int | None = None  # bytes of a GGUF source
     notes: list[str] = field(default_factory=list)
-    report: dict | None = None  # --report: {"tokens", "f16", "result" (perplexities), "f16_size", "result_size"}
+    report: dict | None = None  # --report: quality_report's figures
 
 
 def source_kind(source: Path) -> str:
-    if source.is_file():
-        with open(source, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return "GGUF"
-        raise UserError(f"{source}: not a GGUF file; import takes a .gguf file, a Hugging Face model folder (config.json) or a Meta checkpoint folder (params.json)")
+    if source.exists() and not source.is_dir():
+        from .ggml_reader import is_ggml
+
+        try:
+            with open(source, "rb") as f:
+                if f.read(4) == b"GGUF":
+                    return "GGUF"
+        except OSError as err:
+            raise UserError(f"{source}: cannot read ({err.strerror})") from None
+        if is_ggml(source):
+            return "ggml"
+        raise UserError(f"{source}: not a GGUF file; import takes a .gguf file, a Hugging Face model folder (config.json), a Meta checkpoint folder (params.json) or one of llama.cpp's older ggml/ggmf/ggjt .bin files")
     if source.is_dir():
         if (source / "config.json").is_file():
             return "Hugging Face"
@@ -163,7 +172,7 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
     kind = source_kind(source)
     quant = check_quant_type(quant)
     float_type = GGMLQuantizationType.F16
-    if quant in ("F16", "BF16", "F32") and kind != "GGUF":
+    if quant in ("F16", "BF16", "F32") and kind not in ("GGUF", "ggml"):
         float_type, quant = GGMLQuantizationType[quant], None  # written directly by the conversion
     name = check_name(name if name is not None else default_name(source, quant or (float_type.name if float_type != GGMLQuantizationType.F16 else None)))
     library = Library.load()
@@ -189,7 +198,18 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
         raise UserError(f"{models_dir}: cannot create the models folder ({err.strerror})") from None
     notes: list[str] = []
     conv = None
-    if kind == "GGUF":
+    old = None
+    if kind == "ggml":  # checked whole now; converted to GGUF in the work folder below
+        from .ggml_reader import read_ggml
+
+        old = read_ggml(source)
+        if quant and any(t.ggml_type not in FLOAT_TYPES for t in old.tensors):
+            raise UserError(f"{source} is already quantized; importing it with --quant would quantize it twice: import it as it is, then use `llamachat quantize --allow-requantize` if you mean it")
+        if adapter is not None:
+            raise UserError(f"{source}: a LoRA is merged while converting float weights: import the {old.label} file first, then import the library's GGUF with --lora")
+        source_size = old.file_size
+        need = source_size if quant is None else source_size * 3 // 2
+    elif kind == "GGUF":
         source_size, is_float = _check_gguf_source(source, quant, adapter)
         if adapter is not None:
             conv = plan_gguf(source, name)
@@ -212,7 +232,7 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
             t.float_type = float_type
         need = conv.out_nbytes + (conv.out_nbytes // 2 if quant else 0)
         source_size = None
-    else:
+    elif old is None:
         need = source_size if quant is None else source_size // 2
     if free_bytes(models_dir) < need + (16 << 20):
         raise _space_error(models_dir, name, need)
@@ -229,6 +249,12 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
                 _validate(f16)
                 f16_size = f16.stat().st_size
                 current = f16
+            elif old is not None:
+                from .ggml_reader import convert_ggml
+
+                current, old_notes, _ = convert_ggml(source, work / "converted.gguf", name, progress)
+                notes += old_notes
+                _validate(current)
             else:
                 current = _bring_gguf(source, work / "source.gguf", progress)
             result = current
@@ -245,7 +271,8 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
             rep = quality_report(current, result, progress)
         _place(result, dest)
         try:
-            entry = Library.load().add(dest, name=name, description=f"imported from {source.name} ({kind}{', ' + quant if quant else ''})")
+            entry = Library.load().add(dest, name=name, description=f"imported from {source.name} ({kind}{', ' + quant if quant else ''})",
+                                       quality=quality_entry(rep, _float_type_of(current)) if rep else None)
         except BaseException:
             dest.unlink(missing_ok=True)
             raise
@@ -253,6 +280,15 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
         shutil.rmtree(work, ignore_errors=True)
     return ImportResult(entry=entry, kind=kind, path=dest, size=dest.stat().st_size, f16_size=f16_size,
                         source_size=source_size, notes=notes, report=rep)
+
+
+def _float_type_of(path: Path) -> str:
+    """F16, BF16 or F32: the type of a float source's matrices, for the report."""
+    from llamachat.runtime.gguf_file import GGUFFile
+
+    with GGUFFile(path) as g:
+        types = {t.ggml_type.name for t in g.tensors.values() if len(t.shape) == 2}
+    return "F32" if types == {"F32"} else "BF16" if "BF16" in types else "F16"
 
 
 def _place(result: Path, dest: Path) -> None:
@@ -337,59 +373,64 @@ def _bring_gguf(source: Path, target: Path, progress: Progress | None) -> Path:
 
 # --report -----------------------------------------------------------------------------
 
-# A short, plain passage (written for llamachat): enough tokens for a few chunks of
-# llama-perplexity's method on any vocabulary, few enough that scoring takes seconds.
-REPORT_TEXT = """\
-The quick brown fox jumps over the lazy dog. A language model reads text one token at a
-time and, at every step, gives a probability to each token that could come next.
-Perplexity is the exponential of the average negative log probability the model gave to
-the tokens that really came next, so lower is better: a model that is never surprised has
-a perplexity of one. Quantization stores each weight in fewer bits, which makes a model
-smaller and faster to run on an ordinary computer, at the cost of some accuracy. Eight
-bits per weight cost almost nothing; four bits cost a little more; two or three bits cost
-noticeably more, most of all for small models. This short passage is only a rough check:
-it shows how much a quantization type changes the model's predictions compared with the
-sixteen-bit file it was made from, before you spend time chatting with it.
-
-A library keeps the models you have added under short names, each with its own defaults
-for temperature, context size and the other sampling settings. Importing a model converts
-its weights from the format it was published in to a single GGUF file, checks the file,
-and only then records it under its name, so that a failed or interrupted import leaves
-nothing behind. The vocabulary travels with the weights: the tokens, their scores or
-merge rules, and the special tokens that begin and end a turn of a conversation.
-"""
+# Prose of several kinds (history, a recipe, a letter, questions and answers, a story with
+# dialogue, advice, numbers), written for llamachat and shipped as package data: a few
+# thousand tokens for any vocabulary, enough for a steady mean KL divergence, few enough
+# that measuring a small model takes seconds.
+REPORT_TEXT = resources.files("llamachat.model_store").joinpath("quality_text.txt").read_text(encoding="utf-8")
 REPORT_MAX_CTX = 128
+REPORT_MAX_CHUNKS = 24  # a small vocabulary makes many tokens of the text: at most this many chunks
 
 
-def text_perplexity(path: Path, text: str = REPORT_TEXT) -> tuple[float, int, int]:
-    """(perplexity, tokens scored, n_ctx) of `text` by llama-perplexity's method
-    (runtime.perplexity), with the largest even context up to REPORT_MAX_CTX (and the
-    model's training context) that still gives the two chunks that method needs."""
-    from llamachat.runtime.gguf_file import GGUFFile
-    from llamachat.runtime.model import load_model
-    from llamachat.runtime.perplexity import perplexity
+def _report_tokens(g, text: str) -> tuple[list[int], int, int | None]:
+    """(tokens of `text`, n_ctx, bos id or None) for the model in GGUFFile `g`: the largest
+    even context up to REPORT_MAX_CTX (and the training context) that still gives the two
+    chunks llama-perplexity's method needs."""
     from llamachat.runtime.tokenizer import Tokenizer
 
-    with GGUFFile(path) as g:
-        tok = Tokenizer.from_gguf(g)
-        tokens = tok.encode(text, add_special=True)
-        n_ctx = min(REPORT_MAX_CTX, len(tokens) // 2, int(g.get("llama.context_length", REPORT_MAX_CTX))) // 2 * 2
-        if n_ctx < 4:
-            raise UserError(f"{path}: the built-in text is too short for this vocabulary to measure perplexity")
-        model = load_model(g, n_ctx=n_ctx)
-        try:
-            result = perplexity(model, tokens, n_ctx, bos_id=tok.bos_id if tok.add_bos else None)
-        finally:
-            model.close()
-    return result.ppl, result.count, n_ctx
+    tok = Tokenizer.from_gguf(g)
+    tokens = tok.encode(text, add_special=True)
+    n_ctx = min(REPORT_MAX_CTX, len(tokens) // 2, int(g.get("llama.context_length", REPORT_MAX_CTX))) // 2 * 2
+    if n_ctx < 4:
+        raise UserError(f"{g.path}: the built-in text is too short for this vocabulary to measure perplexity")
+    return tokens, n_ctx, tok.bos_id if tok.add_bos else None
 
 
-def quality_report(f16_path: Path, result_path: Path, progress: Progress | None = None) -> dict:
-    """Perplexity of the F16 source and of the result on REPORT_TEXT, with both sizes."""
-    out = {}
-    for i, (key, path) in enumerate((("f16", f16_path), ("result", result_path))):
+def quality_report(f16_path: Path, result_path: Path, progress: Progress | None = None, text: str = REPORT_TEXT) -> dict:
+    """The result measured against its float source on `text`, as llama-perplexity
+    --kl-divergence does: both perplexities, the mean KL divergence (nats per token, with its
+    standard error) and how often the two models' top tokens agree, over the same scored
+    tokens; with both sizes. `progress("report", chunk, chunks, what)` after each chunk."""
+    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.model import load_model
+    from llamachat.runtime.perplexity import kl_divergence, scored_log_probs
+
+    with GGUFFile(f16_path) as g:
+        tokens, n_ctx, bos = _report_tokens(g, text)
+    n_chunks = min(len(tokens) // n_ctx, REPORT_MAX_CHUNKS)
+    runs = []
+    for step, path in enumerate((f16_path, result_path)):
+        label = "the float source" if step == 0 else path.stem
+
+        def on_chunk(i, n, step=step, label=label):
+            if progress:
+                progress("report", step * n_chunks + i, 2 * n_chunks, f"{label}: chunk {i}/{n}")
+
         if progress:
-            progress("report", i, 2, f"perplexity of {path.stem}")
-        out[key], out["tokens"], out["n_ctx"] = text_perplexity(path)
-        out[key + "_size"] = path.stat().st_size
-    return out
+            progress("report", step * n_chunks, 2 * n_chunks, f"{label}: chunk 0/{n_chunks}")
+        with GGUFFile(path) as g:
+            model = load_model(g, n_ctx=n_ctx)
+            try:
+                runs.append(scored_log_probs(model, tokens, n_ctx, n_chunks=n_chunks, bos_id=bos, on_chunk=on_chunk))
+            finally:
+                model.close()
+    kl = kl_divergence(*runs)
+    return {"tokens": kl.count, "n_ctx": n_ctx, "f16": kl.base_ppl, "result": kl.ppl, "kl": kl.kl_mean,
+            "kl_stderr": kl.kl_stderr, "top_agree": kl.top_agree,
+            "f16_size": f16_path.stat().st_size, "result_size": result_path.stat().st_size}
+
+
+def quality_entry(report: dict, source_type: str = "F16") -> dict:
+    """What the library keeps of a report (models.toml `quality`, shown by `models list`)."""
+    return {"ppl": round(report["result"], 4), "source_ppl": round(report["f16"], 4), "kl": round(report["kl"], 6),
+            "top_agree": round(report["top_agree"], 4), "tokens": int(report["tokens"]), "source": source_type}

@@ -55,7 +55,10 @@ MAX_DEPTH = 16  # arrays and tables inside each other
 MAX_WARNINGS = 10
 
 # Keys of a [models.NAME] table besides the settings.
-ENTRY_KEYS = ("path", "description")
+ENTRY_KEYS = ("path", "description", "quality")
+# `quality` (written by `import --quant ... --report`): the figures measured against the float
+# source; only these keys, each a number (source: the source's type as text).
+QUALITY_KEYS = {"ppl": float, "source_ppl": float, "kl": float, "top_agree": float, "tokens": int, "source": str}
 TOP_KEYS = ("version", "default", "models")
 
 # Names are what people type after -m, so keep them shell- and TOML-friendly.
@@ -91,6 +94,9 @@ HEADER = f"""\
 # Each model is a table [models.NAME]; NAME is what you pass to -m. Its keys:
 #   path         the .gguf file; a relative path is inside llamachat's data dir (models/).
 #   description  free text shown by `llamachat models list/show`.
+#   quality      written by `llamachat import --quant TYPE --report`: perplexity (ppl) and
+#                that of the float source (source_ppl), mean KL divergence from the source
+#                (kl) and how often the top token agrees (top_agree), on `tokens` tokens.
 #   and any of these defaults for that model (a command-line flag still wins; a setting
 #   left out keeps llama.cpp's default). Every read of this file checks them:
 {_settings_comment()}
@@ -116,6 +122,7 @@ class ModelEntry:
     settings: dict = field(default_factory=dict)
     missing: bool = False  # the file is gone (listed, never a crash)
     adhoc: bool = False  # a path given on the command line, not in the library
+    quality: dict = field(default_factory=dict)  # QUALITY_KEYS, measured at import (--report)
 
 
 def _config_error(file: Path, message: str) -> ConfigError:
@@ -311,7 +318,20 @@ def _interpret_model(name: str, table, file: Path, warnings: list, newer: bool) 
         except ValueError as err:
             raise _config_error(file, f"{where}: {err}") from None
     path = _resolve_model_path(raw_path)
-    return ModelEntry(name, path, description, settings, missing=not _is_file(path))
+    return ModelEntry(name, path, description, settings, missing=not _is_file(path),
+                      quality=_read_quality(table.get("quality"), f"{file}: {where}", warnings))
+
+
+def _read_quality(raw, where: str, warnings: list) -> dict:
+    """The `quality` figures, or {} with a warning when they are not what import writes
+    (they are informative only: a bad value never makes the library unreadable)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or any(k not in QUALITY_KEYS or isinstance(v, bool) or not isinstance(v, (QUALITY_KEYS[k], int) if QUALITY_KEYS[k] is float else QUALITY_KEYS[k])
+                                        for k, v in raw.items()):
+        warnings.append(f"{where}: quality is not the table of figures `llamachat import --report` writes; ignored")
+        return {}
+    return {k: (float(v) if QUALITY_KEYS[k] is float else v) for k, v in raw.items()}
 
 
 def _interpret(plain: dict, file: Path):
@@ -565,9 +585,11 @@ class Library:
             doc["models"] = tomlkit.table(is_super_table=True)
         return doc["models"]
 
-    def add(self, path, name: str | None = None, description: str = "", settings: dict | None = None) -> ModelEntry:
+    def add(self, path, name: str | None = None, description: str = "", settings: dict | None = None,
+            quality: dict | None = None) -> ModelEntry:
         """Add a GGUF file (validated first: GGUFError if it is not one) under `name`
-        (default: made from the file name). The first model added becomes the default."""
+        (default: made from the file name). The first model added becomes the default.
+        `quality`: figures measured at import (QUALITY_KEYS), kept as an inline table."""
         from llamachat.runtime.gguf_file import GGUFFile
 
         path = _expand(path)
@@ -593,6 +615,10 @@ class Library:
             table["path"] = _stored_path(resolved)
             if description:
                 table["description"] = description
+            if quality:
+                figures = tomlkit.inline_table()
+                figures.update({k: v for k, v in quality.items() if k in QUALITY_KEYS})
+                table["quality"] = figures
             for key, value in checked.items():
                 table[key] = value
             self._models_table(doc)[name] = table

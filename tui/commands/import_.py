@@ -12,11 +12,11 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="SOURCE", help="a .gguf file, a Hugging Face model folder (config.json) or a Meta checkpoint folder (params.json)")
+    parser.add_argument("source", metavar="SOURCE", help="a .gguf file, a Hugging Face model folder (config.json), a Meta checkpoint folder (params.json) or an old llama.cpp ggml/ggmf/ggjt .bin file")
     parser.add_argument("--name", help="library name (default: made from SOURCE and the quant type)")
     parser.add_argument("--quant", metavar="TYPE", help="quantize after converting: Q4_K_M, Q8_0, Q4_0, ... (as llama-quantize names them)")
     parser.add_argument("--lora", metavar="ADAPTER", help="merge this PEFT LoRA adapter folder into the weights first")
-    parser.add_argument("--report", action="store_true", help="with --quant: perplexity of the result and of its F16 source on a short built-in text")
+    parser.add_argument("--report", action="store_true", help="with --quant: measure the result against its F16 source on a built-in text (perplexity of both, mean KL divergence, top-token agreement, as llama-perplexity --kl-divergence) and keep the figures in the library")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-tensor log")
 
 
@@ -40,6 +40,14 @@ class TensorLog:
         if stage in ("convert", "quantize"):
             if what:
                 print(f"  [{done + 1:>{len(str(total))}}/{total}] {what}", file=self.stream, flush=True)
+        elif stage == "report":  # a bar over both models' chunks, redrawn in place on a terminal
+            width = 30
+            filled = done * width // max(total, 1)
+            bar = f"  [{'#' * filled}{'-' * (width - filled)}] {done}/{total} chunks  {what}"
+            if self.stream.isatty():
+                print("\r" + bar + "\x1b[K", end="\n" if done >= total else "", file=self.stream, flush=True)
+            else:
+                print(bar, file=self.stream, flush=True)
         elif stage == "copy":  # byte counts: a line per tenth
             tenth = done * 10 // max(total, 1)
             if tenth != self.last_tenth:
@@ -64,9 +72,15 @@ def run(args) -> int:
     sizes.append(f"stored {_mb(result.size)}")
     print(f"Imported {result.entry.name} ({result.kind}; {', '.join(sizes)}) into {result.path}.")
     if result.report:
-        rep = result.report
-        quant = result.path.stem if args.quant is None else args.quant.upper()
-        print(f"Perplexity on the built-in text (llama-perplexity's method, context {rep['n_ctx']}, {rep['tokens']} tokens scored):")
-        print(f"  {'F16 source':<12} {_mb(rep['f16_size']):>10}  {rep['f16']:10.4f}")
-        print(f"  {quant:<12} {_mb(rep['result_size']):>10}  {rep['result']:10.4f}  ({100 * (rep['result'] / rep['f16'] - 1):+.2f}%)")
+        print_report(result.report, result.path.stem if args.quant is None else args.quant.upper())
     return 0
+
+
+def print_report(rep: dict, quant: str, source: str = "F16 source") -> None:
+    """importers.quality_report's figures as a small table (import and quantize --report)."""
+    print(f"Perplexity on the built-in text (llama-perplexity --kl-divergence's method, context {rep['n_ctx']}, {rep['tokens']} tokens scored):")
+    print(f"  {'':<12} {'size':>10}  {'perplexity':>10}")
+    print(f"  {source:<12} {_mb(rep['f16_size']):>10}  {rep['f16']:10.4f}")
+    print(f"  {quant:<12} {_mb(rep['result_size']):>10}  {rep['result']:10.4f}  ({100 * (rep['result'] / rep['f16'] - 1):+.2f}%)")
+    print(f"  mean KL divergence from the source: {rep['kl']:.6f} +/- {rep['kl_stderr']:.6f} nats per token")
+    print(f"  same top token as the source:       {100 * rep['top_agree']:.2f}%")

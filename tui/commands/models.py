@@ -138,6 +138,13 @@ def _settings_from(assignments) -> dict:
 
 # ---- actions ----------------------------------------------------------------------------------
 
+def quality_text(quality: dict) -> str:
+    """The import report's figures in a few characters: `KL 0.0123 top 96.1%`."""
+    if "kl" not in quality or "top_agree" not in quality:
+        return ""
+    return f"KL {quality['kl']:.4f} top {100 * quality['top_agree']:.1f}%"
+
+
 def do_list(lib, args) -> int:
     from rich.table import Table
 
@@ -147,7 +154,7 @@ def do_list(lib, args) -> int:
         _say(f"The library is empty ({lib.file}). `llamachat pull` fetches the default model; `llamachat models add FILE.gguf` adds one.")
         return 0
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("", "name", "quant", "size", "context", "path", ""):
+    for column in ("", "name", "quant", "size", "context", "quality", "path", ""):
         table.add_column(column, overflow="fold")
     for entry in lib.models.values():
         summary = file_summary(entry.path)
@@ -158,6 +165,7 @@ def do_list(lib, args) -> int:
             summary.quant or "",
             human_size(summary.size),
             str(summary.context_length or ""),
+            quality_text(entry.quality),
             str(entry.path),
             status,
         )
@@ -182,6 +190,10 @@ def do_show(lib, args) -> int:
         ("path", str(entry.path) + ("  (missing)" if entry.missing else "")),
         ("description", entry.description),
     ]
+    if entry.quality:
+        q = entry.quality
+        rows.append(("quality", f"{quality_text(q)}; perplexity {q.get('ppl', float('nan')):.4f} "
+                                f"({q.get('source', 'F16')} source {q.get('source_ppl', float('nan')):.4f}) on {q.get('tokens', '?')} tokens"))
     if summary.error and not entry.missing:
         rows.append(("file", f"invalid: {summary.error}"))
     elif not entry.missing:

@@ -7,6 +7,7 @@ progress bar while it runs, and the totals at the end. The work is runtime.quant
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from llamachat.runtime.quantize_model import QUANT_TYPES
 
@@ -22,6 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--leave-output-tensor", action="store_true",
                         help="copy output.weight as it is instead of quantizing it")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    parser.add_argument("--report", action="store_true",
+                        help="then measure OUT against IN on a built-in text: perplexity of both, mean KL divergence, "
+                             "top-token agreement (as llama-perplexity --kl-divergence); IN must be F16/BF16/F32")
 
 
 def _mib(n: int, decimals: int = 2) -> str:
@@ -36,6 +40,8 @@ def run(args) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     quant_type = parse_quant_type(args.type)  # an unknown TYPE fails before anything is opened
+    if args.report:
+        _check_float_source(args.input)
     console.print(f"quantizing [bold]{args.input}[/] to [bold]{args.output}[/] as [bold]{quant_type}[/]")
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -65,4 +71,28 @@ def run(args) -> int:
         console.print(f"{n_fallback} of {len(result.plans)} tensor(s) required fallback quantization "
                       "(row length not a multiple of the type's block)")
     console.print(f"wrote {result.out_path} in {result.seconds:.1f} s")
+    if args.report:
+        from llamachat.model_store.importers import quality_report
+
+        from .import_ import print_report
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("measuring", total=None)
+
+            def on_chunk(stage, done, total, what=""):
+                progress.update(task, total=total, completed=done, description=f"measuring {what}")
+
+            rep = quality_report(Path(args.input), Path(result.out_path), on_chunk)
+        print_report(rep, quant_type, source="source")
     return 0
+
+
+def _check_float_source(path) -> None:
+    from llamachat.runtime.errors import UserError
+    from llamachat.runtime.gguf_file import GGUFFile
+
+    with GGUFFile(path) as g:
+        quantized = sorted({t.ggml_type.name for t in g.tensors.values() if t.ggml_type.name not in ("F32", "F16", "BF16")})
+    if quantized:
+        raise UserError(f"{path}: --report measures a quantization against its float source, but this file is already quantized ({', '.join(quantized)})")
