@@ -25,7 +25,11 @@ rows, xq int8 [K], xd/xs float32 [K/32]; the 8-row ones write out[r0:r0+8]):
                                llama.cpp leaves unpacked, rows not a multiple of 8)
   q4_0x8_gemv(w, r0, xq, xd, ysum8, t0, out)  Q4_0 rows r0..r0+7 of an interleaved copy
   q4_0x8_gemm(...)             (see below), 1 token / 4 tokens: ggml_gemv/gemm_q4_0_8x8_q8_0
-  q4_1x8_dot8(w, r0, xq, xd, xs, out)  Q4_1 rows r0..r0+7 of an interleaved copy, vec_dot's lanes
+  q4_1x8_gemv(w, r0, xq, xd, xs, t0, out)  Q4_1 rows r0..r0+7 of an interleaved copy, vec_dot's
+  q4_1x8_gemm(...)                         lanes, 1 token / Q4_1X8_TOKENS tokens of a batch
+  q4_1_rows4(w, r, xq, xd, xs, t0, out)    the batch forms of the one-row kernels: row r times
+  q4_1_rows1(...), q8_0_rows4, ...         tokens t0..t0+3 (or t0) into out[t, r], each token
+                                           the one-row kernel's floats
   q4_k_dot8(w, r0, xq, xd, out)            Q4_K, ggml_gemv_q4_K_8x8_q8_K's order;
   q4_k_dot8_chunks(...)                    its gemm's (a batch's tokens in fours)
   f16_dot(w, r, x)             F16 row r against half-rounded activations (ggml_vec_dot_f16)
@@ -341,11 +345,80 @@ def _q6_k_body(builder, blk, y, scales, state):
     return [_lane_accumulate(builder, d, lanes, state[0])]
 
 
+def _tokens_kernel(block_bytes, n_act, init, body, finish, n_t, block_values=32):
+    """The batch form of a `_row_kernel`: an intrinsic (w, r, xq, xd[, xs], t0, out) writing
+    row r times tokens t0..t0+n_t-1 into out[t0:t0+n_t, r] (xq int8 [T, K], xd/xs float32
+    [T, K/32], out float32 [T, rows], all C-contiguous). Each token's state goes through the
+    same body and finish as the one-token kernel (the same floats, bit for bit); the block's
+    bytes are loaded and unpacked once for all n_t tokens (LLVM merges the repeated loads)."""
+
+    def make_sig(w, r, xq, act, t0, out):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, *act, out)):
+            return None
+        if xq.ndim != 2 or out.ndim != 2 or any(a.ndim != 2 for a in act):
+            return None
+        return types.none(w, r, xq, *act, t0, out)
+
+    def codegen(context, builder, signature, args):
+        wt, _, xqt, *act_t = signature.args[:3 + n_act]
+        outt = signature.args[-1]
+        warr = context.make_array(wt)(context, builder, args[0])
+        r, t0 = args[1], args[3 + n_act]
+        row_bytes = builder.extract_value(warr.shape, 1)
+        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
+        xarr = context.make_array(xqt)(context, builder, args[2])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        act_arrs = [context.make_array(t)(context, builder, a) for t, a in zip(act_t, args[3:3 + n_act])]
+        oarr = context.make_array(outt)(context, builder, args[-1])
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+        scale_rows = [[builder.gep(a.data, [builder.mul(tk, builder.extract_value(a.shape, 1))]) for a in act_arrs]
+                      for tk in toks]
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
+        n_state = len(init)
+
+        def block(b, state):
+            o = builder.mul(b, ir.Constant(b.type, block_bytes))
+            blk = builder.gep(row, [o])
+            yo = builder.mul(b, ir.Constant(b.type, block_values))
+            scale_at = builder.mul(b, ir.Constant(b.type, block_values // 32))
+            new = []
+            for t in range(n_t):
+                scales = [builder.load(builder.gep(p, [scale_at])) for p in scale_rows[t]]
+                new += body(builder, blk, builder.gep(yq[t], [yo]), scales, state[n_state * t:n_state * (t + 1)])
+            return new
+
+        state = _state_loop(builder, n_blocks, list(init) * n_t, block)
+        for t in range(n_t):
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
+            builder.store(finish(builder, state[n_state * t:n_state * (t + 1)]), dst)
+        return context.get_dummy_value()
+
+    if n_act == 1:
+        def typer(typingctx, w, r, xq, xd, t0, out):
+            return make_sig(w, r, xq, (xd,), t0, out), codegen
+    else:
+        def typer(typingctx, w, r, xq, xd, xs, t0, out):
+            return make_sig(w, r, xq, (xd, xs), t0, out), codegen
+    return intrinsic(typer)
+
+
+# tokens per step of the batch kernels (a row's blocks unpacked once for all of them)
+ROW_TOKENS = 4
+
 q4_1_dot = intrinsic(_row_kernel(20, 2, [_ZERO8, _ZERO], _q4_1_body, _q4_1_finish))
 q8_0_dot = intrinsic(_row_kernel(34, 1, [_ZERO8], _q8_0_body, _lanes_finish))
 q5_0_dot = intrinsic(_row_kernel(22, 1, [_ZERO8], _q5_0_body, _lanes_finish))
 q4_0_dot = intrinsic(_row_kernel(18, 1, [_ZERO8], _q4_0_body, _lanes_finish))
 q6_k_dot = intrinsic(_row_kernel(210, 1, [_ZERO8], _q6_k_body, _lanes_finish, block_values=256))
+
+# row r times ROW_TOKENS tokens (..._rows4) or one (..._rows1) of a batch: (w, r, xq, xd[, xs], t0, out)
+q4_1_rows4, q4_1_rows1 = (_tokens_kernel(20, 2, [_ZERO8, _ZERO], _q4_1_body, _q4_1_finish, n) for n in (ROW_TOKENS, 1))
+q8_0_rows4, q8_0_rows1 = (_tokens_kernel(34, 1, [_ZERO8], _q8_0_body, _lanes_finish, n) for n in (ROW_TOKENS, 1))
+q5_0_rows4, q5_0_rows1 = (_tokens_kernel(22, 1, [_ZERO8], _q5_0_body, _lanes_finish, n) for n in (ROW_TOKENS, 1))
+q4_0_rows4, q4_0_rows1 = (_tokens_kernel(18, 1, [_ZERO8], _q4_0_body, _lanes_finish, n) for n in (ROW_TOKENS, 1))
+q6_k_rows4, q6_k_rows1 = (_tokens_kernel(210, 1, [_ZERO8], _q6_k_body, _lanes_finish, n, 256) for n in (ROW_TOKENS, 1))
 
 
 def _row_sums8(builder, lanes):
@@ -705,55 +778,75 @@ q4_0x8_gemv = intrinsic(_q4_0x8(1, True))  # 1 token, prefetching 8 KiB ahead
 Q4_1X8_BLOCK = 160
 
 
-def _q4_1x8_typer(typingctx, w, r0, xq, xd, xs, out):
-    """Q4_1 rows r0..r0+7 (r0 a multiple of 8) of the interleaved copy times one token (xq, xd,
-    xs: its Q8_1 activations) into out[r0:r0+8]."""
-    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, xs, out)):
-        return None
+def _q4_1x8(n_t, prefetch):
+    """The typer of an interleaved-Q4_1 kernel (w, r0, xq, xd, xs, t0, out): rows r0..r0+7 (r0 a
+    multiple of 8) times tokens t0..t0+n_t-1 (xq int8 [T, K], xd/xs float32 [T, K/32]: their
+    Q8_1 activations) into out[t0:t0+n_t, r0:r0+8] (float32 [T, rows]). Each (row, token) is
+    vec_dot_q4_1_q8_1's lanes and order, whatever n_t."""
+
+    def typer(typingctx, w, r0, xq, xd, xs, t0, out):
+        if not all(isinstance(a, types.Array) and a.layout == "C" and (a is w or a.ndim == 2) for a in (w, xq, xd, xs, out)):
+            return None
+        return types.none(w, r0, xq, xd, xs, t0, out), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, xst, outt = signature.args
+        wt, _, xqt, xdt, xst, _, outt = signature.args
         warr = context.make_array(wt)(context, builder, args[0])
-        r0 = args[1]
+        r0, t0 = args[1], args[5]
         group = builder.gep(warr.data, [builder.mul(r0, builder.extract_value(warr.strides, 0))])
         row_bytes = builder.extract_value(warr.shape, 1)
         nb = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 20))
-        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-        yd = context.make_array(xdt)(context, builder, args[3]).data
-        ys = context.make_array(xst)(context, builder, args[4]).data
-        outp = context.make_array(outt)(context, builder, args[5]).data
+        xarr = context.make_array(xqt)(context, builder, args[2])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        oarr = context.make_array(outt)(context, builder, args[6])
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+        yd = [builder.gep(context.make_array(xdt)(context, builder, args[3]).data, [builder.mul(tk, nb)]) for tk in toks]
+        ys = [builder.gep(context.make_array(xst)(context, builder, args[4]).data, [builder.mul(tk, nb)]) for tk in toks]
         v32, f32x8 = _vec(_i8, 32), _vec(_f32, 8)
 
         def block(b, state):
-            accs = list(state[:8])
             o = builder.mul(b, ir.Constant(b.type, Q4_1X8_BLOCK))
-            _prefetch(builder, group, o, Q4_1X8_BLOCK)
-            dx = _splat(builder, builder.load(builder.gep(yd, [b])), 8)
+            if prefetch:  # one token: the weights stream from DRAM
+                _prefetch(builder, group, o, Q4_1X8_BLOCK)
             d = _halves_to_float(builder, _load(builder, group, _vec(_i16, 8), o))
-            d_sets = [builder.fmul(builder.shuffle_vector(d, d, _mask(m)), dx)
-                      for m in ([0, 0, 1, 1, 4, 4, 5, 5], [2, 2, 3, 3, 6, 6, 7, 7])]
             m = _halves_to_float(builder, _load(builder, group, _vec(_i16, 8), builder.add(o, ir.Constant(o.type, 16))))
-            mins = _fma(builder, m, _splat(builder, builder.load(builder.gep(ys, [b])), 8), state[8])  # summs += m * s
-            y0 = builder.mul(b, ir.Constant(b.type, 32))
-            bc = [_broadcast8(builder, yq, builder.add(y0, ir.Constant(y0.type, 8 * c))) for c in range(4)]
-            for i in range(4):  # quant vectors: (rows 0,1,4,5: bytes 0-7, 8-15), (rows 2,3,6,7: ...)
+            halves = []  # per quant vector: (rows 0,1,4,5: bytes 0-7, 8-15), (rows 2,3,6,7: ...)
+            for i in range(4):
                 raw = _load(builder, group, v32, builder.add(o, ir.Constant(o.type, 32 + 32 * i)))
-                halves = [builder.and_(raw, ir.Constant(v32, [15] * 32)), builder.lshr(raw, ir.Constant(v32, [4] * 32))]
-                for h in range(2):  # values 8*(i%2).. (low nibbles), 16 + 8*(i%2).. (high)
-                    c = 2 * h + i % 2  # activation piece c: lanes 2c, 2c+1
-                    k = 4 * (i // 2) + c
-                    accs[k] = _fma(builder, d_sets[i // 2], builder.sitofp(_lanes_unsigned(builder, halves[h], bc[c]), f32x8), accs[k])
-            return accs + [mins]
+                halves.append([builder.and_(raw, ir.Constant(v32, [15] * 32)), builder.lshr(raw, ir.Constant(v32, [4] * 32))])
+            y0 = builder.mul(b, ir.Constant(b.type, 32))
+            new = []
+            for t in range(n_t):
+                accs = list(state[9 * t:9 * t + 8])
+                dx = _splat(builder, builder.load(builder.gep(yd[t], [b])), 8)
+                d_sets = [builder.fmul(builder.shuffle_vector(d, d, _mask(mk)), dx)
+                          for mk in ([0, 0, 1, 1, 4, 4, 5, 5], [2, 2, 3, 3, 6, 6, 7, 7])]
+                mins = _fma(builder, m, _splat(builder, builder.load(builder.gep(ys[t], [b])), 8), state[9 * t + 8])  # summs += m * s
+                bc = [_broadcast8(builder, yq[t], builder.add(y0, ir.Constant(y0.type, 8 * c))) for c in range(4)]
+                for i in range(4):
+                    for h in range(2):  # values 8*(i%2).. (low nibbles), 16 + 8*(i%2).. (high)
+                        c = 2 * h + i % 2  # activation piece c: lanes 2c, 2c+1
+                        k = 4 * (i // 2) + c
+                        accs[k] = _fma(builder, d_sets[i // 2], builder.sitofp(_lanes_unsigned(builder, halves[i][h], bc[c]), f32x8), accs[k])
+                new += accs + [mins]
+            return new
 
-        state = _state_loop(builder, nb, [_ZERO8] * 9, block)
-        # hsum_float_8 per row: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)), then + summs
-        sets = [builder.fadd(builder.fadd(state[4 * s + 2], state[4 * s]), builder.fadd(state[4 * s + 3], state[4 * s + 1]))
-                for s in range(2)]
-        total = builder.fadd(_pair_add(builder, sets[0], sets[1]), state[8])
-        builder.store(total, builder.bitcast(builder.gep(outp, [r0]), f32x8.as_pointer()), align=4)
+        state = _state_loop(builder, nb, [_ZERO8] * (9 * n_t), block)
+        for t in range(n_t):
+            st = state[9 * t:9 * t + 9]
+            # hsum_float_8 per row: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)), then + summs
+            sets = [builder.fadd(builder.fadd(st[4 * s + 2], st[4 * s]), builder.fadd(st[4 * s + 3], st[4 * s + 1]))
+                    for s in range(2)]
+            total = builder.fadd(_pair_add(builder, sets[0], sets[1]), st[8])
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r0)])
+            builder.store(total, builder.bitcast(dst, f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.none(w, r0, xq, xd, xs, out), codegen
+    return typer
 
 
-q4_1x8_dot8 = intrinsic(_q4_1x8_typer)
+Q4_1X8_TOKENS = 2  # tokens per step of the batch kernel (9 vector accumulators per token)
+q4_1x8_gemm = intrinsic(_q4_1x8(Q4_1X8_TOKENS, False))  # a batch's tokens, Q4_1X8_TOKENS at a time
+q4_1x8_gemv = intrinsic(_q4_1x8(1, True))  # one token, prefetching 8 KiB ahead
