@@ -6,19 +6,18 @@ activations are converted to the weight format's "vec_dot_type" (Q8_0 for Q8_0/Q
 for Q4_1/Q5_1, Q8_K for the K-quants, F16 for F16, BF16 for BF16), so our sums use the same
 rounded activations as llama.cpp's integer dot products.
 
-Three paths, chosen per call:
-- decode (few tokens) on the hot formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16, F32): fused
-  kernels reading the blocks directly (runtime.simd: ggml's AVX2 loops as LLVM vector IR),
-  integer dot products against the int8 activations, rows split over threads; llama.cpp's
-  floats bit for bit.
+One arithmetic for one token and for batches: each (row, token) of a product is summed the
+same way whatever the batch, so a token's logits do not depend on how its prompt was split:
+- the hot formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16, F32): kernels reading the blocks
+  directly (runtime.simd: ggml's AVX2 loops as LLVM vector IR), integer dot products against
+  the int8 activations, rows split over threads; llama.cpp's floats bit for bit. Batches take
+  the same sums several tokens per step (each row's blocks unpacked once for 4 tokens).
 - Q4_0 and Q4_1 matrices with rows a multiple of 8 are repacked at load (`repack`: 8 rows
   interleaved block by block, into the stacked copy decode uses anyway). Q4_0, as llama.cpp
-  repacks it: one token 8 rows at a time, batches of any size 8 rows x 4 tokens per step, the
-  same floats as its kernels for repacked Q4_0. Q4_1: one token 8 rows at a time in
-  vec_dot_q4_1_q8_1's lanes (the same floats as the file's rows); batches take the tiles.
-- everything else (prefill blocks, and every format without a fused kernel): a tile of rows
-  dequantized to float32 once, multiplied by the block of rounded activations with numpy's
-  BLAS. The tile is transient; weights stay quantized in the mmap.
+  repacks it: 8 rows x 4 tokens per step (1 for decode), the same floats as its kernels for
+  repacked Q4_0. Q4_1: vec_dot_q4_1_q8_1's lanes, 8 rows x 2 tokens per step (1 for decode).
+- the other formats: a tile of rows dequantized to float32 once, multiplied by the rounded
+  activations with numpy's BLAS. The tile is transient; weights stay quantized in the mmap.
 
 Layouts (ggml-common.h), per block, little endian, `d`/`m`/`dmin` are IEEE half floats:
   Q8_0  34 B / 32: d, int8 qs[32]                                  w = d*q
@@ -37,8 +36,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import (Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, Q4_1X8_TOKENS, ROW_TOKENS, f16_dot, q4_0_dot, q4_0_rows1, q4_0_rows4, q4_0x8_gemm,
-                   q4_0x8_gemv, q4_1_dot, q4_1_rows1, q4_1_rows4, q4_1x8_gemm, q4_1x8_gemv, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot,
+from .simd import (Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, Q4_1X8_TOKENS, ROW_TOKENS, f16_dot, f16_rows1, f16_rows4, q4_0_dot, q4_0_rows1, q4_0_rows4, q4_0x8_gemm,
+                   q4_0x8_gemv, q4_1_dot, q4_1_rows1, q4_1_rows4, q4_1x8_gemm, q4_1x8_gemv, q4_k_dot8, q5_0_dot,
                    q5_0_rows1, q5_0_rows4, q6_k_dot, q6_k_rows1, q6_k_rows4, q8_0_dot, q8_0_rows1, q8_0_rows4)
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
@@ -337,20 +336,16 @@ def _q4k_scale_min(sc, j):
 
 # fastmath 'contract' only: the two fma chains below, nothing reassociated
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def _matvec_q4_k(w, table, xq, xd, xs, out, per_chunk=False):
+def _matvec_q4_k(w, table, xq, xd, xs, out):
     """Q4_K summed as llama.cpp does on an AVX2 CPU, where Q4_K matrices (rows a multiple of 8)
     are repacked at load and multiplied by ggml_gemv_q4_K_8x8_q8_K: per 256-value block the
     exact integer sums isum = sum_j scale_j * dot_j and imin = sum_j min_j * bsum_j (bsum: the
     sum of a 32-group's int8 activations), acc = fma(isum, d*dx, acc) and
-    accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm. per_chunk: the two fmas per
-    64 values instead, as its ggml_gemm_q4_K_8x8_q8_K does for a batch's tokens in fours."""
+    accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm."""
     n_rows, nb = w.shape[0], xd.shape[0] // 8
     n8 = n_rows // 8
     for g in prange(n8):  # 8 rows at a time in vector IR (runtime.simd), as ggml's kernels
-        if per_chunk:
-            q4_k_dot8_chunks(w, 8 * g, xq, xd, out)
-        else:
-            q4_k_dot8(w, 8 * g, xq, xd, out)
+        q4_k_dot8(w, 8 * g, xq, xd, out)
     bsum = np.zeros(nb * 8, np.int32)
     for g in range(nb * 8):
         for j in range(32):
@@ -378,15 +373,9 @@ def _matvec_q4_k(w, table, xq, xd, xs, out, per_chunk=False):
                 s2, m2 = _q4k_scale_min(sc, 2 * c + 1)
                 isum += s1 * slo + s2 * shi
                 imin += m1 * bsum[b * 8 + 2 * c] + m2 * bsum[b * 8 + 2 * c + 1]
-                if per_chunk:
-                    acc = np.float32(isum) * (_f16(table, row, o) * xd[b * 8]) + acc
-                    accm = np.float32(imin) * (_f16(table, row, o + 2) * xd[b * 8]) + accm
-                    isum = 0
-                    imin = 0
-            if not per_chunk:
-                dx = xd[b * 8]
-                acc = np.float32(isum) * (_f16(table, row, o) * dx) + acc
-                accm = np.float32(imin) * (_f16(table, row, o + 2) * dx) + accm
+            dx = xd[b * 8]
+            acc = np.float32(isum) * (_f16(table, row, o) * dx) + acc
+            accm = np.float32(imin) * (_f16(table, row, o + 2) * dx) + accm
         out[r] = acc - accm
 
 
@@ -553,6 +542,27 @@ def _matmat_rows(t, w, xq, xd, xs, out):
             _rows_step(t, w, r, xq, xd, xs, t0, out, 1)
 
 
+@njit(cache=True, parallel=True)
+def _matmat_f16(w, table, x, out):
+    """out [T, rows] = the T tokens' products with an F16 matrix (x: the activations rounded
+    to half), each (row, token) _matvec_f16's floats: ROW_TOKENS tokens per step."""
+    n_tok, k = x.shape
+    tail = k - k % 32
+    in_steps = n_tok - n_tok % ROW_TOKENS
+    for r in prange(w.shape[0]):
+        for t0 in range(0, in_steps, ROW_TOKENS):
+            f16_rows4(w, r, x, t0, out)
+        for t0 in range(in_steps, n_tok):
+            f16_rows1(w, r, x, t0, out)
+        if tail < k:
+            row = w[r].view(np.uint16)
+            for t in range(n_tok):
+                acc = np.float64(out[t, r])
+                for i in range(tail, k):
+                    acc += np.float64(table[row[i]] * x[t, i])
+                out[t, r] = np.float32(acc)
+
+
 # formats whose batches go through _matmat_rows (file layout) or their repacked kernels
 _ROW_BATCH_TYPES = frozenset({T.Q4_1, T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K})
 
@@ -578,6 +588,9 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
         return out
     if n_tok > 1 and t in _ROW_BATCH_TYPES and w.n_in % 32 == 0:
         _matmat_rows(int(t), np.ascontiguousarray(w.rows), act.xq, act.xd, act.xs, out)
+        return out
+    if n_tok > 1 and t == T.F16:
+        _matmat_f16(np.ascontiguousarray(w.rows), F16_TABLE, act.xhat, out)
         return out
     if t in FUSED_TYPES:
         # (Q4_K: every token in the order of llama.cpp's repacked gemv, which it uses for one
@@ -607,9 +620,6 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
 _ACT_OF_TYPE = np.full(128, -1, np.int64)
 for _t, _mode in VEC_DOT_TYPE.items():
     _ACT_OF_TYPE[int(_t)] = _mode
-# Q4_K in llama.cpp's batch order (its gemm: the tokens of a batch in fours), for matvec_fused
-Q4_K_CHUNKS = 112
-_ACT_OF_TYPE[Q4_K_CHUNKS] = ACT_Q8_K
 # matrices repacked 8 rows at a time (`repack`)
 Q4_0X8, Q4_1X8 = 113, 114
 _ACT_OF_TYPE[Q4_0X8] = ACT_Q8_0
@@ -636,9 +646,7 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
     elif t == _Q5_0:
         _matvec_q5_0(w, table, xq, xd, out)
     elif t == _Q4_K:
-        _matvec_q4_k(w, table, xq, xd, xs, out, False)
-    elif t == Q4_K_CHUNKS:
-        _matvec_q4_k(w, table, xq, xd, xs, out, True)
+        _matvec_q4_k(w, table, xq, xd, xs, out)
     elif t == _Q6_K:
         _matvec_q6_k(w, table, xq, xd, out)
     elif t == _F16:

@@ -30,9 +30,9 @@ rows, xq int8 [K], xd/xs float32 [K/32]; the 8-row ones write out[r0:r0+8]):
   q4_1_rows4(w, r, xq, xd, xs, t0, out)    the batch forms of the one-row kernels: row r times
   q4_1_rows1(...), q8_0_rows4, ...         tokens t0..t0+3 (or t0) into out[t, r], each token
                                            the one-row kernel's floats
-  q4_k_dot8(w, r0, xq, xd, out)            Q4_K, ggml_gemv_q4_K_8x8_q8_K's order;
-  q4_k_dot8_chunks(...)                    its gemm's (a batch's tokens in fours)
-  f16_dot(w, r, x)             F16 row r against half-rounded activations (ggml_vec_dot_f16)
+  q4_k_dot8(w, r0, xq, xd, out)            Q4_K, ggml_gemv_q4_K_8x8_q8_K's order
+  f16_dot(w, r, x)             F16 row r against half-rounded activations (ggml_vec_dot_f16);
+  f16_rows4(w, r, x, t0, out)  its batch form (f16_rows1: one token of a batch)
   fmaf(a, b, c)                float32 fused multiply-add (llvm.fma.f32)
 The one-token kernels also prefetch the weights 8 KiB ahead (decode streams them from DRAM).
 LLAMACHAT_NO_AVX2=1 forces the portable IR (numba's cache does not key on it: use a fresh
@@ -479,13 +479,13 @@ def _halves8(builder, rows, offset):
     return _halves_to_float(builder, bits)
 
 
-def _q4_k_rows8(per_chunk):
+def _q4_k_rows8():
     """The typer of an intrinsic (w, r0, xq, xd, out) writing Q4_K rows r0..r0+7 into
     out[r0:r0+8]: per 256-value block the exact integer sums isum = sum_g scale_g * dot_g and
     imin = sum_g min_g * (sum of 32-group g's activations), acc = fma(isum, d*dx, acc),
-    accm = fma(imin, dmin*dx, accm); result acc - accm (ggml_gemv_q4_K_8x8_q8_K). per_chunk:
-    the fmas per 64 values instead (groups 2c and 2c+1), as its gemm for a batch's tokens in
-    fours (ggml_gemm_q4_K_8x8_q8_K)."""
+    accm = fma(imin, dmin*dx, accm); result acc - accm (ggml_gemv_q4_K_8x8_q8_K, the order llama.cpp
+    multiplies one token by; every token of a batch too here: its gemm's order for a batch's
+    tokens in fours would make a token's floats depend on its place in the batch)."""
 
     def typer(typingctx, w, r0, xq, xd, out):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
@@ -535,16 +535,11 @@ def _q4_k_rows8(per_chunk):
             blks = [builder.gep(row, [o]) for row in rows]
             d = builder.fmul(_halves8(builder, blks, 0), dx)
             dmin = builder.fmul(_halves8(builder, blks, 2), dx)
-            if per_chunk:
-                steps = [([lanes[c] for lanes in chunk_lanes], [mins[c] for mins in chunk_mins]) for c in range(4)]
-            else:
-                add_all = lambda vals: vals[0] if len(vals) == 1 else builder.add(add_all(vals[:-1]), vals[-1])  # noqa: E731
-                steps = [([add_all(lanes) for lanes in chunk_lanes], [add_all(mins) for mins in chunk_mins])]
-            for lanes, mins in steps:
-                isums = builder.sitofp(_row_sums8(builder, lanes), f32x8)
-                imins = builder.sitofp(rows_vector(mins), f32x8)
-                builder.store(_fma(builder, isums, d, builder.load(acc_slot)), acc_slot)
-                builder.store(_fma(builder, imins, dmin, builder.load(accm_slot)), accm_slot)
+            add_all = lambda vals: vals[0] if len(vals) == 1 else builder.add(add_all(vals[:-1]), vals[-1])  # noqa: E731
+            isums = builder.sitofp(_row_sums8(builder, [add_all(lanes) for lanes in chunk_lanes]), f32x8)
+            imins = builder.sitofp(rows_vector([add_all(mins) for mins in chunk_mins]), f32x8)
+            builder.store(_fma(builder, isums, d, builder.load(acc_slot)), acc_slot)
+            builder.store(_fma(builder, imins, dmin, builder.load(accm_slot)), accm_slot)
         dst = builder.bitcast(builder.gep(outp, [r0]), f32x8.as_pointer())
         builder.store(builder.fsub(builder.load(acc_slot), builder.load(accm_slot)), dst, align=4)
         return context.get_dummy_value()
@@ -552,8 +547,7 @@ def _q4_k_rows8(per_chunk):
     return typer
 
 
-q4_k_dot8 = intrinsic(_q4_k_rows8(False))
-q4_k_dot8_chunks = intrinsic(_q4_k_rows8(True))
+q4_k_dot8 = intrinsic(_q4_k_rows8())
 
 
 def _f16_dot_typer(typingctx, w, r, x):
@@ -593,6 +587,60 @@ def _f16_dot_typer(typingctx, w, r, x):
 
 
 f16_dot = intrinsic(_f16_dot_typer)
+
+
+def _f16_tokens(n_t):
+    """The batch form of f16_dot: (w, r, x [T, K] float32 already rounded to half, t0, out
+    [T, rows]) writes f16_dot(w, r, x[t]) into out[t, r] for the n_t tokens t0.. (each token the
+    one-token floats; the row's halves converted once for all of them)."""
+
+    def typer(typingctx, w, r, x, t0, out):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, x, out)) or x.ndim != 2 or out.ndim != 2:
+            return None
+        return types.none(w, r, x, t0, out), codegen
+
+    def codegen(context, builder, signature, args):
+        wt, _, xt, _, outt = signature.args
+        warr = context.make_array(wt)(context, builder, args[0])
+        r, t0 = args[1], args[3]
+        row_bytes = builder.extract_value(warr.shape, 1)
+        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
+        xarr = context.make_array(xt)(context, builder, args[2])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        oarr = context.make_array(outt)(context, builder, args[4])
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        xp = [builder.bitcast(builder.gep(xarr.data, [builder.mul(tk, k_vals)]), _i8.as_pointer()) for tk in toks]
+        n_steps = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 64))
+        f32x8 = _vec(_f32, 8)
+
+        def step(i, accs):
+            o = builder.mul(i, ir.Constant(i.type, 64))
+            xo = builder.mul(i, ir.Constant(i.type, 128))
+            wv = [_halves_to_float(builder, _load(builder, row, _vec(_i16, 8), builder.add(o, ir.Constant(o.type, 16 * j))))
+                  for j in range(4)]
+            new = []
+            for t in range(n_t):
+                for j in range(4):
+                    xv = _load(builder, xp[t], f32x8, builder.add(xo, ir.Constant(xo.type, 32 * j)))
+                    new.append(_fma(builder, wv[j], xv, accs[4 * t + j]))
+            return new
+
+        accs = _state_loop(builder, n_steps, [_ZERO8] * (4 * n_t), step)
+        for t in range(n_t):
+            a = accs[4 * t:4 * t + 4]
+            v = builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3]))
+            h = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
+            e = [builder.extract_element(h, ir.Constant(_i32, i)) for i in range(4)]
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
+            builder.store(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), dst)
+        return context.get_dummy_value()
+
+    return typer
+
+
+f16_rows4 = intrinsic(_f16_tokens(ROW_TOKENS))
+f16_rows1 = intrinsic(_f16_tokens(1))
 
 
 def _fmaf_typer(typingctx, a, b, c):
