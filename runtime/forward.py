@@ -197,30 +197,43 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     moves to the tile's maximum (accumulator and sum rescaled by expf(old - new)), the
     weights are ggml_v_expf(s - max) summed 8 lanes at a time into a double added to the
     float sum, and the values are accumulated in float32 by fma in position order. Same
-    arguments as `attention`."""
+    arguments as `attention`. (The keys are first laid out dimension by dimension, so that a
+    tile's 64 chains advance together in vector lanes: each chain is still the same sequence
+    of fmas.)"""
     n_tok = q.shape[0]
     group = n_head // n_head_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_all = n_past + n_tok
+    n_pad = -(-n_all // FA_TILE_KV) * FA_TILE_KV
+    kt = np.zeros((n_head_kv, head_dim, n_pad), np.float32)
+    for g in prange(n_head_kv):
+        for j in range(n_all):
+            for d in range(head_dim):
+                kt[g, d, j] = k_cache[j, g * head_dim + d]
     for job in prange(n_tok * n_head):
         t = job // n_head
         h = job % n_head
-        kv0 = (h // group) * head_dim
+        g = h // group
+        kv0 = g * head_dim
         n_kv = n_past + t + 1
         acc = np.zeros(head_dim, np.float32)
         s = np.empty(FA_TILE_KV, np.float32)
+        xs = np.empty(FA_TILE_KV, np.float32)
+        ns = np.empty(FA_TILE_KV, np.float32)
+        kbits = np.empty(FA_TILE_KV, np.int32)
+        two_n = kbits.view(np.float32)
         total = np.float32(0.0)
         m = np.float32(-np.inf)
         for ic in range(0, n_kv, FA_TILE_KV):
+            for tk in range(FA_TILE_KV):
+                s[tk] = 0.0
+            for d in range(head_dim):
+                qd = q[t, h * head_dim + d]
+                for tk in range(FA_TILE_KV):
+                    s[tk] = fmaf(qd, kt[g, d, ic + tk], s[tk])
             tile_max = np.float32(-np.inf)
             for tk in range(FA_TILE_KV):
-                j = ic + tk
-                if j < n_kv:
-                    dot = np.float32(0.0)
-                    for d in range(head_dim):
-                        dot = fmaf(q[t, h * head_dim + d], k_cache[j, kv0 + d], dot)
-                    s[tk] = dot * scale
-                else:  # masked (future or padding): weight 0
-                    s[tk] = -np.inf
+                s[tk] = s[tk] * scale if ic + tk < n_kv else -np.inf  # masked (future or padding): weight 0
                 tile_max = max(tile_max, s[tk])
             m_new = max(m, tile_max)
             if m_new > m:
@@ -229,10 +242,20 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
                     acc[d] *= ms
                 total *= ms
             m = m_new
+            # s = _ggml_expf(s - m_new) in vectorizable loops (2**n from its bits), then ggml's
+            # slow path (|n| > 126: the masked and the vanishing weights) one by one
+            for tk in range(FA_TILE_KV):
+                xs[tk] = s[tk] - m_new
+            for tk in range(FA_TILE_KV):
+                n, b = _expf_reduce(xs[tk])
+                ns[tk] = n
+                kbits[tk] = (np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23
+                s[tk] = fmaf(_expf_poly(b), two_n[tk], two_n[tk])
+            for tk in range(FA_TILE_KV):
+                if not abs(ns[tk]) <= 126.0:
+                    s[tk] = _ggml_expf(xs[tk])
             tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
             for c in range(0, FA_TILE_KV, 8):
-                for i in range(8):
-                    s[c + i] = _ggml_expf(np.float32(s[c + i] - m_new))
                 r0 = s[c + 4] + s[c + 0]
                 r1 = s[c + 5] + s[c + 1]
                 r2 = s[c + 6] + s[c + 2]

@@ -36,9 +36,10 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import (Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, Q4_1X8_TOKENS, ROW_TOKENS, f16_dot, f16_rows1, f16_rows4, q4_0_dot, q4_0_rows1, q4_0_rows4, q4_0x8_gemm,
-                   q4_0x8_gemv, q4_1_dot, q4_1_rows1, q4_1_rows4, q4_1x8_gemm, q4_1x8_gemv, q4_k_dot8, q5_0_dot,
-                   q5_0_rows1, q5_0_rows4, q6_k_dot, q6_k_rows1, q6_k_rows4, q8_0_dot, q8_0_rows1, q8_0_rows4)
+from .simd import (Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, Q4_1X8_TOKENS, Q4_K_TOKENS, ROW_TOKENS, f16_dot, f16_rows1, f16_rows4,
+                   q4_0_dot, q4_0_rows1, q4_0_rows4, q4_0x8_gemm, q4_0x8_gemv, q4_1_dot, q4_1_rows1, q4_1_rows4, q4_1x8_gemm,
+                   q4_1x8_gemv, q4_k_dot8, q4_k_gemm8, q5_0_dot, q5_0_rows1, q5_0_rows4, q6_k_dot, q6_k_rows1, q6_k_rows4, q8_0_dot,
+                   q8_0_rows1, q8_0_rows4)
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -344,8 +345,11 @@ def _matvec_q4_k(w, table, xq, xd, xs, out):
     accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm."""
     n_rows, nb = w.shape[0], xd.shape[0] // 8
     n8 = n_rows // 8
+    xq2 = xq.reshape((1, xq.shape[0]))
+    xd2 = xd.reshape((1, xd.shape[0]))
+    out2 = out.reshape((1, n_rows))
     for g in prange(n8):  # 8 rows at a time in vector IR (runtime.simd), as ggml's kernels
-        q4_k_dot8(w, 8 * g, xq, xd, out)
+        q4_k_dot8(w, 8 * g, xq2, xd2, 0, out2)
     bsum = np.zeros(nb * 8, np.int32)
     for g in range(nb * 8):
         for j in range(32):
@@ -563,6 +567,19 @@ def _matmat_f16(w, table, x, out):
                 out[t, r] = np.float32(acc)
 
 
+@njit(cache=True, parallel=True)
+def _matmat_q4_k(w, xq, xd, out):
+    """out [T, rows] = the T tokens' products with a Q4_K matrix of rows a multiple of 8, each
+    (row, token) _matvec_q4_k's floats: 8 rows x Q4_K_TOKENS tokens per step."""
+    n_tok = xq.shape[0]
+    steps = n_tok // Q4_K_TOKENS
+    for g in prange(w.shape[0] // 8):
+        for s in range(steps):
+            q4_k_gemm8(w, 8 * g, xq, xd, Q4_K_TOKENS * s, out)
+        for t in range(Q4_K_TOKENS * steps, n_tok):
+            q4_k_dot8(w, 8 * g, xq, xd, t, out)
+
+
 # formats whose batches go through _matmat_rows (file layout) or their repacked kernels
 _ROW_BATCH_TYPES = frozenset({T.Q4_1, T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K})
 
@@ -588,6 +605,9 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
         return out
     if n_tok > 1 and t in _ROW_BATCH_TYPES and w.n_in % 32 == 0:
         _matmat_rows(int(t), np.ascontiguousarray(w.rows), act.xq, act.xd, act.xs, out)
+        return out
+    if n_tok > 1 and t == T.Q4_K and w.n_out % 8 == 0:
+        _matmat_q4_k(np.ascontiguousarray(w.rows), act.xq, act.xd, out)
         return out
     if n_tok > 1 and t == T.F16:
         _matmat_f16(np.ascontiguousarray(w.rows), F16_TABLE, act.xhat, out)

@@ -30,7 +30,8 @@ rows, xq int8 [K], xd/xs float32 [K/32]; the 8-row ones write out[r0:r0+8]):
   q4_1_rows4(w, r, xq, xd, xs, t0, out)    the batch forms of the one-row kernels: row r times
   q4_1_rows1(...), q8_0_rows4, ...         tokens t0..t0+3 (or t0) into out[t, r], each token
                                            the one-row kernel's floats
-  q4_k_dot8(w, r0, xq, xd, out)            Q4_K, ggml_gemv_q4_K_8x8_q8_K's order
+  q4_k_dot8(w, r0, xq, xd, t0, out)        Q4_K rows r0..r0+7, ggml_gemv_q4_K_8x8_q8_K's order
+  q4_k_gemm8(...)                          the same, Q4_K_TOKENS tokens of a batch
   f16_dot(w, r, x)             F16 row r against half-rounded activations (ggml_vec_dot_f16);
   f16_rows4(w, r, x, t0, out)  its batch form (f16_rows1: one token of a batch)
   fmaf(a, b, c)                float32 fused multiply-add (llvm.fma.f32)
@@ -440,21 +441,6 @@ def _row_sums8(builder, lanes):
     return total
 
 
-def _rows8_operands(context, builder, signature, args, block_bytes):
-    """The operands of an 8-row kernel (w, r0, xq, xd, out): the 8 row pointers, the int8
-    activations and their scales, the output's data pointer and the blocks per row."""
-    wt, _, xqt, xdt, outt = signature.args
-    warr = context.make_array(wt)(context, builder, args[0])
-    row_bytes = builder.extract_value(warr.shape, 1)
-    stride = builder.extract_value(warr.strides, 0)
-    r0 = args[1]
-    rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
-    yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-    yd = context.make_array(xdt)(context, builder, args[3]).data
-    outp = context.make_array(outt)(context, builder, args[4]).data
-    return rows, yq, yd, outp, builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
-
-
 def _q4_k_scales(builder, blk):
     """The 8 (scale, min) pairs of a Q4_K block, 6 bits each in bytes 4..15 (ggml's
     get_scale_min_k4), as i32 values."""
@@ -479,24 +465,39 @@ def _halves8(builder, rows, offset):
     return _halves_to_float(builder, bits)
 
 
-def _q4_k_rows8():
-    """The typer of an intrinsic (w, r0, xq, xd, out) writing Q4_K rows r0..r0+7 into
-    out[r0:r0+8]: per 256-value block the exact integer sums isum = sum_g scale_g * dot_g and
+def _q4_k_rows8(n_t, prefetch):
+    """The typer of an intrinsic (w, r0, xq, xd, t0, out) writing Q4_K rows r0..r0+7 times
+    tokens t0..t0+n_t-1 (xq int8 [T, K], xd float32 [T, K/32]) into out[t0:t0+n_t, r0:r0+8]:
+    per 256-value block the exact integer sums isum = sum_g scale_g * dot_g and
     imin = sum_g min_g * (sum of 32-group g's activations), acc = fma(isum, d*dx, acc),
-    accm = fma(imin, dmin*dx, accm); result acc - accm (ggml_gemv_q4_K_8x8_q8_K, the order llama.cpp
-    multiplies one token by; every token of a batch too here: its gemm's order for a batch's
-    tokens in fours would make a token's floats depend on its place in the batch)."""
+    accm = fma(imin, dmin*dx, accm); result acc - accm (ggml_gemv_q4_K_8x8_q8_K, the order
+    llama.cpp multiplies one token by; every token of a batch too here: its gemm's order for a
+    batch's tokens in fours would make a token's floats depend on its place in the batch)."""
 
-    def typer(typingctx, w, r0, xq, xd, out):
+    def typer(typingctx, w, r0, xq, xd, t0, out):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
             return None
-        return types.none(w, r0, xq, xd, out), codegen
+        if xq.ndim != 2 or xd.ndim != 2 or out.ndim != 2:
+            return None
+        return types.none(w, r0, xq, xd, t0, out), codegen
 
     def codegen(context, builder, signature, args):
-        rows, yq, yd, outp, n_blocks = _rows8_operands(context, builder, signature, args, 144)
-        r0 = args[1]
-        acc_slot = cgutils.alloca_once_value(builder, _ZERO8)
-        accm_slot = cgutils.alloca_once_value(builder, _ZERO8)
+        wt, _, xqt, xdt, _, outt = signature.args
+        warr = context.make_array(wt)(context, builder, args[0])
+        row_bytes = builder.extract_value(warr.shape, 1)
+        stride = builder.extract_value(warr.strides, 0)
+        r0, t0 = args[1], args[4]
+        rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
+        xarr = context.make_array(xqt)(context, builder, args[2])
+        darr = context.make_array(xdt)(context, builder, args[3])
+        oarr = context.make_array(outt)(context, builder, args[5])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        n_scales = builder.extract_value(darr.shape, 1)
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+        yd = [builder.gep(darr.data, [builder.mul(tk, n_scales)]) for tk in toks]
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 144))
         ones8 = ir.Constant(_vec(_i8, 32), [1] * 32)
         v32 = _vec(_i8, 32)
         f32x8 = _vec(_f32, 8)
@@ -507,47 +508,60 @@ def _q4_k_rows8():
                 vec = builder.insert_element(vec, v, ir.Constant(_i32, k))
             return vec
 
-        with cgutils.for_range(builder, n_blocks) as loop:
-            b = loop.index
+        def add_all(vals):
+            return vals[0] if len(vals) == 1 else builder.add(add_all(vals[:-1]), vals[-1])
+
+        def block(b, state):
             o = builder.mul(b, ir.Constant(b.type, 144))
-            for row in rows:
-                _prefetch(builder, row, o, 144)
-            y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, 256))])
-            qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
-            bsum_vec = _row_sums8(builder, [_lanes_unsigned(builder, ones8, q) for q in qy])  # per 32-group
-            bsum = [builder.extract_element(bsum_vec, ir.Constant(_i32, g)) for g in range(8)]
-            chunk_lanes, chunk_mins = [], []  # [row][chunk]
-            for row in rows:
-                blk = builder.gep(row, [o])
-                pairs = _q4_k_scales(builder, blk)
-                lanes, mins = [], []
+            if prefetch:
+                for row in rows:
+                    _prefetch(builder, row, o, 144)
+            blks = [builder.gep(row, [o]) for row in rows]
+            pairs = [_q4_k_scales(builder, blk) for blk in blks]
+            nibbles = []  # [row][chunk]: (low, high) nibbles of the chunk's 32 bytes
+            for blk in blks:
+                nib = []
                 for c in range(4):
                     qs = _load(builder, blk, v32, 16 + 32 * c)
-                    lo = builder.and_(qs, ir.Constant(v32, [15] * 32))
-                    hi = builder.lshr(qs, ir.Constant(v32, [4] * 32))
-                    lanes.append(builder.add(_scaled_lanes(builder, lo, qy[2 * c], pairs[2 * c][0], pairs[2 * c][0], 0),
-                                             _scaled_lanes(builder, hi, qy[2 * c + 1], pairs[2 * c + 1][0], pairs[2 * c + 1][0], 0)))
-                    mins.append(builder.add(builder.mul(pairs[2 * c][1], bsum[2 * c]),
-                                            builder.mul(pairs[2 * c + 1][1], bsum[2 * c + 1])))
-                chunk_lanes.append(lanes)
-                chunk_mins.append(mins)
-            dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(b.type, 8))])), 8)
-            blks = [builder.gep(row, [o]) for row in rows]
-            d = builder.fmul(_halves8(builder, blks, 0), dx)
-            dmin = builder.fmul(_halves8(builder, blks, 2), dx)
-            add_all = lambda vals: vals[0] if len(vals) == 1 else builder.add(add_all(vals[:-1]), vals[-1])  # noqa: E731
-            isums = builder.sitofp(_row_sums8(builder, [add_all(lanes) for lanes in chunk_lanes]), f32x8)
-            imins = builder.sitofp(rows_vector([add_all(mins) for mins in chunk_mins]), f32x8)
-            builder.store(_fma(builder, isums, d, builder.load(acc_slot)), acc_slot)
-            builder.store(_fma(builder, imins, dmin, builder.load(accm_slot)), accm_slot)
-        dst = builder.bitcast(builder.gep(outp, [r0]), f32x8.as_pointer())
-        builder.store(builder.fsub(builder.load(acc_slot), builder.load(accm_slot)), dst, align=4)
+                    nib.append((builder.and_(qs, ir.Constant(v32, [15] * 32)), builder.lshr(qs, ir.Constant(v32, [4] * 32))))
+                nibbles.append(nib)
+            dh = _halves8(builder, blks, 0)
+            dminh = _halves8(builder, blks, 2)
+            new = []
+            for t in range(n_t):
+                y = builder.gep(yq[t], [builder.mul(b, ir.Constant(b.type, 256))])
+                qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
+                bsum_vec = _row_sums8(builder, [_lanes_unsigned(builder, ones8, q) for q in qy])  # per 32-group
+                bsum = [builder.extract_element(bsum_vec, ir.Constant(_i32, g)) for g in range(8)]
+                row_lanes, row_mins = [], []
+                for k in range(8):
+                    pk, nk = pairs[k], nibbles[k]
+                    lanes = [builder.add(_scaled_lanes(builder, nk[c][0], qy[2 * c], pk[2 * c][0], pk[2 * c][0], 0),
+                                         _scaled_lanes(builder, nk[c][1], qy[2 * c + 1], pk[2 * c + 1][0], pk[2 * c + 1][0], 0))
+                             for c in range(4)]
+                    mins = [builder.add(builder.mul(pk[2 * c][1], bsum[2 * c]), builder.mul(pk[2 * c + 1][1], bsum[2 * c + 1]))
+                            for c in range(4)]
+                    row_lanes.append(add_all(lanes))
+                    row_mins.append(add_all(mins))
+                dx = _splat(builder, builder.load(builder.gep(yd[t], [builder.mul(b, ir.Constant(b.type, 8))])), 8)
+                isums = builder.sitofp(_row_sums8(builder, row_lanes), f32x8)
+                imins = builder.sitofp(rows_vector(row_mins), f32x8)
+                new.append(_fma(builder, isums, builder.fmul(dh, dx), state[2 * t]))
+                new.append(_fma(builder, imins, builder.fmul(dminh, dx), state[2 * t + 1]))
+            return new
+
+        state = _state_loop(builder, n_blocks, [_ZERO8] * (2 * n_t), block)
+        for t in range(n_t):
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r0)])
+            builder.store(builder.fsub(state[2 * t], state[2 * t + 1]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return typer
 
 
-q4_k_dot8 = intrinsic(_q4_k_rows8())
+Q4_K_TOKENS = 2  # tokens per step of the Q4_K batch kernel
+q4_k_dot8 = intrinsic(_q4_k_rows8(1, True))  # one token, prefetching 8 KiB ahead
+q4_k_gemm8 = intrinsic(_q4_k_rows8(Q4_K_TOKENS, False))  # Q4_K_TOKENS tokens of a batch
 
 
 def _f16_dot_typer(typingctx, w, r, x):
