@@ -180,7 +180,8 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
 # the same kernel without threads: for one token over a short context a parallel region's
 # wake-up costs more than the work (identical arithmetic; prange runs as range)
 attention_serial = njit(cache=True, fastmath={"contract"})(attention.py_func)
-# decode attends in parallel from this many cached positions on
+# `attend` runs the one-row kernel in parallel from this many (query, key) pairs on (for one
+# token: cached positions)
 ATTN_PARALLEL_MIN = 32
 
 # ggml's CPU flash attention takes a tiled path when a batch holds at least this many query rows
@@ -275,8 +276,10 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
 def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
     """Attention of q's T tokens, the kernel chosen as llama.cpp's CPU flash attention chooses:
     ggml's tiled kernel for batches of FA_TILE_Q tokens or more, else its one-row kernel (in
-    parallel from ATTN_PARALLEL_MIN attended positions on; the same floats either way). Every
-    caller - prompts, decode, perplexity - comes through here. Same arguments as `attention`."""
+    parallel from ATTN_PARALLEL_MIN (query, key) pairs on; the same floats either way). Every
+    caller - prompts, decode, perplexity - comes through here. Same arguments as `attention`.
+    (So a token's attention is the same bits in any batch of under FA_TILE_Q tokens; batches
+    of FA_TILE_Q or more follow llama.cpp into the tiled kernel's other arithmetic.)"""
     n_tok = q.shape[0]
     if n_tok >= FA_TILE_Q:
         attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
