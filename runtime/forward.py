@@ -25,7 +25,6 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from . import matmul as _matmul_module
 from .matmul import (F16_TABLE, FUSED_TYPES, act_mode_of, matmul, matvec_fused, pack_x8, quantize_activations, quantize_for,
                      repack, repackable, round_to_f16)
 from .simd import fmaf
@@ -181,7 +180,8 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
 # the same kernel without threads: for one token over a short context a parallel region's
 # wake-up costs more than the work (identical arithmetic; prange runs as range)
 attention_serial = njit(cache=True, fastmath={"contract"})(attention.py_func)
-# decode attends in parallel from this many cached positions on
+# `attend` runs the one-row kernel in parallel from this many (query, key) pairs on (for one
+# token: cached positions)
 ATTN_PARALLEL_MIN = 32
 
 # ggml's CPU flash attention takes a tiled path when a batch holds at least this many query rows
@@ -198,30 +198,43 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     moves to the tile's maximum (accumulator and sum rescaled by expf(old - new)), the
     weights are ggml_v_expf(s - max) summed 8 lanes at a time into a double added to the
     float sum, and the values are accumulated in float32 by fma in position order. Same
-    arguments as `attention`."""
+    arguments as `attention`. (The keys are first laid out dimension by dimension, so that a
+    tile's 64 chains advance together in vector lanes: each chain is still the same sequence
+    of fmas.)"""
     n_tok = q.shape[0]
     group = n_head // n_head_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_all = n_past + n_tok
+    n_pad = -(-n_all // FA_TILE_KV) * FA_TILE_KV
+    kt = np.zeros((n_head_kv, head_dim, n_pad), np.float32)
+    for g in prange(n_head_kv):
+        for j in range(n_all):
+            for d in range(head_dim):
+                kt[g, d, j] = k_cache[j, g * head_dim + d]
     for job in prange(n_tok * n_head):
         t = job // n_head
         h = job % n_head
-        kv0 = (h // group) * head_dim
+        g = h // group
+        kv0 = g * head_dim
         n_kv = n_past + t + 1
         acc = np.zeros(head_dim, np.float32)
         s = np.empty(FA_TILE_KV, np.float32)
+        xs = np.empty(FA_TILE_KV, np.float32)
+        ns = np.empty(FA_TILE_KV, np.float32)
+        kbits = np.empty(FA_TILE_KV, np.int32)
+        two_n = kbits.view(np.float32)
         total = np.float32(0.0)
         m = np.float32(-np.inf)
         for ic in range(0, n_kv, FA_TILE_KV):
+            for tk in range(FA_TILE_KV):
+                s[tk] = 0.0
+            for d in range(head_dim):
+                qd = q[t, h * head_dim + d]
+                for tk in range(FA_TILE_KV):
+                    s[tk] = fmaf(qd, kt[g, d, ic + tk], s[tk])
             tile_max = np.float32(-np.inf)
             for tk in range(FA_TILE_KV):
-                j = ic + tk
-                if j < n_kv:
-                    dot = np.float32(0.0)
-                    for d in range(head_dim):
-                        dot = fmaf(q[t, h * head_dim + d], k_cache[j, kv0 + d], dot)
-                    s[tk] = dot * scale
-                else:  # masked (future or padding): weight 0
-                    s[tk] = -np.inf
+                s[tk] = s[tk] * scale if ic + tk < n_kv else -np.inf  # masked (future or padding): weight 0
                 tile_max = max(tile_max, s[tk])
             m_new = max(m, tile_max)
             if m_new > m:
@@ -230,10 +243,20 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
                     acc[d] *= ms
                 total *= ms
             m = m_new
+            # s = _ggml_expf(s - m_new) in vectorizable loops (2**n from its bits), then ggml's
+            # slow path (|n| > 126: the masked and the vanishing weights) one by one
+            for tk in range(FA_TILE_KV):
+                xs[tk] = s[tk] - m_new
+            for tk in range(FA_TILE_KV):
+                n, b = _expf_reduce(xs[tk])
+                ns[tk] = n
+                kbits[tk] = (np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23
+                s[tk] = fmaf(_expf_poly(b), two_n[tk], two_n[tk])
+            for tk in range(FA_TILE_KV):
+                if not abs(ns[tk]) <= 126.0:
+                    s[tk] = _ggml_expf(xs[tk])
             tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
             for c in range(0, FA_TILE_KV, 8):
-                for i in range(8):
-                    s[c + i] = _ggml_expf(np.float32(s[c + i] - m_new))
                 r0 = s[c + 4] + s[c + 0]
                 r1 = s[c + 5] + s[c + 1]
                 r2 = s[c + 6] + s[c + 2]
@@ -249,57 +272,21 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             out[t, h * head_dim + d] = acc[d] * inv
 
 
-def attention_blas(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
-    """Causal attention of a prompt block with numpy's BLAS: per KV head, the scores of all
-    the queries of its group against all cached keys in one matrix product, masked, softmax
-    in float32, times the values. The float32 arithmetic of ggml's tiled flash attention
-    (which llama.cpp uses for batches of 64+ tokens), in a different summation order: the
-    default for such blocks, whose products already use BLAS. Same arguments as `attention`."""
+@njit(cache=True)
+def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
+    """Attention of q's T tokens, the kernel chosen as llama.cpp's CPU flash attention chooses:
+    ggml's tiled kernel for batches of FA_TILE_Q tokens or more, else its one-row kernel (in
+    parallel from ATTN_PARALLEL_MIN (query, key) pairs on; the same floats either way). Every
+    caller - prompts, decode, perplexity - comes through here. Same arguments as `attention`.
+    (So a token's attention is the same bits in any batch of under FA_TILE_Q tokens; batches
+    of FA_TILE_Q or more follow llama.cpp into the tiled kernel's other arithmetic.)"""
     n_tok = q.shape[0]
-    n_kv = n_past + n_tok
-    group = n_head // n_head_kv
-    scale = np.float32(1.0 / math.sqrt(head_dim))
-    for g in range(n_head_kv):
-        cols = slice(g * group * head_dim, (g + 1) * group * head_dim)
-        qg = q[:, cols].reshape(n_tok * group, head_dim)  # rows ordered (t, head of the group)
-        kg = k_cache[:n_kv, g * head_dim:(g + 1) * head_dim]
-        vg = v_cache[:n_kv, g * head_dim:(g + 1) * head_dim]
-        s = qg @ kg.T
-        _causal_softmax_rows(s, n_past, group, scale)
-        out[:, cols] = (s @ vg).reshape(n_tok, group * head_dim)
-
-
-@njit(cache=True, parallel=True)
-def _causal_softmax_rows(s, n_past, group, scale):
-    """In place, per row r (query t = r // group at position n_past + t): softmax of
-    scale * s over the keys 0..n_past + t, zeros after (the future). One pass per row, rows
-    over threads, exp as ggml's vectorized expf (its tiled attention's); the sum in float32."""
-    n_kv = s.shape[1]
-    for r in prange(s.shape[0]):
-        n = min(n_kv, n_past + r // group + 1)
-        row = s[r]
-        m = np.float32(-np.inf)
-        for j in range(n):
-            row[j] = row[j] * scale
-            m = max(m, row[j])
-        kbits = np.empty(n, np.int32)  # exp(x - m), x - m <= 0: 2**n built from its bits
-        two_n = kbits.view(np.float32)
-        for j in range(n):
-            k, _ = _expf_reduce(row[j] - m)
-            kbits[j] = (np.int32(max(k, np.float32(-126.0))) + 127) << 23
-        for j in range(n):
-            x = row[j] - m
-            _, b = _expf_reduce(x)
-            p = _expf_poly(b)
-            row[j] = fmaf(p, two_n[j], two_n[j]) if x >= np.float32(-87.0) else np.float32(0.0)
-        total = np.float32(0.0)
-        for j in range(n):
-            total += row[j]
-        inv = np.float32(1.0) / total
-        for j in range(n):
-            row[j] *= inv
-        for j in range(n, n_kv):
-            row[j] = 0.0
+    if n_tok >= FA_TILE_Q:
+        attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
+    elif n_tok * (n_past + n_tok) >= ATTN_PARALLEL_MIN:
+        attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
+    else:
+        attention_serial(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -330,12 +317,6 @@ def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
         apply_rope(q, cfg.n_head, hd, cfg.n_rot, cos, sin)
         apply_rope(k, cfg.n_head_kv, hd, cfg.n_rot, cos, sin)
         cache.store(il, pos0, k, v)
-        # as llama.cpp: the one-row kernel for small batches, float32 tiles from 64 tokens on
-        # (ggml's tiled kernel when exact, else its BLAS counterpart)
-        if n_tok < FA_TILE_Q:
-            attend = attention
-        else:
-            attend = attention_tiled if _matmul_module.EXACT_PREFILL else attention_blas
         attend(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
         x = x + matmul(layer.wo, attn_out)
         # feed-forward (SwiGLU)
@@ -463,7 +444,7 @@ def decode_layer(x, attn_norm, ffn_norm, eps, mats, types, k_cache, v_cache, pos
     for i in range(kv_dim):  # the cache holds half floats
         k_cache[pos, i] = round_to_f16(k[0, i])
         v_cache[pos, i] = round_to_f16(v[0, i])
-    attention(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
+    attend(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
     _project(mats, types, 3, 1, att, table, (proj[0],))
     for i in range(n_embd):
         x[0, i] += proj[0, i]
@@ -516,10 +497,7 @@ def decode_layer_grouped(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_
     for i in range(kv_dim):  # the cache holds half floats
         k_cache[pos, i] = round_to_f16(qkv_out[0, q_dim + i])
         v_cache[pos, i] = round_to_f16(qkv_out[0, q_dim + kv_dim + i])
-    if pos + 1 >= ATTN_PARALLEL_MIN:
-        attention(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
-    else:
-        attention_serial(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
+    attend(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
     _matvec_into(t_o, wo, att, table, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]

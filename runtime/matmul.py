@@ -6,19 +6,18 @@ activations are converted to the weight format's "vec_dot_type" (Q8_0 for Q8_0/Q
 for Q4_1/Q5_1, Q8_K for the K-quants, F16 for F16, BF16 for BF16), so our sums use the same
 rounded activations as llama.cpp's integer dot products.
 
-Three paths, chosen per call:
-- decode (few tokens) on the hot formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16, F32): fused
-  kernels reading the blocks directly (runtime.simd: ggml's AVX2 loops as LLVM vector IR),
-  integer dot products against the int8 activations, rows split over threads; llama.cpp's
-  floats bit for bit.
+One arithmetic for one token and for batches: each (row, token) of a product is summed the
+same way whatever the batch, so a token's logits do not depend on how its prompt was split:
+- the hot formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16, F32): kernels reading the blocks
+  directly (runtime.simd: ggml's AVX2 loops as LLVM vector IR), integer dot products against
+  the int8 activations, rows split over threads; llama.cpp's floats bit for bit. Batches take
+  the same sums several tokens per step (each row's blocks unpacked once for 4 tokens).
 - Q4_0 and Q4_1 matrices with rows a multiple of 8 are repacked at load (`repack`: 8 rows
   interleaved block by block, into the stacked copy decode uses anyway). Q4_0, as llama.cpp
-  repacks it: one token 8 rows at a time, batches of any size 8 rows x 4 tokens per step, the
-  same floats as its kernels for repacked Q4_0. Q4_1: one token 8 rows at a time in
-  vec_dot_q4_1_q8_1's lanes (the same floats as the file's rows); batches take the tiles.
-- everything else (prefill blocks, and every format without a fused kernel): a tile of rows
-  dequantized to float32 once, multiplied by the block of rounded activations with numpy's
-  BLAS. The tile is transient; weights stay quantized in the mmap.
+  repacks it: 8 rows x 4 tokens per step (1 for decode), the same floats as its kernels for
+  repacked Q4_0. Q4_1: vec_dot_q4_1_q8_1's lanes, 8 rows x 2 tokens per step (1 for decode).
+- the other formats: a tile of rows dequantized to float32 once, multiplied by the rounded
+  activations with numpy's BLAS. The tile is transient; weights stay quantized in the mmap.
 
 Layouts (ggml-common.h), per block, little endian, `d`/`m`/`dmin` are IEEE half floats:
   Q8_0  34 B / 32: d, int8 qs[32]                                  w = d*q
@@ -32,13 +31,15 @@ Layouts (ggml-common.h), per block, little endian, `d`/`m`/`dmin` are IEEE half 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .simd import (Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, f16_dot, q4_0_dot, q4_0x8_gemm, q4_0x8_gemv, q4_1_dot, q4_1x8_dot8, q4_k_dot8, q4_k_dot8_chunks, q5_0_dot, q6_k_dot, q8_0_dot)
+from .simd import (Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, Q4_1X8_TOKENS, Q4_K_TOKENS, ROW_TOKENS, f16_dot, f16_rows1, f16_rows4,
+                   q4_0_dot, q4_0_rows1, q4_0_rows4, q4_0x8_gemm, q4_0x8_gemv, q4_1_dot, q4_1_rows1, q4_1_rows4, q4_1x8_gemm,
+                   q4_1x8_gemv, q4_k_dot8, q4_k_gemm8, q5_0_dot, q5_0_rows1, q5_0_rows4, q6_k_dot, q6_k_rows1, q6_k_rows4, q8_0_dot,
+                   q8_0_rows1, q8_0_rows4)
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -53,20 +54,12 @@ VEC_DOT_TYPE = {
 SUPPORTED_TYPES = frozenset(VEC_DOT_TYPE)
 # formats with a fused decode kernel below
 FUSED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q6_K})
-# at or above this many tokens a dequantized tile times BLAS (much faster, not bit-identical
-# to ggml) replaces the per-token fused kernels (llama.cpp's exact sums)
-PREFILL_MIN_TOKENS = 16
-# llama.cpp's CPU batches use the same per-row sums as decode for every fused format
-# (llamafile's sgemm has no Q4_1/Q5_1/K-quant kernel, and its Q8_0/Q4_0/Q5_0 kernel sums in
-# vec_dot's lane order), so with EXACT_PREFILL the fused kernels serve batches of any size:
-# prompts and perplexity then reproduce llama.cpp bit for bit (forward.py also switches batches
-# of 64+ tokens to ggml's tiled flash attention). It costs prompt speed (SmolLM2 Q4_1, 2 threads:
-# pp256 about 140 tok/s exact vs 420 default; Q4_0 batches are exact either way), so it is
-# opt-in: LLAMACHAT_EXACT_PREFILL=1. (Verified on the Q4_1, Q4_0 and Q8_0 files' perplexity.
-# The F16, Q5_0, Q6_K and Q4_K_M files' still differ from llama-perplexity's: its F16 batches go
-# through llamafile's tinyBLAS, in another order; the Q5_0 and Q6_K causes are not known yet.)
-# Single-token decode is exact either way, and prompts under 16 tokens too.
-EXACT_PREFILL = os.environ.get("LLAMACHAT_EXACT_PREFILL", "") == "1"
+# Batches multiply with the same per-(row, token) arithmetic as one token, for every fused
+# format: a token's logits do not depend on how its prompt was split, and they are llama.cpp's
+# (its CPU batches sum as its vec_dot does for Q4_1/Q5_0/Q6_K/Q8_0 - llamafile's sgemm has no
+# kernel for the first three and sums Q8_0 in vec_dot's lane order - and through its repacked
+# gemm/gemv for Q4_0 and Q4_K, whose per-(row, token) chains we replay). Formats without a fused
+# kernel multiply through float32 tiles and BLAS.
 # rows dequantized at once on the tile path (bounds the transient float32 tile)
 TILE_ROWS = 2048
 
@@ -290,41 +283,28 @@ def _x8_layout(blocks: np.ndarray, t) -> np.ndarray:
 @njit(cache=True, parallel=True)
 def _matvec_q4_1x8(w, table, xq, xd, xs, out):
     """One token times a repacked Q4_1 matrix: vec_dot_q4_1_q8_1's lanes, 8 rows at a time
-    (runtime.simd.q4_1x8_dot8), the same floats as _matvec_q4_1 on the file's rows."""
+    (runtime.simd.q4_1x8_gemv), the same floats as _matvec_q4_1 on the file's rows."""
+    k = xq.shape[0]
+    xq2 = xq.reshape((1, k))
+    xd2 = xd.reshape((1, k // 32))
+    xs2 = xs.reshape((1, k // 32))
+    out2 = out.reshape((1, out.shape[0]))
     for g in prange(w.shape[0] // 8):
-        q4_1x8_dot8(w, 8 * g, xq, xd, xs, out)
+        q4_1x8_gemv(w, 8 * g, xq2, xd2, xs2, 0, out2)
 
 
 @njit(cache=True, parallel=True)
-def _dequantize_tile_x8(t, w, table, out, mins):
-    """_dequantize_tile for rows repacked 8 at a time (Q4_0 or Q4_1; w: whole 8-row groups): the
-    same values, read from the interleaved layout (`_x8_layout`)."""
-    n_rows, rb = w.shape
-    bs = 20 if t == _Q4_1 else 18
-    head = 8 * bs - 128
-    flat = w.reshape(-1)
-    for r in prange(n_rows):
-        g, k = r // 8, r % 8
-        s, q = (k >> 1) & 1, (k & 1) | ((k >> 2) << 1)  # its 4-row set, and its place in that
-        y = out[r]
-        for b in range(rb // bs):
-            base = 8 * g * rb + 8 * b * bs
-            d = _f16(table, flat, base + 2 * k)
-            m = np.float32(0.0)
-            if t == _Q4_1:
-                m = _f16(table, flat, base + 16 + 2 * k)
-                mins[r, b] = m
-            for v in range(2):  # quant bytes 8v..8v+7: vector 2s + v, bytes 8q..8q+7
-                src = base + head + 32 * (2 * s + v) + 8 * q
-                o = 32 * b + 8 * v
-                if t == _Q4_1:
-                    for j in range(8):
-                        y[o + j] = np.float32(flat[src + j] & 15) * d + m
-                        y[o + 16 + j] = np.float32(flat[src + j] >> 4) * d + m
-                else:
-                    for j in range(8):
-                        y[o + j] = np.float32(np.int32(flat[src + j] & 15) - 8) * d
-                        y[o + 16 + j] = np.float32(np.int32(flat[src + j] >> 4) - 8) * d
+def _matmat_q4_1x8(w, xq, xd, xs, out):
+    """out [T, rows] = the T tokens' products with a repacked Q4_1 matrix, each (row, token)
+    vec_dot_q4_1_q8_1's floats (as one-token decode): 8 rows x Q4_1X8_TOKENS tokens per step,
+    the leftover token by the one-token kernel."""
+    n_tok = xq.shape[0]
+    steps = n_tok // Q4_1X8_TOKENS
+    for g in prange(w.shape[0] // 8):
+        for s in range(steps):
+            q4_1x8_gemm(w, 8 * g, xq, xd, xs, Q4_1X8_TOKENS * s, out)
+        for t in range(Q4_1X8_TOKENS * steps, n_tok):
+            q4_1x8_gemv(w, 8 * g, xq, xd, xs, t, out)
 
 
 def pack_x8(rows: np.ndarray, t, out: np.ndarray | None = None) -> np.ndarray:
@@ -357,20 +337,19 @@ def _q4k_scale_min(sc, j):
 
 # fastmath 'contract' only: the two fma chains below, nothing reassociated
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def _matvec_q4_k(w, table, xq, xd, xs, out, per_chunk=False):
+def _matvec_q4_k(w, table, xq, xd, xs, out):
     """Q4_K summed as llama.cpp does on an AVX2 CPU, where Q4_K matrices (rows a multiple of 8)
     are repacked at load and multiplied by ggml_gemv_q4_K_8x8_q8_K: per 256-value block the
     exact integer sums isum = sum_j scale_j * dot_j and imin = sum_j min_j * bsum_j (bsum: the
     sum of a 32-group's int8 activations), acc = fma(isum, d*dx, acc) and
-    accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm. per_chunk: the two fmas per
-    64 values instead, as its ggml_gemm_q4_K_8x8_q8_K does for a batch's tokens in fours."""
+    accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm."""
     n_rows, nb = w.shape[0], xd.shape[0] // 8
     n8 = n_rows // 8
+    xq2 = xq.reshape((1, xq.shape[0]))
+    xd2 = xd.reshape((1, xd.shape[0]))
+    out2 = out.reshape((1, n_rows))
     for g in prange(n8):  # 8 rows at a time in vector IR (runtime.simd), as ggml's kernels
-        if per_chunk:
-            q4_k_dot8_chunks(w, 8 * g, xq, xd, out)
-        else:
-            q4_k_dot8(w, 8 * g, xq, xd, out)
+        q4_k_dot8(w, 8 * g, xq2, xd2, 0, out2)
     bsum = np.zeros(nb * 8, np.int32)
     for g in range(nb * 8):
         for j in range(32):
@@ -398,15 +377,9 @@ def _matvec_q4_k(w, table, xq, xd, xs, out, per_chunk=False):
                 s2, m2 = _q4k_scale_min(sc, 2 * c + 1)
                 isum += s1 * slo + s2 * shi
                 imin += m1 * bsum[b * 8 + 2 * c] + m2 * bsum[b * 8 + 2 * c + 1]
-                if per_chunk:
-                    acc = np.float32(isum) * (_f16(table, row, o) * xd[b * 8]) + acc
-                    accm = np.float32(imin) * (_f16(table, row, o + 2) * xd[b * 8]) + accm
-                    isum = 0
-                    imin = 0
-            if not per_chunk:
-                dx = xd[b * 8]
-                acc = np.float32(isum) * (_f16(table, row, o) * dx) + acc
-                accm = np.float32(imin) * (_f16(table, row, o + 2) * dx) + accm
+            dx = xd[b * 8]
+            acc = np.float32(isum) * (_f16(table, row, o) * dx) + acc
+            accm = np.float32(imin) * (_f16(table, row, o + 2) * dx) + accm
         out[r] = acc - accm
 
 
@@ -532,54 +505,89 @@ def quantize_for(x: np.ndarray, w: QuantWeight) -> Activations:
     return Activations(np.ascontiguousarray(x, dtype=np.float32), w.act_mode)
 
 
+@njit(cache=True, inline="always")
+def _rows_step(t, w, r, xq, xd, xs, t0, out, n):
+    """Row r of a file-layout matrix of type t times tokens t0..t0+n-1 (n: ROW_TOKENS or 1)."""
+    if n == ROW_TOKENS:
+        if t == _Q4_1:
+            q4_1_rows4(w, r, xq, xd, xs, t0, out)
+        elif t == _Q8_0:
+            q8_0_rows4(w, r, xq, xd, t0, out)
+        elif t == _Q4_0:
+            q4_0_rows4(w, r, xq, xd, t0, out)
+        elif t == _Q5_0:
+            q5_0_rows4(w, r, xq, xd, t0, out)
+        else:
+            q6_k_rows4(w, r, xq, xd, t0, out)
+    else:
+        if t == _Q4_1:
+            q4_1_rows1(w, r, xq, xd, xs, t0, out)
+        elif t == _Q8_0:
+            q8_0_rows1(w, r, xq, xd, t0, out)
+        elif t == _Q4_0:
+            q4_0_rows1(w, r, xq, xd, t0, out)
+        elif t == _Q5_0:
+            q5_0_rows1(w, r, xq, xd, t0, out)
+        else:
+            q6_k_rows1(w, r, xq, xd, t0, out)
+
+
 @njit(cache=True, parallel=True)
-def _dequantize_tile(t, w, table, out, mins):
-    """Q4_1 / Q4_0 / Q5_0 / Q8_0 rows (t: the ggml type) -> float32 [n, K] for the prompt path,
-    the registry's values (tested); Q4_1 also fills mins [n, K/32] with each block's m. A
-    little faster than the registry's serial row kernels, and the mins come for free."""
-    n_rows, rb = w.shape
-    for r in prange(n_rows):
-        row = w[r]
-        y = out[r]
-        if t == _Q8_0:
-            qs = row.view(np.int8)
-            for b in range(rb // 34):
-                d = _f16(table, row, 34 * b)
-                for j in range(32):
-                    y[32 * b + j] = np.float32(qs[34 * b + 2 + j]) * d
-            continue
-        bs = 20 if t == _Q4_1 else (22 if t == _Q5_0 else 18)
-        off = 0 if t == _Q4_1 else (16 if t == _Q5_0 else 8)
-        for b in range(rb // bs):
-            o = bs * b
-            d = _f16(table, row, o)
-            m = np.float32(0.0)
-            if t == _Q4_1:
-                m = _f16(table, row, o + 2)
-                mins[r, b] = m
-            qh = np.uint32(0)
-            if t == _Q5_0:
-                qh = np.uint32(row[o + 2]) | (np.uint32(row[o + 3]) << 8) | (np.uint32(row[o + 4]) << 16) | (np.uint32(row[o + 5]) << 24)
-            for j in range(16):
-                q = np.int32(row[o + bs - 16 + j])
-                lo = q & 15
-                hi = q >> 4
-                if t == _Q5_0:
-                    lo |= np.int32((qh >> j) & 1) << 4
-                    hi |= np.int32((qh >> (j + 16)) & 1) << 4
-                if t == _Q4_1:
-                    y[32 * b + j] = np.float32(lo) * d + m
-                    y[32 * b + 16 + j] = np.float32(hi) * d + m
-                else:  # (adding a zero m would turn -0.0 into +0.0)
-                    y[32 * b + j] = np.float32(lo - off) * d
-                    y[32 * b + 16 + j] = np.float32(hi - off) * d
+def _matmat_rows(t, w, xq, xd, xs, out):
+    """out [T, rows] = the T tokens' products with a matrix in the file's layout (t: Q4_1, Q8_0,
+    Q4_0, Q5_0 or Q6_K), each (row, token) the one-token kernel's floats: per row, its blocks
+    unpacked once for ROW_TOKENS tokens at a time, rows over threads."""
+    n_tok = xq.shape[0]
+    in_steps = n_tok - n_tok % ROW_TOKENS
+    for r in prange(w.shape[0]):
+        for t0 in range(0, in_steps, ROW_TOKENS):
+            _rows_step(t, w, r, xq, xd, xs, t0, out, ROW_TOKENS)
+        for t0 in range(in_steps, n_tok):
+            _rows_step(t, w, r, xq, xd, xs, t0, out, 1)
 
 
-_TILE_TYPES = frozenset({T.Q4_1, T.Q4_0, T.Q5_0, T.Q8_0})
+@njit(cache=True, parallel=True)
+def _matmat_f16(w, table, x, out):
+    """out [T, rows] = the T tokens' products with an F16 matrix (x: the activations rounded
+    to half), each (row, token) _matvec_f16's floats: ROW_TOKENS tokens per step."""
+    n_tok, k = x.shape
+    tail = k - k % 32
+    in_steps = n_tok - n_tok % ROW_TOKENS
+    for r in prange(w.shape[0]):
+        for t0 in range(0, in_steps, ROW_TOKENS):
+            f16_rows4(w, r, x, t0, out)
+        for t0 in range(in_steps, n_tok):
+            f16_rows1(w, r, x, t0, out)
+        if tail < k:
+            row = w[r].view(np.uint16)
+            for t in range(n_tok):
+                acc = np.float64(out[t, r])
+                for i in range(tail, k):
+                    acc += np.float64(table[row[i]] * x[t, i])
+                out[t, r] = np.float32(acc)
+
+
+@njit(cache=True, parallel=True)
+def _matmat_q4_k(w, xq, xd, out):
+    """out [T, rows] = the T tokens' products with a Q4_K matrix of rows a multiple of 8, each
+    (row, token) _matvec_q4_k's floats: 8 rows x Q4_K_TOKENS tokens per step."""
+    n_tok = xq.shape[0]
+    steps = n_tok // Q4_K_TOKENS
+    for g in prange(w.shape[0] // 8):
+        for s in range(steps):
+            q4_k_gemm8(w, 8 * g, xq, xd, Q4_K_TOKENS * s, out)
+        for t in range(Q4_K_TOKENS * steps, n_tok):
+            q4_k_dot8(w, 8 * g, xq, xd, t, out)
+
+
+# formats whose batches go through _matmat_rows (file layout) or their repacked kernels
+_ROW_BATCH_TYPES = frozenset({T.Q4_1, T.Q8_0, T.Q4_0, T.Q5_0, T.Q6_K})
 
 
 def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None = None) -> np.ndarray:
-    """x [T, n_in] (or Activations for w's format) -> x @ W.T as float32 [T, n_out]."""
+    """x [T, n_in] (or Activations for w's format) -> x @ W.T as float32 [T, n_out]. For the
+    fused formats each token's row is the same bits whatever T (one arithmetic for prompts and
+    decode); the others multiply float32 tiles with BLAS."""
     act = x if isinstance(x, Activations) else quantize_for(x, w)
     if act.mode != w.act_mode:
         raise ValueError(f"{w.name}: activations are in the wrong format")
@@ -589,37 +597,39 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     if out is None:
         out = np.empty((n_tok, w.n_out), np.float32)
     t = w.ggml_type
-    if w.packed and t == T.Q4_0:  # any batch: exact, and faster than the BLAS tiles
-        if n_tok > 1:
+    if n_tok > 1 and w.packed:
+        if t == T.Q4_0:
             _matmat_q4_0x8(w.rows, act.xq, act.xd, out)
         else:
-            _matvec_q4_0x8(w.rows, F16_TABLE, act.xq[0], act.xd[0], out[0])
+            _matmat_q4_1x8(w.rows, act.xq, act.xd, act.xs, out)
         return out
-    if t in FUSED_TYPES and (EXACT_PREFILL or n_tok < PREFILL_MIN_TOKENS):
+    if n_tok > 1 and t in _ROW_BATCH_TYPES and w.n_in % 32 == 0:
+        _matmat_rows(int(t), np.ascontiguousarray(w.rows), act.xq, act.xd, act.xs, out)
+        return out
+    if n_tok > 1 and t == T.Q4_K and w.n_out % 8 == 0:
+        _matmat_q4_k(np.ascontiguousarray(w.rows), act.xq, act.xd, out)
+        return out
+    if n_tok > 1 and t == T.F16:
+        _matmat_f16(np.ascontiguousarray(w.rows), F16_TABLE, act.xhat, out)
+        return out
+    if t in FUSED_TYPES:
+        # (Q4_K: every token in the order of llama.cpp's repacked gemv, which it uses for one
+        # token; its batches take its gemm for tokens in fours - other fma steps, so a token's
+        # floats there depend on its place in the batch - and we do not follow it there)
         rows = np.ascontiguousarray(w.rows)
-        in_fours = n_tok - n_tok % 4  # llama.cpp multiplies these by its Q4_K gemm, the rest by gemv
         for i in range(n_tok):
-            code = Q4_K_CHUNKS if t == T.Q4_K and i < in_fours and w.n_out % 8 == 0 else w.kernel
-            matvec_fused(code, rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
+            matvec_fused(w.kernel, rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
         return out
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
-    mins = np.empty((w.n_out, w.n_in // 32), np.float32) if t == T.Q4_1 else np.empty((0, 0), np.float32)
     for start in range(0, w.n_out, TILE_ROWS):
         stop = min(start + TILE_ROWS, w.n_out)
-        if w.packed:  # (TILE_ROWS is a multiple of 8)
-            _dequantize_tile_x8(int(t), w.rows[start:stop], F16_TABLE, tile[:stop - start], mins[start:stop])
-        elif t in _TILE_TYPES:
-            _dequantize_tile(int(t), np.ascontiguousarray(w.rows[start:stop]), F16_TABLE, tile[:stop - start],
-                             mins[start:stop])
-        else:
-            dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
+        dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
         np.matmul(act.xhat, tile[:stop - start].T, out=out[:, start:stop])
-    if act.mode == ACT_Q8_1:
+    if act.mode == ACT_Q8_1:  # Q5_1
         # llama.cpp's Q8_1 carries each block's sum as half(d*sum(q)), not sum(half(d)*q):
         # add min * (that sum - the sum of our rounded activations) so both paths agree
-        if t != T.Q4_1:  # Q5_1
-            bs = GGML_QUANT_SIZES[t][1]
-            mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
+        bs = GGML_QUANT_SIZES[t][1]
+        mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
         delta = act.xs - act.xhat.reshape(n_tok, -1, 32).sum(axis=2, dtype=np.float32)
         out += delta @ mins.T
     return out
@@ -630,9 +640,6 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
 _ACT_OF_TYPE = np.full(128, -1, np.int64)
 for _t, _mode in VEC_DOT_TYPE.items():
     _ACT_OF_TYPE[int(_t)] = _mode
-# Q4_K in llama.cpp's batch order (its gemm: the tokens of a batch in fours), for matvec_fused
-Q4_K_CHUNKS = 112
-_ACT_OF_TYPE[Q4_K_CHUNKS] = ACT_Q8_K
 # matrices repacked 8 rows at a time (`repack`)
 Q4_0X8, Q4_1X8 = 113, 114
 _ACT_OF_TYPE[Q4_0X8] = ACT_Q8_0
@@ -659,9 +666,7 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
     elif t == _Q5_0:
         _matvec_q5_0(w, table, xq, xd, out)
     elif t == _Q4_K:
-        _matvec_q4_k(w, table, xq, xd, xs, out, False)
-    elif t == Q4_K_CHUNKS:
-        _matvec_q4_k(w, table, xq, xd, xs, out, True)
+        _matvec_q4_k(w, table, xq, xd, xs, out)
     elif t == _Q6_K:
         _matvec_q6_k(w, table, xq, xd, out)
     elif t == _F16:

@@ -25,10 +25,15 @@ rows, xq int8 [K], xd/xs float32 [K/32]; the 8-row ones write out[r0:r0+8]):
                                llama.cpp leaves unpacked, rows not a multiple of 8)
   q4_0x8_gemv(w, r0, xq, xd, ysum8, t0, out)  Q4_0 rows r0..r0+7 of an interleaved copy
   q4_0x8_gemm(...)             (see below), 1 token / 4 tokens: ggml_gemv/gemm_q4_0_8x8_q8_0
-  q4_1x8_dot8(w, r0, xq, xd, xs, out)  Q4_1 rows r0..r0+7 of an interleaved copy, vec_dot's lanes
-  q4_k_dot8(w, r0, xq, xd, out)            Q4_K, ggml_gemv_q4_K_8x8_q8_K's order;
-  q4_k_dot8_chunks(...)                    its gemm's (a batch's tokens in fours)
-  f16_dot(w, r, x)             F16 row r against half-rounded activations (ggml_vec_dot_f16)
+  q4_1x8_gemv(w, r0, xq, xd, xs, t0, out)  Q4_1 rows r0..r0+7 of an interleaved copy, vec_dot's
+  q4_1x8_gemm(...)                         lanes, 1 token / Q4_1X8_TOKENS tokens of a batch
+  q4_1_rows4(w, r, xq, xd, xs, t0, out)    the batch forms of the one-row kernels: row r times
+  q4_1_rows1(...), q8_0_rows4, ...         tokens t0..t0+3 (or t0) into out[t, r], each token
+                                           the one-row kernel's floats
+  q4_k_dot8(w, r0, xq, xd, t0, out)        Q4_K rows r0..r0+7, ggml_gemv_q4_K_8x8_q8_K's order
+  q4_k_gemm8(...)                          the same, Q4_K_TOKENS tokens of a batch
+  f16_dot(w, r, x)             F16 row r against half-rounded activations (ggml_vec_dot_f16);
+  f16_rows4(w, r, x, t0, out)  its batch form (f16_rows1: one token of a batch)
   fmaf(a, b, c)                float32 fused multiply-add (llvm.fma.f32)
 The one-token kernels also prefetch the weights 8 KiB ahead (decode streams them from DRAM).
 LLAMACHAT_NO_AVX2=1 forces the portable IR (numba's cache does not key on it: use a fresh
@@ -341,11 +346,80 @@ def _q6_k_body(builder, blk, y, scales, state):
     return [_lane_accumulate(builder, d, lanes, state[0])]
 
 
+def _tokens_kernel(block_bytes, n_act, init, body, finish, n_t, block_values=32):
+    """The batch form of a `_row_kernel`: an intrinsic (w, r, xq, xd[, xs], t0, out) writing
+    row r times tokens t0..t0+n_t-1 into out[t0:t0+n_t, r] (xq int8 [T, K], xd/xs float32
+    [T, K/32], out float32 [T, rows], all C-contiguous). Each token's state goes through the
+    same body and finish as the one-token kernel (the same floats, bit for bit); the block's
+    bytes are loaded and unpacked once for all n_t tokens (LLVM merges the repeated loads)."""
+
+    def make_sig(w, r, xq, act, t0, out):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, *act, out)):
+            return None
+        if xq.ndim != 2 or out.ndim != 2 or any(a.ndim != 2 for a in act):
+            return None
+        return types.none(w, r, xq, *act, t0, out)
+
+    def codegen(context, builder, signature, args):
+        wt, _, xqt, *act_t = signature.args[:3 + n_act]
+        outt = signature.args[-1]
+        warr = context.make_array(wt)(context, builder, args[0])
+        r, t0 = args[1], args[3 + n_act]
+        row_bytes = builder.extract_value(warr.shape, 1)
+        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
+        xarr = context.make_array(xqt)(context, builder, args[2])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        act_arrs = [context.make_array(t)(context, builder, a) for t, a in zip(act_t, args[3:3 + n_act])]
+        oarr = context.make_array(outt)(context, builder, args[-1])
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+        scale_rows = [[builder.gep(a.data, [builder.mul(tk, builder.extract_value(a.shape, 1))]) for a in act_arrs]
+                      for tk in toks]
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
+        n_state = len(init)
+
+        def block(b, state):
+            o = builder.mul(b, ir.Constant(b.type, block_bytes))
+            blk = builder.gep(row, [o])
+            yo = builder.mul(b, ir.Constant(b.type, block_values))
+            scale_at = builder.mul(b, ir.Constant(b.type, block_values // 32))
+            new = []
+            for t in range(n_t):
+                scales = [builder.load(builder.gep(p, [scale_at])) for p in scale_rows[t]]
+                new += body(builder, blk, builder.gep(yq[t], [yo]), scales, state[n_state * t:n_state * (t + 1)])
+            return new
+
+        state = _state_loop(builder, n_blocks, list(init) * n_t, block)
+        for t in range(n_t):
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
+            builder.store(finish(builder, state[n_state * t:n_state * (t + 1)]), dst)
+        return context.get_dummy_value()
+
+    if n_act == 1:
+        def typer(typingctx, w, r, xq, xd, t0, out):
+            return make_sig(w, r, xq, (xd,), t0, out), codegen
+    else:
+        def typer(typingctx, w, r, xq, xd, xs, t0, out):
+            return make_sig(w, r, xq, (xd, xs), t0, out), codegen
+    return intrinsic(typer)
+
+
+# tokens per step of the batch kernels (a row's blocks unpacked once for all of them)
+ROW_TOKENS = 4
+
 q4_1_dot = intrinsic(_row_kernel(20, 2, [_ZERO8, _ZERO], _q4_1_body, _q4_1_finish))
 q8_0_dot = intrinsic(_row_kernel(34, 1, [_ZERO8], _q8_0_body, _lanes_finish))
 q5_0_dot = intrinsic(_row_kernel(22, 1, [_ZERO8], _q5_0_body, _lanes_finish))
 q4_0_dot = intrinsic(_row_kernel(18, 1, [_ZERO8], _q4_0_body, _lanes_finish))
 q6_k_dot = intrinsic(_row_kernel(210, 1, [_ZERO8], _q6_k_body, _lanes_finish, block_values=256))
+
+# row r times ROW_TOKENS tokens (..._rows4) or one (..._rows1) of a batch: (w, r, xq, xd[, xs], t0, out)
+q4_1_rows4, q4_1_rows1 = (_tokens_kernel(20, 2, [_ZERO8, _ZERO], _q4_1_body, _q4_1_finish, n) for n in (ROW_TOKENS, 1))
+q8_0_rows4, q8_0_rows1 = (_tokens_kernel(34, 1, [_ZERO8], _q8_0_body, _lanes_finish, n) for n in (ROW_TOKENS, 1))
+q5_0_rows4, q5_0_rows1 = (_tokens_kernel(22, 1, [_ZERO8], _q5_0_body, _lanes_finish, n) for n in (ROW_TOKENS, 1))
+q4_0_rows4, q4_0_rows1 = (_tokens_kernel(18, 1, [_ZERO8], _q4_0_body, _lanes_finish, n) for n in (ROW_TOKENS, 1))
+q6_k_rows4, q6_k_rows1 = (_tokens_kernel(210, 1, [_ZERO8], _q6_k_body, _lanes_finish, n, 256) for n in (ROW_TOKENS, 1))
 
 
 def _row_sums8(builder, lanes):
@@ -365,21 +439,6 @@ def _row_sums8(builder, lanes):
     for i, lv in enumerate(lanes):
         total = builder.insert_element(total, builder.call(reduce, [lv]), ir.Constant(_i32, i))
     return total
-
-
-def _rows8_operands(context, builder, signature, args, block_bytes):
-    """The operands of an 8-row kernel (w, r0, xq, xd, out): the 8 row pointers, the int8
-    activations and their scales, the output's data pointer and the blocks per row."""
-    wt, _, xqt, xdt, outt = signature.args
-    warr = context.make_array(wt)(context, builder, args[0])
-    row_bytes = builder.extract_value(warr.shape, 1)
-    stride = builder.extract_value(warr.strides, 0)
-    r0 = args[1]
-    rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
-    yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-    yd = context.make_array(xdt)(context, builder, args[3]).data
-    outp = context.make_array(outt)(context, builder, args[4]).data
-    return rows, yq, yd, outp, builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
 
 
 def _q4_k_scales(builder, blk):
@@ -406,24 +465,39 @@ def _halves8(builder, rows, offset):
     return _halves_to_float(builder, bits)
 
 
-def _q4_k_rows8(per_chunk):
-    """The typer of an intrinsic (w, r0, xq, xd, out) writing Q4_K rows r0..r0+7 into
-    out[r0:r0+8]: per 256-value block the exact integer sums isum = sum_g scale_g * dot_g and
+def _q4_k_rows8(n_t, prefetch):
+    """The typer of an intrinsic (w, r0, xq, xd, t0, out) writing Q4_K rows r0..r0+7 times
+    tokens t0..t0+n_t-1 (xq int8 [T, K], xd float32 [T, K/32]) into out[t0:t0+n_t, r0:r0+8]:
+    per 256-value block the exact integer sums isum = sum_g scale_g * dot_g and
     imin = sum_g min_g * (sum of 32-group g's activations), acc = fma(isum, d*dx, acc),
-    accm = fma(imin, dmin*dx, accm); result acc - accm (ggml_gemv_q4_K_8x8_q8_K). per_chunk:
-    the fmas per 64 values instead (groups 2c and 2c+1), as its gemm for a batch's tokens in
-    fours (ggml_gemm_q4_K_8x8_q8_K)."""
+    accm = fma(imin, dmin*dx, accm); result acc - accm (ggml_gemv_q4_K_8x8_q8_K, the order
+    llama.cpp multiplies one token by; every token of a batch too here: its gemm's order for a
+    batch's tokens in fours would make a token's floats depend on its place in the batch)."""
 
-    def typer(typingctx, w, r0, xq, xd, out):
+    def typer(typingctx, w, r0, xq, xd, t0, out):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
             return None
-        return types.none(w, r0, xq, xd, out), codegen
+        if xq.ndim != 2 or xd.ndim != 2 or out.ndim != 2:
+            return None
+        return types.none(w, r0, xq, xd, t0, out), codegen
 
     def codegen(context, builder, signature, args):
-        rows, yq, yd, outp, n_blocks = _rows8_operands(context, builder, signature, args, 144)
-        r0 = args[1]
-        acc_slot = cgutils.alloca_once_value(builder, _ZERO8)
-        accm_slot = cgutils.alloca_once_value(builder, _ZERO8)
+        wt, _, xqt, xdt, _, outt = signature.args
+        warr = context.make_array(wt)(context, builder, args[0])
+        row_bytes = builder.extract_value(warr.shape, 1)
+        stride = builder.extract_value(warr.strides, 0)
+        r0, t0 = args[1], args[4]
+        rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
+        xarr = context.make_array(xqt)(context, builder, args[2])
+        darr = context.make_array(xdt)(context, builder, args[3])
+        oarr = context.make_array(outt)(context, builder, args[5])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        n_scales = builder.extract_value(darr.shape, 1)
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+        yd = [builder.gep(darr.data, [builder.mul(tk, n_scales)]) for tk in toks]
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 144))
         ones8 = ir.Constant(_vec(_i8, 32), [1] * 32)
         v32 = _vec(_i8, 32)
         f32x8 = _vec(_f32, 8)
@@ -434,53 +508,60 @@ def _q4_k_rows8(per_chunk):
                 vec = builder.insert_element(vec, v, ir.Constant(_i32, k))
             return vec
 
-        with cgutils.for_range(builder, n_blocks) as loop:
-            b = loop.index
+        def add_all(vals):
+            return vals[0] if len(vals) == 1 else builder.add(add_all(vals[:-1]), vals[-1])
+
+        def block(b, state):
             o = builder.mul(b, ir.Constant(b.type, 144))
-            for row in rows:
-                _prefetch(builder, row, o, 144)
-            y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, 256))])
-            qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
-            bsum_vec = _row_sums8(builder, [_lanes_unsigned(builder, ones8, q) for q in qy])  # per 32-group
-            bsum = [builder.extract_element(bsum_vec, ir.Constant(_i32, g)) for g in range(8)]
-            chunk_lanes, chunk_mins = [], []  # [row][chunk]
-            for row in rows:
-                blk = builder.gep(row, [o])
-                pairs = _q4_k_scales(builder, blk)
-                lanes, mins = [], []
+            if prefetch:
+                for row in rows:
+                    _prefetch(builder, row, o, 144)
+            blks = [builder.gep(row, [o]) for row in rows]
+            pairs = [_q4_k_scales(builder, blk) for blk in blks]
+            nibbles = []  # [row][chunk]: (low, high) nibbles of the chunk's 32 bytes
+            for blk in blks:
+                nib = []
                 for c in range(4):
                     qs = _load(builder, blk, v32, 16 + 32 * c)
-                    lo = builder.and_(qs, ir.Constant(v32, [15] * 32))
-                    hi = builder.lshr(qs, ir.Constant(v32, [4] * 32))
-                    lanes.append(builder.add(_scaled_lanes(builder, lo, qy[2 * c], pairs[2 * c][0], pairs[2 * c][0], 0),
-                                             _scaled_lanes(builder, hi, qy[2 * c + 1], pairs[2 * c + 1][0], pairs[2 * c + 1][0], 0)))
-                    mins.append(builder.add(builder.mul(pairs[2 * c][1], bsum[2 * c]),
-                                            builder.mul(pairs[2 * c + 1][1], bsum[2 * c + 1])))
-                chunk_lanes.append(lanes)
-                chunk_mins.append(mins)
-            dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(b.type, 8))])), 8)
-            blks = [builder.gep(row, [o]) for row in rows]
-            d = builder.fmul(_halves8(builder, blks, 0), dx)
-            dmin = builder.fmul(_halves8(builder, blks, 2), dx)
-            if per_chunk:
-                steps = [([lanes[c] for lanes in chunk_lanes], [mins[c] for mins in chunk_mins]) for c in range(4)]
-            else:
-                add_all = lambda vals: vals[0] if len(vals) == 1 else builder.add(add_all(vals[:-1]), vals[-1])  # noqa: E731
-                steps = [([add_all(lanes) for lanes in chunk_lanes], [add_all(mins) for mins in chunk_mins])]
-            for lanes, mins in steps:
-                isums = builder.sitofp(_row_sums8(builder, lanes), f32x8)
-                imins = builder.sitofp(rows_vector(mins), f32x8)
-                builder.store(_fma(builder, isums, d, builder.load(acc_slot)), acc_slot)
-                builder.store(_fma(builder, imins, dmin, builder.load(accm_slot)), accm_slot)
-        dst = builder.bitcast(builder.gep(outp, [r0]), f32x8.as_pointer())
-        builder.store(builder.fsub(builder.load(acc_slot), builder.load(accm_slot)), dst, align=4)
+                    nib.append((builder.and_(qs, ir.Constant(v32, [15] * 32)), builder.lshr(qs, ir.Constant(v32, [4] * 32))))
+                nibbles.append(nib)
+            dh = _halves8(builder, blks, 0)
+            dminh = _halves8(builder, blks, 2)
+            new = []
+            for t in range(n_t):
+                y = builder.gep(yq[t], [builder.mul(b, ir.Constant(b.type, 256))])
+                qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
+                bsum_vec = _row_sums8(builder, [_lanes_unsigned(builder, ones8, q) for q in qy])  # per 32-group
+                bsum = [builder.extract_element(bsum_vec, ir.Constant(_i32, g)) for g in range(8)]
+                row_lanes, row_mins = [], []
+                for k in range(8):
+                    pk, nk = pairs[k], nibbles[k]
+                    lanes = [builder.add(_scaled_lanes(builder, nk[c][0], qy[2 * c], pk[2 * c][0], pk[2 * c][0], 0),
+                                         _scaled_lanes(builder, nk[c][1], qy[2 * c + 1], pk[2 * c + 1][0], pk[2 * c + 1][0], 0))
+                             for c in range(4)]
+                    mins = [builder.add(builder.mul(pk[2 * c][1], bsum[2 * c]), builder.mul(pk[2 * c + 1][1], bsum[2 * c + 1]))
+                            for c in range(4)]
+                    row_lanes.append(add_all(lanes))
+                    row_mins.append(add_all(mins))
+                dx = _splat(builder, builder.load(builder.gep(yd[t], [builder.mul(b, ir.Constant(b.type, 8))])), 8)
+                isums = builder.sitofp(_row_sums8(builder, row_lanes), f32x8)
+                imins = builder.sitofp(rows_vector(row_mins), f32x8)
+                new.append(_fma(builder, isums, builder.fmul(dh, dx), state[2 * t]))
+                new.append(_fma(builder, imins, builder.fmul(dminh, dx), state[2 * t + 1]))
+            return new
+
+        state = _state_loop(builder, n_blocks, [_ZERO8] * (2 * n_t), block)
+        for t in range(n_t):
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r0)])
+            builder.store(builder.fsub(state[2 * t], state[2 * t + 1]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return typer
 
 
-q4_k_dot8 = intrinsic(_q4_k_rows8(False))
-q4_k_dot8_chunks = intrinsic(_q4_k_rows8(True))
+Q4_K_TOKENS = 2  # tokens per step of the Q4_K batch kernel
+q4_k_dot8 = intrinsic(_q4_k_rows8(1, True))  # one token, prefetching 8 KiB ahead
+q4_k_gemm8 = intrinsic(_q4_k_rows8(Q4_K_TOKENS, False))  # Q4_K_TOKENS tokens of a batch
 
 
 def _f16_dot_typer(typingctx, w, r, x):
@@ -520,6 +601,60 @@ def _f16_dot_typer(typingctx, w, r, x):
 
 
 f16_dot = intrinsic(_f16_dot_typer)
+
+
+def _f16_tokens(n_t):
+    """The batch form of f16_dot: (w, r, x [T, K] float32 already rounded to half, t0, out
+    [T, rows]) writes f16_dot(w, r, x[t]) into out[t, r] for the n_t tokens t0.. (each token the
+    one-token floats; the row's halves converted once for all of them)."""
+
+    def typer(typingctx, w, r, x, t0, out):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, x, out)) or x.ndim != 2 or out.ndim != 2:
+            return None
+        return types.none(w, r, x, t0, out), codegen
+
+    def codegen(context, builder, signature, args):
+        wt, _, xt, _, outt = signature.args
+        warr = context.make_array(wt)(context, builder, args[0])
+        r, t0 = args[1], args[3]
+        row_bytes = builder.extract_value(warr.shape, 1)
+        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
+        xarr = context.make_array(xt)(context, builder, args[2])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        oarr = context.make_array(outt)(context, builder, args[4])
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        xp = [builder.bitcast(builder.gep(xarr.data, [builder.mul(tk, k_vals)]), _i8.as_pointer()) for tk in toks]
+        n_steps = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 64))
+        f32x8 = _vec(_f32, 8)
+
+        def step(i, accs):
+            o = builder.mul(i, ir.Constant(i.type, 64))
+            xo = builder.mul(i, ir.Constant(i.type, 128))
+            wv = [_halves_to_float(builder, _load(builder, row, _vec(_i16, 8), builder.add(o, ir.Constant(o.type, 16 * j))))
+                  for j in range(4)]
+            new = []
+            for t in range(n_t):
+                for j in range(4):
+                    xv = _load(builder, xp[t], f32x8, builder.add(xo, ir.Constant(xo.type, 32 * j)))
+                    new.append(_fma(builder, wv[j], xv, accs[4 * t + j]))
+            return new
+
+        accs = _state_loop(builder, n_steps, [_ZERO8] * (4 * n_t), step)
+        for t in range(n_t):
+            a = accs[4 * t:4 * t + 4]
+            v = builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3]))
+            h = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
+            e = [builder.extract_element(h, ir.Constant(_i32, i)) for i in range(4)]
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
+            builder.store(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), dst)
+        return context.get_dummy_value()
+
+    return typer
+
+
+f16_rows4 = intrinsic(_f16_tokens(ROW_TOKENS))
+f16_rows1 = intrinsic(_f16_tokens(1))
 
 
 def _fmaf_typer(typingctx, a, b, c):
@@ -705,55 +840,75 @@ q4_0x8_gemv = intrinsic(_q4_0x8(1, True))  # 1 token, prefetching 8 KiB ahead
 Q4_1X8_BLOCK = 160
 
 
-def _q4_1x8_typer(typingctx, w, r0, xq, xd, xs, out):
-    """Q4_1 rows r0..r0+7 (r0 a multiple of 8) of the interleaved copy times one token (xq, xd,
-    xs: its Q8_1 activations) into out[r0:r0+8]."""
-    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, xs, out)):
-        return None
+def _q4_1x8(n_t, prefetch):
+    """The typer of an interleaved-Q4_1 kernel (w, r0, xq, xd, xs, t0, out): rows r0..r0+7 (r0 a
+    multiple of 8) times tokens t0..t0+n_t-1 (xq int8 [T, K], xd/xs float32 [T, K/32]: their
+    Q8_1 activations) into out[t0:t0+n_t, r0:r0+8] (float32 [T, rows]). Each (row, token) is
+    vec_dot_q4_1_q8_1's lanes and order, whatever n_t."""
+
+    def typer(typingctx, w, r0, xq, xd, xs, t0, out):
+        if not all(isinstance(a, types.Array) and a.layout == "C" and (a is w or a.ndim == 2) for a in (w, xq, xd, xs, out)):
+            return None
+        return types.none(w, r0, xq, xd, xs, t0, out), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, xst, outt = signature.args
+        wt, _, xqt, xdt, xst, _, outt = signature.args
         warr = context.make_array(wt)(context, builder, args[0])
-        r0 = args[1]
+        r0, t0 = args[1], args[5]
         group = builder.gep(warr.data, [builder.mul(r0, builder.extract_value(warr.strides, 0))])
         row_bytes = builder.extract_value(warr.shape, 1)
         nb = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 20))
-        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-        yd = context.make_array(xdt)(context, builder, args[3]).data
-        ys = context.make_array(xst)(context, builder, args[4]).data
-        outp = context.make_array(outt)(context, builder, args[5]).data
+        xarr = context.make_array(xqt)(context, builder, args[2])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        oarr = context.make_array(outt)(context, builder, args[6])
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+        yd = [builder.gep(context.make_array(xdt)(context, builder, args[3]).data, [builder.mul(tk, nb)]) for tk in toks]
+        ys = [builder.gep(context.make_array(xst)(context, builder, args[4]).data, [builder.mul(tk, nb)]) for tk in toks]
         v32, f32x8 = _vec(_i8, 32), _vec(_f32, 8)
 
         def block(b, state):
-            accs = list(state[:8])
             o = builder.mul(b, ir.Constant(b.type, Q4_1X8_BLOCK))
-            _prefetch(builder, group, o, Q4_1X8_BLOCK)
-            dx = _splat(builder, builder.load(builder.gep(yd, [b])), 8)
+            if prefetch:  # one token: the weights stream from DRAM
+                _prefetch(builder, group, o, Q4_1X8_BLOCK)
             d = _halves_to_float(builder, _load(builder, group, _vec(_i16, 8), o))
-            d_sets = [builder.fmul(builder.shuffle_vector(d, d, _mask(m)), dx)
-                      for m in ([0, 0, 1, 1, 4, 4, 5, 5], [2, 2, 3, 3, 6, 6, 7, 7])]
             m = _halves_to_float(builder, _load(builder, group, _vec(_i16, 8), builder.add(o, ir.Constant(o.type, 16))))
-            mins = _fma(builder, m, _splat(builder, builder.load(builder.gep(ys, [b])), 8), state[8])  # summs += m * s
-            y0 = builder.mul(b, ir.Constant(b.type, 32))
-            bc = [_broadcast8(builder, yq, builder.add(y0, ir.Constant(y0.type, 8 * c))) for c in range(4)]
-            for i in range(4):  # quant vectors: (rows 0,1,4,5: bytes 0-7, 8-15), (rows 2,3,6,7: ...)
+            halves = []  # per quant vector: (rows 0,1,4,5: bytes 0-7, 8-15), (rows 2,3,6,7: ...)
+            for i in range(4):
                 raw = _load(builder, group, v32, builder.add(o, ir.Constant(o.type, 32 + 32 * i)))
-                halves = [builder.and_(raw, ir.Constant(v32, [15] * 32)), builder.lshr(raw, ir.Constant(v32, [4] * 32))]
-                for h in range(2):  # values 8*(i%2).. (low nibbles), 16 + 8*(i%2).. (high)
-                    c = 2 * h + i % 2  # activation piece c: lanes 2c, 2c+1
-                    k = 4 * (i // 2) + c
-                    accs[k] = _fma(builder, d_sets[i // 2], builder.sitofp(_lanes_unsigned(builder, halves[h], bc[c]), f32x8), accs[k])
-            return accs + [mins]
+                halves.append([builder.and_(raw, ir.Constant(v32, [15] * 32)), builder.lshr(raw, ir.Constant(v32, [4] * 32))])
+            y0 = builder.mul(b, ir.Constant(b.type, 32))
+            new = []
+            for t in range(n_t):
+                accs = list(state[9 * t:9 * t + 8])
+                dx = _splat(builder, builder.load(builder.gep(yd[t], [b])), 8)
+                d_sets = [builder.fmul(builder.shuffle_vector(d, d, _mask(mk)), dx)
+                          for mk in ([0, 0, 1, 1, 4, 4, 5, 5], [2, 2, 3, 3, 6, 6, 7, 7])]
+                mins = _fma(builder, m, _splat(builder, builder.load(builder.gep(ys[t], [b])), 8), state[9 * t + 8])  # summs += m * s
+                bc = [_broadcast8(builder, yq[t], builder.add(y0, ir.Constant(y0.type, 8 * c))) for c in range(4)]
+                for i in range(4):
+                    for h in range(2):  # values 8*(i%2).. (low nibbles), 16 + 8*(i%2).. (high)
+                        c = 2 * h + i % 2  # activation piece c: lanes 2c, 2c+1
+                        k = 4 * (i // 2) + c
+                        accs[k] = _fma(builder, d_sets[i // 2], builder.sitofp(_lanes_unsigned(builder, halves[i][h], bc[c]), f32x8), accs[k])
+                new += accs + [mins]
+            return new
 
-        state = _state_loop(builder, nb, [_ZERO8] * 9, block)
-        # hsum_float_8 per row: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)), then + summs
-        sets = [builder.fadd(builder.fadd(state[4 * s + 2], state[4 * s]), builder.fadd(state[4 * s + 3], state[4 * s + 1]))
-                for s in range(2)]
-        total = builder.fadd(_pair_add(builder, sets[0], sets[1]), state[8])
-        builder.store(total, builder.bitcast(builder.gep(outp, [r0]), f32x8.as_pointer()), align=4)
+        state = _state_loop(builder, nb, [_ZERO8] * (9 * n_t), block)
+        for t in range(n_t):
+            st = state[9 * t:9 * t + 9]
+            # hsum_float_8 per row: ((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3)), then + summs
+            sets = [builder.fadd(builder.fadd(st[4 * s + 2], st[4 * s]), builder.fadd(st[4 * s + 3], st[4 * s + 1]))
+                    for s in range(2)]
+            total = builder.fadd(_pair_add(builder, sets[0], sets[1]), st[8])
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r0)])
+            builder.store(total, builder.bitcast(dst, f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.none(w, r0, xq, xd, xs, out), codegen
+    return typer
 
 
-q4_1x8_dot8 = intrinsic(_q4_1x8_typer)
+Q4_1X8_TOKENS = 2  # tokens per step of the batch kernel (9 vector accumulators per token)
+q4_1x8_gemm = intrinsic(_q4_1x8(Q4_1X8_TOKENS, False))  # a batch's tokens, Q4_1X8_TOKENS at a time
+q4_1x8_gemv = intrinsic(_q4_1x8(1, True))  # one token, prefetching 8 KiB ahead

@@ -3,7 +3,8 @@
 Random blocks of every supported format; the weights are dequantized by gguf-py's reference
 (`gguf.quants.dequantize`) and by our registry, the activations rounded the way llama.cpp's
 vec_dot_type does (checked against a numpy transcription of ggml's quantize_row_q8_*), and
-both the fused decode kernels (1 token) and the tile path (many tokens) must give x @ W.T.
+the products of one token and of batches must give x @ W.T; the fused formats' products replay
+llama.cpp's AVX2 sums bit for bit, batches giving each token its one-token floats.
 """
 
 import numpy as np
@@ -197,6 +198,38 @@ def test_decode_sums_as_llama_cpp_avx2(qtype):
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (qtype.name, scale)
 
 
+@pytest.mark.parametrize("n_tok", [2, 7, 40])
+@pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda t: t.name)
+def test_batches_sum_as_llama_cpp_avx2(qtype, n_tok):
+    """A batch of tokens (rows times 4 tokens per step, the rest one by one) gives every token
+    the floats of llama.cpp's vec_dot, as one-token decode does: llama.cpp's batches sum these
+    formats in vec_dot's order too, and a token's result does not depend on its batch."""
+    rng = np.random.default_rng(80 + int(qtype) + n_tok)
+    raw = _ggml_rows(qtype, 35, 576, rng)
+    w = mm.QuantWeight("w", qtype, 576, 35, raw)
+    x = (rng.standard_normal((n_tok, 576)) * 3).astype(np.float32)
+    got = mm.matmul(w, x)
+    act = mm.quantize_for(x, w)
+    for t in range(n_tok):
+        want = _ggml_reference(raw, qtype, mm.quantize_for(x[t:t + 1], w))
+        assert np.array_equal(act.xq[t], mm.quantize_for(x[t:t + 1], w).xq[0])
+        assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (qtype.name, t)
+
+
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
+def test_batches_of_the_other_fused_formats_are_their_one_token_products(qtype):
+    """Q6_K, Q4_K, F16 and F32 batches: each token's row is the one-token product's bits (their
+    decode orders are checked against ggml below)."""
+    rng = np.random.default_rng(90 + int(qtype))
+    raw = random_rows(qtype, 24, 512, rng)
+    w = mm.QuantWeight("w", qtype, 512, 24, raw)
+    x = (rng.standard_normal((9, 512)) * 2).astype(np.float32)
+    got = mm.matmul(w, x)
+    for t in range(9):
+        one = mm.matmul(w, x[t:t + 1])[0]
+        assert np.array_equal(got[t].view(np.uint32), one.view(np.uint32)), t
+
+
 _PORTABLE_SCRIPT = """
 import sys
 import numpy as np
@@ -230,7 +263,7 @@ def run(kind, w, xq, xd, xs, out):
         elif kind == 4:
             out[r] = simd.q6_k_dot(w, r, xq, xd)
         elif r % 8 == 0 and r + 8 <= w.shape[0]:  # kind 5: Q4_K, 8 rows at a time
-            simd.q4_k_dot8(w, r, xq, xd, out)
+            simd.q4_k_dot8(w, r, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), 0, out.reshape((1, out.shape[0])))
 outs = {}
 for kind in range(6):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
@@ -247,12 +280,39 @@ run_x8(d["w6"], d["xq6"], d["xd6"], d["ys6"], out)
 outs["out6"] = out
 
 @njit
-def run_q4_1x8(w, xq, xd, xs, out):
+def run_q4_1x8(w, xq, xd, xs, out):  # repacked Q4_1: tokens 0-1 and 2-3 by the gemm, token 4 by the gemv
     for g in range(w.shape[0] // 8):
-        simd.q4_1x8_dot8(w, 8 * g, xq, xd, xs, out)
-out = np.empty(d["w7"].shape[0], np.float32)
+        simd.q4_1x8_gemm(w, 8 * g, xq, xd, xs, 0, out)
+        simd.q4_1x8_gemm(w, 8 * g, xq, xd, xs, 2, out)
+        simd.q4_1x8_gemv(w, 8 * g, xq, xd, xs, 4, out)
+assert simd.Q4_1X8_TOKENS == 2
+out = np.empty((5, d["w7"].shape[0]), np.float32)
 run_q4_1x8(d["w7"], d["xq7"], d["xd7"], d["xs7"], out)
 outs["out7"] = out
+
+@njit
+def run_rows(kind, w, xq, xd, xs, out):  # batch forms: tokens 0-3 in one step, token 4 alone
+    for r in range(w.shape[0]):
+        if kind == 0:
+            simd.q4_1_rows4(w, r, xq, xd, xs, 0, out)
+            simd.q4_1_rows1(w, r, xq, xd, xs, 4, out)
+        elif kind == 1:
+            simd.q8_0_rows4(w, r, xq, xd, 0, out)
+            simd.q8_0_rows1(w, r, xq, xd, 4, out)
+        elif kind == 2:
+            simd.q4_0_rows4(w, r, xq, xd, 0, out)
+            simd.q4_0_rows1(w, r, xq, xd, 4, out)
+        elif kind == 3:
+            simd.q5_0_rows4(w, r, xq, xd, 0, out)
+            simd.q5_0_rows1(w, r, xq, xd, 4, out)
+        else:
+            simd.q6_k_rows4(w, r, xq, xd, 0, out)
+            simd.q6_k_rows1(w, r, xq, xd, 4, out)
+assert simd.ROW_TOKENS == 4
+for kind in range(5):
+    out = np.empty((5, d[f"w{kind}"].shape[0]), np.float32)
+    run_rows(kind, d[f"w{kind}"], d[f"bxq{kind}"], d[f"bxd{kind}"], d[f"bxs{kind}"], out)
+    outs[f"batch{kind}"] = out
 halves = np.empty(65536, np.float32)
 all_halves(halves)
 outs["halves"] = halves
@@ -263,8 +323,8 @@ np.savez(sys.argv[2], **outs)
 def test_portable_ir_gives_the_same_floats(tmp_path):
     """Without AVX2 and F16C (LLAMACHAT_NO_AVX2=1 and code for a generic x86 CPU; a fresh numba
     cache so nothing compiled for this one is reused) the portable IR sums the same integer
-    lanes in the same order: the same floats as llama.cpp's AVX2 kernels; halves convert
-    exactly by integer arithmetic."""
+    lanes in the same order: the same floats as llama.cpp's AVX2 kernels, for one token and in
+    the batch kernels; halves convert exactly by integer arithmetic."""
     import os
     import subprocess
     import sys
@@ -292,10 +352,19 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     data.update({"w6": mm.pack_x8(raw, T.Q4_0), "xq6": act.xq, "xd6": act.xd,
                  "ys6": 8 * act.xq.reshape(5, -1, 32).sum(axis=2, dtype=np.int32)})
     want[6] = np.stack([_ggml_repack_dot(*_ggml_block_values(raw, T.Q4_0), act.xq[t], act.xd[t]) for t in range(5)])
-    raw = _ggml_rows(T.Q4_1, 24, 256, rng)  # kind 7: repacked Q4_1
-    act = mm.quantize_for(x5[:1], mm.QuantWeight("w", T.Q4_1, 256, 24, raw))
-    data.update({"w7": mm.pack_x8(raw, T.Q4_1), "xq7": act.xq[0], "xd7": act.xd[0], "xs7": act.xs[0]})
-    want[7] = _ggml_reference(raw, T.Q4_1, act)
+    raw = _ggml_rows(T.Q4_1, 24, 256, rng)  # kind 7: repacked Q4_1, 5 tokens
+    w7 = mm.QuantWeight("w", T.Q4_1, 256, 24, raw)
+    act = mm.quantize_for(x5, w7)
+    data.update({"w7": mm.pack_x8(raw, T.Q4_1), "xq7": act.xq, "xd7": act.xd, "xs7": act.xs})
+    want[7] = np.stack([_ggml_reference(raw, T.Q4_1, mm.quantize_for(x5[t:t + 1], w7)) for t in range(5)])
+    batch_want = {}  # the batch kernels of kinds 0-4 (file layout), 5 tokens: each its one-token floats
+    for kind in range(5):
+        qtype = (SIMD_TYPES + [T.Q6_K])[kind]
+        w = mm.QuantWeight("w", qtype, data[f"xq{kind}"].shape[0], data[f"w{kind}"].shape[0], data[f"w{kind}"])
+        xb = (rng.standard_normal((5, w.n_in)) * 2).astype(np.float32)
+        act = mm.quantize_for(xb, w)
+        data.update({f"bxq{kind}": act.xq, f"bxd{kind}": act.xd, f"bxs{kind}": act.xs})
+        batch_want[kind] = np.stack([mm.matmul(w, xb[t:t + 1])[0] for t in range(5)])
     np.savez(tmp_path / "in.npz", **data)
     env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
@@ -303,6 +372,8 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     got = np.load(tmp_path / "out.npz")
     for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K, "repacked Q4_0", "repacked Q4_1"]):
         assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), str(qtype)
+    for kind in range(5):
+        assert np.array_equal(got[f"batch{kind}"].view(np.uint32), batch_want[kind].view(np.uint32)), kind
     # half -> float by integer arithmetic (no F16C): every bit pattern, NaNs as NaNs
     want_halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
     nan = np.isnan(want_halves)
@@ -310,10 +381,10 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     assert np.array_equal(got["halves"][~nan].view(np.uint32), want_halves[~nan].view(np.uint32))
 
 
-def _ggml_q4_k_replay(raw, act, t, per_chunk):
-    """ggml's AVX2 Q4_K kernels for repacked matrices in numpy, token t: per 256-value block the
-    exact integer sums isum = sum scale*dot and imin = sum min*(group sum of x), fma'd into two
-    chains per block (gemv) or per 64 values (gemm, a batch's tokens in fours); acc - accm."""
+def _ggml_q4_k_replay(raw, act, t):
+    """ggml's AVX2 ggml_gemv_q4_K_8x8_q8_K (repacked Q4_K) in numpy, token t: per 256-value
+    block the exact integer sums isum = sum scale*dot and imin = sum min*(group sum of x), fma'd
+    into two chains per block; acc - accm."""
     n = raw.shape[0]
     xq = act.xq[t].astype(np.int64)
     want = np.empty(n, np.float32)
@@ -332,20 +403,17 @@ def _ggml_q4_k_replay(raw, act, t, per_chunk):
                 s2, m2 = mm._q4k_scale_min(blk[4:16], 2 * c + 1)
                 isum += s1 * int(((q & 15) * lo).sum()) + s2 * int(((q >> 4) * hi).sum())
                 imin += m1 * int(lo.sum()) + m2 * int(hi.sum())
-                if per_chunk:
-                    acc, accm = fma(isum, np.float32(d * dx), acc), fma(imin, np.float32(dmin * dx), accm)
-                    isum = imin = 0
-            if not per_chunk:
-                acc, accm = fma(isum, np.float32(d * dx), acc), fma(imin, np.float32(dmin * dx), accm)
+            acc, accm = fma(isum, np.float32(d * dx), acc), fma(imin, np.float32(dmin * dx), accm)
         want[r] = acc - accm
     return want
 
 
 def test_q4_k_sums_as_llama_cpp_repacked_kernels():
-    """Q4_K products as llama.cpp's AVX2 kernels for repacked Q4_K (rows a multiple of 8):
-    ggml_gemv_q4_K_8x8_q8_K for single tokens and a batch's last n % 4 tokens, its gemm (the
-    fmas per 64 values) for the batch's tokens in fours. (Both orders were also checked against
-    libggml-cpu itself.) Rows past a multiple of 8 (the numba loop) sum as the IR rows do."""
+    """Q4_K products as llama.cpp's AVX2 ggml_gemv_q4_K_8x8_q8_K for repacked Q4_K (rows a
+    multiple of 8), the kernel it uses for one token, for every token of a batch too (its gemm
+    for a batch's tokens in fours fmas per 64 values instead: a token's floats there would
+    depend on its place in the batch). (Checked against libggml-cpu itself.) Rows past a
+    multiple of 8 (the numba loop) sum as the IR rows do."""
     rng = np.random.default_rng(44)
     raw = random_rows(T.Q4_K, 24, 512, rng)
     w = mm.QuantWeight("w", T.Q4_K, 512, 24, raw)
@@ -354,14 +422,12 @@ def test_q4_k_sums_as_llama_cpp_repacked_kernels():
         got = mm.matmul(w, x)
         act = mm.quantize_for(x, w)
         for t in range(n_tok):
-            want = _ggml_q4_k_replay(raw, act, t, per_chunk=t < n_tok - n_tok % 4)
+            want = _ggml_q4_k_replay(raw, act, t)
             assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (n_tok, t)
-    assert not np.array_equal(_ggml_q4_k_replay(raw, act, 0, True), _ggml_q4_k_replay(raw, act, 0, False))
-    for per_chunk in (False, True):
-        full, part = np.empty(24, np.float32), np.empty(19, np.float32)
-        mm._matvec_q4_k(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], full, per_chunk)
-        mm._matvec_q4_k(np.ascontiguousarray(raw[:19]), mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], part, per_chunk)
-        assert np.array_equal(full[:19].view(np.uint32), part.view(np.uint32))
+    full, part = np.empty(24, np.float32), np.empty(19, np.float32)
+    mm._matvec_q4_k(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], full)
+    mm._matvec_q4_k(np.ascontiguousarray(raw[:19]), mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], part)
+    assert np.array_equal(full[:19].view(np.uint32), part.view(np.uint32))
 
 
 def _q6_k_values(raw):
@@ -400,21 +466,6 @@ def test_q6_k_decode_is_llama_cpp_avx2_order():
         r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
         want = ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), scale
-
-
-@pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda t: t.name)
-def test_prompt_tiles_are_the_registry_dequantization(qtype):
-    """The prompt path's tile dequantizer gives the quants registry's floats exactly (and
-    Q4_1's block minimums)."""
-    rng = np.random.default_rng(40 + int(qtype))
-    raw = random_rows(qtype, 29, 576, rng)
-    want = mm.dequantize_rows(raw, qtype, 576)
-    got = np.empty_like(want)
-    mins = np.full((29, 18), np.nan, np.float32)
-    mm._dequantize_tile(int(qtype), raw, mm.F16_TABLE, got, mins if qtype == T.Q4_1 else mins[:0])
-    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
-    if qtype == T.Q4_1:
-        assert np.array_equal(mins, raw.reshape(29, 18, 20)[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32))
 
 
 def test_f16_decode_sums_as_ggml_vec_dot_f16():
@@ -477,15 +528,13 @@ def test_repacked_q4_0_sums_as_llama_cpp(n_tok):
         want = _ggml_repack_dot(*_ggml_block_values(raw, T.Q4_0), act.xq[t], act.xd[t])
         assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), t
         lanes = _ggml_lane_dot(*_ggml_block_values(raw, T.Q4_0), act.xq[t], act.xd[t])
-        if n_tok < mm.PREFILL_MIN_TOKENS:  # (larger unpacked batches take the BLAS tiles)
-            assert np.array_equal(unpacked[t].view(np.uint32), lanes.view(np.uint32)), t
+        assert np.array_equal(unpacked[t].view(np.uint32), lanes.view(np.uint32)), t
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0])
 def test_repacked_rows_give_the_file_rows_floats(qtype):
     """Repacked Q4_1 (8 rows interleaved: vec_dot_q4_1_q8_1's lanes for 4 rows per vector) gives
-    llama.cpp's one-token floats bit for bit, like the file's rows; the prompt path's tiles
-    dequantized from either layout are the same, so long batches agree too."""
+    llama.cpp's one-token floats bit for bit, like the file's rows, for one token and batches."""
     rng = np.random.default_rng(70 + int(qtype))
     raw = _ggml_rows(qtype, 40, 576, rng)
     plain = mm.QuantWeight("w", qtype, 576, 40, raw)
@@ -499,19 +548,10 @@ def test_repacked_rows_give_the_file_rows_floats(qtype):
             want = _ggml_reference(raw, qtype, mm.quantize_for(x, plain))
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), scale
             assert np.array_equal(mm.matmul(plain, x)[0].view(np.uint32), want.view(np.uint32)), scale
-    for n_rows in (40, 16):  # tiles of whole 8-row groups
-        tile_a = np.empty((n_rows, 576), np.float32)
-        tile_b = np.empty_like(tile_a)
-        mins_a = np.empty((n_rows, 18), np.float32)
-        mins_b = np.empty_like(mins_a)
-        mm._dequantize_tile(int(qtype), raw[:n_rows], mm.F16_TABLE, tile_a, mins_a)
-        mm._dequantize_tile_x8(int(qtype), packed.rows[:n_rows], mm.F16_TABLE, tile_b, mins_b)
-        assert np.array_equal(tile_a.view(np.uint32), tile_b.view(np.uint32))
-        if qtype == T.Q4_1:
-            assert np.array_equal(mins_a, mins_b)
-    x = (rng.standard_normal((40, 576)) * 2).astype(np.float32)
-    if qtype == T.Q4_1:  # (Q4_0 batches: the integer gemm, test_repacked_q4_0_sums_as_llama_cpp)
-        assert np.array_equal(mm.matmul(packed, x).view(np.uint32), mm.matmul(plain, x).view(np.uint32))
+    for n_tok in (2, 3, 40):  # batches: 8 rows x 2 tokens per step, the leftover token alone
+        x = (rng.standard_normal((n_tok, 576)) * 2).astype(np.float32)
+        if qtype == T.Q4_1:  # (Q4_0 batches: the integer gemm, test_repacked_q4_0_sums_as_llama_cpp)
+            assert np.array_equal(mm.matmul(packed, x).view(np.uint32), mm.matmul(plain, x).view(np.uint32))
 
 
 def test_q4_0_repacked_layout():

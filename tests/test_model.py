@@ -340,11 +340,11 @@ def test_greedy_continuations_match_llama_cpp(smollm2, reference, index):
     assert greedy(m, tok, ids, case["n_predict"]).rstrip() == case["continuation"]
 
 
-@pytest.mark.parametrize("kernel", ["attention_tiled", "attention_blas"])
+@pytest.mark.parametrize("kernel", ["attention_tiled", "attend"])
 def test_block_attention_is_causal_softmax_attention(kernel):
-    """forward.attention_tiled (ggml's path for batches of >= 64 tokens) and attention_blas (the
-    default prompt path) against float64 causal softmax attention with grouped KV heads, over
-    more than one KV tile."""
+    """forward.attention_tiled (ggml's path for batches of >= 64 tokens), also as `attend`
+    chooses it, against float64 causal softmax attention with grouped KV heads, over more than
+    one KV tile."""
     from llamachat.runtime import forward
     from llamachat.runtime.forward import FA_TILE_Q
 
