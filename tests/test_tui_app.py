@@ -51,9 +51,11 @@ def make_app(args_list=(), script=None, model="alpha", **kwargs):
     return app, script
 
 
-async def wait_for(pilot, condition, what: str | None = None, timeout: float = 30.0):
+async def wait_for(pilot, condition, what: str | None = None, timeout: float = 60.0):
     """Let the app run until `condition()` holds, checking every 10 ms; after `timeout` seconds
-    (generous: the machine is shared, a fake reply takes milliseconds) fail naming the condition."""
+    (generous: a fake reply takes milliseconds, but the machine is shared and the longest reply
+    here, 2000 words of Markdown, took over 30 s to show with 2 cores under load) fail naming
+    the condition."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not condition():

@@ -70,10 +70,10 @@ def error_text(dialog: ImportDialog) -> str:
 
 
 def highlighted_command(palette: CommandPalette) -> str:
-    results = palette.query_one(CommandList)
-    if results.highlighted is None or results.option_count == 0:
+    results = palette.query(CommandList)
+    if not results or results.first().highlighted is None or results.first().option_count == 0:
         return ""
-    return str(results.get_option_at_index(results.highlighted).prompt)
+    return str(results.first().get_option_at_index(results.first().highlighted).prompt)
 
 
 def test_quant_choices_are_the_quantize_codes_own():
@@ -178,7 +178,8 @@ async def test_import_is_in_the_command_palette(library):
         await pilot.press("ctrl+l")
         await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen) and app.screen.selected == "alpha")
         app.action_command_palette()
-        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette) and app.screen.query_one(CommandInput).has_focus)
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette) and any(w.has_focus for w in app.screen.query(CommandInput)),
+                       "the command palette to be open")
         await pilot.press(*"import a model")
         # the palette searches in a worker: wait until the import command is the highlighted hit
         await wait_for(pilot, lambda: highlighted_command(app.screen).startswith("Import a model"))

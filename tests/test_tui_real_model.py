@@ -80,7 +80,8 @@ async def test_app_answers_with_the_real_model(smollm2_path):
 async def test_every_sidebar_setting_reaches_the_real_sampler(smollm2_path, monkeypatch):
     """Each sampling setting typed into the sidebar is in the real Sampler the reply is drawn with
     (no fake in between: the app, engine_worker, the Llama API, the generator), n_predict ends
-    the reply, n_ctx re-creates the context, and the reply is the one the API gives for them."""
+    the reply, the reply is the one the API gives for those settings, and n_ctx re-creates the
+    context. n_ctx comes second: its reload would bring the typed seed in by itself."""
     samplers = []
 
     class RecordingSampler(generate_module.Sampler):
@@ -90,7 +91,7 @@ async def test_every_sidebar_setting_reaches_the_real_sampler(smollm2_path, monk
 
     monkeypatch.setattr(generate_module, "Sampler", RecordingSampler)
     typed = {"temp": "0.7", "top_k": "7", "top_p": "0.8", "min_p": "0.1", "repeat_penalty": "1.3",
-             "repeat_last_n": "16", "n_predict": "6", "n_ctx": "1024", "seed": "1234"}  # none is a default
+             "repeat_last_n": "16", "n_predict": "6", "seed": "1234"}  # none is a default
     question = "Write a long story about a robot who learns to paint."
     app = real_app(smollm2_path)
     async with app.run_test(size=(110, 40)) as pilot:
@@ -99,30 +100,41 @@ async def test_every_sidebar_setting_reaches_the_real_sampler(smollm2_path, monk
         for name, text in typed.items():
             await type_into(pilot, sidebar.query_one(f"#setting-{name}"), text)
         await wait_for(pilot, lambda: all(str(app.settings[k]) == v for k, v in typed.items()), "the settings to apply")
-        box = app.chat_screen.chat_input
-        box.focus()
-        box.text = question
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: len(app.conv.messages) == 2 and not app.generating and not app.loading,
-                       "the reply", timeout=LOAD)
+        await send_and_wait(pilot, app, question)
         sampler = samplers[-1]
         p = sampler.params
         assert (p.temp, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.repeat_last_n) == (0.7, 7, 0.8, 0.1, 1.3, 16)
         assert sampler.penalties.last_n == 16 and sampler.penalties.repeat == pytest.approx(1.3)
         assert sampler.seed == 1234
         llm = app.engine.llm
-        assert llm.n_ctx() == 1024 and llm.last_stats["n_ctx"] == 1024
         assert llm.last_stats["completion_tokens"] == 6 and llm.last_stats["stop_reason"] == "length"
         reply = app.conv.messages[-1].content
         # the same settings through the API give the same text (a fresh stream from the seed). The
-        # cache is emptied first, as the reload for n_ctx left it for the reply: with the prompt
-        # in the cache but its last token, the draw at temperature 0.7 differs from the third
-        # token on (a prompt evaluated in one batch and in two do not give the same logits)
+        # cache is emptied first, as the app's first reply found it: with the prompt in the cache
+        # but its last token, the draw at temperature 0.7 differs from the third token on (a
+        # prompt evaluated in one batch and in two do not give the same logits)
         llm.reset()
         direct = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0.7, top_k=7, top_p=0.8,
                                             min_p=0.1, repeat_penalty=1.3, repeat_last_n=16, max_tokens=6, seed=1234)
         assert direct["choices"][0]["message"]["content"] == reply
+
+        await type_into(pilot, sidebar.query_one("#setting-n_ctx"), "1024")
+        await wait_for(pilot, lambda: app.settings["n_ctx"] == 1024, "n_ctx to apply")
+        await send_and_wait(pilot, app, "Go on.")
+        llm = app.engine.llm
+        assert llm.n_ctx() == 1024 and llm.last_stats["n_ctx"] == 1024 and len(app.conv.messages) == 4
+        assert samplers[-1].params.top_k == 7 and llm.last_stats["completion_tokens"] == 6
         await pilot.press("ctrl+q")
+
+
+async def send_and_wait(pilot, app, text: str) -> None:
+    n = len(app.conv.messages)
+    box = app.chat_screen.chat_input
+    box.focus()
+    box.text = text
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: len(app.conv.messages) == n + 2 and not app.generating and not app.loading,
+                   f"the reply to {text!r}", timeout=LOAD)
 
 
 def test_headless_instruct_with_the_real_model(smollm2_path, tmp_path):
