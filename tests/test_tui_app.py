@@ -51,11 +51,11 @@ def make_app(args_list=(), script=None, model="alpha", **kwargs):
     return app, script
 
 
-async def wait_for(pilot, condition, what: str | None = None, timeout: float = 60.0):
+async def wait_for(pilot, condition, what: str | None = None, timeout: float = 60.0, showing=None):
     """Let the app run until `condition()` holds, checking every 10 ms; after `timeout` seconds
     (generous: a fake reply takes milliseconds, but the machine is shared and the longest reply
     here, 2000 words of Markdown, took over 30 s to show with 2 cores under load) fail naming
-    the condition."""
+    the condition, and what `showing()` returns then."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not condition():
@@ -65,7 +65,8 @@ async def wait_for(pilot, condition, what: str | None = None, timeout: float = 6
                     what = inspect.getsource(condition).strip()
                 except (OSError, TypeError):
                     what = repr(condition)
-            raise AssertionError(f"timed out after {timeout:g} s waiting for: {what}")
+            now = f"; instead: {showing()!r}" if showing is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for: {what}{now}")
         await pilot.pause(0.01)
 
 

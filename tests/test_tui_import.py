@@ -65,6 +65,14 @@ def fill(dialog: ImportDialog, path="", name="", quant=None) -> None:
         dialog.query_one("#import-quant").value = quant
 
 
+async def click_start(pilot, dialog: ImportDialog) -> None:
+    """Click Start as a user does. Textual's Button ignores a click while it still shows the last
+    press (its "-active" effect, 0.2 s): wait for that to end, or the click is lost."""
+    button = dialog.query_one("#import-start")
+    await wait_for(pilot, lambda: not button.has_class("-active"), "the Start button's press effect to end")
+    assert await pilot.click("#import-start")
+
+
 def error_text(dialog: ImportDialog) -> str:
     return str(dialog.query_one("#import-error").render())
 
@@ -88,7 +96,7 @@ async def test_import_a_gguf_with_a_quant_type_through_the_dialog(library, small
     async with app.run_test(size=SIZE) as pilot:
         dialog = await open_dialog(pilot, app)
         fill(dialog, small_gguf, quant="Q8_0")
-        await pilot.click("#import-start")
+        await click_start(pilot, dialog)
         await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen) and app.screen.selected == "tiny-llama-q8_0",
                        "the import to finish", timeout=IMPORT)
         screen = app.screen
@@ -110,22 +118,22 @@ async def test_missing_and_bad_paths_are_sentences_in_the_dialog(library, tmp_pa
     app, _ = make_app()
     async with app.run_test(size=SIZE) as pilot:
         dialog = await open_dialog(pilot, app)
-        await pilot.click("#import-start")
-        await wait_for(pilot, lambda: "Type the path of a .gguf file" in error_text(dialog))
+        await click_start(pilot, dialog)
+        await wait_for(pilot, lambda: "Type the path of a .gguf file" in error_text(dialog), showing=lambda: error_text(dialog))
         fill(dialog, tmp_path / "nothing-here")
-        await pilot.click("#import-start")
-        await wait_for(pilot, lambda: "nothing-here: no such file or folder" in error_text(dialog))
+        await click_start(pilot, dialog)
+        await wait_for(pilot, lambda: "nothing-here: no such file or folder" in error_text(dialog), showing=lambda: error_text(dialog))
         notes = tmp_path / "notes.txt"
         notes.write_text("hello")
         fill(dialog, notes)
-        await pilot.click("#import-start")
-        await wait_for(pilot, lambda: "notes.txt: not a GGUF file" in error_text(dialog))
+        await click_start(pilot, dialog)
+        await wait_for(pilot, lambda: "notes.txt: not a GGUF file" in error_text(dialog), showing=lambda: error_text(dialog))
         assert app.screen is dialog and not dialog.running  # nothing started, the app goes on
         # an error only the import itself finds (an unsupported architecture) arrives from the worker
         gpt2 = tmp_path / "gpt2.gguf"
         write_gguf(gpt2, {"general.architecture": "gpt2"}, [("w", (32,), 0, np.zeros(32, np.float32))])
         fill(dialog, gpt2)
-        await pilot.click("#import-start")
+        await click_start(pilot, dialog)
         await wait_for(pilot, lambda: "architecture 'gpt2' is not supported" in error_text(dialog))
         assert not dialog.running and not dialog.query_one("#import-start").disabled
         await pilot.press("escape")
@@ -153,7 +161,7 @@ async def test_cancel_mid_import_leaves_nothing(library, small_gguf, monkeypatch
     async with app.run_test(size=SIZE) as pilot:
         dialog = await open_dialog(pilot, app)
         fill(dialog, small_gguf, name="tiny", quant="Q4_K_M")
-        await pilot.click("#import-start")
+        await click_start(pilot, dialog)
         await wait_for(pilot, lambda: "Quantizing 3/" in str(dialog.query_one("#import-stage").render()),
                        "the import to reach the third tensor", timeout=IMPORT)
         stage = str(dialog.query_one("#import-stage").render())
@@ -194,7 +202,7 @@ def test_import_dialog_snapshot(snap_compare, library):
         dialog = await open_dialog(pilot, app)
         app.screen_stack[-2].query_one("#library-file").update("models.toml")  # the real path is a temp dir
         fill(dialog, "/nowhere/model.gguf", quant="Q4_K_M")
-        await pilot.click("#import-start")
+        await click_start(pilot, dialog)
         await wait_for(pilot, lambda: "/nowhere/model.gguf" in error_text(dialog))
         dialog.query_one("#import-path").cursor_blink = False
         dialog.query_one("#import-path").focus()
