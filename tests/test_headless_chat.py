@@ -1,6 +1,6 @@
 """Headless chat (`--no-tui` / piped stdin), run as the user runs it: a subprocess through the
 CLI, with the scripted fake engine standing in for the model (the real-model runs are in
-test_headless_real.py). Each stdin line is a turn, EOF ends, replies stream to stdout."""
+test_tui_real_model.py). Each stdin line is a turn, EOF ends, replies stream to stdout."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ switch, library edits, saved chats, the three modes, errors as notifications, qu
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from llamachat.model_store.library import Library  # noqa: E402
 from llamachat.runtime.gguf_writer import write_gguf  # noqa: E402
 from llamachat.tui.app import ChatApp  # noqa: E402
 from llamachat.tui.cli import build_main_parser  # noqa: E402
+from llamachat.tui.screens.chats import ChatsScreen  # noqa: E402
+from llamachat.tui.screens.confirm import ConfirmScreen  # noqa: E402
+from llamachat.tui.screens.first_run import FirstRunScreen  # noqa: E402
+from llamachat.tui.screens.help import HelpScreen  # noqa: E402
+from llamachat.tui.screens.library import LibraryScreen  # noqa: E402
 from llamachat.tui.widgets.message_view import MessageView  # noqa: E402
 
 SIZE = (110, 36)
@@ -45,27 +51,40 @@ def make_app(args_list=(), script=None, model="alpha", **kwargs):
     return app, script
 
 
-async def wait_for(pilot, condition, timeout=60.0):  # generous: the machine may be busy
-    end = asyncio.get_running_loop().time() + timeout
+async def wait_for(pilot, condition, what: str | None = None, timeout: float = 60.0, showing=None):
+    """Let the app run until `condition()` holds, checking every 10 ms; after `timeout` seconds
+    (generous: a fake reply takes milliseconds, but the machine is shared and the longest reply
+    here, 2000 words of Markdown, took over 30 s to show with 2 cores under load) fail naming
+    the condition, and what `showing()` returns then."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
     while not condition():
-        if asyncio.get_running_loop().time() > end:
-            raise AssertionError("timed out waiting")
-        await pilot.pause(0.05)
+        if loop.time() > end:
+            if what is None:
+                try:
+                    what = inspect.getsource(condition).strip()
+                except (OSError, TypeError):
+                    what = repr(condition)
+            now = f"; instead: {showing()!r}" if showing is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for: {what}{now}")
+        await pilot.pause(0.01)
 
 
 async def ready(pilot, app):
-    await wait_for(pilot, lambda: app.engine.loaded and not app.loading)
+    await wait_for(pilot, lambda: app.engine.loaded and not app.loading, "the model to be loaded")
 
 
 async def send(pilot, app, text):
     app.chat_screen.chat_input.focus()
     app.chat_screen.chat_input.text = text
     await pilot.press("enter")
-    await wait_for(pilot, lambda: app.generating or (app.conv.messages and app.conv.messages[-1].role == "assistant"))
+    await wait_for(pilot, lambda: app.generating or (app.conv.messages and app.conv.messages[-1].role == "assistant"),
+                   f"the reply to {text!r} to start")
 
 
 async def reply_done(pilot, app):
-    await wait_for(pilot, lambda: not app.generating and app.conv.messages and app.conv.messages[-1].role == "assistant")
+    await wait_for(pilot, lambda: not app.generating and app.conv.messages and app.conv.messages[-1].role == "assistant",
+                   "the reply to be done")
 
 
 def views(app, role=None):
@@ -139,9 +158,9 @@ async def test_flags_override_library_defaults_and_sidebar_edits_reach_sampler(l
         sidebar.query_one("#setting-top_p").value = "0.5"
         sidebar.query_one("#setting-n_predict").value = "7"
         sidebar.query_one("#setting-temp").value = "-1"
-        await pilot.pause(0.2)
         error = sidebar.query_one("#error-temp")
-        assert "temp must be at least 0" in str(error.render())
+        await wait_for(pilot, lambda: "temp must be at least 0" in str(error.render()))
+        await wait_for(pilot, lambda: app.settings["top_p"] == 0.5 and app.settings["n_predict"] == 7)
         assert error.has_class("-shown")
         await send(pilot, app, "second")
         await reply_done(pilot, app)
@@ -158,7 +177,7 @@ async def test_seed_and_system_prompt_apply_to_next_reply(library):
         sidebar = app.chat_screen.sidebar
         sidebar.query_one("#setting-seed").value = "42"
         sidebar.query_one("#system-prompt").text = "Be brief."
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: app.settings["seed"] == 42 and app.conv.system_prompt == "Be brief.")
         await send(pilot, app, "hi")
         await reply_done(pilot, app)
         call = script.calls[-1]
@@ -183,7 +202,7 @@ async def test_n_ctx_change_recreates_context_and_keeps_chat(library):
         await pilot.press("enter")
         await wait_for(pilot, lambda: len(script.instances) == 2 and not app.loading)
         assert script.instances[-1].n_ctx() == 1024
-        assert any("Re-creating the context with n_ctx=1024" in n for n in notifications(app))
+        await wait_for(pilot, lambda: any("Re-creating the context with n_ctx=1024" in n for n in notifications(app)))
         assert len(app.conv.messages) == 2  # the chat is kept
         await send(pilot, app, "still here?")
         await reply_done(pilot, app)
@@ -223,9 +242,8 @@ async def test_missing_model_is_marked_and_refused(library, tmp_path):
         select = app.chat_screen.sidebar.query_one("#model-select")
         assert any("gone" in str(p) and "missing" in str(p) for p, _ in select._options)
         select.value = "gone"
-        await pilot.pause(0.3)
-        assert app.entry.name == "alpha"
-        assert any("gone" in n and "is gone" in n for n in notifications(app))
+        await wait_for(pilot, lambda: any("gone" in n and "is gone" in n for n in notifications(app)))
+        assert app.entry.name == "alpha" and not app.loading
 
 
 async def test_engine_errors_become_notifications(library):
@@ -234,12 +252,11 @@ async def test_engine_errors_become_notifications(library):
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: not app.loading)
         assert not app.engine.loaded
-        assert any("cannot load the model" in n and "blk.0" in n for n in notifications(app))
+        await wait_for(pilot, lambda: any("cannot load the model" in n and "blk.0" in n for n in notifications(app)))
         app.chat_screen.chat_input.text = "hello?"
         app.chat_screen.chat_input.focus()
         await pilot.press("enter")
-        await pilot.pause(0.2)
-        assert any("No model is loaded" in n for n in notifications(app))
+        await wait_for(pilot, lambda: any("No model is loaded" in n for n in notifications(app)))
         assert app.chat_screen.chat_input.text == "hello?" and not app.conv.messages
     assert app.return_code in (None, 0)
 
@@ -256,8 +273,7 @@ async def test_regenerate_and_edit_last(library):
         assert [m.content for m in app.conv.messages] == ["question one", "second answer"]
         assert len(views(app)) == 2
         await pilot.press("ctrl+e")
-        await pilot.pause(0.1)
-        assert app.conv.messages == [] and views(app) == []
+        await wait_for(pilot, lambda: app.conv.messages == [] and views(app) == [])
         assert app.chat_screen.chat_input.text == "question one"
         app.chat_screen.chat_input.text = "question one, edited"
         await pilot.press("enter")
@@ -299,11 +315,10 @@ async def test_saved_chats_reopen_delete_export(library, tmp_path):
         chats = app2.store.list()
         assert [c.title for c in chats] == ["Capital of Italy?", "Capital of France?"]
         await pilot.press("ctrl+o")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(app2.screen, ChatsScreen) and app2.screen.query_one("#chats-table").row_count == 2)
         await pilot.press("down", "enter")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: len(views(app2)) == 4)
         assert [m.content for m in app2.conv.messages] == ["Capital of France?", "Paris.", "And Germany?", "Berlin."]
-        assert len(views(app2)) == 4
         await send(pilot, app2, "And Spain?")
         await reply_done(pilot, app2)
         assert [m["content"] for m in script2.calls[-1]["messages"]][-3:] == ["And Germany?", "Berlin.", "And Spain?"]
@@ -314,12 +329,11 @@ async def test_saved_chats_reopen_delete_export(library, tmp_path):
         assert text.startswith("# Capital of France?") and "**You:**" in text and "Madrid." in text
 
         await pilot.press("ctrl+o")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(app2.screen, ChatsScreen) and app2.screen.query_one("#chats-table").row_count == 2)
         await pilot.press("d")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(app2.screen, ConfirmScreen))
         await pilot.press("y")
-        await pilot.pause(0.2)
-        assert len(app2.store.list()) == 1
+        await wait_for(pilot, lambda: len(app2.store.list()) == 1)
 
 
 async def test_library_screen_edits_adds_sets_default_and_removes(library, tmp_path):
@@ -327,23 +341,20 @@ async def test_library_screen_edits_adds_sets_default_and_removes(library, tmp_p
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
         await pilot.press("ctrl+l")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen) and app.screen.selected == "alpha")
         screen = app.screen
-        assert screen.selected == "alpha"
         assert screen.query_one("#lib-temp").value == "0.3"
         # an invalid value: the sentence is shown and nothing is saved
         screen.query_one("#lib-top_p").value = "2"
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: "top_p must be between 0 and 1" in str(screen.query_one("#lib-error-top_p").render()))
         screen.action_save()
-        await pilot.pause(0.1)
-        assert "top_p must be between 0 and 1" in str(screen.query_one("#lib-error-top_p").render())
+        await wait_for(pilot, lambda: any("nothing was saved" in n for n in notifications(app)))
         assert "top_p" not in Library.load().models["alpha"].settings
         # valid edits (and clearing a field removes the key)
         screen.query_one("#lib-top_p").value = "0.9"
         screen.query_one("#lib-temp").value = ""
         screen.query_one("#lib-description").value = "first model"
         screen.action_save()
-        await pilot.pause(0.1)
         entry = Library.load().models["alpha"]
         assert entry.settings == {"top_k": 12, "top_p": 0.9} and entry.description == "first model"
         # add from a path: a bad file is refused with the library's sentence
@@ -351,24 +362,21 @@ async def test_library_screen_edits_adds_sets_default_and_removes(library, tmp_p
         bad.write_bytes(b"not gguf at all")
         screen.query_one("#add-path").value = str(bad)
         screen.add_model()
-        await pilot.pause(0.1)
-        assert any("not a valid GGUF file" in n for n in notifications(app))
+        await wait_for(pilot, lambda: any("not a valid GGUF file" in n for n in notifications(app)))
         screen.query_one("#add-path").value = str(tiny_gguf(tmp_path / "gamma.gguf"))
         screen.query_one("#add-name").value = "gamma"
         screen.add_model()
-        await pilot.pause(0.1)
         assert "gamma" in Library.load().models and screen.selected == "gamma"
         screen.action_make_default()
         assert Library.load().default_name == "gamma"
         screen.remove_model()
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
-        await pilot.pause(0.2)
-        assert "gamma" not in Library.load().models
-        await pilot.press("escape")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: "gamma" not in Library.load().models and app.screen is screen)
         select = app.chat_screen.sidebar.query_one("#model-select")
-        assert not any("gamma" in str(p) for p, _ in select._options)
+        assert not any("gamma" in str(p) for p, _ in select._options)  # the picker was refreshed at once
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is app.chat_screen)
 
 
 async def test_instruct_mode_sends_alpaca_turns(library):
@@ -394,9 +402,8 @@ async def test_interactive_mode_transcript_and_reverse_prompt(library):
     script = FakeScript(replies=[" Bob: Hi there. How can I help?\nUser: tail"])
     app, _ = make_app(["-i", "-r", "User:", "-f", "chat-with-bob"], script=script)
     async with app.run_test(size=SIZE) as pilot:
-        await ready(pilot, app)
-        await pilot.pause(0.2)
-        assert not script.calls  # the file ends with "User:": the user speaks first
+        await ready(pilot, app)  # a reply the model writes first would have started by now
+        assert not script.calls and not app.generating  # the file ends with "User:": the user speaks first
         preamble = views(app)[0]
         assert preamble.role == "preamble" and not preamble.markdown  # a transcript keeps its line breaks
         assert "\nUser: Hello, Bob.\nBob: Hello." in str(preamble.query_one(".message-body").render())
@@ -429,7 +436,7 @@ async def test_context_full_is_told(library):
         await send(pilot, app, "fill it")
         await reply_done(pilot, app)
         assert app.conv.messages[-1].note == "context full"
-        assert any("The context is full (20 tokens)" in n for n in notifications(app))
+        await wait_for(pilot, lambda: any("The context is full (20 tokens)" in n for n in notifications(app)))
 
 
 async def test_quit_while_generating_exits_zero(library):
@@ -440,7 +447,7 @@ async def test_quit_while_generating_exits_zero(library):
         await send(pilot, app, "talk")
         await wait_for(pilot, lambda: app.reply_view is not None and len(app.reply_view.source) > 5)
         await pilot.press("ctrl+q")
-        await pilot.pause(0.5)
+        await wait_for(pilot, lambda: app.return_code is not None, "the app to exit")
     assert app.return_code == 0
     assert script.instances[0].last_stats["stop_reason"] == "cancelled"
 
@@ -450,14 +457,12 @@ async def test_help_and_palette_commands(library):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
         await pilot.press("f1")
-        await pilot.pause(0.1)
-        assert type(app.screen).__name__ == "HelpScreen"
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
         await pilot.press("escape")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: app.screen is app.chat_screen)
         app.set_focus(None)
         await pilot.press("question_mark")
-        await pilot.pause(0.1)
-        assert type(app.screen).__name__ == "HelpScreen"
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
         await pilot.press("escape")
         titles = [c.title for c in app.get_system_commands(app.screen)]
         for title in ("New chat", "Saved chats", "Export chat", "Regenerate", "Model library", "Help"):
@@ -478,9 +483,9 @@ async def test_first_run_pulls_default_model_then_chats(tmp_path):
     script = FakeScript(replies=["hello!"])
     app = ChatApp(args, entry=None, llama_factory=script.factory, puller=fake_pull)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause(0.2)
-        assert type(app.screen).__name__ == "FirstRunScreen"
-        await pilot.click("#pull")
+        await wait_for(pilot, lambda: isinstance(app.screen, FirstRunScreen) and app.screen.query("#pull")
+                       and app.screen.query_one("#pull").region.width > 0, "the first-run screen's button to be drawn")
+        assert await pilot.click("#pull")
         await ready(pilot, app)
         assert seen == ["smollm2"] and app.entry.name == "smollm2-135m-instruct"
         assert type(app.screen).__name__ == "ChatScreen"
@@ -496,7 +501,7 @@ async def test_a_bug_ends_in_one_sentence_and_a_log_not_a_traceback(library, iso
         async with app.run_test(size=SIZE) as pilot:
             await ready(pilot, app)
             app.call_later(lambda: 1 / 0)
-            await pilot.pause(0.5)
+            await wait_for(pilot, lambda: app.crash_message is not None, "the crash to be handled")
     assert app.crash_message.startswith("internal error (ZeroDivisionError: division by zero); details in ")
     log = isolated_home / "data" / "crash.log"
     assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()
@@ -512,20 +517,19 @@ async def test_autoscroll_follows_until_the_user_scrolls_up(library):
         await send(pilot, app, "write a lot")
         pane = app.chat_screen.messages
         await wait_for(pilot, lambda: pane.max_scroll_y > 10)
-        await pilot.pause(0.2)
-        assert pane.scroll_y >= pane.max_scroll_y - 3  # following the reply
+        await wait_for(pilot, lambda: app.generating and pane.max_scroll_y > 20 and pane.scroll_y >= pane.max_scroll_y - 3,
+                       "the pane to follow the reply as it grows")
         for _ in range(5):
             pane._scroll_up_for_pointer(animate=False)  # what a mouse wheel turn does
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: pane.scroll_y < pane.max_scroll_y - 3, "the pane to scroll up")
         held = pane.scroll_y
-        await wait_for(pilot, lambda: pane.max_scroll_y > held + 20)
-        await pilot.pause(0.2)
+        # two more screenfuls arrive: the pane would have followed them by now if it still did
+        await wait_for(pilot, lambda: pane.max_scroll_y > held + 40)
         assert pane.scroll_y <= held + 1  # the user's position is kept while text keeps coming
         await reply_done(pilot, app)
         await send(pilot, app, "and now?")
         await reply_done(pilot, app)
-        await pilot.pause(0.3)
-        assert pane.scroll_y >= pane.max_scroll_y - 1  # a new message follows again
+        await wait_for(pilot, lambda: pane.scroll_y >= pane.max_scroll_y - 1, "the pane to follow the new message")
 
 
 async def test_a_turn_that_gets_no_reply_goes_back_into_the_box(library):
@@ -549,14 +553,13 @@ async def test_library_edit_of_the_model_in_use_reaches_the_sidebar_and_reloads(
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
         await pilot.press("ctrl+l")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen) and app.screen.selected == "alpha")
         screen = app.screen
         screen.query_one("#lib-top_p").value = "0.5"
         screen.query_one("#lib-chat_format").value = "chatml"
         screen.action_save()
-        await pilot.pause(0.1)
         await pilot.press("escape")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: app.screen is app.chat_screen)
         assert app.chat_screen.sidebar.query_one("#setting-top_p").value == "0.5"
         await send(pilot, app, "hi")
         await reply_done(pilot, app)
@@ -573,7 +576,7 @@ async def test_quick_second_switch_wins(library):
         select.value = "beta"
         await wait_for(pilot, lambda: app.loading)
         select.value = "alpha"
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: app.entry.name == "alpha", "the second switch to be taken")
         await ready(pilot, app)
         await wait_for(pilot, lambda: len(script.instances) == 3 and not app.loading)
         assert app.entry.name == "alpha" and Path(app.engine.llm.model_path).name == "alpha.gguf"

@@ -17,6 +17,8 @@ from test_import_hf import sentencepiece_model  # noqa: E402
 from test_tui_app import SIZE, make_app, notifications, ready, wait_for  # noqa: E402
 from test_tui_snapshots import library  # noqa: E402,F401  (the alpha/beta library fixture)
 
+from textual.command import CommandInput, CommandList, CommandPalette  # noqa: E402
+
 from llamachat.model_store import importers, paths  # noqa: E402
 from llamachat.model_store.library import Library  # noqa: E402
 from llamachat.runtime.gguf_file import GGUFFile  # noqa: E402
@@ -39,6 +41,9 @@ def small_gguf(tmp_path, monkeypatch):
     return out
 
 
+IMPORT = 300  # seconds for a real import: a first run compiles the quantize kernels (numba)
+
+
 def models_files() -> list[str]:
     d = paths.models_dir()
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
@@ -47,11 +52,9 @@ def models_files() -> list[str]:
 async def open_dialog(pilot, app) -> ImportDialog:
     await ready(pilot, app)
     await pilot.press("ctrl+l")
-    await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen))
-    await pilot.pause(0.2)
+    await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen) and app.screen.selected == "alpha")
     await pilot.press("ctrl+o")
-    await wait_for(pilot, lambda: isinstance(app.screen, ImportDialog))
-    await pilot.pause(0.1)
+    await wait_for(pilot, lambda: isinstance(app.screen, ImportDialog) and app.screen.query_one("#import-path").has_focus)
     return app.screen
 
 
@@ -62,8 +65,23 @@ def fill(dialog: ImportDialog, path="", name="", quant=None) -> None:
         dialog.query_one("#import-quant").value = quant
 
 
+async def click_start(pilot, dialog: ImportDialog) -> None:
+    """Click Start as a user does. Textual's Button ignores a click while it still shows the last
+    press (its "-active" effect, 0.2 s): wait for that to end, or the click is lost."""
+    button = dialog.query_one("#import-start")
+    await wait_for(pilot, lambda: not button.has_class("-active"), "the Start button's press effect to end")
+    assert await pilot.click("#import-start")
+
+
 def error_text(dialog: ImportDialog) -> str:
     return str(dialog.query_one("#import-error").render())
+
+
+def highlighted_command(palette: CommandPalette) -> str:
+    results = palette.query(CommandList)
+    if not results or results.first().highlighted is None or results.first().option_count == 0:
+        return ""
+    return str(results.first().get_option_at_index(results.first().highlighted).prompt)
 
 
 def test_quant_choices_are_the_quantize_codes_own():
@@ -78,14 +96,13 @@ async def test_import_a_gguf_with_a_quant_type_through_the_dialog(library, small
     async with app.run_test(size=SIZE) as pilot:
         dialog = await open_dialog(pilot, app)
         fill(dialog, small_gguf, quant="Q8_0")
-        await pilot.click("#import-start")
-        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen))
-        await pilot.pause(0.2)
+        await click_start(pilot, dialog)
+        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen) and app.screen.selected == "tiny-llama-q8_0",
+                       "the import to finish", timeout=IMPORT)
         screen = app.screen
-        assert screen.selected == "tiny-llama-q8_0"
         table = screen.query_one("#library-table")
         assert "tiny-llama-q8_0" in [str(table.get_row_at(i)[1]) for i in range(table.row_count)]
-        assert any(n.startswith("Imported tiny-llama-q8_0") for n in notifications(app))
+        await wait_for(pilot, lambda: any(n.startswith("Imported tiny-llama-q8_0") for n in notifications(app)))
         # the sidebar's model picker knows it too
         select = app.chat_screen.sidebar.query_one("#model-select")
         assert any("tiny-llama-q8_0" in str(p) for p, _ in select._options)
@@ -101,25 +118,22 @@ async def test_missing_and_bad_paths_are_sentences_in_the_dialog(library, tmp_pa
     app, _ = make_app()
     async with app.run_test(size=SIZE) as pilot:
         dialog = await open_dialog(pilot, app)
-        await pilot.click("#import-start")
-        await pilot.pause(0.1)
-        assert "Type the path of a .gguf file" in error_text(dialog)
+        await click_start(pilot, dialog)
+        await wait_for(pilot, lambda: "Type the path of a .gguf file" in error_text(dialog), showing=lambda: error_text(dialog))
         fill(dialog, tmp_path / "nothing-here")
-        await pilot.click("#import-start")
-        await pilot.pause(0.1)
-        assert "nothing-here: no such file or folder" in error_text(dialog)
+        await click_start(pilot, dialog)
+        await wait_for(pilot, lambda: "nothing-here: no such file or folder" in error_text(dialog), showing=lambda: error_text(dialog))
         notes = tmp_path / "notes.txt"
         notes.write_text("hello")
         fill(dialog, notes)
-        await pilot.click("#import-start")
-        await pilot.pause(0.1)
-        assert "notes.txt: not a GGUF file" in error_text(dialog)
+        await click_start(pilot, dialog)
+        await wait_for(pilot, lambda: "notes.txt: not a GGUF file" in error_text(dialog), showing=lambda: error_text(dialog))
         assert app.screen is dialog and not dialog.running  # nothing started, the app goes on
         # an error only the import itself finds (an unsupported architecture) arrives from the worker
         gpt2 = tmp_path / "gpt2.gguf"
         write_gguf(gpt2, {"general.architecture": "gpt2"}, [("w", (32,), 0, np.zeros(32, np.float32))])
         fill(dialog, gpt2)
-        await pilot.click("#import-start")
+        await click_start(pilot, dialog)
         await wait_for(pilot, lambda: "architecture 'gpt2' is not supported" in error_text(dialog))
         assert not dialog.running and not dialog.query_one("#import-start").disabled
         await pilot.press("escape")
@@ -147,8 +161,9 @@ async def test_cancel_mid_import_leaves_nothing(library, small_gguf, monkeypatch
     async with app.run_test(size=SIZE) as pilot:
         dialog = await open_dialog(pilot, app)
         fill(dialog, small_gguf, name="tiny", quant="Q4_K_M")
-        await pilot.click("#import-start")
-        await wait_for(pilot, lambda: "Quantizing 3/" in str(dialog.query_one("#import-stage").render()))
+        await click_start(pilot, dialog)
+        await wait_for(pilot, lambda: "Quantizing 3/" in str(dialog.query_one("#import-stage").render()),
+                       "the import to reach the third tensor", timeout=IMPORT)
         stage = str(dialog.query_one("#import-stage").render())
         assert ".weight" in stage  # the tensor's name is shown
         bar = dialog.query_one("#import-progress")
@@ -169,12 +184,13 @@ async def test_import_is_in_the_command_palette(library):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
         await pilot.press("ctrl+l")
-        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen))
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen) and app.screen.selected == "alpha")
         app.action_command_palette()
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette) and any(w.has_focus for w in app.screen.query(CommandInput)),
+                       "the command palette to be open")
         await pilot.press(*"import a model")
-        await pilot.pause(0.5)
+        # the palette searches in a worker: wait until the import command is the highlighted hit
+        await wait_for(pilot, lambda: highlighted_command(app.screen).startswith("Import a model"))
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, ImportDialog))
 
@@ -186,10 +202,10 @@ def test_import_dialog_snapshot(snap_compare, library):
         dialog = await open_dialog(pilot, app)
         app.screen_stack[-2].query_one("#library-file").update("models.toml")  # the real path is a temp dir
         fill(dialog, "/nowhere/model.gguf", quant="Q4_K_M")
-        await pilot.click("#import-start")
-        await pilot.pause(0.2)
+        await click_start(pilot, dialog)
+        await wait_for(pilot, lambda: "/nowhere/model.gguf" in error_text(dialog))
         dialog.query_one("#import-path").cursor_blink = False
         dialog.query_one("#import-path").focus()
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: dialog.query_one("#import-path").has_focus)
 
     assert snap_compare(app, terminal_size=(100, 32), run_before=run_before)

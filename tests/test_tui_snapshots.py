@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_tui_app import make_app, ready, reply_done, send, tiny_gguf  # noqa: E402
+from test_tui_app import make_app, ready, reply_done, send, tiny_gguf, wait_for  # noqa: E402
 from tui_fake_engine import FakeScript  # noqa: E402
 
 from llamachat.model_store.library import Library  # noqa: E402
 from llamachat.tui.app import ChatApp  # noqa: E402
 from llamachat.tui.cli import build_main_parser  # noqa: E402
+from llamachat.tui.screens.chats import ChatsScreen  # noqa: E402
+from llamachat.tui.screens.first_run import FirstRunScreen  # noqa: E402
+from llamachat.tui.screens.help import HelpScreen  # noqa: E402
+from llamachat.tui.screens.library import LibraryScreen  # noqa: E402
 
 SIZE = (100, 32)
 
@@ -50,30 +54,32 @@ def test_chat_screen_after_a_reply(snap_compare, library):
         await send(pilot, app, "What is the capital of France? Answer in one word.")
         await reply_done(pilot, app)
         app.chat_screen.chat_input.focus()
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: app.chat_screen.chat_input.has_focus)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
 def test_stopped_reply_and_invalid_setting(snap_compare, library):
-    script = FakeScript(replies=["one two three four five six seven eight nine ten " * 40], delay=0.01)
+    """Esc while the reply is written keeps the text so far, marked stopped; an invalid value typed
+    into the sidebar shows its sentence. The fake holds the sixth word until the stop, so the
+    picture is the same on any machine; the status bar is the app's own (the fake runs at 100 tok/s)."""
+    script = FakeScript(replies=["one two three four five six seven eight nine ten " * 40], hold_after=5)
     app, _ = make_app(script=script)
 
     async def run_before(pilot):
         await ready(pilot, app)
         steady(app)
         await send(pilot, app, "Count for me.")
-        while len(app.reply_view.source) < 40:
-            await pilot.pause(0.05)
-        app.action_stop()
+        await wait_for(pilot, lambda: app.reply_view is not None and app.reply_view.source == "one two three four five")
+        await pilot.press("escape")
         await reply_done(pilot, app)
-        # show a fixed partial reply so the snapshot does not depend on timing
-        view = app.chat_screen.messages.children[-1]
-        view.finish("one two three four five", stopped=True)
-        app.chat_screen.sidebar.query_one("#setting-top_p").value = "1.5"
-        app.chat_screen.set_status("alpha │ Q4_1 │ 100.0 tok/s │ ctx 12/2048 (full: stop) │ chat")
+        assert app.conv.messages[-1].stopped
+        field = app.chat_screen.sidebar.query_one("#setting-top_p")
+        field.focus()
+        field.cursor_blink = False
+        await pilot.press("end", *["backspace"] * len(field.value), "1", ".", "5")
+        await wait_for(pilot, lambda: "top_p must be between 0 and 1" in str(app.chat_screen.sidebar.query_one("#error-top_p").render()))
         app.set_focus(None)
-        await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -87,7 +93,6 @@ def test_instruct_mode_screen(snap_compare, library):
         steady(app)
         await send(pilot, app, "Name the largest planet in the solar system.")
         await reply_done(pilot, app)
-        await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -99,7 +104,7 @@ def test_help_screen(snap_compare, library):
         await ready(pilot, app)
         steady(app)
         await pilot.press("f1")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -111,9 +116,8 @@ def test_library_screen(snap_compare, library):
         await ready(pilot, app)
         steady(app)
         await pilot.press("ctrl+l")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen) and app.screen.selected == "alpha")
         app.screen.query_one("#library-file").update("models.toml")  # the real path is a temp dir
-        await pilot.pause(0.1)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -122,7 +126,7 @@ def test_first_run_screen(snap_compare):
     app = ChatApp(build_main_parser().parse_args([]), entry=None, llama_factory=FakeScript().factory)
 
     async def run_before(pilot):
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: isinstance(app.screen, FirstRunScreen))
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -143,6 +147,6 @@ def test_saved_chats_screen(snap_compare, library, monkeypatch):
         await reply_done(pilot, app)
         app.clear_notifications()  # the "New chat." toast would depend on timing
         await pilot.press("ctrl+o")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.query_one("#chats-table").row_count == 2)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
