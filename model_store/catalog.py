@@ -25,6 +25,8 @@ class CatalogEntry:
     defaults: dict = field(default_factory=dict)  # settings it is registered with
 
 
+SYSTEM_PROMPT = "You are a knowledgeable assistant. Give short, factual answers in English."
+
 SMOLLM2 = CatalogEntry(
     key="smollm2",
     library_name="smollm2-135m-instruct",
@@ -39,10 +41,13 @@ SMOLLM2 = CatalogEntry(
     # quick; temp/top_p: what the SmolLM2 model card uses for its chat examples.
     # system_prompt: without one, SmolLM2's template injects "You are a helpful AI assistant
     # named SmolLM, trained by Hugging Face", with which this 135M model answers "What is the
-    # capital of France?" with a French word salad (llama.cpp too); with this one it says
-    # "The capital of France is Paris." (tests/test_first_run_answer.py).
+    # capital of France?" with a French word salad (llama.cpp too). "You are a helpful
+    # assistant." is barely better: at temp 0.2 the first token is "The" for 23 of 40 seeds
+    # and French for the rest ("La femme ...", "L'Alberta ..."). This one gave "The capital of
+    # France is Paris." for 40 of 40 seeds, and Jupiter / a haiku / reversed() for the other
+    # questions tried (tests/test_first_run_answer.py).
     # n_predict: a cap on one reply, so a reply that wanders cannot fill the context.
-    defaults={"n_ctx": 2048, "temp": 0.2, "top_p": 0.9, "system_prompt": "You are a helpful assistant.",
+    defaults={"n_ctx": 2048, "temp": 0.2, "top_p": 0.9, "system_prompt": SYSTEM_PROMPT,
               "n_predict": 512},
 )
 

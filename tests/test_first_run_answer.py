@@ -9,7 +9,7 @@ import io
 import pytest
 from first_run_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, views
 
-from llamachat.model_store.catalog import SMOLLM2
+from llamachat.model_store.catalog import SMOLLM2, SYSTEM_PROMPT
 from llamachat.model_store.library import Library
 from llamachat.tui import headless_chat
 from llamachat.tui.cli import build_main_parser
@@ -21,12 +21,12 @@ def test_pull_writes_the_catalog_defaults_into_the_library(smollm2_path):
     from llamachat.model_store.pull import pull
 
     entry = pull("smollm2")
-    assert entry.settings["system_prompt"] == "You are a helpful assistant."
+    assert entry.settings["system_prompt"] == SYSTEM_PROMPT
     assert entry.settings["n_predict"] > 0  # a cap on one reply
     assert entry.settings == {k: v for k, v in SMOLLM2.defaults.items()}
     # they are the user's to change, in models.toml
     text = Library.load().file.read_text()
-    assert 'system_prompt = "You are a helpful assistant."' in text
+    assert f'system_prompt = "{SYSTEM_PROMPT}"' in text
     Library.load().set(entry.name, system_prompt="Answer in French.")
     assert Library.load().models[entry.name].settings["system_prompt"] == "Answer in French."
 
@@ -45,10 +45,25 @@ def test_the_pulled_defaults_reach_the_first_request(smollm2_path):
     assert headless_chat.run(args, llama_factory=script.factory, stdin=io.StringIO("What is the capital of France?\n"),
                              stdout=out, stderr=io.StringIO()) == 0
     (call,) = script.calls
-    assert call["messages"] == [{"role": "system", "content": "You are a helpful assistant."},
+    assert call["messages"] == [{"role": "system", "content": SYSTEM_PROMPT},
                                 {"role": "user", "content": "What is the capital of France?"}]
     assert call["max_tokens"] == SMOLLM2.defaults["n_predict"]
     assert call["temperature"] == SMOLLM2.defaults["temp"] and call["top_p"] == SMOLLM2.defaults["top_p"]
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_with_the_pulled_defaults_the_real_model_says_paris(smollm2_path, seed):
+    """What a new user meets (issue 18, goal 2): the library's defaults, the real engine, the
+    first question. Before the catalog's system prompt and one arithmetic for prompts and
+    decode, this answered "L'Etoile, la Marseillaise, la femme, ..."."""
+    from llamachat.model_store.pull import pull
+
+    pull("smollm2")
+    args = build_main_parser().parse_args(["--no-tui", "-s", str(seed)])
+    out, err = io.StringIO(), io.StringIO()
+    assert headless_chat.run(args, stdin=io.StringIO("What is the capital of France?\n"), stdout=out, stderr=err) == 0, err.getvalue()
+    assert "Paris" in out.getvalue(), out.getvalue()
 
 
 @pytest.mark.parametrize("text", [
@@ -103,9 +118,9 @@ def test_pulling_again_adds_new_catalog_defaults_and_keeps_the_users(smollm2_pat
     lib.set(entry.name, system_prompt=None, n_predict=None, temp=0.7)
     assert main(["pull"]) == 0
     out = capsys.readouterr().out
-    assert "system_prompt='You are a helpful assistant.'" in out and "n_predict=512" in out
+    assert f"system_prompt='{SYSTEM_PROMPT}'" in out and "n_predict=512" in out
     settings = Library.load().models[entry.name].settings
-    assert settings["system_prompt"] == "You are a helpful assistant." and settings["n_predict"] == 512
+    assert settings["system_prompt"] == SYSTEM_PROMPT and settings["n_predict"] == 512
     assert settings["temp"] == 0.7  # the user's value stays
     assert main(["pull"]) == 0
     assert capsys.readouterr().out.strip().endswith("is already pulled (" + str(entry.path) + ").")
