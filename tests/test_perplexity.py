@@ -64,6 +64,13 @@ def test_cli_errors(tmp_path, capsys):
     assert "none.txt: no such file" in capsys.readouterr().err
 
 
+# |ours / llama.cpp's - 1| with the default (BLAS) prefill, measured on an Intel Xeon (AVX-512
+# OpenBLAS kernels) and, as the README reports, an AMD EPYC (AVX2): Q4_1 1.1e-3 / 1.7e-3, F16
+# 7.9e-5 / 2.3e-5, Q8_0 3.0e-3 / 2.0e-3, Q4_0 5.8e-3 / 8.6e-3, Q4_K_M 2.7e-3 (Xeon); the bounds
+# are 2x the larger, but never looser than the 1% these tests allowed before
+FAST_PREFILL_REL = {"original_q4_1": 3.4e-3, "f16": 1.6e-4, "Q8_0": 6e-3, "Q4_0": 1e-2, "Q4_K_M": 5.5e-3}
+
+
 @pytest.mark.real_model
 @pytest.mark.slow
 @pytest.mark.parametrize("exact", [False, True], ids=["default", "exact-prefill"])
@@ -85,8 +92,8 @@ def test_smollm2_perplexity_matches_llama_cpp(smollm2_path, reference, reference
         # arithmetic (tiled flash attention of 256-token batches, vec_dot sums for every
         # product), so the value is the same
         assert ppl == reference["perplexity"]["original_q4_1"]
-    else:  # the fast prefill path (BLAS tiles): the bound
-        assert ppl == pytest.approx(reference["perplexity"]["original_q4_1"], rel=0.01)
+    else:  # the fast prefill path (BLAS tiles: their order depends on the CPU's BLAS kernels)
+        assert ppl == pytest.approx(reference["perplexity"]["original_q4_1"], rel=FAST_PREFILL_REL["original_q4_1"])
 
 
 @pytest.fixture(scope="module")
@@ -115,4 +122,4 @@ def test_quantized_smollm2_perplexity_matches_llama_cpp(smollm2_quantized, key, 
     assert main(["perplexity", "-m", str(smollm2_quantized[key]), "-f", str(text), "-c", "256", "-t", "2"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     ppl = float(last.split("=")[1].split("+/-")[0])
-    assert ppl == pytest.approx(reference["perplexity"][key], rel=0.01), (key, ppl)
+    assert ppl == pytest.approx(reference["perplexity"][key], rel=FAST_PREFILL_REL[key]), (key, ppl)
