@@ -59,8 +59,9 @@ def test_bench_counts_and_times_what_it_ran(tmp_path):
             elapsed = res.n_tokens / tokens_per_s  # the time bench measured for this run
             in_evals = sum(dt for _, dt in run)
             # bench's clock brackets the evals: never less than their time, and the only extra
-            # is its loop (a few microseconds a token; 20 ms allows for a busy machine)
-            assert in_evals * (1 - 1e-6) <= elapsed <= in_evals + 0.02, (res.test, elapsed, in_evals)
+            # is its loop (a few microseconds a token; 10% + 0.1 s allows for a busy machine
+            # pre-empting the process between two calls)
+            assert in_evals * (1 - 1e-6) <= elapsed <= in_evals * 1.1 + 0.1, (res.test, elapsed, in_evals)
         assert res.mean == pytest.approx(sum(res.samples) / 2)
         assert res.stddev == pytest.approx(abs(res.samples[0] - res.samples[1]) / 2 ** 0.5)
     assert sum(r.n_tokens / s for r in results for s in r.samples) <= wall
