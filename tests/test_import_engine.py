@@ -72,10 +72,10 @@ def engine_logits(path, tokens):
         m.close()
 
 
-def assert_close_logits(got, want):
+def assert_close_logits(got, want, tol):
     assert got.shape == want.shape
     scale = np.abs(want).max()
-    assert np.abs(got - want).max() < 2e-2 * scale, np.abs(got - want).max() / scale
+    assert np.abs(got - want).max() <= tol * scale, np.abs(got - want).max() / scale
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
@@ -84,7 +84,9 @@ def test_hf_model_logits_match_hf_forward(tmp_path):
     result = run_import(tmp_path / "hf", name="hf")
     tokens = [1, 57, 300, 12, 99, 250, 7, 388]
     want = reference_logits(held, tokens, rope="half", eps=EPS)
-    assert_close_logits(engine_logits(result.path, tokens), want)
+    # the F16 KV cache and half-precision attention sums: measured 1.74e-3 of the largest
+    # logit; bound 2x that (scores 2% too sharp would move them by 1.2e-2)
+    assert_close_logits(engine_logits(result.path, tokens), want, 3.5e-3)
     # the same weights read with Meta's rotation would not match: the check can fail
     assert np.abs(reference_logits(held, tokens, rope="pairs", eps=EPS) - want).max() > 0.05 * np.abs(want).max()
 
@@ -98,7 +100,8 @@ def test_meta_model_logits_match_meta_forward(tmp_path):
     held = {inverse[n]: w for n, w in held_meta.items()}
     tokens = [1, 33, 200, 5, 399, 42]
     want = reference_logits(held, tokens, rope="pairs", eps=PARAMS["norm_eps"])
-    assert_close_logits(engine_logits(result.path, tokens), want)
+    # measured 1.86e-3 of the largest logit; bound 2x that
+    assert_close_logits(engine_logits(result.path, tokens), want, 3.7e-3)
 
 
 def test_generation_and_tokenizer_on_imported_bpe_model(tmp_path, smol_vocab_folder, smollm2_path):  # noqa: F811

@@ -93,8 +93,10 @@ def test_report_perplexities_match_a_numpy_forward(tmp_path, capsys):
         logp -= np.log(np.exp(logp).sum(1, keepdims=True))
         nll += [-logp[i, chunk[i + 1]] for i in range(n_ctx // 2, n_ctx - 1)]
     assert rep["tokens"] == len(nll)
-    assert rep["f16"] == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-2)
-    assert rep["result"] == pytest.approx(rep["f16"], rel=2e-2) and rep["result"] != rep["f16"]
+    # measured: the F16 file's perplexity within 8.0e-5 of the float64 forward pass's, the Q8_0
+    # result's 6.2e-3 above the F16 one; bounds 2x that
+    assert rep["f16"] == pytest.approx(float(np.exp(np.mean(nll))), rel=1.6e-4)
+    assert rep["result"] == pytest.approx(rep["f16"], rel=1.25e-2) and rep["result"] != rep["f16"]
     assert rep["result_size"] == result.size and rep["f16_size"] == result.f16_size
 
 

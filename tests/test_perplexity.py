@@ -65,6 +65,13 @@ def test_cli_errors(tmp_path, capsys):
     assert "none.txt: no such file" in capsys.readouterr().err
 
 
+# |ours / llama.cpp's - 1| where llama.cpp's batch arithmetic is not ours, measured on an Intel
+# Xeon (AVX-512; one arithmetic for prompts and decode): F16 1.35e-4 (llama.cpp multiplies F16
+# batches with llamafile's tinyBLAS), Q4_K_M 7.2e-3 (llama.cpp sums Q4_K in a batch-position
+# dependent order; we keep its single-token order for every token). Bounds: 2x those.
+NOT_EXACT_REL = {"f16": 2.7e-4, "Q4_K_M": 1.45e-2}
+
+
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_smollm2_perplexity_matches_llama_cpp(smollm2_path, reference, reference_dir, capsys):
@@ -111,4 +118,4 @@ def test_quantized_smollm2_perplexity_matches_llama_cpp(smollm2_quantized, key, 
     if key in ("Q8_0", "Q4_0"):  # llama.cpp's batch arithmetic for these formats is ours
         assert ppl == reference["perplexity"][key], (key, ppl)
     else:  # F16: llama.cpp's batches go through llamafile's tinyBLAS; Q4_K: its gemm in fours
-        assert ppl == pytest.approx(reference["perplexity"][key], rel=0.01), (key, ppl)
+        assert ppl == pytest.approx(reference["perplexity"][key], rel=NOT_EXACT_REL[key]), (key, ppl)

@@ -78,15 +78,20 @@ def test_quantize_matches_gguf_py(t):
     np.testing.assert_array_equal(ours, ref)
 
 
+# relative RMS error of quantize -> dequantize on these Gaussian rows, measured with the code
+# that reproduces ggml's bytes (Q8_0 0.0053, Q4_0 0.0859, Q4_1 0.0783, Q5_0 0.0421, Q5_1 0.0387,
+# Q2_K 0.2972, Q3_K 0.1496, Q4_K 0.0713, Q5_K 0.0368, Q6_K 0.0173); the bounds are 2x that
+ROUND_TRIP_RMS = {T.Q8_0: 0.0106, T.Q4_0: 0.172, T.Q4_1: 0.157, T.Q5_0: 0.0842, T.Q5_1: 0.0774,
+                  T.Q2_K: 0.595, T.Q3_K: 0.30, T.Q4_K: 0.143, T.Q5_K: 0.0736, T.Q6_K: 0.0346}
+
+
 @pytest.mark.parametrize("t", BLOCK_FORMATS, ids=lambda t: t.name)
 def test_quantize_round_trip_is_close(t):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 512)).astype(np.float32)
     y = dequantize(quantize(x, t), t, 512)
-    bits = 8 * GGML_QUANT_SIZES[t][1] / GGML_QUANT_SIZES[t][0]
-    # relative RMS error of a b-bit quantizer on Gaussian data is roughly 2^-b; allow 4x
     rms = np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x**2))
-    assert rms < 4 * 2.0 ** (-(bits - 1.0)), (t.name, rms)
+    assert rms < ROUND_TRIP_RMS[t], (t.name, rms)
 
 
 def test_fp32_to_fp16_matches_numpy_round_to_nearest_even():

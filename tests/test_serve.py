@@ -117,9 +117,9 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-# The engine evaluates a prompt chunk of 16 tokens or more with float tiles and a shorter one
-# with quantized activations (runtime/matmul.py, PREFILL_MIN_TOKENS), so a reply can depend on
-# how much of its prompt was cached: comparisons start both sides from the same cache state.
+# Comparisons start both sides from the same cache state: batches of 64+ tokens take ggml's
+# tiled attention, as llama.cpp does, so a reply to a long prompt can depend on how much of it
+# was cached (everything shorter is batch-invariant: tests/test_batch_invariance.py).
 
 
 def fresh(host: ModelHost) -> None:

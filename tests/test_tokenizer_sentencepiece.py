@@ -5,11 +5,10 @@ converter does, and compare the ids on varied strings."""
 from __future__ import annotations
 
 import pytest
+import sentencepiece as spm
 
 from llamachat.runtime.gguf_writer import write_gguf
 from llamachat.runtime.tokenizer import Tokenizer
-
-spm = pytest.importorskip("sentencepiece")
 
 TRAINING_TEXT = """\
 The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
