@@ -148,7 +148,8 @@ class LocalBackend:
     def fits(llm) -> bool:
         """True if `llm` is the engine's own Llama (has the typed parts this backend drives)."""
         gen = getattr(llm, "generator", None)
-        return callable(getattr(gen, "generate", None)) and hasattr(llm, "tokenizer") and hasattr(llm, "chat_template")
+        # the template is looked for on the class: reading the property would build it
+        return callable(getattr(gen, "generate", None)) and hasattr(llm, "tokenizer") and hasattr(type(llm), "chat_template")
 
     def prompt_tokens(self, request: GenerationRequest) -> list[int]:
         llm = self.llm

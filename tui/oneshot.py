@@ -140,26 +140,36 @@ def run(args) -> int:
             raise UserError(f"--logit-bias: token id {token} is outside the vocabulary (0..{n_vocab - 1})")
     params = params.updated(logit_bias=tuple(bias.items()), ignore_eos=bool(args.ignore_eos))
 
-    tokens = llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True)
+    from .backends import Finished, GenerationRequest, TextPiece, backend_for
+
+    backend = backend_for(llm)
+    request = GenerationRequest(prompt=prompt_text, params=params, n_predict=settings["n_predict"],
+                                stop=tuple(reverse), continue_stream=False)
+    notice = backend.take_notice()
+    if notice:
+        print(f"llamachat: {notice}", file=sys.stderr)
     out = sys.stdout
     if args.echo:
         _write(out, prompt_text)
-    pieces = llm.generator.generate(tokens, params, n_predict=settings["n_predict"], stop=reverse,
-                                    context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
+    events = backend.stream(request)
+    stats = None
     try:
-        for piece in pieces:
-            _write(out, piece)
+        for event in events:
+            if isinstance(event, TextPiece):
+                _write(out, event.text)
+            elif isinstance(event, Finished):
+                stats = event.stats
     finally:
-        pieces.close()
+        events.close()
         if out.isatty():  # the shell's prompt on a line of its own, also after Ctrl-C
             out.write("\n")
             out.flush()
-        stats = llm.generator.last_stats
-        if args.verbose:
-            lines = [f"sampler seed: {stats.seed}", f"stop reason: {stats.stop_reason}",
-                     *timing_lines(llm.load_ms, stats)]
+        detail = stats.detail if stats is not None else getattr(llm.generator, "last_stats", None)
+        if args.verbose and detail is not None:
+            lines = [f"sampler seed: {detail.seed}", f"stop reason: {detail.stop_reason}",
+                     *timing_lines(llm.load_ms, detail)]
             print("\n" + "\n".join(lines), file=sys.stderr)
-        elif stats is not None and stats.stop_reason == "context_full":
+        elif detail is not None and detail.stop_reason == "context_full":
             print(f"\nllamachat: the context is full ({llm.n_ctx()} tokens), so the completion stopped there; "
                   "use a larger -c/--ctx-size, or --context-shift to keep going", file=sys.stderr)
     out.flush()
