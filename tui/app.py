@@ -282,6 +282,14 @@ class ChatApp(App):
                       f"({self.engine.n_ctx() or '?'} tokens) ⋯", classes="memory-start")
         self.chat_screen.messages.mount(line, before=views[start])
 
+    @_while_screen_exists
+    def _show_engine_notice(self) -> None:
+        """The backend's one-time notice (the model's chat template was refused, a built-in
+        format is used instead), as a line in the chat."""
+        notice = self.engine.take_notice()
+        if notice:
+            self.chat_screen.messages.mount(Static(f"⚠ {notice}", classes="engine-notice-line"))
+
     def _rate_text(self) -> str:
         if self.generating and self._live is not None:
             t0, n0 = self._live
@@ -433,6 +441,7 @@ class ChatApp(App):
         else:
             self.loaded_settings = dict(message.kwargs)
             self.ctx_used = self._conversation_tokens()
+            self._show_engine_notice()
             if message.reason == "n_ctx":
                 self.notify(f"Ready with n_ctx={self.engine.n_ctx()}; the chat is kept.", title="Context")
             elif message.reason == "switch":
@@ -593,6 +602,7 @@ class ChatApp(App):
                 self.last_tps = tps
             self.ctx_used = result.n_tokens
             self.save_chat()
+        self._show_engine_notice()
         self.update_status()
         if self.engine.loaded and self.entry is not None and not self.loading:
             self._maybe_recreate_context()

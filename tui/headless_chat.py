@@ -149,6 +149,9 @@ def run(args, llama_factory=None, stdin=None, stdout=None, stderr=None) -> int:
 
     def reply() -> None:
         result = _generate(engine, conv, sampling, bias, out)
+        notice = engine.take_notice()  # the model's template refused: once, before anything else said
+        if notice:
+            print(f"\nllamachat: {notice}", file=sys.stderr, flush=True)
         if result.error:
             _report(result, verbose)
             if conv.messages and conv.messages[-1].role == "user":
