@@ -45,6 +45,13 @@ from .widgets.sidebar import Sidebar
 DRAIN_SECONDS = 0.1  # how often streamed text reaches the screen
 
 
+def _same_place(a, b) -> bool:
+    """Two library entries for the same model: the same file, or the same server and model."""
+    if a.remote or b.remote:
+        return a.remote and b.remote and (a.base_url, a.model) == (b.base_url, b.model)
+    return a.path == b.path
+
+
 def _while_screen_exists(method):
     """A worker's report or a timer tick can arrive while the app is closing and its widgets
     are already gone; there is nothing left to update then, so that is not an error."""
@@ -351,7 +358,7 @@ class ChatApp(App):
             fresh = self.load_library().models.get(self.entry.name)
         except UserError:
             return
-        if fresh is None or fresh.missing or (fresh.settings == self.entry.settings and fresh.path == self.entry.path):
+        if fresh is None or fresh.missing or (fresh.settings == self.entry.settings and _same_place(fresh, self.entry)):
             return
         self.entry = fresh
         self.settings = conv_mod.merged_settings(self.args, fresh.settings)
@@ -417,7 +424,7 @@ class ChatApp(App):
             self.load_fraction = float(fraction)  # read by the UI timer
 
         try:
-            self.engine.load(entry.path, progress=progress, **kwargs)
+            self.engine.load_entry(entry, progress=progress, **kwargs)
             error = None
         except BaseException as err:  # noqa: BLE001 - shown as a notification
             error = describe_error(err)

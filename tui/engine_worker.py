@@ -174,6 +174,24 @@ class Engine:
             if real:
                 warm_up(self.llm)
 
+    def load_entry(self, entry, progress: Callable[[float], None] | None = None, **kwargs) -> None:
+        """Load a library entry: a local model file (`load`), or connect to a remote one
+        (checks the server and the model; RemoteError in one sentence)."""
+        if not getattr(entry, "remote", False):
+            return self.load(entry.path, progress=progress, **kwargs)
+        from .remote_backend import RemoteBackend
+
+        backend = RemoteBackend(entry.base_url, entry.model, api_key_env=entry.api_key_env, name=entry.name)
+        try:
+            backend.connect()
+        except BaseException:
+            backend.close()
+            raise
+        if progress is not None:
+            progress(1.0)
+        self.use_backend(backend, entry.name)
+        self.load_kwargs = dict(kwargs)
+
     def use_backend(self, backend, name=None) -> None:
         """Drive `backend` (e.g. a remote one) instead of a local model."""
         with self._lock:

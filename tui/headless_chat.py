@@ -142,7 +142,7 @@ def run(args, llama_factory=None, stdin=None, stdout=None, stderr=None) -> int:
     from .compile_progress import StderrProgress
 
     with StderrProgress():  # a first run compiles the kernels here: say so on a terminal
-        engine.load(entry.path, **load_kwargs(settings, args))
+        engine.load_entry(entry, **load_kwargs(settings, args))
     sampling = call_kwargs(settings, args)
     verbose = bool(getattr(args, "verbose", False))
     echo = not stdin.isatty() if hasattr(stdin, "isatty") else True
