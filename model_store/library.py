@@ -59,6 +59,10 @@ ENTRY_KEYS = ("path", "description", "quality")
 # `quality` (written by `import --quant ... --report`): the figures measured against the float
 # source; only these keys, each a number (source: the source's type as text).
 QUALITY_KEYS = {"ppl": float, "source_ppl": float, "kl": float, "top_agree": float, "tokens": int, "source": str}
+# Keys of a remote entry ([models.NAME] with backend = "openai") besides the settings.
+REMOTE_KEYS = ("backend", "base_url", "model", "api_key_env", "description")
+REMOTE_BACKENDS = ("openai",)
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 TOP_KEYS = ("version", "default", "models")
 
 # Names are what people type after -m, so keep them shell- and TOML-friendly.
@@ -123,6 +127,39 @@ class ModelEntry:
     missing: bool = False  # the file is gone (listed, never a crash)
     adhoc: bool = False  # a path given on the command line, not in the library
     quality: dict = field(default_factory=dict)  # QUALITY_KEYS, measured at import (--report)
+    remote = False  # a RemoteEntry: a model on an OpenAI-compatible server
+
+
+@dataclass(eq=False, repr=False)
+class RemoteEntry(ModelEntry):
+    """A model on an OpenAI-compatible server (backend = "openai"):
+
+        [models.big]
+        backend = "openai"
+        base_url = "http://127.0.0.1:8080/v1"
+        model = "llama-3-8b"          # optional: the server's first model otherwise
+        api_key_env = "MY_SERVER_KEY" # optional: the NAME of the variable holding the key
+
+    A key itself is never written here. It has no file: reading `path` (what the local-only
+    commands do: perplexity, quantize, bench, tokenize, inspect) refuses in one sentence."""
+
+    backend: str = "openai"
+    base_url: str = ""
+    model: str | None = None
+    api_key_env: str | None = None
+    remote = True
+
+    @property
+    def path(self):
+        raise UserError(f"model {self.name!r} is a remote model ({self.base_url}), and this works on a local "
+                        "GGUF file only; give a local library model or a path")
+
+    @path.setter
+    def path(self, value) -> None:
+        pass  # the dataclass __init__ sets it; a remote model has none
+
+    def __repr__(self) -> str:
+        return f"RemoteEntry({self.name!r}, {self.base_url!r}, model={self.model!r})"
 
 
 def _config_error(file: Path, message: str) -> ConfigError:
@@ -295,6 +332,8 @@ def _interpret_model(name: str, table, file: Path, warnings: list, newer: bool) 
         raise _config_error(file, f"{where} must be a table ([models.{name}]) with at least a path")
     if not _NAME_RE.match(name):
         raise _config_error(file, f"{where}: the name must use letters, digits and . _ + - (up to 80, starting with a letter or digit)")
+    if "backend" in table:
+        return _interpret_remote(name, table, file, warnings, newer)
     raw_path = table.get("path")
     if raw_path is None:
         raise _config_error(file, f'{where} needs path = "FILE.gguf"')
@@ -332,6 +371,49 @@ def _read_quality(raw, where: str, warnings: list) -> dict:
         warnings.append(f"{where}: quality is not the table of figures `llamachat import --report` writes; ignored")
         return {}
     return {k: (float(v) if QUALITY_KEYS[k] is float else v) for k, v in raw.items()}
+
+
+def check_remote_fields(where: str, base_url, model=None, api_key_env=None, backend="openai") -> None:
+    """The rules of a remote entry's fields; ValueError with the sentence."""
+    if backend not in REMOTE_BACKENDS:
+        raise ValueError(f"{where}: backend must be one of {', '.join(map(repr, REMOTE_BACKENDS))}, got {backend!r}")
+    if not isinstance(base_url, str) or not re.match(r"^https?://[^\s/]+", base_url or ""):
+        raise ValueError(f"{where}: base_url must be an http:// or https:// URL (like http://127.0.0.1:8080/v1), got {base_url!r}")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise ValueError(f"{where}: model must be the server's model name (text), got {model!r}")
+    if api_key_env is not None and (not isinstance(api_key_env, str) or not _ENV_NAME_RE.match(api_key_env)):
+        raise ValueError(f"{where}: api_key_env must be the NAME of an environment variable (like MY_API_KEY), got {api_key_env!r}")
+
+
+def _interpret_remote(name: str, table, file: Path, warnings: list, newer: bool) -> "RemoteEntry":
+    where = f"model {shown(name)}"
+    if "api_key" in table:
+        raise _config_error(file, f"{where}: a key is never kept in models.toml; put it in an environment variable "
+                                  "and name that variable with api_key_env = \"VAR\"")
+    if "path" in table:
+        raise _config_error(file, f"{where}: a remote model (backend = ...) has no path; remove one of them")
+    try:
+        check_remote_fields(where, table.get("base_url"), table.get("model"), table.get("api_key_env"), table.get("backend"))
+    except ValueError as err:
+        raise _config_error(file, str(err)) from None
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise _config_error(file, f"{where}: description must be text, got {description!r}")
+    settings = {}
+    for key, value in table.items():
+        if key in REMOTE_KEYS:
+            continue
+        if key not in SETTINGS:
+            if not newer:
+                warnings.append(f"{file}: {where}: unknown key {key!r} ignored{_suggest(key, list(SETTINGS) + list(REMOTE_KEYS))}")
+            continue
+        try:
+            settings[key] = check_model_setting(key, value)
+        except ValueError as err:
+            raise _config_error(file, f"{where}: {err}") from None
+    return RemoteEntry(name, None, description, settings, backend=str(table["backend"]), base_url=str(table["base_url"]),
+                       model=None if table.get("model") is None else str(table["model"]),
+                       api_key_env=None if table.get("api_key_env") is None else str(table["api_key_env"]))
 
 
 def _interpret(plain: dict, file: Path):
@@ -539,7 +621,7 @@ class Library:
                 if candidate.is_file():
                     resolved = candidate.resolve()
                     for known in self.models.values():  # a path of a library model gets its settings
-                        if not known.missing and known.path.resolve() == resolved:
+                        if not known.missing and not known.remote and known.path.resolve() == resolved:
                             return known
                     return ModelEntry(name_from_path(candidate), resolved, adhoc=True)
                 if candidate.exists():
@@ -609,7 +691,7 @@ class Library:
             if name in current.models:
                 raise UserError(f"a model named {name!r} is already in the library; choose another with --name")
             for other in current.models.values():
-                if not other.missing and other.path.resolve() == resolved:
+                if not other.missing and not other.remote and other.path.resolve() == resolved:
                     raise UserError(f"{path} is already in the library as {other.name!r}")
             table = tomlkit.table()
             table["path"] = _stored_path(resolved)
@@ -626,6 +708,36 @@ class Library:
                 doc["default"] = name
         return self.models[name]
 
+    def add_remote(self, name: str, base_url: str, model: str | None = None, api_key_env: str | None = None,
+                   description: str = "", settings: dict | None = None) -> "RemoteEntry":
+        """Add a model on an OpenAI-compatible server (the caller checks the endpoint first).
+        Only the NAME of the key's environment variable is written, never a key."""
+        check_name(name)
+        try:
+            check_remote_fields(f"model {name!r}", base_url, model, api_key_env)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        checked = self._check_settings(name, settings or {})
+        with self._editing() as doc:
+            current = Library.from_text(tomlkit.dumps(doc), self.file)
+            if name in current.models:
+                raise UserError(f"a model named {name!r} is already in the library; choose another name")
+            table = tomlkit.table()
+            table["backend"] = "openai"
+            table["base_url"] = base_url
+            if model:
+                table["model"] = model
+            if api_key_env:
+                table["api_key_env"] = api_key_env
+            if description:
+                table["description"] = description
+            for key, value in checked.items():
+                table[key] = value
+            self._models_table(doc)[name] = table
+            if current.default_name is None:
+                doc["default"] = name
+        return self.models[name]
+
     def remove(self, name: str, delete_file: bool = False, force: bool = False) -> Path | None:
         """Remove `name` from the library. With delete_file, also delete its file, but only
         if it is inside llamachat's data dir (or `force`) and no other entry uses it; refused
@@ -633,11 +745,12 @@ class Library:
         default model leaves no default."""
         entry = self.get(name)
         target = None
-        if delete_file and not entry.missing:
+        if delete_file and not entry.missing and not entry.remote:
             target = entry.path
             if not force and not is_inside_data_dir(target):
                 raise UserError(f"{target} is outside llamachat's data dir ({paths.data_dir()}), so it was not deleted and {name!r} stays in the library; add --force to delete it anyway, or remove without --delete-file")
-            users = [o.name for o in self.models.values() if o.name != name and not o.missing and o.path.resolve() == target.resolve()]
+            users = [o.name for o in self.models.values() if o.name != name and not o.missing and not o.remote
+                     and o.path.resolve() == target.resolve()]
             if users:
                 raise UserError(f"{target} is also used by {', '.join(users)}, so it was not deleted and {name!r} stays in the library")
         with self._editing() as doc:
@@ -679,6 +792,8 @@ class Library:
                 changes[key] = _stored_path(p)
             else:
                 changes.update(self._check_settings(name, {key: value}))
+        if self.get(name).remote and "path" in changes:
+            raise UserError(f"model {name!r} is a remote model; it has no path (change base_url with add-remote after a remove)")
         if "path" in changes and changes["path"] is None:
             raise UserError(f"model {name!r}: path cannot be removed; use `llamachat models remove {name}`")
         with self._editing() as doc:

@@ -41,6 +41,7 @@ class GenerationStats:
     sample_ms: float = 0.0
     sample_runs: int = 0
     stop_reason: str = ""
+    stop_text: str | None = None  # the stop string or reverse prompt that ended it
     n_past: int = 0
     n_ctx: int = 0
     context_shifts: int = 0
@@ -286,4 +287,5 @@ class Generator:
             raise
         finally:
             stats.stop_reason = reason
+            stats.stop_text = gate.matched if reason == "stop" else None
             stats.n_past = len(self.cache_tokens)

@@ -7,17 +7,35 @@ running the old products (and after an upgrade that changes one file's kernels, 
 stamp of every source file of a package (and its subpackages) is kept beside the cache; when it
 no longer matches, the package's cache files are deleted: one recompile, never stale code.
 Reads only file metadata; imports nothing heavy.
+
+Where numba keeps a package's cache: `package/__pycache__`, or, when NUMBA_CACHE_DIR is set
+(the `llamachat` command sets it under LLAMACHAT_HOME), a folder of that directory named as
+numba names it (`cache_dir_for`); the stamp and the deleting follow it there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 
+def cache_dir_for(package_dir: str) -> str:
+    """The folder numba writes package_dir's cache files to: NUMBA_CACHE_DIR/<name>_<sha1 of
+    the path> (numba.core.caching.UserProvidedCacheLocator's scheme) when that variable is
+    set, else package_dir/__pycache__."""
+    override = os.environ.get("NUMBA_CACHE_DIR")
+    if override:
+        subpath = os.path.abspath(package_dir)
+        hashed = hashlib.sha1(subpath.encode()).hexdigest()
+        return os.path.join(override, f"{os.path.split(subpath)[-1]}_{hashed}")
+    return os.path.join(package_dir, "__pycache__")
+
+
 def drop_stale_numba_cache(package_dir: str, watched: tuple[str, ...] = ("",)) -> None:
-    """Delete package_dir/__pycache__/*.nbi|nbc if any .py file in the `watched` folders
-    (relative to package_dir) changed since the last call; a read-only install is left as it is."""
-    cache_dir = os.path.join(package_dir, "__pycache__")
+    """Delete package_dir's numba cache files (*.nbi|nbc in `cache_dir_for(package_dir)`) if
+    any .py file in the `watched` folders (relative to package_dir) changed since the last call;
+    a read-only install is left as it is."""
+    cache_dir = cache_dir_for(package_dir)
     try:
         parts = []
         for sub in watched:

@@ -45,6 +45,13 @@ from .widgets.sidebar import Sidebar
 DRAIN_SECONDS = 0.1  # how often streamed text reaches the screen
 
 
+def _same_place(a, b) -> bool:
+    """Two library entries for the same model: the same file, or the same server and model."""
+    if a.remote or b.remote:
+        return a.remote and b.remote and (a.base_url, a.model) == (b.base_url, b.model)
+    return a.path == b.path
+
+
 def _while_screen_exists(method):
     """A worker's report or a timer tick can arrive while the app is closing and its widgets
     are already gone; there is nothing left to update then, so that is not an error."""
@@ -282,6 +289,14 @@ class ChatApp(App):
                       f"({self.engine.n_ctx() or '?'} tokens) ⋯", classes="memory-start")
         self.chat_screen.messages.mount(line, before=views[start])
 
+    @_while_screen_exists
+    def _show_engine_notice(self) -> None:
+        """The backend's one-time notice (the model's chat template was refused, a built-in
+        format is used instead), as a line in the chat."""
+        notice = self.engine.take_notice()
+        if notice:
+            self.chat_screen.messages.mount(Static(f"⚠ {notice}", classes="engine-notice-line"))
+
     def _rate_text(self) -> str:
         if self.generating and self._live is not None:
             t0, n0 = self._live
@@ -343,7 +358,7 @@ class ChatApp(App):
             fresh = self.load_library().models.get(self.entry.name)
         except UserError:
             return
-        if fresh is None or fresh.missing or (fresh.settings == self.entry.settings and fresh.path == self.entry.path):
+        if fresh is None or fresh.missing or (fresh.settings == self.entry.settings and _same_place(fresh, self.entry)):
             return
         self.entry = fresh
         self.settings = conv_mod.merged_settings(self.args, fresh.settings)
@@ -409,7 +424,7 @@ class ChatApp(App):
             self.load_fraction = float(fraction)  # read by the UI timer
 
         try:
-            self.engine.load(entry.path, progress=progress, **kwargs)
+            self.engine.load_entry(entry, progress=progress, **kwargs)
             error = None
         except BaseException as err:  # noqa: BLE001 - shown as a notification
             error = describe_error(err)
@@ -433,6 +448,7 @@ class ChatApp(App):
         else:
             self.loaded_settings = dict(message.kwargs)
             self.ctx_used = self._conversation_tokens()
+            self._show_engine_notice()
             if message.reason == "n_ctx":
                 self.notify(f"Ready with n_ctx={self.engine.n_ctx()}; the chat is kept.", title="Context")
             elif message.reason == "switch":
@@ -593,6 +609,7 @@ class ChatApp(App):
                 self.last_tps = tps
             self.ctx_used = result.n_tokens
             self.save_chat()
+        self._show_engine_notice()
         self.update_status()
         if self.engine.loaded and self.entry is not None and not self.loading:
             self._maybe_recreate_context()

@@ -174,7 +174,30 @@ def _flush_quietly():
         pass
 
 
+def place_numba_cache(environ=None) -> str | None:
+    """Put numba's on-disk cache under llamachat's cache folder (`cache/numba`) when
+    LLAMACHAT_HOME or LLAMACHAT_CACHE_DIR is set, so everything llamachat writes lives there;
+    a user's own NUMBA_CACHE_DIR wins. Must run before numba is imported (numba reads the
+    variable once). Returns the folder chosen, or None."""
+    environ = os.environ if environ is None else environ
+    if environ.get("NUMBA_CACHE_DIR") or not (environ.get("LLAMACHAT_HOME") or environ.get("LLAMACHAT_CACHE_DIR")):
+        return None
+    from llamachat.model_store.paths import cache_dir
+
+    folder = str(cache_dir() / "numba")
+    environ["NUMBA_CACHE_DIR"] = folder
+    # importing llamachat.runtime (for UserError, above) checked the sources' stamp in the old
+    # place; check it where numba will now read its cache from
+    from llamachat.runtime import numba_cache
+
+    runtime_dir = os.path.dirname(os.path.abspath(numba_cache.__file__))
+    numba_cache.drop_stale_numba_cache(runtime_dir, ("", "quants"))
+    numba_cache.drop_stale_numba_cache(os.path.join(runtime_dir, "quants"))
+    return folder
+
+
 def entry_point():  # pragma: no cover - console script wrapper
+    place_numba_cache()
     sys.exit(main())
 
 

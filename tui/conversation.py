@@ -310,6 +310,8 @@ def resolve_model(name_or_path: str | None):
     from llamachat.model_store.library import Library
 
     entry = Library.load().resolve(name_or_path)
+    if getattr(entry, "remote", False):
+        return entry  # a model on a server: no file here
     if getattr(entry, "missing", False) or not Path(entry.path).is_file():
         raise UserError(f"{entry.path}: model file not found (library model {entry.name!r}); fix it with `llamachat models` or pull it again")
     return entry

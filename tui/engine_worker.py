@@ -124,11 +124,13 @@ class GenerationResult:
 
 
 class Engine:
-    """One model at a time; `load` and `generate` block, so call them from a worker thread."""
+    """One model at a time; `load` and `generate` block, so call them from a worker thread.
+    Generation goes through the typed seam of tui/backends.py (`self.backend`)."""
 
     def __init__(self, llama_factory: Callable | None = None):
         self._factory = llama_factory
         self.llm = None
+        self.backend = None
         self.model_path = None
         self.load_kwargs: dict = {}
         self._cancel = threading.Event()
@@ -137,7 +139,7 @@ class Engine:
 
     @property
     def loaded(self) -> bool:
-        return self.llm is not None
+        return self.backend is not None
 
     def load(self, model_path, progress: Callable[[float], None] | None = None, **kwargs) -> None:
         """(Re-)create the Llama for `model_path` with these keywords, then run the kernels once
@@ -150,8 +152,8 @@ class Engine:
 
             WATCH.install()
         with self._lock:
-            old, self.llm = self.llm, None  # release the old model (and its KV cache) before loading the next
-            if old is not None and hasattr(old, "close"):
+            old, self.llm, self.backend = self.backend, None, None  # free the old model (and its KV cache) first
+            if old is not None:
                 try:
                     old.close()
                 except Exception:
@@ -164,110 +166,139 @@ class Engine:
                 raise UserError(f"{model_path}: file not found ({err.strerror or err})") from None
             except Exception as err:  # an engine bug must not kill the UI: one sentence instead
                 raise EngineError(f"{model_path}: cannot load the model: {describe_error(err)}") from None
+            from .backends import backend_for
+
+            self.backend = backend_for(self.llm)
             self.model_path = model_path
             self.load_kwargs = dict(kwargs)
             if real:
                 warm_up(self.llm)
 
+    def load_entry(self, entry, progress: Callable[[float], None] | None = None, **kwargs) -> None:
+        """Load a library entry: a local model file (`load`), or connect to a remote one
+        (checks the server and the model; RemoteError in one sentence)."""
+        if not getattr(entry, "remote", False):
+            return self.load(entry.path, progress=progress, **kwargs)
+        from .remote_backend import RemoteBackend
+
+        backend = RemoteBackend(entry.base_url, entry.model, api_key_env=entry.api_key_env, name=entry.name)
+        try:
+            backend.connect()
+        except BaseException:
+            backend.close()
+            raise
+        if progress is not None:
+            progress(1.0)
+        self.use_backend(backend, entry.name)
+        self.load_kwargs = dict(kwargs)
+
+    def use_backend(self, backend, name=None) -> None:
+        """Drive `backend` (e.g. a remote one) instead of a local model."""
+        with self._lock:
+            old, self.llm, self.backend = self.backend, None, backend
+            if old is not None:
+                try:
+                    old.close()
+                except Exception:
+                    pass
+            self.model_path = name
+            self.load_kwargs = {}
+
     def n_ctx(self) -> int:
         try:
-            return int(self.llm.n_ctx()) if self.llm is not None else 0
+            return int(self.backend.n_ctx()) if self.backend is not None else 0
         except Exception:
             return 0
 
     def n_tokens(self) -> int:
         try:
-            return int(self.llm.n_tokens) if self.llm is not None else 0
+            return int(self.backend.n_tokens()) if self.backend is not None else 0
         except Exception:
             return 0
 
     def count_tokens(self, request: Request) -> int | None:
         """How many tokens `request` fills the context with (its prompt, template included), or
         None if the engine cannot tell. Tokenizing only: no generation, no lock needed."""
-        llm = self.llm
-        if llm is None:
+        backend = self.backend
+        if backend is None:
             return None
         try:
-            if request.messages is not None:
-                if not request.messages:
-                    return 0
-                return len(llm.chat_template.encode(request.messages, llm.tokenizer, add_generation_prompt=False))
-            return len(llm.tokenize(request.prompt)) if request.prompt else 0
+            return backend.count_tokens(request.messages, None if request.messages is not None else request.prompt)
         except Exception:  # an engine without a template (a stand-in) or a text it cannot encode
             return None
 
     def metadata(self) -> dict:
         try:
-            return dict(self.llm.metadata or {}) if self.llm is not None else {}
+            return dict(self.backend.metadata() or {}) if self.backend is not None else {}
         except Exception:
             return {}
+
+    def take_notice(self) -> str | None:
+        """A one-time notice for the user (the model's chat template was refused and a built-in
+        format is used instead), or None."""
+        try:
+            return self.backend.take_notice() if self.backend is not None else None
+        except Exception:
+            return None
 
     def cancel(self) -> None:
         """Stop the running generation (any thread). It keeps the text made so far."""
         self._cancel.set()
-        llm = self.llm
-        if llm is not None:
+        backend = self.backend
+        if backend is not None:
             try:
-                llm.cancel()
+                backend.cancel()
             except Exception:
                 pass
 
     def generate(self, request: Request, sampling: dict, on_text: Callable[[str], None],
                  logit_bias: dict | None = None) -> GenerationResult:
-        """Run one generation, streaming text pieces to `on_text`; never raises."""
+        """Run one generation, streaming text pieces to `on_text`; never raises. `sampling`:
+        the Llama-call keywords of conversation.call_kwargs."""
+        from .backends import GenerationRequest, TextPiece, params_from_call
+
         result = GenerationResult()
-        if self.llm is None:
+        if self.backend is None:
             result.error = "no model is loaded"
             return result
         self._cancel.clear()
-        kwargs = dict(sampling)
-        kwargs["stream"] = True
-        if request.stop:
-            kwargs["stop"] = list(request.stop)
-        if logit_bias:
-            kwargs["logit_bias"] = dict(logit_bias)
-        if self.pending_seed is not None:
-            kwargs["seed"] = self.pending_seed
         start = time.perf_counter()
         pieces: list[str] = []
         guard = LoopGuard()
         looped = False
         with self._lock:
-            llm = self.llm
+            backend = self.backend
             try:
-                if request.messages is not None:
-                    chunks = llm.create_chat_completion(request.messages, **kwargs)
-                else:
-                    chunks = llm(request.prompt, **kwargs)
-                for chunk in chunks:
-                    choice = chunk["choices"][0]
-                    if "delta" in choice:
-                        text = choice["delta"].get("content") or ""
-                    else:
-                        text = choice.get("text") or ""
-                    if text:
-                        pieces.append(text)
-                        on_text(text)
-                        if not looped and guard.feed(text):
+                params = params_from_call(dict(sampling, seed=self.pending_seed), logit_bias)
+                max_tokens = sampling.get("max_tokens")
+                greq = GenerationRequest(
+                    messages=tuple(request.messages) if request.messages is not None else None,
+                    prompt=request.prompt if request.messages is None else None,
+                    params=params, n_predict=max_tokens if max_tokens and max_tokens > 0 else -1,
+                    stop=tuple(request.stop or ()), continue_stream=self.pending_seed is None)
+                for event in backend.stream(greq):
+                    if isinstance(event, TextPiece):
+                        pieces.append(event.text)
+                        on_text(event.text)
+                        if not looped and guard.feed(event.text):
                             looped = True
-                            llm.cancel()  # ends within a token; the user did not ask, so not _cancel
-                    if choice.get("finish_reason"):
-                        result.finish_reason = choice["finish_reason"]
+                            backend.cancel()  # ends within a token; the user did not ask, so not _cancel
+                    else:
+                        s = event.stats
+                        result.stats = s.as_dict()
+                        result.stop_reason = s.stop_reason or None
+                        result.stop_text = s.stop_text
+                        if s.n_ctx:
+                            result.n_ctx = int(s.n_ctx)
                 self.pending_seed = None
             except Exception as err:
                 result.error = describe_error(err)
             result.seconds = time.perf_counter() - start
-            try:
-                result.stats = dict(llm.last_stats or {})
-            except Exception:
-                result.stats = {}
             result.n_tokens = self.n_tokens()
-            result.n_ctx = self.n_ctx()
+            result.n_ctx = self.n_ctx() or result.n_ctx
         result.text = "".join(pieces)
-        result.stop_reason = result.stats.get("stop_reason") or result.finish_reason
-        if result.stop_reason == "stop" and request.stop:
-            result.stop_text = _matched_stop(llm, request.stop, result.text)
-        result.cancelled = self._cancel.is_set() or result.finish_reason == "cancelled" or result.stop_reason == "cancelled"
+        result.finish_reason = {"eos": "stop", "context_full": "length"}.get(result.stop_reason or "", result.stop_reason)
+        result.cancelled = self._cancel.is_set() or result.stop_reason == "cancelled"
         if looped and not self._cancel.is_set():
             result.stop_reason, result.cancelled = "loop", False
         return result
@@ -275,7 +306,7 @@ class Engine:
     def close(self) -> None:
         self.cancel()
         with self._lock:
-            self.llm = None
+            self.backend, self.llm = None, None
 
 
 def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
@@ -305,21 +336,6 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
             llm.reset()
         except Exception:
             pass
-
-
-def _matched_stop(llm, stops: list[str], text: str) -> str | None:
-    """The stop string that ended a generation. The API hides it (the text stops before it),
-    so read it from the generated tokens when the engine exposes them; None if it does not."""
-    if len(stops) == 1:
-        return stops[0]
-    try:
-        tokens = list(llm.generator.last_stats.tokens)
-        full = llm.detokenize(tokens).decode("utf-8", "replace")
-    except Exception:
-        return None
-    found = [(full.find(s, max(0, len(text) - len(s))), s) for s in stops]
-    found = [(at, s) for at, s in found if at >= 0]
-    return min(found)[1] if found else None
 
 
 def quant_name(metadata: dict) -> str:

@@ -36,6 +36,11 @@ from .conversation import (
 )
 from .engine_worker import Engine, GenerationResult
 
+# The longest stdin line taken as one turn, in characters: far more than any context holds (the
+# largest is 2**20 tokens, about 4 characters each, so this is a quarter of it), and a bound on
+# the memory a never-ending line (`cat /dev/zero |`) takes before it is refused.
+MAX_LINE_CHARS = 1 << 20
+
 # llama.cpp's console colours (common/console.cpp)
 PROMPT_COLOR = "\x1b[33m"
 USER_COLOR = "\x1b[1m\x1b[32m"
@@ -137,13 +142,16 @@ def run(args, llama_factory=None, stdin=None, stdout=None, stderr=None) -> int:
     from .compile_progress import StderrProgress
 
     with StderrProgress():  # a first run compiles the kernels here: say so on a terminal
-        engine.load(entry.path, **load_kwargs(settings, args))
+        engine.load_entry(entry, **load_kwargs(settings, args))
     sampling = call_kwargs(settings, args)
     verbose = bool(getattr(args, "verbose", False))
     echo = not stdin.isatty() if hasattr(stdin, "isatty") else True
 
     def reply() -> None:
         result = _generate(engine, conv, sampling, bias, out)
+        notice = engine.take_notice()  # the model's template refused: once, before anything else said
+        if notice:
+            print(f"\nllamachat: {notice}", file=sys.stderr, flush=True)
         if result.error:
             _report(result, verbose)
             if conv.messages and conv.messages[-1].role == "user":
@@ -173,7 +181,10 @@ def run(args, llama_factory=None, stdin=None, stdout=None, stderr=None) -> int:
                 out.stream.write(USER_COLOR)  # the terminal echoes what the user types in this colour
                 out.stream.flush()
             try:
-                line = stdin.readline()
+                line = stdin.readline(MAX_LINE_CHARS + 1)
+                if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+                    raise UserError(f"a line of input is longer than {MAX_LINE_CHARS} characters, more than llamachat "
+                                    "takes as one message; split it, or give a long text with -f FILE")
             except KeyboardInterrupt:
                 line = ""
             finally:

@@ -117,6 +117,9 @@ def run(args) -> int:
     params = SamplingParams().updated(**{k: settings[k] for k in (
         "temp", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
         "frequency_penalty", "mirostat", "mirostat_tau", "mirostat_eta", "seed")})
+    if getattr(entry, "remote", False):
+        params = params.updated(logit_bias=tuple(bias.items()), ignore_eos=bool(args.ignore_eos))
+        return _run_remote(args, entry, prompt_text, params, settings, reverse)
 
     from llamachat.runtime.llama_api import Llama, timing_lines
 
@@ -140,27 +143,77 @@ def run(args) -> int:
             raise UserError(f"--logit-bias: token id {token} is outside the vocabulary (0..{n_vocab - 1})")
     params = params.updated(logit_bias=tuple(bias.items()), ignore_eos=bool(args.ignore_eos))
 
-    tokens = llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True)
+    from .backends import Finished, GenerationRequest, TextPiece, backend_for
+
+    backend = backend_for(llm)
+    request = GenerationRequest(prompt=prompt_text, params=params, n_predict=settings["n_predict"],
+                                stop=tuple(reverse), continue_stream=False)
+    notice = backend.take_notice()
+    if notice:
+        print(f"llamachat: {notice}", file=sys.stderr)
     out = sys.stdout
     if args.echo:
         _write(out, prompt_text)
-    pieces = llm.generator.generate(tokens, params, n_predict=settings["n_predict"], stop=reverse,
-                                    context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
+    events = backend.stream(request)
+    stats = None
     try:
-        for piece in pieces:
-            _write(out, piece)
+        for event in events:
+            if isinstance(event, TextPiece):
+                _write(out, event.text)
+            elif isinstance(event, Finished):
+                stats = event.stats
     finally:
-        pieces.close()
+        events.close()
         if out.isatty():  # the shell's prompt on a line of its own, also after Ctrl-C
             out.write("\n")
             out.flush()
-        stats = llm.generator.last_stats
-        if args.verbose:
-            lines = [f"sampler seed: {stats.seed}", f"stop reason: {stats.stop_reason}",
-                     *timing_lines(llm.load_ms, stats)]
+        detail = stats.detail if stats is not None else getattr(llm.generator, "last_stats", None)
+        if args.verbose and detail is not None:
+            lines = [f"sampler seed: {detail.seed}", f"stop reason: {detail.stop_reason}",
+                     *timing_lines(llm.load_ms, detail)]
             print("\n" + "\n".join(lines), file=sys.stderr)
-        elif stats is not None and stats.stop_reason == "context_full":
+        elif detail is not None and detail.stop_reason == "context_full":
             print(f"\nllamachat: the context is full ({llm.n_ctx()} tokens), so the completion stopped there; "
                   "use a larger -c/--ctx-size, or --context-shift to keep going", file=sys.stderr)
+    out.flush()
+    return 0
+
+
+def _run_remote(args, entry, prompt_text: str, params: SamplingParams, settings: dict, reverse: list[str]) -> int:
+    """The same completion from a model on an OpenAI-compatible server (/v1/completions)."""
+    from .backends import Finished, GenerationRequest, TextPiece
+    from .remote_backend import RemoteBackend
+
+    backend = RemoteBackend(entry.base_url, entry.model, api_key_env=entry.api_key_env, name=entry.name)
+    out = sys.stdout
+    stats = None
+    try:
+        backend.connect()
+        request = GenerationRequest(prompt=prompt_text, params=params, n_predict=settings["n_predict"],
+                                    stop=tuple(reverse), continue_stream=False)
+        if args.echo:
+            _write(out, prompt_text)
+        events = backend.stream(request)
+        try:
+            for event in events:
+                if isinstance(event, TextPiece):
+                    _write(out, event.text)
+                elif isinstance(event, Finished):
+                    stats = event.stats
+        except KeyboardInterrupt:
+            backend.cancel()
+            raise
+        finally:
+            events.close()
+            if out.isatty():
+                out.write("\n")
+                out.flush()
+    finally:
+        backend.close()
+    if args.verbose and stats is not None:
+        tps = stats.tokens_per_second
+        print(f"\nstop reason: {stats.stop_reason}\nremote: {entry.base_url} model {backend.model}: prompt "
+              f"{stats.prompt_tokens} tokens, generated {stats.completion_tokens} tokens"
+              f"{f' ({tps:.1f} tokens/s)' if tps else ''}", file=sys.stderr)
     out.flush()
     return 0

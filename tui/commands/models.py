@@ -40,6 +40,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="settings", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help=f"a default setting for this model, e.g. temp=0.7 n_ctx=4096 (keys: {keys})")
     p.add_argument("--default", action="store_true", help="make it the default model")
+    p = sub.add_parser("add-remote", help="add a model on an OpenAI-compatible server (checked by listing its models)")
+    p.add_argument("name")
+    p.add_argument("--url", required=True, help="the server's API root, e.g. http://127.0.0.1:8080/v1")
+    p.add_argument("--model", help="the server's model name (default: the first it lists)")
+    p.add_argument("--api-key-env", metavar="VAR", help="the NAME of the environment variable holding the API key (never the key)")
+    p.add_argument("--description", default="", help="free text shown in the list")
+    p.add_argument("--set", dest="settings", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"a default setting for this model (keys: {keys})")
+    p.add_argument("--default", action="store_true", help="make it the default model")
     p = sub.add_parser("remove", help="remove a model from the library")
     p.add_argument("name")
     p.add_argument("--delete-file", action="store_true",
@@ -157,6 +166,10 @@ def do_list(lib, args) -> int:
     for column in ("", "name", "quant", "size", "context", "quality", "path", ""):
         table.add_column(column, overflow="fold")
     for entry in lib.models.values():
+        if entry.remote:
+            table.add_row("*" if entry.name == lib.default_name else "", entry.name, "remote", "", "", "",
+                          f"{entry.base_url} {entry.model or ''}".rstrip(), "")
+            continue
         summary = file_summary(entry.path)
         status = "missing" if entry.missing else ("invalid" if summary.error else "")
         table.add_row(
@@ -183,9 +196,15 @@ def do_show(lib, args) -> int:
     from llamachat.runtime.params import SETTINGS
 
     entry = lib.get(args.name)
-    summary = file_summary(entry.path)
     console = _console()
-    rows = [
+    if entry.remote:
+        rows = [("name", entry.name + ("  (default)" if entry.name == lib.default_name else "")),
+                ("backend", entry.backend), ("base_url", entry.base_url), ("model", entry.model or "(the server's first)"),
+                ("api_key_env", entry.api_key_env or "(none)"), ("description", entry.description)]
+        summary = None
+    else:
+        summary = file_summary(entry.path)
+    rows = rows if entry.remote else [
         ("name", entry.name + ("  (default)" if entry.name == lib.default_name else "")),
         ("path", str(entry.path) + ("  (missing)" if entry.missing else "")),
         ("description", entry.description),
@@ -194,7 +213,9 @@ def do_show(lib, args) -> int:
         q = entry.quality
         rows.append(("quality", f"{quality_text(q)}; perplexity {q.get('ppl', float('nan')):.4f} "
                                 f"({q.get('source', 'F16')} source {q.get('source_ppl', float('nan')):.4f}) on {q.get('tokens', '?')} tokens"))
-    if summary.error and not entry.missing:
+    if summary is None:
+        pass
+    elif summary.error and not entry.missing:
         rows.append(("file", f"invalid: {summary.error}"))
     elif not entry.missing:
         rows += [
@@ -221,6 +242,34 @@ def do_show(lib, args) -> int:
     return 0
 
 
+def do_add_remote(lib, args) -> int:
+    from llamachat.model_store.library import check_name, check_remote_fields
+    from llamachat.tui.remote_backend import RemoteBackend
+
+    check_name(args.name)
+    if args.name in lib.models:
+        raise UserError(f"a model named {args.name!r} is already in the library; choose another name")
+    try:
+        check_remote_fields("--url/--model/--api-key-env", args.url, args.model, args.api_key_env)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if args.api_key_env and not os.environ.get(args.api_key_env):
+        _say(f"note: the environment variable {args.api_key_env} is not set; the check goes without a key")
+    backend = RemoteBackend(args.url, args.model, api_key_env=args.api_key_env)
+    try:
+        backend.connect()  # lists the server's models: the URL, the key and the model checked at once
+    finally:
+        backend.close()
+    entry = lib.add_remote(args.name, args.url, args.model or backend.model, args.api_key_env,
+                           description=args.description, settings=_settings_from(args.settings))
+    if args.default and lib.default_name != entry.name:
+        lib.set_default(entry.name)
+    note = " It is the default model." if lib.default_name == entry.name else ""
+    ctx = f", context {backend.n_ctx()} tokens" if backend.n_ctx() else ""
+    _say(f"Added {entry.name} (model {entry.model!r} at {entry.base_url}{ctx}).{note}")
+    return 0
+
+
 def do_add(lib, args) -> int:
     entry = lib.add(args.path, name=args.name, description=args.description, settings=_settings_from(args.settings))
     if args.default and lib.default_name != entry.name:
@@ -241,7 +290,7 @@ def do_remove(lib, args) -> int:
     message = f"Removed {entry.name} from the library."
     if deleted is not None:
         message += f" Deleted {deleted}."
-    elif not entry.missing:
+    elif not entry.missing and not entry.remote:
         where = "llamachat's data dir" if is_inside_data_dir(entry.path) else "its place"
         message += f" Its file {entry.path} was kept in {where}."
     if was_default:
@@ -340,11 +389,12 @@ def do_path(lib, args) -> int:
     return 0
 
 
-WRITING_ACTIONS = ("add", "remove", "set", "default", "edit")
+WRITING_ACTIONS = ("add", "add-remote", "remove", "set", "default", "edit")
 ACTIONS = {
     "list": do_list,
     "show": do_show,
     "add": do_add,
+    "add-remote": do_add_remote,
     "remove": do_remove,
     "set": do_set,
     "default": do_default,

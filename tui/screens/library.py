@@ -119,7 +119,8 @@ class LibraryScreen(Screen):
             self.notify(warning, severity="warning", title="models.toml")
         for entry in lib.models.values():
             mark = "★" if entry.name == lib.default_name else ""
-            file = "MISSING " + str(entry.path) if entry.missing else entry.path.name
+            file = (entry.base_url if entry.remote else
+                    "MISSING " + str(entry.path) if entry.missing else entry.path.name)
             defaults = ", ".join(f"{k}={format_value(v)}" for k, v in entry.settings.items())
             table.add_row(mark, entry.name, file, defaults or "-", key=entry.name)
         names = list(lib.models)
@@ -270,7 +271,7 @@ class LibraryScreen(Screen):
                 return
             self.reload(name)
             entry = self.library.models.get(name) if self.library else None
-            where = f" ({entry.path.name})" if entry else ""
+            where = f" ({entry.base_url if entry.remote else entry.path.name})" if entry else ""
             self.notify(f"Imported {name}{where}.", title="Model library")
             self.app.library_changed()
 

@@ -344,6 +344,10 @@ class ModelHost:
             job.post("error", ApiError(400, str(err), code=code))
             return
         job.post("ready")
+        template = getattr(llm, "_chat_template", None)  # built by a chat request: its fallback notice, once
+        notice = template.take_notice() if template is not None else None
+        if notice:
+            log.warning("llamachat serve: %s: %s", job.model.name, notice)
         finish = None
         try:
             for chunk in chunks:

@@ -1,0 +1,139 @@
+"""The typed seam (tui/backends.py) over the real engine: LocalBackend drives runtime's
+Generator directly and must give what the Llama API gives for the same request, with typed
+stats, the stop string that ended a reply, and cancel from another thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from llamachat.runtime import Llama
+from llamachat.runtime.params import SamplingParams
+from llamachat.tui.backends import (
+    Finished,
+    GenerationRequest,
+    LlamaApiBackend,
+    LocalBackend,
+    TextPiece,
+    backend_for,
+    params_from_call,
+    run_to_end,
+)
+from llamachat.tui.conversation import Conversation, Message, call_kwargs
+from llamachat.tui.engine_worker import Engine
+
+pytestmark = pytest.mark.real_model
+
+QUESTION = ({"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"})
+GREEDY = SamplingParams(temp=0.0)
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    llm = Llama(str(smollm2_path), n_ctx=512)
+    yield llm
+    llm.close()
+
+
+def test_local_backend_is_chosen_for_the_engine_and_matches_the_llama_api(llm):
+    backend = backend_for(llm)
+    assert type(backend) is LocalBackend
+    llm.reset()
+    want = llm.create_chat_completion(list(QUESTION), temperature=0.0, max_tokens=24)
+    llm.reset()
+    events = list(backend.stream(GenerationRequest(messages=QUESTION, params=GREEDY, n_predict=24)))
+    assert all(isinstance(e, TextPiece) for e in events[:-1]) and isinstance(events[-1], Finished)
+    text = "".join(e.text for e in events[:-1])
+    assert text == want["choices"][0]["message"]["content"] and text
+    stats = events[-1].stats
+    assert stats.prompt_tokens == want["usage"]["prompt_tokens"]
+    assert stats.completion_tokens == want["usage"]["completion_tokens"]
+    assert stats.n_ctx == 512 and stats.n_past == backend.n_tokens() == llm.n_tokens
+    assert stats.stop_reason in ("eos", "length")
+    assert stats.tokens_per_second and stats.tokens_per_second > 0
+
+
+def test_stop_text_is_the_string_that_ended_it(llm):
+    backend = LocalBackend(llm)
+    llm.reset()
+    free: list[str] = []
+    stats = run_to_end(backend, GenerationRequest(messages=QUESTION, params=GREEDY, n_predict=24), free.append)
+    assert stats.stop_reason in ("eos", "length")
+    word = "".join(free).split()[2]  # a word of the greedy reply; "zebra-zebra" is in none
+    llm.reset()
+    pieces: list[str] = []
+    stats = run_to_end(backend, GenerationRequest(messages=QUESTION, params=GREEDY, n_predict=24,
+                                                  stop=("zebra-zebra", word)), pieces.append)
+    assert stats.stop_reason == "stop" and stats.stop_text == word
+    assert "".join(free).startswith("".join(pieces)) and word not in "".join(pieces)
+
+
+def test_cancel_from_another_thread_keeps_the_text(llm):
+    backend = LocalBackend(llm)
+    llm.reset()
+    pieces: list[str] = []
+
+    def on_text(text):
+        pieces.append(text)
+        if len(pieces) == 3:
+            threading.Thread(target=backend.cancel).start()
+
+    stats = run_to_end(backend, GenerationRequest(prompt="Once upon a time", params=GREEDY, n_predict=200), on_text)
+    assert stats.stop_reason == "cancelled"
+    assert 3 <= stats.completion_tokens < 10  # within a token or two of the cancel
+    assert len(pieces) >= 3
+
+
+def test_a_fixed_seed_restarts_the_random_stream(llm):
+    backend = LocalBackend(llm)
+    params = SamplingParams(temp=1.0, seed=1234)
+
+    def one():
+        llm.reset()
+        return "".join(e.text for e in backend.stream(GenerationRequest(prompt="The weather", params=params, n_predict=12,
+                                                                        continue_stream=False))
+                       if isinstance(e, TextPiece))
+
+    assert one() == one()
+
+
+def test_engine_uses_the_seam_and_still_reports_like_before(smollm2_path):
+    engine = Engine()
+    engine.load(smollm2_path, n_ctx=512)
+    assert isinstance(engine.backend, LocalBackend)
+    conv = Conversation(system_prompt="You are a helpful assistant.")
+    conv.messages.append(Message("user", "What is the capital of France?"))
+    settings = {"temp": 0.0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "typical_p": 1.0, "repeat_penalty": 1.0,
+                "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0, "mirostat": 0,
+                "mirostat_tau": 5.0, "mirostat_eta": 0.1, "n_predict": 24}
+    shown: list[str] = []
+    result = engine.generate(conv.request(), call_kwargs(settings), shown.append)
+    assert result.error is None
+    assert result.text and "".join(shown) == result.text
+    assert result.n_ctx == 512 and result.n_tokens == result.stats["n_past"]
+    assert result.tokens_per_second and result.stop_reason in ("eos", "length")
+    engine.close()
+
+
+def test_params_from_call_checks_values():
+    from llamachat.runtime.errors import UserError
+
+    assert params_from_call({"temperature": -1.0}).temp == 0.0
+    assert params_from_call({"top_k": 5}, {3: -1.5}).logit_bias == ((3, -1.5),)
+    with pytest.raises(UserError):
+        params_from_call({"top_p": float("nan")})
+
+
+def test_foreign_llama_shaped_objects_get_the_adapter():
+    class Shaped:  # an object with the call API only (as llama-cpp-python's Llama from outside)
+        def create_chat_completion(self, messages, **kw):
+            yield {"choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]}
+            yield {"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]}
+            yield {"choices": [{"delta": {}, "finish_reason": "length"}]}
+
+    backend = backend_for(Shaped())
+    assert type(backend) is LlamaApiBackend
+    events = list(backend.stream(GenerationRequest(messages=({"role": "user", "content": "x"},), n_predict=1)))
+    assert events[0] == TextPiece("Hi") and events[1].stats.stop_reason == "length"
