@@ -1,0 +1,192 @@
+"""llama-cpp-python's low-level Llama API on the real model: the accessors, eval / sample /
+generate, scores with logits_all, logits_to_logprobs and embeddings with llama.cpp's poolings."""
+
+import numpy as np
+import pytest
+
+from llamachat.runtime import Llama, UserError
+from llamachat.runtime.llama_api import (LLAMA_POOLING_TYPE_CLS, LLAMA_POOLING_TYPE_LAST, LLAMA_POOLING_TYPE_MEAN,
+                                         LLAMA_POOLING_TYPE_NONE, LlamaTokenizer)
+from llamachat.runtime.matmul import dequantize_rows
+
+pytestmark = pytest.mark.real_model
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    with Llama(model_path=str(smollm2_path), n_ctx=256, n_batch=64, logits_all=True, seed=7) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def embedder(smollm2_path):
+    with Llama(model_path=str(smollm2_path), n_ctx=256, n_batch=64, embedding=True,
+               pooling_type=LLAMA_POOLING_TYPE_NONE) as llm:
+        yield llm
+
+
+def test_small_accessors(llm):
+    assert llm.n_ctx() == 256
+    assert llm.n_embd() == 576  # SmolLM2-135M's embedding_length
+    assert llm.n_vocab() == 49152
+    assert llm.token_bos() == 1 and llm.token_eos() == 2  # <|im_start|>, <|im_end|>
+    assert llm.detokenize([llm.token_nl()]) == b"\n"
+    tok = llm.tokenizer()
+    assert isinstance(tok, LlamaTokenizer)
+    ids = tok.encode("Hello world")
+    assert ids == llm.tokenize(b"Hello world", special=True)
+    assert tok.decode(ids) == "Hello world"
+    # llamachat's own callers still read the engine tokenizer's attributes through llm.tokenizer
+    assert llm.tokenizer.n_vocab == 49152
+    assert llm.pooling_type() == -1  # no embedding=True
+
+
+def test_eval_sample_loop_matches_create_completion(llm):
+    want = llm.create_completion(PROMPT, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    llm.reset()
+    assert llm.n_tokens == 0
+    tokens = llm.tokenize(PROMPT.encode())
+    llm.eval(tokens)
+    assert llm.n_tokens == len(tokens)
+    assert list(llm.input_ids[:llm.n_tokens]) == tokens and len(llm.input_ids) == 256
+    out = []
+    for _ in range(8):
+        t = llm.sample(temp=0.0)
+        out.append(t)
+        llm.eval([t])
+    assert llm.detokenize(out).decode() == want
+    # generate: the same tokens, and it reuses the cached prefix
+    got = []
+    for t in llm.generate(tokens, temp=0.0):
+        got.append(t)
+        if len(got) == 8:
+            break
+    assert got == out
+
+
+def test_generate_stopping_criteria(llm):
+    tokens = llm.tokenize(PROMPT.encode())
+    seen = []
+
+    def stop_after_three(input_ids, logits):
+        seen.append((len(input_ids), logits.shape))
+        return len(seen) == 3
+
+    got = list(llm.generate(tokens, temp=0.0, stopping_criteria=stop_after_three))
+    assert len(got) == 2  # the third token's check says stop: it is not yielded
+    # as llama-cpp-python: the ids before the sampled token, and the logits it was drawn from
+    assert seen[0] == (len(tokens), (49152,))
+
+
+def test_scores_are_every_positions_logits(llm):
+    tokens = llm.tokenize(PROMPT.encode())
+    llm.reset()
+    llm.eval(tokens)
+    scores = llm._scores.copy()
+    assert scores.shape == (len(tokens), 49152)
+    assert len(llm.eval_logits) == len(tokens)
+    # the last row is what the generation loop samples from: the engine's last-token logits
+    llm.reset()
+    last = llm.model.eval(tokens, logits="last")
+    llm.generator.cache_tokens = list(tokens)
+    np.testing.assert_allclose(scores[-1], last, rtol=0, atol=1e-4)
+    # logits_to_logprobs is log_softmax
+    lp = Llama.logits_to_logprobs(scores)
+    ref = scores.astype(np.float64) - np.log(np.exp(scores.astype(np.float64) - scores.max(-1, keepdims=True)).sum(-1, keepdims=True)) - scores.max(-1, keepdims=True)
+    np.testing.assert_allclose(lp, ref, atol=1e-4)  # float32 log-sum-exp over 49152 terms
+    np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, atol=1e-4)
+    llm.reset()
+
+
+def test_sample_idx_and_seeded_sampling(llm):
+    tokens = llm.tokenize(PROMPT.encode())
+    llm.reset()
+    llm.eval(tokens)
+    assert llm.sample(temp=0.0, idx=0) == int(np.argmax(llm.scores[0]))
+    llm.set_seed(123)
+    a = [llm.sample(temp=1.0) for _ in range(5)]
+    llm.set_seed(123)
+    b = [llm.sample(temp=1.0) for _ in range(5)]
+    assert a == b
+    with pytest.raises(UserError, match="idx"):
+        llm.sample(idx=999)
+
+
+def test_sample_without_eval_and_idx_without_logits_all(smollm2_path):
+    with Llama(model_path=str(smollm2_path), n_ctx=64) as plain:
+        with pytest.raises(UserError, match="eval"):
+            plain.sample()
+        plain.eval(plain.tokenize(b"Hello there"))
+        with pytest.raises(UserError, match="logits_all=True"):
+            plain.sample(idx=0)
+        assert isinstance(plain.sample(temp=0.0), int)
+        with pytest.raises(UserError, match="embedding=True"):
+            plain.embed("hi")
+
+
+def _hidden(embedder, text):
+    """Per-token final-norm hidden states (pooling NONE)."""
+    return np.array(embedder.embed(text), dtype=np.float64)
+
+
+def test_hidden_states_times_the_output_matrix_are_the_logits(embedder, llm):
+    # independent check of the hidden states: output.weight @ h must give eval's logits
+    text = "Paris is a city"
+    h = _hidden(embedder, text)
+    llm.reset()
+    llm.eval(llm.tokenize(text.encode()))
+    scores = llm._scores.astype(np.float64)
+    w = embedder.model.weights.output
+    out = dequantize_rows(w.rows, w.ggml_type, embedder.n_embd()).astype(np.float64)
+    logits = h @ out.T
+    # the engine quantizes the activations to 8 bits before the output matmul: measured max
+    # error 0.05 on logits of magnitude ~20
+    np.testing.assert_allclose(logits, scores, atol=0.1)
+    llm.reset()
+
+
+def test_poolings(embedder, smollm2_path):
+    text = "The quick brown fox"
+    h = _hidden(embedder, text)
+    assert h.shape == (len(embedder.tokenize(text.encode())), 576)
+    assert embedder.n_tokens == 0  # the cache is empty afterwards
+    for pooling, want in [(LLAMA_POOLING_TYPE_MEAN, h.mean(0)), (LLAMA_POOLING_TYPE_CLS, h[0]),
+                          (LLAMA_POOLING_TYPE_LAST, h[-1])]:
+        with Llama(model_path=str(smollm2_path), n_ctx=256, n_batch=64, embedding=True, pooling_type=pooling) as e:
+            v = np.array(e.embed(text))
+            np.testing.assert_allclose(v, want, rtol=0, atol=1e-4)  # float32 mean of 4 rows
+            unit = np.array(e.embed(text, normalize=True))
+            assert abs(np.linalg.norm(unit) - 1.0) < 1e-6
+            np.testing.assert_allclose(unit, v / np.linalg.norm(v), atol=1e-6)
+            # each input from an empty cache: a batch gives what the inputs give alone
+            both, count = e.embed([text, "hello"], return_count=True)
+            np.testing.assert_allclose(both[0], v, atol=1e-5)
+            assert count == len(e.tokenize(text.encode())) + len(e.tokenize(b"hello"))
+            response = e.create_embedding([text, "hello"], model="m")
+            assert response["object"] == "list" and response["model"] == "m"
+            assert [d["index"] for d in response["data"]] == [0, 1]
+            assert response["data"][0]["object"] == "embedding"
+            np.testing.assert_allclose(response["data"][1]["embedding"], both[1], atol=1e-6)
+            assert response["usage"] == {"prompt_tokens": count, "total_tokens": count}
+
+
+def test_embedding_truncation_and_refusals(embedder):
+    long_text = "word " * 200
+    n = len(embedder.tokenize(long_text.encode()))
+    assert n > 64
+    assert len(embedder.embed(long_text)) == 64  # truncated to n_batch tokens (pooling NONE: one row each)
+    with pytest.raises(UserError, match=r"Requested tokens \(\d+\) exceed batch size of 64"):
+        embedder.embed(long_text, truncate=False)
+    with pytest.raises(UserError, match="vocabulary"):
+        embedder.embed([[1, 99999999]])
+    with pytest.raises(UserError, match="input"):
+        embedder.embed(3.5)
+
+
+def test_pooling_type_must_be_known(smollm2_path):
+    with pytest.raises(UserError, match="pooling_type"):
+        Llama(model_path=str(smollm2_path), n_ctx=64, embedding=True, pooling_type=7)
+    with Llama(model_path=str(smollm2_path), n_ctx=64, embedding=True) as e:
+        assert e.pooling_type() == LLAMA_POOLING_TYPE_NONE  # llama.cpp's default for a llama model
