@@ -138,12 +138,17 @@ def test_hidden_states_times_the_output_matrix_are_the_logits(embedder, llm):
     llm.reset()
     llm.eval(llm.tokenize(text.encode()))
     scores = llm._scores.astype(np.float64)
+    # through the engine's own output product (which rounds the activations to 8 bits) the
+    # logits come back exactly: the embeddings are the states the logits are made from
+    from llamachat.runtime.matmul import matmul
+
+    np.testing.assert_allclose(matmul(embedder.model.weights.output, h.astype(np.float32)), scores, rtol=0, atol=1e-4)
+    # and in float64 with the dequantized (Q8_0, tied) matrix, up to that rounding: measured
+    # max error 0.38, mean 0.056 on logits of magnitude ~20; bounds twice that
     w = embedder.model.weights.output
     out = dequantize_rows(w.rows, w.ggml_type, embedder.n_embd()).astype(np.float64)
-    logits = h @ out.T
-    # the engine quantizes the activations to 8 bits before the output matmul: measured max
-    # error 0.05 on logits of magnitude ~20
-    np.testing.assert_allclose(logits, scores, atol=0.1)
+    err = np.abs(h @ out.T - scores)
+    assert err.max() < 0.8 and err.mean() < 0.12
     llm.reset()
 
 
