@@ -546,6 +546,8 @@ class Llama:
         data, total = [], 0
         self._end_own_stream()
         with self._lock:
+            if self.generator.n_threads is not None:
+                self.model.set_threads(self.generator.n_threads)  # numba's thread count is per thread
             try:
                 for tokens in token_lists:
                     if truncate:
@@ -573,6 +575,15 @@ class Llama:
                 self._last_logits = None
         output = data[0] if single else data
         return (output, total) if return_count else output
+
+    def embedder(self, pooling_type=LLAMA_POOLING_TYPE_UNSPECIFIED) -> "Llama":
+        """A Llama with embedding=True over this one's loaded model (no second copy of the
+        weights; one lock, so the two never run at once). An embedding empties the KV cache,
+        so this Llama's next call evaluates its whole prompt again."""
+        view = Llama.from_model(self.model, self._tok, self.model_path, embedding=True, pooling_type=pooling_type,
+                                n_threads=self.generator.n_threads)
+        view._lock = self._lock
+        return view
 
     def create_embedding(self, input, model: str | None = None) -> dict:
         """OpenAI's embeddings response (llama-cpp-python's create_embedding)."""
