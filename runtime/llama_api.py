@@ -61,7 +61,7 @@ def _no_tool_choice(value) -> bool:
 
 # llama-cpp-python 0.3 parameters this engine does not implement -> whether a value leaves it off
 UNIMPLEMENTED_COMPLETION = {
-    "suffix": _off, "logprobs": _off, "tfs_z": lambda v: v == 1.0, "stopping_criteria": _off,
+    "suffix": _off, "tfs_z": lambda v: v == 1.0, "stopping_criteria": _off,
     "logits_processor": _off, "grammar": _off,
 }
 UNIMPLEMENTED_CHAT = {
@@ -607,8 +607,15 @@ class Llama:
         """llama-cpp-python's completion dict, or with stream=True an iterator of its chunks.
         Its parameters in its order; repeat_last_n and ignore_eos are llamachat's (keyword only)."""
         self._warn_unimplemented("create_completion", UNIMPLEMENTED_COMPLETION, dict(
-            suffix=suffix, logprobs=logprobs, tfs_z=tfs_z, stopping_criteria=stopping_criteria,
+            suffix=suffix, tfs_z=tfs_z, stopping_criteria=stopping_criteria,
             logits_processor=logits_processor, grammar=grammar))
+        if logprobs is not None:
+            if not self._logits_all:  # llama-cpp-python's refusal
+                raise UserError("logprobs is not supported for models created with logits_all=False")
+            if isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0:
+                raise UserError(f"logprobs must be a number of top tokens (0 or more), not {logprobs!r}")
+            if stream:
+                raise UserError("llamachat gives logprobs only without stream=True")
         params = sampling_params(temperature, top_p, top_k, min_p, typical_p, repeat_penalty, repeat_last_n,
                                  presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
                                  self._seed_for(seed), logit_bias, ignore_eos)
@@ -624,10 +631,67 @@ class Llama:
         if stream:
             return self._completion_chunks(meta, pieces, run, echo_text if echo else "")
         text = "".join(pieces)
+        lp = None
+        if logprobs is not None:
+            lp = self._completion_logprobs(tokens, self.generator.last_stats.tokens, text, echo,
+                                           len(echo_text), logprobs)
         if echo:
             text = echo_text + text
-        return {**meta, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": _finish_reason(run)}],
+        return {**meta, "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": _finish_reason(run)}],
                 "usage": _usage(run)}
+
+    def _completion_logprobs(self, prompt: list[int], generated: list[int], text: str, echo: bool,
+                             prompt_chars: int, n_top: int) -> dict:
+        """llama-cpp-python's logprobs of a completion: per token its text, its log-probability
+        under the model's raw logits (log_softmax of `scores`), the n_top likeliest tokens and
+        its character offset. The generation loop keeps only the last token's logits, so the
+        positions wanted are evaluated again with every row kept (the cache keeps its tokens)."""
+        tok = self._tok
+        # the tokens behind the returned text (a stop string may have cut the last ones)
+        completion = list(generated)
+        while completion and not text.startswith(tok.decode(completion)):
+            completion.pop()
+        with self._lock:
+            gen = self.generator
+            gen._sync()
+            cached = list(gen.cache_tokens)
+            start = 0 if echo else len(prompt) - 1
+            redo = (prompt + completion)[start:len(prompt) + len(completion) - 1] if completion or echo else []
+            if redo:
+                self.model.truncate(start)
+                del gen.cache_tokens[start:]
+                out = self.model.eval(redo, logits="all")
+                gen.cache_tokens.extend(redo)
+                self.scores[start:start + len(redo), :] = out
+                self._last_logits = out[-1]
+                if gen.cache_tokens != cached[:len(gen.cache_tokens)]:
+                    raise AssertionError("the cache changed while logprobs were evaluated")
+        bos = tok.bos_id
+        if echo:
+            all_tokens = prompt[1 if prompt and prompt[0] == bos else 0:] + completion
+            token_offset, text_offset = (1 if prompt and prompt[0] == bos else 0), 0
+            rows = self.scores[token_offset - 1 if token_offset else 0:len(prompt) + len(completion) - 1]
+            if not token_offset:  # no BOS: the first token has no logits before it
+                rows = np.concatenate([np.zeros((1, rows.shape[1]), np.float32), rows])
+        else:
+            all_tokens = completion
+            text_offset = prompt_chars
+            rows = self.scores[len(prompt) - 1:len(prompt) - 1 + len(completion)]
+        all_logprobs = Llama.logits_to_logprobs(rows)
+        pieces = [tok.decode_bytes([t]).decode("utf-8", errors="ignore") for t in all_tokens]
+        tokens, offsets, token_logprobs, top_logprobs = [], [], [], []
+        for idx, (token, piece, row) in enumerate(zip(all_tokens, pieces, all_logprobs)):
+            offsets.append(text_offset + len(tok.decode_bytes(all_tokens[:idx]).decode("utf-8", errors="ignore")))
+            tokens.append(piece)
+            token_logprobs.append(float(row[token]))
+            best = np.argsort(-row, kind="stable")[:n_top]
+            top = {tok.decode_bytes([int(i)]).decode("utf-8", errors="ignore"): float(row[i]) for i in best}
+            top[piece] = float(row[token])
+            top_logprobs.append(top)
+        if echo and all_tokens:  # OpenAI's: the first token has no log-probability
+            token_logprobs[0] = None
+            top_logprobs[0] = None
+        return {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs}
 
     def _completion_chunks(self, meta: dict, pieces: Iterator[str], run: dict, echo_text: str):
         def chunk(text, finish_reason=None):

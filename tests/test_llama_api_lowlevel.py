@@ -195,3 +195,38 @@ def test_pooling_type_must_be_known(smollm2_path):
         Llama(model_path=str(smollm2_path), n_ctx=64, embedding=True, pooling_type=7)
     with Llama(model_path=str(smollm2_path), n_ctx=64, embedding=True) as e:
         assert e.pooling_type() == LLAMA_POOLING_TYPE_NONE  # llama.cpp's default for a llama model
+
+
+def _prompt_logits(llm, prompt):
+    with Llama(model_path=llm.model_path, n_ctx=64) as other:
+        other.eval(prompt)
+        return other._last_logits.astype(np.float64)
+
+
+def test_completion_logprobs_are_log_softmax_of_the_scores(llm):
+    llm.reset()
+    prompt = llm.tokenize(PROMPT.encode(), special=True)
+    out = llm.create_completion(PROMPT, max_tokens=6, temperature=0.0, logprobs=3)
+    text, lp = out["choices"][0]["text"], out["choices"][0]["logprobs"]
+    assert set(lp) == {"tokens", "text_offset", "token_logprobs", "top_logprobs"}
+    assert "".join(lp["tokens"]) == text and len(lp["tokens"]) == 6
+    assert lp["text_offset"][0] == len(PROMPT)
+    assert lp["text_offset"] == [len(PROMPT) + len("".join(lp["tokens"][:i])) for i in range(6)]
+    scores = llm.scores[len(prompt) - 1:len(prompt) + 5].astype(np.float64)
+    ref = scores - scores.max(-1, keepdims=True)
+    ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
+    generated = [int(np.argmax(row)) for row in scores]  # greedy: each token is its row's best
+    assert llm.detokenize(generated).decode() == text
+    np.testing.assert_allclose(lp["token_logprobs"], ref[np.arange(6), generated], atol=1e-4)  # float32 log-sum-exp
+    for row, top, best in zip(ref, lp["top_logprobs"], lp["token_logprobs"]):
+        assert len(top) <= 3 and max(top.values()) == best  # greedy: the chosen token is the likeliest
+        assert sorted(top.values(), reverse=True) == pytest.approx(sorted(row, reverse=True)[:len(top)], abs=1e-4)
+    # the first row is the engine's logits after the prompt
+    np.testing.assert_allclose(scores[0], _prompt_logits(llm, prompt), rtol=0, atol=1e-3)
+    llm.reset()
+    echo = llm.create_completion(PROMPT, max_tokens=2, temperature=0.0, logprobs=1, echo=True)["choices"][0]
+    assert "".join(echo["logprobs"]["tokens"]) == echo["text"]
+    assert echo["logprobs"]["token_logprobs"][0] is None and echo["logprobs"]["top_logprobs"][0] is None
+    assert echo["logprobs"]["token_logprobs"][-2:] == pytest.approx(lp["token_logprobs"][:2], abs=1e-3)
+    with pytest.raises(UserError, match="stream"):
+        llm.create_completion(PROMPT, max_tokens=2, logprobs=1, stream=True)
