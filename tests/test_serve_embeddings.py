@@ -60,7 +60,7 @@ def test_the_openai_client_gets_the_engines_embeddings(client, embedder):
     want = embedder.embed(TEXTS)
     for got, ref in zip(reply.data, want):
         assert len(got.embedding) == 576
-        np.testing.assert_allclose(got.embedding, ref, rtol=0, atol=1e-6)  # float32 round trip
+        np.testing.assert_array_equal(got.embedding, ref)  # float32 bytes of the same float32 vector
     n = sum(len(embedder.tokenize(t.encode())) for t in TEXTS)
     assert reply.usage.prompt_tokens == n and reply.usage.total_tokens == n
     assert reply.model == "smol"
@@ -71,13 +71,13 @@ def test_float_format_token_ids_and_one_string(server, embedder):
     assert one.status_code == 200, one.text
     body = one.json()
     assert body["object"] == "list" and body["data"][0]["object"] == "embedding"
-    np.testing.assert_allclose(body["data"][0]["embedding"], embedder.embed(TEXTS[0]), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(body["data"][0]["embedding"], embedder.embed(TEXTS[0]))
     ids = embedder.tokenize(TEXTS[1].encode())
     for payload in (ids, [ids, ids]):
         r = post(server, {"input": payload, "model": "smol"})
         assert r.status_code == 200, r.text
         for item in r.json()["data"]:
-            np.testing.assert_allclose(item["embedding"], embedder.embed(TEXTS[1]), rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(item["embedding"], embedder.embed(TEXTS[1]))
     b64 = post(server, {"input": TEXTS[1], "encoding_format": "base64"}).json()["data"][0]["embedding"]
     np.testing.assert_array_equal(np.frombuffer(base64.b64decode(b64), dtype="<f4"),
                                   np.asarray(embedder.embed(TEXTS[1]), dtype=np.float32))
