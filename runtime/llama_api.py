@@ -369,6 +369,16 @@ class Llama:
         return deque(self.scores[:self.n_tokens, :].tolist(), maxlen=self.model.n_ctx if self._logits_all else 1)
 
     @staticmethod
+    def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+        """How many leading tokens a and b share."""
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    @staticmethod
     def logits_to_logprobs(logits, axis: int = -1) -> np.ndarray:
         """log_softmax in float32, as llama-cpp-python computes it (non-finite maxima count as 0)."""
         logits_maxs = np.amax(logits, axis=axis, keepdims=True)
@@ -750,6 +760,18 @@ class Llama:
         finally:
             pieces.close()  # a reader that stops early frees the model at once
         yield chunk({}, _finish_reason(run))
+
+    def create_chat_completion_openai_v1(self, *args, **kwargs):
+        """create_chat_completion's answer as the `openai` package's types (ChatCompletion, or
+        with stream=True an iterator of ChatCompletionChunk), as llama-cpp-python gives it."""
+        try:
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        except ImportError:
+            raise ImportError("To use create_chat_completion_openai_v1, you must install the openai package. "
+                              "You can install it with `pip install openai`.") from None
+        if kwargs.get("stream", False):
+            return (ChatCompletionChunk(**chunk) for chunk in self.create_chat_completion(*args, **kwargs))
+        return ChatCompletion(**self.create_chat_completion(*args, **kwargs))
 
     @property
     def chat_template(self):

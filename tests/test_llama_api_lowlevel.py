@@ -232,3 +232,23 @@ def test_completion_logprobs_are_log_softmax_of_the_scores(llm):
     assert echo["logprobs"]["token_logprobs"][-2:] == lp["token_logprobs"][:2]
     with pytest.raises(UserError, match="stream"):
         llm.create_completion(PROMPT, max_tokens=2, logprobs=1, stream=True)
+
+
+def test_openai_v1_chat_types(llm):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    messages = [{"role": "user", "content": "Say hi"}]
+    # each from an empty cache: a prompt evaluated whole or one token at a time can round
+    # differently (runtime/matmul.py's prefill paths), and greedy follows the rounding
+    llm.reset()
+    plain = llm.create_chat_completion(messages, temperature=0.0, max_tokens=4)
+    llm.reset()
+    typed = llm.create_chat_completion_openai_v1(messages, temperature=0.0, max_tokens=4)
+    assert isinstance(typed, ChatCompletion)
+    assert typed.choices[0].message.content == plain["choices"][0]["message"]["content"]
+    assert typed.usage.completion_tokens == plain["usage"]["completion_tokens"]
+    llm.reset()
+    chunks = list(llm.create_chat_completion_openai_v1(messages, temperature=0.0, max_tokens=4, stream=True))
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == typed.choices[0].message.content
+    assert Llama.longest_token_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
