@@ -8,15 +8,21 @@ A program written for llama-cpp-python runs with only its import changed:
     out["choices"][0]["text"]
 
 Owns the call signatures and the response shapes (completion dicts and stream chunks, chat
-completions through the model's chat template), the mapping of llama-cpp-python's argument
-names onto runtime.params.SamplingParams, and the per-instance state: the model with its KV cache
-(kept between calls, so a chat turn only evaluates its new tokens), the tokenizer and the
-statistics of the last call. The constructor accepts and ignores llama-cpp-python's options
-that mean nothing here (n_gpu_layers, use_mlock, logits_all, ...). The completion methods take
-llama-cpp-python 0.3's parameters in its order; those this engine does not implement (grammar,
-logprobs, tools, ...) warn once per Llama when given a value that would do something, and a
-keyword llama-cpp-python does not know either is a TypeError, as in Python: a misspelt setting
-must not pass unnoticed.
+completions through the model's chat template, embeddings), the mapping of llama-cpp-python's
+argument names onto runtime.params.SamplingParams, and the per-instance state: the model with
+its KV cache (kept between calls, so a chat turn only evaluates its new tokens), the tokenizer
+and the statistics of the last call.
+
+llama-cpp-python's low-level loop is here too: eval(tokens) / sample(...) / generate(tokens)
+over the same KV cache, with input_ids, and with logits_all=True every position's logits in
+`scores` (then create_completion(logprobs=N) answers logprobs; without it, it refuses as
+llama-cpp-python does). With embedding=True, embed / create_embedding give the final-norm
+hidden states pooled as llama.cpp does (pooling_type NONE/MEAN/CLS/LAST, default from the GGUF).
+The constructor accepts and ignores llama-cpp-python's options that mean nothing here
+(n_gpu_layers, use_mlock, ...). The completion methods take llama-cpp-python 0.3's parameters
+in its order; those this engine does not implement (grammar, suffix, tools, chat logprobs, ...)
+warn once per Llama when given a value that would do something, and a keyword llama-cpp-python
+does not know either is a TypeError, as in Python: a misspelt setting must not pass unnoticed.
 """
 
 from __future__ import annotations

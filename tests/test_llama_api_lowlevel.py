@@ -252,3 +252,30 @@ def test_openai_v1_chat_types(llm):
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == typed.choices[0].message.content
     assert Llama.longest_token_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+
+
+def test_generate_send_appends_tokens_and_n_tokens_rewinds(llm):
+    tokens = llm.tokenize(PROMPT.encode())
+    extra = llm.tokenize(b" Paris, and", add_bos=False)
+    llm.reset()
+    g = llm.generate(tokens, temp=0.0)
+    first = next(g)
+    # llama-cpp-python: sent tokens are draft tokens after the yielded one; all are evaluated,
+    # and the next token is sampled after the yielded one (logits_all: each row is kept)
+    second = g.send(extra)
+    assert list(llm.input_ids[:llm.n_tokens]) == tokens + [first] + extra
+    assert second == int(np.argmax(llm.scores[len(tokens)]))
+    if second != extra[0]:  # a rejected draft: its tokens are dropped before the next step
+        g.send(None)
+        assert list(llm._input_ids[:len(tokens) + 2]) == tokens + [first, second]
+    g.close()
+    llm.reset()
+    llm.eval(tokens)
+    # lowering n_tokens forgets the later positions: eval goes on from there
+    llm.n_tokens = len(tokens)
+    assert llm.n_tokens == len(tokens) and list(llm._input_ids) == tokens
+    llm.eval([first])
+    assert list(llm._input_ids) == tokens + [first]
+    with pytest.raises(ValueError, match="n_tokens"):
+        llm.n_tokens = 1000
+    llm.reset()
