@@ -73,7 +73,7 @@ UNIMPLEMENTED_COMPLETION = {
 UNIMPLEMENTED_CHAT = {
     "functions": _no_list, "function_call": _no_tool_choice, "tools": _no_list, "tool_choice": _no_tool_choice,
     "response_format": lambda v: v is None or v == {"type": "text"}, "tfs_z": lambda v: v == 1.0,
-    "logits_processor": _off, "grammar": _off, "logprobs": lambda v: not v, "top_logprobs": _off,
+    "logits_processor": _off, "grammar": _off,
 }
 
 
@@ -661,27 +661,31 @@ class Llama:
         """llama-cpp-python's logprobs of a completion: per token its text, its log-probability
         under the model's raw logits (log_softmax of `scores`), the n_top likeliest tokens and
         its character offset. The generation loop keeps only the last token's logits, so the
-        positions wanted are evaluated again with every row kept (the cache keeps its tokens)."""
+        positions wanted are evaluated again with every row kept."""
         tok = self._tok
         # the tokens behind the returned text (a stop string may have cut the last ones)
         completion = list(generated)
         while completion and not text.startswith(tok.decode(completion)):
             completion.pop()
+        stats = self.generator.last_stats
+        common = stats.prompt_tokens - stats.prompt_eval_tokens  # the prompt prefix the cache already had
         with self._lock:
             gen = self.generator
             gen._sync()
-            cached = list(gen.cache_tokens)
-            start = 0 if echo else len(prompt) - 1
-            redo = (prompt + completion)[start:len(prompt) + len(completion) - 1] if completion or echo else []
-            if redo:
-                self.model.truncate(start)
-                del gen.cache_tokens[start:]
-                out = self.model.eval(redo, logits="all")
-                gen.cache_tokens.extend(redo)
-                self.scores[start:start + len(redo), :] = out
+            # the rows again the way the run made them (a batch of the prompt's new part, then
+            # one token at a time), so each logprob is of the very logits its token was drawn from
+            steps = [prompt[common:]] + [[t] for t in completion[:-1]]
+            if echo and common:
+                steps.insert(0, prompt[:common])
+            start = 0 if echo else common
+            self.model.truncate(start)
+            del gen.cache_tokens[start:]
+            for step in steps:
+                at = len(gen.cache_tokens)
+                out = self.model.eval(step, logits="all")
+                gen.cache_tokens.extend(step)
+                self.scores[at:at + len(step), :] = out
                 self._last_logits = out[-1]
-                if gen.cache_tokens != cached[:len(gen.cache_tokens)]:
-                    raise AssertionError("the cache changed while logprobs were evaluated")
         bos = tok.bos_id
         if echo:
             all_tokens = prompt[1 if prompt and prompt[0] == bos else 0:] + completion
@@ -739,8 +743,15 @@ class Llama:
         repeat_last_n and ignore_eos are llamachat's (keyword only)."""
         self._warn_unimplemented("create_chat_completion", UNIMPLEMENTED_CHAT, dict(
             functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
-            response_format=response_format, tfs_z=tfs_z, logits_processor=logits_processor, grammar=grammar,
-            logprobs=logprobs, top_logprobs=top_logprobs))
+            response_format=response_format, tfs_z=tfs_z, logits_processor=logits_processor, grammar=grammar))
+        n_top = top_logprobs if logprobs else None  # llama-cpp-python: logprobs=True alone gives none
+        if n_top is not None:
+            if not self._logits_all:
+                raise UserError("logprobs is not supported for models created with logits_all=False")
+            if isinstance(n_top, bool) or not isinstance(n_top, int) or n_top < 0:
+                raise UserError(f"top_logprobs must be a number of top tokens (0 or more), not {n_top!r}")
+            if stream:
+                raise UserError("llamachat gives logprobs only without stream=True")
         params = sampling_params(temperature, top_p, top_k, min_p, typical_p, repeat_penalty, repeat_last_n,
                                  presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
                                  self._seed_for(seed), logit_bias, ignore_eos)
@@ -751,8 +762,15 @@ class Llama:
         if stream:
             return self._chat_chunks({**meta, "object": "chat.completion.chunk"}, pieces, run)
         text = "".join(pieces)
+        lp = None
+        if n_top is not None:  # llama-cpp-python's conversion of the completion's logprobs
+            c = self._completion_logprobs(tokens, self.generator.last_stats.tokens, text, False, 0, n_top)
+            lp = {"content": [{"token": t, "bytes": None, "logprob": p,
+                               "top_logprobs": [{"token": k, "logprob": v, "bytes": None} for k, v in top.items()]}
+                              for t, p, top in zip(c["tokens"], c["token_logprobs"], c["top_logprobs"])],
+                  "refusal": None}
         return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": None, "finish_reason": _finish_reason(run)}],
+                                     "logprobs": lp, "finish_reason": _finish_reason(run)}],
                 "usage": _usage(run)}
 
     def _chat_chunks(self, meta: dict, pieces: Iterator[str], run: dict):

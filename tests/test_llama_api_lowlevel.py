@@ -279,3 +279,21 @@ def test_generate_send_appends_tokens_and_n_tokens_rewinds(llm):
     with pytest.raises(ValueError, match="n_tokens"):
         llm.n_tokens = 1000
     llm.reset()
+
+
+def test_chat_logprobs_in_openais_shape(llm, smollm2_path):
+    messages = [{"role": "user", "content": "Say hi"}]
+    llm.reset()
+    out = llm.create_chat_completion(messages, temperature=0.0, max_tokens=3, logprobs=True, top_logprobs=2)
+    choice = out["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == choice["message"]["content"] and len(content) == 3
+    for c in content:
+        assert set(c) == {"token", "bytes", "logprob", "top_logprobs"} and len(c["top_logprobs"]) <= 3
+        assert max(t["logprob"] for t in c["top_logprobs"]) == c["logprob"]  # greedy: the likeliest
+    # as llama-cpp-python: logprobs=True without top_logprobs gives none
+    llm.reset()
+    assert llm.create_chat_completion(messages, max_tokens=1, logprobs=True)["choices"][0]["logprobs"] is None
+    with Llama(model_path=str(smollm2_path), n_ctx=64) as plain:
+        with pytest.raises(UserError, match="logits_all=False"):
+            plain.create_chat_completion(messages, max_tokens=1, logprobs=True, top_logprobs=1)
