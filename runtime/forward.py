@@ -293,9 +293,10 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
 
-def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
+def forward(model, tokens: np.ndarray, want_all: bool, hidden: bool = False) -> np.ndarray:
     """Run tokens [T] at positions cache.n_past.. through the model, append them to the KV
-    cache and return the logits of the last token [n_vocab] (or of all tokens [T, n_vocab])."""
+    cache and return the logits of the last token [n_vocab] (or of all tokens [T, n_vocab]);
+    hidden: the final-norm hidden states instead of logits (embeddings, llama.cpp's result_norm)."""
     cfg = model.config
     cache = model.cache
     w = model.weights
@@ -331,6 +332,8 @@ def forward(model, tokens: np.ndarray, want_all: bool) -> np.ndarray:
 
     x = x if want_all else x[-1:]
     x = rmsnorm(x, w.output_norm, cfg.rms_eps)
+    if hidden:
+        return x if want_all else x[0]
     logits = matmul(w.output, x)
     return logits if want_all else logits[0]
 

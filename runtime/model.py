@@ -357,12 +357,13 @@ class LlamaModel:
 
     def eval(self, tokens: Sequence[int], logits: str = "last", cancel: threading.Event | None = None) -> np.ndarray:
         """Append tokens at n_past, in chunks of n_batch; return float32 logits of the last
-        token [n_vocab] (logits="last") or of every token [len(tokens), n_vocab] ("all").
+        token [n_vocab] (logits="last") or of every token [len(tokens), n_vocab] ("all"), or the
+        final-norm hidden states of every token [len(tokens), n_embd] ("hidden": embeddings).
         If `cancel` is set when a chunk ends, raises EvalCancelled (finished chunks stay)."""
         from .forward import decode_token, forward
 
-        if logits not in ("last", "all"):
-            raise ValueError("logits must be 'last' or 'all'")
+        if logits not in ("last", "all", "hidden"):
+            raise ValueError("logits must be 'last', 'all' or 'hidden'")
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("eval needs at least one token")
@@ -371,7 +372,7 @@ class LlamaModel:
             raise UserError(f"token id {bad} is outside the vocabulary (0..{self.config.n_vocab - 1})")
         if self.n_past + ids.size > self.n_ctx:
             raise ContextFull(f"the context is full: {self.n_past} + {ids.size} tokens do not fit in n_ctx = {self.n_ctx}")
-        want_all = logits == "all"
+        want_all, hidden = logits != "last", logits == "hidden"
         outs = []
         with self._lock:
             for start in range(0, ids.size, self.n_batch):
@@ -379,11 +380,11 @@ class LlamaModel:
                     raise EvalCancelled(start)
                 chunk = ids[start:start + self.n_batch]
                 last = start + self.n_batch >= ids.size
-                if len(chunk) == 1 and self.fused is not None:
+                if len(chunk) == 1 and self.fused is not None and not hidden:
                     logits_1 = decode_token(self, int(chunk[0]))
                     outs.append(logits_1[None, :] if want_all else logits_1)
                 elif want_all or last:
-                    outs.append(forward(self, chunk, want_all))
+                    outs.append(forward(self, chunk, want_all, hidden))
                 else:
                     forward(self, chunk, False)
         return np.concatenate(outs) if want_all else outs[-1]

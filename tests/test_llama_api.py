@@ -115,14 +115,16 @@ def test_an_unknown_keyword_is_a_type_error_naming_it(call):
 def test_unimplemented_llama_cpp_python_keywords_warn_once_naming_them():
     llm, _ = fake_llama()
     with pytest.warns(UserWarning) as caught:
-        out = llm(PROMPT, max_tokens=3, grammar=object(), logprobs=5)
+        out = llm(PROMPT, max_tokens=3, grammar=object(), suffix="!")
     assert [str(w.message) for w in caught] == [
-        "Llama.create_completion: llamachat does not implement logprobs, grammar; they are ignored"]
+        "Llama.create_completion: llamachat does not implement suffix, grammar; they are ignored"]
     assert caught[0].filename == __file__  # it points at the caller's line
     assert out["choices"][0]["text"] == " hi"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        llm(PROMPT, max_tokens=3, grammar=object(), logprobs=5)  # already said
+        llm(PROMPT, max_tokens=3, grammar=object(), suffix="!")  # already said
+    with pytest.raises(UserError, match="^logprobs is not supported for models created with logits_all=False$"):
+        llm(PROMPT, max_tokens=3, logprobs=5)  # llama-cpp-python's refusal
     with pytest.warns(UserWarning, match=r"^Llama.create_completion: llamachat does not implement tfs_z; it is ignored$"):
         llm(PROMPT, max_tokens=3, tfs_z=0.9, grammar=object())  # only the new name
     with pytest.warns(UserWarning) as caught:

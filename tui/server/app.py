@@ -1,7 +1,7 @@
 """The HTTP side of `llamachat serve`: a Starlette app on uvicorn, in OpenAI's shapes.
 
 Routes: GET /health (never needs the key), GET /v1/models, GET /v1/models/{id},
-POST /v1/chat/completions, POST /v1/completions (also without the /v1 prefix, as llama.cpp's
+POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings (also without the /v1 prefix, as llama.cpp's
 server answers them). Everything runs on the event loop except the engine, which lives in
 host.ModelHost's worker thread; a request waits for its job's events without blocking the loop.
 
@@ -15,6 +15,7 @@ no CORS headers unless origins are given. Prompts are logged only with verbose.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -22,6 +23,7 @@ import logging
 import socket
 from typing import Iterable
 
+import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -34,7 +36,7 @@ from starlette.routing import Route
 from llamachat.runtime.errors import UserError
 
 from .host import Job, ModelHost
-from .protocol import ApiError, parse_generation, parse_json_object
+from .protocol import ApiError, parse_embedding, parse_generation, parse_json_object
 
 log = logging.getLogger("llamachat.serve")
 
@@ -152,6 +154,29 @@ class ServeApp:
                 watcher.cancel()
                 self.host.cancel(job)  # no-op once it finished; stops it if we leave early
 
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI's /v1/embeddings, on the same worker and queue as the generations."""
+        body = parse_json_object(await read_body(request, self.max_body_bytes))
+        req = parse_embedding(body)
+        model = await asyncio.to_thread(self.host.find_model, req.model)
+        if self.verbose:
+            log.info("llamachat serve: embedding request: %s", json.dumps(body, ensure_ascii=False)[:2000])
+        job = Job(req, model, asyncio.get_running_loop())
+        self.host.submit(job)
+        watcher = asyncio.create_task(self._watch_disconnect(request, job))
+        try:
+            event = await job.events.get()
+            if event[0] == "error":
+                raise event[1]
+            _, vectors, usage = event
+        finally:
+            watcher.cancel()
+            self.host.cancel(job)
+        if req.encoding_format == "base64":  # OpenAI's: the little-endian float32 bytes
+            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in vectors]
+        return JSONResponse({"object": "list", "model": model.name, "usage": usage,
+                             "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]})
+
     async def _watch_disconnect(self, request: Request, job: Job) -> None:
         """Cancel the job when the client goes away (the body is read: only that can arrive)."""
         while True:
@@ -261,6 +286,7 @@ def create_app(host: ModelHost, api_key: str | None = None, cors_origins: Iterab
             Route(f"{prefix}/models/{{model:path}}", _handled(api.model), methods=["GET"]),
             Route(f"{prefix}/chat/completions", _handled(api.chat_completions), methods=["POST"]),
             Route(f"{prefix}/completions", _handled(api.completions), methods=["POST"]),
+            Route(f"{prefix}/embeddings", _handled(api.embeddings), methods=["POST"]),
         ]
     routes.append(Route("/health", _handled(api.health), methods=["GET"]))
     middleware = []

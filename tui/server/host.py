@@ -96,6 +96,7 @@ class ModelHost:
         self._durations: deque[float] = deque(maxlen=16)
         self.history: deque[dict] = deque(maxlen=32)  # summaries of finished jobs (for logs and tests)
         self._thread: threading.Thread | None = None
+        self._embedder = None  # (llm, its embedding view) for /v1/embeddings
 
     # -- life cycle (the thread that starts the server) -----------------------------------------
 
@@ -309,6 +310,37 @@ class ModelHost:
             return [{"role": "system", "content": system}] + list(req.messages)
         return list(req.messages)
 
+    def _embedding_view(self, llm):
+        """The resident model with embedding=True: the GGUF's pooling type, or MEAN when the
+        model pools nothing (OpenAI's answer is one vector per input; llama-server refuses
+        pooling "none" here instead)."""
+        if self._embedder is None or self._embedder[0] is not llm:
+            from llamachat.runtime.llama_api import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE, _pooling_type
+
+            try:
+                pooling = _pooling_type(None, llm.metadata)
+            except UserError:  # a reranker's RANK: not an embedding
+                pooling = LLAMA_POOLING_TYPE_NONE
+            if pooling == LLAMA_POOLING_TYPE_NONE:
+                pooling = LLAMA_POOLING_TYPE_MEAN
+            self._embedder = (llm, llm.embedder(pooling))
+        return self._embedder[1]
+
+    def _embed(self, job: Job, llm) -> None:
+        """One /v1/embeddings job: every input from an empty cache (the chat cache restarts)."""
+        req = job.request
+        started = time.monotonic()
+        try:
+            vectors, count = self._embedding_view(llm).embed(req.inputs, truncate=False, return_count=True)
+        except UserError as err:  # a token id outside the vocabulary, an input longer than the batch
+            job.post("error", ApiError(400, str(err), param="input"))
+            return
+        usage = {"prompt_tokens": count, "total_tokens": count}
+        job.summary.update(finish_reason="stop", usage=usage, seconds=time.monotonic() - started)
+        job.post("embeddings", vectors, usage)
+        log.info("llamachat serve: embedding %s: %d inputs, %d tokens in %.2f s", job.model.name, len(vectors),
+                 count, time.monotonic() - started)
+
     def _run(self, job: Job) -> None:
         req = job.request
         job.summary = {"id": job.id, "kind": req.kind, "model": job.model.name, "finish_reason": None}
@@ -324,6 +356,9 @@ class ModelHost:
                                            type="server_error", code="model_load_failed"))
                 return
         llm = self.llm
+        if req.kind == "embedding":
+            self._embed(job, llm)
+            return
         started = time.monotonic()
         try:
             kwargs = self._call_kwargs(req)

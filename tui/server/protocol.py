@@ -117,6 +117,8 @@ class GenerationRequest:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
+    inputs: list | None = None  # embedding: texts and/or token id lists
+    encoding_format: str = "float"
 
 
 def _bool(body: dict, name: str) -> bool:
@@ -285,3 +287,48 @@ def parse_generation(body: dict, kind: str) -> GenerationRequest:
             raise invalid("stream_options must be an object such as {\"include_usage\": true}", "stream_options")
         req.include_usage = _bool(options, "include_usage")
     return req
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one request
+
+
+def _embedding_input(value, where: str):
+    if isinstance(value, str):
+        if not value:
+            raise invalid(f"{where} is an empty string: there is nothing to embed", "input")
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        if any(t < 0 for t in value):
+            raise invalid(f"{where}: token ids must not be negative", "input")
+        return list(value)
+    raise invalid(f"{where} must be a non-empty string or a non-empty array of token ids", "input")
+
+
+def parse_embedding(body: dict) -> GenerationRequest:
+    """Check a /v1/embeddings body: input as a string, an array of strings, an array of token
+    ids or an array of such arrays; encoding_format "float" or "base64"."""
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise invalid("model must be the name of a model (GET /v1/models lists them)", "model")
+    if "input" not in body:
+        raise invalid("input is missing: give the text (or texts) to embed", "input")
+    value = body["input"]
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        inputs = [_embedding_input(value, "input")]
+    elif isinstance(value, list) and value:
+        inputs = [_embedding_input(v, f"input[{i}]") for i, v in enumerate(value)]
+    else:
+        inputs = [_embedding_input(value, "input")]
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise invalid(f"input has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} per request", "input")
+    fmt = body.get("encoding_format")
+    if fmt is None:
+        fmt = "float"
+    if fmt not in ("float", "base64"):
+        raise invalid(f"encoding_format must be \"float\" or \"base64\", got {fmt!r:.40}", "encoding_format")
+    if body.get("dimensions") is not None:
+        raise invalid("dimensions is not supported: this server returns the model's full embedding", "dimensions")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid(f"user must be a string, got {_json_type(user)}", "user")
+    return GenerationRequest(kind="embedding", model=model, inputs=inputs, encoding_format=fmt)
