@@ -341,24 +341,32 @@ def _interpret_model(name: str, table, file: Path, warnings: list, newer: bool) 
         raise _config_error(file, f"{where}: path must be text, got {raw_path!r}")
     if not raw_path.strip():
         raise _config_error(file, f"{where}: path is empty")
+    description, settings = _description_and_settings(table, ENTRY_KEYS, file, where, warnings, newer)
+    path = _resolve_model_path(raw_path)
+    return ModelEntry(name, path, description, settings, missing=not _is_file(path),
+                      quality=_read_quality(table.get("quality"), f"{file}: {where}", warnings))
+
+
+def _description_and_settings(table, own_keys, file: Path, where: str, warnings: list, newer: bool) -> tuple[str, dict]:
+    """An entry's description and settings (every key but `own_keys`, checked by the settings'
+    one rule); unknown keys are warned about, unless the file is of a newer format, which may
+    well have keys we do not know."""
     description = table.get("description", "")
     if not isinstance(description, str):
         raise _config_error(file, f"{where}: description must be text, got {description!r}")
     settings = {}
     for key, value in table.items():
-        if key in ENTRY_KEYS:
+        if key in own_keys:
             continue
         if key not in SETTINGS:
-            if not newer:  # a newer format may well have keys we do not know
-                warnings.append(f"{file}: {where}: unknown key {key!r} ignored{_suggest(key, list(SETTINGS) + list(ENTRY_KEYS))}")
+            if not newer:
+                warnings.append(f"{file}: {where}: unknown key {key!r} ignored{_suggest(key, list(SETTINGS) + list(own_keys))}")
             continue
         try:
             settings[key] = check_model_setting(key, value)
         except ValueError as err:
             raise _config_error(file, f"{where}: {err}") from None
-    path = _resolve_model_path(raw_path)
-    return ModelEntry(name, path, description, settings, missing=not _is_file(path),
-                      quality=_read_quality(table.get("quality"), f"{file}: {where}", warnings))
+    return description, settings
 
 
 def _read_quality(raw, where: str, warnings: list) -> dict:
@@ -396,21 +404,7 @@ def _interpret_remote(name: str, table, file: Path, warnings: list, newer: bool)
         check_remote_fields(where, table.get("base_url"), table.get("model"), table.get("api_key_env"), table.get("backend"))
     except ValueError as err:
         raise _config_error(file, str(err)) from None
-    description = table.get("description", "")
-    if not isinstance(description, str):
-        raise _config_error(file, f"{where}: description must be text, got {description!r}")
-    settings = {}
-    for key, value in table.items():
-        if key in REMOTE_KEYS:
-            continue
-        if key not in SETTINGS:
-            if not newer:
-                warnings.append(f"{file}: {where}: unknown key {key!r} ignored{_suggest(key, list(SETTINGS) + list(REMOTE_KEYS))}")
-            continue
-        try:
-            settings[key] = check_model_setting(key, value)
-        except ValueError as err:
-            raise _config_error(file, f"{where}: {err}") from None
+    description, settings = _description_and_settings(table, REMOTE_KEYS, file, where, warnings, newer)
     return RemoteEntry(name, None, description, settings, backend=str(table["backend"]), base_url=str(table["base_url"]),
                        model=None if table.get("model") is None else str(table["model"]),
                        api_key_env=None if table.get("api_key_env") is None else str(table["api_key_env"]))
