@@ -56,7 +56,7 @@ class ImportResult:
 
 
 def source_kind(source: Path) -> str:
-    if source.exists() and not source.is_dir():
+    if source.is_file():
         from .ggml_reader import is_ggml
 
         try:
@@ -75,7 +75,7 @@ def source_kind(source: Path) -> str:
             return "Meta"
         raise UserError(f"{source}: neither config.json (Hugging Face) nor params.json (Meta) is in this folder")
     if source.exists():  # /dev/zero, a FIFO, a socket: nothing an import reads
-        raise UserError(f"{source}: not a regular file or a folder; import takes a .gguf file, a Hugging Face model folder or a Meta checkpoint folder")
+        raise UserError(f"{source}: not a regular file or a folder; import takes a .gguf file, a Hugging Face model folder, a Meta checkpoint folder or one of llama.cpp's older ggml/ggmf/ggjt .bin files")
     raise UserError(f"{source}: no such file or folder")
 
 

@@ -148,7 +148,8 @@ def test_device_as_import_source_is_refused(capsys, source):
     assert main(["import", source]) == 2
     out, err = capsys.readouterr()
     assert time.monotonic() - t0 < 30
-    assert err == f"llamachat: {source}: not a regular file or a folder; import takes a .gguf file, a Hugging Face model folder or a Meta checkpoint folder\n"
+    assert err == (f"llamachat: {source}: not a regular file or a folder; import takes a .gguf file, a Hugging Face model "
+                   "folder, a Meta checkpoint folder or one of llama.cpp's older ggml/ggmf/ggjt .bin files\n")
 
 
 def test_one_llama_shape_table_for_both_importers():

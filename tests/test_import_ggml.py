@@ -341,7 +341,9 @@ def test_hostile_files_end_in_one_sentence(tmp_path, weights, spm):
     assert "the hyperparameters imply" in _error(tmp_path / "v.bin") or "damaged" in _error(tmp_path / "v.bin")
     write_old_file(tmp_path / "m.bin", "ggjt", 3, old_vocab(spm), _old_tensors(weights), {"n_mult": 64})
     assert "n_mult 64 gives n_ff" in _error(tmp_path / "m.bin")
-    assert "not a GGUF file" in _error("/dev/zero")
+    assert "not a regular file or a folder" in _error("/dev/zero")  # never opened (a FIFO would block)
+    (tmp_path / "junk.bin").write_bytes(b"\0" * 64)
+    assert "not a GGUF file" in _error(tmp_path / "junk.bin")
     (tmp_path / "huge-item.bin").write_bytes(data[:4 + 4 + 28] + b"\xff\xff\xff\x7f" + data[40:])
     assert "vocabulary item 0 claims 2147483647 bytes" in _error(tmp_path / "huge-item.bin")
 

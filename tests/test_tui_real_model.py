@@ -72,7 +72,8 @@ async def test_app_answers_with_the_real_model(smollm2_path):
         assert len(answer) == 7 < 24  # it ended with the end-of-turn token, so every token was evaluated
         status = app.status_text()
         assert f"ctx {len(prompt) + len(answer)}/2048" in status and "Q4_1" in status
-        assert f"{llm.last_stats['completion_tokens'] * 1000 / llm.last_stats['eval_ms']:.1f} tok/s" in status
+        stats = llm.generator.last_stats  # the app generates through the engine's generator (tui.backends)
+        assert f"{stats.completion_tokens * 1000 / stats.eval_ms:.1f} tok/s" in status
         await pilot.press("ctrl+q")
     assert app.return_code == 0
 
@@ -107,7 +108,8 @@ async def test_every_sidebar_setting_reaches_the_real_sampler(smollm2_path, monk
         assert sampler.penalties.last_n == 16 and sampler.penalties.repeat == pytest.approx(1.3)
         assert sampler.seed == 1234
         llm = app.engine.llm
-        assert llm.last_stats["completion_tokens"] == 6 and llm.last_stats["stop_reason"] == "length"
+        stats = llm.generator.last_stats  # the app generates through the engine's generator (tui.backends)
+        assert stats.completion_tokens == 6 and stats.stop_reason == "length"
         reply = app.conv.messages[-1].content
         # the same settings through the API give the same text (a fresh stream from the seed). The
         # cache is emptied first, as the app's first reply found it: with the prompt in the cache
@@ -122,8 +124,9 @@ async def test_every_sidebar_setting_reaches_the_real_sampler(smollm2_path, monk
         await wait_for(pilot, lambda: app.settings["n_ctx"] == 1024, "n_ctx to apply")
         await send_and_wait(pilot, app, "Go on.")
         llm = app.engine.llm
-        assert llm.n_ctx() == 1024 and llm.last_stats["n_ctx"] == 1024 and len(app.conv.messages) == 4
-        assert samplers[-1].params.top_k == 7 and llm.last_stats["completion_tokens"] == 6
+        stats = llm.generator.last_stats
+        assert llm.n_ctx() == 1024 and stats.n_ctx == 1024 and len(app.conv.messages) == 4
+        assert samplers[-1].params.top_k == 7 and stats.completion_tokens == 6
         await pilot.press("ctrl+q")
 
 
