@@ -4,6 +4,8 @@ are shortened when echoed, and an absurd context length is clamped with a notice
 
 from __future__ import annotations
 
+import json
+
 import math
 import subprocess
 import sys
@@ -99,6 +101,15 @@ def test_a_megabyte_architecture_is_not_echoed(tmp_path):
         load_model(path, n_ctx=16)
     assert "architecture not supported: 'xxxx" in str(err.value) and "(1000000 characters)" in str(err.value)
     one_sentence(str(err.value))
+
+
+def test_inspect_json_does_not_echo_a_megabyte_name(tmp_path, capsys):
+    from llamachat.tui.cli import main
+
+    path = write_tiny(tmp_path / "m.gguf", metadata=tiny_metadata(**{"general.name": MEGA}))
+    assert main(["inspect", str(path), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert len(out) < 10_000 and json.loads(out)["name"].endswith("... (1000000 characters)")
 
 
 def test_context_length_past_any_kv_cache_is_clamped_with_a_notice(tmp_path):

@@ -40,6 +40,15 @@ def file_type_name(file_type: int | None) -> str | None:
     return ft.name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
+MAX_JSON_CHARS = 1024  # --json cuts longer texts from the file, saying their length (the table shortens its own)
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_JSON_CHARS:
+        return value[:MAX_JSON_CHARS] + f"... ({len(value)} characters)"
+    return value
+
+
 def _plain(value: Any) -> Any:
     """Metadata values as JSON-friendly Python values (per-layer arrays become lists; bytes
     that were not UTF-8, kept by the reader as surrogates, shown as U+FFFD)."""
@@ -163,7 +172,7 @@ def run(args) -> int:
     with GGUFFile(path) as g:
         d = describe(g)
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps({k: _cut(v) for k, v in d.items()}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
