@@ -204,6 +204,9 @@ def test_import_dialog_snapshot(snap_compare, library):
         fill(dialog, "/nowhere/model.gguf", quant="Q4_K_M")
         await click_start(pilot, dialog)
         await wait_for(pilot, lambda: "/nowhere/model.gguf" in error_text(dialog))
+        # the Start button shows its press for 0.2 s: a snapshot taken inside that draws it darker
+        start = dialog.query_one("#import-start")
+        await wait_for(pilot, lambda: not start.has_class("-active"), "the Start button's press effect to end")
         dialog.query_one("#import-path").cursor_blink = False
         dialog.query_one("#import-path").focus()
         await wait_for(pilot, lambda: dialog.query_one("#import-path").has_focus)
