@@ -695,12 +695,16 @@ class Library:
                 figures = tomlkit.inline_table()
                 figures.update({k: v for k, v in quality.items() if k in QUALITY_KEYS})
                 table["quality"] = figures
-            for key, value in checked.items():
-                table[key] = value
-            self._models_table(doc)[name] = table
-            if current.default_name is None:
-                doc["default"] = name
+            self._put_entry(doc, current, name, table, checked)
         return self.models[name]
+
+    def _put_entry(self, doc, current: "Library", name: str, table, settings: dict) -> None:
+        """Write a new [models.NAME] table with its settings; the first model becomes the default."""
+        for key, value in settings.items():
+            table[key] = value
+        self._models_table(doc)[name] = table
+        if current.default_name is None:
+            doc["default"] = name
 
     def add_remote(self, name: str, base_url: str, model: str | None = None, api_key_env: str | None = None,
                    description: str = "", settings: dict | None = None) -> "RemoteEntry":
@@ -725,11 +729,7 @@ class Library:
                 table["api_key_env"] = api_key_env
             if description:
                 table["description"] = description
-            for key, value in checked.items():
-                table[key] = value
-            self._models_table(doc)[name] = table
-            if current.default_name is None:
-                doc["default"] = name
+            self._put_entry(doc, current, name, table, checked)
         return self.models[name]
 
     def remove(self, name: str, delete_file: bool = False, force: bool = False) -> Path | None:

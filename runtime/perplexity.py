@@ -29,6 +29,18 @@ class PerplexityResult:
     running: list[float] = field(default_factory=list)  # after each chunk
 
 
+def _scored_chunk(model, tokens, i: int, n_ctx: int, bos_id, cancel):
+    """Chunk i evaluated from an empty cache as llama-perplexity does (BOS in front when the
+    vocabulary has one): the logits of its second half's positions and the tokens they predict."""
+    chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
+    if bos_id is not None:
+        chunk[0] = bos_id
+    model.truncate(0)
+    logits = model.eval(chunk, logits="all", cancel=cancel)
+    first = n_ctx // 2
+    return logits[first:n_ctx - 1], chunk[first + 1:]
+
+
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """-log softmax(logits)[target] per row, in double precision (llama.cpp's log_softmax)."""
     x = logits.astype(np.float64)
@@ -55,18 +67,13 @@ def perplexity(model, tokens: Sequence[int], n_ctx: int, n_chunks: int = -1, bos
     n = n_max if n_chunks is None or n_chunks < 0 else min(n_chunks, n_max)
     if n == 0:
         raise UserError("--chunks must be at least 1")
-    first = n_ctx // 2
     nll = 0.0
     nll2 = 0.0
     count = 0
     running = []
     for i in range(n):
-        chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
-        if bos_id is not None:
-            chunk[0] = bos_id
-        model.truncate(0)
-        logits = model.eval(chunk, logits="all", cancel=cancel)
-        v = token_nll(logits[first:n_ctx - 1], chunk[first + 1:])
+        logits, targets = _scored_chunk(model, tokens, i, n_ctx, bos_id, cancel)
+        v = token_nll(logits, targets)
         nll += float(v.sum())
         nll2 += float((v * v).sum())
         count += len(v)
@@ -110,15 +117,10 @@ def scored_log_probs(model, tokens: Sequence[int], n_ctx: int, n_chunks: int = -
     if n_ctx < 4 or n_ctx % 2 or len(tokens) < 2 * n_ctx:
         raise UserError(f"you need at least {2 * n_ctx} tokens and an even context of at least 4 to compare models (the text has {len(tokens)} tokens)")
     n = len(tokens) // n_ctx if n_chunks < 0 else min(n_chunks, len(tokens) // n_ctx)
-    first = n_ctx // 2
     out = []
     for i in range(n):
-        chunk = tokens[i * n_ctx:(i + 1) * n_ctx].copy()
-        if bos_id is not None:
-            chunk[0] = bos_id
-        model.truncate(0)
-        logits = model.eval(chunk, logits="all", cancel=cancel)
-        out.append((log_softmax(logits[first:n_ctx - 1]).astype(np.float32), chunk[first + 1:]))
+        logits, targets = _scored_chunk(model, tokens, i, n_ctx, bos_id, cancel)
+        out.append((log_softmax(logits).astype(np.float32), targets))
         if on_chunk:
             on_chunk(i + 1, n)
     return out
