@@ -1,0 +1,161 @@
+"""Search over the saved chats (issue 20, part 2): the store's FTS5 index kept in step with
+every write and built for a database from before search, the LIKE fallback where FTS5 is
+missing, and `llamachat chats list | search | show | export | delete`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from llamachat.runtime.errors import UserError
+from llamachat.tui import chat_store
+from llamachat.tui.chat_store import MATCH_END, MATCH_START, ChatStore, default_path
+from llamachat.tui.cli import main
+from llamachat.tui.conversation import Conversation, Message
+
+
+def chat(*texts, **kwargs) -> Conversation:
+    conv = Conversation(**kwargs)
+    for i, text in enumerate(texts):
+        conv.messages.append(Message("user" if i % 2 == 0 else "assistant", text))
+    return conv
+
+
+def ids(hits):
+    return [h.id for h in hits]
+
+
+def unmarked(text: str) -> str:
+    return text.replace(MATCH_START, "").replace(MATCH_END, "")
+
+
+@pytest.fixture(params=["fts5", "like"])
+def store(request, tmp_path, monkeypatch):
+    """Every search test runs on FTS5 and on the LIKE fallback a Python without FTS5 gets."""
+    if request.param == "like":
+        monkeypatch.setattr(chat_store, "fts5_available", lambda db: False)
+    s = ChatStore(tmp_path / "c.sqlite3")
+    assert s.fts == (request.param == "fts5")
+    yield s
+    s.close()
+
+
+def test_fts5_is_there():
+    # this Python's SQLite has FTS5; without it the store falls back to LIKE (tested below too)
+    db = sqlite3.connect(":memory:")
+    assert chat_store.fts5_available(db)
+
+
+def test_search_finds_every_word_as_word_starts_and_marks_them(store):
+    a = store.save(chat("What is the capital of France?", "Paris is the capital of France. Café crème is good."), "m")
+    b = store.save(chat("Tell me about llamas", "Llamas live in the Andes.", "And alpacas?", "Alpacas too."), "m")
+    assert ids(store.search("andes")) == [b]
+    (hit,) = store.search("ANDES")  # case ignored
+    assert (hit.seq, hit.role, hit.n_matches) == (1, "assistant", 1)
+    assert hit.snippet == f"Llamas live in the {MATCH_START}Andes{MATCH_END}."
+    (hit,) = store.search("par")  # a word start: what is typed so far finds Paris
+    assert hit.id == a and hit.seq == 1 and f"{MATCH_START}Paris{MATCH_END}" in hit.snippet
+    assert store.search("aris") == []  # not the middle of a word
+    # every word must be in one message; the title is marked too
+    (hit,) = store.search("capital france")
+    assert hit.id == a and hit.n_matches == 2 and hit.title == f"What is the {MATCH_START}capital{MATCH_END} of {MATCH_START}France{MATCH_END}?"
+    assert store.search("llamas france") == []
+    # the chat holding more matches is one hit; newest chat first
+    assert ids(store.search("the")) == [b, a]
+    assert store.search("alpacas")[0].n_matches == 2
+
+
+def test_accents_are_ignored_with_fts5(tmp_path):
+    store = ChatStore(tmp_path / "c.sqlite3")
+    a = store.save(chat("café crème"), "m")
+    assert ids(store.search("cafe")) == [a] and ids(store.search("CRÈME")) == [a]
+
+
+def test_index_follows_edits_renames_and_deletes(store):
+    a = store.save(chat("a question about owls", "Owls hunt at night."), "m")
+    b = store.save(chat("unrelated"), "m")
+    conv, _ = store.load(a)
+    conv.messages[1].content = "Owls sleep by day."  # an edit rewrites the chat
+    store.save(conv, "m", a)
+    assert store.search("night") == [] and ids(store.search("sleep")) == [a]
+    store.rename(b, "Kestrels and falcons")
+    (hit,) = store.search("falcon")
+    assert hit.id == b and hit.seq is None and unmarked(hit.title) == "Kestrels and falcons"
+    store.rename(b, "")  # back to its first message: the old title no longer matches
+    assert store.search("falcon") == []
+    store.delete(a)
+    assert store.search("owls") == [] and store.search("sleep") == []
+    if store.fts:  # the index holds nothing of the deleted chat
+        assert store._db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')") is not None
+        assert store._db.execute("SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH 'owls'").fetchone()[0] == 0
+
+
+def test_empty_or_wordless_search_is_one_sentence(store):
+    for query in ("", "   ", "?!"):
+        with pytest.raises(UserError, match="nothing to search for"):
+            store.search(query)
+
+
+def test_database_from_before_search_gets_its_index(tmp_path, monkeypatch):
+    """A database written by the code before search (same schema, no index) is indexed when
+    opened, nothing lost; one written without FTS5 is indexed the next time FTS5 is there."""
+    path = tmp_path / "c.sqlite3"
+    store = ChatStore(path)
+    kept = [store.save(chat(f"question {i} about zebras", f"answer {i}"), "m") for i in range(3)]
+    store.close()
+    # what the store wrote before this change: the same tables and user_version, no index
+    db = sqlite3.connect(path)
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {name}")
+    db.execute("DROP TABLE messages_fts")
+    db.execute("DROP TABLE chats_fts")
+    db.commit()
+    db.close()
+
+    store = ChatStore(path)
+    assert store.fts and sorted(ids(store.search("zebras"))) == sorted(kept)
+    assert [m.content for m in store.load(kept[0])[0].messages] == ["question 0 about zebras", "answer 0"]
+    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store.close()
+
+    # opened by a Python whose SQLite lacks FTS5: the triggers go (they could not run), writes work
+    monkeypatch.setattr(chat_store, "fts5_available", lambda db: False)
+    store = ChatStore(path)
+    late = store.save(chat("zebras again, written without the index"), "m")
+    assert late in ids(store.search("zebras"))
+    store.close()
+    monkeypatch.undo()
+    store = ChatStore(path)  # FTS5 again: rebuilt, the chat written meanwhile included
+    assert store.fts and sorted(ids(store.search("zebras"))) == sorted([*kept, late])
+
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def test_database_written_by_the_code_before_search(tmp_path):
+    """tests/data/chats_before_search.sqlite3 was written by the chat store as it was before
+    search (commit a16d346): three chats, one renamed "Birds", one an interactive transcript.
+    Opened now it gains the index and keeps every chat whole."""
+    path = tmp_path / "chats.sqlite3"
+    shutil.copy(os.path.join(DATA, "chats_before_search.sqlite3"), path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name LIKE '%fts%'").fetchone()[0] == 0
+    db.close()
+    store = ChatStore(path)
+    assert [(c.title, c.n_messages) for c in store.list()] == [
+        ("Bob, what is a llama?", 2), ("Birds", 4), ("How far is the Moon?", 2)]
+    (hit,) = store.search("moon")
+    assert hit.seq == 0 and store.search("384")[0].seq == 1
+    (hit,) = store.search("birds")
+    assert hit.seq is None and hit.title == f"{MATCH_START}Birds{MATCH_END}"
+    (hit,) = store.search("falcon")
+    assert (hit.title, hit.seq) == ("Birds", 3)
+    conv, model = store.load(hit.id)
+    assert model == "tinyllama" and conv.name == "Birds" and conv.messages[3].stopped
+    conv, _ = store.load(store.search("camelid")[0].id)
+    assert conv.preamble_name == "chat-with-bob" and conv.reverse_prompts == ["User:"]
