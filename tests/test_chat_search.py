@@ -159,3 +159,127 @@ def test_database_written_by_the_code_before_search(tmp_path):
     assert model == "tinyllama" and conv.name == "Birds" and conv.messages[3].stopped
     conv, _ = store.load(store.search("camelid")[0].id)
     assert conv.preamble_name == "chat-with-bob" and conv.reverse_prompts == ["User:"]
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Two chats in the store at LLAMACHAT_HOME (conftest points it at a temp dir)."""
+    store = ChatStore()
+    moon = store.save(chat("How far is the Moon?", "About 384,400 km on average."), "smollm2")
+    birds = store.save(chat("Name a bird of prey", "The kestrel hovers.", "A fast one?", "The peregrine falcon."), "tinyllama")
+    store.close()
+    return {"moon": moon, "birds": birds}
+
+
+def run_cli(capsys, *argv):
+    code = main(["chats", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_sentence(err: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llamachat: "), err
+    return lines[0]
+
+
+def test_cli_list_search_show(saved, capsys):
+    code, out, _ = run_cli(capsys, "list")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert lines[0].split()[0] == str(saved["birds"]) and lines[0].endswith("Name a bird of prey") and "tinyllama" in lines[0]
+    assert lines[1].split()[0] == str(saved["moon"]) and "2 msgs" in lines[1]
+
+    code, out, _ = run_cli(capsys, "search", "peregrine", "FALC")
+    assert code == 0
+    assert out.splitlines()[0].split()[0] == str(saved["birds"])
+    assert "message 4 (assistant): The peregrine falcon." in out  # not a terminal: no marks
+    assert MATCH_START not in out and "\x1b" not in out
+
+    code, out, err = run_cli(capsys, "search", "zebra")
+    assert (code, out) == (1, "") and "no saved chat matches 'zebra'" in err  # as grep: 1 when nothing matches
+
+    code, out, _ = run_cli(capsys, "show", str(saved["moon"]))
+    assert code == 0 and out.startswith("# How far is the Moon?") and "384,400 km" in out
+
+
+def test_cli_export(saved, capsys, tmp_path):
+    target = tmp_path / "moon.md"
+    code, out, _ = run_cli(capsys, "export", str(saved["moon"]), str(target))
+    assert code == 0 and out.strip() == str(target) and "384,400" in target.read_text()
+    target.write_text("mine")
+    code, out, err = run_cli(capsys, "export", str(saved["moon"]), str(target))
+    assert code != 0 and "already exists; pass --force" in one_sentence(err) and target.read_text() == "mine"
+    code, _, _ = run_cli(capsys, "export", str(saved["moon"]), str(target), "--force")
+    assert code == 0 and "384,400" in target.read_text()
+    # no PATH: the data dir's exports/, named after the chat
+    code, out, _ = run_cli(capsys, "export", str(saved["birds"]))
+    written = out.strip()
+    assert code == 0 and os.path.dirname(written) == str(default_path().parent / "exports") and "falcon" in open(written).read()
+
+
+def test_cli_mistakes_are_one_sentence(saved, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = [
+        (("show", "999"), "there is no saved chat 999"),
+        (("export", "999"), "there is no saved chat 999"),
+        (("delete", "999", "--yes"), "there is no saved chat 999"),
+        (("show", "moon"), "'moon' is not a chat id"),
+        (("show", "0"), "'0' is not a chat id"),
+        (("export", str(saved["moon"]), str(blocker / "out.md")), "could not write the export"),
+        (("search", "  "), "nothing to search for"),
+        (("search", "?!"), "nothing to search for in '?!'"),
+        ((), "required"),
+        (("frobnicate",), "invalid choice"),
+    ]
+    for argv, expected in cases:
+        code, out, err = run_cli(capsys, *argv)
+        assert code != 0 and expected in one_sentence(err), (argv, err)
+    assert len(ChatStore().list()) == 2
+
+
+def test_cli_delete_asks_on_a_terminal_and_needs_yes_otherwise(saved, capsys, monkeypatch):
+    # not a terminal (pytest's stdin): refused without --yes
+    code, _, err = run_cli(capsys, "delete", str(saved["moon"]))
+    assert code != 0 and "without confirmation: pass --yes" in one_sentence(err)
+    assert len(ChatStore().list()) == 2
+    # a terminal: asked, naming the chat; anything but yes keeps it
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    questions = []
+    for answer, left in (("n", 2), ("", 2), ("y", 1)):
+        monkeypatch.setattr("builtins.input", lambda q, a=answer: questions.append(q) or a)
+        code, _, _ = run_cli(capsys, "delete", str(saved["moon"]))
+        assert code == (0 if answer == "y" else 1) and len(ChatStore().list()) == left
+    assert "“How far is the Moon?” (2 messages, smollm2" in questions[0]
+    code, _, _ = run_cli(capsys, "delete", str(saved["birds"]), "--yes")
+    assert code == 0 and ChatStore().list() == []
+
+
+def test_cli_without_a_database_creates_none(capsys):
+    code, out, err = run_cli(capsys, "list")
+    assert code == 0 and out == "" and "No saved chats yet" in err
+    assert run_cli(capsys, "search", "moon")[0] == 1
+    code, _, err = run_cli(capsys, "show", "1")
+    assert code != 0 and "there is no saved chat 1" in one_sentence(err)
+    assert not default_path().exists()
+
+
+def test_cli_as_a_program_honours_llamachat_home(tmp_path):
+    home = tmp_path / "elsewhere"
+    env = {**os.environ, "LLAMACHAT_HOME": str(home)}
+    subprocess.run([sys.executable, "-c", "from llamachat.tui.chat_store import ChatStore;"
+                    "from llamachat.tui.conversation import Conversation, Message;"
+                    "ChatStore().save(Conversation(messages=[Message('user', 'saved at home')]))"], env=env, check=True)
+    assert (home / "data" / "chats.sqlite3").exists()
+    result = subprocess.run([sys.executable, "-m", "llamachat.tui.cli", "chats", "search", "home"], env=env,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0 and "saved at home" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "llamachat.tui.cli", "chats", "delete", "1"], env=env,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0 and result.stderr.strip().startswith("llamachat: not deleting chat 1")
+    assert "Traceback" not in result.stderr

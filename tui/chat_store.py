@@ -426,6 +426,11 @@ def export_markdown(conv: Conversation, model: str, path: Path | str, overwrite:
         raise ExportExists(f"{path} already exists")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where a folder of the path should be: not "already exists"
+        raise UserError(f"{path}: could not write the export (a file is in the way of its folder)") from None
+    except OSError as err:
+        raise UserError(f"{path}: could not write the export ({err.strerror or err})") from None
+    try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
