@@ -283,3 +283,84 @@ def test_cli_as_a_program_honours_llamachat_home(tmp_path):
                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert result.returncode != 0 and result.stderr.strip().startswith("llamachat: not deleting chat 1")
     assert "Traceback" not in result.stderr
+
+
+# -- the saved-chats screen -----------------------------------------------------------------------
+
+
+def long_chat(n_turns: int, needle_at: int) -> Conversation:
+    """A chat of 2 * n_turns messages; only message `needle_at` mentions a peregrine."""
+    conv = Conversation()
+    for i in range(2 * n_turns):
+        text = f"Line {i} about kestrels.\n\n" + "More words about hawks. " * 6
+        if i == needle_at:
+            text = "The peregrine falcon is the fastest bird."
+        conv.messages.append(Message("user" if i % 2 == 0 else "assistant", text))
+    return conv
+
+
+async def test_screen_filters_highlights_and_opens_at_the_match(tmp_path):
+    from first_run_support import SIZE, make_app, make_library, ready, views, wait_for
+    from textual.widgets import DataTable, Input, Label
+
+    from llamachat.tui.screens.chats import ChatsScreen
+
+    make_library(tmp_path)
+    db = tmp_path / "c.db"
+    store = ChatStore(db)
+    birds = store.save(long_chat(15, needle_at=11), "alpha")
+    store.save(chat("How far is the Moon?", "About 384,400 km."), "alpha")
+    store.close()
+    app, _ = make_app(store_path=db)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.query_one(DataTable).row_count == 2)
+        screen = app.screen
+        table = screen.query_one(DataTable)
+        assert screen.focused is screen.query_one("#chats-search", Input)  # typing goes to the search
+        await pilot.press(*"PEREGR")
+        await wait_for(pilot, lambda: table.row_count == 1)
+        title, match, _ = table.get_row_at(0)
+        # the match column: which message, then its snippet with the matched word highlighted
+        assert match.plain.startswith("12. ") and "peregrine falcon" in match.plain
+        marked = [match.plain[s.start:s.end] for s in match.spans if "reverse" in str(s.style)]
+        assert marked == ["peregrine"]
+        await pilot.press("backspace", "backspace", "backspace", "backspace", "backspace", "backspace", *"zebra")
+        await wait_for(pilot, lambda: table.row_count == 0)
+        assert "No saved chat holds “zebra”" in str(screen.query_one("#chats-empty", Label).render())
+        await pilot.press("escape")  # clears the search, the screen stays
+        await wait_for(pilot, lambda: table.row_count == 2)
+        assert app.screen is screen
+        await pilot.press(*"falcon", "enter")
+        await wait_for(pilot, lambda: app.chat_id == birds and len(views(app)) == 30)
+        found = views(app)[11]
+        messages = app.chat_screen.messages
+        await wait_for(pilot, lambda: found.has_class("-found") and messages.scroll_y > 0)
+        await pilot.pause(0.2)  # a later layout must not scroll back to the end
+        # the message is at the top of the chat pane, not the end of the chat
+        assert found.region.y - messages.region.y <= 1 and messages.scroll_y < messages.max_scroll_y
+        assert [v for v in views(app) if v.has_class("-found")] == [found]
+
+
+async def test_screen_opens_without_a_search_at_the_end(tmp_path):
+    from first_run_support import SIZE, make_app, make_library, ready, views, wait_for
+    from textual.widgets import DataTable
+
+    from llamachat.tui.screens.chats import ChatsScreen
+
+    make_library(tmp_path)
+    db = tmp_path / "c.db"
+    store = ChatStore(db)
+    store.save(long_chat(15, needle_at=3), "alpha")
+    store.close()
+    app, _ = make_app(store_path=db)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.query_one(DataTable).row_count == 1)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(views(app)) == 30)
+        messages = app.chat_screen.messages
+        await wait_for(pilot, lambda: messages.max_scroll_y > 0 and messages.scroll_y == messages.max_scroll_y)
+        assert not [v for v in views(app) if v.has_class("-found")]
