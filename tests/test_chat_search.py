@@ -90,8 +90,7 @@ def test_index_follows_edits_renames_and_deletes(store):
     assert store.search("falcon") == []
     store.delete(a)
     assert store.search("owls") == [] and store.search("sleep") == []
-    if store.fts:  # the index holds nothing of the deleted chat
-        assert store._db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')") is not None
+    if store.fts:  # the index itself holds nothing of the deleted chat (the search above joins it away)
         assert store._db.execute("SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH 'owls'").fetchone()[0] == 0
 
 
