@@ -68,6 +68,11 @@ def test_search_finds_every_word_as_word_starts_and_marks_them(store):
     # the chat holding more matches is one hit; newest chat first
     assert ids(store.search("the")) == [b, a]
     assert store.search("alpacas")[0].n_matches == 2
+    # a snippet is one line, about a dozen words around the match
+    store.save(chat("Geese:\n\n" + "honk " * 40 + "\n\nThe goslings follow.\n" + "honk " * 40), "m")
+    (hit,) = store.search("goslings")
+    assert "\n" not in hit.snippet and hit.snippet.startswith("…") and hit.snippet.endswith("…")
+    assert f"{MATCH_START}goslings{MATCH_END} follow." in hit.snippet and len(hit.snippet.split()) <= 14
 
 
 def test_accents_are_ignored_with_fts5(tmp_path):

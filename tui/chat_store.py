@@ -125,7 +125,8 @@ class ChatSummary:
 @dataclass
 class SearchHit:
     """A chat that matches a search: its best-matching message (seq = its place in the chat,
-    None when only the title matched) with a snippet, both marked with MATCH_START/MATCH_END."""
+    None when only the title matched) with a one-line snippet of it around the match; the
+    matched words in the title and the snippet are marked with MATCH_START/MATCH_END."""
 
     id: int
     title: str
@@ -296,7 +297,7 @@ class ChatStore:
             " ORDER BY f.rank, m.seq", (match,)
         ):
             counts[chat_id] = counts.get(chat_id, 0) + 1
-            best.setdefault(chat_id, (seq, role, snip))
+            best.setdefault(chat_id, (seq, role, " ".join(snip.split())))  # one line, as the fallback's
         titles = {chat_id: title for chat_id, title in self._db.execute(
             "SELECT rowid, highlight(chats_fts, 0, char(2), char(3)) FROM chats_fts WHERE chats_fts MATCH ?", (match,))}
         return self._hits(summaries, best, counts, titles)

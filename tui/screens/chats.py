@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import time
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from rich.text import Text
 from textual.widgets import Button, DataTable, Input, Label
 
 from llamachat.runtime.errors import UserError
 
 from ..chat_store import MATCH_END, MATCH_START, search_terms
-
 from .confirm import ConfirmScreen
 
 
@@ -112,8 +111,10 @@ class ChatsScreen(ModalScreen):
         self.hits = {}
         if searching:
             for hit in hits:
-                where = f"{hit.seq + 1}. " if hit.seq is not None else ""
-                match = Text(where, style="dim") + marked_text(hit.snippet) if hit.seq is not None else Text("(title)", style="dim")
+                if hit.seq is None:
+                    match = Text("(title)", style="dim")
+                else:
+                    match = Text(f"{hit.seq + 1}. ", style="dim") + marked_text(hit.snippet)
                 table.add_row(marked_text(hit.title), match, _when(hit.updated_at), key=str(hit.id))
                 self.hits[hit.id] = hit.seq
             empty = empty or ("" if hits else f"No saved chat holds “{query.strip()}”.")
