@@ -368,3 +368,28 @@ async def test_screen_opens_without_a_search_at_the_end(tmp_path):
         messages = app.chat_screen.messages
         await wait_for(pilot, lambda: messages.max_scroll_y > 0 and messages.scroll_y == messages.max_scroll_y)
         assert not [v for v in views(app) if v.has_class("-found")]
+
+
+async def test_screen_opens_a_short_chat_at_the_match_in_sight(tmp_path):
+    """A chat shorter than the pane, opened at its second message from an empty pane, shows
+    whole (scrolling it would leave it out of sight: its offset was set before it was drawn)."""
+    from first_run_support import SIZE, make_app, make_library, ready, views, wait_for
+
+    from llamachat.tui.screens.chats import ChatsScreen
+
+    make_library(tmp_path)
+    db = tmp_path / "c.db"
+    store = ChatStore(db)
+    store.save(chat("How far is the Moon?", "About 384,400 km."), "alpha")
+    store.close()
+    app, _ = make_app(store_path=db)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen))
+        await pilot.press(*"384", "enter")
+        await wait_for(pilot, lambda: len(views(app)) == 2 and views(app)[1].has_class("-found"))
+        await pilot.pause(0.5)
+        messages = app.chat_screen.messages
+        for view in views(app):
+            assert view.region.height > 0 and messages.region.contains_region(view.region), (view.region, messages.region)

@@ -83,11 +83,16 @@ class ChatScreen(Screen):
             target = views[index]
             for view in views:
                 view.set_class(view is target, "-found")
-            self.messages.release_anchor()  # else the next layout scrolls back to the end
-            self.messages.scroll_to_widget(target, animate=False, top=True, immediate=True)
-            place = (target.virtual_region.y, self.messages.virtual_size.height)
-            at_top = abs(target.region.y - self.messages.content_region.y) <= 1 or self.messages.scroll_y >= self.messages.max_scroll_y
-            settled = place == last[0] and target.region.height > 0 and at_top
+            messages = self.messages
+            # a chat that fits the pane keeps the anchor, which shows it at the bottom: released,
+            # the offset that puts it there would stay as the Markdown grows, pushing it out of sight
+            fits = messages.max_scroll_y <= 0
+            if not fits:
+                messages.release_anchor()  # else the next layout scrolls back to the end
+                messages.scroll_to(y=min(target.virtual_region.y, messages.max_scroll_y), animate=False, immediate=True)
+            place = (target.virtual_region.y, messages.virtual_size.height)
+            at_top = abs(target.region.y - messages.content_region.y) <= 1 or messages.scroll_y >= messages.max_scroll_y
+            settled = place == last[0] and target.region.height > 0 and (fits or at_top)
             if not settled and tries < 60:  # about 3 s: a long chat's Markdown on a busy machine
                 last[0] = place
                 self.set_timer(0.05, lambda: scroll(tries + 1))
