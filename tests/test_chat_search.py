@@ -325,7 +325,7 @@ async def test_screen_filters_highlights_and_opens_at_the_match(tmp_path):
         assert screen.focused is screen.query_one("#chats-search", Input)  # typing goes to the search
         await pilot.press(*"PEREGR")
         await wait_for(pilot, lambda: table.row_count == 1)
-        title, match, _ = table.get_row_at(0)
+        title, _, match = table.get_row_at(0)
         # the match column: which message, then its snippet with the matched word highlighted
         assert match.plain.startswith("12. ") and "peregrine falcon" in match.plain
         marked = [match.plain[s.start:s.end] for s in match.spans if "reverse" in str(s.style)]

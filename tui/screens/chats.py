@@ -87,7 +87,7 @@ class ChatsScreen(ModalScreen):
             table = self.query_one(DataTable)
             table.clear(columns=True)
             if searching:
-                table.add_columns("title", "match", "updated")
+                table.add_columns("title", "updated", "match")  # the snippet last: it may run past the edge
             else:
                 table.add_columns("title", "model", "mode", "messages", "updated")
             self._searching = searching
@@ -115,7 +115,7 @@ class ChatsScreen(ModalScreen):
                     match = Text("(title)", style="dim")
                 else:
                     match = Text(f"{hit.seq + 1}. ", style="dim") + marked_text(hit.snippet)
-                table.add_row(marked_text(hit.title), match, _when(hit.updated_at), key=str(hit.id))
+                table.add_row(marked_text(hit.title), _when(hit.updated_at), match, key=str(hit.id))
                 self.hits[hit.id] = hit.seq
             empty = empty or ("" if hits else f"No saved chat holds “{query.strip()}”.")
         else:
