@@ -1,6 +1,6 @@
 """Search over the saved chats (issue 20, part 2): the store's FTS5 index kept in step with
-every write and built for a database from before search, the LIKE fallback where FTS5 is
-missing, and `llamachat chats list | search | show | export | delete`."""
+every write and built for a database from before search, the scan it falls back to where
+FTS5 is missing, and `llamachat chats list | search | show | export | delete`."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def unmarked(text: str) -> str:
     return text.replace(MATCH_START, "").replace(MATCH_END, "")
 
 
-@pytest.fixture(params=["fts5", "like"])
+@pytest.fixture(params=["fts5", "scan"])
 def store(request, tmp_path, monkeypatch):
-    """Every search test runs on FTS5 and on the LIKE fallback a Python without FTS5 gets."""
-    if request.param == "like":
+    """Every search test runs on FTS5 and on the scan a Python without FTS5 falls back to."""
+    if request.param == "scan":
         monkeypatch.setattr(chat_store, "fts5_available", lambda db: False)
     s = ChatStore(tmp_path / "c.sqlite3")
     assert s.fts == (request.param == "fts5")
@@ -46,7 +46,7 @@ def store(request, tmp_path, monkeypatch):
 
 
 def test_fts5_is_there():
-    # this Python's SQLite has FTS5; without it the store falls back to LIKE (tested below too)
+    # this Python's SQLite has FTS5; without it the store falls back to a scan (tested below too)
     db = sqlite3.connect(":memory:")
     assert chat_store.fts5_available(db)
 

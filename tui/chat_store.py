@@ -10,8 +10,8 @@ hold only the index, the text stays in `messages`/`chats`). Triggers keep it in 
 write (save, rename, delete, a cascade), whoever writes. The index is derived data, not part of
 the versioned schema: a database without it (written before search, or by a Python whose SQLite
 lacks FTS5) gets it built when it is opened, so older llamachats keep reading and writing the
-same file. Where FTS5 is missing the triggers are dropped (they could not run) and search falls
-back to LIKE over the same texts.
+same file. Where FTS5 is missing the triggers are dropped (they could not run) and search
+scans every message with a Python function that matches as the index does.
 """
 
 from __future__ import annotations
@@ -274,16 +274,16 @@ class ChatStore:
         ).fetchone()
         return ChatSummary(*row) if row else None
 
-    def search(self, query: str, limit: int | None = None) -> list[SearchHit]:
+    def search(self, query: str) -> list[SearchHit]:
         """Chats with a message (or a title) holding every word of `query`, each word also as the
         start of a longer one (`par` finds Paris), case and accents ignored; newest chat first.
         UserError if the query has no words."""
         terms = search_terms(query)
         try:
-            hits = self._search_fts(terms) if self.fts else self._search_like(terms)
+            hits = self._search_fts(terms) if self.fts else self._search_scan(terms)
         except sqlite3.Error as err:
             raise UserError(f"{self.path}: could not search the saved chats ({err})") from None
-        return hits[:limit] if limit is not None else hits
+        return hits
 
     def _search_fts(self, terms: list[str]) -> list[SearchHit]:
         match = " ".join('"' + t.replace('"', '""') + '"*' for t in terms)
@@ -297,12 +297,12 @@ class ChatStore:
             " ORDER BY f.rank, m.seq", (match,)
         ):
             counts[chat_id] = counts.get(chat_id, 0) + 1
-            best.setdefault(chat_id, (seq, role, " ".join(snip.split())))  # one line, as the fallback's
+            best.setdefault(chat_id, (seq, role, " ".join(snip.split())))  # one line, as the scan's
         titles = {chat_id: title for chat_id, title in self._db.execute(
             "SELECT rowid, highlight(chats_fts, 0, char(2), char(3)) FROM chats_fts WHERE chats_fts MATCH ?", (match,))}
         return self._hits(summaries, best, counts, titles)
 
-    def _search_like(self, terms: list[str]) -> list[SearchHit]:
+    def _search_scan(self, terms: list[str]) -> list[SearchHit]:
         """The same search without FTS5, word starts with case and accents ignored as the index
         does, by a Python function over every message: slower on many chats, same answers."""
         folded = [_fold(t) for t in terms]
