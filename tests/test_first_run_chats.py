@@ -31,7 +31,7 @@ async def test_delete_question_names_the_chat_and_rename_tells_them_apart(tmp_pa
         await two_chats_with_one_title(pilot, app)
         await pilot.press("ctrl+o")
         await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen))
-        await pilot.press("r")
+        await pilot.press("tab", "r")  # the screen opens in its search box: Tab to the list
         await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen))
         app.screen.query_one("Input").value = "France, second try"
         await pilot.press("enter")

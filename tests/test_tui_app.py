@@ -330,7 +330,7 @@ async def test_saved_chats_reopen_delete_export(library, tmp_path):
 
         await pilot.press("ctrl+o")
         await wait_for(pilot, lambda: isinstance(app2.screen, ChatsScreen) and app2.screen.query_one("#chats-table").row_count == 2)
-        await pilot.press("d")
+        await pilot.press("tab", "d")  # the screen opens in its search box: Tab to the list
         await wait_for(pilot, lambda: isinstance(app2.screen, ConfirmScreen))
         await pilot.press("y")
         await wait_for(pilot, lambda: len(app2.store.list()) == 1)

@@ -726,13 +726,14 @@ class ChatApp(App):
             self.notify("Saved chats are not available (the database could not be opened).", severity="error")
             return
 
-        def opened(chat_id: int | None) -> None:
-            if chat_id is not None:
-                self.open_chat(chat_id)
+        def opened(choice: tuple[int, int | None] | None) -> None:
+            if choice is not None:
+                self.open_chat(*choice)
 
         self.push_screen(ChatsScreen(), opened)
 
-    def open_chat(self, chat_id: int) -> None:
+    def open_chat(self, chat_id: int, at_message: int | None = None) -> None:
+        """Show a saved chat; at_message (its index, from a search): scrolled to that message."""
         if self.generating:
             self.notify("Stop the reply first (Esc).", severity="warning")
             return
@@ -748,6 +749,8 @@ class ChatApp(App):
             self.settings["system_prompt"] = conv.system_prompt
             self.chat_screen.sidebar.show_settings(self.settings)
         self._rebuild_views()
+        if at_message is not None:
+            self.chat_screen.show_message(at_message)
         if self.entry is not None and model and model != self.entry.name:
             self.notify(f"This chat was held with {model}; it continues with {self.entry.name} (pick another in the sidebar).", timeout=6)
         self.update_status()

@@ -4,6 +4,14 @@ Durability: WAL journal with synchronous=FULL, and every change is one transacti
 or a kill in the middle of a write loses at most that write and never damages earlier chats.
 The schema version lives in `PRAGMA user_version`; a database from a newer llamachat is refused
 with a sentence instead of being misread.
+
+Search: an SQLite FTS5 index over message texts and chat titles (external-content tables that
+hold only the index, the text stays in `messages`/`chats`). Triggers keep it in step with every
+write (save, rename, delete, a cascade), whoever writes. The index is derived data, not part of
+the versioned schema: a database without it (written before search, or by a Python whose SQLite
+lacks FTS5) gets it built when it is opened, so older llamachats keep reading and writing the
+same file. Where FTS5 is missing the triggers are dropped (they could not run) and search
+scans every message with a Python function that matches as the index does.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import os
 import sqlite3
 import tempfile
 import time
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +58,54 @@ CREATE TABLE IF NOT EXISTS messages (
 """
 
 
+# Kept as separate statements: each runs in the store's transaction. The triggers feed the
+# external-content tables the old text on delete/update, as FTS5 requires.
+_SEARCH_SCHEMA = [
+    "CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(content, content='messages', content_rowid='id',"
+    " tokenize='unicode61 remove_diacritics 2')",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS chats_fts USING fts5(title, content='chats', content_rowid='id',"
+    " tokenize='unicode61 remove_diacritics 2')",
+    "CREATE TRIGGER IF NOT EXISTS messages_fts_ai AFTER INSERT ON messages BEGIN"
+    " INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END",
+    "CREATE TRIGGER IF NOT EXISTS messages_fts_ad AFTER DELETE ON messages BEGIN"
+    " INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content); END",
+    "CREATE TRIGGER IF NOT EXISTS messages_fts_au AFTER UPDATE OF content ON messages BEGIN"
+    " INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);"
+    " INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content); END",
+    "CREATE TRIGGER IF NOT EXISTS chats_fts_ai AFTER INSERT ON chats BEGIN"
+    " INSERT INTO chats_fts(rowid, title) VALUES (new.id, new.title); END",
+    "CREATE TRIGGER IF NOT EXISTS chats_fts_ad AFTER DELETE ON chats BEGIN"
+    " INSERT INTO chats_fts(chats_fts, rowid, title) VALUES ('delete', old.id, old.title); END",
+    "CREATE TRIGGER IF NOT EXISTS chats_fts_au AFTER UPDATE OF title ON chats BEGIN"
+    " INSERT INTO chats_fts(chats_fts, rowid, title) VALUES ('delete', old.id, old.title);"
+    " INSERT INTO chats_fts(rowid, title) VALUES (new.id, new.title); END",
+]
+_SEARCH_TRIGGERS = ("messages_fts_ai", "messages_fts_ad", "messages_fts_au", "chats_fts_ai", "chats_fts_ad", "chats_fts_au")
+
+# Marks around the matched words in SearchHit.title and .snippet: control characters that
+# typed or generated chat text does not hold.
+MATCH_START, MATCH_END = "\x02", "\x03"
+
+
+def fts5_available(db: sqlite3.Connection) -> bool:
+    try:
+        db.execute("CREATE VIRTUAL TABLE temp.fts5_probe USING fts5(x)")
+        db.execute("DROP TABLE temp.fts5_probe")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+def search_terms(query: str) -> list[str]:
+    """The words of a search: what the FTS index would take as words (letters, digits), so
+    `don't?` is `don`, `t`. UserError if there are none."""
+    terms = re.findall(r"\w+", query)
+    if not terms:
+        raise UserError(f"nothing to search for in {query.strip()!r}: give one or more words (letters or digits)"
+                        if query.strip() else "nothing to search for: give one or more words")
+    return terms
+
+
 def default_path() -> Path:
     from llamachat.model_store.paths import data_dir
 
@@ -63,6 +120,24 @@ class ChatSummary:
     mode: str
     updated_at: float
     n_messages: int
+
+
+@dataclass
+class SearchHit:
+    """A chat that matches a search: its best-matching message (seq = its place in the chat,
+    None when only the title matched) with a one-line snippet of it around the match; the
+    matched words in the title and the snippet are marked with MATCH_START/MATCH_END."""
+
+    id: int
+    title: str
+    model: str
+    mode: str
+    updated_at: float
+    n_messages: int
+    seq: int | None
+    role: str
+    snippet: str
+    n_matches: int  # messages of the chat that match
 
 
 class ChatStore:
@@ -85,8 +160,25 @@ class ChatStore:
                         if statement.strip():
                             self._db.execute(statement)
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.fts = fts5_available(self._db)
+            self._keep_search_index()
         except sqlite3.DatabaseError as err:
             raise UserError(f"{self.path}: cannot open the saved chats ({err})") from None
+
+    def _keep_search_index(self) -> None:
+        """Build the search index if its triggers are missing (a database from before search, or
+        last opened without FTS5); without FTS5, drop triggers that could not run."""
+        present = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+        if self.fts and not present.issuperset(_SEARCH_TRIGGERS):
+            with self._transaction():
+                for statement in _SEARCH_SCHEMA:
+                    self._db.execute(statement)
+                self._db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
+                self._db.execute("INSERT INTO chats_fts(chats_fts) VALUES ('rebuild')")
+        elif not self.fts and present & set(_SEARCH_TRIGGERS):
+            with self._transaction():
+                for name in _SEARCH_TRIGGERS:
+                    self._db.execute(f"DROP TRIGGER IF EXISTS {name}")
 
     def _transaction(self):
         db = self._db
@@ -175,6 +267,74 @@ class ChatStore:
         ).fetchall()
         return [ChatSummary(*row) for row in rows]
 
+    def summary(self, chat_id: int) -> ChatSummary | None:
+        row = self._db.execute(
+            "SELECT c.id, c.title, c.model, c.mode, c.updated_at, COUNT(m.id) FROM chats c"
+            " LEFT JOIN messages m ON m.chat_id = c.id WHERE c.id=? GROUP BY c.id", (chat_id,)
+        ).fetchone()
+        return ChatSummary(*row) if row else None
+
+    def search(self, query: str) -> list[SearchHit]:
+        """Chats with a message (or a title) holding every word of `query`, each word also as the
+        start of a longer one (`par` finds Paris), case and accents ignored; newest chat first.
+        UserError if the query has no words."""
+        terms = search_terms(query)
+        try:
+            hits = self._search_fts(terms) if self.fts else self._search_scan(terms)
+        except sqlite3.Error as err:
+            raise UserError(f"{self.path}: could not search the saved chats ({err})") from None
+        return hits
+
+    def _search_fts(self, terms: list[str]) -> list[SearchHit]:
+        match = " ".join('"' + t.replace('"', '""') + '"*' for t in terms)
+        summaries = {c.id: c for c in self.list()}
+        best: dict[int, tuple] = {}  # chat id -> (seq, role, snippet) of its best-ranked message
+        counts: dict[int, int] = {}
+        for chat_id, seq, role, snip in self._db.execute(
+            "SELECT m.chat_id, m.seq, m.role,"
+            " snippet(messages_fts, 0, char(2), char(3), '…', 12)"
+            " FROM messages_fts f JOIN messages m ON m.id = f.rowid WHERE messages_fts MATCH ?"
+            " ORDER BY f.rank, m.seq", (match,)
+        ):
+            counts[chat_id] = counts.get(chat_id, 0) + 1
+            best.setdefault(chat_id, (seq, role, " ".join(snip.split())))  # one line, as the scan's
+        titles = {chat_id: title for chat_id, title in self._db.execute(
+            "SELECT rowid, highlight(chats_fts, 0, char(2), char(3)) FROM chats_fts WHERE chats_fts MATCH ?", (match,))}
+        return self._hits(summaries, best, counts, titles)
+
+    def _search_scan(self, terms: list[str]) -> list[SearchHit]:
+        """The same search without FTS5, word starts with case and accents ignored as the index
+        does, by a Python function over every message: slower on many chats, same answers."""
+        folded = [_fold(t) for t in terms]
+
+        def matches(text: str) -> int:
+            plain = _fold(text)
+            return int(all(re.search(r"(?<!\w)" + re.escape(t), plain) for t in folded))
+
+        self._db.create_function("llamachat_matches", 1, matches, deterministic=True)
+        summaries = {c.id: c for c in self.list()}
+        best: dict[int, tuple] = {}
+        counts: dict[int, int] = {}
+        for chat_id, seq, role, content in self._db.execute(
+            "SELECT chat_id, seq, role, content FROM messages WHERE llamachat_matches(content) ORDER BY chat_id, seq"
+        ):
+            counts[chat_id] = counts.get(chat_id, 0) + 1
+            best.setdefault(chat_id, (seq, role, _mark(content, terms, window=12)))
+        titles = {chat_id: _mark(title, terms)
+                  for chat_id, title in self._db.execute("SELECT id, title FROM chats WHERE llamachat_matches(title)")}
+        return self._hits(summaries, best, counts, titles)
+
+    @staticmethod
+    def _hits(summaries, best, counts, titles) -> list[SearchHit]:
+        hits = []
+        for chat_id, chat in summaries.items():  # newest first, as list()
+            if chat_id not in best and chat_id not in titles:
+                continue
+            seq, role, snip = best.get(chat_id, (None, "", ""))
+            hits.append(SearchHit(chat.id, titles.get(chat_id, _clean(chat.title)), chat.model, chat.mode, chat.updated_at,
+                                  chat.n_messages, seq, role, snip, counts.get(chat_id, 0)))
+        return hits
+
     def load(self, chat_id: int) -> tuple[Conversation, str]:
         """(conversation, model name) of a saved chat; UserError if it is gone."""
         row = self._db.execute(
@@ -198,6 +358,48 @@ class ChatStore:
                             reverse_prompts=reverse_prompts, system_prompt=system, messages=messages,
                             name=title if titled else "")
         return conv, model
+
+
+def _clean(text: str) -> str:
+    return text.replace(MATCH_START, "").replace(MATCH_END, "")
+
+
+def _fold(text: str) -> str:
+    """Lower case without accents, as the index's unicode61 tokenizer with remove_diacritics."""
+    import unicodedata
+
+    return "".join(c for c in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(c))
+
+
+def _mark(text: str, terms: list[str], window: int | None = None) -> str:
+    """`text` with each word starting with one of `terms` marked (case and accents ignored), as
+    FTS5 marks a prefix match; with `window`, only about that many words around the first
+    match, as FTS5's snippet()."""
+    text = " ".join(_clean(text).split()) if window else _clean(text)
+    # fold character by character, so a match in the folded text maps back to the original
+    folded, origin = [], []
+    for i, c in enumerate(text):
+        f = _fold(c)
+        folded.append(f)
+        origin.extend([i] * len(f))
+    folded_text = "".join(folded)
+    pattern = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(_fold(t)) for t in sorted(terms, key=len, reverse=True)) + r")\w*")
+    spans = [(origin[m.start()], origin[m.end() - 1] + 1) for m in pattern.finditer(folded_text) if m.end() > m.start()]
+    lo, hi = 0, len(text)
+    if window and spans:
+        words = [m.span() for m in re.finditer(r"\S+", text)]
+        at = next(i for i, (_, end) in enumerate(words) if end > spans[0][0])
+        first = max(0, at - window // 2)
+        last = min(len(words), first + window) - 1
+        lo, hi = words[first][0], words[last][1]
+    out = ["…" if lo > 0 else ""]
+    pos = lo
+    for start, end in spans:
+        if start >= lo and end <= hi:
+            out += [text[pos:start], MATCH_START, text[start:end], MATCH_END]
+            pos = end
+    out += [text[pos:hi], "…" if hi < len(text) else ""]
+    return "".join(out)
 
 
 def default_export_path(conv: Conversation, chat_id: int | None) -> Path:
@@ -225,6 +427,11 @@ def export_markdown(conv: Conversation, model: str, path: Path | str, overwrite:
         raise ExportExists(f"{path} already exists")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where a folder of the path should be: not "already exists"
+        raise UserError(f"{path}: could not write the export (a file is in the way of its folder)") from None
+    except OSError as err:
+        raise UserError(f"{path}: could not write the export ({err.strerror or err})") from None
+    try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:

@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "pull": "download a catalog model (default: smollm2)",
     "models": "list and edit the model library (models.toml)",
     "serve": "serve a model over an OpenAI-compatible HTTP API (like llama-server)",
+    "chats": "list, search, show, export or delete the saved chats",
 }
 
 

@@ -69,6 +69,36 @@ class ChatScreen(Screen):
         self.messages.mount(view)
         return view
 
+    def show_message(self, index: int) -> None:
+        """Scroll so that message `index` of the conversation (a preamble view is not one) is at
+        the top, and mark it until another chat is shown. The views of the chat shown before go
+        and the Markdown above the message renders after this is called, moving it down, so the
+        scroll is repeated until its place stops changing."""
+        last: list = [None]
+
+        def scroll(tries: int) -> None:
+            views = [v for v in self.messages.query(MessageView) if v.role != "preamble"]
+            if not 0 <= index < len(views):
+                return
+            target = views[index]
+            for view in views:
+                view.set_class(view is target, "-found")
+            messages = self.messages
+            # a chat that fits the pane keeps the anchor, which shows it at the bottom: released,
+            # the offset that puts it there would stay as the Markdown grows, pushing it out of sight
+            fits = messages.max_scroll_y <= 0
+            if not fits:
+                messages.release_anchor()  # else the next layout scrolls back to the end
+                messages.scroll_to(y=min(target.virtual_region.y, messages.max_scroll_y), animate=False, immediate=True)
+            place = (target.virtual_region.y, messages.virtual_size.height)
+            at_top = abs(target.region.y - messages.content_region.y) <= 1 or messages.scroll_y >= messages.max_scroll_y
+            settled = place == last[0] and target.region.height > 0 and (fits or at_top)
+            if not settled and tries < 60:  # about 3 s: a long chat's Markdown on a busy machine
+                last[0] = place
+                self.set_timer(0.05, lambda: scroll(tries + 1))
+
+        self.call_after_refresh(scroll, 0)
+
     def clear_messages(self) -> None:
         self.messages.remove_children()
 

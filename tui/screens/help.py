@@ -21,7 +21,7 @@ HELP = """\
 | Ctrl+R | regenerate the last reply |
 | Ctrl+E | edit the last message: it goes back into the box, its reply is removed |
 | Ctrl+N | new chat (the current one is saved) |
-| Ctrl+O | saved chats: open (Enter), rename (r), delete (d), export to a Markdown file you name (e) |
+| Ctrl+O | saved chats: type to search them all, Up/Down and Enter open one (at the match); Tab to the list, then rename (r), delete (d), export to a Markdown file you name (e) |
 | Ctrl+L | the model library: defaults, add, remove, set the default |
 | Ctrl+B | show or hide the settings sidebar (hidden at first under 100 columns) |
 | F2 / F3 | copy the last reply / its last code block to the clipboard (OSC 52) |
