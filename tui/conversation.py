@@ -81,6 +81,8 @@ def merged_settings(args=None, library_settings: dict | None = None) -> dict:
             values[name] = check_setting(name, value)
         except ValueError as err:
             raise UserError(f"{err} (command-line flag)") from None
+    if getattr(args, "context_shift", False) and getattr(args, "context_policy", None) is None:
+        values["context_policy"] = "shift"  # llama.cpp's --context-shift
     return values
 
 
