@@ -26,6 +26,7 @@ def format_value(value) -> str:
 
 
 class Sidebar(VerticalScroll):
+    _policy = SETTINGS["context_policy"].default  # the context policy the picker shows
     class SettingChanged(Message):
         def __init__(self, name: str, value, submitted: bool = False):
             super().__init__()
@@ -76,7 +77,9 @@ class Sidebar(VerticalScroll):
             self.query_one(f"#error-{name}", Static).remove_class("-shown")
         policy = self.query_one("#context-policy", Select)
         if settings.get("context_policy") in {value for _, value in POLICY_LABELS}:
-            policy.value = settings["context_policy"]
+            self._policy = settings["context_policy"]
+            with policy.prevent(Select.Changed):  # filled in, not chosen: nothing to report
+                policy.value = self._policy
         area = self.query_one("#system-prompt", TextArea)
         if area.text != settings.get("system_prompt", ""):
             area.text = settings.get("system_prompt", "")
@@ -133,7 +136,10 @@ class Sidebar(VerticalScroll):
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
         if event.select.id == "context-policy":
-            self.post_message(self.SettingChanged("context_policy", check_setting("context_policy", event.value)))
+            # the picker reports its first value as it mounts: only a different one is a choice
+            if event.value != self._policy:
+                self._policy = check_setting("context_policy", event.value)
+                self.post_message(self.SettingChanged("context_policy", self._policy))
             return
         # the blank entry (Select.NULL) is "(no model)"
         self.post_message(self.ModelChosen(str(event.value) if isinstance(event.value, str) else None))
