@@ -5,8 +5,10 @@ chats (chat_store.ChatStore) and the settings; the screens only show them. The e
 `@work(thread=True)` workers: loading a model and generating a reply never run on the UI
 thread. A reply's text goes into a StreamBuffer that a 0.1 s UI timer drains into the message
 being written, so the screen gets a handful of updates per second however fast tokens come.
-Workers report back with messages (ReplyDone, LoadDone); every failure becomes a notification,
-never a traceback.
+Workers report back with messages (ReplyDone, LoadDone), and so do the screens (ChatScreen.Ready
+and StopPressed, LibraryScreen.Changed) or they `dismiss(result)` (the library's "Use in chat",
+the first run's pulled model, the dialogs); every failure becomes a notification, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ from .widgets.chat_input import ChatInput
 from .widgets.message_view import MessageView
 from .widgets.sidebar import Sidebar
 
-DRAIN_SECONDS = 0.1  # how often streamed text reaches the screen
+# How often streamed text reaches the screen. Text comes by this timer, not by a message per
+# piece, for two reasons: the tick bounds the Markdown re-renders to ten a second however fast a
+# backend streams (a remote server sends hundreds of pieces a second; each render runs on the UI
+# thread and holds the GIL the engine's worker thread needs between its kernels); and the same
+# tick shows what changes with no event to post it: the load's progress fraction, the kernel
+# compile notice and the live tok/s and context count. Workers still report their ends by
+# messages (ReplyDone, LoadDone).
+DRAIN_SECONDS = 0.1
 
 
 def _same_place(a, b) -> bool:
@@ -132,8 +141,9 @@ class ChatApp(App):
     def chat_screen(self) -> ChatScreen:
         return self._chat_screen
 
+    @on(ChatScreen.Ready)
     def chat_screen_ready(self) -> None:
-        """Called once the chat screen is composed: open the chats, show settings, load the model."""
+        """Once the chat screen is composed: open the chats, show settings, load the model."""
         try:
             self.store = ChatStore(self.store_path)
         except UserError as err:
@@ -147,9 +157,9 @@ class ChatApp(App):
             # the library has models but the default cannot be used: the library screen fixes that
             self.notify(f"{self.start_problem}. Pick or fix a model here, then Ctrl+T uses it in the chat.",
                         severity="error", title="Default model", timeout=20)
-            self.push_screen(LibraryScreen(self.load_library))
+            self.push_screen(LibraryScreen(self.load_library), self._library_closed)
         elif self.entry is None:
-            self.push_screen(FirstRunScreen(self._puller))
+            self.push_screen(FirstRunScreen(self._puller), self._first_run_closed)
         else:
             self._start_load(self.entry, reason="start")
         self.update_status()
@@ -935,10 +945,29 @@ class ChatApp(App):
 
     def action_library(self) -> None:
         if not isinstance(self.screen, LibraryScreen):
-            self.push_screen(LibraryScreen(self.load_library))
+            self.push_screen(LibraryScreen(self.load_library), self._library_closed)
+
+    def _library_closed(self, name: str | None) -> None:
+        """The library screen closed; with a model name: "Use in chat" for that model."""
+        if name is not None:
+            self.switch_model(name)
+
+    @on(LibraryScreen.Changed)
+    def _library_screen_changed(self) -> None:
+        self.library_changed()
+
+    @on(ChatScreen.StopPressed)
+    def _stop_pressed(self) -> None:
+        self.action_stop()
+
+    async def _first_run_closed(self, entry) -> None:
+        """The first-run screen closed: with the pulled model, or None when the user quit."""
+        if entry is None:
+            await self.action_quit()
+        else:
+            self.first_run_done(entry)
 
     def first_run_done(self, entry) -> None:
-        self.pop_screen()
         self.notify(f"{entry.name} is ready.", title="Model downloaded")
         self.entry = entry
         self.settings = conv_mod.merged_settings(self.args, entry.settings)
