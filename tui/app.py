@@ -253,7 +253,8 @@ class ChatApp(App):
             if quant:
                 parts.append(quant)
             parts.append(self._rate_text())
-            # a reply that fills the context stops (or shifts it); between turns, chat mode drops the oldest
+            # what a reply that fills the context does: stop, or shift it (the policy "shift");
+            # before a reply, the policies drop-oldest and ask act on the turns (a line marks the cut)
             policy = "shift" if self._context_policy() == "shift" else "stop"
             used = self.ctx_used
             if self.generating and self._live is not None and not getattr(self.entry, "remote", False):
