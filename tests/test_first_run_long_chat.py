@@ -149,6 +149,7 @@ async def test_shift_policy_from_the_sidebar_lets_the_reply_run_past_n_ctx(tmp_p
         await reply_done(pilot, app)
         assert app.conv.messages[-1].note == "" and app.conv.messages[-1].content.endswith("w149")
         assert script.instances[-1].last_stats["context_shifts"] > 0
+        assert len(script.instances) == 1  # the policy goes with each reply: no reload for it
         # the meter: what the context holds after the shifts, never more than n_ctx
         assert app.ctx_used == app.engine.n_tokens() <= 64
         assert f"ctx {app.engine.n_tokens()}/64 (full: shift)" in app.status_text()
@@ -187,3 +188,21 @@ async def test_the_meter_after_dropping_a_new_chat_and_reopening(tmp_path):
         await pilot.pause()
         assert app.conv.memory_start == 0 and not app.chat_screen.messages.query(".memory-start")
         assert app.ctx_used == app.engine.count_tokens(app.conv.request()) and "oldest turns dropped" not in app.status_text()
+
+
+def test_the_shift_policy_reaches_the_engine_from_either_flag_or_the_library():
+    """What a model is loaded with (headless chat and one-shot rely on it; the app also says it
+    per reply): shift from --context-shift, --context-policy shift or the library's field."""
+    from llamachat.tui.cli import build_main_parser
+    from llamachat.tui.conversation import load_kwargs, merged_settings
+
+    def shifts(argv, library=None):
+        args = build_main_parser().parse_args(argv)
+        return load_kwargs(merged_settings(args, library), args)["context_shift"]
+
+    assert shifts([]) is False and merged_settings(None)["context_policy"] == "drop-oldest"
+    assert shifts(["--context-shift"]) is True
+    assert shifts(["--context-policy", "shift"]) is True
+    assert shifts([], {"context_policy": "shift"}) is True
+    assert shifts(["--context-policy", "ask"], {"context_policy": "shift"}) is False  # the flag wins
+    assert shifts(["--context-shift", "--context-policy", "drop-oldest"]) is False  # the explicit policy wins

@@ -521,9 +521,10 @@ class ChatApp(App):
             self._refit_context()
 
     def _load_changes(self) -> list[str]:
-        """Load-time settings that differ from the model now loaded (seed is applied per reply)."""
+        """Load-time settings that differ from the model now loaded (seed and context shift are
+        applied per reply)."""
         now, then = self._load_settings(), self.loaded_settings
-        return [k for k in now if k != "seed" and now[k] != then.get(k)]
+        return [k for k in now if k not in ("seed", "context_shift") and now[k] != then.get(k)]
 
     def _maybe_recreate_context(self) -> bool:
         """Re-create the context if a load-time setting changed; True if a load started."""
