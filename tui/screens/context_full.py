@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label
+from textual.widgets import Button, Static
 
 
 class ContextFullScreen(ModalScreen[str | None]):
@@ -21,7 +21,7 @@ class ContextFullScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="context-full-box", classes="dialog"):
-            yield Label(f"This chat no longer fits in the model's context: the next request is about {self.used} "
+            yield Static(f"This chat no longer fits in the model's context: the next request is about {self.used} "
                         f"tokens with room for the reply, the context holds {self.n_ctx}. What now?",
                         id="context-full-question")
             with Horizontal(classes="dialog-buttons"):
