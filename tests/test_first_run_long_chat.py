@@ -205,4 +205,3 @@ def test_the_shift_policy_reaches_the_engine_from_either_flag_or_the_library():
     assert shifts(["--context-policy", "shift"]) is True
     assert shifts([], {"context_policy": "shift"}) is True
     assert shifts(["--context-policy", "ask"], {"context_policy": "shift"}) is False  # the flag wins
-    assert shifts(["--context-shift", "--context-policy", "drop-oldest"]) is False  # the explicit policy wins

@@ -116,7 +116,8 @@ def load_kwargs(settings: dict, args=None) -> dict:
         n_threads=threads if threads > 0 else None,
         seed=settings["seed"],
         chat_format=settings.get("chat_format") or None,
-        context_shift=settings.get("context_policy") == "shift",  # the app also says so per reply
+        # the app also says it per reply, from its policy
+        context_shift=settings.get("context_policy") == "shift" or bool(getattr(args, "context_shift", False)),
         n_keep=int(getattr(args, "n_keep", 0) or 0),
     )
 
