@@ -43,18 +43,20 @@ class Setting:
     low: float | None = None  # inclusive bounds, None = unbounded
     high: float | None = None
     help: str = ""
-    choices: Callable[[], tuple[str, ...]] | None = None  # text settings with a fixed set of names; "" = unset
+    choices: Callable[[], tuple[str, ...]] | None = None  # text settings with a fixed set of names
+    empty: str | None = None  # what an empty value means for a setting with choices (None: not allowed)
 
     def check(self, value):
         """Return `value` converted to this setting's type, or raise ValueError(sentence)."""
         if self.type is str:
             if not isinstance(value, str):
                 raise ValueError(f"{self.name} must be text, got {_shown(value)}")
-            if self.choices is not None and value:
+            if self.choices is not None and (value or self.empty is None):
                 names = self.choices()
                 if value not in names:
-                    raise ValueError(f"{self.name} must be one of {', '.join(names)} (or empty for the model's own "
-                                     f"template), got {_shown(value)}{suggestion(value, names)}")
+                    empty = f" (or empty for {self.empty})" if self.empty is not None else ""
+                    raise ValueError(f"{self.name} must be one of {', '.join(names)}{empty}, "
+                                     f"got {_shown(value)}{suggestion(value, names)}")
             return value
         kind = "an integer" if self.type is int else "a number"
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -95,6 +97,11 @@ class Setting:
         return "any finite value"
 
 
+# What the app does when a chat no longer fits in the context: leave its oldest turns out of the
+# request (the system prompt kept), stop and ask the user, or let the engine shift the context
+# (drop the older half of the tokens) as llama.cpp's --context-shift does.
+CONTEXT_POLICIES = ("drop-oldest", "ask", "shift")
+
 # llama.cpp keeps these counts in a C int
 INT32_MAX = 2**31 - 1
 # The sampler works in float32: a penalty times a token count (at most the context, 2**20)
@@ -124,7 +131,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("threads", int, 0, 0, 1024, "CPU threads; 0 = all cores"),
         Setting("system_prompt", str, "", None, None, "system message for chats"),
         Setting("chat_format", str, "", None, None, "chat template override (a built-in name); empty = the model's own",
-                choices=_builtin_chat_formats),
+                choices=_builtin_chat_formats, empty="the model's own template"),
+        Setting("context_policy", str, "drop-oldest", None, None,
+                "when a chat outgrows n_ctx: drop-oldest turns, ask, or shift (the engine's context shift)",
+                choices=lambda: CONTEXT_POLICIES),
     )
 }
 

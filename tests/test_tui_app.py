@@ -494,6 +494,19 @@ async def test_first_run_pulls_default_model_then_chats(tmp_path):
         assert app.conv.messages[-1].content == "hello!"
 
 
+async def test_first_run_quit_button_quits():
+    """The first-run screen reports Quit by dismissing with None (it used to call the app's async
+    quit action without awaiting it, which did nothing)."""
+    app = ChatApp(build_main_parser().parse_args([]), entry=None, llama_factory=FakeScript().factory,
+                  puller=lambda key, progress: None)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, FirstRunScreen) and app.screen.query("#quit")
+                       and app.screen.query_one("#quit").region.width > 0, "the first-run screen's button to be drawn")
+        assert await pilot.click("#quit")
+        await wait_for(pilot, lambda: app.return_code is not None, "the app to quit")
+    assert app.return_code == 0
+
+
 async def test_a_bug_ends_in_one_sentence_and_a_log_not_a_traceback(library, isolated_home):
     app, _ = make_app()
     app.quiet_crashes = True  # as run() sets it

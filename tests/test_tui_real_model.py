@@ -164,3 +164,40 @@ def test_headless_instruct_with_the_real_model(smollm2_path, tmp_path):
     expected = llm(prompt, max_tokens=64, temperature=0, stop=["### Instruction:"])["choices"][0]["text"]
     assert len(expected.split()) >= 3
     assert reply.strip() == expected.strip()
+
+
+async def test_a_long_chat_with_the_real_model_drops_then_shifts(smollm2_path):
+    """Past n_ctx with the real tokenizer and template: the oldest turns are left out so each
+    request fits with room for the reply, the meter is the engine's own count; then with the
+    shift policy (picked as the sidebar does) one long reply runs on past n_ctx."""
+    from llamachat.runtime.params import check_setting
+
+    app = real_app(smollm2_path, "--temp", "0", "-n", "24", "-c", "160", "--system", "Be brief.")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.engine.loaded and not app.loading, "the model to load", timeout=LOAD)
+        for i, topic in enumerate(("France", "Italy", "Spain", "Germany", "Norway", "Japan")):
+            app.chat_screen.chat_input.focus()
+            app.chat_screen.chat_input.text = f"Tell me one fact about {topic}, please."
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: not app.generating and len(app.conv.messages) == 2 * (i + 1), "a reply", timeout=LOAD)
+            assert app.conv.messages[-1].content.strip() and app.conv.messages[-1].note != "context full"
+            assert app.ctx_used == app.engine.n_tokens() <= 160
+            assert f"ctx {app.engine.n_tokens()}/160" in app.status_text()
+        assert app.conv.memory_start > 0 and "oldest turns dropped" in app.status_text()
+        sent = app.conv.request().messages
+        assert sent[0] == {"role": "system", "content": "Be brief."}
+        # shift: a reply of up to 300 tokens in a context of 160
+        app.settings.update(n_predict=300, context_policy=check_setting("context_policy", "shift"))
+        app.action_new_chat()
+        # a long question (about 90 tokens) so that the reply reaches n_ctx well before it ends
+        app.chat_screen.chat_input.text = ("Here is what I know: my cat Tom lives by the sea, naps in the sun all day, "
+                                           "chases the gulls at dusk, and sleeps on the fishing nets of the harbour at "
+                                           "night; the fishermen feed him sardines and call him the captain. " * 2
+                                           + "Write a long story about Tom.")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not app.generating and len(app.conv.messages) == 2, "the long reply", timeout=LOAD)
+        stats = app.engine.llm.generator.last_stats
+        assert stats.context_shifts > 0
+        assert app.conv.messages[-1].note != "context full"
+        assert app.ctx_used == app.engine.n_tokens() <= 160
+        await pilot.press("ctrl+q")

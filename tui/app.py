@@ -5,8 +5,10 @@ chats (chat_store.ChatStore) and the settings; the screens only show them. The e
 `@work(thread=True)` workers: loading a model and generating a reply never run on the UI
 thread. A reply's text goes into a StreamBuffer that a 0.1 s UI timer drains into the message
 being written, so the screen gets a handful of updates per second however fast tokens come.
-Workers report back with messages (ReplyDone, LoadDone); every failure becomes a notification,
-never a traceback.
+Workers report back with messages (ReplyDone, LoadDone), and so do the screens (ChatScreen.Ready
+and StopPressed, LibraryScreen.Changed) or they `dismiss(result)` (the library's "Use in chat",
+the first run's pulled model, the dialogs); every failure becomes a notification, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ from .widgets.chat_input import ChatInput
 from .widgets.message_view import MessageView
 from .widgets.sidebar import Sidebar
 
-DRAIN_SECONDS = 0.1  # how often streamed text reaches the screen
+# How often streamed text reaches the screen. Text comes by this timer, not by a message per
+# piece, for two reasons: the tick bounds the Markdown re-renders to ten a second however fast a
+# backend streams (a remote server sends hundreds of pieces a second; each render runs on the UI
+# thread and holds the GIL the engine's worker thread needs between its kernels); and the same
+# tick shows what changes with no event to post it: the load's progress fraction, the kernel
+# compile notice and the live tok/s and context count. Workers still report their ends by
+# messages (ReplyDone, LoadDone).
+DRAIN_SECONDS = 0.1
 
 
 def _same_place(a, b) -> bool:
@@ -132,8 +141,9 @@ class ChatApp(App):
     def chat_screen(self) -> ChatScreen:
         return self._chat_screen
 
+    @on(ChatScreen.Ready)
     def chat_screen_ready(self) -> None:
-        """Called once the chat screen is composed: open the chats, show settings, load the model."""
+        """Once the chat screen is composed: open the chats, show settings, load the model."""
         try:
             self.store = ChatStore(self.store_path)
         except UserError as err:
@@ -147,9 +157,9 @@ class ChatApp(App):
             # the library has models but the default cannot be used: the library screen fixes that
             self.notify(f"{self.start_problem}. Pick or fix a model here, then Ctrl+T uses it in the chat.",
                         severity="error", title="Default model", timeout=20)
-            self.push_screen(LibraryScreen(self.load_library))
+            self.push_screen(LibraryScreen(self.load_library), self._library_closed)
         elif self.entry is None:
-            self.push_screen(FirstRunScreen(self._puller))
+            self.push_screen(FirstRunScreen(self._puller), self._first_run_closed)
         else:
             self._start_load(self.entry, reason="start")
         self.update_status()
@@ -243,10 +253,13 @@ class ChatApp(App):
             if quant:
                 parts.append(quant)
             parts.append(self._rate_text())
-            # a reply that fills the context stops (or shifts it); between turns, chat mode drops the oldest
+            # what a reply that fills the context does: stop, or shift it (the policy "shift");
+            # before a reply, the policies drop-oldest and ask act on the turns (a line marks the cut)
             policy = "shift" if self._context_policy() == "shift" else "stop"
-            used = self.engine.n_tokens() if self.generating else self.ctx_used
-            parts.append(f"ctx {'?' if used is None else used}/{self.engine.n_ctx()} (full: {policy})"
+            used = self.ctx_used
+            if self.generating and self._live is not None and not getattr(self.entry, "remote", False):
+                used = self.engine.n_tokens()  # live; before the first text the engine still holds the last reply
+            parts.append(f"ctx {'?' if used is None else used}/{self._context_size()} (full: {policy})"
                          + (" · oldest turns dropped" if self.conv.memory_start else ""))
         if self.generating:
             parts.append("writing… Esc stops")
@@ -254,27 +267,57 @@ class ChatApp(App):
         return " │ ".join(parts)
 
     def _context_policy(self) -> str:
-        """What happens when the chat outgrows the context: the engine shifts it (--context-shift),
-        the app leaves the oldest turns out of the request (chat mode), or the reply stops."""
-        if getattr(self.args, "context_shift", False):
-            return "shift"
-        return "drop oldest" if self.conv.mode == CHAT else "stop"
+        """What happens when the chat outgrows the context: the setting context_policy (sidebar,
+        library, --context-policy; --context-shift is "shift"). Instruct and interactive
+        transcripts have no turns to leave out: there a full context stops the reply ("stop")
+        unless the policy is shift."""
+        policy = self.settings.get("context_policy") or "drop-oldest"
+        return policy if policy == "shift" or self.conv.mode == CHAT else "stop"
 
-    def _fit_context(self) -> bool:
-        """Chat mode: leave the oldest turns out of the request until it fits in n_ctx with room
-        for the reply (n_predict, or an eighth of the context); the system prompt stays. True
-        if the model's memory now starts later than before."""
-        if self._context_policy() != "drop oldest":
-            return False
-        n_ctx = self.engine.n_ctx()
+    def _context_size(self) -> int:
+        """The model's n_ctx; for a remote server that does not tell its own, the n_ctx setting."""
+        return self.engine.n_ctx() or (self.settings["n_ctx"] if getattr(self.entry, "remote", False) else 0)
+
+    def _reply_room(self, policy: str) -> int:
+        """Tokens left free for the reply when a request is fitted: n_predict, or an eighth of the
+        context; with shift one token (the engine makes room as the reply grows)."""
+        n_ctx = self._context_size()
+        if policy == "shift":
+            return 1
         n_predict = self.settings.get("n_predict") or -1
-        room = n_predict if 0 < n_predict < n_ctx // 2 else n_ctx // 8
+        return n_predict if 0 < n_predict < n_ctx // 2 else n_ctx // 8
+
+    def _overflow(self, policy: str) -> int | None:
+        """The tokens the next request needs with room for the reply, if that is more than the
+        context holds; None if it fits (or cannot be counted)."""
+        n_ctx = self._context_size()
         used = self.engine.count_tokens(self.conv.request())
+        if used is None or not n_ctx or used + self._reply_room(policy) <= n_ctx:
+            return None
+        return used + self._reply_room(policy)
+
+    def _fit_context(self, policy: str | None = None) -> bool:
+        """Leave the oldest turns out of the request until it fits in n_ctx with room for the
+        reply; the system prompt stays (drop-oldest, and shift when the chat alone outgrows the
+        context; "ask" asks first). True if the model's memory now starts later than before."""
+        policy = policy or self._context_policy()
+        if policy not in ("drop-oldest", "shift"):
+            return False
         moved = False
-        while used is not None and n_ctx and used + room > n_ctx and self.conv.forget_oldest_turn():
+        while self._overflow(policy) is not None and self.conv.forget_oldest_turn():
             moved = True
-            used = self.engine.count_tokens(self.conv.request())
         return moved
+
+    def _refit_context(self) -> None:
+        """The chat, the model, n_ctx or the policy changed: work out again where the model's
+        memory begins (a chat reopened, a larger context remembering more), show it, and set the
+        meter to what the chat fills at its next reply. With "ask" a cut the user chose stays."""
+        if self._context_policy() in ("drop-oldest", "shift"):
+            self.conv.memory_start = 0
+            self._fit_context()
+        self._show_memory_start()
+        self.ctx_used = self._conversation_tokens()
+        self.update_status()
 
     @_while_screen_exists
     def _show_memory_start(self) -> None:
@@ -286,7 +329,7 @@ class ChatApp(App):
         if self.conv.mode != CHAT or start <= 0 or start >= len(views):
             return
         line = Static(f"⋯ the model no longer sees the messages above: the chat outgrew its context "
-                      f"({self.engine.n_ctx() or '?'} tokens) ⋯", classes="memory-start")
+                      f"({self._context_size() or '?'} tokens) ⋯", classes="memory-start")
         self.chat_screen.messages.mount(line, before=views[start])
 
     @_while_screen_exists
@@ -447,7 +490,7 @@ class ChatApp(App):
             self._pending_reply = False
         else:
             self.loaded_settings = dict(message.kwargs)
-            self.ctx_used = self._conversation_tokens()
+            self._refit_context()
             self._show_engine_notice()
             if message.reason == "n_ctx":
                 self.notify(f"Ready with n_ctx={self.engine.n_ctx()}; the chat is kept.", title="Context")
@@ -474,11 +517,14 @@ class ChatApp(App):
             self.engine.pending_seed = event.value  # llama.cpp seeds once; a new seed applies from the next reply
         if event.name == "n_ctx" and event.submitted:
             self._maybe_recreate_context()
+        if event.name == "context_policy" and not self.generating:
+            self._refit_context()
 
     def _load_changes(self) -> list[str]:
-        """Load-time settings that differ from the model now loaded (seed is applied per reply)."""
+        """Load-time settings that differ from the model now loaded (seed and context shift are
+        applied per reply)."""
         now, then = self._load_settings(), self.loaded_settings
-        return [k for k in now if k != "seed" and now[k] != then.get(k)]
+        return [k for k in now if k not in ("seed", "context_shift") and now[k] != then.get(k)]
 
     def _maybe_recreate_context(self) -> bool:
         """Re-create the context if a load-time setting changed; True if a load started."""
@@ -533,7 +579,7 @@ class ChatApp(App):
         self.start_reply()
         return True
 
-    def start_reply(self) -> None:
+    def start_reply(self, asked: bool = False) -> None:
         if self.loading:
             self._pending_reply = True
             self.notify("The reply starts once the model has loaded.", timeout=3)
@@ -544,11 +590,17 @@ class ChatApp(App):
         if self._maybe_recreate_context():
             self._pending_reply = True
             return
+        if not asked and self._context_policy() == "ask":
+            need = self._overflow("ask")
+            if need is not None:
+                self._ask_context_full(need)
+                return
         if self._fit_context():
             self._show_memory_start()
             self.notify("This chat no longer fits in the model's context: the oldest turns are left out "
                         "(a line in the chat marks where its memory begins).", title="Context", timeout=8)
         request = self.conv.request()
+        self.ctx_used = self.engine.count_tokens(request)  # the meter until the engine's own count runs
         sampling = conv_mod.call_kwargs(self.settings, self.args)
         self.buffer.drain()
         name = self.entry.name if self.entry else "Assistant"
@@ -559,12 +611,34 @@ class ChatApp(App):
         self._live = None
         self.chat_screen.set_generating(True)
         self.update_status()
-        self._generate_worker(request, sampling)
+        self._generate_worker(request, sampling, self._context_policy() == "shift")
+
+    def _ask_context_full(self, need: int) -> None:
+        """The "ask" policy: the next request does not fit; the user drops the oldest turns,
+        starts a new chat with the message, or cancels (the message goes back into the box)."""
+        from .screens.context_full import ContextFullScreen
+
+        def answered(choice: str | None) -> None:
+            if choice == "drop":
+                if self._fit_context("drop-oldest"):
+                    self._show_memory_start()
+                self.start_reply(asked=True)
+            elif choice == "new" and self.conv.messages and self.conv.messages[-1].role == "user":
+                text = self.conv.messages.pop().content
+                self.save_chat()
+                self.action_new_chat()
+                self.send(text)
+            else:
+                self._take_back_failed_message()
+                self.ctx_used = self._conversation_tokens()
+                self.update_status()
+
+        self.push_screen(ContextFullScreen(need, self._context_size()), answered)
 
     @work(thread=True, exit_on_error=False, group="engine")
-    def _generate_worker(self, request, sampling: dict) -> None:
+    def _generate_worker(self, request, sampling: dict, context_shift: bool = False) -> None:
         try:
-            result = self.engine.generate(request, sampling, self.buffer.push, self.logit_bias)
+            result = self.engine.generate(request, sampling, self.buffer.push, self.logit_bias, context_shift=context_shift)
         except BaseException as err:  # noqa: BLE001 - generate never raises; belt and braces
             result = GenerationResult(error=describe_error(err))
         self.post_message(ReplyDone(result))
@@ -598,7 +672,7 @@ class ChatApp(App):
                 self.notify(result.error, severity="error", title="Reply cut short", timeout=10)
             if result.stop_reason == "context_full":
                 self.notify(f"The context is full ({result.n_ctx} tokens), so the reply stopped. "
-                            "Start a new chat (Ctrl+N), raise n_ctx in the sidebar, or run with --context-shift.",
+                            "Start a new chat (Ctrl+N), raise n_ctx in the sidebar, or pick \"shift the context\" there.",
                             severity="warning", title="Context full", timeout=10)
             shifts = result.stats.get("context_shifts") or 0
             if shifts:
@@ -744,11 +818,11 @@ class ChatApp(App):
             return
         self.conv = conv
         self.chat_id = chat_id
-        self.ctx_used = self._conversation_tokens()
         if conv.mode == CHAT:
             self.settings["system_prompt"] = conv.system_prompt
             self.chat_screen.sidebar.show_settings(self.settings)
         self._rebuild_views()
+        self._refit_context()
         if at_message is not None:
             self.chat_screen.show_message(at_message)
         if self.entry is not None and model and model != self.entry.name:
@@ -876,10 +950,29 @@ class ChatApp(App):
 
     def action_library(self) -> None:
         if not isinstance(self.screen, LibraryScreen):
-            self.push_screen(LibraryScreen(self.load_library))
+            self.push_screen(LibraryScreen(self.load_library), self._library_closed)
+
+    def _library_closed(self, name: str | None) -> None:
+        """The library screen closed; with a model name: "Use in chat" for that model."""
+        if name is not None:
+            self.switch_model(name)
+
+    @on(LibraryScreen.Changed)
+    def _library_screen_changed(self) -> None:
+        self.library_changed()
+
+    @on(ChatScreen.StopPressed)
+    def _stop_pressed(self) -> None:
+        self.action_stop()
+
+    async def _first_run_closed(self, entry) -> None:
+        """The first-run screen closed: with the pulled model, or None when the user quit."""
+        if entry is None:
+            await self.action_quit()
+        else:
+            self.first_run_done(entry)
 
     def first_run_done(self, entry) -> None:
-        self.pop_screen()
         self.notify(f"{entry.name} is ready.", title="Model downloaded")
         self.entry = entry
         self.settings = conv_mod.merged_settings(self.args, entry.settings)

@@ -47,6 +47,9 @@ class GenerationRequest:
     # True: params.seed is ignored and the backend's random stream goes on from the last reply
     # (llama.cpp seeds once); False: params.seed starts the stream afresh
     continue_stream: bool = True
+    # when the context fills during the reply: True shifts it (drops the older half of the
+    # tokens) and goes on, False stops; None: what the model was loaded with (--context-shift)
+    context_shift: bool | None = None
 
     def __post_init__(self):
         if (self.messages is None) == (self.prompt is None):
@@ -169,7 +172,7 @@ class LocalBackend:
         with self._lock:
             tokens = self.prompt_tokens(request)
             gen = llm.generator.generate(tokens, params, n_predict=request.n_predict, stop=list(request.stop),
-                                         context_shift=bool(getattr(llm, "context_shift", False)),
+                                         context_shift=_context_shift(llm, request),
                                          n_keep=int(getattr(llm, "n_keep", 0)),
                                          continue_stream=request.continue_stream)
             try:
@@ -229,6 +232,8 @@ class LlamaApiBackend(LocalBackend):
         pieces: list[str] = []
         finish = None
         with self._lock:
+            if request.context_shift is not None and hasattr(llm, "context_shift"):
+                llm.context_shift = request.context_shift  # the Llama API reads it at each call
             if request.messages is not None:
                 chunks = llm.create_chat_completion(list(request.messages), **kwargs)
             else:
@@ -261,6 +266,12 @@ class LlamaApiBackend(LocalBackend):
 
     def take_notice(self) -> str | None:
         return None
+
+
+def _context_shift(llm, request: GenerationRequest) -> bool:
+    if request.context_shift is not None:
+        return request.context_shift
+    return bool(getattr(llm, "context_shift", False))
 
 
 def _matched_stop(llm, stops: list[str], text: str) -> str | None:

@@ -101,7 +101,9 @@ def build_main_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=setting_flag("threads"), help="CPU threads")
     p.add_argument("-r", "--reverse-prompt", dest="reverse_prompt", action="append", default=[], help="stop (and hand over to the user) at this text; repeatable")
     p.add_argument("--keep", dest="n_keep", type=int, default=0, help="tokens of the prompt kept when the context shifts (-1 = all)")
-    p.add_argument("--context-shift", action="store_true", help="when the context is full, drop the older half instead of stopping")
+    p.add_argument("--context-shift", action="store_true", help="when the context is full, drop the older half instead of stopping (= --context-policy shift)")
+    p.add_argument("--context-policy", dest="context_policy", type=setting_flag("context_policy"),
+                   help="when a chat outgrows the context: drop-oldest (its oldest turns; the default), ask, or shift")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     p.add_argument("-i", "--interactive", action="store_true", help="interactive transcript mode (use with -r)")

@@ -81,6 +81,8 @@ def merged_settings(args=None, library_settings: dict | None = None) -> dict:
             values[name] = check_setting(name, value)
         except ValueError as err:
             raise UserError(f"{err} (command-line flag)") from None
+    if getattr(args, "context_shift", False) and getattr(args, "context_policy", None) is None:
+        values["context_policy"] = "shift"  # llama.cpp's --context-shift
     return values
 
 
@@ -114,7 +116,8 @@ def load_kwargs(settings: dict, args=None) -> dict:
         n_threads=threads if threads > 0 else None,
         seed=settings["seed"],
         chat_format=settings.get("chat_format") or None,
-        context_shift=bool(getattr(args, "context_shift", False)),
+        # the app also says it per reply, from its policy
+        context_shift=settings.get("context_policy") == "shift" or bool(getattr(args, "context_shift", False)),
         n_keep=int(getattr(args, "n_keep", 0) or 0),
     )
 

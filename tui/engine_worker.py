@@ -252,9 +252,10 @@ class Engine:
                 pass
 
     def generate(self, request: Request, sampling: dict, on_text: Callable[[str], None],
-                 logit_bias: dict | None = None) -> GenerationResult:
+                 logit_bias: dict | None = None, context_shift: bool | None = None) -> GenerationResult:
         """Run one generation, streaming text pieces to `on_text`; never raises. `sampling`:
-        the Llama-call keywords of conversation.call_kwargs."""
+        the Llama-call keywords of conversation.call_kwargs; `context_shift`: shift a full
+        context instead of stopping (None: as the model was loaded)."""
         from .backends import GenerationRequest, TextPiece, params_from_call
 
         result = GenerationResult()
@@ -275,7 +276,8 @@ class Engine:
                     messages=tuple(request.messages) if request.messages is not None else None,
                     prompt=request.prompt if request.messages is None else None,
                     params=params, n_predict=max_tokens if max_tokens and max_tokens > 0 else -1,
-                    stop=tuple(request.stop or ()), continue_stream=self.pending_seed is None)
+                    stop=tuple(request.stop or ()), continue_stream=self.pending_seed is None,
+                    context_shift=context_shift)
                 for event in backend.stream(greq):
                     if isinstance(event, TextPiece):
                         pieces.append(event.text)

@@ -130,7 +130,7 @@ def run(args) -> int:
     cold = engine_cache_is_cold()
     with StderrProgress():  # a first run compiles the kernels: a line on stderr says so
         llm = Llama(str(entry.path), n_ctx=settings["n_ctx"], n_threads=threads, seed=settings["seed"],
-                    context_shift=bool(args.context_shift), n_keep=int(args.n_keep or 0))
+                    context_shift=settings["context_policy"] == "shift", n_keep=int(args.n_keep or 0))
         if cold:  # compile now, with the line showing, rather than between the first words; only
             # the paths this run takes (its prompt's length, then decode), a cold start is long enough
             n_prompt = len(llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True))

@@ -1,7 +1,8 @@
 """The main screen: the conversation (auto-scrolling until the user scrolls up), the message box
 with Send and Stop, the settings sidebar, and a status line (model, quant, tokens/s of the last
 reply, context used / n_ctx, what happens when the context fills). The screen only shows things;
-the app (tui/app.py) owns the engine and the conversation."""
+the app (tui/app.py) owns the engine and the conversation, and hears from the screen by
+messages: `Ready` once it is composed, `StopPressed` for Esc or the Stop button."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Static
 
@@ -18,6 +20,12 @@ from ..widgets.sidebar import Sidebar
 
 
 class ChatScreen(Screen):
+    class Ready(Message):
+        """The screen is composed: the app can fill it in and load the model."""
+
+    class StopPressed(Message):
+        """Esc or the Stop button: stop the reply being written."""
+
     BINDINGS = [
         Binding("escape", "escape", "Stop"),
         Binding("ctrl+n", "app.new_chat", "New"),
@@ -51,7 +59,7 @@ class ChatScreen(Screen):
         self.set_class(self.app.size.width < self.NARROW, "-narrow")
         self.query_one("#messages", VerticalScroll).anchor()
         self.query_one("#prompt", ChatInput).focus()
-        self.app.chat_screen_ready()
+        self.post_message(self.Ready())
 
     @property
     def messages(self) -> VerticalScroll:
@@ -117,7 +125,7 @@ class ChatScreen(Screen):
 
     def action_escape(self) -> None:
         """Esc stops a reply and, from anywhere on the screen, returns to the message box."""
-        self.app.action_stop()
+        self.post_message(self.StopPressed())
         self.chat_input.focus()
 
     @on(Sidebar.SettingChanged)
@@ -145,4 +153,4 @@ class ChatScreen(Screen):
                 self.chat_input.post_message(ChatInput.Submitted(self.chat_input, text))
         elif event.button.id == "stop":
             event.stop()
-            self.app.action_stop()
+            self.post_message(self.StopPressed())

@@ -1,5 +1,6 @@
 """First run with an empty library: offer the default model, pull it with a progress bar (in a
-worker thread, so the screen stays live), then open the chat with it."""
+worker thread, so the screen stays live), then open the chat with it: the screen dismisses
+with the pulled model's library entry, or None when the user quits."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..engine_worker import describe_error
 STAGES = {"download": "Downloading", "extract": "Unpacking", "verify": "Checking the sha256 of", "install": "Installing"}
 
 
-class FirstRunScreen(Screen):
+class FirstRunScreen(Screen[object]):
     BINDINGS = [Binding("escape", "app.quit", "Quit")]
 
     class Pulled(Message):
@@ -58,7 +59,7 @@ class FirstRunScreen(Screen):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
         if event.button.id == "quit":
-            self.app.action_quit()
+            self.dismiss(None)
             return
         event.button.disabled = True
         self.query_one("#pull-progress", ProgressBar).display = True
@@ -99,4 +100,4 @@ class FirstRunScreen(Screen):
             self.query_one("#pull", Button).disabled = False
             self.notify(message.error, severity="error", title="Download failed")
             return
-        self.app.first_run_done(message.entry)
+        self.dismiss(message.entry)

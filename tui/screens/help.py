@@ -43,8 +43,11 @@ command-line flags (`--temp 0` ...) win over those.
 - **interactive** (`-i -r "User:" -f chat-with-bob`): a transcript the prompt file opens; the
   model writes until the reverse prompt, then your line follows.
 
-When the context is full the reply stops with a notice, or, with `--context-shift`, the older
-half of the context is dropped and the reply goes on; the status line says which.
+When a chat outgrows the context, the sidebar's policy (the library's `context_policy`) says
+what happens: its oldest turns are left out (a line marks where the model's memory begins), the
+app stops and asks, or the engine shifts the context (`--context-shift`: the older half is
+dropped) and the reply goes on. Instruct and interactive transcripts stop at a full context
+unless it shifts; the status line says which.
 
 Press Esc to close.
 """

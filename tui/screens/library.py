@@ -6,6 +6,9 @@ of its defaults: each field is checked with runtime.params' rules, an empty fiel
 default, and import a model (Ctrl+O: the import dialog, a GGUF file, a Hugging Face or Meta
 folder, optionally quantized). Every change goes through model_store.library (validated, written atomically); its
 error sentences are shown as they are.
+
+The screen tells the app what happened and leaves the rest to it: `Changed` after each change
+to models.toml, and `dismiss(name)` for "Use in chat" (None: back without a model to use).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Input, Label, Static
 
@@ -45,7 +49,10 @@ class LibraryCommands(Provider):
                 yield Hit(score, matcher.highlight(title), action, help=help_text)
 
 
-class LibraryScreen(Screen):
+class LibraryScreen(Screen[str | None]):
+    class Changed(Message):
+        """models.toml was changed here (a model added, removed, its defaults, the default)."""
+
     COMMANDS = {LibraryCommands}
     BINDINGS = [
         Binding("escape", "close", "Back to chat"),
@@ -205,7 +212,7 @@ class LibraryScreen(Screen):
             return
         self.notify(f"Saved {', '.join(changes)} for {self.selected}.", title="Model library")
         self.reload(self.selected)
-        self.app.library_changed()
+        self.post_message(self.Changed())
 
     def action_make_default(self) -> None:
         if not self.library or not self.selected:
@@ -217,12 +224,11 @@ class LibraryScreen(Screen):
             return
         self.notify(f"{self.selected} is now the default model.")
         self.reload(self.selected)
-        self.app.library_changed()
+        self.post_message(self.Changed())
 
     def action_use_model(self) -> None:
         if self.selected:
-            self.app.switch_model(self.selected)
-            self.dismiss()
+            self.dismiss(self.selected)
 
     def add_model(self) -> None:
         path = self.query_one("#add-path", Input).value.strip()
@@ -241,7 +247,7 @@ class LibraryScreen(Screen):
         self.query_one("#add-name", Input).value = ""
         self.notify(f"Added {entry.name}.", title="Model library")
         self.reload(entry.name)
-        self.app.library_changed()
+        self.post_message(self.Changed())
 
     def remove_model(self) -> None:
         name = self.selected
@@ -259,7 +265,7 @@ class LibraryScreen(Screen):
             self.notify(f"Removed {name} from the library (the file was left where it is).")
             self.selected = None
             self.reload()
-            self.app.library_changed()
+            self.post_message(self.Changed())
 
         self.app.push_screen(ConfirmScreen(f"Remove {name} from the library? The file itself is kept.", yes="Remove"), done)
 
@@ -273,7 +279,7 @@ class LibraryScreen(Screen):
             entry = self.library.models.get(name) if self.library else None
             where = f" ({entry.base_url if entry.remote else entry.path.name})" if entry else ""
             self.notify(f"Imported {name}{where}.", title="Model library")
-            self.app.library_changed()
+            self.post_message(self.Changed())
 
         if self.library is not None and self.library.read_only:
             self.notify(f"The library cannot be changed: {self.library.read_only_reason}", severity="error")
@@ -294,4 +300,4 @@ class LibraryScreen(Screen):
         actions[event.button.id]()
 
     def action_close(self) -> None:
-        self.dismiss()
+        self.dismiss(None)

@@ -1,5 +1,5 @@
 """The parameter sidebar: model picker (with load progress), the sampling settings, the system
-prompt. Every field is checked with runtime.params' rules as it is typed; an invalid value shows
+prompt, what happens when a chat outgrows n_ctx (context_policy). Every field is checked with runtime.params' rules as it is typed; an invalid value shows
 the sentence under the field and is not applied. Valid changes are posted as `SettingChanged`
 and apply to the next reply (n_ctx re-creates the context: on Enter, or at the next reply).
 """
@@ -15,6 +15,9 @@ from llamachat.runtime.params import SETTINGS, check_setting
 
 from ..conversation import SIDEBAR_SETTINGS
 
+# context_policy's choices (runtime.params.CONTEXT_POLICIES) as the picker shows them
+POLICY_LABELS = (("drop oldest turns", "drop-oldest"), ("stop and ask", "ask"), ("shift the context", "shift"))
+
 
 def format_value(value) -> str:
     if isinstance(value, float):
@@ -23,6 +26,7 @@ def format_value(value) -> str:
 
 
 class Sidebar(VerticalScroll):
+    _policy = SETTINGS["context_policy"].default  # the context policy the picker shows
     class SettingChanged(Message):
         def __init__(self, name: str, value, submitted: bool = False):
             super().__init__()
@@ -54,6 +58,9 @@ class Sidebar(VerticalScroll):
                 yield Input(id=f"setting-{name}", compact=True, classes="setting-input",
                             tooltip=SETTINGS[name].help)
             yield Static("", id=f"error-{name}", classes="setting-error")
+        yield Label("When the chat outgrows n_ctx", classes="sidebar-title")
+        yield Select(POLICY_LABELS, id="context-policy", allow_blank=False, compact=True,
+                     tooltip=SETTINGS["context_policy"].help)
         yield Label("System prompt", classes="sidebar-title")
         yield TextArea(id="system-prompt", soft_wrap=True, compact=True, tab_behavior="focus")
 
@@ -68,6 +75,11 @@ class Sidebar(VerticalScroll):
             field.remove_class("-invalid")
             self.query_one(f"#error-{name}", Static).update("")
             self.query_one(f"#error-{name}", Static).remove_class("-shown")
+        policy = self.query_one("#context-policy", Select)
+        if settings.get("context_policy") in {value for _, value in POLICY_LABELS}:
+            self._policy = settings["context_policy"]
+            with policy.prevent(Select.Changed):  # filled in, not chosen: nothing to report
+                policy.value = self._policy
         area = self.query_one("#system-prompt", TextArea)
         if area.text != settings.get("system_prompt", ""):
             area.text = settings.get("system_prompt", "")
@@ -123,6 +135,12 @@ class Sidebar(VerticalScroll):
 
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
+        if event.select.id == "context-policy":
+            # the picker reports its first value as it mounts: only a different one is a choice
+            if event.value != self._policy:
+                self._policy = check_setting("context_policy", event.value)
+                self.post_message(self.SettingChanged("context_policy", self._policy))
+            return
         # the blank entry (Select.NULL) is "(no model)"
         self.post_message(self.ModelChosen(str(event.value) if isinstance(event.value, str) else None))
 
