@@ -25,8 +25,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .matmul import (F16_TABLE, FUSED_TYPES, act_mode_of, matmul, matvec_fused, pack_x8, quantize_activations, quantize_for,
-                     repack, repackable, round_to_f16)
+from .matmul import (F16_TABLE, act_mode_of, dequantize_rows, matmul, matvec_fused, quantize_activations, quantize_for,
+                     round_to_f16)
 from .simd import fmaf
 
 
@@ -293,13 +293,16 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
 
-def forward(model, tokens: np.ndarray, want_all: bool, hidden: bool = False) -> np.ndarray:
-    """Run tokens [T] at positions cache.n_past.. through the model, append them to the KV
-    cache and return the logits of the last token [n_vocab] (or of all tokens [T, n_vocab]);
-    hidden: the final-norm hidden states instead of logits (embeddings, llama.cpp's result_norm)."""
-    cfg = model.config
-    cache = model.cache
-    w = model.weights
+def embed(cfg, w, tokens: np.ndarray) -> np.ndarray:
+    """The token embedding rows of tokens [T] as float32 [T, n_embd]."""
+    return dequantize_rows(w.token_embd.rows[tokens], w.token_embd.ggml_type, cfg.n_embd)
+
+
+def forward(cfg, w, cache, tokens: np.ndarray, want_all: bool, hidden: bool = False) -> np.ndarray:
+    """Run tokens [T] at positions cache.n_past.. through the model (config cfg, weights w),
+    append them to the KV cache and return the logits of the last token [n_vocab] (or of all
+    tokens [T, n_vocab]); hidden: the final-norm hidden states instead of logits (embeddings,
+    llama.cpp's result_norm). Changes nothing but the cache."""
     n_tok = len(tokens)
     pos0 = cache.n_past
     positions = np.arange(pos0, pos0 + n_tok)
@@ -307,7 +310,7 @@ def forward(model, tokens: np.ndarray, want_all: bool, hidden: bool = False) -> 
     hd = cfg.head_dim
     attn_out = np.empty((n_tok, cfg.n_head * hd), np.float32)
 
-    x = model.embed(tokens)
+    x = embed(cfg, w, tokens)
     for il, layer in enumerate(w.layers):
         # attention
         h = rmsnorm(x, layer.attn_norm, cfg.rms_eps)
@@ -514,124 +517,6 @@ def decode_layer_grouped(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_
         x[0, i] += proj[0, i]
 
 
-def _release_pages(a: np.ndarray) -> None:
-    """Drop the memory-map pages under `a` from this process (MADV_DONTNEED: clean file pages,
-    read again from the file if ever touched), so a weight held as a stacked copy is not also
-    counted in memory as its mapped original. Whole pages inside `a` only."""
-    import ctypes
-    import mmap
-
-    if not hasattr(mmap, "MADV_DONTNEED") or a.base is None:
-        return
-    page = mmap.PAGESIZE
-    start = -(-a.ctypes.data // page) * page
-    end = (a.ctypes.data + a.nbytes) // page * page
-    if end > start:
-        try:
-            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
-        except (OSError, AttributeError):
-            pass
-
-
-class LayerStack(NamedTuple):
-    """Every layer's decode matrices in 4 arrays [n_layer, rows, row bytes] (and the norms in 2),
-    for decode_all_layers; the output matrix as matvec_fused takes it (out_type -1: none)."""
-    mats: tuple
-    types: tuple
-    attn_norm: np.ndarray
-    ffn_norm: np.ndarray
-    out_rows: np.ndarray
-    out_type: int
-
-
-def _repack_alone(w) -> None:
-    """Repack one matrix into a new array, its file pages released."""
-    mapped = w.rows
-    repack(w)
-    _release_pages(mapped)
-
-
-def _repack_each(weights) -> None:
-    """Every repackable matrix (`repackable`: the layers' Q4_0 and Q4_1 with rows a multiple of 8,
-    and an untied output), each into its own array: for models decoded by `forward`."""
-    for layer in weights.layers:
-        for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
-            if repackable(w):
-                _repack_alone(w)
-    if weights.output is not weights.token_embd and repackable(weights.output):
-        _repack_alone(weights.output)
-
-
-def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
-    """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
-    q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
-    load, their file pages released: the layers' size, 66 MB for SmolLM2 Q4_1), else ("plain",
-    mats, types) for decode_layer (the 7 matrices, the memory map's rows); None if some matrix
-    has no fused kernel (or the shapes do not suit it): those decode via `forward`. Weights whose
-    rows were copied read the copy from then on (their file pages released), so nothing is held
-    twice. When every layer is grouped with the same formats and shapes (any llama GGUF
-    quantized to one type), the copies are written straight into the 4 arrays of a LayerStack
-    (the per-layer entries are views of them), so decode_all_layers takes a whole token in one
-    compiled call; else the stack is None."""
-    out_w = weights.output
-    plan = []
-    for layer in weights.layers:
-        ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
-        if any(w.ggml_type not in FUSED_TYPES or w.n_in % 32 for w in ws):
-            _repack_each(weights)
-            return None, None
-        types = [int(w.ggml_type) for w in ws]
-        if types[0] == types[1] == types[2] and types[4] == types[5]:
-            plan.append(((layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,)))
-        else:
-            plan.append(None)
-
-    def shape(groups):  # formats and matrix shapes of a grouped layer
-        return tuple((int(g[0].ggml_type), sum(w.n_out for w in g), g[0].rows.shape[1]) for g in groups)
-
-    stacks = None
-    if all(p is not None for p in plan) and len({shape(p) for p in plan}) == 1:
-        stacks = tuple(np.empty((len(plan), n_out, row_bytes), np.uint8) for _, n_out, row_bytes in shape(plan[0]))
-    out = []
-    for il, groups in enumerate(plan):
-        layer = weights.layers[il]
-        if groups is None:  # one matrix at a time
-            groups = tuple((w,) for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
-        mats = []
-        for i, ws_i in enumerate(groups):
-            if stacks is not None:
-                m = np.concatenate([w.rows for w in ws_i], out=stacks[i][il])
-            else:  # a lone matrix stays the memory map's rows
-                m = np.concatenate([w.rows for w in ws_i]) if len(ws_i) > 1 else np.ascontiguousarray(ws_i[0].rows)
-            packed = all(repackable(w) for w in ws_i)
-            if packed:  # (8-row groups never straddle two matrices: each has a multiple of 8 rows)
-                m = pack_x8(m, ws_i[0].ggml_type, out=m if m.base is not ws_i[0].rows.base else None)
-            if m.base is not ws_i[0].rows.base:  # a copy: every product reads it
-                start = 0
-                for w in ws_i:
-                    view = m[start:start + w.n_out]
-                    start += w.n_out
-                    _release_pages(w.rows)
-                    w.rows = view
-                    w.packed = packed
-            if len(groups) == 7:  # decode_layer indexes them: one array type for all (numba)
-                m.flags.writeable = False
-            mats.append(m)
-        types = np.array([g[0].kernel for g in groups], np.int64)
-        out.append(("grouped" if len(groups) == 4 else "plain", tuple(mats), types))
-    if out_w is not weights.token_embd and repackable(out_w):
-        _repack_alone(out_w)
-    if stacks is None:
-        return out, None
-    if out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
-        out_rows, out_type = np.ascontiguousarray(out_w.rows), out_w.kernel
-    else:
-        out_rows, out_type = np.zeros((1, 1), np.uint8), -1
-    norms = [np.stack([getattr(layer, name) for layer in weights.layers]).astype(np.float32)
-             for name in ("attn_norm", "ffn_norm")]
-    return out, LayerStack(stacks, tuple(int(t) for t in out[0][2]), *norms, out_rows, out_type)
-
-
 @njit(cache=True)
 def decode_all_layers(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
                       k_cache, v_cache, pos, cos, sin, n_head, n_head_kv, head_dim, n_rot, table,
@@ -648,28 +533,26 @@ def decode_all_layers(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up,
         _matvec_into(out_type, out_rows, xn, table, logits)
 
 
-def decode_token(model, token: int) -> np.ndarray:
-    """One token at position n_past in one compiled call (decode_all_layers) when the layers
-    are stacked, else one per layer; logits [n_vocab]."""
-    cfg = model.config
-    cache = model.cache
+def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
+    """One token at position cache.n_past in one compiled call (decode_all_layers) when the
+    layers are stacked (st, from runtime.loading.fused_layers), else one per layer (fused);
+    logits [n_vocab]. Changes nothing but the cache."""
     pos = cache.n_past
     cos, sin = rope_tables(np.array([pos]), cfg)
-    x = model.embed(np.array([token]))
+    x = embed(cfg, weights, np.array([token]))
     eps = np.float32(cfg.rms_eps)
-    st = model.layer_stack
     if st is not None:
         logits = np.empty((1, cfg.n_vocab), np.float32)
         (qkv, wo, gate_up, down), (t_qkv, t_o, t_gu, t_down) = st.mats, st.types
         decode_all_layers(x, st.attn_norm, st.ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
                           cache.k, cache.v, pos, cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot,
-                          F16_TABLE, model.weights.output_norm, st.out_rows, st.out_type, logits)
+                          F16_TABLE, weights.output_norm, st.out_rows, st.out_type, logits)
         cache.n_past = pos + 1
         if st.out_type >= 0:
             return logits[0]
-        return matmul(model.weights.output, rmsnorm(x, model.weights.output_norm, cfg.rms_eps))[0]
-    for il, (kind, mats, types) in enumerate(model.fused):
-        layer = model.weights.layers[il]
+        return matmul(weights.output, rmsnorm(x, weights.output_norm, cfg.rms_eps))[0]
+    for il, (kind, mats, types) in enumerate(fused):
+        layer = weights.layers[il]
         if kind == "grouped":
             decode_layer_grouped(x, layer.attn_norm, layer.ffn_norm, eps, mats[0], types[0], mats[1], types[1],
                                  mats[2], types[2], mats[3], types[3], cache.k[il], cache.v[il], pos,
@@ -678,18 +561,17 @@ def decode_token(model, token: int) -> np.ndarray:
             decode_layer(x, layer.attn_norm, layer.ffn_norm, eps, mats, types, cache.k[il], cache.v[il], pos,
                          cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
     cache.n_past = pos + 1
-    x = rmsnorm(x, model.weights.output_norm, cfg.rms_eps)
-    return matmul(model.weights.output, x)[0]
+    x = rmsnorm(x, weights.output_norm, cfg.rms_eps)
+    return matmul(weights.output, x)[0]
 
 
-def rerotate_keys(model, start: int, end: int, delta: int) -> None:
+def rerotate_keys(cfg, cache, start: int, end: int, delta: int) -> None:
     """Add delta to the positions of cached keys [start, end) of every layer (context shift):
     rotating an already rotated key by delta is rotating the original by pos + delta."""
-    cfg = model.config
     if end <= start or delta == 0:
         return
     cos, sin = rope_tables(np.full(end - start, delta), cfg)
     for il in range(cfg.n_layer):
-        k = model.cache.k[il, start:end].copy()
+        k = cache.k[il, start:end].copy()
         apply_rope(k, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, cos, sin)
-        model.cache.k[il, start:end] = k.astype(np.float16)
+        cache.k[il, start:end] = k.astype(np.float16)
