@@ -405,164 +405,168 @@ def _silu_mul_rows(gate, up, out):
         _silu_mul(gate[t], up[t], out[t])
 
 
+# --- one token in one compiled call ----------------------------------------------------------
+# A decode step runs the steps of `forward` for a batch of one inside compiled code, so that a
+# token costs no Python-level call per step. Its arguments are grouped in the NamedTuples below.
+
+class Dims(NamedTuple):
+    """The model's sizes a layer needs (ModelConfig's, as numba takes them)."""
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    eps: np.float32
+
+    @staticmethod
+    def of(cfg) -> "Dims":
+        return Dims(cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, np.float32(cfg.rms_eps))
+
+
+class Rope(NamedTuple):
+    """cos and sin [T, n_rot/2] of the tokens' positions (rope_tables)."""
+    cos: np.ndarray
+    sin: np.ndarray
+
+
+class KV(NamedTuple):
+    """Keys and values of the cache: of one layer [n_ctx, kv_dim] or of all [n_layer, n_ctx, kv_dim]."""
+    k: np.ndarray
+    v: np.ndarray
+
+
+class Layer(NamedTuple):
+    """One layer's decode arrays. Grouping is a parameter: qkv holds one matrix (q, k and v
+    stacked, one product) or three, gate_up one (stacked) or two; wo and down one each. types:
+    four int64 arrays, the kernel code of each matrix of qkv, wo, gate_up, down."""
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    qkv: tuple
+    wo: tuple
+    gate_up: tuple
+    down: tuple
+    types: tuple
+
+
+class Head(NamedTuple):
+    """The final norm and output matrix as matvec_fused takes it, and its kernel code in an int64
+    array [1] (-1: it has no fused kernel, the output product is left to `matmul`)."""
+    norm: np.ndarray
+    rows: np.ndarray
+    types: np.ndarray
+
+
+class LayerStack(NamedTuple):
+    """Every layer's matrices when all layers are grouped alike: qkv, wo, gate_up, down each one
+    array [n_layer, rows, row bytes], the norms [n_layer, n_embd]; types as Layer's."""
+    qkv: np.ndarray
+    wo: np.ndarray
+    gate_up: np.ndarray
+    down: np.ndarray
+    types: tuple
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    head: Head
+
+
 @njit(cache=True)
-def _project(mats, types, first, count, x, table, outs):
-    """outs[i] = mats[first+i] @ x[0] for i < count, rounding x once per activation format."""
+def _project(mats, types, x, table, out):
+    """out[0] = the products of mats (one matrix, or several whose outputs lie side by side)
+    with x[0], x rounded once per activation format."""
     n = x.shape[1]
     xq = np.empty((1, n), np.int8)
     xd = np.empty((1, n // 32), np.float32)
     xs = np.empty((1, n // 32), np.float32)
     xhat = np.empty((1, n), np.float32)
     mode = -1
-    for i in range(count):
-        t = types[first + i]
+    start = 0
+    for i in range(len(mats)):
+        t = types[i]
         if act_mode_of(t) != mode:
             mode = act_mode_of(t)
             quantize_activations(x, mode, xq, xd, xs, xhat)
-        matvec_fused(t, mats[first + i], table, xq[0], xd[0], xs[0], xhat[0], outs[i])
+        rows = mats[i].shape[0]
+        matvec_fused(t, mats[i], table, xq[0], xd[0], xs[0], xhat[0], out[0, start:start + rows])
+        start += rows
 
 
 @njit(cache=True)
-def decode_layer(x, attn_norm, ffn_norm, eps, mats, types, k_cache, v_cache, pos, cos, sin,
-                 n_head, n_head_kv, head_dim, n_rot, table):
-    """One layer for one token (x [1, n_embd], updated in place) in a single compiled call:
-    the same steps and kernels as `forward`, without a Python-level call per step.
-    mats/types: (wq, wk, wv, wo, w_gate, w_up, w_down) raw rows and their ggml types."""
+def decode_layer(x, layer, kv, pos, rope, dims, table):
+    """One layer (a Layer) for one token at position pos (x [1, n_embd], updated in place; kv:
+    the layer's cache): the steps and kernels of `forward`, in one compiled call."""
     n_embd = x.shape[1]
-    kv_dim = n_head_kv * head_dim
-    n_ff = mats[4].shape[0]
+    q_dim = dims.n_head * dims.head_dim
+    kv_dim = dims.n_head_kv * dims.head_dim
     h = np.empty((1, n_embd), np.float32)
-    q = np.empty((1, n_head * head_dim), np.float32)
-    k = np.empty((1, kv_dim), np.float32)
-    v = np.empty((1, kv_dim), np.float32)
-    att = np.empty((1, n_head * head_dim), np.float32)
-    proj = np.empty((1, n_embd), np.float32)
-    gate = np.empty((1, n_ff), np.float32)
-    up = np.empty((1, n_ff), np.float32)
-    act = np.empty((1, n_ff), np.float32)
-
-    # attention
-    _rmsnorm(x, attn_norm, eps, h)
-    _project(mats, types, 0, 1, h, table, (q[0],))
-    _project(mats, types, 1, 2, h, table, (k[0], v[0]))
-    apply_rope(q, n_head, head_dim, n_rot, cos, sin)
-    apply_rope(k, n_head_kv, head_dim, n_rot, cos, sin)
-    for i in range(kv_dim):  # the cache holds half floats
-        k_cache[pos, i] = round_to_f16(k[0, i])
-        v_cache[pos, i] = round_to_f16(v[0, i])
-    attend(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
-    _project(mats, types, 3, 1, att, table, (proj[0],))
-    for i in range(n_embd):
-        x[0, i] += proj[0, i]
-
-    # feed-forward (SwiGLU)
-    _rmsnorm(x, ffn_norm, eps, h)
-    _project(mats, types, 4, 2, h, table, (gate[0], up[0]))
-    _silu_mul(gate[0], up[0], act[0])
-    _project(mats, types, 6, 1, act, table, (proj[0],))
-    for i in range(n_embd):
-        x[0, i] += proj[0, i]
-
-
-@njit(cache=True)
-def _matvec_into(t, w, x, table, out):
-    """out[0] = W x[0] with W's fused kernel, x rounded to W's activation format first."""
-    n = x.shape[1]
-    xq = np.empty((1, n), np.int8)
-    xd = np.empty((1, n // 32), np.float32)
-    xs = np.empty((1, n // 32), np.float32)
-    xhat = np.empty((1, n), np.float32)
-    quantize_activations(x, act_mode_of(t), xq, xd, xs, xhat)
-    matvec_fused(t, w, table, xq[0], xd[0], xs[0], xhat[0], out[0])
-
-
-@njit(cache=True)
-def decode_layer_grouped(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
-                         k_cache, v_cache, pos, cos, sin, n_head, n_head_kv, head_dim, n_rot, table):
-    """decode_layer with q/k/v stacked into one matrix and gate/up into another (same format
-    each): 4 parallel products per layer instead of 7. Each output row is the same sum of the
-    same rounded activations as before, so results are identical; only fewer thread wake-ups."""
-    n_embd = x.shape[1]
-    q_dim = n_head * head_dim
-    kv_dim = n_head_kv * head_dim
-    n_ff = gate_up.shape[0] // 2
-    h = np.empty((1, n_embd), np.float32)
-    qkv_out = np.empty((1, q_dim + 2 * kv_dim), np.float32)
+    qkv = np.empty((1, q_dim + 2 * kv_dim), np.float32)
     att = np.empty((1, q_dim), np.float32)
     proj = np.empty((1, n_embd), np.float32)
+    n_ff = 0
+    for m in layer.gate_up:
+        n_ff += m.shape[0]
+    n_ff //= 2
     gu = np.empty((1, 2 * n_ff), np.float32)
     act = np.empty((1, n_ff), np.float32)
 
     # attention
-    _rmsnorm(x, attn_norm, eps, h)
-    _matvec_into(t_qkv, qkv, h, table, qkv_out)
-    q = qkv_out[:, :q_dim]
-    k = qkv_out[:, q_dim:q_dim + kv_dim]
-    apply_rope(q, n_head, head_dim, n_rot, cos, sin)
-    apply_rope(k, n_head_kv, head_dim, n_rot, cos, sin)
+    _rmsnorm(x, layer.attn_norm, dims.eps, h)
+    _project(layer.qkv, layer.types[0], h, table, qkv)
+    q = qkv[:, :q_dim]
+    k = qkv[:, q_dim:q_dim + kv_dim]
+    apply_rope(q, dims.n_head, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
+    apply_rope(k, dims.n_head_kv, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
     for i in range(kv_dim):  # the cache holds half floats
-        k_cache[pos, i] = round_to_f16(qkv_out[0, q_dim + i])
-        v_cache[pos, i] = round_to_f16(qkv_out[0, q_dim + kv_dim + i])
-    attend(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
-    _matvec_into(t_o, wo, att, table, proj)
+        kv.k[pos, i] = round_to_f16(qkv[0, q_dim + i])
+        kv.v[pos, i] = round_to_f16(qkv[0, q_dim + kv_dim + i])
+    attend(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, att)
+    _project(layer.wo, layer.types[1], att, table, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]
 
     # feed-forward (SwiGLU)
-    _rmsnorm(x, ffn_norm, eps, h)
-    _matvec_into(t_gu, gate_up, h, table, gu)
+    _rmsnorm(x, layer.ffn_norm, dims.eps, h)
+    _project(layer.gate_up, layer.types[2], h, table, gu)
     _silu_mul(gu[0, :n_ff], gu[0, n_ff:], act[0])
-    _matvec_into(t_down, down, act, table, proj)
+    _project(layer.down, layer.types[3], act, table, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]
 
 
 @njit(cache=True)
-def decode_all_layers(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
-                      k_cache, v_cache, pos, cos, sin, n_head, n_head_kv, head_dim, n_rot, table,
-                      output_norm, out_rows, out_type, logits):
-    """decode_layer_grouped for every layer of a LayerStack, then the final norm and the output
-    product into logits [1, n_vocab] (unless out_type is -1): one compiled call per token."""
-    for il in range(qkv.shape[0]):
-        decode_layer_grouped(x, attn_norm[il], ffn_norm[il], eps, qkv[il], t_qkv, wo[il], t_o, gate_up[il], t_gu,
-                             down[il], t_down, k_cache[il], v_cache[il], pos, cos, sin, n_head, n_head_kv,
-                             head_dim, n_rot, table)
-    if out_type >= 0:
+def decode_all_layers(x, st, kv, pos, rope, dims, table, logits):
+    """decode_layer for every layer of a LayerStack (kv: the whole cache), then the final norm
+    and the output product into logits [1, n_vocab] (unless its kernel code is -1)."""
+    for il in range(st.qkv.shape[0]):
+        layer = Layer(st.attn_norm[il], st.ffn_norm[il], (st.qkv[il],), (st.wo[il],), (st.gate_up[il],),
+                      (st.down[il],), st.types)
+        decode_layer(x, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, table)
+    if st.head.types[0] >= 0:
         xn = np.empty_like(x)
-        _rmsnorm(x, output_norm, eps, xn)
-        _matvec_into(out_type, out_rows, xn, table, logits)
+        _rmsnorm(x, st.head.norm, dims.eps, xn)
+        _project((st.head.rows,), st.head.types, xn, table, logits)
 
 
 def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
-    """One token at position cache.n_past in one compiled call (decode_all_layers) when the
-    layers are stacked (st, from runtime.loading.fused_layers), else one per layer (fused);
-    logits [n_vocab]. Changes nothing but the cache."""
+    """One token at position cache.n_past: in one compiled call (decode_all_layers) when the
+    layers are stacked (st), else one per layer (fused: per layer (kind, (qkv, wo, gate_up,
+    down), types), from runtime.loading.fused_layers); logits [n_vocab]. Changes nothing but
+    the cache."""
     pos = cache.n_past
-    cos, sin = rope_tables(np.array([pos]), cfg)
+    rope = Rope(*rope_tables(np.array([pos]), cfg))
+    dims = Dims.of(cfg)
     x = embed(cfg, weights, np.array([token]))
-    eps = np.float32(cfg.rms_eps)
     if st is not None:
         logits = np.empty((1, cfg.n_vocab), np.float32)
-        (qkv, wo, gate_up, down), (t_qkv, t_o, t_gu, t_down) = st.mats, st.types
-        decode_all_layers(x, st.attn_norm, st.ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
-                          cache.k, cache.v, pos, cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot,
-                          F16_TABLE, weights.output_norm, st.out_rows, st.out_type, logits)
+        decode_all_layers(x, st, KV(cache.k, cache.v), pos, rope, dims, F16_TABLE, logits)
         cache.n_past = pos + 1
-        if st.out_type >= 0:
+        if st.head.types[0] >= 0:
             return logits[0]
-        return matmul(weights.output, rmsnorm(x, weights.output_norm, cfg.rms_eps))[0]
-    for il, (kind, mats, types) in enumerate(fused):
-        layer = weights.layers[il]
-        if kind == "grouped":
-            decode_layer_grouped(x, layer.attn_norm, layer.ffn_norm, eps, mats[0], types[0], mats[1], types[1],
-                                 mats[2], types[2], mats[3], types[3], cache.k[il], cache.v[il], pos,
-                                 cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
-        else:
-            decode_layer(x, layer.attn_norm, layer.ffn_norm, eps, mats, types, cache.k[il], cache.v[il], pos,
-                         cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
-    cache.n_past = pos + 1
-    x = rmsnorm(x, weights.output_norm, cfg.rms_eps)
-    return matmul(weights.output, x)[0]
+    else:
+        for il, (_, mats, types) in enumerate(fused):
+            layer = weights.layers[il]
+            decode_layer(x, Layer(layer.attn_norm, layer.ffn_norm, *mats, types), KV(cache.k[il], cache.v[il]),
+                         pos, rope, dims, F16_TABLE)
+        cache.n_past = pos + 1
+    return matmul(weights.output, rmsnorm(x, weights.output_norm, cfg.rms_eps))[0]
 
 
 def rerotate_keys(cfg, cache, start: int, end: int, delta: int) -> None:

@@ -10,10 +10,9 @@ The forward pass (runtime/forward.py) only reads what this leaves behind.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
+from .forward import Head, LayerStack
 from .matmul import FUSED_TYPES, pack_x8, repack, repackable
 
 
@@ -36,17 +35,6 @@ def _release_pages(a: np.ndarray) -> None:
             pass
 
 
-class LayerStack(NamedTuple):
-    """Every layer's decode matrices in 4 arrays [n_layer, rows, row bytes] (and the norms in 2),
-    for decode_all_layers; the output matrix as matvec_fused takes it (out_type -1: none)."""
-    mats: tuple
-    types: tuple
-    attn_norm: np.ndarray
-    ffn_norm: np.ndarray
-    out_rows: np.ndarray
-    out_type: int
-
-
 def _repack_alone(w) -> None:
     """Repack one matrix into a new array, its file pages released."""
     mapped = w.rows
@@ -66,16 +54,17 @@ def _repack_each(weights) -> None:
 
 
 def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
-    """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
-    q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
-    load, their file pages released: the layers' size, 66 MB for SmolLM2 Q4_1), else ("plain",
-    mats, types) for decode_layer (the 7 matrices, the memory map's rows); None if some matrix
-    has no fused kernel (or the shapes do not suit it): those decode via `forward`. Weights whose
-    rows were copied read the copy from then on (their file pages released), so nothing is held
-    twice. When every layer is grouped with the same formats and shapes (any llama GGUF
-    quantized to one type), the copies are written straight into the 4 arrays of a LayerStack
-    (the per-layer entries are views of them), so decode_all_layers takes a whole token in one
-    compiled call; else the stack is None."""
+    """Per layer what decode_token needs: (kind, (qkv, wo, gate_up, down), types) as
+    runtime.forward.Layer takes them. "grouped" when q/k/v share a format and gate/up share one:
+    qkv and gate_up each one stacked matrix (copies made once at load, their file pages
+    released: the layers' size, 66 MB for SmolLM2 Q4_1); else "plain": qkv the 3 matrices and
+    gate_up the 2 as in the memory map. None if some matrix has no fused kernel (or the shapes
+    do not suit it): those decode via `forward`. Weights whose rows were copied read the copy
+    from then on (their file pages released), so nothing is held twice. When every layer is
+    grouped with the same formats and shapes (any llama GGUF quantized to one type), the copies
+    are written straight into the arrays of a LayerStack (the per-layer entries are views of
+    them), so decode_all_layers takes a whole token in one compiled call; else the stack is
+    None."""
     out_w = weights.output
     plan = []
     for layer in weights.layers:
@@ -117,21 +106,24 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
                     _release_pages(w.rows)
                     w.rows = view
                     w.packed = packed
-            if len(groups) == 7:  # decode_layer indexes them: one array type for all (numba)
+            if len(groups) == 7:  # numba's tuples of 3 and 2 matrices: one array type for all
                 m.flags.writeable = False
             mats.append(m)
-        types = np.array([g[0].kernel for g in groups], np.int64)
-        out.append(("grouped" if len(groups) == 4 else "plain", tuple(mats), types))
+        kernels = [g[0].kernel for g in groups]
+        cut = (0, 1, 2, 3, 4) if len(groups) == 4 else (0, 3, 4, 6, 7)  # into qkv, wo, gate_up, down
+        parts = tuple(tuple(mats[a:b]) for a, b in zip(cut, cut[1:]))
+        types = tuple(np.array(kernels[a:b], np.int64) for a, b in zip(cut, cut[1:]))
+        out.append(("grouped" if len(groups) == 4 else "plain", parts, types))
     if out_w is not weights.token_embd and repackable(out_w):
         _repack_alone(out_w)
     if stacks is None:
         return out, None
     if out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
-        out_rows, out_type = np.ascontiguousarray(out_w.rows), out_w.kernel
+        head = Head(weights.output_norm, np.ascontiguousarray(out_w.rows), np.array([out_w.kernel], np.int64))
     else:
-        out_rows, out_type = np.zeros((1, 1), np.uint8), -1
+        head = Head(weights.output_norm, np.zeros((1, 1), np.uint8), np.array([-1], np.int64))
     norms = [np.stack([getattr(layer, name) for layer in weights.layers]).astype(np.float32)
              for name in ("attn_norm", "ffn_norm")]
-    return out, LayerStack(stacks, tuple(int(t) for t in out[0][2]), *norms, out_rows, out_type)
+    return out, LayerStack(*stacks, out[0][2], *norms, head)
 
 
