@@ -289,10 +289,6 @@ def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
         attention_serial(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
-
-
 def embed(cfg, w, tokens: np.ndarray) -> np.ndarray:
     """The token embedding rows of tokens [T] as float32 [T, n_embd]."""
     return dequantize_rows(w.token_embd.rows[tokens], w.token_embd.ggml_type, cfg.n_embd)

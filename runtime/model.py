@@ -13,7 +13,6 @@ stacking) runtime/loading.py; products on quantized weights runtime/matmul.py.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +67,6 @@ class ModelConfig:
     @property
     def rope_freq_scale(self) -> float:
         return 1.0 / self.rope_scaling_factor if self.rope_scaling_type == "linear" else 1.0
-
-    @property
-    def n_gqa(self) -> int:
-        return self.n_head // self.n_head_kv
 
 
 # The largest count a metadata key may hold: llama.cpp reads these as uint32; a layer, head or
@@ -404,9 +399,6 @@ class LlamaModel:
         with self._lock:
             self.cache.remove(n_keep, n_discard)
             rerotate_keys(self.config, self.cache, n_keep, self.n_past, -n_discard)
-
-    def reset(self) -> None:
-        self.cache.n_past = 0
 
     def close(self) -> None:
         self.gguf.close()
