@@ -15,6 +15,12 @@ Products go through runtime.matmul (weights stay quantized); the small numba ker
 LLM_ARCH_LLAMA uses: dimensions (2i, 2i+1) of each head rotate together by
 pos * freq_scale * base**(-2i/n_rot) (divided by rope_freqs[i] when the file has that tensor);
 dimensions past n_rot are left alone.
+
+Two drivers run these steps: `forward` for a batch of tokens (a prompt, perplexity, embeddings;
+one Python call per step), and `decode_token` for one token, which runs them inside compiled
+code (`decode_layer`; `decode_all_layers` for the whole model when its layers are alike) on
+the arrays runtime.loading prepared. Both take the model's config, weights and KV cache and
+change nothing but the cache; attention is chosen in one place, `attend`.
 """
 
 from __future__ import annotations
