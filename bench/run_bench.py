@@ -30,8 +30,10 @@ import time
 from pathlib import Path
 
 # before numpy: the engine's thread settings (OpenMP spin, OpenBLAS's worker timeout) apply only
-# to libraries not loaded yet, as when the llamachat command runs
-import llamachat.runtime  # noqa: F401,E402
+# to libraries not loaded yet, as when the llamachat command runs (the subprocesses inherit them)
+from llamachat.runtime import apply_thread_env  # noqa: E402
+
+apply_thread_env()
 import numpy as np  # noqa: E402
 
 
@@ -104,7 +106,7 @@ def peak_rss(path: Path, args) -> tuple[float, float]:
     return rss, budget
 
 
-# importing llamachat.runtime sets OMP_WAIT_POLICY, GOMP_SPINCOUNT and OPENBLAS_THREAD_TIMEOUT (for numba's OpenMP
+# apply_thread_env (above) set OMP_WAIT_POLICY, GOMP_SPINCOUNT and OPENBLAS_THREAD_TIMEOUT (for numba's OpenMP
 # threads) unless the user set them; llama.cpp's OpenMP threads would inherit them (with PASSIVE
 # it generated at half speed), so llama-bench gets the environment as the user had it
 

@@ -8,26 +8,9 @@ name that needs them, so `import llamachat.runtime` stays cheap.
 import os
 from importlib import import_module
 
-# numba's OpenMP workers spin after each parallel region by default (libgomp: 300000 rounds);
-# during prompt processing they then fight numpy's BLAS threads for the 2 cores (a 256-token
-# prefill ran 20x slower). Fully passive workers cost a futex wake-up per region instead,
-# about 10 us: 120+ regions per generated token, 1.4 ms of an 8 ms token. A short spin
-# (1000 rounds, some microseconds) keeps the workers awake between the regions of one token
-# and asleep while BLAS runs: SmolLM2 Q4_1 tg64 127 -> 158 tokens/s, pp256 unchanged (3000
-# rounds already cost prefill 5-10%). Read by libgomp when numba first loads it, so set here,
-# before any kernel runs; a user's own OpenMP settings win (USER_OMP_ENV: what they were).
-USER_OMP_ENV = {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT")}
-if USER_OMP_ENV["OMP_WAIT_POLICY"] is None and USER_OMP_ENV["GOMP_SPINCOUNT"] is None:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.environ["GOMP_SPINCOUNT"] = "1000"  # overrides PASSIVE's zero: spin briefly, then sleep
-# The other way round: numpy's OpenBLAS workers spin 2**28 cycles (about 0.1 s) after each
-# product before sleeping, and a prompt alternates BLAS products with numba's parallel kernels
-# (tile dequantization, SwiGLU, activation rounding), which then share the 2 cores with a
-# spinning thread. 2**12 cycles: SmolLM2 Q4_1 pp256 335-343 -> 385-396 tokens/s (8 to 20 all
-# alike). Read when numpy loads OpenBLAS: effective when llamachat (CLI, or this package
-# imported first) loads numpy; a user's own setting wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
-
+# (OpenMP/OpenBLAS settings are not made here: the `llamachat` command and `Llama(...)` apply
+# them, see thread_env)
+from .thread_env import USER_OMP_ENV, apply_thread_env  # noqa: F401 (public: bench, entry points)
 from .numba_cache import drop_stale_numba_cache
 
 # forward.py's kernels link matmul.py's and simd.py's (and the quants'): any edit to any of

@@ -3,9 +3,9 @@
 A pre-tokenized word is first byte-encoded: its UTF-8 bytes become the printable stand-ins of
 GPT-2's byte-to-unicode table ('Ġ' for a space, ...), the alphabet the vocabulary and the merges
 are written in. Then adjacent symbols are merged, lowest merge rank first (ties: leftmost),
-with a heap of candidate pairs over a linked list of symbols, so a word of n characters costs
-O(n log n); a candidate whose two symbols changed since it was queued is skipped, as in
-llama.cpp (llm_tokenizer_bpe_session). A final symbol that is not a token falls back to its
+by `merge_pairs` (the loop SentencePiece shares): a heap of candidate pairs over a linked list
+of symbols, so a word of n characters costs O(n log n); a candidate whose two symbols changed
+since it was queued is skipped, as in llama.cpp (llm_tokenizer_bpe_session). A final symbol that is not a token falls back to its
 single-character tokens, where they exist. Words repeat a lot in real text: results are cached.
 A very long word (a run of 10 MB without a space, say) is merged by a numba kernel on token ids
 instead, same algorithm and same order, so even pathological input takes seconds, not minutes.
@@ -152,42 +152,8 @@ class BPEMerger:
             if tid is not None:
                 return (tid,)
         ranks = self.ranks
-        syms = list(word)
-        n = len(syms)
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        prv = list(range(-1, n - 1))
-        heap: list[tuple[int, int, int, str]] = []
-        for i in range(n - 1):
-            r = ranks.get(syms[i] + " " + syms[i + 1])
-            if r is not None:
-                heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
-        heapq.heapify(heap)
-        pop, push = heapq.heappop, heapq.heappush
-        while heap:
-            _, left, right, text = pop(heap)
-            ls, rs = syms[left], syms[right]
-            if not ls or not rs or ls + rs != text:
-                continue  # stale: one side changed since this pair was queued
-            syms[left] = text
-            syms[right] = ""
-            after = nxt[right]
-            nxt[left] = after
-            if after >= 0:
-                prv[after] = left
-            before = prv[left]
-            if before >= 0:
-                r = ranks.get(syms[before] + " " + text)
-                if r is not None:
-                    push(heap, (r, before, left, syms[before] + text))
-            if after >= 0:
-                r = ranks.get(text + " " + syms[after])
-                if r is not None:
-                    push(heap, (r, left, after, text + syms[after]))
         out: list[int] = []
-        i = 0
-        while i != -1:
-            s = syms[i]
+        for s in merge_pairs(list(word), lambda a, b: ranks.get(a + " " + b)):
             tid = vocab.get(s)
             if tid is not None:
                 out.append(tid)
@@ -199,8 +165,53 @@ class BPEMerger:
                         t = vocab.get(ch)
                         if t is not None:
                             out.append(t)
-            i = nxt[i]
         return tuple(out)
+
+
+def merge_pairs(syms: list[str], priority) -> list[str]:
+    """The merge loop of llama.cpp's BPE and SentencePiece tokenizers, on symbol texts: keep
+    joining the adjacent pair of lowest priority(left, right) (None: never joined; ties: the
+    leftmost pair), using a heap of candidates over a linked list of symbols. A candidate is
+    joined only if, when it comes out, both symbols are alive and still make the text it was
+    queued with (else one side changed: stale). syms (non-empty) is used up; returns the final
+    symbols in order. (tokenizer_kernels.merge_symbols is this loop on ids, for long words.)"""
+    n = len(syms)
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prv = list(range(-1, n - 1))
+    heap: list[tuple] = []
+    for i in range(n - 1):
+        r = priority(syms[i], syms[i + 1])
+        if r is not None:
+            heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
+    heapq.heapify(heap)
+    pop, push = heapq.heappop, heapq.heappush
+    while heap:
+        _, left, right, text = pop(heap)
+        ls, rs = syms[left], syms[right]
+        if not ls or not rs or ls + rs != text:
+            continue  # stale: one side changed since this pair was queued
+        syms[left] = text
+        syms[right] = ""
+        after = nxt[right]
+        nxt[left] = after
+        if after >= 0:
+            prv[after] = left
+        before = prv[left]
+        if before >= 0:
+            r = priority(syms[before], text)
+            if r is not None:
+                push(heap, (r, before, left, syms[before] + text))
+        if after >= 0:
+            r = priority(text, syms[after])
+            if r is not None:
+                push(heap, (r, left, after, text + syms[after]))
+    out = []
+    i = 0
+    while i != -1:
+        out.append(syms[i])
+        i = nxt[i]
+    return out
 
 
 def _merge_kernel(ids, table, base):

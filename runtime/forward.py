@@ -15,6 +15,12 @@ Products go through runtime.matmul (weights stay quantized); the small numba ker
 LLM_ARCH_LLAMA uses: dimensions (2i, 2i+1) of each head rotate together by
 pos * freq_scale * base**(-2i/n_rot) (divided by rope_freqs[i] when the file has that tensor);
 dimensions past n_rot are left alone.
+
+Two drivers run these steps: `forward` for a batch of tokens (a prompt, perplexity, embeddings;
+one Python call per step), and `decode_token` for one token, which runs them inside compiled
+code (`decode_layer`; `decode_all_layers` for the whole model when its layers are alike) on
+the arrays runtime.loading prepared. Both take the model's config, weights and KV cache and
+change nothing but the cache; attention is chosen in one place, `attend`.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .matmul import (F16_TABLE, FUSED_TYPES, act_mode_of, matmul, matvec_fused, pack_x8, quantize_activations, quantize_for,
-                     repack, repackable, round_to_f16)
+from .matmul import (F16_TABLE, act_mode_of, dequantize_rows, matmul, matvec_fused, quantize_activations, quantize_for,
+                     round_to_f16)
 from .simd import fmaf
 
 
@@ -289,17 +295,16 @@ def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
         attention_serial(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
+def embed(cfg, w, tokens: np.ndarray) -> np.ndarray:
+    """The token embedding rows of tokens [T] as float32 [T, n_embd]."""
+    return dequantize_rows(w.token_embd.rows[tokens], w.token_embd.ggml_type, cfg.n_embd)
 
 
-def forward(model, tokens: np.ndarray, want_all: bool, hidden: bool = False) -> np.ndarray:
-    """Run tokens [T] at positions cache.n_past.. through the model, append them to the KV
-    cache and return the logits of the last token [n_vocab] (or of all tokens [T, n_vocab]);
-    hidden: the final-norm hidden states instead of logits (embeddings, llama.cpp's result_norm)."""
-    cfg = model.config
-    cache = model.cache
-    w = model.weights
+def forward(cfg, w, cache, tokens: np.ndarray, want_all: bool, hidden: bool = False) -> np.ndarray:
+    """Run tokens [T] at positions cache.n_past.. through the model (config cfg, weights w),
+    append them to the KV cache and return the logits of the last token [n_vocab] (or of all
+    tokens [T, n_vocab]); hidden: the final-norm hidden states instead of logits (embeddings,
+    llama.cpp's result_norm). Changes nothing but the cache."""
     n_tok = len(tokens)
     pos0 = cache.n_past
     positions = np.arange(pos0, pos0 + n_tok)
@@ -307,7 +312,7 @@ def forward(model, tokens: np.ndarray, want_all: bool, hidden: bool = False) -> 
     hd = cfg.head_dim
     attn_out = np.empty((n_tok, cfg.n_head * hd), np.float32)
 
-    x = model.embed(tokens)
+    x = embed(cfg, w, tokens)
     for il, layer in enumerate(w.layers):
         # attention
         h = rmsnorm(x, layer.attn_norm, cfg.rms_eps)
@@ -402,294 +407,177 @@ def _silu_mul_rows(gate, up, out):
         _silu_mul(gate[t], up[t], out[t])
 
 
+# --- one token in one compiled call ----------------------------------------------------------
+# A decode step runs the steps of `forward` for a batch of one inside compiled code, so that a
+# token costs no Python-level call per step. Its arguments are grouped in the NamedTuples below.
+
+class Dims(NamedTuple):
+    """The model's sizes a layer needs (ModelConfig's, as numba takes them)."""
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    eps: np.float32
+
+    @staticmethod
+    def of(cfg) -> "Dims":
+        return Dims(cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, np.float32(cfg.rms_eps))
+
+
+class Rope(NamedTuple):
+    """cos and sin [T, n_rot/2] of the tokens' positions (rope_tables)."""
+    cos: np.ndarray
+    sin: np.ndarray
+
+
+class KV(NamedTuple):
+    """Keys and values of the cache: of one layer [n_ctx, kv_dim] or of all [n_layer, n_ctx, kv_dim]."""
+    k: np.ndarray
+    v: np.ndarray
+
+
+class Layer(NamedTuple):
+    """One layer's decode arrays. Grouping is a parameter: qkv holds one matrix (q, k and v
+    stacked, one product) or three, gate_up one (stacked) or two; wo and down one each. types:
+    four int64 arrays, the kernel code of each matrix of qkv, wo, gate_up, down."""
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    qkv: tuple
+    wo: tuple
+    gate_up: tuple
+    down: tuple
+    types: tuple
+
+
+class Head(NamedTuple):
+    """The final norm and output matrix as matvec_fused takes it, and its kernel code in an int64
+    array [1] (-1: it has no fused kernel, the output product is left to `matmul`)."""
+    norm: np.ndarray
+    rows: np.ndarray
+    types: np.ndarray
+
+
+class LayerStack(NamedTuple):
+    """Every layer's matrices when all layers are grouped alike: qkv, wo, gate_up, down each one
+    array [n_layer, rows, row bytes], the norms [n_layer, n_embd]; types as Layer's."""
+    qkv: np.ndarray
+    wo: np.ndarray
+    gate_up: np.ndarray
+    down: np.ndarray
+    types: tuple
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    head: Head
+
+
 @njit(cache=True)
-def _project(mats, types, first, count, x, table, outs):
-    """outs[i] = mats[first+i] @ x[0] for i < count, rounding x once per activation format."""
+def _project(mats, types, x, table, out):
+    """out[0] = the products of mats (one matrix, or several whose outputs lie side by side)
+    with x[0], x rounded once per activation format."""
     n = x.shape[1]
     xq = np.empty((1, n), np.int8)
     xd = np.empty((1, n // 32), np.float32)
     xs = np.empty((1, n // 32), np.float32)
     xhat = np.empty((1, n), np.float32)
     mode = -1
-    for i in range(count):
-        t = types[first + i]
+    start = 0
+    for i in range(len(mats)):
+        t = types[i]
         if act_mode_of(t) != mode:
             mode = act_mode_of(t)
             quantize_activations(x, mode, xq, xd, xs, xhat)
-        matvec_fused(t, mats[first + i], table, xq[0], xd[0], xs[0], xhat[0], outs[i])
+        rows = mats[i].shape[0]
+        matvec_fused(t, mats[i], table, xq[0], xd[0], xs[0], xhat[0], out[0, start:start + rows])
+        start += rows
 
 
 @njit(cache=True)
-def decode_layer(x, attn_norm, ffn_norm, eps, mats, types, k_cache, v_cache, pos, cos, sin,
-                 n_head, n_head_kv, head_dim, n_rot, table):
-    """One layer for one token (x [1, n_embd], updated in place) in a single compiled call:
-    the same steps and kernels as `forward`, without a Python-level call per step.
-    mats/types: (wq, wk, wv, wo, w_gate, w_up, w_down) raw rows and their ggml types."""
+def decode_layer(x, layer, kv, pos, rope, dims, table):
+    """One layer (a Layer) for one token at position pos (x [1, n_embd], updated in place; kv:
+    the layer's cache): the steps and kernels of `forward`, in one compiled call."""
     n_embd = x.shape[1]
-    kv_dim = n_head_kv * head_dim
-    n_ff = mats[4].shape[0]
+    q_dim = dims.n_head * dims.head_dim
+    kv_dim = dims.n_head_kv * dims.head_dim
     h = np.empty((1, n_embd), np.float32)
-    q = np.empty((1, n_head * head_dim), np.float32)
-    k = np.empty((1, kv_dim), np.float32)
-    v = np.empty((1, kv_dim), np.float32)
-    att = np.empty((1, n_head * head_dim), np.float32)
-    proj = np.empty((1, n_embd), np.float32)
-    gate = np.empty((1, n_ff), np.float32)
-    up = np.empty((1, n_ff), np.float32)
-    act = np.empty((1, n_ff), np.float32)
-
-    # attention
-    _rmsnorm(x, attn_norm, eps, h)
-    _project(mats, types, 0, 1, h, table, (q[0],))
-    _project(mats, types, 1, 2, h, table, (k[0], v[0]))
-    apply_rope(q, n_head, head_dim, n_rot, cos, sin)
-    apply_rope(k, n_head_kv, head_dim, n_rot, cos, sin)
-    for i in range(kv_dim):  # the cache holds half floats
-        k_cache[pos, i] = round_to_f16(k[0, i])
-        v_cache[pos, i] = round_to_f16(v[0, i])
-    attend(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
-    _project(mats, types, 3, 1, att, table, (proj[0],))
-    for i in range(n_embd):
-        x[0, i] += proj[0, i]
-
-    # feed-forward (SwiGLU)
-    _rmsnorm(x, ffn_norm, eps, h)
-    _project(mats, types, 4, 2, h, table, (gate[0], up[0]))
-    _silu_mul(gate[0], up[0], act[0])
-    _project(mats, types, 6, 1, act, table, (proj[0],))
-    for i in range(n_embd):
-        x[0, i] += proj[0, i]
-
-
-@njit(cache=True)
-def _matvec_into(t, w, x, table, out):
-    """out[0] = W x[0] with W's fused kernel, x rounded to W's activation format first."""
-    n = x.shape[1]
-    xq = np.empty((1, n), np.int8)
-    xd = np.empty((1, n // 32), np.float32)
-    xs = np.empty((1, n // 32), np.float32)
-    xhat = np.empty((1, n), np.float32)
-    quantize_activations(x, act_mode_of(t), xq, xd, xs, xhat)
-    matvec_fused(t, w, table, xq[0], xd[0], xs[0], xhat[0], out[0])
-
-
-@njit(cache=True)
-def decode_layer_grouped(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
-                         k_cache, v_cache, pos, cos, sin, n_head, n_head_kv, head_dim, n_rot, table):
-    """decode_layer with q/k/v stacked into one matrix and gate/up into another (same format
-    each): 4 parallel products per layer instead of 7. Each output row is the same sum of the
-    same rounded activations as before, so results are identical; only fewer thread wake-ups."""
-    n_embd = x.shape[1]
-    q_dim = n_head * head_dim
-    kv_dim = n_head_kv * head_dim
-    n_ff = gate_up.shape[0] // 2
-    h = np.empty((1, n_embd), np.float32)
-    qkv_out = np.empty((1, q_dim + 2 * kv_dim), np.float32)
+    qkv = np.empty((1, q_dim + 2 * kv_dim), np.float32)
     att = np.empty((1, q_dim), np.float32)
     proj = np.empty((1, n_embd), np.float32)
+    n_ff = 0
+    for m in layer.gate_up:
+        n_ff += m.shape[0]
+    n_ff //= 2
     gu = np.empty((1, 2 * n_ff), np.float32)
     act = np.empty((1, n_ff), np.float32)
 
     # attention
-    _rmsnorm(x, attn_norm, eps, h)
-    _matvec_into(t_qkv, qkv, h, table, qkv_out)
-    q = qkv_out[:, :q_dim]
-    k = qkv_out[:, q_dim:q_dim + kv_dim]
-    apply_rope(q, n_head, head_dim, n_rot, cos, sin)
-    apply_rope(k, n_head_kv, head_dim, n_rot, cos, sin)
+    _rmsnorm(x, layer.attn_norm, dims.eps, h)
+    _project(layer.qkv, layer.types[0], h, table, qkv)
+    q = qkv[:, :q_dim]
+    k = qkv[:, q_dim:q_dim + kv_dim]
+    apply_rope(q, dims.n_head, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
+    apply_rope(k, dims.n_head_kv, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
     for i in range(kv_dim):  # the cache holds half floats
-        k_cache[pos, i] = round_to_f16(qkv_out[0, q_dim + i])
-        v_cache[pos, i] = round_to_f16(qkv_out[0, q_dim + kv_dim + i])
-    attend(q, k_cache, v_cache, pos, n_head, n_head_kv, head_dim, att)
-    _matvec_into(t_o, wo, att, table, proj)
+        kv.k[pos, i] = round_to_f16(qkv[0, q_dim + i])
+        kv.v[pos, i] = round_to_f16(qkv[0, q_dim + kv_dim + i])
+    attend(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, att)
+    _project(layer.wo, layer.types[1], att, table, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]
 
     # feed-forward (SwiGLU)
-    _rmsnorm(x, ffn_norm, eps, h)
-    _matvec_into(t_gu, gate_up, h, table, gu)
+    _rmsnorm(x, layer.ffn_norm, dims.eps, h)
+    _project(layer.gate_up, layer.types[2], h, table, gu)
     _silu_mul(gu[0, :n_ff], gu[0, n_ff:], act[0])
-    _matvec_into(t_down, down, act, table, proj)
+    _project(layer.down, layer.types[3], act, table, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]
 
 
-def _release_pages(a: np.ndarray) -> None:
-    """Drop the memory-map pages under `a` from this process (MADV_DONTNEED: clean file pages,
-    read again from the file if ever touched), so a weight held as a stacked copy is not also
-    counted in memory as its mapped original. Whole pages inside `a` only."""
-    import ctypes
-    import mmap
-
-    if not hasattr(mmap, "MADV_DONTNEED") or a.base is None:
-        return
-    page = mmap.PAGESIZE
-    start = -(-a.ctypes.data // page) * page
-    end = (a.ctypes.data + a.nbytes) // page * page
-    if end > start:
-        try:
-            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
-        except (OSError, AttributeError):
-            pass
-
-
-class LayerStack(NamedTuple):
-    """Every layer's decode matrices in 4 arrays [n_layer, rows, row bytes] (and the norms in 2),
-    for decode_all_layers; the output matrix as matvec_fused takes it (out_type -1: none)."""
-    mats: tuple
-    types: tuple
-    attn_norm: np.ndarray
-    ffn_norm: np.ndarray
-    out_rows: np.ndarray
-    out_type: int
-
-
-def _repack_alone(w) -> None:
-    """Repack one matrix into a new array, its file pages released."""
-    mapped = w.rows
-    repack(w)
-    _release_pages(mapped)
-
-
-def _repack_each(weights) -> None:
-    """Every repackable matrix (`repackable`: the layers' Q4_0 and Q4_1 with rows a multiple of 8,
-    and an untied output), each into its own array: for models decoded by `forward`."""
-    for layer in weights.layers:
-        for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
-            if repackable(w):
-                _repack_alone(w)
-    if weights.output is not weights.token_embd and repackable(weights.output):
-        _repack_alone(weights.output)
-
-
-def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
-    """Per layer what decode_token needs: ("grouped", (qkv, wo, gate_up, down), types) when
-    q/k/v share a format and gate/up share one (the stacked matrices are copies made once at
-    load, their file pages released: the layers' size, 66 MB for SmolLM2 Q4_1), else ("plain",
-    mats, types) for decode_layer (the 7 matrices, the memory map's rows); None if some matrix
-    has no fused kernel (or the shapes do not suit it): those decode via `forward`. Weights whose
-    rows were copied read the copy from then on (their file pages released), so nothing is held
-    twice. When every layer is grouped with the same formats and shapes (any llama GGUF
-    quantized to one type), the copies are written straight into the 4 arrays of a LayerStack
-    (the per-layer entries are views of them), so decode_all_layers takes a whole token in one
-    compiled call; else the stack is None."""
-    out_w = weights.output
-    plan = []
-    for layer in weights.layers:
-        ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
-        if any(w.ggml_type not in FUSED_TYPES or w.n_in % 32 for w in ws):
-            _repack_each(weights)
-            return None, None
-        types = [int(w.ggml_type) for w in ws]
-        if types[0] == types[1] == types[2] and types[4] == types[5]:
-            plan.append(((layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,)))
-        else:
-            plan.append(None)
-
-    def shape(groups):  # formats and matrix shapes of a grouped layer
-        return tuple((int(g[0].ggml_type), sum(w.n_out for w in g), g[0].rows.shape[1]) for g in groups)
-
-    stacks = None
-    if all(p is not None for p in plan) and len({shape(p) for p in plan}) == 1:
-        stacks = tuple(np.empty((len(plan), n_out, row_bytes), np.uint8) for _, n_out, row_bytes in shape(plan[0]))
-    out = []
-    for il, groups in enumerate(plan):
-        layer = weights.layers[il]
-        if groups is None:  # one matrix at a time
-            groups = tuple((w,) for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
-        mats = []
-        for i, ws_i in enumerate(groups):
-            if stacks is not None:
-                m = np.concatenate([w.rows for w in ws_i], out=stacks[i][il])
-            else:  # a lone matrix stays the memory map's rows
-                m = np.concatenate([w.rows for w in ws_i]) if len(ws_i) > 1 else np.ascontiguousarray(ws_i[0].rows)
-            packed = all(repackable(w) for w in ws_i)
-            if packed:  # (8-row groups never straddle two matrices: each has a multiple of 8 rows)
-                m = pack_x8(m, ws_i[0].ggml_type, out=m if m.base is not ws_i[0].rows.base else None)
-            if m.base is not ws_i[0].rows.base:  # a copy: every product reads it
-                start = 0
-                for w in ws_i:
-                    view = m[start:start + w.n_out]
-                    start += w.n_out
-                    _release_pages(w.rows)
-                    w.rows = view
-                    w.packed = packed
-            if len(groups) == 7:  # decode_layer indexes them: one array type for all (numba)
-                m.flags.writeable = False
-            mats.append(m)
-        types = np.array([g[0].kernel for g in groups], np.int64)
-        out.append(("grouped" if len(groups) == 4 else "plain", tuple(mats), types))
-    if out_w is not weights.token_embd and repackable(out_w):
-        _repack_alone(out_w)
-    if stacks is None:
-        return out, None
-    if out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
-        out_rows, out_type = np.ascontiguousarray(out_w.rows), out_w.kernel
-    else:
-        out_rows, out_type = np.zeros((1, 1), np.uint8), -1
-    norms = [np.stack([getattr(layer, name) for layer in weights.layers]).astype(np.float32)
-             for name in ("attn_norm", "ffn_norm")]
-    return out, LayerStack(stacks, tuple(int(t) for t in out[0][2]), *norms, out_rows, out_type)
-
-
 @njit(cache=True)
-def decode_all_layers(x, attn_norm, ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
-                      k_cache, v_cache, pos, cos, sin, n_head, n_head_kv, head_dim, n_rot, table,
-                      output_norm, out_rows, out_type, logits):
-    """decode_layer_grouped for every layer of a LayerStack, then the final norm and the output
-    product into logits [1, n_vocab] (unless out_type is -1): one compiled call per token."""
-    for il in range(qkv.shape[0]):
-        decode_layer_grouped(x, attn_norm[il], ffn_norm[il], eps, qkv[il], t_qkv, wo[il], t_o, gate_up[il], t_gu,
-                             down[il], t_down, k_cache[il], v_cache[il], pos, cos, sin, n_head, n_head_kv,
-                             head_dim, n_rot, table)
-    if out_type >= 0:
+def decode_all_layers(x, st, kv, pos, rope, dims, table, logits):
+    """decode_layer for every layer of a LayerStack (kv: the whole cache), then the final norm
+    and the output product into logits [1, n_vocab] (unless its kernel code is -1)."""
+    for il in range(st.qkv.shape[0]):
+        layer = Layer(st.attn_norm[il], st.ffn_norm[il], (st.qkv[il],), (st.wo[il],), (st.gate_up[il],),
+                      (st.down[il],), st.types)
+        decode_layer(x, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, table)
+    if st.head.types[0] >= 0:
         xn = np.empty_like(x)
-        _rmsnorm(x, output_norm, eps, xn)
-        _matvec_into(out_type, out_rows, xn, table, logits)
+        _rmsnorm(x, st.head.norm, dims.eps, xn)
+        _project((st.head.rows,), st.head.types, xn, table, logits)
 
 
-def decode_token(model, token: int) -> np.ndarray:
-    """One token at position n_past in one compiled call (decode_all_layers) when the layers
-    are stacked, else one per layer; logits [n_vocab]."""
-    cfg = model.config
-    cache = model.cache
+def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
+    """One token at position cache.n_past: in one compiled call (decode_all_layers) when the
+    layers are stacked (st), else one per layer (fused: per layer (kind, (qkv, wo, gate_up,
+    down), types), from runtime.loading.fused_layers); logits [n_vocab]. Changes nothing but
+    the cache."""
     pos = cache.n_past
-    cos, sin = rope_tables(np.array([pos]), cfg)
-    x = model.embed(np.array([token]))
-    eps = np.float32(cfg.rms_eps)
-    st = model.layer_stack
+    rope = Rope(*rope_tables(np.array([pos]), cfg))
+    dims = Dims.of(cfg)
+    x = embed(cfg, weights, np.array([token]))
     if st is not None:
         logits = np.empty((1, cfg.n_vocab), np.float32)
-        (qkv, wo, gate_up, down), (t_qkv, t_o, t_gu, t_down) = st.mats, st.types
-        decode_all_layers(x, st.attn_norm, st.ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
-                          cache.k, cache.v, pos, cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot,
-                          F16_TABLE, model.weights.output_norm, st.out_rows, st.out_type, logits)
+        decode_all_layers(x, st, KV(cache.k, cache.v), pos, rope, dims, F16_TABLE, logits)
         cache.n_past = pos + 1
-        if st.out_type >= 0:
+        if st.head.types[0] >= 0:
             return logits[0]
-        return matmul(model.weights.output, rmsnorm(x, model.weights.output_norm, cfg.rms_eps))[0]
-    for il, (kind, mats, types) in enumerate(model.fused):
-        layer = model.weights.layers[il]
-        if kind == "grouped":
-            decode_layer_grouped(x, layer.attn_norm, layer.ffn_norm, eps, mats[0], types[0], mats[1], types[1],
-                                 mats[2], types[2], mats[3], types[3], cache.k[il], cache.v[il], pos,
-                                 cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
-        else:
-            decode_layer(x, layer.attn_norm, layer.ffn_norm, eps, mats, types, cache.k[il], cache.v[il], pos,
-                         cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
-    cache.n_past = pos + 1
-    x = rmsnorm(x, model.weights.output_norm, cfg.rms_eps)
-    return matmul(model.weights.output, x)[0]
+    else:
+        for il, (_, mats, types) in enumerate(fused):
+            layer = weights.layers[il]
+            decode_layer(x, Layer(layer.attn_norm, layer.ffn_norm, *mats, types), KV(cache.k[il], cache.v[il]),
+                         pos, rope, dims, F16_TABLE)
+        cache.n_past = pos + 1
+    return matmul(weights.output, rmsnorm(x, weights.output_norm, cfg.rms_eps))[0]
 
 
-def rerotate_keys(model, start: int, end: int, delta: int) -> None:
+def rerotate_keys(cfg, cache, start: int, end: int, delta: int) -> None:
     """Add delta to the positions of cached keys [start, end) of every layer (context shift):
     rotating an already rotated key by delta is rotating the original by pos + delta."""
-    cfg = model.config
     if end <= start or delta == 0:
         return
     cos, sin = rope_tables(np.full(end - start, delta), cfg)
     for il in range(cfg.n_layer):
-        k = model.cache.k[il, start:end].copy()
+        k = cache.k[il, start:end].copy()
         apply_rope(k, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, cos, sin)
-        model.cache.k[il, start:end] = k.astype(np.float16)
+        cache.k[il, start:end] = k.astype(np.float16)

@@ -27,9 +27,6 @@ from .model import EvalCancelled
 from .params import SamplingParams
 from .sampling import Sampler
 
-STOP_REASONS = ("eos", "stop", "length", "context_full", "cancelled")
-
-
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0  # tokens in the prompt

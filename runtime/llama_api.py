@@ -196,7 +196,10 @@ class Llama:
                  pooling_type: int = LLAMA_POOLING_TYPE_UNSPECIFIED, logits_all: bool = False, **ignored: Any):
         from .gguf_file import GGUFFile
         from .model import load_model, trained_context_length
+        from .thread_env import apply_thread_env
         from .tokenizer import Tokenizer
+
+        apply_thread_env()  # before load_model starts numba's OpenMP threads
 
         t0 = time.perf_counter()
         if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= 0xFFFFFFFF:

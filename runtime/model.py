@@ -6,13 +6,13 @@ file we cannot run into one clear sentence, and the evaluation state (KV cache, 
     m.eval(tokens, logits="last" | "all", cancel=None)   # appends at m.n_past
     m.truncate(n); m.shift(n_keep, n_discard); m.set_threads(n)
 
-The forward pass itself is runtime/forward.py; products on quantized weights runtime/matmul.py.
+The forward pass itself is runtime/forward.py; what loading does to the weights (repacking,
+stacking) runtime/loading.py; products on quantized weights runtime/matmul.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +67,6 @@ class ModelConfig:
     @property
     def rope_freq_scale(self) -> float:
         return 1.0 / self.rope_scaling_factor if self.rope_scaling_type == "linear" else 1.0
-
-    @property
-    def n_gqa(self) -> int:
-        return self.n_head // self.n_head_kv
 
 
 # The largest count a metadata key may hold: llama.cpp reads these as uint32; a layer, head or
@@ -312,7 +308,8 @@ def _check_threads(n_threads) -> int:
 class LlamaModel:
     """A loaded model with its KV cache: evaluate tokens, keep or drop cached positions."""
 
-    def __init__(self, gguf_file, config: ModelConfig, weights: Weights, n_ctx: int, n_batch: int, n_threads: int):
+    def __init__(self, gguf_file, config: ModelConfig, weights: Weights, n_ctx: int, n_batch: int, n_threads: int,
+                 fused=None, layer_stack=None):
         self.gguf = gguf_file
         self.path = Path(gguf_file.path)
         self.config = config
@@ -328,11 +325,11 @@ class LlamaModel:
                              f"more than this machine can reserve; use a smaller context size") from None
         self.warnings: list[str] = []
         self._lock = threading.Lock()
-        from .forward import fused_layers
-
-        # single-token decode in one compiled call per layer, when every matrix has a fused kernel,
-        # and in one call per token when the layers are also alike (stacked)
-        self.fused, self.layer_stack = fused_layers(weights)
+        # runtime.loading.fused_layers' plan: single-token decode in one compiled call per layer
+        # when every matrix has a fused kernel (fused), in one call per token when the layers are
+        # also alike (layer_stack); None: decode runs the batch forward pass
+        self.fused = fused
+        self.layer_stack = layer_stack
 
     @property
     def n_past(self) -> int:
@@ -349,11 +346,6 @@ class LlamaModel:
 
         self.n_threads = _check_threads(n)
         numba.set_num_threads(self.n_threads)
-
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
-        w = self.weights.token_embd
-        rows = w.rows[tokens]
-        return dequantize_rows(rows, w.ggml_type, self.config.n_embd)
 
     def eval(self, tokens: Sequence[int], logits: str = "last", cancel: threading.Event | None = None) -> np.ndarray:
         """Append tokens at n_past, in chunks of n_batch; return float32 logits of the last
@@ -381,12 +373,13 @@ class LlamaModel:
                 chunk = ids[start:start + self.n_batch]
                 last = start + self.n_batch >= ids.size
                 if len(chunk) == 1 and self.fused is not None and not hidden:
-                    logits_1 = decode_token(self, int(chunk[0]))
+                    logits_1 = decode_token(self.config, self.weights, self.fused, self.layer_stack, self.cache,
+                                            int(chunk[0]))
                     outs.append(logits_1[None, :] if want_all else logits_1)
                 elif want_all or last:
-                    outs.append(forward(self, chunk, want_all, hidden))
+                    outs.append(forward(self.config, self.weights, self.cache, chunk, want_all, hidden))
                 else:
-                    forward(self, chunk, False)
+                    forward(self.config, self.weights, self.cache, chunk, False)
         return np.concatenate(outs) if want_all else outs[-1]
 
     def truncate(self, n: int) -> None:
@@ -405,10 +398,7 @@ class LlamaModel:
             return
         with self._lock:
             self.cache.remove(n_keep, n_discard)
-            rerotate_keys(self, n_keep, self.n_past, -n_discard)
-
-    def reset(self) -> None:
-        self.cache.n_past = 0
+            rerotate_keys(self.config, self.cache, n_keep, self.n_past, -n_discard)
 
     def close(self) -> None:
         self.gguf.close()
@@ -434,7 +424,10 @@ def load_model(path, n_ctx: int = 2048, n_threads: int | None = None, n_batch: i
             progress(0.0)
         cfg = config_from_gguf(g)
         weights = weights_from_gguf(g, cfg, progress)
-        model = LlamaModel(g, cfg, weights, int(n_ctx), int(n_batch), threads)
+        from .loading import fused_layers
+
+        fused, layer_stack = fused_layers(weights)
+        model = LlamaModel(g, cfg, weights, int(n_ctx), int(n_batch), threads, fused, layer_stack)
     except BaseException:
         if g is not path:
             g.close()

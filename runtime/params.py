@@ -138,12 +138,6 @@ SETTINGS: dict[str, Setting] = {
     )
 }
 
-SAMPLING_KEYS = (
-    "temp", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
-    "presence_penalty", "frequency_penalty", "mirostat", "mirostat_tau", "mirostat_eta", "seed",
-)
-
-
 def check_setting(name: str, value):
     """Validate one setting by name; raises ValueError with a sentence naming it."""
     if name not in SETTINGS:

@@ -2,21 +2,21 @@
 
 The text arrives with spaces already escaped to '▁'. Start from single characters and keep
 merging the adjacent pair whose concatenation is the vocabulary token with the highest score
-(ties: leftmost), using a heap of candidates over a linked list of symbols; a candidate whose
-symbols changed since it was queued is skipped. A final symbol that is not a token is emitted
+(ties: leftmost): bpe.merge_pairs, the loop both tokenizers share. A final symbol that is not a token is emitted
 byte by byte as `<0xXX>` byte tokens (byte fallback).
 
 Speed without changing the result: when no token contains '▁' right after another character,
 no merge can ever join the text before a word-initial '▁' run with what follows, so each run
 "▁*[^▁]*" is merged on its own and cached (words repeat). Vocabularies where that does not hold
 are merged whole, exactly as llama.cpp does. A very long segment (no spaces for megabytes) is
-merged by a numba kernel on symbol ids (tokenizer_kernels.spm_merge), same order, same result.
+merged by a numba kernel on symbol ids (tokenizer_kernels.merge_symbols), same order, same result.
 """
 
 from __future__ import annotations
 
-import heapq
 import re
+
+from .bpe import merge_pairs
 
 _SEGMENT = re.compile("\u2581+[^\u2581]*|[^\u2581]+")
 _CACHE_LIMIT = 200_000
@@ -132,50 +132,16 @@ class SPMMerger:
 
     def _merge(self, text: str) -> tuple[int, ...]:
         vocab, scores = self.token_to_id, self.scores
-        syms = list(text)
-        n = len(syms)
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        prv = list(range(-1, n - 1))
-        heap: list[tuple[float, int, int, int]] = []
-        for i in range(n - 1):
-            s = syms[i] + syms[i + 1]
-            tid = vocab.get(s)
-            if tid is not None:
-                heap.append((-scores[tid], i, i + 1, 2))
-        heapq.heapify(heap)
-        pop, push = heapq.heappop, heapq.heappush
-        while heap:
-            _, left, right, size = pop(heap)
-            ls, rs = syms[left], syms[right]
-            if not ls or not rs or len(ls) + len(rs) != size:
-                continue  # stale (lengths only grow, so a changed pair never matches its size)
-            text = ls + rs
-            syms[left] = text
-            syms[right] = ""
-            after = nxt[right]
-            nxt[left] = after
-            if after >= 0:
-                prv[after] = left
-            before = prv[left]
-            if before >= 0:
-                cand = syms[before] + text
-                tid = vocab.get(cand)
-                if tid is not None:
-                    push(heap, (-scores[tid], before, left, len(cand)))
-            if after >= 0:
-                cand = text + syms[after]
-                tid = vocab.get(cand)
-                if tid is not None:
-                    push(heap, (-scores[tid], left, after, len(cand)))
+
+        def priority(a, b):  # the highest-scoring token first
+            tid = vocab.get(a + b)
+            return None if tid is None else -scores[tid]
+
         out: list[int] = []
-        i = 0
-        while i != -1:
-            s = syms[i]
+        for s in merge_pairs(list(text), priority):
             tid = vocab.get(s)
             if tid is not None:
                 out.append(tid)
             else:
                 out.extend(self._byte_fallback(s))
-            i = nxt[i]
         return tuple(out)

@@ -453,10 +453,6 @@ class Tokenizer:
         """Control, user-defined or unknown: the tokens parse_special can produce from text."""
         return bool(self._attrs[token_id] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN))
 
-    @property
-    def special_token_texts(self) -> list[str]:
-        return [self._texts[i] for i in self._special_cache]
-
     def __len__(self) -> int:
         return self.n_vocab
 

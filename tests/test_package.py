@@ -1,5 +1,6 @@
 """The package's shape: import names, the headless engine, the console script."""
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,21 @@ def test_real_model_is_fetched_and_verified(smollm2_path, reference):
     from llamachat.model_store.pull import sha256_of
 
     assert sha256_of(smollm2_path) == reference["model"]["sha256"]
+
+
+def test_importing_the_runtime_changes_no_environment_and_no_umask():
+    """OpenMP/OpenBLAS settings are applied by the `llamachat` command and by Llama(...), not as a
+    side effect of an import; nor does any import change the process umask."""
+    code = (
+        "import os\n"
+        "os.umask(0o027)\n"
+        "before = dict(os.environ)\n"
+        "import llamachat.runtime, llamachat.runtime.model, llamachat.runtime.forward, llamachat.model_store.library\n"
+        "assert dict(os.environ) == before, sorted(set(os.environ.items()) ^ set(before.items()))\n"
+        "assert os.umask(0o022) == 0o027\n"
+        "from llamachat.runtime import apply_thread_env\n"
+        "apply_thread_env()\n"
+        "assert os.environ['GOMP_SPINCOUNT'] == '1000' and os.environ['OPENBLAS_THREAD_TIMEOUT'] == '12'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

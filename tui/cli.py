@@ -200,9 +200,12 @@ def place_numba_cache(environ=None) -> str | None:
 
 
 def entry_point():  # pragma: no cover - console script wrapper
+    from llamachat.runtime.thread_env import apply_thread_env
+
+    apply_thread_env()  # before numpy loads (OpenBLAS reads its setting then)
     place_numba_cache()
     sys.exit(main())
 
 
 if __name__ == "__main__":
-    main()
+    entry_point()

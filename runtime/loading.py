@@ -1,0 +1,129 @@
+"""What model loading does to the weights before any token is computed: matrices the decode
+kernels read 8 rows at a time are repacked (`repack`, `pack_x8`), the matrices of a layer that
+one product can cover are stacked into one array (q/k/v, gate/up), and the memory-map pages
+under every copied matrix are released so nothing is held twice.
+
+    fused, stack = fused_layers(weights)   # rewrites `weights` in place; run once, by load_model
+
+The forward pass (runtime/forward.py) only reads what this leaves behind.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .forward import Head, LayerStack
+from .matmul import FUSED_TYPES, pack_x8, repack, repackable
+
+
+def _release_pages(a: np.ndarray) -> None:
+    """Drop the memory-map pages under `a` from this process (MADV_DONTNEED: clean file pages,
+    read again from the file if ever touched), so a weight held as a stacked copy is not also
+    counted in memory as its mapped original. Whole pages inside `a` only."""
+    import ctypes
+    import mmap
+
+    if not hasattr(mmap, "MADV_DONTNEED") or a.base is None:
+        return
+    page = mmap.PAGESIZE
+    start = -(-a.ctypes.data // page) * page
+    end = (a.ctypes.data + a.nbytes) // page * page
+    if end > start:
+        try:
+            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+
+
+def _repack_alone(w) -> None:
+    """Repack one matrix into a new array, its file pages released."""
+    mapped = w.rows
+    repack(w)
+    _release_pages(mapped)
+
+
+def _repack_each(weights) -> None:
+    """Every repackable matrix (`repackable`: the layers' Q4_0 and Q4_1 with rows a multiple of 8,
+    and an untied output), each into its own array: for models decoded by `forward`."""
+    for layer in weights.layers:
+        for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
+            if repackable(w):
+                _repack_alone(w)
+    if weights.output is not weights.token_embd and repackable(weights.output):
+        _repack_alone(weights.output)
+
+
+def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
+    """Per layer what decode_token needs: (kind, (qkv, wo, gate_up, down), types) as
+    runtime.forward.Layer takes them. "grouped" when q/k/v share a format and gate/up share one:
+    qkv and gate_up each one stacked matrix (copies made once at load, their file pages
+    released: the layers' size, 66 MB for SmolLM2 Q4_1); else "plain": qkv the 3 matrices and
+    gate_up the 2 as in the memory map. None if some matrix has no fused kernel (or the shapes
+    do not suit it): those decode via `forward`. Weights whose rows were copied read the copy
+    from then on (their file pages released), so nothing is held twice. When every layer is
+    grouped with the same formats and shapes (any llama GGUF quantized to one type), the copies
+    are written straight into the arrays of a LayerStack (the per-layer entries are views of
+    them), so decode_all_layers takes a whole token in one compiled call; else the stack is
+    None."""
+    out_w = weights.output
+    plan = []
+    for layer in weights.layers:
+        ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
+        if any(w.ggml_type not in FUSED_TYPES or w.n_in % 32 for w in ws):
+            _repack_each(weights)
+            return None, None
+        types = [int(w.ggml_type) for w in ws]
+        if types[0] == types[1] == types[2] and types[4] == types[5]:
+            plan.append(((layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,)))
+        else:
+            plan.append(None)
+
+    def shape(groups):  # formats and matrix shapes of a grouped layer
+        return tuple((int(g[0].ggml_type), sum(w.n_out for w in g), g[0].rows.shape[1]) for g in groups)
+
+    stacks = None
+    if all(p is not None for p in plan) and len({shape(p) for p in plan}) == 1:
+        stacks = tuple(np.empty((len(plan), n_out, row_bytes), np.uint8) for _, n_out, row_bytes in shape(plan[0]))
+    out = []
+    for il, groups in enumerate(plan):
+        layer = weights.layers[il]
+        if groups is None:  # one matrix at a time
+            groups = tuple((w,) for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
+        mats = []
+        for i, ws_i in enumerate(groups):
+            if stacks is not None:
+                m = np.concatenate([w.rows for w in ws_i], out=stacks[i][il])
+            else:  # a lone matrix stays the memory map's rows
+                m = np.concatenate([w.rows for w in ws_i]) if len(ws_i) > 1 else np.ascontiguousarray(ws_i[0].rows)
+            packed = all(repackable(w) for w in ws_i)
+            if packed:  # (8-row groups never straddle two matrices: each has a multiple of 8 rows)
+                m = pack_x8(m, ws_i[0].ggml_type, out=m if m.base is not ws_i[0].rows.base else None)
+            if m.base is not ws_i[0].rows.base:  # a copy: every product reads it
+                start = 0
+                for w in ws_i:
+                    view = m[start:start + w.n_out]
+                    start += w.n_out
+                    _release_pages(w.rows)
+                    w.rows = view
+                    w.packed = packed
+            if len(groups) == 7:  # numba's tuples of 3 and 2 matrices: one array type for all
+                m.flags.writeable = False
+            mats.append(m)
+        kernels = [g[0].kernel for g in groups]
+        cut = (0, 1, 2, 3, 4) if len(groups) == 4 else (0, 3, 4, 6, 7)  # into qkv, wo, gate_up, down
+        parts = tuple(tuple(mats[a:b]) for a, b in zip(cut, cut[1:]))
+        types = tuple(np.array(kernels[a:b], np.int64) for a, b in zip(cut, cut[1:]))
+        out.append(("grouped" if len(groups) == 4 else "plain", parts, types))
+    if out_w is not weights.token_embd and repackable(out_w):
+        _repack_alone(out_w)
+    if stacks is None:
+        return out, None
+    if out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
+        head = Head(weights.output_norm, np.ascontiguousarray(out_w.rows), np.array([out_w.kernel], np.int64))
+    else:
+        head = Head(weights.output_norm, np.zeros((1, 1), np.uint8), np.array([-1], np.int64))
+    norms = [np.stack([getattr(layer, name) for layer in weights.layers]).astype(np.float32)
+             for name in ("attn_norm", "ffn_norm")]
+    return out, LayerStack(*stacks, out[0][2], *norms, head)
+
+

@@ -1,0 +1,35 @@
+"""The OpenMP and OpenBLAS settings llamachat runs with, applied by the `llamachat` command
+(before numpy loads) and by `Llama(...)` before it starts numba's threads; importing
+llamachat.runtime changes nothing in os.environ.
+
+numba's OpenMP workers spin after each parallel region by default (libgomp: 300000 rounds);
+during prompt processing they then fight numpy's BLAS threads for the cores. Fully passive
+workers cost a futex wake-up per region instead, and a token runs more than a hundred regions.
+A short spin (GOMP_SPINCOUNT 1000, some microseconds) keeps the workers awake between the
+regions of one token and asleep while BLAS runs. libgomp reads these when numba first loads it.
+
+The other way round: numpy's OpenBLAS workers spin about 0.1 s after each product before
+sleeping, and a prompt alternates BLAS products with numba's parallel kernels, which then share
+the cores with a spinning thread; OPENBLAS_THREAD_TIMEOUT 12 (2**12 cycles) puts them to sleep
+soon. Read when numpy loads OpenBLAS: effective only if applied before numpy is imported.
+
+A user's own settings win.
+"""
+
+from __future__ import annotations
+
+import os
+
+NAMES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT")
+# what the user had before llamachat set anything (bench passes it on to llama-bench unchanged)
+USER_OMP_ENV = {name: os.environ.get(name) for name in NAMES}
+
+
+def apply_thread_env(environ=None) -> None:
+    """Set OMP_WAIT_POLICY/GOMP_SPINCOUNT (unless either is set) and OPENBLAS_THREAD_TIMEOUT
+    (unless set) in `environ` (os.environ by default)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_WAIT_POLICY") is None and environ.get("GOMP_SPINCOUNT") is None:
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        environ["GOMP_SPINCOUNT"] = "1000"  # overrides PASSIVE's zero: spin briefly, then sleep
+    environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
