@@ -13,6 +13,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
 from llamachat.runtime import matmul as mm
+from llamachat.runtime.quants import TRAITS, q4_k
+from llamachat.runtime.quants.ksearch import get_scale_min_k4
 
 # byte offsets of the half-float scale fields in each block (random bytes elsewhere)
 SCALE_FIELDS = {
@@ -248,6 +250,7 @@ import sys
 import numpy as np
 from numba import njit
 from llamachat.runtime import simd
+from llamachat.runtime.quants import q4_0, q4_1, q4_k, q5_0, q6_k, q8_0
 from numba import types
 from numba.extending import intrinsic
 assert not simd.AVX2 and not simd.F16C
@@ -266,17 +269,17 @@ d = np.load(sys.argv[1])
 def run(kind, w, xq, xd, xs, out):
     for r in range(w.shape[0]):
         if kind == 0:
-            out[r] = simd.q4_1_dot(w, r, xq, xd, xs)
+            out[r] = q4_1.dot(w, r, xq, xd, xs)
         elif kind == 1:
-            out[r] = simd.q8_0_dot(w, r, xq, xd)
+            out[r] = q8_0.dot(w, r, xq, xd)
         elif kind == 2:
-            out[r] = simd.q4_0_dot(w, r, xq, xd)
+            out[r] = q4_0.dot(w, r, xq, xd)
         elif kind == 3:
-            out[r] = simd.q5_0_dot(w, r, xq, xd)
+            out[r] = q5_0.dot(w, r, xq, xd)
         elif kind == 4:
-            out[r] = simd.q6_k_dot(w, r, xq, xd)
+            out[r] = q6_k.dot(w, r, xq, xd)
         elif r % 8 == 0 and r + 8 <= w.shape[0]:  # kind 5: Q4_K, 8 rows at a time
-            simd.q4_k_dot8(w, r, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), 0, out.reshape((1, out.shape[0])))
+            q4_k.dot8(w, r, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), 0, out.reshape((1, out.shape[0])))
 outs = {}
 for kind in range(6):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
@@ -286,8 +289,8 @@ for kind in range(6):
 @njit
 def run_x8(w, xq, xd, ysum8, out):  # repacked Q4_0: tokens 0-3 by the gemm, token 4 by the gemv
     for g in range(w.shape[0] // 8):
-        simd.q4_0x8_gemm(w, 8 * g, xq, xd, ysum8, 0, out)
-        simd.q4_0x8_gemv(w, 8 * g, xq, xd, ysum8, 4, out)
+        q4_0.x8_gemm(w, 8 * g, xq, xd, ysum8, 0, out)
+        q4_0.x8_gemv(w, 8 * g, xq, xd, ysum8, 4, out)
 out = np.empty((5, d["w6"].shape[0]), np.float32)
 run_x8(d["w6"], d["xq6"], d["xd6"], d["ys6"], out)
 outs["out6"] = out
@@ -295,32 +298,27 @@ outs["out6"] = out
 @njit
 def run_q4_1x8(w, xq, xd, xs, out):  # repacked Q4_1: tokens 0-1 and 2-3 by the gemm, token 4 by the gemv
     for g in range(w.shape[0] // 8):
-        simd.q4_1x8_gemm(w, 8 * g, xq, xd, xs, 0, out)
-        simd.q4_1x8_gemm(w, 8 * g, xq, xd, xs, 2, out)
-        simd.q4_1x8_gemv(w, 8 * g, xq, xd, xs, 4, out)
-assert simd.Q4_1X8_TOKENS == 2
+        q4_1.x8_gemm(w, 8 * g, xq, xd, xs, 0, out)
+        q4_1.x8_gemm(w, 8 * g, xq, xd, xs, 2, out)
+        q4_1.x8_gemv(w, 8 * g, xq, xd, xs, 4, out)
+assert q4_1.X8_TOKENS == 2
 out = np.empty((5, d["w7"].shape[0]), np.float32)
 run_q4_1x8(d["w7"], d["xq7"], d["xd7"], d["xs7"], out)
 outs["out7"] = out
 
 @njit
-def run_rows(kind, w, xq, xd, xs, out):  # batch forms: tokens 0-3 in one step, token 4 alone
+def run_rows(kind, w, xq, xd, xs, out):  # batch forms, 5 tokens: tokens 0-3 in one step, token 4 alone
     for r in range(w.shape[0]):
         if kind == 0:
-            simd.q4_1_rows4(w, r, xq, xd, xs, 0, out)
-            simd.q4_1_rows1(w, r, xq, xd, xs, 4, out)
+            q4_1.rows(w, r, xq, xd, xs, out)
         elif kind == 1:
-            simd.q8_0_rows4(w, r, xq, xd, 0, out)
-            simd.q8_0_rows1(w, r, xq, xd, 4, out)
+            q8_0.rows(w, r, xq, xd, out)
         elif kind == 2:
-            simd.q4_0_rows4(w, r, xq, xd, 0, out)
-            simd.q4_0_rows1(w, r, xq, xd, 4, out)
+            q4_0.rows(w, r, xq, xd, out)
         elif kind == 3:
-            simd.q5_0_rows4(w, r, xq, xd, 0, out)
-            simd.q5_0_rows1(w, r, xq, xd, 4, out)
+            q5_0.rows(w, r, xq, xd, out)
         else:
-            simd.q6_k_rows4(w, r, xq, xd, 0, out)
-            simd.q6_k_rows1(w, r, xq, xd, 4, out)
+            q6_k.rows(w, r, xq, xd, out)
 assert simd.ROW_TOKENS == 4
 for kind in range(5):
     out = np.empty((5, d[f"w{kind}"].shape[0]), np.float32)
@@ -412,8 +410,8 @@ def _ggml_q4_k_replay(raw, act, t):
             for c in range(4):
                 q = blk[16 + 32 * c:48 + 32 * c].astype(np.int64)
                 lo, hi = xq[b * 256 + 64 * c:b * 256 + 64 * c + 32], xq[b * 256 + 64 * c + 32:b * 256 + 64 * c + 64]
-                s1, m1 = mm._q4k_scale_min(blk[4:16], 2 * c)
-                s2, m2 = mm._q4k_scale_min(blk[4:16], 2 * c + 1)
+                s1, m1 = get_scale_min_k4(2 * c, blk[4:16])
+                s2, m2 = get_scale_min_k4(2 * c + 1, blk[4:16])
                 isum += s1 * int(((q & 15) * lo).sum()) + s2 * int(((q >> 4) * hi).sum())
                 imin += m1 * int(lo.sum()) + m2 * int(hi.sum())
             acc, accm = fma(isum, np.float32(d * dx), acc), fma(imin, np.float32(dmin * dx), accm)
@@ -438,8 +436,8 @@ def test_q4_k_sums_as_llama_cpp_repacked_kernels():
             want = _ggml_q4_k_replay(raw, act, t)
             assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (n_tok, t)
     full, part = np.empty(24, np.float32), np.empty(19, np.float32)
-    mm._matvec_q4_k(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], full)
-    mm._matvec_q4_k(np.ascontiguousarray(raw[:19]), mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], part)
+    q4_k.matvec(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], full)
+    q4_k.matvec(np.ascontiguousarray(raw[:19]), mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], part)
     assert np.array_equal(full[:19].view(np.uint32), part.view(np.uint32))
 
 
@@ -529,9 +527,9 @@ def test_repacked_q4_0_sums_as_llama_cpp(n_tok):
     rng = np.random.default_rng(60 + n_tok)
     raw = random_rows(T.Q4_0, 48, 576, rng)
     w = mm.QuantWeight("w", T.Q4_0, 576, 48, raw.copy())
-    assert mm.repackable(w) and w.kernel == int(T.Q4_0)
+    assert mm.repackable(w) and w.kernel == TRAITS[T.Q4_0].kernel
     mm.repack(w)
-    assert w.packed and w.kernel == mm.Q4_0X8 and not mm.repackable(w)
+    assert w.packed and w.kernel == TRAITS[T.Q4_0].packed.kernel and not mm.repackable(w)
     assert w.rows.shape == raw.shape and not np.array_equal(w.rows, raw)
     x = (rng.standard_normal((n_tok, 576)) * 2).astype(np.float32)
     got = mm.matmul(w, x)
