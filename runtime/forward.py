@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .matmul import (F16_TABLE, FUSED_TYPES, act_mode_of, matmul, matvec_fused, pack_x8, quantize_activations, quantize_for,
+from .matmul import (FUSED_TYPES, HOST_CONTEXT, act_mode_of, matmul, matvec_fused, pack_x8, quantize_activations, quantize_for,
                      repack, repackable, round_to_f16)
 from .simd import fmaf
 
@@ -663,7 +663,7 @@ def decode_token(model, token: int) -> np.ndarray:
         (qkv, wo, gate_up, down), (t_qkv, t_o, t_gu, t_down) = st.mats, st.types
         decode_all_layers(x, st.attn_norm, st.ffn_norm, eps, qkv, t_qkv, wo, t_o, gate_up, t_gu, down, t_down,
                           cache.k, cache.v, pos, cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot,
-                          F16_TABLE, model.weights.output_norm, st.out_rows, st.out_type, logits)
+                          HOST_CONTEXT, model.weights.output_norm, st.out_rows, st.out_type, logits)
         cache.n_past = pos + 1
         if st.out_type >= 0:
             return logits[0]
@@ -673,10 +673,10 @@ def decode_token(model, token: int) -> np.ndarray:
         if kind == "grouped":
             decode_layer_grouped(x, layer.attn_norm, layer.ffn_norm, eps, mats[0], types[0], mats[1], types[1],
                                  mats[2], types[2], mats[3], types[3], cache.k[il], cache.v[il], pos,
-                                 cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
+                                 cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, HOST_CONTEXT)
         else:
             decode_layer(x, layer.attn_norm, layer.ffn_norm, eps, mats, types, cache.k[il], cache.v[il], pos,
-                         cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, F16_TABLE)
+                         cos, sin, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, HOST_CONTEXT)
     cache.n_past = pos + 1
     x = rmsnorm(x, model.weights.output_norm, cfg.rms_eps)
     return matmul(model.weights.output, x)[0]

@@ -21,12 +21,14 @@ activations with numpy's BLAS. The tile is transient; weights stay quantized in 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
 from .quants import KERNELS, TRAITS, plain, q4_0, q4_1, q4_k, q5_0, q6_k, q8_0
+from .simd import HOST_ISA, Isa
 from .quants.traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
 
 SUPPORTED_TYPES = frozenset(TRAITS)
@@ -37,6 +39,23 @@ TILE_ROWS = 2048
 
 # half float -> float32 for every bit pattern (block scales are read through this table)
 F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+class KernelContext(NamedTuple):
+    """What every product kernel takes besides its data: the half-float table (for their scalar
+    tails) and the instruction set their IR is emitted for (runtime.simd.Isa: its numba type
+    is part of every compiled signature, so each instruction set compiles and caches apart)."""
+    table: np.ndarray
+    isa: Isa
+
+
+# the context of this CPU's instruction set (runtime.simd.HOST_ISA, detected once)
+HOST_CONTEXT = KernelContext(F16_TABLE, HOST_ISA)
+
+
+def kernel_context(isa: str | None = None) -> KernelContext:
+    """The kernels' context for instruction set `isa` ("avx2", "portable"; None: this CPU's)."""
+    return HOST_CONTEXT if isa is None else KernelContext(F16_TABLE, Isa(isa))
 
 
 @njit(cache=True, inline="always")
@@ -236,10 +255,12 @@ def quantize_for(x: np.ndarray, w: QuantWeight) -> Activations:
     return Activations(np.ascontiguousarray(x, dtype=np.float32), w.act_mode)
 
 
-def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None = None) -> np.ndarray:
+def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None = None, isa: str | None = None) -> np.ndarray:
     """x [T, n_in] (or Activations for w's format) -> x @ W.T as float32 [T, n_out]. For the
     fused formats each token's row is the same bits whatever T (one arithmetic for prompts and
-    decode); the others multiply float32 tiles with BLAS."""
+    decode); the others multiply float32 tiles with BLAS. isa: the instruction set the kernels
+    are compiled for (kernel_context; None: this CPU's)."""
+    ctx = kernel_context(isa)
     act = x if isinstance(x, Activations) else quantize_for(x, w)
     if act.mode != w.act_mode:
         raise ValueError(f"{w.name}: activations are in the wrong format")
@@ -251,7 +272,7 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     t = w.ggml_type
     tr = w.traits
     if n_tok > 1 and tr.batch is not None and w.n_out % tr.batch_rows == 0:
-        tr.batch(np.ascontiguousarray(w.rows), F16_TABLE, act.xq, act.xd, act.xs, act.xhat, out)
+        tr.batch(np.ascontiguousarray(w.rows), ctx, act.xq, act.xd, act.xs, act.xhat, out)
         return out
     if tr.decode is not None:
         # (Q4_K: every token in the order of llama.cpp's repacked gemv, which it uses for one
@@ -259,7 +280,7 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
         # floats there depend on its place in the batch - and we do not follow it there)
         rows = np.ascontiguousarray(w.rows)
         for i in range(n_tok):
-            matvec_fused(w.kernel, rows, F16_TABLE, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
+            matvec_fused(w.kernel, rows, ctx, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
         return out
     tile = np.empty((min(TILE_ROWS, w.n_out), w.n_in), np.float32)
     for start in range(0, w.n_out, TILE_ROWS):
@@ -286,30 +307,30 @@ _F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q4_K, _Q6_K = (
 
 
 @njit(cache=True)
-def matvec_fused(k, w, table, xq, xd, xs, xhat, out):
+def matvec_fused(k, w, ctx, xq, xd, xs, xhat, out):
     """out = W x for one token with the one-token kernel numbered k (a record's `kernel`: the
     `decode` it names); x given as its rounded activations (xq/xd/xs for the integer kernels,
-    xhat for floats). A switch: numba calls no function through a table."""
+    xhat for floats; ctx: a KernelContext). A switch: numba calls no function through a table."""
     if k == _Q4_1:
-        q4_1.matvec(w, table, xq, xd, xs, xhat, out)
+        q4_1.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q4_0X8:
-        q4_0.matvec_x8(w, table, xq, xd, xs, xhat, out)
+        q4_0.matvec_x8(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q4_1X8:
-        q4_1.matvec_x8(w, table, xq, xd, xs, xhat, out)
+        q4_1.matvec_x8(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q4_0:
-        q4_0.matvec(w, table, xq, xd, xs, xhat, out)
+        q4_0.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q8_0:
-        q8_0.matvec(w, table, xq, xd, xs, xhat, out)
+        q8_0.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q5_0:
-        q5_0.matvec(w, table, xq, xd, xs, xhat, out)
+        q5_0.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q4_K:
-        q4_k.matvec(w, table, xq, xd, xs, xhat, out)
+        q4_k.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q6_K:
-        q6_k.matvec(w, table, xq, xd, xs, xhat, out)
+        q6_k.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _F16:
-        plain.matvec_f16(w, table, xq, xd, xs, xhat, out)
+        plain.matvec_f16(w, ctx, xq, xd, xs, xhat, out)
     else:
-        plain.matvec_f32(w, table, xq, xd, xs, xhat, out)
+        plain.matvec_f32(w, ctx, xq, xd, xs, xhat, out)
 
 
 # every numbered kernel has its branch above

@@ -10,9 +10,13 @@ fused-multiply-added into an 8-lane accumulator. Emitting that IR ourselves give
 instructions, and - because the same lanes are summed in the same order - the same floats as
 llama.cpp, bit for bit.
 
-On a CPU without AVX2 the same building blocks emit portable vector IR (int32 products summed
-4 by 4: the same integer lane sums, the same floats, only slower); `AVX2` says which one the
-host gets, and tests compile both.
+The instruction set is a parameter: every kernel takes an `Isa` (inside the kernels' context
+argument, runtime.matmul.kernel_context), "avx2" (AVX2, FMA and F16C: ggml's instructions) or
+"portable" (generic vector IR: int32 products summed 4 by 4, halves converted by integer
+arithmetic; the same integer lane sums, the same floats, only slower). Its numba type names it,
+so each instruction set compiles - and is cached - as its own specialization: nothing compiled
+for one is ever run as the other. HOST_ISA is what this CPU gets, detected once; tests force
+each.
 
 Pieces:
   _load, _half, _halves_to_float, _splat, _nibbles   reading bytes, half floats, nibbles
@@ -24,23 +28,64 @@ Pieces:
                                                      forms from one per-block body
   _broadcast8, _quad_lanes                           the 8-row interleaved kernels' steps
   fmaf(a, b, c)                                      float32 fused multiply-add (llvm.fma.f32)
-LLAMACHAT_NO_AVX2=1 forces the portable IR (numba's cache does not key on it: use a fresh
-NUMBA_CACHE_DIR, as the tests do).
+  Isa, HOST_ISA, isa_typer                           the instruction set parameter
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.core.imputils import lower_constant
+from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
+
+
+class Isa:
+    """An instruction set the kernels emit their IR for: "avx2" or "portable"."""
+
+    __slots__ = ("name",)
+    NAMES = ("avx2", "portable")
+
+    def __init__(self, name: str):
+        if name not in self.NAMES:
+            raise ValueError(f"unknown instruction set {name!r}; choose one of: {', '.join(self.NAMES)}")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Isa({self.name!r})"
+
+
+class IsaType(types.Dummy):
+    """numba's type of an Isa: one type per instruction set, so a kernel's signature (and its
+    cache entry) says which one it was compiled for."""
+
+    def __init__(self, name: str):
+        self.isa = name
+        super().__init__(name=f"Isa({name})")
+
+
+@typeof_impl.register(Isa)
+def _typeof_isa(val, c):
+    return IsaType(val.name)
+
+
+register_model(IsaType)(models.OpaqueModel)
+
+
+@unbox(IsaType)
+def _unbox_isa(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
+@lower_constant(IsaType)
+def _constant_isa(context, builder, ty, pyval):  # an Isa held in a global
+    return context.get_dummy_value()
 
 
 def _host_has_avx2() -> bool:
-    if os.environ.get("LLAMACHAT_NO_AVX2") == "1":  # to exercise the portable IR
-        return False
     if os.environ.get("NUMBA_CPU_NAME", "host") != "host":  # code for another CPU than this one:
         return False  # x86 intrinsics might not exist there
     try:
@@ -52,23 +97,41 @@ def _host_has_avx2() -> bool:
         return False
 
 
-AVX2 = _host_has_avx2()
+HOST_ISA = Isa("avx2" if _host_has_avx2() else "portable")
+
+# the instruction set the IR being emitted is for (set by isa_typer's codegen from the signature)
+_EMITTING = ["portable"]
 
 
-def _host_has_f16c() -> bool:
-    if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
-        return False
-    try:
-        from llvmlite import binding
-
-        return bool(binding.get_host_cpu_features().get("f16c"))
-    except Exception:  # noqa: BLE001
-        return False
+def _avx2() -> bool:
+    return _EMITTING[0] == "avx2"
 
 
-# half -> float by the CPU's conversion instruction (vcvtph2ps), else by integer arithmetic:
-# LLVM lowers a half fpext without F16C to a runtime-library call the JIT cannot resolve
-F16C = _host_has_f16c()
+def isa_typer(typer):
+    """An intrinsic's typer whose last argument is an Isa: refuses other types there, and its
+    codegen emits the IR for the instruction set the signature names."""
+
+    @functools.wraps(typer)  # (numba reads the typer's named arguments through __wrapped__)
+    def checked(typingctx, *args):
+        if not isinstance(args[-1], IsaType):
+            return None
+        got = typer(typingctx, *args)
+        if got is None:
+            return None
+        sig, codegen = got
+
+        def emit(context, builder, signature, cargs):
+            before = _EMITTING[0]
+            _EMITTING[0] = signature.args[-1].isa
+            try:
+                return codegen(context, builder, signature, cargs)
+            finally:
+                _EMITTING[0] = before
+
+        return sig, emit
+
+    return checked
+
 
 _i1, _i8, _i16, _i32, _i64, _f32 = (ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32),
                                     ir.IntType(64), ir.FloatType())
@@ -102,7 +165,7 @@ def _halves_to_float(builder, bits):
     """IEEE half bit patterns (i16 or <n x i16>) -> float32, exactly."""
     n = bits.type.count if isinstance(bits.type, ir.VectorType) else None
     f32 = _f32 if n is None else _vec(_f32, n)
-    if F16C:
+    if _avx2():  # vcvtph2ps (without F16C LLVM lowers the fpext to a library call the JIT cannot resolve)
         return builder.fpext(builder.bitcast(bits, ir.HalfType() if n is None else _vec(ir.HalfType(), n)), f32)
     i32 = _i32 if n is None else _vec(_i32, n)
 
@@ -151,7 +214,7 @@ def _nibbles(builder, qs):
 def _lanes_unsigned(builder, qx, qy):
     """8 int32 lanes, lane l = sum of qx[4l+k]*qy[4l+k] (k < 4), qx unsigned bytes, qy signed:
     ggml's mul_sum_us8_pairs (vpmaddubsw, then vpmaddwd against ones)."""
-    if AVX2:
+    if _avx2():
         v16 = _vec(_i16, 16)
         pairs = builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [qx.type, qy.type]), [qx, qy])
         ones = ir.Constant(v16, [1] * 16)
@@ -161,7 +224,7 @@ def _lanes_unsigned(builder, qx, qy):
 
 def _lanes_signed(builder, qx, qy):
     """The same lanes for signed qx: ggml's mul_sum_i8_pairs (|qx| times qy carrying qx's sign)."""
-    if AVX2:
+    if _avx2():
         v32 = qx.type
         sign = _fn(builder, "llvm.x86.avx2.psign.b", v32, [v32, v32])
         return _lanes_unsigned(builder, builder.call(sign, [qx, qx]), builder.call(sign, [qy, qx]))
@@ -190,25 +253,25 @@ def _fma(builder, a, b, c):
 
 
 def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32):
-    """An intrinsic (w, r, xq, xd[, xs]) -> float32 looping over row r's blocks. The state (a
+    """An intrinsic (w, r, xq, xd[, xs], isa) -> float32 looping over row r's blocks. The state (a
     list of accumulators) starts as `init`; body(builder, blk, y, scales, state) gets the
     block's byte pointer, a pointer to its block_values int8 activations and the n_act
     activation scales of the block's first 32 values, and returns the new state;
     finish(builder, state) gives the row's result."""
 
-    def make_sig(w, r, xq, *act):
-        arrays = (w, xq, *act)
+    def make_sig(w, r, xq, *act_isa):
+        arrays = (w, xq, *act_isa[:-1])
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays):
             return None  # the IR reads rows and activations as contiguous memory
-        return types.float32(w, r, xq, *act)
+        return types.float32(w, r, xq, *act_isa)
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, *act_t = signature.args
+        wt, _, xqt, *act_t = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
         row_bytes = builder.extract_value(warr.shape, 1)
         row = builder.gep(warr.data, [builder.mul(args[1], builder.extract_value(warr.strides, 0))])
         yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-        scale_ptrs = [context.make_array(t)(context, builder, a).data for t, a in zip(act_t, args[3:])]
+        scale_ptrs = [context.make_array(t)(context, builder, a).data for t, a in zip(act_t, args[3:-1])]
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
         slots = [cgutils.alloca_once_value(builder, v) for v in init]
         with cgutils.for_range(builder, n_blocks) as loop:
@@ -225,12 +288,12 @@ def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32):
         return finish(builder, [builder.load(s) for s in slots])
 
     if n_act == 1:  # (numba's intrinsics take no *args)
-        def typer(typingctx, w, r, xq, xd):
-            return make_sig(w, r, xq, xd), codegen
+        def typer(typingctx, w, r, xq, xd, isa):
+            return make_sig(w, r, xq, xd, isa), codegen
     else:
-        def typer(typingctx, w, r, xq, xd, xs):
-            return make_sig(w, r, xq, xd, xs), codegen
-    return typer
+        def typer(typingctx, w, r, xq, xd, xs, isa):
+            return make_sig(w, r, xq, xd, xs, isa), codegen
+    return isa_typer(typer)
 
 
 _ZERO8 = ir.Constant(_vec(_f32, 8), [0.0] * 8)
@@ -252,7 +315,7 @@ def _scaled_lanes(builder, q, qy, sc_lo, sc_hi, bias):
     the first 16 bytes scaled by sc_lo, the last 16 by sc_hi (i32 values). AVX2: ggml's
     vpmaddubsw(q, y) - vpmaddubsw(bias, y), then vpmaddwd against the int16 scales."""
     v16 = _vec(_i16, 16)
-    if AVX2:
+    if _avx2():
         madd_us = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [q.type, qy.type])
         p16 = builder.call(madd_us, [q, qy])
         if bias:
@@ -306,7 +369,7 @@ def _broadcast8(builder, y, offset):
 def _quad_lanes(builder, qs, ys):
     """4 rows x 8 unsigned quants per vector (qs) times the matching broadcast activations (ys),
     the 4 products summed -> <8 x i32>, two lanes per row (exact)."""
-    if AVX2:
+    if _avx2():
         v16 = _vec(_i16, 16)
         mad = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [qs[0].type, ys[0].type])
         pairs = builder.call(mad, [qs[0], ys[0]])
@@ -328,7 +391,7 @@ def _pair_add(builder, lo, hi):
     """vphaddd's order: [lo0+lo1, lo2+lo3, hi0+hi1, hi2+hi3 | lo4+lo5, lo6+lo7, hi4+hi5, hi6+hi7]
     (int32 lanes; float lanes by the same shuffles, each sum one IEEE addition)."""
     is_float = lo.type.element == _f32
-    if AVX2 and not is_float:
+    if _avx2() and not is_float:
         v8 = lo.type
         return builder.call(_fn(builder, "llvm.x86.avx2.phadd.d", v8, [v8, v8]), [lo, hi])
     even = builder.shuffle_vector(lo, hi, _mask([0, 2, 8, 10, 4, 6, 12, 14]))
@@ -338,23 +401,23 @@ def _pair_add(builder, lo, hi):
 
 
 def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
-    """The batch form of a `_row_kernel`: an intrinsic (w, r, xq, xd[, xs], out) writing row r
+    """The batch form of a `_row_kernel`: an intrinsic (w, r, xq, xd[, xs], out, isa) writing row r
     times every token t of the batch into out[t, r] (xq int8 [T, K], xd/xs float32 [T, K/32],
     out float32 [T, rows], all C-contiguous), ROW_TOKENS tokens per pass over the row, the
     leftover tokens one per pass. Each token's state goes through the same body and finish as
     the one-token kernel (the same floats, bit for bit); a block's bytes are loaded and
     unpacked once for all the tokens of a pass (LLVM merges the repeated loads)."""
 
-    def make_sig(w, r, xq, act, out):
+    def make_sig(w, r, xq, act, out, isa):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, *act, out)):
             return None
         if xq.ndim != 2 or out.ndim != 2 or any(a.ndim != 2 for a in act):
             return None
-        return types.none(w, r, xq, *act, out)
+        return types.none(w, r, xq, *act, out, isa)
 
     def codegen(context, builder, signature, args):
         wt, _, xqt, *act_t = signature.args[:3 + n_act]
-        outt = signature.args[-1]
+        outt = signature.args[-2]
         warr = context.make_array(wt)(context, builder, args[0])
         r = args[1]
         row_bytes = builder.extract_value(warr.shape, 1)
@@ -363,7 +426,7 @@ def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
         n_tok = builder.extract_value(xarr.shape, 0)
         k_vals = builder.extract_value(xarr.shape, 1)
         act_arrs = [context.make_array(t)(context, builder, a) for t, a in zip(act_t, args[3:3 + n_act])]
-        oarr = context.make_array(outt)(context, builder, args[-1])
+        oarr = context.make_array(outt)(context, builder, args[-2])
         n_out = builder.extract_value(oarr.shape, 1)
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
         n_state = len(init)
@@ -398,12 +461,12 @@ def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
         return context.get_dummy_value()
 
     if n_act == 1:
-        def typer(typingctx, w, r, xq, xd, out):
-            return make_sig(w, r, xq, (xd,), out), codegen
+        def typer(typingctx, w, r, xq, xd, out, isa):
+            return make_sig(w, r, xq, (xd,), out, isa), codegen
     else:
-        def typer(typingctx, w, r, xq, xd, xs, out):
-            return make_sig(w, r, xq, (xd, xs), out), codegen
-    return intrinsic(typer)
+        def typer(typingctx, w, r, xq, xd, xs, out, isa):
+            return make_sig(w, r, xq, (xd, xs), out, isa), codegen
+    return intrinsic(isa_typer(typer))
 
 
 # tokens per step of the batch kernels (a row's blocks unpacked once for all of them)
@@ -411,9 +474,9 @@ ROW_TOKENS = 4
 
 
 def row_kernels(block_bytes, n_act, init, body, finish, block_values=32):
-    """A format's kernels from its per-block body (see _row_kernel): `dot` (w, r, xq, xd[, xs])
-    -> float32, one row against one token's activations, and its batch form `rows` (w, r, xq,
-    xd[, xs], out): row r times every token of a batch, each token the one-token kernel's
+    """A format's kernels from its per-block body (see _row_kernel): `dot` (w, r, xq, xd[, xs],
+    isa) -> float32, one row against one token's activations, and its batch form `rows` (w, r,
+    xq, xd[, xs], out, isa): row r times every token of a batch, each token the one-token kernel's
     floats (see _tokens_kernel)."""
     return (intrinsic(_row_kernel(block_bytes, n_act, init, body, finish, block_values)),
             _tokens_kernel(block_bytes, n_act, init, body, finish, block_values))

@@ -253,7 +253,7 @@ from llamachat.runtime import simd
 from llamachat.runtime.quants import q4_0, q4_1, q4_k, q5_0, q6_k, q8_0
 from numba import types
 from numba.extending import intrinsic
-assert not simd.AVX2 and not simd.F16C
+ISA = simd.Isa("portable")
 
 @intrinsic
 def half_to_float(typingctx, bits):
@@ -269,17 +269,17 @@ d = np.load(sys.argv[1])
 def run(kind, w, xq, xd, xs, out):
     for r in range(w.shape[0]):
         if kind == 0:
-            out[r] = q4_1.dot(w, r, xq, xd, xs)
+            out[r] = q4_1.dot(w, r, xq, xd, xs, ISA)
         elif kind == 1:
-            out[r] = q8_0.dot(w, r, xq, xd)
+            out[r] = q8_0.dot(w, r, xq, xd, ISA)
         elif kind == 2:
-            out[r] = q4_0.dot(w, r, xq, xd)
+            out[r] = q4_0.dot(w, r, xq, xd, ISA)
         elif kind == 3:
-            out[r] = q5_0.dot(w, r, xq, xd)
+            out[r] = q5_0.dot(w, r, xq, xd, ISA)
         elif kind == 4:
-            out[r] = q6_k.dot(w, r, xq, xd)
+            out[r] = q6_k.dot(w, r, xq, xd, ISA)
         elif r % 8 == 0 and r + 8 <= w.shape[0]:  # kind 5: Q4_K, 8 rows at a time
-            q4_k.dot8(w, r, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), 0, out.reshape((1, out.shape[0])))
+            q4_k.dot8(w, r, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), 0, out.reshape((1, out.shape[0])), ISA)
 outs = {}
 for kind in range(6):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
@@ -289,8 +289,8 @@ for kind in range(6):
 @njit
 def run_x8(w, xq, xd, ysum8, out):  # repacked Q4_0: tokens 0-3 by the gemm, token 4 by the gemv
     for g in range(w.shape[0] // 8):
-        q4_0.x8_gemm(w, 8 * g, xq, xd, ysum8, 0, out)
-        q4_0.x8_gemv(w, 8 * g, xq, xd, ysum8, 4, out)
+        q4_0.x8_gemm(w, 8 * g, xq, xd, ysum8, 0, out, ISA)
+        q4_0.x8_gemv(w, 8 * g, xq, xd, ysum8, 4, out, ISA)
 out = np.empty((5, d["w6"].shape[0]), np.float32)
 run_x8(d["w6"], d["xq6"], d["xd6"], d["ys6"], out)
 outs["out6"] = out
@@ -298,9 +298,9 @@ outs["out6"] = out
 @njit
 def run_q4_1x8(w, xq, xd, xs, out):  # repacked Q4_1: tokens 0-1 and 2-3 by the gemm, token 4 by the gemv
     for g in range(w.shape[0] // 8):
-        q4_1.x8_gemm(w, 8 * g, xq, xd, xs, 0, out)
-        q4_1.x8_gemm(w, 8 * g, xq, xd, xs, 2, out)
-        q4_1.x8_gemv(w, 8 * g, xq, xd, xs, 4, out)
+        q4_1.x8_gemm(w, 8 * g, xq, xd, xs, 0, out, ISA)
+        q4_1.x8_gemm(w, 8 * g, xq, xd, xs, 2, out, ISA)
+        q4_1.x8_gemv(w, 8 * g, xq, xd, xs, 4, out, ISA)
 assert q4_1.X8_TOKENS == 2
 out = np.empty((5, d["w7"].shape[0]), np.float32)
 run_q4_1x8(d["w7"], d["xq7"], d["xd7"], d["xs7"], out)
@@ -310,15 +310,15 @@ outs["out7"] = out
 def run_rows(kind, w, xq, xd, xs, out):  # batch forms, 5 tokens: tokens 0-3 in one step, token 4 alone
     for r in range(w.shape[0]):
         if kind == 0:
-            q4_1.rows(w, r, xq, xd, xs, out)
+            q4_1.rows(w, r, xq, xd, xs, out, ISA)
         elif kind == 1:
-            q8_0.rows(w, r, xq, xd, out)
+            q8_0.rows(w, r, xq, xd, out, ISA)
         elif kind == 2:
-            q4_0.rows(w, r, xq, xd, out)
+            q4_0.rows(w, r, xq, xd, out, ISA)
         elif kind == 3:
-            q5_0.rows(w, r, xq, xd, out)
+            q5_0.rows(w, r, xq, xd, out, ISA)
         else:
-            q6_k.rows(w, r, xq, xd, out)
+            q6_k.rows(w, r, xq, xd, out, ISA)
 assert simd.ROW_TOKENS == 4
 for kind in range(5):
     out = np.empty((5, d[f"w{kind}"].shape[0]), np.float32)
@@ -332,8 +332,8 @@ np.savez(sys.argv[2], **outs)
 
 
 def test_portable_ir_gives_the_same_floats(tmp_path):
-    """Without AVX2 and F16C (LLAMACHAT_NO_AVX2=1 and code for a generic x86 CPU; a fresh numba
-    cache so nothing compiled for this one is reused) the portable IR sums the same integer
+    """Without AVX2 and F16C (the portable instruction set forced, and code for a generic x86
+    CPU; a fresh numba cache so nothing compiled for this one is reused) the portable IR sums the same integer
     lanes in the same order: the same floats as llama.cpp's AVX2 kernels, for one token and in
     the batch kernels; halves convert exactly by integer arithmetic."""
     import os
@@ -377,7 +377,7 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
         data.update({f"bxq{kind}": act.xq, f"bxd{kind}": act.xd, f"bxs{kind}": act.xs})
         batch_want[kind] = np.stack([mm.matmul(w, xb[t:t + 1])[0] for t in range(5)])
     np.savez(tmp_path / "in.npz", **data)
-    env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                    env=env, check=True, timeout=600)
     got = np.load(tmp_path / "out.npz")
@@ -436,8 +436,8 @@ def test_q4_k_sums_as_llama_cpp_repacked_kernels():
             want = _ggml_q4_k_replay(raw, act, t)
             assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (n_tok, t)
     full, part = np.empty(24, np.float32), np.empty(19, np.float32)
-    q4_k.matvec(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], full)
-    q4_k.matvec(np.ascontiguousarray(raw[:19]), mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], part)
+    q4_k.matvec(raw, mm.HOST_CONTEXT, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], full)
+    q4_k.matvec(np.ascontiguousarray(raw[:19]), mm.HOST_CONTEXT, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], part)
     assert np.array_equal(full[:19].view(np.uint32), part.view(np.uint32))
 
 

@@ -17,7 +17,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..simd import ROW_TOKENS, _ZERO8, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _load, _mask, _prefetch, _state_loop, _vec
+from ..simd import ROW_TOKENS, _ZERO8, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _load, _mask, _prefetch, _state_loop, _vec
 
 F16_MAGIC = np.float32(2.0**-14)  # subtracting it turns a denormal half's rebased bits into its value
 
@@ -91,7 +91,7 @@ def quantize_bf16(x, out):
 
 # --- products ---------------------------------------------------------------------------------
 
-def _f16_dot_typer(typingctx, w, r, x):
+def _f16_dot_typer(typingctx, w, r, x, isa):
     """(w uint8 [rows, 2*K] of IEEE halves, r, x float32 [K] already rounded to half) ->
     float32: ggml's AVX2 ggml_vec_dot_f16 over the first K - K % 32 values: 4 accumulators of 8
     lanes, fma per 32-value step; reduced (a0+a2) + (a1+a3), then its 128-bit halves added and
@@ -100,7 +100,7 @@ def _f16_dot_typer(typingctx, w, r, x):
         return None
 
     def codegen(context, builder, signature, args):
-        wt, _, xt = signature.args
+        wt, _, xt = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
         row_bytes = builder.extract_value(warr.shape, 1)
         row = builder.gep(warr.data, [builder.mul(args[1], builder.extract_value(warr.strides, 0))])
@@ -124,10 +124,10 @@ def _f16_dot_typer(typingctx, w, r, x):
         e = [builder.extract_element(t0, ir.Constant(_i32, i)) for i in range(4)]
         return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
 
-    return types.float32(w, r, x), codegen
+    return types.float32(w, r, x, isa), codegen
 
 
-f16_dot = intrinsic(_f16_dot_typer)
+f16_dot = intrinsic(isa_typer(_f16_dot_typer))
 
 
 def _f16_tokens(n_t):
@@ -135,13 +135,13 @@ def _f16_tokens(n_t):
     [T, rows]) writes f16_dot(w, r, x[t]) into out[t, r] for the n_t tokens t0.. (each token the
     one-token floats; the row's halves converted once for all of them)."""
 
-    def typer(typingctx, w, r, x, t0, out):
+    def typer(typingctx, w, r, x, t0, out, isa):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, x, out)) or x.ndim != 2 or out.ndim != 2:
             return None
-        return types.none(w, r, x, t0, out), codegen
+        return types.none(w, r, x, t0, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xt, _, outt = signature.args
+        wt, _, xt, _, outt = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
         r, t0 = args[1], args[3]
         row_bytes = builder.extract_value(warr.shape, 1)
@@ -180,28 +180,28 @@ def _f16_tokens(n_t):
     return typer
 
 
-f16_rows4 = intrinsic(_f16_tokens(ROW_TOKENS))
-f16_rows1 = intrinsic(_f16_tokens(1))
+f16_rows4 = intrinsic(isa_typer(_f16_tokens(ROW_TOKENS)))
+f16_rows1 = intrinsic(isa_typer(_f16_tokens(1)))
 
 
 
 @njit(cache=True, parallel=True)
-def matvec_f16(w, table, xq, xd, xs, x, out):
+def matvec_f16(w, ctx, xq, xd, xs, x, out):
     """As ggml's AVX2 ggml_vec_dot_f16 (x: the activations rounded to half): the vector IR's 4
     accumulators over 32-value steps and their reduction, then the K % 32 leftovers in double."""
     k = x.shape[0]
     tail = k - k % 32
     for r in prange(w.shape[0]):
-        acc = np.float64(f16_dot(w, r, x))
+        acc = np.float64(f16_dot(w, r, x, ctx.isa))
         if tail < k:
             row = w[r].view(np.uint16)
             for i in range(tail, k):
-                acc += np.float64(table[row[i]] * x[i])
+                acc += np.float64(ctx.table[row[i]] * x[i])
         out[r] = np.float32(acc)
 
 
 @njit(cache=True, parallel=True)
-def matmat_f16(w, table, xq, xd, xs, x, out):
+def matmat_f16(w, ctx, xq, xd, xs, x, out):
     """out [T, rows] = the T tokens' products with an F16 matrix (x: the activations rounded
     to half), each (row, token) matvec_f16's floats: ROW_TOKENS tokens per step."""
     n_tok, k = x.shape
@@ -209,20 +209,20 @@ def matmat_f16(w, table, xq, xd, xs, x, out):
     in_steps = n_tok - n_tok % ROW_TOKENS
     for r in prange(w.shape[0]):
         for t0 in range(0, in_steps, ROW_TOKENS):
-            f16_rows4(w, r, x, t0, out)
+            f16_rows4(w, r, x, t0, out, ctx.isa)
         for t0 in range(in_steps, n_tok):
-            f16_rows1(w, r, x, t0, out)
+            f16_rows1(w, r, x, t0, out, ctx.isa)
         if tail < k:
             row = w[r].view(np.uint16)
             for t in range(n_tok):
                 acc = np.float64(out[t, r])
                 for i in range(tail, k):
-                    acc += np.float64(table[row[i]] * x[t, i])
+                    acc += np.float64(ctx.table[row[i]] * x[t, i])
                 out[t, r] = np.float32(acc)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def matvec_f32(w, table, xq, xd, xs, x, out):
+def matvec_f32(w, ctx, xq, xd, xs, x, out):
     n_rows = w.shape[0]
     k = x.shape[0]
     for r in prange(n_rows):

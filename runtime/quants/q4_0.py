@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..simd import (_ZERO8, _broadcast8, _fma, _half, _halves_to_float, _i8, _i16, _f32, _lane_accumulate, _lanes_finish,
+from ..simd import (_ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _i8, _i16, _f32, _lane_accumulate, _lanes_finish,
                     _lanes_signed, _load, _nibbles, _pair_add, _prefetch, _quad_lanes, _splat, _state_loop, _vec, row_kernels)
 from .block32 import pack_x8
 from .ksearch import signed_absmax
@@ -71,18 +71,18 @@ dot, rows = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish)
 
 
 @njit(cache=True, parallel=True)
-def matvec(w, table, xq, xd, xs, xhat, out):
+def matvec(w, ctx, xq, xd, xs, xhat, out):
     """A Q4_0 matrix llama.cpp leaves in the file's layout (rows not a multiple of 8, or the
     token embeddings as a tied output): ggml's AVX2 vec_dot_q4_0_q8_0, Q8_0's lanes and order."""
     for r in prange(w.shape[0]):
-        out[r] = dot(w, r, xq, xd)
+        out[r] = dot(w, r, xq, xd, ctx.isa)
 
 
 @njit(cache=True, parallel=True)
-def matmat(w, table, xq, xd, xs, xhat, out):
+def matmat(w, ctx, xq, xd, xs, xhat, out):
     """A batch: each (row, token) matvec's float; rows over threads."""
     for r in prange(w.shape[0]):
-        rows(w, r, xq, xd, out)
+        rows(w, r, xq, xd, out, ctx.isa)
 
 
 # --- the repacked layout: 8 rows interleaved ------------------------------------------------
@@ -108,18 +108,18 @@ X8_BLOCK = 8 * BLOCK_BYTES
 
 
 def _q4_0x8(n_t, prefetch):
-    """The typer of an interleaved-Q4_0 kernel (w, r0, xq, xd, ysum8, t0, out): rows r0..r0+7
+    """The typer of an interleaved-Q4_0 kernel (w, r0, xq, xd, ysum8, t0, out, isa): rows r0..r0+7
     (r0 a multiple of 8; w uint8 [rows, row bytes], C-contiguous, each 8 rows' bytes in the
     layout above) times tokens t0..t0+n_t-1 (xq int8 [T, K], xd float32 [T, K/32], ysum8 int32
     [T, K/32]: 8 * each block's sum of activations) into out[t0:t0+n_t, r0:r0+8] (float32
     [T, rows])."""
 
-    def typer(typingctx, w, r0, xq, xd, ysum8, t0, out):
+    def typer(typingctx, w, r0, xq, xd, ysum8, t0, out, isa):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, ysum8, out)):
             return None
 
         def codegen(context, builder, signature, args):
-            wt, _, xqt, xdt, yst, _, outt = signature.args
+            wt, _, xqt, xdt, yst, _, outt = signature.args[:-1]
             warr = context.make_array(wt)(context, builder, args[0])
             r0, t0 = args[1], args[5]
             group = builder.gep(warr.data, [builder.mul(r0, builder.extract_value(warr.strides, 0))])
@@ -159,9 +159,9 @@ def _q4_0x8(n_t, prefetch):
                 builder.store(accs[t], builder.bitcast(dst, _vec(_f32, 8).as_pointer()), align=4)
             return context.get_dummy_value()
 
-        return types.none(w, r0, xq, xd, ysum8, t0, out), codegen
+        return types.none(w, r0, xq, xd, ysum8, t0, out, isa), codegen
 
-    return typer
+    return isa_typer(typer)
 
 
 x8_gemm = intrinsic(_q4_0x8(4, False))  # 4 tokens (a batch; the 8 rows' bytes stay in cache)
@@ -189,7 +189,7 @@ def _block_sums8(xq, ysum8):
 
 
 @njit(cache=True, parallel=True)
-def matvec_x8(w, table, xq, xd, xs, xhat, out):
+def matvec_x8(w, ctx, xq, xd, xs, xhat, out):
     """One token times a repacked matrix, as llama.cpp's ggml_gemv_q4_0_8x8_q8_0: per row and
     block the exact integer sum of the 32 products, acc = fma(sum, d*dx, acc), one chain per
     row; 8 rows per step."""
@@ -200,11 +200,11 @@ def matvec_x8(w, table, xq, xd, xs, xhat, out):
     ysum8 = np.empty((1, k // 32), np.int32)
     _block_sums8(xq2, ysum8)
     for g in prange(w.shape[0] // 8):
-        x8_gemv(w, 8 * g, xq2, xd2, ysum8, 0, out2)
+        x8_gemv(w, 8 * g, xq2, xd2, ysum8, 0, out2, ctx.isa)
 
 
 @njit(cache=True, parallel=True)
-def matmat_x8(w, table, xq, xd, xs, xhat, out):
+def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
     """out [T, rows] = the T tokens' products with a repacked matrix, bit for bit as one-token
     decode and as llama.cpp's batches (its gemm for tokens in fours, gemv for the rest: the
     same per-(row, token) chains): 8 rows x 4 tokens per step, the 8 rows' weights staying in
@@ -216,6 +216,6 @@ def matmat_x8(w, table, xq, xd, xs, xhat, out):
     t4 = n_tok // GEMM_TOKENS
     for g in prange(w.shape[0] // 8):
         for tg in range(t4):
-            x8_gemm(w, 8 * g, xq, xd, ysum8, GEMM_TOKENS * tg, out)
+            x8_gemm(w, 8 * g, xq, xd, ysum8, GEMM_TOKENS * tg, out, ctx.isa)
         for t in range(GEMM_TOKENS * t4, n_tok):
-            x8_gemv(w, 8 * g, xq, xd, ysum8, t, out)
+            x8_gemv(w, 8 * g, xq, xd, ysum8, t, out, ctx.isa)

@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..simd import (_ZERO, _ZERO8, _broadcast8, _fma, _half, _halves_to_float, _hsum8, _i8, _i16, _f32, _lane_accumulate,
+from ..simd import (_ZERO, _ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _hsum8, _i8, _i16, _f32, _lane_accumulate,
                     _lanes_unsigned, _load, _mask, _nibbles, _pair_add, _prefetch, _splat, _state_loop, _vec, row_kernels)
 from .block32 import min_max, pack_x8
 from .rounding import read_f16_pair, write_f16
@@ -79,20 +79,20 @@ dot, rows = row_kernels(BLOCK_BYTES, 2, [_ZERO8, _ZERO], _dot_body, _dot_finish)
 
 
 @njit(cache=True, parallel=True)
-def matvec(w, table, xq, xd, xs, xhat, out):
+def matvec(w, ctx, xq, xd, xs, xhat, out):
     """w = d*q + m, as ggml's AVX2 vec_dot_q4_1_q8_1: per block 8 integer lanes (values
     4l..4l+3; the low nibbles are values 0-15, the high ones 16-31), each accumulated over
     blocks as fma(d*dx, lane, acc_l); the min terms fma'd into one scalar (m * the Q8_1 block
     sum); result = hsum_float_8(acc) + mins."""
     for r in prange(w.shape[0]):
-        out[r] = dot(w, r, xq, xd, xs)
+        out[r] = dot(w, r, xq, xd, xs, ctx.isa)
 
 
 @njit(cache=True, parallel=True)
-def matmat(w, table, xq, xd, xs, xhat, out):
+def matmat(w, ctx, xq, xd, xs, xhat, out):
     """A batch: each (row, token) matvec's float; rows over threads."""
     for r in prange(w.shape[0]):
-        rows(w, r, xq, xd, xs, out)
+        rows(w, r, xq, xd, xs, out, ctx.isa)
 
 
 # --- the repacked layout: 8 rows interleaved, in vec_dot's lane order ------------------------
@@ -110,18 +110,18 @@ X8_BLOCK = 8 * BLOCK_BYTES
 
 
 def _q4_1x8(n_t, prefetch):
-    """The typer of an interleaved-Q4_1 kernel (w, r0, xq, xd, xs, t0, out): rows r0..r0+7 (r0 a
+    """The typer of an interleaved-Q4_1 kernel (w, r0, xq, xd, xs, t0, out, isa): rows r0..r0+7 (r0 a
     multiple of 8) times tokens t0..t0+n_t-1 (xq int8 [T, K], xd/xs float32 [T, K/32]: their
     Q8_1 activations) into out[t0:t0+n_t, r0:r0+8] (float32 [T, rows]). Each (row, token) is
     vec_dot_q4_1_q8_1's lanes and order, whatever n_t."""
 
-    def typer(typingctx, w, r0, xq, xd, xs, t0, out):
+    def typer(typingctx, w, r0, xq, xd, xs, t0, out, isa):
         if not all(isinstance(a, types.Array) and a.layout == "C" and (a is w or a.ndim == 2) for a in (w, xq, xd, xs, out)):
             return None
-        return types.none(w, r0, xq, xd, xs, t0, out), codegen
+        return types.none(w, r0, xq, xd, xs, t0, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, xst, _, outt = signature.args
+        wt, _, xqt, xdt, xst, _, outt = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
         r0, t0 = args[1], args[5]
         group = builder.gep(warr.data, [builder.mul(r0, builder.extract_value(warr.strides, 0))])
@@ -175,7 +175,7 @@ def _q4_1x8(n_t, prefetch):
             builder.store(total, builder.bitcast(dst, f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return typer
+    return isa_typer(typer)
 
 
 X8_TOKENS = 2  # tokens per step of the batch kernel (9 vector accumulators per token)
@@ -188,7 +188,7 @@ def pack(rows, out=None):
 
 
 @njit(cache=True, parallel=True)
-def matvec_x8(w, table, xq, xd, xs, xhat, out):
+def matvec_x8(w, ctx, xq, xd, xs, xhat, out):
     """One token times a repacked matrix: vec_dot_q4_1_q8_1's lanes, 8 rows at a time, the
     same floats as matvec on the file's rows."""
     k = xq.shape[0]
@@ -197,11 +197,11 @@ def matvec_x8(w, table, xq, xd, xs, xhat, out):
     xs2 = xs.reshape((1, k // 32))
     out2 = out.reshape((1, out.shape[0]))
     for g in prange(w.shape[0] // 8):
-        x8_gemv(w, 8 * g, xq2, xd2, xs2, 0, out2)
+        x8_gemv(w, 8 * g, xq2, xd2, xs2, 0, out2, ctx.isa)
 
 
 @njit(cache=True, parallel=True)
-def matmat_x8(w, table, xq, xd, xs, xhat, out):
+def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
     """out [T, rows] = the T tokens' products with a repacked matrix, each (row, token)
     vec_dot_q4_1_q8_1's floats (as one-token decode): 8 rows x X8_TOKENS tokens per step,
     the leftover token by the one-token kernel."""
@@ -209,6 +209,6 @@ def matmat_x8(w, table, xq, xd, xs, xhat, out):
     steps = n_tok // X8_TOKENS
     for g in prange(w.shape[0] // 8):
         for s in range(steps):
-            x8_gemm(w, 8 * g, xq, xd, xs, X8_TOKENS * s, out)
+            x8_gemm(w, 8 * g, xq, xd, xs, X8_TOKENS * s, out, ctx.isa)
         for t in range(X8_TOKENS * steps, n_tok):
-            x8_gemv(w, 8 * g, xq, xd, xs, t, out)
+            x8_gemv(w, 8 * g, xq, xd, xs, t, out, ctx.isa)

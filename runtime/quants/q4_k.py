@@ -24,7 +24,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..simd import (AVX2, _ZERO8, _f32, _fma, _fn, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
+from ..simd import (_ZERO8, _avx2, isa_typer, _f32, _fma, _fn, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
                     _scaled_lanes, _splat, _state_loop, _vec)
 from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4
 from .rounding import read_f16_pair
@@ -100,7 +100,7 @@ def _scales_mins(builder, blk):
 def _row_sums8(builder, lanes):
     """8 rows' lane vectors -> one vector of the 8 rows' lane totals (exact integers). AVX2:
     the vphaddd transpose of ggml's repacked GEMV; else 8 reductions."""
-    if AVX2:
+    if _avx2():
         v8 = lanes[0].type
         hadd = _fn(builder, "llvm.x86.avx2.phadd.d", v8, [v8, v8])
         pairs = [builder.call(hadd, [lanes[i], lanes[i + 1]]) for i in range(0, 8, 2)]
@@ -127,7 +127,7 @@ def _halves8(builder, rows, offset):
 
 
 def _q4_k_rows8(n_t, prefetch):
-    """The typer of an intrinsic (w, r0, xq, xd, t0, out) writing Q4_K rows r0..r0+7 times
+    """The typer of an intrinsic (w, r0, xq, xd, t0, out, isa) writing Q4_K rows r0..r0+7 times
     tokens t0..t0+n_t-1 (xq int8 [T, K], xd float32 [T, K/32]) into out[t0:t0+n_t, r0:r0+8]:
     per 256-value block the exact integer sums isum = sum_g scale_g * dot_g and
     imin = sum_g min_g * (sum of 32-group g's activations), acc = fma(isum, d*dx, acc),
@@ -135,15 +135,15 @@ def _q4_k_rows8(n_t, prefetch):
     llama.cpp multiplies one token by; every token of a batch too here: its gemm's order for a
     batch's tokens in fours would make a token's floats depend on its place in the batch)."""
 
-    def typer(typingctx, w, r0, xq, xd, t0, out):
+    def typer(typingctx, w, r0, xq, xd, t0, out, isa):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
             return None
         if xq.ndim != 2 or xd.ndim != 2 or out.ndim != 2:
             return None
-        return types.none(w, r0, xq, xd, t0, out), codegen
+        return types.none(w, r0, xq, xd, t0, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, _, outt = signature.args
+        wt, _, xqt, xdt, _, outt = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
         row_bytes = builder.extract_value(warr.shape, 1)
         stride = builder.extract_value(warr.strides, 0)
@@ -217,7 +217,7 @@ def _q4_k_rows8(n_t, prefetch):
             builder.store(builder.fsub(state[2 * t], state[2 * t + 1]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return typer
+    return isa_typer(typer)
 
 
 TOKENS = 2  # tokens per step of the batch kernel
@@ -232,7 +232,7 @@ def _f16(table, row, o):
 
 # fastmath 'contract' only: the two fma chains below, nothing reassociated
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def matvec(w, table, xq, xd, xs, xhat, out):
+def matvec(w, ctx, xq, xd, xs, xhat, out):
     """Q4_K summed as llama.cpp does on an AVX2 CPU, where Q4_K matrices (rows a multiple of 8)
     are repacked at load and multiplied by ggml_gemv_q4_K_8x8_q8_K: per 256-value block the
     exact integer sums isum = sum_j scale_j * dot_j and imin = sum_j min_j * bsum_j (bsum: the
@@ -244,7 +244,7 @@ def matvec(w, table, xq, xd, xs, xhat, out):
     xd2 = xd.reshape((1, xd.shape[0]))
     out2 = out.reshape((1, n_rows))
     for g in prange(n8):  # 8 rows at a time in vector IR, as ggml's kernels
-        dot8(w, 8 * g, xq2, xd2, 0, out2)
+        dot8(w, 8 * g, xq2, xd2, 0, out2, ctx.isa)
     bsum = np.zeros(nb * 8, np.int32)
     for g in range(nb * 8):
         for j in range(32):
@@ -273,19 +273,19 @@ def matvec(w, table, xq, xd, xs, xhat, out):
                 isum += s1 * slo + s2 * shi
                 imin += m1 * bsum[b * 8 + 2 * c] + m2 * bsum[b * 8 + 2 * c + 1]
             dx = xd[b * 8]
-            acc = np.float32(isum) * (_f16(table, row, o) * dx) + acc
-            accm = np.float32(imin) * (_f16(table, row, o + 2) * dx) + accm
+            acc = np.float32(isum) * (_f16(ctx.table, row, o) * dx) + acc
+            accm = np.float32(imin) * (_f16(ctx.table, row, o + 2) * dx) + accm
         out[r] = acc - accm
 
 
 @njit(cache=True, parallel=True)
-def matmat(w, table, xq, xd, xs, xhat, out):
+def matmat(w, ctx, xq, xd, xs, xhat, out):
     """out [T, rows] = the T tokens' products with a matrix of rows a multiple of 8, each
     (row, token) matvec's floats: 8 rows x TOKENS tokens per step."""
     n_tok = xq.shape[0]
     steps = n_tok // TOKENS
     for g in prange(w.shape[0] // 8):
         for s in range(steps):
-            gemm8(w, 8 * g, xq, xd, TOKENS * s, out)
+            gemm8(w, 8 * g, xq, xd, TOKENS * s, out, ctx.isa)
         for t in range(TOKENS * steps, n_tok):
-            dot8(w, 8 * g, xq, xd, t, out)
+            dot8(w, 8 * g, xq, xd, t, out, ctx.isa)

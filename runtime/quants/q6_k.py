@@ -121,15 +121,15 @@ dot, rows = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish, bloc
 
 
 @njit(cache=True, parallel=True)
-def matvec(w, table, xq, xd, xs, xhat, out):
+def matvec(w, ctx, xq, xd, xs, xhat, out):
     """As ggml's AVX2 vec_dot_q6_K_q8_K: per 256-value block 8 integer lanes of
     scale * (q - 32) * x, acc_l = fma(dx*d, lane, acc_l), result hsum_float_8(acc)."""
     for r in prange(w.shape[0]):
-        out[r] = dot(w, r, xq, xd)
+        out[r] = dot(w, r, xq, xd, ctx.isa)
 
 
 @njit(cache=True, parallel=True)
-def matmat(w, table, xq, xd, xs, xhat, out):
+def matmat(w, ctx, xq, xd, xs, xhat, out):
     """A batch: each (row, token) matvec's float; rows over threads."""
     for r in prange(w.shape[0]):
-        rows(w, r, xq, xd, out)
+        rows(w, r, xq, xd, out, ctx.isa)
