@@ -344,11 +344,9 @@ def _ggml_expf(x):
     replayed in float32 step by step (2**n built directly: the bit tricks give exactly that).
     Constants: 0x1.715476p+0, 0x1.8p23, 0x1.62e4p-1, 0x1.7f7d1cp-20, 0x1.0e4020p-7,
     0x1.573e2ep-5, 0x1.555e66p-3, 0x1.fffdb6p-2, 0x1.ffffecp-1."""
-    z = fmaf(x, np.float32(1.4426950216293335), np.float32(12582912.0))  # x*log2(e) + 0x1.8p23
-    n = np.float32(z - np.float32(12582912.0))
+    n, b = _expf_reduce(x)
     if abs(n) > 126.0:  # ggml's slow path (over/underflow); here the exact value is as good
         return np.float32(math.exp(x))
-    b = fmaf(-n, np.float32(1.428606765330187e-06), fmaf(-n, np.float32(0.693145751953125), x))
     k = np.float32(math.ldexp(1.0, int(n)))
     j = _expf_poly(b)
     return fmaf(j, k, k)
@@ -366,7 +364,7 @@ def _expf_poly(b):
 @njit(cache=True, inline="always")
 def _expf_reduce(x):
     """_ggml_expf's first steps: n = round(x*log2(e)) and the reduced argument b."""
-    z = fmaf(x, np.float32(1.4426950216293335), np.float32(12582912.0))
+    z = fmaf(x, np.float32(1.4426950216293335), np.float32(12582912.0))  # x*log2(e) + 0x1.8p23
     n = np.float32(z - np.float32(12582912.0))
     b = fmaf(-n, np.float32(1.428606765330187e-06), fmaf(-n, np.float32(0.693145751953125), x))
     return n, b

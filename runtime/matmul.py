@@ -7,7 +7,10 @@ for Q4_1/Q5_1, Q8_K for the K-quants, F16 for F16, BF16 for BF16), so our sums u
 rounded activations as llama.cpp's integer dot products.
 
 One arithmetic for one token and for batches: each (row, token) of a product is summed the
-same way whatever the batch, so a token's logits do not depend on how its prompt was split.
+same way whatever the batch, so a token's logits do not depend on how its prompt was split, and
+they are llama.cpp's (its CPU batches sum as its vec_dot does for Q4_1/Q5_0/Q6_K/Q8_0 -
+llamafile's sgemm has no kernel for the first three and sums Q8_0 in vec_dot's lane order - and
+through its repacked gemm/gemv for Q4_0 and Q4_K, whose per-(row, token) chains we replay).
 
 Which kernels multiply a format is its record's business (runtime.quants.TRAITS; each
 format's module holds its layout and kernels): formats with a one-token kernel (`decode`) read
@@ -28,6 +31,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
 from .quants import KERNELS, TRAITS, plain, q4_0, q4_1, q4_k, q5_0, q6_k, q8_0
+from .quants.rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
 from .simd import HOST_ISA, Isa
 from .quants.traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
 
@@ -37,8 +41,6 @@ FUSED_TYPES = frozenset(t for t, tr in TRAITS.items() if tr.decode is not None)
 # rows dequantized at once on the tile path (bounds the transient float32 tile)
 TILE_ROWS = 2048
 
-# half float -> float32 for every bit pattern (block scales are read through this table)
-F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 class KernelContext(NamedTuple):
@@ -56,20 +58,6 @@ HOST_CONTEXT = KernelContext(F16_TABLE, HOST_ISA)
 def kernel_context(isa: str | None = None) -> KernelContext:
     """The kernels' context for instruction set `isa` ("avx2", "portable"; None: this CPU's)."""
     return HOST_CONTEXT if isa is None else KernelContext(F16_TABLE, Isa(isa))
-
-
-@njit(cache=True, inline="always")
-def round_to_f16(x):
-    """x rounded to the nearest half float (ties to even), as float32: ggml's FP32_TO_FP16."""
-    ax = abs(x)
-    if ax == 0.0 or not math.isfinite(x):
-        return np.float32(x)
-    if ax >= 65520.0:
-        return np.float32(math.copysign(math.inf, x))
-    if ax < 6.103515625e-05:  # half subnormals: a fixed quantum of 2**-24
-        return np.float32(np.rint(x * 16777216.0) / 16777216.0)
-    m, e = math.frexp(x)  # x = m * 2**e, 0.5 <= |m| < 1: 11 significant bits in a half
-    return np.float32(math.ldexp(np.rint(m * 2048.0), e - 11))
 
 
 @njit(cache=True, inline="always")
@@ -242,7 +230,7 @@ class Activations:
         self.xd = np.empty((n_tok, max(k // 32, 1)), np.float32)
         self.xs = np.empty((n_tok, max(k // 32, 1)), np.float32)
         self.xhat = np.empty((n_tok, k), np.float32)
-        if mode == ACT_F16 and n_tok > 1:  # numpy's IEEE conversion: the same rounding, 4x faster
+        if mode == ACT_F16 and n_tok > 1:  # numpy's IEEE conversion: the same rounding, faster
             with np.errstate(over="ignore"):  # beyond the half range: inf, as ggml's FP32_TO_FP16
                 np.copyto(self.xhat, x.astype(np.float16))
         elif n_tok > 1:
