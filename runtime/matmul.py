@@ -56,8 +56,13 @@ HOST_CONTEXT = KernelContext(F16_TABLE, HOST_ISA)
 
 
 def kernel_context(isa: str | None = None) -> KernelContext:
-    """The kernels' context for instruction set `isa` ("avx2", "portable"; None: this CPU's)."""
-    return HOST_CONTEXT if isa is None else KernelContext(F16_TABLE, Isa(isa))
+    """The kernels' context for instruction set `isa` ("avx2", "portable"; None: this CPU's).
+    ValueError for "avx2" on a CPU without it (its code would stop on an illegal instruction)."""
+    if isa is None or isa == HOST_ISA.name:
+        return HOST_CONTEXT
+    if isa == "avx2":
+        raise ValueError("this CPU lacks AVX2, FMA or F16C: choose the instruction set \"portable\"")
+    return KernelContext(F16_TABLE, Isa(isa))
 
 
 @njit(cache=True, inline="always")

@@ -392,6 +392,31 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     assert np.array_equal(got["halves"][~nan].view(np.uint32), want_halves[~nan].view(np.uint32))
 
 
+def test_instruction_set_is_an_argument_compiled_apart():
+    """Forcing the portable instruction set by argument (no environment variable): the batch
+    kernels of Q4_1 (file layout and repacked) give this CPU's floats bit for bit, and each
+    instruction set is its own compiled signature (so numba's cache never hands one's code to
+    the other)."""
+    from llamachat.runtime.quants import q4_1
+    from llamachat.runtime.simd import HOST_ISA
+
+    rng = np.random.default_rng(12)
+    raw = _ggml_rows(T.Q4_1, 16, 256, rng)
+    x = (rng.standard_normal((5, 256)) * 2).astype(np.float32)
+    for packed in (False, True):
+        w = mm.QuantWeight("w", T.Q4_1, 256, 16, raw.copy())
+        if packed:
+            mm.repack(w)
+        host = mm.matmul(w, x)
+        portable = mm.matmul(w, x, isa="portable")
+        assert np.array_equal(host.view(np.uint32), portable.view(np.uint32)), packed
+    for kernel in (q4_1.matmat, q4_1.matmat_x8):
+        isas = {str(sig[1]) for sig in kernel.signatures}
+        assert any("Isa(portable)" in i for i in isas) and any(f"Isa({HOST_ISA.name})" in i for i in isas), isas
+    with pytest.raises(ValueError, match="instruction set"):
+        mm.kernel_context("sse9")
+
+
 def _ggml_q4_k_replay(raw, act, t):
     """ggml's AVX2 ggml_gemv_q4_K_8x8_q8_K (repacked Q4_K) in numpy, token t: per 256-value
     block the exact integer sums isum = sum scale*dot and imin = sum min*(group sum of x), fma'd
