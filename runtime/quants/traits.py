@@ -2,11 +2,12 @@
 (ggml-cpu.c's `type_traits_cpu`). `runtime.quants.TRAITS` holds one per ggml type; it is the
 only table that maps a type to its kernels.
 
-Kernel signatures (numba; w uint8 [rows, row bytes], C-contiguous; `table` the half-float table
-runtime.matmul.F16_TABLE; xq int8, xd/xs float32 the activations rounded to `vec_dot_type`,
-xhat float32 the same activations as floats; see runtime.matmul.quantize_activations):
-  decode(w, table, xq [K], xd [K/32], xs [K/32], xhat [K], out [rows])         one token
-  batch(w, table, xq [T, K], xd [T, K/32], xs [T, K/32], xhat [T, K], out [T, rows])
+Kernel signatures (numba; w uint8 [rows, row bytes], C-contiguous; ctx a
+runtime.matmul.KernelContext: the half-float table and the instruction set; xq int8, xd/xs
+float32 the activations rounded to `vec_dot_type`, xhat float32 the same activations as floats;
+see runtime.matmul.quantize_activations):
+  decode(w, ctx, xq [K], xd [K/32], xs [K/32], xhat [K], out [rows])         one token
+  batch(w, ctx, xq [T, K], xd [T, K/32], xs [T, K/32], xhat [T, K], out [T, rows])
 Each (row, token) of `batch` is `decode`'s float, bit for bit (one arithmetic for prompts and
 generation).
 """
