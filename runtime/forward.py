@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .matmul import (F16_TABLE, act_mode_of, dequantize_rows, matmul, matvec_fused, quantize_activations, quantize_for,
+from .matmul import (HOST_CONTEXT, act_mode_of, dequantize_rows, matmul, matvec_fused, quantize_activations, quantize_for,
                      round_to_f16)
 from .simd import fmaf
 
@@ -349,11 +349,9 @@ def _ggml_expf(x):
     replayed in float32 step by step (2**n built directly: the bit tricks give exactly that).
     Constants: 0x1.715476p+0, 0x1.8p23, 0x1.62e4p-1, 0x1.7f7d1cp-20, 0x1.0e4020p-7,
     0x1.573e2ep-5, 0x1.555e66p-3, 0x1.fffdb6p-2, 0x1.ffffecp-1."""
-    z = fmaf(x, np.float32(1.4426950216293335), np.float32(12582912.0))  # x*log2(e) + 0x1.8p23
-    n = np.float32(z - np.float32(12582912.0))
+    n, b = _expf_reduce(x)
     if abs(n) > 126.0:  # ggml's slow path (over/underflow); here the exact value is as good
         return np.float32(math.exp(x))
-    b = fmaf(-n, np.float32(1.428606765330187e-06), fmaf(-n, np.float32(0.693145751953125), x))
     k = np.float32(math.ldexp(1.0, int(n)))
     j = _expf_poly(b)
     return fmaf(j, k, k)
@@ -371,7 +369,7 @@ def _expf_poly(b):
 @njit(cache=True, inline="always")
 def _expf_reduce(x):
     """_ggml_expf's first steps: n = round(x*log2(e)) and the reduced argument b."""
-    z = fmaf(x, np.float32(1.4426950216293335), np.float32(12582912.0))
+    z = fmaf(x, np.float32(1.4426950216293335), np.float32(12582912.0))  # x*log2(e) + 0x1.8p23
     n = np.float32(z - np.float32(12582912.0))
     b = fmaf(-n, np.float32(1.428606765330187e-06), fmaf(-n, np.float32(0.693145751953125), x))
     return n, b
@@ -471,7 +469,7 @@ class LayerStack(NamedTuple):
 
 
 @njit(cache=True)
-def _project(mats, types, x, table, out):
+def _project(mats, types, x, ctx, out):
     """out[0] = the products of mats (one matrix, or several whose outputs lie side by side)
     with x[0], x rounded once per activation format."""
     n = x.shape[1]
@@ -487,12 +485,12 @@ def _project(mats, types, x, table, out):
             mode = act_mode_of(t)
             quantize_activations(x, mode, xq, xd, xs, xhat)
         rows = mats[i].shape[0]
-        matvec_fused(t, mats[i], table, xq[0], xd[0], xs[0], xhat[0], out[0, start:start + rows])
+        matvec_fused(t, mats[i], ctx, xq[0], xd[0], xs[0], xhat[0], out[0, start:start + rows])
         start += rows
 
 
 @njit(cache=True)
-def decode_layer(x, layer, kv, pos, rope, dims, table):
+def decode_layer(x, layer, kv, pos, rope, dims, ctx):
     """One layer (a Layer) for one token at position pos (x [1, n_embd], updated in place; kv:
     the layer's cache): the steps and kernels of `forward`, in one compiled call."""
     n_embd = x.shape[1]
@@ -511,7 +509,7 @@ def decode_layer(x, layer, kv, pos, rope, dims, table):
 
     # attention
     _rmsnorm(x, layer.attn_norm, dims.eps, h)
-    _project(layer.qkv, layer.types[0], h, table, qkv)
+    _project(layer.qkv, layer.types[0], h, ctx, qkv)
     q = qkv[:, :q_dim]
     k = qkv[:, q_dim:q_dim + kv_dim]
     apply_rope(q, dims.n_head, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
@@ -520,31 +518,31 @@ def decode_layer(x, layer, kv, pos, rope, dims, table):
         kv.k[pos, i] = round_to_f16(qkv[0, q_dim + i])
         kv.v[pos, i] = round_to_f16(qkv[0, q_dim + kv_dim + i])
     attend(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, att)
-    _project(layer.wo, layer.types[1], att, table, proj)
+    _project(layer.wo, layer.types[1], att, ctx, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]
 
     # feed-forward (SwiGLU)
     _rmsnorm(x, layer.ffn_norm, dims.eps, h)
-    _project(layer.gate_up, layer.types[2], h, table, gu)
+    _project(layer.gate_up, layer.types[2], h, ctx, gu)
     _silu_mul(gu[0, :n_ff], gu[0, n_ff:], act[0])
-    _project(layer.down, layer.types[3], act, table, proj)
+    _project(layer.down, layer.types[3], act, ctx, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]
 
 
 @njit(cache=True)
-def decode_all_layers(x, st, kv, pos, rope, dims, table, logits):
+def decode_all_layers(x, st, kv, pos, rope, dims, ctx, logits):
     """decode_layer for every layer of a LayerStack (kv: the whole cache), then the final norm
     and the output product into logits [1, n_vocab] (unless its kernel code is -1)."""
     for il in range(st.qkv.shape[0]):
         layer = Layer(st.attn_norm[il], st.ffn_norm[il], (st.qkv[il],), (st.wo[il],), (st.gate_up[il],),
                       (st.down[il],), st.types)
-        decode_layer(x, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, table)
+        decode_layer(x, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, ctx)
     if st.head.types[0] >= 0:
         xn = np.empty_like(x)
         _rmsnorm(x, st.head.norm, dims.eps, xn)
-        _project((st.head.rows,), st.head.types, xn, table, logits)
+        _project((st.head.rows,), st.head.types, xn, ctx, logits)
 
 
 def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
@@ -558,7 +556,7 @@ def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
     x = embed(cfg, weights, np.array([token]))
     if st is not None:
         logits = np.empty((1, cfg.n_vocab), np.float32)
-        decode_all_layers(x, st, KV(cache.k, cache.v), pos, rope, dims, F16_TABLE, logits)
+        decode_all_layers(x, st, KV(cache.k, cache.v), pos, rope, dims, HOST_CONTEXT, logits)
         cache.n_past = pos + 1
         if st.head.types[0] >= 0:
             return logits[0]
@@ -566,7 +564,7 @@ def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
         for il, (_, mats, types) in enumerate(fused):
             layer = weights.layers[il]
             decode_layer(x, Layer(layer.attn_norm, layer.ffn_norm, *mats, types), KV(cache.k[il], cache.v[il]),
-                         pos, rope, dims, F16_TABLE)
+                         pos, rope, dims, HOST_CONTEXT)
         cache.n_past = pos + 1
     return matmul(weights.output, rmsnorm(x, weights.output_norm, cfg.rms_eps))[0]
 

@@ -13,6 +13,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
 from llamachat.runtime import matmul as mm
+from llamachat.runtime.quants import TRAITS, q4_k
+from llamachat.runtime.quants.ksearch import get_scale_min_k4
 
 # byte offsets of the half-float scale fields in each block (random bytes elsewhere)
 SCALE_FIELDS = {
@@ -248,9 +250,10 @@ import sys
 import numpy as np
 from numba import njit
 from llamachat.runtime import simd
+from llamachat.runtime.quants import q4_0, q4_1, q4_k, q5_0, q6_k, q8_0
 from numba import types
 from numba.extending import intrinsic
-assert not simd.AVX2 and not simd.F16C
+ISA = simd.Isa("portable")
 
 @intrinsic
 def half_to_float(typingctx, bits):
@@ -266,17 +269,17 @@ d = np.load(sys.argv[1])
 def run(kind, w, xq, xd, xs, out):
     for r in range(w.shape[0]):
         if kind == 0:
-            out[r] = simd.q4_1_dot(w, r, xq, xd, xs)
+            out[r] = q4_1.dot(w, r, xq, xd, xs, ISA)
         elif kind == 1:
-            out[r] = simd.q8_0_dot(w, r, xq, xd)
+            out[r] = q8_0.dot(w, r, xq, xd, ISA)
         elif kind == 2:
-            out[r] = simd.q4_0_dot(w, r, xq, xd)
+            out[r] = q4_0.dot(w, r, xq, xd, ISA)
         elif kind == 3:
-            out[r] = simd.q5_0_dot(w, r, xq, xd)
+            out[r] = q5_0.dot(w, r, xq, xd, ISA)
         elif kind == 4:
-            out[r] = simd.q6_k_dot(w, r, xq, xd)
+            out[r] = q6_k.dot(w, r, xq, xd, ISA)
         elif r % 8 == 0 and r + 8 <= w.shape[0]:  # kind 5: Q4_K, 8 rows at a time
-            simd.q4_k_dot8(w, r, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), 0, out.reshape((1, out.shape[0])))
+            q4_k.dot8(w, r, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), 0, out.reshape((1, out.shape[0])), ISA)
 outs = {}
 for kind in range(6):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
@@ -286,8 +289,8 @@ for kind in range(6):
 @njit
 def run_x8(w, xq, xd, ysum8, out):  # repacked Q4_0: tokens 0-3 by the gemm, token 4 by the gemv
     for g in range(w.shape[0] // 8):
-        simd.q4_0x8_gemm(w, 8 * g, xq, xd, ysum8, 0, out)
-        simd.q4_0x8_gemv(w, 8 * g, xq, xd, ysum8, 4, out)
+        q4_0.x8_gemm(w, 8 * g, xq, xd, ysum8, 0, out, ISA)
+        q4_0.x8_gemv(w, 8 * g, xq, xd, ysum8, 4, out, ISA)
 out = np.empty((5, d["w6"].shape[0]), np.float32)
 run_x8(d["w6"], d["xq6"], d["xd6"], d["ys6"], out)
 outs["out6"] = out
@@ -295,32 +298,27 @@ outs["out6"] = out
 @njit
 def run_q4_1x8(w, xq, xd, xs, out):  # repacked Q4_1: tokens 0-1 and 2-3 by the gemm, token 4 by the gemv
     for g in range(w.shape[0] // 8):
-        simd.q4_1x8_gemm(w, 8 * g, xq, xd, xs, 0, out)
-        simd.q4_1x8_gemm(w, 8 * g, xq, xd, xs, 2, out)
-        simd.q4_1x8_gemv(w, 8 * g, xq, xd, xs, 4, out)
-assert simd.Q4_1X8_TOKENS == 2
+        q4_1.x8_gemm(w, 8 * g, xq, xd, xs, 0, out, ISA)
+        q4_1.x8_gemm(w, 8 * g, xq, xd, xs, 2, out, ISA)
+        q4_1.x8_gemv(w, 8 * g, xq, xd, xs, 4, out, ISA)
+assert q4_1.X8_TOKENS == 2
 out = np.empty((5, d["w7"].shape[0]), np.float32)
 run_q4_1x8(d["w7"], d["xq7"], d["xd7"], d["xs7"], out)
 outs["out7"] = out
 
 @njit
-def run_rows(kind, w, xq, xd, xs, out):  # batch forms: tokens 0-3 in one step, token 4 alone
+def run_rows(kind, w, xq, xd, xs, out):  # batch forms, 5 tokens: tokens 0-3 in one step, token 4 alone
     for r in range(w.shape[0]):
         if kind == 0:
-            simd.q4_1_rows4(w, r, xq, xd, xs, 0, out)
-            simd.q4_1_rows1(w, r, xq, xd, xs, 4, out)
+            q4_1.rows(w, r, xq, xd, xs, out, ISA)
         elif kind == 1:
-            simd.q8_0_rows4(w, r, xq, xd, 0, out)
-            simd.q8_0_rows1(w, r, xq, xd, 4, out)
+            q8_0.rows(w, r, xq, xd, out, ISA)
         elif kind == 2:
-            simd.q4_0_rows4(w, r, xq, xd, 0, out)
-            simd.q4_0_rows1(w, r, xq, xd, 4, out)
+            q4_0.rows(w, r, xq, xd, out, ISA)
         elif kind == 3:
-            simd.q5_0_rows4(w, r, xq, xd, 0, out)
-            simd.q5_0_rows1(w, r, xq, xd, 4, out)
+            q5_0.rows(w, r, xq, xd, out, ISA)
         else:
-            simd.q6_k_rows4(w, r, xq, xd, 0, out)
-            simd.q6_k_rows1(w, r, xq, xd, 4, out)
+            q6_k.rows(w, r, xq, xd, out, ISA)
 assert simd.ROW_TOKENS == 4
 for kind in range(5):
     out = np.empty((5, d[f"w{kind}"].shape[0]), np.float32)
@@ -334,8 +332,8 @@ np.savez(sys.argv[2], **outs)
 
 
 def test_portable_ir_gives_the_same_floats(tmp_path):
-    """Without AVX2 and F16C (LLAMACHAT_NO_AVX2=1 and code for a generic x86 CPU; a fresh numba
-    cache so nothing compiled for this one is reused) the portable IR sums the same integer
+    """Without AVX2 and F16C (the portable instruction set forced, and code for a generic x86
+    CPU; a fresh numba cache so nothing compiled for this one is reused) the portable IR sums the same integer
     lanes in the same order: the same floats as llama.cpp's AVX2 kernels, for one token and in
     the batch kernels; halves convert exactly by integer arithmetic."""
     import os
@@ -379,7 +377,7 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
         data.update({f"bxq{kind}": act.xq, f"bxd{kind}": act.xd, f"bxs{kind}": act.xs})
         batch_want[kind] = np.stack([mm.matmul(w, xb[t:t + 1])[0] for t in range(5)])
     np.savez(tmp_path / "in.npz", **data)
-    env = dict(os.environ, LLAMACHAT_NO_AVX2="1", NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                    env=env, check=True, timeout=600)
     got = np.load(tmp_path / "out.npz")
@@ -392,6 +390,31 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     nan = np.isnan(want_halves)
     assert np.array_equal(np.isnan(got["halves"]), nan)
     assert np.array_equal(got["halves"][~nan].view(np.uint32), want_halves[~nan].view(np.uint32))
+
+
+def test_instruction_set_is_an_argument_compiled_apart():
+    """Forcing the portable instruction set by argument (no environment variable): the batch
+    kernels of Q4_1 (file layout and repacked) give this CPU's floats bit for bit, and each
+    instruction set is its own compiled signature (so numba's cache never hands one's code to
+    the other)."""
+    from llamachat.runtime.quants import q4_1
+    from llamachat.runtime.simd import HOST_ISA
+
+    rng = np.random.default_rng(12)
+    raw = _ggml_rows(T.Q4_1, 16, 256, rng)
+    x = (rng.standard_normal((5, 256)) * 2).astype(np.float32)
+    for packed in (False, True):
+        w = mm.QuantWeight("w", T.Q4_1, 256, 16, raw.copy())
+        if packed:
+            mm.repack(w)
+        host = mm.matmul(w, x)
+        portable = mm.matmul(w, x, isa="portable")
+        assert np.array_equal(host.view(np.uint32), portable.view(np.uint32)), packed
+    for kernel in (q4_1.matmat, q4_1.matmat_x8):
+        isas = {str(sig[1]) for sig in kernel.signatures}
+        assert any("Isa(portable)" in i for i in isas) and any(f"Isa({HOST_ISA.name})" in i for i in isas), isas
+    with pytest.raises(ValueError, match="instruction set"):
+        mm.kernel_context("sse9")
 
 
 def _ggml_q4_k_replay(raw, act, t):
@@ -412,8 +435,8 @@ def _ggml_q4_k_replay(raw, act, t):
             for c in range(4):
                 q = blk[16 + 32 * c:48 + 32 * c].astype(np.int64)
                 lo, hi = xq[b * 256 + 64 * c:b * 256 + 64 * c + 32], xq[b * 256 + 64 * c + 32:b * 256 + 64 * c + 64]
-                s1, m1 = mm._q4k_scale_min(blk[4:16], 2 * c)
-                s2, m2 = mm._q4k_scale_min(blk[4:16], 2 * c + 1)
+                s1, m1 = get_scale_min_k4(2 * c, blk[4:16])
+                s2, m2 = get_scale_min_k4(2 * c + 1, blk[4:16])
                 isum += s1 * int(((q & 15) * lo).sum()) + s2 * int(((q >> 4) * hi).sum())
                 imin += m1 * int(lo.sum()) + m2 * int(hi.sum())
             acc, accm = fma(isum, np.float32(d * dx), acc), fma(imin, np.float32(dmin * dx), accm)
@@ -438,8 +461,8 @@ def test_q4_k_sums_as_llama_cpp_repacked_kernels():
             want = _ggml_q4_k_replay(raw, act, t)
             assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (n_tok, t)
     full, part = np.empty(24, np.float32), np.empty(19, np.float32)
-    mm._matvec_q4_k(raw, mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], full)
-    mm._matvec_q4_k(np.ascontiguousarray(raw[:19]), mm.F16_TABLE, act.xq[0], act.xd[0], act.xs[0], part)
+    q4_k.matvec(raw, mm.HOST_CONTEXT, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], full)
+    q4_k.matvec(np.ascontiguousarray(raw[:19]), mm.HOST_CONTEXT, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], part)
     assert np.array_equal(full[:19].view(np.uint32), part.view(np.uint32))
 
 
@@ -529,9 +552,9 @@ def test_repacked_q4_0_sums_as_llama_cpp(n_tok):
     rng = np.random.default_rng(60 + n_tok)
     raw = random_rows(T.Q4_0, 48, 576, rng)
     w = mm.QuantWeight("w", T.Q4_0, 576, 48, raw.copy())
-    assert mm.repackable(w) and w.kernel == int(T.Q4_0)
+    assert mm.repackable(w) and w.kernel == TRAITS[T.Q4_0].kernel
     mm.repack(w)
-    assert w.packed and w.kernel == mm.Q4_0X8 and not mm.repackable(w)
+    assert w.packed and w.kernel == TRAITS[T.Q4_0].packed.kernel and not mm.repackable(w)
     assert w.rows.shape == raw.shape and not np.array_equal(w.rows, raw)
     x = (rng.standard_normal((n_tok, 576)) * 2).astype(np.float32)
     got = mm.matmul(w, x)

@@ -1,13 +1,17 @@
-"""Block quantization formats, one module per ggml format (layout, dequantize, quantize), and
-the registry that maps a ggml type to its kernels.
+"""Weight formats, one module per ggml format (its layout drawn once, dequantize, quantize, its
+product kernels, its repacked layout), and TRAITS, one record per type (runtime.quants.traits):
+the only table that maps a type to its kernels and activation type.
 
-    from llamachat.runtime.quants import dequantize, quantize, row_nbytes, FORMATS
+    from llamachat.runtime.quants import dequantize, quantize, row_nbytes, TRAITS
     dequantize(raw_uint8, ggml_type, n_per_row) -> np.float32 [n_rows, n_per_row]
     quantize(x_f32_2d, ggml_type) -> np.uint8 [n_rows, row_nbytes]   (byte-exact with ggml)
     row_nbytes(ggml_type, n_per_row) -> int
-    FORMATS: dict[GGMLQuantizationType, Format]
+    TRAITS (alias FORMATS): dict[GGMLQuantizationType, Traits]
 
-`Format.dequantize_rows(raw_2d_uint8, out_2d_f32)` and `Format.quantize_rows(x_2d_f32,
+Adding a format: its module, a branch in the two row drivers below, its record in TRAITS (and,
+if it has a one-token kernel, its branch in runtime.matmul.matvec_fused).
+
+`Traits.dequantize_rows(raw_2d_uint8, out_2d_f32)` and `Format.quantize_rows(x_2d_f32,
 out_2d_uint8)` run the kernels (numba for the block formats, parallel over rows) writing into
 caller-provided C-contiguous arrays, so the engine can dequantize a weight tile into a reused
 buffer. Inside numba code, call a module's `dequantize_row(row_u8, y_f32)` directly.
@@ -19,15 +23,13 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit, prange
 
 from ..numba_cache import drop_stale_numba_cache
 from . import plain, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
+from .traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K, Traits
 
 T = GGMLQuantizationType
 
@@ -35,14 +37,11 @@ T = GGMLQuantizationType
 # numba's cache would keep inlined code of a changed sibling module (runtime.numba_cache)
 drop_stale_numba_cache(os.path.dirname(os.path.abspath(__file__)))
 
-# The block formats, in the order of the `kind` numbers the two dispatch kernels below switch
-# on. Each module has serial `dequantize_row(row, y)` and `quantize_row(x, row)`; one parallel
-# kernel per direction calls them, so a cold start compiles two drivers, not twenty (numba's
-# parallel lowering is the slow part of compiling).
-BLOCK_MODULES = {T.Q8_0: q8_0, T.Q4_0: q4_0, T.Q4_1: q4_1, T.Q5_0: q5_0, T.Q5_1: q5_1,
-                 T.Q2_K: q2_k, T.Q3_K: q3_k, T.Q4_K: q4_k, T.Q5_K: q5_k, T.Q6_K: q6_k}
-_KIND = {t: i for i, t in enumerate(BLOCK_MODULES)}
-_F16_KIND = len(BLOCK_MODULES)  # F16 <-> F32 share the block formats' drivers
+# The block formats' `kind` numbers, which the two row drivers below switch on (each module has
+# serial `dequantize_row(row, y)` and `quantize_row(x, row)`): one parallel driver per
+# direction, so a cold start compiles two drivers, not twenty (numba's parallel lowering is
+# the slow part of compiling). F16 <-> F32 share them as the last kind.
+_BLOCK_KINDS = (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, plain)
 
 
 @njit(cache=True, parallel=True)
@@ -146,33 +145,60 @@ def _block_quantizer(kind: int):
     return quantize_rows
 
 
-@dataclass(frozen=True)
-class Format:
-    ggml_type: GGMLQuantizationType
-    block_size: int  # values per block
-    type_size: int  # bytes per block
-    dequantize_rows: Callable[[np.ndarray, np.ndarray], None]
-    quantize_rows: Callable[[np.ndarray, np.ndarray], None]
-
-    @property
-    def name(self) -> str:
-        return self.ggml_type.name
+def _record(t, vec_dot_type, dequantize_rows, quantize_rows, **kernels) -> Traits:
+    block_size, type_size = GGML_QUANT_SIZES[t]
+    return Traits(t, block_size, type_size, vec_dot_type, dequantize_rows, quantize_rows, **kernels)
 
 
-def _format(ggml_type, dequantize_rows, quantize_rows) -> Format:
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-    return Format(ggml_type, block_size, type_size, dequantize_rows, quantize_rows)
+def _block(t, vec_dot_type, module, **kernels) -> Traits:
+    """A format whose rows the two row drivers convert (module: its kind)."""
+    kind = _BLOCK_KINDS.index(module)
+    return _record(t, vec_dot_type, _block_dequantizer(kind), _block_quantizer(kind), **kernels)
 
 
-FORMATS: dict[GGMLQuantizationType, Format] = {
-    T.F32: _format(T.F32, plain.dequantize_f32, plain.quantize_f32),
-    T.F16: _format(T.F16, _block_dequantizer(_F16_KIND), _block_quantizer(_F16_KIND)),
-    T.BF16: _format(T.BF16, plain.dequantize_bf16, plain.quantize_bf16),
-    **{t: _format(t, _block_dequantizer(k), _block_quantizer(k)) for t, k in _KIND.items()},
-}
+def _packed(t, vec_dot_type, module) -> Traits:
+    """The record of t's interleaved layout (module.pack's): kernels only (the packed copy is
+    only multiplied, never converted)."""
+    return _record(t, vec_dot_type, None, None, decode=module.matvec_x8, batch=module.matmat_x8, batch_rows=8)
 
 
-def get_format(ggml_type) -> Format:
+def _number_kernels(table: dict) -> dict:
+    """Give each one-token kernel (a record's, and its packed layout's) the number matvec_fused
+    dispatches on."""
+    numbered, n = {}, 0
+    for t, tr in table.items():
+        if tr.decode is not None:
+            tr, n = tr._replace(kernel=n), n + 1
+        if tr.packed is not None:
+            tr, n = tr._replace(packed=tr.packed._replace(kernel=n)), n + 1
+        numbered[t] = tr
+    return numbered
+
+
+TRAITS: dict[GGMLQuantizationType, Traits] = _number_kernels({
+    T.F32: _record(T.F32, ACT_F32, plain.dequantize_f32, plain.quantize_f32, decode=plain.matvec_f32),
+    T.F16: _block(T.F16, ACT_F16, plain, decode=plain.matvec_f16, batch=plain.matmat_f16),
+    T.BF16: _record(T.BF16, ACT_BF16, plain.dequantize_bf16, plain.quantize_bf16),
+    T.Q8_0: _block(T.Q8_0, ACT_Q8_0, q8_0, decode=q8_0.matvec, batch=q8_0.matmat),
+    T.Q4_0: _block(T.Q4_0, ACT_Q8_0, q4_0, decode=q4_0.matvec, batch=q4_0.matmat,
+                   packed=_packed(T.Q4_0, ACT_Q8_0, q4_0), pack=q4_0.pack),
+    T.Q4_1: _block(T.Q4_1, ACT_Q8_1, q4_1, decode=q4_1.matvec, batch=q4_1.matmat,
+                   packed=_packed(T.Q4_1, ACT_Q8_1, q4_1), pack=q4_1.pack),
+    T.Q5_0: _block(T.Q5_0, ACT_Q8_0, q5_0, decode=q5_0.matvec, batch=q5_0.matmat),
+    T.Q5_1: _block(T.Q5_1, ACT_Q8_1, q5_1),
+    T.Q2_K: _block(T.Q2_K, ACT_Q8_K, q2_k),
+    T.Q3_K: _block(T.Q3_K, ACT_Q8_K, q3_k),
+    T.Q4_K: _block(T.Q4_K, ACT_Q8_K, q4_k, decode=q4_k.matvec, batch=q4_k.matmat, batch_rows=8),
+    T.Q5_K: _block(T.Q5_K, ACT_Q8_K, q5_k),
+    T.Q6_K: _block(T.Q6_K, ACT_Q8_K, q6_k, decode=q6_k.matvec, batch=q6_k.matmat),
+})
+FORMATS = TRAITS  # (the name quantize_model and the tests know it by)
+# every one-token kernel's record, by its number
+KERNELS = tuple(sorted([tr for tr in TRAITS.values() if tr.decode is not None]
+                       + [tr.packed for tr in TRAITS.values() if tr.packed is not None], key=lambda tr: tr.kernel))
+
+
+def get_format(ggml_type) -> Traits:
     """The Format for a ggml type (int or GGMLQuantizationType); ValueError naming the supported
     ones if there is none (callers that face a user's file turn that into a ModelError)."""
     try:

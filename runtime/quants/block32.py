@@ -1,8 +1,11 @@
 """What the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1) share, as inlined numba helpers:
 the range of a block, and the 5th bits of Q5_0/Q5_1, kept as one little-endian uint32 `qh`
 where bit j belongs to value j (j < 32). Each format module keeps its own layout, dequantize
-and quantize; these are only the steps that are the same in both of a pair.
+and quantize; these are only the steps that are the same in both of a pair;
+and the interleaved copy of Q4_0 and Q4_1 matrices (`pack_x8`) both formats' 8-row kernels read.
 """
+
+from __future__ import annotations
 
 import numpy as np
 from numba import njit
@@ -50,3 +53,41 @@ def pack_pair(row, o, qh, j, q0, q1):
     qh |= ((q0 & 0x10) >> 4) << j
     qh |= ((q1 & 0x10) >> 4) << (j + 16)
     return qh
+
+
+# --- 8 rows interleaved block by block (Q4_0, Q4_1) -----------------------------------------
+#
+# Each group of 8 rows is stored block by block: the 8 rows' scales d (half floats, row
+# order; Q4_1: then their 8 minimums m), then the 128 quant bytes as 4 vectors of 32:
+#   rows 0, 1, 4, 5: quant bytes 0-7 of each (8 bytes per row)
+#   rows 0, 1, 4, 5: quant bytes 8-15
+#   rows 2, 3, 6, 7: quant bytes 0-7
+#   rows 2, 3, 6, 7: quant bytes 8-15
+# A quant byte j holds value j (low nibble) and value j + 16 (high nibble), so each vector's low
+# nibbles meet one 8-byte piece of a token's activations broadcast 4 times, its high nibbles
+# another (runtime.simd._quad_lanes); the row order makes one vphaddd of the two 4-row halves
+# give the 8 rows' sums in row order.
+X8_ROWS_LO = (0, 1, 4, 5)
+X8_ROWS_HI = (2, 3, 6, 7)
+
+
+def pack_x8(rows: np.ndarray, block_bytes: int, n_scales: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows [n, row bytes] (n a multiple of 8) of a 32-value format whose blocks are n_scales
+    half floats then 16 quant bytes -> the same weights interleaved 8 rows at a time (above),
+    into `out` (may be `rows` itself) or a new array."""
+    n, rb = rows.shape
+    nb = rb // block_bytes
+    blocks = np.ascontiguousarray(rows).reshape(n // 8, 8, nb, block_bytes)
+    g = n // 8
+
+    def row_order(a):  # [g, 8, nb, k] -> [g, nb, 8 * k]
+        return a.transpose(0, 2, 1, 3).reshape(g, nb, -1)
+
+    parts = [row_order(blocks[:, :, :, 2 * i:2 * i + 2]) for i in range(n_scales)]
+    qs = blocks[:, list(X8_ROWS_LO + X8_ROWS_HI), :, block_bytes - 16:].reshape(g, 2, 4, nb, 2, 8)  # [g, s, row, nb, v, byte]
+    parts.append(qs.transpose(0, 3, 1, 4, 2, 5).reshape(g, nb, 128))
+    packed = np.concatenate(parts, axis=2).reshape(n, rb)
+    if out is None:
+        return packed
+    out[...] = packed
+    return out

@@ -202,14 +202,23 @@ def sqrtf(v):
     return f32(math.sqrt(float(v)))
 
 
-@njit(cache=True)
-def get_scale_min_k4(j, q):
-    """The 6-bit scale and min of sub-block j from the 12 packed bytes q (Q4_K, Q5_K)."""
+def scale_min_k4(j, q):
+    """The 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes q of a Q4_K/Q5_K
+    block (ggml's get_scale_min_k4):
+
+        byte  0..3   (j = 0..3)  ss ssssss   low 6 bits: scale j, top 2 bits: scale j+4 bits 4-5
+        byte  4..7   (j = 0..3)  mm mmmmmm   low 6 bits: min j,   top 2 bits: min j+4 bits 4-5
+        byte  8..11  (j = 4..7)  mmmm ssss   low nibble: scale j bits 0-3, high: min j bits 0-3
+
+    Written once with integer operators only, so that numba compiles it (get_scale_min_k4,
+    for q an array of uint8) and the vector kernels emit it as IR (q: runtime.quants.q4_k's
+    IR integers)."""
     if j < 4:
-        return np.int32(q[j]) & 63, np.int32(q[j + 4]) & 63
-    d = (np.int32(q[j + 4]) & 0xF) | ((np.int32(q[j - 4]) >> 6) << 4)
-    m = (np.int32(q[j + 4]) >> 4) | ((np.int32(q[j]) >> 6) << 4)
-    return d, m
+        return q[j] & 63, q[j + 4] & 63
+    return (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+
+
+get_scale_min_k4 = njit(cache=True, inline='always')(scale_min_k4)
 
 
 @njit(cache=True, inline='always')

@@ -10,13 +10,23 @@ block_q4_K (144 bytes): d       f16    bytes 0..1     super-block scale of the s
 quantize is quantize_row_q4_K_ref (what quantize_q4_K runs without an imatrix):
 make_qkx2_quants(32, 15, weights = rms + |x|, rmin -1, rdelta 0.1, 20 steps) per sub-block,
 6-bit scales/mins against the largest, then every value requantized with the rounded scales.
+
+Products: 8 rows at a time in the order of llama.cpp's ggml_gemv_q4_K_8x8_q8_K (it repacks Q4_K
+matrices at load on an AVX2 CPU; the sums are exact integers, so the file's layout gives the
+same floats).
 """
+
+from __future__ import annotations
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
-from .ksearch import f32, quantize_scales_mins_k4, scales_mins_k4
+from ..simd import (_ZERO8, _avx2, isa_typer, _f32, _fma, _fn, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
+                    _scaled_lanes, _splat, _state_loop, _vec)
+from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4
 from .rounding import read_f16_pair
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
@@ -55,3 +65,227 @@ def quantize_row(xr, row):
         for g in range(4):
             for l in range(32):
                 qs[32 * g + l] = L[64 * g + l] | (L[64 * g + 32 + l] << 4)
+
+
+# --- the product with Q8_K activations, 8 rows at a time ------------------------------------
+
+class _Bits:
+    """An i32 IR value with the integer operators of ksearch.scale_min_k4, which emit IR."""
+
+    def __init__(self, builder, value):
+        self.builder, self.value = builder, value
+
+    def _op(self, op, other):
+        return _Bits(self.builder, op(self.value, ir.Constant(_i32, other)))
+
+    def __and__(self, other):
+        return self._op(self.builder.and_, other)
+
+    def __rshift__(self, other):
+        return self._op(self.builder.lshr, other)
+
+    def __lshift__(self, other):
+        return self._op(self.builder.shl, other)
+
+    def __or__(self, other):
+        return _Bits(self.builder, self.builder.or_(self.value, other.value))
+
+
+def _scales_mins(builder, blk):
+    """The 8 (scale, min) pairs of the block at blk (bytes 4..15), as i32 values."""
+    q = [_Bits(builder, builder.zext(_load(builder, blk, _i8, 4 + i), _i32)) for i in range(12)]
+    return [tuple(v.value for v in scale_min_k4(j, q)) for j in range(8)]
+
+
+def _row_sums8(builder, lanes):
+    """8 rows' lane vectors -> one vector of the 8 rows' lane totals (exact integers). AVX2:
+    the vphaddd transpose of ggml's repacked GEMV; else 8 reductions."""
+    if _avx2():
+        v8 = lanes[0].type
+        hadd = _fn(builder, "llvm.x86.avx2.phadd.d", v8, [v8, v8])
+        pairs = [builder.call(hadd, [lanes[i], lanes[i + 1]]) for i in range(0, 8, 2)]
+        quads = [builder.call(hadd, [pairs[0], pairs[1]]), builder.call(hadd, [pairs[2], pairs[3]])]
+        # quads: rows 0-3 (then 4-7) as [lanes 0-3 sums | lanes 4-7 sums]
+        lo = builder.shuffle_vector(quads[0], quads[1], _mask([0, 1, 2, 3, 8, 9, 10, 11]))
+        hi = builder.shuffle_vector(quads[0], quads[1], _mask([4, 5, 6, 7, 12, 13, 14, 15]))
+        return builder.add(lo, hi)
+    reduce = _fn(builder, "llvm.vector.reduce.add.v8i32", _i32, [lanes[0].type])
+    total = ir.Constant(lanes[0].type, ir.Undefined)
+    for i, lv in enumerate(lanes):
+        total = builder.insert_element(total, builder.call(reduce, [lv]), ir.Constant(_i32, i))
+    return total
+
+
+
+def _halves8(builder, rows, offset):
+    """The half float at `offset` of 8 blocks (one per row pointer) as a float32 vector."""
+    bits = ir.Constant(_vec(_i16, 8), ir.Undefined)
+    for k, row in enumerate(rows):
+        bits = builder.insert_element(bits, _load(builder, row, _i16, offset), ir.Constant(_i32, k))
+    return _halves_to_float(builder, bits)
+
+
+
+def _q4_k_rows8(n_t, prefetch):
+    """The typer of an intrinsic (w, r0, xq, xd, t0, out, isa) writing Q4_K rows r0..r0+7 times
+    tokens t0..t0+n_t-1 (xq int8 [T, K], xd float32 [T, K/32]) into out[t0:t0+n_t, r0:r0+8]:
+    per 256-value block the exact integer sums isum = sum_g scale_g * dot_g and
+    imin = sum_g min_g * (sum of 32-group g's activations), acc = fma(isum, d*dx, acc),
+    accm = fma(imin, dmin*dx, accm); result acc - accm (ggml_gemv_q4_K_8x8_q8_K, the order
+    llama.cpp multiplies one token by; every token of a batch too here: its gemm's order for a
+    batch's tokens in fours would make a token's floats depend on its place in the batch)."""
+
+    def typer(typingctx, w, r0, xq, xd, t0, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
+            return None
+        if xq.ndim != 2 or xd.ndim != 2 or out.ndim != 2:
+            return None
+        return types.none(w, r0, xq, xd, t0, out, isa), codegen
+
+    def codegen(context, builder, signature, args):
+        wt, _, xqt, xdt, _, outt = signature.args[:-1]
+        warr = context.make_array(wt)(context, builder, args[0])
+        row_bytes = builder.extract_value(warr.shape, 1)
+        stride = builder.extract_value(warr.strides, 0)
+        r0, t0 = args[1], args[4]
+        rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
+        xarr = context.make_array(xqt)(context, builder, args[2])
+        darr = context.make_array(xdt)(context, builder, args[3])
+        oarr = context.make_array(outt)(context, builder, args[5])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        n_scales = builder.extract_value(darr.shape, 1)
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+        yd = [builder.gep(darr.data, [builder.mul(tk, n_scales)]) for tk in toks]
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
+        ones8 = ir.Constant(_vec(_i8, 32), [1] * 32)
+        v32 = _vec(_i8, 32)
+        f32x8 = _vec(_f32, 8)
+
+        def rows_vector(values):  # 8 i32 scalars (one per row) -> <8 x i32>
+            vec = ir.Constant(_vec(_i32, 8), ir.Undefined)
+            for k, v in enumerate(values):
+                vec = builder.insert_element(vec, v, ir.Constant(_i32, k))
+            return vec
+
+        def add_all(vals):
+            return vals[0] if len(vals) == 1 else builder.add(add_all(vals[:-1]), vals[-1])
+
+        def block(b, state):
+            o = builder.mul(b, ir.Constant(b.type, BLOCK_BYTES))
+            if prefetch:
+                for row in rows:
+                    _prefetch(builder, row, o, BLOCK_BYTES)
+            blks = [builder.gep(row, [o]) for row in rows]
+            pairs = [_scales_mins(builder, blk) for blk in blks]
+            nibbles = []  # [row][chunk]: (low, high) nibbles of the chunk's 32 bytes
+            for blk in blks:
+                nib = []
+                for c in range(4):
+                    qs = _load(builder, blk, v32, 16 + 32 * c)
+                    nib.append((builder.and_(qs, ir.Constant(v32, [15] * 32)), builder.lshr(qs, ir.Constant(v32, [4] * 32))))
+                nibbles.append(nib)
+            dh = _halves8(builder, blks, 0)
+            dminh = _halves8(builder, blks, 2)
+            new = []
+            for t in range(n_t):
+                y = builder.gep(yq[t], [builder.mul(b, ir.Constant(b.type, 256))])
+                qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
+                bsum_vec = _row_sums8(builder, [_lanes_unsigned(builder, ones8, q) for q in qy])  # per 32-group
+                bsum = [builder.extract_element(bsum_vec, ir.Constant(_i32, g)) for g in range(8)]
+                row_lanes, row_mins = [], []
+                for k in range(8):
+                    pk, nk = pairs[k], nibbles[k]
+                    lanes = [builder.add(_scaled_lanes(builder, nk[c][0], qy[2 * c], pk[2 * c][0], pk[2 * c][0], 0),
+                                         _scaled_lanes(builder, nk[c][1], qy[2 * c + 1], pk[2 * c + 1][0], pk[2 * c + 1][0], 0))
+                             for c in range(4)]
+                    mins = [builder.add(builder.mul(pk[2 * c][1], bsum[2 * c]), builder.mul(pk[2 * c + 1][1], bsum[2 * c + 1]))
+                            for c in range(4)]
+                    row_lanes.append(add_all(lanes))
+                    row_mins.append(add_all(mins))
+                dx = _splat(builder, builder.load(builder.gep(yd[t], [builder.mul(b, ir.Constant(b.type, 8))])), 8)
+                isums = builder.sitofp(_row_sums8(builder, row_lanes), f32x8)
+                imins = builder.sitofp(rows_vector(row_mins), f32x8)
+                new.append(_fma(builder, isums, builder.fmul(dh, dx), state[2 * t]))
+                new.append(_fma(builder, imins, builder.fmul(dminh, dx), state[2 * t + 1]))
+            return new
+
+        state = _state_loop(builder, n_blocks, [_ZERO8] * (2 * n_t), block)
+        for t in range(n_t):
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r0)])
+            builder.store(builder.fsub(state[2 * t], state[2 * t + 1]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return isa_typer(typer)
+
+
+TOKENS = 2  # tokens per step of the batch kernel
+dot8 = intrinsic(_q4_k_rows8(1, True))  # one token, prefetching 8 KiB ahead
+gemm8 = intrinsic(_q4_k_rows8(TOKENS, False))  # TOKENS tokens of a batch
+
+
+@njit(cache=True, inline="always")
+def _f16(table, row, o):
+    return table[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+
+
+# fastmath 'contract' only: the two fma chains below, nothing reassociated
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def matvec(w, ctx, xq, xd, xs, xhat, out):
+    """Q4_K summed as llama.cpp does on an AVX2 CPU, where Q4_K matrices (rows a multiple of 8)
+    are repacked at load and multiplied by ggml_gemv_q4_K_8x8_q8_K: per 256-value block the
+    exact integer sums isum = sum_j scale_j * dot_j and imin = sum_j min_j * bsum_j (bsum: the
+    sum of a 32-group's int8 activations), acc = fma(isum, d*dx, acc) and
+    accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm."""
+    n_rows, nb = w.shape[0], xd.shape[0] // 8
+    n8 = n_rows // 8
+    xq2 = xq.reshape((1, xq.shape[0]))
+    xd2 = xd.reshape((1, xd.shape[0]))
+    out2 = out.reshape((1, n_rows))
+    for g in prange(n8):  # 8 rows at a time in vector IR, as ggml's kernels
+        dot8(w, 8 * g, xq2, xd2, 0, out2, ctx.isa)
+    bsum = np.zeros(nb * 8, np.int32)
+    for g in range(nb * 8):
+        for j in range(32):
+            bsum[g] += np.int32(xq[g * 32 + j])
+    for r in range(8 * n8, n_rows):  # the other rows: the same sums, one row at a time
+        row = w[r]
+        acc = np.float32(0.0)
+        accm = np.float32(0.0)
+        for b in range(nb):
+            o = b * BLOCK_BYTES
+            sc = row[o + 4:o + 16]
+            isum = 0
+            imin = 0
+            for c in range(4):
+                qs = row[o + 16 + 32 * c:o + 48 + 32 * c]
+                xlo = xq[b * 256 + 64 * c:b * 256 + 64 * c + 32]
+                xhi = xq[b * 256 + 64 * c + 32:b * 256 + 64 * c + 64]
+                slo = np.int32(0)
+                shi = np.int32(0)
+                for j in range(32):
+                    q = np.int32(qs[j])
+                    slo += (q & 15) * np.int32(xlo[j])
+                    shi += (q >> 4) * np.int32(xhi[j])
+                s1, m1 = get_scale_min_k4(2 * c, sc)
+                s2, m2 = get_scale_min_k4(2 * c + 1, sc)
+                isum += s1 * slo + s2 * shi
+                imin += m1 * bsum[b * 8 + 2 * c] + m2 * bsum[b * 8 + 2 * c + 1]
+            dx = xd[b * 8]
+            acc = np.float32(isum) * (_f16(ctx.table, row, o) * dx) + acc
+            accm = np.float32(imin) * (_f16(ctx.table, row, o + 2) * dx) + accm
+        out[r] = acc - accm
+
+
+@njit(cache=True, parallel=True)
+def matmat(w, ctx, xq, xd, xs, xhat, out):
+    """out [T, rows] = the T tokens' products with a matrix of rows a multiple of 8, each
+    (row, token) matvec's floats: 8 rows x TOKENS tokens per step."""
+    n_tok = xq.shape[0]
+    steps = n_tok // TOKENS
+    for g in prange(w.shape[0] // 8):
+        for s in range(steps):
+            gemm8(w, 8 * g, xq, xd, TOKENS * s, out, ctx.isa)
+        for t in range(TOKENS * steps, n_tok):
+            dot8(w, 8 * g, xq, xd, t, out, ctx.isa)

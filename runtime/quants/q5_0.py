@@ -10,8 +10,10 @@ q = min(31, (int8)(x / d + 16.5)).
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit
+from llvmlite import ir
+from numba import njit, prange
 
+from ..simd import _ZERO8, _half, _i1, _i8, _i32, _nibbles, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, row_kernels
 from .block32 import high_bits, pack_pair, read_qh, write_qh
 from .ksearch import signed_absmax
 from .rounding import read_f16, write_f16
@@ -50,3 +52,33 @@ def quantize_row(xr, row):
             q1 = min(31, int(xb[HALF + j] * inv + np.float32(16.5)))
             qh = pack_pair(row, o + 6, qh, j, q0, q1)
         write_qh(row, o + 2, qh)
+
+
+# --- the product with Q8_0 activations (ggml's AVX2 vec_dot_q5_0_q8_0) ---------------------
+
+def _dot_body(builder, blk, y, scales, state):
+    qy = _load(builder, y, _vec(_i8, 32), 0)
+    # ggml: qx = nibbles | (~fifth bit & 0xF0): the value less 16 as a signed byte
+    bits = builder.bitcast(_load(builder, blk, _i32, 2), _vec(_i1, 32))
+    high = builder.select(bits, ir.Constant(_vec(_i8, 32), [0] * 32), ir.Constant(_vec(_i8, 32), [0xF0] * 32))
+    qx = builder.or_(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 6)), high)
+    lanes = _lanes_signed(builder, qx, qy)
+    return [_lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), scales[0]), lanes, state[0])]
+
+
+
+dot, rows = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish)
+
+
+@njit(cache=True, parallel=True)
+def matvec(w, ctx, xq, xd, xs, xhat, out):
+    """As ggml's AVX2 vec_dot_q5_0_q8_0: Q8_0's lanes and order."""
+    for r in prange(w.shape[0]):
+        out[r] = dot(w, r, xq, xd, ctx.isa)
+
+
+@njit(cache=True, parallel=True)
+def matmat(w, ctx, xq, xd, xs, xhat, out):
+    """A batch: each (row, token) matvec's float; rows over threads."""
+    for r in prange(w.shape[0]):
+        rows(w, r, xq, xd, out, ctx.isa)

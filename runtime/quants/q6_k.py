@@ -14,8 +14,10 @@ scales against the one of largest magnitude (iscale = -128 / that scale), values
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit
+from llvmlite import ir
+from numba import njit, prange
 
+from ..simd import _ZERO8, _half, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _scaled_lanes, _vec, row_kernels
 from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, signed_absmax
 from .rounding import nearest_int, read_f16, write_f16
 
@@ -83,3 +85,51 @@ def quantize_row(xr, row):
                 ql[l] = (q1 & 0xF) | ((q3 & 0xF) << 4)
                 ql[l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
                 qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+
+
+# --- the product with Q8_K activations (ggml's AVX2 vec_dot_q6_K_q8_K) ---------------------
+
+def _dot_body(builder, blk, y, scales, state):
+    """ggml's AVX2 vec_dot_q6_K_q8_K for one 256-value block (210 B: ql[128], qh[64],
+    int8 scales[16], d): 8 int32 lanes of sum(scale * (q - 32) * y), then
+    acc = fma(d*dx, lanes, acc). Value v: low 4 bits from ql (64 bytes per 128 values: values
+    0-31 and 32-63 in the low nibbles, 64-95 and 96-127 in the high ones), 2 high bits from qh
+    (bits 2k of byte l for values l + 32k), scale scales[v / 16]."""
+    v32 = _vec(_i8, 32)
+    m4 = ir.Constant(v32, [15] * 32)
+    m2 = ir.Constant(v32, [3] * 32)
+    sc = [builder.sext(_load(builder, blk, _i8, 192 + i), _i32) for i in range(16)]
+    lanes = None
+    for j in range(2):
+        bits1 = _load(builder, blk, v32, 64 * j)
+        bits2 = _load(builder, blk, v32, 64 * j + 32)
+        bits_h = _load(builder, blk, v32, 128 + 32 * j)
+        low = [builder.and_(bits1, m4), builder.and_(bits2, m4),
+               builder.lshr(bits1, ir.Constant(v32, [4] * 32)), builder.lshr(bits2, ir.Constant(v32, [4] * 32))]
+        for k in range(4):
+            high = builder.and_(builder.lshr(bits_h, ir.Constant(v32, [2 * k] * 32)), m2)
+            q = builder.or_(low[k], builder.shl(high, ir.Constant(v32, [4] * 32)))
+            qy = _load(builder, y, v32, 128 * j + 32 * k)
+            part = _scaled_lanes(builder, q, qy, sc[8 * j + 2 * k], sc[8 * j + 2 * k + 1], 32)
+            lanes = part if lanes is None else builder.add(lanes, part)
+    d = builder.fmul(scales[0], _half(builder, blk, 208))  # ggml: y.d * x.d
+    return [_lane_accumulate(builder, d, lanes, state[0])]
+
+
+
+dot, rows = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish, block_values=QK)
+
+
+@njit(cache=True, parallel=True)
+def matvec(w, ctx, xq, xd, xs, xhat, out):
+    """As ggml's AVX2 vec_dot_q6_K_q8_K: per 256-value block 8 integer lanes of
+    scale * (q - 32) * x, acc_l = fma(dx*d, lane, acc_l), result hsum_float_8(acc)."""
+    for r in prange(w.shape[0]):
+        out[r] = dot(w, r, xq, xd, ctx.isa)
+
+
+@njit(cache=True, parallel=True)
+def matmat(w, ctx, xq, xd, xs, xhat, out):
+    """A batch: each (row, token) matvec's float; rows over threads."""
+    for r in prange(w.shape[0]):
+        rows(w, r, xq, xd, out, ctx.isa)

@@ -7,8 +7,9 @@ quantize is quantize_row_q8_0_ref: d = amax / 127, q = roundf(x / d) (half away 
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit
+from numba import njit, prange
 
+from ..simd import _ZERO8, _half, _i8, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, row_kernels
 from .rounding import read_f16, roundf, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
@@ -39,3 +40,30 @@ def quantize_row(xr, row):
         write_f16(row, o, d)
         for j in range(QK):
             row[o + 2 + j] = np.uint8(np.int32(roundf(xb[j] * inv)) & 0xFF)
+
+
+# --- the product with Q8_0 activations (ggml's AVX2 vec_dot_q8_0_q8_0) ---------------------
+
+def _dot_body(builder, blk, y, scales, state):
+    qy = _load(builder, y, _vec(_i8, 32), 0)
+    lanes = _lanes_signed(builder, _load(builder, blk, _vec(_i8, 32), 2), qy)
+    return [_lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), scales[0]), lanes, state[0])]
+
+
+
+dot, rows = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish)
+
+
+@njit(cache=True, parallel=True)
+def matvec(w, ctx, xq, xd, xs, xhat, out):
+    """As ggml's AVX2 vec_dot_q8_0_q8_0 (and llamafile's tinyBLAS_Q0_AVX, the same order): per
+    block 8 integer lanes, acc_l = fma(d_w*d_x, lane, acc_l), result hsum_float_8(acc)."""
+    for r in prange(w.shape[0]):
+        out[r] = dot(w, r, xq, xd, ctx.isa)
+
+
+@njit(cache=True, parallel=True)
+def matmat(w, ctx, xq, xd, xs, xhat, out):
+    """A batch: each (row, token) matvec's float; rows over threads."""
+    for r in prange(w.shape[0]):
+        rows(w, r, xq, xd, out, ctx.isa)

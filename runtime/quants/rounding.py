@@ -1,9 +1,10 @@
 """ggml's scalar conversions and rounding rules, as numba functions the format kernels share.
 
 - `fp16_to_fp32(bits)`: an IEEE half (given as its 16 bits) to float32, exact.
-- `fp32_to_fp16_bits(x)`: float32 to half bits, round-to-nearest-even: what GGML_FP32_TO_FP16
-  does (F16C `_cvtss_sh(x, 0)` or ggml's software fallback, which agree), and what numpy's
-  `astype(np.float16)` does.
+- `round_to_f16(x)`: x rounded to the nearest half (ties to even), as float32: what
+  GGML_FP32_TO_FP16 does (F16C `_cvtss_sh(x, 0)` or ggml's software fallback, which agree), and
+  what numpy's `astype(np.float16)` does; `fp32_to_fp16_bits(x)` the same half as its 16 bits.
+- `F16_TABLE`: every half bit pattern as float32 (numpy's conversion), for table lookups.
 - `read_f16(row, offset)`: the little-endian half at row[offset:offset+2], as float32;
   `read_f16_pair(row, offset)` the two at row[offset:offset+4] (a block's d and m/dmin).
 - `write_f16(row, offset, x)`: round x to half (RNE), store it, and return the stored value as
@@ -54,37 +55,35 @@ def read_f16_pair(row, offset):
     return read_f16(row, offset), read_f16(row, offset + 2)
 
 
-# for half exponents e = -14..15 (index e + 14): 2^e, and the scale 2^(10 - e) that puts the
-# mantissa of a value in [2^e, 2^(e+1)) into 1024..2048 (exact: a power-of-two product)
-_POW2_F16_NORMAL = np.array([2.0 ** (k - 14) for k in range(30)])
-_POW2_F16_SCALE = np.array([2.0 ** (10 - (k - 14)) for k in range(30)])
+F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(cache=True, inline="always")
+def round_to_f16(x):
+    ax = abs(x)
+    if ax == 0.0 or not math.isfinite(x):
+        return np.float32(x)
+    if ax >= 65520.0:  # halfway between 65504 (max half) and 65536 rounds (to even) to inf
+        return np.float32(math.copysign(math.inf, x))
+    if ax < 6.103515625e-05:  # half subnormals: a fixed quantum of 2**-24
+        return np.float32(np.rint(x * 16777216.0) / 16777216.0)
+    m, e = math.frexp(x)  # x = m * 2**e, 0.5 <= |m| < 1: 11 significant bits in a half
+    return np.float32(math.ldexp(np.rint(m * 2048.0), e - 11))
 
 
 @njit(cache=True)
 def fp32_to_fp16_bits(x):
-    a = float(x)  # float64 holds every float32 exactly, and the scalings below are exact
-    if a != a:
+    if x != x:
         return np.int32(0x7E00)
-    sign = np.int32(0)
-    if a < 0.0 or (a == 0.0 and math.copysign(1.0, a) < 0.0):
-        sign = np.int32(0x8000)
-    a = abs(a)
-    if a >= 65520.0:  # halfway between 65504 (max half) and 65536 rounds (to even) to inf
+    y = float(round_to_f16(x))  # a half's value (or +-inf), exactly
+    sign = np.int32(0x8000) if math.copysign(1.0, y) < 0.0 else np.int32(0)
+    a = abs(y)
+    if a == math.inf:
         return sign | np.int32(0x7C00)
     if a < 6.103515625e-05:  # below 2^-14: subnormal half, step 2^-24
-        return sign | np.int32(np.rint(a * 16777216.0))
-    # a = 1.f * 2^e with e in -14..15: find e by binary search over the powers of two
-    lo = 0
-    hi = 29
-    while lo < hi:
-        mid = (lo + hi + 1) >> 1
-        if a >= _POW2_F16_NORMAL[mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    e = lo - 14
-    mant = np.int32(np.rint(a * _POW2_F16_SCALE[lo]))  # 1024..2048; 2048 carries into the exponent
-    return sign | (((e + 15) << 10) + mant - 1024)
+        return sign | np.int32(a * 16777216.0)
+    m, e = math.frexp(a)  # a = m * 2**e, m in [0.5, 1): exponent field e + 14, 10 mantissa bits
+    return sign | np.int32(((e + 14) << 10) + np.int32(m * 2048.0) - 1024)
 
 
 @njit(cache=True)
