@@ -14,6 +14,7 @@ from textual.widgets import Input, Label, ProgressBar, Select, Static, TextArea
 from llamachat.runtime.params import SETTINGS, check_setting
 
 from ..conversation import SIDEBAR_SETTINGS
+from .resume_budget import ResumeBudget
 
 
 def format_value(value) -> str:
@@ -56,6 +57,7 @@ class Sidebar(VerticalScroll):
             yield Static("", id=f"error-{name}", classes="setting-error")
         yield Label("System prompt", classes="sidebar-title")
         yield TextArea(id="system-prompt", soft_wrap=True, compact=True, tab_behavior="focus")
+        yield ResumeBudget()
 
     # -- filled in by the app ---------------------------------------------------------------
 
