@@ -198,3 +198,34 @@ def test_a_crash_mid_write_leaves_the_old_file(llm, tmp_path, monkeypatch):
     assert path.read_bytes() == before  # the old state, whole
     assert [p.name for p in tmp_path.iterdir()] == ["chat.kvstate"]  # no temp file left behind
     assert kv_state.read_file(path).n_tokens == len(llm.tokenize(b"First version", add_bos=True))
+
+
+def test_kill_9_while_writing_leaves_a_whole_state(llm, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    llm.reset()
+    llm.eval(llm.tokenize(TEXT, add_bos=True))
+    source = tmp_path / "source.kvstate"
+    llm.save_state_file(source)
+    target = tmp_path / "out" / "chat.kvstate"
+    # a writer that rewrites the state again and again until it is killed mid-way
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys\nfrom llamachat.runtime import kv_state\n"
+        "data = open(sys.argv[1], 'rb').read()\nprint('ready', flush=True)\n"
+        "while True:\n    kv_state.write_file(sys.argv[2], data)\n"), str(source), str(target)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        while not target.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # whatever moment the kill came, the state there is whole and usable
+    assert kv_state.read_file(target, llm.model).n_tokens == llm.n_tokens
+    assert target.read_bytes() == source.read_bytes()
