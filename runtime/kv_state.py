@@ -160,8 +160,8 @@ def encode(model, tokens: Sequence[int], logits: np.ndarray | None = None) -> by
     header = dict(dependencies(model), n_tokens=n, has_logits=logits is not None,
                   payload_bytes=len(payload), crc32=zlib.crc32(payload))
     head = json.dumps(header, sort_keys=True).encode()
-    # spaces after the JSON put the rows at a multiple of 64 bytes: numpy converts aligned
-    # half floats several times faster than unaligned ones
+    # spaces after the JSON put the rows at a multiple of 64 bytes, so numpy reads them as
+    # aligned half floats (its unaligned conversion is somewhat slower)
     head += b" " * (-(len(MAGIC) + 4 + len(head)) % 64)
     return MAGIC + struct.pack("<I", len(head)) + head + payload
 
