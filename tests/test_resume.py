@@ -93,6 +93,8 @@ async def _send(pilot, app, text: str) -> None:
     await wait_for(pilot, lambda: len(app.conv.messages) == n + 2 and not app.generating, "the reply", timeout=LOAD)
 
 
+@pytest.mark.real_model
+@pytest.mark.slow
 async def test_a_reopened_chat_is_not_read_again(smollm2_path):
     app = real_app(smollm2_path, "--temp", "0", "-n", "8")
     async with app.run_test(size=(110, 36)) as pilot:
@@ -146,6 +148,7 @@ async def test_a_reopened_chat_is_not_read_again(smollm2_path):
         await pilot.press("ctrl+q")
 
 
+@pytest.mark.real_model
 async def test_budget_is_shown_and_edited_in_the_sidebar(smollm2_path):
     app = real_app(smollm2_path, "--temp", "0", "-n", "4")
     async with app.run_test(size=(110, 36)) as pilot:
