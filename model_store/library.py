@@ -63,7 +63,21 @@ QUALITY_KEYS = {"ppl": float, "source_ppl": float, "kl": float, "top_agree": flo
 REMOTE_KEYS = ("backend", "base_url", "model", "api_key_env", "description")
 REMOTE_BACKENDS = ("openai",)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-TOP_KEYS = ("version", "default", "models")
+TOP_KEYS = ("version", "default", "models", "resume_budget_mib")
+# resume_budget_mib: the disk the app may fill with chats' saved KV caches (instant resume,
+# tui/resume.py); 0 turns saving off.
+DEFAULT_RESUME_BUDGET_MIB = 1024
+MAX_RESUME_BUDGET_MIB = 1 << 20  # a terabyte: any more is a typo
+
+
+def check_resume_budget(value) -> int:
+    """A budget in MiB, typed or read: a whole number 0..MAX; ValueError(sentence) otherwise."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RESUME_BUDGET_MIB:
+        raise ValueError(f"resume_budget_mib must be a whole number of MiB from 0 (saving off) to "
+                         f"{MAX_RESUME_BUDGET_MIB}, got {shown(value)}")
+    return value
 
 # Names are what people type after -m, so keep them shell- and TOML-friendly.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,79}$")
@@ -94,6 +108,8 @@ HEADER = f"""\
 #
 # version  the layout of this file (this llamachat writes {FORMAT_VERSION}).
 # default  the model used when you give no -m/--model.
+# resume_budget_mib  disk space for chats' saved contexts, so a reopened chat is not read
+#          again (default {DEFAULT_RESUME_BUDGET_MIB}; 0: off); the least recently used go first.
 #
 # Each model is a table [models.NAME]; NAME is what you pass to -m. Its keys:
 #   path         the .gguf file; a relative path is inside llamachat's data dir (models/).
@@ -532,6 +548,7 @@ class Library:
         self.version: int = version
         self.warnings: list[str] = warnings
         self.exists = exists
+        self.resume_budget_mib: int = DEFAULT_RESUME_BUDGET_MIB
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -567,7 +584,14 @@ class Library:
         models, default, version, warnings = _interpret(plain, file)
         if len(warnings) > MAX_WARNINGS:
             warnings = warnings[:MAX_WARNINGS - 1] + [f"{file}: ... and {len(warnings) - MAX_WARNINGS + 1} more warnings like these"]
-        return cls(file, None, models, default, version, warnings, exists=True, text=text)
+        lib = cls(file, None, models, default, version, warnings, exists=True, text=text)
+        if "resume_budget_mib" in plain:
+            try:
+                lib.resume_budget_mib = check_resume_budget(plain["resume_budget_mib"])
+            except ValueError as err:
+                if version <= FORMAT_VERSION:
+                    raise _config_error(file, str(err)) from None
+        return lib
 
     def _document(self):
         """The tomlkit document of the file as read (slower than the read: only for edits)."""
@@ -650,6 +674,7 @@ class Library:
     def _take(self, other: "Library") -> None:
         self._doc, self._text, self.models, self.default_name = other._doc, other._text, other.models, other.default_name
         self.version, self.warnings, self.exists = other.version, other.warnings, other.exists
+        self.resume_budget_mib = other.resume_budget_mib
 
     def reload(self) -> "Library":
         self._take(Library.load(self.file))
@@ -810,6 +835,16 @@ class Library:
                 raise UserError(f"no model named {name!r} in {self.file} (it was removed meanwhile)")
             doc["default"] = name
         return self.models[name]
+
+    def set_resume_budget(self, mib) -> int:
+        """Set resume_budget_mib (checked: UserError naming it); the value written."""
+        try:
+            mib = check_resume_budget(mib)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        with self._editing() as doc:
+            doc["resume_budget_mib"] = mib
+        return mib
 
     @staticmethod
     def _check_settings(name: str, settings: dict) -> dict:

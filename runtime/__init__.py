@@ -24,6 +24,7 @@ _LAZY = {
     "GGUFFile": ".gguf_file",
     "Tokenizer": ".tokenizer",
     "Llama": ".llama_api",
+    "LlamaState": ".llama_api",
     "load_model": ".model",
 }
 

@@ -41,3 +41,15 @@ class KVCache:
         self.k[:, start:end - count] = self.k[:, start + count:end]
         self.v[:, start:end - count] = self.v[:, start + count:end]
         self.n_past = end - count
+
+    def rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of positions 0..n-1 of every layer [n_layer, n, kv_dim] (views)."""
+        return self.k[:, :n], self.v[:, :n]
+
+    def set_rows(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Make positions 0..n-1 hold k, v [n_layer, n, kv_dim] (saved half-float rows) and
+        forget the rest."""
+        n = k.shape[1]
+        self.k[:, :n] = k
+        self.v[:, :n] = v
+        self.n_past = n

@@ -187,6 +187,21 @@ def timing_lines(load_ms: float, stats: GenerationStats) -> list[str]:
     ]
 
 
+class LlamaState:
+    """A Llama's evaluation state as llama-cpp-python's save_state returns it: the cached
+    tokens (input_ids, n_ctx long), their scores, the seed, and `llama_state`, the KV rows and
+    what they depend on (runtime/kv_state.py's bytes; `llama_state_size` of them)."""
+
+    def __init__(self, input_ids: np.ndarray, scores: np.ndarray, n_tokens: int, llama_state: bytes,
+                 llama_state_size: int, seed: int):
+        self.input_ids = input_ids
+        self.scores = scores
+        self.n_tokens = n_tokens
+        self.llama_state = llama_state
+        self.llama_state_size = llama_state_size
+        self.seed = seed
+
+
 class Llama:
     """A loaded model you can complete text and chats with (llama-cpp-python's `Llama`)."""
 
@@ -342,6 +357,66 @@ class Llama:
 
     def __exit__(self, *exc):
         self.close()
+
+    # -- saved states (llama-cpp-python's save_state / load_state; files for instant resume) ---
+
+    def save_state(self) -> LlamaState:
+        """The tokens in the KV cache with their keys and values (only the used rows) and the
+        model, context and engine they were made with."""
+        from . import kv_state
+
+        self._end_own_stream()
+        with self._lock:
+            gen = self.generator
+            gen._sync()
+            tokens = list(gen.cache_tokens)
+            logits = self._last_logits if tokens else None
+            data = kv_state.encode(self.model, tokens, logits)
+        return LlamaState(input_ids=self.input_ids.copy(), scores=self._scores.copy(), n_tokens=len(tokens),
+                          llama_state=data, llama_state_size=len(data), seed=self.seed)
+
+    def load_state(self, state: LlamaState) -> None:
+        """Put a saved state back: the next call reuses its tokens as a cached prefix.
+        kv_state.StateMismatch (a UserError saying what changed) if it was made for another
+        model file, n_ctx or engine; the cache is then left as it was."""
+        from . import kv_state
+
+        data = memoryview(state.llama_state)[:int(state.llama_state_size)]
+        self._restore(kv_state.decode(data), state.scores, state.seed)
+
+    def save_state_file(self, path) -> int:
+        """Write save_state()'s rows to `path` atomically (a crash leaves the old file or
+        none); the bytes written."""
+        from . import kv_state
+
+        data = self.save_state().llama_state
+        kv_state.write_file(path, data)
+        return len(data)
+
+    def load_state_file(self, path) -> int:
+        """Load a state written by save_state_file (refused as load_state refuses; StateError
+        for a damaged file); the number of tokens now cached."""
+        from . import kv_state
+
+        saved = kv_state.read_file(path, self.model)
+        self._restore(saved, None, self.seed)
+        return saved.n_tokens
+
+    def _restore(self, saved, scores, seed: int) -> None:
+        self._end_own_stream()
+        gen = self.generator
+        with self._lock:
+            tokens, logits = saved.load_into(self.model)  # checks before it changes anything
+            gen.cache_tokens = tokens
+        n = len(tokens)
+        if scores is not None and scores.ndim == 2 and scores.shape[1] == self.scores.shape[1]:
+            rows = min(len(scores), len(self.scores))
+            self.scores[:rows] = scores[:rows]
+        if self._logits_all and logits is None and n and scores is not None and len(scores) >= n:
+            logits = self.scores[n - 1].copy()
+        self._last_logits = logits
+        self.seed = seed
+        self._sample_rng = None
 
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self._tok.encode(text, add_special=add_bos, parse_special=special)

@@ -27,6 +27,7 @@ from textual.message import Message as TextualMessage
 from textual.screen import Screen
 from textual.widgets import Static
 
+from llamachat.model_store.library import DEFAULT_RESUME_BUDGET_MIB
 from llamachat.runtime.errors import UserError
 
 from . import conversation as conv_mod
@@ -42,6 +43,7 @@ from .screens.help import HelpScreen
 from .screens.library import LibraryScreen
 from .widgets.chat_input import ChatInput
 from .widgets.message_view import MessageView
+from .widgets.resume_budget import ResumeBudget
 from .widgets.sidebar import Sidebar
 
 # How often streamed text reaches the screen. Text comes by this timer, not by a message per
@@ -150,6 +152,7 @@ class ChatApp(App):
             self.store = None
             self.notify(f"{err}; chats will not be saved this time", severity="error", title="Saved chats")
         self.set_interval(DRAIN_SECONDS, self._drain)
+        self._setup_resume()
         self.refresh_models()
         self.chat_screen.sidebar.show_settings(self.settings)
         self._rebuild_views()
@@ -176,6 +179,8 @@ class ChatApp(App):
             # the worker's ReplyDone would arrive after the app has gone: file the partial reply now
             results = [w.result for w in workers if isinstance(w.result, GenerationResult)]
             self._finish_reply(results[-1] if results else GenerationResult(cancelled=True))
+        if self.engine.resume is not None:
+            await self.workers.wait_for_complete([self._save_state_worker()])  # this chat's context, for next time
         if self.store is not None:
             self.store.close()
         self.exit(0)
@@ -611,7 +616,7 @@ class ChatApp(App):
         self._live = None
         self.chat_screen.set_generating(True)
         self.update_status()
-        self._generate_worker(request, sampling, self._context_policy() == "shift")
+        self._generate_worker(request, sampling, self._context_policy() == "shift", self.chat_id)
 
     def _ask_context_full(self, need: int) -> None:
         """The "ask" policy: the next request does not fit; the user drops the oldest turns,
@@ -636,9 +641,10 @@ class ChatApp(App):
         self.push_screen(ContextFullScreen(need, self._context_size()), answered)
 
     @work(thread=True, exit_on_error=False, group="engine")
-    def _generate_worker(self, request, sampling: dict, context_shift: bool = False) -> None:
+    def _generate_worker(self, request, sampling: dict, context_shift: bool = False, chat_id: int | None = None) -> None:
         try:
-            result = self.engine.generate(request, sampling, self.buffer.push, self.logit_bias, context_shift=context_shift)
+            result = self.engine.generate(request, sampling, self.buffer.push, self.logit_bias, context_shift=context_shift,
+                                          chat_key=chat_id)
         except BaseException as err:  # noqa: BLE001 - generate never raises; belt and braces
             result = GenerationResult(error=describe_error(err))
         self.post_message(ReplyDone(result))
@@ -754,6 +760,7 @@ class ChatApp(App):
         if self.generating:
             self.notify("Stop the reply first (Esc).", severity="warning")
             return
+        self._leave_chat()
         self.conv = Conversation(mode=self.conv.mode, preamble=self.conv.preamble, preamble_name=self.conv.preamble_name,
                                  reverse_prompts=list(self.conv.reverse_prompts), system_prompt=self.settings["system_prompt"])
         self.chat_id = None
@@ -816,6 +823,7 @@ class ChatApp(App):
         except UserError as err:
             self.notify(str(err), severity="error")
             return
+        self._leave_chat()
         self.conv = conv
         self.chat_id = chat_id
         if conv.mode == CHAT:
@@ -831,6 +839,7 @@ class ChatApp(App):
 
     def delete_chat(self, chat_id: int) -> None:
         self.store.delete(chat_id)
+        self.engine.forget_state(chat_id)
         if chat_id == self.chat_id:
             self.chat_id = None
 
@@ -941,6 +950,58 @@ class ChatApp(App):
 
     def action_rename(self) -> None:
         self.ask_rename(None)
+
+    # -- instant resume (tui/resume.py): a chat's context saved when it is left -------------
+
+    def _setup_resume(self) -> None:
+        """Saved contexts live beside the chat database, within models.toml's budget."""
+        from .resume import ResumeStates
+
+        if self.store is None:
+            return
+        try:
+            mib = int(getattr(self.load_library(), "resume_budget_mib", DEFAULT_RESUME_BUDGET_MIB))
+        except UserError:
+            mib = DEFAULT_RESUME_BUDGET_MIB
+        self.engine.resume = ResumeStates(self.store.path.parent / "kv-states", mib << 20)
+        self._show_resume_usage()
+
+    @_while_screen_exists
+    def _show_resume_usage(self) -> None:
+        resume = self.engine.resume
+        if resume is not None:
+            self.chat_screen.sidebar.query_one(ResumeBudget).show(resume.budget_bytes >> 20, resume.used_bytes(),
+                                                                  len(resume.files()))
+
+    def _leave_chat(self) -> None:
+        """The chat on screen is being left: its context is saved (in the engine's thread)."""
+        if self.engine.resume is not None and self.engine.loaded:
+            self._save_state_worker()
+
+    @work(thread=True, exit_on_error=False, group="engine")
+    def _save_state_worker(self, evict_only: bool = False) -> None:
+        if evict_only:
+            self.engine.resume.evict()
+        else:
+            self.engine.save_state()
+        self.call_from_thread(self._show_resume_usage)
+
+    @on(ResumeBudget.Changed)
+    def resume_budget_changed(self, event: ResumeBudget.Changed) -> None:
+        if self.engine.resume is None:
+            self.notify("Saved chats are not available, so contexts are not saved either.", severity="error")
+            return
+        try:
+            from llamachat.model_store.library import Library
+
+            Library.load().set_resume_budget(event.mib)
+        except UserError as err:
+            self.notify(str(err), severity="error", title="Budget not saved")
+            return
+        self.engine.resume.budget_bytes = event.mib << 20
+        self.notify(f"Saved contexts may use {event.mib} MiB." if event.mib else
+                    "Contexts are no longer saved.", title="Saved contexts", timeout=3)
+        self._save_state_worker(evict_only=True)
 
     # -- other screens ----------------------------------------------------------------------
 

@@ -136,6 +136,12 @@ class Engine:
         self._cancel = threading.Event()
         self._lock = threading.Lock()  # one engine call at a time
         self.pending_seed: int | None = None  # a seed set since the last reply: applied once
+        # instant resume (tui/resume.py): where chats' KV caches are saved (None: not at all),
+        # the chat whose tokens the KV cache holds now, and what its file holds already
+        self.resume = None
+        self.state_key: int | None = None
+        self._saved_tokens: list[int] | None = None
+        self.last_resume: int | None = None  # tokens the last reply took from a saved state
 
     @property
     def loaded(self) -> bool:
@@ -152,6 +158,8 @@ class Engine:
 
             WATCH.install()
         with self._lock:
+            self._save_state_locked()  # the chat's context, before the model goes
+            self.state_key, self._saved_tokens = None, None
             old, self.llm, self.backend = self.backend, None, None  # free the old model (and its KV cache) first
             if old is not None:
                 try:
@@ -195,6 +203,8 @@ class Engine:
     def use_backend(self, backend, name=None) -> None:
         """Drive `backend` (e.g. a remote one) instead of a local model."""
         with self._lock:
+            self._save_state_locked()
+            self.state_key, self._saved_tokens = None, None
             old, self.llm, self.backend = self.backend, None, backend
             if old is not None:
                 try:
@@ -251,11 +261,85 @@ class Engine:
             except Exception:
                 pass
 
+    # -- instant resume: a chat's KV cache saved when it is left, loaded when it comes back --
+
+    def _resumable(self):
+        """The engine's Llama if its state can be saved (a local model) and saving is on."""
+        llm, resume = self.llm, self.resume
+        if resume is None or resume.budget_bytes <= 0 or not callable(getattr(llm, "save_state", None)):
+            return None
+        return llm
+
+    def save_state(self) -> int:
+        """Save the KV cache of the chat it holds (`state_key`) to its file, if it changed since
+        it was saved or loaded, then keep the folder within its budget; the bytes written.
+        Blocks: call from a worker thread. Never raises (a failure only loses the shortcut)."""
+        with self._lock:
+            return self._save_state_locked()
+
+    def _save_state_locked(self) -> int:
+        llm, key = self._resumable(), self.state_key
+        if llm is None or key is None:
+            return 0
+        try:
+            tokens = list(llm.generator.cache_tokens)
+            if not tokens or tokens == self._saved_tokens:
+                return 0
+            from llamachat.runtime import kv_state
+
+            data = llm.save_state().llama_state
+            if not self.resume.fits(len(data)):
+                return 0  # bigger than the whole budget
+            path = self.resume.path_for(key)
+            kv_state.write_file(path, data)
+            self._saved_tokens = tokens
+            self.resume.evict(keep=path)
+            return len(data)
+        except (OSError, UserError, MemoryError):
+            return 0
+
+    def _resume_locked(self, chat_key: int | None) -> None:
+        """Before a reply for chat `chat_key`: if the KV cache holds another chat, save that one
+        and load this chat's saved state (refused when made for another model file, n_ctx or
+        engine: the prompt is then processed as usual)."""
+        self.last_resume = None
+        if chat_key == self.state_key:
+            return
+        self._save_state_locked()
+        self.state_key, self._saved_tokens = chat_key, None
+        llm = self._resumable()
+        if llm is None or chat_key is None:
+            return
+        path = self.resume.path_for(chat_key)
+        if not path.is_file():
+            return
+        from llamachat.runtime.kv_state import StateError, StateMismatch
+
+        try:
+            n = llm.load_state_file(path)
+        except StateMismatch:
+            return  # made for another model or context: left for when that comes back
+        except (StateError, OSError, MemoryError):
+            self.resume.remove(chat_key)  # damaged or unreadable: never of use
+            return
+        self._saved_tokens = list(llm.generator.cache_tokens)
+        self.last_resume = n
+        self.resume.touch(path)
+
+    def forget_state(self, chat_key: int) -> None:
+        """A chat was deleted: its saved state goes too."""
+        if self.resume is not None:
+            self.resume.remove(chat_key)
+        if self.state_key == chat_key:
+            self.state_key, self._saved_tokens = None, None
+
     def generate(self, request: Request, sampling: dict, on_text: Callable[[str], None],
-                 logit_bias: dict | None = None, context_shift: bool | None = None) -> GenerationResult:
+                 logit_bias: dict | None = None, context_shift: bool | None = None,
+                 chat_key: int | None = None) -> GenerationResult:
         """Run one generation, streaming text pieces to `on_text`; never raises. `sampling`:
         the Llama-call keywords of conversation.call_kwargs; `context_shift`: shift a full
-        context instead of stopping (None: as the model was loaded)."""
+        context instead of stopping (None: as the model was loaded); `chat_key`: the saved chat
+        it continues (its saved KV cache is loaded first when the cache holds another chat)."""
         from .backends import GenerationRequest, TextPiece, params_from_call
 
         result = GenerationResult()
@@ -269,6 +353,10 @@ class Engine:
         looped = False
         with self._lock:
             backend = self.backend
+            try:
+                self._resume_locked(chat_key)
+            except Exception:  # noqa: BLE001 - only the shortcut is lost: the prompt is processed as usual
+                self.state_key, self._saved_tokens = chat_key, None
             try:
                 params = params_from_call(dict(sampling, seed=self.pending_seed), logit_bias)
                 max_tokens = sampling.get("max_tokens")
@@ -308,6 +396,8 @@ class Engine:
     def close(self) -> None:
         self.cancel()
         with self._lock:
+            self._save_state_locked()
+            self.state_key, self._saved_tokens = None, None
             self.backend, self.llm = None, None
 
 

@@ -14,6 +14,7 @@ from textual.widgets import Input, Label, ProgressBar, Select, Static, TextArea
 from llamachat.runtime.params import SETTINGS, check_setting
 
 from ..conversation import SIDEBAR_SETTINGS
+from .resume_budget import ResumeBudget
 
 # context_policy's choices (runtime.params.CONTEXT_POLICIES) as the picker shows them
 POLICY_LABELS = (("drop oldest turns", "drop-oldest"), ("stop and ask", "ask"), ("shift the context", "shift"))
@@ -63,6 +64,7 @@ class Sidebar(VerticalScroll):
                      tooltip=SETTINGS["context_policy"].help)
         yield Label("System prompt", classes="sidebar-title")
         yield TextArea(id="system-prompt", soft_wrap=True, compact=True, tab_behavior="focus")
+        yield ResumeBudget()
 
     # -- filled in by the app ---------------------------------------------------------------
 
