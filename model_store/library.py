@@ -33,6 +33,7 @@ from pathlib import Path
 import tomlkit
 import tomlkit.exceptions
 
+from llamachat.runtime.atomic_file import atomic_output, make_temp_file  # noqa: F401 - pull.py takes make_temp_file from here
 from llamachat.runtime.errors import ConfigError, UserError, shown
 from llamachat.runtime.params import INT32_MAX, SETTINGS, check_setting, suggestion
 
@@ -270,22 +271,6 @@ def is_inside_data_dir(path: Path) -> bool:
         return False
 
 
-def make_temp_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
-    """A new, hidden, uniquely named file in `folder`, open for writing: (fd, path). Created
-    0666 so the kernel applies the user's umask, as to any file a program creates (mkstemp's
-    0600 would hide a model or the library from the user's other accounts and tools)."""
-    import secrets
-
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        path = Path(folder) / f"{prefix}{secrets.token_hex(6)}{suffix}"
-        try:
-            return os.open(path, flags, 0o666), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name in {folder}")  # pragma: no cover
-
-
 def parse_plain(text: str, file: Path) -> dict:
     """The TOML as plain Python data (tomllib, fast), checked for size and nesting; ConfigError
     with line and column for bad syntax."""
@@ -468,19 +453,6 @@ def _interpret(plain: dict, file: Path):
     return models, default, version, warnings
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_atomic(target: Path, text: str, backup: bool = True) -> None:
     """Replace `target` with `text` all at once: temp file in the same dir, fsync, rename.
     With `backup`, the old contents are first kept as TARGET.bak (written the same way).
@@ -496,24 +468,8 @@ def write_atomic(target: Path, text: str, backup: bool = True) -> None:
 
 
 def _replace_with(target: Path, data: bytes) -> None:
-    fd, tmp_name = make_temp_file(target.parent, f".{target.name}.", ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:  # keep the user's permissions on the file (e.g. 600); a new one has the umask's
-            os.chmod(tmp_name, target.stat().st_mode & 0o7777)
-        except FileNotFoundError:
-            pass
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(target.parent)
+    with atomic_output(target) as f:  # keeps the user's permissions on the file (e.g. 600)
+        f.write(data)
 
 
 @contextmanager

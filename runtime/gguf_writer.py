@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .atomic_file import atomic_output
 from .gguf_file import ARRAY_DTYPES, DEFAULT_ALIGNMENT, GGUF_MAGIC
 
 GGUF_VERSION = 3
@@ -186,38 +186,12 @@ def write_gguf(
         offset += -(-nbytes // alignment) * alignment
     head += b"\0" * (-len(head) % alignment)
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a model from other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            for name, shape, ggml_type, nbytes, data in entries:
-                raw = _as_bytes(data)
-                if raw.nbytes != nbytes:
-                    raise ValueError(f"tensor {name!r}: {raw.nbytes} bytes of data given, {nbytes} expected for {ggml_type.name} {list(shape)}")
-                f.write(raw)
-                f.write(b"\0" * (-nbytes % alignment))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_output(path, mode=0o644) as f:  # readable by other users, as models are shared
+        f.write(head)
+        for name, shape, ggml_type, nbytes, data in entries:
+            raw = _as_bytes(data)
+            if raw.nbytes != nbytes:
+                raise ValueError(f"tensor {name!r}: {raw.nbytes} bytes of data given, {nbytes} expected for {ggml_type.name} {list(shape)}")
+            f.write(raw)
+            f.write(b"\0" * (-nbytes % alignment))
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .atomic_file import atomic_output
 from .errors import UserError
 
 MAGIC = b"LLCKVST\0"
@@ -239,22 +239,11 @@ def decode(data: bytes | memoryview, where: str = "the state") -> SavedState:
 # -- files ------------------------------------------------------------------------------------
 
 def write_file(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` all at once: a temp file beside it, fsync, os.replace."""
+    """Write `data` to `path` all at once (atomic_output), readable by this user only."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_output(path, mode=0o600) as f:
+        f.write(data)
 
 
 def read_file(path: str | os.PathLike, model=None) -> SavedState:
