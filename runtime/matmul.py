@@ -40,6 +40,7 @@ from .simd import (Q4_0X8_ROWS_HI, Q4_0X8_ROWS_LO, Q4_1X8_TOKENS, Q4_K_TOKENS, R
                    q4_0_dot, q4_0_rows1, q4_0_rows4, q4_0x8_gemm, q4_0x8_gemv, q4_1_dot, q4_1_rows1, q4_1_rows4, q4_1x8_gemm,
                    q4_1x8_gemv, q4_k_dot8, q4_k_gemm8, q5_0_dot, q5_0_rows1, q5_0_rows4, q6_k_dot, q6_k_rows1, q6_k_rows4, q8_0_dot,
                    q8_0_rows1, q8_0_rows4)
+from .quants import q5_k
 
 # --- activation formats (llama.cpp's vec_dot_type of each weight format) -------------------
 
@@ -53,7 +54,7 @@ VEC_DOT_TYPE = {
 }
 SUPPORTED_TYPES = frozenset(VEC_DOT_TYPE)
 # formats with a fused decode kernel below
-FUSED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q6_K})
+FUSED_TYPES = frozenset({T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q4_K, T.Q5_K, T.Q6_K})
 # Batches multiply with the same per-(row, token) arithmetic as one token, for every fused
 # format: a token's logits do not depend on how its prompt was split, and they are llama.cpp's
 # (its CPU batches sum as its vec_dot does for Q4_1/Q5_0/Q6_K/Q8_0 - llamafile's sgemm has no
@@ -609,6 +610,9 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     if n_tok > 1 and t == T.Q4_K and w.n_out % 8 == 0:
         _matmat_q4_k(np.ascontiguousarray(w.rows), act.xq, act.xd, out)
         return out
+    if n_tok > 1 and t == T.Q5_K:
+        q5_k.matmul(np.ascontiguousarray(w.rows), act.xq, act.xd, out)
+        return out
     if n_tok > 1 and t == T.F16:
         _matmat_f16(np.ascontiguousarray(w.rows), F16_TABLE, act.xhat, out)
         return out
@@ -647,6 +651,7 @@ _ACT_OF_TYPE[Q4_1X8] = ACT_Q8_1
 _X8_KERNEL = {T.Q4_0: Q4_0X8, T.Q4_1: Q4_1X8}
 _Q4_0, _Q4_1, _Q5_0, _Q8_0, _Q4_K, _Q6_K, _F16, _F32 = (int(T.Q4_0), int(T.Q4_1), int(T.Q5_0), int(T.Q8_0),
                                                           int(T.Q4_K), int(T.Q6_K), int(T.F16), int(T.F32))
+_Q5_K = int(T.Q5_K)
 
 
 @njit(cache=True)
@@ -669,6 +674,8 @@ def matvec_fused(t, w, table, xq, xd, xs, xhat, out):
         _matvec_q4_k(w, table, xq, xd, xs, out)
     elif t == _Q6_K:
         _matvec_q6_k(w, table, xq, xd, out)
+    elif t == _Q5_K:
+        q5_k.matmul(w, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), out.reshape((1, out.shape[0])))
     elif t == _F16:
         _matvec_f16(w, table, xhat, out)
     else:

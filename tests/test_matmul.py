@@ -229,9 +229,9 @@ def test_batches_sum_as_llama_cpp_avx2(qtype, n_tok):
         assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (qtype.name, t)
 
 
-@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_K, T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
 def test_batches_of_the_other_fused_formats_are_their_one_token_products(qtype):
-    """Q6_K, Q4_K, F16 and F32 batches: each token's row is the one-token product's bits (their
+    """Q6_K, Q5_K, Q4_K, F16 and F32 batches: each token's row is the one-token product's bits (their
     decode orders are checked against ggml below)."""
     rng = np.random.default_rng(90 + int(qtype))
     raw = random_rows(qtype, 24, 512, rng)
@@ -479,6 +479,64 @@ def test_q6_k_decode_is_llama_cpp_avx2_order():
         r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
         want = ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), scale
+
+
+def _ggml_q5_k_dot(raw, xq, xd):
+    """ggml's AVX2 ggml_vec_dot_q5_K_q8_K in numpy, one token: per 256-value block 8 exact
+    integer lanes (value v's lane: (v % 32) // 4) of sc * q * y, acc_l = fma(dx*d, lane, acc_l);
+    imin = sum over sub-blocks of min * (the sub-block's activation sum), summs =
+    fma(-dx*dmin, imin, summs); hsum_float_8(acc) + summs (fma: one rounding of the double)."""
+    n, nb = raw.shape[0], raw.shape[1] // 176
+    blocks = raw.reshape(n, nb, 176)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    dmin = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    b = blocks[:, :, 4:16].astype(np.int64)
+    sc = np.concatenate([b[:, :, 0:4] & 63, (b[:, :, 8:12] & 15) | ((b[:, :, 0:4] >> 6) << 4)], axis=2)
+    mn = np.concatenate([b[:, :, 4:8] & 63, (b[:, :, 8:12] >> 4) | ((b[:, :, 4:8] >> 6) << 4)], axis=2)
+    qh = blocks[:, :, 16:48].astype(np.int64)
+    qs = blocks[:, :, 48:176].astype(np.int64)
+    vals = np.empty((n, nb, 256), np.int64)
+    for c in range(4):
+        q = qs[:, :, 32 * c:32 * c + 32]
+        vals[:, :, 64 * c:64 * c + 32] = (q & 15) | (((qh >> (2 * c)) & 1) << 4)
+        vals[:, :, 64 * c + 32:64 * c + 64] = (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4)
+    y = xq.astype(np.int64).reshape(nb, 8, 32)
+    prods = vals.reshape(n, nb, 8, 32) * sc[:, :, :, None] * y
+    lanes = prods.reshape(n, nb, 8, 8, 4).sum(axis=(2, 4)).astype(np.float64)  # [row, block, lane]
+    imin = (mn * y.sum(axis=2)).sum(axis=2).astype(np.float64)  # [row, block]
+    acc = np.zeros((n, 8), np.float32)
+    summs = np.zeros(n, np.float32)
+    for blk in range(nb):
+        dx = np.float32(xd[8 * blk])
+        db = (dx * d[:, blk]).astype(np.float32)
+        dm = (-dx * dmin[:, blk]).astype(np.float32)
+        acc = (db[:, None].astype(np.float64) * lanes[:, blk] + acc.astype(np.float64)).astype(np.float32)
+        summs = (dm.astype(np.float64) * imin[:, blk] + summs.astype(np.float64)).astype(np.float32)
+    r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
+    return ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32) + summs
+
+
+def test_q5_k_sums_as_llama_cpp_avx2():
+    """Q5_K products (decode, and each token of a batch) as ggml's AVX2 vec_dot_q5_K_q8_K,
+    which llama.cpp runs for Q5_K one token and a batch alike (it does not repack Q5_K), bit for
+    bit; and close to the float64 product of the dequantized rows (the kernel's own rounding)."""
+    rng = np.random.default_rng(47)
+    raw = random_rows(T.Q5_K, 21, 768, rng)
+    w = mm.QuantWeight("w", T.Q5_K, 768, 21, raw)
+    w_ref = gguf_dequantize(raw, T.Q5_K).reshape(21, 768).astype(np.float64)
+    for scale in (0.02, 1.0, 40.0):
+        x = (rng.standard_normal((6, 768)) * scale).astype(np.float32)
+        batch = mm.matmul(w, x)
+        for t in range(6):
+            one = mm.matmul(w, x[t:t + 1])
+            act = mm.quantize_for(x[t:t + 1], w)
+            want = _ggml_q5_k_dot(raw, act.xq[0], act.xd[0])
+            assert np.array_equal(one[0].view(np.uint32), want.view(np.uint32)), (scale, t)
+            assert np.array_equal(batch[t].view(np.uint32), want.view(np.uint32)), (scale, t)
+            exact = act.xhat[0].astype(np.float64) @ w_ref.T
+            size = np.abs(act.xhat[0]).astype(np.float64) @ np.abs(w_ref).T
+            # float32 chains over 3 blocks: measured at most 1.63e-8 of sum(|x||w|) here; bound 2x that
+            assert np.all(np.abs(one[0] - exact) <= 3.3e-8 * size), (scale, t)
 
 
 def test_f16_decode_sums_as_ggml_vec_dot_f16():
