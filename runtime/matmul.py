@@ -8,8 +8,8 @@ rounded activations as llama.cpp's integer dot products.
 
 One arithmetic for one token and for batches: each (row, token) of a product is summed the
 same way whatever the batch, so a token's logits do not depend on how its prompt was split:
-- the hot formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, F16, F32): kernels reading the blocks
-  directly (runtime.simd: ggml's AVX2 loops as LLVM vector IR), integer dot products against
+- the hot formats (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32): kernels reading the blocks
+  directly (runtime.simd, Q5_K's in quants/q5_k.py: ggml's AVX2 loops as LLVM vector IR), integer dot products against
   the int8 activations, rows split over threads; llama.cpp's floats bit for bit. Batches take
   the same sums several tokens per step (each row's blocks unpacked once for 4 tokens).
 - Q4_0 and Q4_1 matrices with rows a multiple of 8 are repacked at load (`repack`: 8 rows

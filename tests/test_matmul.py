@@ -326,6 +326,10 @@ for kind in range(5):
     out = np.empty((5, d[f"w{kind}"].shape[0]), np.float32)
     run_rows(kind, d[f"w{kind}"], d[f"bxq{kind}"], d[f"bxd{kind}"], d[f"bxs{kind}"], out)
     outs[f"batch{kind}"] = out
+from llamachat.runtime.quants import q5_k
+out = np.empty((5, d["w8"].shape[0]), np.float32)
+q5_k.matmul(d["w8"], d["xq8"], d["xd8"], out)  # Q5_K: tokens 0-3 in one step, token 4 alone
+outs["out8"] = out
 halves = np.empty(65536, np.float32)
 all_halves(halves)
 outs["halves"] = halves
@@ -370,6 +374,11 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     act = mm.quantize_for(x5, w7)
     data.update({"w7": mm.pack_x8(raw, T.Q4_1), "xq7": act.xq, "xd7": act.xd, "xs7": act.xs})
     want[7] = np.stack([_ggml_reference(raw, T.Q4_1, mm.quantize_for(x5[t:t + 1], w7)) for t in range(5)])
+    raw = random_rows(T.Q5_K, 21, 512, rng)  # kind 8: Q5_K, 5 tokens
+    x8 = (rng.standard_normal((5, 512)) * 2).astype(np.float32)
+    act = mm.quantize_for(x8, mm.QuantWeight("w", T.Q5_K, 512, 21, raw))
+    data.update({"w8": raw, "xq8": act.xq, "xd8": act.xd})
+    want[8] = np.stack([_ggml_q5_k_dot(raw, act.xq[t], act.xd[t]) for t in range(5)])
     batch_want = {}  # the batch kernels of kinds 0-4 (file layout), 5 tokens: each its one-token floats
     for kind in range(5):
         qtype = (SIMD_TYPES + [T.Q6_K])[kind]
@@ -385,6 +394,7 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     got = np.load(tmp_path / "out.npz")
     for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K, "repacked Q4_0", "repacked Q4_1"]):
         assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), str(qtype)
+    assert np.array_equal(got["out8"].view(np.uint32), want[8].view(np.uint32)), "Q5_K"
     for kind in range(5):
         assert np.array_equal(got[f"batch{kind}"].view(np.uint32), batch_want[kind].view(np.uint32)), kind
     # half -> float by integer arithmetic (no F16C): every bit pattern, NaNs as NaNs
