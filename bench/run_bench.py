@@ -2,6 +2,11 @@
 """Our speed figures, optionally side by side with llama.cpp's llama-bench.
 
     python bench/run_bench.py [-m MODEL]... [-p 256] [-n 64] [-t 2] [-r 3] [--llama-bench PATH]
+    python bench/run_bench.py --synthetic 1b --cache DIR [--quant Q4_K_M]... [-p 128 -n 32 ...]
+
+--synthetic 1b writes (once, into DIR) a 1.1B llama in TinyLlama's shape with random weights
+(speed does not depend on the values) and SmolLM2's vocabulary: an F16 file, then its --quant
+variants made by `llamachat quantize`'s code; those files are then measured as the -m models.
 
 For each model (library name or .gguf path; default: the library's default model):
 - pp/tg tokens/s as `llamachat bench` measures them (mean ± stddev over -r repetitions);
@@ -129,6 +134,67 @@ def llama_bench(exe: str, path: Path, args) -> dict[str, float]:
     return figures
 
 
+# TinyLlama-1.1B's shape; the vocabulary (and tokenizer) is SmolLM2's, read from the library's file
+SYNTHETIC_SHAPES = {"1b": dict(n_embd=2048, n_layer=22, n_head=32, n_head_kv=4, n_ff=5632)}
+SYNTHETIC_QUANTS = ["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+
+
+def synthetic_model(size: str, folder: Path, quants: list[str], tokenizer_file: Path) -> list[Path]:
+    """The quantized files of a random-weights llama of the given SYNTHETIC_SHAPES size in
+    `folder` (written if missing; the F16 file beside them is the quantizer's input)."""
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType as T
+
+    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf_writer import write_gguf
+    from llamachat.runtime.quantize_model import quantize_model
+
+    shape = SYNTHETIC_SHAPES[size]
+    folder.mkdir(parents=True, exist_ok=True)
+    f16 = folder / f"synthetic-{size}-F16.gguf"
+    if not f16.exists():
+        with GGUFFile(tokenizer_file) as g:
+            meta = {k: v for k, v in g.metadata.items() if k.startswith("tokenizer.")}
+            vtypes = {k: v for k, v in g.value_types.items() if k in meta}
+            atypes = {k: v for k, v in g.array_types.items() if k in meta}
+        n_vocab = len(meta["tokenizer.ggml.tokens"])
+        d, n_ff, n_head, n_kv = shape["n_embd"], shape["n_ff"], shape["n_head"], shape["n_head_kv"]
+        kv = n_kv * (d // n_head)
+        meta.update({
+            "general.architecture": "llama", "general.name": f"synthetic {size} (random weights)",
+            "general.file_type": 1, "llama.block_count": shape["n_layer"], "llama.context_length": 2048,
+            "llama.embedding_length": d, "llama.feed_forward_length": n_ff,
+            "llama.attention.head_count": n_head, "llama.attention.head_count_kv": n_kv,
+            "llama.rope.freq_base": 10000.0, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+            "llama.rope.dimension_count": d // n_head, "llama.vocab_size": n_vocab,
+        })
+        rng = np.random.default_rng(0)
+
+        def normal(rows, cols):  # called only when the tensor is written: one tensor in memory
+            return lambda: (rng.standard_normal((rows, cols), np.float32) * np.float32(cols ** -0.5)).astype(np.float16)
+
+        def ones(n):
+            return lambda: np.ones(n, np.float32)
+
+        tensors = [("token_embd.weight", (d, n_vocab), T.F16, normal(n_vocab, d))]
+        for i in range(shape["n_layer"]):
+            for name, rows, cols in (("attn_q", d, d), ("attn_k", kv, d), ("attn_v", kv, d), ("attn_output", d, d),
+                                     ("ffn_gate", n_ff, d), ("ffn_up", n_ff, d), ("ffn_down", d, n_ff)):
+                tensors.append((f"blk.{i}.{name}.weight", (cols, rows), T.F16, normal(rows, cols)))
+            tensors += [(f"blk.{i}.attn_norm.weight", (d,), T.F32, ones(d)), (f"blk.{i}.ffn_norm.weight", (d,), T.F32, ones(d))]
+        tensors += [("output_norm.weight", (d,), T.F32, ones(d)), ("output.weight", (d, n_vocab), T.F16, normal(n_vocab, d))]
+        print(f"writing {f16} ...", flush=True)
+        write_gguf(f16, meta, tensors, value_types=vtypes, array_types=atypes)
+    out = []
+    for q in quants:
+        path = folder / f"synthetic-{size}-{q}.gguf"
+        if not path.exists():
+            print(f"quantizing {path} ...", flush=True)
+            quantize_model(f16, path, q)
+        out.append(path)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", action="append", help="library name or .gguf path (repeatable)")
@@ -137,7 +203,16 @@ def main() -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-r", "--repetitions", dest="reps", type=int, default=3)
     ap.add_argument("--llama-bench", dest="llama_bench", help="path to a llama-bench binary for side-by-side ratios")
+    ap.add_argument("--synthetic", choices=sorted(SYNTHETIC_SHAPES),
+                    help="measure a random-weights llama of this size (TinyLlama's shape for 1b), written into --cache")
+    ap.add_argument("--cache", type=Path, help="folder holding the --synthetic files (written there once)")
+    ap.add_argument("--vocab-from", dest="vocab_from", type=Path,
+                    help="--synthetic's tokenizer source (.gguf; default: the library's default model, SmolLM2)")
+    ap.add_argument("--quant", action="append", help=f"--synthetic's formats (repeatable; default {' '.join(SYNTHETIC_QUANTS)})")
     args = ap.parse_args()
+    if args.synthetic and args.cache is None:
+        print("error: --synthetic needs --cache DIR: the folder to keep the generated model files in", file=sys.stderr)
+        return 2
 
     from llamachat.model_store.library import Library
     from llamachat.runtime.errors import UserError
@@ -148,7 +223,15 @@ def main() -> int:
     bw = memory_bandwidth(args.threads)
     print(f"memory read bandwidth ({args.threads} threads, numpy sums of 256 MB): {bw / 1e9:.1f} GB/s")
     lib = Library.load()
-    for name in args.model or [None]:
+    names = list(args.model or [])
+    if args.synthetic:
+        try:
+            smollm2 = args.vocab_from or Path(lib.resolve(None).path)
+            names += [str(p) for p in synthetic_model(args.synthetic, args.cache, args.quant or SYNTHETIC_QUANTS, smollm2)]
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    for name in names or [None]:
         try:
             path = Path(lib.resolve(name).path) if name is None or not name.endswith(".gguf") else Path(name)
         except UserError as e:

@@ -30,7 +30,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import njit, prange
 
-from .quants import KERNELS, TRAITS, plain, q4_0, q4_1, q4_k, q5_0, q6_k, q8_0
+from .quants import KERNELS, TRAITS, plain, q4_0, q4_1, q4_k, q5_0, q5_k, q6_k, q8_0
 from .quants.rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
 from .simd import HOST_ISA, Isa
 from .quants.traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
@@ -294,9 +294,10 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
 
 # each one-token kernel's activation format, by its number (KERNELS)
 _ACT_OF_KERNEL = np.array([tr.vec_dot_type for tr in KERNELS], np.int64)
-_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q4_K, _Q6_K = (
+_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q4_K, _Q5_K, _Q6_K = (
     TRAITS[T.F32].kernel, TRAITS[T.F16].kernel, TRAITS[T.Q8_0].kernel, TRAITS[T.Q4_0].kernel, TRAITS[T.Q4_0].packed.kernel,
-    TRAITS[T.Q4_1].kernel, TRAITS[T.Q4_1].packed.kernel, TRAITS[T.Q5_0].kernel, TRAITS[T.Q4_K].kernel, TRAITS[T.Q6_K].kernel)
+    TRAITS[T.Q4_1].kernel, TRAITS[T.Q4_1].packed.kernel, TRAITS[T.Q5_0].kernel, TRAITS[T.Q4_K].kernel, TRAITS[T.Q5_K].kernel,
+    TRAITS[T.Q6_K].kernel)
 
 
 @njit(cache=True)
@@ -318,6 +319,8 @@ def matvec_fused(k, w, ctx, xq, xd, xs, xhat, out):
         q5_0.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q4_K:
         q4_k.matvec(w, ctx, xq, xd, xs, xhat, out)
+    elif k == _Q5_K:
+        q5_k.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q6_K:
         q6_k.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _F16:
@@ -327,7 +330,7 @@ def matvec_fused(k, w, ctx, xq, xd, xs, xhat, out):
 
 
 # every numbered kernel has its branch above
-assert sorted((_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q4_K, _Q6_K)) == list(range(len(KERNELS)))
+assert sorted((_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q4_K, _Q5_K, _Q6_K)) == list(range(len(KERNELS)))
 
 
 @njit(cache=True)

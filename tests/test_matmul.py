@@ -231,9 +231,9 @@ def test_batches_sum_as_llama_cpp_avx2(qtype, n_tok):
         assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (qtype.name, t)
 
 
-@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_K, T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
 def test_batches_of_the_other_fused_formats_are_their_one_token_products(qtype):
-    """Q6_K, Q4_K, F16 and F32 batches: each token's row is the one-token product's bits (their
+    """Q6_K, Q5_K, Q4_K, F16 and F32 batches: each token's row is the one-token product's bits (their
     decode orders are checked against ggml below)."""
     rng = np.random.default_rng(90 + int(qtype))
     raw = random_rows(qtype, 24, 512, rng)
@@ -324,6 +324,12 @@ for kind in range(5):
     out = np.empty((5, d[f"w{kind}"].shape[0]), np.float32)
     run_rows(kind, d[f"w{kind}"], d[f"bxq{kind}"], d[f"bxd{kind}"], d[f"bxs{kind}"], out)
     outs[f"batch{kind}"] = out
+from llamachat.runtime.matmul import kernel_context
+from llamachat.runtime.quants import q5_k
+out = np.empty((5, d["w8"].shape[0]), np.float32)
+unused = np.zeros(d["xd8"].shape, np.float32), np.zeros(d["xq8"].shape, np.float32)  # (Q5_K reads xq and xd only)
+q5_k.matmat(d["w8"], kernel_context("portable"), d["xq8"], d["xd8"], *unused, out)  # tokens 0-3 in one step, token 4 alone
+outs["out8"] = out
 halves = np.empty(65536, np.float32)
 all_halves(halves)
 outs["halves"] = halves
@@ -368,6 +374,11 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     act = mm.quantize_for(x5, w7)
     data.update({"w7": mm.pack_x8(raw, T.Q4_1), "xq7": act.xq, "xd7": act.xd, "xs7": act.xs})
     want[7] = np.stack([_ggml_reference(raw, T.Q4_1, mm.quantize_for(x5[t:t + 1], w7)) for t in range(5)])
+    raw = random_rows(T.Q5_K, 21, 512, rng)  # kind 8: Q5_K, 5 tokens
+    x8 = (rng.standard_normal((5, 512)) * 2).astype(np.float32)
+    act = mm.quantize_for(x8, mm.QuantWeight("w", T.Q5_K, 512, 21, raw))
+    data.update({"w8": raw, "xq8": act.xq, "xd8": act.xd})
+    want[8] = np.stack([_ggml_q5_k_dot(raw, act.xq[t], act.xd[t]) for t in range(5)])
     batch_want = {}  # the batch kernels of kinds 0-4 (file layout), 5 tokens: each its one-token floats
     for kind in range(5):
         qtype = (SIMD_TYPES + [T.Q6_K])[kind]
@@ -383,6 +394,7 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     got = np.load(tmp_path / "out.npz")
     for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K, "repacked Q4_0", "repacked Q4_1"]):
         assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), str(qtype)
+    assert np.array_equal(got["out8"].view(np.uint32), want[8].view(np.uint32)), "Q5_K"
     for kind in range(5):
         assert np.array_equal(got[f"batch{kind}"].view(np.uint32), batch_want[kind].view(np.uint32)), kind
     # half -> float by integer arithmetic (no F16C): every bit pattern, NaNs as NaNs
@@ -502,6 +514,64 @@ def test_q6_k_decode_is_llama_cpp_avx2_order():
         r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
         want = ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), scale
+
+
+def _ggml_q5_k_dot(raw, xq, xd):
+    """ggml's AVX2 ggml_vec_dot_q5_K_q8_K in numpy, one token: per 256-value block 8 exact
+    integer lanes (value v's lane: (v % 32) // 4) of sc * q * y, acc_l = fma(dx*d, lane, acc_l);
+    imin = sum over sub-blocks of min * (the sub-block's activation sum), summs =
+    fma(-dx*dmin, imin, summs); hsum_float_8(acc) + summs (fma: one rounding of the double)."""
+    n, nb = raw.shape[0], raw.shape[1] // 176
+    blocks = raw.reshape(n, nb, 176)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    dmin = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    b = blocks[:, :, 4:16].astype(np.int64)
+    sc = np.concatenate([b[:, :, 0:4] & 63, (b[:, :, 8:12] & 15) | ((b[:, :, 0:4] >> 6) << 4)], axis=2)
+    mn = np.concatenate([b[:, :, 4:8] & 63, (b[:, :, 8:12] >> 4) | ((b[:, :, 4:8] >> 6) << 4)], axis=2)
+    qh = blocks[:, :, 16:48].astype(np.int64)
+    qs = blocks[:, :, 48:176].astype(np.int64)
+    vals = np.empty((n, nb, 256), np.int64)
+    for c in range(4):
+        q = qs[:, :, 32 * c:32 * c + 32]
+        vals[:, :, 64 * c:64 * c + 32] = (q & 15) | (((qh >> (2 * c)) & 1) << 4)
+        vals[:, :, 64 * c + 32:64 * c + 64] = (q >> 4) | (((qh >> (2 * c + 1)) & 1) << 4)
+    y = xq.astype(np.int64).reshape(nb, 8, 32)
+    prods = vals.reshape(n, nb, 8, 32) * sc[:, :, :, None] * y
+    lanes = prods.reshape(n, nb, 8, 8, 4).sum(axis=(2, 4)).astype(np.float64)  # [row, block, lane]
+    imin = (mn * y.sum(axis=2)).sum(axis=2).astype(np.float64)  # [row, block]
+    acc = np.zeros((n, 8), np.float32)
+    summs = np.zeros(n, np.float32)
+    for blk in range(nb):
+        dx = np.float32(xd[8 * blk])
+        db = (dx * d[:, blk]).astype(np.float32)
+        dm = (-dx * dmin[:, blk]).astype(np.float32)
+        acc = (db[:, None].astype(np.float64) * lanes[:, blk] + acc.astype(np.float64)).astype(np.float32)
+        summs = (dm.astype(np.float64) * imin[:, blk] + summs.astype(np.float64)).astype(np.float32)
+    r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
+    return ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32) + summs
+
+
+def test_q5_k_sums_as_llama_cpp_avx2():
+    """Q5_K products (decode, and each token of a batch) as ggml's AVX2 vec_dot_q5_K_q8_K,
+    which llama.cpp runs for Q5_K one token and a batch alike (it does not repack Q5_K), bit for
+    bit; and close to the float64 product of the dequantized rows (the kernel's own rounding)."""
+    rng = np.random.default_rng(47)
+    raw = random_rows(T.Q5_K, 21, 768, rng)
+    w = mm.QuantWeight("w", T.Q5_K, 768, 21, raw)
+    w_ref = gguf_dequantize(raw, T.Q5_K).reshape(21, 768).astype(np.float64)
+    for scale in (0.02, 1.0, 40.0):
+        x = (rng.standard_normal((6, 768)) * scale).astype(np.float32)
+        batch = mm.matmul(w, x)
+        for t in range(6):
+            one = mm.matmul(w, x[t:t + 1])
+            act = mm.quantize_for(x[t:t + 1], w)
+            want = _ggml_q5_k_dot(raw, act.xq[0], act.xd[0])
+            assert np.array_equal(one[0].view(np.uint32), want.view(np.uint32)), (scale, t)
+            assert np.array_equal(batch[t].view(np.uint32), want.view(np.uint32)), (scale, t)
+            exact = act.xhat[0].astype(np.float64) @ w_ref.T
+            size = np.abs(act.xhat[0]).astype(np.float64) @ np.abs(w_ref).T
+            # float32 chains over 3 blocks: measured at most 1.63e-8 of sum(|x||w|) here; bound 2x that
+            assert np.all(np.abs(one[0] - exact) <= 3.3e-8 * size), (scale, t)
 
 
 def test_f16_decode_sums_as_ggml_vec_dot_f16():

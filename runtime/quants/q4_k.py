@@ -91,8 +91,9 @@ class _Bits:
         return _Bits(self.builder, self.builder.or_(self.value, other.value))
 
 
-def _scales_mins(builder, blk):
-    """The 8 (scale, min) pairs of the block at blk (bytes 4..15), as i32 values."""
+def scales_mins_ir(builder, blk):
+    """The 8 (scale, min) pairs of the block at blk (bytes 4..15), as i32 values (Q5_K packs
+    them the same way)."""
     q = [_Bits(builder, builder.zext(_load(builder, blk, _i8, 4 + i), _i32)) for i in range(12)]
     return [tuple(v.value for v in scale_min_k4(j, q)) for j in range(8)]
 
@@ -178,7 +179,7 @@ def _q4_k_rows8(n_t, prefetch):
                 for row in rows:
                     _prefetch(builder, row, o, BLOCK_BYTES)
             blks = [builder.gep(row, [o]) for row in rows]
-            pairs = [_scales_mins(builder, blk) for blk in blks]
+            pairs = [scales_mins_ir(builder, blk) for blk in blks]
             nibbles = []  # [row][chunk]: (low, high) nibbles of the chunk's 32 bytes
             for blk in blks:
                 nib = []

@@ -9,13 +9,27 @@ block_q5_K (176 bytes): d       f16    bytes 0..1
                         qs      128 B  bytes 48..175  low 4 bits, nibble order as Q4_K
 quantize is quantize_row_q5_K_ref: make_qkx2_quants(32, 31, weights = rms + |x|, rmin -0.5,
 rdelta 0.1, 15 steps), then as Q4_K.
+
+Products (`matmul`: one token or a batch, the same floats per (row, token) either way) are
+ggml's AVX2 ggml_vec_dot_q5_K_q8_K, which llama.cpp runs for Q5_K (it does not repack Q5_K) for
+one token and for every token of a batch: per block, with the Q8_K activations' scale dx
+  lane l (8 int32)  sum over the 8 sub-blocks g of sc_g * sum_{k<4} q[32g + 4l + k] * y[32g + 4l + k]
+                    (vpmaddubsw of q and y, vpmaddwd against the scales: exact integers)
+  imin              sum_g m_g * (sum of sub-block g's activations)  (exact)
+  acc_l = fma(dx * d, lane_l, acc_l),  summs = fma(-dx * dmin, imin, summs)
+and the row's result hsum_float_8(acc) + summs.
 """
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
+from .. import simd
+from ..simd import isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i32, _lane_accumulate, _load, _prefetch, _vec
 from .ksearch import f32, quantize_scales_mins_k4, scales_mins_k4
+from .q4_k import scales_mins_ir
 from .rounding import read_f16_pair
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]
@@ -67,3 +81,115 @@ def quantize_row(xr, row):
                     l2 -= 16
                     qh[l] |= 2 << (2 * g)
                 qs[32 * g + l] = l1 | (l2 << 4)
+
+
+# --- products: ggml_vec_dot_q5_K_q8_K's arithmetic in LLVM vector IR (runtime.simd's helpers) ---
+
+def _block(builder, blk, n_t, yq, bsums, yd, b, state):
+    """One 256-value block of a row against n_t tokens: state [acc, summs] per token."""
+    v32 = _vec(_i8, 32)
+    pairs = scales_mins_ir(builder, blk)  # the scales field is Q4_K's: (sc, m) per sub-block
+    qh = _load(builder, blk, v32, 16)
+    quants = []  # value 64c + l (l < 32): low nibble of qs[32c + l] | bit 2c of qh[l] << 4; +32: high nibble, bit 2c + 1
+    for c in range(4):
+        qs = _load(builder, blk, v32, 48 + 32 * c)
+        for h in range(2):
+            low = builder.and_(qs, ir.Constant(v32, [15] * 32)) if h == 0 else builder.lshr(qs, ir.Constant(v32, [4] * 32))
+            fifth = builder.and_(builder.lshr(qh, ir.Constant(v32, [2 * c + h] * 32)), ir.Constant(v32, [1] * 32))
+            quants.append(builder.or_(low, builder.shl(fifth, ir.Constant(v32, [4] * 32))))
+    dh, dminh = _half(builder, blk, 0), _half(builder, blk, 2)
+    new = []
+    for t in range(n_t):
+        y = builder.gep(yq[t], [builder.mul(b, ir.Constant(b.type, 256))])
+        lanes = None
+        for g in range(8):
+            part = simd._scaled_lanes(builder, quants[g], _load(builder, y, v32, 32 * g), pairs[g][0], pairs[g][0], 0)
+            lanes = part if lanes is None else builder.add(lanes, part)
+        bs = builder.gep(bsums[t], [builder.mul(b, ir.Constant(b.type, 8))])
+        imin = None
+        for g in range(8):
+            term = builder.mul(pairs[g][1], builder.load(builder.gep(bs, [ir.Constant(_i32, g)])))
+            imin = term if imin is None else builder.add(imin, term)
+        dx = builder.load(builder.gep(yd[t], [builder.mul(b, ir.Constant(b.type, 8))]))
+        acc = _lane_accumulate(builder, builder.fmul(dx, dh), lanes, state[2 * t])
+        dmin = builder.fmul(builder.fsub(ir.Constant(_f32, -0.0), dx), dminh)  # ggml: -y.d * dmin
+        new += [acc, _fma(builder, dmin, builder.sitofp(imin, _f32), state[2 * t + 1])]
+    return new
+
+
+def _rows_typer(n_t, prefetch):
+    """The typer of an intrinsic (w, r, xq, xd, bsum, t0, out, isa): Q5_K row r times tokens
+    t0..t0+n_t-1 (xq int8 [T, K], xd float32 [T, K/32] the Q8_K scale of each 32 values, bsum
+    int32 [T, K/32] each 32 values' sum) into out[t0:t0+n_t, r] (float32 [T, rows]); the row's
+    blocks unpacked once for the n_t tokens, each token's floats those of the one-token kernel."""
+
+    def typer(typingctx, w, r, xq, xd, bsum, t0, out, isa):
+        arrays = (w, xq, xd, bsum, out)
+        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in arrays):
+            return None
+        return types.none(w, r, xq, xd, bsum, t0, out, isa), codegen
+
+    def codegen(context, builder, signature, args):
+        wt, _, xqt, xdt, bst, _, outt, _ = signature.args
+        warr = context.make_array(wt)(context, builder, args[0])
+        r, t0 = args[1], args[5]
+        row_bytes = builder.extract_value(warr.shape, 1)
+        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
+        xarr = context.make_array(xqt)(context, builder, args[2])
+        darr = context.make_array(xdt)(context, builder, args[3])
+        barr = context.make_array(bst)(context, builder, args[4])
+        oarr = context.make_array(outt)(context, builder, args[6])
+        k_vals = builder.extract_value(xarr.shape, 1)
+        n_groups = builder.extract_value(darr.shape, 1)
+        n_out = builder.extract_value(oarr.shape, 1)
+        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
+        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+        yd = [builder.gep(darr.data, [builder.mul(tk, n_groups)]) for tk in toks]
+        bsums = [builder.gep(barr.data, [builder.mul(tk, n_groups)]) for tk in toks]
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
+
+        def step(b, state):
+            o = builder.mul(b, ir.Constant(b.type, BLOCK_BYTES))
+            if prefetch:  # one token: the weights stream from DRAM
+                _prefetch(builder, row, o, BLOCK_BYTES)
+            return _block(builder, builder.gep(row, [o]), n_t, yq, bsums, yd, b, state)
+
+        state = simd._state_loop(builder, n_blocks, [_ZERO8, _ZERO] * n_t, step)
+        for t in range(n_t):
+            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
+            builder.store(builder.fadd(_hsum8(builder, state[2 * t]), state[2 * t + 1]), dst)
+        return context.get_dummy_value()
+
+    return typer
+
+
+_rows1 = intrinsic(isa_typer(_rows_typer(1, True)))  # one token (decode, a batch's leftovers), prefetching 8 KiB ahead
+_rows_n = intrinsic(isa_typer(_rows_typer(simd.ROW_TOKENS, False)))  # ROW_TOKENS tokens of a batch
+
+
+@njit(cache=True, parallel=True)
+def matmat(w, ctx, xq, xd, xs, xhat, out):
+    """out [T, rows] = the T tokens' Q8_K activations (xq int8 [T, K], xd float32 [T, K/32])
+    times the Q5_K rows w (uint8 [rows, K/256*176], C-contiguous): ggml_vec_dot_q5_K_q8_K per
+    (row, token), so a token's floats do not depend on its batch. Rows over threads."""
+    n_tok, k = xq.shape
+    bsum = np.empty((n_tok, k // 32), np.int32)
+    for t in range(n_tok):
+        for g in range(k // 32):
+            s = np.int32(0)
+            for j in range(32):
+                s += np.int32(xq[t, 32 * g + j])
+            bsum[t, g] = s
+    steps = n_tok - n_tok % simd.ROW_TOKENS
+    for r in prange(w.shape[0]):
+        for t0 in range(0, steps, simd.ROW_TOKENS):
+            _rows_n(w, r, xq, xd, bsum, t0, out, ctx.isa)
+        for t in range(steps, n_tok):
+            _rows1(w, r, xq, xd, bsum, t, out, ctx.isa)
+
+
+@njit(cache=True)
+def matvec(w, ctx, xq, xd, xs, xhat, out):
+    """One token (xq [K], xd [K/32], out [rows]): matmat's floats for a batch of one."""
+    matmat(w, ctx, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), xs.reshape((1, xs.shape[0])),
+           xhat.reshape((1, xhat.shape[0])), out.reshape((1, out.shape[0])))
