@@ -12,7 +12,7 @@ import pytest
 from llamachat.model_store import importers, paths
 from llamachat.model_store.importers import run_import
 from llamachat.model_store.library import Library
-from llamachat.runtime import gguf_writer
+from llamachat.runtime import atomic_file, gguf_writer
 from llamachat.runtime.errors import ModelError, UserError
 from test_import_hf import sentencepiece_model
 
@@ -120,7 +120,7 @@ def test_full_disk_while_writing_leaves_nothing(tmp_path, monkeypatch):
     Library.load().ensure_file()
     config_before = paths.config_file().read_bytes()
     with monkeypatch.context() as m:  # (not monkeypatch.undo(): that would drop LLAMACHAT_HOME too)
-        m.setattr(gguf_writer, "os", _FullDisk(limit=60_000))
+        m.setattr(atomic_file, "os", _FullDisk(limit=60_000))  # (GGUF files are written through atomic_file)
         with pytest.raises(UserError, match=r"no space left on the disk holding .* while writing base; nothing was imported"):
             run_import(tmp_path / "base", name="base")
     assert leftovers() == []
