@@ -8,8 +8,8 @@ rounded activations as llama.cpp's integer dot products.
 
 One arithmetic for one token and for batches: each (row, token) of a product is summed the
 same way whatever the batch, so a token's logits do not depend on how its prompt was split, and
-they are llama.cpp's (its CPU batches sum as its vec_dot does for Q4_1/Q5_0/Q6_K/Q8_0 -
-llamafile's sgemm has no kernel for the first three and sums Q8_0 in vec_dot's lane order - and
+they are llama.cpp's (its CPU batches sum as its vec_dot does for Q4_1/Q5_0/Q5_1/Q6_K/Q8_0 -
+llamafile's sgemm has no kernel for the first four and sums Q8_0 in vec_dot's lane order - and
 through its repacked gemm/gemv for Q4_0 and Q4_K, whose per-(row, token) chains we replay).
 
 Which kernels multiply a format is its record's business (runtime.quants.TRAITS; each
@@ -27,10 +27,10 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGMLQuantizationType as T
 from numba import njit, prange
 
-from .quants import KERNELS, TRAITS, plain, q4_0, q4_1, q4_k, q5_0, q5_k, q6_k, q8_0
+from .quants import KERNELS, TRAITS, plain, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 from .quants.rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
 from .simd import HOST_ISA, Isa
 from .quants.traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
@@ -280,13 +280,6 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
         stop = min(start + TILE_ROWS, w.n_out)
         dequantize_rows(w.rows[start:stop], t, w.n_in, tile[:stop - start])
         np.matmul(act.xhat, tile[:stop - start].T, out=out[:, start:stop])
-    if act.mode == ACT_Q8_1:  # Q5_1
-        # llama.cpp's Q8_1 carries each block's sum as half(d*sum(q)), not sum(half(d)*q):
-        # add min * (that sum - the sum of our rounded activations) so both paths agree
-        bs = GGML_QUANT_SIZES[t][1]
-        mins = F16_TABLE[w.rows.reshape(w.n_out, -1, bs)[:, :, 2:4].copy().view(np.uint16)[:, :, 0]]
-        delta = act.xs - act.xhat.reshape(n_tok, -1, 32).sum(axis=2, dtype=np.float32)
-        out += delta @ mins.T
     return out
 
 
@@ -294,9 +287,9 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
 
 # each one-token kernel's activation format, by its number (KERNELS)
 _ACT_OF_KERNEL = np.array([tr.vec_dot_type for tr in KERNELS], np.int64)
-_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q4_K, _Q5_K, _Q6_K = (
+_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q5_1, _Q4_K, _Q5_K, _Q6_K = (
     TRAITS[T.F32].kernel, TRAITS[T.F16].kernel, TRAITS[T.Q8_0].kernel, TRAITS[T.Q4_0].kernel, TRAITS[T.Q4_0].packed.kernel,
-    TRAITS[T.Q4_1].kernel, TRAITS[T.Q4_1].packed.kernel, TRAITS[T.Q5_0].kernel, TRAITS[T.Q4_K].kernel, TRAITS[T.Q5_K].kernel,
+    TRAITS[T.Q4_1].kernel, TRAITS[T.Q4_1].packed.kernel, TRAITS[T.Q5_0].kernel, TRAITS[T.Q5_1].kernel, TRAITS[T.Q4_K].kernel, TRAITS[T.Q5_K].kernel,
     TRAITS[T.Q6_K].kernel)
 
 
@@ -317,6 +310,8 @@ def matvec_fused(k, w, ctx, xq, xd, xs, xhat, out):
         q8_0.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q5_0:
         q5_0.matvec(w, ctx, xq, xd, xs, xhat, out)
+    elif k == _Q5_1:
+        q5_1.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q4_K:
         q4_k.matvec(w, ctx, xq, xd, xs, xhat, out)
     elif k == _Q5_K:
@@ -330,7 +325,7 @@ def matvec_fused(k, w, ctx, xq, xd, xs, xhat, out):
 
 
 # every numbered kernel has its branch above
-assert sorted((_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q4_K, _Q5_K, _Q6_K)) == list(range(len(KERNELS)))
+assert sorted((_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q5_1, _Q4_K, _Q5_K, _Q6_K)) == list(range(len(KERNELS)))
 
 
 @njit(cache=True)

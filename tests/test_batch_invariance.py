@@ -58,7 +58,7 @@ def logits_by_split(m, tokens, split):
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0, T.Q8_0, T.Q5_0, T.Q6_K, T.Q5_K, T.Q4_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0, T.Q8_0, T.Q5_0, T.Q5_1, T.Q6_K, T.Q5_K, T.Q4_K, T.F16], ids=lambda t: t.name)
 def test_logits_do_not_depend_on_the_split(tmp_path, qtype):
     m = tiny_model(tmp_path, qtype)
     assert m.fused is not None  # decode takes the one-call path, prompts `forward`

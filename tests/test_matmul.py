@@ -173,6 +173,23 @@ def _ggml_q4_1_dot(raw, xq, xd, xs):
     return _ggml_lane_dot(dw, np.concatenate([qs & 15, qs >> 4], axis=2), xq, xd) + summs
 
 
+def _ggml_q5_1_dot(raw, xq, xd, xs):
+    """ggml's AVX2 vec_dot_q5_1_q8_1 in numpy: the lanes of _ggml_lane_dot over the 5-bit
+    values (nibble | fifth bit << 4, unsigned), plus summs = fma(m, s, summs) over blocks (s: the
+    Q8_1 block sum), result hsum_float_8(acc) + summs."""
+    n, nb = raw.shape[0], raw.shape[1] // 24
+    blocks = raw.reshape(n, nb, 24)
+    dw = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    m = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    qh = blocks[:, :, 4:8].copy().view("<u4")[:, :, 0]
+    qs = blocks[:, :, 8:].astype(np.int32)
+    vals = np.concatenate([qs & 15, qs >> 4], axis=2) | (((qh[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int32)
+    summs = np.zeros(n, np.float32)
+    for b in range(nb):
+        summs = (m[:, b].astype(np.float64) * np.float64(xs[b]) + summs).astype(np.float32)
+    return _ggml_lane_dot(dw, vals, xq, xd) + summs
+
+
 def _ggml_reference(raw, qtype, act):
     """What llama.cpp's AVX2 CPU backend computes for one token (numpy replays above): Q4_1
     through vec_dot_q4_1_q8_1, Q8_0 / Q5_0 / Q4_0 (a matrix it does not repack) through their
@@ -231,9 +248,9 @@ def test_batches_sum_as_llama_cpp_avx2(qtype, n_tok):
         assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (qtype.name, t)
 
 
-@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_K, T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q6_K, T.Q5_K, T.Q5_1, T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
 def test_batches_of_the_other_fused_formats_are_their_one_token_products(qtype):
-    """Q6_K, Q5_K, Q4_K, F16 and F32 batches: each token's row is the one-token product's bits (their
+    """Q6_K, Q5_K, Q5_1, Q4_K, F16 and F32 batches: each token's row is the one-token product's bits (their
     decode orders are checked against ggml below)."""
     rng = np.random.default_rng(90 + int(qtype))
     raw = random_rows(qtype, 24, 512, rng)
@@ -330,6 +347,13 @@ out = np.empty((5, d["w8"].shape[0]), np.float32)
 unused = np.zeros(d["xd8"].shape, np.float32), np.zeros(d["xq8"].shape, np.float32)  # (Q5_K reads xq and xd only)
 q5_k.matmat(d["w8"], kernel_context("portable"), d["xq8"], d["xd8"], *unused, out)  # tokens 0-3 in one step, token 4 alone
 outs["out8"] = out
+from llamachat.runtime.quants import q5_1
+out = np.empty((5, d["w9"].shape[0]), np.float32)
+q5_1.matmat(d["w9"], kernel_context("portable"), d["xq9"], d["xd9"], d["xs9"], unused[1], out)  # tokens 0-3 in one step, token 4 alone
+outs["out9"] = out
+out = np.empty(d["w9"].shape[0], np.float32)
+q5_1.matvec(d["w9"], kernel_context("portable"), d["xq9"][4], d["xd9"][4], d["xs9"][4], unused[1][4], out)
+outs["one9"] = out
 halves = np.empty(65536, np.float32)
 all_halves(halves)
 outs["halves"] = halves
@@ -379,6 +403,10 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     act = mm.quantize_for(x8, mm.QuantWeight("w", T.Q5_K, 512, 21, raw))
     data.update({"w8": raw, "xq8": act.xq, "xd8": act.xd})
     want[8] = np.stack([_ggml_q5_k_dot(raw, act.xq[t], act.xd[t]) for t in range(5)])
+    raw = random_rows(T.Q5_1, 21, 256, rng)  # kind 9: Q5_1, 5 tokens
+    act = mm.quantize_for(x5, mm.QuantWeight("w", T.Q5_1, 256, 21, raw))
+    data.update({"w9": raw, "xq9": act.xq, "xd9": act.xd, "xs9": act.xs})
+    want[9] = np.stack([_ggml_q5_1_dot(raw, act.xq[t], act.xd[t], act.xs[t]) for t in range(5)])
     batch_want = {}  # the batch kernels of kinds 0-4 (file layout), 5 tokens: each its one-token floats
     for kind in range(5):
         qtype = (SIMD_TYPES + [T.Q6_K])[kind]
@@ -395,6 +423,8 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     for kind, qtype in enumerate(SIMD_TYPES + [T.Q6_K, T.Q4_K, "repacked Q4_0", "repacked Q4_1"]):
         assert np.array_equal(got[f"out{kind}"].view(np.uint32), want[kind].view(np.uint32)), str(qtype)
     assert np.array_equal(got["out8"].view(np.uint32), want[8].view(np.uint32)), "Q5_K"
+    assert np.array_equal(got["out9"].view(np.uint32), want[9].view(np.uint32)), "Q5_1"
+    assert np.array_equal(got["one9"].view(np.uint32), want[9][4].view(np.uint32)), "Q5_1 one token"
     for kind in range(5):
         assert np.array_equal(got[f"batch{kind}"].view(np.uint32), batch_want[kind].view(np.uint32)), kind
     # half -> float by integer arithmetic (no F16C): every bit pattern, NaNs as NaNs
@@ -572,6 +602,24 @@ def test_q5_k_sums_as_llama_cpp_avx2():
             size = np.abs(act.xhat[0]).astype(np.float64) @ np.abs(w_ref).T
             # float32 chains over 3 blocks: measured at most 1.63e-8 of sum(|x||w|) here; bound 2x that
             assert np.all(np.abs(one[0] - exact) <= 3.3e-8 * size), (scale, t)
+
+
+def test_q5_1_sums_as_llama_cpp_avx2():
+    """Q5_1 products (decode, and each token of a batch) as ggml's AVX2 vec_dot_q5_1_q8_1,
+    which llama.cpp runs for Q5_1 one token and a batch alike (no repacking, no sgemm kernel),
+    bit for bit, on random blocks (every fifth-bit pattern) and several activation scales."""
+    rng = np.random.default_rng(51)
+    raw = random_rows(T.Q5_1, 37, 576, rng)
+    w = mm.QuantWeight("w", T.Q5_1, 576, 37, raw)
+    for scale in (0.01, 1.0, 30.0):
+        x = (rng.standard_normal((6, 576)) * scale).astype(np.float32)
+        batch = mm.matmul(w, x)
+        for t in range(6):
+            one = mm.matmul(w, x[t:t + 1])
+            act = mm.quantize_for(x[t:t + 1], w)
+            want = _ggml_q5_1_dot(raw, act.xq[0], act.xd[0], act.xs[0])
+            assert np.array_equal(one[0].view(np.uint32), want.view(np.uint32)), (scale, t)
+            assert np.array_equal(batch[t].view(np.uint32), want.view(np.uint32)), (scale, t)
 
 
 def test_f16_decode_sums_as_ggml_vec_dot_f16():

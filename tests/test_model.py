@@ -210,12 +210,12 @@ def test_quantized_tiny_model_and_tied_output(tmp_path):
 
 
 def test_q4_0_repacked_without_fused_decode(tmp_path):
-    """A layer matrix without a fused kernel (Q5_1) sends decode through `forward`; the Q4_0
+    """A layer matrix without a fused kernel (BF16) sends decode through `forward`; the Q4_0
     matrices are repacked all the same (each into its own array) and the model still computes
     the reference forward pass, token by token as in one block."""
     w = tiny_weights(4)
     types = {k: T.Q4_0 for k in w if k.endswith(".weight") and w[k].ndim == 2 and k != "token_embd.weight"}
-    types.update({k: T.Q5_1 for k in w if k.endswith("ffn_down.weight")})
+    types.update({k: T.BF16 for k in w if k.endswith("ffn_down.weight")})
     path = write_tiny(tmp_path / "q.gguf", w, types=types)
     m = load_model(path, n_ctx=32, n_threads=1)
     assert m.fused is None

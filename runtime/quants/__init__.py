@@ -185,7 +185,7 @@ TRAITS: dict[GGMLQuantizationType, Traits] = _number_kernels({
     T.Q4_1: _block(T.Q4_1, ACT_Q8_1, q4_1, decode=q4_1.matvec, batch=q4_1.matmat,
                    packed=_packed(T.Q4_1, ACT_Q8_1, q4_1), pack=q4_1.pack),
     T.Q5_0: _block(T.Q5_0, ACT_Q8_0, q5_0, decode=q5_0.matvec, batch=q5_0.matmat),
-    T.Q5_1: _block(T.Q5_1, ACT_Q8_1, q5_1),
+    T.Q5_1: _block(T.Q5_1, ACT_Q8_1, q5_1, decode=q5_1.matvec, batch=q5_1.matmat),
     T.Q2_K: _block(T.Q2_K, ACT_Q8_K, q2_k),
     T.Q3_K: _block(T.Q3_K, ACT_Q8_K, q3_k),
     T.Q4_K: _block(T.Q4_K, ACT_Q8_K, q4_k, decode=q4_k.matvec, batch=q4_k.matmat, batch_rows=8),

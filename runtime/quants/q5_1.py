@@ -7,12 +7,17 @@ block_q5_1 (24 bytes): d    f16         bytes 0..1
                                                      high nibble of qs[j] = value j + 16
 quantize is quantize_row_q5_1_ref: d = (max - min) / 31, m = min,
 q = (uint8)((x - min) / d + 0.5) (no clamp, as in ggml).
+
+Products: `dot`/`rows` (ggml's AVX2 vec_dot_q5_1_q8_1) against Q8_1 activations, whose
+per-block sums carry the minimum's term.
 """
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit
+from llvmlite import ir
+from numba import njit, prange
 
+from ..simd import _ZERO, _ZERO8, _fma, _half, _hsum8, _i1, _i8, _i32, _lane_accumulate, _lanes_unsigned, _load, _nibbles, _vec, row_kernels
 from .block32 import high_bits, min_max, pack_pair, read_qh, write_qh
 from .rounding import read_f16_pair, write_f16
 
@@ -51,3 +56,41 @@ def quantize_row(xr, row):
             q1 = int((xb[HALF + j] - vmin) * inv + np.float32(0.5)) & 0xFF
             qh = pack_pair(row, o + 8, qh, j, q0, q1)
         write_qh(row, o + 4, qh)
+
+
+# --- the product with Q8_1 activations (ggml's AVX2 vec_dot_q5_1_q8_1) ---------------------
+
+def _dot_body(builder, blk, y, scales, state):
+    qy = _load(builder, y, _vec(_i8, 32), 0)
+    yd, ys = scales
+    acc, mins = state
+    # ggml: qx = nibbles | (fifth bit & 0x10): the value 0..31 as an unsigned byte
+    bits = builder.bitcast(_load(builder, blk, _i32, 4), _vec(_i1, 32))
+    high = builder.select(bits, ir.Constant(_vec(_i8, 32), [0x10] * 32), ir.Constant(_vec(_i8, 32), [0] * 32))
+    qx = builder.or_(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 8)), high)
+    acc = _lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), yd), _lanes_unsigned(builder, qx, qy), acc)
+    mins = _fma(builder, _half(builder, blk, 2), ys, mins)  # summs += m * s
+    return [acc, mins]
+
+
+def _dot_finish(builder, state):
+    return builder.fadd(_hsum8(builder, state[0]), state[1])
+
+
+dot, rows = row_kernels(BLOCK_BYTES, 2, [_ZERO8, _ZERO], _dot_body, _dot_finish)
+
+
+@njit(cache=True, parallel=True)
+def matvec(w, ctx, xq, xd, xs, xhat, out):
+    """w = d*q + m, as ggml's AVX2 vec_dot_q5_1_q8_1: per block 8 integer lanes (values
+    4l..4l+3 of the 5-bit quants), each accumulated over blocks as fma(d*dx, lane, acc_l); the
+    min terms fma'd into one scalar (m * the Q8_1 block sum); result = hsum_float_8(acc) + mins."""
+    for r in prange(w.shape[0]):
+        out[r] = dot(w, r, xq, xd, xs, ctx.isa)
+
+
+@njit(cache=True, parallel=True)
+def matmat(w, ctx, xq, xd, xs, xhat, out):
+    """A batch: each (row, token) matvec's float; rows over threads."""
+    for r in prange(w.shape[0]):
+        rows(w, r, xq, xd, xs, out, ctx.isa)
