@@ -27,7 +27,7 @@ from textual.message import Message as TextualMessage
 from textual.screen import Screen
 from textual.widgets import Static
 
-from llamachat.model_store.library import DEFAULT_RESUME_BUDGET_MIB
+from llamachat.model_store.library import DEFAULT_RESUME_BUDGET_MIB, quality_text
 from llamachat.runtime.errors import UserError
 
 from . import conversation as conv_mod
@@ -385,16 +385,18 @@ class ChatApp(App):
     @_while_screen_exists
     def refresh_models(self) -> None:
         options: list[tuple[str, str]] = []
+        quality: dict[str, str] = {}
         try:
             lib = self.load_library()
             for entry in lib.models.values():
                 label = entry.name + ("  (missing)" if entry.missing else "") + ("  ★" if entry.name == lib.default_name else "")
                 options.append((label, entry.name))
+                quality[entry.name] = quality_text(entry.quality)
         except UserError as err:
             self.notify(str(err), severity="error", title="Model library")
         if self.entry is not None and not any(v == self.entry.name for _, v in options):
             options.append((self.entry.name + "  (file)", self.entry.name))
-        self.chat_screen.sidebar.show_models(options, self.entry.name if self.entry else None)
+        self.chat_screen.sidebar.show_models(options, self.entry.name if self.entry else None, quality)
 
     def library_changed(self) -> None:
         """The library screen changed models.toml: refresh the picker and, if the model in use
