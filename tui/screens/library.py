@@ -145,7 +145,7 @@ class LibraryScreen(Screen[str | None]):
         self.query_one("#form-title", Label).update(f"Defaults of {name}" if entry else "No model selected")
         details = quality_details(entry.quality) if entry is not None else ""
         quality = self.query_one("#lib-quality", Static)
-        quality.update(f"quality against the source: {details}" if details else "")
+        quality.update(f"quality: {details}" if details else "")
         quality.display = bool(details)
         for key in FORM_KEYS:
             field = self.query_one(f"#lib-{key}", Input)
