@@ -241,7 +241,11 @@ class ChatApp(App):
             rp = ", ".join(repr(r) for r in conv.reverse_prompts) or "none"
             text = f"mode: interactive ({conv.preamble_name or 'no prompt'}; reverse prompt {rp})"
         try:
-            self.chat_screen.query_one("#mode-info").update(text)
+            info = self.chat_screen.query_one("#mode-info")
+            info.update(text)
+            # measured again once the screen has settled: set while the sidebar was gaining its
+            # scrollbar, the line kept the one-line height it had empty and lost its wrapped end
+            self.call_after_refresh(info.refresh, layout=True)
             area = self.chat_screen.query_one("#system-prompt")
             area.disabled = conv.mode != CHAT
         except NoMatches:  # the chat screen is not composed yet or already gone
