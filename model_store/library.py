@@ -382,6 +382,24 @@ def _read_quality(raw, where: str, warnings: list) -> dict:
     return {k: (float(v) if QUALITY_KEYS[k] is float else v) for k, v in raw.items()}
 
 
+def quality_text(quality: dict) -> str:
+    """The import report's figures in a few characters, `KL 0.0123 top 96.1%` (the CLI's
+    `models list`, the library screen's table, the model picker); "" without figures."""
+    if "kl" not in quality or "top_agree" not in quality:
+        return ""
+    return f"KL {quality['kl']:.4f} top {100 * quality['top_agree']:.1f}%"
+
+
+def quality_details(quality: dict) -> str:
+    """All the figures in one line (`models show`, the library screen's form); "" without."""
+    short = quality_text(quality)
+    if not short:
+        return ""
+    nan = float("nan")
+    return (f"{short}; perplexity {quality.get('ppl', nan):.4f} ({quality.get('source', 'F16')} source "
+            f"{quality.get('source_ppl', nan):.4f}) on {quality.get('tokens', '?')} tokens")
+
+
 def check_remote_fields(where: str, base_url, model=None, api_key_env=None, backend="openai") -> None:
     """The rules of a remote entry's fields; ValueError with the sentence."""
     if backend not in REMOTE_BACKENDS:

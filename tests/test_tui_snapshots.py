@@ -40,7 +40,9 @@ def steady(app):
 @pytest.fixture
 def library(tmp_path):
     lib = Library.load()
-    lib.add(tiny_gguf(tmp_path / "alpha.gguf"), name="alpha", description="a test model", settings={"temp": 0.3, "top_k": 12})
+    # alpha with the figures `import --report` stores (the table, the form and the picker show them), beta without
+    lib.add(tiny_gguf(tmp_path / "alpha.gguf"), name="alpha", description="a test model", settings={"temp": 0.3, "top_k": 12},
+            quality={"ppl": 18.2345, "source_ppl": 17.9012, "kl": 0.012345, "top_agree": 0.9612, "tokens": 2048, "source": "F16"})
     lib.add(tiny_gguf(tmp_path / "beta.gguf"), name="beta", settings={"n_ctx": 256})
     return lib
 

@@ -27,7 +27,7 @@ from textual.message import Message as TextualMessage
 from textual.screen import Screen
 from textual.widgets import Static
 
-from llamachat.model_store.library import DEFAULT_RESUME_BUDGET_MIB
+from llamachat.model_store.library import DEFAULT_RESUME_BUDGET_MIB, quality_text
 from llamachat.runtime.errors import UserError
 
 from . import conversation as conv_mod
@@ -241,7 +241,11 @@ class ChatApp(App):
             rp = ", ".join(repr(r) for r in conv.reverse_prompts) or "none"
             text = f"mode: interactive ({conv.preamble_name or 'no prompt'}; reverse prompt {rp})"
         try:
-            self.chat_screen.query_one("#mode-info").update(text)
+            info = self.chat_screen.query_one("#mode-info")
+            info.update(text)
+            # measured again once the screen has settled: set while the sidebar was gaining its
+            # scrollbar, the line kept the one-line height it had empty and lost its wrapped end
+            self.call_after_refresh(info.refresh, layout=True)
             area = self.chat_screen.query_one("#system-prompt")
             area.disabled = conv.mode != CHAT
         except NoMatches:  # the chat screen is not composed yet or already gone
@@ -385,16 +389,18 @@ class ChatApp(App):
     @_while_screen_exists
     def refresh_models(self) -> None:
         options: list[tuple[str, str]] = []
+        quality: dict[str, str] = {}
         try:
             lib = self.load_library()
             for entry in lib.models.values():
                 label = entry.name + ("  (missing)" if entry.missing else "") + ("  ★" if entry.name == lib.default_name else "")
                 options.append((label, entry.name))
+                quality[entry.name] = quality_text(entry.quality)
         except UserError as err:
             self.notify(str(err), severity="error", title="Model library")
         if self.entry is not None and not any(v == self.entry.name for _, v in options):
             options.append((self.entry.name + "  (file)", self.entry.name))
-        self.chat_screen.sidebar.show_models(options, self.entry.name if self.entry else None)
+        self.chat_screen.sidebar.show_models(options, self.entry.name if self.entry else None, quality)
 
     def library_changed(self) -> None:
         """The library screen changed models.toml: refresh the picker and, if the model in use

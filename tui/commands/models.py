@@ -147,17 +147,10 @@ def _settings_from(assignments) -> dict:
 
 # ---- actions ----------------------------------------------------------------------------------
 
-def quality_text(quality: dict) -> str:
-    """The import report's figures in a few characters: `KL 0.0123 top 96.1%`."""
-    if "kl" not in quality or "top_agree" not in quality:
-        return ""
-    return f"KL {quality['kl']:.4f} top {100 * quality['top_agree']:.1f}%"
-
-
 def do_list(lib, args) -> int:
     from rich.table import Table
 
-    from llamachat.model_store.library import file_summary
+    from llamachat.model_store.library import file_summary, quality_text
 
     if not lib.models:
         _say(f"The library is empty ({lib.file}). `llamachat pull` fetches the default model; `llamachat models add FILE.gguf` adds one.")
@@ -192,7 +185,7 @@ def do_list(lib, args) -> int:
 def do_show(lib, args) -> int:
     from rich.table import Table
 
-    from llamachat.model_store.library import file_summary
+    from llamachat.model_store.library import file_summary, quality_details
     from llamachat.runtime.params import SETTINGS
 
     entry = lib.get(args.name)
@@ -209,10 +202,8 @@ def do_show(lib, args) -> int:
         ("path", str(entry.path) + ("  (missing)" if entry.missing else "")),
         ("description", entry.description),
     ]
-    if entry.quality:
-        q = entry.quality
-        rows.append(("quality", f"{quality_text(q)}; perplexity {q.get('ppl', float('nan')):.4f} "
-                                f"({q.get('source', 'F16')} source {q.get('source_ppl', float('nan')):.4f}) on {q.get('tokens', '?')} tokens"))
+    if quality_details(entry.quality):
+        rows.append(("quality", quality_details(entry.quality)))
     if summary is None:
         pass
     elif summary.error and not entry.missing:

@@ -1,8 +1,9 @@
 """The model library in the app (Ctrl+L): the same models.toml `llamachat models` edits.
 
-A table of models (default marked, missing files marked) and, for the selected model, a form
-of its defaults: each field is checked with runtime.params' rules, an empty field means
-"llama.cpp's default" (the key is removed). Add a model from a file path, remove one, set the
+A table of models (default marked, missing files marked, the quality figures measured at import)
+and, for the selected model, its figures in full (read-only) and a form of its defaults: each
+field is checked with runtime.params' rules, an empty field means "llama.cpp's default" (the key
+is removed). Add a model from a file path, remove one, set the
 default, and import a model (Ctrl+O: the import dialog, a GGUF file, a Hugging Face or Meta
 folder, optionally quantized). Every change goes through model_store.library (validated, written atomically); its
 error sentences are shown as they are.
@@ -21,6 +22,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Input, Label, Static
 
+from llamachat.model_store.library import quality_details, quality_text
 from llamachat.runtime.errors import UserError
 from llamachat.runtime.params import SETTINGS, check_setting
 
@@ -83,6 +85,7 @@ class LibraryScreen(Screen[str | None]):
                     yield Button("Import…", id="import", compact=True)
             with VerticalScroll(id="library-form"):
                 yield Label("", id="form-title", classes="sidebar-title")
+                yield Static("", id="lib-quality")  # read-only: measured at import (--report)
                 for key in FORM_KEYS:
                     with Horizontal(classes="setting-row"):
                         yield Label(key, classes="setting-label")
@@ -103,7 +106,7 @@ class LibraryScreen(Screen[str | None]):
     def on_mount(self) -> None:
         self.set_class(self.app.size.width < 100, "-narrow")  # a pushed screen gets no first Resize
         table = self.query_one(DataTable)
-        table.add_columns("", "name", "file", "defaults")
+        table.add_columns("", "name", "file", "quality", "defaults")
         self.reload()
         table.focus()
 
@@ -129,7 +132,7 @@ class LibraryScreen(Screen[str | None]):
             file = (entry.base_url if entry.remote else
                     "MISSING " + str(entry.path) if entry.missing else entry.path.name)
             defaults = ", ".join(f"{k}={format_value(v)}" for k, v in entry.settings.items())
-            table.add_row(mark, entry.name, file, defaults or "-", key=entry.name)
+            table.add_row(mark, entry.name, file, quality_text(entry.quality) or "-", defaults or "-", key=entry.name)
         names = list(lib.models)
         target = select if select in names else self.selected if self.selected in names else (names[0] if names else None)
         if target is not None:
@@ -140,6 +143,10 @@ class LibraryScreen(Screen[str | None]):
         self.selected = name
         entry = self.library.models.get(name) if (self.library and name) else None
         self.query_one("#form-title", Label).update(f"Defaults of {name}" if entry else "No model selected")
+        details = quality_details(entry.quality) if entry is not None else ""
+        quality = self.query_one("#lib-quality", Static)
+        quality.update(f"quality: {details}" if details else "")
+        quality.display = bool(details)
         for key in FORM_KEYS:
             field = self.query_one(f"#lib-{key}", Input)
             if entry is None:

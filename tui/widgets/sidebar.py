@@ -1,5 +1,5 @@
-"""The parameter sidebar: model picker (with load progress), the sampling settings, the system
-prompt, what happens when a chat outgrows n_ctx (context_policy). Every field is checked with runtime.params' rules as it is typed; an invalid value shows
+"""The parameter sidebar: model picker (with load progress, and the chosen model's quality
+figures from import when it has them), the sampling settings, the system prompt, what happens when a chat outgrows n_ctx (context_policy). Every field is checked with runtime.params' rules as it is typed; an invalid value shows
 the sentence under the field and is not applied. Valid changes are posted as `SettingChanged`
 and apply to the next reply (n_ctx re-creates the context: on Enter, or at the next reply).
 """
@@ -28,6 +28,7 @@ def format_value(value) -> str:
 
 class Sidebar(VerticalScroll):
     _policy = SETTINGS["context_policy"].default  # the context policy the picker shows
+    _quality: dict = {}  # model name -> its quality figures in short ("" or absent: none)
     class SettingChanged(Message):
         def __init__(self, name: str, value, submitted: bool = False):
             super().__init__()
@@ -50,6 +51,7 @@ class Sidebar(VerticalScroll):
     def compose(self) -> ComposeResult:
         yield Label("Model", classes="sidebar-title")
         yield Select([], id="model-select", prompt="(no model)", allow_blank=True, compact=True)
+        yield Static("", id="model-quality")
         yield ProgressBar(total=100, show_eta=False, id="load-progress")
         yield Static("", id="mode-info")
         yield Label("Sampling", classes="sidebar-title")
@@ -86,9 +88,11 @@ class Sidebar(VerticalScroll):
         if area.text != settings.get("system_prompt", ""):
             area.text = settings.get("system_prompt", "")
 
-    def show_models(self, options: list[tuple[str, str]], current: str | None) -> None:
+    def show_models(self, options: list[tuple[str, str]], current: str | None, quality: dict | None = None) -> None:
         """Show the models and which one is in use. Not a user's choice, so no ModelChosen:
-        re-filling the list passes through the blank entry, which would unload the model."""
+        re-filling the list passes through the blank entry, which would unload the model.
+        `quality`: model name -> its figures in short (model_store.library.quality_text)."""
+        self._quality = dict(quality or {})
         select = self.query_one("#model-select", Select)
         with select.prevent(Select.Changed):
             select.set_options(options)
@@ -96,6 +100,13 @@ class Sidebar(VerticalScroll):
                 select.value = current
             else:
                 select.clear()
+        self._show_quality(select.value)
+
+    def _show_quality(self, name) -> None:
+        text = self._quality.get(name, "") if isinstance(name, str) else ""
+        line = self.query_one("#model-quality", Static)
+        line.update(f"quality: {text}" if text else "")
+        line.display = bool(text)
 
     def show_progress(self, fraction: float | None) -> None:
         bar = self.query_one("#load-progress", ProgressBar)
@@ -144,6 +155,7 @@ class Sidebar(VerticalScroll):
                 self.post_message(self.SettingChanged("context_policy", self._policy))
             return
         # the blank entry (Select.NULL) is "(no model)"
+        self._show_quality(event.value)
         self.post_message(self.ModelChosen(str(event.value) if isinstance(event.value, str) else None))
 
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
