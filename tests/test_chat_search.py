@@ -15,6 +15,7 @@ import pytest
 from llamachat.runtime.errors import UserError
 from llamachat.tui import chat_store
 from llamachat.tui.chat_store import MATCH_END, MATCH_START, ChatStore, default_path
+from llamachat.tui.resume import ResumeStates, folder_beside
 from llamachat.tui.cli import main
 from llamachat.tui.conversation import Conversation, Message
 
@@ -260,8 +261,12 @@ def test_cli_delete_asks_on_a_terminal_and_needs_yes_otherwise(saved, capsys, mo
         code, _, _ = run_cli(capsys, "delete", str(saved["moon"]))
         assert code == (0 if answer == "y" else 1) and len(ChatStore().list()) == left
     assert "“How far is the Moon?” (2 messages, smollm2" in questions[0]
+    states = ResumeStates(folder_beside(ChatStore().path))
+    states.folder.mkdir(parents=True, exist_ok=True)
+    states.path_for(saved["birds"]).write_bytes(b"a saved context")
     code, _, _ = run_cli(capsys, "delete", str(saved["birds"]), "--yes")
     assert code == 0 and ChatStore().list() == []
+    assert not states.path_for(saved["birds"]).exists()  # its saved context went with it
 
 
 def test_cli_without_a_database_creates_none(capsys):

@@ -961,7 +961,7 @@ class ChatApp(App):
 
     def _setup_resume(self) -> None:
         """Saved contexts live beside the chat database, within models.toml's budget."""
-        from .resume import ResumeStates
+        from .resume import ResumeStates, folder_beside
 
         if self.store is None:
             return
@@ -969,7 +969,7 @@ class ChatApp(App):
             mib = int(getattr(self.load_library(), "resume_budget_mib", DEFAULT_RESUME_BUDGET_MIB))
         except UserError:
             mib = DEFAULT_RESUME_BUDGET_MIB
-        self.engine.resume = ResumeStates(self.store.path.parent / "kv-states", mib << 20)
+        self.engine.resume = ResumeStates(folder_beside(self.store.path), mib << 20)
         self._show_resume_usage()
 
     @_while_screen_exists

@@ -22,6 +22,11 @@ SUFFIX = ".kvstate"
 STALE_TEMP_SECONDS = 600  # a temp file this old is a crashed write's, not one in progress
 
 
+def folder_beside(chat_db: Path | str) -> Path:
+    """Where the saved states of the chats in the database `chat_db` live."""
+    return Path(chat_db).parent / "kv-states"
+
+
 class ResumeStates:
     """The folder of saved chat states and its budget (bytes)."""
 

@@ -117,6 +117,9 @@ def _delete(store, chat_id: int, yes: bool) -> int:
             print("Not deleted.", file=sys.stderr)
             return 1
     store.delete(chat_id)
+    from ..resume import ResumeStates, folder_beside
+
+    ResumeStates(folder_beside(store.path)).remove(chat_id)  # its saved context goes with it, as in the app
     print(f"Deleted {_describe(chat)}.", file=sys.stderr)
     return 0
 
