@@ -49,7 +49,7 @@ def test_importing_the_runtime_changes_no_environment_and_no_umask():
         "assert os.umask(0o022) == 0o027\n"
         "from llamachat.runtime import apply_thread_env\n"
         "apply_thread_env()\n"
-        "assert os.environ['GOMP_SPINCOUNT'] == '1000' and os.environ['OPENBLAS_THREAD_TIMEOUT'] == '12'\n"
+        "assert os.environ['GOMP_SPINCOUNT'] == '200000' and os.environ['OPENBLAS_THREAD_TIMEOUT'] == '12'\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
