@@ -123,17 +123,11 @@ class ChatSummary:
 
 
 @dataclass
-class SearchHit:
+class SearchHit(ChatSummary):
     """A chat that matches a search: its best-matching message (seq = its place in the chat,
     None when only the title matched) with a one-line snippet of it around the match; the
     matched words in the title and the snippet are marked with MATCH_START/MATCH_END."""
 
-    id: int
-    title: str
-    model: str
-    mode: str
-    updated_at: float
-    n_messages: int
     seq: int | None
     role: str
     snippet: str
