@@ -14,6 +14,7 @@ import pytest
 from llamachat.runtime import Llama, LlamaState, kv_state
 from llamachat.runtime.errors import UserError
 from llamachat.runtime.kv_state import StateError, StateMismatch
+from faults import writes_fail_halfway
 
 pytestmark = [pytest.mark.real_model]
 
@@ -165,7 +166,7 @@ def test_damaged_or_foreign_files_are_refused(llm, tmp_path):
     assert llm.load_state_file(good) == llm.n_tokens
 
 
-def test_a_crash_mid_write_leaves_the_old_file(llm, tmp_path, monkeypatch):
+def test_a_crash_mid_write_leaves_the_old_file(llm, tmp_path):
     path = tmp_path / "chat.kvstate"
     llm.reset()
     llm.eval(llm.tokenize(b"First version", add_bos=True))
@@ -173,28 +174,8 @@ def test_a_crash_mid_write_leaves_the_old_file(llm, tmp_path, monkeypatch):
     before = path.read_bytes()
 
     llm.eval(llm.tokenize(b" and more text after it", add_bos=False))
-    real_write = os.fdopen
-
-    class Dies:
-        """A file object that dies after writing half of what it is given (a crash mid-write)."""
-
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[:len(data) // 2])
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(kv_state.os, "fdopen", lambda fd, mode: Dies(real_write(fd, mode)))
-    with pytest.raises(KeyboardInterrupt):
+    with writes_fail_halfway(KeyboardInterrupt()), pytest.raises(KeyboardInterrupt):
         llm.save_state_file(path)
-    monkeypatch.undo()
     assert path.read_bytes() == before  # the old state, whole
     assert [p.name for p in tmp_path.iterdir()] == ["chat.kvstate"]  # no temp file left behind
     assert kv_state.read_file(path).n_tokens == len(llm.tokenize(b"First version", add_bos=True))

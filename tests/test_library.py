@@ -15,6 +15,7 @@ from llamachat.model_store import paths
 from llamachat.model_store.library import FORMAT_VERSION, Library, file_summary, name_from_path
 from llamachat.runtime.errors import ConfigError, GGUFError, UserError
 from llamachat.runtime.gguf_writer import write_gguf
+from faults import writes_fail_halfway
 
 
 def make_gguf(path: Path, context: int = 128, file_type: int | None = 7) -> Path:
@@ -284,31 +285,11 @@ def test_failed_write_leaves_the_old_file_intact(gguf_a, gguf_b, monkeypatch):
     assert [p.name for p in file.parent.iterdir() if p.name.endswith(".tmp")] == []  # temp file cleaned
 
 
-def test_crash_in_the_middle_of_writing_leaves_the_old_file(gguf_a, gguf_b, monkeypatch):
+def test_crash_in_the_middle_of_writing_leaves_the_old_file(gguf_a, gguf_b):
     file = hand_written(gguf_a, gguf_b)
     before = file.read_text()
-    real_fdopen = os.fdopen
-
-    class HalfWriter:
-        """Writes half of the data to the temp file, then fails as a full disk would."""
-
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(library_module.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
-    with pytest.raises(UserError, match="Input/output error"):
+    with writes_fail_halfway(OSError(5, "Input/output error")), pytest.raises(UserError, match="Input/output error"):
         Library.load().set_default("beta")
-    monkeypatch.setattr(os, "fdopen", real_fdopen)  # (not undo(): that would drop LLAMACHAT_HOME too)
     assert file.read_text() == before
     assert Library.load().default_name == "alpha"
     assert [p for p in file.parent.iterdir() if p.name.endswith(".tmp")] == []
