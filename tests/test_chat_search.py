@@ -309,7 +309,7 @@ def long_chat(n_turns: int, needle_at: int) -> Conversation:
 
 
 async def test_screen_filters_highlights_and_opens_at_the_match(tmp_path):
-    from first_run_support import SIZE, make_app, make_library, ready, views, wait_for
+    from tui_support import SIZE, make_app, make_library, ready, views, wait_for
     from textual.widgets import DataTable, Input, Label
 
     from llamachat.tui.screens.chats import ChatsScreen
@@ -353,7 +353,7 @@ async def test_screen_filters_highlights_and_opens_at_the_match(tmp_path):
 
 
 async def test_screen_opens_without_a_search_at_the_end(tmp_path):
-    from first_run_support import SIZE, make_app, make_library, ready, views, wait_for
+    from tui_support import SIZE, make_app, make_library, ready, views, wait_for
     from textual.widgets import DataTable
 
     from llamachat.tui.screens.chats import ChatsScreen
@@ -378,7 +378,7 @@ async def test_screen_opens_without_a_search_at_the_end(tmp_path):
 async def test_screen_opens_a_short_chat_at_the_match_in_sight(tmp_path):
     """A chat shorter than the pane, opened at its second message from an empty pane, shows
     whole (scrolling it would leave it out of sight: its offset was set before it was drawn)."""
-    from first_run_support import SIZE, make_app, make_library, ready, views, wait_for
+    from tui_support import SIZE, make_app, make_library, ready, views, wait_for
 
     from llamachat.tui.screens.chats import ChatsScreen
 

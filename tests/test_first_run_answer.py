@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from first_run_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, views
+from tui_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, views
 
 from llamachat.model_store.catalog import SMOLLM2, SYSTEM_PROMPT
 from llamachat.model_store.library import Library

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from first_run_support import FakeScript, SIZE, make_app, make_library, notifications, ready, reply_done, send, wait_for
+from tui_support import FakeScript, SIZE, make_app, make_library, notifications, ready, reply_done, send, wait_for
 
 from llamachat.tui.chat_store import ChatStore, ExportExists, export_markdown
 from llamachat.tui.conversation import Conversation, Message

@@ -42,7 +42,7 @@ def test_one_shot_says_when_the_context_is_full(fake, capsys):  # noqa: F811
 
 def _headless(tmp_path, stdout, stderr, lines="Capital of France?\nCapital of Germany?\n"):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from first_run_support import make_library
+    from tui_support import make_library
     from tui_fake_engine import FakeScript
 
     make_library(tmp_path)
@@ -72,7 +72,7 @@ def test_chat_on_a_terminal_still_shows_its_prompts(tmp_path):
 
 
 def test_inspect_accepts_a_library_name(tmp_path, capsys):
-    from first_run_support import make_library
+    from tui_support import make_library
     from llamachat.tui.cli import main
 
     make_library(tmp_path)

@@ -7,7 +7,7 @@ import io
 import threading
 import time
 
-from first_run_support import FakeScript, SIZE, make_app, make_library, notifications, ready, wait_for
+from tui_support import FakeScript, SIZE, make_app, make_library, notifications, ready, wait_for
 
 from llamachat.tui import compile_progress
 from llamachat.tui.compile_progress import CompileWatch, StderrProgress

@@ -4,7 +4,7 @@ back to the message box, F1 and `?` open help."""
 
 from __future__ import annotations
 
-from first_run_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, wait_for
+from tui_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, wait_for
 
 from llamachat.tui.chat_store import ChatStore
 

@@ -3,7 +3,7 @@ Ctrl+B shows it), the message box's placeholder fits, the help and the library f
 
 from __future__ import annotations
 
-from first_run_support import make_app, make_library, ready, wait_for
+from tui_support import make_app, make_library, ready, wait_for
 
 from llamachat.tui.screens.help import HelpScreen
 from llamachat.tui.screens.library import LibraryScreen

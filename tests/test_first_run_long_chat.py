@@ -4,7 +4,7 @@ chat goes on instead of being refused."""
 
 from __future__ import annotations
 
-from first_run_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, templated_factory, wait_for
+from tui_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, templated_factory, wait_for
 
 from llamachat.tui.conversation import Conversation, Message
 
@@ -68,7 +68,7 @@ def test_context_policy_is_a_library_field_checked_in_one_sentence(tmp_path, cap
 async def test_ask_policy_stops_and_asks_drop_cancel_or_new_chat(tmp_path):
     from textual.widgets import Select
 
-    from first_run_support import notifications
+    from tui_support import notifications
     from llamachat.model_store.library import Library
     from llamachat.tui.screens.context_full import ContextFullScreen
 

@@ -4,7 +4,7 @@ the app from opening."""
 
 from __future__ import annotations
 
-from first_run_support import SIZE, make_app, make_library, notifications, ready, wait_for
+from tui_support import SIZE, make_app, make_library, notifications, ready, wait_for
 
 from textual.widgets import Select
 
@@ -53,7 +53,7 @@ async def test_a_default_model_whose_file_is_gone_opens_the_library(tmp_path):
     from llamachat.tui.app import ChatApp, startup_model
     from llamachat.tui.cli import build_main_parser
 
-    from first_run_support import FakeScript
+    from tui_support import FakeScript
 
     lib = make_library(tmp_path)
     assert lib.default_name == "alpha"

@@ -28,7 +28,7 @@ def test_models_path_prints_a_cache_under_home(isolated_home, monkeypatch, capsy
 
 
 def test_model_file_says_where_a_library_model_lives(tmp_path):
-    from first_run_support import make_library
+    from tui_support import make_library
 
     lib = make_library(tmp_path)
     assert paths.model_file("alpha") == lib.models["alpha"].path

@@ -26,7 +26,7 @@ def test_overall_pull_progress_never_goes_back():
 
 
 async def test_first_run_bar_follows_the_overall_figure(tmp_path):
-    from first_run_support import SIZE, wait_for
+    from tui_support import SIZE, wait_for
     from textual.widgets import ProgressBar
 
     from llamachat.tui.app import ChatApp

@@ -4,7 +4,7 @@ several lines keeps its line breaks."""
 
 from __future__ import annotations
 
-from first_run_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, views, wait_for
+from tui_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, views, wait_for
 
 from textual.widgets import Markdown, Static
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from first_run_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, wait_for
+from tui_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, wait_for
 from tui_fake_engine import FakeLlama, _pieces
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_tui_app import wait_for  # noqa: E402
+from tui_support import wait_for  # noqa: E402
 from test_tui_real_model import LOAD, real_app  # noqa: E402
 
 from llamachat.model_store.library import Library  # noqa: E402

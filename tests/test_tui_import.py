@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_import_hf import sentencepiece_model  # noqa: E402
-from test_tui_app import SIZE, make_app, notifications, ready, wait_for  # noqa: E402
+from tui_support import SIZE, make_app, notifications, ready, wait_for  # noqa: E402
 from test_tui_snapshots import library  # noqa: E402,F401  (the alpha/beta library fixture)
 
 from textual.command import CommandInput, CommandList, CommandPalette  # noqa: E402

@@ -4,7 +4,7 @@ for a model without figures."""
 
 from __future__ import annotations
 
-from first_run_support import SIZE, make_app, make_library, ready, wait_for
+from tui_support import SIZE, make_app, make_library, ready, wait_for
 
 from textual.widgets import DataTable, Static
 

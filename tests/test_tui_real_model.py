@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_tui_app import wait_for  # noqa: E402
+from tui_support import wait_for  # noqa: E402
 
 from llamachat.runtime import generate as generate_module  # noqa: E402
 from llamachat.tui.app import ChatApp  # noqa: E402

@@ -1,9 +1,10 @@
-"""Shared helpers for the tests/test_first_run_*.py files: a tiny library, an app on the fake
-engine (tests/tui_fake_engine.py), and waits that poll a condition rather than sleep."""
+"""Shared helpers for the app's Pilot tests: a tiny library, an app on the fake engine
+(tests/tui_fake_engine.py), and waits that poll a condition rather than sleep."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 from pathlib import Path
 
@@ -42,12 +43,23 @@ def make_app(args_list=(), script=None, model="alpha", **kwargs):
     return app, script
 
 
-async def wait_for(pilot, condition, timeout=60.0):  # generous: the machine is shared
-    end = asyncio.get_running_loop().time() + timeout
+async def wait_for(pilot, condition, what: str | None = None, timeout: float = 60.0, showing=None):
+    """Let the app run until `condition()` holds, checking every 10 ms; after `timeout` seconds
+    (generous: a fake reply takes milliseconds, but the machine is shared and the longest reply
+    here, 2000 words of Markdown, took over 30 s to show with 2 cores under load) fail naming
+    the condition, and what `showing()` returns then."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
     while not condition():
-        if asyncio.get_running_loop().time() > end:
-            raise AssertionError("timed out waiting")
-        await pilot.pause(0.05)
+        if loop.time() > end:
+            if what is None:
+                try:
+                    what = inspect.getsource(condition).strip()
+                except (OSError, TypeError):
+                    what = repr(condition)
+            now = f"; instead: {showing()!r}" if showing is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for: {what}{now}")
+        await pilot.pause(0.01)
 
 
 async def ready(pilot, app):
