@@ -690,6 +690,18 @@ class Llama:
 
     # -- completions -------------------------------------------------------------------------------
 
+    def _check_logprobs(self, name: str, n_top, stream: bool) -> None:
+        """Refuse a request for the `n_top` most likely tokens per position (None: not asked) that
+        this Llama cannot give, as llama-cpp-python refuses it."""
+        if n_top is None:
+            return
+        if not self._logits_all:
+            raise UserError("logprobs is not supported for models created with logits_all=False")
+        if isinstance(n_top, bool) or not isinstance(n_top, int) or n_top < 0:
+            raise UserError(f"{name} must be a number of top tokens (0 or more), not {n_top!r}")
+        if stream:
+            raise UserError("llamachat gives logprobs only without stream=True")
+
     def create_completion(self, prompt: str | Sequence[int], suffix: str | None = None, max_tokens: int | None = 16,
                           temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
                           logprobs: int | None = None, echo: bool = False, stop: str | Sequence[str] | None = None,
@@ -703,13 +715,7 @@ class Llama:
         self._warn_unimplemented("create_completion", UNIMPLEMENTED_COMPLETION, dict(
             suffix=suffix, tfs_z=tfs_z, stopping_criteria=stopping_criteria,
             logits_processor=logits_processor, grammar=grammar))
-        if logprobs is not None:
-            if not self._logits_all:  # llama-cpp-python's refusal
-                raise UserError("logprobs is not supported for models created with logits_all=False")
-            if isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0:
-                raise UserError(f"logprobs must be a number of top tokens (0 or more), not {logprobs!r}")
-            if stream:
-                raise UserError("llamachat gives logprobs only without stream=True")
+        self._check_logprobs("logprobs", logprobs, stream)
         params = sampling_params(temperature, top_p, top_k, min_p, typical_p, repeat_penalty, repeat_last_n,
                                  presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
                                  self._seed_for(seed), logit_bias, ignore_eos)
@@ -823,13 +829,7 @@ class Llama:
             functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
             response_format=response_format, tfs_z=tfs_z, logits_processor=logits_processor, grammar=grammar))
         n_top = top_logprobs if logprobs else None  # llama-cpp-python: logprobs=True alone gives none
-        if n_top is not None:
-            if not self._logits_all:
-                raise UserError("logprobs is not supported for models created with logits_all=False")
-            if isinstance(n_top, bool) or not isinstance(n_top, int) or n_top < 0:
-                raise UserError(f"top_logprobs must be a number of top tokens (0 or more), not {n_top!r}")
-            if stream:
-                raise UserError("llamachat gives logprobs only without stream=True")
+        self._check_logprobs("top_logprobs", n_top, stream)
         params = sampling_params(temperature, top_p, top_k, min_p, typical_p, repeat_penalty, repeat_last_n,
                                  presence_penalty, frequency_penalty, mirostat_mode, mirostat_tau, mirostat_eta,
                                  self._seed_for(seed), logit_bias, ignore_eos)
