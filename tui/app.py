@@ -287,35 +287,16 @@ class ChatApp(App):
         """The model's n_ctx; for a remote server that does not tell its own, the n_ctx setting."""
         return self.engine.n_ctx() or (self.settings["n_ctx"] if getattr(self.entry, "remote", False) else 0)
 
-    def _reply_room(self, policy: str) -> int:
-        """Tokens left free for the reply when a request is fitted: n_predict, or an eighth of the
-        context; with shift one token (the engine makes room as the reply grows)."""
-        n_ctx = self._context_size()
-        if policy == "shift":
-            return 1
-        n_predict = self.settings.get("n_predict") or -1
-        return n_predict if 0 < n_predict < n_ctx // 2 else n_ctx // 8
-
     def _overflow(self, policy: str) -> int | None:
-        """The tokens the next request needs with room for the reply, if that is more than the
-        context holds; None if it fits (or cannot be counted)."""
-        n_ctx = self._context_size()
-        used = self.engine.count_tokens(self.conv.request())
-        if used is None or not n_ctx or used + self._reply_room(policy) <= n_ctx:
-            return None
-        return used + self._reply_room(policy)
+        """The tokens the next request needs with room for the reply, if more than n_ctx."""
+        return conv_mod.context_overflow(self.conv, self.engine.count_tokens, self._context_size(), policy,
+                                         self.settings.get("n_predict"))
 
     def _fit_context(self, policy: str | None = None) -> bool:
-        """Leave the oldest turns out of the request until it fits in n_ctx with room for the
-        reply; the system prompt stays (drop-oldest, and shift when the chat alone outgrows the
-        context; "ask" asks first). True if the model's memory now starts later than before."""
-        policy = policy or self._context_policy()
-        if policy not in ("drop-oldest", "shift"):
-            return False
-        moved = False
-        while self._overflow(policy) is not None and self.conv.forget_oldest_turn():
-            moved = True
-        return moved
+        """Leave the oldest turns out of the request until it fits (conversation.fit_context);
+        True if the model's memory now starts later than before."""
+        return conv_mod.fit_context(self.conv, self.engine.count_tokens, self._context_size(),
+                                    policy or self._context_policy(), self.settings.get("n_predict"))
 
     def _refit_context(self) -> None:
         """The chat, the model, n_ctx or the policy changed: work out again where the model's
