@@ -251,29 +251,55 @@ class ChatApp(App):
         except NoMatches:  # the chat screen is not composed yet or already gone
             pass
 
-    def status_text(self) -> str:
+    def status_text(self, width: int | None = None) -> str:
+        """The status line; with `width`, the version that fits it: at 80 columns the whole line
+        does not, and what is cut must not be "Esc stops" or the context meter. The least
+        needed goes first: the mode, the quant, the policy, the long words, the rate."""
         name = self.entry.name if self.entry else "no model"
-        parts = [name]
+        loading = ctx = rate = quant = None
+        cut = bool(self.conv.memory_start)
         if self.loading:
             pct = f" {self.load_fraction * 100:.0f}%" if self.load_fraction is not None else ""
-            parts.append(f"loading{pct}" + (" · preparing the engine" if WATCH.status() else ""))
+            loading = f"loading{pct}"
         elif self.engine.loaded:
-            quant = quant_name(self.engine.metadata())
-            if quant:
-                parts.append(quant)
-            parts.append(self._rate_text())
-            # what a reply that fills the context does: stop, or shift it (the policy "shift");
-            # before a reply, the policies drop-oldest and ask act on the turns (a line marks the cut)
-            policy = "shift" if self._context_policy() == "shift" else "stop"
+            quant = quant_name(self.engine.metadata()) or None
+            rate = self._rate_text()
             used = self.ctx_used
             if self.generating and self._live is not None and not getattr(self.entry, "remote", False):
                 used = self.engine.n_tokens()  # live; before the first text the engine still holds the last reply
-            parts.append(f"ctx {'?' if used is None else used}/{self._context_size()} (full: {policy})"
-                         + (" · oldest turns dropped" if self.conv.memory_start else ""))
-        if self.generating:
-            parts.append("writing… Esc stops")
-        parts.append(self.conv.mode)
-        return " │ ".join(parts)
+            ctx = f"ctx {'?' if used is None else used}/{self._context_size()}"
+        # what a reply that fills the context does: stop, or shift it (the policy "shift");
+        # before a reply, the policies drop-oldest and ask act on the turns (a line marks the cut)
+        policy = "shift" if self._context_policy() == "shift" else "stop"
+        preparing = bool(self.loading and WATCH.status())
+
+        def line(mode=True, has_quant=True, full=True, long_words=True, has_rate=True) -> str:
+            parts = [name]
+            if loading:
+                parts.append(loading + (" · preparing the engine" if preparing and long_words else ""))
+            if quant and has_quant:
+                parts.append(quant)
+            if rate and has_rate:
+                parts.append(rate)
+            if ctx:
+                parts.append(ctx + (f" (full: {policy})" if full else "")
+                             + ((" · oldest turns dropped" if long_words else " · oldest dropped") if cut else ""))
+            if self.generating:
+                parts.append("writing… Esc stops" if long_words else "Esc stops")
+            if mode:
+                parts.append(self.conv.mode)
+            return " │ ".join(parts)
+
+        text = line()
+        if width is None:
+            return text
+        left_out: dict = {}
+        for step in ("mode", "has_quant", "full", "long_words", "has_rate"):
+            if len(text) <= width:
+                break
+            left_out[step] = False
+            text = line(**left_out)
+        return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
     def _context_policy(self) -> str:
         """What happens when the chat outgrows the context: the setting context_policy (sidebar,
@@ -341,7 +367,7 @@ class ChatApp(App):
 
     def update_status(self) -> None:
         try:
-            self.chat_screen.set_status(self.status_text())
+            self.chat_screen.set_status(self.status_text)
         except NoMatches:
             pass
 
