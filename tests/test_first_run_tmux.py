@@ -81,3 +81,25 @@ async def test_first_reply_rate_leaves_out_the_compile(tmp_path):
         engine_rate = 40 / (0.4 + COMPILE_SECONDS)
         shown = re.search(r"([0-9.]+|–) tok/s", app.status_text()).group(1)
         assert shown == "–" or float(shown) > 1.5 * engine_rate, app.status_text()
+
+
+async def test_paragraphs_of_a_reply_are_apart(tmp_path):
+    """A story's two paragraphs ran together on screen (no line between them), so the reply
+    read as one block; the last block has no margin, so a message ends at its text."""
+    from first_run_support import views
+    from textual.widgets import Markdown
+
+    make_library(tmp_path)
+    script = FakeScript(replies=["The dragon woke up.\n\nOne day it cooked a meal.\n\n- eggs\n- bread"])
+    app, _ = make_app(script=script)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "Tell me a story.")
+        await reply_done(pilot, app)
+        await pilot.pause(0.1)
+        blocks = list(views(app, "assistant")[-1].query_one(Markdown).children)
+        assert [type(b).__name__ for b in blocks] == ["MarkdownParagraph", "MarkdownParagraph", "MarkdownBulletList"]
+        for above, below in zip(blocks, blocks[1:]):
+            assert below.region.y == above.region.bottom + 1  # one empty line between blocks
+        message = views(app, "assistant")[-1]
+        assert message.region.bottom == blocks[-1].region.bottom + (message.region.bottom - message.content_region.bottom)
