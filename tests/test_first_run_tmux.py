@@ -103,3 +103,28 @@ async def test_paragraphs_of_a_reply_are_apart(tmp_path):
             assert below.region.y == above.region.bottom + 1  # one empty line between blocks
         message = views(app, "assistant")[-1]
         assert message.region.bottom == blocks[-1].region.bottom + (message.region.bottom - message.content_region.bottom)
+
+
+async def test_saved_chats_at_80_columns_show_title_date_and_size(tmp_path):
+    """At 80x24 the saved-chats dialog took 80% of the width and showed the title, the model and
+    two letters of the mode: when a chat was last used and how long it is were off the edge."""
+    from textual.widgets import DataTable
+
+    from llamachat.tui.screens.chats import ChatsScreen
+
+    make_library(tmp_path)
+    app, _ = make_app(script=FakeScript(replies=["Paris."]), store_path=tmp_path / "c.db")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "What is the capital of France, the country in western Europe?")
+        await reply_done(pilot, app)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen) and app.screen.query_one(DataTable).row_count == 1)
+        await pilot.pause(0.1)
+        table = app.screen.query_one(DataTable)
+        shown = table.content_region.width
+        needed = 0
+        for column in table.ordered_columns:
+            needed += column.get_render_width(table)
+            if str(column.label) in ("updated", "messages"):
+                assert needed <= shown, (str(column.label), needed, shown)
