@@ -185,14 +185,6 @@ def test_drop_oldest_policy_leaves_out_the_oldest_turns_and_says_so(model):
     assert info["load"][0]["context_shift"] is False
 
 
-def test_shift_policy_keeps_the_whole_chat_for_the_engine_to_shift(model):
-    code, out, err, info = run_policy([WORDS] * 2, ["-m", str(model), "-c", "96", "-n", "8", "--context-policy", "shift"],
-                                      "".join(f"q{i} w\n" for i in range(2)))
-    assert code == 0, err
-    assert info["load"][0]["context_shift"] is True
-    assert [m["content"] for m in info["calls"][-1]["messages"]][0] == "q0 w"  # small chat: nothing left out
-
-
 def test_ask_policy_with_piped_input_stops_with_one_sentence(model):
     code, out, err, info = run_policy([WORDS] * 4, ["-m", str(model), "-c", "96", "-n", "8", "--context-policy", "ask"],
                                       QUESTIONS)
