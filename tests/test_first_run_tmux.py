@@ -128,3 +128,24 @@ async def test_saved_chats_at_80_columns_show_title_date_and_size(tmp_path):
             needed += column.get_render_width(table)
             if str(column.label) in ("updated", "messages"):
                 assert needed <= shown, (str(column.label), needed, shown)
+
+
+async def test_footer_at_80_columns_shows_help_and_quit(tmp_path):
+    """At 80 columns the footer's last keys (f1 Help, ^q Quit) were drawn past the edge and
+    under the command palette's "^p palette"."""
+    from textual.widgets import Footer
+
+    make_library(tmp_path)
+    app, _ = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await pilot.pause(0.1)
+        footer = app.chat_screen.query_one(Footer)
+        keys = [k for k in footer.query("FooterKey") if k.display]
+        shown = {k.key_display: k.region for k in keys}
+        assert {"f1", "^q", "^o", "^b"} <= set(shown)
+        spans = sorted((r.x, r.right) for r in shown.values())
+        assert spans[-1][1] <= 80  # inside the screen
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))  # none over another
+        await pilot.resize_terminal(140, 45)
+        await wait_for(pilot, lambda: not footer.compact and footer.show_command_palette)

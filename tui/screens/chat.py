@@ -73,7 +73,7 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.set_class(self.app.size.width < self.NARROW, "-narrow")
+        self._fit_width(self.app.size.width)
         self.query_one("#messages", VerticalScroll).anchor()
         self.query_one("#prompt", ChatInput).focus()
         self.post_message(self.Ready())
@@ -154,7 +154,16 @@ class ChatScreen(Screen):
     NARROW = 100  # below this many columns the sidebar starts hidden (Ctrl+B shows it)
 
     def on_resize(self, event) -> None:
-        self.set_class(event.size.width < self.NARROW, "-narrow")
+        self._fit_width(event.size.width)
+
+    def _fit_width(self, width: int) -> None:
+        narrow = width < self.NARROW
+        self.set_class(narrow, "-narrow")
+        # at 80 columns the footer's keys ran under its "^p palette" (f1 Help and ^q Quit were
+        # hidden): narrow, they go closer together and the palette key (still Ctrl+P) is left out
+        footer = self.query_one(Footer)
+        footer.compact = narrow
+        footer.show_command_palette = not narrow
 
     def action_toggle_sidebar(self) -> None:
         # on a narrow screen the sidebar is hidden unless asked for, on a wide one shown unless not
