@@ -102,3 +102,39 @@ def test_bench_table_and_errors(tmp_path, capsys):
     assert "nothing to measure" in capsys.readouterr().err
     assert main(["bench", "-m", str(path), "-r", "0"]) == 2
     assert main(["bench", "-m", str(tmp_path / "nope.gguf")]) == 2
+
+
+def test_weight_bytes_per_token_reads_one_embedding_row(tmp_path):
+    """Every weight is read once a token, of the token embedding one row; a tied embedding is
+    also the output matrix and read whole."""
+    from llamachat.runtime.bench import weight_bytes_per_token
+
+    m = load_model(write_tiny(tmp_path / "tiny.gguf"), n_ctx=32, n_threads=1)
+    tensors = m.gguf.tensors
+    embd = tensors["token_embd.weight"]
+    whole = sum(t.nbytes for t in tensors.values())
+    expected = whole - embd.nbytes + embd.row_nbytes if "output.weight" in tensors else whole
+    assert weight_bytes_per_token(m.gguf) == expected
+
+    class Tied:
+        tensors = {k: v for k, v in m.gguf.tensors.items() if k != "output.weight"}
+
+    assert weight_bytes_per_token(Tied) == sum(t.nbytes for t in Tied.tensors.values())
+
+
+def test_bench_reports_bandwidth_and_the_share_of_the_bound(tmp_path, capsys, monkeypatch):
+    from llamachat.runtime import bench as bench_module
+
+    monkeypatch.setattr(bench_module, "BANDWIDTH_BYTES", 64 << 20)  # 64 MiB: the test stays short
+    path = write_tiny(tmp_path / "tiny.gguf")
+    assert main(["bench", "-m", str(path), "-p", "4", "-n", "4", "-r", "1", "-t", "1", "--json"]) == 0
+    pp, tg = json.loads(capsys.readouterr().out)
+    assert "bound_percent" not in pp
+    bw, per_token = tg["bandwidth_bytes_per_second"], tg["weight_bytes_per_token"]
+    # any machine reads memory faster than 100 MB/s and slower than 10 TB/s
+    assert 1e8 < bw < 1e13
+    # (printed to one decimal, from the unrounded rate)
+    assert tg["bound_percent"] == pytest.approx(100 * tg["tokens_per_second"] * per_token / bw, abs=0.051)
+    assert main(["bench", "-m", str(path), "-p", "0", "-n", "4", "-r", "1", "-t", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tg4: " in out and "GB/s (1 thread, measured now)" in out and "% reached" in out

@@ -149,3 +149,45 @@ def test_interactive_mode_keeps_the_reverse_prompt_that_stopped_it(model):
     assert info["calls"][0]["stop"] == ["Question:", "Observation:"]
     # the reply stopped at "Observation:", the second reverse prompt, and the transcript says so
     assert info["calls"][1]["prompt"].endswith("\nQuestion: What is 2+2?\nThought: I add.\nObservation: ok\n")
+
+
+POLICY_RUNNER = RUNNER.replace(
+    "real_run(args, llama_factory=script.factory)",
+    "real_run(args, llama_factory=__import__('first_run_support').templated_factory(script))")
+
+
+def run_policy(replies, args, stdin: str):
+    """As run(), with the fake engine's chat template, so the chat's tokens can be counted."""
+    proc = subprocess.run([sys.executable, "-c", POLICY_RUNNER, json.dumps(replies), *args], input=stdin,
+                          capture_output=True, text=True, timeout=120)
+    err, _, calls = proc.stderr.rpartition("CALLS=")
+    return proc.returncode, proc.stdout, err, json.loads(calls) if calls else {}
+
+
+# n_ctx 96 at one token a word: a question of 21 words and its answer cut at 8 (-n 8) make a turn
+# of about 31 tokens, so the fourth question (with room for 8 reply tokens) no longer fits
+# beside the first three turns
+WORDS = " ".join(f"w{i}" for i in range(20))
+QUESTIONS = "".join(f"q{i} {WORDS}\n" for i in range(4))
+
+
+def test_drop_oldest_policy_leaves_out_the_oldest_turns_and_says_so(model):
+    code, out, err, info = run_policy([WORDS] * 4, ["-m", str(model), "-c", "96", "-n", "8", "--system", "Be brief.",
+                                                    "--context-policy", "drop-oldest"], QUESTIONS)
+    assert code == 0, err
+    assert "Traceback" not in err and "more than the context size" not in err
+    assert len(info["calls"]) == 4  # every question answered
+    last = info["calls"][-1]["messages"]
+    assert last[0] == {"role": "system", "content": "Be brief."}
+    assert last[1]["content"].startswith("q") and not last[1]["content"].startswith("q0")
+    assert last[-1]["content"].startswith("q3")
+    assert "the chat outgrew the context (96 tokens)" in err and "memory now begins at 'q" in err
+    assert info["load"][0]["context_shift"] is False
+
+
+def test_ask_policy_with_piped_input_stops_with_one_sentence(model):
+    code, out, err, info = run_policy([WORDS] * 4, ["-m", str(model), "-c", "96", "-n", "8", "--context-policy", "ask"],
+                                      QUESTIONS)
+    assert code != 0 and "Traceback" not in err
+    assert len(info["calls"]) == 3  # the turns that fit were answered
+    assert "context_policy is ask, which needs a terminal to ask: give --context-policy drop-oldest" in err

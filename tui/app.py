@@ -124,6 +124,7 @@ class ChatApp(App):
         self.loading = False
         self.load_fraction: float | None = None
         self.last_tps: float | None = None
+        self._compiles_before_reply = 0
         self.loaded_settings: dict = {}  # the load-time settings of the model now in the engine
         self._pending_reply = False  # a reply to start once the load in progress ends
         self._live: tuple[float, int] | None = None  # (time, n_tokens) at the reply's first text
@@ -251,29 +252,55 @@ class ChatApp(App):
         except NoMatches:  # the chat screen is not composed yet or already gone
             pass
 
-    def status_text(self) -> str:
+    def status_text(self, width: int | None = None) -> str:
+        """The status line; with `width`, the version that fits it: at 80 columns the whole line
+        does not, and what is cut must not be "Esc stops" or the context meter. The least
+        needed goes first: the mode, the quant, the policy, the long words, the rate."""
         name = self.entry.name if self.entry else "no model"
-        parts = [name]
+        loading = ctx = rate = quant = None
+        cut = bool(self.conv.memory_start)
         if self.loading:
             pct = f" {self.load_fraction * 100:.0f}%" if self.load_fraction is not None else ""
-            parts.append(f"loading{pct}" + (" · preparing the engine" if WATCH.status() else ""))
+            loading = f"loading{pct}"
         elif self.engine.loaded:
-            quant = quant_name(self.engine.metadata())
-            if quant:
-                parts.append(quant)
-            parts.append(self._rate_text())
-            # what a reply that fills the context does: stop, or shift it (the policy "shift");
-            # before a reply, the policies drop-oldest and ask act on the turns (a line marks the cut)
-            policy = "shift" if self._context_policy() == "shift" else "stop"
+            quant = quant_name(self.engine.metadata()) or None
+            rate = self._rate_text()
             used = self.ctx_used
             if self.generating and self._live is not None and not getattr(self.entry, "remote", False):
                 used = self.engine.n_tokens()  # live; before the first text the engine still holds the last reply
-            parts.append(f"ctx {'?' if used is None else used}/{self._context_size()} (full: {policy})"
-                         + (" · oldest turns dropped" if self.conv.memory_start else ""))
-        if self.generating:
-            parts.append("writing… Esc stops")
-        parts.append(self.conv.mode)
-        return " │ ".join(parts)
+            ctx = f"ctx {'?' if used is None else used}/{self._context_size()}"
+        # what a reply that fills the context does: stop, or shift it (the policy "shift");
+        # before a reply, the policies drop-oldest and ask act on the turns (a line marks the cut)
+        policy = "shift" if self._context_policy() == "shift" else "stop"
+        preparing = bool(self.loading and WATCH.status())
+
+        def line(mode=True, has_quant=True, full=True, long_words=True, has_rate=True) -> str:
+            parts = [name]
+            if loading:
+                parts.append(loading + (" · preparing the engine" if preparing and long_words else ""))
+            if quant and has_quant:
+                parts.append(quant)
+            if rate and has_rate:
+                parts.append(rate)
+            if ctx:
+                parts.append(ctx + (f" (full: {policy})" if full else "")
+                             + ((" · oldest turns dropped" if long_words else " · oldest dropped") if cut else ""))
+            if self.generating:
+                parts.append("writing… Esc stops" if long_words else "Esc stops")
+            if mode:
+                parts.append(self.conv.mode)
+            return " │ ".join(parts)
+
+        text = line()
+        if width is None:
+            return text
+        left_out: dict = {}
+        for step in ("mode", "has_quant", "full", "long_words", "has_rate"):
+            if len(text) <= width:
+                break
+            left_out[step] = False
+            text = line(**left_out)
+        return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
     def _context_policy(self) -> str:
         """What happens when the chat outgrows the context: the setting context_policy (sidebar,
@@ -287,35 +314,16 @@ class ChatApp(App):
         """The model's n_ctx; for a remote server that does not tell its own, the n_ctx setting."""
         return self.engine.n_ctx() or (self.settings["n_ctx"] if getattr(self.entry, "remote", False) else 0)
 
-    def _reply_room(self, policy: str) -> int:
-        """Tokens left free for the reply when a request is fitted: n_predict, or an eighth of the
-        context; with shift one token (the engine makes room as the reply grows)."""
-        n_ctx = self._context_size()
-        if policy == "shift":
-            return 1
-        n_predict = self.settings.get("n_predict") or -1
-        return n_predict if 0 < n_predict < n_ctx // 2 else n_ctx // 8
-
     def _overflow(self, policy: str) -> int | None:
-        """The tokens the next request needs with room for the reply, if that is more than the
-        context holds; None if it fits (or cannot be counted)."""
-        n_ctx = self._context_size()
-        used = self.engine.count_tokens(self.conv.request())
-        if used is None or not n_ctx or used + self._reply_room(policy) <= n_ctx:
-            return None
-        return used + self._reply_room(policy)
+        """The tokens the next request needs with room for the reply, if more than n_ctx."""
+        return conv_mod.context_overflow(self.conv, self.engine.count_tokens, self._context_size(), policy,
+                                         self.settings.get("n_predict"))
 
     def _fit_context(self, policy: str | None = None) -> bool:
-        """Leave the oldest turns out of the request until it fits in n_ctx with room for the
-        reply; the system prompt stays (drop-oldest, and shift when the chat alone outgrows the
-        context; "ask" asks first). True if the model's memory now starts later than before."""
-        policy = policy or self._context_policy()
-        if policy not in ("drop-oldest", "shift"):
-            return False
-        moved = False
-        while self._overflow(policy) is not None and self.conv.forget_oldest_turn():
-            moved = True
-        return moved
+        """Leave the oldest turns out of the request until it fits (conversation.fit_context);
+        True if the model's memory now starts later than before."""
+        return conv_mod.fit_context(self.conv, self.engine.count_tokens, self._context_size(),
+                                    policy or self._context_policy(), self.settings.get("n_predict"))
 
     def _refit_context(self) -> None:
         """The chat, the model, n_ctx or the policy changed: work out again where the model's
@@ -349,18 +357,26 @@ class ChatApp(App):
         if notice:
             self.chat_screen.messages.mount(Static(f"⚠ {notice}", classes="engine-notice-line"))
 
+    def _live_rate(self) -> float | None:
+        """Tokens a second of the reply being written, since its first text or since numba last
+        compiled during it (a first reply compiles the decoding kernels after its first token:
+        counted in, those seconds made the rate 0.3 tok/s instead of 20)."""
+        if self._live is None:
+            return None
+        t0, n0 = self._live
+        elapsed = time.monotonic() - t0
+        made = self.engine.n_tokens() - n0
+        return made / elapsed if elapsed > 0.5 and made > 0 else None
+
     def _rate_text(self) -> str:
-        if self.generating and self._live is not None:
-            t0, n0 = self._live
-            elapsed = time.monotonic() - t0
-            made = self.engine.n_tokens() - n0
-            if elapsed > 0.5 and made > 0:
-                return f"{made / elapsed:.1f} tok/s"
+        live = self._live_rate() if self.generating else None
+        if live:
+            return f"{live:.1f} tok/s"
         return f"{self.last_tps:.1f} tok/s" if self.last_tps else "– tok/s"
 
     def update_status(self) -> None:
         try:
-            self.chat_screen.set_status(self.status_text())
+            self.chat_screen.set_status(self.status_text)
         except NoMatches:
             pass
 
@@ -368,7 +384,7 @@ class ChatApp(App):
     def _drain(self) -> None:
         text = self.buffer.drain()
         if text and self.reply_view is not None:
-            if self._live is None:
+            if self._live is None or WATCH.last > self._live[0]:  # first text, or a compile since: start again
                 self._live = (time.monotonic(), self.engine.n_tokens())
             self.reply_view.append(text)
         if self.loading:
@@ -620,6 +636,7 @@ class ChatApp(App):
         self.chat_screen.messages.anchor()
         self.generating = True
         self._live = None
+        self._compiles_before_reply = WATCH.done
         self.chat_screen.set_generating(True)
         self.update_status()
         self._generate_worker(request, sampling, self._context_policy() == "shift", self.chat_id)
@@ -691,6 +708,9 @@ class ChatApp(App):
                 self.notify(f"The context filled up {shifts} time{'s' if shifts > 1 else ''} during this reply; "
                             "older tokens were dropped (context shift) and the reply went on.", title="Context shifted", timeout=8)
             tps = result.tokens_per_second
+            if WATCH.done != self._compiles_before_reply:
+                tps = self._live_rate()  # the engine's figure counts the compiling in
+                self.last_tps = tps
             if tps:
                 self.last_tps = tps
             self.ctx_used = result.n_tokens

@@ -300,6 +300,39 @@ class Conversation:
         return "\n".join(lines).rstrip() + "\n"
 
 
+def reply_room(n_ctx: int, policy: str, n_predict: int | None) -> int:
+    """Tokens left free for the reply when a request is fitted: n_predict, or an eighth of the
+    context; with shift one token (the engine makes room as the reply grows)."""
+    if policy == "shift":
+        return 1
+    n_predict = n_predict or -1
+    return n_predict if 0 < n_predict < n_ctx // 2 else n_ctx // 8
+
+
+def context_overflow(conv: Conversation, count_tokens, n_ctx: int, policy: str, n_predict: int | None) -> int | None:
+    """The tokens the next request needs with room for the reply, if that is more than the
+    context holds; None if it fits (or cannot be counted). `count_tokens(request)`: the
+    engine's count of what a request fills the context with."""
+    used = count_tokens(conv.request())
+    room = reply_room(n_ctx, policy, n_predict)
+    if used is None or not n_ctx or used + room <= n_ctx:
+        return None
+    return used + room
+
+
+def fit_context(conv: Conversation, count_tokens, n_ctx: int, policy: str, n_predict: int | None) -> bool:
+    """Leave the oldest turns out of the request until it fits in n_ctx with room for the
+    reply; the system prompt stays. Acts for drop-oldest, and for shift when the chat alone
+    outgrows the context ("ask" asks first: its caller decides). The app and headless chat
+    share it, so both cut at the same turn. True if the model's memory now starts later."""
+    if policy not in ("drop-oldest", "shift"):
+        return False
+    moved = False
+    while context_overflow(conv, count_tokens, n_ctx, policy, n_predict) is not None and conv.forget_oldest_turn():
+        moved = True
+    return moved
+
+
 def interactive_user_line(transcript: str, line: str) -> str:
     """The user's line as llama.cpp appends it: the text and a newline. A space separates it from
     a reverse prompt such as "User:" (llama.cpp users pass --in-prefix ' ' for that)."""

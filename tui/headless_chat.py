@@ -11,6 +11,12 @@ are echoed so the screen reads as the whole transcript.
 When stdout is not a terminal (a script reads it), it carries the replies only: the "> "
 prompts and the echoed user lines go to stderr if that is a terminal, and nowhere otherwise.
 
+When a chat outgrows the context it follows the setting context_policy as the app does:
+drop-oldest leaves the oldest turns out (the system prompt stays) and says so on stderr; shift
+lets the engine shift a full context; ask asks on the terminal (drop the oldest turns, start
+over with the message, or do not send it), and with piped input, where nobody can answer, ends
+the chat with a sentence saying which flag to give.
+
 Ctrl-C during a reply stops that reply (it keeps what was generated); Ctrl-C while waiting for
 input ends the chat. Never imports Textual.
 """
@@ -28,6 +34,8 @@ from .conversation import (
     Conversation,
     Message,
     call_kwargs,
+    context_overflow,
+    fit_context,
     interactive_user_line,
     load_kwargs,
     merged_settings,
@@ -147,7 +155,45 @@ def run(args, llama_factory=None, stdin=None, stdout=None, stderr=None) -> int:
     verbose = bool(getattr(args, "verbose", False))
     echo = not stdin.isatty() if hasattr(stdin, "isatty") else True
 
+    policy = settings.get("context_policy") or "drop-oldest"
+    ask_out = side if _is_tty(side) else None
+
+    def fit() -> bool:
+        """Before a chat reply: make the request fit the context by the policy. False if the
+        message is not sent (the user cancelled it); UserError when nobody can be asked."""
+        n_ctx, n_predict = engine.n_ctx(), settings.get("n_predict")
+        chosen = policy
+        if policy == "ask":
+            need = context_overflow(conv, engine.count_tokens, n_ctx, "ask", n_predict)
+            if need is None:
+                return True
+            if echo or ask_out is None:
+                raise UserError(f"the chat no longer fits in the context ({need} tokens needed with room for the "
+                                f"reply, {n_ctx} held) and its context_policy is ask, which needs a terminal to ask: "
+                                "give --context-policy drop-oldest (or shift), or a larger -c/--ctx-size")
+            choice = ""
+            while choice not in ("d", "n", "c"):
+                ask_out.write(f"\nllamachat: the chat no longer fits in the context ({need} of {n_ctx} tokens). "
+                              "[d]rop the oldest turns, start a [n]ew chat with this message, or [c]ancel it? ")
+                answer = stdin.readline()
+                choice = answer.strip().lower()[:1] if answer else "c"
+            if choice == "c":
+                conv.messages.pop()
+                return False
+            if choice == "n":
+                conv.messages[:] = conv.messages[-1:]
+                conv.memory_start = 0
+                return True
+            chosen = "drop-oldest"
+        if fit_context(conv, engine.count_tokens, n_ctx, chosen, n_predict):
+            first = conv.messages[conv.memory_start].content.strip().splitlines()[0]
+            print(f"\nllamachat: the chat outgrew the context ({n_ctx} tokens): its {conv.memory_start} oldest "
+                  f"messages are left out; the model's memory now begins at {first[:40]!r}", file=sys.stderr, flush=True)
+        return True
+
     def reply() -> None:
+        if conv.mode == CHAT and conv.messages and not fit():
+            return
         result = _generate(engine, conv, sampling, bias, out)
         notice = engine.take_notice()  # the model's template refused: once, before anything else said
         if notice:

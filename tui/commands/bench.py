@@ -2,7 +2,10 @@
 
 Prints a table (model, size, params, threads, test, t/s as mean ± stddev) or, with --json, a
 JSON list of objects with keys model, test, tokens_per_second, stddev, threads (and
-n_tokens, samples, model_size, model_type).
+n_tokens, samples, model_size, model_type). With a generation test, the memory read bandwidth
+is measured once (about half a second) and each tg result says what percentage of the bound
+it reached, the bound being the bytes of weights a token reads over that bandwidth (JSON:
+bandwidth_bytes_per_second, weight_bytes_per_token, bound_percent).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def configure(parser) -> None:
 
 def run(args) -> int:
     from llamachat.model_store.library import Library, file_type_name
-    from llamachat.runtime.bench import bench
+    from llamachat.runtime.bench import bench, measure_bandwidth
     from llamachat.runtime.model import load_model
 
     for flag, value, low in (("-p", args.n_prompt, 0), ("-n", args.n_gen, 0), ("-r", args.reps, 1), ("-b", args.n_batch, 1)):
@@ -54,10 +57,24 @@ def run(args) -> int:
     if not args.json:
         print(f"| {'model':<{wn}} | {'size':>12} | {'params':>9} | {'type':<{wt}} | threads | {'test':>6} | {'t/s':>15} |")
         print(f"| {'-' * wn} | {'-' * 12}:| {'-' * 9}:| {'-' * wt} | {'-' * 6}: | {'-' * 6}:| {'-' * 15}:|")
+    # once per run, with the model's threads: the bound generation is measured against
+    bandwidth = measure_bandwidth() if args.n_gen > 0 else None
+    notes = []
     for res in bench(model, args.n_prompt, args.n_gen, args.reps, on_result=show):
-        rows.append({"model": name, "model_path": str(path), "model_size": path.stat().st_size, "model_type": ftype,
-                     "test": res.test, "n_tokens": res.n_tokens, "tokens_per_second": round(res.mean, 3),
-                     "stddev": round(res.stddev, 3), "samples": [round(s, 3) for s in res.samples], "threads": res.threads})
+        row = {"model": name, "model_path": str(path), "model_size": path.stat().st_size, "model_type": ftype,
+               "test": res.test, "n_tokens": res.n_tokens, "tokens_per_second": round(res.mean, 3),
+               "stddev": round(res.stddev, 3), "samples": [round(s, 3) for s in res.samples], "threads": res.threads}
+        pct = res.bound_percent(bandwidth) if bandwidth else None
+        if pct is not None:
+            row.update(bandwidth_bytes_per_second=round(bandwidth), weight_bytes_per_token=res.weight_bytes,
+                       bound_percent=round(pct, 1))
+            notes.append(f"{res.test}: {res.weight_bytes / 1e6:.1f} MB of weights a token; memory read bandwidth "
+                         f"{bandwidth / 1e9:.1f} GB/s ({res.threads} thread{'s' if res.threads != 1 else ''}, measured "
+                         f"now), a bound of {bandwidth / res.weight_bytes:.1f} t/s: {pct:.0f}% reached")
+        rows.append(row)
+    if notes and not args.json:
+        print()
+        print("\n".join(notes))
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()

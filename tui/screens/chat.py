@@ -19,6 +19,23 @@ from ..widgets.message_view import MessageView
 from ..widgets.sidebar import Sidebar
 
 
+class StatusLine(Static):
+    """The status line, made again for its width when that changes: at 80 columns the app's
+    whole line does not fit and it chooses what to leave out (ChatApp.status_text)."""
+
+    def show(self, text) -> None:
+        self._source = text
+        self._render_source()
+
+    def _render_source(self) -> None:
+        source = getattr(self, "_source", "")
+        width = self.content_region.width or max(self.screen.size.width - 2, 1)
+        self.update(source(width) if callable(source) else source)
+
+    def on_resize(self, event) -> None:
+        self._render_source()
+
+
 class ChatScreen(Screen):
     class Ready(Message):
         """The screen is composed: the app can fill it in and load the model."""
@@ -52,11 +69,11 @@ class ChatScreen(Screen):
                         yield Button("Send", id="send", variant="primary", compact=True)
                         yield Button("Stop", id="stop", variant="error", compact=True, disabled=True)
             yield Sidebar(id="sidebar")
-        yield Static("", id="status")
+        yield StatusLine("", id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.set_class(self.app.size.width < self.NARROW, "-narrow")
+        self._fit_width(self.app.size.width)
         self.query_one("#messages", VerticalScroll).anchor()
         self.query_one("#prompt", ChatInput).focus()
         self.post_message(self.Ready())
@@ -120,8 +137,9 @@ class ChatScreen(Screen):
         if text:
             notice.update(text)
 
-    def set_status(self, text: str) -> None:
-        self.query_one("#status", Static).update(text)
+    def set_status(self, text) -> None:
+        """`text`: the line, or a function of the width it has (the app's status_text)."""
+        self.query_one("#status", StatusLine).show(text)
 
     def action_escape(self) -> None:
         """Esc stops a reply and, from anywhere on the screen, returns to the message box."""
@@ -136,7 +154,16 @@ class ChatScreen(Screen):
     NARROW = 100  # below this many columns the sidebar starts hidden (Ctrl+B shows it)
 
     def on_resize(self, event) -> None:
-        self.set_class(event.size.width < self.NARROW, "-narrow")
+        self._fit_width(event.size.width)
+
+    def _fit_width(self, width: int) -> None:
+        narrow = width < self.NARROW
+        self.set_class(narrow, "-narrow")
+        # at 80 columns the footer's keys ran under its "^p palette" (f1 Help and ^q Quit were
+        # hidden): narrow, they go closer together and the palette key (still Ctrl+P) is left out
+        footer = self.query_one(Footer)
+        footer.compact = narrow
+        footer.show_command_palette = not narrow
 
     def action_toggle_sidebar(self) -> None:
         # on a narrow screen the sidebar is hidden unless asked for, on a wide one shown unless not

@@ -26,6 +26,9 @@ from ..chat_store import MATCH_END, MATCH_START, search_terms
 from .confirm import ConfirmScreen
 
 
+TITLE_WIDTH = 36
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
@@ -86,10 +89,13 @@ class ChatsScreen(ModalScreen):
         if searching != self._searching:
             table = self.query_one(DataTable)
             table.clear(columns=True)
+            # a long title is cut at TITLE_WIDTH so that when the chat was used, and how long it
+            # is, fit at 80 columns; what runs past the edge comes last
+            table.add_column("title", width=TITLE_WIDTH)
             if searching:
-                table.add_columns("title", "updated", "match")  # the snippet last: it may run past the edge
+                table.add_columns("updated", "match")  # the snippet last: it may run past the edge
             else:
-                table.add_columns("title", "model", "mode", "messages", "updated")
+                table.add_columns("updated", "messages", "model", "mode")
             self._searching = searching
 
     def refresh_table(self) -> None:
@@ -121,7 +127,7 @@ class ChatsScreen(ModalScreen):
         else:
             chats = store.list() if store else []
             for chat in chats:
-                table.add_row(chat.title, chat.model, chat.mode, str(chat.n_messages), _when(chat.updated_at), key=str(chat.id))
+                table.add_row(chat.title, _when(chat.updated_at), str(chat.n_messages), chat.model, chat.mode, key=str(chat.id))
             empty = "" if chats else "No saved chats yet: they are saved as you talk."
         self.query_one("#chats-empty", Label).update(empty)
 
