@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import time
 
-from first_run_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, templated_factory, wait_for
+from tui_support import FakeScript, SIZE, make_app, make_library, ready, reply_done, send, templated_factory, wait_for
 from tui_fake_engine import FakeLlama
 
 from llamachat.tui.compile_progress import WATCH
@@ -86,7 +86,7 @@ async def test_first_reply_rate_leaves_out_the_compile(tmp_path):
 async def test_paragraphs_of_a_reply_are_apart(tmp_path):
     """A story's two paragraphs ran together on screen (no line between them), so the reply
     read as one block; the last block has no margin, so a message ends at its text."""
-    from first_run_support import views
+    from tui_support import views
     from textual.widgets import Markdown
 
     make_library(tmp_path)

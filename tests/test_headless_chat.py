@@ -153,7 +153,7 @@ def test_interactive_mode_keeps_the_reverse_prompt_that_stopped_it(model):
 
 POLICY_RUNNER = RUNNER.replace(
     "real_run(args, llama_factory=script.factory)",
-    "real_run(args, llama_factory=__import__('first_run_support').templated_factory(script))")
+    "real_run(args, llama_factory=__import__('tui_support').templated_factory(script))")
 
 
 def run_policy(replies, args, stdin: str):
