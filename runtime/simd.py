@@ -258,9 +258,10 @@ def _lanes_signed(builder, qx, qy):
 
 def _lanes_portable(builder, x32, y32):
     prod = builder.mul(x32, y32)
-    lanes = builder.shuffle_vector(prod, prod, _mask(range(0, 32, 4)))
+    n = x32.type.count
+    lanes = builder.shuffle_vector(prod, prod, _mask(range(0, n, 4)))
     for k in range(1, 4):
-        lanes = builder.add(lanes, builder.shuffle_vector(prod, prod, _mask(range(k, 32, 4))))
+        lanes = builder.add(lanes, builder.shuffle_vector(prod, prod, _mask(range(k, n, 4))))
     return lanes
 
 
@@ -541,20 +542,26 @@ fmaf = intrinsic(_fmaf_typer)
 
 
 def _bytes_dot(builder, acc, xu, ys):
-    """acc + the 4-byte-group sums of xu (unsigned) times ys (signed), <8 x i32>: vpdpbusd
-    with VNNI; elsewhere generic IR (the same exact integers)."""
+    """acc + the 4-byte-group sums of xu (unsigned) times ys (signed), <8 x i32> (or <16 x i32>
+    from 64 bytes): vpdpbusd with VNNI; elsewhere generic IR (the same exact integers)."""
     if _vnni():
         return _dpbusd(builder, acc, xu, ys)
-    v32 = _vec(_i32, 32)
-    return builder.add(acc, _lanes_portable(builder, builder.zext(xu, v32), builder.sext(ys, v32)))
+    vi = _vec(_i32, xu.type.count)
+    return builder.add(acc, _lanes_portable(builder, builder.zext(xu, vi), builder.sext(ys, vi)))
 
 
-def tile_kernel(block_bytes, unpack, n_rows, n_tok):
+def tile_kernel(block_bytes, unpack, n_rows, n_tok, wide=False):
     """An intrinsic (w, r0, xq, xd, t0, out, isa): rows r0..r0+n_rows-1 of w (uint8 [rows, row
     bytes], C-contiguous; 32-value blocks of block_bytes bytes) times tokens t0..t0+n_tok-1 of
     xq (int8 [T, K]) with scales xd (float32 [T, K/32]) into out[t, r] (float32 [T, rows]).
     unpack(builder, blk) -> (d float32, xu <32 x i8>): a block's scale and its 32 values + 128
-    as unsigned bytes (see above)."""
+    as unsigned bytes (see above). wide: two tokens per 512-bit vector (n_tok even), the lower
+    half one token's 8 lanes and accumulator, the upper half the next one's: the same lanes
+    and floats, half the instructions."""
+    per_vec = 2 if wide else 1
+    assert n_tok % per_vec == 0
+    n_vec = n_tok // per_vec
+    width = 8 * per_vec  # int32 / float lanes per vector
 
     def typer(typingctx, w, r0, xq, xd, t0, out, isa):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
@@ -578,30 +585,40 @@ def tile_kernel(block_bytes, unpack, n_rows, n_tok):
             yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
             yd = [builder.gep(darr.data, [builder.mul(tk, d_cols)]) for tk in toks]
             v32 = _vec(_i8, 32)
-            shift = ir.Constant(v32, [128 - 256] * 32)  # (0x80 as a signed byte; vpdpbusd reads it unsigned)
-            zero = ir.Constant(_vec(_i32, 8), [0] * 8)
+            shift = ir.Constant(_vec(_i8, 4 * width), [128 - 256] * (4 * width))  # (0x80; vpdpbusd reads it unsigned)
+            zero = ir.Constant(_vec(_i32, width), [0] * width)
+            zero8 = ir.Constant(_vec(_f32, width), [0.0] * width)
+
+            def both(lo, hi):  # two 8- or 32-element vectors -> one of 16 / 64 elements
+                return builder.shuffle_vector(lo, hi, _mask(range(2 * lo.type.count)))
 
             def block(b, accs):
                 o = builder.mul(b, ir.Constant(b.type, block_bytes))
                 unpacked = [unpack(builder, builder.gep(row, [o])) for row in rows]
-                dx = [_splat(builder, d, 8) for d, _ in unpacked]
+                dx = [_splat(builder, d, width) for d, _ in unpacked]
+                xs = [both(xu, xu) if wide else xu for _, xu in unpacked]
                 y0 = builder.mul(b, ir.Constant(b.type, 32))
                 new = list(accs)
-                for t in range(n_tok):
-                    y = _load(builder, yq[t], v32, y0)
+                for v in range(n_vec):
+                    ts = range(per_vec * v, per_vec * (v + 1))
+                    ys = [_load(builder, yq[t], v32, y0) for t in ts]
+                    dys = [_splat(builder, builder.load(builder.gep(yd[t], [b])), 8) for t in ts]
+                    y, dy = (both(*ys), both(*dys)) if wide else (ys[0], dys[0])
                     start = builder.sub(zero, _bytes_dot(builder, zero, shift, y))  # -128*sum4(y)
-                    dy = _splat(builder, builder.load(builder.gep(yd[t], [b])), 8)
-                    for i, (_, xu) in enumerate(unpacked):
-                        lanes = _bytes_dot(builder, start, xu, y)
-                        k = i * n_tok + t  # (d_x*d_y on all 8 lanes: the one-token kernel's product)
-                        new[k] = _fma(builder, builder.fmul(dx[i], dy), builder.sitofp(lanes, _vec(_f32, 8)), accs[k])
+                    for i in range(n_rows):
+                        lanes = _bytes_dot(builder, start, xs[i], y)
+                        k = i * n_vec + v  # (d_x*d_y on all lanes: the one-token kernel's product)
+                        new[k] = _fma(builder, builder.fmul(dx[i], dy), builder.sitofp(lanes, _vec(_f32, width)), accs[k])
                 return new
 
-            accs = _state_loop(builder, nb, [_ZERO8] * (n_rows * n_tok), block)
+            accs = _state_loop(builder, nb, [zero8] * (n_rows * n_vec), block)
             for i in range(n_rows):
+                r = builder.add(r0, ir.Constant(r0.type, i))
                 for t in range(n_tok):
-                    dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), builder.add(r0, ir.Constant(r0.type, i)))])
-                    builder.store(_hsum8(builder, accs[i * n_tok + t]), dst)
+                    acc = accs[i * n_vec + t // per_vec]
+                    if wide:
+                        acc = builder.shuffle_vector(acc, acc, _mask(range(8 * (t % 2), 8 * (t % 2) + 8)))
+                    builder.store(_hsum8(builder, acc), builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)]))
             return context.get_dummy_value()
 
         return types.none(w, r0, xq, xd, t0, out, isa), codegen

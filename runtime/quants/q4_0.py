@@ -85,8 +85,8 @@ def _unpack_shifted(builder, blk):
     return _half(builder, blk, 0), qx
 
 
-TILE_ROWS, TILE_TOKENS = 4, 4  # the VNNI batch kernel's step: rows x tokens
-_tile = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, TILE_TOKENS)
+TILE_ROWS, TILE_TOKENS = 4, 8  # the VNNI batch kernel's step: rows x tokens (two per 512-bit vector)
+_tile = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, TILE_TOKENS, wide=True)
 _tile1 = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, 1)  # a batch's leftover tokens
 
 

@@ -71,16 +71,17 @@ def _unpack_shifted(builder, blk):
     return _half(builder, blk, 0), builder.xor(qs, ir.Constant(_vec(_i8, 32), [128 - 256] * 32))
 
 
-TILE_ROWS, TILE_TOKENS = 4, 4  # the VNNI batch kernel's step: rows x tokens
-_tile = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, TILE_TOKENS)
+TILE_ROWS, TILE_TOKENS = 4, 8  # the VNNI batch kernel's step: rows x tokens (two per 512-bit vector)
+_tile = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, TILE_TOKENS, wide=True)
 _tile1 = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, 1)  # a batch's leftover tokens
 
 
 @njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
     """A batch: each (row, token) matvec's float. With VNNI TILE_ROWS x TILE_TOKENS at a time
-    (runtime.simd.tile_kernel: each weight block and token block loaded once per tile, one
-    vpdpbusd per block product), elsewhere one row and four tokens at a time; rows over threads."""
+    (runtime.simd.tile_kernel: each weight block and token block loaded once per tile, two
+    tokens per 512-bit vector, one vpdpbusd per two block products), the leftover tokens one
+    at a time; elsewhere one row and four tokens at a time. Rows over threads."""
     if has_vnni(ctx.isa):
         n_rows, n_tok = w.shape[0], xq.shape[0]
         whole = n_tok - n_tok % TILE_TOKENS
