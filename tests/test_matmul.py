@@ -463,7 +463,7 @@ def test_instruction_set_is_an_argument_compiled_apart():
             mm.kernel_context("avx512vnni")
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0], ids=lambda t: t.name)
 def test_every_instruction_set_gives_ggml_floats(qtype):
     """Each x86 instruction set this CPU runs (runtime.simd.host_isas: avx512vnni's 4x8 tiles of
     rows x tokens, two tokens per 512-bit vector, and vpdpbusd; avx2; the portable one is test_portable_ir_gives_the_same_floats'),
@@ -475,7 +475,7 @@ def test_every_instruction_set_gives_ggml_floats(qtype):
     from numba import njit
 
     from llamachat.runtime import simd
-    from llamachat.runtime.quants import q4_0, q8_0
+    from llamachat.runtime.quants import q4_0, q5_0, q8_0
 
     rng = np.random.default_rng(140 + int(qtype))
     raw = _ggml_rows(qtype, 24, 256, rng)
@@ -487,7 +487,7 @@ def test_every_instruction_set_gives_ggml_floats(qtype):
     for isa in isas:
         got = mm.matmul(w, x, isa=isa)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), isa
-    mod = q8_0 if qtype == T.Q8_0 else q4_0
+    mod = {T.Q8_0: q8_0, T.Q4_0: q4_0, T.Q5_0: q5_0}[qtype]
     portable = simd.Isa("portable")
 
     @njit
