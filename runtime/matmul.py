@@ -32,7 +32,7 @@ from numba import njit, prange
 
 from .quants import KERNELS, TRAITS, plain, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 from .quants.rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
-from .simd import HOST_ISA, Isa
+from .simd import HOST_ISA, Isa, host_isas
 from .quants.traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
 
 SUPPORTED_TYPES = frozenset(TRAITS)
@@ -56,13 +56,15 @@ HOST_CONTEXT = KernelContext(F16_TABLE, HOST_ISA)
 
 
 def kernel_context(isa: str | None = None) -> KernelContext:
-    """The kernels' context for instruction set `isa` ("avx2", "portable"; None: this CPU's).
-    ValueError for "avx2" on a CPU without it (its code would stop on an illegal instruction)."""
+    """The kernels' context for instruction set `isa` ("avx512vnni", "avx2", "portable"; None:
+    this CPU's). ValueError for one this CPU cannot run (its code would stop on an illegal
+    instruction)."""
     if isa is None or isa == HOST_ISA.name:
         return HOST_CONTEXT
-    if isa == "avx2":
-        raise ValueError("this CPU lacks AVX2, FMA or F16C: choose the instruction set \"portable\"")
-    return KernelContext(F16_TABLE, Isa(isa))
+    chosen = Isa(isa)  # (ValueError for an unknown name)
+    if isa not in host_isas():
+        raise ValueError(f"this CPU cannot run the instruction set {isa!r}: choose one of {', '.join(host_isas())}")
+    return KernelContext(F16_TABLE, chosen)
 
 
 @njit(cache=True, inline="always")

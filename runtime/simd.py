@@ -11,8 +11,9 @@ instructions, and - because the same lanes are summed in the same order - the sa
 llama.cpp, bit for bit.
 
 The instruction set is a parameter: every kernel takes an `Isa` (inside the kernels' context
-argument, runtime.matmul.kernel_context), "avx2" (AVX2, FMA and F16C: ggml's instructions) or
-"portable" (generic vector IR: int32 products summed 4 by 4, halves converted by integer
+argument, runtime.matmul.kernel_context), "avx512vnni" (the AVX2 set plus AVX-512 F/BW/VL/VNNI:
+vpdpbusd sums the byte products straight to int32 lanes, as ggml does on such CPUs), "avx2"
+(AVX2, FMA and F16C: ggml's instructions) or "portable" (generic vector IR: int32 products summed 4 by 4, halves converted by integer
 arithmetic; the same integer lane sums, the same floats, only slower). Its numba type names it,
 so each instruction set compiles - and is cached - as its own specialization: nothing compiled
 for one is ever run as the other. HOST_ISA is what this CPU gets, detected once; tests force
@@ -28,7 +29,7 @@ Pieces:
                                                      forms from one per-block body
   _broadcast8, _quad_lanes                           the 8-row interleaved kernels' steps
   fmaf(a, b, c)                                      float32 fused multiply-add (llvm.fma.f32)
-  Isa, HOST_ISA, isa_typer                           the instruction set parameter
+  Isa, HOST_ISA, host_isas, isa_typer                the instruction set parameter
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ from numba.extending import NativeValue, intrinsic, models, register_model, type
 
 
 class Isa:
-    """An instruction set the kernels emit their IR for: "avx2" or "portable"."""
+    """An instruction set the kernels emit their IR for: "avx512vnni", "avx2" or "portable"."""
 
     __slots__ = ("name",)
-    NAMES = ("avx2", "portable")
+    NAMES = ("avx512vnni", "avx2", "portable")
 
     def __init__(self, name: str):
         if name not in self.NAMES:
@@ -85,26 +86,37 @@ def _constant_isa(context, builder, ty, pyval):  # an Isa held in a global
     return context.get_dummy_value()
 
 
-def _host_has_avx2() -> bool:
+def host_isas() -> tuple[str, ...]:
+    """The instruction sets this CPU can run, best first ("portable" always)."""
     if os.environ.get("NUMBA_CPU_NAME", "host") != "host":  # code for another CPU than this one:
-        return False  # x86 intrinsics might not exist there
+        return ("portable",)  # x86 intrinsics might not exist there
     try:
         from llvmlite import binding
 
         features = binding.get_host_cpu_features()
-        return bool(features.get("avx2")) and bool(features.get("fma")) and bool(features.get("f16c"))
     except Exception:  # noqa: BLE001 - no feature query: the portable IR is always correct
-        return False
+        return ("portable",)
+    if not all(features.get(f) for f in ("avx2", "fma", "f16c")):
+        return ("portable",)
+    if all(features.get(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni")):
+        return ("avx512vnni", "avx2", "portable")
+    return ("avx2", "portable")
 
 
-HOST_ISA = Isa("avx2" if _host_has_avx2() else "portable")
+HOST_ISA = Isa(host_isas()[0])
 
 # the instruction set the IR being emitted is for (set by isa_typer's codegen from the signature)
 _EMITTING = ["portable"]
 
 
 def _avx2() -> bool:
-    return _EMITTING[0] == "avx2"
+    """AVX2, FMA and F16C instructions may be emitted (avx512vnni includes them)."""
+    return _EMITTING[0] in ("avx2", "avx512vnni")
+
+
+def _vnni() -> bool:
+    """AVX-512 VNNI (vpdpbusd, on 256-bit vectors with AVX-512VL) may be emitted too."""
+    return _EMITTING[0] == "avx512vnni"
 
 
 def isa_typer(typer):
@@ -211,9 +223,22 @@ def _nibbles(builder, qs):
     return builder.shuffle_vector(lo, hi, _mask(range(32)))
 
 
+def _dpbusd(builder, acc, qx, qy):
+    """acc + the int32 lanes of qx (unsigned bytes) times qy (signed bytes), 4 products per
+    lane (vpdpbusd; 256-bit: <8 x i32> acc, <32 x i8> qx and qy; 512-bit: twice that). Exact:
+    no int16 step to saturate, so the lanes equal vpmaddubsw + vpmaddwd's wherever those do not
+    saturate (ggml's own VNNI paths make the same substitution)."""
+    n = acc.type.count
+    vi = _vec(_i32, n)
+    fn = _fn(builder, f"llvm.x86.avx512.vpdpbusd.{32 * n}", vi, [vi, vi, vi])
+    return builder.call(fn, [acc, builder.bitcast(qx, vi), builder.bitcast(qy, vi)])
+
+
 def _lanes_unsigned(builder, qx, qy):
     """8 int32 lanes, lane l = sum of qx[4l+k]*qy[4l+k] (k < 4), qx unsigned bytes, qy signed:
-    ggml's mul_sum_us8_pairs (vpmaddubsw, then vpmaddwd against ones)."""
+    ggml's mul_sum_us8_pairs (vpmaddubsw, then vpmaddwd against ones; one vpdpbusd with VNNI)."""
+    if _vnni():
+        return _dpbusd(builder, ir.Constant(_vec(_i32, 8), [0] * 8), qx, qy)
     if _avx2():
         v16 = _vec(_i16, 16)
         pairs = builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [qx.type, qy.type]), [qx, qy])
@@ -233,9 +258,10 @@ def _lanes_signed(builder, qx, qy):
 
 def _lanes_portable(builder, x32, y32):
     prod = builder.mul(x32, y32)
-    lanes = builder.shuffle_vector(prod, prod, _mask(range(0, 32, 4)))
+    n = x32.type.count
+    lanes = builder.shuffle_vector(prod, prod, _mask(range(0, n, 4)))
     for k in range(1, 4):
-        lanes = builder.add(lanes, builder.shuffle_vector(prod, prod, _mask(range(k, 32, 4))))
+        lanes = builder.add(lanes, builder.shuffle_vector(prod, prod, _mask(range(k, n, 4))))
     return lanes
 
 
@@ -369,6 +395,11 @@ def _broadcast8(builder, y, offset):
 def _quad_lanes(builder, qs, ys):
     """4 rows x 8 unsigned quants per vector (qs) times the matching broadcast activations (ys),
     the 4 products summed -> <8 x i32>, two lanes per row (exact)."""
+    if _vnni():  # two chains of two (four dependent vpdpbusd measured slower than vpmaddubsw)
+        zero = ir.Constant(_vec(_i32, 8), [0] * 8)
+        a = _dpbusd(builder, _dpbusd(builder, zero, qs[0], ys[0]), qs[1], ys[1])
+        b = _dpbusd(builder, _dpbusd(builder, zero, qs[2], ys[2]), qs[3], ys[3])
+        return builder.add(a, b)
     if _avx2():
         v16 = _vec(_i16, 16)
         mad = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [qs[0].type, ys[0].type])
@@ -496,3 +527,114 @@ def _fmaf_typer(typingctx, a, b, c):
 
 fmaf = intrinsic(_fmaf_typer)
 
+
+
+# --- tiles of rows x tokens for the 32-value int8 formats (AVX-512 VNNI) ---------------------
+#
+# vpdpbusd multiplies unsigned bytes by signed ones. A signed weight x is stored shifted,
+# xu = x + 128 (0-255), and the shift comes back out through the accumulator's start value:
+# sum(x*y) = sum(xu*y) - 128*sum(y), each 4-byte group exactly (|sum| <= 4*255*128). So a
+# block's 8 int32 lanes are vpdpbusd(-128*sum4(y), xu, y): the lanes ggml's AVX2 kernels get
+# with vpsignb/vpmaddubsw/vpmaddwd, from one instruction per (row, token) and one shared
+# vpdpbusd per token for -128*sum4(y). The float steps are the one-token kernel's:
+# acc = fma(d_x*d_y, float(lanes), acc) per block, hsum_float_8(acc) at the end, so each
+# (row, token) is that kernel's float, bit for bit.
+
+
+def _bytes_dot(builder, acc, xu, ys):
+    """acc + the 4-byte-group sums of xu (unsigned) times ys (signed), <8 x i32> (or <16 x i32>
+    from 64 bytes): vpdpbusd with VNNI; elsewhere generic IR (the same exact integers)."""
+    if _vnni():
+        return _dpbusd(builder, acc, xu, ys)
+    vi = _vec(_i32, xu.type.count)
+    return builder.add(acc, _lanes_portable(builder, builder.zext(xu, vi), builder.sext(ys, vi)))
+
+
+def tile_kernel(block_bytes, unpack, n_rows, n_tok, wide=False):
+    """An intrinsic (w, r0, xq, xd, t0, out, isa): rows r0..r0+n_rows-1 of w (uint8 [rows, row
+    bytes], C-contiguous; 32-value blocks of block_bytes bytes) times tokens t0..t0+n_tok-1 of
+    xq (int8 [T, K]) with scales xd (float32 [T, K/32]) into out[t, r] (float32 [T, rows]).
+    unpack(builder, blk) -> (d float32, xu <32 x i8>): a block's scale and its 32 values + 128
+    as unsigned bytes (see above). wide: two tokens per 512-bit vector (n_tok even), the lower
+    half one token's 8 lanes and accumulator, the upper half the next one's: the same lanes
+    and floats, half the instructions."""
+    per_vec = 2 if wide else 1
+    assert n_tok % per_vec == 0
+    n_vec = n_tok // per_vec
+    width = 8 * per_vec  # int32 / float lanes per vector
+
+    def typer(typingctx, w, r0, xq, xd, t0, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            wt, _, xqt, xdt, _, outt = signature.args[:-1]
+            warr = context.make_array(wt)(context, builder, args[0])
+            r0, t0 = args[1], args[4]
+            stride = builder.extract_value(warr.strides, 0)
+            rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, i)), stride)])
+                    for i in range(n_rows)]
+            xarr = context.make_array(xqt)(context, builder, args[2])
+            k_vals = builder.extract_value(xarr.shape, 1)
+            nb = builder.sdiv(k_vals, ir.Constant(k_vals.type, 32))
+            darr = context.make_array(xdt)(context, builder, args[3])
+            d_cols = builder.extract_value(darr.shape, 1)
+            oarr = context.make_array(outt)(context, builder, args[5])
+            n_out = builder.extract_value(oarr.shape, 1)
+            toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_tok)]
+            yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
+            yd = [builder.gep(darr.data, [builder.mul(tk, d_cols)]) for tk in toks]
+            v32 = _vec(_i8, 32)
+            shift = ir.Constant(_vec(_i8, 4 * width), [128 - 256] * (4 * width))  # (0x80; vpdpbusd reads it unsigned)
+            zero = ir.Constant(_vec(_i32, width), [0] * width)
+            zero8 = ir.Constant(_vec(_f32, width), [0.0] * width)
+
+            def both(lo, hi):  # two 8- or 32-element vectors -> one of 16 / 64 elements
+                return builder.shuffle_vector(lo, hi, _mask(range(2 * lo.type.count)))
+
+            def block(b, accs):
+                o = builder.mul(b, ir.Constant(b.type, block_bytes))
+                unpacked = [unpack(builder, builder.gep(row, [o])) for row in rows]
+                dx = [_splat(builder, d, width) for d, _ in unpacked]
+                xs = [both(xu, xu) if wide else xu for _, xu in unpacked]
+                y0 = builder.mul(b, ir.Constant(b.type, 32))
+                new = list(accs)
+                for v in range(n_vec):
+                    ts = range(per_vec * v, per_vec * (v + 1))
+                    ys = [_load(builder, yq[t], v32, y0) for t in ts]
+                    dys = [_splat(builder, builder.load(builder.gep(yd[t], [b])), 8) for t in ts]
+                    y, dy = (both(*ys), both(*dys)) if wide else (ys[0], dys[0])
+                    start = builder.sub(zero, _bytes_dot(builder, zero, shift, y))  # -128*sum4(y)
+                    for i in range(n_rows):
+                        lanes = _bytes_dot(builder, start, xs[i], y)
+                        k = i * n_vec + v  # (d_x*d_y on all lanes: the one-token kernel's product)
+                        new[k] = _fma(builder, builder.fmul(dx[i], dy), builder.sitofp(lanes, _vec(_f32, width)), accs[k])
+                return new
+
+            accs = _state_loop(builder, nb, [zero8] * (n_rows * n_vec), block)
+            for i in range(n_rows):
+                r = builder.add(r0, ir.Constant(r0.type, i))
+                for t in range(n_tok):
+                    acc = accs[i * n_vec + t // per_vec]
+                    if wide:
+                        acc = builder.shuffle_vector(acc, acc, _mask(range(8 * (t % 2), 8 * (t % 2) + 8)))
+                    builder.store(_hsum8(builder, acc), builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)]))
+            return context.get_dummy_value()
+
+        return types.none(w, r0, xq, xd, t0, out, isa), codegen
+
+    return intrinsic(isa_typer(typer))
+
+
+@intrinsic
+def has_vnni(typingctx, isa):
+    """True (a compile-time constant) when the Isa is avx512vnni: kernels that take another
+    path there branch on it, and LLVM drops the branch not taken."""
+    if not isinstance(isa, IsaType):
+        return None
+    flag = isa.isa == "avx512vnni"
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(1), int(flag))
+
+    return types.boolean(isa), codegen

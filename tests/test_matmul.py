@@ -439,6 +439,7 @@ def test_instruction_set_is_an_argument_compiled_apart():
     kernels of Q4_1 (file layout and repacked) give this CPU's floats bit for bit, and each
     instruction set is its own compiled signature (so numba's cache never hands one's code to
     the other)."""
+    from llamachat.runtime import simd
     from llamachat.runtime.quants import q4_1
     from llamachat.runtime.simd import HOST_ISA
 
@@ -457,6 +458,56 @@ def test_instruction_set_is_an_argument_compiled_apart():
         assert any("Isa(portable)" in i for i in isas) and any(f"Isa({HOST_ISA.name})" in i for i in isas), isas
     with pytest.raises(ValueError, match="instruction set"):
         mm.kernel_context("sse9")
+    if "avx512vnni" not in simd.host_isas():  # (code it cannot run is refused by name)
+        with pytest.raises(ValueError, match="avx512vnni"):
+            mm.kernel_context("avx512vnni")
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0], ids=lambda t: t.name)
+def test_every_instruction_set_gives_ggml_floats(qtype):
+    """Each x86 instruction set this CPU runs (runtime.simd.host_isas: avx512vnni's 4x8 tiles of
+    rows x tokens, two tokens per 512-bit vector, and vpdpbusd; avx2; the portable one is test_portable_ir_gives_the_same_floats'),
+    forced by argument: a batch of 9 tokens (whole tiles
+    and a leftover token) times 22 rows (whole tiles and leftover rows) gives every (row, token)
+    ggml's AVX2 vec_dot float, bit for bit; the repacked Q4_0 kernels its gemv's. The tile
+    kernels are also emitted as portable IR (the shifted weights and the start -128*sum4(y) give
+    the same integer lanes on any CPU)."""
+    from numba import njit
+
+    from llamachat.runtime import simd
+    from llamachat.runtime.quants import q4_0, q5_0, q8_0
+
+    rng = np.random.default_rng(140 + int(qtype))
+    raw = _ggml_rows(qtype, 24, 256, rng)
+    x = (rng.standard_normal((9, 256)) * 2).astype(np.float32)
+    w = mm.QuantWeight("w", qtype, 256, 22, raw[:22])
+    act = mm.quantize_for(x, w)
+    want = np.stack([_ggml_reference(raw[:22], qtype, mm.quantize_for(x[t:t + 1], w)) for t in range(9)])
+    isas = [isa for isa in simd.host_isas() if isa != "portable"]
+    for isa in isas:
+        got = mm.matmul(w, x, isa=isa)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), isa
+    mod = {T.Q8_0: q8_0, T.Q4_0: q4_0, T.Q5_0: q5_0}[qtype]
+    portable = simd.Isa("portable")
+
+    @njit
+    def tiles(w, xq, xd, out):  # rows 0-19: tokens 0-7 by the 4x8 tile (two per vector), token 8 alone
+        for g in range(5):
+            mod._tile(w, 4 * g, xq, xd, 0, out, portable)
+            mod._tile1(w, 4 * g, xq, xd, 8, out, portable)
+
+    out = np.zeros((9, 22), np.float32)
+    tiles(raw[:22], act.xq, act.xd, out)
+    assert mod.TILE_ROWS == 4 and mod.TILE_TOKENS == 8
+    assert np.array_equal(out[:, :20].view(np.uint32), want[:, :20].view(np.uint32))
+    if qtype == T.Q4_0:  # repacked: 8 rows x 4 tokens per step, the leftover token alone
+        packed = mm.QuantWeight("w", qtype, 256, 24, raw.copy())
+        mm.repack(packed)
+        vals = _ggml_block_values(raw, qtype)
+        want = np.stack([_ggml_repack_dot(*vals, act.xq[t], act.xd[t]) for t in range(9)])
+        for isa in isas:
+            got = mm.matmul(packed, act, isa=isa)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), isa
 
 
 def _ggml_q4_k_replay(raw, act, t):

@@ -13,7 +13,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from ..simd import _ZERO8, _half, _i1, _i8, _i32, _nibbles, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, row_kernels
+from ..simd import (_ZERO8, _half, _i1, _i8, _i32, _nibbles, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec,
+                    has_vnni, row_kernels, tile_kernel)
 from .block32 import high_bits, pack_pair, read_qh, write_qh
 from .ksearch import signed_absmax
 from .rounding import read_f16, write_f16
@@ -56,14 +57,22 @@ def quantize_row(xr, row):
 
 # --- the product with Q8_0 activations (ggml's AVX2 vec_dot_q5_0_q8_0) ---------------------
 
-def _dot_body(builder, blk, y, scales, state):
-    qy = _load(builder, y, _vec(_i8, 32), 0)
-    # ggml: qx = nibbles | (~fifth bit & 0xF0): the value less 16 as a signed byte
+def _values(builder, blk):
+    """ggml's qx = nibbles | (~fifth bit & 0xF0): the 32 values less 16 as signed bytes."""
     bits = builder.bitcast(_load(builder, blk, _i32, 2), _vec(_i1, 32))
     high = builder.select(bits, ir.Constant(_vec(_i8, 32), [0] * 32), ir.Constant(_vec(_i8, 32), [0xF0] * 32))
-    qx = builder.or_(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 6)), high)
-    lanes = _lanes_signed(builder, qx, qy)
+    return builder.or_(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 6)), high)
+
+
+def _dot_body(builder, blk, y, scales, state):
+    qy = _load(builder, y, _vec(_i8, 32), 0)
+    lanes = _lanes_signed(builder, _values(builder, blk), qy)
     return [_lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), scales[0]), lanes, state[0])]
+
+
+def _unpack_shifted(builder, blk):
+    """A block's scale and its values less 16, + 128, as unsigned bytes (runtime.simd.tile_kernel)."""
+    return _half(builder, blk, 0), builder.xor(_values(builder, blk), ir.Constant(_vec(_i8, 32), [128 - 256] * 32))
 
 
 
@@ -77,8 +86,25 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
         out[r] = dot(w, r, xq, xd, ctx.isa)
 
 
+TILE_ROWS, TILE_TOKENS = 4, 8  # the VNNI batch kernel's step: rows x tokens (two per 512-bit vector)
+_tile = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, TILE_TOKENS, wide=True)
+_tile1 = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, 1)  # a batch's leftover tokens
+
+
 @njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float; rows over threads."""
-    for r in prange(w.shape[0]):
-        rows(w, r, xq, xd, out, ctx.isa)
+    """A batch: each (row, token) matvec's float. With VNNI in Q8_0's tiles of rows x tokens,
+    elsewhere one row and four tokens at a time; rows over threads."""
+    if has_vnni(ctx.isa):
+        n_rows, n_tok = w.shape[0], xq.shape[0]
+        whole = n_tok - n_tok % TILE_TOKENS
+        for g in prange(n_rows // TILE_ROWS):
+            for t in range(0, whole, TILE_TOKENS):
+                _tile(w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
+            for t in range(whole, n_tok):
+                _tile1(w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
+        for r in range(n_rows - n_rows % TILE_ROWS, n_rows):
+            rows(w, r, xq, xd, out, ctx.isa)
+    else:
+        for r in prange(w.shape[0]):
+            rows(w, r, xq, xd, out, ctx.isa)

@@ -9,7 +9,10 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit, prange
 
-from ..simd import _ZERO8, _half, _i8, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, row_kernels
+from llvmlite import ir
+
+from ..simd import (_ZERO8, _half, _i8, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, has_vnni,
+                    row_kernels, tile_kernel)
 from .rounding import read_f16, roundf, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
@@ -62,8 +65,33 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
         out[r] = dot(w, r, xq, xd, ctx.isa)
 
 
+def _unpack_shifted(builder, blk):
+    """A block's scale and its quants + 128 as unsigned bytes (runtime.simd.tile_kernel)."""
+    qs = _load(builder, blk, _vec(_i8, 32), 2)
+    return _half(builder, blk, 0), builder.xor(qs, ir.Constant(_vec(_i8, 32), [128 - 256] * 32))
+
+
+TILE_ROWS, TILE_TOKENS = 4, 8  # the VNNI batch kernel's step: rows x tokens (two per 512-bit vector)
+_tile = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, TILE_TOKENS, wide=True)
+_tile1 = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, 1)  # a batch's leftover tokens
+
+
 @njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float; rows over threads."""
-    for r in prange(w.shape[0]):
-        rows(w, r, xq, xd, out, ctx.isa)
+    """A batch: each (row, token) matvec's float. With VNNI TILE_ROWS x TILE_TOKENS at a time
+    (runtime.simd.tile_kernel: each weight block and token block loaded once per tile, two
+    tokens per 512-bit vector, one vpdpbusd per two block products), the leftover tokens one
+    at a time; elsewhere one row and four tokens at a time. Rows over threads."""
+    if has_vnni(ctx.isa):
+        n_rows, n_tok = w.shape[0], xq.shape[0]
+        whole = n_tok - n_tok % TILE_TOKENS
+        for g in prange(n_rows // TILE_ROWS):
+            for t in range(0, whole, TILE_TOKENS):
+                _tile(w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
+            for t in range(whole, n_tok):
+                _tile1(w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
+        for r in range(n_rows - n_rows % TILE_ROWS, n_rows):
+            rows(w, r, xq, xd, out, ctx.isa)
+    else:
+        for r in prange(w.shape[0]):
+            rows(w, r, xq, xd, out, ctx.isa)
