@@ -1,21 +1,22 @@
-"""The K-quants' batch (prompt) products: one weight row times 8 tokens per pass.
+"""The K-quants' batch (prompt) products: one weight row times 16 tokens per pass.
 
 A K-quant block is costly to unpack (its scales packed in bits, its quants in nibbles and bit
 planes) and cheap to multiply, so a batch unpacks each of a row's blocks once and multiplies it
-with the activations of 8 tokens (ik_llama.cpp's mul_mat_qX_K_q8_K_T does the same): the
+with the activations of TOKENS tokens (ik_llama.cpp's mul_mat_qX_K_q8_K_T does the same): the
 integer products of every (row, token) are the one-token kernel's, only computed side by side,
 and the float steps a token's result goes through - which decide its bits - are the one-token
 kernel's too, so a token's floats do not depend on its batch. What is per token and the same
 for every row (each block's Q8_K scale, each 32 values' activation sum) is laid out beforehand,
-8 tokens side by side (`prepare`), so that the float steps that are scalar in the one-token
-kernel (Q4_K's, and Q5_K's mins) run on 8 tokens in one vector.
+GROUP = 8 tokens side by side (`prepare`), so that the float steps that are scalar in the
+one-token kernel (Q4_K's, and Q5_K's mins) run on 8 tokens in one vector.
 
-A batch of T tokens is cut into ceil(T / 8) chunks; the last chunk repeats its last token in
-the unused places (computed, not stored), so there is no separate tail kernel.
+A batch of T tokens is cut into ceil(T / TOKENS) chunks; the last chunk repeats its last token
+in the unused places (computed, not stored), so there is no separate tail kernel.
 
 `batch_kernel(block_bytes, init, body, finish)` makes a format's intrinsic
-(w, r, xq, dx8, bs8, c, out, isa): row r of w times chunk c's tokens into out[8c:8c+8, r]. The
-format gives the per-block arithmetic:
+(w, r, xq, dx8, bs8, c, out, isa): row r of w times chunk c's tokens into
+out[TOKENS c:TOKENS (c+1), r]. The format gives the per-block arithmetic of one group of 8
+tokens (called once per group; LLVM merges the repeated unpacking of the block):
   init                                   its state (a list of IR constants)
   body(builder, blk, ys, dx, bsp, state) the state after block `blk` (an i8* to its bytes): ys
                                          the 8 tokens' i8* to the block's 256 activations, dx
@@ -35,22 +36,28 @@ from numba.extending import intrinsic
 
 from ..simd import _avx2, _f32, _fn, _i8, _i16, _i32, _load, _mask, _splat, _state_loop, _vec, isa_typer
 
-TOKENS = 8  # tokens per pass over a row
+GROUP = 8  # tokens side by side in one vector (a format's body multiplies a block with them)
+GROUPS = 2  # groups per pass over a row: the block unpacked once for all
+TOKENS = GROUP * GROUPS  # tokens per pass over a row
 ROW_BLOCK = 16  # rows per parallel work item: their blocks stay in L2 while every chunk passes
 
 
 @njit(cache=True, nogil=True)
-def prepare(xq, xd, dx8, bs8):
-    """The per-token values every row needs, chunk by chunk, 8 tokens side by side:
-    dx8 float32 [chunks, blocks * 8]: block b's Q8_K scale of token i at [c, 8b + i];
-    bs8 int16 [chunks, blocks * 64]: the activation sums of block b's 32-value groups 2p and
-    2p+1 (|sum| <= 32 * 128, an int16) of token i at [c, 64b + 16p + 2i] and [.. + 1] (the
-    pairs vpmaddwd multiplies with a pair of mins). Places past the last token repeat it."""
+def prepare(xq, xd):
+    """The per-token values every row needs, group by group (GROUP tokens side by side), for
+    ceil(T / TOKENS) chunks, places past the last token repeating it:
+    dx8 float32 [groups, blocks * 8]: block b's Q8_K scale of token i at [g, 8b + i];
+    bs8 int16 [groups, blocks * 64]: the activation sums of block b's 32-value groups 2p and
+    2p+1 (|sum| <= 32 * 128, an int16) of token i at [g, 64b + 16p + 2i] and [.. + 1] (the
+    pairs vpmaddwd multiplies with a pair of mins)."""
     n_tok, k = xq.shape
     nb = k // 256
-    for c in range(dx8.shape[0]):
-        for i in range(TOKENS):
-            t = min(TOKENS * c + i, n_tok - 1)
+    groups = (n_tok + TOKENS - 1) // TOKENS * GROUPS
+    dx8 = np.empty((groups, nb * 8), np.float32)
+    bs8 = np.empty((groups, nb * 64), np.int16)
+    for c in range(groups):
+        for i in range(GROUP):
+            t = min(GROUP * c + i, n_tok - 1)
             for b in range(nb):
                 dx8[c, 8 * b + i] = xd[t, 8 * b]
                 for g in range(8):
@@ -58,6 +65,7 @@ def prepare(xq, xd, dx8, bs8):
                     for j in range(32):
                         s += np.int32(xq[t, 256 * b + 32 * g + j])
                     bs8[c, 64 * b + 16 * (g // 2) + 2 * i + g % 2] = s
+    return dx8, bs8
 
 
 def madd_pairs(builder, a, b):
@@ -115,30 +123,38 @@ def batch_kernel(block_bytes, init, body, finish):
         k_vals = builder.extract_value(xarr.shape, 1)
         n_out = builder.extract_value(oarr.shape, 1)
         last = builder.sub(n_tok, ir.Constant(n_tok.type, 1))
-        first = builder.mul(c, ir.Constant(c.type, TOKENS))
-        toks = [builder.add(first, ir.Constant(c.type, i)) for i in range(TOKENS)]
-        clamped = [builder.select(builder.icmp_signed("<", t, n_tok), t, last) for t in toks]
         xbase = builder.bitcast(xarr.data, _i8.as_pointer())
-        yq = [builder.gep(xbase, [builder.mul(t, k_vals)]) for t in clamped]
-        dxrow = builder.gep(dxarr.data, [builder.mul(c, builder.extract_value(dxarr.shape, 1))])
-        bsrow = builder.bitcast(builder.gep(bsarr.data, [builder.mul(c, builder.extract_value(bsarr.shape, 1))]), _i8.as_pointer())
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
         f32x8 = _vec(_f32, 8)
+        groups = []  # per group: its tokens, their activation rows, its dx8 and bs8 rows
+        for s in range(GROUPS):
+            gi = builder.add(builder.mul(c, ir.Constant(c.type, GROUPS)), ir.Constant(c.type, s))
+            toks = [builder.add(builder.mul(gi, ir.Constant(c.type, GROUP)), ir.Constant(c.type, i)) for i in range(GROUP)]
+            clamped = [builder.select(builder.icmp_signed("<", t, n_tok), t, last) for t in toks]
+            yq = [builder.gep(xbase, [builder.mul(t, k_vals)]) for t in clamped]
+            dxrow = builder.gep(dxarr.data, [builder.mul(gi, builder.extract_value(dxarr.shape, 1))])
+            bsrow = builder.bitcast(builder.gep(bsarr.data, [builder.mul(gi, builder.extract_value(bsarr.shape, 1))]), _i8.as_pointer())
+            groups.append((toks, yq, dxrow, bsrow))
+        n_state = len(init)
 
         def step(b, state):
             blk = builder.gep(row, [builder.mul(b, ir.Constant(b.type, block_bytes))])
             yo = builder.mul(b, ir.Constant(b.type, 256))
-            ys = [builder.gep(y, [yo]) for y in yq]
-            dx = builder.load(builder.bitcast(builder.gep(dxrow, [builder.mul(b, ir.Constant(b.type, 8))]), f32x8.as_pointer()), align=4)
-            bsp = builder.gep(bsrow, [builder.mul(b, ir.Constant(b.type, 128))])
-            return body(builder, blk, ys, dx, bsp, state)
+            new = []
+            for s, (_, yq, dxrow, bsrow) in enumerate(groups):  # (LLVM merges the block's repeated unpacking)
+                ys = [builder.gep(y, [yo]) for y in yq]
+                dx = builder.load(builder.bitcast(builder.gep(dxrow, [builder.mul(b, ir.Constant(b.type, 8))]), f32x8.as_pointer()), align=4)
+                bsp = builder.gep(bsrow, [builder.mul(b, ir.Constant(b.type, 128))])
+                new += body(builder, blk, ys, dx, bsp, state[n_state * s:n_state * (s + 1)])
+            return new
 
-        state = _state_loop(builder, n_blocks, list(init), step)
-        result = finish(builder, state)
-        for i, t in enumerate(toks):
-            with cgutils.if_likely(builder, builder.icmp_signed("<", t, n_tok)):
-                dst = builder.gep(oarr.data, [builder.add(builder.mul(t, n_out), r)])
-                builder.store(builder.extract_element(result, ir.Constant(_i32, i)), dst)
+        state = _state_loop(builder, n_blocks, list(init) * GROUPS, step)
+        for s, (toks, _, _, _) in enumerate(groups):
+            result = finish(builder, state[n_state * s:n_state * (s + 1)])
+            for i, t in enumerate(toks):
+                with cgutils.if_likely(builder, builder.icmp_signed("<", t, n_tok)):
+                    dst = builder.gep(oarr.data, [builder.add(builder.mul(t, n_out), r)])
+                    builder.store(builder.extract_element(result, ir.Constant(_i32, i)), dst)
         return context.get_dummy_value()
 
     return intrinsic(isa_typer(typer))

@@ -311,9 +311,7 @@ def matmat(w, ctx, xq, xd, xs, xhat, out):
     tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
     n_tok, k = xq.shape
     chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
-    dx8 = np.empty((chunks, k // 256 * 8), np.float32)
-    bs8 = np.empty((chunks, k // 256 * 64), np.int16)
-    kbatch.prepare(xq, xd, dx8, bs8)
+    dx8, bs8 = kbatch.prepare(xq, xd)
     n_rows = w.shape[0]
     for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
         stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)

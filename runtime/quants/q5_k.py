@@ -193,15 +193,15 @@ def _batch_body(builder, blk, ys, dx, bsp, state):
     f32x8 = _vec(_f32, 8)
     imin = builder.sitofp(kbatch.mins_dot(builder, [p[1] for p in pairs], bsp), f32x8)
     dmin = builder.fmul(builder.fsub(ir.Constant(f32x8, [-0.0] * 8), dx), simd._splat(builder, dminh, 8))  # ggml: -y.d * dmin
-    return new + [_fma(builder, dmin, imin, state[kbatch.TOKENS])]
+    return new + [_fma(builder, dmin, imin, state[kbatch.GROUP])]
 
 
 def _batch_finish(builder, state):
-    sums = kbatch.gather8(builder, [_hsum8(builder, a) for a in state[:kbatch.TOKENS]], _f32)
-    return builder.fadd(sums, state[kbatch.TOKENS])
+    sums = kbatch.gather8(builder, [_hsum8(builder, a) for a in state[:kbatch.GROUP]], _f32)
+    return builder.fadd(sums, state[kbatch.GROUP])
 
 
-_batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8] * (kbatch.TOKENS + 1), _batch_body, _batch_finish)
+_batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8] * (kbatch.GROUP + 1), _batch_body, _batch_finish)
 
 
 @njit(cache=True, parallel=True)
@@ -212,9 +212,7 @@ def matmat(w, ctx, xq, xd, xs, xhat, out):
     pass (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
     n_tok, k = xq.shape
     chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
-    dx8 = np.empty((chunks, k // 256 * 8), np.float32)
-    bs8 = np.empty((chunks, k // 256 * 64), np.int16)
-    kbatch.prepare(xq, xd, dx8, bs8)
+    dx8, bs8 = kbatch.prepare(xq, xd)
     n_rows = w.shape[0]
     for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
         stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)

@@ -162,7 +162,7 @@ def _batch_body(builder, blk, ys, dx, bsp, state):
     return new
 
 
-_batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8] * kbatch.TOKENS, _batch_body,
+_batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8] * kbatch.GROUP, _batch_body,
                              lambda builder, state: kbatch.gather8(builder, [_hsum8(builder, a) for a in state], _f32))
 
 
@@ -180,9 +180,7 @@ def matmat(w, ctx, xq, xd, xs, xhat, out):
     (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
     n_tok, k = xq.shape
     chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
-    dx8 = np.empty((chunks, k // 256 * 8), np.float32)
-    bs8 = np.empty((chunks, k // 256 * 64), np.int16)  # (Q6_K has no mins: not read)
-    kbatch.prepare(xq, xd, dx8, bs8)
+    dx8, bs8 = kbatch.prepare(xq, xd)  # (bs8: Q6_K has no mins)
     yu = np.empty((n_tok, k), np.uint8)  # y + 128: every int8 y in 0..255
     for t in range(n_tok):
         for i in range(k):
