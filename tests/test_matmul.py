@@ -332,20 +332,24 @@ def run_rows(kind, w, xq, xd, xs, out):  # batch forms, 5 tokens: tokens 0-3 in 
             q8_0.rows(w, r, xq, xd, out, ISA)
         elif kind == 2:
             q4_0.rows(w, r, xq, xd, out, ISA)
-        elif kind == 3:
-            q5_0.rows(w, r, xq, xd, out, ISA)
         else:
-            q6_k.rows(w, r, xq, xd, out, ISA)
+            q5_0.rows(w, r, xq, xd, out, ISA)
 assert simd.ROW_TOKENS == 4
-for kind in range(5):
+for kind in range(4):
     out = np.empty((5, d[f"w{kind}"].shape[0]), np.float32)
     run_rows(kind, d[f"w{kind}"], d[f"bxq{kind}"], d[f"bxd{kind}"], d[f"bxs{kind}"], out)
     outs[f"batch{kind}"] = out
 from llamachat.runtime.matmul import kernel_context
+out = np.empty((5, d["w4"].shape[0]), np.float32)  # Q6_K's batch: 5 tokens in one pass of 8 (runtime.quants.kbatch)
+q6_k.matmat(d["w4"], kernel_context("portable"), d["bxq4"], d["bxd4"], d["bxs4"], np.zeros(d["bxq4"].shape, np.float32), out)
+outs["batch4"] = out
+out = np.empty((5, d["w5"].shape[0]), np.float32)  # Q4_K's batch likewise
+q4_k.matmat(d["w5"], kernel_context("portable"), d["bxq5"], d["bxd5"], d["bxs5"], np.zeros(d["bxq5"].shape, np.float32), out)
+outs["batch5"] = out
 from llamachat.runtime.quants import q5_k
 out = np.empty((5, d["w8"].shape[0]), np.float32)
 unused = np.zeros(d["xd8"].shape, np.float32), np.zeros(d["xq8"].shape, np.float32)  # (Q5_K reads xq and xd only)
-q5_k.matmat(d["w8"], kernel_context("portable"), d["xq8"], d["xd8"], *unused, out)  # tokens 0-3 in one step, token 4 alone
+q5_k.matmat(d["w8"], kernel_context("portable"), d["xq8"], d["xd8"], *unused, out)  # 5 tokens in one pass of 8
 outs["out8"] = out
 from llamachat.runtime.quants import q5_1
 out = np.empty((5, d["w9"].shape[0]), np.float32)
@@ -407,9 +411,9 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     act = mm.quantize_for(x5, mm.QuantWeight("w", T.Q5_1, 256, 21, raw))
     data.update({"w9": raw, "xq9": act.xq, "xd9": act.xd, "xs9": act.xs})
     want[9] = np.stack([_ggml_q5_1_dot(raw, act.xq[t], act.xd[t], act.xs[t]) for t in range(5)])
-    batch_want = {}  # the batch kernels of kinds 0-4 (file layout), 5 tokens: each its one-token floats
-    for kind in range(5):
-        qtype = (SIMD_TYPES + [T.Q6_K])[kind]
+    batch_want = {}  # the batch kernels of kinds 0-5 (file layout), 5 tokens: each its one-token floats
+    for kind in range(6):
+        qtype = (SIMD_TYPES + [T.Q6_K, T.Q4_K])[kind]
         w = mm.QuantWeight("w", qtype, data[f"xq{kind}"].shape[0], data[f"w{kind}"].shape[0], data[f"w{kind}"])
         xb = (rng.standard_normal((5, w.n_in)) * 2).astype(np.float32)
         act = mm.quantize_for(xb, w)
@@ -425,7 +429,7 @@ def test_portable_ir_gives_the_same_floats(tmp_path):
     assert np.array_equal(got["out8"].view(np.uint32), want[8].view(np.uint32)), "Q5_K"
     assert np.array_equal(got["out9"].view(np.uint32), want[9].view(np.uint32)), "Q5_1"
     assert np.array_equal(got["one9"].view(np.uint32), want[9][4].view(np.uint32)), "Q5_1 one token"
-    for kind in range(5):
+    for kind in range(6):
         assert np.array_equal(got[f"batch{kind}"].view(np.uint32), batch_want[kind].view(np.uint32)), kind
     # half -> float by integer arithmetic (no F16C): every bit pattern, NaNs as NaNs
     want_halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)

@@ -24,8 +24,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..simd import (_ZERO8, _avx2, isa_typer, _f32, _fma, _fn, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
+from ..simd import (_ZERO8, _avx2, isa_typer, _f32, _fma, _fn, _half, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
                     _scaled_lanes, _splat, _state_loop, _vec)
+from . import kbatch
 from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4
 from .rounding import read_f16_pair
 
@@ -221,9 +222,34 @@ def _q4_k_rows8(n_t, prefetch):
     return isa_typer(typer)
 
 
-TOKENS = 2  # tokens per step of the batch kernel
 dot8 = intrinsic(_q4_k_rows8(1, True))  # one token, prefetching 8 KiB ahead
-gemm8 = intrinsic(_q4_k_rows8(TOKENS, False))  # TOKENS tokens of a batch
+
+
+def _batch_body(builder, blk, ys, dx, bsp, state):
+    """One block of a row times 8 tokens (runtime.quants.kbatch): each token's isum and imin as
+    the one-token kernel's (exact integers), then its two fma steps on the 8 tokens at once."""
+    v32 = _vec(_i8, 32)
+    pairs = scales_mins_ir(builder, blk)
+    quants = []  # sub-block g: the low (g even) or high nibbles of qs[32 (g // 2) ..]
+    for c in range(4):
+        qs = _load(builder, blk, v32, 16 + 32 * c)
+        quants += [builder.and_(qs, ir.Constant(v32, [15] * 32)), builder.lshr(qs, ir.Constant(v32, [4] * 32))]
+    lanes = []
+    for y in ys:
+        total = None
+        for g in range(8):
+            part = _scaled_lanes(builder, quants[g], _load(builder, y, v32, 32 * g), pairs[g][0], pairs[g][0], 0)
+            total = part if total is None else builder.add(total, part)
+        lanes.append(total)
+    f32x8 = _vec(_f32, 8)
+    isums = builder.sitofp(_row_sums8(builder, lanes), f32x8)  # token i's isum in place i
+    imins = builder.sitofp(kbatch.mins_dot(builder, [p[1] for p in pairs], bsp), f32x8)
+    dh = _splat(builder, _half(builder, blk, 0), 8)
+    dminh = _splat(builder, _half(builder, blk, 2), 8)
+    return [_fma(builder, isums, builder.fmul(dh, dx), state[0]), _fma(builder, imins, builder.fmul(dminh, dx), state[1])]
+
+
+_batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8, _ZERO8], _batch_body, lambda builder, state: builder.fsub(state[0], state[1]))
 
 
 @njit(cache=True, inline="always")
@@ -281,12 +307,14 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
 
 @njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """out [T, rows] = the T tokens' products with a matrix of rows a multiple of 8, each
-    (row, token) matvec's floats: 8 rows x TOKENS tokens per step."""
-    n_tok = xq.shape[0]
-    steps = n_tok // TOKENS
-    for g in prange(w.shape[0] // 8):
-        for s in range(steps):
-            gemm8(w, 8 * g, xq, xd, TOKENS * s, out, ctx.isa)
-        for t in range(TOKENS * steps, n_tok):
-            dot8(w, 8 * g, xq, xd, t, out, ctx.isa)
+    """out [T, rows] = the T tokens' products, each (row, token) matvec's floats: one row times 8
+    tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
+    n_tok, k = xq.shape
+    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
+    dx8, bs8 = kbatch.prepare(xq, xd)
+    n_rows = w.shape[0]
+    for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
+        stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)
+        for c in range(chunks):
+            for r in range(rb * kbatch.ROW_BLOCK, stop):
+                _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)

@@ -28,6 +28,7 @@ from numba.extending import intrinsic
 
 from .. import simd
 from ..simd import isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i32, _lane_accumulate, _load, _prefetch, _vec
+from . import kbatch
 from .ksearch import f32, quantize_scales_mins_k4, scales_mins_k4
 from .q4_k import scales_mins_ir
 from .rounding import read_f16_pair
@@ -163,33 +164,76 @@ def _rows_typer(n_t, prefetch):
     return typer
 
 
-_rows1 = intrinsic(isa_typer(_rows_typer(1, True)))  # one token (decode, a batch's leftovers), prefetching 8 KiB ahead
-_rows_n = intrinsic(isa_typer(_rows_typer(simd.ROW_TOKENS, False)))  # ROW_TOKENS tokens of a batch
+_rows1 = intrinsic(isa_typer(_rows_typer(1, True)))  # one token (decode), prefetching 8 KiB ahead
+
+
+def _batch_body(builder, blk, ys, dx, bsp, state):
+    """One block of a row times 8 tokens (runtime.quants.kbatch): state [acc of token 0..7,
+    summs of the 8 tokens]; each token's lanes and steps as _block's, the mins' fma on the 8
+    tokens in one vector."""
+    v32 = _vec(_i8, 32)
+    pairs = scales_mins_ir(builder, blk)
+    qh = _load(builder, blk, v32, 16)
+    quants = []
+    for c in range(4):
+        qs = _load(builder, blk, v32, 48 + 32 * c)
+        for h in range(2):
+            low = builder.and_(qs, ir.Constant(v32, [15] * 32)) if h == 0 else builder.lshr(qs, ir.Constant(v32, [4] * 32))
+            fifth = builder.and_(builder.lshr(qh, ir.Constant(v32, [2 * c + h] * 32)), ir.Constant(v32, [1] * 32))
+            quants.append(builder.or_(low, builder.shl(fifth, ir.Constant(v32, [4] * 32))))
+    dh, dminh = _half(builder, blk, 0), _half(builder, blk, 2)
+    new = []
+    for i, y in enumerate(ys):
+        lanes = None
+        for g in range(8):
+            part = simd._scaled_lanes(builder, quants[g], _load(builder, y, v32, 32 * g), pairs[g][0], pairs[g][0], 0)
+            lanes = part if lanes is None else builder.add(lanes, part)
+        dx_i = builder.extract_element(dx, ir.Constant(_i32, i))
+        new.append(_lane_accumulate(builder, builder.fmul(dx_i, dh), lanes, state[i]))
+    f32x8 = _vec(_f32, 8)
+    imin = builder.sitofp(kbatch.mins_dot(builder, [p[1] for p in pairs], bsp), f32x8)
+    dmin = builder.fmul(builder.fsub(ir.Constant(f32x8, [-0.0] * 8), dx), simd._splat(builder, dminh, 8))  # ggml: -y.d * dmin
+    return new + [_fma(builder, dmin, imin, state[kbatch.GROUP])]
+
+
+def _batch_finish(builder, state):
+    sums = kbatch.gather8(builder, [_hsum8(builder, a) for a in state[:kbatch.GROUP]], _f32)
+    return builder.fadd(sums, state[kbatch.GROUP])
+
+
+_batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8] * (kbatch.GROUP + 1), _batch_body, _batch_finish)
 
 
 @njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
     """out [T, rows] = the T tokens' Q8_K activations (xq int8 [T, K], xd float32 [T, K/32])
     times the Q5_K rows w (uint8 [rows, K/256*176], C-contiguous): ggml_vec_dot_q5_K_q8_K per
-    (row, token), so a token's floats do not depend on its batch. Rows over threads."""
+    (row, token), so a token's floats do not depend on its batch. One row times 8 tokens per
+    pass (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
     n_tok, k = xq.shape
-    bsum = np.empty((n_tok, k // 32), np.int32)
-    for t in range(n_tok):
-        for g in range(k // 32):
-            s = np.int32(0)
-            for j in range(32):
-                s += np.int32(xq[t, 32 * g + j])
-            bsum[t, g] = s
-    steps = n_tok - n_tok % simd.ROW_TOKENS
-    for r in prange(w.shape[0]):
-        for t0 in range(0, steps, simd.ROW_TOKENS):
-            _rows_n(w, r, xq, xd, bsum, t0, out, ctx.isa)
-        for t in range(steps, n_tok):
-            _rows1(w, r, xq, xd, bsum, t, out, ctx.isa)
+    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
+    dx8, bs8 = kbatch.prepare(xq, xd)
+    n_rows = w.shape[0]
+    for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
+        stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)
+        for c in range(chunks):
+            for r in range(rb * kbatch.ROW_BLOCK, stop):
+                _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def matvec(w, ctx, xq, xd, xs, xhat, out):
-    """One token (xq [K], xd [K/32], out [rows]): matmat's floats for a batch of one."""
-    matmat(w, ctx, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), xs.reshape((1, xs.shape[0])),
-           xhat.reshape((1, xhat.shape[0])), out.reshape((1, out.shape[0])))
+    """One token (xq [K], xd [K/32], out [rows]): ggml_vec_dot_q5_K_q8_K per row, matmat's
+    floats for a batch of one."""
+    k = xq.shape[0]
+    bsum = np.empty((1, k // 32), np.int32)
+    for g in range(k // 32):
+        s = np.int32(0)
+        for j in range(32):
+            s += np.int32(xq[32 * g + j])
+        bsum[0, g] = s
+    xq2 = xq.reshape((1, k))
+    xd2 = xd.reshape((1, xd.shape[0]))
+    out2 = out.reshape((1, out.shape[0]))
+    for r in prange(w.shape[0]):
+        _rows1(w, r, xq2, xd2, bsum, 0, out2, ctx.isa)

@@ -17,7 +17,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from ..simd import _ZERO8, _half, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _scaled_lanes, _vec, row_kernels
+from ..simd import _ZERO8, _f32, _half, _hsum8, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _scaled_lanes, _vec, row_kernels
+from . import kbatch
 from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, signed_absmax
 from .rounding import nearest_int, read_f16, write_f16
 
@@ -117,7 +118,52 @@ def _dot_body(builder, blk, y, scales, state):
 
 
 
-dot, rows = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish, block_values=QK)
+dot = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish, block_values=QK)[0]
+
+
+def _batch_body(builder, blk, ys, dx, bsp, state):
+    """One block of a row times 8 tokens (runtime.quants.kbatch), each token's 8 integer lanes
+    and fma step those of _dot_body. The block is unpacked once, to q - 32 (signed bytes), and
+    the activations come as y + 128 (unsigned bytes, `ys` points into matmat's shifted copy),
+    so one vpmaddubsw per 32 values and token gives (y + 128) * (q - 32) and the lanes
+    sc * (q - 32) * y = sc * (y + 128) * (q - 32) - 128 * sc * (q - 32), the last term the
+    row's alone: computed once for the 8 tokens (exact integers; pairs within int16:
+    |255 * 32 * 2| < 2^15)."""
+    v32 = _vec(_i8, 32)
+    m4 = ir.Constant(v32, [15] * 32)
+    m2 = ir.Constant(v32, [3] * 32)
+    sc = [builder.sext(_load(builder, blk, _i8, 192 + i), _i32) for i in range(16)]
+    quants = []  # values 128j + 32k .. +31 (k = 0..3 within j), minus 32
+    for j in range(2):
+        bits1 = _load(builder, blk, v32, 64 * j)
+        bits2 = _load(builder, blk, v32, 64 * j + 32)
+        bits_h = _load(builder, blk, v32, 128 + 32 * j)
+        low = [builder.and_(bits1, m4), builder.and_(bits2, m4),
+               builder.lshr(bits1, ir.Constant(v32, [4] * 32)), builder.lshr(bits2, ir.Constant(v32, [4] * 32))]
+        for k in range(4):
+            high = builder.and_(builder.lshr(bits_h, ir.Constant(v32, [2 * k] * 32)), m2)
+            q = builder.or_(low[k], builder.shl(high, ir.Constant(v32, [4] * 32)))
+            quants.append(builder.sub(q, ir.Constant(v32, [32] * 32)))
+    ones = ir.Constant(v32, [1] * 32)
+    offset = None  # 128 * sc * (q - 32), per lane
+    for g in range(8):
+        part = _scaled_lanes(builder, ones, quants[g], sc[2 * g], sc[2 * g + 1], 0)
+        offset = part if offset is None else builder.add(offset, part)
+    offset = builder.shl(offset, ir.Constant(offset.type, [7] * 8))
+    d = _half(builder, blk, 208)
+    new = []
+    for i, y in enumerate(ys):
+        lanes = None
+        for g in range(8):
+            part = _scaled_lanes(builder, _load(builder, y, v32, 32 * g), quants[g], sc[2 * g], sc[2 * g + 1], 0)
+            lanes = part if lanes is None else builder.add(lanes, part)
+        dx_i = builder.extract_element(dx, ir.Constant(_i32, i))
+        new.append(_lane_accumulate(builder, builder.fmul(dx_i, d), builder.sub(lanes, offset), state[i]))
+    return new
+
+
+_batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8] * kbatch.GROUP, _batch_body,
+                             lambda builder, state: kbatch.gather8(builder, [_hsum8(builder, a) for a in state], _f32))
 
 
 @njit(cache=True, parallel=True)
@@ -130,6 +176,18 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
 
 @njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float; rows over threads."""
-    for r in prange(w.shape[0]):
-        rows(w, r, xq, xd, out, ctx.isa)
+    """A batch: each (row, token) matvec's float; one row times 8 tokens per pass
+    (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
+    n_tok, k = xq.shape
+    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
+    dx8, bs8 = kbatch.prepare(xq, xd)  # (bs8: Q6_K has no mins)
+    yu = np.empty((n_tok, k), np.uint8)  # y + 128: every int8 y in 0..255
+    for t in range(n_tok):
+        for i in range(k):
+            yu[t, i] = np.uint8(np.int32(xq[t, i]) + 128)
+    n_rows = w.shape[0]
+    for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
+        stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)
+        for c in range(chunks):
+            for r in range(rb * kbatch.ROW_BLOCK, stop):
+                _batch(w, r, yu, dx8, bs8, c, out, ctx.isa)
