@@ -291,7 +291,7 @@ def _bucket_sort(logits, npartial):
             break
         ib -= 1
     start = np.zeros(128, np.int64)
-    at = 0
+    at = np.int64(0)
     for j in range(127, ib - 1, -1):
         start[j] = at
         at += histo[j]
@@ -303,7 +303,7 @@ def _bucket_sort(logits, npartial):
             key[start[j]] = logits[i]
             val[start[j]] = i
             start[j] += 1
-    at = 0
+    at = np.int64(0)  # (a literal 0 would compile the sort kernels a second time for it)
     for j in range(127, ib, -1):
         _std_sort(key, val, at, at + histo[j])
         at += histo[j]

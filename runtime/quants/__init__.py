@@ -8,8 +8,8 @@ the only table that maps a type to its kernels and activation type.
     row_nbytes(ggml_type, n_per_row) -> int
     TRAITS (alias FORMATS): dict[GGMLQuantizationType, Traits]
 
-Adding a format: its module, a branch in the two row drivers below, its record in TRAITS (and,
-if it has a one-token kernel, its branch in runtime.matmul.matvec_fused).
+Adding a format: its module, its place in _BLOCK_KINDS below, its record in TRAITS (the row
+drivers and runtime.matmul.matvec_fused find its kernels there).
 
 `Traits.dequantize_rows(raw_2d_uint8, out_2d_f32)` and `Format.quantize_rows(x_2d_f32,
 out_2d_uint8)` run the kernels (numba for the block formats, parallel over rows) writing into
