@@ -83,7 +83,7 @@ def test_stderr_progress_line_is_drawn_and_cleared(monkeypatch):
         watch._ended()
         watch.last -= 2.0
     out = err.getvalue()
-    assert "\r\x1b[Kllamachat: compiling for this CPU (first run, ~30 s): 0 kernels, 2 s" in out
+    assert f"\r\x1b[Kllamachat: compiling for this CPU (first run, ~{compile_progress.FIRST_RUN_SECONDS} s): 0 kernels, 2 s" in out
     assert out.endswith("\r\x1b[K")  # the line is gone at the end
     assert all(len(part) <= 79 for part in out.split("\r\x1b[K"))  # one terminal line
     plain = io.StringIO()  # not a terminal: nothing at all

@@ -1,7 +1,8 @@
 """What the engine is doing while numba compiles its kernels, for the front ends to show.
 
-The first use of the engine on a machine (or after an upgrade) compiles its kernels for this CPU:
-half a minute or more, during which nothing else happens. numba announces each compile that
+The first use of the engine on a machine (or after an upgrade), and the first use of a weight
+format, compile its kernels for this CPU (those of the model's formats only): a quarter of a
+minute or more, during which nothing else happens. numba announces each compile that
 misses its on-disk cache ("numba:compile" events); `CompileWatch` counts them, so the app can
 say "preparing the engine for this CPU" in the chat and the command line can draw a progress
 line on stderr. A warm start compiles nothing and shows nothing.
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 
-FIRST_RUN_SECONDS = 30  # a cold start on a 2-core machine (README's figures), told to the user
+FIRST_RUN_SECONDS = 15  # a cold start of one format on a quiet 2-core machine (README's figures), told to the user
 QUIET_SECONDS = 1.0  # a compile shorter than this is not worth a message
 
 
