@@ -32,7 +32,7 @@ from numba import njit, prange, types
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
-from .quants import KERNELS, TRAITS, read_only_view, plain, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
+from .quants import KERNELS, TRAITS, read_only_view
 from .quants.rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
 from .simd import HOST_ISA, Isa
 from .quants.traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
