@@ -562,7 +562,7 @@ def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
         if st.head.types[0] >= 0:
             return logits[0]
     else:
-        ctx = decode_context([t for _, _, types in fused for t in types])
+        ctx = decode_context([types for _, _, types in fused])
         for il, (_, mats, types) in enumerate(fused):
             layer = weights.layers[il]
             decode_layer(x, Layer(layer.attn_norm, layer.ffn_norm, *mats, types), KV(cache.k[il], cache.v[il]),
