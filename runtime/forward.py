@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .matmul import (HOST_CONTEXT, act_mode_of, dequantize_rows, matmul, matvec_fused, quantize_activations, quantize_for,
+from .matmul import (act_mode_of, decode_context, dequantize_rows, matmul, matvec_fused, quantize_activations, quantize_for,
                      round_to_f16)
 from .simd import fmaf
 
@@ -556,15 +556,17 @@ def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
     x = embed(cfg, weights, np.array([token]))
     if st is not None:
         logits = np.empty((1, cfg.n_vocab), np.float32)
-        decode_all_layers(x, st, KV(cache.k, cache.v), pos, rope, dims, HOST_CONTEXT, logits)
+        ctx = decode_context(st.types + (st.head.types,))  # the model's kernels only are compiled
+        decode_all_layers(x, st, KV(cache.k, cache.v), pos, rope, dims, ctx, logits)
         cache.n_past = pos + 1
         if st.head.types[0] >= 0:
             return logits[0]
     else:
+        ctx = decode_context([types for _, _, types in fused])
         for il, (_, mats, types) in enumerate(fused):
             layer = weights.layers[il]
             decode_layer(x, Layer(layer.attn_norm, layer.ffn_norm, *mats, types), KV(cache.k[il], cache.v[il]),
-                         pos, rope, dims, HOST_CONTEXT)
+                         pos, rope, dims, ctx)
         cache.n_past = pos + 1
     return matmul(weights.output, rmsnorm(x, weights.output_norm, cfg.rms_eps))[0]
 

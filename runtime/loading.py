@@ -14,6 +14,7 @@ import numpy as np
 
 from .forward import Head, LayerStack
 from .matmul import FUSED_TYPES, pack_x8, repack, repackable
+from .quants import read_only_view
 
 
 def _release_pages(a: np.ndarray) -> None:
@@ -106,8 +107,7 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
                     _release_pages(w.rows)
                     w.rows = view
                     w.packed = packed
-            if len(groups) == 7:  # numba's tuples of 3 and 2 matrices: one array type for all
-                m.flags.writeable = False
+            m = read_only_view(m)  # one array type for every matrix (the memory map's is read-only): one compile
             mats.append(m)
         kernels = [g[0].kernel for g in groups]
         cut = (0, 1, 2, 3, 4) if len(groups) == 4 else (0, 3, 4, 6, 7)  # into qkv, wo, gate_up, down
@@ -119,11 +119,11 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     if stacks is None:
         return out, None
     if out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
-        head = Head(weights.output_norm, np.ascontiguousarray(out_w.rows), np.array([out_w.kernel], np.int64))
+        head = Head(weights.output_norm, read_only_view(np.ascontiguousarray(out_w.rows)), np.array([out_w.kernel], np.int64))
     else:
-        head = Head(weights.output_norm, np.zeros((1, 1), np.uint8), np.array([-1], np.int64))
+        head = Head(weights.output_norm, read_only_view(np.zeros((1, 1), np.uint8)), np.array([-1], np.int64))
     norms = [np.stack([getattr(layer, name) for layer in weights.layers]).astype(np.float32)
              for name in ("attn_norm", "ffn_norm")]
-    return out, LayerStack(*stacks, out[0][2], *norms, head)
+    return out, LayerStack(*(read_only_view(a) for a in stacks), out[0][2], *norms, head)
 
 

@@ -24,13 +24,16 @@ activations with numpy's BLAS. The tile is transient; weights stay quantized in 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
-from .quants import KERNELS, TRAITS, plain, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
+from .quants import KERNELS, TRAITS, read_only_view
 from .quants.rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
 from .simd import HOST_ISA, Isa, host_isas
 from .quants.traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
@@ -43,28 +46,101 @@ TILE_ROWS = 2048
 
 
 
+class KernelSet:
+    """The one-token kernels a model multiplies with (their numbers, runtime.quants.KERNELS):
+    part of the numba type of a KernelContext, so `matvec_fused` is compiled with those
+    kernels only and cached once per set (a Q4_1 model does not compile Q6_K's kernels)."""
+
+    __slots__ = ("numbers",)
+
+    def __init__(self, numbers):
+        self.numbers = tuple(sorted({int(n) for n in numbers if int(n) >= 0}))
+        if not all(n < len(KERNELS) for n in self.numbers):
+            raise ValueError(f"no one-token kernel numbered {max(self.numbers)}")
+
+    def __repr__(self) -> str:
+        return f"KernelSet({self.numbers})"
+
+
+class KernelSetType(types.Dummy):
+    """numba's type of a KernelSet: one type per set of kernel numbers."""
+
+    def __init__(self, numbers: tuple):
+        self.numbers = numbers
+        super().__init__(name=f"KernelSet{numbers}")
+
+
+@typeof_impl.register(KernelSet)
+def _typeof_kernel_set(val, c):
+    return KernelSetType(val.numbers)
+
+
+register_model(KernelSetType)(models.OpaqueModel)
+
+
+@unbox(KernelSetType)
+def _unbox_kernel_set(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
 class KernelContext(NamedTuple):
     """What every product kernel takes besides its data: the half-float table (for their scalar
     tails) and the instruction set their IR is emitted for (runtime.simd.Isa: its numba type
-    is part of every compiled signature, so each instruction set compiles and caches apart)."""
+    is part of every compiled signature, so each instruction set compiles and caches apart);
+    for `matvec_fused` also the KernelSet it may dispatch to (None for the kernels themselves:
+    their code does not depend on it)."""
     table: np.ndarray
     isa: Isa
+    kernels: KernelSet | None = None
 
 
 # the context of this CPU's instruction set (runtime.simd.HOST_ISA, detected once)
 HOST_CONTEXT = KernelContext(F16_TABLE, HOST_ISA)
+_CONTEXTS: dict = {}  # (isa name, kernel numbers) -> KernelContext, made once each
 
 
-def kernel_context(isa: str | None = None) -> KernelContext:
+def kernel_context(isa: str | None = None, kernels=None) -> KernelContext:
     """The kernels' context for instruction set `isa` ("avx512vnni", "avx2", "portable"; None:
-    this CPU's). ValueError for one this CPU cannot run (its code would stop on an illegal
-    instruction)."""
-    if isa is None or isa == HOST_ISA.name:
-        return HOST_CONTEXT
-    chosen = Isa(isa)  # (ValueError for an unknown name)
-    if isa not in host_isas():
-        raise ValueError(f"this CPU cannot run the instruction set {isa!r}: choose one of {', '.join(host_isas())}")
-    return KernelContext(F16_TABLE, chosen)
+    this CPU's), with the set of one-token kernels `matvec_fused` may be asked for (numbers, e.g.
+    the matrices' `kernel`; None: none, for the other kernels). ValueError for one this CPU
+    cannot run (its code would stop on an illegal instruction)."""
+    name = HOST_ISA.name if isa is None else isa
+    numbers = None if kernels is None else KernelSet(kernels).numbers
+    ctx = _CONTEXTS.get((name, numbers))
+    if ctx is None:
+        if name != HOST_ISA.name:
+            chosen = Isa(name)  # (ValueError for an unknown name)
+            if name not in host_isas():
+                raise ValueError(f"this CPU cannot run the instruction set {name!r}: choose one of {', '.join(host_isas())}")
+        base = HOST_CONTEXT if name == HOST_ISA.name else KernelContext(F16_TABLE, chosen)
+        ctx = base if numbers is None else base._replace(kernels=KernelSet(numbers))
+        _CONTEXTS[(name, numbers)] = ctx
+    return ctx
+
+
+_DECODE_CONTEXTS: dict = {}  # id(a model's first kernel-number array) -> (weak reference to it, len(codes), context)
+
+
+def decode_context(codes) -> KernelContext:
+    """The context for decoding with matrices whose kernel numbers are `codes` (int64 arrays, or
+    tuples of them, e.g. runtime.forward.Layer's `types`; -1 entries ignored), this CPU's
+    instruction set. Called per token: the answer is kept per model, keyed by its first array
+    (made once at load, never changed, forgotten when it is freed)."""
+    first = codes[0]
+    while isinstance(first, (tuple, list)):
+        first = first[0]
+    hit = _DECODE_CONTEXTS.get(id(first))
+    if hit is not None and hit[0]() is first and hit[1] == len(codes):
+        return hit[2]
+    arrays = []
+    stack = list(codes)
+    while stack:
+        c = stack.pop()
+        stack.extend(c) if isinstance(c, (tuple, list)) else arrays.append(np.ravel(c))
+    ctx = kernel_context(None, np.concatenate(arrays).tolist())
+    key = id(first)
+    _DECODE_CONTEXTS[key] = (weakref.ref(first, lambda _, key=key: _DECODE_CONTEXTS.pop(key, None)), len(codes), ctx)
+    return ctx
 
 
 @njit(cache=True, inline="always")
@@ -267,13 +343,14 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     t = w.ggml_type
     tr = w.traits
     if n_tok > 1 and tr.batch is not None and w.n_out % tr.batch_rows == 0:
-        tr.batch(np.ascontiguousarray(w.rows), ctx, act.xq, act.xd, act.xs, act.xhat, out)
+        tr.batch(read_only_view(np.ascontiguousarray(w.rows)), ctx, act.xq, act.xd, act.xs, act.xhat, out)
         return out
     if tr.decode is not None:
         # (Q4_K: every token in the order of llama.cpp's repacked gemv, which it uses for one
         # token; its batches take its gemm for tokens in fours - other fma steps, so a token's
         # floats there depend on its place in the batch - and we do not follow it there)
-        rows = np.ascontiguousarray(w.rows)
+        rows = read_only_view(np.ascontiguousarray(w.rows))
+        ctx = kernel_context(isa, (w.kernel,))
         for i in range(n_tok):
             matvec_fused(w.kernel, rows, ctx, act.xq[i], act.xd[i], act.xs[i], act.xhat[i], out[i])
         return out
@@ -289,45 +366,53 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
 
 # each one-token kernel's activation format, by its number (KERNELS)
 _ACT_OF_KERNEL = np.array([tr.vec_dot_type for tr in KERNELS], np.int64)
-_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q5_1, _Q4_K, _Q5_K, _Q6_K = (
-    TRAITS[T.F32].kernel, TRAITS[T.F16].kernel, TRAITS[T.Q8_0].kernel, TRAITS[T.Q4_0].kernel, TRAITS[T.Q4_0].packed.kernel,
-    TRAITS[T.Q4_1].kernel, TRAITS[T.Q4_1].packed.kernel, TRAITS[T.Q5_0].kernel, TRAITS[T.Q5_1].kernel, TRAITS[T.Q4_K].kernel, TRAITS[T.Q5_K].kernel,
-    TRAITS[T.Q6_K].kernel)
 
 
-@njit(cache=True)
+@intrinsic
+def _readonly(typingctx, a):
+    """The same array typed read-only: weights come read-only from the memory map and writable
+    from the copies made at load; the kernels are compiled for one of the two only."""
+    if not isinstance(a, types.Array):
+        return None
+    ro = a.copy(readonly=True)
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, ro, args[0])
+
+    return ro(a), codegen
+
+
+def _dispatch(k, w, ctx, xq, xd, xs, xhat, out):  # typed by _dispatch_to_set below
+    raise NotImplementedError
+
+
+@overload(_dispatch, inline="always")
+def _dispatch_to_set(k, w, ctx, xq, xd, xs, xhat, out):
+    """A switch over the kernels of ctx's KernelSet only (numba calls no function through a
+    table; the set being part of ctx's type, the kernels outside it are never compiled)."""
+    kset = ctx[2] if isinstance(ctx, types.BaseTuple) and len(ctx) == 3 else None
+    if not isinstance(kset, KernelSetType):
+        raise TypeError("matvec_fused needs a KernelContext with a KernelSet (matmul.kernel_context(kernels=...))")
+    lines = ["def impl(k, w, ctx, xq, xd, xs, xhat, out):",
+             "    base = KernelContext(ctx.table, ctx.isa, None)",
+             "    w = _readonly(w)"]
+    env = {"__name__": __name__, "KernelContext": KernelContext, "_readonly": _readonly}
+    for i, n in enumerate(kset.numbers):
+        env[f"kernel_{n}"] = KERNELS[n].decode
+        lines += [f"    {'if' if i == 0 else 'elif'} k == {n}:",
+                  f"        kernel_{n}(w, base, xq, xd, xs, xhat, out)"]
+    lines += ["    " + ("else:" if kset.numbers else "if True:"),
+              "        raise ValueError('matvec_fused: a kernel number outside the context\\'s KernelSet')"]
+    exec("\n".join(lines), env)  # noqa: S102 - source made above from kernel numbers only
+    return env["impl"]
+
+
+@njit(cache=True, inline="always")  # (no compiled layer of its own between a caller and the kernels)
 def matvec_fused(k, w, ctx, xq, xd, xs, xhat, out):
     """out = W x for one token with the one-token kernel numbered k (a record's `kernel`: the
-    `decode` it names); x given as its rounded activations (xq/xd/xs for the integer kernels,
-    xhat for floats; ctx: a KernelContext). A switch: numba calls no function through a table."""
-    if k == _Q4_1:
-        q4_1.matvec(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _Q4_0X8:
-        q4_0.matvec_x8(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _Q4_1X8:
-        q4_1.matvec_x8(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _Q4_0:
-        q4_0.matvec(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _Q8_0:
-        q8_0.matvec(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _Q5_0:
-        q5_0.matvec(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _Q5_1:
-        q5_1.matvec(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _Q4_K:
-        q4_k.matvec(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _Q5_K:
-        q5_k.matvec(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _Q6_K:
-        q6_k.matvec(w, ctx, xq, xd, xs, xhat, out)
-    elif k == _F16:
-        plain.matvec_f16(w, ctx, xq, xd, xs, xhat, out)
-    else:
-        plain.matvec_f32(w, ctx, xq, xd, xs, xhat, out)
-
-
-# every numbered kernel has its branch above
-assert sorted((_F32, _F16, _Q8_0, _Q4_0, _Q4_0X8, _Q4_1, _Q4_1X8, _Q5_0, _Q5_1, _Q4_K, _Q5_K, _Q6_K)) == list(range(len(KERNELS)))
+    `decode` it names), which must be in ctx's KernelSet; x given as its rounded activations
+    (xq/xd/xs for the integer kernels, xhat for floats; ctx: a KernelContext)."""
+    _dispatch(k, w, ctx, xq, xd, xs, xhat, out)
 
 
 @njit(cache=True)

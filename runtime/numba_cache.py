@@ -5,7 +5,8 @@ kernels of other modules, and numba links the callees' code into the caller's ca
 after an edit to matmul.py or simd.py, forward.py's cached decode functions would silently keep
 running the old products (and after an upgrade that changes one file's kernels, the same). So a
 stamp of every source file of a package (and its subpackages) is kept beside the cache; when it
-no longer matches, the package's cache files are deleted: one recompile, never stale code.
+no longer matches, the package's cache files are deleted (with the front ends' `.warm` notes
+saying which models' kernels it held): one recompile, never stale code.
 Reads only file metadata; imports nothing heavy.
 
 Where numba keeps a package's cache: `package/__pycache__`, or, when NUMBA_CACHE_DIR is set
@@ -17,6 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+
+
+# a file named <key>.warm beside the cache: the kernels of that key (compile_progress's) are in it
+WARM_SUFFIX = ".warm"
 
 
 def cache_dir_for(package_dir: str) -> str:
@@ -53,7 +58,7 @@ def drop_stale_numba_cache(package_dir: str, watched: tuple[str, ...] = ("",)) -
             pass
         if os.path.isdir(cache_dir):
             for name in os.listdir(cache_dir):
-                if name.endswith((".nbi", ".nbc")):
+                if name.endswith((".nbi", ".nbc", WARM_SUFFIX)):
                     os.unlink(os.path.join(cache_dir, name))
         os.makedirs(cache_dir, exist_ok=True)
         with open(stamp_file, "w") as fh:

@@ -155,7 +155,7 @@ def _pop_heap(key, val, first, last, result):
     vkey, vval = key[result], val[result]
     key[result] = key[first]
     val[result] = val[first]
-    _adjust_heap(key, val, first, 0, last - first, vkey, vval)
+    _adjust_heap(key, val, first, np.int64(0), last - first, vkey, vval)
 
 
 @_kernel
@@ -291,7 +291,7 @@ def _bucket_sort(logits, npartial):
             break
         ib -= 1
     start = np.zeros(128, np.int64)
-    at = 0
+    at = np.int64(0)
     for j in range(127, ib - 1, -1):
         start[j] = at
         at += histo[j]
@@ -303,7 +303,7 @@ def _bucket_sort(logits, npartial):
             key[start[j]] = logits[i]
             val[start[j]] = i
             start[j] += 1
-    at = 0
+    at = np.int64(0)  # (a literal 0 would compile the sort kernels a second time for it)
     for j in range(127, ib, -1):
         _std_sort(key, val, at, at + histo[j])
         at += histo[j]
@@ -331,16 +331,16 @@ def _heap_partial_sort(logits, npartial):
     if length >= 2:
         parent = (length - 2) // 2
         while True:
-            _adjust_heap(key, val, 0, parent, length, key[parent], val[parent])
+            _adjust_heap(key, val, np.int64(0), parent, length, key[parent], val[parent])
             if parent == 0:
                 break
             parent -= 1
     for i in range(npartial, len(logits)):
         if logits[i] > key[0]:
-            _adjust_heap(key, val, 0, 0, length, logits[i], np.int32(i))
+            _adjust_heap(key, val, np.int64(0), np.int64(0), length, logits[i], np.int32(i))
     while length > 1:
         length -= 1
-        _pop_heap(key, val, 0, length, length)
+        _pop_heap(key, val, np.int64(0), length, length)
     return val
 
 
@@ -349,7 +349,7 @@ def _ascending_order(x):
     """The positions of x in std::sort's order for the comparator x[a] < x[b] (typical's)."""
     key = -x  # a < b exactly when -a > -b, NaN included (every comparison with it is false)
     val = np.arange(len(x)).astype(np.int32)
-    _std_sort(key, val, 0, len(x))
+    _std_sort(key, val, np.int64(0), len(x))
     return val
 
 

@@ -4,6 +4,7 @@ so and how far it is; the command line draws a line on stderr when that is a ter
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 
@@ -83,7 +84,7 @@ def test_stderr_progress_line_is_drawn_and_cleared(monkeypatch):
         watch._ended()
         watch.last -= 2.0
     out = err.getvalue()
-    assert "\r\x1b[Kllamachat: compiling for this CPU (first run, ~30 s): 0 kernels, 2 s" in out
+    assert f"\r\x1b[Kllamachat: compiling for this CPU (first run, ~{compile_progress.FIRST_RUN_SECONDS} s): 0 kernels, 2 s" in out
     assert out.endswith("\r\x1b[K")  # the line is gone at the end
     assert all(len(part) <= 79 for part in out.split("\r\x1b[K"))  # one terminal line
     plain = io.StringIO()  # not a terminal: nothing at all
@@ -118,3 +119,35 @@ async def test_the_chat_says_what_the_wait_is(tmp_path, monkeypatch):
         await pilot.pause(0.2)
         assert not notice.display
         assert any("ready for this CPU" in n for n in notifications(app))
+
+
+def test_a_models_warm_note_names_its_formats_and_goes_with_the_cache(tmp_path, monkeypatch):
+    """The one-shot warms up a model whose formats the cache has not seen (a first run, or the
+    first Q4_K_M file after Q4_1 ones), noted beside numba's cache; a stale cache takes the notes."""
+    from types import SimpleNamespace
+
+    from gguf.constants import GGMLQuantizationType as T
+
+    from llamachat.runtime import numba_cache
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+
+    def llm(t, stack):
+        w = SimpleNamespace(ggml_type=t, packed=False)
+        layer = SimpleNamespace(wq=w, wk=w, wv=w, wo=w, w_gate=w, w_up=w, w_down=w)
+        embd = SimpleNamespace(ggml_type=T.Q8_0, packed=False)
+        weights = SimpleNamespace(token_embd=embd, output=embd, layers=[layer])
+        return SimpleNamespace(model=SimpleNamespace(weights=weights, layer_stack=object() if stack else None))
+
+    q4_1, q4_k = llm(T.Q4_1, True), llm(T.Q4_K, False)
+    assert not compile_progress.model_is_warm(q4_1)
+    compile_progress.note_warm(q4_1)
+    assert compile_progress.model_is_warm(q4_1) and not compile_progress.model_is_warm(q4_k)
+    assert not compile_progress.model_is_warm(llm(T.Q4_1, False))  # the per-layer decode compiles apart
+    assert not compile_progress.model_is_warm(SimpleNamespace())  # a remote model: nothing known, never noted
+    runtime_dir = os.path.dirname(os.path.abspath(numba_cache.__file__))
+    cache = numba_cache.cache_dir_for(runtime_dir)
+    with open(os.path.join(cache, "numba-sources.stamp"), "w") as fh:
+        fh.write("an older version's sources")
+    numba_cache.drop_stale_numba_cache(runtime_dir, ("", "quants"))
+    assert not compile_progress.model_is_warm(q4_1)

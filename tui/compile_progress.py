@@ -1,7 +1,8 @@
 """What the engine is doing while numba compiles its kernels, for the front ends to show.
 
-The first use of the engine on a machine (or after an upgrade) compiles its kernels for this CPU:
-half a minute or more, during which nothing else happens. numba announces each compile that
+The first use of the engine on a machine (or after an upgrade), and the first use of a weight
+format, compile its kernels for this CPU (those of the model's formats only): a quarter of a
+minute or more, during which nothing else happens. numba announces each compile that
 misses its on-disk cache ("numba:compile" events); `CompileWatch` counts them, so the app can
 say "preparing the engine for this CPU" in the chat and the command line can draw a progress
 line on stderr. A warm start compiles nothing and shows nothing.
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 
-FIRST_RUN_SECONDS = 30  # a cold start on a 2-core machine (README's figures), told to the user
+FIRST_RUN_SECONDS = 15  # a cold start of one format on a quiet 2-core machine (README's figures), told to the user
 QUIET_SECONDS = 1.0  # a compile shorter than this is not worth a message
 
 
@@ -151,16 +152,47 @@ class StderrProgress:
         return False
 
 
-def engine_cache_is_cold() -> bool:
-    """True if numba has cached none of the engine's kernels yet (a first run, or the first after
-    an upgrade emptied the cache): the next evaluation will compile for a while."""
-    import glob
+def _warm_note(llm) -> str | None:
+    """The file noting that numba's cache holds the kernels of llm's model: named by what decides
+    them (its weights' layouts, whether its layers decode as one stack, the instruction set), in
+    the engine's cache folder, which runtime.numba_cache empties with it. None if unknown."""
     import os
 
-    from llamachat import runtime
+    from llamachat.runtime import numba_cache
+    from llamachat.runtime.simd import HOST_ISA
 
-    folders = [os.path.join(os.path.dirname(runtime.__file__), "__pycache__")]
-    override = os.environ.get("NUMBA_CACHE_DIR")
-    if override:
-        folders.append(os.path.join(override, "**"))
-    return not any(glob.glob(os.path.join(f, "matmul*.nbi"), recursive=True) for f in folders)
+    model = getattr(llm, "model", None)
+    weights = getattr(model, "weights", None)
+    if weights is None:
+        return None
+    layouts = set()
+    for w in [weights.token_embd, weights.output] + [getattr(layer, name) for layer in weights.layers for name in
+                                                      ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]:
+        layouts.add(f"{w.ggml_type.name}{'x8' if getattr(w, 'packed', False) else ''}")
+    shape = "stack" if getattr(model, "layer_stack", None) is not None else "layers"
+    key = "-".join([HOST_ISA.name, shape, *sorted(layouts)])
+    folder = numba_cache.cache_dir_for(os.path.dirname(os.path.abspath(numba_cache.__file__)))
+    return os.path.join(folder, key + numba_cache.WARM_SUFFIX)
+
+
+def model_is_warm(llm) -> bool:
+    """True if numba's cache already holds the kernels llm's model runs (noted by `note_warm`
+    after a warm-up): a first run, or the first use of a format, is not."""
+    import os
+
+    note = _warm_note(llm)
+    return note is not None and os.path.exists(note)
+
+
+def note_warm(llm) -> None:
+    """Note that the kernels of llm's model are now in numba's cache (a read-only install: not)."""
+    import os
+
+    note = _warm_note(llm)
+    if note is not None:
+        try:
+            os.makedirs(os.path.dirname(note), exist_ok=True)
+            with open(note, "w"):
+                pass
+        except OSError:
+            pass

@@ -123,18 +123,19 @@ def run(args) -> int:
 
     from llamachat.runtime.llama_api import Llama, timing_lines
 
-    from .compile_progress import StderrProgress, engine_cache_is_cold
+    from .compile_progress import StderrProgress, model_is_warm, note_warm
     from .engine_worker import warm_up
 
     threads = settings["threads"] or None  # 0 = all cores
-    cold = engine_cache_is_cold()
     with StderrProgress():  # a first run compiles the kernels: a line on stderr says so
         llm = Llama(str(entry.path), n_ctx=settings["n_ctx"], n_threads=threads, seed=settings["seed"],
                     context_shift=settings["context_policy"] == "shift", n_keep=int(args.n_keep or 0))
-        if cold:  # compile now, with the line showing, rather than between the first words; only
-            # the paths this run takes (its prompt's length, then decode), a cold start is long enough
+        if not model_is_warm(llm):  # a first run or a format's first use: compile now, with the
+            # line showing, rather than between the first words: a batch (the prompt's length, at
+            # least 2: every later prompt then finds its kernels), then decode
             n_prompt = len(llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True))
-            warm_up(llm, sizes=(max(1, n_prompt), 1))
+            warm_up(llm, sizes=(max(2, n_prompt), 1))
+            note_warm(llm)
     for warning in getattr(llm.model, "warnings", []):
         print(f"llamachat: warning: {warning}", file=sys.stderr)
     n_vocab = llm.tokenizer.n_vocab

@@ -8,8 +8,8 @@ the only table that maps a type to its kernels and activation type.
     row_nbytes(ggml_type, n_per_row) -> int
     TRAITS (alias FORMATS): dict[GGMLQuantizationType, Traits]
 
-Adding a format: its module, a branch in the two row drivers below, its record in TRAITS (and,
-if it has a one-token kernel, its branch in runtime.matmul.matvec_fused).
+Adding a format: its module, its place in _BLOCK_KINDS below, its record in TRAITS (the row
+drivers and runtime.matmul.matvec_fused find its kernels there).
 
 `Traits.dequantize_rows(raw_2d_uint8, out_2d_f32)` and `Format.quantize_rows(x_2d_f32,
 out_2d_uint8)` run the kernels (numba for the block formats, parallel over rows) writing into
@@ -25,7 +25,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
 from ..numba_cache import drop_stale_numba_cache
 from . import plain, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
@@ -37,72 +38,76 @@ T = GGMLQuantizationType
 # numba's cache would keep inlined code of a changed sibling module (runtime.numba_cache)
 drop_stale_numba_cache(os.path.dirname(os.path.abspath(__file__)))
 
-# The block formats' `kind` numbers, which the two row drivers below switch on (each module has
-# serial `dequantize_row(row, y)` and `quantize_row(x, row)`): one parallel driver per
-# direction, so a cold start compiles two drivers, not twenty (numba's parallel lowering is
-# the slow part of compiling). F16 <-> F32 share them as the last kind.
+# The block formats' `kind` numbers, which the two row drivers below dispatch on (each module
+# has serial `dequantize_row(row, y)` and `quantize_row(x, row)`); F16 <-> F32 share them as
+# the last kind. The kind is passed as a BlockKind, whose numba type carries the number: each
+# kind compiles (and is cached) apart with its own converter only, so a model compiles the
+# converters of its formats, not of all eleven.
 _BLOCK_KINDS = (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, plain)
+
+
+class BlockKind:
+    """A block kind (an index into _BLOCK_KINDS) as the row drivers take it."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: int):
+        self.kind = kind
+
+
+class BlockKindType(types.Dummy):
+    def __init__(self, kind: int):
+        self.kind = kind
+        super().__init__(name=f"BlockKind({kind})")
+
+
+@typeof_impl.register(BlockKind)
+def _typeof_block_kind(val, c):
+    return BlockKindType(val.kind)
+
+
+register_model(BlockKindType)(models.OpaqueModel)
+
+
+@unbox(BlockKindType)
+def _unbox_block_kind(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
+def _convert_row(kind, src, dst, direction):  # typed by _convert_row_of_kind below
+    raise NotImplementedError
+
+
+@overload(_convert_row, prefer_literal=True)
+def _convert_row_of_kind(kind, src, dst, direction):
+    """src -> dst through the row converter of `kind` (a BlockKind: only that format's converter
+    is compiled), direction "dequantize" (row -> y) or "quantize" (x -> row)."""
+    if not isinstance(kind, BlockKindType) or not isinstance(direction, types.StringLiteral):
+        return None
+    module = _BLOCK_KINDS[kind.kind]
+    if direction.literal_value == "dequantize":
+        convert = plain.dequantize_f16_row if module is plain else module.dequantize_row
+    else:
+        convert = plain.quantize_f16_row if module is plain else module.quantize_row
+
+    def impl(kind, src, dst, direction):
+        convert(src, dst)
+    return impl
 
 
 @njit(cache=True, parallel=True)
 def _dequantize_block_rows(kind, raw, out):
     for r in prange(raw.shape[0]):
-        row = raw[r]
-        y = out[r]
-        if kind == 0:
-            q8_0.dequantize_row(row, y)
-        elif kind == 1:
-            q4_0.dequantize_row(row, y)
-        elif kind == 2:
-            q4_1.dequantize_row(row, y)
-        elif kind == 3:
-            q5_0.dequantize_row(row, y)
-        elif kind == 4:
-            q5_1.dequantize_row(row, y)
-        elif kind == 5:
-            q2_k.dequantize_row(row, y)
-        elif kind == 6:
-            q3_k.dequantize_row(row, y)
-        elif kind == 7:
-            q4_k.dequantize_row(row, y)
-        elif kind == 8:
-            q5_k.dequantize_row(row, y)
-        elif kind == 9:
-            q6_k.dequantize_row(row, y)
-        else:
-            plain.dequantize_f16_row(row, y)
+        _convert_row(kind, raw[r], out[r], "dequantize")
 
 
 @njit(cache=True, nogil=True)
 def _quantize_block_rows(kind, x, out):
     for r in range(x.shape[0]):
-        xr = x[r]
-        row = out[r]
-        if kind == 0:
-            q8_0.quantize_row(xr, row)
-        elif kind == 1:
-            q4_0.quantize_row(xr, row)
-        elif kind == 2:
-            q4_1.quantize_row(xr, row)
-        elif kind == 3:
-            q5_0.quantize_row(xr, row)
-        elif kind == 4:
-            q5_1.quantize_row(xr, row)
-        elif kind == 5:
-            q2_k.quantize_row(xr, row)
-        elif kind == 6:
-            q3_k.quantize_row(xr, row)
-        elif kind == 7:
-            q4_k.quantize_row(xr, row)
-        elif kind == 8:
-            q5_k.quantize_row(xr, row)
-        elif kind == 9:
-            q6_k.quantize_row(xr, row)
-        else:
-            plain.quantize_f16_row(xr, row)
+        _convert_row(kind, x[r], out[r], "quantize")
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
+def read_only_view(a: np.ndarray) -> np.ndarray:
     """A read-only view: numba compiles read-only and writable arrays separately, and weights
     come from a read-only memory map, so every input is passed read-only (one compilation)."""
     if a.flags.writeable:
@@ -120,17 +125,21 @@ def _threads() -> int:
 
 
 def _block_dequantizer(kind: int):
+    kind = BlockKind(kind)
+
     def dequantize_rows(raw, out):
-        _dequantize_block_rows(kind, _readonly(raw), out)
+        _dequantize_block_rows(kind, read_only_view(raw), out)
     return dequantize_rows
 
 
 def _block_quantizer(kind: int):
+    kind = BlockKind(kind)
+
     def quantize_rows(x, out):
         # quantizing is per row and costly (the K-quant searches): rows are split over threads
         # (the numba kernel releases the GIL), which needs no parallel compilation
         global _pool
-        x = _readonly(x)
+        x = read_only_view(x)
         n_threads = min(_threads(), max(1, x.shape[0] // 16))
         if n_threads == 1:
             _quantize_block_rows(kind, x, out)
