@@ -31,8 +31,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .matmul import (act_mode_of, decode_context, dequantize_rows, matmul, matvec_fused, quantize_activations, quantize_for,
-                     round_to_f16)
+from .matmul import (FUSED_TYPES, KernelContext, act_mode_of, decode_context, dequantize_rows, matmul, matvec_fused,
+                     quantize_activations, quantize_for, read_only_view, round_to_f16)
 from .simd import fmaf
 
 
@@ -490,9 +490,13 @@ def _project(mats, types, x, ctx, out):
 
 
 @njit(cache=True)
-def decode_layer(x, layer, kv, pos, rope, dims, ctx):
+def decode_layer(x, layer, kv, pos, rope, dims, table, isa, kernels):
     """One layer (a Layer) for one token at position pos (x [1, n_embd], updated in place; kv:
-    the layer's cache): the steps and kernels of `forward`, in one compiled call."""
+    the layer's cache): the steps and kernels of `forward`, in one compiled call. table, isa,
+    kernels: the kernels' KernelContext, taken apart (numba's dispatcher types an array, an Isa
+    and a KernelSet without Python code, a KernelContext only with it: tens of microseconds a
+    call)."""
+    ctx = KernelContext(table, isa, kernels)
     n_embd = x.shape[1]
     q_dim = dims.n_head * dims.head_dim
     kv_dim = dims.n_head_kv * dims.head_dim
@@ -532,42 +536,54 @@ def decode_layer(x, layer, kv, pos, rope, dims, ctx):
 
 
 @njit(cache=True)
-def decode_all_layers(x, st, kv, pos, rope, dims, ctx, logits):
-    """decode_layer for every layer of a LayerStack (kv: the whole cache), then the final norm
-    and the output product into logits [1, n_vocab] (unless its kernel code is -1)."""
+def decode_all_layers(x, st, kv, pos, rope, dims, table, isa, kernels, logits):
+    """decode_layer for every layer of a LayerStack (kv: the whole cache; a stack may hold no
+    layer, see head_stack), then the final norm and the output product into logits
+    [1, n_vocab] (unless its kernel code is -1)."""
     for il in range(st.qkv.shape[0]):
         layer = Layer(st.attn_norm[il], st.ffn_norm[il], (st.qkv[il],), (st.wo[il],), (st.gate_up[il],),
                       (st.down[il],), st.types)
-        decode_layer(x, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, ctx)
+        decode_layer(x, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, table, isa, kernels)
     if st.head.types[0] >= 0:
         xn = np.empty_like(x)
         _rmsnorm(x, st.head.norm, dims.eps, xn)
-        _project((st.head.rows,), st.head.types, xn, ctx, logits)
+        _project((st.head.rows,), st.head.types, xn, KernelContext(table, isa, kernels), logits)
+
+
+def head_stack(weights) -> LayerStack:
+    """A LayerStack of no layers holding the output norm and matrix: what decode_all_layers runs
+    after a model whose layers are decoded one call each (unlike layers, no stack)."""
+    out_w = weights.output
+    if out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:
+        head = Head(weights.output_norm, read_only_view(np.ascontiguousarray(out_w.rows)), np.array([out_w.kernel], np.int64))
+    else:
+        head = Head(weights.output_norm, read_only_view(np.zeros((1, 1), np.uint8)), np.array([-1], np.int64))
+    none = read_only_view(np.empty((0, 1, 1), np.uint8))
+    norms = np.empty((0, len(weights.output_norm)), np.float32)
+    return LayerStack(none, none, none, none, tuple(np.full(1, -1, np.int64) for _ in range(4)), norms, norms, head)
 
 
 def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
-    """One token at position cache.n_past: in one compiled call (decode_all_layers) when the
-    layers are stacked (st), else one per layer (fused: per layer (kind, (qkv, wo, gate_up,
-    down), types), from runtime.loading.fused_layers); logits [n_vocab]. Changes nothing but
-    the cache."""
+    """One token at position cache.n_past, logits [n_vocab]: the layers one compiled call each
+    (fused: per layer (kind, (qkv, wo, gate_up, down), types), from runtime.loading.fused_layers)
+    unless they are in the LayerStack st; then decode_all_layers runs st's layers (every layer,
+    or none: head_stack) and the output product. Changes nothing but the cache."""
     pos = cache.n_past
     rope = Rope(*rope_tables(np.array([pos]), cfg))
     dims = Dims.of(cfg)
     x = embed(cfg, weights, np.array([token]))
-    if st is not None:
-        logits = np.empty((1, cfg.n_vocab), np.float32)
-        ctx = decode_context(st.types + (st.head.types,))  # the model's kernels only are compiled
-        decode_all_layers(x, st, KV(cache.k, cache.v), pos, rope, dims, ctx, logits)
-        cache.n_past = pos + 1
-        if st.head.types[0] >= 0:
-            return logits[0]
-    else:
-        ctx = decode_context([types for _, _, types in fused])
+    # the model's kernels only are compiled into matvec_fused (runtime.matmul.decode_context)
+    table, isa, kernels = decode_context(st.types + (st.head.types,) + tuple(types for _, _, types in fused or ()))
+    if st.qkv.shape[0] == 0:
         for il, (_, mats, types) in enumerate(fused):
             layer = weights.layers[il]
             decode_layer(x, Layer(layer.attn_norm, layer.ffn_norm, *mats, types), KV(cache.k[il], cache.v[il]),
-                         pos, rope, dims, ctx)
-        cache.n_past = pos + 1
+                         pos, rope, dims, table, isa, kernels)
+    logits = np.empty((1, cfg.n_vocab), np.float32)
+    decode_all_layers(x, st, KV(cache.k, cache.v), pos, rope, dims, table, isa, kernels, logits)
+    cache.n_past = pos + 1
+    if st.head.types[0] >= 0:
+        return logits[0]
     return matmul(weights.output, rmsnorm(x, weights.output_norm, cfg.rms_eps))[0]
 
 

@@ -51,12 +51,14 @@ class KernelSet:
     part of the numba type of a KernelContext, so `matvec_fused` is compiled with those
     kernels only and cached once per set (a Q4_1 model does not compile Q6_K's kernels)."""
 
-    __slots__ = ("numbers",)
+    __slots__ = ("numbers", "_numba_type_")
 
     def __init__(self, numbers):
         self.numbers = tuple(sorted({int(n) for n in numbers if int(n) >= 0}))
         if not all(n < len(KERNELS) for n in self.numbers):
             raise ValueError(f"no one-token kernel numbered {max(self.numbers)}")
+        # read by numba's dispatcher without Python code (see runtime.simd.Isa)
+        self._numba_type_ = KernelSetType(self.numbers)
 
     def __repr__(self) -> str:
         return f"KernelSet({self.numbers})"

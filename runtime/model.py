@@ -330,6 +330,13 @@ class LlamaModel:
         # also alike (layer_stack); None: decode runs the batch forward pass
         self.fused = fused
         self.layer_stack = layer_stack
+        # the stack decode_token finishes a token with: the layers' when they are alike, else
+        # one of no layers holding the output product (so that runs in compiled code too)
+        self._decode_stack = layer_stack
+        if fused is not None and layer_stack is None:
+            from .forward import head_stack
+
+            self._decode_stack = head_stack(weights)
 
     @property
     def n_past(self) -> int:
@@ -373,7 +380,7 @@ class LlamaModel:
                 chunk = ids[start:start + self.n_batch]
                 last = start + self.n_batch >= ids.size
                 if len(chunk) == 1 and self.fused is not None and not hidden:
-                    logits_1 = decode_token(self.config, self.weights, self.fused, self.layer_stack, self.cache,
+                    logits_1 = decode_token(self.config, self.weights, self.fused, self._decode_stack, self.cache,
                                             int(chunk[0]))
                     outs.append(logits_1[None, :] if want_all else logits_1)
                 elif want_all or last:

@@ -47,13 +47,16 @@ from numba.extending import NativeValue, intrinsic, models, register_model, type
 class Isa:
     """An instruction set the kernels emit their IR for: "avx512vnni", "avx2" or "portable"."""
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "_numba_type_")
     NAMES = ("avx512vnni", "avx2", "portable")
 
     def __init__(self, name: str):
         if name not in self.NAMES:
             raise ValueError(f"unknown instruction set {name!r}; choose one of: {', '.join(self.NAMES)}")
         self.name = name
+        # numba's dispatcher takes the type of an argument it cannot fingerprint from here;
+        # without it, every call that passes an Isa has it typed by Python code
+        self._numba_type_ = IsaType(name)
 
     def __repr__(self) -> str:
         return f"Isa({self.name!r})"
