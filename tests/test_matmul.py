@@ -550,13 +550,16 @@ def test_q4_k_sums_as_llama_cpp_repacked_kernels():
     rng = np.random.default_rng(44)
     raw = random_rows(T.Q4_K, 24, 512, rng)
     w = mm.QuantWeight("w", T.Q4_K, 512, 24, raw)
-    for n_tok in (1, 5):
+    for n_tok in (1, 5, 19):  # 19: a batch of one full pass of 16 tokens and a partial one
         x = (rng.standard_normal((n_tok, 512)) * 2).astype(np.float32)
         got = mm.matmul(w, x)
         act = mm.quantize_for(x, w)
         for t in range(n_tok):
             want = _ggml_q4_k_replay(raw, act, t)
             assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), (n_tok, t)
+    # the batch kernel takes any number of rows (one row per pass): 19 rows, the same floats
+    part = mm.matmul(mm.QuantWeight("w", T.Q4_K, 512, 19, np.ascontiguousarray(raw[:19])), x)
+    assert np.array_equal(part.view(np.uint32), got[:, :19].view(np.uint32))
     full, part = np.empty(24, np.float32), np.empty(19, np.float32)
     q4_k.matvec(raw, mm.HOST_CONTEXT, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], full)
     q4_k.matvec(np.ascontiguousarray(raw[:19]), mm.HOST_CONTEXT, act.xq[0], act.xd[0], act.xs[0], act.xhat[0], part)
