@@ -18,9 +18,10 @@ dimensions past n_rot are left alone.
 
 Two drivers run these steps: `forward` for a batch of tokens (a prompt, perplexity, embeddings;
 one Python call per step), and `decode_token` for one token, which runs them inside compiled
-code (`decode_layer`; `decode_all_layers` for the whole model when its layers are alike) on
-the arrays runtime.loading prepared. Both take the model's config, weights and KV cache and
-change nothing but the cache; attention is chosen in one place, `attend`.
+code (`decode_layer`; `decode_all_layers` for the whole model when its layers are alike, else
+for the output product after one call per layer) on the arrays runtime.loading prepared.
+Both take the model's config, weights and KV cache and change nothing but the cache;
+attention is chosen in one place, `attend`.
 """
 
 from __future__ import annotations
@@ -57,33 +58,34 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 @njit(cache=True)
-def _rope_cos_sin(theta, cos, sin):
-    """cosf/sinf of float32 angles: numba lowers math.cos/math.sin of a float32 to libm's cosf
-    and sinf, the functions ggml's rope_yarn calls. (glibc's are not correctly rounded: about
-    2% of these angles differ by one ulp from the float64 cos/sin rounded to float32.)"""
-    for t in range(theta.shape[0]):
-        for i in range(theta.shape[1]):
-            cos[t, i] = math.cos(theta[t, i])
-            sin[t, i] = math.sin(theta[t, i])
+def _rope_cos_sin(positions, theta_scale, freqs, freq_scale, cos, sin):
+    """cos/sin [T, n_rot/2] of each position's float32 angles, computed in ggml's order: theta
+    starts at the position and is multiplied by theta_scale once per pair, then divided by freqs
+    and multiplied by freq_scale (all float32 steps). cosf/sinf: numba lowers math.cos/math.sin
+    of a float32 to libm's cosf and sinf, the functions ggml's rope_yarn calls. (glibc's are not
+    correctly rounded: about 2% of these angles differ by one ulp from the float64 cos/sin
+    rounded to float32.)"""
+    for t in range(positions.shape[0]):
+        theta = np.float32(positions[t])
+        for i in range(cos.shape[1]):
+            angle = np.float32(np.float32(theta / freqs[i]) * freq_scale)
+            cos[t, i] = math.cos(angle)
+            sin[t, i] = math.sin(angle)
+            theta = np.float32(theta * theta_scale)
 
 
 def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin [T, n_rot/2] of each position's angles, as ggml_rope_cache_init makes them:
     theta starts at the position and is multiplied by theta_scale = base**(-2/n_rot) once per
-    pair, in float32; cos/sin are libm's cosf/sinf of those float32 angles."""
+    pair, in float32 (divided by rope_freqs[i] when the file has that tensor; without it by 1,
+    which changes no bit); cos/sin are libm's cosf/sinf of those float32 angles."""
     half = cfg.n_rot // 2
     theta_scale = np.float32(cfg.rope_freq_base ** (-2.0 / cfg.n_rot))
-    theta = np.empty((len(positions), half), np.float32)
-    t = positions.astype(np.float32)
-    for i in range(half):
-        theta[:, i] = t
-        t = (t * theta_scale).astype(np.float32)
-    if cfg.rope_freqs is not None:
-        theta = (theta / cfg.rope_freqs[None, :half]).astype(np.float32)
-    theta = (theta * np.float32(cfg.rope_freq_scale)).astype(np.float32)
-    cos = np.empty_like(theta)
-    sin = np.empty_like(theta)
-    _rope_cos_sin(theta, cos, sin)
+    freqs = cfg.rope_freqs[:half] if cfg.rope_freqs is not None else np.ones(half, np.float32)
+    cos = np.empty((len(positions), half), np.float32)
+    sin = np.empty_like(cos)
+    _rope_cos_sin(np.asarray(positions, np.int64), theta_scale, np.ascontiguousarray(freqs), np.float32(cfg.rope_freq_scale),
+                  cos, sin)
     return cos, sin
 
 
