@@ -149,3 +149,17 @@ async def test_footer_at_80_columns_shows_help_and_quit(tmp_path):
         assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))  # none over another
         await pilot.resize_terminal(140, 45)
         await wait_for(pilot, lambda: not footer.compact and footer.show_command_palette)
+
+
+async def test_ctrl_q_while_the_engine_is_prepared_quits_at_once(tmp_path):
+    """Ctrl+Q during a first run's compile (the model load) did nothing until the compile was
+    over, minutes on a busy machine: the load is no longer waited for."""
+    make_library(tmp_path)
+    load_seconds = 8.0
+    app, _ = make_app(script=FakeScript(replies=["Paris."], load_delay=load_seconds))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loading)
+        t0 = time.monotonic()
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: app.return_code is not None, timeout=load_seconds)
+        assert time.monotonic() - t0 < load_seconds / 2 and app.left_a_load
