@@ -519,7 +519,10 @@ class ChatApp(App):
             except BaseException as err:  # noqa: BLE001 - shown as a notification
                 outcome["error"] = describe_error(err)
             finally:
-                loop.call_soon_threadsafe(finished.set)
+                try:
+                    loop.call_soon_threadsafe(finished.set)
+                except RuntimeError:  # the app quit while this loaded (its loop is closed): nobody waits
+                    pass
 
         self._load_thread = threading.Thread(target=load, name="llamachat-load", daemon=True)
         self._load_thread.start()
