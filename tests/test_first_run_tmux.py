@@ -48,7 +48,10 @@ async def test_status_line_at_80_columns_keeps_esc_stops_and_the_meter(tmp_path)
         await wait_for(pilot, lambda: status_line(app).rstrip().endswith("(full: stop) · oldest turns dropped │ chat"))
 
 
-COMPILE_SECONDS = 2.0
+# a first run's compile as the engine counts it (the 0.3 tok/s seen in tmux came from minutes of
+# compiling); the fake sleeps only a second of it, so the test stays short
+COMPILE_SECONDS = 60.0
+SLEPT_SECONDS = 1.0
 
 
 class CompilingFake(FakeLlama):
@@ -60,7 +63,7 @@ class CompilingFake(FakeLlama):
         gen = super()._generate(prompt, reply, n_predict, stops, seed)
         yield next(gen)
         WATCH._started(None)
-        time.sleep(COMPILE_SECONDS)
+        time.sleep(SLEPT_SECONDS)
         WATCH._ended()
         yield from gen
         self.last_stats["eval_ms"] += COMPILE_SECONDS * 1000
@@ -69,18 +72,18 @@ class CompilingFake(FakeLlama):
 async def test_first_reply_rate_leaves_out_the_compile(tmp_path):
     make_library(tmp_path)
     words = " ".join(f"w{i}" for i in range(40))
-    script = FakeScript(replies=[words], delay=0.02)  # 40 tokens of 20 ms after a 2 s compile
+    script = FakeScript(replies=[words], delay=0.02)  # 40 tokens of 20 ms after the compile
     app, _ = make_app(script=script)
     app.engine._factory = lambda path, **kw: CompilingFake(path, script=script, **kw)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
         await send(pilot, app, "What is the capital of France?")
         await reply_done(pilot, app)
-        # the engine's figure: 40 tokens in 0.4 s of decoding + 2 s of compiling = 17 tok/s;
-        # after the compile the tokens came at up to 50 a second (the 20 ms sleeps)
+        # the engine's figure: 40 tokens in 0.4 s of decoding + 60 s of compiling = 0.66 tok/s;
+        # after the compile the tokens came at up to 50 a second (at 14 under a load of 18)
         engine_rate = 40 / (0.4 + COMPILE_SECONDS)
         shown = re.search(r"([0-9.]+|–) tok/s", app.status_text()).group(1)
-        assert shown == "–" or float(shown) > 1.5 * engine_rate, app.status_text()
+        assert shown == "–" or float(shown) > 5 * engine_rate, app.status_text()
 
 
 async def test_paragraphs_of_a_reply_are_apart(tmp_path):
@@ -149,3 +152,17 @@ async def test_footer_at_80_columns_shows_help_and_quit(tmp_path):
         assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))  # none over another
         await pilot.resize_terminal(140, 45)
         await wait_for(pilot, lambda: not footer.compact and footer.show_command_palette)
+
+
+async def test_ctrl_q_while_the_engine_is_prepared_quits_at_once(tmp_path):
+    """Ctrl+Q during a first run's compile (the model load) did nothing until the compile was
+    over, minutes on a busy machine: the load is no longer waited for."""
+    make_library(tmp_path)
+    load_seconds = 8.0
+    app, _ = make_app(script=FakeScript(replies=["Paris."], load_delay=load_seconds))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loading)
+        t0 = time.monotonic()
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: app.return_code is not None, timeout=load_seconds)
+        assert time.monotonic() - t0 < load_seconds / 2 and app.left_a_load

@@ -13,8 +13,12 @@ traceback.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import os
 import re
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterable
@@ -125,6 +129,8 @@ class ChatApp(App):
         self.load_fraction: float | None = None
         self.last_tps: float | None = None
         self._compiles_before_reply = 0
+        self.left_a_load = False  # quit while a model was loading (run() does not wait for it)
+        self._load_thread: threading.Thread | None = None
         self.loaded_settings: dict = {}  # the load-time settings of the model now in the engine
         self._pending_reply = False  # a reply to start once the load in progress ends
         self._live: tuple[float, int] | None = None  # (time, n_tokens) at the reply's first text
@@ -172,6 +178,12 @@ class ChatApp(App):
         """Stop the reply in progress, wait for the worker, keep what it wrote, then exit with 0."""
         self.engine.cancel()
         workers = [w for w in self.workers if w.group in ("engine", "pull") and not w.is_finished]
+        # a model load is not waited for: on a first run it compiles the kernels for minutes, and
+        # Ctrl+Q did nothing until it ended; run() ends the process without it (numba writes each
+        # cache file whole, so the kernels compiled so far are kept)
+        loads = [w for w in workers if w.name == "_load_worker"]
+        workers = [w for w in workers if w not in loads]
+        self.left_a_load = bool(loads)
         if workers:
             # a reply stops within a token; a model load or a download cannot be interrupted
             self.notify("Stopping…" if self.generating else "Waiting for the model load or download to finish…", timeout=5)
@@ -180,7 +192,7 @@ class ChatApp(App):
             # the worker's ReplyDone would arrive after the app has gone: file the partial reply now
             results = [w.result for w in workers if isinstance(w.result, GenerationResult)]
             self._finish_reply(results[-1] if results else GenerationResult(cancelled=True))
-        if self.engine.resume is not None:
+        if self.engine.resume is not None and not loads:  # (a load holds the engine; it has no context yet)
             await self.workers.wait_for_complete([self._save_state_worker()])  # this chat's context, for next time
         if self.store is not None:
             self.store.close()
@@ -488,17 +500,34 @@ class ChatApp(App):
         self._load_seq += 1
         self._load_worker(entry, self._load_settings(), reason, self._load_seq)
 
-    @work(thread=True, exit_on_error=False, group="engine")
-    def _load_worker(self, entry, kwargs: dict, reason: str, seq: int) -> None:
+    @work(exit_on_error=False, group="engine")
+    async def _load_worker(self, entry, kwargs: dict, reason: str, seq: int) -> None:
+        """The load runs in a daemon thread of its own, not in a thread worker: Textual's exit
+        waits for its worker threads, so Ctrl+Q during a first run's compile (minutes) would
+        not end the app until the compile did; run() ends the process without this thread."""
+        loop = asyncio.get_running_loop()
+        finished = asyncio.Event()
+        outcome: dict = {}
+
         def progress(fraction: float) -> None:
             self.load_fraction = float(fraction)  # read by the UI timer
 
-        try:
-            self.engine.load_entry(entry, progress=progress, **kwargs)
-            error = None
-        except BaseException as err:  # noqa: BLE001 - shown as a notification
-            error = describe_error(err)
-        self.post_message(LoadDone(entry, error, reason, kwargs, seq))
+        def load() -> None:
+            try:
+                self.engine.load_entry(entry, progress=progress, **kwargs)
+                outcome["error"] = None
+            except BaseException as err:  # noqa: BLE001 - shown as a notification
+                outcome["error"] = describe_error(err)
+            finally:
+                try:
+                    loop.call_soon_threadsafe(finished.set)
+                except RuntimeError:  # the app quit while this loaded (its loop is closed): nobody waits
+                    pass
+
+        self._load_thread = threading.Thread(target=load, name="llamachat-load", daemon=True)
+        self._load_thread.start()
+        await finished.wait()
+        self.post_message(LoadDone(entry, outcome.get("error"), reason, kwargs, seq))
 
     @_while_screen_exists
     def on_load_done(self, message: LoadDone) -> None:
@@ -1121,4 +1150,10 @@ def run(args) -> int:
     app.run()
     if app.crash_message:
         raise UserError(app.crash_message, exit_code=1)
+    load = app._load_thread
+    if app.left_a_load and load is not None and load.is_alive():
+        # a daemon thread, but it could still be compiling while the interpreter shuts down
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(app.return_code or 0)
     return app.return_code or 0
