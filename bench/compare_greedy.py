@@ -7,7 +7,7 @@ For each file and each prompt of the reference data's `greedy` list (../shared/r
 /smollm2.json, or --prompts FILE with one prompt per line): `llamachat -p PROMPT -n 32 --temp 0
 --no-tui` against `llama-cli -p PROMPT -n 32 --temp 0 -fa -no-cnv` (flash attention: the F16
 attention our engine replays). MATCH, or both texts. llama.cpp repacks Q4_0 and Q4_K weights on
-AVX2 CPUs unless --no-repack; its summation order then differs (see runtime/matmul.py).
+AVX2 CPUs unless --no-repack; its summation order then differs (see runtime/quants/matmul.py).
 `bash bench/build_llama_bench.sh` builds llama-cli too. Exit status 1 if any pair differs.
 """
 

@@ -80,7 +80,7 @@ def load_average() -> str:
 def start_to_first_token(path: Path, threads: int, cache_dir: str | None = None) -> float:
     """Seconds from a fresh interpreter's start to the first token's logits (the interpreter's
     own start-up included); cache_dir: a NUMBA_CACHE_DIR to use (an empty one: cold start)."""
-    code = ("from llamachat.runtime.model import load_model;"
+    code = ("from llamachat.runtime.model.model import load_model;"
             f"m = load_model({str(path)!r}, n_ctx=64, n_threads={threads}); m.eval([1]); print('ok')")
     env = dict(os.environ)
     if cache_dir is not None:
@@ -95,8 +95,8 @@ def peak_rss(path: Path, args) -> tuple[float, float]:
     """(peak RSS, budget) in MiB of a fresh process running pp then tg; budget = file size +
     KV cache + 250 MiB."""
     code = ("import resource, json, os;"
-            "from llamachat.runtime.model import load_model;"
-            "from llamachat.runtime.bench import bench;"
+            "from llamachat.runtime.model.model import load_model;"
+            "from llamachat.runtime.generation.bench import bench;"
             f"m = load_model({str(path)!r}, n_ctx={max(args.n_prompt, args.n_gen, 1)}, n_threads={args.threads});"
             f"bench(m, {args.n_prompt}, {args.n_gen}, 1);"
             # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec
@@ -145,9 +145,9 @@ def synthetic_model(size: str, folder: Path, quants: list[str], tokenizer_file: 
     import numpy as np
     from gguf.constants import GGMLQuantizationType as T
 
-    from llamachat.runtime.gguf_file import GGUFFile
-    from llamachat.runtime.gguf_writer import write_gguf
-    from llamachat.runtime.quantize_model import quantize_model
+    from llamachat.runtime.gguf.reader import GGUFFile
+    from llamachat.runtime.gguf.writer import write_gguf
+    from llamachat.runtime.gguf.quantize_model import quantize_model
 
     shape = SYNTHETIC_SHAPES[size]
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,8 +216,8 @@ def main() -> int:
 
     from llamachat.model_store.library import Library
     from llamachat.runtime.errors import UserError
-    from llamachat.runtime.bench import bench
-    from llamachat.runtime.model import load_model
+    from llamachat.runtime.generation.bench import bench
+    from llamachat.runtime.model.model import load_model
 
     print(f"machine: {machine()}; load average at start: {load_average()}")
     bw = memory_bandwidth(args.threads)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from llamachat.runtime.params import SamplingParams
-from llamachat.runtime.sampling import Sampler
+from llamachat.runtime.generation.sampling import Sampler
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from llamachat.runtime.errors import UserError, shown
-from llamachat.runtime.gguf_writer import write_gguf
+from llamachat.runtime.gguf.writer import write_gguf
 
 from .checkpoint_tensor import bf16_bits
 

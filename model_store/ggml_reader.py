@@ -48,7 +48,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
 
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.gguf_writer import write_gguf
+from llamachat.runtime.gguf.writer import write_gguf
 
 from .conversion import Progress, new_recorder, recorded_metadata
 from .import_meta import GLOBAL_TENSORS, LAYER_TENSORS

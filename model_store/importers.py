@@ -8,7 +8,7 @@ Owns the import's sequence and its promises:
 2. all work happens in a private temporary folder inside the library's models dir (same
    file system, so the final step is a rename): the F16 GGUF is written there (one tensor
    at a time, never the whole model in memory), validated by opening it, quantized by
-   runtime.quantize_model if asked, validated again;
+   runtime.gguf.quantize_model if asked, validated again;
 3. the result is linked into place without ever replacing an existing file, then added to
    the library; if that fails the file is removed again. On any failure (full disk,
    Ctrl-C, bad input) the temporary folder is deleted: nothing half-written remains and
@@ -83,7 +83,7 @@ def check_quant_type(quant: str | None) -> str | None:
     """The canonical quant type name, or UserError listing the valid ones."""
     if quant is None:
         return None
-    from llamachat.runtime.quantize_model import parse_quant_type
+    from llamachat.runtime.gguf.quantize_model import parse_quant_type
 
     return parse_quant_type(str(quant))
 
@@ -104,7 +104,7 @@ def default_name(source: Path, quant: str | None) -> str:
 def plan_gguf(path: Path, name: str) -> Conversion:
     """A float GGUF as a Conversion (used to merge a LoRA into it): its metadata is kept,
     its tensors are re-read as float32."""
-    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf.reader import GGUFFile
     from llamachat.runtime.quants import dequantize
 
     g = GGUFFile(path)
@@ -138,7 +138,7 @@ def plan_gguf(path: Path, name: str) -> Conversion:
 
 def _check_gguf_source(path: Path, quant: str | None, lora) -> tuple[int, bool]:
     """Validate a GGUF source (architecture, types); returns (size, is_float)."""
-    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf.reader import GGUFFile
 
     with GGUFFile(path) as g:
         arch = g.get("general.architecture")
@@ -284,7 +284,7 @@ def run_import(source, name: str | None = None, quant: str | None = None, lora=N
 
 def _float_type_of(path: Path) -> str:
     """F16, BF16 or F32: the type of a float source's matrices, for the report."""
-    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf.reader import GGUFFile
 
     with GGUFFile(path) as g:
         types = {t.ggml_type.name for t in g.tensors.values() if len(t.shape) == 2}
@@ -309,9 +309,9 @@ def _place(result: Path, dest: Path) -> None:
 
 
 def _quantize(src: Path, dst: Path, quant: str, progress: Progress | None):
-    """runtime.quantize_model (llama-quantize's choices and bytes), its per-tensor callback
+    """runtime.gguf.quantize_model (llama-quantize's choices and bytes), its per-tensor callback
     turned into our progress lines."""
-    from llamachat.runtime.quantize_model import quantize_model
+    from llamachat.runtime.gguf.quantize_model import quantize_model
 
     def on_tensor(i, n, plan, before, after):
         if progress:
@@ -340,7 +340,7 @@ def _cancellable(progress: Progress | None, cancel: threading.Event, source: Pat
 
 
 def _validate(path: Path) -> None:
-    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf.reader import GGUFFile
 
     try:
         with GGUFFile(path):
@@ -386,7 +386,7 @@ def _report_tokens(g, text: str) -> tuple[list[int], int, int | None]:
     """(tokens of `text`, n_ctx, bos id or None) for the model in GGUFFile `g`: the largest
     even context up to REPORT_MAX_CTX (and the training context) that still gives the two
     chunks llama-perplexity's method needs."""
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(g)
     tokens = tok.encode(text, add_special=True)
@@ -401,9 +401,9 @@ def quality_report(f16_path: Path, result_path: Path, progress: Progress | None 
     --kl-divergence does: both perplexities, the mean KL divergence (nats per token, with its
     standard error) and how often the two models' top tokens agree, over the same scored
     tokens; with both sizes. `progress("report", chunk, chunks, what)` after each chunk."""
-    from llamachat.runtime.gguf_file import GGUFFile
-    from llamachat.runtime.model import load_model
-    from llamachat.runtime.perplexity import kl_divergence, scored_log_probs
+    from llamachat.runtime.gguf.reader import GGUFFile
+    from llamachat.runtime.model.model import load_model
+    from llamachat.runtime.generation.perplexity import kl_divergence, scored_log_probs
 
     with GGUFFile(f16_path) as g:
         tokens, n_ctx, bos = _report_tokens(g, text)

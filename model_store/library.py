@@ -665,7 +665,7 @@ class Library:
         """Add a GGUF file (validated first: GGUFError if it is not one) under `name`
         (default: made from the file name). The first model added becomes the default.
         `quality`: figures measured at import (QUALITY_KEYS), kept as an inline table."""
-        from llamachat.runtime.gguf_file import GGUFFile
+        from llamachat.runtime.gguf.reader import GGUFFile
 
         path = _expand(path)
         if not path.exists():
@@ -778,7 +778,7 @@ class Library:
                 p = _expand(os.fspath(value))
                 if not p.is_file():
                     raise UserError(f"{p}: no such file")
-                from llamachat.runtime.gguf_file import GGUFFile
+                from llamachat.runtime.gguf.reader import GGUFFile
 
                 with GGUFFile(p):
                     pass
@@ -880,7 +880,7 @@ def _clip(text: str, limit: int = 120) -> str:
 
 
 def file_summary(path: Path) -> FileSummary:
-    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf.reader import GGUFFile
 
     path = Path(path)
     if not path.is_file():

@@ -5,27 +5,26 @@ Imports nothing from the UI. Heavy modules (numba kernels) load lazily, on first
 name that needs them, so `import llamachat.runtime` stays cheap.
 """
 
-import os
 from importlib import import_module
 
 # (OpenMP/OpenBLAS settings are not made here: the `llamachat` command and `Llama(...)` apply
 # them, see thread_env)
 from .thread_env import USER_OMP_ENV, apply_thread_env  # noqa: F401 (public: bench, entry points)
-from .numba_cache import drop_stale_numba_cache
+from .numba_cache import drop_stale_engine_caches
 
-# forward.py's kernels link matmul.py's and simd.py's (and the quants'): any edit to any of
-# them must recompile the lot (see numba_cache)
-drop_stale_numba_cache(os.path.dirname(os.path.abspath(__file__)), ("", "quants"))
+# a kernel's cache entry holds the code of the kernels it calls, in any of the engine's
+# folders: an edit to any of them must recompile the lot (see numba_cache)
+drop_stale_engine_caches()
 
 from .errors import ConfigError, GGUFError, ModelError, UserError
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "GGUFFile": ".gguf_file",
-    "Tokenizer": ".tokenizer",
-    "Llama": ".llama_api",
-    "LlamaState": ".llama_api",
-    "load_model": ".model",
+    "GGUFFile": ".gguf.reader",
+    "Tokenizer": ".tokenizer.tokenizer",
+    "Llama": ".generation.llama_api",
+    "LlamaState": ".generation.llama_api",
+    "load_model": ".model.model",
 }
 
 __all__ = ["UserError", "GGUFError", "ModelError", "ConfigError", *_LAZY]

@@ -65,3 +65,20 @@ def drop_stale_numba_cache(package_dir: str, watched: tuple[str, ...] = ("",)) -
             fh.write(stamp)
     except OSError:  # a read-only install: numba then caches elsewhere or not at all
         pass
+
+
+def drop_stale_engine_caches() -> None:
+    """drop_stale_numba_cache for every folder of the engine (llamachat.runtime and each of its
+    subpackages), each watching all of them: numba links a kernel's callees into the caller's
+    cache entry across folders (model/forward.py's decode calls quants/matmul.py's products,
+    which inline quants/simd.py's IR), so an edit in any folder must drop every folder's cache.
+    The subpackages are found on disk, so a new one is watched without a change here."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        subs = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "__init__.py")))
+    except OSError:
+        return
+    folders = ["", *subs]
+    for sub in folders:
+        here = os.path.join(root, sub)
+        drop_stale_numba_cache(here, tuple(os.path.relpath(os.path.join(root, s), here) for s in folders))

@@ -30,7 +30,7 @@ def suggestion(word: str, choices) -> str:
 
 
 def _builtin_chat_formats() -> tuple[str, ...]:
-    from .chat_template import BUILTIN_FORMATS  # jinja2 is loaded only when a format is named
+    from .tokenizer.chat_template import BUILTIN_FORMATS  # jinja2 is loaded only when a format is named
 
     return BUILTIN_FORMATS
 

@@ -142,7 +142,7 @@ def train_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
 def write_smollm2_tokenizer(folder: Path, gguf_path: Path) -> dict:
     """tokenizer.json + tokenizer_config.json holding SmolLM2's real vocabulary (read from the
     GGUF): the control tokens as special added tokens, merges, SmolLM's pre-tokenizer."""
-    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf.reader import GGUFFile
 
     with GGUFFile(gguf_path) as g:
         tokens = list(g.metadata["tokenizer.ggml.tokens"])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
-from llamachat.runtime.model import load_model
+from llamachat.runtime.model.model import load_model
 
 from test_model import tiny_metadata, write_tiny
 
@@ -89,7 +89,7 @@ def test_repacked_and_file_layout_batches_agree(tmp_path):
 
 @pytest.mark.real_model
 def test_smollm2_last_logits_do_not_depend_on_the_split(smollm2_path):
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
     m = load_model(smollm2_path, n_ctx=128, n_threads=2)
     text = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest where "

@@ -1,4 +1,4 @@
-"""`llamachat bench` (runtime/bench.py): llama-bench's tests and output shapes on a tiny model."""
+"""`llamachat bench` (runtime/generation/bench.py): llama-bench's tests and output shapes on a tiny model."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from llamachat.runtime.bench import bench
-from llamachat.runtime.model import load_model
+from llamachat.runtime.generation.bench import bench
+from llamachat.runtime.model.model import load_model
 from llamachat.tui.cli import main
 
 from test_model import write_tiny
@@ -71,7 +71,7 @@ def test_bench_counts_and_times_what_it_ran(tmp_path):
 
 def test_bench_json(tmp_path, capsys, monkeypatch):
     """The printed figures are bench()'s results (mean and stddev of its samples)."""
-    from llamachat.runtime import bench as bench_module
+    from llamachat.runtime.generation import bench as bench_module
 
     made = []
 
@@ -107,7 +107,7 @@ def test_bench_table_and_errors(tmp_path, capsys):
 def test_weight_bytes_per_token_reads_one_embedding_row(tmp_path):
     """Every weight is read once a token, of the token embedding one row; a tied embedding is
     also the output matrix and read whole."""
-    from llamachat.runtime.bench import weight_bytes_per_token
+    from llamachat.runtime.generation.bench import weight_bytes_per_token
 
     m = load_model(write_tiny(tmp_path / "tiny.gguf"), n_ctx=32, n_threads=1)
     tensors = m.gguf.tensors
@@ -123,7 +123,7 @@ def test_weight_bytes_per_token_reads_one_embedding_row(tmp_path):
 
 
 def test_bench_reports_bandwidth_and_the_share_of_the_bound(tmp_path, capsys, monkeypatch):
-    from llamachat.runtime import bench as bench_module
+    from llamachat.runtime.generation import bench as bench_module
 
     monkeypatch.setattr(bench_module, "BANDWIDTH_BYTES", 64 << 20)  # 64 MiB: the test stays short
     path = write_tiny(tmp_path / "tiny.gguf")

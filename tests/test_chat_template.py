@@ -8,10 +8,10 @@ import time
 import jinja2
 import pytest
 
-from llamachat.runtime.chat_template import BUILTIN_FORMATS, ChatTemplate
+from llamachat.runtime.tokenizer.chat_template import BUILTIN_FORMATS, ChatTemplate
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.gguf_file import GGUFFile
-from llamachat.runtime.tokenizer import Tokenizer
+from llamachat.runtime.gguf.reader import GGUFFile
+from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 

@@ -1,4 +1,4 @@
-"""The forward pass's small kernels (runtime/forward.py) against oracles that share none of their
+"""The forward pass's small kernels (runtime/model/forward.py) against oracles that share none of their
 code: float64 numpy with a stated ulp bound, and values computed by ggml's own C code.
 
 The pinned values were printed by ggml's AVX2 `ggml_v_expf` / `ggml_v_silu` (ggml-cpu/vec.h,
@@ -16,7 +16,7 @@ from numba import njit
 
 from oracles import causal_attention
 
-from llamachat.runtime.forward import (_ggml_expf, _silu_mul, apply_rope, attention, attention_serial, rmsnorm,
+from llamachat.runtime.model.forward import (_ggml_expf, _silu_mul, apply_rope, attention, attention_serial, rmsnorm,
                                        rope_tables)
 
 # (x bits, ggml_v_expf(x) bits)

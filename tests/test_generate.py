@@ -9,7 +9,7 @@ import time
 import pytest
 
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.generate import Generator, TextGate
+from llamachat.runtime.generation.generate import Generator, TextGate
 from llamachat.runtime.params import SamplingParams
 from test_generate_fakes import BOS, EOS, FakeModel, FakeTokenizer, continuing
 

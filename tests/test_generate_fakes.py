@@ -1,5 +1,5 @@
-"""A fake model and a byte-level fake tokenizer with the real interfaces (runtime/model.py's
-eval/truncate/shift/set_threads, runtime/tokenizer.py's encode/decode/stream_decoder/eog_ids),
+"""A fake model and a byte-level fake tokenizer with the real interfaces (runtime/model/model.py's
+eval/truncate/shift/set_threads, runtime/tokenizer/tokenizer.py's encode/decode/stream_decoder/eog_ids),
 so the generation loop, the Llama API and the one-shot command can be tested exactly and fast.
 The other test modules import them from here; the tests below check the fakes themselves."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.model import EvalCancelled
+from llamachat.runtime.model.model import EvalCancelled
 
 BOS, EOS = 256, 257
 N_VOCAB = 260

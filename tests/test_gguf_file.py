@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamachat.runtime.errors import GGUFError, UserError
-from llamachat.runtime.gguf_file import GGUFFile
-from llamachat.runtime.gguf_writer import write_gguf
+from llamachat.runtime.gguf.reader import GGUFFile
+from llamachat.runtime.gguf.writer import write_gguf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_corpus import MALFORMED, kv_u32, valid_base  # noqa: E402

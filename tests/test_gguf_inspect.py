@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
-from llamachat.runtime.gguf_writer import write_gguf
+from llamachat.runtime.gguf.writer import write_gguf
 from llamachat.tui.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))

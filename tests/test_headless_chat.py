@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llamachat.runtime.gguf_writer import write_gguf
+from llamachat.runtime.gguf.writer import write_gguf
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamachat.runtime.errors import GGUFError, ModelError, UserError
-from llamachat.runtime.gguf_file import GGUFFile
-from llamachat.runtime.gguf_writer import write_gguf
-from llamachat.runtime.model import MAX_CTX, config_from_gguf, load_model
-from llamachat.runtime.tokenizer import Tokenizer
+from llamachat.runtime.gguf.reader import GGUFFile
+from llamachat.runtime.gguf.writer import write_gguf
+from llamachat.runtime.model.model import MAX_CTX, config_from_gguf, load_model
+from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 from llamachat.tui.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))

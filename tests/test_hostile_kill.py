@@ -16,7 +16,7 @@ import pytest
 
 from llamachat.model_store import paths
 from llamachat.model_store.library import Library
-from llamachat.runtime.gguf_file import GGUFFile
+from llamachat.runtime.gguf.reader import GGUFFile
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,7 @@ def test_kill_during_an_import_leaves_nothing_half_written(tmp_path, smollm2_pat
 
 QUANTIZER = """
 import sys
-from llamachat.runtime.quantize_model import quantize_model
+from llamachat.runtime.gguf.quantize_model import quantize_model
 print("ready", flush=True)
 quantize_model(sys.argv[1], sys.argv[2], "Q8_0")
 """

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamachat.runtime.chat_template import BUILTIN_FORMATS, ChatTemplate
+from llamachat.runtime.tokenizer.chat_template import BUILTIN_FORMATS, ChatTemplate
 from llamachat.runtime.errors import UserError
 
 HI = [{"role": "user", "content": "hi"}]

@@ -63,7 +63,7 @@ def reference_logits(w: dict[str, np.ndarray], tokens: list[int], rope: str, eps
 
 
 def engine_logits(path, tokens):
-    from llamachat.runtime.model import load_model
+    from llamachat.runtime.model.model import load_model
 
     m = load_model(path, n_ctx=64)
     try:
@@ -106,7 +106,7 @@ def test_meta_model_logits_match_meta_forward(tmp_path):
 
 def test_generation_and_tokenizer_on_imported_bpe_model(tmp_path, smol_vocab_folder, smollm2_path):  # noqa: F811
     from llamachat.runtime import Llama
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
     make_bpe_model(tmp_path / "smol", smol_vocab_folder)
     result = run_import(tmp_path / "smol", name="smol")
@@ -121,7 +121,7 @@ def test_generation_and_tokenizer_on_imported_bpe_model(tmp_path, smol_vocab_fol
 def test_generation_on_imported_spm_model(tmp_path):
     import sentencepiece as spm
     from llamachat.runtime import Llama
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
     sentencepiece_model(tmp_path / "spm", added=False)
     result = run_import(tmp_path / "spm", name="spm")

@@ -17,8 +17,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 import import_fixtures as fx
 from llamachat.model_store.importers import run_import
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.gguf_file import GGUFFile
-from llamachat.runtime.gguf_writer import write_gguf
+from llamachat.runtime.gguf.reader import GGUFFile
+from llamachat.runtime.gguf.writer import write_gguf
 from llamachat.runtime.quants import dequantize, quantize
 from test_import_engine import engine_logits, reference_logits
 
@@ -215,7 +215,7 @@ def test_float_ggml_file_matches_a_numpy_forward_pass(tmp_path, weights, spm):
 
 @pytest.mark.parametrize("fmt,version", [("ggmf", 1), ("ggml", None)])
 def test_vocabulary_tokenizes_like_sentencepiece(tmp_path, weights, spm, fmt, version):
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
     make_old(tmp_path / "m.bin", fmt, version, T.F16, weights, spm)
     result = run_import(tmp_path / "m.bin", name="old")

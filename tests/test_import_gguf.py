@@ -12,7 +12,8 @@ import pytest
 from llamachat.model_store import importers, paths
 from llamachat.model_store.importers import run_import
 from llamachat.model_store.library import Library
-from llamachat.runtime import atomic_file, gguf_writer
+from llamachat.runtime import atomic_file
+from llamachat.runtime.gguf import writer as gguf_writer
 from llamachat.runtime.errors import ModelError, UserError
 from test_import_hf import sentencepiece_model
 

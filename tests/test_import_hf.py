@@ -15,7 +15,7 @@ from llamachat.model_store import paths
 from llamachat.model_store.importers import run_import
 from llamachat.model_store.library import Library
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.gguf_file import GGUFFile
+from llamachat.runtime.gguf.reader import GGUFFile
 from llamachat.tui.cli import main
 
 N_VOCAB_SMOL = 49152

@@ -12,7 +12,7 @@ from llamachat.model_store import paths
 from llamachat.model_store.importers import run_import
 from llamachat.model_store.library import Library
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.gguf_file import GGUFFile
+from llamachat.runtime.gguf.reader import GGUFFile
 from test_import_hf import gguf_tensor
 
 PARAMS = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "norm_eps": 1e-06, "vocab_size": -1}

@@ -1,4 +1,4 @@
-"""--quant on import: the converted F16 file goes through runtime.quantize_model (the
+"""--quant on import: the converted F16 file goes through runtime.gguf.quantize_model (the
 llama-quantize logic), so the stored file equals quantizing the F16 import by hand."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from llamachat.model_store import paths
 from llamachat.model_store.importers import run_import
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.gguf_file import GGUFFile
-from llamachat.runtime.quantize_model import quantize_model
+from llamachat.runtime.gguf.reader import GGUFFile
+from llamachat.runtime.gguf.quantize_model import quantize_model
 from llamachat.tui.cli import main
 from test_import_hf import gguf_tensor, sentencepiece_model
 
@@ -75,7 +75,7 @@ def test_report_perplexities_match_a_numpy_forward(tmp_path, capsys):
     """llama-perplexity's method (chunks of n_ctx, BOS replacing each chunk's first token,
     the second half scored) over a numpy forward pass of the source weights."""
     from llamachat.model_store.importers import REPORT_MAX_CHUNKS, REPORT_TEXT
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
     from test_import_engine import reference_logits
 
     _, held = sentencepiece_model(tmp_path / "spm", added=False)

@@ -10,7 +10,7 @@ import pytest
 
 from llamachat.model_store.importers import REPORT_MAX_CHUNKS, REPORT_TEXT, run_import
 from llamachat.model_store.library import Library
-from llamachat.runtime.perplexity import kl_divergence, scored_log_probs
+from llamachat.runtime.generation.perplexity import kl_divergence, scored_log_probs
 from llamachat.tui.cli import main
 from test_import_hf import sentencepiece_model
 
@@ -49,7 +49,7 @@ def test_kl_divergence_of_a_model_with_itself_is_zero_and_grows_with_noise():
 
 def engine_chunks(path, tokens, n_ctx, bos):
     """Each chunk's logits at the scored positions, straight from the engine."""
-    from llamachat.runtime.model import load_model
+    from llamachat.runtime.model.model import load_model
 
     m = load_model(path, n_ctx=n_ctx)
     try:
@@ -64,7 +64,7 @@ def engine_chunks(path, tokens, n_ctx, bos):
 
 
 def test_import_report_figures_by_hand_and_in_the_library(tmp_path, capsys):
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
     sentencepiece_model(tmp_path / "spm", added=False)
     f16 = run_import(tmp_path / "spm", name="spm-f16")  # the same F16 file the report measured against
@@ -141,7 +141,7 @@ def test_report_on_smollm2(tmp_path, smollm2_path):
     """The real model, widened to F16 and quantized again: Q8_0 costs far less than Q4_0.
     The first 3,000 characters of the text (5 chunks) keep the test short."""
     from llamachat.model_store.importers import quality_report
-    from llamachat.runtime.quantize_model import quantize_model
+    from llamachat.runtime.gguf.quantize_model import quantize_model
 
     f16 = tmp_path / "smol-f16.gguf"
     quantize_model(smollm2_path, f16, "F16", allow_requantize=True)

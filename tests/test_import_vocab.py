@@ -13,7 +13,7 @@ import import_fixtures as fx
 from llamachat.model_store.conversion import new_recorder, recorded_metadata
 from llamachat.model_store.importers import run_import
 from llamachat.model_store.vocab_convert import LLAMA3_PATTERN, add_bpe_vocab
-from llamachat.runtime.gguf_file import GGUFFile
+from llamachat.runtime.gguf.reader import GGUFFile
 from test_import_hf import expected_gguf, gguf_tensor
 
 PRE_TOKENIZERS = {

@@ -1,5 +1,5 @@
 """What a model compiles: matvec_fused switches over the KernelSet in its context's type only
-(runtime.matmul), the row converters over one Literal block kind (runtime.quants), and each
+(runtime.quants.matmul), the row converters over one Literal block kind (runtime.quants), and each
 variant is cached on disk apart and found again by the next process."""
 
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
-from llamachat.runtime import matmul as mm
+from llamachat.runtime.quants import matmul as mm
 from llamachat.runtime.quants import TRAITS, quantize
 
 
@@ -49,7 +49,8 @@ _CHILD = """
 import numpy as np
 from numba.core import event
 from gguf.constants import GGMLQuantizationType as T
-from llamachat.runtime import matmul as mm, quants
+from llamachat.runtime.quants import matmul as mm
+from llamachat.runtime import quants
 compiled = []
 class L(event.Listener):
     def on_start(self, ev):

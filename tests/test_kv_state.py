@@ -1,4 +1,4 @@
-"""Saved evaluation states (runtime/kv_state.py, Llama.save_state / load_state and their files)
+"""Saved evaluation states (runtime/model/kv_state.py, Llama.save_state / load_state and their files)
 with the real SmolLM2: a loaded state gives the very logits that processing the prompt again
 gives, and a state made for another model file, context size or engine is refused, leaving the
 cache as it was; files are written atomically and a damaged one is never used."""
@@ -11,9 +11,10 @@ import shutil
 import numpy as np
 import pytest
 
-from llamachat.runtime import Llama, LlamaState, kv_state
+from llamachat.runtime import Llama, LlamaState
+from llamachat.runtime.model import kv_state
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.kv_state import StateError, StateMismatch
+from llamachat.runtime.model.kv_state import StateError, StateMismatch
 from faults import writes_fail_halfway
 
 pytestmark = [pytest.mark.real_model]
@@ -194,7 +195,7 @@ def test_kill_9_while_writing_leaves_a_whole_state(llm, tmp_path):
     target = tmp_path / "out" / "chat.kvstate"
     # a writer that rewrites the state again and again until it is killed mid-way
     child = subprocess.Popen([sys.executable, "-c", (
-        "import sys\nfrom llamachat.runtime import kv_state\n"
+        "import sys\nfrom llamachat.runtime.model import kv_state\n"
         "data = open(sys.argv[1], 'rb').read()\nprint('ready', flush=True)\n"
         "while True:\n    kv_state.write_file(sys.argv[2], data)\n"), str(source), str(target)],
         stdout=subprocess.PIPE, text=True)

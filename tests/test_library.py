@@ -14,7 +14,7 @@ from llamachat.model_store import library as library_module
 from llamachat.model_store import paths
 from llamachat.model_store.library import FORMAT_VERSION, Library, file_summary, name_from_path
 from llamachat.runtime.errors import ConfigError, GGUFError, UserError
-from llamachat.runtime.gguf_writer import write_gguf
+from llamachat.runtime.gguf.writer import write_gguf
 from faults import writes_fail_halfway
 
 

@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.llama_api import Llama
+from llamachat.runtime.generation.llama_api import Llama
 from test_generate_fakes import EOS, FakeChatTemplate, FakeModel, FakeTokenizer, continuing
 
 PROMPT = "Q: say hi\nA:"

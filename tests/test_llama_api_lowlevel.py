@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from llamachat.runtime import Llama, UserError
-from llamachat.runtime.llama_api import (LLAMA_POOLING_TYPE_CLS, LLAMA_POOLING_TYPE_LAST, LLAMA_POOLING_TYPE_MEAN,
+from llamachat.runtime.generation.llama_api import (LLAMA_POOLING_TYPE_CLS, LLAMA_POOLING_TYPE_LAST, LLAMA_POOLING_TYPE_MEAN,
                                          LLAMA_POOLING_TYPE_NONE, LlamaTokenizer)
-from llamachat.runtime.matmul import dequantize_rows
+from llamachat.runtime.quants.matmul import dequantize_rows
 
 pytestmark = pytest.mark.real_model
 
@@ -141,7 +141,7 @@ def test_hidden_states_times_the_output_matrix_are_the_logits(embedder, llm):
     scores = llm._scores.astype(np.float64)
     # through the engine's own output product (which rounds the activations to 8 bits) the
     # logits come back exactly: the embeddings are the states the logits are made from
-    from llamachat.runtime.matmul import matmul
+    from llamachat.runtime.quants.matmul import matmul
 
     np.testing.assert_array_equal(matmul(embedder.model.weights.output, h.astype(np.float32)), scores)
     # and in float64 with the dequantized (Q8_0, tied) matrix, up to that rounding: measured
@@ -239,7 +239,7 @@ def test_openai_v1_chat_types(llm):
 
     messages = [{"role": "user", "content": "Say hi"}]
     # each from an empty cache: a prompt evaluated whole or one token at a time can round
-    # differently (runtime/matmul.py's prefill paths), and greedy follows the rounding
+    # differently (runtime/quants/matmul.py's prefill paths), and greedy follows the rounding
     llm.reset()
     plain = llm.create_chat_completion(messages, temperature=0.0, max_tokens=4)
     llm.reset()

@@ -13,7 +13,7 @@ from llamachat.model_store import paths
 from llamachat.model_store.importers import run_import
 from llamachat.model_store.library import Library
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.gguf_file import GGUFFile
+from llamachat.runtime.gguf.reader import GGUFFile
 from test_import_hf import expected_gguf, gguf_tensor, hf_to_llamacpp_rows, sentencepiece_model
 
 R, ALPHA = 4, 8

@@ -1,4 +1,4 @@
-"""The quantized products (runtime/matmul.py) against a plain dequantization.
+"""The quantized products (runtime/quants/matmul.py) against a plain dequantization.
 
 Random blocks of every supported format; the weights are dequantized by gguf-py's reference
 (`gguf.quants.dequantize`) and by our registry, the activations rounded the way llama.cpp's
@@ -12,7 +12,7 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
-from llamachat.runtime import matmul as mm
+from llamachat.runtime.quants import matmul as mm
 from llamachat.runtime.quants import TRAITS, q4_k
 from llamachat.runtime.quants.ksearch import get_scale_min_k4
 
@@ -217,7 +217,7 @@ SIMD_TYPES = [T.Q4_1, T.Q8_0, T.Q4_0, T.Q5_0]
 
 @pytest.mark.parametrize("qtype", SIMD_TYPES, ids=lambda t: t.name)
 def test_decode_sums_as_llama_cpp_avx2(qtype):
-    """One-token products of the 32-value formats (runtime.simd's IR on the file's rows) give
+    """One-token products of the 32-value formats (runtime.quants.simd's IR on the file's rows) give
     llama.cpp's AVX2 floats bit for bit, on random blocks and several activation scales (the
     greedy continuations depend on every rounding)."""
     rng = np.random.default_rng(30 + int(qtype))
@@ -266,7 +266,7 @@ _PORTABLE_SCRIPT = """
 import sys
 import numpy as np
 from numba import njit
-from llamachat.runtime import simd
+from llamachat.runtime.quants import simd
 from llamachat.runtime.quants import q4_0, q4_1, q4_k, q5_0, q6_k, q8_0
 from numba import types
 from numba.extending import intrinsic
@@ -339,7 +339,7 @@ for kind in range(4):
     out = np.empty((5, d[f"w{kind}"].shape[0]), np.float32)
     run_rows(kind, d[f"w{kind}"], d[f"bxq{kind}"], d[f"bxd{kind}"], d[f"bxs{kind}"], out)
     outs[f"batch{kind}"] = out
-from llamachat.runtime.matmul import kernel_context
+from llamachat.runtime.quants.matmul import kernel_context
 out = np.empty((5, d["w4"].shape[0]), np.float32)  # Q6_K's batch: 5 tokens in one pass of 8 (runtime.quants.kbatch)
 q6_k.matmat(d["w4"], kernel_context("portable"), d["bxq4"], d["bxd4"], d["bxs4"], np.zeros(d["bxq4"].shape, np.float32), out)
 outs["batch4"] = out
@@ -443,9 +443,9 @@ def test_instruction_set_is_an_argument_compiled_apart():
     kernels of Q4_1 (file layout and repacked) give this CPU's floats bit for bit, and each
     instruction set is its own compiled signature (so numba's cache never hands one's code to
     the other)."""
-    from llamachat.runtime import simd
+    from llamachat.runtime.quants import simd
     from llamachat.runtime.quants import q4_1
-    from llamachat.runtime.simd import HOST_ISA
+    from llamachat.runtime.quants.simd import HOST_ISA
 
     rng = np.random.default_rng(12)
     raw = _ggml_rows(T.Q4_1, 16, 256, rng)
@@ -469,7 +469,7 @@ def test_instruction_set_is_an_argument_compiled_apart():
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0], ids=lambda t: t.name)
 def test_every_instruction_set_gives_ggml_floats(qtype):
-    """Each x86 instruction set this CPU runs (runtime.simd.host_isas: avx512vnni's 4x8 tiles of
+    """Each x86 instruction set this CPU runs (runtime.quants.simd.host_isas: avx512vnni's 4x8 tiles of
     rows x tokens, two tokens per 512-bit vector, and vpdpbusd; avx2; the portable one is test_portable_ir_gives_the_same_floats'),
     forced by argument: a batch of 9 tokens (whole tiles
     and a leftover token) times 22 rows (whole tiles and leftover rows) gives every (row, token)
@@ -478,7 +478,7 @@ def test_every_instruction_set_gives_ggml_floats(qtype):
     the same integer lanes on any CPU)."""
     from numba import njit
 
-    from llamachat.runtime import simd
+    from llamachat.runtime.quants import simd
     from llamachat.runtime.quants import q4_0, q5_0, q8_0
 
     rng = np.random.default_rng(140 + int(qtype))

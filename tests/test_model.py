@@ -1,4 +1,4 @@
-"""The llama model (runtime/model.py, forward.py, kv_cache.py).
+"""The llama model (runtime/model/model.py, forward.py, kv_cache.py).
 
 - A tiny random llama written as a GGUF: logits equal a plain numpy forward pass (RoPE in
   llama.cpp's "normal" pair layout, GQA, SwiGLU), for prefill and decode, after truncate and
@@ -17,8 +17,8 @@ from gguf.constants import GGMLQuantizationType as T
 
 from llamachat.runtime.errors import ModelError, UserError
 from oracles import causal_attention
-from llamachat.runtime.gguf_writer import write_gguf
-from llamachat.runtime.model import ContextFull, EvalCancelled, load_model
+from llamachat.runtime.gguf.writer import write_gguf
+from llamachat.runtime.model.model import ContextFull, EvalCancelled, load_model
 
 N_VOCAB, N_EMBD, N_HEAD, N_HEAD_KV, N_FF, N_LAYER = 64, 64, 4, 2, 96, 2
 HEAD_DIM = N_EMBD // N_HEAD
@@ -346,7 +346,7 @@ def greedy(m, tok, ids, n_predict):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path):
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
     m = load_model(smollm2_path, n_ctx=256, n_threads=2)
     return m, Tokenizer.from_gguf(m.gguf)
@@ -386,8 +386,8 @@ def test_block_attention_is_causal_softmax_attention(kernel):
     """forward.attention_tiled (ggml's path for batches of >= 64 tokens), also as `attend`
     chooses it, against float64 causal softmax attention with grouped KV heads, over more than
     one KV tile."""
-    from llamachat.runtime import forward
-    from llamachat.runtime.forward import FA_TILE_Q
+    from llamachat.runtime.model import forward
+    from llamachat.runtime.model.forward import FA_TILE_Q
 
     attend = getattr(forward, kernel)
 
@@ -408,7 +408,7 @@ def test_block_attention_is_causal_softmax_attention(kernel):
 def test_vectorized_swiglu_is_the_scalar_one_bit_for_bit():
     """forward._silu_mul (branch-free loops, 2**n from its bits) equals g / (1 + expf(-g)) * up
     with _ggml_expf one value at a time, including ggml's slow-path range |g| > 87."""
-    from llamachat.runtime.forward import _ggml_expf, _silu_mul
+    from llamachat.runtime.model.forward import _ggml_expf, _silu_mul
 
     rng = np.random.default_rng(5)
     g = np.concatenate([(rng.standard_normal(20000) * s).astype(np.float32) for s in (0.1, 1, 10, 60)]

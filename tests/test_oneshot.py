@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from llamachat.runtime import llama_api
+from llamachat.runtime.generation import llama_api
 from llamachat.tui.cli import main
 from llamachat.tui.oneshot import process_escapes
 from test_generate_fakes import BOS, EOS, FakeModel, FakeTokenizer
@@ -60,7 +60,7 @@ def fake(monkeypatch, tmp_path):
 
     monkeypatch.setattr(llama_api, "Llama", factory)
     path = tmp_path / "fake.gguf"
-    from llamachat.runtime.gguf_writer import write_gguf
+    from llamachat.runtime.gguf.writer import write_gguf
 
     write_gguf(path, {"general.architecture": "llama", "general.name": "fake"}, [])  # the library checks it
     return state, str(path), made

@@ -44,7 +44,7 @@ def test_importing_the_runtime_changes_no_environment_and_no_umask():
         "import os\n"
         "os.umask(0o027)\n"
         "before = dict(os.environ)\n"
-        "import llamachat.runtime, llamachat.runtime.model, llamachat.runtime.forward, llamachat.model_store.library\n"
+        "import llamachat.runtime, llamachat.runtime.model.model, llamachat.runtime.model.forward, llamachat.model_store.library\n"
         "assert dict(os.environ) == before, sorted(set(os.environ.items()) ^ set(before.items()))\n"
         "assert os.umask(0o022) == 0o027\n"
         "from llamachat.runtime import apply_thread_env\n"

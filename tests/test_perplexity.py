@@ -1,4 +1,4 @@
-"""Perplexity (runtime/perplexity.py, `llamachat perplexity`): llama-perplexity's method.
+"""Perplexity (runtime/generation/perplexity.py, `llamachat perplexity`): llama-perplexity's method.
 
 - The scoring rule on a tiny random model: only the second half of each chunk, each chunk
   from an empty cache, BOS replacing the first token where the vocabulary adds one, the
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.model import load_model
-from llamachat.runtime.perplexity import perplexity, token_nll
+from llamachat.runtime.model.model import load_model
+from llamachat.runtime.generation.perplexity import perplexity, token_nll
 
 from test_model import write_tiny
 
@@ -93,7 +93,7 @@ def test_smollm2_perplexity_matches_llama_cpp(smollm2_path, reference, reference
 def smollm2_quantized(smollm2_path, tmp_path_factory):
     """The files llama.cpp's reference perplexities were measured on, made the same way:
     F16 from the Q4_1 file (--allow-requantize), the others quantized from that F16 file."""
-    from llamachat.runtime.quantize_model import quantize_model
+    from llamachat.runtime.gguf.quantize_model import quantize_model
 
     folder = tmp_path_factory.mktemp("smollm2-quants")
     f16 = folder / "f16.gguf"

@@ -1,4 +1,4 @@
-"""`llamachat quantize` / runtime.quantize_model: llama-quantize's per-tensor type choices, the
+"""`llamachat quantize` / runtime.gguf.quantize_model: llama-quantize's per-tensor type choices, the
 bytes (SmolLM2 against llama.cpp's per-tensor sha256 in shared/reference), and the refusals
 and failure paths that must leave no partial output."""
 
@@ -13,9 +13,9 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 
 from llamachat.runtime.errors import UserError
-from llamachat.runtime.gguf_file import GGUFFile
-from llamachat.runtime.gguf_writer import write_gguf
-from llamachat.runtime.quantize_model import QUANT_TYPES, plan_tensor_types, quantize_model
+from llamachat.runtime.gguf.reader import GGUFFile
+from llamachat.runtime.gguf.writer import write_gguf
+from llamachat.runtime.gguf.quantize_model import QUANT_TYPES, plan_tensor_types, quantize_model
 from llamachat.runtime.quants import dequantize, quantize
 from llamachat.tui.cli import main
 
@@ -239,7 +239,7 @@ def test_interrupt_and_write_failure_leave_nothing(tmp_path, monkeypatch):
         quantize_model(src, out, "Q4_K_M", force=True, on_tensor=interrupt)
     assert out.read_bytes() == b"old contents" and leftovers(tmp_path) == []
 
-    import llamachat.runtime.quantize_model as qm
+    import llamachat.runtime.gguf.quantize_model as qm
 
     real_convert = qm._convert
     calls = []
@@ -269,7 +269,7 @@ def test_corrupt_read_back_is_caught(tmp_path, monkeypatch):
     """The written file is read back and compared before it replaces OUT."""
     src = tmp_path / "tiny.gguf"
     tiny_llama(src, n_layer=2)
-    from llamachat.runtime import gguf_writer  # quantize_model looks write_gguf up at call time
+    from llamachat.runtime.gguf import writer as gguf_writer  # quantize_model looks write_gguf up at call time
 
     original = gguf_writer.write_gguf
 

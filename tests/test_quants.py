@@ -159,7 +159,7 @@ def test_registry_rejects_bad_arguments():
 
 @pytest.mark.real_model
 def test_dequantize_real_smollm2_tensors(smollm2_path):
-    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf.reader import GGUFFile
 
     with GGUFFile(smollm2_path) as g:
         seen = set()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llamachat.runtime.params import SamplingParams
-from llamachat.runtime.sampling import (
+from llamachat.runtime.generation.sampling import (
     Candidates, Mirostat, MirostatV2, Penalties, Rng, Sampler, discrete, dist, logit_bias,
     min_p, softmax, temperature, top_k, top_p, typical,
 )
@@ -214,7 +214,7 @@ def test_full_sort_orders_equal_logits_as_llama_cpps_bucket_sort():
 
 
 def test_top_p_head_is_llama_cpps_256_bucket_sort():
-    from llamachat.runtime.sampling import _bucket_sort
+    from llamachat.runtime.generation.sampling import _bucket_sort
 
     assert _bucket_sort(_tied(2000), 256)[:40].tolist() == [
         1384, 1267, 1280, 1293, 1306, 1319, 1332, 1345, 1358, 1371, 1254, 1397, 1410, 1423, 1436, 1449, 1462, 1475,
@@ -223,7 +223,7 @@ def test_top_p_head_is_llama_cpps_256_bucket_sort():
 
 
 def test_typical_sorts_its_scores_as_std_sort():
-    from llamachat.runtime.sampling import _ascending_order
+    from llamachat.runtime.generation.sampling import _ascending_order
 
     assert _ascending_order(_tied(40)).tolist() == [
         39, 26, 0, 13, 20, 33, 7, 1, 27, 14, 8, 34, 21, 15, 2, 28, 35, 9, 22, 16, 29, 3, 36, 23, 10, 17, 4, 30, 24, 37,
@@ -371,9 +371,9 @@ def _sampled_cases():
 
 @pytest.fixture(scope="module")
 def smollm2_generator(smollm2_path):
-    from llamachat.runtime.generate import Generator
-    from llamachat.runtime.model import load_model
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.generation.generate import Generator
+    from llamachat.runtime.model.model import load_model
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
     model = load_model(smollm2_path, n_ctx=512)
     yield Generator(model, Tokenizer.from_gguf(smollm2_path))

@@ -14,7 +14,7 @@ import pytest
 from test_serve import RunningServer, check_error
 
 from llamachat.runtime import Llama
-from llamachat.runtime.llama_api import LLAMA_POOLING_TYPE_MEAN
+from llamachat.runtime.generation.llama_api import LLAMA_POOLING_TYPE_MEAN
 from llamachat.tui.server.host import ModelHost, ServedModel
 
 pytestmark = pytest.mark.real_model

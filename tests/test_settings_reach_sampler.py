@@ -3,7 +3,7 @@
 --top-k ...`), and a model library entry's default (models.toml, used when no flag is given).
 
 Two kinds of evidence, both on the real SmolLM2 file:
-- the `Sampler` the engine built for that generation (runtime.generate's, recorded): its
+- the `Sampler` the engine built for that generation (runtime.generation.generate's, recorded): its
   parameters are exactly the ones asked for, every other setting at its default, and the state
   derived from them (penalty window, mirostat's tau and eta, the random stream's seed);
 - the text: llama.cpp's own continuation for a `sampled` reference case (../shared/reference),
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from llamachat.runtime.params import SamplingParams
-from llamachat.runtime.sampling import Mirostat, MirostatV2, Sampler
+from llamachat.runtime.generation.sampling import Mirostat, MirostatV2, Sampler
 
 pytestmark = pytest.mark.real_model
 
@@ -87,7 +87,7 @@ def check_sampler_state(sampler: Sampler, settings: dict) -> None:
 @pytest.fixture
 def built_samplers(monkeypatch):
     """Every Sampler the engine builds during the test, in order."""
-    import llamachat.runtime.generate as generate
+    import llamachat.runtime.generation.generate as generate
 
     built = []
 
@@ -102,7 +102,7 @@ def built_samplers(monkeypatch):
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    from llamachat.runtime.llama_api import Llama
+    from llamachat.runtime.generation.llama_api import Llama
 
     with Llama(model_path=str(smollm2_path), n_ctx=512) as llm:
         yield llm

@@ -7,8 +7,8 @@ import io
 
 import pytest
 
-from llamachat.runtime import llama_api
-from llamachat.runtime.gguf_writer import write_gguf
+from llamachat.runtime.generation import llama_api
+from llamachat.runtime.gguf.writer import write_gguf
 from llamachat.tui import headless_chat
 from llamachat.tui.backends import LocalBackend
 from llamachat.tui.cli import build_main_parser

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llamachat.runtime.errors import ModelError, UserError
-from llamachat.runtime.tokenizer import Tokenizer
+from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
 from pathlib import Path
 
@@ -135,7 +135,7 @@ def test_surrogates_and_bytes_input(reference_dir, vocab_tokenizers):
 
 
 def _tiny_bpe_metadata(extra=()):
-    from llamachat.runtime.bpe import BYTE_TO_UNICODE
+    from llamachat.runtime.tokenizer.bpe import BYTE_TO_UNICODE
 
     tokens = list(BYTE_TO_UNICODE) + ["ab", "abc"]
     types = [1] * len(tokens)
@@ -206,7 +206,7 @@ def test_token_id_out_of_range_in_decode():
 
 @pytest.mark.real_model
 def test_from_loaded_model_like_objects(smollm2_path):
-    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf.reader import GGUFFile
 
     class FakeModel:
         def __init__(self, g):
@@ -218,7 +218,7 @@ def test_from_loaded_model_like_objects(smollm2_path):
 
 
 def test_decode_utf8_names_the_offset():
-    from llamachat.runtime.tokenizer import decode_utf8
+    from llamachat.runtime.tokenizer.tokenizer import decode_utf8
 
     assert decode_utf8("ok ✓".encode(), "x") == "ok ✓"
     with pytest.raises(UserError, match=r"prompt.txt is not valid UTF-8: byte 0xe2 at offset 3"):

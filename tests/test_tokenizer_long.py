@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from llamachat.runtime.bpe import LONG_WORD, byte_encode
-from llamachat.runtime.tokenizer import Tokenizer
+from llamachat.runtime.tokenizer.bpe import LONG_WORD, byte_encode
+from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
 ALPHABET = list("abcdefghijklmnopqrstuvwxyz      ETAOIN,.'-0123") + ["é", "ü", "日", "本", "🦙", "ж", "\u2581", "\x04"]
 

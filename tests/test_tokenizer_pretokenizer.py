@@ -9,7 +9,7 @@ import unicodedata
 
 import pytest
 
-from llamachat.runtime.pretokenizer import PRE_TOKENIZERS, REGEX_SETS, WHITESPACE, PreTokenizer
+from llamachat.runtime.tokenizer.pretokenizer import PRE_TOKENIZERS, REGEX_SETS, WHITESPACE, PreTokenizer
 
 
 def _flags(ch):
@@ -204,7 +204,7 @@ def test_known_splits(name, text, words):
 
 
 def test_deepseek_letter_ranges_survived_unicode_normalization():
-    from llamachat.runtime.pretokenizer import _CompiledRegex
+    from llamachat.runtime.tokenizer.pretokenizer import _CompiledRegex
 
     letters = _CompiledRegex(REGEX_SETS["deepseek-llm"][1])
     # U+1F7D, U+2126 and U+212A are NFC-unstable: a copied regex silently loses them

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import sentencepiece as spm
 
-from llamachat.runtime.gguf_writer import write_gguf
-from llamachat.runtime.tokenizer import Tokenizer
+from llamachat.runtime.gguf.writer import write_gguf
+from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
 TRAINING_TEXT = """\
 The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.

@@ -21,8 +21,8 @@ from textual.command import CommandInput, CommandList, CommandPalette  # noqa: E
 
 from llamachat.model_store import importers, paths  # noqa: E402
 from llamachat.model_store.library import Library  # noqa: E402
-from llamachat.runtime.gguf_file import GGUFFile  # noqa: E402
-from llamachat.runtime.gguf_writer import write_gguf  # noqa: E402
+from llamachat.runtime.gguf.reader import GGUFFile  # noqa: E402
+from llamachat.runtime.gguf.writer import write_gguf  # noqa: E402
 from llamachat.tui.screens.import_dialog import ImportDialog  # noqa: E402
 from llamachat.tui.screens.library import LibraryScreen  # noqa: E402
 
@@ -85,7 +85,7 @@ def highlighted_command(palette: CommandPalette) -> str:
 
 
 def test_quant_choices_are_the_quantize_codes_own():
-    from llamachat.runtime.quantize_model import QUANT_TYPES
+    from llamachat.runtime.gguf.quantize_model import QUANT_TYPES
     from llamachat.tui.screens.import_dialog import quant_type_names
 
     assert quant_type_names() == list(QUANT_TYPES) and "Q4_K_M" in quant_type_names()

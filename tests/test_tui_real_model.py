@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tui_support import wait_for  # noqa: E402
 
-from llamachat.runtime import generate as generate_module  # noqa: E402
+from llamachat.runtime.generation import generate as generate_module  # noqa: E402
 from llamachat.tui.app import ChatApp  # noqa: E402
 from llamachat.tui.cli import build_main_parser  # noqa: E402
 from llamachat.tui.conversation import resolve_model  # noqa: E402

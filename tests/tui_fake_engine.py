@@ -68,7 +68,7 @@ def _pieces(text: str) -> list[str]:
 
 @functools.cache
 def _real_parameters(method: str) -> frozenset[str]:
-    from llamachat.runtime.llama_api import Llama
+    from llamachat.runtime.generation.llama_api import Llama
 
     sig = inspect.signature(getattr(Llama, method))
     return frozenset(n for n, p in sig.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self")
@@ -135,13 +135,13 @@ class FakeLlama:
     def detokenize(self, tokens, prev_tokens=None, special=False) -> bytes:
         return "".join(self._words[t] for t in tokens).encode()
 
-    # -- generation, in the order of runtime.generate.Generator.generate --------------------
+    # -- generation, in the order of runtime.generation.generate.Generator.generate --------------------
 
     def _run(self, prompt_text: str, max_tokens, stop, seed, kwargs: dict):
         """Checks and the first token at call time, as the real `_run`; (first text, the rest)."""
         if kwargs.get("echo"):
             raise NotImplementedError("the fake engine does not echo the prompt")
-        from llamachat.runtime.llama_api import sampling_params
+        from llamachat.runtime.generation.llama_api import sampling_params
 
         # the real checks, with the real sentences
         sampling_params(**{k: kwargs[k] for k in SAMPLING_KEYWORDS if k in kwargs}, seed=self.seed if seed is None else seed,

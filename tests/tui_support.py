@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tui_fake_engine import FakeScript  # noqa: E402
 
 from llamachat.model_store.library import Library  # noqa: E402
-from llamachat.runtime.gguf_writer import write_gguf  # noqa: E402
+from llamachat.runtime.gguf.writer import write_gguf  # noqa: E402
 from llamachat.tui.app import ChatApp  # noqa: E402
 from llamachat.tui.cli import build_main_parser  # noqa: E402
 from llamachat.tui.widgets.message_view import MessageView  # noqa: E402

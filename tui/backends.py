@@ -73,7 +73,7 @@ class ReplyStats:
     n_ctx: int | None = None
     context_shifts: int = 0
     seed: int | None = None
-    detail: object = None  # the backend's own record (local: runtime.generate.GenerationStats)
+    detail: object = None  # the backend's own record (local: runtime.generation.generate.GenerationStats)
 
     @property
     def tokens_per_second(self) -> float | None:

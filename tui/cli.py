@@ -193,9 +193,7 @@ def place_numba_cache(environ=None) -> str | None:
     # place; check it where numba will now read its cache from
     from llamachat.runtime import numba_cache
 
-    runtime_dir = os.path.dirname(os.path.abspath(numba_cache.__file__))
-    numba_cache.drop_stale_numba_cache(runtime_dir, ("", "quants"))
-    numba_cache.drop_stale_numba_cache(os.path.join(runtime_dir, "quants"))
+    numba_cache.drop_stale_engine_caches()
     return folder
 
 

@@ -159,7 +159,7 @@ def _warm_note(llm) -> str | None:
     import os
 
     from llamachat.runtime import numba_cache
-    from llamachat.runtime.simd import HOST_ISA
+    from llamachat.runtime.quants.simd import HOST_ISA
 
     model = getattr(llm, "model", None)
     weights = getattr(model, "weights", None)

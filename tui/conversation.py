@@ -132,7 +132,7 @@ def read_prompt_file(name_or_path: str) -> tuple[str, str]:
             f"prompt file {name_or_path!r} not found: give a path or one of the shipped prompts "
             f"({', '.join(shipped_prompt_names())})"
         )
-    from llamachat.runtime.tokenizer import MAX_PROMPT_BYTES, read_text_input
+    from llamachat.runtime.tokenizer.tokenizer import MAX_PROMPT_BYTES, read_text_input
 
     try:
         text = read_text_input(path, "a prompt file", MAX_PROMPT_BYTES).decode("utf-8")

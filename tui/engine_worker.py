@@ -285,7 +285,7 @@ class Engine:
             tokens = list(llm.generator.cache_tokens)
             if not tokens or tokens == self._saved_tokens:
                 return 0
-            from llamachat.runtime import kv_state
+            from llamachat.runtime.model import kv_state
 
             data = llm.save_state().llama_state
             if not self.resume.fits(len(data)):
@@ -313,7 +313,7 @@ class Engine:
         path = self.resume.path_for(chat_key)
         if not path.is_file():
             return
-        from llamachat.runtime.kv_state import StateError, StateMismatch
+        from llamachat.runtime.model.kv_state import StateError, StateMismatch
 
         try:
             n = llm.load_state_file(path)
@@ -411,7 +411,7 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
     if model is None or not hasattr(model, "eval"):
         return
     try:
-        from llamachat.runtime.forward import FA_TILE_Q
+        from llamachat.runtime.model.forward import FA_TILE_Q
 
         sample = llm.tokenize(b"The quick brown fox jumps over the lazy dog, then rests a while. ", add_bos=True)
         sizes = sizes or (FA_TILE_Q, 8, 1)  # the tiled prompt path, the small-batch path, decode

@@ -86,7 +86,7 @@ def read_prompt(args) -> str:
     if path is None:
         raise UserError(f"{args.file}: no such prompt file (give a path, or one of the shipped prompts: "
                         f"{', '.join(shipped_prompt_names())})")
-    from llamachat.runtime.tokenizer import MAX_PROMPT_BYTES, read_text_input
+    from llamachat.runtime.tokenizer.tokenizer import MAX_PROMPT_BYTES, read_text_input
 
     data = read_text_input(path, "a prompt file", MAX_PROMPT_BYTES)  # /dev/zero, a FIFO, 5 GB: refused at once
     try:
@@ -121,7 +121,7 @@ def run(args) -> int:
         params = params.updated(logit_bias=tuple(bias.items()), ignore_eos=bool(args.ignore_eos))
         return _run_remote(args, entry, prompt_text, params, settings, reverse)
 
-    from llamachat.runtime.llama_api import Llama, timing_lines
+    from llamachat.runtime.generation.llama_api import Llama, timing_lines
 
     from .compile_progress import StderrProgress, model_is_warm, note_warm
     from .engine_worker import warm_up

@@ -3,7 +3,7 @@
 
 The engine worker writes a chat's file when the chat is left (another chat opened, a new
 chat, the model switched or unloaded, the app closed) and reads it before the first reply
-after the chat is reopened, so the history is not processed again (runtime/kv_state.py
+after the chat is reopened, so the history is not processed again (runtime/model/kv_state.py
 refuses a file made for another model file, n_ctx or engine; the prompt is then processed as
 usual). The budget is models.toml's `resume_budget_mib` (shown and edited in the sidebar);
 the least recently used files go first when the folder outgrows it (a file's modification

@@ -9,7 +9,7 @@ the only table that maps a type to its kernels and activation type.
     TRAITS (alias FORMATS): dict[GGMLQuantizationType, Traits]
 
 Adding a format: its module, its place in _BLOCK_KINDS below, its record in TRAITS (the row
-drivers and runtime.matmul.matvec_fused find its kernels there).
+drivers and runtime.quants.matmul.matvec_fused find its kernels there).
 
 `Traits.dequantize_rows(raw_2d_uint8, out_2d_f32)` and `Format.quantize_rows(x_2d_f32,
 out_2d_uint8)` run the kernels (numba for the block formats, parallel over rows) writing into
@@ -28,15 +28,11 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit, prange, types
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
-from ..numba_cache import drop_stale_numba_cache
 from . import plain, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 from .traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K, Traits
 
 T = GGMLQuantizationType
 
-
-# numba's cache would keep inlined code of a changed sibling module (runtime.numba_cache)
-drop_stale_numba_cache(os.path.dirname(os.path.abspath(__file__)))
 
 # The block formats' `kind` numbers, which the two row drivers below dispatch on (each module
 # has serial `dequantize_row(row, y)` and `quantize_row(x, row)`); F16 <-> F32 share them as

@@ -65,7 +65,7 @@ def pack_pair(row, o, qh, j, q0, q1):
 #   rows 2, 3, 6, 7: quant bytes 8-15
 # A quant byte j holds value j (low nibble) and value j + 16 (high nibble), so each vector's low
 # nibbles meet one 8-byte piece of a token's activations broadcast 4 times, its high nibbles
-# another (runtime.simd._quad_lanes); the row order makes one vphaddd of the two 4-row halves
+# another (runtime.quants.simd._quad_lanes); the row order makes one vphaddd of the two 4-row halves
 # give the 8 rows' sums in row order.
 X8_ROWS_LO = (0, 1, 4, 5)
 X8_ROWS_HI = (2, 3, 6, 7)

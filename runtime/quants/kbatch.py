@@ -34,7 +34,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..simd import _avx2, _f32, _fn, _i8, _i16, _i32, _load, _mask, _splat, _state_loop, _vec, isa_typer
+from .simd import _avx2, _f32, _fn, _i8, _i16, _i32, _load, _mask, _splat, _state_loop, _vec, isa_typer
 
 GROUP = 8  # tokens side by side in one vector (a format's body multiplies a block with them)
 GROUPS = 2  # groups per pass over a row: the block unpacked once for all

@@ -17,7 +17,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..simd import ROW_TOKENS, _ZERO8, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _load, _mask, _prefetch, _state_loop, _vec
+from .simd import ROW_TOKENS, _ZERO8, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _load, _mask, _prefetch, _state_loop, _vec
 
 F16_MAGIC = np.float32(2.0**-14)  # subtracting it turns a denormal half's rebased bits into its value
 

@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..simd import (_ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _i8, _i16, _f32, _lane_accumulate, _lanes_finish,
+from .simd import (_ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _i8, _i16, _f32, _lane_accumulate, _lanes_finish,
                     _lanes_signed, _load, _nibbles, _pair_add, _prefetch, _quad_lanes, _splat, _state_loop, _vec, has_vnni,
                     row_kernels, tile_kernel)
 from .block32 import pack_x8
@@ -80,7 +80,7 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
 
 
 def _unpack_shifted(builder, blk):
-    """A block's scale and its values (q - 8) + 128 as unsigned bytes (runtime.simd.tile_kernel)."""
+    """A block's scale and its values (q - 8) + 128 as unsigned bytes (runtime.quants.simd.tile_kernel)."""
     qx = builder.add(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 2)), ir.Constant(_vec(_i8, 32), [120] * 32))
     return _half(builder, blk, 0), qx
 

@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..simd import (_ZERO, _ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _hsum8, _i8, _i16, _f32, _lane_accumulate,
+from .simd import (_ZERO, _ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _hsum8, _i8, _i16, _f32, _lane_accumulate,
                     _lanes_unsigned, _load, _mask, _nibbles, _pair_add, _prefetch, _splat, _state_loop, _vec, row_kernels)
 from .block32 import min_max, pack_x8
 from .rounding import read_f16_pair, write_f16

@@ -24,7 +24,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ..simd import (_ZERO8, _avx2, isa_typer, _f32, _fma, _fn, _half, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
+from .simd import (_ZERO8, _avx2, isa_typer, _f32, _fma, _fn, _half, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
                     _scaled_lanes, _splat, _state_loop, _vec)
 from . import kbatch
 from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4

@@ -13,7 +13,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from ..simd import (_ZERO8, _half, _i1, _i8, _i32, _nibbles, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec,
+from .simd import (_ZERO8, _half, _i1, _i8, _i32, _nibbles, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec,
                     has_vnni, row_kernels, tile_kernel)
 from .block32 import high_bits, pack_pair, read_qh, write_qh
 from .ksearch import signed_absmax
@@ -71,7 +71,7 @@ def _dot_body(builder, blk, y, scales, state):
 
 
 def _unpack_shifted(builder, blk):
-    """A block's scale and its values less 16, + 128, as unsigned bytes (runtime.simd.tile_kernel)."""
+    """A block's scale and its values less 16, + 128, as unsigned bytes (runtime.quants.simd.tile_kernel)."""
     return _half(builder, blk, 0), builder.xor(_values(builder, blk), ir.Constant(_vec(_i8, 32), [128 - 256] * 32))
 
 

@@ -17,7 +17,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from ..simd import _ZERO, _ZERO8, _fma, _half, _hsum8, _i1, _i8, _i32, _lane_accumulate, _lanes_unsigned, _load, _nibbles, _vec, row_kernels
+from .simd import _ZERO, _ZERO8, _fma, _half, _hsum8, _i1, _i8, _i32, _lane_accumulate, _lanes_unsigned, _load, _nibbles, _vec, row_kernels
 from .block32 import high_bits, min_max, pack_pair, read_qh, write_qh
 from .rounding import read_f16_pair, write_f16
 

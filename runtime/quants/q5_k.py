@@ -26,8 +26,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .. import simd
-from ..simd import isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i32, _lane_accumulate, _load, _prefetch, _vec
+from . import simd
+from .simd import isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i32, _lane_accumulate, _load, _prefetch, _vec
 from . import kbatch
 from .ksearch import f32, quantize_scales_mins_k4, scales_mins_k4
 from .q4_k import scales_mins_ir
@@ -84,7 +84,7 @@ def quantize_row(xr, row):
                 qs[32 * g + l] = l1 | (l2 << 4)
 
 
-# --- products: ggml_vec_dot_q5_K_q8_K's arithmetic in LLVM vector IR (runtime.simd's helpers) ---
+# --- products: ggml_vec_dot_q5_K_q8_K's arithmetic in LLVM vector IR (runtime.quants.simd's helpers) ---
 
 def _block(builder, blk, n_t, yq, bsums, yd, b, state):
     """One 256-value block of a row against n_t tokens: state [acc, summs] per token."""

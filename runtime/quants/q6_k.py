@@ -17,7 +17,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from ..simd import _ZERO8, _f32, _half, _hsum8, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _scaled_lanes, _vec, row_kernels
+from .simd import _ZERO8, _f32, _half, _hsum8, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _scaled_lanes, _vec, row_kernels
 from . import kbatch
 from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, signed_absmax
 from .rounding import nearest_int, read_f16, write_f16

@@ -11,7 +11,7 @@ from numba import njit, prange
 
 from llvmlite import ir
 
-from ..simd import (_ZERO8, _half, _i8, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, has_vnni,
+from .simd import (_ZERO8, _half, _i8, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, has_vnni,
                     row_kernels, tile_kernel)
 from .rounding import read_f16, roundf, write_f16
 
@@ -66,7 +66,7 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
 
 
 def _unpack_shifted(builder, blk):
-    """A block's scale and its quants + 128 as unsigned bytes (runtime.simd.tile_kernel)."""
+    """A block's scale and its quants + 128 as unsigned bytes (runtime.quants.simd.tile_kernel)."""
     qs = _load(builder, blk, _vec(_i8, 32), 2)
     return _half(builder, blk, 0), builder.xor(qs, ir.Constant(_vec(_i8, 32), [128 - 256] * 32))
 
@@ -79,7 +79,7 @@ _tile1 = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, 1)  # a batch's le
 @njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
     """A batch: each (row, token) matvec's float. With VNNI TILE_ROWS x TILE_TOKENS at a time
-    (runtime.simd.tile_kernel: each weight block and token block loaded once per tile, two
+    (runtime.quants.simd.tile_kernel: each weight block and token block loaded once per tile, two
     tokens per 512-bit vector, one vpdpbusd per two block products), the leftover tokens one
     at a time; elsewhere one row and four tokens at a time. Rows over threads."""
     if has_vnni(ctx.isa):

@@ -3,9 +3,9 @@
 only table that maps a type to its kernels.
 
 Kernel signatures (numba; w uint8 [rows, row bytes], C-contiguous; ctx a
-runtime.matmul.KernelContext: the half-float table and the instruction set; xq int8, xd/xs
+runtime.quants.matmul.KernelContext: the half-float table and the instruction set; xq int8, xd/xs
 float32 the activations rounded to `vec_dot_type`, xhat float32 the same activations as floats;
-see runtime.matmul.quantize_activations):
+see runtime.quants.matmul.quantize_activations):
   decode(w, ctx, xq [K], xd [K/32], xs [K/32], xhat [K], out [rows])         one token
   batch(w, ctx, xq [T, K], xd [T, K/32], xs [T, K/32], xhat [T, K], out [T, rows])
 Each (row, token) of `batch` is `decode`'s float, bit for bit (one arithmetic for prompts and
@@ -30,7 +30,7 @@ class Traits(NamedTuple):
     decode: Callable | None = None  # the one-token product (None: the tile path, float32 tiles and BLAS)
     batch: Callable | None = None  # the batch product (None: `decode` token by token)
     batch_rows: int = 1  # `batch` needs a multiple of this many rows
-    kernel: int = -1  # the number runtime.matmul.matvec_fused dispatches `decode` on (-1: none)
+    kernel: int = -1  # the number runtime.quants.matmul.matvec_fused dispatches `decode` on (-1: none)
     packed: "Traits | None" = None  # the record of its interleaved layout, if it has one
     pack: Callable | None = None  # (rows [n, row bytes], out=None) -> rows in the `packed` layout
 

@@ -29,8 +29,8 @@ def configure(parser) -> None:
 
 def run(args) -> int:
     from llamachat.model_store.library import Library, file_type_name
-    from llamachat.runtime.bench import bench, measure_bandwidth
-    from llamachat.runtime.model import load_model
+    from llamachat.runtime.generation.bench import bench, measure_bandwidth
+    from llamachat.runtime.model.model import load_model
 
     for flag, value, low in (("-p", args.n_prompt, 0), ("-n", args.n_gen, 0), ("-r", args.reps, 1), ("-b", args.n_batch, 1)):
         if value < low:

@@ -1,6 +1,6 @@
 """`llamachat inspect FILE [--json]`: describe a GGUF file, or refuse a broken one.
 
-Opening the file validates it completely (runtime.gguf_file), so a malformed file ends in
+Opening the file validates it completely (runtime.gguf.reader), so a malformed file ends in
 `llamachat: FILE: not a valid GGUF file: REASON` and exit 2, never a traceback. The summary
 is what a user wants before running a model: architecture, size, quantization, shapes,
 tokenizer. `--json` prints the same facts as one stable JSON object (keys in `describe`).
@@ -17,7 +17,7 @@ from typing import Any
 
 from gguf.constants import LlamaFileType
 
-from llamachat.runtime.gguf_file import GGUFFile
+from llamachat.runtime.gguf.reader import GGUFFile
 
 # tokenizer.ggml.model -> llama.cpp's vocabulary type (llama_vocab_type)
 VOCAB_TYPES = {"llama": "SPM", "gpt2": "BPE", "bert": "WPM", "t5": "UGM", "rwkv": "RWKV", "plamo2": "PLaMo2", "no_vocab": "none"}

@@ -29,11 +29,11 @@ def model_path(name_or_path: str | None) -> Path:
 
 
 def run(args) -> int:
-    from llamachat.runtime.model import load_model
-    from llamachat.runtime.perplexity import perplexity
-    from llamachat.runtime.tokenizer import Tokenizer
+    from llamachat.runtime.model.model import load_model
+    from llamachat.runtime.generation.perplexity import perplexity
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer
 
-    from llamachat.runtime.tokenizer import read_text_input
+    from llamachat.runtime.tokenizer.tokenizer import read_text_input
 
     try:
         text = read_text_input(args.file, "a text file").decode("utf-8")

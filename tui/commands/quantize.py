@@ -1,7 +1,7 @@
 """`llamachat quantize IN.gguf OUT.gguf TYPE`: convert a GGUF model like llama-quantize.
 
 Prints one line per tensor as llama.cpp's log does (shape, type, size before -> after), a
-progress bar while it runs, and the totals at the end. The work is runtime.quantize_model's.
+progress bar while it runs, and the totals at the end. The work is runtime.gguf.quantize_model's.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llamachat.runtime.quantize_model import QUANT_TYPES
+from llamachat.runtime.gguf.quantize_model import QUANT_TYPES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def run(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from llamachat.runtime.quantize_model import parse_quant_type, quantize_model
+    from llamachat.runtime.gguf.quantize_model import parse_quant_type, quantize_model
 
     console = Console(highlight=False, soft_wrap=True)
     quant_type = parse_quant_type(args.type)  # an unknown TYPE fails before anything is opened
@@ -90,7 +90,7 @@ def run(args) -> int:
 
 def _check_float_source(path) -> None:
     from llamachat.runtime.errors import UserError
-    from llamachat.runtime.gguf_file import GGUFFile
+    from llamachat.runtime.gguf.reader import GGUFFile
 
     with GGUFFile(path) as g:
         quantized = sorted({t.ggml_type.name for t in g.tensors.values() if t.ggml_type.name not in ("F32", "F16", "BF16")})

@@ -60,7 +60,7 @@ def process_escapes(data: bytes) -> bytes:
 def _read_prompt(args) -> tuple[bytes, str]:
     if args.prompt is not None:
         return args.prompt.encode("utf-8", "surrogateescape"), "the prompt"
-    from llamachat.runtime.tokenizer import read_text_input
+    from llamachat.runtime.tokenizer.tokenizer import read_text_input
 
     if args.stdin:
         return read_text_input(None, "standard input", stream=sys.stdin.buffer), "standard input"
@@ -86,7 +86,7 @@ def resolve_model_path(name_or_path: str | None) -> Path:
 
 
 def run(args) -> int:
-    from llamachat.runtime.tokenizer import Tokenizer, decode_utf8
+    from llamachat.runtime.tokenizer.tokenizer import Tokenizer, decode_utf8
 
     raw, what = _read_prompt(args)
     if not args.no_escape:

@@ -31,7 +31,7 @@ REFRESH_HZ = 4
 
 def quant_type_names() -> list[str]:
     """llama-quantize's type names, from the quantize code itself (one list in the project)."""
-    from llamachat.runtime.quantize_model import QUANT_TYPES
+    from llamachat.runtime.gguf.quantize_model import QUANT_TYPES
 
     return list(QUANT_TYPES)
 

@@ -37,7 +37,7 @@ from .protocol import ApiError, GenerationRequest
 
 log = logging.getLogger("llamachat.serve")
 
-# Llama's finish reasons (runtime.llama_api.FINISH_REASON) are OpenAI's, plus "cancelled"
+# Llama's finish reasons (runtime.generation.llama_api.FINISH_REASON) are OpenAI's, plus "cancelled"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat has none
 
 
@@ -315,7 +315,7 @@ class ModelHost:
         model pools nothing (OpenAI's answer is one vector per input; llama-server refuses
         pooling "none" here instead)."""
         if self._embedder is None or self._embedder[0] is not llm:
-            from llamachat.runtime.llama_api import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE, _pooling_type
+            from llamachat.runtime.generation.llama_api import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE, _pooling_type
 
             try:
                 pooling = _pooling_type(None, llm.metadata)

@@ -9,7 +9,7 @@ Speed without changing the result: when no token contains '▁' right after anot
 no merge can ever join the text before a word-initial '▁' run with what follows, so each run
 "▁*[^▁]*" is merged on its own and cached (words repeat). Vocabularies where that does not hold
 are merged whole, exactly as llama.cpp does. A very long segment (no spaces for megabytes) is
-merged by a numba kernel on symbol ids (tokenizer_kernels.merge_symbols), same order, same result.
+merged by a numba kernel on symbol ids (kernels.merge_symbols), same order, same result.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class SPMMerger:
     def _merge_long(self, text: str) -> tuple[int, ...] | None:
         import numpy as np
 
-        from .tokenizer_kernels import merge_symbols
+        from .kernels import merge_symbols
 
         if self._fast is None:
             self._fast = self._build_fast_tables()
@@ -93,7 +93,7 @@ class SPMMerger:
         (left * base + right) -> (score rank << 32 | token)."""
         import numpy as np
 
-        from .tokenizer_kernels import build_pair_table
+        from .kernels import build_pair_table
 
         vocab = self.token_to_id
         n = len(self.scores)

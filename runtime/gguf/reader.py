@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .errors import GGUFError, UserError, shown
+from ..errors import GGUFError, UserError, shown
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

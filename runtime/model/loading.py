@@ -5,7 +5,7 @@ under every copied matrix are released so nothing is held twice.
 
     fused, stack = fused_layers(weights)   # rewrites `weights` in place; run once, by load_model
 
-The forward pass (runtime/forward.py) only reads what this leaves behind.
+The forward pass (runtime/model/forward.py) only reads what this leaves behind.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from .forward import Head, LayerStack
-from .matmul import FUSED_TYPES, pack_x8, repack, repackable
-from .quants import read_only_view
+from ..quants.matmul import FUSED_TYPES, pack_x8, repack, repackable
+from ..quants import read_only_view
 
 
 def _release_pages(a: np.ndarray) -> None:
@@ -56,7 +56,7 @@ def _repack_each(weights) -> None:
 
 def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     """Per layer what decode_token needs: (kind, (qkv, wo, gate_up, down), types) as
-    runtime.forward.Layer takes them. "grouped" when q/k/v share a format and gate/up share one:
+    runtime.model.forward.Layer takes them. "grouped" when q/k/v share a format and gate/up share one:
     qkv and gate_up each one stacked matrix (copies made once at load, their file pages
     released: the layers' size, 66 MB for SmolLM2 Q4_1); else "plain": qkv the 3 matrices and
     gate_up the 2 as in the memory map. None if some matrix has no fused kernel (or the shapes

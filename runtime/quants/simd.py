@@ -11,7 +11,7 @@ instructions, and - because the same lanes are summed in the same order - the sa
 llama.cpp, bit for bit.
 
 The instruction set is a parameter: every kernel takes an `Isa` (inside the kernels' context
-argument, runtime.matmul.kernel_context), "avx512vnni" (the AVX2 set plus AVX-512 F/BW/VL/VNNI:
+argument, runtime.quants.matmul.kernel_context), "avx512vnni" (the AVX2 set plus AVX-512 F/BW/VL/VNNI:
 vpdpbusd sums the byte products straight to int32 lanes, as ggml does on such CPUs), "avx2"
 (AVX2, FMA and F16C: ggml's instructions) or "portable" (generic vector IR: int32 products summed 4 by 4, halves converted by integer
 arithmetic; the same integer lane sums, the same floats, only slower). Its numba type names it,

@@ -174,7 +174,7 @@ def merge_pairs(syms: list[str], priority) -> list[str]:
     leftmost pair), using a heap of candidates over a linked list of symbols. A candidate is
     joined only if, when it comes out, both symbols are alive and still make the text it was
     queued with (else one side changed: stale). syms (non-empty) is used up; returns the final
-    symbols in order. (tokenizer_kernels.merge_symbols is this loop on ids, for long words.)"""
+    symbols in order. (kernels.merge_symbols is this loop on ids, for long words.)"""
     n = len(syms)
     nxt = list(range(1, n + 1))
     nxt[-1] = -1
@@ -215,12 +215,12 @@ def merge_pairs(syms: list[str], priority) -> list[str]:
 
 
 def _merge_kernel(ids, table, base):
-    from .tokenizer_kernels import merge_symbols  # numba is imported only when a long word needs it
+    from .kernels import merge_symbols  # numba is imported only when a long word needs it
 
     return merge_symbols(ids, table, base)
 
 
 def _build_pair_table(keys, vals):
-    from .tokenizer_kernels import build_pair_table
+    from .kernels import build_pair_table
 
     return build_pair_table(keys, vals)

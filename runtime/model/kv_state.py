@@ -13,7 +13,7 @@ Layout (little-endian):
               keys     float16[n_layer, n_tokens, kv_dim]   only the used rows
               values   float16[n_layer, n_tokens, kv_dim]
 
-The cache holds half-float values (runtime/kv_cache.py), so float16 rows give back the very
+The cache holds half-float values (runtime/model/kv_cache.py), so float16 rows give back the very
 bits: logits after a load equal those after processing the prompt again. The rows are valid
 only for the weights, context and arithmetic that made them; the header names them and a
 state whose dependencies differ from the model it is loaded into is refused with
@@ -46,8 +46,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic_file import atomic_output
-from .errors import UserError
+from ..atomic_file import atomic_output
+from ..errors import UserError
 
 MAGIC = b"LLCKVST\0"
 FORMAT_VERSION = 1
@@ -70,8 +70,8 @@ _engine_version: str | None = None
 
 
 def engine_version() -> str:
-    """The package version and a digest of every source file of the engine (this folder and
-    its subfolders): states made by other code are not trusted to hold the same numbers."""
+    """The package version and a digest of every source file of the engine (runtime/ and its
+    subfolders): states made by other code are not trusted to hold the same numbers."""
     global _engine_version
     if _engine_version is None:
         try:
@@ -81,7 +81,7 @@ def engine_version() -> str:
         except Exception:  # noqa: BLE001 - running from a source tree without metadata
             package = "unknown"
         digest = hashlib.sha256()
-        root = Path(__file__).resolve().parent
+        root = Path(__file__).resolve().parents[1]  # llamachat.runtime's folder
         for folder, dirs, files in os.walk(root):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             for name in sorted(f for f in files if f.endswith(".py")):

@@ -33,10 +33,10 @@ from numba import njit, prange, types
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
-from .quants import KERNELS, TRAITS, read_only_view
-from .quants.rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
+from . import KERNELS, TRAITS, read_only_view
+from .rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
 from .simd import HOST_ISA, Isa, host_isas
-from .quants.traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
+from .traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
 
 SUPPORTED_TYPES = frozenset(TRAITS)
 # formats with a one-token kernel (the others multiply through float32 tiles and BLAS)
@@ -57,7 +57,7 @@ class KernelSet:
         self.numbers = tuple(sorted({int(n) for n in numbers if int(n) >= 0}))
         if not all(n < len(KERNELS) for n in self.numbers):
             raise ValueError(f"no one-token kernel numbered {max(self.numbers)}")
-        # read by numba's dispatcher without Python code (see runtime.simd.Isa)
+        # read by numba's dispatcher without Python code (see runtime.quants.simd.Isa)
         self._numba_type_ = KernelSetType(self.numbers)
 
     def __repr__(self) -> str:
@@ -87,7 +87,7 @@ def _unbox_kernel_set(typ, obj, c):
 
 class KernelContext(NamedTuple):
     """What every product kernel takes besides its data: the half-float table (for their scalar
-    tails) and the instruction set their IR is emitted for (runtime.simd.Isa: its numba type
+    tails) and the instruction set their IR is emitted for (runtime.quants.simd.Isa: its numba type
     is part of every compiled signature, so each instruction set compiles and caches apart);
     for `matvec_fused` also the KernelSet it may dispatch to (None for the kernels themselves:
     their code does not depend on it)."""
@@ -96,7 +96,7 @@ class KernelContext(NamedTuple):
     kernels: KernelSet | None = None
 
 
-# the context of this CPU's instruction set (runtime.simd.HOST_ISA, detected once)
+# the context of this CPU's instruction set (runtime.quants.simd.HOST_ISA, detected once)
 HOST_CONTEXT = KernelContext(F16_TABLE, HOST_ISA)
 _CONTEXTS: dict = {}  # (isa name, kernel numbers) -> KernelContext, made once each
 
@@ -125,7 +125,7 @@ _DECODE_CONTEXTS: dict = {}  # id(a model's first kernel-number array) -> (weak 
 
 def decode_context(codes) -> KernelContext:
     """The context for decoding with matrices whose kernel numbers are `codes` (int64 arrays, or
-    tuples of them, e.g. runtime.forward.Layer's `types`; -1 entries ignored), this CPU's
+    tuples of them, e.g. runtime.model.forward.Layer's `types`; -1 entries ignored), this CPU's
     instruction set. Called per token: the answer is kept per model, keyed by its first array
     (made once at load, never changed, forgotten when it is freed)."""
     first = codes[0]

@@ -35,9 +35,9 @@ from typing import Callable
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
-from .errors import UserError
-from .gguf_file import GGUFFile
-from .quants import FORMATS, dequantize, quantize, row_nbytes
+from ..errors import UserError
+from .reader import GGUFFile
+from ..quants import FORMATS, dequantize, quantize, row_nbytes
 
 T = GGMLQuantizationType
 F = LlamaFileType
@@ -79,7 +79,7 @@ def parse_quant_type(name: str) -> str:
     key = name.strip().upper()
     key = ALIASES.get(key, key)
     if key not in QUANT_TYPES:
-        from .params import suggestion
+        from ..params import suggestion
 
         shown = name if len(name) <= 40 else name[:40] + "..."
         raise UserError(f"unknown quantization type {shown!r}{suggestion(key, QUANT_TYPES)}; valid types: {', '.join(QUANT_TYPES)}")
@@ -357,7 +357,7 @@ def quantize_model(in_path, out_path, quant_type: str, *, allow_requantize: bool
         tmp = Path(tmp_name)
         try:
             try:
-                from .gguf_writer import write_gguf
+                from .writer import write_gguf
 
                 write_gguf(tmp, metadata, ((p.name, p.shape, p.dst_type, tensor_source(i, p)) for i, p in enumerate(plans)),
                            value_types=value_types, alignment=g.alignment, array_types=g.array_types)

@@ -4,7 +4,7 @@ Owns `Generator`, which sits on one loaded model and its KV cache:
 
 - prompt: the cached prefix shared with the new prompt is kept (`m.truncate`), only the rest is
   evaluated, and at least one token always is, so there are logits to sample from;
-- each step: sample (runtime.sampling), stop at an end-of-generation token, emit the token's text
+- each step: sample (runtime.generation.sampling), stop at an end-of-generation token, emit the token's text
   through the tokenizer's stream decoder (never a broken UTF-8 sequence), evaluate it;
 - stop strings are not emitted: text that could be the start of one is held back and released
   as soon as it cannot be; reverse prompts are emitted, then generation stops;
@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
-from .errors import UserError
-from .model import EvalCancelled
-from .params import SamplingParams
+from ..errors import UserError
+from ..model.model import EvalCancelled
+from ..params import SamplingParams
 from .sampling import Sampler
 
 @dataclass

@@ -32,7 +32,7 @@ from jinja2.compiler import CodeGenerator
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from .errors import UserError, shown
+from ..errors import UserError, shown
 
 log = logging.getLogger("llamachat")
 log.addHandler(logging.NullHandler())  # the caller shows ChatTemplate.notice; stderr would garble the app

@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from numba import njit
 
-from .params import SamplingParams
+from ..params import SamplingParams
 
 F32 = np.float32
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's "pick a random seed"

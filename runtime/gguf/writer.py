@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, Union
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .atomic_file import atomic_output
-from .gguf_file import ARRAY_DTYPES, DEFAULT_ALIGNMENT, GGUF_MAGIC
+from ..atomic_file import atomic_output
+from .reader import ARRAY_DTYPES, DEFAULT_ALIGNMENT, GGUF_MAGIC
 
 GGUF_VERSION = 3
 TensorData = Union[bytes, bytearray, memoryview, np.ndarray, Callable[[], Any]]

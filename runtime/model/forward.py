@@ -10,7 +10,7 @@
         x = x + (silu(h @ Wgate) * (h @ Wup)) @ Wdown
     logits = (rmsnorm(x) * output_norm) @ Wout
 
-Products go through runtime.matmul (weights stay quantized); the small numba kernels here
+Products go through runtime.quants.matmul (weights stay quantized); the small numba kernels here
 (RoPE, attention) are the rest of the work. RoPE is llama.cpp's "normal" mode, the one
 LLM_ARCH_LLAMA uses: dimensions (2i, 2i+1) of each head rotate together by
 pos * freq_scale * base**(-2i/n_rot) (divided by rope_freqs[i] when the file has that tensor);
@@ -19,7 +19,7 @@ dimensions past n_rot are left alone.
 Two drivers run these steps: `forward` for a batch of tokens (a prompt, perplexity, embeddings;
 one Python call per step), and `decode_token` for one token, which runs them inside compiled
 code (`decode_layer`; `decode_all_layers` for the whole model when its layers are alike, else
-for the output product after one call per layer) on the arrays runtime.loading prepared.
+for the output product after one call per layer) on the arrays runtime.model.loading prepared.
 Both take the model's config, weights and KV cache and change nothing but the cache;
 attention is chosen in one place, `attend`.
 """
@@ -32,9 +32,9 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .matmul import (FUSED_TYPES, KernelContext, act_mode_of, decode_context, dequantize_rows, matmul, matvec_fused,
+from ..quants.matmul import (FUSED_TYPES, KernelContext, act_mode_of, decode_context, dequantize_rows, matmul, matvec_fused,
                      quantize_activations, quantize_for, read_only_view, round_to_f16)
-from .simd import fmaf
+from ..quants.simd import fmaf
 
 
 @njit(cache=True)
@@ -567,14 +567,14 @@ def head_stack(weights) -> LayerStack:
 
 def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
     """One token at position cache.n_past, logits [n_vocab]: the layers one compiled call each
-    (fused: per layer (kind, (qkv, wo, gate_up, down), types), from runtime.loading.fused_layers)
+    (fused: per layer (kind, (qkv, wo, gate_up, down), types), from runtime.model.loading.fused_layers)
     unless they are in the LayerStack st; then decode_all_layers runs st's layers (every layer,
     or none: head_stack) and the output product. Changes nothing but the cache."""
     pos = cache.n_past
     rope = Rope(*rope_tables(np.array([pos]), cfg))
     dims = Dims.of(cfg)
     x = embed(cfg, weights, np.array([token]))
-    # the model's kernels only are compiled into matvec_fused (runtime.matmul.decode_context)
+    # the model's kernels only are compiled into matvec_fused (runtime.quants.matmul.decode_context)
     table, isa, kernels = decode_context(st.types + (st.head.types,) + tuple(types for _, _, types in fused or ()))
     if st.qkv.shape[0] == 0:
         for il, (_, mats, types) in enumerate(fused):

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass

@@ -6,8 +6,8 @@ file we cannot run into one clear sentence, and the evaluation state (KV cache, 
     m.eval(tokens, logits="last" | "all", cancel=None)   # appends at m.n_past
     m.truncate(n); m.shift(n_keep, n_discard); m.set_threads(n)
 
-The forward pass itself is runtime/forward.py; what loading does to the weights (repacking,
-stacking) runtime/loading.py; products on quantized weights runtime/matmul.py.
+The forward pass itself is runtime/model/forward.py; what loading does to the weights (repacking,
+stacking) runtime/model/loading.py; products on quantized weights runtime/quants/matmul.py.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Callable, Sequence
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from .errors import ModelError, UserError, shown
+from ..errors import ModelError, UserError, shown
 from .kv_cache import KVCache
-from .matmul import SUPPORTED_TYPES, QuantWeight, dequantize_rows
+from ..quants.matmul import SUPPORTED_TYPES, QuantWeight, dequantize_rows
 
 log = logging.getLogger("llamachat")
 
@@ -325,7 +325,7 @@ class LlamaModel:
                              f"more than this machine can reserve; use a smaller context size") from None
         self.warnings: list[str] = []
         self._lock = threading.Lock()
-        # runtime.loading.fused_layers' plan: single-token decode in one compiled call per layer
+        # runtime.model.loading.fused_layers' plan: single-token decode in one compiled call per layer
         # when every matrix has a fused kernel (fused), in one call per token when the layers are
         # also alike (layer_stack); None: decode runs the batch forward pass
         self.fused = fused
@@ -415,7 +415,7 @@ def load_model(path, n_ctx: int = 2048, n_threads: int | None = None, n_batch: i
                progress: Callable[[float], None] | None = None) -> LlamaModel:
     """Open and check a llama GGUF; weights stay in the memory map. ModelError/GGUFError/UserError
     for anything wrong with the file or the settings; a too-large model only warns (m.warnings)."""
-    from .gguf_file import GGUFFile
+    from ..gguf.reader import GGUFFile
 
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx <= 0:
         raise ModelError(f"context size must be a positive number of tokens, not {n_ctx!r}")

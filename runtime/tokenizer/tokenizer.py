@@ -22,8 +22,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from .bpe import BPEMerger, byte_encode, UNICODE_TO_BYTE
-from .errors import ModelError, UserError, shown
-from .params import suggestion
+from ..errors import ModelError, UserError, shown
+from ..params import suggestion
 from .pretokenizer import PRE_TOKENIZERS, PreTokenizer
 from .spm import SPMMerger
 
@@ -339,7 +339,7 @@ class Tokenizer:
     def from_gguf(cls, source) -> "Tokenizer":
         """From a path, an open GGUFFile (a vocab-only GGUF is enough), a metadata dict, or a
         loaded model (anything with a `.gguf` GGUFFile or a `.metadata` dict)."""
-        from .gguf_file import GGUFFile
+        from ..gguf.reader import GGUFFile
 
         if isinstance(source, GGUFFile):
             return cls(source.metadata, str(source.path))

@@ -39,9 +39,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 from .generate import GenerationStats, Generator
-from .params import SamplingParams
+from ..params import SamplingParams
 from .sampling import Sampler
 
 # llama.cpp's enum llama_pooling_type (llama-cpp-python's LLAMA_POOLING_TYPE_*); RANK is for rerankers
@@ -190,7 +190,7 @@ def timing_lines(load_ms: float, stats: GenerationStats) -> list[str]:
 class LlamaState:
     """A Llama's evaluation state as llama-cpp-python's save_state returns it: the cached
     tokens (input_ids, n_ctx long), their scores, the seed, and `llama_state`, the KV rows and
-    what they depend on (runtime/kv_state.py's bytes; `llama_state_size` of them)."""
+    what they depend on (runtime/model/kv_state.py's bytes; `llama_state_size` of them)."""
 
     def __init__(self, input_ids: np.ndarray, scores: np.ndarray, n_tokens: int, llama_state: bytes,
                  llama_state_size: int, seed: int):
@@ -209,10 +209,10 @@ class Llama:
                  verbose: bool = False, n_batch: int = 512, chat_format: str | None = None,
                  context_shift: bool = False, n_keep: int = 0, progress=None, embedding: bool = False,
                  pooling_type: int = LLAMA_POOLING_TYPE_UNSPECIFIED, logits_all: bool = False, **ignored: Any):
-        from .gguf_file import GGUFFile
-        from .model import load_model, trained_context_length
-        from .thread_env import apply_thread_env
-        from .tokenizer import Tokenizer
+        from ..gguf.reader import GGUFFile
+        from ..model.model import load_model, trained_context_length
+        from ..thread_env import apply_thread_env
+        from ..tokenizer.tokenizer import Tokenizer
 
         apply_thread_env()  # before load_model starts numba's OpenMP threads
 
@@ -363,7 +363,7 @@ class Llama:
     def save_state(self) -> LlamaState:
         """The tokens in the KV cache with their keys and values (only the used rows) and the
         model, context and engine they were made with."""
-        from . import kv_state
+        from ..model import kv_state
 
         self._end_own_stream()
         with self._lock:
@@ -379,7 +379,7 @@ class Llama:
         """Put a saved state back: the next call reuses its tokens as a cached prefix.
         kv_state.StateMismatch (a UserError saying what changed) if it was made for another
         model file, n_ctx or engine; the cache is then left as it was."""
-        from . import kv_state
+        from ..model import kv_state
 
         data = memoryview(state.llama_state)[:int(state.llama_state_size)]
         self._restore(kv_state.decode(data), state.scores, state.seed)
@@ -387,7 +387,7 @@ class Llama:
     def save_state_file(self, path) -> int:
         """Write save_state()'s rows to `path` atomically (a crash leaves the old file or
         none); the bytes written."""
-        from . import kv_state
+        from ..model import kv_state
 
         data = self.save_state().llama_state
         kv_state.write_file(path, data)
@@ -396,7 +396,7 @@ class Llama:
     def load_state_file(self, path) -> int:
         """Load a state written by save_state_file (refused as load_state refuses; StateError
         for a damaged file); the number of tokens now cached."""
-        from . import kv_state
+        from ..model import kv_state
 
         saved = kv_state.read_file(path, self.model)
         self._restore(saved, None, self.seed)
@@ -878,7 +878,7 @@ class Llama:
     @property
     def chat_template(self):
         if self._chat_template is None:
-            from .chat_template import ChatTemplate
+            from ..tokenizer.chat_template import ChatTemplate
 
             name = self.metadata.get("general.name") or Path(self.model_path).stem
             source = self._gguf if self._gguf is not None else self.model.metadata
