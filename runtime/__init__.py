@@ -1,5 +1,14 @@
-"""llamachat's inference engine: GGUF loading, tokenizers, quantized kernels, the llama
-forward pass, samplers, generation and the llama-cpp-python shaped `Llama` API.
+"""llamachat's inference engine, in one subpackage per part:
+
+    gguf/        GGUF files: read and validate (GGUFFile), write, convert to another quantization
+    tokenizer/   text <-> tokens as llama.cpp does (SPM, BPE + pre-tokenizers, WPM), chat templates
+    quants/      one module per weight format, TRAITS (the type -> kernels table), the shared
+                 vector IR (simd) and the quantized products (matmul)
+    model/       config and weights (load_model), loading-time packing, the forward pass, KV cache
+    generation/  samplers, the generator, perplexity, bench, and `Llama` (llama-cpp-python's API)
+
+and, at this level, what every part and the app share: errors, params (the generation settings),
+thread_env, numba_cache, atomic_file.
 
 Imports nothing from the UI. Heavy modules (numba kernels) load lazily, on first use of the
 name that needs them, so `import llamachat.runtime` stays cheap.
