@@ -170,8 +170,8 @@ def _q4_0x8(n_t, prefetch):
                 new = []
                 for t in range(n_t):
                     bc = [_broadcast8(builder, yq[t], builder.add(y0, ir.Constant(y0.type, 8 * j))) for j in range(4)]
-                    sums = _pair_add(builder, _quad_lanes(builder, [lo[0], lo[1], hi[0], hi[1]], bc),
-                                     _quad_lanes(builder, [lo[2], lo[3], hi[2], hi[3]], bc))
+                    sums = _pair_add(builder, _quad_lanes(builder, [lo[0], lo[1], hi[0], hi[1]], bc, n_t > 1),
+                                     _quad_lanes(builder, [lo[2], lo[3], hi[2], hi[3]], bc, n_t > 1))
                     sums = builder.sub(sums, _splat(builder, builder.load(builder.gep(ys[t], [b])), 8))
                     dd = builder.fmul(d, _splat(builder, builder.load(builder.gep(yd[t], [b])), 8))
                     new.append(_fma(builder, builder.sitofp(sums, _vec(_f32, 8)), dd, accs[t]))

@@ -395,10 +395,11 @@ def _broadcast8(builder, y, offset):
     return builder.bitcast(builder.shuffle_vector(v, v, _mask([0, 0, 0, 0])), _vec(_i8, 32))
 
 
-def _quad_lanes(builder, qs, ys):
+def _quad_lanes(builder, qs, ys, dpbusd: bool = True):
     """4 rows x 8 unsigned quants per vector (qs) times the matching broadcast activations (ys),
-    the 4 products summed -> <8 x i32>, two lanes per row (exact)."""
-    if _vnni():  # two chains of two (four dependent vpdpbusd measured slower than vpmaddubsw)
+    the 4 products summed -> <8 x i32>, two lanes per row (exact). dpbusd=False keeps the AVX2
+    instructions under VNNI too (one token: the vpdpbusd chains made Q4_0 decode slower)."""
+    if _vnni() and dpbusd:  # two chains of two (four dependent vpdpbusd measured slower than vpmaddubsw)
         zero = ir.Constant(_vec(_i32, 8), [0] * 8)
         a = _dpbusd(builder, _dpbusd(builder, zero, qs[0], ys[0]), qs[1], ys[1])
         b = _dpbusd(builder, _dpbusd(builder, zero, qs[2], ys[2]), qs[3], ys[3])
