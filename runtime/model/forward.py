@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from ..quants.matmul import (FUSED_TYPES, KernelContext, act_mode_of, decode_context, dequantize_rows, matmul, matvec_fused,
+from ..quants.matmul import (FUSED_TYPES, KernelContext, act_mode_of, dequantize_rows, matmul, matvec_fused,
                      quantize_activations, quantize_for, read_only_view, round_to_f16)
 from ..quants.simd import fmaf
 
@@ -565,17 +565,17 @@ def head_stack(weights) -> LayerStack:
     return LayerStack(none, none, none, none, tuple(np.full(1, -1, np.int64) for _ in range(4)), norms, norms, head)
 
 
-def decode_token(cfg, weights, fused, st, cache, token: int) -> np.ndarray:
+def decode_token(cfg, weights, fused, st, ctx, cache, token: int) -> np.ndarray:
     """One token at position cache.n_past, logits [n_vocab]: the layers one compiled call each
     (fused: per layer (kind, (qkv, wo, gate_up, down), types), from runtime.model.loading.fused_layers)
     unless they are in the LayerStack st; then decode_all_layers runs st's layers (every layer,
-    or none: head_stack) and the output product. Changes nothing but the cache."""
+    or none: head_stack) and the output product; ctx: the model's decode_context (only its
+    kernels are compiled into matvec_fused). Changes nothing but the cache."""
     pos = cache.n_past
     rope = Rope(*rope_tables(np.array([pos]), cfg))
     dims = Dims.of(cfg)
     x = embed(cfg, weights, np.array([token]))
-    # the model's kernels only are compiled into matvec_fused (runtime.quants.matmul.decode_context)
-    table, isa, kernels = decode_context(st.types + (st.head.types,) + tuple(types for _, _, types in fused or ()))
+    table, isa, kernels = ctx
     if st.qkv.shape[0] == 0:
         for il, (_, mats, types) in enumerate(fused):
             layer = weights.layers[il]

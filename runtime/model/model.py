@@ -23,7 +23,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from ..errors import ModelError, UserError, shown
 from .kv_cache import KVCache
-from ..quants.matmul import SUPPORTED_TYPES, QuantWeight, dequantize_rows
+from ..quants.matmul import SUPPORTED_TYPES, QuantWeight, decode_context, dequantize_rows
 
 log = logging.getLogger("llamachat")
 
@@ -337,6 +337,9 @@ class LlamaModel:
             from .forward import head_stack
 
             self._decode_stack = head_stack(weights)
+        if fused is not None:  # the kernels this model decodes with: only those are compiled
+            st = self._decode_stack
+            self._decode_ctx = decode_context(st.types + (st.head.types,) + tuple(types for _, _, types in fused))
 
     @property
     def n_past(self) -> int:
@@ -380,8 +383,8 @@ class LlamaModel:
                 chunk = ids[start:start + self.n_batch]
                 last = start + self.n_batch >= ids.size
                 if len(chunk) == 1 and self.fused is not None and not hidden:
-                    logits_1 = decode_token(self.config, self.weights, self.fused, self._decode_stack, self.cache,
-                                            int(chunk[0]))
+                    logits_1 = decode_token(self.config, self.weights, self.fused, self._decode_stack, self._decode_ctx,
+                                            self.cache, int(chunk[0]))
                     outs.append(logits_1[None, :] if want_all else logits_1)
                 elif want_all or last:
                     outs.append(forward(self.config, self.weights, self.cache, chunk, want_all, hidden))

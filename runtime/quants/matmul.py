@@ -24,7 +24,6 @@ activations with numpy's BLAS. The tile is transient; weights stay quantized in 
 from __future__ import annotations
 
 import math
-import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -120,29 +119,17 @@ def kernel_context(isa: str | None = None, kernels=None) -> KernelContext:
     return ctx
 
 
-_DECODE_CONTEXTS: dict = {}  # id(a model's first kernel-number array) -> (weak reference to it, len(codes), context)
-
-
 def decode_context(codes) -> KernelContext:
     """The context for decoding with matrices whose kernel numbers are `codes` (int64 arrays, or
     tuples of them, e.g. runtime.model.forward.Layer's `types`; -1 entries ignored), this CPU's
-    instruction set. Called per token: the answer is kept per model, keyed by its first array
-    (made once at load, never changed, forgotten when it is freed)."""
-    first = codes[0]
-    while isinstance(first, (tuple, list)):
-        first = first[0]
-    hit = _DECODE_CONTEXTS.get(id(first))
-    if hit is not None and hit[0]() is first and hit[1] == len(codes):
-        return hit[2]
+    instruction set: one per set of kernels (kernel_context keeps them). Made once per model, at
+    load."""
     arrays = []
     stack = list(codes)
     while stack:
         c = stack.pop()
         stack.extend(c) if isinstance(c, (tuple, list)) else arrays.append(np.ravel(c))
-    ctx = kernel_context(None, np.concatenate(arrays).tolist())
-    key = id(first)
-    _DECODE_CONTEXTS[key] = (weakref.ref(first, lambda _, key=key: _DECODE_CONTEXTS.pop(key, None)), len(codes), ctx)
-    return ctx
+    return kernel_context(None, np.concatenate(arrays).tolist())
 
 
 @njit(cache=True, inline="always")
