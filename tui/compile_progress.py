@@ -1,11 +1,18 @@
 """What the engine is doing while numba compiles its kernels, for the front ends to show.
 
 The first use of the engine on a machine (or after an upgrade), and the first use of a weight
-format, compile its kernels for this CPU (those of the model's formats only): a quarter of a
-minute or more, during which nothing else happens. numba announces each compile that
+format, compile its kernels for this CPU (those of the model's formats only): tens of seconds on
+a 2-core machine, during which nothing else happens. numba announces each compile that
 misses its on-disk cache ("numba:compile" events); `CompileWatch` counts them, so the app can
-say "preparing the engine for this CPU" in the chat and the command line can draw a progress
+say "Compiling the engine for this CPU" in the chat and the command line can draw a progress
 line on stderr. A warm start compiles nothing and shows nothing.
+
+The line tells what is measured, not a forecast: the kernels compiled so far and the seconds
+this wait has lasted. How long a cold compile takes depends on the formats, the machine and its
+load, and it changes whenever the engine's kernels do, so a figure written here goes wrong (one
+did: "about 15 s" for a wait three times as long). The count of a previous cold compile is no
+guide either: the notes beside the cache go with it when an upgrade empties it, and a first run
+has none.
 
 Imports numba only when installed (the engine has imported it by then), never at import time.
 """
@@ -16,8 +23,8 @@ import sys
 import threading
 import time
 
-FIRST_RUN_SECONDS = 15  # a cold start of one format on a quiet 2-core machine (README's figures), told to the user
 QUIET_SECONDS = 1.0  # a compile shorter than this is not worth a message
+PAUSE_SECONDS = 1.5  # nothing compiling for this long: the wait is over (between two kernels it is not)
 
 
 class CompileWatch:
@@ -30,6 +37,7 @@ class CompileWatch:
 
     def reset(self) -> None:
         self.started: float | None = None  # when the first compile of this episode began
+        self.wait_started: float | None = None  # when the present wait began (after a pause, a new one)
         self.last: float = 0.0  # when a compile last began or ended
         self.done = 0
         self.depth = 0  # compiles in progress (a kernel compiles the kernels it calls inside its own)
@@ -66,6 +74,8 @@ class CompileWatch:
             now = time.monotonic()
             if self.started is None:  # the first since reset(): the front end resets per load
                 self.started = now
+            if self.wait_started is None or (self.depth == 0 and now - self.last > PAUSE_SECONDS):
+                self.wait_started = now  # the seconds shown are this wait's, not since the load
             self.depth += 1
             self._ours.append(ours)
             if ours:
@@ -85,16 +95,16 @@ class CompileWatch:
         with self._lock:
             now = time.monotonic()
             # between two kernels nothing compiles for a moment: still the same wait
-            if self.started is None or (self.depth == 0 and now - self.last > 1.5):
+            if self.wait_started is None or (self.depth == 0 and now - self.last > PAUSE_SECONDS):
                 return None
-            elapsed = now - self.started
+            elapsed = now - self.wait_started
             if elapsed < QUIET_SECONDS:
                 return None
+            kernels = f"{self.done} kernel{'s' if self.done != 1 else ''}"
             if compact:
-                return (f"compiling for this CPU (first run, ~{FIRST_RUN_SECONDS} s):"
-                        f" {self.done} kernels, {elapsed:.0f} s")
-            return (f"Preparing the engine for this CPU (first run, about {FIRST_RUN_SECONDS} s): "
-                    f"{self.done} kernel{'s' if self.done != 1 else ''} compiled, now {self.current} ({elapsed:.0f} s)")
+                return f"compiling the engine for this CPU, once: {kernels} done, {elapsed:.0f} s"
+            return (f"Compiling the engine for this CPU, once (later starts reuse it): {kernels} done, "
+                    f"{elapsed:.0f} s so far, now {self.current or 'starting'}")
 
     def summary(self) -> tuple[int, float]:
         """(kernels compiled, seconds) of the latest episode."""
