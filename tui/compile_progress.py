@@ -8,9 +8,9 @@ say "Compiling the engine for this CPU" in the chat and the command line can dra
 line on stderr. A warm start compiles nothing and shows nothing.
 
 The line tells what is measured, not a forecast: the kernels compiled so far and the seconds
-this wait has lasted. How long a cold compile takes depends on the formats, the machine and its
-load, and it changes whenever the engine's kernels do, so a figure written here goes wrong (one
-did: "about 15 s" for a wait three times as long). The count of a previous cold compile is no
+since compiling began. How long a cold compile takes depends on the formats, the machine and
+its load, and it changes whenever the engine's kernels do, so a figure written here goes wrong
+(one did: "about 15 s" for a wait three times as long). The count of a previous cold compile is no
 guide either: the notes beside the cache go with it when an upgrade empties it, and a first run
 has none.
 
@@ -37,7 +37,6 @@ class CompileWatch:
 
     def reset(self) -> None:
         self.started: float | None = None  # when the first compile of this episode began
-        self.wait_started: float | None = None  # when the present wait began (after a pause, a new one)
         self.last: float = 0.0  # when a compile last began or ended
         self.done = 0
         self.depth = 0  # compiles in progress (a kernel compiles the kernels it calls inside its own)
@@ -74,8 +73,6 @@ class CompileWatch:
             now = time.monotonic()
             if self.started is None:  # the first since reset(): the front end resets per load
                 self.started = now
-            if self.wait_started is None or (self.depth == 0 and now - self.last > PAUSE_SECONDS):
-                self.wait_started = now  # the seconds shown are this wait's, not since the load
             self.depth += 1
             self._ours.append(ours)
             if ours:
@@ -95,9 +92,11 @@ class CompileWatch:
         with self._lock:
             now = time.monotonic()
             # between two kernels nothing compiles for a moment: still the same wait
-            if self.wait_started is None or (self.depth == 0 and now - self.last > PAUSE_SECONDS):
+            if self.started is None or (self.depth == 0 and now - self.last > PAUSE_SECONDS):
                 return None
-            elapsed = now - self.wait_started
+            # since the first compile of the episode: a cold start has pauses of plain Python
+            # between its kernels (seen: over 1.5 s under load), and the user's wait goes on
+            elapsed = now - self.started
             if elapsed < QUIET_SECONDS:
                 return None
             kernels = f"{self.done} kernel{'s' if self.done != 1 else ''}"
