@@ -70,6 +70,18 @@ def test_stop_text_is_the_string_that_ended_it(llm):
     assert "".join(free).startswith("".join(pieces)) and word not in "".join(pieces)
 
 
+def test_count_tokens_is_what_the_request_fills(llm):
+    """The context fitting (drop-oldest, ask) and the meter count a chat with count_tokens; it
+    left out the assistant header the template adds for the reply (3 tokens for SmolLM2), so a
+    chat fitted to leave n_predict free ran into a full context a few tokens into its reply
+    (seen in a pty run of headless chat with -c 96 -n 8: "the context is full" after 4 tokens)."""
+    backend = LocalBackend(llm)
+    llm.reset()
+    stats = run_to_end(backend, GenerationRequest(messages=QUESTION, params=GREEDY, n_predict=1), lambda text: None)
+    assert backend.count_tokens(list(QUESTION), None) == stats.prompt_tokens
+    assert backend.count_tokens([], None) == 0
+
+
 def test_cancel_from_another_thread_keeps_the_text(llm):
     backend = LocalBackend(llm)
     llm.reset()

@@ -200,7 +200,9 @@ class LocalBackend:
         if messages is not None:
             if not messages:
                 return 0
-            return len(llm.chat_template.encode(list(messages), llm.tokenizer, add_generation_prompt=False))
+            # as prompt_tokens sends it: with the header that opens the reply, which fills the
+            # context too (without it, a chat fitted to leave n_predict free ran out early)
+            return len(llm.chat_template.encode(list(messages), llm.tokenizer, add_generation_prompt=True))
         return len(llm.tokenize(prompt)) if prompt else 0
 
     def metadata(self) -> dict:
