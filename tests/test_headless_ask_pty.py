@@ -17,6 +17,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+pytestmark = pytest.mark.real_model
+
 RUNNER = "import sys; from llamachat.tui import cli; sys.exit(cli.main(sys.argv[1:]))"
 
 # n_ctx 64 against questions of about 30 tokens (SmolLM2's tokenizer splits "w7" in two) and
