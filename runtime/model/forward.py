@@ -622,3 +622,15 @@ def rerotate_keys(cfg, cache, start: int, end: int, delta: int) -> None:
         k = cache.k[il, start:end].copy()
         apply_rope(k, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, cos, sin)
         cache.k[il, start:end] = k.astype(np.float16)
+
+
+def compile_shared_kernels() -> None:
+    """Run once, on tiny arrays, the kernels that prompts and decode of every model share
+    (attention's one-row half, SwiGLU), with the argument types the forward pass gives them, so
+    that they are compiled (or read from numba's cache) now: tui/compile_ahead's helper does this
+    first, and the process compiling the prompt kernels then reads them from the cache."""
+    q = np.zeros((1, 32), np.float32)
+    kv = np.zeros((2, 32), np.float32)
+    attend_rows(q, kv, kv, 0, 1, 1, 32, np.empty_like(q))
+    x = np.zeros(32, np.float32)
+    _silu_mul(x, x, np.empty_like(x))
