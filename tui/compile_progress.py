@@ -86,6 +86,26 @@ class CompileWatch:
                 self.done += 1
             self.last = time.monotonic()
 
+    def elsewhere(self, what: str):
+        """A context manager: while it is open, a compile goes on in another process (`what`
+        names it), and the wait shows as this one's."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def waiting():
+            with self._lock:
+                now = time.monotonic()
+                self.started = now if self.started is None else self.started
+                self.depth += 1
+                self._ours.append(False)
+                self.current, self.last = what, now
+            try:
+                yield
+            finally:
+                self._ended()
+
+        return waiting()
+
     def status(self, compact: bool = False) -> str | None:
         """A sentence for the user while compiling has gone on for over a second, else None
         (compact: short enough for one 80-column line after "llamachat: ")."""

@@ -13,6 +13,8 @@ reaches the user.
 
 from __future__ import annotations
 
+import atexit
+
 import threading
 import time
 from dataclasses import dataclass, field
@@ -404,23 +406,53 @@ class Engine:
 def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
     """Evaluate a few tokens the ways a chat will (by default: a long prompt, a short one, one
     token at a time; `sizes` says how many tokens each time), so every kernel the model's
-    formats need is compiled or read from numba's cache now; then empty the KV cache. Sampling
-    and the random stream are not touched. Warm, it costs a fraction of a second; a failure
-    here is left for the first reply to report."""
+    formats need is compiled or read from numba's cache now; then empty the KV cache. The
+    model's sampler and random stream are not touched. Warm, it costs a fraction of a second; a failure
+    here is left for the first reply to report.
+
+    Cold (a first run, a format's first use), a second process (tui/compile_ahead) compiles
+    the one-token kernels, and the tiled prompt kernels where a shorter prompt size comes
+    first, while this one compiles the prompt kernels; this one then waits for the one-token
+    half and reads it from the cache. The tiled kernels may still be compiling in the helper
+    when this returns: the first prompt of FA_TILE_Q tokens reads them from the cache if it
+    has finished, else compiles them itself. The sampling kernels are compiled here too
+    (`warm_sampler`; the model's samplers are not touched), while the helper works or after
+    the one-token step."""
     model = getattr(llm, "model", None)
     if model is None or not hasattr(model, "eval"):
         return
+    helper = None
     try:
         from llamachat.runtime.model.forward import FA_TILE_Q
+
+        from .compile_progress import WATCH, model_is_warm, note_warm
 
         sample = llm.tokenize(b"The quick brown fox jumps over the lazy dog, then rests a while. ", add_bos=True)
         sizes = sizes or (FA_TILE_Q, 8, 1)  # the tiled prompt path, the small-batch path, decode
         ids = (sample * (max(sizes) // max(1, len(sample)) + 1))[:max(sizes)]
         room = int(model.n_ctx)
-        for n in sizes:
-            if model.n_past + n > room:
-                break
+        sizes = tuple(n for n in sizes if n <= room)
+        order = sizes
+        cold = not model_is_warm(llm)
+        if 1 in sizes and len(sizes) > 1 and cold:
+            here = [n for n in sizes if 1 < n < FA_TILE_Q] or [n for n in sizes if n > 1]
+            from . import compile_ahead
+
+            helper = compile_ahead.start(llm, (1,) + tuple(n for n in sizes if n > 1 and n not in here))
+            if helper is not None:
+                atexit.register(helper.close)
+                order = tuple(here) + (1,)
+        for n in order:
+            if n == 1 and helper is not None:
+                warm_sampler(model.config.n_vocab)  # while the helper compiles the one-token kernels
+                with WATCH.elsewhere("the one-token kernels, in a second process"):
+                    helper.wait_for(1, timeout=600)
             model.eval(ids[:n], logits="last")
+            llm.reset()
+            if n == 1 and helper is None:
+                warm_sampler(model.config.n_vocab)
+        if cold:
+            note_warm(llm)  # the next start finds the kernels cached and starts no helper
     except Exception:  # noqa: BLE001 - the first reply meets the same problem and names it
         pass
     finally:
@@ -428,6 +460,20 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
             llm.reset()
         except Exception:
             pass
+
+
+def warm_sampler(n_vocab: int) -> None:
+    """Sample once from made-up logits with the default settings and greedily (fresh samplers:
+    no conversation's state is touched), so the first reply does not compile the sampling
+    kernels between its prompt and its first word (5 s cold, the partial sort)."""
+    import numpy as np
+
+    from llamachat.runtime.generation.sampling import Sampler
+    from llamachat.runtime.params import SamplingParams
+
+    logits = np.linspace(-4.0, 4.0, n_vocab, dtype=np.float32)
+    for params in (SamplingParams(seed=1), SamplingParams(seed=1, temp=0.0)):
+        Sampler(params, n_vocab).sample(logits)
 
 
 def quant_name(metadata: dict) -> str:

@@ -311,10 +311,11 @@ def _bucket_sort(logits, npartial):
     return val[:npartial].copy()
 
 
-@_kernel
 def _sorted_head(logits, npartial):
     """llama_token_data_array_partial_sort_inplace: the positions of the npartial largest logits
-    in llama.cpp's order (std::partial_sort over the whole list up to 128, the buckets above)."""
+    in llama.cpp's order (std::partial_sort over the whole list up to 128, the buckets above).
+    Chosen in Python: in a kernel numba would compile both sorts (2-3 s) on a first run, where
+    the default chain (top-k 40) needs only the heap."""
     if npartial > 128:
         return _bucket_sort(logits, npartial)
     return _heap_partial_sort(logits, npartial)

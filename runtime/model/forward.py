@@ -21,7 +21,7 @@ one Python call per step), and `decode_token` for one token, which runs them ins
 code (`decode_layer`; `decode_all_layers` for the whole model when its layers are alike, else
 for the output product after one call per layer) on the arrays runtime.model.loading prepared.
 Both take the model's config, weights and KV cache and change nothing but the cache;
-attention is chosen in one place, `attend`.
+attention is chosen in one place, `attend` (decode, one token, goes straight to its one-row half).
 """
 
 from __future__ import annotations
@@ -280,18 +280,29 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             out[t, h * head_dim + d] = acc[d] * inv
 
 
-@njit(cache=True)
 def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
     """Attention of q's T tokens, the kernel chosen as llama.cpp's CPU flash attention chooses:
-    ggml's tiled kernel for batches of FA_TILE_Q tokens or more, else its one-row kernel (in
-    parallel from ATTN_PARALLEL_MIN (query, key) pairs on; the same floats either way). Every
-    caller - prompts, decode, perplexity - comes through here. Same arguments as `attention`.
-    (So a token's attention is the same bits in any batch of under FA_TILE_Q tokens; batches
-    of FA_TILE_Q or more follow llama.cpp into the tiled kernel's other arithmetic.)"""
-    n_tok = q.shape[0]
-    if n_tok >= FA_TILE_Q:
+    ggml's tiled kernel for batches of FA_TILE_Q tokens or more, else its one-row kernel
+    (`attend_rows`). Every caller - prompts, decode, perplexity - comes through here, decode
+    (always one token) straight to `attend_rows` from compiled code. Same arguments as
+    `attention`. (So a token's attention is the same bits in any batch of under FA_TILE_Q
+    tokens; batches of FA_TILE_Q or more follow llama.cpp into the tiled kernel's other
+    arithmetic.)"""
+    if q.shape[0] >= FA_TILE_Q:
         attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
-    elif n_tok * (n_past + n_tok) >= ATTN_PARALLEL_MIN:
+    else:
+        attend_rows(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
+
+
+@njit(cache=True)
+def attend_rows(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
+    """`attend` for fewer than FA_TILE_Q tokens: ggml's one-row kernel, in parallel from
+    ATTN_PARALLEL_MIN (query, key) pairs on (the same floats either way). Apart from `attend`
+    so that compiled decode does not carry the tiled kernel it never runs (numba compiles
+    every branch of a function, and links all of it into each caller: seconds of a cold
+    start)."""
+    n_tok = q.shape[0]
+    if n_tok * (n_past + n_tok) >= ATTN_PARALLEL_MIN:
         attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
     else:
         attention_serial(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
@@ -437,9 +448,11 @@ class KV(NamedTuple):
 
 
 class Layer(NamedTuple):
-    """One layer's decode arrays. Grouping is a parameter: qkv holds one matrix (q, k and v
-    stacked, one product) or three, gate_up one (stacked) or two; wo and down one each. types:
-    four int64 arrays, the kernel code of each matrix of qkv, wo, gate_up, down."""
+    """One layer's decode arrays. Grouping is a parameter: qkv holds three matrices, q, k and v,
+    or q, k and v stacked in the first place; gate_up two (or both stacked in the first); wo and
+    down one each. types: four int64 arrays, the kernel code of each matrix of qkv, wo, gate_up,
+    down, -1 for a place a stacked matrix covers (its matrix is not read). The tuples' lengths never
+    change, so neither does the numba type: one compile for every model."""
     attn_norm: np.ndarray
     ffn_norm: np.ndarray
     qkv: tuple
@@ -483,6 +496,8 @@ def _project(mats, types, x, ctx, out):
     start = 0
     for i in range(len(mats)):
         t = types[i]
+        if t < 0:  # covered by a stacked matrix
+            continue
         if act_mode_of(t) != mode:
             mode = act_mode_of(t)
             quantize_activations(x, mode, xq, xd, xs, xhat)
@@ -507,8 +522,9 @@ def decode_layer(x, layer, kv, pos, rope, dims, table, isa, kernels):
     att = np.empty((1, q_dim), np.float32)
     proj = np.empty((1, n_embd), np.float32)
     n_ff = 0
-    for m in layer.gate_up:
-        n_ff += m.shape[0]
+    for i in range(len(layer.gate_up)):
+        if layer.types[2][i] >= 0:
+            n_ff += layer.gate_up[i].shape[0]
     n_ff //= 2
     gu = np.empty((1, 2 * n_ff), np.float32)
     act = np.empty((1, n_ff), np.float32)
@@ -516,14 +532,20 @@ def decode_layer(x, layer, kv, pos, rope, dims, table, isa, kernels):
     # attention
     _rmsnorm(x, layer.attn_norm, dims.eps, h)
     _project(layer.qkv, layer.types[0], h, ctx, qkv)
-    q = qkv[:, :q_dim]
-    k = qkv[:, q_dim:q_dim + kv_dim]
+    # q and k copied out of qkv: contiguous, as a prompt's are, so that RoPE and attention are
+    # the same compiled kernels for both (a slice's type would compile each of them again)
+    q = np.empty((1, q_dim), np.float32)
+    k = np.empty((1, kv_dim), np.float32)
+    for i in range(q_dim):  # loops: a slice assignment compiles numba's shape-mismatch message
+        q[0, i] = qkv[0, i]
+    for i in range(kv_dim):
+        k[0, i] = qkv[0, q_dim + i]
     apply_rope(q, dims.n_head, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
     apply_rope(k, dims.n_head_kv, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
     for i in range(kv_dim):  # the cache holds half floats
-        kv.k[pos, i] = round_to_f16(qkv[0, q_dim + i])
+        kv.k[pos, i] = round_to_f16(k[0, i])
         kv.v[pos, i] = round_to_f16(qkv[0, q_dim + kv_dim + i])
-    attend(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, att)
+    attend_rows(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, att)  # one token: attend's choice
     _project(layer.wo, layer.types[1], att, ctx, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]
@@ -543,7 +565,8 @@ def decode_all_layers(x, st, kv, pos, rope, dims, table, isa, kernels, logits):
     layer, see head_stack), then the final norm and the output product into logits
     [1, n_vocab] (unless its kernel code is -1)."""
     for il in range(st.qkv.shape[0]):
-        layer = Layer(st.attn_norm[il], st.ffn_norm[il], (st.qkv[il],), (st.wo[il],), (st.gate_up[il],),
+        qkv, gate_up = st.qkv[il], st.gate_up[il]
+        layer = Layer(st.attn_norm[il], st.ffn_norm[il], (qkv, qkv, qkv), (st.wo[il],), (gate_up, gate_up),
                       (st.down[il],), st.types)
         decode_layer(x, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, table, isa, kernels)
     if st.head.types[0] >= 0:
@@ -562,7 +585,7 @@ def head_stack(weights) -> LayerStack:
         head = Head(weights.output_norm, read_only_view(np.zeros((1, 1), np.uint8)), np.array([-1], np.int64))
     none = read_only_view(np.empty((0, 1, 1), np.uint8))
     norms = np.empty((0, len(weights.output_norm)), np.float32)
-    return LayerStack(none, none, none, none, tuple(np.full(1, -1, np.int64) for _ in range(4)), norms, norms, head)
+    return LayerStack(none, none, none, none, tuple(np.full(n, -1, np.int64) for n in (3, 1, 2, 1)), norms, norms, head)
 
 
 def decode_token(cfg, weights, fused, st, ctx, cache, token: int) -> np.ndarray:
@@ -599,3 +622,15 @@ def rerotate_keys(cfg, cache, start: int, end: int, delta: int) -> None:
         k = cache.k[il, start:end].copy()
         apply_rope(k, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, cos, sin)
         cache.k[il, start:end] = k.astype(np.float16)
+
+
+def compile_shared_kernels() -> None:
+    """Run once, on tiny arrays, the kernels that prompts and decode of every model share
+    (attention's one-row half, SwiGLU), with the argument types the forward pass gives them, so
+    that they are compiled (or read from numba's cache) now: tui/compile_ahead's helper does this
+    first, and the process compiling the prompt kernels then reads them from the cache."""
+    q = np.zeros((1, 32), np.float32)
+    kv = np.zeros((2, 32), np.float32)
+    attend_rows(q, kv, kv, 0, 1, 1, 32, np.empty_like(q))
+    x = np.zeros(32, np.float32)
+    _silu_mul(x, x, np.empty_like(x))

@@ -59,7 +59,9 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     runtime.model.forward.Layer takes them. "grouped" when q/k/v share a format and gate/up share one:
     qkv and gate_up each one stacked matrix (copies made once at load, their file pages
     released: the layers' size, 66 MB for SmolLM2 Q4_1); else "plain": qkv the 3 matrices and
-    gate_up the 2 as in the memory map. None if some matrix has no fused kernel (or the shapes
+    gate_up the 2 as in the memory map. Either way qkv holds 3 matrices and gate_up 2 (a stacked
+    one repeated, its repeats' kernel numbers -1), so every layer of every model has one numba
+    type and decode_layer compiles once. None if some matrix has no fused kernel (or the shapes
     do not suit it): those decode via `forward`. Weights whose rows were copied read the copy
     from then on (their file pages released), so nothing is held twice. When every layer is
     grouped with the same formats and shapes (any llama GGUF quantized to one type), the copies
@@ -110,9 +112,12 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
             m = read_only_view(m)  # one array type for every matrix (the memory map's is read-only): one compile
             mats.append(m)
         kernels = [g[0].kernel for g in groups]
-        cut = (0, 1, 2, 3, 4) if len(groups) == 4 else (0, 3, 4, 6, 7)  # into qkv, wo, gate_up, down
-        parts = tuple(tuple(mats[a:b]) for a, b in zip(cut, cut[1:]))
-        types = tuple(np.array(kernels[a:b], np.int64) for a, b in zip(cut, cut[1:]))
+        if len(groups) == 4:  # grouped: one matrix stands in for the other places, which are marked -1
+            parts = ((mats[0],) * 3, (mats[1],), (mats[2],) * 2, (mats[3],))
+            kernels = [kernels[0], -1, -1, kernels[1], kernels[2], -1, kernels[3]]
+        else:
+            parts = (tuple(mats[0:3]), (mats[3],), tuple(mats[4:6]), (mats[6],))
+        types = tuple(np.array(kernels[a:b], np.int64) for a, b in ((0, 3), (3, 4), (4, 6), (6, 7)))
         out.append(("grouped" if len(groups) == 4 else "plain", parts, types))
     if out_w is not weights.token_embd and repackable(out_w):
         _repack_alone(out_w)

@@ -109,8 +109,12 @@ class ModelHost:
         self._thread.start()
 
     def _warm_up(self) -> None:
-        """One tiny chat through the engine, so the first client does not wait while the
-        template compiles and the engine's kernels load (or compile, on a first run)."""
+        """The engine's kernels loaded (or compiled, on a first run: on two cores in two
+        processes, see engine_worker.warm_up), then one tiny chat through the engine, so the
+        first client does not wait while the template compiles."""
+        from ..engine_worker import warm_up
+
+        warm_up(self.llm)
         try:
             self.llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0.0)
             self.llm.reset()

@@ -1,0 +1,112 @@
+"""The cold start's second process (tui/compile_ahead): its protocol, when it is not started,
+and how warm_up shares the sizes with it. (The time it saves is measured by a cold start on an
+empty cache, in the README's figures, not here.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llamachat.tui import compile_ahead, engine_worker
+
+
+def _helper(code: str) -> compile_ahead.Helper:
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    return compile_ahead.Helper(proc)
+
+
+def test_helper_reports_each_size_as_it_is_ready():
+    helper = _helper("import time\nprint('ready 1', flush=True)\ntime.sleep(0.3)\nprint('ready 64', flush=True)")
+    assert helper.wait_for(1, timeout=30)
+    assert helper.wait_for(64, timeout=30)
+    helper.close()
+
+
+def test_a_helper_that_ends_early_is_not_waited_for():
+    helper = _helper("import sys\nprint('loading', flush=True)\nsys.exit(3)")
+    start = time.monotonic()
+    assert not helper.wait_for(1, timeout=60)
+    assert time.monotonic() - start < 30  # returned when the process ended, not at the timeout
+    helper.close()
+
+
+def test_close_stops_a_running_helper():
+    helper = _helper("import time\ntime.sleep(60)")
+    helper.close()
+    assert helper.proc.poll() is not None
+
+
+class _Model:
+    eval = None
+
+
+class _Llm:
+    def __init__(self, path):
+        self.model_path, self.model = path, _Model()
+
+
+def test_no_helper_where_it_cannot_help(tmp_path, monkeypatch):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"0" * 1000)
+    assert compile_ahead.start(_Llm(None), (1,)) is None  # no file behind the model
+    assert compile_ahead.start(_Llm(str(tmp_path / "gone.gguf")), (1,)) is None
+    monkeypatch.setattr(compile_ahead, "_cores", lambda: 1)
+    assert compile_ahead.start(_Llm(str(path)), (1,)) is None  # one core: it would only slow this one
+    monkeypatch.setattr(compile_ahead, "_cores", lambda: 2)
+    monkeypatch.setattr(compile_ahead, "_available_memory", lambda: 2000)
+    assert compile_ahead.start(_Llm(str(path)), (1,)) is None  # no room for a second copy of the weights
+
+
+def test_the_helper_process_evaluates_its_sizes(smollm2_path, capsys):
+    assert compile_ahead.main([str(smollm2_path), "1", "8"]) == 0
+    assert capsys.readouterr().out.split("\n") == ["ready 1", "ready 8", ""]
+
+
+class _FakeHelper:
+    def __init__(self, sizes):
+        self.sizes, self.waited = sizes, []
+
+    def wait_for(self, n, timeout=None):
+        self.waited.append(n)
+        return True
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("sizes, here, ahead", [
+    (None, [8, 1], (1, 64)),  # the app: the short prompt here, decode and the tiled prompt there
+    ((30, 1), [30, 1], (1,)),  # a one-shot's prompt and decode
+    ((100, 1), [100, 1], (1,)),  # a long one-shot prompt stays here: it is needed now
+])
+def test_warm_up_leaves_decode_to_the_helper_when_cold(smollm2_path, monkeypatch, sizes, here, ahead):
+    from llamachat.runtime import Llama
+    from llamachat.tui import compile_progress
+
+    llm = Llama(str(smollm2_path), n_ctx=256, verbose=False)
+    started, noted, evaluated = [], [], []
+    monkeypatch.setattr(compile_progress, "model_is_warm", lambda _: False)
+    monkeypatch.setattr(compile_progress, "note_warm", lambda _: noted.append(True))
+    monkeypatch.setattr(compile_ahead, "start", lambda _, s: started.append(_FakeHelper(s)) or started[-1])
+    monkeypatch.setattr(engine_worker.atexit, "register", lambda f: None)
+    real_eval = llm.model.eval
+    monkeypatch.setattr(llm.model, "eval", lambda ids, **kw: evaluated.append(len(ids)) or real_eval(ids, **kw))
+    engine_worker.warm_up(llm, sizes)
+    assert evaluated == here
+    assert started[0].sizes == ahead and started[0].waited == [1]  # waited before its own decode step
+    assert noted == [True] and llm.model.n_past == 0
+
+
+def test_warm_up_starts_no_helper_when_warm(smollm2_path, monkeypatch):
+    from llamachat.runtime import Llama
+    from llamachat.tui import compile_progress
+
+    llm = Llama(str(smollm2_path), n_ctx=256, verbose=False)
+    monkeypatch.setattr(compile_progress, "model_is_warm", lambda _: True)
+    monkeypatch.setattr(compile_ahead, "start", lambda *_: pytest.fail("a helper for a warm model"))
+    engine_worker.warm_up(llm)
+    assert llm.model.n_past == 0
