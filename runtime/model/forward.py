@@ -120,7 +120,65 @@ def _round_half_inplace(acc, bits, magic, magic_bits):
 
 
 # fastmath 'contract': each a*b + c below is one fused multiply-add, as in ggml's SIMD code
-@njit(cache=True, parallel=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"})
+def _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out, job):
+    """One (token, head) pair of `attention`: job = t * n_head + h. Written once, as a plain
+    kernel that both the threaded and the serial driver call: numba's analysis of a parallel
+    loop costs seconds of a cold start per loop body, and two dispatchers of one Python
+    function would share (and mix up) one cache entry."""
+    group = n_head // n_head_kv
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_simd = head_dim - head_dim % 32
+    t = job // n_head
+    h = job % n_head
+    kv0 = (h // group) * head_dim
+    qh = np.empty(head_dim, np.float32)
+    for d in range(head_dim):
+        qh[d] = round_to_f16(q[t, h * head_dim + d])
+    acc = np.zeros(head_dim, np.float32)
+    bits = acc.view(np.uint32)
+    sums = np.empty(32, np.float32)
+    magic = np.empty(head_dim, np.float32)
+    magic_bits = magic.view(np.uint32)
+    m = np.float32(-np.inf)
+    total = np.float32(0.0)
+    for j in range(n_past + t + 1):
+        # ggml_vec_dot_f16 (AVX2): 4 accumulators x 8 lanes over 32-wide steps, fma
+        for lane in range(32):
+            sums[lane] = 0.0
+        for i in range(0, n_simd, 32):
+            for lane in range(32):
+                sums[lane] = qh[i + lane] * k_cache[j, kv0 + i + lane] + sums[lane]
+        for lane in range(8):
+            sums[lane] = (sums[lane] + sums[lane + 16]) + (sums[lane + 8] + sums[lane + 24])
+        t0 = sums[0] + sums[4]
+        t1 = sums[1] + sums[5]
+        t2 = sums[2] + sums[6]
+        t3 = sums[3] + sums[7]
+        dot = np.float64((t0 + t1) + (t2 + t3))
+        for d in range(n_simd, head_dim):  # leftovers, in double
+            dot += np.float64(qh[d] * k_cache[j, kv0 + d])
+        s = np.float32(dot) * scale
+        ms = np.float32(1.0)
+        vs = np.float32(1.0)
+        if s > m:
+            ms = np.float32(math.exp(m - s)) if m != -np.inf else np.float32(0.0)
+            m = s
+            for d in range(head_dim):
+                acc[d] *= ms
+            _round_half_inplace(acc, bits, magic, magic_bits)
+        else:
+            vs = np.float32(math.exp(s - m))
+        for d in range(head_dim):  # ggml_vec_mad_f16: fma in float, stored as half
+            acc[d] = v_cache[j, kv0 + d] * vs + acc[d]
+        _round_half_inplace(acc, bits, magic, magic_bits)
+        total = total * ms + vs
+    inv = np.float32(1.0) / total
+    for d in range(head_dim):
+        out[t, h * head_dim + d] = acc[d] * inv
+
+
+@njit(cache=True, parallel=True)
 def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
     """Causal multi-head attention with grouped KV heads, computed as llama.cpp's CPU flash
     attention does it (ggml_compute_forward_flash_attn_ext_f16, F16 cache): q rounded to half,
@@ -129,65 +187,21 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
 
     q [T, n_head*head_dim] for positions n_past..n_past+T-1; k_cache/v_cache [n_ctx, n_head_kv*
     head_dim] of one layer, already holding those positions. Query head h reads KV head
-    h // (n_head/n_head_kv), as ggml's broadcast does.
+    h // (n_head/n_head_kv), as ggml's broadcast does. The (token, head) pairs are split over
+    the threads.
     """
-    n_tok = q.shape[0]
-    group = n_head // n_head_kv
-    scale = np.float32(1.0 / math.sqrt(head_dim))
-    n_simd = head_dim - head_dim % 32
-    for job in prange(n_tok * n_head):
-        t = job // n_head
-        h = job % n_head
-        kv0 = (h // group) * head_dim
-        qh = np.empty(head_dim, np.float32)
-        for d in range(head_dim):
-            qh[d] = round_to_f16(q[t, h * head_dim + d])
-        acc = np.zeros(head_dim, np.float32)
-        bits = acc.view(np.uint32)
-        sums = np.empty(32, np.float32)
-        magic = np.empty(head_dim, np.float32)
-        magic_bits = magic.view(np.uint32)
-        m = np.float32(-np.inf)
-        total = np.float32(0.0)
-        for j in range(n_past + t + 1):
-            # ggml_vec_dot_f16 (AVX2): 4 accumulators x 8 lanes over 32-wide steps, fma
-            for lane in range(32):
-                sums[lane] = 0.0
-            for i in range(0, n_simd, 32):
-                for lane in range(32):
-                    sums[lane] = qh[i + lane] * k_cache[j, kv0 + i + lane] + sums[lane]
-            for lane in range(8):
-                sums[lane] = (sums[lane] + sums[lane + 16]) + (sums[lane + 8] + sums[lane + 24])
-            t0 = sums[0] + sums[4]
-            t1 = sums[1] + sums[5]
-            t2 = sums[2] + sums[6]
-            t3 = sums[3] + sums[7]
-            dot = np.float64((t0 + t1) + (t2 + t3))
-            for d in range(n_simd, head_dim):  # leftovers, in double
-                dot += np.float64(qh[d] * k_cache[j, kv0 + d])
-            s = np.float32(dot) * scale
-            ms = np.float32(1.0)
-            vs = np.float32(1.0)
-            if s > m:
-                ms = np.float32(math.exp(m - s)) if m != -np.inf else np.float32(0.0)
-                m = s
-                for d in range(head_dim):
-                    acc[d] *= ms
-                _round_half_inplace(acc, bits, magic, magic_bits)
-            else:
-                vs = np.float32(math.exp(s - m))
-            for d in range(head_dim):  # ggml_vec_mad_f16: fma in float, stored as half
-                acc[d] = v_cache[j, kv0 + d] * vs + acc[d]
-            _round_half_inplace(acc, bits, magic, magic_bits)
-            total = total * ms + vs
-        inv = np.float32(1.0) / total
-        for d in range(head_dim):
-            out[t, h * head_dim + d] = acc[d] * inv
+    for job in prange(q.shape[0] * n_head):
+        _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(job))
 
 
 # the same kernel without threads: for one token over a short context a parallel region's
-# wake-up costs more than the work (identical arithmetic; prange runs as range)
-attention_serial = njit(cache=True, fastmath={"contract"})(attention.py_func)
+# wake-up costs more than the work (identical arithmetic)
+@njit(cache=True)
+def attention_serial(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
+    for job in range(q.shape[0] * n_head):
+        _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(job))
+
+
 # `attend` runs the one-row kernel in parallel from this many (query, key) pairs on (for one
 # token: cached positions)
 ATTN_PARALLEL_MIN = 32
@@ -196,6 +210,72 @@ ATTN_PARALLEL_MIN = 32
 # (GGML_FA_TILE_Q; the KV tiles are GGML_FA_TILE_KV = 64 long); fewer rows use `attention`
 FA_TILE_Q = 64
 FA_TILE_KV = 64
+
+
+@njit(cache=True)
+def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, job):
+    """One (token, head) pair of `attention_tiled` (job = t * n_head + h), kt its keys laid out
+    dimension by dimension: the loop body written once as a plain kernel (see _attention_job)."""
+    group = n_head // n_head_kv
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    t = job // n_head
+    h = job % n_head
+    g = h // group
+    kv0 = g * head_dim
+    n_kv = n_past + t + 1
+    acc = np.zeros(head_dim, np.float32)
+    s = np.empty(FA_TILE_KV, np.float32)
+    xs = np.empty(FA_TILE_KV, np.float32)
+    ns = np.empty(FA_TILE_KV, np.float32)
+    kbits = np.empty(FA_TILE_KV, np.int32)
+    two_n = kbits.view(np.float32)
+    total = np.float32(0.0)
+    m = np.float32(-np.inf)
+    for ic in range(0, n_kv, FA_TILE_KV):
+        for tk in range(FA_TILE_KV):
+            s[tk] = 0.0
+        for d in range(head_dim):
+            qd = q[t, h * head_dim + d]
+            for tk in range(FA_TILE_KV):
+                s[tk] = fmaf(qd, kt[g, d, ic + tk], s[tk])
+        tile_max = np.float32(-np.inf)
+        for tk in range(FA_TILE_KV):
+            s[tk] = s[tk] * scale if ic + tk < n_kv else -np.inf  # masked (future or padding): weight 0
+            tile_max = max(tile_max, s[tk])
+        m_new = max(m, tile_max)
+        if m_new > m:
+            ms = np.float32(math.exp(np.float32(m - m_new)))  # libm expf
+            for d in range(head_dim):
+                acc[d] *= ms
+            total *= ms
+        m = m_new
+        # s = _ggml_expf(s - m_new) in vectorizable loops (2**n from its bits), then ggml's
+        # slow path (|n| > 126: the masked and the vanishing weights) one by one
+        for tk in range(FA_TILE_KV):
+            xs[tk] = s[tk] - m_new
+        for tk in range(FA_TILE_KV):
+            n, b = _expf_reduce(xs[tk])
+            ns[tk] = n
+            kbits[tk] = (np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23
+            s[tk] = fmaf(_expf_poly(b), two_n[tk], two_n[tk])
+        for tk in range(FA_TILE_KV):
+            if not abs(ns[tk]) <= 126.0:
+                s[tk] = _ggml_expf(xs[tk])
+        tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
+        for c in range(0, FA_TILE_KV, 8):
+            r0 = s[c + 4] + s[c + 0]
+            r1 = s[c + 5] + s[c + 1]
+            r2 = s[c + 6] + s[c + 2]
+            r3 = s[c + 7] + s[c + 3]
+            tile_sum += np.float64((r0 + r2) + (r1 + r3))
+        total = np.float32(np.float64(total) + tile_sum)
+        for tk in range(min(FA_TILE_KV, n_kv - ic)):
+            p = s[tk]
+            for d in range(head_dim):
+                acc[d] = fmaf(p, v_cache[ic + tk, kv0 + d], acc[d])
+    inv = np.float32(1.0) / total
+    for d in range(head_dim):
+        out[t, h * head_dim + d] = acc[d] * inv
 
 
 @njit(cache=True, parallel=True)
@@ -210,8 +290,6 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     tile's 64 chains advance together in vector lanes: each chain is still the same sequence
     of fmas.)"""
     n_tok = q.shape[0]
-    group = n_head // n_head_kv
-    scale = np.float32(1.0 / math.sqrt(head_dim))
     n_all = n_past + n_tok
     n_pad = -(-n_all // FA_TILE_KV) * FA_TILE_KV
     kt = np.zeros((n_head_kv, head_dim, n_pad), np.float32)
@@ -220,64 +298,7 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             for d in range(head_dim):
                 kt[g, d, j] = k_cache[j, g * head_dim + d]
     for job in prange(n_tok * n_head):
-        t = job // n_head
-        h = job % n_head
-        g = h // group
-        kv0 = g * head_dim
-        n_kv = n_past + t + 1
-        acc = np.zeros(head_dim, np.float32)
-        s = np.empty(FA_TILE_KV, np.float32)
-        xs = np.empty(FA_TILE_KV, np.float32)
-        ns = np.empty(FA_TILE_KV, np.float32)
-        kbits = np.empty(FA_TILE_KV, np.int32)
-        two_n = kbits.view(np.float32)
-        total = np.float32(0.0)
-        m = np.float32(-np.inf)
-        for ic in range(0, n_kv, FA_TILE_KV):
-            for tk in range(FA_TILE_KV):
-                s[tk] = 0.0
-            for d in range(head_dim):
-                qd = q[t, h * head_dim + d]
-                for tk in range(FA_TILE_KV):
-                    s[tk] = fmaf(qd, kt[g, d, ic + tk], s[tk])
-            tile_max = np.float32(-np.inf)
-            for tk in range(FA_TILE_KV):
-                s[tk] = s[tk] * scale if ic + tk < n_kv else -np.inf  # masked (future or padding): weight 0
-                tile_max = max(tile_max, s[tk])
-            m_new = max(m, tile_max)
-            if m_new > m:
-                ms = np.float32(math.exp(np.float32(m - m_new)))  # libm expf
-                for d in range(head_dim):
-                    acc[d] *= ms
-                total *= ms
-            m = m_new
-            # s = _ggml_expf(s - m_new) in vectorizable loops (2**n from its bits), then ggml's
-            # slow path (|n| > 126: the masked and the vanishing weights) one by one
-            for tk in range(FA_TILE_KV):
-                xs[tk] = s[tk] - m_new
-            for tk in range(FA_TILE_KV):
-                n, b = _expf_reduce(xs[tk])
-                ns[tk] = n
-                kbits[tk] = (np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23
-                s[tk] = fmaf(_expf_poly(b), two_n[tk], two_n[tk])
-            for tk in range(FA_TILE_KV):
-                if not abs(ns[tk]) <= 126.0:
-                    s[tk] = _ggml_expf(xs[tk])
-            tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
-            for c in range(0, FA_TILE_KV, 8):
-                r0 = s[c + 4] + s[c + 0]
-                r1 = s[c + 5] + s[c + 1]
-                r2 = s[c + 6] + s[c + 2]
-                r3 = s[c + 7] + s[c + 3]
-                tile_sum += np.float64((r0 + r2) + (r1 + r3))
-            total = np.float32(np.float64(total) + tile_sum)
-            for tk in range(min(FA_TILE_KV, n_kv - ic)):
-                p = s[tk]
-                for d in range(head_dim):
-                    acc[d] = fmaf(p, v_cache[ic + tk, kv0 + d], acc[d])
-        inv = np.float32(1.0) / total
-        for d in range(head_dim):
-            out[t, h * head_dim + d] = acc[d] * inv
+        _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(job))
 
 
 def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
