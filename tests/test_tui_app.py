@@ -419,7 +419,10 @@ async def test_first_run_pulls_default_model_then_chats(tmp_path):
         seen.append(key)
         for i in range(5):
             progress("download", i * 10, 40)
-        return Library.load().add(model, name="smollm2-135m-instruct")
+        Library.load().add(model, name="smollm2-135m-instruct")
+        lib = Library.load()
+        lib.set("smollm2-135m-instruct", system_prompt="Give short answers.")  # as the catalog's defaults are
+        return Library.load().models["smollm2-135m-instruct"]
 
     args = build_main_parser().parse_args([])
     script = FakeScript(replies=["hello!"])
@@ -434,6 +437,9 @@ async def test_first_run_pulls_default_model_then_chats(tmp_path):
         await send(pilot, app, "hi")
         await reply_done(pilot, app)
         assert app.conv.messages[-1].content == "hello!"
+        # the first chat already has the pulled entry's system prompt (it had none: SmolLM2's
+        # template then put in its own, and the first answer came in French)
+        assert script.calls[0]["messages"][0] == {"role": "system", "content": "Give short answers."}
 
 
 async def test_first_run_quit_button_quits():

@@ -1092,6 +1092,8 @@ class ChatApp(App):
         self.notify(f"{entry.name} is ready.", title="Model downloaded")
         self.entry = entry
         self.settings = conv_mod.merged_settings(self.args, entry.settings)
+        if self.conv.mode == CHAT and not self.conv.messages:  # the chat opened before there was a model
+            self.conv.system_prompt = self.settings["system_prompt"]
         self.chat_screen.sidebar.show_settings(self.settings)
         self.refresh_models()
         self._start_load(entry, reason="start")
