@@ -795,3 +795,21 @@ def test_q4_0_repacked_layout():
     assert mm.pack_x8(inplace, T.Q4_0, out=inplace) is inplace and np.array_equal(inplace, packed)
     assert not mm.repackable(mm.QuantWeight("w", T.Q4_0, 64, 12, random_rows(T.Q4_0, 12, 64, rng)))
     assert not mm.repackable(mm.QuantWeight("w", T.Q5_0, 64, 16, random_rows(T.Q5_0, 16, 64, rng)))
+
+
+def test_q8_k_scale_takes_the_first_value_of_largest_magnitude():
+    # ggml's quantize_row_q8_K keeps the first value of the largest |x|, with its sign: a tie
+    # between +m and -m decides the sign of every quant of the block; a zero block gives zeros
+    x = np.zeros((2, 512), np.float32)
+    x[0, :256] = np.linspace(-0.5, 0.5, 256, dtype=np.float32)
+    x[0, 10], x[0, 200] = -2.0, 2.0
+    x[1, 256:] = np.linspace(-1.0, 0.25, 256, dtype=np.float32)
+    x[1, 300], x[1, 301] = 3.0, -3.0
+    act = mm.Activations(x, mm.ACT_Q8_K)
+    with np.errstate(divide="ignore", invalid="ignore"):  # (the reference's zero block: NaN, here 0)
+        ref = np.nan_to_num(np.stack([numpy_q8(r, 256, False) for r in x]))
+    assert np.array_equal(act.xhat, ref)
+    assert act.xq[0, 10] == -127 and act.xq[0, 200] == 127 and act.xq[1, 300] == -127
+    assert not act.xq[1, :256].any() and not act.xd[1, :8].any()
+    one = mm.Activations(x[1:], mm.ACT_Q8_K)  # one token: the serial kernel
+    assert np.array_equal(one.xq, act.xq[1:]) and np.array_equal(one.xd, act.xd[1:])
