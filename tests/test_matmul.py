@@ -469,8 +469,8 @@ def test_instruction_set_is_an_argument_compiled_apart():
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0], ids=lambda t: t.name)
 def test_every_instruction_set_gives_ggml_floats(qtype):
-    """Each x86 instruction set this CPU runs (runtime.quants.simd.host_isas: avx512vnni's 4x8 tiles of
-    rows x tokens, two tokens per 512-bit vector, and vpdpbusd; avx2; the portable one is test_portable_ir_gives_the_same_floats'),
+    """Each x86 instruction set this CPU runs (runtime.quants.simd.host_isas: avx512vnni's tiles of
+    4 rows x 4 pairs of tokens, a pair per 512-bit vector, and vpdpbusd; avx2; the portable one is test_portable_ir_gives_the_same_floats'),
     forced by argument: a batch of 9 tokens (whole tiles
     and a leftover token) times 22 rows (whole tiles and leftover rows) gives every (row, token)
     ggml's AVX2 vec_dot float, bit for bit; the repacked Q4_0 kernels its gemv's. The tile
@@ -495,14 +495,15 @@ def test_every_instruction_set_gives_ggml_floats(qtype):
     portable = simd.Isa("portable")
 
     @njit
-    def tiles(w, xq, xd, out):  # rows 0-19: tokens 0-7 by the 4x8 tile (two per vector), token 8 alone
+    def tiles(w, xq, xd, out):  # rows 0-19: tokens 0-7 by the 4 x 4-pair tile, token 8 alone
+        yp, sp, dp = simd.pair_layout(xq, xd)
         for g in range(5):
-            mod._tile(w, 4 * g, xq, xd, 0, out, portable)
+            mod._tile(w, 4 * g, yp, sp, dp, 0, out, portable)
             mod._tile1(w, 4 * g, xq, xd, 8, out, portable)
 
     out = np.zeros((9, 22), np.float32)
     tiles(raw[:22], act.xq, act.xd, out)
-    assert mod.TILE_ROWS == 4 and mod.TILE_TOKENS == 8
+    assert mod.TILE_ROWS == 4 and mod.TILE_PAIRS == 4
     assert np.array_equal(out[:, :20].view(np.uint32), want[:, :20].view(np.uint32))
     if qtype == T.Q4_0:  # repacked: 8 rows x 4 tokens per step, the leftover token alone
         packed = mm.QuantWeight("w", qtype, 256, 24, raw.copy())
