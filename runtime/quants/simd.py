@@ -533,6 +533,21 @@ def _fmaf_typer(typingctx, a, b, c):
 fmaf = intrinsic(_fmaf_typer)
 
 
+def _f32_from_bits_typer(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 `bits` (a bitcast, which LLVM vectorizes inside
+    loops, as it does not an array view)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _f32)
+
+    return types.float32(bits), codegen
+
+
+f32_from_bits = intrinsic(_f32_from_bits_typer)
+
+
 
 # --- tiles of rows x tokens for the 32-value int8 formats (AVX-512 VNNI) ---------------------
 #
