@@ -39,7 +39,7 @@ import os
 
 from llvmlite import ir
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.core.imputils import lower_constant
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
@@ -635,7 +635,7 @@ def tile_kernel(block_bytes, unpack, n_rows, n_tok):
 # their -128*sum4(y) start lanes, their scales repeated over each token's 8 lanes - so that a
 # step loads them instead of assembling them.
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)  # (serial: a parallel function costs seconds more to compile, and this is cheap)
 def pair_layout(xq, xd):
     """Tokens 2p and 2p+1 of xq int8 [T, K] / xd float32 [T, K/32] (p < T // 2) as
     yp int8 [T//2, K*2]: per 32-value block b, token 2p's 32 bytes then 2p+1's (at 64b);
@@ -646,7 +646,7 @@ def pair_layout(xq, xd):
     yp = np.empty((n_pairs, 2 * k), np.int8)
     sp = np.empty((n_pairs, nb * 16), np.int32)
     dp = np.empty((n_pairs, nb * 16), np.float32)
-    for p in prange(n_pairs):
+    for p in range(n_pairs):
         for b in range(nb):
             for h in range(2):
                 t = 2 * p + h
