@@ -110,6 +110,22 @@ def test_swiglu_against_float64_and_ggml():
         assert np.all(out[g < -88.8] == 0)
 
 
+def test_swiglu_of_a_batch_is_the_one_token_swiglu():
+    """_silu_mul_rows (a prompt's batch, its own loop) gives each token _silu_mul's bits (decode's),
+    ggml's slow-path range |g| > 87 included."""
+    from llamachat.runtime.model.forward import _silu_mul_rows
+
+    g = _gates(3)[::133][:3000].reshape(3, 1000).copy()  # every scale of _gates
+    g[0, :8] = [87.0, -87.0, 87.5, -87.5, 88.7, -88.7, 1e30, -1e30]
+    up = np.random.default_rng(13).standard_normal(g.shape).astype(np.float32)
+    got = np.empty_like(g)
+    _silu_mul_rows(g, up, got)
+    for t in range(3):
+        want = np.empty(g.shape[1], np.float32)
+        _silu_mul(g[t], up[t], want)
+        assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), t
+
+
 def _rope_cfg(base, n_rot):
     return types.SimpleNamespace(n_rot=n_rot, rope_freq_base=float(base), rope_freqs=None, rope_freq_scale=1.0)
 

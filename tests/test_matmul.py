@@ -469,8 +469,8 @@ def test_instruction_set_is_an_argument_compiled_apart():
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0], ids=lambda t: t.name)
 def test_every_instruction_set_gives_ggml_floats(qtype):
-    """Each x86 instruction set this CPU runs (runtime.quants.simd.host_isas: avx512vnni's 4x8 tiles of
-    rows x tokens, two tokens per 512-bit vector, and vpdpbusd; avx2; the portable one is test_portable_ir_gives_the_same_floats'),
+    """Each x86 instruction set this CPU runs (runtime.quants.simd.host_isas: avx512vnni's tiles of
+    4 rows x 4 pairs of tokens, a pair per 512-bit vector, and vpdpbusd; avx2; the portable one is test_portable_ir_gives_the_same_floats'),
     forced by argument: a batch of 9 tokens (whole tiles
     and a leftover token) times 22 rows (whole tiles and leftover rows) gives every (row, token)
     ggml's AVX2 vec_dot float, bit for bit; the repacked Q4_0 kernels its gemv's. The tile
@@ -495,14 +495,15 @@ def test_every_instruction_set_gives_ggml_floats(qtype):
     portable = simd.Isa("portable")
 
     @njit
-    def tiles(w, xq, xd, out):  # rows 0-19: tokens 0-7 by the 4x8 tile (two per vector), token 8 alone
+    def tiles(w, xq, xd, out):  # rows 0-19: tokens 0-7 by the 4 x 4-pair tile, token 8 alone
+        yp, sp, dp = simd.pair_layout(xq, xd)
         for g in range(5):
-            mod._tile(w, 4 * g, xq, xd, 0, out, portable)
+            mod._tile(w, 4 * g, yp, sp, dp, 0, out, portable)
             mod._tile1(w, 4 * g, xq, xd, 8, out, portable)
 
     out = np.zeros((9, 22), np.float32)
     tiles(raw[:22], act.xq, act.xd, out)
-    assert mod.TILE_ROWS == 4 and mod.TILE_TOKENS == 8
+    assert mod.TILE_ROWS == 4 and mod.TILE_PAIRS == 4
     assert np.array_equal(out[:, :20].view(np.uint32), want[:, :20].view(np.uint32))
     if qtype == T.Q4_0:  # repacked: 8 rows x 4 tokens per step, the leftover token alone
         packed = mm.QuantWeight("w", qtype, 256, 24, raw.copy())
@@ -795,3 +796,21 @@ def test_q4_0_repacked_layout():
     assert mm.pack_x8(inplace, T.Q4_0, out=inplace) is inplace and np.array_equal(inplace, packed)
     assert not mm.repackable(mm.QuantWeight("w", T.Q4_0, 64, 12, random_rows(T.Q4_0, 12, 64, rng)))
     assert not mm.repackable(mm.QuantWeight("w", T.Q5_0, 64, 16, random_rows(T.Q5_0, 16, 64, rng)))
+
+
+def test_q8_k_scale_takes_the_first_value_of_largest_magnitude():
+    # ggml's quantize_row_q8_K keeps the first value of the largest |x|, with its sign: a tie
+    # between +m and -m decides the sign of every quant of the block; a zero block gives zeros
+    x = np.zeros((2, 512), np.float32)
+    x[0, :256] = np.linspace(-0.5, 0.5, 256, dtype=np.float32)
+    x[0, 10], x[0, 200] = -2.0, 2.0
+    x[1, 256:] = np.linspace(-1.0, 0.25, 256, dtype=np.float32)
+    x[1, 300], x[1, 301] = 3.0, -3.0
+    act = mm.Activations(x, mm.ACT_Q8_K)
+    with np.errstate(divide="ignore", invalid="ignore"):  # (the reference's zero block: NaN, here 0)
+        ref = np.nan_to_num(np.stack([numpy_q8(r, 256, False) for r in x]))
+    assert np.array_equal(act.xhat, ref)
+    assert act.xq[0, 10] == -127 and act.xq[0, 200] == 127 and act.xq[1, 300] == -127
+    assert not act.xq[1, :256].any() and not act.xd[1, :8].any()
+    one = mm.Activations(x[1:], mm.ACT_Q8_K)  # one token: the serial kernel
+    assert np.array_equal(one.xq, act.xq[1:]) and np.array_equal(one.xd, act.xd[1:])

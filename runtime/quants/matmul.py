@@ -141,82 +141,107 @@ def _round_to_bf16(x):
     return np.float32(math.ldexp(np.rint(m * 256.0), e - 8))
 
 
+@njit(cache=True, inline="always")
+def _absmax(xb, n):
+    """max |xb[j]| over j < n (n a multiple of 8), in 8 running maxima that LLVM keeps in one
+    vector (a single running maximum is a chain of dependent compares it cannot vectorize;
+    the maximum of the same values is the same whatever the order)."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(0.0)
+    for j in range(0, n, 8):
+        a0, a1, a2, a3 = abs(xb[j]), abs(xb[j + 1]), abs(xb[j + 2]), abs(xb[j + 3])
+        a4, a5, a6, a7 = abs(xb[j + 4]), abs(xb[j + 5]), abs(xb[j + 6]), abs(xb[j + 7])
+        m0, m1, m2, m3 = (a0 if a0 > m0 else m0), (a1 if a1 > m1 else m1), (a2 if a2 > m2 else m2), (a3 if a3 > m3 else m3)
+        m4, m5, m6, m7 = (a4 if a4 > m4 else m4), (a5 if a5 > m5 else m5), (a6 if a6 > m6 else m6), (a7 if a7 > m7 else m7)
+    m0, m1, m2, m3 = (m4 if m4 > m0 else m0), (m5 if m5 > m1 else m1), (m6 if m6 > m2 else m2), (m7 if m7 > m3 else m3)
+    m0, m1 = (m2 if m2 > m0 else m0), (m3 if m3 > m1 else m1)
+    return m1 if m1 > m0 else m0
+
+
+@njit(cache=True, inline="always")
+def _quantize_row(xr, mode, qr, dr, sr, hr):
+    """quantize_activations of one token (1-D views of its rows)."""
+    k = xr.shape[0]
+    if mode == ACT_F32:
+        for i in range(k):
+            hr[i] = xr[i]
+    elif mode == ACT_F16:
+        for i in range(k):
+            hr[i] = round_to_f16(xr[i])
+    elif mode == ACT_BF16:
+        for i in range(k):
+            hr[i] = _round_to_bf16(xr[i])
+    elif mode == ACT_Q8_0 or mode == ACT_Q8_1:
+        for b in range(k // 32):
+            xb = xr[b * 32:(b + 1) * 32]
+            qb = qr[b * 32:(b + 1) * 32]
+            hb = hr[b * 32:(b + 1) * 32]
+            amax = _absmax(xb, 32)
+            d = amax / np.float32(127.0)
+            # ggml's x86 quantize_row_q8_0/q8_1 scale by 127/amax (not 1/d)
+            inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+            dh = round_to_f16(d)
+            total = np.int32(0)
+            for j in range(32):
+                q = np.int32(np.rint(xb[j] * inv))
+                qb[j] = q
+                hb[j] = dh * np.float32(q)
+                total += q
+            dr[b] = dh
+            sr[b] = round_to_f16(d * np.float32(total)) if mode == ACT_Q8_1 else dh * np.float32(total)
+    else:  # ACT_Q8_K
+        for b in range(k // 256):
+            xb = xr[b * 256:(b + 1) * 256]
+            amax = _absmax(xb, 256)
+            if amax == 0.0:
+                for j in range(256):
+                    qr[b * 256 + j] = 0
+                    hr[b * 256 + j] = 0.0
+                for g in range(8):
+                    dr[b * 8 + g] = 0.0
+                    sr[b * 8 + g] = 0.0
+                continue
+            vmax = amax
+            for j in range(256):  # the first value of that magnitude, with its sign
+                if abs(xb[j]) == amax:
+                    vmax = xb[j]
+                    break
+            iscale = np.float32(-127.0) / vmax
+            d = np.float32(1.0) / iscale
+            for g in range(8):
+                xg = xb[32 * g:32 * g + 32]
+                qg = qr[b * 256 + 32 * g:b * 256 + 32 * g + 32]
+                hg = hr[b * 256 + 32 * g:b * 256 + 32 * g + 32]
+                total = np.int32(0)
+                for j in range(32):
+                    q = min(np.int32(127), np.int32(np.rint(iscale * xg[j])))
+                    qg[j] = q
+                    hg[j] = d * np.float32(q)
+                    total += q
+                dr[b * 8 + g] = d
+                sr[b * 8 + g] = d * np.float32(total)
+
+
 @njit(cache=True)
 def quantize_activations(x, mode, xq, xd, xs, xhat):
     """x f32 [T, K] -> the activations llama.cpp's dot products see.
 
     Q8_0/Q8_1: per 32 values d = amax/127 (stored as half), q = round(x/d); Q8_1 adds the
     block sum s = half(d*sum(q)). Q8_K: per 256 values iscale = -127/max (max: the signed
-    value of largest magnitude), q = min(127, round(iscale*x)), d = 1/iscale as float32.
+    value of largest magnitude, the first if several), q = min(127, round(iscale*x)),
+    d = 1/iscale as float32.
     Fills xq int8 [T, K], xd f32 [T, K/32] (each 32-group's scale), xs f32 [T, K/32] (each
     32-group's d*sum(q), used for the Q4_1/Q4_K offsets) and xhat f32 [T, K] = the rounded
     activations as floats (for the BLAS path).
     """
-    n_tok, k = x.shape
-    for t in range(n_tok):
-        if mode == ACT_F32:
-            for i in range(k):
-                xhat[t, i] = x[t, i]
-        elif mode == ACT_F16:
-            for i in range(k):
-                xhat[t, i] = round_to_f16(x[t, i])
-        elif mode == ACT_BF16:
-            for i in range(k):
-                xhat[t, i] = _round_to_bf16(x[t, i])
-        elif mode == ACT_Q8_0 or mode == ACT_Q8_1:
-            for b in range(k // 32):
-                amax = np.float32(0.0)
-                for j in range(32):
-                    amax = max(amax, abs(x[t, b * 32 + j]))
-                d = amax / np.float32(127.0)
-                # ggml's x86 quantize_row_q8_0/q8_1 scale by 127/amax (not 1/d)
-                inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
-                dh = round_to_f16(d)
-                total = 0
-                for j in range(32):
-                    q = np.int32(np.rint(x[t, b * 32 + j] * inv))
-                    xq[t, b * 32 + j] = q
-                    xhat[t, b * 32 + j] = dh * q
-                    total += q
-                xd[t, b] = dh
-                s = dh * np.float32(total)
-                xs[t, b] = round_to_f16(d * np.float32(total)) if mode == ACT_Q8_1 else s
-        else:  # ACT_Q8_K
-            for b in range(k // 256):
-                amax = np.float32(0.0)
-                vmax = np.float32(0.0)
-                for j in range(256):
-                    v = x[t, b * 256 + j]
-                    if abs(v) > amax:
-                        amax = abs(v)
-                        vmax = v
-                if amax == 0.0:
-                    for j in range(256):
-                        xq[t, b * 256 + j] = 0
-                        xhat[t, b * 256 + j] = 0.0
-                    for g in range(8):
-                        xd[t, b * 8 + g] = 0.0
-                        xs[t, b * 8 + g] = 0.0
-                    continue
-                iscale = np.float32(-127.0) / vmax
-                d = np.float32(1.0) / iscale
-                for g in range(8):
-                    total = 0
-                    for j in range(32):
-                        i = b * 256 + g * 32 + j
-                        q = min(127, np.int32(np.rint(iscale * x[t, i])))
-                        xq[t, i] = q
-                        xhat[t, i] = d * q
-                        total += q
-                    xd[t, b * 8 + g] = d
-                    xs[t, b * 8 + g] = d * np.float32(total)
+    for t in range(x.shape[0]):
+        _quantize_row(x[t], mode, xq[t], xd[t], xs[t], xhat[t])
 
 
 @njit(cache=True, parallel=True)
 def _quantize_activations_rows(x, mode, xq, xd, xs, xhat):
     """quantize_activations with the tokens split over threads (a prompt's batch)."""
     for t in prange(x.shape[0]):
-        quantize_activations(x[t:t + 1], mode, xq[t:t + 1], xd[t:t + 1], xs[t:t + 1], xhat[t:t + 1])
+        _quantize_row(x[t], mode, xq[t], xd[t], xs[t], xhat[t])
 
 
 # --- the tile path and the dispatcher ------------------------------------------------------

@@ -38,7 +38,8 @@ import functools
 import os
 
 from llvmlite import ir
-from numba import types
+import numpy as np
+from numba import njit, types
 from numba.core import cgutils
 from numba.core.imputils import lower_constant
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
@@ -532,6 +533,21 @@ def _fmaf_typer(typingctx, a, b, c):
 fmaf = intrinsic(_fmaf_typer)
 
 
+def _f32_from_bits_typer(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 `bits` (a bitcast, which LLVM vectorizes inside
+    loops, as it does not an array view)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _f32)
+
+    return types.float32(bits), codegen
+
+
+f32_from_bits = intrinsic(_f32_from_bits_typer)
+
+
 
 # --- tiles of rows x tokens for the 32-value int8 formats (AVX-512 VNNI) ---------------------
 #
@@ -554,18 +570,12 @@ def _bytes_dot(builder, acc, xu, ys):
     return builder.add(acc, _lanes_portable(builder, builder.zext(xu, vi), builder.sext(ys, vi)))
 
 
-def tile_kernel(block_bytes, unpack, n_rows, n_tok, wide=False):
+def tile_kernel(block_bytes, unpack, n_rows, n_tok):
     """An intrinsic (w, r0, xq, xd, t0, out, isa): rows r0..r0+n_rows-1 of w (uint8 [rows, row
     bytes], C-contiguous; 32-value blocks of block_bytes bytes) times tokens t0..t0+n_tok-1 of
     xq (int8 [T, K]) with scales xd (float32 [T, K/32]) into out[t, r] (float32 [T, rows]).
     unpack(builder, blk) -> (d float32, xu <32 x i8>): a block's scale and its 32 values + 128
-    as unsigned bytes (see above). wide: two tokens per 512-bit vector (n_tok even), the lower
-    half one token's 8 lanes and accumulator, the upper half the next one's: the same lanes
-    and floats, half the instructions."""
-    per_vec = 2 if wide else 1
-    assert n_tok % per_vec == 0
-    n_vec = n_tok // per_vec
-    width = 8 * per_vec  # int32 / float lanes per vector
+    as unsigned bytes (see above). (A batch's leftover tokens; pair_tile_kernel does the rest.)"""
 
     def typer(typingctx, w, r0, xq, xd, t0, out, isa):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
@@ -589,43 +599,132 @@ def tile_kernel(block_bytes, unpack, n_rows, n_tok, wide=False):
             yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
             yd = [builder.gep(darr.data, [builder.mul(tk, d_cols)]) for tk in toks]
             v32 = _vec(_i8, 32)
-            shift = ir.Constant(_vec(_i8, 4 * width), [128 - 256] * (4 * width))  # (0x80; vpdpbusd reads it unsigned)
-            zero = ir.Constant(_vec(_i32, width), [0] * width)
-            zero8 = ir.Constant(_vec(_f32, width), [0.0] * width)
-
-            def both(lo, hi):  # two 8- or 32-element vectors -> one of 16 / 64 elements
-                return builder.shuffle_vector(lo, hi, _mask(range(2 * lo.type.count)))
+            shift = ir.Constant(v32, [128 - 256] * 32)  # (0x80; vpdpbusd reads it unsigned)
+            zero = ir.Constant(_vec(_i32, 8), [0] * 8)
 
             def block(b, accs):
                 o = builder.mul(b, ir.Constant(b.type, block_bytes))
                 unpacked = [unpack(builder, builder.gep(row, [o])) for row in rows]
-                dx = [_splat(builder, d, width) for d, _ in unpacked]
-                xs = [both(xu, xu) if wide else xu for _, xu in unpacked]
                 y0 = builder.mul(b, ir.Constant(b.type, 32))
                 new = list(accs)
-                for v in range(n_vec):
-                    ts = range(per_vec * v, per_vec * (v + 1))
-                    ys = [_load(builder, yq[t], v32, y0) for t in ts]
-                    dys = [_splat(builder, builder.load(builder.gep(yd[t], [b])), 8) for t in ts]
-                    y, dy = (both(*ys), both(*dys)) if wide else (ys[0], dys[0])
+                for t in range(n_tok):
+                    y = _load(builder, yq[t], v32, y0)
+                    dy = _splat(builder, builder.load(builder.gep(yd[t], [b])), 8)
                     start = builder.sub(zero, _bytes_dot(builder, zero, shift, y))  # -128*sum4(y)
-                    for i in range(n_rows):
-                        lanes = _bytes_dot(builder, start, xs[i], y)
-                        k = i * n_vec + v  # (d_x*d_y on all lanes: the one-token kernel's product)
-                        new[k] = _fma(builder, builder.fmul(dx[i], dy), builder.sitofp(lanes, _vec(_f32, width)), accs[k])
+                    for i, (d, xu) in enumerate(unpacked):
+                        lanes = _bytes_dot(builder, start, xu, y)
+                        k = i * n_tok + t  # (d_x*d_y on all lanes: the one-token kernel's product)
+                        new[k] = _fma(builder, builder.fmul(_splat(builder, d, 8), dy), builder.sitofp(lanes, _vec(_f32, 8)), accs[k])
                 return new
 
-            accs = _state_loop(builder, nb, [zero8] * (n_rows * n_vec), block)
+            accs = _state_loop(builder, nb, [_ZERO8] * (n_rows * n_tok), block)
             for i in range(n_rows):
                 r = builder.add(r0, ir.Constant(r0.type, i))
                 for t in range(n_tok):
-                    acc = accs[i * n_vec + t // per_vec]
-                    if wide:
-                        acc = builder.shuffle_vector(acc, acc, _mask(range(8 * (t % 2), 8 * (t % 2) + 8)))
-                    builder.store(_hsum8(builder, acc), builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)]))
+                    dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
+                    builder.store(_hsum8(builder, accs[i * n_tok + t]), dst)
             return context.get_dummy_value()
 
         return types.none(w, r0, xq, xd, t0, out, isa), codegen
+
+    return intrinsic(isa_typer(typer))
+
+
+# A batch's tokens two by two: each pair's activations laid out once per product (`pair_layout`)
+# as the 512-bit vectors the tile's steps use - a block's 32 bytes of both tokens side by side,
+# their -128*sum4(y) start lanes, their scales repeated over each token's 8 lanes - so that a
+# step loads them instead of assembling them.
+
+@njit(cache=True, nogil=True)  # (serial: a parallel function costs seconds more to compile, and this is cheap)
+def pair_layout(xq, xd):
+    """Tokens 2p and 2p+1 of xq int8 [T, K] / xd float32 [T, K/32] (p < T // 2) as
+    yp int8 [T//2, K*2]: per 32-value block b, token 2p's 32 bytes then 2p+1's (at 64b);
+    sp int32 [T//2, K/2]: per block, each token's 8 lanes of -128 * (sum of its 4 bytes);
+    dp float32 [T//2, K/2]: per block, each token's scale 8 times."""
+    n_pairs, k = xq.shape[0] // 2, xq.shape[1]
+    nb = k // 32
+    yp = np.empty((n_pairs, 2 * k), np.int8)
+    sp = np.empty((n_pairs, nb * 16), np.int32)
+    dp = np.empty((n_pairs, nb * 16), np.float32)
+    for p in range(n_pairs):
+        for b in range(nb):
+            for h in range(2):
+                t = 2 * p + h
+                for j in range(32):
+                    yp[p, 64 * b + 32 * h + j] = xq[t, 32 * b + j]
+                for lane in range(8):
+                    s = (np.int32(xq[t, 32 * b + 4 * lane]) + np.int32(xq[t, 32 * b + 4 * lane + 1])
+                         + np.int32(xq[t, 32 * b + 4 * lane + 2]) + np.int32(xq[t, 32 * b + 4 * lane + 3]))
+                    sp[p, 16 * b + 8 * h + lane] = -128 * s
+                    dp[p, 16 * b + 8 * h + lane] = xd[t, b]
+    return yp, sp, dp
+
+
+def pair_tile_kernel(block_bytes, unpack, n_rows, n_pairs):
+    """An intrinsic (w, r0, yp, sp, dp, p0, out, isa): rows r0..r0+n_rows-1 of w (as tile_kernel's)
+    times the tokens of pairs p0..p0+n_pairs-1 (pair_layout's arrays; pair p holds tokens 2p and
+    2p+1) into out[t, r]. Each 512-bit vector holds one pair: its lower half one token's 8 lanes
+    and accumulator, its upper half the other's, so a row's block meets two tokens per vpdpbusd,
+    started from their -128*sum4(y) lanes. The same lanes and floats as tile_kernel (and the
+    one-token kernels): acc = fma(d_x*d_y, float(lanes), acc) per block, hsum_float_8 at the end."""
+
+    def typer(typingctx, w, r0, yp, sp, dp, p0, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, yp, sp, dp, out)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            wt, _, ypt, spt, dpt, _, outt = signature.args[:-1]
+            warr = context.make_array(wt)(context, builder, args[0])
+            r0, p0 = args[1], args[5]
+            stride = builder.extract_value(warr.strides, 0)
+            rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, i)), stride)])
+                    for i in range(n_rows)]
+            yarr = context.make_array(ypt)(context, builder, args[2])
+            sarr = context.make_array(spt)(context, builder, args[3])
+            darr = context.make_array(dpt)(context, builder, args[4])
+            y_cols = builder.extract_value(yarr.shape, 1)
+            s_cols = builder.extract_value(sarr.shape, 1)
+            nb = builder.sdiv(y_cols, ir.Constant(y_cols.type, 64))
+            oarr = context.make_array(outt)(context, builder, args[6])
+            n_out = builder.extract_value(oarr.shape, 1)
+            pairs = [builder.add(p0, ir.Constant(p0.type, v)) for v in range(n_pairs)]
+            ybase = [builder.gep(builder.bitcast(yarr.data, _i8.as_pointer()), [builder.mul(p, y_cols)]) for p in pairs]
+            sbase = [builder.gep(sarr.data, [builder.mul(p, s_cols)]) for p in pairs]
+            dbase = [builder.gep(darr.data, [builder.mul(p, s_cols)]) for p in pairs]
+            v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
+            zero16 = ir.Constant(v16f, [0.0] * 16)
+
+            def vload(ptr, ty):
+                return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=4)
+
+            def block(b, accs):
+                o = builder.mul(b, ir.Constant(b.type, block_bytes))
+                unpacked = [unpack(builder, builder.gep(row, [o])) for row in rows]
+                dx = [_splat(builder, d, 16) for d, _ in unpacked]
+                xs = [builder.shuffle_vector(xu, xu, _mask(list(range(32)) * 2)) for _, xu in unpacked]
+                at16 = builder.mul(b, ir.Constant(b.type, 16))
+                new = list(accs)
+                for v in range(n_pairs):
+                    y = _load(builder, ybase[v], _vec(_i8, 64), builder.mul(b, ir.Constant(b.type, 64)))
+                    dy = vload(builder.gep(dbase[v], [at16]), v16f)
+                    for i in range(n_rows):
+                        start = vload(builder.gep(sbase[v], [at16]), v16i)  # -128*sum4(y) of both tokens
+                        lanes = _bytes_dot(builder, start, xs[i], y)
+                        k = i * n_pairs + v
+                        new[k] = _fma(builder, builder.fmul(dx[i], dy), builder.sitofp(lanes, v16f), accs[k])
+                return new
+
+            accs = _state_loop(builder, nb, [zero16] * (n_rows * n_pairs), block)
+            for i in range(n_rows):
+                r = builder.add(r0, ir.Constant(r0.type, i))
+                for v in range(n_pairs):
+                    for h in range(2):
+                        t = builder.add(builder.mul(pairs[v], ir.Constant(p0.type, 2)), ir.Constant(p0.type, h))
+                        half = builder.shuffle_vector(accs[i * n_pairs + v], accs[i * n_pairs + v], _mask(range(8 * h, 8 * h + 8)))
+                        builder.store(_hsum8(builder, half), builder.gep(oarr.data, [builder.add(builder.mul(t, n_out), r)]))
+            return context.get_dummy_value()
+
+        return types.none(w, r0, yp, sp, dp, p0, out, isa), codegen
 
     return intrinsic(isa_typer(typer))
 
