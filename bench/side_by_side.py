@@ -437,6 +437,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-start", action="store_true", help="skip the cold and warm start measurement")
     ap.add_argument("--timeout", type=float, default=900, help="seconds one run may take before it counts as failed (default 900)")
     ap.add_argument("--out", type=Path, help="also write the markdown block to this file")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs and the time estimate, run nothing")
     args = ap.parse_args(argv)
 
     for flag, value in (("--rounds", args.rounds), ("--small-reps", args.small_reps), ("--large-reps", args.large_reps),
@@ -487,6 +488,11 @@ def main(argv=None) -> int:
           f"{'' if args.no_start else ' + 3 starts'}; estimated {estimate / 60:.0f} min on a quiet 2-core machine "
           "(more if numba's cache lacks these formats' kernels: their first run compiles them, outside the timed part)",
           file=sys.stderr, flush=True)
+    if args.dry_run:
+        for c in cells:
+            print(f"{c.target.label}: {c.target.path}, -p {c.target.n_prompt} -n {c.target.n_gen} -r {c.target.reps} "
+                  f"-t {c.threads}, about {args.rounds * per_cell[id(c)]:.0f} s", file=sys.stderr)
+        return 0
 
     cpu, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
     header = dict(cpu=cpu, cores=os.cpu_count(), flags=" ".join(flags) or "unknown",
