@@ -85,3 +85,5 @@ def test_table_rows_ratios_and_failed_runs(tmp_path):
     # behind llama.cpp: the ratio in bold
     slow = sbs.Cell(t, 2, ours=[dict(ours, pp=21.0)], theirs=[theirs])
     assert "| **0.50** |" in sbs.render([slow], header, None, rounds=1)
+    level = sbs.Cell(t, 2, ours=[dict(ours, pp=42.2)], theirs=[theirs])  # 0.9975: shown as 1.00, not bold
+    assert "| 1.00 |" in sbs.render([level], header, None, rounds=1)
