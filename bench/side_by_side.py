@@ -333,9 +333,10 @@ def render(cells: list[Cell], header: dict, start: list[dict] | None, rounds: in
     bw: dict[int, list[float]] = {}
     for c in cells:
         bw.setdefault(c.threads, []).extend(r["bandwidth"] for r in c.ours if r and r.get("bandwidth"))
-    if bw:
+    spans = {n: sorted({f"{min(v) / 1e9:.1f}", f"{max(v) / 1e9:.1f}"}, key=float) for n, v in bw.items() if v}
+    parts = [f"{n} thread{'s' if n > 1 else ''} {'-'.join(span)} GB/s" for n, span in sorted(spans.items())]
+    if parts:
         lines.append("")
-        parts = [f"{n} thread{'s' if n > 1 else ''} {min(v) / 1e9:.1f}-{max(v) / 1e9:.1f} GB/s" for n, v in sorted(bw.items()) if v]
         lines.append(f"Memory read bandwidth as `llamachat bench` measured it (a parallel sum over 1 GiB, each run): {', '.join(parts)}.")
     if start:
         lines.append("")
@@ -465,7 +466,9 @@ def main(argv=None) -> int:
     groups = [(args.small or DEFAULT_SMALL, args.small_label, args.small_pp, args.small_tg, args.small_reps),
               (args.large or DEFAULT_LARGE, args.large_label, args.large_pp, args.large_tg, args.large_reps)]
     wanted = [(Path(os.path.expanduser(f)), *rest) for files, *rest in groups for f in files]
-    missing = [str(p) for p, *_ in wanted if not p.is_file()]
+    # a file --only leaves out may be missing (its label is not known then: matched by path)
+    missing = [str(p) for p, *_ in wanted if not p.is_file() and (not args.only or any(x in str(p) for x in args.only))]
+    wanted = [w for w in wanted if w[0].is_file()]
     start_files = [] if args.no_start else [Path(os.path.expanduser(args.start_model)), Path(os.path.expanduser(args.start_second))]
     missing += [str(p) for p in start_files if not p.is_file() and str(p) not in missing]
     if missing:
@@ -490,7 +493,7 @@ def main(argv=None) -> int:
     per_cell = {id(c): sum(run_seconds(c.target, c.threads, tool) for tool in ("ours", "theirs")) for c in cells}
     estimate = args.rounds * sum(per_cell.values()) + (0 if args.no_start else START_SECONDS) + 5
     print(f"{len(cells)} file/thread cells × {args.rounds} rounds × 2 tools = {len(cells) * args.rounds * 2} runs"
-          f"{'' if args.no_start else ' + 3 starts'}; estimated {estimate / 60:.0f} min on a quiet 2-core machine "
+          f"{'' if args.no_start else ' + 3 starts'}; estimated {estimate / 60:.1f} min on a quiet 2-core machine "
           "(more if numba's cache lacks these formats' kernels: their first run compiles them, outside the timed part)",
           file=sys.stderr, flush=True)
     if args.dry_run:
@@ -547,7 +550,11 @@ def main(argv=None) -> int:
     if args.out:
         args.out.write_text(block)
         print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    runs = [r for c in cells for r in c.ours + c.theirs]
+    failed = sum(r is None for r in runs)
+    if failed:
+        print(f"{failed} of {len(runs)} runs failed (their cells say so; why: above)", file=sys.stderr)
+    return 1 if runs and failed == len(runs) else 0
 
 
 if __name__ == "__main__":
