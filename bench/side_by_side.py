@@ -415,8 +415,9 @@ def main(argv=None) -> int:
     doc = __doc__.splitlines()
     ap = argparse.ArgumentParser(description=doc[0], epilog="\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="append", metavar="FILE",
-                    help="a small model file, measured at --small-pp / --small-tg (repeatable; default: SmolLM2-135M "
-                         "Q4_1 from the library, Q4_0 Q8_0 Q4_K_M F16 from /tmp/arith, Q5_K_M Q6_K from /tmp/s8/smol)")
+                    help="a small model file, measured at --small-pp / --small-tg (repeatable; files named with --small "
+                         "or --large replace all the defaults: SmolLM2-135M Q4_1 from the library, Q4_0 Q8_0 Q4_K_M F16 "
+                         "from /tmp/arith, Q5_K_M Q6_K from /tmp/s8/smol, and the --large ones)")
     ap.add_argument("--small-label", default="SmolLM2-135M")
     ap.add_argument("--small-pp", type=int, default=256)
     ap.add_argument("--small-tg", type=int, default=64)
@@ -463,8 +464,10 @@ def main(argv=None) -> int:
     llamachat = (args.llamachat.split() if args.llamachat else
                  [str(script)] if script.exists() else [sys.executable, "-m", "llamachat.tui.cli"])
 
-    groups = [(args.small or DEFAULT_SMALL, args.small_label, args.small_pp, args.small_tg, args.small_reps),
-              (args.large or DEFAULT_LARGE, args.large_label, args.large_pp, args.large_tg, args.large_reps)]
+    # files named on the command line replace both default lists
+    named = bool(args.small or args.large)
+    groups = [(args.small or ([] if named else DEFAULT_SMALL), args.small_label, args.small_pp, args.small_tg, args.small_reps),
+              (args.large or ([] if named else DEFAULT_LARGE), args.large_label, args.large_pp, args.large_tg, args.large_reps)]
     wanted = [(Path(os.path.expanduser(f)), *rest) for files, *rest in groups for f in files]
     # a file --only leaves out may be missing (its label is not known then: matched by path)
     missing = [str(p) for p, *_ in wanted if not p.is_file() and (not args.only or any(x in str(p) for x in args.only))]
