@@ -144,11 +144,12 @@ def _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out
     total = np.float32(0.0)
     for j in range(n_past + t + 1):
         # ggml_vec_dot_f16 (AVX2): 4 accumulators x 8 lanes over 32-wide steps, fma
+        krow = k_cache[j, kv0:kv0 + head_dim]  # a contiguous row: the lanes load as vectors
         for lane in range(32):
             sums[lane] = 0.0
         for i in range(0, n_simd, 32):
             for lane in range(32):
-                sums[lane] = qh[i + lane] * k_cache[j, kv0 + i + lane] + sums[lane]
+                sums[lane] = qh[i + lane] * krow[i + lane] + sums[lane]
         for lane in range(8):
             sums[lane] = (sums[lane] + sums[lane + 16]) + (sums[lane + 8] + sums[lane + 24])
         t0 = sums[0] + sums[4]
@@ -157,7 +158,7 @@ def _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out
         t3 = sums[3] + sums[7]
         dot = np.float64((t0 + t1) + (t2 + t3))
         for d in range(n_simd, head_dim):  # leftovers, in double
-            dot += np.float64(qh[d] * k_cache[j, kv0 + d])
+            dot += np.float64(qh[d] * krow[d])
         s = np.float32(dot) * scale
         ms = np.float32(1.0)
         vs = np.float32(1.0)
@@ -169,8 +170,9 @@ def _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out
             _round_half_inplace(acc, bits, magic, magic_bits)
         else:
             vs = np.float32(math.exp(s - m))
+        vrow = v_cache[j, kv0:kv0 + head_dim]
         for d in range(head_dim):  # ggml_vec_mad_f16: fma in float, stored as half
-            acc[d] = v_cache[j, kv0 + d] * vs + acc[d]
+            acc[d] = vrow[d] * vs + acc[d]
         _round_half_inplace(acc, bits, magic, magic_bits)
         total = total * ms + vs
     inv = np.float32(1.0) / total
@@ -213,7 +215,7 @@ FA_TILE_KV = 64
 
 
 @njit(cache=True)
-def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, job):
+def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, job, acc, s, xs, ns, kbits):
     """One (token, head) pair of `attention_tiled` (job = t * n_head + h), kt its keys laid out
     dimension by dimension: the loop body written once as a plain kernel (see _attention_job)."""
     group = n_head // n_head_kv
@@ -223,11 +225,7 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     g = h // group
     kv0 = g * head_dim
     n_kv = n_past + t + 1
-    acc = np.zeros(head_dim, np.float32)
-    s = np.empty(FA_TILE_KV, np.float32)
-    xs = np.empty(FA_TILE_KV, np.float32)
-    ns = np.empty(FA_TILE_KV, np.float32)
-    kbits = np.empty(FA_TILE_KV, np.int32)
+    acc[:] = 0.0
     two_n = kbits.view(np.float32)
     total = np.float32(0.0)
     m = np.float32(-np.inf)
@@ -236,8 +234,9 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             s[tk] = 0.0
         for d in range(head_dim):
             qd = q[t, h * head_dim + d]
+            krow = kt[g, d, ic:ic + FA_TILE_KV]  # contiguous: the 64 chains advance in vector lanes
             for tk in range(FA_TILE_KV):
-                s[tk] = fmaf(qd, kt[g, d, ic + tk], s[tk])
+                s[tk] = fmaf(qd, krow[tk], s[tk])
         tile_max = np.float32(-np.inf)
         for tk in range(FA_TILE_KV):
             s[tk] = s[tk] * scale if ic + tk < n_kv else -np.inf  # masked (future or padding): weight 0
@@ -271,8 +270,9 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
         total = np.float32(np.float64(total) + tile_sum)
         for tk in range(min(FA_TILE_KV, n_kv - ic)):
             p = s[tk]
+            vrow = v_cache[ic + tk, kv0:kv0 + head_dim]
             for d in range(head_dim):
-                acc[d] = fmaf(p, v_cache[ic + tk, kv0 + d], acc[d])
+                acc[d] = fmaf(p, vrow[d], acc[d])
     inv = np.float32(1.0) / total
     for d in range(head_dim):
         out[t, h * head_dim + d] = acc[d] * inv
@@ -297,8 +297,18 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
         for j in range(n_all):
             for d in range(head_dim):
                 kt[g, d, j] = k_cache[j, g * head_dim + d]
-    for job in prange(n_tok * n_head):
-        _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(job))
+    for i in prange(n_tok):
+        # tokens taken from both ends in turn: a thread's contiguous share then holds short and
+        # long rows of the causal triangle alike; one token's heads share the scratch arrays
+        t = i // 2 if i % 2 == 0 else n_tok - 1 - i // 2
+        acc = np.empty(head_dim, np.float32)
+        s = np.empty(FA_TILE_KV, np.float32)
+        xs = np.empty(FA_TILE_KV, np.float32)
+        ns = np.empty(FA_TILE_KV, np.float32)
+        kbits = np.empty(FA_TILE_KV, np.int32)
+        for h in range(n_head):
+            _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(t * n_head + h),
+                                 acc, s, xs, ns, kbits)
 
 
 def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
