@@ -25,6 +25,8 @@ import subprocess
 import sys
 import threading
 
+from llamachat.runtime.model.model import available_memory as _available_memory
+
 READY = "ready"
 MEMORY_SHARE = 0.4  # the helper's copy of the weights must fit in this share of the available memory
 
@@ -34,18 +36,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 class Helper:
@@ -98,7 +88,7 @@ def start(llm, sizes: tuple[int, ...]) -> Helper | None:
     model = getattr(llm, "model", None)
     if not sizes or not path or model is None or not os.path.isfile(path) or _cores() < 2:
         return None
-    memory = _available_memory()
+    memory = _available_memory()  # (a module name: tests replace it)
     if memory is not None and os.path.getsize(path) > MEMORY_SHARE * memory:
         return None
     cmd = [sys.executable, "-m", "llamachat.tui.compile_ahead", str(path), *(str(n) for n in sizes)]

@@ -284,7 +284,8 @@ def weights_from_gguf(g, cfg: ModelConfig, progress: Callable[[float], None] | N
     return Weights(token_embd, output_norm, output, layers)
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -447,7 +448,7 @@ def load_model(path, n_ctx: int = 2048, n_threads: int | None = None, n_batch: i
         log.warning(note)
     kv_bytes = model.cache.nbytes  # float32 holding half-float values (filled as the context grows)
     need = g.file_size + kv_bytes
-    avail = _available_memory()
+    avail = available_memory()
     if avail is not None and need > avail:
         msg = (f"{g.path}: the model and its context need about {need / 2**30:.1f} GiB but only "
                f"{avail / 2**30:.1f} GiB of memory is free; it may run very slowly")
