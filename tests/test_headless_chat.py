@@ -124,8 +124,11 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(model, tmp_path):
     long = " ".join(f"w{i}" for i in range(2000))
     lines = tmp_path / "in.txt"
     lines.write_text("first\nsecond\n")
+    # SIGINT back to its default in the child: a suite started in the background by a shell
+    # without job control inherits it ignored, and Python then installs no KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-c", runner, json.dumps([long, "second reply"]), "-m", str(model)],
-                            stdin=open(lines), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=open(lines), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while "w20 " not in seen:
         seen += proc.stdout.read(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -240,8 +241,11 @@ def test_greedy_continuation_matches_llama_cpp(smollm2_path, reference, index):
 @pytest.mark.slow
 def test_real_model_ctrl_c_exits_130_keeping_the_text(smollm2_path):
     exe = os.path.join(os.path.dirname(sys.executable), "llamachat")
+    # SIGINT back to its default in the child (a suite started in the background by a shell
+    # without job control inherits it ignored, and Python then installs no KeyboardInterrupt)
     proc = subprocess.Popen([exe, "-m", str(smollm2_path), "-p", "Once upon a time", "-n", "-1", "--ignore-eos",
-                             "--temp", "0", "-c", "4096", "--no-tui"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--temp", "0", "-c", "4096", "--no-tui"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.read(20)  # generation has started
     time.sleep(0.5)
     proc.send_signal(2)
