@@ -109,8 +109,9 @@ def main(argv: list[str]) -> int:
 
     compile_shared_kernels()  # first: the other process's prompt reaches them some seconds in
     llm = Llama(path, n_ctx=max(sizes) + 8, n_threads=1, verbose=False)
-    sample = llm.tokenize(b"The quick brown fox jumps over the lazy dog, then rests a while. ", add_bos=True)
-    ids = (sample * (max(sizes) // len(sample) + 1))[:max(sizes)]
+    from .engine_worker import sample_tokens
+
+    ids = sample_tokens(llm, max(sizes))
     for n in sizes:
         llm.reset()
         llm.model.eval(ids[:n], logits="last")

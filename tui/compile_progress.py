@@ -69,14 +69,20 @@ class CompileWatch:
         module = getattr(func, "__module__", "") or ""
         # numba compiles its own numpy helpers on the way (arrayobj.impl...): they are not counted
         ours = func is None or module.startswith("llamachat.")
+        name = f"{module.rsplit('.', 1)[-1]}.{func.__name__}" if func is not None else "a kernel"
+        self._begin(name if ours else None, counted=ours)
+
+    def _begin(self, current: str | None, counted: bool) -> None:
+        """A compile began (current: what to name now, None: keep the last name); `counted`: it
+        adds to the kernels done when it ends."""
         with self._lock:
             now = time.monotonic()
             if self.started is None:  # the first since reset(): the front end resets per load
                 self.started = now
             self.depth += 1
-            self._ours.append(ours)
-            if ours:
-                self.current = f"{module.rsplit('.', 1)[-1]}.{func.__name__}" if func is not None else "a kernel"
+            self._ours.append(counted)
+            if current is not None:
+                self.current = current
             self.last = now
 
     def _ended(self) -> None:
@@ -93,12 +99,7 @@ class CompileWatch:
 
         @contextlib.contextmanager
         def waiting():
-            with self._lock:
-                now = time.monotonic()
-                self.started = now if self.started is None else self.started
-                self.depth += 1
-                self._ours.append(False)
-                self.current, self.last = what, now
+            self._begin(what, counted=False)  # the other process's kernels are not counted here
             try:
                 yield
             finally:

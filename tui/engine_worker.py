@@ -427,9 +427,8 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
 
         from .compile_progress import WATCH, model_is_warm, note_warm
 
-        sample = llm.tokenize(b"The quick brown fox jumps over the lazy dog, then rests a while. ", add_bos=True)
         sizes = sizes or (FA_TILE_Q, 8, 1)  # the tiled prompt path, the small-batch path, decode
-        ids = (sample * (max(sizes) // max(1, len(sample)) + 1))[:max(sizes)]
+        ids = sample_tokens(llm, max(sizes))
         room = int(model.n_ctx)
         sizes = tuple(n for n in sizes if n <= room)
         order = sizes
@@ -460,6 +459,12 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
             llm.reset()
         except Exception:
             pass
+
+
+def sample_tokens(llm, n: int) -> list[int]:
+    """n tokens of ordinary text (a sentence repeated, BOS first) to run kernels on."""
+    sample = llm.tokenize(b"The quick brown fox jumps over the lazy dog, then rests a while. ", add_bos=True)
+    return (sample * (n // max(1, len(sample)) + 1))[:n]
 
 
 def warm_sampler(n_vocab: int) -> None:
