@@ -479,7 +479,7 @@ def test_every_instruction_set_gives_ggml_floats(qtype):
     from numba import njit
 
     from llamachat.runtime.quants import simd
-    from llamachat.runtime.quants import q4_0, q5_0, q8_0
+    from llamachat.runtime.quants import block32, q4_0, q5_0, q8_0
 
     rng = np.random.default_rng(140 + int(qtype))
     raw = _ggml_rows(qtype, 24, 256, rng)
@@ -492,18 +492,19 @@ def test_every_instruction_set_gives_ggml_floats(qtype):
         got = mm.matmul(w, x, isa=isa)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), isa
     mod = {T.Q8_0: q8_0, T.Q4_0: q4_0, T.Q5_0: q5_0}[qtype]
+    fk = mod.matmat.args[0]  # the format's FormatKernels, which block32.matmat's tiles come from
     portable = simd.Isa("portable")
 
     @njit
     def tiles(w, xq, xd, out):  # rows 0-19: tokens 0-7 by the 4 x 4-pair tile, token 8 alone
         yp, sp, dp = simd.pair_layout(xq, xd)
         for g in range(5):
-            mod._tile(w, 4 * g, yp, sp, dp, 0, out, portable)
-            mod._tile1(w, 4 * g, xq, xd, 8, out, portable)
+            simd.format_tile(fk, w, 4 * g, yp, sp, dp, 0, out, portable)
+            simd.format_tile1(fk, w, 4 * g, xq, xd, 8, out, portable)
 
     out = np.zeros((9, 22), np.float32)
     tiles(raw[:22], act.xq, act.xd, out)
-    assert mod.TILE_ROWS == 4 and mod.TILE_PAIRS == 4
+    assert block32.TILE_ROWS == 4 and block32.TILE_PAIRS == 4
     assert np.array_equal(out[:, :20].view(np.uint32), want[:, :20].view(np.uint32))
     if qtype == T.Q4_0:  # repacked: 8 rows x 4 tokens per step, the leftover token alone
         packed = mm.QuantWeight("w", qtype, 256, 24, raw.copy())

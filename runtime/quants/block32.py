@@ -2,13 +2,20 @@
 the range of a block, and the 5th bits of Q5_0/Q5_1, kept as one little-endian uint32 `qh`
 where bit j belongs to value j (j < 32). Each format module keeps its own layout, dequantize
 and quantize; these are only the steps that are the same in both of a pair;
-and the interleaved copy of Q4_0 and Q4_1 matrices (`pack_x8`) both formats' 8-row kernels read.
+and the interleaved copy of Q4_0 and Q4_1 matrices (`pack_x8`) both formats' 8-row kernels read;
+and the batch loop of the formats whose VNNI tiles share Q8_0's arithmetic (Q8_0, Q4_0, Q5_0:
+`vnni_kernels`, `matmat`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from numba import njit
+from numba import njit, prange
+
+from .simd import (FormatKernels, format_rows, format_tile, format_tile1, has_vnni, pair_layout, pair_tile_kernel,
+                   tile_kernel)
 
 FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -91,3 +98,47 @@ def pack_x8(rows: np.ndarray, block_bytes: int, n_scales: int, out: np.ndarray |
         return packed
     out[...] = packed
     return out
+
+
+# --- the batch loop of the formats tiled as Q8_0 (Q8_0, Q4_0, Q5_0) --------------------------
+
+TILE_ROWS, TILE_PAIRS = 4, 4  # the VNNI batch kernel's step: rows x pairs of tokens
+CHUNK_GROUPS = 32  # row groups per work item
+
+
+def vnni_kernels(name: str, block_bytes: int, unpack_shifted, rows) -> "functools.partial":
+    """A format's batch product (traits' `batch`): `matmat` with the format's tiles.
+    unpack_shifted(builder, blk) -> (d, values + 128 as unsigned bytes), see
+    runtime.quants.simd.tile_kernel; rows: its row_kernels batch form (the path without VNNI)."""
+    kernels = FormatKernels(name, tile=pair_tile_kernel(block_bytes, unpack_shifted, TILE_ROWS, TILE_PAIRS),
+                            tile1=tile_kernel(block_bytes, unpack_shifted, TILE_ROWS, 1), rows=rows)
+    return functools.partial(matmat, kernels)
+
+
+@njit(cache=True, parallel=True)
+def matmat(fk, w, ctx, xq, xd, xs, xhat, out):
+    """A batch: each (row, token) the format's matvec float. With VNNI TILE_ROWS rows x
+    TILE_PAIRS pairs of tokens at a time (runtime.quants.simd.pair_tile_kernel: a pair per
+    512-bit vector, one vpdpbusd per two block products, the pairs' activations laid out once by
+    pair_layout), each tile's tokens meeting CHUNK_GROUPS groups of rows while their activations
+    stay in L1; the leftover tokens one at a time (tile_kernel); elsewhere one row and four
+    tokens at a time. fk: the format's FormatKernels (numba compiles this once per format)."""
+    if has_vnni(ctx.isa):
+        n_rows, n_tok = w.shape[0], xq.shape[0]
+        yp, sp, dp = pair_layout(xq, xd)
+        n_tiles = n_tok // (2 * TILE_PAIRS)
+        n_groups = n_rows // TILE_ROWS
+        n_chunks = (n_groups + CHUNK_GROUPS - 1) // CHUNK_GROUPS
+        for job in prange(n_tiles * n_chunks):
+            p0 = job // n_chunks * TILE_PAIRS
+            c = job % n_chunks
+            for g in range(c * CHUNK_GROUPS, min(n_groups, (c + 1) * CHUNK_GROUPS)):
+                format_tile(fk, w, TILE_ROWS * g, yp, sp, dp, p0, out, ctx.isa)
+        for g in prange(n_groups):
+            for t in range(2 * TILE_PAIRS * n_tiles, n_tok):
+                format_tile1(fk, w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
+        for r in range(n_rows - n_rows % TILE_ROWS, n_rows):
+            format_rows(fk, w, r, xq, xd, out, ctx.isa)
+    else:
+        for r in prange(w.shape[0]):
+            format_rows(fk, w, r, xq, xd, out, ctx.isa)

@@ -20,9 +20,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .simd import (_ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _i8, _i16, _f32, _lane_accumulate, _lanes_finish,
-                    _lanes_signed, _load, _nibbles, _pair_add, _prefetch, _quad_lanes, _splat, _state_loop, _vec, has_vnni,
-                    pair_layout, pair_tile_kernel, row_kernels, tile_kernel)
-from .block32 import pack_x8
+                    _lanes_signed, _load, _nibbles, _pair_add, _prefetch, _quad_lanes, _splat, _state_loop, _vec, row_kernels)
+from .block32 import pack_x8, vnni_kernels
 from .ksearch import signed_absmax
 from .rounding import read_f16, write_f16
 
@@ -85,36 +84,7 @@ def _unpack_shifted(builder, blk):
     return _half(builder, blk, 0), qx
 
 
-TILE_ROWS, TILE_PAIRS = 4, 4  # the VNNI batch kernel's step: rows x pairs of tokens
-_tile = pair_tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, TILE_PAIRS)
-CHUNK_GROUPS = 32  # row groups per work item
-_tile1 = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, 1)  # a batch's leftover tokens
-
-
-@njit(cache=True, parallel=True)
-def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float. With VNNI TILE_ROWS rows x TILE_PAIRS pairs of tokens at a time
-    (as Q8_0's), elsewhere one row and four tokens at a time; rows over threads."""
-    if has_vnni(ctx.isa):
-        n_rows, n_tok = w.shape[0], xq.shape[0]
-        yp, sp, dp = pair_layout(xq, xd)
-        n_tiles = n_tok // (2 * TILE_PAIRS)
-        n_groups = n_rows // TILE_ROWS
-        n_chunks = (n_groups + CHUNK_GROUPS - 1) // CHUNK_GROUPS
-        # a tile's activations stay in L1 while a chunk of rows passes
-        for job in prange(n_tiles * n_chunks):
-            p0 = job // n_chunks * TILE_PAIRS
-            c = job % n_chunks
-            for g in range(c * CHUNK_GROUPS, min(n_groups, (c + 1) * CHUNK_GROUPS)):
-                _tile(w, TILE_ROWS * g, yp, sp, dp, p0, out, ctx.isa)
-        for g in prange(n_groups):
-            for t in range(2 * TILE_PAIRS * n_tiles, n_tok):
-                _tile1(w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
-        for r in range(n_rows - n_rows % TILE_ROWS, n_rows):
-            rows(w, r, xq, xd, out, ctx.isa)
-    else:
-        for r in prange(w.shape[0]):
-            rows(w, r, xq, xd, out, ctx.isa)
+matmat = vnni_kernels("Q4_0", BLOCK_BYTES, _unpack_shifted, rows)  # the batch product (runtime.quants.block32.matmat)
 
 
 # --- the repacked layout: 8 rows interleaved ------------------------------------------------

@@ -13,9 +13,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from .simd import (_ZERO8, _half, _i1, _i8, _i32, _nibbles, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec,
-                    has_vnni, pair_layout, pair_tile_kernel, row_kernels, tile_kernel)
-from .block32 import high_bits, pack_pair, read_qh, write_qh
+from .simd import (_ZERO8, _half, _i1, _i8, _i32, _nibbles, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, row_kernels)
+from .block32 import high_bits, pack_pair, read_qh, vnni_kernels, write_qh
 from .ksearch import signed_absmax
 from .rounding import read_f16, write_f16
 
@@ -86,33 +85,4 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
         out[r] = dot(w, r, xq, xd, ctx.isa)
 
 
-TILE_ROWS, TILE_PAIRS = 4, 4  # the VNNI batch kernel's step: rows x pairs of tokens
-_tile = pair_tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, TILE_PAIRS)
-CHUNK_GROUPS = 32  # row groups per work item
-_tile1 = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, 1)  # a batch's leftover tokens
-
-
-@njit(cache=True, parallel=True)
-def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float. With VNNI in Q8_0's tiles of rows x tokens,
-    elsewhere one row and four tokens at a time; rows over threads."""
-    if has_vnni(ctx.isa):
-        n_rows, n_tok = w.shape[0], xq.shape[0]
-        yp, sp, dp = pair_layout(xq, xd)
-        n_tiles = n_tok // (2 * TILE_PAIRS)
-        n_groups = n_rows // TILE_ROWS
-        n_chunks = (n_groups + CHUNK_GROUPS - 1) // CHUNK_GROUPS
-        # a tile's activations stay in L1 while a chunk of rows passes
-        for job in prange(n_tiles * n_chunks):
-            p0 = job // n_chunks * TILE_PAIRS
-            c = job % n_chunks
-            for g in range(c * CHUNK_GROUPS, min(n_groups, (c + 1) * CHUNK_GROUPS)):
-                _tile(w, TILE_ROWS * g, yp, sp, dp, p0, out, ctx.isa)
-        for g in prange(n_groups):
-            for t in range(2 * TILE_PAIRS * n_tiles, n_tok):
-                _tile1(w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
-        for r in range(n_rows - n_rows % TILE_ROWS, n_rows):
-            rows(w, r, xq, xd, out, ctx.isa)
-    else:
-        for r in prange(w.shape[0]):
-            rows(w, r, xq, xd, out, ctx.isa)
+matmat = vnni_kernels("Q5_0", BLOCK_BYTES, _unpack_shifted, rows)  # the batch product (runtime.quants.block32.matmat)

@@ -11,8 +11,8 @@ from numba import njit, prange
 
 from llvmlite import ir
 
-from .simd import (_ZERO8, _half, _i8, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, has_vnni,
-                    pair_layout, pair_tile_kernel, row_kernels, tile_kernel)
+from .simd import (_ZERO8, _half, _i8, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, row_kernels)
+from .block32 import vnni_kernels
 from .rounding import read_f16, roundf, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
@@ -71,36 +71,4 @@ def _unpack_shifted(builder, blk):
     return _half(builder, blk, 0), builder.xor(qs, ir.Constant(_vec(_i8, 32), [128 - 256] * 32))
 
 
-TILE_ROWS, TILE_PAIRS = 4, 4  # the VNNI batch kernel's step: rows x pairs of tokens
-_tile = pair_tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, TILE_PAIRS)
-CHUNK_GROUPS = 32  # row groups per work item
-_tile1 = tile_kernel(BLOCK_BYTES, _unpack_shifted, TILE_ROWS, 1)  # a batch's leftover tokens
-
-
-@njit(cache=True, parallel=True)
-def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float. With VNNI TILE_ROWS rows x TILE_PAIRS pairs of
-    tokens at a time (runtime.quants.simd.pair_tile_kernel: a pair per 512-bit vector, one
-    vpdpbusd per two block products, the pairs' activations laid out once by pair_layout), each
-    tile's tokens meeting CHUNK_GROUPS groups of rows while their activations stay in L1; the
-    leftover tokens one at a time (tile_kernel); elsewhere one row and four tokens at a time."""
-    if has_vnni(ctx.isa):
-        n_rows, n_tok = w.shape[0], xq.shape[0]
-        yp, sp, dp = pair_layout(xq, xd)
-        n_tiles = n_tok // (2 * TILE_PAIRS)
-        n_groups = n_rows // TILE_ROWS
-        n_chunks = (n_groups + CHUNK_GROUPS - 1) // CHUNK_GROUPS
-        # a tile's activations stay in L1 while a chunk of rows passes
-        for job in prange(n_tiles * n_chunks):
-            p0 = job // n_chunks * TILE_PAIRS
-            c = job % n_chunks
-            for g in range(c * CHUNK_GROUPS, min(n_groups, (c + 1) * CHUNK_GROUPS)):
-                _tile(w, TILE_ROWS * g, yp, sp, dp, p0, out, ctx.isa)
-        for g in prange(n_groups):
-            for t in range(2 * TILE_PAIRS * n_tiles, n_tok):
-                _tile1(w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
-        for r in range(n_rows - n_rows % TILE_ROWS, n_rows):
-            rows(w, r, xq, xd, out, ctx.isa)
-    else:
-        for r in prange(w.shape[0]):
-            rows(w, r, xq, xd, out, ctx.isa)
+matmat = vnni_kernels("Q8_0", BLOCK_BYTES, _unpack_shifted, rows)  # the batch product (runtime.quants.block32.matmat)

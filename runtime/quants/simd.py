@@ -741,3 +741,85 @@ def has_vnni(typingctx, isa):
         return ir.Constant(ir.IntType(1), int(flag))
 
     return types.boolean(isa), codegen
+
+
+# --- a format's kernels as an argument -------------------------------------------------------
+#
+# numba cannot pass an intrinsic to a compiled function, and a driver made by a factory closure
+# is not found again in the on-disk cache (its cache key pickles the closure's dispatchers,
+# whose ids change per process). So a loop that several formats share takes a FormatKernels:
+# a constant whose numba type names the format, through which `format_tile`, `format_tile1` and `format_rows` reach
+# that format's intrinsics at compile time. numba compiles and caches the driver once per
+# format, as it does once per Isa.
+
+class FormatKernels:
+    """The intrinsics of one format that a shared driver calls (see `format_tile`, `format_tile1`, `format_rows`)."""
+
+    __slots__ = ("name", "kernels", "_numba_type_")
+    _BY_NAME: dict = {}
+
+    def __init__(self, name: str, **kernels):
+        self.name = name
+        self.kernels = kernels
+        self._numba_type_ = FormatKernelsType(name)
+        FormatKernels._BY_NAME[name] = self
+
+    def __repr__(self) -> str:
+        return f"FormatKernels({self.name!r})"
+
+
+class FormatKernelsType(types.Dummy):
+    def __init__(self, name: str):
+        self.format = name
+        super().__init__(name=f"FormatKernels({name})")
+
+
+@typeof_impl.register(FormatKernels)
+def _typeof_format_kernels(val, c):
+    return val._numba_type_
+
+
+register_model(FormatKernelsType)(models.OpaqueModel)
+
+
+@unbox(FormatKernelsType)
+def _unbox_format_kernels(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
+@lower_constant(FormatKernelsType)
+def _constant_format_kernels(context, builder, ty, pyval):
+    return context.get_dummy_value()
+
+
+def _delegate(which, typingctx, fk, args):
+    """Type the FormatKernels fk's intrinsic `which` on args; its IR, called without fk."""
+    if not isinstance(fk, FormatKernelsType):
+        return None
+    got = FormatKernels._BY_NAME[fk.format].kernels[which]._defn(typingctx, *args)
+    if got is None:
+        return None
+    sig, codegen = got
+
+    def emit(context, builder, signature, cargs):
+        return codegen(context, builder, signature.replace(args=signature.args[1:]), cargs[1:])
+
+    return sig.return_type(fk, *sig.args), emit
+
+
+@intrinsic
+def format_tile(typingctx, fk, w, r0, yp, sp, dp, p0, out, isa):
+    """fk's pair_tile_kernel (w, r0, yp, sp, dp, p0, out, isa)."""
+    return _delegate("tile", typingctx, fk, (w, r0, yp, sp, dp, p0, out, isa))
+
+
+@intrinsic
+def format_tile1(typingctx, fk, w, r0, xq, xd, t0, out, isa):
+    """fk's one-token tile_kernel (w, r0, xq, xd, t0, out, isa)."""
+    return _delegate("tile1", typingctx, fk, (w, r0, xq, xd, t0, out, isa))
+
+
+@intrinsic
+def format_rows(typingctx, fk, w, r, xq, xd, out, isa):
+    """fk's row_kernels batch form (w, r, xq, xd, out, isa)."""
+    return _delegate("rows", typingctx, fk, (w, r, xq, xd, out, isa))
