@@ -14,8 +14,8 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from .simd import (FormatKernels, format_rows, format_tile, format_tile1, has_vnni, pair_layout, pair_tile_kernel,
-                   tile_kernel)
+from .simd import (_ZERO, _ZERO8, FormatKernels, _fma, _half, _hsum8, _i8, _lane_accumulate, _lanes_unsigned, _load, _vec,
+                   format_rows, format_tile, format_tile1, has_vnni, pair_layout, pair_tile_kernel, row_kernels, tile_kernel)
 
 FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -60,6 +60,26 @@ def pack_pair(row, o, qh, j, q0, q1):
     qh |= ((q0 & 0x10) >> 4) << j
     qh |= ((q1 & 0x10) >> 4) << (j + 16)
     return qh
+
+
+def min_kernels(block_bytes: int, values):
+    """`row_kernels` (dot, rows) of a format with a minimum (Q4_1, Q5_1: d half at bytes 0..1,
+    m at 2..3) against Q8_1 activations, as ggml's AVX2 vec_dot_q4_1_q8_1 / q5_1_q8_1: per block
+    8 integer lanes of unsigned values times the activations, acc_l = fma(d*dx, lane, acc_l);
+    the min terms fma'd into one scalar (summs += m * s, s the Q8_1 block sum); result
+    hsum_float_8(acc) + summs. values(builder, blk) -> the block's 32 quants as <32 x i8>."""
+
+    def body(builder, blk, y, scales, state):
+        qy = _load(builder, y, _vec(_i8, 32), 0)
+        yd, ys = scales
+        acc, mins = state
+        acc = _lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), yd), _lanes_unsigned(builder, values(builder, blk), qy), acc)
+        return [acc, _fma(builder, _half(builder, blk, 2), ys, mins)]
+
+    def finish(builder, state):
+        return builder.fadd(_hsum8(builder, state[0]), state[1])
+
+    return row_kernels(block_bytes, 2, [_ZERO8, _ZERO], body, finish)
 
 
 # --- 8 rows interleaved block by block (Q4_0, Q4_1) -----------------------------------------

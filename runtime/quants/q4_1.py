@@ -20,9 +20,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .simd import (_ZERO, _ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _hsum8, _i8, _i16, _f32, _lane_accumulate,
-                    _lanes_unsigned, _load, _mask, _nibbles, _pair_add, _prefetch, _splat, _state_loop, _vec, row_kernels)
-from .block32 import min_max, pack_x8
+from .simd import (_ZERO8, isa_typer, _broadcast8, _fma, _halves_to_float, _i8, _i16, _f32, _lanes_unsigned, _load, _mask,
+                    _nibbles, _pair_add, _prefetch, _splat, _state_loop, _vec)
+from .block32 import min_kernels, min_max, pack_x8
 from .rounding import read_f16_pair, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
@@ -60,22 +60,7 @@ def quantize_row(xr, row):
 
 # --- the product with Q8_1 activations, file layout (ggml's AVX2 vec_dot_q4_1_q8_1) --------
 
-def _dot_body(builder, blk, y, scales, state):
-    qy = _load(builder, y, _vec(_i8, 32), 0)
-    yd, ys = scales
-    acc, mins = state
-    lanes = _lanes_unsigned(builder, _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4)), qy)
-    acc = _lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), yd), lanes, acc)
-    mins = _fma(builder, _half(builder, blk, 2), ys, mins)  # summs += m * s
-    return [acc, mins]
-
-
-def _dot_finish(builder, state):
-    return builder.fadd(_hsum8(builder, state[0]), state[1])
-
-
-
-dot, rows = row_kernels(BLOCK_BYTES, 2, [_ZERO8, _ZERO], _dot_body, _dot_finish)
+dot, rows = min_kernels(BLOCK_BYTES, lambda builder, blk: _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4)))
 
 
 @njit(cache=True, parallel=True)

@@ -17,8 +17,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from .simd import _ZERO, _ZERO8, _fma, _half, _hsum8, _i1, _i8, _i32, _lane_accumulate, _lanes_unsigned, _load, _nibbles, _vec, row_kernels
-from .block32 import high_bits, min_max, pack_pair, read_qh, write_qh
+from .simd import (_i1, _i8, _i32, _load, _nibbles, _vec)
+from .block32 import high_bits, min_kernels, min_max, pack_pair, read_qh, write_qh
 from .rounding import read_f16_pair, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_1]
@@ -60,24 +60,14 @@ def quantize_row(xr, row):
 
 # --- the product with Q8_1 activations (ggml's AVX2 vec_dot_q5_1_q8_1) ---------------------
 
-def _dot_body(builder, blk, y, scales, state):
-    qy = _load(builder, y, _vec(_i8, 32), 0)
-    yd, ys = scales
-    acc, mins = state
-    # ggml: qx = nibbles | (fifth bit & 0x10): the value 0..31 as an unsigned byte
+def _values(builder, blk):
+    """ggml's qx = nibbles | (fifth bit & 0x10): the values 0..31 as unsigned bytes."""
     bits = builder.bitcast(_load(builder, blk, _i32, 4), _vec(_i1, 32))
     high = builder.select(bits, ir.Constant(_vec(_i8, 32), [0x10] * 32), ir.Constant(_vec(_i8, 32), [0] * 32))
-    qx = builder.or_(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 8)), high)
-    acc = _lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), yd), _lanes_unsigned(builder, qx, qy), acc)
-    mins = _fma(builder, _half(builder, blk, 2), ys, mins)  # summs += m * s
-    return [acc, mins]
+    return builder.or_(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 8)), high)
 
 
-def _dot_finish(builder, state):
-    return builder.fadd(_hsum8(builder, state[0]), state[1])
-
-
-dot, rows = row_kernels(BLOCK_BYTES, 2, [_ZERO8, _ZERO], _dot_body, _dot_finish)
+dot, rows = min_kernels(BLOCK_BYTES, _values)
 
 
 @njit(cache=True, parallel=True)
