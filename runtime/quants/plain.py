@@ -17,7 +17,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import ROW_TOKENS, _ZERO8, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _load, _mask, _prefetch, _state_loop, _vec
+from .simd import _ZERO8, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _load, _mask, _prefetch, _state_loop, _vec
 
 F16_MAGIC = np.float32(2.0**-14)  # subtracting it turns a denormal half's rebased bits into its value
 
@@ -130,59 +130,99 @@ def _f16_dot_typer(typingctx, w, r, x, isa):
 f16_dot = intrinsic(isa_typer(_f16_dot_typer))
 
 
-def _f16_tokens(n_t):
-    """The batch form of f16_dot: (w, r, x [T, K] float32 already rounded to half, t0, out
-    [T, rows]) writes f16_dot(w, r, x[t]) into out[t, r] for the n_t tokens t0.. (each token the
-    one-token floats; the row's halves converted once for all of them)."""
+def _f16_tile(n_rows, n_tok):
+    """An intrinsic (w, r0, xp, tile, out, isa): rows r0.. of w (uint8 [rows, 2*K] of IEEE
+    halves) times the n_tok tokens of tile `tile` of xp (pack_tokens' layout, float32 [tiles,
+    K/32 * n_tok * 32]) into out[t, r] (float32 [T, rows]), each (row, token) f16_dot's float:
+    per pair ggml's 4 accumulators of 8 lanes, held as two 16-lane vectors (a0|a1 and a2|a3:
+    fma is lane by lane, so the lanes' chains are the same), reduced (a0+a2) + (a1+a3), 128-bit
+    halves, two horizontal adds. A step's n_rows converted weight vectors and n_tok activation
+    vectors feed n_rows*n_tok fmas (the one-token kernel loads one activation vector per fma).
+    Rows past the matrix's last and the tile's padding tokens repeat the last ones (the same
+    value stored twice), so a matrix's and a batch's leftovers take the same kernel."""
 
-    def typer(typingctx, w, r, x, t0, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, x, out)) or x.ndim != 2 or out.ndim != 2:
+    def typer(typingctx, w, r0, xp, tile, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xp, out)) or xp.ndim != 2 or out.ndim != 2:
             return None
-        return types.none(w, r, x, t0, out, isa), codegen
+        return types.none(w, r0, xp, tile, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xt, _, outt = signature.args[:-1]
+        wt, _, xpt, _, outt = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
-        r, t0 = args[1], args[3]
+        r0, tile = args[1], args[3]
+        n_w = builder.extract_value(warr.shape, 0)
         row_bytes = builder.extract_value(warr.shape, 1)
-        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
-        xarr = context.make_array(xt)(context, builder, args[2])
-        k_vals = builder.extract_value(xarr.shape, 1)
+        stride = builder.extract_value(warr.strides, 0)
+        last_row = builder.sub(n_w, ir.Constant(n_w.type, 1))
+
+        def clamp(v, hi):
+            return builder.select(builder.icmp_signed("<", v, hi), v, hi)
+
+        rows_i = [clamp(builder.add(r0, ir.Constant(r0.type, i)), last_row) for i in range(n_rows)]
+        rows = [builder.gep(warr.data, [builder.mul(ri, stride)]) for ri in rows_i]
+        xarr = context.make_array(xpt)(context, builder, args[2])
+        x_cols = builder.extract_value(xarr.shape, 1)
+        xbase = builder.bitcast(builder.gep(xarr.data, [builder.mul(tile, x_cols)]), _i8.as_pointer())
         oarr = context.make_array(outt)(context, builder, args[4])
         n_out = builder.extract_value(oarr.shape, 1)
-        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
-        xp = [builder.bitcast(builder.gep(xarr.data, [builder.mul(tk, k_vals)]), _i8.as_pointer()) for tk in toks]
+        last_tok = builder.sub(builder.extract_value(oarr.shape, 0), ir.Constant(n_out.type, 1))
         n_steps = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 64))
-        f32x8 = _vec(_f32, 8)
+        f32x16 = _vec(_f32, 16)
+        zero16 = ir.Constant(f32x16, [0.0] * 16)
 
         def step(i, accs):
             o = builder.mul(i, ir.Constant(i.type, 64))
-            xo = builder.mul(i, ir.Constant(i.type, 128))
-            wv = [_halves_to_float(builder, _load(builder, row, _vec(_i16, 8), builder.add(o, ir.Constant(o.type, 16 * j))))
-                  for j in range(4)]
-            new = []
-            for t in range(n_t):
-                for j in range(4):
-                    xv = _load(builder, xp[t], f32x8, builder.add(xo, ir.Constant(xo.type, 32 * j)))
-                    new.append(_fma(builder, wv[j], xv, accs[4 * t + j]))
+            wv = [[_halves_to_float(builder, _load(builder, row, _vec(_i16, 16), builder.add(o, ir.Constant(o.type, 32 * h))))
+                   for h in range(2)] for row in rows]
+            xo = builder.mul(i, ir.Constant(i.type, 128 * n_tok))
+            new = list(accs)
+            for t in range(n_tok):
+                for h in range(2):
+                    xv = _load(builder, xbase, f32x16, builder.add(xo, ir.Constant(xo.type, 128 * t + 64 * h)))
+                    for r in range(n_rows):
+                        k = 2 * (r * n_tok + t) + h
+                        new[k] = _fma(builder, wv[r][h], xv, accs[k])
             return new
 
-        accs = _state_loop(builder, n_steps, [_ZERO8] * (4 * n_t), step)
-        for t in range(n_t):
-            a = accs[4 * t:4 * t + 4]
-            v = builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3]))
-            h = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
-            e = [builder.extract_element(h, ir.Constant(_i32, i)) for i in range(4)]
-            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
-            builder.store(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), dst)
+        accs = _state_loop(builder, n_steps, [zero16] * (2 * n_rows * n_tok), step)
+        t0 = builder.mul(tile, ir.Constant(tile.type, n_tok))
+        for r in range(n_rows):
+            for t in range(n_tok):
+                lo, hi = accs[2 * (r * n_tok + t)], accs[2 * (r * n_tok + t) + 1]
+                s = builder.fadd(lo, hi)  # (a0+a2 | a1+a3)
+                v = builder.fadd(builder.shuffle_vector(s, s, _mask(range(8))), builder.shuffle_vector(s, s, _mask(range(8, 16))))
+                h = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
+                e = [builder.extract_element(h, ir.Constant(_i32, j)) for j in range(4)]
+                tok = clamp(builder.add(t0, ir.Constant(t0.type, t)), last_tok)
+                dst = builder.gep(oarr.data, [builder.add(builder.mul(tok, n_out), rows_i[r])])
+                builder.store(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), dst)
         return context.get_dummy_value()
 
-    return typer
+    return intrinsic(isa_typer(typer))
 
 
-f16_rows4 = intrinsic(isa_typer(_f16_tokens(ROW_TOKENS)))
-f16_rows1 = intrinsic(isa_typer(_f16_tokens(1)))
+# the tile's rows x tokens: with AVX-512, 2 x 6 pairs hold 24 of the 32 vector registers
+TILE_ROWS, TILE_TOKENS = 2, 6
+_tile = _f16_tile(TILE_ROWS, TILE_TOKENS)
+CHUNK_ROWS = 32  # rows per work item: its halves stay in L2 while the token tiles pass
 
+
+@njit(cache=True, nogil=True)  # (serial: a parallel function costs seconds more to compile, and this is cheap)
+def pack_tokens(x, n_tok):
+    """x float32 [T, K] -> [ceil(T / n_tok), K/32 * n_tok * 32]: per tile of n_tok tokens, per
+    32-value step, each token's 32 values (the tile kernel's loads, in order); the last tile's
+    missing tokens repeat the batch's last token."""
+    n, k = x.shape
+    n_steps = k // 32
+    n_tiles = (n + n_tok - 1) // n_tok
+    xp = np.empty((n_tiles, n_steps * n_tok * 32), np.float32)
+    for p in range(n_tiles):
+        for t in range(n_tok):
+            src = x[min(p * n_tok + t, n - 1)]
+            for i in range(n_steps):
+                o = (i * n_tok + t) * 32
+                xp[p, o:o + 32] = src[32 * i:32 * i + 32]
+    return xp
 
 
 @njit(cache=True, parallel=True)
@@ -203,22 +243,27 @@ def matvec_f16(w, ctx, xq, xd, xs, x, out):
 @njit(cache=True, parallel=True)
 def matmat_f16(w, ctx, xq, xd, xs, x, out):
     """out [T, rows] = the T tokens' products with an F16 matrix (x: the activations rounded
-    to half), each (row, token) matvec_f16's floats: ROW_TOKENS tokens per step."""
+    to half), each (row, token) matvec_f16's float: TILE_ROWS rows x TILE_TOKENS tokens per
+    pass (_f16_tile), a work item's CHUNK_ROWS rows meeting every tile of tokens in turn
+    while the tile's activations stay in L1; the K % 32 leftovers in double, as matvec_f16."""
     n_tok, k = x.shape
+    n_rows = w.shape[0]
     tail = k - k % 32
-    in_steps = n_tok - n_tok % ROW_TOKENS
-    for r in prange(w.shape[0]):
-        for t0 in range(0, in_steps, ROW_TOKENS):
-            f16_rows4(w, r, x, t0, out, ctx.isa)
-        for t0 in range(in_steps, n_tok):
-            f16_rows1(w, r, x, t0, out, ctx.isa)
+    xp = pack_tokens(x, TILE_TOKENS)
+    n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    for c in prange(n_chunks):
+        r1 = min(n_rows, (c + 1) * CHUNK_ROWS)
+        for p in range(xp.shape[0]):
+            for r0 in range(c * CHUNK_ROWS, r1, TILE_ROWS):
+                _tile(w, r0, xp, p, out, ctx.isa)
         if tail < k:
-            row = w[r].view(np.uint16)
-            for t in range(n_tok):
-                acc = np.float64(out[t, r])
-                for i in range(tail, k):
-                    acc += np.float64(ctx.table[row[i]] * x[t, i])
-                out[t, r] = np.float32(acc)
+            for r in range(c * CHUNK_ROWS, r1):
+                row = w[r].view(np.uint16)
+                for t in range(n_tok):
+                    acc = np.float64(out[t, r])
+                    for i in range(tail, k):
+                        acc += np.float64(ctx.table[row[i]] * x[t, i])
+                    out[t, r] = np.float32(acc)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
