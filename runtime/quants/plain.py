@@ -77,6 +77,29 @@ def quantize_f16_row(x, row):
         h[i] = o | sign
 
 
+HALF_ROUNDING_MAGIC = np.float32(0.5)  # its ulp is 2^-24, a half denormal's quantum: |x| + 0.5 - 0.5 rounds to it
+
+
+@njit(cache=True, nogil=True)
+def round_rows_to_half(x, out):
+    """out = x (float32 [T, K], C-contiguous) rounded to the nearest half, ties to even, as
+    float32: GGML_FP32_TO_FP16 and back, as rounding.round_to_f16 value by value (beyond the
+    half range inf; NaN kept), in selects on the bits that LLVM vectorizes: the mantissa
+    rounded to 10 bits for normal halves, |x| + 0.5 - 0.5 for the denormals."""
+    tmp = np.empty(x.shape[1], np.float32)
+    for t in range(x.shape[0]):
+        u = x[t].view(np.uint32)
+        o = out[t].view(np.uint32)
+        for i in range(tmp.shape[0]):
+            tmp[i] = (abs(x[t, i]) + HALF_ROUNDING_MAGIC) - HALF_ROUNDING_MAGIC
+        d = tmp.view(np.uint32)
+        for i in range(tmp.shape[0]):
+            f = u[i] & np.uint32(0x7FFFFFFF)
+            normal = (f + np.uint32(0xFFF) + ((f >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+            mag = d[i] if f < np.uint32(0x38800000) else (normal if f < np.uint32(0x477FF000) else np.uint32(0x7F800000))
+            o[i] = u[i] if f > np.uint32(0x7F800000) else (mag | (u[i] & np.uint32(0x80000000)))
+
+
 def dequantize_bf16(raw, out):
     out.view(np.uint32)[...] = raw.view(np.uint16).astype(np.uint32) << 16
 
@@ -130,63 +153,87 @@ def _f16_dot_typer(typingctx, w, r, x, isa):
 f16_dot = intrinsic(isa_typer(_f16_dot_typer))
 
 
-def _f16_tile(n_rows, n_tok):
-    """An intrinsic (w, r0, xp, tile, out, isa): rows r0.. of w (uint8 [rows, 2*K] of IEEE
-    halves) times the n_tok tokens of tile `tile` of xp (pack_tokens' layout, float32 [tiles,
-    K/32 * n_tok * 32]) into out[t, r] (float32 [T, rows]), each (row, token) f16_dot's float:
-    per pair ggml's 4 accumulators of 8 lanes, held as two 16-lane vectors (a0|a1 and a2|a3:
-    fma is lane by lane, so the lanes' chains are the same), reduced (a0+a2) + (a1+a3), 128-bit
-    halves, two horizontal adds. A step's n_rows converted weight vectors and n_tok activation
-    vectors feed n_rows*n_tok fmas (the one-token kernel loads one activation vector per fma).
-    Rows past the matrix's last and the tile's padding tokens repeat the last ones (the same
-    value stored twice), so a matrix's and a batch's leftovers take the same kernel."""
-
-    def typer(typingctx, w, r0, xp, tile, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xp, out)) or xp.ndim != 2 or out.ndim != 2:
-            return None
-        return types.none(w, r0, xp, tile, out, isa), codegen
+def _f16_widen_typer(typingctx, w, r, wf, i, isa):
+    """(w uint8 [rows, 2*K] of IEEE halves, r, wf float32 [n, K'], i): wf[i] = row r's first K'
+    halves as float32 (K' a multiple of 32; vcvtph2ps with F16C, exact: the halves' values)."""
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, wf)):
+        return None
 
     def codegen(context, builder, signature, args):
-        wt, _, xpt, _, outt = signature.args[:-1]
+        wt, _, wft = signature.args[:-2]
         warr = context.make_array(wt)(context, builder, args[0])
-        r0, tile = args[1], args[3]
-        n_w = builder.extract_value(warr.shape, 0)
-        row_bytes = builder.extract_value(warr.shape, 1)
-        stride = builder.extract_value(warr.strides, 0)
-        last_row = builder.sub(n_w, ir.Constant(n_w.type, 1))
+        row = builder.gep(warr.data, [builder.mul(args[1], builder.extract_value(warr.strides, 0))])
+        farr = context.make_array(wft)(context, builder, args[2])
+        k = builder.extract_value(farr.shape, 1)
+        dst = builder.bitcast(builder.gep(farr.data, [builder.mul(args[3], k)]), _i8.as_pointer())
+        with cgutils.for_range(builder, builder.sdiv(k, ir.Constant(k.type, 16))) as loop:
+            o = builder.mul(loop.index, ir.Constant(loop.index.type, 32))
+            v = _halves_to_float(builder, _load(builder, row, _vec(_i16, 16), o))
+            builder.store(v, builder.bitcast(builder.gep(dst, [builder.add(o, o)]), v.type.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(w, r, wf, i, isa), codegen
+
+
+f16_widen = intrinsic(isa_typer(_f16_widen_typer))
+
+
+def _f16_tile(n_rows, n_tok):
+    """An intrinsic (wf, i0, r_base, xp, tile, out, isa): rows i0.. of wf (float32 [n, K'], a
+    work item's rows converted from halves by f16_widen; wf[i] is the matrix's row r_base + i)
+    times the n_tok tokens of tile `tile` of xp (pack_tokens' layout, float32 [tiles,
+    K'/32 * n_tok * 32]) into out[t, r] (float32 [T, rows]), each (row, token) f16_dot's float:
+    per pair ggml's 4 accumulators of 8 lanes, held as two 16-lane vectors (a0|a1 and a2|a3:
+    fma is lane by lane, so the lanes' chains are the same), reduced (a0+a2) + (a1+a3), 128-bit
+    halves, two horizontal adds. A step's n_rows weight vectors and n_tok activation vectors
+    feed n_rows*n_tok fmas (the one-token kernel loads one activation vector per fma).
+    Rows past wf's last and the tile's padding tokens repeat the last ones (the same value
+    stored twice), so a matrix's and a batch's leftovers take the same kernel."""
+
+    def typer(typingctx, wf, i0, r_base, xp, tile, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in (wf, xp, out)):
+            return None
+        return types.none(wf, i0, r_base, xp, tile, out, isa), codegen
+
+    def codegen(context, builder, signature, args):
+        wft, _, _, xpt, _, outt = signature.args[:-1]
+        farr = context.make_array(wft)(context, builder, args[0])
+        i0, r_base, tile = args[1], args[2], args[4]
+        k = builder.extract_value(farr.shape, 1)
+        last_row = builder.sub(builder.extract_value(farr.shape, 0), ir.Constant(k.type, 1))
 
         def clamp(v, hi):
             return builder.select(builder.icmp_signed("<", v, hi), v, hi)
 
-        rows_i = [clamp(builder.add(r0, ir.Constant(r0.type, i)), last_row) for i in range(n_rows)]
-        rows = [builder.gep(warr.data, [builder.mul(ri, stride)]) for ri in rows_i]
-        xarr = context.make_array(xpt)(context, builder, args[2])
+        local = [clamp(builder.add(i0, ir.Constant(i0.type, i)), last_row) for i in range(n_rows)]
+        rows = [builder.bitcast(builder.gep(farr.data, [builder.mul(li, k)]), _i8.as_pointer()) for li in local]
+        xarr = context.make_array(xpt)(context, builder, args[3])
         x_cols = builder.extract_value(xarr.shape, 1)
         xbase = builder.bitcast(builder.gep(xarr.data, [builder.mul(tile, x_cols)]), _i8.as_pointer())
-        oarr = context.make_array(outt)(context, builder, args[4])
+        oarr = context.make_array(outt)(context, builder, args[5])
         n_out = builder.extract_value(oarr.shape, 1)
         last_tok = builder.sub(builder.extract_value(oarr.shape, 0), ir.Constant(n_out.type, 1))
-        n_steps = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 64))
+        n_steps = builder.sdiv(k, ir.Constant(k.type, 32))
         f32x16 = _vec(_f32, 16)
         zero16 = ir.Constant(f32x16, [0.0] * 16)
 
         def step(i, accs):
-            o = builder.mul(i, ir.Constant(i.type, 64))
-            wv = [[_halves_to_float(builder, _load(builder, row, _vec(_i16, 16), builder.add(o, ir.Constant(o.type, 32 * h))))
-                   for h in range(2)] for row in rows]
+            o = builder.mul(i, ir.Constant(i.type, 128))
+            wv = [[_load(builder, row, f32x16, builder.add(o, ir.Constant(o.type, 64 * h))) for h in range(2)] for row in rows]
             xo = builder.mul(i, ir.Constant(i.type, 128 * n_tok))
             new = list(accs)
             for t in range(n_tok):
                 for h in range(2):
                     xv = _load(builder, xbase, f32x16, builder.add(xo, ir.Constant(xo.type, 128 * t + 64 * h)))
                     for r in range(n_rows):
-                        k = 2 * (r * n_tok + t) + h
-                        new[k] = _fma(builder, wv[r][h], xv, accs[k])
+                        j = 2 * (r * n_tok + t) + h
+                        new[j] = _fma(builder, wv[r][h], xv, accs[j])
             return new
 
         accs = _state_loop(builder, n_steps, [zero16] * (2 * n_rows * n_tok), step)
         t0 = builder.mul(tile, ir.Constant(tile.type, n_tok))
         for r in range(n_rows):
+            col = builder.add(r_base, local[r])
             for t in range(n_tok):
                 lo, hi = accs[2 * (r * n_tok + t)], accs[2 * (r * n_tok + t) + 1]
                 s = builder.fadd(lo, hi)  # (a0+a2 | a1+a3)
@@ -194,7 +241,7 @@ def _f16_tile(n_rows, n_tok):
                 h = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
                 e = [builder.extract_element(h, ir.Constant(_i32, j)) for j in range(4)]
                 tok = clamp(builder.add(t0, ir.Constant(t0.type, t)), last_tok)
-                dst = builder.gep(oarr.data, [builder.add(builder.mul(tok, n_out), rows_i[r])])
+                dst = builder.gep(oarr.data, [builder.add(builder.mul(tok, n_out), col)])
                 builder.store(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), dst)
         return context.get_dummy_value()
 
@@ -204,7 +251,7 @@ def _f16_tile(n_rows, n_tok):
 # the tile's rows x tokens: with AVX-512, 2 x 6 pairs hold 24 of the 32 vector registers
 TILE_ROWS, TILE_TOKENS = 2, 6
 _tile = _f16_tile(TILE_ROWS, TILE_TOKENS)
-CHUNK_ROWS = 32  # rows per work item: its halves stay in L2 while the token tiles pass
+CHUNK_ROWS = 32  # rows per work item: their floats stay in L2 while the token tiles pass
 
 
 @njit(cache=True, nogil=True)  # (serial: a parallel function costs seconds more to compile, and this is cheap)
@@ -244,8 +291,9 @@ def matvec_f16(w, ctx, xq, xd, xs, x, out):
 def matmat_f16(w, ctx, xq, xd, xs, x, out):
     """out [T, rows] = the T tokens' products with an F16 matrix (x: the activations rounded
     to half), each (row, token) matvec_f16's float: TILE_ROWS rows x TILE_TOKENS tokens per
-    pass (_f16_tile), a work item's CHUNK_ROWS rows meeting every tile of tokens in turn
-    while the tile's activations stay in L1; the K % 32 leftovers in double, as matvec_f16."""
+    pass (_f16_tile), a work item's CHUNK_ROWS rows, converted to float32 once, meeting every
+    tile of tokens in turn while the tile's activations stay in L1; the K % 32 leftovers in
+    double, as matvec_f16."""
     n_tok, k = x.shape
     n_rows = w.shape[0]
     tail = k - k % 32
@@ -253,9 +301,12 @@ def matmat_f16(w, ctx, xq, xd, xs, x, out):
     n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
     for c in prange(n_chunks):
         r1 = min(n_rows, (c + 1) * CHUNK_ROWS)
+        wf = np.empty((r1 - c * CHUNK_ROWS, tail), np.float32)
+        for i in range(wf.shape[0]):
+            f16_widen(w, c * CHUNK_ROWS + i, wf, i, ctx.isa)
         for p in range(xp.shape[0]):
-            for r0 in range(c * CHUNK_ROWS, r1, TILE_ROWS):
-                _tile(w, r0, xp, p, out, ctx.isa)
+            for i0 in range(0, wf.shape[0], TILE_ROWS):
+                _tile(wf, i0, c * CHUNK_ROWS, xp, p, out, ctx.isa)
         if tail < k:
             for r in range(c * CHUNK_ROWS, r1):
                 row = w[r].view(np.uint16)
