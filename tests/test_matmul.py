@@ -707,12 +707,13 @@ def test_f16_decode_sums_as_ggml_vec_dot_f16():
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
 
 
-@pytest.mark.parametrize("k", [592, 40, 24])
+@pytest.mark.parametrize("k", [592, 1104, 40, 24])
 def test_f16_batch_tiles_are_the_one_token_floats_on_every_instruction_set(k):
     """F16 batches go through tiles of rows x tokens (runtime.quants.plain.matmat_f16): for each
     instruction set this CPU runs (portable included), odd row counts (a leftover row, a
-    partial work item), token counts that leave a partial tile, and K % 32 != 0 (K = 24: no
-    32-value step at all), every (row, token) is the one-token kernel's float, bit for bit."""
+    partial work item), token counts that leave a partial tile, and K % 32 != 0 (K = 1104: the
+    steps in two blocks, the accumulators kept between them; K = 24: no 32-value step at all),
+    every (row, token) is the one-token kernel's float, bit for bit."""
     from llamachat.runtime.quants import plain, simd
 
     rng = np.random.default_rng(60 + k)
@@ -720,6 +721,7 @@ def test_f16_batch_tiles_are_the_one_token_floats_on_every_instruction_set(k):
     w = mm.QuantWeight("w", T.F16, k, 37, raw)
     x = (rng.standard_normal((plain.TILE_TOKENS + 7, k)) * 3).astype(np.float32)
     assert 37 % plain.TILE_ROWS and 37 > plain.CHUNK_ROWS and x.shape[0] % plain.TILE_TOKENS
+    assert (1104 // 32) > plain.STEPS_IN_L1
     want = None
     for isa in simd.host_isas():
         one = np.stack([mm.matmul(w, x[t:t + 1], isa=isa)[0] for t in range(x.shape[0])])

@@ -17,7 +17,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _ZERO8, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _load, _mask, _prefetch, _state_loop, _vec
+from .simd import _ZERO8, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _i64, _load, _mask, _prefetch, _state_loop, _vec
 
 F16_MAGIC = np.float32(2.0**-14)  # subtracting it turns a denormal half's rebased bits into its value
 
@@ -179,26 +179,30 @@ f16_widen = intrinsic(isa_typer(_f16_widen_typer))
 
 
 def _f16_tile(n_rows, n_tok):
-    """An intrinsic (wf, i0, r_base, xp, tile, out, isa): rows i0.. of wf (float32 [n, K'], a
-    work item's rows converted from halves by f16_widen; wf[i] is the matrix's row r_base + i)
-    times the n_tok tokens of tile `tile` of xp (pack_tokens' layout, float32 [tiles,
-    K'/32 * n_tok * 32]) into out[t, r] (float32 [T, rows]), each (row, token) f16_dot's float:
+    """An intrinsic (wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa): rows i0.. of wf
+    (float32 [n, K'], a work item's rows converted from halves by f16_widen; wf[i] is the
+    matrix's row r_base + i) times the n_tok tokens of tile `tile` of xp (pack_tokens' layout,
+    float32 [tiles, K'/32 * n_tok * 32]), over the 32-value steps s0..s0+n_s-1: started from
+    zero when s0 = 0, else from the accumulators left in acc[slot] (float32 [slots, 2 * n_rows
+    * n_tok * 16]) by the steps before; left there again unless the steps end the row, when
+    the sums go to out[t, r] (float32 [T, rows]), each (row, token) f16_dot's float:
     per pair ggml's 4 accumulators of 8 lanes, held as two 16-lane vectors (a0|a1 and a2|a3:
     fma is lane by lane, so the lanes' chains are the same), reduced (a0+a2) + (a1+a3), 128-bit
     halves, two horizontal adds. A step's n_rows weight vectors and n_tok activation vectors
     feed n_rows*n_tok fmas (the one-token kernel loads one activation vector per fma).
     Rows past wf's last and the tile's padding tokens repeat the last ones (the same value
-    stored twice), so a matrix's and a batch's leftovers take the same kernel."""
+    stored twice), so a matrix's and a batch's leftovers take the same kernel. (Splitting the
+    steps changes no float: each lane's chain goes on from the same bits.)"""
 
-    def typer(typingctx, wf, i0, r_base, xp, tile, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in (wf, xp, out)):
+    def typer(typingctx, wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in (wf, xp, acc, out)):
             return None
-        return types.none(wf, i0, r_base, xp, tile, out, isa), codegen
+        return types.none(wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wft, _, _, xpt, _, outt = signature.args[:-1]
+        wft, _, _, xpt, _, _, _, acct, _, outt = signature.args[:-1]
         farr = context.make_array(wft)(context, builder, args[0])
-        i0, r_base, tile = args[1], args[2], args[4]
+        i0, r_base, tile, s0, n_s, slot = args[1], args[2], args[4], args[5], args[6], args[8]
         k = builder.extract_value(farr.shape, 1)
         last_row = builder.sub(builder.extract_value(farr.shape, 0), ir.Constant(k.type, 1))
 
@@ -210,14 +214,33 @@ def _f16_tile(n_rows, n_tok):
         xarr = context.make_array(xpt)(context, builder, args[3])
         x_cols = builder.extract_value(xarr.shape, 1)
         xbase = builder.bitcast(builder.gep(xarr.data, [builder.mul(tile, x_cols)]), _i8.as_pointer())
-        oarr = context.make_array(outt)(context, builder, args[5])
+        oarr = context.make_array(outt)(context, builder, args[9])
         n_out = builder.extract_value(oarr.shape, 1)
         last_tok = builder.sub(builder.extract_value(oarr.shape, 0), ir.Constant(n_out.type, 1))
         n_steps = builder.sdiv(k, ir.Constant(k.type, 32))
         f32x16 = _vec(_f32, 16)
         zero16 = ir.Constant(f32x16, [0.0] * 16)
+        n_acc = 2 * n_rows * n_tok
+        aarr = context.make_array(acct)(context, builder, args[7])
+        kept = builder.bitcast(builder.gep(aarr.data, [builder.mul(slot, builder.extract_value(aarr.shape, 1))]), f32x16.as_pointer())
+        kept = [builder.gep(kept, [ir.Constant(_i64, j)]) for j in range(n_acc)]
+        before = builder.basic_block
+        resume = builder.append_basic_block("tile.resume")
+        start = builder.append_basic_block("tile.start")
+        builder.cbranch(builder.icmp_signed("==", s0, ir.Constant(s0.type, 0)), start, resume)
+        builder.position_at_end(resume)
+        loaded = [builder.load(a, align=4) for a in kept]
+        builder.branch(start)
+        builder.position_at_end(start)
+        init = []
+        for v in loaded:
+            phi = builder.phi(f32x16)
+            phi.add_incoming(zero16, before)
+            phi.add_incoming(v, resume)
+            init.append(phi)
 
-        def step(i, accs):
+        def step(j, accs):
+            i = builder.add(j, s0)
             o = builder.mul(i, ir.Constant(i.type, 128))
             wv = [[_load(builder, row, f32x16, builder.add(o, ir.Constant(o.type, 64 * h))) for h in range(2)] for row in rows]
             xo = builder.mul(i, ir.Constant(i.type, 128 * n_tok))
@@ -230,19 +253,25 @@ def _f16_tile(n_rows, n_tok):
                         new[j] = _fma(builder, wv[r][h], xv, accs[j])
             return new
 
-        accs = _state_loop(builder, n_steps, [zero16] * (2 * n_rows * n_tok), step)
-        t0 = builder.mul(tile, ir.Constant(tile.type, n_tok))
-        for r in range(n_rows):
-            col = builder.add(r_base, local[r])
-            for t in range(n_tok):
-                lo, hi = accs[2 * (r * n_tok + t)], accs[2 * (r * n_tok + t) + 1]
-                s = builder.fadd(lo, hi)  # (a0+a2 | a1+a3)
-                v = builder.fadd(builder.shuffle_vector(s, s, _mask(range(8))), builder.shuffle_vector(s, s, _mask(range(8, 16))))
-                h = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
-                e = [builder.extract_element(h, ir.Constant(_i32, j)) for j in range(4)]
-                tok = clamp(builder.add(t0, ir.Constant(t0.type, t)), last_tok)
-                dst = builder.gep(oarr.data, [builder.add(builder.mul(tok, n_out), col)])
-                builder.store(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), dst)
+        accs = _state_loop(builder, n_s, init, step)
+        ends = builder.icmp_signed(">=", builder.add(s0, n_s), n_steps)
+        with builder.if_else(ends) as (last, more):
+            with more:  # the row goes on in a later call
+                for a, v in zip(kept, accs):
+                    builder.store(v, a, align=4)
+            with last:
+                t0 = builder.mul(tile, ir.Constant(tile.type, n_tok))
+                for r in range(n_rows):
+                    col = builder.add(r_base, local[r])
+                    for t in range(n_tok):
+                        lo, hi = accs[2 * (r * n_tok + t)], accs[2 * (r * n_tok + t) + 1]
+                        s = builder.fadd(lo, hi)  # (a0+a2 | a1+a3)
+                        v = builder.fadd(builder.shuffle_vector(s, s, _mask(range(8))), builder.shuffle_vector(s, s, _mask(range(8, 16))))
+                        h = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
+                        e = [builder.extract_element(h, ir.Constant(_i32, j)) for j in range(4)]
+                        tok = clamp(builder.add(t0, ir.Constant(t0.type, t)), last_tok)
+                        dst = builder.gep(oarr.data, [builder.add(builder.mul(tok, n_out), col)])
+                        builder.store(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), dst)
         return context.get_dummy_value()
 
     return intrinsic(isa_typer(typer))
@@ -252,6 +281,7 @@ def _f16_tile(n_rows, n_tok):
 TILE_ROWS, TILE_TOKENS = 2, 6
 _tile = _f16_tile(TILE_ROWS, TILE_TOKENS)
 CHUNK_ROWS = 32  # rows per work item: their floats stay in L2 while the token tiles pass
+STEPS_IN_L1 = 32  # at most this many 32-value steps of a tile's tokens (24 KiB) per pass over the rows
 
 
 @njit(cache=True, nogil=True)  # (serial: a parallel function costs seconds more to compile, and this is cheap)
@@ -292,21 +322,27 @@ def matmat_f16(w, ctx, xq, xd, xs, x, out):
     """out [T, rows] = the T tokens' products with an F16 matrix (x: the activations rounded
     to half), each (row, token) matvec_f16's float: TILE_ROWS rows x TILE_TOKENS tokens per
     pass (_f16_tile), a work item's CHUNK_ROWS rows, converted to float32 once, meeting every
-    tile of tokens in turn while the tile's activations stay in L1; the K % 32 leftovers in
-    double, as matvec_f16."""
+    tile of tokens in turn, a block of at most STEPS_IN_L1 steps at a time, so that the
+    block's activations stay in L1 while the rows pass (the accumulators kept between
+    blocks); the K % 32 leftovers in double, as matvec_f16."""
     n_tok, k = x.shape
     n_rows = w.shape[0]
     tail = k - k % 32
     xp = pack_tokens(x, TILE_TOKENS)
+    n_steps = k // 32
+    n_blocks = max(1, (n_steps + STEPS_IN_L1 - 1) // STEPS_IN_L1)
+    block = max(1, (n_steps + n_blocks - 1) // n_blocks)  # (equal blocks)
     n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
     for c in prange(n_chunks):
         r1 = min(n_rows, (c + 1) * CHUNK_ROWS)
         wf = np.empty((r1 - c * CHUNK_ROWS, tail), np.float32)
         for i in range(wf.shape[0]):
             f16_widen(w, c * CHUNK_ROWS + i, wf, i, ctx.isa)
+        acc = np.empty(((wf.shape[0] + TILE_ROWS - 1) // TILE_ROWS, 32 * TILE_ROWS * TILE_TOKENS), np.float32)
         for p in range(xp.shape[0]):
-            for i0 in range(0, wf.shape[0], TILE_ROWS):
-                _tile(wf, i0, c * CHUNK_ROWS, xp, p, out, ctx.isa)
+            for s0 in range(0, max(n_steps, 1), block):
+                for i0 in range(0, wf.shape[0], TILE_ROWS):
+                    _tile(wf, i0, c * CHUNK_ROWS, xp, p, s0, min(block, n_steps - s0), acc, i0 // TILE_ROWS, out, ctx.isa)
         if tail < k:
             for r in range(c * CHUNK_ROWS, r1):
                 row = w[r].view(np.uint16)
