@@ -178,6 +178,29 @@ def _f16_widen_typer(typingctx, w, r, wf, i, isa):
 f16_widen = intrinsic(isa_typer(_f16_widen_typer))
 
 
+def _f16_sums(builder, pairs):
+    """f16_dot's final float of each (lo, hi) pair of 16-lane accumulators (a0|a1, a2|a3):
+    s = lo + hi, v = s[:8] + s[8:], h = v[:4] + v[4:], (h0 + h1) + (h2 + h3), the same adds
+    in the same order, but done for up to 16 pairs side by side in 16-lane vectors (each
+    stage's halves gathered from two vectors by one shuffle) instead of one pair at a time."""
+    f32x16 = _vec(_f32, 16)
+    zero = ir.Constant(f32x16, [0.0] * 16)
+    out = []
+    for g in range(0, len(pairs), 16):
+        vs = [builder.fadd(lo, hi) for lo, hi in pairs[g:g + 16]]
+        vs += [zero] * (16 - len(vs))
+        # v: [s_a[:8] | s_b[:8]] + [s_a[8:] | s_b[8:]]; h: the 4-lane halves of 4 pairs' v;
+        # then even + odd lanes twice: (h0 + h1), (h2 + h3), then their sum
+        for first, second in (([*range(8), *range(16, 24)], [*range(8, 16), *range(24, 32)]),
+                              ([j + 8 * q + 4 * 0 for q in range(4) for j in range(4)], [j + 8 * q + 4 for q in range(4) for j in range(4)]),
+                              (list(range(0, 32, 2)), list(range(1, 32, 2))),
+                              (list(range(0, 32, 2)), list(range(1, 32, 2)))):
+            vs = [builder.fadd(builder.shuffle_vector(a, b, _mask(first)), builder.shuffle_vector(a, b, _mask(second)))
+                  for a, b in zip(vs[0::2], vs[1::2])]
+        out += [builder.extract_element(vs[0], ir.Constant(_i32, j)) for j in range(min(16, len(pairs) - g))]
+    return out
+
+
 def _f16_tile(n_rows, n_tok):
     """An intrinsic (wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa): rows i0.. of wf
     (float32 [n, K'], a work item's rows converted from halves by f16_widen; wf[i] is the
@@ -261,17 +284,12 @@ def _f16_tile(n_rows, n_tok):
                     builder.store(v, a, align=4)
             with last:
                 t0 = builder.mul(tile, ir.Constant(tile.type, n_tok))
+                sums = _f16_sums(builder, [(accs[2 * p], accs[2 * p + 1]) for p in range(n_rows * n_tok)])
+                toks = [builder.mul(clamp(builder.add(t0, ir.Constant(t0.type, t)), last_tok), n_out) for t in range(n_tok)]
                 for r in range(n_rows):
                     col = builder.add(r_base, local[r])
                     for t in range(n_tok):
-                        lo, hi = accs[2 * (r * n_tok + t)], accs[2 * (r * n_tok + t) + 1]
-                        s = builder.fadd(lo, hi)  # (a0+a2 | a1+a3)
-                        v = builder.fadd(builder.shuffle_vector(s, s, _mask(range(8))), builder.shuffle_vector(s, s, _mask(range(8, 16))))
-                        h = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
-                        e = [builder.extract_element(h, ir.Constant(_i32, j)) for j in range(4)]
-                        tok = clamp(builder.add(t0, ir.Constant(t0.type, t)), last_tok)
-                        dst = builder.gep(oarr.data, [builder.add(builder.mul(tok, n_out), col)])
-                        builder.store(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), dst)
+                        builder.store(sums[r * n_tok + t], builder.gep(oarr.data, [builder.add(toks[t], col)]))
         return context.get_dummy_value()
 
     return intrinsic(isa_typer(typer))
