@@ -8,7 +8,8 @@ astype); F32->BF16 is ggml_compute_fp32_to_bf16 (round to nearest even, NaN forc
 Each `dequantize_X(raw, out)` / `quantize_X(x, out)` works on whole 2-D row arrays.
 
 Products: F16 as ggml's AVX2 ggml_vec_dot_f16 (vector IR below), against the activations
-rounded to half; F32 as a plain float32 loop.
+rounded to half, one token (matvec_f16) or a batch (matmat_f16: tiles of rows x tokens whose
+every (row, token) is the one-token float, bit for bit); F32 as a plain float32 loop.
 """
 
 import numpy as np
@@ -17,7 +18,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _ZERO8, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _i64, _load, _mask, _prefetch, _state_loop, _vec
+from .simd import _ZERO8, host_isas, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _i64, _load, _mask, _prefetch, _state_loop, _vec
 
 F16_MAGIC = np.float32(2.0**-14)  # subtracting it turns a denormal half's rebased bits into its value
 
@@ -192,7 +193,7 @@ def _f16_sums(builder, pairs):
         # v: [s_a[:8] | s_b[:8]] + [s_a[8:] | s_b[8:]]; h: the 4-lane halves of 4 pairs' v;
         # then even + odd lanes twice: (h0 + h1), (h2 + h3), then their sum
         for first, second in (([*range(8), *range(16, 24)], [*range(8, 16), *range(24, 32)]),
-                              ([j + 8 * q + 4 * 0 for q in range(4) for j in range(4)], [j + 8 * q + 4 for q in range(4) for j in range(4)]),
+                              ([8 * q + j for q in range(4) for j in range(4)], [8 * q + 4 + j for q in range(4) for j in range(4)]),
                               (list(range(0, 32, 2)), list(range(1, 32, 2))),
                               (list(range(0, 32, 2)), list(range(1, 32, 2)))):
             vs = [builder.fadd(builder.shuffle_vector(a, b, _mask(first)), builder.shuffle_vector(a, b, _mask(second)))
@@ -295,8 +296,10 @@ def _f16_tile(n_rows, n_tok):
     return intrinsic(isa_typer(typer))
 
 
-# the tile's rows x tokens: with AVX-512, 2 x 6 pairs hold 24 of the 32 vector registers
-TILE_ROWS, TILE_TOKENS = 2, 6
+# the tile's rows x tokens: with AVX-512 2 x 6 pairs' accumulators take 24 of the 32 vector
+# registers; with 16 (AVX2: a 16-lane vector is two) 1 x 3 take 12 (the code is compiled for
+# this CPU's registers whatever the instruction set the kernels' IR is emitted for)
+TILE_ROWS, TILE_TOKENS = (2, 6) if host_isas()[0] == "avx512vnni" else (1, 3)
 _tile = _f16_tile(TILE_ROWS, TILE_TOKENS)
 CHUNK_ROWS = 32  # rows per work item: their floats stay in L2 while the token tiles pass
 STEPS_IN_L1 = 32  # at most this many 32-value steps of a tile's tokens (24 KiB) per pass over the rows
