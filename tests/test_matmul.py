@@ -708,6 +708,32 @@ def test_f16_decode_sums_as_ggml_vec_dot_f16():
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), k
 
 
+@pytest.mark.parametrize("k", [592, 1104, 40, 24])
+def test_f16_batch_tiles_are_the_one_token_floats_on_every_instruction_set(k):
+    """F16 batches go through tiles of rows x tokens (runtime.quants.plain.matmat_f16): for each
+    instruction set this CPU runs (portable included), odd row counts (a leftover row, a
+    partial work item), token counts that leave a partial tile, and K % 32 != 0 (K = 1104: the
+    steps in two blocks, the accumulators kept between them; K = 24: no 32-value step at all),
+    every (row, token) is the one-token kernel's float, bit for bit."""
+    from llamachat.runtime.quants import plain, simd
+
+    rng = np.random.default_rng(60 + k)
+    raw = random_rows(T.F16, 37, k, rng)
+    w = mm.QuantWeight("w", T.F16, k, 37, raw)
+    x = (rng.standard_normal((plain.TILE_TOKENS + 7, k)) * 3).astype(np.float32)
+    assert (37 % plain.TILE_ROWS or plain.TILE_ROWS == 1) and 37 > plain.CHUNK_ROWS and x.shape[0] % plain.TILE_TOKENS
+    assert (1104 // 32) > plain.STEPS_IN_L1
+    want = None
+    for isa in simd.host_isas():
+        one = np.stack([mm.matmul(w, x[t:t + 1], isa=isa)[0] for t in range(x.shape[0])])
+        if want is None:
+            want = one
+        assert np.array_equal(one.view(np.uint32), want.view(np.uint32)), isa
+        for n in (2, 5, x.shape[0]):
+            got = mm.matmul(w, x[:n], isa=isa)
+            assert np.array_equal(got.view(np.uint32), want[:n].view(np.uint32)), (isa, n)
+
+
 def test_f16_activation_rounding_of_a_batch_is_the_per_token_one():
     """Batches round F16 activations with numpy's conversion; single tokens with
     round_to_f16: the same halves, including subnormals, ties and overflow to inf."""
@@ -718,6 +744,15 @@ def test_f16_activation_rounding_of_a_batch_is_the_per_token_one():
     for t in range(5):
         one = mm.Activations(x[t:t + 1], mm.ACT_F16).xhat[0]
         assert np.array_equal(batch[t].view(np.uint32), one.view(np.uint32))
+    # every kind of float32 bit pattern (a batch rounds by selects on the bits): numpy's halves
+    bits = rng.integers(0, 2**32, size=(2, 8192), dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    got = mm.Activations(x, mm.ACT_F16).xhat
+    finite = ~np.isnan(x)
+    with np.errstate(over="ignore"):
+        want = x[finite].astype(np.float16).astype(np.float32)
+    assert np.array_equal(got[finite].view(np.uint32), want.view(np.uint32))
+    assert np.isnan(got[~finite]).all()
 
 
 @pytest.mark.parametrize("n_tok", [1, 2, 11, 40])

@@ -33,6 +33,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
 from . import KERNELS, TRAITS, read_only_view
+from .plain import round_rows_to_half
 from .rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
 from .simd import HOST_ISA, Isa, host_isas
 from .traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
@@ -327,9 +328,8 @@ class Activations:
         self.xd = np.empty((n_tok, max(k // 32, 1)), np.float32)
         self.xs = np.empty((n_tok, max(k // 32, 1)), np.float32)
         self.xhat = np.empty((n_tok, k), np.float32)
-        if mode == ACT_F16 and n_tok > 1:  # numpy's IEEE conversion: the same rounding, faster
-            with np.errstate(over="ignore"):  # beyond the half range: inf, as ggml's FP32_TO_FP16
-                np.copyto(self.xhat, x.astype(np.float16))
+        if mode == ACT_F16 and n_tok > 1:  # the same rounding on the bits, vectorized
+            round_rows_to_half(x, self.xhat)
         elif n_tok > 1:
             _quantize_activations_rows(x, mode, self.xq, self.xd, self.xs, self.xhat)
         else:

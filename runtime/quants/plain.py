@@ -8,7 +8,8 @@ astype); F32->BF16 is ggml_compute_fp32_to_bf16 (round to nearest even, NaN forc
 Each `dequantize_X(raw, out)` / `quantize_X(x, out)` works on whole 2-D row arrays.
 
 Products: F16 as ggml's AVX2 ggml_vec_dot_f16 (vector IR below), against the activations
-rounded to half; F32 as a plain float32 loop.
+rounded to half, one token (matvec_f16) or a batch (matmat_f16: tiles of rows x tokens whose
+every (row, token) is the one-token float, bit for bit); F32 as a plain float32 loop.
 """
 
 import numpy as np
@@ -17,7 +18,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import ROW_TOKENS, _ZERO8, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _load, _mask, _prefetch, _state_loop, _vec
+from .simd import _ZERO8, host_isas, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _i64, _load, _mask, _prefetch, _state_loop, _vec
 
 F16_MAGIC = np.float32(2.0**-14)  # subtracting it turns a denormal half's rebased bits into its value
 
@@ -77,6 +78,29 @@ def quantize_f16_row(x, row):
         h[i] = o | sign
 
 
+HALF_ROUNDING_MAGIC = np.float32(0.5)  # its ulp is 2^-24, a half denormal's quantum: |x| + 0.5 - 0.5 rounds to it
+
+
+@njit(cache=True, nogil=True)
+def round_rows_to_half(x, out):
+    """out = x (float32 [T, K], C-contiguous) rounded to the nearest half, ties to even, as
+    float32: GGML_FP32_TO_FP16 and back, as rounding.round_to_f16 value by value (beyond the
+    half range inf; NaN kept), in selects on the bits that LLVM vectorizes: the mantissa
+    rounded to 10 bits for normal halves, |x| + 0.5 - 0.5 for the denormals."""
+    tmp = np.empty(x.shape[1], np.float32)
+    for t in range(x.shape[0]):
+        u = x[t].view(np.uint32)
+        o = out[t].view(np.uint32)
+        for i in range(tmp.shape[0]):
+            tmp[i] = (abs(x[t, i]) + HALF_ROUNDING_MAGIC) - HALF_ROUNDING_MAGIC
+        d = tmp.view(np.uint32)
+        for i in range(tmp.shape[0]):
+            f = u[i] & np.uint32(0x7FFFFFFF)
+            normal = (f + np.uint32(0xFFF) + ((f >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+            mag = d[i] if f < np.uint32(0x38800000) else (normal if f < np.uint32(0x477FF000) else np.uint32(0x7F800000))
+            o[i] = u[i] if f > np.uint32(0x7F800000) else (mag | (u[i] & np.uint32(0x80000000)))
+
+
 def dequantize_bf16(raw, out):
     out.view(np.uint32)[...] = raw.view(np.uint16).astype(np.uint32) << 16
 
@@ -130,59 +154,173 @@ def _f16_dot_typer(typingctx, w, r, x, isa):
 f16_dot = intrinsic(isa_typer(_f16_dot_typer))
 
 
-def _f16_tokens(n_t):
-    """The batch form of f16_dot: (w, r, x [T, K] float32 already rounded to half, t0, out
-    [T, rows]) writes f16_dot(w, r, x[t]) into out[t, r] for the n_t tokens t0.. (each token the
-    one-token floats; the row's halves converted once for all of them)."""
-
-    def typer(typingctx, w, r, x, t0, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, x, out)) or x.ndim != 2 or out.ndim != 2:
-            return None
-        return types.none(w, r, x, t0, out, isa), codegen
+def _f16_widen_typer(typingctx, w, r, wf, i, isa):
+    """(w uint8 [rows, 2*K] of IEEE halves, r, wf float32 [n, K'], i): wf[i] = row r's first K'
+    halves as float32 (K' a multiple of 32; vcvtph2ps with F16C, exact: the halves' values)."""
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, wf)):
+        return None
 
     def codegen(context, builder, signature, args):
-        wt, _, xt, _, outt = signature.args[:-1]
+        wt, _, wft = signature.args[:-2]
         warr = context.make_array(wt)(context, builder, args[0])
-        r, t0 = args[1], args[3]
-        row_bytes = builder.extract_value(warr.shape, 1)
-        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
-        xarr = context.make_array(xt)(context, builder, args[2])
-        k_vals = builder.extract_value(xarr.shape, 1)
-        oarr = context.make_array(outt)(context, builder, args[4])
-        n_out = builder.extract_value(oarr.shape, 1)
-        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
-        xp = [builder.bitcast(builder.gep(xarr.data, [builder.mul(tk, k_vals)]), _i8.as_pointer()) for tk in toks]
-        n_steps = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 64))
-        f32x8 = _vec(_f32, 8)
-
-        def step(i, accs):
-            o = builder.mul(i, ir.Constant(i.type, 64))
-            xo = builder.mul(i, ir.Constant(i.type, 128))
-            wv = [_halves_to_float(builder, _load(builder, row, _vec(_i16, 8), builder.add(o, ir.Constant(o.type, 16 * j))))
-                  for j in range(4)]
-            new = []
-            for t in range(n_t):
-                for j in range(4):
-                    xv = _load(builder, xp[t], f32x8, builder.add(xo, ir.Constant(xo.type, 32 * j)))
-                    new.append(_fma(builder, wv[j], xv, accs[4 * t + j]))
-            return new
-
-        accs = _state_loop(builder, n_steps, [_ZERO8] * (4 * n_t), step)
-        for t in range(n_t):
-            a = accs[4 * t:4 * t + 4]
-            v = builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3]))
-            h = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
-            e = [builder.extract_element(h, ir.Constant(_i32, i)) for i in range(4)]
-            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
-            builder.store(builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])), dst)
+        row = builder.gep(warr.data, [builder.mul(args[1], builder.extract_value(warr.strides, 0))])
+        farr = context.make_array(wft)(context, builder, args[2])
+        k = builder.extract_value(farr.shape, 1)
+        dst = builder.bitcast(builder.gep(farr.data, [builder.mul(args[3], k)]), _i8.as_pointer())
+        with cgutils.for_range(builder, builder.sdiv(k, ir.Constant(k.type, 16))) as loop:
+            o = builder.mul(loop.index, ir.Constant(loop.index.type, 32))
+            v = _halves_to_float(builder, _load(builder, row, _vec(_i16, 16), o))
+            builder.store(v, builder.bitcast(builder.gep(dst, [builder.add(o, o)]), v.type.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return typer
+    return types.none(w, r, wf, i, isa), codegen
 
 
-f16_rows4 = intrinsic(isa_typer(_f16_tokens(ROW_TOKENS)))
-f16_rows1 = intrinsic(isa_typer(_f16_tokens(1)))
+f16_widen = intrinsic(isa_typer(_f16_widen_typer))
 
+
+def _f16_sums(builder, pairs):
+    """f16_dot's final float of each (lo, hi) pair of 16-lane accumulators (a0|a1, a2|a3):
+    s = lo + hi, v = s[:8] + s[8:], h = v[:4] + v[4:], (h0 + h1) + (h2 + h3), the same adds
+    in the same order, but done for up to 16 pairs side by side in 16-lane vectors (each
+    stage's halves gathered from two vectors by one shuffle) instead of one pair at a time."""
+    f32x16 = _vec(_f32, 16)
+    zero = ir.Constant(f32x16, [0.0] * 16)
+    out = []
+    for g in range(0, len(pairs), 16):
+        vs = [builder.fadd(lo, hi) for lo, hi in pairs[g:g + 16]]
+        vs += [zero] * (16 - len(vs))
+        # v: [s_a[:8] | s_b[:8]] + [s_a[8:] | s_b[8:]]; h: the 4-lane halves of 4 pairs' v;
+        # then even + odd lanes twice: (h0 + h1), (h2 + h3), then their sum
+        for first, second in (([*range(8), *range(16, 24)], [*range(8, 16), *range(24, 32)]),
+                              ([8 * q + j for q in range(4) for j in range(4)], [8 * q + 4 + j for q in range(4) for j in range(4)]),
+                              (list(range(0, 32, 2)), list(range(1, 32, 2))),
+                              (list(range(0, 32, 2)), list(range(1, 32, 2)))):
+            vs = [builder.fadd(builder.shuffle_vector(a, b, _mask(first)), builder.shuffle_vector(a, b, _mask(second)))
+                  for a, b in zip(vs[0::2], vs[1::2])]
+        out += [builder.extract_element(vs[0], ir.Constant(_i32, j)) for j in range(min(16, len(pairs) - g))]
+    return out
+
+
+def _f16_tile(n_rows, n_tok):
+    """An intrinsic (wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa): rows i0.. of wf
+    (float32 [n, K'], a work item's rows converted from halves by f16_widen; wf[i] is the
+    matrix's row r_base + i) times the n_tok tokens of tile `tile` of xp (pack_tokens' layout,
+    float32 [tiles, K'/32 * n_tok * 32]), over the 32-value steps s0..s0+n_s-1: started from
+    zero when s0 = 0, else from the accumulators left in acc[slot] (float32 [slots, 2 * n_rows
+    * n_tok * 16]) by the steps before; left there again unless the steps end the row, when
+    the sums go to out[t, r] (float32 [T, rows]), each (row, token) f16_dot's float:
+    per pair ggml's 4 accumulators of 8 lanes, held as two 16-lane vectors (a0|a1 and a2|a3:
+    fma is lane by lane, so the lanes' chains are the same), reduced (a0+a2) + (a1+a3), 128-bit
+    halves, two horizontal adds. A step's n_rows weight vectors and n_tok activation vectors
+    feed n_rows*n_tok fmas (the one-token kernel loads one activation vector per fma).
+    Rows past wf's last and the tile's padding tokens repeat the last ones (the same value
+    stored twice), so a matrix's and a batch's leftovers take the same kernel. (Splitting the
+    steps changes no float: each lane's chain goes on from the same bits.)"""
+
+    def typer(typingctx, wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in (wf, xp, acc, out)):
+            return None
+        return types.none(wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa), codegen
+
+    def codegen(context, builder, signature, args):
+        wft, _, _, xpt, _, _, _, acct, _, outt = signature.args[:-1]
+        farr = context.make_array(wft)(context, builder, args[0])
+        i0, r_base, tile, s0, n_s, slot = args[1], args[2], args[4], args[5], args[6], args[8]
+        k = builder.extract_value(farr.shape, 1)
+        last_row = builder.sub(builder.extract_value(farr.shape, 0), ir.Constant(k.type, 1))
+
+        def clamp(v, hi):
+            return builder.select(builder.icmp_signed("<", v, hi), v, hi)
+
+        local = [clamp(builder.add(i0, ir.Constant(i0.type, i)), last_row) for i in range(n_rows)]
+        rows = [builder.bitcast(builder.gep(farr.data, [builder.mul(li, k)]), _i8.as_pointer()) for li in local]
+        xarr = context.make_array(xpt)(context, builder, args[3])
+        x_cols = builder.extract_value(xarr.shape, 1)
+        xbase = builder.bitcast(builder.gep(xarr.data, [builder.mul(tile, x_cols)]), _i8.as_pointer())
+        oarr = context.make_array(outt)(context, builder, args[9])
+        n_out = builder.extract_value(oarr.shape, 1)
+        last_tok = builder.sub(builder.extract_value(oarr.shape, 0), ir.Constant(n_out.type, 1))
+        n_steps = builder.sdiv(k, ir.Constant(k.type, 32))
+        f32x16 = _vec(_f32, 16)
+        zero16 = ir.Constant(f32x16, [0.0] * 16)
+        n_acc = 2 * n_rows * n_tok
+        aarr = context.make_array(acct)(context, builder, args[7])
+        kept = builder.bitcast(builder.gep(aarr.data, [builder.mul(slot, builder.extract_value(aarr.shape, 1))]), f32x16.as_pointer())
+        kept = [builder.gep(kept, [ir.Constant(_i64, j)]) for j in range(n_acc)]
+        before = builder.basic_block
+        resume = builder.append_basic_block("tile.resume")
+        start = builder.append_basic_block("tile.start")
+        builder.cbranch(builder.icmp_signed("==", s0, ir.Constant(s0.type, 0)), start, resume)
+        builder.position_at_end(resume)
+        loaded = [builder.load(a, align=4) for a in kept]
+        builder.branch(start)
+        builder.position_at_end(start)
+        init = []
+        for v in loaded:
+            phi = builder.phi(f32x16)
+            phi.add_incoming(zero16, before)
+            phi.add_incoming(v, resume)
+            init.append(phi)
+
+        def step(j, accs):
+            i = builder.add(j, s0)
+            o = builder.mul(i, ir.Constant(i.type, 128))
+            wv = [[_load(builder, row, f32x16, builder.add(o, ir.Constant(o.type, 64 * h))) for h in range(2)] for row in rows]
+            xo = builder.mul(i, ir.Constant(i.type, 128 * n_tok))
+            new = list(accs)
+            for t in range(n_tok):
+                for h in range(2):
+                    xv = _load(builder, xbase, f32x16, builder.add(xo, ir.Constant(xo.type, 128 * t + 64 * h)))
+                    for r in range(n_rows):
+                        j = 2 * (r * n_tok + t) + h
+                        new[j] = _fma(builder, wv[r][h], xv, accs[j])
+            return new
+
+        accs = _state_loop(builder, n_s, init, step)
+        ends = builder.icmp_signed(">=", builder.add(s0, n_s), n_steps)
+        with builder.if_else(ends) as (last, more):
+            with more:  # the row goes on in a later call
+                for a, v in zip(kept, accs):
+                    builder.store(v, a, align=4)
+            with last:
+                t0 = builder.mul(tile, ir.Constant(tile.type, n_tok))
+                sums = _f16_sums(builder, [(accs[2 * p], accs[2 * p + 1]) for p in range(n_rows * n_tok)])
+                toks = [builder.mul(clamp(builder.add(t0, ir.Constant(t0.type, t)), last_tok), n_out) for t in range(n_tok)]
+                for r in range(n_rows):
+                    col = builder.add(r_base, local[r])
+                    for t in range(n_tok):
+                        builder.store(sums[r * n_tok + t], builder.gep(oarr.data, [builder.add(toks[t], col)]))
+        return context.get_dummy_value()
+
+    return intrinsic(isa_typer(typer))
+
+
+# the tile's rows x tokens: with AVX-512 2 x 6 pairs' accumulators take 24 of the 32 vector
+# registers; with 16 (AVX2: a 16-lane vector is two) 1 x 3 take 12 (the code is compiled for
+# this CPU's registers whatever the instruction set the kernels' IR is emitted for)
+TILE_ROWS, TILE_TOKENS = (2, 6) if host_isas()[0] == "avx512vnni" else (1, 3)
+_tile = _f16_tile(TILE_ROWS, TILE_TOKENS)
+CHUNK_ROWS = 32  # rows per work item: their floats stay in L2 while the token tiles pass
+STEPS_IN_L1 = 32  # at most this many 32-value steps of a tile's tokens (24 KiB) per pass over the rows
+
+
+@njit(cache=True, nogil=True)  # (serial: a parallel function costs seconds more to compile, and this is cheap)
+def pack_tokens(x, n_tok):
+    """x float32 [T, K] -> [ceil(T / n_tok), K/32 * n_tok * 32]: per tile of n_tok tokens, per
+    32-value step, each token's 32 values (the tile kernel's loads, in order); the last tile's
+    missing tokens repeat the batch's last token."""
+    n, k = x.shape
+    n_steps = k // 32
+    n_tiles = (n + n_tok - 1) // n_tok
+    xp = np.empty((n_tiles, n_steps * n_tok * 32), np.float32)
+    for p in range(n_tiles):
+        for t in range(n_tok):
+            src = x[min(p * n_tok + t, n - 1)]
+            for i in range(n_steps):
+                o = (i * n_tok + t) * 32
+                xp[p, o:o + 32] = src[32 * i:32 * i + 32]
+    return xp
 
 
 @njit(cache=True, parallel=True)
@@ -203,22 +341,37 @@ def matvec_f16(w, ctx, xq, xd, xs, x, out):
 @njit(cache=True, parallel=True)
 def matmat_f16(w, ctx, xq, xd, xs, x, out):
     """out [T, rows] = the T tokens' products with an F16 matrix (x: the activations rounded
-    to half), each (row, token) matvec_f16's floats: ROW_TOKENS tokens per step."""
+    to half), each (row, token) matvec_f16's float: TILE_ROWS rows x TILE_TOKENS tokens per
+    pass (_f16_tile), a work item's CHUNK_ROWS rows, converted to float32 once, meeting every
+    tile of tokens in turn, a block of at most STEPS_IN_L1 steps at a time, so that the
+    block's activations stay in L1 while the rows pass (the accumulators kept between
+    blocks); the K % 32 leftovers in double, as matvec_f16."""
     n_tok, k = x.shape
+    n_rows = w.shape[0]
     tail = k - k % 32
-    in_steps = n_tok - n_tok % ROW_TOKENS
-    for r in prange(w.shape[0]):
-        for t0 in range(0, in_steps, ROW_TOKENS):
-            f16_rows4(w, r, x, t0, out, ctx.isa)
-        for t0 in range(in_steps, n_tok):
-            f16_rows1(w, r, x, t0, out, ctx.isa)
+    xp = pack_tokens(x, TILE_TOKENS)
+    n_steps = k // 32
+    n_blocks = max(1, (n_steps + STEPS_IN_L1 - 1) // STEPS_IN_L1)
+    block = max(1, (n_steps + n_blocks - 1) // n_blocks)  # (equal blocks)
+    n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    for c in prange(n_chunks):
+        r1 = min(n_rows, (c + 1) * CHUNK_ROWS)
+        wf = np.empty((r1 - c * CHUNK_ROWS, tail), np.float32)
+        for i in range(wf.shape[0]):
+            f16_widen(w, c * CHUNK_ROWS + i, wf, i, ctx.isa)
+        acc = np.empty(((wf.shape[0] + TILE_ROWS - 1) // TILE_ROWS, 32 * TILE_ROWS * TILE_TOKENS), np.float32)
+        for p in range(xp.shape[0]):
+            for s0 in range(0, max(n_steps, 1), block):
+                for i0 in range(0, wf.shape[0], TILE_ROWS):
+                    _tile(wf, i0, c * CHUNK_ROWS, xp, p, s0, min(block, n_steps - s0), acc, i0 // TILE_ROWS, out, ctx.isa)
         if tail < k:
-            row = w[r].view(np.uint16)
-            for t in range(n_tok):
-                acc = np.float64(out[t, r])
-                for i in range(tail, k):
-                    acc += np.float64(ctx.table[row[i]] * x[t, i])
-                out[t, r] = np.float32(acc)
+            for r in range(c * CHUNK_ROWS, r1):
+                row = w[r].view(np.uint16)
+                for t in range(n_tok):
+                    acc = np.float64(out[t, r])
+                    for i in range(tail, k):
+                        acc += np.float64(ctx.table[row[i]] * x[t, i])
+                    out[t, r] = np.float32(acc)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
