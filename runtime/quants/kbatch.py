@@ -79,6 +79,24 @@ def madd_pairs(builder, a, b):
                        builder.shuffle_vector(prod, prod, _mask(range(1, 16, 2))))
 
 
+def pair_scales(builder, sa, sb):
+    """<16 x i16> [sa x4, sb x4, sa x4, sb x4]: the scales of vpackssdw(a, b)'s int16 places
+    (a's lanes 0-3, b's 0-3, a's 4-7, b's 4-7), sa and sb i32 values within int16."""
+    lo = _splat(builder, builder.trunc(sa, _i16), 4)
+    hi = _splat(builder, builder.trunc(sb, _i16), 4)
+    four = builder.shuffle_vector(lo, hi, _mask(range(8)))
+    return builder.shuffle_vector(four, four, _mask(list(range(8)) * 2))
+
+
+def scaled_pack_add(builder, acc, scales, a, b):
+    """acc + the int32 lanes sum(scale * x) over the pairs of vpackssdw(a, b) (<8 x i32> a, b
+    within int16, so the pack is exact; `scales` from pair_scales): vpdpwssd (AVX-512 VNNI)."""
+    v8, v16 = _vec(_i32, 8), _vec(_i16, 16)
+    packed = builder.call(_fn(builder, "llvm.x86.avx2.packssdw", v16, [v8, v8]), [a, b])
+    fn = _fn(builder, "llvm.x86.avx512.vpdpwssd.256", v8, [v8, v8, v8])
+    return builder.call(fn, [acc, builder.bitcast(scales, v8), builder.bitcast(packed, v8)])
+
+
 def mins_dot(builder, mins, bsp):
     """The 8 tokens' sum over the block's 8 groups of min_g * (group g's activation sum)
     (<8 x i32>, exact), mins: the 8 i32 mins, bsp: the block's pairs in bs8."""

@@ -24,7 +24,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .simd import (_ZERO8, _avx2, isa_typer, _f32, _fma, _fn, _half, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
+from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _half, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
                     _scaled_lanes, _splat, _state_loop, _vec)
 from . import kbatch
 from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4
@@ -235,12 +235,27 @@ def _batch_body(builder, blk, ys, dx, bsp, state):
         qs = _load(builder, blk, v32, 16 + 32 * c)
         quants += [builder.and_(qs, ir.Constant(v32, [15] * 32)), builder.lshr(qs, ir.Constant(v32, [4] * 32))]
     lanes = []
-    for y in ys:
-        total = None
-        for g in range(8):
-            part = _scaled_lanes(builder, quants[g], _load(builder, y, v32, 32 * g), pairs[g][0], pairs[g][0], 0)
-            total = part if total is None else builder.add(total, part)
-        lanes.append(total)
+    if _vnni():
+        # Only each token's block total isum enters the float steps, and integer sums are exact
+        # in any order: per 64 values (sub-blocks 2c, 2c+1) two vpdpbusd give 4-product sums
+        # (|.| <= 4 * 15 * 128, exact in int16), vpackssdw packs them, and one vpdpwssd scales
+        # and adds them ([a0-3, b0-3 | a4-7, b4-7] against the two sub-blocks' scales).
+        zero = ir.Constant(_vec(_i32, 8), [0] * 8)
+        scales = [kbatch.pair_scales(builder, pairs[2 * c][0], pairs[2 * c + 1][0]) for c in range(4)]
+        for y in ys:
+            total = zero
+            for c in range(4):
+                a = _dpbusd(builder, zero, quants[2 * c], _load(builder, y, v32, 64 * c))
+                b = _dpbusd(builder, zero, quants[2 * c + 1], _load(builder, y, v32, 64 * c + 32))
+                total = kbatch.scaled_pack_add(builder, total, scales[c], a, b)
+            lanes.append(total)
+    else:
+        for y in ys:
+            total = None
+            for g in range(8):
+                part = _scaled_lanes(builder, quants[g], _load(builder, y, v32, 32 * g), pairs[g][0], pairs[g][0], 0)
+                total = part if total is None else builder.add(total, part)
+            lanes.append(total)
     f32x8 = _vec(_f32, 8)
     isums = builder.sitofp(_row_sums8(builder, lanes), f32x8)  # token i's isum in place i
     imins = builder.sitofp(kbatch.mins_dot(builder, [p[1] for p in pairs], bsp), f32x8)
