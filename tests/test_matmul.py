@@ -296,7 +296,7 @@ def run(kind, w, xq, xd, xs, out):
         elif kind == 4:
             out[r] = q6_k.dot(w, r, xq, xd, ISA)
         elif r % 8 == 0 and r + 8 <= w.shape[0]:  # kind 5: Q4_K, 8 rows at a time
-            q4_k.dot8(w, r, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), 0, out.reshape((1, out.shape[0])), ISA)
+            q4_k.dot8(w, r, xq, xd, q4_k.bsum_pairs(xq), out, ISA)
 outs = {}
 for kind in range(6):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
