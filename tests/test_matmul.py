@@ -663,6 +663,24 @@ def test_q5_k_sums_as_llama_cpp_avx2():
             assert np.all(np.abs(one[0] - exact) <= 3.3e-8 * size), (scale, t)
 
 
+def test_k_quant_decode_is_the_same_on_every_instruction_set():
+    """The one-token K-quant kernels on each instruction set this CPU runs (VNNI's vpdpwssd,
+    AVX2's vpmaddwd and vpaddd, the portable IR: the same exact integer lanes) give the floats of
+    the host's kernels, which the tests above compare with ggml's."""
+    from llamachat.runtime.quants import simd
+
+    rng = np.random.default_rng(48)
+    for qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+        raw = random_rows(qtype, 16, 512, rng)
+        w = mm.QuantWeight("w", qtype, 512, 16, raw)
+        x = (rng.standard_normal((1, 512)) * 2).astype(np.float32)
+        want = mm.matmul(w, x)
+        # (the portable Q4_K and Q6_K one-token kernels: test_portable_ir_gives_the_same_floats)
+        for isa in [i for i in simd.host_isas() if i != "portable" or qtype == T.Q5_K]:
+            got = mm.matmul(w, x, isa=isa)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (qtype.name, isa)
+
+
 def test_q5_1_sums_as_llama_cpp_avx2():
     """Q5_1 products (decode, and each token of a batch) as ggml's AVX2 vec_dot_q5_1_q8_1,
     which llama.cpp runs for Q5_1 one token and a batch alike (no repacking, no sgemm kernel),

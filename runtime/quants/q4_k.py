@@ -241,7 +241,9 @@ def _q4_k_rows8():
 dot8 = intrinsic(_q4_k_rows8())  # prefetching 8 KiB ahead: the weights stream from DRAM
 
 
-@njit(cache=True, nogil=True)
+# (inlined: a call from the parallel matvec to a function of its own made numba's cached matvec
+# crash when loaded before that function)
+@njit(cache=True, inline="always")
 def bsum_pairs(xq):
     """dot8's activation sums: per 256-value block, the int16 sums s0..s7 of its 32-groups as 4
     words pairs [s0 | s2, s1 | s3, s4 | s6, s5 | s7] (|s| <= 32 * 128), the pairs vpmaddwd
