@@ -296,7 +296,7 @@ def run(kind, w, xq, xd, xs, out):
         elif kind == 4:
             out[r] = q6_k.dot(w, r, xq, xd, ISA)
         elif r % 8 == 0 and r + 8 <= w.shape[0]:  # kind 5: Q4_K, 8 rows at a time
-            q4_k.dot8(w, r, xq.reshape((1, xq.shape[0])), xd.reshape((1, xd.shape[0])), 0, out.reshape((1, out.shape[0])), ISA)
+            q4_k.dot8(w, r, xq, xd, q4_k.bsum_pairs(xq), out, ISA)
 outs = {}
 for kind in range(6):
     out = np.empty(d[f"w{kind}"].shape[0], np.float32)
@@ -662,6 +662,24 @@ def test_q5_k_sums_as_llama_cpp_avx2():
             size = np.abs(act.xhat[0]).astype(np.float64) @ np.abs(w_ref).T
             # float32 chains over 3 blocks: measured at most 1.63e-8 of sum(|x||w|) here; bound 2x that
             assert np.all(np.abs(one[0] - exact) <= 3.3e-8 * size), (scale, t)
+
+
+def test_k_quant_decode_is_the_same_on_every_instruction_set():
+    """The one-token K-quant kernels on each instruction set this CPU runs (VNNI's vpdpwssd,
+    AVX2's vpmaddwd and vpaddd, the portable IR: the same exact integer lanes) give the floats of
+    the host's kernels, which the tests above compare with ggml's."""
+    from llamachat.runtime.quants import simd
+
+    rng = np.random.default_rng(48)
+    for qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+        raw = random_rows(qtype, 16, 512, rng)
+        w = mm.QuantWeight("w", qtype, 512, 16, raw)
+        x = (rng.standard_normal((1, 512)) * 2).astype(np.float32)
+        want = mm.matmul(w, x)
+        # (the portable Q4_K and Q6_K one-token kernels: test_portable_ir_gives_the_same_floats)
+        for isa in [i for i in simd.host_isas() if i != "portable" or qtype == T.Q5_K]:
+            got = mm.matmul(w, x, isa=isa)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (qtype.name, isa)
 
 
 def test_q5_1_sums_as_llama_cpp_avx2():

@@ -24,8 +24,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _half, _halves_to_float, _i8, _i16, _i32, _lanes_unsigned, _load, _mask, _prefetch,
-                    _scaled_lanes, _splat, _state_loop, _vec)
+from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _half, _halves_to_float, _i8, _i16, _i32,
+                    _load, _mask, _pairs_us, _prefetch, _scaled_lanes, _scaled_pairs_acc, _splat, _state_loop, _vec)
 from . import kbatch
 from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4
 from .rounding import read_f16_pair
@@ -119,110 +119,148 @@ def _row_sums8(builder, lanes):
 
 
 
-def _halves8(builder, rows, offset):
-    """The half float at `offset` of 8 blocks (one per row pointer) as a float32 vector."""
-    bits = ir.Constant(_vec(_i16, 8), ir.Undefined)
-    for k, row in enumerate(rows):
-        bits = builder.insert_element(bits, _load(builder, row, _i16, offset), ir.Constant(_i32, k))
-    return _halves_to_float(builder, bits)
+# ggml's unpacking of the 12-byte scales field (the utmp words of ggml_vec_dot_q4_K_q8_K)
+_KMASK1, _KMASK2, _KMASK3 = 0x3F3F3F3F, 0x0F0F0F0F, 0x03030303
 
 
+def scales_mins_vec(builder, blk):
+    """The block's 8 scales (bytes 0-7) and 8 mins (bytes 8-15) as one <4 x i32>, from the
+    scales field at blk + 4 with a few vector steps (ggml's kmask unpacking, the same values as
+    scale_min_k4): words [sc0-3, sc4-7, m0-3, m4-7]."""
+    v4 = _vec(_i32, 4)
+    u = _load(builder, blk, v4, 4)  # words u0, u1, u2 of the field (and 4 bytes of qs, unused)
 
-def _q4_k_rows8(n_t, prefetch):
-    """The typer of an intrinsic (w, r0, xq, xd, t0, out, isa) writing Q4_K rows r0..r0+7 times
-    tokens t0..t0+n_t-1 (xq int8 [T, K], xd float32 [T, K/32]) into out[t0:t0+n_t, r0:r0+8]:
-    per 256-value block the exact integer sums isum = sum_g scale_g * dot_g and
+    def c(values):
+        return ir.Constant(v4, values)
+
+    # low 6 bits of sc0-3 / m0-3; low 4 bits of sc4-7 / m4-7 from u2's nibbles
+    low = builder.and_(builder.lshr(builder.shuffle_vector(u, u, _mask([0, 2, 1, 2])), c([0, 0, 0, 4])),
+                       c([_KMASK1, _KMASK2, _KMASK1, _KMASK2]))
+    # the top 2 bits of sc4-7 / m4-7: bits 6-7 of u0's / u1's bytes
+    top = builder.shl(builder.and_(builder.lshr(builder.shuffle_vector(u, u, _mask([0, 0, 1, 1])), c([6] * 4)),
+                                   c([0, _KMASK3, 0, _KMASK3])), c([4] * 4))
+    return builder.or_(low, top)
+
+
+def scale_words(builder, sm):
+    """scales_mins_vec's 8 scales as int16 words, in both 128-bit halves (<32 x i8>) for
+    broadcast_word."""
+    return builder.shuffle_vector(builder.bitcast(sm, _vec(_i8, 16)), ir.Constant(_vec(_i8, 16), [0] * 16), _mask(
+        [i // 2 if i % 2 == 0 else 16 for i in range(16)] * 2))
+
+
+def broadcast_word(builder, words, index):
+    """<16 x i16> whose every word is word `index` of each 128-bit half of `words` (<32 x i8>,
+    the same 8 words in both halves): one in-lane vpshufb (ggml's get_scale_shuffle_k4)."""
+    return builder.bitcast(builder.shuffle_vector(words, words, _mask([2 * index, 2 * index + 1] * 8 + [16 + 2 * index, 17 + 2 * index] * 8)),
+                           _vec(_i16, 16))
+
+
+def _q4_k_rows8():
+    """The typer of an intrinsic (w, r0, xq, xd, bsp, out, isa) writing Q4_K rows r0..r0+7 times
+    one token (xq int8 [K], xd float32 [K/32], bsp = bsum_pairs(xq)) into out[r0:r0+8]: per
+    256-value block the exact integer sums isum = sum_g scale_g * dot_g and
     imin = sum_g min_g * (sum of 32-group g's activations), acc = fma(isum, d*dx, acc),
     accm = fma(imin, dmin*dx, accm); result acc - accm (ggml_gemv_q4_K_8x8_q8_K, the order
-    llama.cpp multiplies one token by; every token of a batch too here: its gemm's order for a
-    batch's tokens in fours would make a token's floats depend on its place in the batch)."""
+    llama.cpp multiplies one token by).
+    Per row and group: vpmaddubsw (quants x activations, int16 pairs), then the pairs times the
+    group's scale summed into the row's 8 int32 lanes (vpdpwssd with VNNI, else vpmaddwd and an
+    add); the scales and mins unpacked by vector steps (scales_mins_vec), the mins of the 8
+    rows multiplied with the activation sums by 4 vpmaddwd. The integers are exact, so any
+    grouping of them gives the same isum and imin."""
 
-    def typer(typingctx, w, r0, xq, xd, t0, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
+    def typer(typingctx, w, r0, xq, xd, bsp, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, bsp, out)):
             return None
-        if xq.ndim != 2 or xd.ndim != 2 or out.ndim != 2:
+        if w.ndim != 2 or xq.ndim != 1 or xd.ndim != 1 or bsp.ndim != 1 or out.ndim != 1:
             return None
-        return types.none(w, r0, xq, xd, t0, out, isa), codegen
+        return types.none(w, r0, xq, xd, bsp, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, _, outt = signature.args[:-1]
+        wt, _, xqt, xdt, bpt, outt = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
         row_bytes = builder.extract_value(warr.shape, 1)
         stride = builder.extract_value(warr.strides, 0)
-        r0, t0 = args[1], args[4]
+        r0 = args[1]
         rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
-        xarr = context.make_array(xqt)(context, builder, args[2])
-        darr = context.make_array(xdt)(context, builder, args[3])
+        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
+        yd = context.make_array(xdt)(context, builder, args[3]).data
+        bp = builder.bitcast(context.make_array(bpt)(context, builder, args[4]).data, _i32.as_pointer())
         oarr = context.make_array(outt)(context, builder, args[5])
-        k_vals = builder.extract_value(xarr.shape, 1)
-        n_scales = builder.extract_value(darr.shape, 1)
-        n_out = builder.extract_value(oarr.shape, 1)
-        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
-        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
-        yd = [builder.gep(darr.data, [builder.mul(tk, n_scales)]) for tk in toks]
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
-        ones8 = ir.Constant(_vec(_i8, 32), [1] * 32)
         v32 = _vec(_i8, 32)
+        v16 = _vec(_i16, 16)
+        i32x8 = _vec(_i32, 8)
         f32x8 = _vec(_f32, 8)
-
-        def rows_vector(values):  # 8 i32 scalars (one per row) -> <8 x i32>
-            vec = ir.Constant(_vec(_i32, 8), ir.Undefined)
-            for k, v in enumerate(values):
-                vec = builder.insert_element(vec, v, ir.Constant(_i32, k))
-            return vec
-
-        def add_all(vals):
-            return vals[0] if len(vals) == 1 else builder.add(add_all(vals[:-1]), vals[-1])
+        low_mask, high_shift = ir.Constant(v32, [15] * 32), ir.Constant(v32, [4] * 32)
+        bytes_mask = ir.Constant(i32x8, [0x00FF00FF] * 8)
 
         def block(b, state):
             o = builder.mul(b, ir.Constant(b.type, BLOCK_BYTES))
-            if prefetch:
-                for row in rows:
-                    _prefetch(builder, row, o, BLOCK_BYTES)
+            for row in rows:
+                _prefetch(builder, row, o, BLOCK_BYTES)
             blks = [builder.gep(row, [o]) for row in rows]
-            pairs = [scales_mins_ir(builder, blk) for blk in blks]
-            nibbles = []  # [row][chunk]: (low, high) nibbles of the chunk's 32 bytes
+            y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, 256))])
+            qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
+            row_lanes, mins_lo, mins_hi, dd = [], [], [], []
             for blk in blks:
-                nib = []
+                sm = scales_mins_vec(builder, blk)
+                mins_lo.append(builder.extract_element(sm, ir.Constant(_i32, 2)))
+                mins_hi.append(builder.extract_element(sm, ir.Constant(_i32, 3)))
+                dd.append(_load(builder, blk, _i32, 0))  # d | dmin << 16
+                sc_words = scale_words(builder, sm)
+                lanes = None
                 for c in range(4):
                     qs = _load(builder, blk, v32, 16 + 32 * c)
-                    nib.append((builder.and_(qs, ir.Constant(v32, [15] * 32)), builder.lshr(qs, ir.Constant(v32, [4] * 32))))
-                nibbles.append(nib)
-            dh = _halves8(builder, blks, 0)
-            dminh = _halves8(builder, blks, 2)
-            new = []
-            for t in range(n_t):
-                y = builder.gep(yq[t], [builder.mul(b, ir.Constant(b.type, 256))])
-                qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
-                bsum_vec = _row_sums8(builder, [_lanes_unsigned(builder, ones8, q) for q in qy])  # per 32-group
-                bsum = [builder.extract_element(bsum_vec, ir.Constant(_i32, g)) for g in range(8)]
-                row_lanes, row_mins = [], []
-                for k in range(8):
-                    pk, nk = pairs[k], nibbles[k]
-                    lanes = [builder.add(_scaled_lanes(builder, nk[c][0], qy[2 * c], pk[2 * c][0], pk[2 * c][0], 0),
-                                         _scaled_lanes(builder, nk[c][1], qy[2 * c + 1], pk[2 * c + 1][0], pk[2 * c + 1][0], 0))
-                             for c in range(4)]
-                    mins = [builder.add(builder.mul(pk[2 * c][1], bsum[2 * c]), builder.mul(pk[2 * c + 1][1], bsum[2 * c + 1]))
-                            for c in range(4)]
-                    row_lanes.append(add_all(lanes))
-                    row_mins.append(add_all(mins))
-                dx = _splat(builder, builder.load(builder.gep(yd[t], [builder.mul(b, ir.Constant(b.type, 8))])), 8)
-                isums = builder.sitofp(_row_sums8(builder, row_lanes), f32x8)
-                imins = builder.sitofp(rows_vector(row_mins), f32x8)
-                new.append(_fma(builder, isums, builder.fmul(dh, dx), state[2 * t]))
-                new.append(_fma(builder, imins, builder.fmul(dminh, dx), state[2 * t + 1]))
-            return new
+                    for g, q in ((2 * c, builder.and_(qs, low_mask)), (2 * c + 1, builder.lshr(qs, high_shift))):
+                        lanes = _scaled_pairs_acc(builder, lanes, _pairs_us(builder, q, qy[g]), broadcast_word(builder, sc_words, g))
+                row_lanes.append(lanes)
+            isums = builder.sitofp(_row_sums8(builder, row_lanes), f32x8)
+            imin = None  # the 8 rows' mins (2 per int32 lane as words) times the sums' pairs
+            for p, (mins, shift) in enumerate(((mins_lo, 0), (mins_lo, 8), (mins_hi, 0), (mins_hi, 8))):
+                m = kbatch.gather8(builder, mins, _i32)
+                words = builder.and_(builder.lshr(m, ir.Constant(i32x8, [shift] * 8)) if shift else m, bytes_mask)
+                pair = _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(b.type, 4)), ir.Constant(b.type, p))])), 8)
+                part = kbatch.madd_pairs(builder, builder.bitcast(words, v16), builder.bitcast(pair, v16))
+                imin = part if imin is None else builder.add(imin, part)
+            halves = builder.bitcast(kbatch.gather8(builder, dd, _i32), v16)
+            dh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(0, 16, 2))))
+            dminh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(1, 16, 2))))
+            dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(b.type, 8))])), 8)
+            return [_fma(builder, isums, builder.fmul(dh, dx), state[0]),
+                    _fma(builder, builder.sitofp(imin, f32x8), builder.fmul(dminh, dx), state[1])]
 
-        state = _state_loop(builder, n_blocks, [_ZERO8] * (2 * n_t), block)
-        for t in range(n_t):
-            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r0)])
-            builder.store(builder.fsub(state[2 * t], state[2 * t + 1]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
+        state = _state_loop(builder, n_blocks, [_ZERO8] * 2, block)
+        dst = builder.gep(oarr.data, [r0])
+        builder.store(builder.fsub(state[0], state[1]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return isa_typer(typer)
 
 
-dot8 = intrinsic(_q4_k_rows8(1, True))  # one token, prefetching 8 KiB ahead
+dot8 = intrinsic(_q4_k_rows8())  # prefetching 8 KiB ahead: the weights stream from DRAM
+
+
+# (inlined: a call from the parallel matvec to a function of its own made numba's cached matvec
+# crash when loaded before that function)
+@njit(cache=True, inline="always")
+def bsum_pairs(xq):
+    """dot8's activation sums: per 256-value block, the int16 sums s0..s7 of its 32-groups as 4
+    words pairs [s0 | s2, s1 | s3, s4 | s6, s5 | s7] (|s| <= 32 * 128), the pairs vpmaddwd
+    multiplies with the words of mins 0-3 and 4-7."""
+    nb = xq.shape[0] // 256
+    bsp = np.empty(nb * 4, np.uint32)
+    s = np.empty(8, np.int64)
+    for b in range(nb):
+        for g in range(8):
+            t = 0
+            for j in range(32):
+                t += np.int64(xq[256 * b + 32 * g + j])
+            s[g] = t & 0xFFFF
+        for p in range(4):
+            lo = 4 * (p // 2) + p % 2
+            bsp[4 * b + p] = np.uint32(s[lo] | (s[lo + 2] << 16))
+    return bsp
 
 
 def _batch_body(builder, blk, ys, dx, bsp, state):
@@ -282,11 +320,9 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
     accm = fma(imin, dmin*dx, accm) over blocks, result acc - accm."""
     n_rows, nb = w.shape[0], xd.shape[0] // 8
     n8 = n_rows // 8
-    xq2 = xq.reshape((1, xq.shape[0]))
-    xd2 = xd.reshape((1, xd.shape[0]))
-    out2 = out.reshape((1, n_rows))
+    bsp = bsum_pairs(xq)
     for g in prange(n8):  # 8 rows at a time in vector IR, as ggml's kernels
-        dot8(w, 8 * g, xq2, xd2, 0, out2, ctx.isa)
+        dot8(w, 8 * g, xq, xd, bsp, out, ctx.isa)
     bsum = np.zeros(nb * 8, np.int32)
     for g in range(nb * 8):
         for j in range(32):

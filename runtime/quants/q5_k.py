@@ -27,10 +27,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i32, _lane_accumulate, _load, _prefetch, _vec
+from .simd import isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _vec
 from . import kbatch
 from .ksearch import f32, quantize_scales_mins_k4, scales_mins_k4
-from .q4_k import scales_mins_ir
+from .q4_k import broadcast_word, scale_words, scales_mins_ir, scales_mins_vec
 from .rounding import read_f16_pair
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]
@@ -87,30 +87,39 @@ def quantize_row(xr, row):
 # --- products: ggml_vec_dot_q5_K_q8_K's arithmetic in LLVM vector IR (runtime.quants.simd's helpers) ---
 
 def _block(builder, blk, n_t, yq, bsums, yd, b, state):
-    """One 256-value block of a row against n_t tokens: state [acc, summs] per token."""
+    """One 256-value block of a row against n_t tokens: state [acc, summs] per token. The scales
+    and mins unpacked by vector steps (q4_k.scales_mins_vec), each group's scale broadcast by one
+    vpshufb, the scaled pairs summed into the 8 lanes by vpdpwssd (VNNI) or vpmaddwd: the same
+    exact lanes as ggml's vpmaddubsw / vpmaddwd / vpaddd; imin by one vpmaddwd of the mins with
+    the groups' activation sums (bsums: int16 words)."""
     v32 = _vec(_i8, 32)
-    pairs = scales_mins_ir(builder, blk)  # the scales field is Q4_K's: (sc, m) per sub-block
+    sm = scales_mins_vec(builder, blk)
+    sc_words = scale_words(builder, sm)
     qh = _load(builder, blk, v32, 16)
     quants = []  # value 64c + l (l < 32): low nibble of qs[32c + l] | bit 2c of qh[l] << 4; +32: high nibble, bit 2c + 1
+    sixteen = ir.Constant(v32, [16] * 32)
     for c in range(4):
         qs = _load(builder, blk, v32, 48 + 32 * c)
         for h in range(2):
             low = builder.and_(qs, ir.Constant(v32, [15] * 32)) if h == 0 else builder.lshr(qs, ir.Constant(v32, [4] * 32))
-            fifth = builder.and_(builder.lshr(qh, ir.Constant(v32, [2 * c + h] * 32)), ir.Constant(v32, [1] * 32))
-            quants.append(builder.or_(low, builder.shl(fifth, ir.Constant(v32, [4] * 32))))
+            bit = 2 * c + h  # moved to bit 4 of its byte, the rest masked off
+            moved = (builder.shl(qh, ir.Constant(v32, [4 - bit] * 32)) if bit < 4 else
+                     builder.lshr(qh, ir.Constant(v32, [bit - 4] * 32)) if bit > 4 else qh)
+            quants.append(builder.or_(low, builder.and_(moved, sixteen)))
+    mins = builder.shuffle_vector(builder.bitcast(sm, _vec(_i8, 16)), ir.Constant(_vec(_i8, 16), [0] * 16),
+                                  _mask([8 + i // 2 if i % 2 == 0 else 16 for i in range(16)]))  # 8 words
     dh, dminh = _half(builder, blk, 0), _half(builder, blk, 2)
+    v8w, v4 = _vec(_i16, 8), _vec(_i32, 4)
     new = []
     for t in range(n_t):
         y = builder.gep(yq[t], [builder.mul(b, ir.Constant(b.type, 256))])
         lanes = None
         for g in range(8):
-            part = simd._scaled_lanes(builder, quants[g], _load(builder, y, v32, 32 * g), pairs[g][0], pairs[g][0], 0)
-            lanes = part if lanes is None else builder.add(lanes, part)
-        bs = builder.gep(bsums[t], [builder.mul(b, ir.Constant(b.type, 8))])
-        imin = None
-        for g in range(8):
-            term = builder.mul(pairs[g][1], builder.load(builder.gep(bs, [ir.Constant(_i32, g)])))
-            imin = term if imin is None else builder.add(imin, term)
+            lanes = simd._scaled_pairs_acc(builder, lanes, simd._pairs_us(builder, quants[g], _load(builder, y, v32, 32 * g)),
+                                           broadcast_word(builder, sc_words, g))
+        bs = _load(builder, builder.bitcast(bsums[t], _i8.as_pointer()), v8w, builder.mul(b, ir.Constant(b.type, 16)))
+        prods = builder.mul(builder.sext(builder.bitcast(mins, v8w), _vec(_i32, 8)), builder.sext(bs, _vec(_i32, 8)))
+        imin = builder.call(simd._fn(builder, "llvm.vector.reduce.add.v8i32", _i32, [prods.type]), [prods])
         dx = builder.load(builder.gep(yd[t], [builder.mul(b, ir.Constant(b.type, 8))]))
         acc = _lane_accumulate(builder, builder.fmul(dx, dh), lanes, state[2 * t])
         dmin = builder.fmul(builder.fsub(ir.Constant(_f32, -0.0), dx), dminh)  # ggml: -y.d * dmin
@@ -121,7 +130,7 @@ def _block(builder, blk, n_t, yq, bsums, yd, b, state):
 def _rows_typer(n_t, prefetch):
     """The typer of an intrinsic (w, r, xq, xd, bsum, t0, out, isa): Q5_K row r times tokens
     t0..t0+n_t-1 (xq int8 [T, K], xd float32 [T, K/32] the Q8_K scale of each 32 values, bsum
-    int32 [T, K/32] each 32 values' sum) into out[t0:t0+n_t, r] (float32 [T, rows]); the row's
+    int16 [T, K/32] each 32 values' sum) into out[t0:t0+n_t, r] (float32 [T, rows]); the row's
     blocks unpacked once for the n_t tokens, each token's floats those of the one-token kernel."""
 
     def typer(typingctx, w, r, xq, xd, bsum, t0, out, isa):
@@ -226,12 +235,12 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
     """One token (xq [K], xd [K/32], out [rows]): ggml_vec_dot_q5_K_q8_K per row, matmat's
     floats for a batch of one."""
     k = xq.shape[0]
-    bsum = np.empty((1, k // 32), np.int32)
+    bsum = np.empty((1, k // 32), np.int16)  # |sum of 32 int8| <= 4096
     for g in range(k // 32):
         s = np.int32(0)
         for j in range(32):
             s += np.int32(xq[32 * g + j])
-        bsum[0, g] = s
+        bsum[0, g] = np.int16(s)
     xq2 = xq.reshape((1, k))
     xd2 = xd.reshape((1, xd.shape[0]))
     out2 = out.reshape((1, out.shape[0]))

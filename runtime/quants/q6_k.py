@@ -17,7 +17,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 
-from .simd import _ZERO8, _f32, _half, _hsum8, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _scaled_lanes, _vec, row_kernels
+from . import simd
+from .simd import _ZERO8, _f32, _half, _hsum8, _i16, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _mask, _scaled_lanes, _vec, row_kernels
 from . import kbatch
 from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, signed_absmax
 from .rounding import nearest_int, read_f16, write_f16
@@ -97,9 +98,12 @@ def _dot_body(builder, blk, y, scales, state):
     0-31 and 32-63 in the low nibbles, 64-95 and 96-127 in the high ones), 2 high bits from qh
     (bits 2k of byte l for values l + 32k), scale scales[v / 16]."""
     v32 = _vec(_i8, 32)
+    v16 = _vec(_i16, 16)
     m4 = ir.Constant(v32, [15] * 32)
     m2 = ir.Constant(v32, [3] * 32)
-    sc = [builder.sext(_load(builder, blk, _i8, 192 + i), _i32) for i in range(16)]
+    # the 16 scales as int16 words (one vpmovsxbw); a group's pair of scales, the first on words
+    # 0-7 (its values 0-15: lanes 0-3), the second on words 8-15, by one shuffle
+    sc = builder.sext(_load(builder, blk, _vec(_i8, 16), 192), v16)
     lanes = None
     for j in range(2):
         bits1 = _load(builder, blk, v32, 64 * j)
@@ -111,8 +115,11 @@ def _dot_body(builder, blk, y, scales, state):
             high = builder.and_(builder.lshr(bits_h, ir.Constant(v32, [2 * k] * 32)), m2)
             q = builder.or_(low[k], builder.shl(high, ir.Constant(v32, [4] * 32)))
             qy = _load(builder, y, v32, 128 * j + 32 * k)
-            part = _scaled_lanes(builder, q, qy, sc[8 * j + 2 * k], sc[8 * j + 2 * k + 1], 32)
-            lanes = part if lanes is None else builder.add(lanes, part)
+            # (q - 32) * y in int16 pairs: vpmaddubsw(q, y) - vpmaddubsw(32, y), exact (ggml's)
+            pairs = builder.sub(simd._pairs_us(builder, q, qy), simd._pairs_us(builder, ir.Constant(v32, [32] * 32), qy))
+            g = 8 * j + 2 * k
+            pair_scales = builder.shuffle_vector(sc, sc, _mask([g] * 8 + [g + 1] * 8))
+            lanes = simd._scaled_pairs_acc(builder, lanes, pairs, pair_scales)
     d = builder.fmul(scales[0], _half(builder, blk, 208))  # ggml: y.d * x.d
     return [_lane_accumulate(builder, d, lanes, state[0])]
 

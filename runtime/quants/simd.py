@@ -238,6 +238,35 @@ def _dpbusd(builder, acc, qx, qy):
     return builder.call(fn, [acc, builder.bitcast(qx, vi), builder.bitcast(qy, vi)])
 
 
+def _pairs_us(builder, q, y):
+    """<32 x i8> q (unsigned, each < 128) times y (signed) -> <16 x i16>, word i = q[2i]*y[2i] +
+    q[2i+1]*y[2i+1] (vpmaddubsw; exact, as |sum| <= 2*127*128 does not saturate)."""
+    v16 = _vec(_i16, 16)
+    if _avx2():
+        return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [q.type, y.type]), [q, y])
+    prod = builder.mul(builder.zext(q, _vec(_i16, 32)), builder.sext(y, _vec(_i16, 32)))
+    return builder.add(builder.shuffle_vector(prod, prod, _mask(range(0, 32, 2))),
+                       builder.shuffle_vector(prod, prod, _mask(range(1, 32, 2))))
+
+
+def _scaled_pairs_acc(builder, acc, pairs, scales):
+    """acc (<8 x i32>, or None: zero) + lane l = pairs[2l]*scales[2l] + pairs[2l+1]*scales[2l+1]
+    (<16 x i16> each; exact): vpdpwssd with VNNI (one instruction for vpmaddwd and the add),
+    vpmaddwd and vpaddd with AVX2."""
+    v16, v8 = _vec(_i16, 16), _vec(_i32, 8)
+    if _vnni() and acc is not None:
+        fn = _fn(builder, "llvm.x86.avx512.vpdpwssd.256", v8, [v8, v8, v8])
+        return builder.call(fn, [acc, builder.bitcast(pairs, v8), builder.bitcast(scales, v8)])
+    if _avx2():
+        part = builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", v8, [v16, v16]), [pairs, scales])
+    else:
+        v32 = _vec(_i32, 16)
+        prod = builder.mul(builder.sext(pairs, v32), builder.sext(scales, v32))
+        part = builder.add(builder.shuffle_vector(prod, prod, _mask(range(0, 16, 2))),
+                           builder.shuffle_vector(prod, prod, _mask(range(1, 16, 2))))
+    return part if acc is None else builder.add(acc, part)
+
+
 def _lanes_unsigned(builder, qx, qy):
     """8 int32 lanes, lane l = sum of qx[4l+k]*qy[4l+k] (k < 4), qx unsigned bytes, qy signed:
     ggml's mul_sum_us8_pairs (vpmaddubsw, then vpmaddwd against ones; one vpdpbusd with VNNI)."""
