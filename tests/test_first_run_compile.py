@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 import time
 
@@ -126,7 +127,10 @@ async def test_the_chat_says_what_the_wait_is(tmp_path, monkeypatch):
         notice = app.chat_screen.query_one("#engine-notice")
         await wait_for(pilot, lambda: notice.display)
         shown = str(notice.render())
-        assert "Compiling the engine for this CPU, once" in shown and "0 kernels done, 2 s so far" in shown, shown
+        # the seconds counted from the compile's start (2 s back): 2, or more when a loaded
+        # machine is slow to draw the notice (3 s seen with a benchmark beside the suite)
+        seconds = re.search(r"0 kernels done, (\d+) s so far", shown)
+        assert "Compiling the engine for this CPU, once" in shown and seconds and 2 <= int(seconds[1]) < 30, shown
         assert "preparing the engine" in app.status_text()
         release.set()
         await ready(pilot, app)
