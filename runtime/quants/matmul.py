@@ -30,12 +30,12 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 from numba import njit, prange, types
 from numba.core.imputils import impl_ret_borrowed
-from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
+from numba.extending import intrinsic, overload
 
 from . import KERNELS, TRAITS, read_only_view
 from .plain import round_rows_to_half
 from .rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
-from .simd import HOST_ISA, Isa, host_isas
+from .simd import HOST_ISA, Isa, host_isas, register_constant_type
 from .traits import ACT_BF16, ACT_F16, ACT_F32, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K  # noqa: F401 - re-exported
 
 SUPPORTED_TYPES = frozenset(TRAITS)
@@ -72,17 +72,7 @@ class KernelSetType(types.Dummy):
         super().__init__(name=f"KernelSet{numbers}")
 
 
-@typeof_impl.register(KernelSet)
-def _typeof_kernel_set(val, c):
-    return KernelSetType(val.numbers)
-
-
-register_model(KernelSetType)(models.OpaqueModel)
-
-
-@unbox(KernelSetType)
-def _unbox_kernel_set(typ, obj, c):
-    return NativeValue(c.context.get_dummy_value())
+register_constant_type(KernelSet, KernelSetType)
 
 
 class KernelContext(NamedTuple):

@@ -72,22 +72,17 @@ class IsaType(types.Dummy):
         super().__init__(name=f"Isa({name})")
 
 
-@typeof_impl.register(Isa)
-def _typeof_isa(val, c):
-    return IsaType(val.name)
+def register_constant_type(cls, numba_type) -> None:
+    """Make instances of cls (each carrying its numba type, a types.Dummy subclass numba_type,
+    in `_numba_type_`) values numba passes as arguments or reads from globals: their type
+    is all a kernel needs of them (an Isa, a KernelSet, a FormatKernels), so they hold no data."""
+    typeof_impl.register(cls)(lambda val, c: val._numba_type_)
+    register_model(numba_type)(models.OpaqueModel)
+    unbox(numba_type)(lambda typ, obj, c: NativeValue(c.context.get_dummy_value()))
+    lower_constant(numba_type)(lambda context, builder, ty, pyval: context.get_dummy_value())
 
 
-register_model(IsaType)(models.OpaqueModel)
-
-
-@unbox(IsaType)
-def _unbox_isa(typ, obj, c):
-    return NativeValue(c.context.get_dummy_value())
-
-
-@lower_constant(IsaType)
-def _constant_isa(context, builder, ty, pyval):  # an Isa held in a global
-    return context.get_dummy_value()
+register_constant_type(Isa, IsaType)
 
 
 def host_isas() -> tuple[str, ...]:
@@ -803,22 +798,7 @@ class FormatKernelsType(types.Dummy):
         super().__init__(name=f"FormatKernels({name})")
 
 
-@typeof_impl.register(FormatKernels)
-def _typeof_format_kernels(val, c):
-    return val._numba_type_
-
-
-register_model(FormatKernelsType)(models.OpaqueModel)
-
-
-@unbox(FormatKernelsType)
-def _unbox_format_kernels(typ, obj, c):
-    return NativeValue(c.context.get_dummy_value())
-
-
-@lower_constant(FormatKernelsType)
-def _constant_format_kernels(context, builder, ty, pyval):
-    return context.get_dummy_value()
+register_constant_type(FormatKernels, FormatKernelsType)
 
 
 def _delegate(which, typingctx, fk, args):
