@@ -34,7 +34,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _avx2, _f32, _fn, _i8, _i16, _i32, _load, _mask, _splat, _state_loop, _vec, isa_typer
+from .simd import _f32, _fn, _i8, _i16, _i32, _load, _mask, _scaled_pairs_acc, _splat, _state_loop, _vec, isa_typer
 
 GROUP = 8  # tokens side by side in one vector (a format's body multiplies a block with them)
 GROUPS = 2  # groups per pass over a row: the block unpacked once for all
@@ -68,17 +68,6 @@ def prepare(xq, xd):
     return dx8, bs8
 
 
-def madd_pairs(builder, a, b):
-    """<16 x i16> a, b -> <8 x i32>: a[2l]*b[2l] + a[2l+1]*b[2l+1] (vpmaddwd; exact)."""
-    v16 = _vec(_i16, 16)
-    if _avx2():
-        return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", _vec(_i32, 8), [v16, v16]), [a, b])
-    v32 = _vec(_i32, 16)
-    prod = builder.mul(builder.sext(a, v32), builder.sext(b, v32))
-    return builder.add(builder.shuffle_vector(prod, prod, _mask(range(0, 16, 2))),
-                       builder.shuffle_vector(prod, prod, _mask(range(1, 16, 2))))
-
-
 def pair_scales(builder, sa, sb):
     """<16 x i16> [sa x4, sb x4, sa x4, sb x4]: the scales of vpackssdw(a, b)'s int16 places
     (a's lanes 0-3, b's 0-3, a's 4-7, b's 4-7), sa and sb i32 values within int16."""
@@ -93,8 +82,7 @@ def scaled_pack_add(builder, acc, scales, a, b):
     within int16, so the pack is exact; `scales` from pair_scales): vpdpwssd (AVX-512 VNNI)."""
     v8, v16 = _vec(_i32, 8), _vec(_i16, 16)
     packed = builder.call(_fn(builder, "llvm.x86.avx2.packssdw", v16, [v8, v8]), [a, b])
-    fn = _fn(builder, "llvm.x86.avx512.vpdpwssd.256", v8, [v8, v8, v8])
-    return builder.call(fn, [acc, builder.bitcast(scales, v8), builder.bitcast(packed, v8)])
+    return _scaled_pairs_acc(builder, acc, packed, scales)
 
 
 def mins_dot(builder, mins, bsp):
@@ -105,8 +93,7 @@ def mins_dot(builder, mins, bsp):
     for p in range(4):
         pair = builder.or_(mins[2 * p], builder.shl(mins[2 * p + 1], ir.Constant(_i32, 16)))
         mp = builder.bitcast(_splat(builder, pair, 8), v16)
-        part = madd_pairs(builder, mp, _load(builder, bsp, v16, 32 * p))
-        total = part if total is None else builder.add(total, part)
+        total = _scaled_pairs_acc(builder, total, mp, _load(builder, bsp, v16, 32 * p))
     return total
 
 
