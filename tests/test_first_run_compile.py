@@ -67,6 +67,20 @@ def test_status_speaks_only_after_a_second():
     assert watch.status() is None
 
 
+def test_a_warm_up_keeps_its_notice_through_any_pause():
+    """A cold start has pauses of plain Python between two kernels; under load one lasted over
+    PAUSE_SECONDS and the notice vanished in the middle of the wait. Inside `holding` (the
+    engine's load and warm-up, the command line's progress line) it stays until the end."""
+    watch = CompileWatch()
+    with watch.holding():
+        watch._started(None)
+        watch._ended()
+        watch.started -= 10.0
+        watch.last -= 10.0  # nothing compiled for 10 s, but the warm-up goes on
+        assert "1 kernel done, 10 s so far" in watch.status()
+    assert watch.status() is None  # the warm-up is over: the same pause ends the notice
+
+
 def test_status_tells_what_is_measured_not_a_guess():
     """The notice said "first run, about 15 s" while a cold start took 45 s on a quiet 2-core
     machine: it now says only what it counts, the kernels and the seconds so far."""

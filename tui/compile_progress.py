@@ -33,6 +33,7 @@ class CompileWatch:
     def __init__(self):
         self._lock = threading.Lock()
         self._installed = False
+        self._holding = 0  # warm-ups in progress (`holding`): their pauses are part of the wait
         self.reset()
 
     def reset(self) -> None:
@@ -107,13 +108,34 @@ class CompileWatch:
 
         return waiting()
 
+    def holding(self):
+        """A context manager for a warm-up (which compiles kernel after kernel, with plain
+        Python between them): while it is open, the notice of a compile that began in it stays
+        up through any pause, until the warm-up ends. Outside one, a pause over PAUSE_SECONDS
+        ends the notice (a kernel compiled in the middle of a reply)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def hold():
+            with self._lock:
+                self._holding += 1
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._holding -= 1
+
+        return hold()
+
     def status(self, compact: bool = False) -> str | None:
         """A sentence for the user while compiling has gone on for over a second, else None
         (compact: short enough for one 80-column line after "llamachat: ")."""
         with self._lock:
             now = time.monotonic()
-            # between two kernels nothing compiles for a moment: still the same wait
-            if self.started is None or (self.depth == 0 and now - self.last > PAUSE_SECONDS):
+            # between two kernels nothing compiles for a moment: still the same wait (in a
+            # warm-up, however long the moment: a cold start's pauses reached 1.5 s under load)
+            paused = self.depth == 0 and not self._holding and now - self.last > PAUSE_SECONDS
+            if self.started is None or paused:
                 return None
             # since the first compile of the episode: a cold start has pauses of plain Python
             # between its kernels (seen: over 1.5 s under load), and the user's wait goes on
@@ -146,6 +168,7 @@ class StderrProgress:
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hold = None
         self._shown = False
 
     def __enter__(self):
@@ -155,6 +178,8 @@ class StderrProgress:
             tty = False
         if tty:
             WATCH.install()
+            self._hold = WATCH.holding()  # what runs inside is one wait: the line stays through its pauses
+            self._hold.__enter__()
             self._thread = threading.Thread(target=self._run, name="llamachat-compile-progress", daemon=True)
             self._thread.start()
         return self
@@ -178,6 +203,9 @@ class StderrProgress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
+        if self._hold is not None:
+            self._hold.__exit__(None, None, None)
+            self._hold = None
         self.draw(None)
         return False
 

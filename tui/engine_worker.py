@@ -14,6 +14,7 @@ reaches the user.
 from __future__ import annotations
 
 import atexit
+import contextlib
 
 import threading
 import time
@@ -155,11 +156,13 @@ class Engine:
         raises EngineError/UserError."""
         real = self._factory is None
         factory = self._factory or default_llama_factory()
+        hold = contextlib.nullcontext()
         if real:
             from .compile_progress import WATCH
 
             WATCH.install()
-        with self._lock:
+            hold = WATCH.holding()  # loading and warming up are one wait: its notice stays up
+        with hold, self._lock:
             self._save_state_locked()  # the chat's context, before the model goes
             self.state_key, self._saved_tokens = None, None
             old, self.llm, self.backend = self.backend, None, None  # free the old model (and its KV cache) first
@@ -441,15 +444,16 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
             if helper is not None:
                 atexit.register(helper.close)
                 order = tuple(here) + (1,)
-        for n in order:
-            if n == 1 and helper is not None:
-                warm_sampler(model.config.n_vocab)  # while the helper compiles the one-token kernels
-                with WATCH.elsewhere("the one-token kernels, in a second process"):
-                    helper.wait_for(1, timeout=600)
-            model.eval(ids[:n], logits="last")
-            llm.reset()
-            if n == 1 and helper is None:
-                warm_sampler(model.config.n_vocab)
+        with WATCH.holding():  # the notice stays up between two kernels until the warm-up ends
+            for n in order:
+                if n == 1 and helper is not None:
+                    warm_sampler(model.config.n_vocab)  # while the helper compiles the one-token kernels
+                    with WATCH.elsewhere("the one-token kernels, in a second process"):
+                        helper.wait_for(1, timeout=600)
+                model.eval(ids[:n], logits="last")
+                llm.reset()
+                if n == 1 and helper is None:
+                    warm_sampler(model.config.n_vocab)
         if cold:
             note_warm(llm)  # the next start finds the kernels cached and starts no helper
     except Exception:  # noqa: BLE001 - the first reply meets the same problem and names it
