@@ -148,7 +148,9 @@ def _absmax(xb, n):
     return m1 if m1 > m0 else m0
 
 
-@njit(cache=True, inline="always")
+# Not inline="always": numba's own inlining of this body (into quantize_activations and into the
+# parallel loop of _quantize_activations_rows) made their compile four times longer than LLVM's does.
+@njit(cache=True)
 def _quantize_row(xr, mode, qr, dr, sr, hr):
     """quantize_activations of one token (1-D views of its rows)."""
     k = xr.shape[0]
