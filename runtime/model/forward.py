@@ -525,8 +525,10 @@ class LayerStack(NamedTuple):
 
 @njit(cache=True)
 def _project(mats, types, x, ctx, out):
-    """out[0] = the products of mats (one matrix, or several whose outputs lie side by side)
-    with x[0], x rounded once per activation format."""
+    """out[0] = the products of the first len(types) matrices of mats (one matrix, or several
+    whose outputs lie side by side) with x[0], x rounded once per activation format. mats is
+    always a 3-tuple (callers repeat a matrix to fill it), so this compiles once, not once per
+    tuple length (a second of a cold start each)."""
     n = x.shape[1]
     xq = np.empty((1, n), np.int8)
     xd = np.empty((1, n // 32), np.float32)
@@ -534,7 +536,7 @@ def _project(mats, types, x, ctx, out):
     xhat = np.empty((1, n), np.float32)
     mode = -1
     start = 0
-    for i in range(len(mats)):
+    for i in range(len(types)):
         t = types[i]
         if t < 0:  # covered by a stacked matrix
             continue
@@ -586,15 +588,17 @@ def decode_layer(x, layer, kv, pos, rope, dims, table, isa, kernels):
         kv.k[pos, i] = round_to_f16(k[0, i])
         kv.v[pos, i] = round_to_f16(qkv[0, q_dim + kv_dim + i])
     attend_rows(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, att)  # one token: attend's choice
-    _project(layer.wo, layer.types[1], att, ctx, proj)
+    wo = layer.wo[0]
+    _project((wo, wo, wo), layer.types[1], att, ctx, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]
 
     # feed-forward (SwiGLU)
     _rmsnorm(x, layer.ffn_norm, dims.eps, h)
-    _project(layer.gate_up, layer.types[2], h, ctx, gu)
+    _project((layer.gate_up[0], layer.gate_up[1], layer.gate_up[1]), layer.types[2], h, ctx, gu)
     _silu_mul(gu[0, :n_ff], gu[0, n_ff:], act[0])
-    _project(layer.down, layer.types[3], act, ctx, proj)
+    down = layer.down[0]
+    _project((down, down, down), layer.types[3], act, ctx, proj)
     for i in range(n_embd):
         x[0, i] += proj[0, i]
 
@@ -612,7 +616,7 @@ def decode_all_layers(x, st, kv, pos, rope, dims, table, isa, kernels, logits):
     if st.head.types[0] >= 0:
         xn = np.empty_like(x)
         _rmsnorm(x, st.head.norm, dims.eps, xn)
-        _project((st.head.rows,), st.head.types, xn, KernelContext(table, isa, kernels), logits)
+        _project((st.head.rows, st.head.rows, st.head.rows), st.head.types, xn, KernelContext(table, isa, kernels), logits)
 
 
 def head_stack(weights) -> LayerStack:
