@@ -26,6 +26,19 @@ def test_helper_reports_each_size_as_it_is_ready():
     helper.close()
 
 
+def test_the_helper_waits_for_go_and_close_lets_it_go():
+    """The helper's decode step waits for the caller's go (its stdin closed), so that it reads
+    the kernels the caller compiles first from the cache instead of compiling them too."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys\nsys.stdin.read()\nprint('ready 1', flush=True)"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    helper = compile_ahead.Helper(proc)
+    assert not helper.wait_for(1, timeout=0.5)  # not before the go
+    helper.go()
+    assert helper.wait_for(1, timeout=30)
+    helper.go()  # twice: harmless
+    helper.close()
+
+
 def test_a_helper_that_ends_early_is_not_waited_for():
     helper = _helper("import sys\nprint('loading', flush=True)\nsys.exit(3)")
     start = time.monotonic()
@@ -68,9 +81,13 @@ def test_the_helper_process_evaluates_its_sizes(smollm2_path, capsys):
 
 class _FakeHelper:
     def __init__(self, sizes):
-        self.sizes, self.waited = sizes, []
+        self.sizes, self.waited, self.went = sizes, [], 0
+
+    def go(self):
+        self.went += 1
 
     def wait_for(self, n, timeout=None):
+        assert self.went, "the helper was not let go before it was waited for"
         self.waited.append(n)
         return True
 
@@ -98,6 +115,7 @@ def test_warm_up_leaves_decode_to_the_helper_when_cold(smollm2_path, monkeypatch
     engine_worker.warm_up(llm, sizes)
     assert evaluated == here
     assert started[0].sizes == ahead and started[0].waited == [1]  # waited before its own decode step
+    assert started[0].went == 1  # let go once, after the kernels both processes call were compiled here
     assert noted == [True] and llm.model.n_past == 0
 
 

@@ -8,7 +8,12 @@ does, so threads cannot share the work; processes can, through the cache folder:
 what it compiled there (numba writes its cache files under temporary names and renames them
 into place), and a kernel called for the first time is looked up there before it is compiled.
 The helper loads the same file with the same settings (same kernels, same instruction set),
-evaluates the sizes it was given, says "ready N" on stdout after each, and exits. The caller
+evaluates the sizes it was given, says "ready N" on stdout after each, and exits.
+The kernels both halves call (attention's one-row kernel: the longest compile of the decode chain) are
+compiled by the caller, first; the helper compiles what only decode calls, loads the model, and
+waits for the caller's `go` (its stdin closed) before its decode step, which then reads them from the
+cache. Left to the helper, as before, they put a cold start's critical path on its side (about
+4.6 + 8 s of compiling there against 12 here); left to a race, both processes could compile them. The caller
 waits for the decode half before running it itself (so it reads it from the cache instead of
 compiling it a second time), and leaves the rest (ggml's tiled attention for long prompts) to
 finish in the background; a helper that fails or is killed costs nothing but the wait: the
@@ -70,8 +75,18 @@ class Helper:
             self._cond.wait_for(lambda: n in self._done or self._ended, timeout)
             return n in self._done
 
+    def go(self) -> None:
+        """Let the helper start its decode step: the kernels it shares with this process are in
+        numba's cache (closing its stdin; an end of this process does the same)."""
+        try:
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+
     def close(self) -> None:
         """Stop the helper if it still runs (what it has cached stays cached)."""
+        self.go()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -93,7 +108,7 @@ def start(llm, sizes: tuple[int, ...]) -> Helper | None:
         return None
     cmd = [sys.executable, "-m", "llamachat.tui.compile_ahead", str(path), *(str(n) for n in sizes)]
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True, env=dict(os.environ))
     except OSError:
         return None
@@ -101,17 +116,23 @@ def start(llm, sizes: tuple[int, ...]) -> Helper | None:
 
 
 def main(argv: list[str]) -> int:
-    """The helper: load argv[0], evaluate each size in argv[1:], saying "ready N" after each."""
+    """The helper: load argv[0], evaluate each size in argv[1:], saying "ready N" after each;
+    the first only after stdin ends (the caller's `go`)."""
     path, sizes = argv[0], [int(a) for a in argv[1:]]
     from llamachat.runtime.generation.llama_api import Llama
 
-    from llamachat.runtime.model.forward import compile_shared_kernels
+    from llamachat.runtime.model.forward import compile_decode_kernels
 
-    compile_shared_kernels()  # first: the other process's prompt reaches them some seconds in
     llm = Llama(path, n_ctx=max(sizes) + 8, n_threads=1, verbose=False)
+    model = llm.model
+    compile_decode_kernels(model.weights, getattr(model, "decode_context", None))  # while the caller compiles the shared ones
     from .engine_worker import sample_tokens
 
     ids = sample_tokens(llm, max(sizes))
+    try:
+        sys.stdin.read()  # until the caller's go: the shared kernels are then in the cache
+    except (OSError, ValueError, AttributeError):
+        pass
     for n in sizes:
         llm.reset()
         llm.model.eval(ids[:n], logits="last")

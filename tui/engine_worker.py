@@ -445,6 +445,13 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
                 atexit.register(helper.close)
                 order = tuple(here) + (1,)
         with WATCH.holding():  # the notice stays up between two kernels until the warm-up ends
+            if helper is not None:
+                from llamachat.runtime.model.forward import compile_shared_kernels
+
+                try:
+                    compile_shared_kernels(model.config, model.weights)  # here, first: the helper's decode reads them
+                finally:
+                    helper.go()
             for n in order:
                 if n == 1 and helper is not None:
                     warm_sampler(model.config.n_vocab)  # while the helper compiles the one-token kernels

@@ -668,13 +668,36 @@ def rerotate_keys(cfg, cache, start: int, end: int, delta: int) -> None:
         cache.k[il, start:end] = k.astype(np.float16)
 
 
-def compile_shared_kernels() -> None:
-    """Run once, on tiny arrays, the kernels that prompts and decode of every model share
-    (attention's one-row half, SwiGLU), with the argument types the forward pass gives them, so
-    that they are compiled (or read from numba's cache) now: tui/compile_ahead's helper does this
-    first, and the process compiling the prompt kernels then reads them from the cache."""
+def compile_shared_kernels(cfg, weights) -> None:
+    """Run once, on tiny arrays, the kernels that prompts and decode share (attention's one-row
+    half; the RoPE tables and the embedding rows of this model's format), with the argument
+    types the forward pass gives them, so that they are compiled (or read from numba's cache)
+    now: a cold start's warm-up does this first, then lets tui/compile_ahead's helper, which
+    compiles decode, read them from the cache."""
     q = np.zeros((1, 32), np.float32)
     kv = np.zeros((2, 32), np.float32)
     attend_rows(q, kv, kv, 0, 1, 1, 32, np.empty_like(q))
+    rope_tables(np.array([0]), cfg)
+    embed(cfg, weights, np.array([0]))
+
+
+def compile_decode_kernels(weights=None, ctx=None) -> None:
+    """Like compile_shared_kernels, the kernels only decode calls: SwiGLU of one row and, given
+    a model's weights and decode context, `_project` with each one-token kernel of its layers
+    and output (on the first matrix of each, with the argument types decode_layer gives it, so that its
+    compile then finds them done). tui/compile_ahead's helper runs this while the caller
+    compiles the shared kernels."""
     x = np.zeros(32, np.float32)
     _silu_mul(x, x, np.empty_like(x))
+    if weights is None or ctx is None:
+        return
+    seen = set()
+    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    for w in [*(getattr(layer, n) for layer in weights.layers for n in names), weights.output]:
+        k = w.kernel if w.ggml_type in FUSED_TYPES else -1
+        if k < 0 or k in seen or w.n_in % 32:
+            continue
+        seen.add(k)
+        rows = read_only_view(w.rows)
+        _project((rows, rows, rows), np.array([k], np.int64), np.zeros((1, w.n_in), np.float32), ctx,
+                 np.empty((1, rows.shape[0]), np.float32))

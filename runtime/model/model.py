@@ -343,6 +343,12 @@ class LlamaModel:
             self._decode_ctx = decode_context(st.types + (st.head.types,) + tuple(types for _, _, types in fused))
 
     @property
+    def decode_context(self):
+        """The KernelContext this model decodes with (only its kernels are compiled), or None
+        when it decodes through the batch forward pass."""
+        return self._decode_ctx if self.fused is not None else None
+
+    @property
     def n_past(self) -> int:
         """Tokens in the KV cache (the position the next token gets)."""
         return self.cache.n_past
