@@ -392,6 +392,8 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
     bsp = bsum_pairs(xq)
     for g in prange(n8):  # 8 rows at a time in vector IR, as ggml's kernels
         dot8(w, 8 * g, xq, xd, bsp, out, ctx.isa)
+    if 8 * n8 == n_rows:  # (the usual case: each 32-group's sum below only for the other rows)
+        return
     bsum = np.zeros(nb * 8, np.int32)
     for g in range(nb * 8):
         for j in range(32):
