@@ -131,9 +131,10 @@ def scales_mins_vec(builder, blk):
     return unpack_scales_mins(builder, _load(builder, blk, _vec(_i32, 4), 4))
 
 
-def unpack_scales_mins(builder, u):
-    """scales_mins_vec of the blocks whose scales fields (as loaded from blk + 4, 16 bytes
-    each) lie side by side in u (<4n x i32>): n blocks' [sc0-3, sc4-7, m0-3, m4-7]."""
+def unpack_scales_mins(builder, u, first=0):
+    """scales_mins_vec of the blocks whose scales fields lie side by side in u (<4n x i32>, 16
+    bytes of each block loaded from blk + 4 - 4 * first: the field from word `first` on): n
+    blocks' [sc0-3, sc4-7, m0-3, m4-7]."""
     n = u.type.count // 4
     vn = u.type
 
@@ -141,7 +142,7 @@ def unpack_scales_mins(builder, u):
         return ir.Constant(vn, values * n)
 
     def per_block(words):
-        return _mask([4 * i + w for i in range(n) for w in words])
+        return _mask([4 * i + first + w for i in range(n) for w in words])
 
     # low 6 bits of sc0-3 / m0-3; low 4 bits of sc4-7 / m4-7 from u2's nibbles
     low = builder.and_(builder.lshr(builder.shuffle_vector(u, u, per_block([0, 2, 1, 2])), c([0, 0, 0, 4])),
@@ -261,18 +262,19 @@ def _q4_k_rows8():
             else:
                 qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
             row_lanes = []
-            dd = [_load(builder, blk, _i32, 0) for blk in blks]  # d | dmin << 16
             if wide:  # the scales of 4 rows per 512-bit vector
                 v4 = _vec(_i32, 4)
-                fields = [_load(builder, blk, v4, 4) for blk in blks]
-                pairs = [builder.shuffle_vector(fields[i], fields[i + 1], _mask(range(8))) for i in range(0, 8, 2)]
-                sm4 = [unpack_scales_mins(builder, builder.shuffle_vector(pairs[i], pairs[i + 1], _mask(range(16))))
-                       for i in (0, 2)]
+                heads = [_load(builder, blk, v4, 0) for blk in blks]  # d | dmin << 16, then the scales field
+                pairs = [builder.shuffle_vector(heads[i], heads[i + 1], _mask(range(8))) for i in range(0, 8, 2)]
+                quads = [builder.shuffle_vector(pairs[i], pairs[i + 1], _mask(range(16))) for i in (0, 2)]
+                sm4 = [unpack_scales_mins(builder, quad, first=1) for quad in quads]
+                dd8 = builder.shuffle_vector(quads[0], quads[1], _mask(range(0, 32, 4)))
                 for k, blk in enumerate(blks):
                     row_lanes.append(_wide_row_lanes(builder, blk, sm4[k // 4], 16 * (k % 4), qy))
                 # word 2 (mins 0-3) and 3 (mins 4-7) of each row
                 mins8 = [builder.shuffle_vector(sm4[0], sm4[1], _mask([4 * k + w for k in range(8)])) for w in (2, 3)]
             else:
+                dd8 = kbatch.gather8(builder, [_load(builder, blk, _i32, 0) for blk in blks], _i32)  # d | dmin << 16
                 mins_lo, mins_hi = [], []
                 for blk in blks:
                     sm = scales_mins_vec(builder, blk)
@@ -292,7 +294,7 @@ def _q4_k_rows8():
                 words = builder.and_(builder.lshr(m, ir.Constant(i32x8, [shift] * 8)) if shift else m, bytes_mask)
                 pair = _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(b.type, 4)), ir.Constant(b.type, p))])), 8)
                 imin = _scaled_pairs_acc(builder, imin, builder.bitcast(words, v16), builder.bitcast(pair, v16))
-            halves = builder.bitcast(kbatch.gather8(builder, dd, _i32), v16)
+            halves = builder.bitcast(dd8, v16)
             dh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(0, 16, 2))))
             dminh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(1, 16, 2))))
             dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(b.type, 8))])), 8)
