@@ -127,17 +127,28 @@ def scales_mins_vec(builder, blk):
     """The block's 8 scales (bytes 0-7) and 8 mins (bytes 8-15) as one <4 x i32>, from the
     scales field at blk + 4 with a few vector steps (ggml's kmask unpacking, the same values as
     scale_min_k4): words [sc0-3, sc4-7, m0-3, m4-7]."""
-    v4 = _vec(_i32, 4)
-    u = _load(builder, blk, v4, 4)  # words u0, u1, u2 of the field (and 4 bytes of qs, unused)
+    # words u0, u1, u2 of the field (and 4 bytes of qs, unused)
+    return unpack_scales_mins(builder, _load(builder, blk, _vec(_i32, 4), 4))
+
+
+def unpack_scales_mins(builder, u, first=0):
+    """scales_mins_vec of the blocks whose scales fields lie side by side in u (<4n x i32>, 16
+    bytes of each block loaded from blk + 4 - 4 * first: the field from word `first` on): n
+    blocks' [sc0-3, sc4-7, m0-3, m4-7]."""
+    n = u.type.count // 4
+    vn = u.type
 
     def c(values):
-        return ir.Constant(v4, values)
+        return ir.Constant(vn, values * n)
+
+    def per_block(words):
+        return _mask([4 * i + first + w for i in range(n) for w in words])
 
     # low 6 bits of sc0-3 / m0-3; low 4 bits of sc4-7 / m4-7 from u2's nibbles
-    low = builder.and_(builder.lshr(builder.shuffle_vector(u, u, _mask([0, 2, 1, 2])), c([0, 0, 0, 4])),
+    low = builder.and_(builder.lshr(builder.shuffle_vector(u, u, per_block([0, 2, 1, 2])), c([0, 0, 0, 4])),
                        c([_KMASK1, _KMASK2, _KMASK1, _KMASK2]))
     # the top 2 bits of sc4-7 / m4-7: bits 6-7 of u0's / u1's bytes
-    top = builder.shl(builder.and_(builder.lshr(builder.shuffle_vector(u, u, _mask([0, 0, 1, 1])), c([6] * 4)),
+    top = builder.shl(builder.and_(builder.lshr(builder.shuffle_vector(u, u, per_block([0, 0, 1, 1])), c([6] * 4)),
                                    c([0, _KMASK3, 0, _KMASK3])), c([4] * 4))
     return builder.or_(low, top)
 
@@ -154,6 +165,50 @@ def broadcast_word(builder, words, index):
     the same 8 words in both halves): one in-lane vpshufb (ggml's get_scale_shuffle_k4)."""
     return builder.bitcast(builder.shuffle_vector(words, words, _mask([2 * index, 2 * index + 1] * 8 + [16 + 2 * index, 17 + 2 * index] * 8)),
                            _vec(_i16, 16))
+
+
+def _wide_activations(builder, y):
+    """The block's 256 activations at y as 4 <64 x i8>, sub-blocks [0 | 2], [1 | 3], [4 | 6],
+    [5 | 7]: the places of the low and high nibbles of qs's 64-byte halves (_wide_row_lanes)."""
+    v64 = _vec(_i8, 64)
+    halves = [_load(builder, y, v64, 64 * h) for h in range(4)]
+    out = []
+    for a, b in ((halves[0], halves[1]), (halves[2], halves[3])):
+        out.append(builder.shuffle_vector(a, b, _mask(list(range(32)) + list(range(64, 96)))))
+        out.append(builder.shuffle_vector(a, b, _mask(list(range(32, 64)) + list(range(96, 128)))))
+    return out
+
+
+def _wide_row_lanes(builder, blk, sm, first, qy):
+    """One row's block (at blk, its 8 scales at bytes first..first+7 of sm) times the
+    activations qy (_wide_activations) on 512-bit vectors: the
+    exact integer sum_g scale_g * dot_g spread over 8 int32 lanes. Per 128 values one 64-byte
+    load of qs, its low and high nibbles times the activations by two vpdpbusd (4-product
+    sums, |.| <= 4 * 15 * 128: exact in int16), vpackssdw packs them (per 128-bit lane: 4 sums
+    of an even sub-block, then 4 of the odd one) and one vpdpwssd multiplies them with their
+    sub-blocks' scales (ik_llama.cpp's AVX-512 Q4_K sums)."""
+    v64, v16x32, i32x16 = _vec(_i8, 64), _vec(_i16, 32), _vec(_i32, 16)
+    zero = ir.Constant(i32x16, [0] * 16)
+    sm_bytes = builder.bitcast(sm, _vec(_i8, 4 * sm.type.count))
+    no_scale = 4 * sm.type.count  # a byte of the zero vector
+    pack = _fn(builder, "llvm.x86.avx512.packssdw.512", v16x32, [i32x16, i32x16])
+    dpwssd = _fn(builder, "llvm.x86.avx512.vpdpwssd.512", i32x16, [i32x16] * 3)
+    acc = zero
+    for h in range(2):  # sub-blocks 4h..4h+3
+        qs = _load(builder, blk, v64, 16 + 64 * h)
+        lo = builder.and_(qs, ir.Constant(v64, [15] * 64))
+        hi = builder.lshr(qs, ir.Constant(v64, [4] * 64))
+        even = _dpbusd(builder, zero, lo, qy[2 * h])  # lanes 0-7: sub-block 4h, 8-15: 4h + 2
+        odd = _dpbusd(builder, zero, hi, qy[2 * h + 1])  # 4h + 1, 4h + 3
+        # 128-bit lane L of the pack: 4 words of sub-block 4h + (L // 2) * 2, 4 of the next one;
+        # the scales as words (high bytes from the zero vector: the scales are below 64)
+        mask = []
+        for lane in range(4):
+            g = 4 * h + (lane // 2) * 2
+            mask += [first + g, no_scale] * 4 + [first + g + 1, no_scale] * 4
+        scales = builder.shuffle_vector(sm_bytes, ir.Constant(sm_bytes.type, [0] * sm_bytes.type.count), _mask(mask))
+        acc = builder.call(dpwssd, [acc, builder.bitcast(builder.call(pack, [even, odd]), i32x16), builder.bitcast(scales, i32x16)])
+    return builder.add(builder.shuffle_vector(acc, acc, _mask(range(8))), builder.shuffle_vector(acc, acc, _mask(range(8, 16))))
 
 
 def _q4_k_rows8():
@@ -194,6 +249,7 @@ def _q4_k_rows8():
         f32x8 = _vec(_f32, 8)
         low_mask, high_shift = ir.Constant(v32, [15] * 32), ir.Constant(v32, [4] * 32)
         bytes_mask = ir.Constant(i32x8, [0x00FF00FF] * 8)
+        wide = _vnni()
 
         def block(b, state):
             o = builder.mul(b, ir.Constant(b.type, BLOCK_BYTES))
@@ -201,28 +257,44 @@ def _q4_k_rows8():
                 _prefetch(builder, row, o, BLOCK_BYTES)
             blks = [builder.gep(row, [o]) for row in rows]
             y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, 256))])
-            qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
-            row_lanes, mins_lo, mins_hi, dd = [], [], [], []
-            for blk in blks:
-                sm = scales_mins_vec(builder, blk)
-                mins_lo.append(builder.extract_element(sm, ir.Constant(_i32, 2)))
-                mins_hi.append(builder.extract_element(sm, ir.Constant(_i32, 3)))
-                dd.append(_load(builder, blk, _i32, 0))  # d | dmin << 16
-                sc_words = scale_words(builder, sm)
-                lanes = None
-                for c in range(4):
-                    qs = _load(builder, blk, v32, 16 + 32 * c)
-                    for g, q in ((2 * c, builder.and_(qs, low_mask)), (2 * c + 1, builder.lshr(qs, high_shift))):
-                        lanes = _scaled_pairs_acc(builder, lanes, _pairs_us(builder, q, qy[g]), broadcast_word(builder, sc_words, g))
-                row_lanes.append(lanes)
+            if wide:
+                qy = _wide_activations(builder, y)
+            else:
+                qy = [_load(builder, y, v32, 32 * g) for g in range(8)]
+            row_lanes = []
+            if wide:  # the scales of 4 rows per 512-bit vector
+                v4 = _vec(_i32, 4)
+                heads = [_load(builder, blk, v4, 0) for blk in blks]  # d | dmin << 16, then the scales field
+                pairs = [builder.shuffle_vector(heads[i], heads[i + 1], _mask(range(8))) for i in range(0, 8, 2)]
+                quads = [builder.shuffle_vector(pairs[i], pairs[i + 1], _mask(range(16))) for i in (0, 2)]
+                sm4 = [unpack_scales_mins(builder, quad, first=1) for quad in quads]
+                dd8 = builder.shuffle_vector(quads[0], quads[1], _mask(range(0, 32, 4)))
+                for k, blk in enumerate(blks):
+                    row_lanes.append(_wide_row_lanes(builder, blk, sm4[k // 4], 16 * (k % 4), qy))
+                # word 2 (mins 0-3) and 3 (mins 4-7) of each row
+                mins8 = [builder.shuffle_vector(sm4[0], sm4[1], _mask([4 * k + w for k in range(8)])) for w in (2, 3)]
+            else:
+                dd8 = kbatch.gather8(builder, [_load(builder, blk, _i32, 0) for blk in blks], _i32)  # d | dmin << 16
+                mins_lo, mins_hi = [], []
+                for blk in blks:
+                    sm = scales_mins_vec(builder, blk)
+                    mins_lo.append(builder.extract_element(sm, ir.Constant(_i32, 2)))
+                    mins_hi.append(builder.extract_element(sm, ir.Constant(_i32, 3)))
+                    sc_words = scale_words(builder, sm)
+                    lanes = None
+                    for c in range(4):
+                        qs = _load(builder, blk, v32, 16 + 32 * c)
+                        for g, q in ((2 * c, builder.and_(qs, low_mask)), (2 * c + 1, builder.lshr(qs, high_shift))):
+                            lanes = _scaled_pairs_acc(builder, lanes, _pairs_us(builder, q, qy[g]), broadcast_word(builder, sc_words, g))
+                    row_lanes.append(lanes)
+                mins8 = [kbatch.gather8(builder, mins, _i32) for mins in (mins_lo, mins_hi)]
             isums = builder.sitofp(_row_sums8(builder, row_lanes), f32x8)
             imin = None  # the 8 rows' mins (2 per int32 lane as words) times the sums' pairs
-            for p, (mins, shift) in enumerate(((mins_lo, 0), (mins_lo, 8), (mins_hi, 0), (mins_hi, 8))):
-                m = kbatch.gather8(builder, mins, _i32)
+            for p, (m, shift) in enumerate(((mins8[0], 0), (mins8[0], 8), (mins8[1], 0), (mins8[1], 8))):
                 words = builder.and_(builder.lshr(m, ir.Constant(i32x8, [shift] * 8)) if shift else m, bytes_mask)
                 pair = _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(b.type, 4)), ir.Constant(b.type, p))])), 8)
                 imin = _scaled_pairs_acc(builder, imin, builder.bitcast(words, v16), builder.bitcast(pair, v16))
-            halves = builder.bitcast(kbatch.gather8(builder, dd, _i32), v16)
+            halves = builder.bitcast(dd8, v16)
             dh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(0, 16, 2))))
             dminh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(1, 16, 2))))
             dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(b.type, 8))])), 8)
@@ -322,6 +394,8 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
     bsp = bsum_pairs(xq)
     for g in prange(n8):  # 8 rows at a time in vector IR, as ggml's kernels
         dot8(w, 8 * g, xq, xd, bsp, out, ctx.isa)
+    if 8 * n8 == n_rows:  # (the usual case: each 32-group's sum below only for the other rows)
+        return
     bsum = np.zeros(nb * 8, np.int32)
     for g in range(nb * 8):
         for j in range(32):
