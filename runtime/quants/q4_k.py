@@ -318,7 +318,7 @@ _batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8, _ZERO8], _batch_body, lambda 
 # are the one-token kernel's, and the float steps per block are its (acc = fma(isum, d*dx, acc),
 # accm = fma(imin, dmin*dx, accm), result acc - accm): each (row, token) is its float, bit for bit.
 
-TILE_TOKENS = 8  # tokens per tile (their isums live in registers through a block)
+TILE_TOKENS = 12  # tokens per tile (their isums stay in registers through a block: 12 + 8 quants of 32)
 TILE_ROW_GROUPS = 4  # 8-row groups per parallel work item
 
 
