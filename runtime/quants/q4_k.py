@@ -343,7 +343,8 @@ def _concat(builder, parts):
 
 
 def _q4_k_tile():
-    """The typer of an intrinsic (w, r0, ty, ts, td, tt, out, isa) for AVX-512 VNNI: rows
+    """The typer of an intrinsic (w, r0, ty, ts, td, tt, out, isa) for AVX-512 VNNI (for another
+    Isa it does nothing: callers branch on has_vnni): rows
     r0..r0+7 of w (past the last row: the last row again, not stored) times token tile tt of
     `tile_layout` (ty, ts, td) into out[t, r0:r0+8] for the tile's tokens t < T (out float32
     [T, rows])."""
@@ -356,6 +357,8 @@ def _q4_k_tile():
         return types.none(w, r0, ty, ts, td, tt, out, isa), codegen
 
     def codegen(context, builder, signature, args):
+        if not _vnni():  # (matmat calls it only under has_vnni; its other branch is still lowered,
+            return context.get_dummy_value()  # and another target has no 512-bit vpdpbusd to emit)
         wt, _, tyt, tst, tdt, _, outt = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
         r0, tt = args[1], args[5]
