@@ -346,7 +346,7 @@ def _q4_k_tile():
     """The typer of an intrinsic (w, r0, ty, ts, td, tt, out, isa) for AVX-512 VNNI (for another
     Isa it does nothing: callers branch on has_vnni): rows
     r0..r0+7 of w (past the last row: the last row again, not stored) times token tile tt of
-    `tile_layout` (ty, ts, td) into out[t, r0:r0+8] for the tile's tokens t < T (out float32
+    `layout_tile` (ty, ts, td) into out[t, r0:r0+8] for the tile's tokens t < T (out float32
     [T, rows])."""
 
     def typer(typingctx, w, r0, ty, ts, td, tt, out, isa):
@@ -475,31 +475,31 @@ tile = intrinsic(_q4_k_tile())
 
 
 @njit(cache=True, nogil=True)
-def tile_layout(xq, xd):
-    """The activations of T tokens as `tile` reads them, TILE_TOKENS tokens per tile (places past
-    the last token repeat it): ty int8 [tiles, blocks, TILE_TOKENS * 256] (per block the tile's
-    tokens' 256 values one after the other), ts int16 [tiles, blocks, TILE_TOKENS * 8] (each
-    32 values' sum, |sum| <= 32 * 128), td float32 [tiles, blocks, TILE_TOKENS] (the Q8_K
-    scales)."""
-    n_tok, k = xq.shape
-    nb = k // 256
+def layout_tile(xq, xd, tt, ty, ts, td):
+    """Token tile tt of the activations as `tile` reads them (places past the last token repeat
+    it): ty int8 [tiles, blocks, TILE_TOKENS * 256] (per block the tile's tokens' 256 values one
+    after the other), ts int16 [tiles, blocks, TILE_TOKENS * 8] (each 32 values' sum,
+    |sum| <= 32 * 128), td float32 [tiles, blocks, TILE_TOKENS] (the Q8_K scales)."""
+    n_tok = xq.shape[0]
+    for j in range(TILE_TOKENS):
+        t = min(tt * TILE_TOKENS + j, n_tok - 1)
+        for b in range(ty.shape[1]):
+            td[tt, b, j] = xd[t, 8 * b]
+            for g in range(8):
+                s = np.int32(0)
+                for i in range(32):
+                    q = xq[t, 256 * b + 32 * g + i]
+                    ty[tt, b, 256 * j + 32 * g + i] = q
+                    s += np.int32(q)
+                ts[tt, b, 8 * j + g] = s
+
+
+@njit(cache=True, nogil=True)
+def tile_arrays(n_tok, k):
     n_tiles = (n_tok + TILE_TOKENS - 1) // TILE_TOKENS
-    ty = np.empty((n_tiles, nb, TILE_TOKENS * 256), np.int8)
-    ts = np.empty((n_tiles, nb, TILE_TOKENS * 8), np.int16)
-    td = np.empty((n_tiles, nb, TILE_TOKENS), np.float32)
-    for tt in range(n_tiles):
-        for j in range(TILE_TOKENS):
-            t = min(tt * TILE_TOKENS + j, n_tok - 1)
-            for b in range(nb):
-                td[tt, b, j] = xd[t, 8 * b]
-                for g in range(8):
-                    s = np.int32(0)
-                    for i in range(32):
-                        q = xq[t, 256 * b + 32 * g + i]
-                        ty[tt, b, 256 * j + 32 * g + i] = q
-                        s += np.int32(q)
-                    ts[tt, b, 8 * j + g] = s
-    return ty, ts, td
+    nb = k // 256
+    return (np.empty((n_tiles, nb, TILE_TOKENS * 256), np.int8), np.empty((n_tiles, nb, TILE_TOKENS * 8), np.int16),
+            np.empty((n_tiles, nb, TILE_TOKENS), np.float32))
 
 
 @njit(cache=True, inline="always")
@@ -563,9 +563,11 @@ def matmat(w, ctx, xq, xd, xs, xhat, out):
     n_tok = xq.shape[0]
     n_rows = w.shape[0]
     if has_vnni(ctx.isa):
-        ty, ts, td = tile_layout(xq, xd)
-        n_groups = (n_rows + 7) // 8
+        ty, ts, td = tile_arrays(n_tok, xq.shape[1])
         n_tiles = ty.shape[0]
+        for tt in prange(n_tiles):
+            layout_tile(xq, xd, tt, ty, ts, td)
+        n_groups = (n_rows + 7) // 8
         for item in prange((n_groups + TILE_ROW_GROUPS - 1) // TILE_ROW_GROUPS):
             for g in range(item * TILE_ROW_GROUPS, min(n_groups, (item + 1) * TILE_ROW_GROUPS)):
                 for tt in range(n_tiles):
