@@ -559,24 +559,30 @@ def matmat(w, ctx, xq, xd, xs, xhat, out):
     VNNI: tiles of 8 rows times TILE_TOKENS tokens (`tile`), TILE_ROW_GROUPS groups of 8 rows
     per thread's work item, every token tile passing over a group's rows while they sit in
     cache. Else one row times 16 tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per
-    work item."""
-    n_tok = xq.shape[0]
+    work item. (One parallel loop for both: each more costs seconds of compiling.)"""
+    n_tok, k = xq.shape
     n_rows = w.shape[0]
-    if has_vnni(ctx.isa):
-        ty, ts, td = tile_arrays(n_tok, xq.shape[1])
-        n_tiles = ty.shape[0]
-        for tt in prange(n_tiles):
+    vnni = has_vnni(ctx.isa)
+    if vnni:
+        ty, ts, td = tile_arrays(n_tok, k)
+        for tt in range(ty.shape[0]):  # (serial: 0.1-0.3 ms)
             layout_tile(xq, xd, tt, ty, ts, td)
-        n_groups = (n_rows + 7) // 8
-        for item in prange((n_groups + TILE_ROW_GROUPS - 1) // TILE_ROW_GROUPS):
-            for g in range(item * TILE_ROW_GROUPS, min(n_groups, (item + 1) * TILE_ROW_GROUPS)):
-                for tt in range(n_tiles):
-                    tile(w, 8 * g, ty, ts, td, tt, out, ctx.isa)
+        dx8, bs8 = np.empty((0, 0), np.float32), np.empty((0, 0), np.int16)
+        rows_per_item = 8 * TILE_ROW_GROUPS
     else:
-        chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
+        ty, ts, td = tile_arrays(0, 0)
         dx8, bs8 = kbatch.prepare(xq, xd)
-        for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
-            stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)
+        rows_per_item = kbatch.ROW_BLOCK
+    n_tiles = ty.shape[0]
+    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
+    for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
+        start = item * rows_per_item
+        stop = min(n_rows, start + rows_per_item)
+        if vnni:
+            for r0 in range(start, stop, 8):
+                for tt in range(n_tiles):
+                    tile(w, r0, ty, ts, td, tt, out, ctx.isa)
+        else:
             for c in range(chunks):
-                for r in range(rb * kbatch.ROW_BLOCK, stop):
+                for r in range(start, stop):
                     _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
