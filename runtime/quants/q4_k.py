@@ -308,17 +308,21 @@ _batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8, _ZERO8], _batch_body, lambda 
 
 # --- batches: a tile of 8 rows times TILE_TOKENS tokens --------------------------------------
 #
-# A row's blocks are multiplied with many tokens, so the tile keeps the 8 rows in the 8 int32
-# lanes of a vector and the token in the instruction: per 4 values, one vpdpbusd multiplies the
-# 8 rows' 4 quants (a dword of each row, gathered by an 8 x 8 dword transpose of the rows'
-# 32-byte chunks) with the token's 4 activations broadcast to every lane (a folded broadcast
-# load). A 32-value sub-block's 8 vpdpbusd give each row's exact dot with that token, one vpmulld
-# scales it: no horizontal sums. The activations stream once per 8 rows instead of once per
-# row, and the unpacked quants serve TILE_TOKENS tokens. The integers are exact, so isum and imin
-# are the one-token kernel's, and the float steps per block are its (acc = fma(isum, d*dx, acc),
+# A row's blocks are multiplied with many tokens, so the tile keeps the rows in the lanes and
+# the token in the instruction. The 8 rows' 32-byte chunks of qs are transposed by qwords
+# (`_transpose_qwords`): a 512-bit vector holds 8 bytes of each row (two int32 lanes per row),
+# and one vpdpbusd multiplies them, for 8 rows at once, with the token's 8 activations at those
+# places broadcast to every row (vpbroadcastq). Four of them cover a 32-value sub-block, each
+# lane then holding 16 products' sum (|.| <= 16 * 15 * 128, exact in int16): vpackssdw packs the
+# low and high nibbles' sub-blocks (2c, 2c+1) and one vpdpwssd multiplies them with the rows'
+# scales into the token's int32 isum lanes - no horizontal sums but one add per row and block.
+# The activations are read once per 8 rows instead of once per row, and the unpacked quants
+# serve TILE_TOKENS tokens. (512-bit: vpdpbusd runs on two ports there; with 256-bit vectors
+# among 512-bit ones it got one.) The integers are exact, so isum and imin are the one-token
+# kernel's, and the float steps per block are its (acc = fma(isum, d*dx, acc),
 # accm = fma(imin, dmin*dx, accm), result acc - accm): each (row, token) is its float, bit for bit.
 
-TILE_TOKENS = 12  # tokens per tile (their isums stay in registers through a block: 12 + 8 quants of 32)
+TILE_TOKENS = 12  # tokens per tile (their isums stay in registers through a block: 12 + 8 quants of the 32)
 TILE_ROW_GROUPS = 4  # 8-row groups per parallel work item
 
 
