@@ -262,6 +262,27 @@ def test_batches_of_the_other_fused_formats_are_their_one_token_products(qtype):
         assert np.array_equal(got[t].view(np.uint32), one.view(np.uint32)), t
 
 
+
+def test_q4_k_batch_tiles_with_leftover_rows_and_tokens():
+    """Q4_K's batch on AVX-512 VNNI takes 8 rows x q4_k.TILE_TOKENS tokens per tile, repeating the
+    last row and token where the matrix or the batch ends (computed, not stored): with 19 rows and
+    TILE_TOKENS + 1 tokens every (row, token) is still the one-token product's bits, and nothing
+    past the rows is written. (Elsewhere the row kernel runs: the same check.)"""
+    rng = np.random.default_rng(77)
+    raw = random_rows(T.Q4_K, 19, 512, rng)
+    w = mm.QuantWeight("w", T.Q4_K, 512, 19, raw)
+    n_tok = q4_k.TILE_TOKENS + 1
+    x = (rng.standard_normal((n_tok, 512)) * 2).astype(np.float32)
+    act = mm.quantize_for(x, w)
+    buf = np.full(n_tok * 19 + 8, np.float32(7.0))  # 8 floats past the result: must stay untouched
+    got = buf[:n_tok * 19].reshape(n_tok, 19)
+    q4_k.matmat(mm.read_only_view(raw), mm.HOST_CONTEXT, act.xq, act.xd, act.xs, act.xhat, got)
+    assert np.all(buf[n_tok * 19:] == 7.0)
+    for t in range(n_tok):
+        one = np.empty(19, np.float32)
+        q4_k.matvec(raw, mm.HOST_CONTEXT, act.xq[t], act.xd[t], act.xs[t], act.xhat[t], one)
+        assert np.array_equal(got[t].view(np.uint32), one.view(np.uint32)), t
+
 _PORTABLE_SCRIPT = """
 import sys
 import numpy as np

@@ -27,6 +27,8 @@ from numba.extending import intrinsic
 from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _half, _halves_to_float, _i8, _i16, _i32,
                     _load, _mask, _pairs_us, _prefetch, _scaled_lanes, _scaled_pairs_acc, _splat, _state_loop, _vec)
 from . import kbatch
+from numba.core import cgutils
+from .simd import _i64, has_vnni
 from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4
 from .rounding import read_f16_pair
 
@@ -376,6 +378,206 @@ def _batch_body(builder, blk, ys, dx, bsp, state):
 _batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8, _ZERO8], _batch_body, lambda builder, state: builder.fsub(state[0], state[1]))
 
 
+# --- batches: a tile of 8 rows times TILE_TOKENS tokens --------------------------------------
+#
+# A row's blocks are multiplied with many tokens, so the tile keeps the rows in the lanes and
+# the token in the instruction. The 8 rows' 32-byte chunks of qs are transposed by qwords
+# (`_transpose_qwords`): a 512-bit vector holds 8 bytes of each row (two int32 lanes per row),
+# and one vpdpbusd multiplies them, for 8 rows at once, with the token's 8 activations at those
+# places broadcast to every row (vpbroadcastq). Four of them cover a 32-value sub-block, each
+# lane then holding 16 products' sum (|.| <= 16 * 15 * 128, exact in int16): vpackssdw packs the
+# low and high nibbles' sub-blocks (2c, 2c+1) and one vpdpwssd multiplies them with the rows'
+# scales into the token's int32 isum lanes - no horizontal sums but one add per row and block.
+# The activations are read once per 8 rows instead of once per row, and the unpacked quants
+# serve TILE_TOKENS tokens. (512-bit: vpdpbusd runs on two ports there; with 256-bit vectors
+# among 512-bit ones it got one.) The integers are exact, so isum and imin are the one-token
+# kernel's, and the float steps per block are its (acc = fma(isum, d*dx, acc),
+# accm = fma(imin, dmin*dx, accm), result acc - accm): each (row, token) is its float, bit for bit.
+
+TILE_TOKENS = 12  # tokens per tile (their isums stay in registers through a block: 12 + 8 quants of the 32)
+TILE_ROW_GROUPS = 4  # 8-row groups per parallel work item
+
+
+def _transpose_qwords(builder, rows):
+    """8 vectors <4 x i64> (a row's 32 bytes each) -> 4 vectors <8 x i64>, vector m = qword m of
+    rows 0..7 (12 shuffles)."""
+    pairs = [builder.shuffle_vector(rows[2 * a], rows[2 * a + 1], _mask(range(8))) for a in range(4)]
+    quads = []
+    for a in (0, 2):  # rows 2a.., 2a+3: [q0 of 4 rows, q1 of 4 rows], [q2.., q3..]
+        quads += [builder.shuffle_vector(pairs[a], pairs[a + 1], _mask([0, 4, 8, 12, 1, 5, 9, 13])),
+                  builder.shuffle_vector(pairs[a], pairs[a + 1], _mask([2, 6, 10, 14, 3, 7, 11, 15]))]
+    return [builder.shuffle_vector(quads[m // 2], quads[2 + m // 2], _mask([4 * (m % 2) + i for i in range(4)] + [8 + 4 * (m % 2) + i for i in range(4)]))
+            for m in range(4)]
+
+
+def _concat(builder, parts):
+    """Vectors of one type -> their concatenation (a tree of shuffles)."""
+    while len(parts) > 1:
+        n = parts[0].type.count
+        parts = [builder.shuffle_vector(parts[i], parts[i + 1], _mask(range(2 * n))) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _q4_k_tile():
+    """The typer of an intrinsic (w, r0, ty, ts, td, tt, out, isa) for AVX-512 VNNI (for another
+    Isa it does nothing: callers branch on has_vnni): rows
+    r0..r0+7 of w (past the last row: the last row again, not stored) times token tile tt of
+    `layout_tile` (ty, ts, td) into out[t, r0:r0+8] for the tile's tokens t < T (out float32
+    [T, rows])."""
+
+    def typer(typingctx, w, r0, ty, ts, td, tt, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, ty, ts, td, out)):
+            return None
+        if w.ndim != 2 or ty.ndim != 3 or ts.ndim != 3 or td.ndim != 3 or out.ndim != 2:
+            return None
+        return types.none(w, r0, ty, ts, td, tt, out, isa), codegen
+
+    def codegen(context, builder, signature, args):
+        if not _vnni():  # (matmat calls it only under has_vnni; its other branch is still lowered,
+            return context.get_dummy_value()  # and another target has no 512-bit vpdpbusd to emit)
+        wt, _, tyt, tst, tdt, _, outt = signature.args[:-1]
+        warr = context.make_array(wt)(context, builder, args[0])
+        r0, tt = args[1], args[5]
+        ity = r0.type
+        n_rows = builder.extract_value(warr.shape, 0)
+        row_bytes = builder.extract_value(warr.shape, 1)
+        stride = builder.extract_value(warr.strides, 0)
+        last_row = builder.sub(n_rows, ir.Constant(ity, 1))
+        row_ids = [builder.add(r0, ir.Constant(ity, i)) for i in range(8)]
+        rows = [builder.gep(warr.data, [builder.mul(builder.select(builder.icmp_signed("<", r, n_rows), r, last_row), stride)])
+                for r in row_ids]
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(ity, BLOCK_BYTES))
+        arrs = [context.make_array(t)(context, builder, a) for t, a in zip((tyt, tst, tdt), args[2:5])]
+        # the tile's records: per block TILE_TOKENS * 256 activations, * 8 int16 sums, * 1 scale
+        yt, st, dt = [builder.gep(builder.bitcast(arr.data, _i8.as_pointer()),
+                                  [builder.mul(builder.mul(tt, n_blocks), ir.Constant(ity, TILE_TOKENS * size))])
+                      for arr, size in zip(arrs, (256, 16, 4))]
+        oarr = context.make_array(outt)(context, builder, args[6])
+        n_tok = builder.extract_value(oarr.shape, 0)
+        n_out = builder.extract_value(oarr.shape, 1)
+        v16 = _vec(_i16, 16)
+        i32x8 = _vec(_i32, 8)
+        i32x16 = _vec(_i32, 16)
+        i64x4 = _vec(_i64, 4)
+        f32x8 = _vec(_f32, 8)
+        zero = ir.Constant(i32x16, [0] * 16)
+        low_mask = ir.Constant(i32x16, [0x0F0F0F0F] * 16)
+        four = ir.Constant(i32x16, [4] * 16)
+        s_slots = cgutils.alloca_once(builder, ir.ArrayType(_vec(_i16, 32), 4))
+        pack = _fn(builder, "llvm.x86.avx512.packssdw.512", _vec(_i16, 32), [i32x16, i32x16])
+        dpwssd = _fn(builder, "llvm.x86.avx512.vpdpwssd.512", i32x16, [i32x16] * 3)
+
+        def bcast8(ptr, offset):  # the 8 bytes at ptr + offset in every 64-bit lane
+            return builder.bitcast(_splat(builder, _load(builder, ptr, _i64, offset), 8), _vec(_i8, 64))
+
+        def block(b, state):
+            o = builder.mul(b, ir.Constant(ity, BLOCK_BYTES))
+            blks = [builder.gep(row, [o]) for row in rows]
+            yb = builder.gep(yt, [builder.mul(b, ir.Constant(ity, TILE_TOKENS * 256))])
+            sb = builder.gep(st, [builder.mul(b, ir.Constant(ity, TILE_TOKENS * 16))])
+            db = builder.bitcast(builder.gep(dt, [builder.mul(b, ir.Constant(ity, TILE_TOKENS * 4))]), _f32.as_pointer())
+            # the 8 rows' scales and mins: bytes 16 i + j = row i's scale j (j < 8), min j - 8
+            sm = _concat(builder, [builder.bitcast(scales_mins_vec(builder, blk), _vec(_i8, 16)) for blk in blks])
+            for c in range(4):  # the scales of packssdw's words in the loop below, per 128-bit lane q
+                idx = []
+                for q in range(4):
+                    for g in (2 * c, 2 * c + 1):
+                        idx += [16 * (2 * q) + g] * 2 + [16 * (2 * q + 1) + g] * 2
+                words = builder.zext(builder.shuffle_vector(sm, sm, _mask(idx)), _vec(_i16, 32))
+                builder.store(words, builder.gep(s_slots, [ir.Constant(ity, 0), ir.Constant(ity, c)]))
+
+            def chunk(c, isum):  # values 64c..64c+63 of the block (a loop: LLVM interleaves less)
+                loaded = [_load(builder, blk, i64x4, builder.add(builder.mul(c, ir.Constant(ity, 32)), ir.Constant(ity, 16)))
+                          for blk in blks]
+                quads = _transpose_qwords(builder, loaded)  # quads[m]: qword m of rows 0..7
+                lo = [builder.bitcast(builder.and_(builder.bitcast(v, i32x16), low_mask), _vec(_i8, 64)) for v in quads]
+                hi = [builder.bitcast(builder.and_(builder.lshr(builder.bitcast(v, i32x16), four), low_mask), _vec(_i8, 64)) for v in quads]
+                scales = builder.bitcast(builder.load(builder.gep(s_slots, [ir.Constant(ity, 0), c])), i32x16)
+                yc = builder.gep(yb, [builder.mul(c, ir.Constant(ity, 64))])
+                new = []
+                for j in range(TILE_TOKENS):
+                    sums = []
+                    for h, quants in enumerate((lo, hi)):
+                        a = zero
+                        for m in range(4):
+                            a = _dpbusd(builder, a, quants[m], bcast8(yc, 256 * j + 32 * h + 8 * m))
+                        sums.append(a)
+                    packed = builder.bitcast(builder.call(pack, sums), i32x16)
+                    new.append(builder.call(dpwssd, [isum[j], packed, scales]))
+                return new
+
+            isum = _state_loop(builder, ir.Constant(ity, 4), [zero] * TILE_TOKENS, chunk)
+            mins = [builder.zext(builder.shuffle_vector(sm, sm, _mask([16 * i + 8 + 2 * p + e for i in range(8) for e in range(2)])), v16)
+                    for p in range(4)]
+            dd = kbatch.gather8(builder, [_load(builder, blk, _i32, 0) for blk in blks], _i32)  # d | dmin << 16
+            halves = builder.bitcast(dd, v16)
+            dh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(0, 16, 2))))
+            dminh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(1, 16, 2))))
+            new = []
+            for j in range(TILE_TOKENS):
+                # per 128-bit lane q: [row 2q, row 2q+1] over the even sub-blocks, then the odd
+                rows_sum = builder.add(builder.shuffle_vector(isum[j], isum[j], _mask([0, 1, 4, 5, 8, 9, 12, 13])),
+                                       builder.shuffle_vector(isum[j], isum[j], _mask([2, 3, 6, 7, 10, 11, 14, 15])))
+                imin = None
+                for p in range(4):
+                    pair = builder.bitcast(_splat(builder, _load(builder, sb, _i32, 16 * j + 4 * p), 8), v16)
+                    imin = _scaled_pairs_acc(builder, imin, mins[p], pair)
+                dx = _splat(builder, builder.load(builder.gep(db, [ir.Constant(ity, j)])), 8)
+                new += [_fma(builder, builder.sitofp(rows_sum, f32x8), builder.fmul(dh, dx), state[2 * j]),
+                        _fma(builder, builder.sitofp(imin, f32x8), builder.fmul(dminh, dx), state[2 * j + 1])]
+            return new
+
+        state = _state_loop(builder, n_blocks, [_ZERO8] * (2 * TILE_TOKENS), block)
+        all_rows = builder.icmp_signed("<=", row_ids[7], last_row)
+        for j in range(TILE_TOKENS):
+            t = builder.add(builder.mul(tt, ir.Constant(ity, TILE_TOKENS)), ir.Constant(ity, j))
+            result = builder.fsub(state[2 * j], state[2 * j + 1])
+            with cgutils.if_likely(builder, builder.icmp_signed("<", t, n_tok)):
+                dst = builder.gep(oarr.data, [builder.add(builder.mul(t, n_out), r0)])
+                with builder.if_else(all_rows, likely=True) as (whole, part):
+                    with whole:
+                        builder.store(result, builder.bitcast(dst, f32x8.as_pointer()), align=4)
+                    with part:
+                        for i in range(8):
+                            with builder.if_then(builder.icmp_signed("<=", row_ids[i], last_row)):
+                                builder.store(builder.extract_element(result, ir.Constant(_i32, i)),
+                                              builder.gep(dst, [ir.Constant(ity, i)]))
+        return context.get_dummy_value()
+
+    return isa_typer(typer)
+
+
+tile = intrinsic(_q4_k_tile())
+
+
+@njit(cache=True, nogil=True)
+def layout_tile(xq, xd, tt, ty, ts, td):
+    """Token tile tt of the activations as `tile` reads them (places past the last token repeat
+    it): ty int8 [tiles, blocks, TILE_TOKENS * 256] (per block the tile's tokens' 256 values one
+    after the other), ts int16 [tiles, blocks, TILE_TOKENS * 8] (each 32 values' sum,
+    |sum| <= 32 * 128), td float32 [tiles, blocks, TILE_TOKENS] (the Q8_K scales)."""
+    n_tok = xq.shape[0]
+    for j in range(TILE_TOKENS):
+        t = min(tt * TILE_TOKENS + j, n_tok - 1)
+        for b in range(ty.shape[1]):
+            td[tt, b, j] = xd[t, 8 * b]
+            for g in range(8):
+                s = np.int32(0)
+                for i in range(32):
+                    q = xq[t, 256 * b + 32 * g + i]
+                    ty[tt, b, 256 * j + 32 * g + i] = q
+                    s += np.int32(q)
+                ts[tt, b, 8 * j + g] = s
+
+
+@njit(cache=True, nogil=True)
+def tile_arrays(n_tok, k):
+    n_tiles = (n_tok + TILE_TOKENS - 1) // TILE_TOKENS
+    nb = k // 256
+    return (np.empty((n_tiles, nb, TILE_TOKENS * 256), np.int8), np.empty((n_tiles, nb, TILE_TOKENS * 8), np.int16),
+            np.empty((n_tiles, nb, TILE_TOKENS), np.float32))
+
+
 @njit(cache=True, inline="always")
 def _f16(table, row, o):
     return table[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
@@ -431,14 +633,34 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
 
 @njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """out [T, rows] = the T tokens' products, each (row, token) matvec's floats: one row times 8
-    tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
+    """out [T, rows] = the T tokens' products, each (row, token) matvec's float. With AVX-512
+    VNNI: tiles of 8 rows times TILE_TOKENS tokens (`tile`), TILE_ROW_GROUPS groups of 8 rows
+    per thread's work item, every token tile passing over a group's rows while they sit in
+    cache. Else one row times 16 tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per
+    work item. (One parallel loop for both: each more costs seconds of compiling.)"""
     n_tok, k = xq.shape
-    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
-    dx8, bs8 = kbatch.prepare(xq, xd)
     n_rows = w.shape[0]
-    for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
-        stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)
-        for c in range(chunks):
-            for r in range(rb * kbatch.ROW_BLOCK, stop):
-                _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
+    vnni = has_vnni(ctx.isa)
+    if vnni:
+        ty, ts, td = tile_arrays(n_tok, k)
+        for tt in range(ty.shape[0]):  # (serial: 0.1-0.3 ms)
+            layout_tile(xq, xd, tt, ty, ts, td)
+        dx8, bs8 = np.empty((0, 0), np.float32), np.empty((0, 0), np.int16)
+        rows_per_item = 8 * TILE_ROW_GROUPS
+    else:
+        ty, ts, td = tile_arrays(0, 0)
+        dx8, bs8 = kbatch.prepare(xq, xd)
+        rows_per_item = kbatch.ROW_BLOCK
+    n_tiles = ty.shape[0]
+    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
+    for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
+        start = item * rows_per_item
+        stop = min(n_rows, start + rows_per_item)
+        if vnni:
+            for r0 in range(start, stop, 8):
+                for tt in range(n_tiles):
+                    tile(w, r0, ty, ts, td, tt, out, ctx.isa)
+        else:
+            for c in range(chunks):
+                for r in range(start, stop):
+                    _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
