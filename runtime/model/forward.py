@@ -32,21 +32,28 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from ..quants.matmul import (FUSED_TYPES, KernelContext, act_mode_of, dequantize_rows, matmul, matvec_fused,
-                     quantize_activations, quantize_for, read_only_view, round_to_f16)
+from ..quants.matmul import (ACT_F16, FUSED_TYPES, Activations, KernelContext, _quantize_row, act_mode_of, dequantize_rows,
+                     matmul, matvec_fused, quantize_activations, quantize_for, read_only_view, round_to_f16)
+from ..quants.plain import round_row_to_half
 from ..quants.simd import f32_from_bits, fmaf
+
+
+@njit(cache=True, inline="always")
+def _rmsnorm_row(x, weight, eps, out):
+    """rmsnorm of one token's row x [n_embd] into out."""
+    total = 0.0
+    for i in range(x.shape[0]):
+        total += np.float64(x[i] * x[i])
+    mean = np.float32(total / x.shape[0])
+    scale = np.float32(1.0) / np.float32(math.sqrt(mean + eps))
+    for i in range(x.shape[0]):
+        out[i] = (x[i] * scale) * weight[i]
 
 
 @njit(cache=True)
 def _rmsnorm(x, weight, eps, out):
     for t in range(x.shape[0]):
-        total = 0.0
-        for i in range(x.shape[1]):
-            total += np.float64(x[t, i] * x[t, i])
-        mean = np.float32(total / x.shape[1])
-        scale = np.float32(1.0) / np.float32(math.sqrt(mean + eps))
-        for i in range(x.shape[1]):
-            out[t, i] = (x[t, i] * scale) * weight[i]
+        _rmsnorm_row(x[t], weight, eps, out[t])
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -89,21 +96,65 @@ def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
     return cos, sin
 
 
+@njit(cache=True, inline="always")
+def _rope_row(x, n_heads, head_dim, n_rot, cos, sin):
+    """Rotate one token's row x [n_heads*head_dim] in place by its angles cos, sin [n_rot/2]."""
+    for h in range(n_heads):
+        base = h * head_dim
+        for i in range(n_rot // 2):
+            x0 = x[base + 2 * i]
+            x1 = x[base + 2 * i + 1]
+            c = cos[i]
+            s = sin[i]
+            # as compiled in ggml (-ffp-contract=fast): the first product is fused
+            x[base + 2 * i] = fmaf(x0, c, -(x1 * s))
+            x[base + 2 * i + 1] = fmaf(x0, s, x1 * c)
+
+
 @njit(cache=True)
 def apply_rope(x, n_heads, head_dim, n_rot, cos, sin):
     """Rotate x [T, n_heads*head_dim] in place: pairs (2i, 2i+1) of each head."""
-    n_tok = x.shape[0]
-    for t in range(n_tok):
-        for h in range(n_heads):
-            base = h * head_dim
-            for i in range(n_rot // 2):
-                x0 = x[t, base + 2 * i]
-                x1 = x[t, base + 2 * i + 1]
-                c = cos[t, i]
-                s = sin[t, i]
-                # as compiled in ggml (-ffp-contract=fast): the first product is fused
-                x[t, base + 2 * i] = fmaf(x0, c, -(x1 * s))
-                x[t, base + 2 * i + 1] = fmaf(x0, s, x1 * c)
+    for t in range(x.shape[0]):
+        _rope_row(x[t], n_heads, head_dim, n_rot, cos[t], sin[t])
+
+
+# --- a prompt's steps between the products, the tokens split over threads --------------------
+# Each is one parallel region doing what several serial steps did (numpy's residual add, the
+# norm, the activations' rounding; RoPE and the cache's rounding to half), each token's floats
+# computed by the same row code as decode's.
+
+@njit(cache=True, parallel=True)
+def add_norm_rows(x, o, weight, eps, mode, h, xq, xd, xs, xhat):
+    """Per token t: x[t] += o[t] (skipped when o has no rows: the first layer), h[t] =
+    rmsnorm(x[t]) * weight, and h[t] rounded to activation format mode into xq, xd, xs, xhat
+    as quantize_activations does it (mode < 0: not rounded). Changes x, h and the four."""
+    add = o.shape[0] > 0
+    for t in prange(x.shape[0]):
+        xr = x[t]
+        if add:
+            orow = o[t]
+            for i in range(xr.shape[0]):
+                xr[i] += orow[i]
+        hr = h[t]
+        _rmsnorm_row(xr, weight, eps, hr)
+        if mode == ACT_F16:  # the same rounding as round_to_f16's, vectorized (quantize_for's for batches)
+            round_row_to_half(hr, xhat[t], np.empty(hr.shape[0], np.float32))
+        elif mode >= 0:
+            _quantize_row(hr, mode, xq[t], xd[t], xs[t], xhat[t])
+
+
+@njit(cache=True, parallel=True)
+def rope_store_rows(q, k, v, cos, sin, n_head, n_head_kv, head_dim, n_rot, k_cache, v_cache, pos):
+    """Per token t: q[t] and k[t] rotated in place (apply_rope), then k[t] and v[t] rounded to
+    half into the cache rows pos + t (k_cache, v_cache: one layer's [n_ctx, kv_dim]), as
+    KVCache.store rounds them."""
+    for t in prange(q.shape[0]):
+        _rope_row(q[t], n_head, head_dim, n_rot, cos[t], sin[t])
+        kr = k[t]
+        _rope_row(kr, n_head_kv, head_dim, n_rot, cos[t], sin[t])
+        tmp = np.empty(kr.shape[0], np.float32)
+        round_row_to_half(kr, k_cache[pos + t], tmp)
+        round_row_to_half(v[t], v_cache[pos + t], tmp)
 
 
 @njit(cache=True, inline="always")
@@ -356,34 +407,37 @@ def forward(cfg, w, cache, tokens: np.ndarray, want_all: bool, hidden: bool = Fa
     hd = cfg.head_dim
     attn_out = np.empty((n_tok, cfg.n_head * hd), np.float32)
 
-    x = embed(cfg, w, tokens)
+    eps = np.float32(cfg.rms_eps)
+    x = embed(cfg, w, tokens)  # (a new array: the residual sums go into it)
+    h = np.empty_like(x)
+    o = np.empty((0, cfg.n_embd), np.float32)  # the product to add before a norm (none before the first)
     for il, layer in enumerate(w.layers):
         # attention
-        h = rmsnorm(x, layer.attn_norm, cfg.rms_eps)
-        act = quantize_for(h, layer.wq)
+        act = Activations.empty(n_tok, cfg.n_embd, layer.wq.act_mode)
+        add_norm_rows(x, o, layer.attn_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
         q = matmul(layer.wq, act)
         k = matmul(layer.wk, act if layer.wk.act_mode == act.mode else quantize_for(h, layer.wk))
         v = matmul(layer.wv, act if layer.wv.act_mode == act.mode else quantize_for(h, layer.wv))
-        apply_rope(q, cfg.n_head, hd, cfg.n_rot, cos, sin)
-        apply_rope(k, cfg.n_head_kv, hd, cfg.n_rot, cos, sin)
-        cache.store(il, pos0, k, v)
+        rope_store_rows(q, k, v, cos, sin, cfg.n_head, cfg.n_head_kv, hd, cfg.n_rot, cache.k[il], cache.v[il], pos0)
         attend(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
-        x = x + matmul(layer.wo, attn_out)
+        o = matmul(layer.wo, attn_out)
         # feed-forward (SwiGLU)
-        h = rmsnorm(x, layer.ffn_norm, cfg.rms_eps)
-        act = quantize_for(h, layer.w_gate)
+        act = Activations.empty(n_tok, cfg.n_embd, layer.w_gate.act_mode)
+        add_norm_rows(x, o, layer.ffn_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
         gate = matmul(layer.w_gate, act)
         up = matmul(layer.w_up, act if layer.w_up.act_mode == act.mode else quantize_for(h, layer.w_up))
         act = np.empty_like(gate)
         _silu_mul_rows(gate, up, act)
-        x = x + matmul(layer.w_down, act)
+        o = matmul(layer.w_down, act)
     cache.n_past = pos0 + n_tok
 
-    x = x if want_all else x[-1:]
-    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
+    rows = slice(None) if want_all else slice(n_tok - 1, None)  # (views: the last row alone when only it is wanted)
+    x, o, h = x[rows], o[rows], h[rows]
+    act = Activations.empty(len(x), cfg.n_embd, -1 if hidden else w.output.act_mode)
+    add_norm_rows(x, o, w.output_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
     if hidden:
-        return x if want_all else x[0]
-    logits = matmul(w.output, x)
+        return h if want_all else h[0]
+    logits = matmul(w.output, act)
     return logits if want_all else logits[0]
 
 

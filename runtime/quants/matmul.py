@@ -312,18 +312,30 @@ class Activations:
     __slots__ = ("mode", "xq", "xd", "xs", "xhat")
 
     def __init__(self, x: np.ndarray, mode: int):
-        n_tok, k = x.shape
-        self.mode = mode
-        self.xq = np.empty((n_tok, k), np.int8)
-        self.xd = np.empty((n_tok, max(k // 32, 1)), np.float32)
-        self.xs = np.empty((n_tok, max(k // 32, 1)), np.float32)
-        self.xhat = np.empty((n_tok, k), np.float32)
+        n_tok = x.shape[0]
+        self._allocate(n_tok, x.shape[1], mode)
         if mode == ACT_F16 and n_tok > 1:  # the same rounding on the bits, vectorized
             round_rows_to_half(x, self.xhat)
         elif n_tok > 1:
             _quantize_activations_rows(x, mode, self.xq, self.xd, self.xs, self.xhat)
         else:
             quantize_activations(x, mode, self.xq, self.xd, self.xs, self.xhat)
+
+
+    def _allocate(self, n_tok: int, k: int, mode: int) -> None:
+        self.mode = mode
+        self.xq = np.empty((n_tok, k), np.int8)
+        self.xd = np.empty((n_tok, max(k // 32, 1)), np.float32)
+        self.xs = np.empty((n_tok, max(k // 32, 1)), np.float32)
+        self.xhat = np.empty((n_tok, k), np.float32)
+
+    @classmethod
+    def empty(cls, n_tok: int, k: int, mode: int) -> "Activations":
+        """Arrays for n_tok tokens of k values in format mode, left for a kernel to fill (as
+        quantize_activations would: runtime.model.forward's add_norm_rows)."""
+        act = cls.__new__(cls)
+        act._allocate(n_tok, k, mode)
+        return act
 
 
 def quantize_for(x: np.ndarray, w: QuantWeight) -> Activations:
