@@ -278,20 +278,43 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     n_kv = n_past + t + 1
     acc[:] = 0.0
     two_n = kbits.view(np.float32)
+    mx = np.empty(16, np.float32)
     total = np.float32(0.0)
     m = np.float32(-np.inf)
+    n_d4 = head_dim - head_dim % 4
     for ic in range(0, n_kv, FA_TILE_KV):
         for tk in range(FA_TILE_KV):
             s[tk] = 0.0
-        for d in range(head_dim):
+        # each chain's fmas in dimension order, four dimensions per pass over the 64 lanes (the
+        # same fmas: s stays in registers between them instead of going through memory each time)
+        for d in range(0, n_d4, 4):
+            q0 = q[t, h * head_dim + d]
+            q1 = q[t, h * head_dim + d + 1]
+            q2 = q[t, h * head_dim + d + 2]
+            q3 = q[t, h * head_dim + d + 3]
+            k0 = kt[g, d, ic:ic + FA_TILE_KV]  # contiguous: the 64 chains advance in vector lanes
+            k1 = kt[g, d + 1, ic:ic + FA_TILE_KV]
+            k2 = kt[g, d + 2, ic:ic + FA_TILE_KV]
+            k3 = kt[g, d + 3, ic:ic + FA_TILE_KV]
+            for tk in range(FA_TILE_KV):
+                s[tk] = fmaf(q3, k3[tk], fmaf(q2, k2[tk], fmaf(q1, k1[tk], fmaf(q0, k0[tk], s[tk]))))
+        for d in range(n_d4, head_dim):
             qd = q[t, h * head_dim + d]
-            krow = kt[g, d, ic:ic + FA_TILE_KV]  # contiguous: the 64 chains advance in vector lanes
+            krow = kt[g, d, ic:ic + FA_TILE_KV]
             for tk in range(FA_TILE_KV):
                 s[tk] = fmaf(qd, krow[tk], s[tk])
-        tile_max = np.float32(-np.inf)
         for tk in range(FA_TILE_KV):
             s[tk] = s[tk] * scale if ic + tk < n_kv else -np.inf  # masked (future or padding): weight 0
-            tile_max = max(tile_max, s[tk])
+        # the tile's maximum through 16 running maxima (vector lanes; one chain of compares would
+        # not vectorize): the same maximum in any order
+        for j in range(16):
+            mx[j] = s[j]
+        for c in range(16, FA_TILE_KV, 16):
+            for j in range(16):
+                mx[j] = max(mx[j], s[c + j])
+        tile_max = mx[0]
+        for j in range(1, 16):
+            tile_max = max(tile_max, mx[j])
         m_new = max(m, tile_max)
         if m_new > m:
             ms = np.float32(math.exp(np.float32(m - m_new)))  # libm expf
@@ -309,8 +332,8 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             kbits[tk] = (np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23
             s[tk] = fmaf(_expf_poly(b), two_n[tk], two_n[tk])
         for tk in range(FA_TILE_KV):
-            if not abs(ns[tk]) <= 126.0:
-                s[tk] = _ggml_expf(xs[tk])
+            if not abs(ns[tk]) <= 126.0:  # (a masked weight is _ggml_expf(-inf) = 0 without the call)
+                s[tk] = np.float32(0.0) if xs[tk] == -np.inf else _ggml_expf(xs[tk])
         tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
         for c in range(0, FA_TILE_KV, 8):
             r0 = s[c + 4] + s[c + 0]
@@ -319,7 +342,19 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             r3 = s[c + 7] + s[c + 3]
             tile_sum += np.float64((r0 + r2) + (r1 + r3))
         total = np.float32(np.float64(total) + tile_sum)
-        for tk in range(min(FA_TILE_KV, n_kv - ic)):
+        # the values in position order, four positions per pass over acc (the same fmas per
+        # dimension, as above)
+        n_valid = min(FA_TILE_KV, n_kv - ic)
+        n_v4 = n_valid - n_valid % 4
+        for tk in range(0, n_v4, 4):
+            p0, p1, p2, p3 = s[tk], s[tk + 1], s[tk + 2], s[tk + 3]
+            v0 = v_cache[ic + tk, kv0:kv0 + head_dim]
+            v1 = v_cache[ic + tk + 1, kv0:kv0 + head_dim]
+            v2 = v_cache[ic + tk + 2, kv0:kv0 + head_dim]
+            v3 = v_cache[ic + tk + 3, kv0:kv0 + head_dim]
+            for d in range(head_dim):
+                acc[d] = fmaf(p3, v3[d], fmaf(p2, v2[d], fmaf(p1, v1[d], fmaf(p0, v0[d], acc[d]))))
+        for tk in range(n_v4, n_valid):
             p = s[tk]
             vrow = v_cache[ic + tk, kv0:kv0 + head_dim]
             for d in range(head_dim):
