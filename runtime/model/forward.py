@@ -379,10 +379,11 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     n_all = n_past + n_tok
     n_pad = -(-n_all // FA_TILE_KV) * FA_TILE_KV
     kt = np.zeros((n_head_kv, head_dim, n_pad), np.float32)
-    for g in prange(n_head_kv):
+    for gd in prange(n_head_kv * head_dim):  # (by dimension: 3 KV heads split unevenly over 2 threads)
+        g = gd // head_dim
+        d = gd % head_dim
         for j in range(n_all):
-            for d in range(head_dim):
-                kt[g, d, j] = k_cache[j, g * head_dim + d]
+            kt[g, d, j] = k_cache[j, gd]
     for i in prange(n_tok):
         # tokens taken from both ends in turn: a thread's contiguous share then holds short and
         # long rows of the causal triangle alike; one token's heads share the scratch arrays
