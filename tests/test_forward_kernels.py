@@ -198,3 +198,65 @@ def test_decode_attention_is_causal_softmax_attention(kernel):
         for t in range(n_tok):
             for h in range(n_head):
                 assert np.abs(out[t, h * hd:(h + 1) * hd] - want[t, h * hd:(h + 1) * hd]).max() <= 4e-3, (n_tok, t, h)
+
+
+@pytest.mark.parametrize("mode_name", ["ACT_F16", "ACT_Q8_0", "ACT_Q8_1", "ACT_Q8_K", "none"])
+def test_a_prompts_norm_pass_is_the_serial_steps(mode_name):
+    """add_norm_rows (a prompt's residual add, rmsnorm and activation rounding in one parallel
+    pass) gives the bits of the steps it replaces: numpy's x + o, rmsnorm, quantize_activations
+    (token by token, decode's); also with no residual to add (the first layer)."""
+    from llamachat.runtime.model.forward import add_norm_rows
+    from llamachat.runtime.quants import matmul as mm
+
+    rng = np.random.default_rng(5)
+    n_tok, n = 7, 256
+    x = (rng.standard_normal((n_tok, n)) * rng.choice([1e-3, 1.0, 40.0], (n_tok, 1))).astype(np.float32)
+    o = rng.standard_normal((n_tok, n)).astype(np.float32)
+    weight = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    eps = np.float32(1e-5)
+    mode = -1 if mode_name == "none" else getattr(mm, mode_name)
+    for residual in (o, np.empty((0, n), np.float32)):
+        want_x = x + residual if len(residual) else x.copy()
+        want_h = rmsnorm(want_x, weight, eps)
+        got_x, got_h = x.copy(), np.empty_like(x)
+        got = mm.Activations.empty(n_tok, n, mode)
+        add_norm_rows(got_x, residual, weight, eps, mode, got_h, got.xq, got.xd, got.xs, got.xhat)
+        assert np.array_equal(got_x.view(np.uint32), want_x.view(np.uint32))
+        assert np.array_equal(got_h.view(np.uint32), want_h.view(np.uint32))
+        if mode < 0:
+            continue
+        want = mm.Activations.empty(n_tok, n, mode)
+        mm.quantize_activations(want_h, mode, want.xq, want.xd, want.xs, want.xhat)
+        assert np.array_equal(got.xhat.view(np.uint32), want.xhat.view(np.uint32))
+        if mode != mm.ACT_F16:  # (the float formats fill xhat only)
+            assert np.array_equal(got.xq, want.xq)
+            assert np.array_equal(got.xd.view(np.uint32), want.xd.view(np.uint32))
+            assert np.array_equal(got.xs.view(np.uint32), want.xs.view(np.uint32))
+
+
+def test_a_prompts_rope_pass_is_apply_rope_and_half_rounding():
+    """rope_store_rows rotates q and k as apply_rope does and writes k and v into the cache rows
+    from pos on rounded to half as numpy's float16 cast rounds them (huge values to inf), leaving
+    the other rows alone."""
+    from llamachat.runtime.model.forward import rope_store_rows
+
+    rng = np.random.default_rng(6)
+    n_tok, n_head, n_head_kv, head_dim, n_rot, pos = 5, 4, 2, 32, 16, 3
+    positions = np.arange(pos, pos + n_tok)
+    cfg = types.SimpleNamespace(n_rot=n_rot, rope_freq_base=10000.0, rope_freqs=None, rope_freq_scale=1.0)
+    cos, sin = rope_tables(positions, cfg)
+    q = rng.standard_normal((n_tok, n_head * head_dim)).astype(np.float32)
+    k = (rng.standard_normal((n_tok, n_head_kv * head_dim)) * 10.0).astype(np.float32)
+    v = (rng.standard_normal((n_tok, n_head_kv * head_dim)) * 1e-6).astype(np.float32)  # half denormals
+    v[0, :3] = [70000.0, -65519.0, 65520.0]  # past the half range, and either side of where it begins
+    want_q, want_k = q.copy(), k.copy()
+    apply_rope(want_q, n_head, head_dim, n_rot, cos, sin)
+    apply_rope(want_k, n_head_kv, head_dim, n_rot, cos, sin)
+    k_cache = np.full((12, n_head_kv * head_dim), 7.0, np.float32)
+    v_cache = k_cache.copy()
+    rope_store_rows(q, k, v, cos, sin, n_head, n_head_kv, head_dim, n_rot, k_cache, v_cache, pos)
+    assert np.array_equal(q.view(np.uint32), want_q.view(np.uint32))
+    assert np.array_equal(k_cache[pos:pos + n_tok], want_k.astype(np.float16).astype(np.float32))
+    assert np.array_equal(v_cache[pos:pos + n_tok], v.astype(np.float16).astype(np.float32))
+    untouched = np.r_[0:pos, pos + n_tok:12]
+    assert (k_cache[untouched] == 7.0).all() and (v_cache[untouched] == 7.0).all()

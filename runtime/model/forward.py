@@ -32,21 +32,28 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from ..quants.matmul import (FUSED_TYPES, KernelContext, act_mode_of, dequantize_rows, matmul, matvec_fused,
-                     quantize_activations, quantize_for, read_only_view, round_to_f16)
+from ..quants.matmul import (ACT_F16, FUSED_TYPES, Activations, KernelContext, _quantize_row, act_mode_of, dequantize_rows,
+                     matmul, matvec_fused, quantize_activations, quantize_for, read_only_view, round_to_f16)
+from ..quants.plain import round_row_to_half
 from ..quants.simd import f32_from_bits, fmaf
+
+
+@njit(cache=True, inline="always")
+def _rmsnorm_row(x, weight, eps, out):
+    """rmsnorm of one token's row x [n_embd] into out."""
+    total = 0.0
+    for i in range(x.shape[0]):
+        total += np.float64(x[i] * x[i])
+    mean = np.float32(total / x.shape[0])
+    scale = np.float32(1.0) / np.float32(math.sqrt(mean + eps))
+    for i in range(x.shape[0]):
+        out[i] = (x[i] * scale) * weight[i]
 
 
 @njit(cache=True)
 def _rmsnorm(x, weight, eps, out):
     for t in range(x.shape[0]):
-        total = 0.0
-        for i in range(x.shape[1]):
-            total += np.float64(x[t, i] * x[t, i])
-        mean = np.float32(total / x.shape[1])
-        scale = np.float32(1.0) / np.float32(math.sqrt(mean + eps))
-        for i in range(x.shape[1]):
-            out[t, i] = (x[t, i] * scale) * weight[i]
+        _rmsnorm_row(x[t], weight, eps, out[t])
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -89,21 +96,65 @@ def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
     return cos, sin
 
 
+@njit(cache=True, inline="always")
+def _rope_row(x, n_heads, head_dim, n_rot, cos, sin):
+    """Rotate one token's row x [n_heads*head_dim] in place by its angles cos, sin [n_rot/2]."""
+    for h in range(n_heads):
+        base = h * head_dim
+        for i in range(n_rot // 2):
+            x0 = x[base + 2 * i]
+            x1 = x[base + 2 * i + 1]
+            c = cos[i]
+            s = sin[i]
+            # as compiled in ggml (-ffp-contract=fast): the first product is fused
+            x[base + 2 * i] = fmaf(x0, c, -(x1 * s))
+            x[base + 2 * i + 1] = fmaf(x0, s, x1 * c)
+
+
 @njit(cache=True)
 def apply_rope(x, n_heads, head_dim, n_rot, cos, sin):
     """Rotate x [T, n_heads*head_dim] in place: pairs (2i, 2i+1) of each head."""
-    n_tok = x.shape[0]
-    for t in range(n_tok):
-        for h in range(n_heads):
-            base = h * head_dim
-            for i in range(n_rot // 2):
-                x0 = x[t, base + 2 * i]
-                x1 = x[t, base + 2 * i + 1]
-                c = cos[t, i]
-                s = sin[t, i]
-                # as compiled in ggml (-ffp-contract=fast): the first product is fused
-                x[t, base + 2 * i] = fmaf(x0, c, -(x1 * s))
-                x[t, base + 2 * i + 1] = fmaf(x0, s, x1 * c)
+    for t in range(x.shape[0]):
+        _rope_row(x[t], n_heads, head_dim, n_rot, cos[t], sin[t])
+
+
+# --- a prompt's steps between the products, the tokens split over threads --------------------
+# Each is one parallel region doing what several serial steps did (numpy's residual add, the
+# norm, the activations' rounding; RoPE and the cache's rounding to half), each token's floats
+# computed by the same row code as decode's.
+
+@njit(cache=True, parallel=True)
+def add_norm_rows(x, o, weight, eps, mode, h, xq, xd, xs, xhat):
+    """Per token t: x[t] += o[t] (skipped when o has no rows: the first layer), h[t] =
+    rmsnorm(x[t]) * weight, and h[t] rounded to activation format mode into xq, xd, xs, xhat
+    as quantize_activations does it (mode < 0: not rounded). Changes x, h and the four."""
+    add = o.shape[0] > 0
+    for t in prange(x.shape[0]):
+        xr = x[t]
+        if add:
+            orow = o[t]
+            for i in range(xr.shape[0]):
+                xr[i] += orow[i]
+        hr = h[t]
+        _rmsnorm_row(xr, weight, eps, hr)
+        if mode == ACT_F16:  # the same rounding as round_to_f16's, vectorized (quantize_for's for batches)
+            round_row_to_half(hr, xhat[t], np.empty(hr.shape[0], np.float32))
+        elif mode >= 0:
+            _quantize_row(hr, mode, xq[t], xd[t], xs[t], xhat[t])
+
+
+@njit(cache=True, parallel=True)
+def rope_store_rows(q, k, v, cos, sin, n_head, n_head_kv, head_dim, n_rot, k_cache, v_cache, pos):
+    """Per token t: q[t] and k[t] rotated in place (apply_rope), then k[t] and v[t] rounded to
+    half into the cache rows pos + t (k_cache, v_cache: one layer's [n_ctx, kv_dim]), as
+    KVCache.store rounds them."""
+    for t in prange(q.shape[0]):
+        _rope_row(q[t], n_head, head_dim, n_rot, cos[t], sin[t])
+        kr = k[t]
+        _rope_row(kr, n_head_kv, head_dim, n_rot, cos[t], sin[t])
+        tmp = np.empty(kr.shape[0], np.float32)
+        round_row_to_half(kr, k_cache[pos + t], tmp)
+        round_row_to_half(v[t], v_cache[pos + t], tmp)
 
 
 @njit(cache=True, inline="always")
@@ -227,20 +278,43 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     n_kv = n_past + t + 1
     acc[:] = 0.0
     two_n = kbits.view(np.float32)
+    mx = np.empty(16, np.float32)
     total = np.float32(0.0)
     m = np.float32(-np.inf)
+    n_d4 = head_dim - head_dim % 4
     for ic in range(0, n_kv, FA_TILE_KV):
         for tk in range(FA_TILE_KV):
             s[tk] = 0.0
-        for d in range(head_dim):
+        # each chain's fmas in dimension order, four dimensions per pass over the 64 lanes (the
+        # same fmas: s stays in registers between them instead of going through memory each time)
+        for d in range(0, n_d4, 4):
+            q0 = q[t, h * head_dim + d]
+            q1 = q[t, h * head_dim + d + 1]
+            q2 = q[t, h * head_dim + d + 2]
+            q3 = q[t, h * head_dim + d + 3]
+            k0 = kt[g, d, ic:ic + FA_TILE_KV]  # contiguous: the 64 chains advance in vector lanes
+            k1 = kt[g, d + 1, ic:ic + FA_TILE_KV]
+            k2 = kt[g, d + 2, ic:ic + FA_TILE_KV]
+            k3 = kt[g, d + 3, ic:ic + FA_TILE_KV]
+            for tk in range(FA_TILE_KV):
+                s[tk] = fmaf(q3, k3[tk], fmaf(q2, k2[tk], fmaf(q1, k1[tk], fmaf(q0, k0[tk], s[tk]))))
+        for d in range(n_d4, head_dim):
             qd = q[t, h * head_dim + d]
-            krow = kt[g, d, ic:ic + FA_TILE_KV]  # contiguous: the 64 chains advance in vector lanes
+            krow = kt[g, d, ic:ic + FA_TILE_KV]
             for tk in range(FA_TILE_KV):
                 s[tk] = fmaf(qd, krow[tk], s[tk])
-        tile_max = np.float32(-np.inf)
         for tk in range(FA_TILE_KV):
             s[tk] = s[tk] * scale if ic + tk < n_kv else -np.inf  # masked (future or padding): weight 0
-            tile_max = max(tile_max, s[tk])
+        # the tile's maximum through 16 running maxima (vector lanes; one chain of compares would
+        # not vectorize): the same maximum in any order
+        for j in range(16):
+            mx[j] = s[j]
+        for c in range(16, FA_TILE_KV, 16):
+            for j in range(16):
+                mx[j] = max(mx[j], s[c + j])
+        tile_max = mx[0]
+        for j in range(1, 16):
+            tile_max = max(tile_max, mx[j])
         m_new = max(m, tile_max)
         if m_new > m:
             ms = np.float32(math.exp(np.float32(m - m_new)))  # libm expf
@@ -258,8 +332,8 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             kbits[tk] = (np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23
             s[tk] = fmaf(_expf_poly(b), two_n[tk], two_n[tk])
         for tk in range(FA_TILE_KV):
-            if not abs(ns[tk]) <= 126.0:
-                s[tk] = _ggml_expf(xs[tk])
+            if not abs(ns[tk]) <= 126.0:  # (a masked weight is _ggml_expf(-inf) = 0 without the call)
+                s[tk] = np.float32(0.0) if xs[tk] == -np.inf else _ggml_expf(xs[tk])
         tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
         for c in range(0, FA_TILE_KV, 8):
             r0 = s[c + 4] + s[c + 0]
@@ -268,7 +342,19 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
             r3 = s[c + 7] + s[c + 3]
             tile_sum += np.float64((r0 + r2) + (r1 + r3))
         total = np.float32(np.float64(total) + tile_sum)
-        for tk in range(min(FA_TILE_KV, n_kv - ic)):
+        # the values in position order, four positions per pass over acc (the same fmas per
+        # dimension, as above)
+        n_valid = min(FA_TILE_KV, n_kv - ic)
+        n_v4 = n_valid - n_valid % 4
+        for tk in range(0, n_v4, 4):
+            p0, p1, p2, p3 = s[tk], s[tk + 1], s[tk + 2], s[tk + 3]
+            v0 = v_cache[ic + tk, kv0:kv0 + head_dim]
+            v1 = v_cache[ic + tk + 1, kv0:kv0 + head_dim]
+            v2 = v_cache[ic + tk + 2, kv0:kv0 + head_dim]
+            v3 = v_cache[ic + tk + 3, kv0:kv0 + head_dim]
+            for d in range(head_dim):
+                acc[d] = fmaf(p3, v3[d], fmaf(p2, v2[d], fmaf(p1, v1[d], fmaf(p0, v0[d], acc[d]))))
+        for tk in range(n_v4, n_valid):
             p = s[tk]
             vrow = v_cache[ic + tk, kv0:kv0 + head_dim]
             for d in range(head_dim):
@@ -293,10 +379,11 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     n_all = n_past + n_tok
     n_pad = -(-n_all // FA_TILE_KV) * FA_TILE_KV
     kt = np.zeros((n_head_kv, head_dim, n_pad), np.float32)
-    for g in prange(n_head_kv):
+    for gd in prange(n_head_kv * head_dim):  # (by dimension: 3 KV heads split unevenly over 2 threads)
+        g = gd // head_dim
+        d = gd % head_dim
         for j in range(n_all):
-            for d in range(head_dim):
-                kt[g, d, j] = k_cache[j, g * head_dim + d]
+            kt[g, d, j] = k_cache[j, gd]
     for i in prange(n_tok):
         # tokens taken from both ends in turn: a thread's contiguous share then holds short and
         # long rows of the causal triangle alike; one token's heads share the scratch arrays
@@ -356,34 +443,37 @@ def forward(cfg, w, cache, tokens: np.ndarray, want_all: bool, hidden: bool = Fa
     hd = cfg.head_dim
     attn_out = np.empty((n_tok, cfg.n_head * hd), np.float32)
 
-    x = embed(cfg, w, tokens)
+    eps = np.float32(cfg.rms_eps)
+    x = embed(cfg, w, tokens)  # (a new array: the residual sums go into it)
+    h = np.empty_like(x)
+    o = np.empty((0, cfg.n_embd), np.float32)  # the product to add before a norm (none before the first)
     for il, layer in enumerate(w.layers):
         # attention
-        h = rmsnorm(x, layer.attn_norm, cfg.rms_eps)
-        act = quantize_for(h, layer.wq)
+        act = Activations.empty(n_tok, cfg.n_embd, layer.wq.act_mode)
+        add_norm_rows(x, o, layer.attn_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
         q = matmul(layer.wq, act)
         k = matmul(layer.wk, act if layer.wk.act_mode == act.mode else quantize_for(h, layer.wk))
         v = matmul(layer.wv, act if layer.wv.act_mode == act.mode else quantize_for(h, layer.wv))
-        apply_rope(q, cfg.n_head, hd, cfg.n_rot, cos, sin)
-        apply_rope(k, cfg.n_head_kv, hd, cfg.n_rot, cos, sin)
-        cache.store(il, pos0, k, v)
+        rope_store_rows(q, k, v, cos, sin, cfg.n_head, cfg.n_head_kv, hd, cfg.n_rot, cache.k[il], cache.v[il], pos0)
         attend(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
-        x = x + matmul(layer.wo, attn_out)
+        o = matmul(layer.wo, attn_out)
         # feed-forward (SwiGLU)
-        h = rmsnorm(x, layer.ffn_norm, cfg.rms_eps)
-        act = quantize_for(h, layer.w_gate)
+        act = Activations.empty(n_tok, cfg.n_embd, layer.w_gate.act_mode)
+        add_norm_rows(x, o, layer.ffn_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
         gate = matmul(layer.w_gate, act)
         up = matmul(layer.w_up, act if layer.w_up.act_mode == act.mode else quantize_for(h, layer.w_up))
         act = np.empty_like(gate)
         _silu_mul_rows(gate, up, act)
-        x = x + matmul(layer.w_down, act)
+        o = matmul(layer.w_down, act)
     cache.n_past = pos0 + n_tok
 
-    x = x if want_all else x[-1:]
-    x = rmsnorm(x, w.output_norm, cfg.rms_eps)
+    rows = slice(None) if want_all else slice(n_tok - 1, None)  # (views: the last row alone when only it is wanted)
+    x, o, h = x[rows], o[rows], h[rows]
+    act = Activations.empty(len(x), cfg.n_embd, -1 if hidden else w.output.act_mode)
+    add_norm_rows(x, o, w.output_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
     if hidden:
-        return x if want_all else x[0]
-    logits = matmul(w.output, x)
+        return h if want_all else h[0]
+    logits = matmul(w.output, act)
     return logits if want_all else logits[0]
 
 

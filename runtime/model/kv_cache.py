@@ -3,6 +3,8 @@ every position processed so far, per layer.
 
 Stored as float32 holding half-float values: llama.cpp keeps its cache in F16, so every value
 written is rounded to half precision first and attention sees the numbers llama.cpp sees. The
+forward pass writes the rows itself, rounding as it goes (runtime.model.forward's
+rope_store_rows for a batch, decode_layer for one token). The
 arrays are allocated zeroed (np.zeros: pages are only touched when written), so a large n_ctx
 costs memory only as it fills.
 """
@@ -24,12 +26,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return int(self.k.nbytes + self.v.nbytes)
-
-    def store(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Write rows k, v [T, kv_dim] at positions pos..pos+T-1, rounded to half precision."""
-        n = k.shape[0]
-        self.k[layer, pos:pos + n] = k.astype(np.float16)
-        self.v[layer, pos:pos + n] = v.astype(np.float16)
 
     def truncate(self, n: int) -> None:
         self.n_past = max(0, min(int(n), self.n_past))

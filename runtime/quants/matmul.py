@@ -30,7 +30,8 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 from numba import njit, prange, types
 from numba.core.imputils import impl_ret_borrowed
-from numba.extending import intrinsic, overload
+from numba.core.typing.typeof import _typeof_tuple
+from numba.extending import intrinsic, overload, typeof_impl
 
 from . import KERNELS, TRAITS, read_only_view
 from .plain import round_rows_to_half
@@ -84,6 +85,24 @@ class KernelContext(NamedTuple):
     table: np.ndarray
     isa: Isa
     kernels: KernelSet | None = None
+
+
+_CONTEXT_TYPES: dict = {}  # (id, purpose) -> (KernelContext, its numba type)
+
+
+@typeof_impl.register(KernelContext)
+def _typeof_kernel_context(val, c):
+    """numba's type of a KernelContext, worked out once per context: numba's dispatcher types a
+    tuple argument in Python, element by element, building and interning the tuple type anew
+    (some 20 microseconds), and a prompt's forward pass hands one to every product it calls."""
+    key = (id(val), c.purpose)
+    hit = _CONTEXT_TYPES.get(key)
+    if hit is not None and hit[0] is val:
+        return hit[1]
+    ty = _typeof_tuple(val, c)
+    if ty is not None and len(_CONTEXT_TYPES) < 256:  # (contexts are made once each: kernel_context)
+        _CONTEXT_TYPES[key] = (val, ty)
+    return ty
 
 
 # the context of this CPU's instruction set (runtime.quants.simd.HOST_ISA, detected once)
@@ -314,18 +333,30 @@ class Activations:
     __slots__ = ("mode", "xq", "xd", "xs", "xhat")
 
     def __init__(self, x: np.ndarray, mode: int):
-        n_tok, k = x.shape
-        self.mode = mode
-        self.xq = np.empty((n_tok, k), np.int8)
-        self.xd = np.empty((n_tok, max(k // 32, 1)), np.float32)
-        self.xs = np.empty((n_tok, max(k // 32, 1)), np.float32)
-        self.xhat = np.empty((n_tok, k), np.float32)
+        n_tok = x.shape[0]
+        self._allocate(n_tok, x.shape[1], mode)
         if mode == ACT_F16 and n_tok > 1:  # the same rounding on the bits, vectorized
             round_rows_to_half(x, self.xhat)
         elif n_tok > 1:
             _quantize_activations_rows(x, mode, self.xq, self.xd, self.xs, self.xhat)
         else:
             quantize_activations(x, mode, self.xq, self.xd, self.xs, self.xhat)
+
+
+    def _allocate(self, n_tok: int, k: int, mode: int) -> None:
+        self.mode = mode
+        self.xq = np.empty((n_tok, k), np.int8)
+        self.xd = np.empty((n_tok, max(k // 32, 1)), np.float32)
+        self.xs = np.empty((n_tok, max(k // 32, 1)), np.float32)
+        self.xhat = np.empty((n_tok, k), np.float32)
+
+    @classmethod
+    def empty(cls, n_tok: int, k: int, mode: int) -> "Activations":
+        """Arrays for n_tok tokens of k values in format mode, left for a kernel to fill (as
+        quantize_activations would: runtime.model.forward's add_norm_rows)."""
+        act = cls.__new__(cls)
+        act._allocate(n_tok, k, mode)
+        return act
 
 
 def quantize_for(x: np.ndarray, w: QuantWeight) -> Activations:

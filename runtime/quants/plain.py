@@ -81,24 +81,31 @@ def quantize_f16_row(x, row):
 HALF_ROUNDING_MAGIC = np.float32(0.5)  # its ulp is 2^-24, a half denormal's quantum: |x| + 0.5 - 0.5 rounds to it
 
 
+@njit(cache=True, inline="always")
+def round_row_to_half(x, out, tmp):
+    """out = x (float32 [K], contiguous) rounded to the nearest half, ties to even, as float32:
+    GGML_FP32_TO_FP16 and back, as rounding.round_to_f16 value by value (beyond the half range
+    inf; NaN kept), in selects on the bits that LLVM vectorizes: the mantissa rounded to 10 bits
+    for normal halves, |x| + 0.5 - 0.5 for the denormals (tmp: float32 [K] scratch). out may
+    be x itself."""
+    u = x.view(np.uint32)
+    o = out.view(np.uint32)
+    for i in range(tmp.shape[0]):
+        tmp[i] = (abs(x[i]) + HALF_ROUNDING_MAGIC) - HALF_ROUNDING_MAGIC
+    d = tmp.view(np.uint32)
+    for i in range(tmp.shape[0]):
+        f = u[i] & np.uint32(0x7FFFFFFF)
+        normal = (f + np.uint32(0xFFF) + ((f >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+        mag = d[i] if f < np.uint32(0x38800000) else (normal if f < np.uint32(0x477FF000) else np.uint32(0x7F800000))
+        o[i] = u[i] if f > np.uint32(0x7F800000) else (mag | (u[i] & np.uint32(0x80000000)))
+
+
 @njit(cache=True, nogil=True)
 def round_rows_to_half(x, out):
-    """out = x (float32 [T, K], C-contiguous) rounded to the nearest half, ties to even, as
-    float32: GGML_FP32_TO_FP16 and back, as rounding.round_to_f16 value by value (beyond the
-    half range inf; NaN kept), in selects on the bits that LLVM vectorizes: the mantissa
-    rounded to 10 bits for normal halves, |x| + 0.5 - 0.5 for the denormals."""
+    """round_row_to_half of each row of x (float32 [T, K], C-contiguous) into out."""
     tmp = np.empty(x.shape[1], np.float32)
     for t in range(x.shape[0]):
-        u = x[t].view(np.uint32)
-        o = out[t].view(np.uint32)
-        for i in range(tmp.shape[0]):
-            tmp[i] = (abs(x[t, i]) + HALF_ROUNDING_MAGIC) - HALF_ROUNDING_MAGIC
-        d = tmp.view(np.uint32)
-        for i in range(tmp.shape[0]):
-            f = u[i] & np.uint32(0x7FFFFFFF)
-            normal = (f + np.uint32(0xFFF) + ((f >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-            mag = d[i] if f < np.uint32(0x38800000) else (normal if f < np.uint32(0x477FF000) else np.uint32(0x7F800000))
-            o[i] = u[i] if f > np.uint32(0x7F800000) else (mag | (u[i] & np.uint32(0x80000000)))
+        round_row_to_half(x[t], out[t], tmp)
 
 
 def dequantize_bf16(raw, out):
