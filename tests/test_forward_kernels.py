@@ -257,6 +257,8 @@ def test_a_prompts_rope_pass_is_apply_rope_and_half_rounding():
     rope_store_rows(q, k, v, cos, sin, n_head, n_head_kv, head_dim, n_rot, k_cache, v_cache, pos)
     assert np.array_equal(q.view(np.uint32), want_q.view(np.uint32))
     assert np.array_equal(k_cache[pos:pos + n_tok], want_k.astype(np.float16).astype(np.float32))
-    assert np.array_equal(v_cache[pos:pos + n_tok], v.astype(np.float16).astype(np.float32))
+    with np.errstate(over="ignore"):  # the values past the half range become inf, as meant
+        want_v = v.astype(np.float16).astype(np.float32)
+    assert np.array_equal(v_cache[pos:pos + n_tok], want_v)
     untouched = np.r_[0:pos, pos + n_tok:12]
     assert (k_cache[untouched] == 7.0).all() and (v_cache[untouched] == 7.0).all()
