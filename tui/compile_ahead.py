@@ -9,11 +9,11 @@ what it compiled there (numba writes its cache files under temporary names and r
 into place), and a kernel called for the first time is looked up there before it is compiled.
 The helper loads the same file with the same settings (same kernels, same instruction set),
 evaluates the sizes it was given, says "ready N" on stdout after each, and exits.
-The kernels both halves call (attention's one-row kernel: the longest compile of the decode chain) are
-compiled by the caller, first; the helper compiles what only decode calls, loads the model, and
-waits for the caller's `go` (its stdin closed) before its decode step, which then reads them from the
-cache. Left to the helper, as before, they put a cold start's critical path on its side (about
-4.6 + 8 s of compiling there against 12 here); left to a race, both processes could compile them. The caller
+The kernels both halves call (attention's one-row kernel: the longest compile of the decode
+chain) are compiled by the caller, first; the helper compiles what only decode calls, loads the
+model, and waits for the caller's `go` (its stdin closed) before its decode step, which then reads
+them from the cache: the two halves of the work stay about even, and no kernel is compiled by
+both processes, as a race between them could do. The caller
 waits for the decode half before running it itself (so it reads it from the cache instead of
 compiling it a second time), and leaves the rest (ggml's tiled attention for long prompts) to
 finish in the background; a helper that fails or is killed costs nothing but the wait: the
@@ -124,8 +124,7 @@ def main(argv: list[str]) -> int:
     from llamachat.runtime.model.forward import compile_decode_kernels
 
     llm = Llama(path, n_ctx=max(sizes) + 8, n_threads=1, verbose=False)
-    model = llm.model
-    compile_decode_kernels(model.weights, getattr(model, "decode_context", None))  # while the caller compiles the shared ones
+    compile_decode_kernels(llm.model.weights, llm.model.decode_context)  # while the caller compiles the shared ones
     from .engine_worker import sample_tokens
 
     ids = sample_tokens(llm, max(sizes))

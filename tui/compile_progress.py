@@ -19,6 +19,7 @@ Imports numba only when installed (the engine has imported it by then), never at
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -93,39 +94,29 @@ class CompileWatch:
                 self.done += 1
             self.last = time.monotonic()
 
+    @contextlib.contextmanager
     def elsewhere(self, what: str):
-        """A context manager: while it is open, a compile goes on in another process (`what`
-        names it), and the wait shows as this one's."""
-        import contextlib
+        """While open, a compile goes on in another process (`what` names it), and the wait
+        shows as this one's."""
+        self._begin(what, counted=False)  # the other process's kernels are not counted here
+        try:
+            yield
+        finally:
+            self._ended()
 
-        @contextlib.contextmanager
-        def waiting():
-            self._begin(what, counted=False)  # the other process's kernels are not counted here
-            try:
-                yield
-            finally:
-                self._ended()
-
-        return waiting()
-
+    @contextlib.contextmanager
     def holding(self):
-        """A context manager for a warm-up (which compiles kernel after kernel, with plain
-        Python between them): while it is open, the notice of a compile that began in it stays
-        up through any pause, until the warm-up ends. Outside one, a pause over PAUSE_SECONDS
-        ends the notice (a kernel compiled in the middle of a reply)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def hold():
+        """While open (a warm-up, which compiles kernel after kernel with plain Python between
+        them), the notice of a compile that began in it stays up through any pause, until the
+        warm-up ends. Outside one, a pause over PAUSE_SECONDS ends the notice (a kernel compiled
+        in the middle of a reply)."""
+        with self._lock:
+            self._holding += 1
+        try:
+            yield
+        finally:
             with self._lock:
-                self._holding += 1
-            try:
-                yield
-            finally:
-                with self._lock:
-                    self._holding -= 1
-
-        return hold()
+                self._holding -= 1
 
     def status(self, compact: bool = False) -> str | None:
         """A sentence for the user while compiling has gone on for over a second, else None
@@ -168,7 +159,7 @@ class StderrProgress:
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._hold = None
+        self._hold = contextlib.ExitStack()
         self._shown = False
 
     def __enter__(self):
@@ -178,8 +169,7 @@ class StderrProgress:
             tty = False
         if tty:
             WATCH.install()
-            self._hold = WATCH.holding()  # what runs inside is one wait: the line stays through its pauses
-            self._hold.__enter__()
+            self._hold.enter_context(WATCH.holding())  # what runs inside is one wait: the line stays through its pauses
             self._thread = threading.Thread(target=self._run, name="llamachat-compile-progress", daemon=True)
             self._thread.start()
         return self
@@ -203,9 +193,7 @@ class StderrProgress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
-        if self._hold is not None:
-            self._hold.__exit__(None, None, None)
-            self._hold = None
+        self._hold.close()
         self.draw(None)
         return False
 

@@ -771,15 +771,15 @@ def compile_shared_kernels(cfg, weights) -> None:
     embed(cfg, weights, np.array([0]))
 
 
-def compile_decode_kernels(weights=None, ctx=None) -> None:
-    """Like compile_shared_kernels, the kernels only decode calls: SwiGLU of one row and, given
-    a model's weights and decode context, `_project` with each one-token kernel of its layers
-    and output (on the first matrix of each, with the argument types decode_layer gives it, so that its
-    compile then finds them done). tui/compile_ahead's helper runs this while the caller
-    compiles the shared kernels."""
+def compile_decode_kernels(weights, ctx) -> None:
+    """Like compile_shared_kernels, the kernels only decode calls: SwiGLU of one row and, when
+    the model decodes in compiled code (ctx: its decode context, else None), `_project` with
+    each one-token kernel of its layers and output (on the first matrix of each, with the
+    argument types decode_layer gives it, so that its compile then finds them done).
+    tui/compile_ahead's helper runs this while the caller compiles the shared kernels."""
     x = np.zeros(32, np.float32)
     _silu_mul(x, x, np.empty_like(x))
-    if weights is None or ctx is None:
+    if ctx is None:
         return
     seen = set()
     names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
