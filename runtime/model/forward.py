@@ -38,7 +38,10 @@ from ..quants.plain import round_row_to_half
 from ..quants.simd import f32_from_bits, fmaf
 
 
-@njit(cache=True, inline="always")
+# the row helpers below are plain compiled functions, not inline="always": numba's own inlining of
+# them into the parallel prompt passes (add_norm_rows, rope_store_rows) doubled those passes'
+# compile, a cold start's critical path; LLVM inlines or calls them at no measurable cost
+@njit(cache=True)
 def _rmsnorm_row(x, weight, eps, out):
     """rmsnorm of one token's row x [n_embd] into out."""
     total = 0.0
@@ -96,7 +99,7 @@ def rope_tables(positions: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
     return cos, sin
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _rope_row(x, n_heads, head_dim, n_rot, cos, sin):
     """Rotate one token's row x [n_heads*head_dim] in place by its angles cos, sin [n_rot/2]."""
     for h in range(n_heads):

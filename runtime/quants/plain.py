@@ -81,7 +81,7 @@ def quantize_f16_row(x, row):
 HALF_ROUNDING_MAGIC = np.float32(0.5)  # its ulp is 2^-24, a half denormal's quantum: |x| + 0.5 - 0.5 rounds to it
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)  # (not inline="always": see forward.py's row helpers)
 def round_row_to_half(x, out, tmp):
     """out = x (float32 [K], contiguous) rounded to the nearest half, ties to even, as float32:
     GGML_FP32_TO_FP16 and back, as rounding.round_to_f16 value by value (beyond the half range
