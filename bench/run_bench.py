@@ -7,6 +7,7 @@
 --synthetic 1b writes (once, into DIR) a 1.1B llama in TinyLlama's shape with random weights
 (speed does not depend on the values) and SmolLM2's vocabulary: an F16 file, then its --quant
 variants made by `llamachat quantize`'s code; those files are then measured as the -m models.
+3b and 7b do the same in Llama-3.2-3B's and Llama-2-7B's shapes.
 
 For each model (library name or .gguf path; default: the library's default model):
 - pp/tg tokens/s as `llamachat bench` measures them (mean ± stddev over -r repetitions);
@@ -134,8 +135,14 @@ def llama_bench(exe: str, path: Path, args) -> dict[str, float]:
     return figures
 
 
-# TinyLlama-1.1B's shape; the vocabulary (and tokenizer) is SmolLM2's, read from the library's file
-SYNTHETIC_SHAPES = {"1b": dict(n_embd=2048, n_layer=22, n_head=32, n_head_kv=4, n_ff=5632)}
+# Published models' shapes (the vocabulary and tokenizer are SmolLM2's, read from the library's
+# file, or --vocab-from's): TinyLlama-1.1B (head size 64, 8 query heads per KV head), Llama-3.2-3B
+# (head size 128, 3 per KV head), Llama-2-7B (head size 128, no grouping)
+SYNTHETIC_SHAPES = {
+    "1b": dict(n_embd=2048, n_layer=22, n_head=32, n_head_kv=4, n_ff=5632),
+    "3b": dict(n_embd=3072, n_layer=28, n_head=24, n_head_kv=8, n_ff=8192),
+    "7b": dict(n_embd=4096, n_layer=32, n_head=32, n_head_kv=32, n_ff=11008),
+}
 SYNTHETIC_QUANTS = ["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 
 
@@ -204,7 +211,8 @@ def main() -> int:
     ap.add_argument("-r", "--repetitions", dest="reps", type=int, default=3)
     ap.add_argument("--llama-bench", dest="llama_bench", help="path to a llama-bench binary for side-by-side ratios")
     ap.add_argument("--synthetic", choices=sorted(SYNTHETIC_SHAPES),
-                    help="measure a random-weights llama of this size (TinyLlama's shape for 1b), written into --cache")
+                    help="measure a random-weights llama of this size (TinyLlama's shape for 1b, Llama-3.2's for 3b, "
+                         "Llama-2's for 7b), written into --cache")
     ap.add_argument("--cache", type=Path, help="folder holding the --synthetic files (written there once)")
     ap.add_argument("--vocab-from", dest="vocab_from", type=Path,
                     help="--synthetic's tokenizer source (.gguf; default: the library's default model, SmolLM2)")
