@@ -21,6 +21,26 @@ def shown(value, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
+def stat_regular_file(path, what: str):
+    """os.stat(path) of a regular file the user named, or one UserError saying why it is not
+    read as `what` ("a GGUF file", "a prompt file"): missing, unreadable, a directory, or a
+    device, FIFO or socket (opening one of those could block or never end)."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{path} is a directory, not {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path} is not a regular file (a device, FIFO or socket), so it is not read as {what}")
+    return st
+
+
 class UserError(Exception):
     """A problem the user can fix; `str(err)` is the whole sentence shown to them."""
 

@@ -88,7 +88,7 @@ def test_missing_file_and_directory_get_one_sentence(tmp_path):
     assert str(info.value) == f"{tmp_path / 'nope.gguf'}: no such file"
     with pytest.raises(UserError) as info:
         GGUFFile(tmp_path)
-    assert str(info.value) == f"{tmp_path}: is a directory, not a GGUF file"
+    assert str(info.value) == f"{tmp_path} is a directory, not a GGUF file"
 
 
 def test_huge_counts_fail_fast_without_allocating(tmp_path):

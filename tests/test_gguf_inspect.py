@@ -44,7 +44,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
 
 def test_directory_is_one_sentence(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"llamachat: {tmp_path}: is a directory, not a GGUF file\n"
+    assert capsys.readouterr().err == f"llamachat: {tmp_path} is a directory, not a GGUF file\n"
 
 
 def test_inspect_does_not_import_textual_or_numba(tmp_path):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import GGUFError, UserError, shown
+from ..errors import GGUFError, UserError, shown, stat_regular_file
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -146,17 +145,7 @@ class GGUFFile:
     # ---- life cycle -------------------------------------------------------------------
     def _open(self) -> None:
         p = self.path
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            raise UserError(f"{p}: no such file") from None
-        except OSError as e:
-            raise UserError(f"{p}: cannot read the file ({e.strerror or e})") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise UserError(f"{p}: is a directory, not a GGUF file")
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{p}: is not a regular file, so it cannot be a GGUF model")
-        self.file_size = st.st_size
+        self.file_size = stat_regular_file(p, "a GGUF file").st_size
         if self.file_size < HEADER_BYTES:
             raise GGUFError(p, f"the file is {self.file_size} bytes long, too short for a GGUF header ({HEADER_BYTES} bytes)")
         try:

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .bpe import BPEMerger, byte_encode, UNICODE_TO_BYTE
-from ..errors import ModelError, UserError, shown
+from ..errors import ModelError, UserError, shown, stat_regular_file
 from ..params import suggestion
 from .pretokenizer import PRE_TOKENIZERS, PreTokenizer
 from .spm import SPMMerger
@@ -150,7 +150,6 @@ def read_text_input(path, what: str, max_bytes: int = MAX_TEXT_BYTES, stream=Non
     /dev/urandom), FIFO or socket is refused without reading (reading one may never end), a
     file or `stream` longer than `max_bytes` is refused after reading at most one byte past
     the bound, and NUL bytes mean it is not text. The caller decodes (decode_utf8)."""
-    import stat
 
     if stream is not None:
         data = stream.read(max_bytes + 1)
@@ -159,16 +158,7 @@ def read_text_input(path, what: str, max_bytes: int = MAX_TEXT_BYTES, stream=Non
         _refuse_nul(data, what)
         return data
     p = Path(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such file") from None
-    except OSError as e:
-        raise UserError(f"{p}: cannot read {what} ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UserError(f"{p} is a directory, not {what}")
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{p} is not a regular file (a device, FIFO or socket), so it is not read as {what}; give a text file")
+    st = stat_regular_file(p, what)
     if st.st_size > max_bytes:
         raise UserError(f"{p} is {st.st_size} bytes long, more than the {max_bytes} bytes llamachat reads as {what}")
     try:
