@@ -310,8 +310,22 @@ def _f16_tile(n_rows, n_tok):
 # this CPU's registers whatever the instruction set the kernels' IR is emitted for)
 TILE_ROWS, TILE_TOKENS = (2, 6) if host_isas()[0] == "avx512vnni" else (1, 3)
 _tile = _f16_tile(TILE_ROWS, TILE_TOKENS)
-CHUNK_ROWS = 32  # rows per work item: their floats stay in L2 while the token tiles pass
+CHUNK_ROWS = 64  # at most this many rows per work item: their floats stay in L2 while the token tiles pass
+CHUNK_BYTES = 1 << 18  # and at most this many bytes of them (K = 1536: 42 rows), beside the batch in L2
 STEPS_IN_L1 = 32  # at most this many 32-value steps of a tile's tokens (24 KiB) per pass over the rows
+
+
+@njit(cache=True)
+def chunk_rows(n_rows, k):
+    """matmat_f16's rows per work item for a matrix of n_rows rows of k values: at most
+    CHUNK_ROWS and CHUNK_BYTES of floats, a multiple of TILE_ROWS, and an even number of equal
+    work items (two threads take equal shares; numba's thread count, read in compiled code,
+    would keep the function out of the cache). Each item's first pass over a tile of tokens
+    reads them from L2, the other passes from L1: the more rows, the fewer such passes."""
+    most = max(TILE_ROWS, min(CHUNK_ROWS, CHUNK_BYTES // max(4 * k, 1)))
+    n_items = -(-n_rows // most)
+    n_items += n_items % 2
+    return -(-(-(-n_rows // n_items)) // TILE_ROWS) * TILE_ROWS
 
 
 @njit(cache=True, parallel=True)
@@ -333,7 +347,7 @@ def matvec_f16(w, ctx, xq, xd, xs, x, out):
 def matmat_f16(w, ctx, xq, xd, xs, x, out):
     """out [T, rows] = the T tokens' products with an F16 matrix (x: the activations rounded
     to half), each (row, token) matvec_f16's float: TILE_ROWS rows x TILE_TOKENS tokens per
-    pass (_f16_tile), a work item's CHUNK_ROWS rows, converted to float32 once, meeting every
+    pass (_f16_tile), a work item's chunk_rows rows, converted to float32 once, meeting every
     tile of tokens in turn, a block of at most STEPS_IN_L1 steps at a time, so that the
     block's activations stay in L1 while the rows pass (the accumulators kept between
     blocks); the K % 32 leftovers in double, as matvec_f16."""
@@ -344,19 +358,21 @@ def matmat_f16(w, ctx, xq, xd, xs, x, out):
     n_steps = k // 32
     n_blocks = max(1, (n_steps + STEPS_IN_L1 - 1) // STEPS_IN_L1)
     block = max(1, (n_steps + n_blocks - 1) // n_blocks)  # (equal blocks)
-    n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    rows = chunk_rows(n_rows, tail)
+    n_chunks = (n_rows + rows - 1) // rows
     for c in prange(n_chunks):
-        r1 = min(n_rows, (c + 1) * CHUNK_ROWS)
-        wf = np.empty((r1 - c * CHUNK_ROWS, tail), np.float32)
+        r0 = c * rows
+        r1 = min(n_rows, r0 + rows)
+        wf = np.empty((r1 - r0, tail), np.float32)
         for i in range(wf.shape[0]):
-            f16_widen(w, c * CHUNK_ROWS + i, wf, i, ctx.isa)
+            f16_widen(w, r0 + i, wf, i, ctx.isa)
         acc = np.empty(((wf.shape[0] + TILE_ROWS - 1) // TILE_ROWS, 32 * TILE_ROWS * TILE_TOKENS), np.float32)
         for p in range(n_tiles):
             for s0 in range(0, max(n_steps, 1), block):
                 for i0 in range(0, wf.shape[0], TILE_ROWS):
-                    _tile(wf, i0, c * CHUNK_ROWS, x, p, s0, min(block, n_steps - s0), acc, i0 // TILE_ROWS, out, ctx.isa)
+                    _tile(wf, i0, r0, x, p, s0, min(block, n_steps - s0), acc, i0 // TILE_ROWS, out, ctx.isa)
         if tail < k:
-            for r in range(c * CHUNK_ROWS, r1):
+            for r in range(r0, r1):
                 row = w[r].view(np.uint16)
                 for t in range(n_tok):
                     acc = np.float64(out[t, r])
