@@ -760,7 +760,7 @@ def test_f16_batch_tiles_are_the_one_token_floats_on_every_instruction_set(k):
     raw = random_rows(T.F16, 37, k, rng)
     w = mm.QuantWeight("w", T.F16, k, 37, raw)
     x = (rng.standard_normal((plain.TILE_TOKENS + 7, k)) * 3).astype(np.float32)
-    assert (37 % plain.TILE_ROWS or plain.TILE_ROWS == 1) and 37 > plain.CHUNK_ROWS and x.shape[0] % plain.TILE_TOKENS
+    assert (37 % plain.TILE_ROWS or plain.TILE_ROWS == 1) and 37 % plain.chunk_rows(37, k - k % 32) and x.shape[0] % plain.TILE_TOKENS
     assert (1104 // 32) > plain.STEPS_IN_L1
     want = None
     for isa in simd.host_isas():

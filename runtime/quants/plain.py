@@ -210,10 +210,11 @@ def _f16_sums(builder, pairs):
 
 
 def _f16_tile(n_rows, n_tok):
-    """An intrinsic (wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa): rows i0.. of wf
+    """An intrinsic (wf, i0, r_base, x, tile, s0, n_s, acc, slot, out, isa): rows i0.. of wf
     (float32 [n, K'], a work item's rows converted from halves by f16_widen; wf[i] is the
-    matrix's row r_base + i) times the n_tok tokens of tile `tile` of xp (pack_tokens' layout,
-    float32 [tiles, K'/32 * n_tok * 32]), over the 32-value steps s0..s0+n_s-1: started from
+    matrix's row r_base + i) times the n_tok tokens of tile `tile` of x (float32 [T, K], the
+    tokens tile * n_tok.., each read from its own row: no copy of the batch in another layout),
+    over the 32-value steps s0..s0+n_s-1: started from
     zero when s0 = 0, else from the accumulators left in acc[slot] (float32 [slots, 2 * n_rows
     * n_tok * 16]) by the steps before; left there again unless the steps end the row, when
     the sums go to out[t, r] (float32 [T, rows]), each (row, token) f16_dot's float:
@@ -221,17 +222,17 @@ def _f16_tile(n_rows, n_tok):
     fma is lane by lane, so the lanes' chains are the same), reduced (a0+a2) + (a1+a3), 128-bit
     halves, two horizontal adds. A step's n_rows weight vectors and n_tok activation vectors
     feed n_rows*n_tok fmas (the one-token kernel loads one activation vector per fma).
-    Rows past wf's last and the tile's padding tokens repeat the last ones (the same value
+    Rows past wf's last and tokens past the batch's last repeat the last ones (the same value
     stored twice), so a matrix's and a batch's leftovers take the same kernel. (Splitting the
     steps changes no float: each lane's chain goes on from the same bits.)"""
 
-    def typer(typingctx, wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in (wf, xp, acc, out)):
+    def typer(typingctx, wf, i0, r_base, x, tile, s0, n_s, acc, slot, out, isa):
+        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in (wf, x, acc, out)):
             return None
-        return types.none(wf, i0, r_base, xp, tile, s0, n_s, acc, slot, out, isa), codegen
+        return types.none(wf, i0, r_base, x, tile, s0, n_s, acc, slot, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wft, _, _, xpt, _, _, _, acct, _, outt = signature.args[:-1]
+        wft, _, _, xt, _, _, _, acct, _, outt = signature.args[:-1]
         farr = context.make_array(wft)(context, builder, args[0])
         i0, r_base, tile, s0, n_s, slot = args[1], args[2], args[4], args[5], args[6], args[8]
         k = builder.extract_value(farr.shape, 1)
@@ -242,12 +243,15 @@ def _f16_tile(n_rows, n_tok):
 
         local = [clamp(builder.add(i0, ir.Constant(i0.type, i)), last_row) for i in range(n_rows)]
         rows = [builder.bitcast(builder.gep(farr.data, [builder.mul(li, k)]), _i8.as_pointer()) for li in local]
-        xarr = context.make_array(xpt)(context, builder, args[3])
-        x_cols = builder.extract_value(xarr.shape, 1)
-        xbase = builder.bitcast(builder.gep(xarr.data, [builder.mul(tile, x_cols)]), _i8.as_pointer())
         oarr = context.make_array(outt)(context, builder, args[9])
         n_out = builder.extract_value(oarr.shape, 1)
         last_tok = builder.sub(builder.extract_value(oarr.shape, 0), ir.Constant(n_out.type, 1))
+        t0 = builder.mul(tile, ir.Constant(tile.type, n_tok))
+        tok = [clamp(builder.add(t0, ir.Constant(t0.type, t)), last_tok) for t in range(n_tok)]
+        xarr = context.make_array(xt)(context, builder, args[3])
+        x_stride = builder.extract_value(xarr.strides, 0)
+        xdata = builder.bitcast(xarr.data, _i8.as_pointer())
+        xrows = [builder.gep(xdata, [builder.mul(tt, x_stride)]) for tt in tok]
         n_steps = builder.sdiv(k, ir.Constant(k.type, 32))
         f32x16 = _vec(_f32, 16)
         zero16 = ir.Constant(f32x16, [0.0] * 16)
@@ -274,11 +278,10 @@ def _f16_tile(n_rows, n_tok):
             i = builder.add(j, s0)
             o = builder.mul(i, ir.Constant(i.type, 128))
             wv = [[_load(builder, row, f32x16, builder.add(o, ir.Constant(o.type, 64 * h))) for h in range(2)] for row in rows]
-            xo = builder.mul(i, ir.Constant(i.type, 128 * n_tok))
             new = list(accs)
             for t in range(n_tok):
                 for h in range(2):
-                    xv = _load(builder, xbase, f32x16, builder.add(xo, ir.Constant(xo.type, 128 * t + 64 * h)))
+                    xv = _load(builder, xrows[t], f32x16, builder.add(o, ir.Constant(o.type, 64 * h)))
                     for r in range(n_rows):
                         j = 2 * (r * n_tok + t) + h
                         new[j] = _fma(builder, wv[r][h], xv, accs[j])
@@ -291,9 +294,8 @@ def _f16_tile(n_rows, n_tok):
                 for a, v in zip(kept, accs):
                     builder.store(v, a, align=4)
             with last:
-                t0 = builder.mul(tile, ir.Constant(tile.type, n_tok))
                 sums = _f16_sums(builder, [(accs[2 * p], accs[2 * p + 1]) for p in range(n_rows * n_tok)])
-                toks = [builder.mul(clamp(builder.add(t0, ir.Constant(t0.type, t)), last_tok), n_out) for t in range(n_tok)]
+                toks = [builder.mul(tt, n_out) for tt in tok]
                 for r in range(n_rows):
                     col = builder.add(r_base, local[r])
                     for t in range(n_tok):
@@ -308,26 +310,22 @@ def _f16_tile(n_rows, n_tok):
 # this CPU's registers whatever the instruction set the kernels' IR is emitted for)
 TILE_ROWS, TILE_TOKENS = (2, 6) if host_isas()[0] == "avx512vnni" else (1, 3)
 _tile = _f16_tile(TILE_ROWS, TILE_TOKENS)
-CHUNK_ROWS = 32  # rows per work item: their floats stay in L2 while the token tiles pass
+CHUNK_ROWS = 64  # at most this many rows per work item: their floats stay in L2 while the token tiles pass
+CHUNK_BYTES = 1 << 18  # and at most this many bytes of them (K = 1536: 42 rows), beside the batch in L2
 STEPS_IN_L1 = 32  # at most this many 32-value steps of a tile's tokens (24 KiB) per pass over the rows
 
 
-@njit(cache=True, nogil=True)  # (serial: a parallel function costs seconds more to compile, and this is cheap)
-def pack_tokens(x, n_tok):
-    """x float32 [T, K] -> [ceil(T / n_tok), K/32 * n_tok * 32]: per tile of n_tok tokens, per
-    32-value step, each token's 32 values (the tile kernel's loads, in order); the last tile's
-    missing tokens repeat the batch's last token."""
-    n, k = x.shape
-    n_steps = k // 32
-    n_tiles = (n + n_tok - 1) // n_tok
-    xp = np.empty((n_tiles, n_steps * n_tok * 32), np.float32)
-    for p in range(n_tiles):
-        for t in range(n_tok):
-            src = x[min(p * n_tok + t, n - 1)]
-            for i in range(n_steps):
-                o = (i * n_tok + t) * 32
-                xp[p, o:o + 32] = src[32 * i:32 * i + 32]
-    return xp
+@njit(cache=True)
+def chunk_rows(n_rows, k):
+    """matmat_f16's rows per work item for a matrix of n_rows rows of k values: at most
+    CHUNK_ROWS and CHUNK_BYTES of floats, a multiple of TILE_ROWS, and an even number of equal
+    work items (two threads take equal shares; numba's thread count, read in compiled code,
+    would keep the function out of the cache). Each item's first pass over a tile of tokens
+    reads them from L2, the other passes from L1: the more rows, the fewer such passes."""
+    most = max(TILE_ROWS, min(CHUNK_ROWS, CHUNK_BYTES // max(4 * k, 1)))
+    n_items = -(-n_rows // most)
+    n_items += n_items % 2
+    return -(-(-(-n_rows // n_items)) // TILE_ROWS) * TILE_ROWS
 
 
 @njit(cache=True, parallel=True)
@@ -349,30 +347,32 @@ def matvec_f16(w, ctx, xq, xd, xs, x, out):
 def matmat_f16(w, ctx, xq, xd, xs, x, out):
     """out [T, rows] = the T tokens' products with an F16 matrix (x: the activations rounded
     to half), each (row, token) matvec_f16's float: TILE_ROWS rows x TILE_TOKENS tokens per
-    pass (_f16_tile), a work item's CHUNK_ROWS rows, converted to float32 once, meeting every
+    pass (_f16_tile), a work item's chunk_rows rows, converted to float32 once, meeting every
     tile of tokens in turn, a block of at most STEPS_IN_L1 steps at a time, so that the
     block's activations stay in L1 while the rows pass (the accumulators kept between
     blocks); the K % 32 leftovers in double, as matvec_f16."""
     n_tok, k = x.shape
     n_rows = w.shape[0]
     tail = k - k % 32
-    xp = pack_tokens(x, TILE_TOKENS)
+    n_tiles = (n_tok + TILE_TOKENS - 1) // TILE_TOKENS
     n_steps = k // 32
     n_blocks = max(1, (n_steps + STEPS_IN_L1 - 1) // STEPS_IN_L1)
     block = max(1, (n_steps + n_blocks - 1) // n_blocks)  # (equal blocks)
-    n_chunks = (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    rows = chunk_rows(n_rows, tail)
+    n_chunks = (n_rows + rows - 1) // rows
     for c in prange(n_chunks):
-        r1 = min(n_rows, (c + 1) * CHUNK_ROWS)
-        wf = np.empty((r1 - c * CHUNK_ROWS, tail), np.float32)
+        r0 = c * rows
+        r1 = min(n_rows, r0 + rows)
+        wf = np.empty((r1 - r0, tail), np.float32)
         for i in range(wf.shape[0]):
-            f16_widen(w, c * CHUNK_ROWS + i, wf, i, ctx.isa)
+            f16_widen(w, r0 + i, wf, i, ctx.isa)
         acc = np.empty(((wf.shape[0] + TILE_ROWS - 1) // TILE_ROWS, 32 * TILE_ROWS * TILE_TOKENS), np.float32)
-        for p in range(xp.shape[0]):
+        for p in range(n_tiles):
             for s0 in range(0, max(n_steps, 1), block):
                 for i0 in range(0, wf.shape[0], TILE_ROWS):
-                    _tile(wf, i0, c * CHUNK_ROWS, xp, p, s0, min(block, n_steps - s0), acc, i0 // TILE_ROWS, out, ctx.isa)
+                    _tile(wf, i0, r0, x, p, s0, min(block, n_steps - s0), acc, i0 // TILE_ROWS, out, ctx.isa)
         if tail < k:
-            for r in range(c * CHUNK_ROWS, r1):
+            for r in range(r0, r1):
                 row = w[r].view(np.uint16)
                 for t in range(n_tok):
                     acc = np.float64(out[t, r])
