@@ -323,6 +323,5 @@ def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
         for s in range(n_steps):
             x8_gemm(w, 8 * g0, 8 * g1, xq, xd, ysum8, step * s, out, ctx.isa)
         for t in range(step * n_steps, n_tok):
-            x8_gemv(w, 8 * g0, xq, xd, ysum8, t, out, ctx.isa)
-            if g1 != g0:
-                x8_gemv(w, 8 * g1, xq, xd, ysum8, t, out, ctx.isa)
+            for g in range(g0, g1 + 1):  # (one call site: each is compiled in)
+                x8_gemv(w, 8 * g, xq, xd, ysum8, t, out, ctx.isa)
