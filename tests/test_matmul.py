@@ -325,10 +325,12 @@ for kind in range(6):
     outs[f"out{kind}"] = out
 
 @njit
-def run_x8(w, xq, xd, ysum8, out):  # repacked Q4_0: tokens 0-3 by the gemm, token 4 by the gemv
+def run_x8(w, xq, xd, ysum8, out):  # repacked Q4_0 (3 groups): tokens 0-3 by the gemm (groups 0 and 1, group 2 alone), token 4 by the gemv
+    q4_0.x8_gemm(w, 0, 8, xq, xd, ysum8, 0, out, ISA)
+    q4_0.x8_gemm(w, 16, 16, xq, xd, ysum8, 0, out, ISA)
     for g in range(w.shape[0] // 8):
-        q4_0.x8_gemm(w, 8 * g, xq, xd, ysum8, 0, out, ISA)
         q4_0.x8_gemv(w, 8 * g, xq, xd, ysum8, 4, out, ISA)
+assert q4_0.GEMM_TOKENS == 4
 out = np.empty((5, d["w6"].shape[0]), np.float32)
 run_x8(d["w6"], d["xq6"], d["xd6"], d["ys6"], out)
 outs["out6"] = out
@@ -817,6 +819,30 @@ def test_repacked_q4_0_sums_as_llama_cpp(n_tok):
         assert np.array_equal(got[t].view(np.uint32), want.view(np.uint32)), t
         lanes = _ggml_lane_dot(*_ggml_block_values(raw, T.Q4_0), act.xq[t], act.xd[t])
         assert np.array_equal(unpacked[t].view(np.uint32), lanes.view(np.uint32)), t
+
+
+def test_repacked_q4_0_batch_steps_with_an_odd_group_and_leftover_tokens():
+    """The repacked Q4_0 batch takes two 8-row groups x gemm_tokens(isa) tokens per step (an
+    odd last group paired with itself), the leftover tokens one by one: with 5 groups and 19
+    tokens (two 8-token steps and 3 left; four 4-token steps and 3 left) each (row, token) on
+    every instruction set this CPU runs is the one-token kernel's float, and nothing before or
+    after the result is written."""
+    from llamachat.runtime.quants import q4_0, simd
+
+    rng = np.random.default_rng(78)
+    raw = random_rows(T.Q4_0, 40, 256, rng)
+    w = mm.QuantWeight("w", T.Q4_0, 256, 40, raw.copy())
+    mm.repack(w)
+    x = (rng.standard_normal((19, 256)) * 2).astype(np.float32)
+    act = mm.quantize_for(x, w)
+    vals = _ggml_block_values(raw, T.Q4_0)
+    want = np.stack([_ggml_repack_dot(*vals, act.xq[t], act.xd[t]) for t in range(19)])
+    for isa in [i for i in simd.host_isas() if i != "portable"]:  # (portable: test_portable_ir_gives_the_same_floats)
+        buf = np.full(19 * 40 + 16, np.float32(7.0))  # 8 guard floats each side
+        got = buf[8:8 + 19 * 40].reshape(19, 40)
+        q4_0.matmat_x8(mm.read_only_view(w.rows), mm.kernel_context(isa), act.xq, act.xd, act.xs, act.xhat, got)
+        assert np.all(buf[:8] == 7.0) and np.all(buf[-8:] == 7.0), isa
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), isa
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0])
