@@ -8,7 +8,7 @@
     generation/  samplers, the generator, perplexity, bench, and `Llama` (llama-cpp-python's API)
 
 and, at this level, what every part and the app share: errors, params (the generation settings),
-thread_env, numba_cache, atomic_file, row_threads (a batch's per-token passes over threads).
+thread_env, numba_cache, atomic_file.
 
 Imports nothing from the UI. Heavy modules (numba kernels) load lazily, on first use of the
 name that needs them, so `import llamachat.runtime` stays cheap.

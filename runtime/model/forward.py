@@ -35,8 +35,7 @@ from numba import njit, prange
 from ..quants.matmul import (ACT_F16, FUSED_TYPES, Activations, KernelContext, _quantize_row, act_mode_of, dequantize_rows,
                      matmul, matvec_fused, quantize_activations, quantize_for, read_only_view, round_to_f16)
 from ..quants.plain import round_row_to_half
-from ..quants.simd import fmaf
-from ..row_threads import over_rows
+from ..quants.simd import f32_from_bits, fmaf
 
 
 # the row helpers below are plain compiled functions, not inline="always": numba's own inlining of
@@ -123,17 +122,17 @@ def apply_rope(x, n_heads, head_dim, n_rot, cos, sin):
 
 
 # --- a prompt's steps between the products, the tokens split over threads --------------------
-# Each is one pass doing what several serial steps did (numpy's residual add, the norm, the
-# activations' rounding; RoPE and the cache's rounding to half), each token's floats computed by
-# the same row code as decode's. The passes are serial kernels over a span of tokens that
-# runtime.row_threads runs on the threads (not prange loops: see there).
+# Each is one parallel region doing what several serial steps did (numpy's residual add, the
+# norm, the activations' rounding; RoPE and the cache's rounding to half), each token's floats
+# computed by the same row code as decode's.
 
-@njit(cache=True, nogil=True)
-def _add_norm_span(start, stop, x, o, weight, eps, mode, h, xq, xd, xs, xhat):
-    """add_norm_rows for the tokens [start, stop)."""
+@njit(cache=True, parallel=True)
+def add_norm_rows(x, o, weight, eps, mode, h, xq, xd, xs, xhat):
+    """Per token t: x[t] += o[t] (skipped when o has no rows: the first layer), h[t] =
+    rmsnorm(x[t]) * weight, and h[t] rounded to activation format mode into xq, xd, xs, xhat
+    as quantize_activations does it (mode < 0: not rounded). Changes x, h and the four."""
     add = o.shape[0] > 0
-    tmp = np.empty(x.shape[1], np.float32)
-    for t in range(start, stop):
+    for t in prange(x.shape[0]):
         xr = x[t]
         if add:
             orow = o[t]
@@ -142,36 +141,23 @@ def _add_norm_span(start, stop, x, o, weight, eps, mode, h, xq, xd, xs, xhat):
         hr = h[t]
         _rmsnorm_row(xr, weight, eps, hr)
         if mode == ACT_F16:  # the same rounding as round_to_f16's, vectorized (quantize_for's for batches)
-            round_row_to_half(hr, xhat[t], tmp)
+            round_row_to_half(hr, xhat[t], np.empty(hr.shape[0], np.float32))
         elif mode >= 0:
             _quantize_row(hr, mode, xq[t], xd[t], xs[t], xhat[t])
 
 
-def add_norm_rows(x, o, weight, eps, mode, h, xq, xd, xs, xhat):
-    """Per token t: x[t] += o[t] (skipped when o has no rows: the first layer), h[t] =
-    rmsnorm(x[t]) * weight, and h[t] rounded to activation format mode into xq, xd, xs, xhat
-    as quantize_activations does it (mode < 0: not rounded). Changes x, h and the four."""
-    over_rows(_add_norm_span, x.shape[0], x, o, weight, np.float32(eps), int(mode), h, xq, xd, xs, xhat)
-
-
-@njit(cache=True, nogil=True)
-def _rope_store_span(start, stop, q, k, v, cos, sin, n_head, n_head_kv, head_dim, n_rot, k_cache, v_cache, pos):
-    """rope_store_rows for the tokens [start, stop)."""
-    tmp = np.empty(k.shape[1], np.float32)
-    for t in range(start, stop):
-        _rope_row(q[t], n_head, head_dim, n_rot, cos[t], sin[t])
-        kr = k[t]
-        _rope_row(kr, n_head_kv, head_dim, n_rot, cos[t], sin[t])
-        round_row_to_half(kr, k_cache[pos + t], tmp)
-        round_row_to_half(v[t], v_cache[pos + t], tmp)
-
-
+@njit(cache=True, parallel=True)
 def rope_store_rows(q, k, v, cos, sin, n_head, n_head_kv, head_dim, n_rot, k_cache, v_cache, pos):
     """Per token t: q[t] and k[t] rotated in place (apply_rope), then k[t] and v[t] rounded to
     half into the cache rows pos + t (k_cache, v_cache: one layer's [n_ctx, kv_dim]), as
     KVCache.store rounds them."""
-    over_rows(_rope_store_span, q.shape[0], q, k, v, cos, sin, int(n_head), int(n_head_kv), int(head_dim), int(n_rot),
-              k_cache, v_cache, int(pos))
+    for t in prange(q.shape[0]):
+        _rope_row(q[t], n_head, head_dim, n_rot, cos[t], sin[t])
+        kr = k[t]
+        _rope_row(kr, n_head_kv, head_dim, n_rot, cos[t], sin[t])
+        tmp = np.empty(kr.shape[0], np.float32)
+        round_row_to_half(kr, k_cache[pos + t], tmp)
+        round_row_to_half(v[t], v_cache[pos + t], tmp)
 
 
 @njit(cache=True, inline="always")
@@ -381,35 +367,7 @@ def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, ou
         out[t, h * head_dim + d] = acc[d] * inv
 
 
-@njit(cache=True, nogil=True)
-def _keys_by_dimension_span(start, stop, k_cache, n_all, head_dim, kt):
-    """attention_tiled's keys laid out dimension by dimension, for the (KV head, dimension) pairs
-    [start, stop)."""
-    for gd in range(start, stop):
-        g = gd // head_dim
-        d = gd % head_dim
-        for j in range(n_all):
-            kt[g, d, j] = k_cache[j, gd]
-
-
-@njit(cache=True, nogil=True)
-def _attention_tiled_span(start, stop, q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out):
-    """attention_tiled for the tokens of places [start, stop): tokens taken from both ends in
-    turn, so that a thread's contiguous share of places holds short and long rows of the causal
-    triangle alike; one token's heads share the scratch arrays."""
-    n_tok = q.shape[0]
-    acc = np.empty(head_dim, np.float32)
-    s = np.empty(FA_TILE_KV, np.float32)
-    xs = np.empty(FA_TILE_KV, np.float32)
-    ns = np.empty(FA_TILE_KV, np.float32)
-    kbits = np.empty(FA_TILE_KV, np.int32)
-    for i in range(start, stop):
-        t = i // 2 if i % 2 == 0 else n_tok - 1 - i // 2
-        for h in range(n_head):
-            _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(t * n_head + h),
-                                 acc, s, xs, ns, kbits)
-
-
+@njit(cache=True, parallel=True)
 def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
     """Causal attention as ggml_compute_forward_flash_attn_ext_tiled computes it (batches of
     >= FA_TILE_Q tokens, F16 cache): q stays float32; per KV tile of 64 positions the scores
@@ -424,9 +382,23 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     n_all = n_past + n_tok
     n_pad = -(-n_all // FA_TILE_KV) * FA_TILE_KV
     kt = np.zeros((n_head_kv, head_dim, n_pad), np.float32)
-    # (split by dimension: 3 KV heads would split unevenly over 2 threads)
-    over_rows(_keys_by_dimension_span, n_head_kv * head_dim, k_cache, int(n_all), int(head_dim), kt)
-    over_rows(_attention_tiled_span, n_tok, q, kt, v_cache, int(n_past), int(n_head), int(n_head_kv), int(head_dim), out)
+    for gd in prange(n_head_kv * head_dim):  # (by dimension: 3 KV heads split unevenly over 2 threads)
+        g = gd // head_dim
+        d = gd % head_dim
+        for j in range(n_all):
+            kt[g, d, j] = k_cache[j, gd]
+    for i in prange(n_tok):
+        # tokens taken from both ends in turn: a thread's contiguous share then holds short and
+        # long rows of the causal triangle alike; one token's heads share the scratch arrays
+        t = i // 2 if i % 2 == 0 else n_tok - 1 - i // 2
+        acc = np.empty(head_dim, np.float32)
+        s = np.empty(FA_TILE_KV, np.float32)
+        xs = np.empty(FA_TILE_KV, np.float32)
+        ns = np.empty(FA_TILE_KV, np.float32)
+        kbits = np.empty(FA_TILE_KV, np.int32)
+        for h in range(n_head):
+            _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(t * n_head + h),
+                                 acc, s, xs, ns, kbits)
 
 
 def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
@@ -563,17 +535,20 @@ def _silu_mul(gate, up, out):
             out[i] = (g / (np.float32(1.0) + _ggml_expf(-g))) * up[i]
 
 
-@njit(cache=True, nogil=True)
-def _silu_mul_span(start, stop, gate, up, out):
-    """_silu_mul_rows for the tokens [start, stop)."""
-    for t in range(start, stop):
-        _silu_mul(gate[t], up[t], out[t])
-
-
+@njit(cache=True, parallel=True)
 def _silu_mul_rows(gate, up, out):
-    """_silu_mul on [T, n_ff] arrays, the tokens split over threads (prompt batches): decode's
-    kernel on each token's row."""
-    over_rows(_silu_mul_span, gate.shape[0], gate, up, out)
+    """_silu_mul on [T, n_ff] arrays, the tokens split over threads (prompt batches): the same
+    float32 steps in one loop per token, 2**n made from its bits by a bitcast (here, inside the
+    parallel loop, LLVM vectorizes that loop; _silu_mul's own loops are what it vectorizes there)."""
+    for t in prange(gate.shape[0]):
+        g, u, o = gate[t], up[t], out[t]
+        for i in range(g.shape[0]):
+            n, b = _expf_reduce(-g[i])
+            k = f32_from_bits(np.int32((np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23))
+            o[i] = (g[i] / (np.float32(1.0) + fmaf(_expf_poly(b), k, k))) * u[i]
+        for i in range(g.shape[0]):
+            if abs(g[i]) > np.float32(87.0):
+                o[i] = (g[i] / (np.float32(1.0) + _ggml_expf(-g[i]))) * u[i]
 
 
 # --- one token in one compiled call ----------------------------------------------------------

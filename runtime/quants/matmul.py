@@ -28,13 +28,12 @@ from typing import NamedTuple
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core.imputils import impl_ret_borrowed
 from numba.core.typing.typeof import _typeof_tuple
 from numba.extending import intrinsic, overload, typeof_impl
 
 from . import KERNELS, TRAITS, read_only_view
-from ..row_threads import over_rows
 from .plain import round_rows_to_half
 from .rounding import F16_TABLE, round_to_f16  # noqa: F401 - forward.py takes them from here
 from .simd import HOST_ISA, Isa, host_isas, register_constant_type
@@ -169,7 +168,7 @@ def _absmax(xb, n):
 
 
 # Not inline="always": numba's own inlining of this body (into quantize_activations and into the
-# loop of _quantize_activations_span) made their compile four times longer than LLVM's does.
+# parallel loop of _quantize_activations_rows) made their compile four times longer than LLVM's does.
 @njit(cache=True)
 def _quantize_row(xr, mode, qr, dr, sr, hr):
     """quantize_activations of one token (1-D views of its rows)."""
@@ -250,17 +249,11 @@ def quantize_activations(x, mode, xq, xd, xs, xhat):
         _quantize_row(x[t], mode, xq[t], xd[t], xs[t], xhat[t])
 
 
-@njit(cache=True, nogil=True)
-def _quantize_activations_span(start, stop, x, mode, xq, xd, xs, xhat):
-    """quantize_activations of the tokens [start, stop)."""
-    for t in range(start, stop):
-        _quantize_row(x[t], mode, xq[t], xd[t], xs[t], xhat[t])
-
-
+@njit(cache=True, parallel=True)
 def _quantize_activations_rows(x, mode, xq, xd, xs, xhat):
-    """quantize_activations with the tokens split over threads (a prompt's batch; a serial
-    kernel per thread, not a prange loop: see runtime.row_threads)."""
-    over_rows(_quantize_activations_span, x.shape[0], x, int(mode), xq, xd, xs, xhat)
+    """quantize_activations with the tokens split over threads (a prompt's batch)."""
+    for t in prange(x.shape[0]):
+        _quantize_row(x[t], mode, xq[t], xd[t], xs[t], xhat[t])
 
 
 # --- the tile path and the dispatcher ------------------------------------------------------

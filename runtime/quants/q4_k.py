@@ -31,7 +31,6 @@ from numba.core import cgutils
 from .simd import _i64, has_vnni
 from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4
 from .rounding import read_f16_pair
-from ..row_threads import over_rows
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
 
@@ -632,53 +631,36 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
         out[r] = acc - accm
 
 
-@njit(cache=True, nogil=True)
-def _vnni_layout(xq, xd):
-    """The activations laid out in token tiles for `tile` (matmat with AVX-512 VNNI)."""
-    ty, ts, td = tile_arrays(xq.shape[0], xq.shape[1])
-    for tt in range(ty.shape[0]):  # (serial: 0.1-0.3 ms)
-        layout_tile(xq, xd, tt, ty, ts, td)
-    return ty, ts, td
-
-
-@njit(cache=True, nogil=True)
-def _tiles_span(start, stop, w, ty, ts, td, out, isa):
-    """matmat's work items [start, stop) with AVX-512 VNNI: TILE_ROW_GROUPS groups of 8 rows
-    each, every token tile passing over a group's rows while they sit in cache."""
-    n_rows = w.shape[0]
-    for item in range(start, stop):
-        r_stop = min(n_rows, (item + 1) * 8 * TILE_ROW_GROUPS)
-        for r0 in range(item * 8 * TILE_ROW_GROUPS, r_stop, 8):
-            for tt in range(ty.shape[0]):
-                tile(w, r0, ty, ts, td, tt, out, isa)
-
-
-@njit(cache=True, nogil=True)
-def _rows_span(start, stop, w, xq, dx8, bs8, out, isa):
-    """matmat's work items [start, stop) without VNNI: ROW_BLOCK rows each, one row times 16
-    tokens per pass (runtime.quants.kbatch)."""
-    n_rows = w.shape[0]
-    chunks = (xq.shape[0] + kbatch.TOKENS - 1) // kbatch.TOKENS
-    for item in range(start, stop):
-        r_stop = min(n_rows, (item + 1) * kbatch.ROW_BLOCK)
-        for c in range(chunks):
-            for r in range(item * kbatch.ROW_BLOCK, r_stop):
-                _batch(w, r, xq, dx8, bs8, c, out, isa)
-
-
+@njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
     """out [T, rows] = the T tokens' products, each (row, token) matvec's float. With AVX-512
     VNNI: tiles of 8 rows times TILE_TOKENS tokens (`tile`), TILE_ROW_GROUPS groups of 8 rows
     per thread's work item, every token tile passing over a group's rows while they sit in
     cache. Else one row times 16 tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per
-    work item. The work items are split over the threads from Python (runtime.row_threads:
-    serial kernels, each compiled for its instruction set's path only; a parallel loop costs
-    seconds of compiling)."""
+    work item. (One parallel loop for both: each more costs seconds of compiling.)"""
+    n_tok, k = xq.shape
     n_rows = w.shape[0]
-    if ctx.isa.name == "avx512vnni":
-        ty, ts, td = _vnni_layout(xq, xd)
-        per_item = 8 * TILE_ROW_GROUPS
-        over_rows(_tiles_span, (n_rows + per_item - 1) // per_item, w, ty, ts, td, out, ctx.isa)
+    vnni = has_vnni(ctx.isa)
+    if vnni:
+        ty, ts, td = tile_arrays(n_tok, k)
+        for tt in range(ty.shape[0]):  # (serial: 0.1-0.3 ms)
+            layout_tile(xq, xd, tt, ty, ts, td)
+        dx8, bs8 = np.empty((0, 0), np.float32), np.empty((0, 0), np.int16)
+        rows_per_item = 8 * TILE_ROW_GROUPS
     else:
+        ty, ts, td = tile_arrays(0, 0)
         dx8, bs8 = kbatch.prepare(xq, xd)
-        over_rows(_rows_span, (n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK, w, xq, dx8, bs8, out, ctx.isa)
+        rows_per_item = kbatch.ROW_BLOCK
+    n_tiles = ty.shape[0]
+    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
+    for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
+        start = item * rows_per_item
+        stop = min(n_rows, start + rows_per_item)
+        if vnni:
+            for r0 in range(start, stop, 8):
+                for tt in range(n_tiles):
+                    tile(w, r0, ty, ts, td, tt, out, ctx.isa)
+        else:
+            for c in range(chunks):
+                for r in range(start, stop):
+                    _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)

@@ -20,7 +20,6 @@ from numba import njit, prange
 from . import simd
 from .simd import _ZERO8, _f32, _half, _hsum8, _i16, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _mask, _scaled_lanes, _vec, row_kernels
 from . import kbatch
-from ..row_threads import over_rows
 from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, signed_absmax
 from .rounding import nearest_int, read_f16, write_f16
 
@@ -182,33 +181,20 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
         out[r] = dot(w, r, xq, xd, ctx.isa)
 
 
-@njit(cache=True, nogil=True)
-def _shifted(xq):
-    """y + 128 of the activations: every int8 y as an unsigned byte 0..255."""
+@njit(cache=True, parallel=True)
+def matmat(w, ctx, xq, xd, xs, xhat, out):
+    """A batch: each (row, token) matvec's float; one row times 8 tokens per pass
+    (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
     n_tok, k = xq.shape
-    yu = np.empty((n_tok, k), np.uint8)
+    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
+    dx8, bs8 = kbatch.prepare(xq, xd)  # (bs8: Q6_K has no mins)
+    yu = np.empty((n_tok, k), np.uint8)  # y + 128: every int8 y in 0..255
     for t in range(n_tok):
         for i in range(k):
             yu[t, i] = np.uint8(np.int32(xq[t, i]) + 128)
-    return yu
-
-
-@njit(cache=True, nogil=True)
-def _rows_span(start, stop, w, yu, dx8, bs8, out, isa):
-    """matmat's work items [start, stop): ROW_BLOCK rows each, one row times 8 tokens per pass."""
     n_rows = w.shape[0]
-    chunks = (yu.shape[0] + kbatch.TOKENS - 1) // kbatch.TOKENS
-    for rb in range(start, stop):
-        r_stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)
+    for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
+        stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)
         for c in range(chunks):
-            for r in range(rb * kbatch.ROW_BLOCK, r_stop):
-                _batch(w, r, yu, dx8, bs8, c, out, isa)
-
-
-def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float; one row times 8 tokens per pass
-    (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item (split over the threads from
-    Python, runtime.row_threads: a parallel loop costs seconds of compiling)."""
-    dx8, bs8 = kbatch.prepare(xq, xd)  # (bs8: Q6_K has no mins)
-    yu = _shifted(xq)
-    over_rows(_rows_span, (w.shape[0] + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK, w, yu, dx8, bs8, out, ctx.isa)
+            for r in range(rb * kbatch.ROW_BLOCK, stop):
+                _batch(w, r, yu, dx8, bs8, c, out, ctx.isa)
