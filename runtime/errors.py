@@ -5,6 +5,9 @@ exit code it carries, and never as a traceback. The message names the file, fiel
 at fault and says what to do. Subclasses exist only where callers need to tell them apart.
 """
 
+import os
+import stat
+
 # How much of a value taken from a file or typed by a user a message repeats: enough to
 # recognise it, never a megabyte on the terminal.
 SHOWN_CHARS = 60
@@ -25,9 +28,6 @@ def stat_regular_file(path, what: str):
     """os.stat(path) of a regular file the user named, or one UserError saying why it is not
     read as `what` ("a GGUF file", "a prompt file"): missing, unreadable, a directory, or a
     device, FIFO or socket (opening one of those could block or never end)."""
-    import os
-    import stat
-
     try:
         st = os.stat(path)
     except FileNotFoundError:

@@ -822,7 +822,7 @@ def test_repacked_q4_0_sums_as_llama_cpp(n_tok):
 
 
 def test_repacked_q4_0_batch_steps_with_an_odd_group_and_leftover_tokens():
-    """The repacked Q4_0 batch takes two 8-row groups x gemm_tokens(isa) tokens per step (an
+    """The repacked Q4_0 batch takes two 8-row groups x GEMM_TOKENS(_VNNI) tokens per step (an
     odd last group paired with itself), the leftover tokens one by one: with 5 groups and 19
     tokens (two 8-token steps and 3 left; four 4-token steps and 3 left) each (row, token) on
     every instruction set this CPU runs is the one-token kernel's float, and nothing before or

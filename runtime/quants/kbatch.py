@@ -34,7 +34,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _f32, _fn, _i8, _i16, _i32, _load, _mask, _scaled_pairs_acc, _splat, _state_loop, _vec, isa_typer
+from .simd import c_arrays, _f32, _fn, _i8, _i16, _i32, _load, _mask, _scaled_pairs_acc, _splat, _state_loop, _vec, isa_typer
 
 GROUP = 8  # tokens side by side in one vector (a format's body multiplies a block with them)
 GROUPS = 2  # groups per pass over a row: the block unpacked once for all
@@ -110,7 +110,7 @@ def batch_kernel(block_bytes, init, body, finish):
     module's docstring)."""
 
     def typer(typingctx, w, r, xq, dx8, bs8, c, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in (w, xq, dx8, bs8, out)):
+        if not c_arrays(w, xq, dx8, bs8, out, ndim=2):
             return None
         return types.none(w, r, xq, dx8, bs8, c, out, isa), codegen
 

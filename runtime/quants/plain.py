@@ -18,7 +18,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _ZERO8, host_isas, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _i64, _load, _mask, _prefetch, _state_loop, _vec
+from .simd import _ZERO8, c_arrays, host_isas, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _i64, _load, _mask, _prefetch, _state_loop, _vec
 
 F16_MAGIC = np.float32(2.0**-14)  # subtracting it turns a denormal half's rebased bits into its value
 
@@ -127,7 +127,7 @@ def _f16_dot_typer(typingctx, w, r, x, isa):
     float32: ggml's AVX2 ggml_vec_dot_f16 over the first K - K % 32 values: 4 accumulators of 8
     lanes, fma per 32-value step; reduced (a0+a2) + (a1+a3), then its 128-bit halves added and
     two horizontal adds. (The K % 32 leftovers are the caller's, in double as ggml's.)"""
-    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, x)):
+    if not c_arrays(w, x):
         return None
 
     def codegen(context, builder, signature, args):
@@ -164,7 +164,7 @@ f16_dot = intrinsic(isa_typer(_f16_dot_typer))
 def _f16_widen_typer(typingctx, w, r, wf, i, isa):
     """(w uint8 [rows, 2*K] of IEEE halves, r, wf float32 [n, K'], i): wf[i] = row r's first K'
     halves as float32 (K' a multiple of 32; vcvtph2ps with F16C, exact: the halves' values)."""
-    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, wf)):
+    if not c_arrays(w, wf):
         return None
 
     def codegen(context, builder, signature, args):
@@ -227,7 +227,7 @@ def _f16_tile(n_rows, n_tok):
     steps changes no float: each lane's chain goes on from the same bits.)"""
 
     def typer(typingctx, wf, i0, r_base, x, tile, s0, n_s, acc, slot, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in (wf, x, acc, out)):
+        if not c_arrays(wf, x, acc, out, ndim=2):
             return None
         return types.none(wf, i0, r_base, x, tile, s0, n_s, acc, slot, out, isa), codegen
 
@@ -323,9 +323,10 @@ def chunk_rows(n_rows, k):
     would keep the function out of the cache). Each item's first pass over a tile of tokens
     reads them from L2, the other passes from L1: the more rows, the fewer such passes."""
     most = max(TILE_ROWS, min(CHUNK_ROWS, CHUNK_BYTES // max(4 * k, 1)))
-    n_items = -(-n_rows // most)
+    n_items = -(-n_rows // most)  # (-(-a // b): a / b rounded up)
     n_items += n_items % 2
-    return -(-(-(-n_rows // n_items)) // TILE_ROWS) * TILE_ROWS
+    per_item = -(-n_rows // n_items)
+    return -(-per_item // TILE_ROWS) * TILE_ROWS
 
 
 @njit(cache=True, parallel=True)

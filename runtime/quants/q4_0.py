@@ -17,12 +17,12 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .simd import (_ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _i8, _i16, _f32, _lane_accumulate, _lanes_finish,
                     _lanes_signed, _load, _nibbles, _pair_add, _prefetch, _quad_lanes, _splat, _state_loop, _vec, row_kernels,
-                    _dpbusd, _i32, _i64, _mask, _vnni, IsaType)
-from numba.core import cgutils
+                    _dpbusd, _i32, _i64, _mask, _vnni, c_arrays, has_vnni)
 from .block32 import pack_x8, vnni_kernels
 from .ksearch import signed_absmax
 from .rounding import read_f16, write_f16
@@ -205,16 +205,12 @@ def _x8_args(context, builder, signature, args, n_t, t0):
             builder.extract_value(oarr.shape, 1), nb, toks)
 
 
-def _arrays_c(*arrays):
-    return all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
-
-
 def _gemv_typer(typingctx, w, r0, xq, xd, ysum8, t0, out, isa):
     """The typer of x8_gemv (w, r0, xq, xd, ysum8, t0, out, isa): rows r0..r0+7 (r0 a multiple of
     8; w uint8 [rows, row bytes], C-contiguous, each 8 rows' bytes in the layout above) times
     token t0 (xq int8 [T, K], xd float32 [T, K/32], ysum8 int32 [T, K/32]: 8 * each block's
     sum of activations) into out[t0, r0:r0+8] (float32 [T, rows]), prefetching the weights."""
-    if not _arrays_c(w, xq, xd, ysum8, out):
+    if not c_arrays(w, xq, xd, ysum8, out):
         return None
 
     def codegen(context, builder, signature, args):
@@ -226,15 +222,14 @@ def _gemv_typer(typingctx, w, r0, xq, xd, ysum8, t0, out, isa):
     return types.none(w, r0, xq, xd, ysum8, t0, out, isa), codegen
 
 
-GEMM_TOKENS, GEMM_TOKENS_VNNI = 4, 8  # tokens per x8_gemm step (gemm_tokens)
+GEMM_TOKENS, GEMM_TOKENS_VNNI = 4, 8  # tokens per x8_gemm step (without, with AVX-512 VNNI)
 
 
 def _gemm_typer(typingctx, w, r0, r1, xq, xd, ysum8, t0, out, isa):
     """The typer of x8_gemm (w, r0, r1, xq, xd, ysum8, t0, out, isa): the 8-row groups at rows r0
-    and r1 (r1 == r0: that one group) times tokens t0..t0+gemm_tokens(isa)-1, as x8_gemv's.
-    AVX-512 VNNI: both groups at once on 512-bit vectors, GEMM_TOKENS_VNNI tokens; else one
+    and r1 (r1 == r0: that one group) times a step of tokens from t0, as x8_gemv's. AVX-512 VNNI: both groups at once on 512-bit vectors, GEMM_TOKENS_VNNI tokens; else one
     group after the other, GEMM_TOKENS tokens (the 8 rows' bytes stay in cache)."""
-    if not _arrays_c(w, xq, xd, ysum8, out):
+    if not c_arrays(w, xq, xd, ysum8, out):
         return None
 
     def codegen(context, builder, signature, args):
@@ -255,21 +250,8 @@ def _gemm_typer(typingctx, w, r0, r1, xq, xd, ysum8, t0, out, isa):
     return types.none(w, r0, r1, xq, xd, ysum8, t0, out, isa), codegen
 
 
-x8_gemm = intrinsic(isa_typer(_gemm_typer))  # a batch: two groups of 8 rows x gemm_tokens(isa) tokens
+x8_gemm = intrinsic(isa_typer(_gemm_typer))  # a batch: two groups of 8 rows x GEMM_TOKENS(_VNNI) tokens
 x8_gemv = intrinsic(isa_typer(_gemv_typer))  # 1 token, prefetching 8 KiB ahead
-
-
-@intrinsic
-def gemm_tokens(typingctx, isa):
-    """The tokens per x8_gemm step for the Isa (a compile-time constant)."""
-    if not isinstance(isa, IsaType):
-        return None
-    n = GEMM_TOKENS_VNNI if isa.isa == "avx512vnni" else GEMM_TOKENS
-
-    def codegen(context, builder, signature, args):
-        return ir.Constant(ir.IntType(64), n)
-
-    return types.int64(isa), codegen
 
 
 def pack(rows, out=None):
@@ -307,14 +289,14 @@ def matvec_x8(w, ctx, xq, xd, xs, xhat, out):
 def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
     """out [T, rows] = the T tokens' products with a repacked matrix, bit for bit as one-token
     decode and as llama.cpp's batches (its gemm for tokens in fours, gemv for the rest: the
-    same per-(row, token) chains): two groups of 8 rows x gemm_tokens(isa) tokens per step
+    same per-(row, token) chains): two groups of 8 rows x GEMM_TOKENS (AVX-512 VNNI: GEMM_TOKENS_VNNI) tokens per step
     (an odd last group paired with itself), the 16 rows' weights staying in cache while every
     token passes; the leftover tokens one at a time."""
     n_tok, k = xq.shape
     ysum8 = np.empty((n_tok, k // 32), np.int32)
     for t in prange(n_tok):
         _block_sums8(xq[t:t + 1], ysum8[t:t + 1])
-    step = gemm_tokens(ctx.isa)
+    step = GEMM_TOKENS_VNNI if has_vnni(ctx.isa) else GEMM_TOKENS
     n_steps = n_tok // step
     n_groups = w.shape[0] // 8
     for p in prange((n_groups + 1) // 2):

@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .simd import (_ZERO8, isa_typer, _broadcast8, _fma, _halves_to_float, _i8, _i16, _f32, _lanes_unsigned, _load, _mask,
+from .simd import (_ZERO8, c_arrays, isa_typer, _broadcast8, _fma, _halves_to_float, _i8, _i16, _f32, _lanes_unsigned, _load, _mask,
                     _nibbles, _pair_add, _prefetch, _splat, _state_loop, _vec)
 from .block32 import min_kernels, min_max, pack_x8
 from .rounding import read_f16_pair, write_f16
@@ -101,7 +101,7 @@ def _q4_1x8(n_t, prefetch):
     vec_dot_q4_1_q8_1's lanes and order, whatever n_t."""
 
     def typer(typingctx, w, r0, xq, xd, xs, t0, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" and (a is w or a.ndim == 2) for a in (w, xq, xd, xs, out)):
+        if not (c_arrays(w) and c_arrays(xq, xd, xs, out, ndim=2)):
             return None
         return types.none(w, r0, xq, xd, xs, t0, out, isa), codegen
 

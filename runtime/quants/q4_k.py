@@ -28,7 +28,7 @@ from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _h
                     _load, _mask, _pairs_us, _prefetch, _scaled_lanes, _scaled_pairs_acc, _splat, _state_loop, _vec)
 from . import kbatch
 from numba.core import cgutils
-from .simd import _i64, has_vnni
+from .simd import _i64, c_arrays, has_vnni
 from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4
 from .rounding import read_f16_pair
 
@@ -227,7 +227,7 @@ def _q4_k_rows8():
     grouping of them gives the same isum and imin."""
 
     def typer(typingctx, w, r0, xq, xd, bsp, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, bsp, out)):
+        if not c_arrays(w, xq, xd, bsp, out):
             return None
         if w.ndim != 2 or xq.ndim != 1 or xd.ndim != 1 or bsp.ndim != 1 or out.ndim != 1:
             return None
@@ -426,7 +426,7 @@ def _q4_k_tile():
     [T, rows])."""
 
     def typer(typingctx, w, r0, ty, ts, td, tt, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, ty, ts, td, out)):
+        if not c_arrays(w, ty, ts, td, out):
             return None
         if w.ndim != 2 or ty.ndim != 3 or ts.ndim != 3 or td.ndim != 3 or out.ndim != 2:
             return None

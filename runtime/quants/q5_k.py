@@ -27,7 +27,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _vec
+from .simd import c_arrays, isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _vec
 from . import kbatch
 from .ksearch import f32, quantize_scales_mins_k4, scales_mins_k4
 from .q4_k import broadcast_word, scale_words, scales_mins_ir, scales_mins_vec
@@ -135,7 +135,7 @@ def _rows_typer(n_t, prefetch):
 
     def typer(typingctx, w, r, xq, xd, bsum, t0, out, isa):
         arrays = (w, xq, xd, bsum, out)
-        if not all(isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 for a in arrays):
+        if not c_arrays(*arrays, ndim=2):
             return None
         return types.none(w, r, xq, xd, bsum, t0, out, isa), codegen
 

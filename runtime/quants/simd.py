@@ -113,6 +113,12 @@ def _avx2() -> bool:
     return _EMITTING[0] in ("avx2", "avx512vnni")
 
 
+def c_arrays(*arrays, ndim=None) -> bool:
+    """An intrinsic typer's check: every argument a C-contiguous numba array (of ndim
+    dimensions, if given)."""
+    return all(isinstance(a, types.Array) and a.layout == "C" and (ndim is None or a.ndim == ndim) for a in arrays)
+
+
 def _vnni() -> bool:
     """AVX-512 VNNI (vpdpbusd, on 256-bit vectors with AVX-512VL) may be emitted too."""
     return _EMITTING[0] == "avx512vnni"
@@ -315,7 +321,7 @@ def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32):
 
     def make_sig(w, r, xq, *act_isa):
         arrays = (w, xq, *act_isa[:-1])
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in arrays):
+        if not c_arrays(*arrays):
             return None  # the IR reads rows and activations as contiguous memory
         return types.float32(w, r, xq, *act_isa)
 
@@ -469,7 +475,7 @@ def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
     unpacked once for all the tokens of a pass (LLVM merges the repeated loads)."""
 
     def make_sig(w, r, xq, act, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, *act, out)):
+        if not c_arrays(w, xq, *act, out):
             return None
         if xq.ndim != 2 or out.ndim != 2 or any(a.ndim != 2 for a in act):
             return None
@@ -602,7 +608,7 @@ def tile_kernel(block_bytes, unpack, n_rows, n_tok):
     as unsigned bytes (see above). (A batch's leftover tokens; pair_tile_kernel does the rest.)"""
 
     def typer(typingctx, w, r0, xq, xd, t0, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, xq, xd, out)):
+        if not c_arrays(w, xq, xd, out):
             return None
 
         def codegen(context, builder, signature, args):
@@ -693,7 +699,7 @@ def pair_tile_kernel(block_bytes, unpack, n_rows, n_pairs):
     one-token kernels): acc = fma(d_x*d_y, float(lanes), acc) per block, hsum_float_8 at the end."""
 
     def typer(typingctx, w, r0, yp, sp, dp, p0, out, isa):
-        if not all(isinstance(a, types.Array) and a.layout == "C" for a in (w, yp, sp, dp, out)):
+        if not c_arrays(w, yp, sp, dp, out):
             return None
 
         def codegen(context, builder, signature, args):
