@@ -11,6 +11,8 @@ was split, alone or after a cached prefix (ARCHITECTURE.md's rule; issue 16 goal
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
@@ -73,6 +75,18 @@ def test_logits_do_not_depend_on_the_split(tmp_path, qtype):
     m.truncate(39)
     last = m.eval(tokens[39:])
     assert np.array_equal(last.view(np.uint32), whole[-1].view(np.uint32))
+    # decode deferred (a cold start's first reply, while a second process compiles the one-call
+    # decode kernels): single tokens through the batch forward pass, then, once the kernels are
+    # ready, through them again - the same bits all along
+    ready = threading.Event()
+    m.defer_decode(ready)
+    got = logits_by_split(m, tokens[:20], (1,) * 20)
+    assert m.decode_deferred()
+    ready.set()
+    m.truncate(20)
+    got = np.concatenate([got] + [m.eval([t], logits="all") for t in tokens[20:]])
+    assert not m.decode_deferred()
+    assert np.array_equal(got.view(np.uint32), whole.view(np.uint32)), qtype.name
 
 
 def test_repacked_and_file_layout_batches_agree(tmp_path):

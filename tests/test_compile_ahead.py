@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -76,12 +77,27 @@ def test_no_helper_where_it_cannot_help(tmp_path, monkeypatch):
 
 def test_the_helper_process_evaluates_its_sizes(smollm2_path, capsys):
     assert compile_ahead.main([str(smollm2_path), "1", "8"]) == 0
-    assert capsys.readouterr().out.split("\n") == ["ready 1", "ready 8", ""]
+    assert capsys.readouterr().out.split("\n") == ["ready passes", "ready 1", "ready 8", ""]
+
+
+def test_when_done_calls_back_with_the_answer():
+    helper = _helper("import time\nprint('ready passes', flush=True)\ntime.sleep(0.3)\nprint('ready 1', flush=True)")
+    got = []
+    done = threading.Event()
+    helper.when_done(1, lambda ok: got.append(ok) or done.set())
+    assert done.wait(30) and got == [True]
+    assert helper.wait_for(compile_ahead.PASSES, timeout=30)
+    helper.close()
+    failed = _helper("import sys\nsys.exit(3)")
+    done.clear()
+    failed.when_done(1, lambda ok: got.append(ok) or done.set())
+    assert done.wait(30) and got == [True, False]
+    failed.close()
 
 
 class _FakeHelper:
     def __init__(self, sizes):
-        self.sizes, self.waited, self.went = sizes, [], 0
+        self.sizes, self.waited, self.went, self.callbacks = sizes, [], 0, {}
 
     def go(self):
         self.went += 1
@@ -90,6 +106,9 @@ class _FakeHelper:
         assert self.went, "the helper was not let go before it was waited for"
         self.waited.append(n)
         return True
+
+    def when_done(self, n, fn):
+        self.callbacks[str(n)] = fn
 
     def close(self):
         pass
@@ -100,7 +119,12 @@ class _FakeHelper:
     ((30, 1), [30, 1], (1,)),  # a one-shot's prompt and decode
     ((100, 1), [100, 1], (1,)),  # a long one-shot prompt stays here: it is needed now
 ])
-def test_warm_up_leaves_decode_to_the_helper_when_cold(smollm2_path, monkeypatch, sizes, here, ahead):
+@pytest.mark.parametrize("helper_ok", [True, False])
+def test_warm_up_leaves_decode_to_the_helper_when_cold(smollm2_path, monkeypatch, sizes, here, ahead, helper_ok):
+    """Cold: the helper compiles a prompt's passes while this process compiles the shared
+    kernels (it is let go first), this process waits for the passes only, and decodes through
+    the prompt kernels until the helper says its decode step is done (or has failed); the model
+    is noted warm only when the helper's decode kernels are in the cache."""
     from llamachat.runtime import Llama
     from llamachat.tui import compile_progress
 
@@ -113,10 +137,15 @@ def test_warm_up_leaves_decode_to_the_helper_when_cold(smollm2_path, monkeypatch
     real_eval = llm.model.eval
     monkeypatch.setattr(llm.model, "eval", lambda ids, **kw: evaluated.append(len(ids)) or real_eval(ids, **kw))
     engine_worker.warm_up(llm, sizes)
+    helper = started[0]
     assert evaluated == here
-    assert started[0].sizes == ahead and started[0].waited == [1]  # waited before its own decode step
-    assert started[0].went == 1  # let go once, after the kernels both processes call were compiled here
-    assert noted == [True] and llm.model.n_past == 0
+    assert helper.sizes == ahead and helper.waited == [compile_ahead.PASSES]  # not its decode step
+    assert helper.went == 1  # let go once, after the kernels both processes call were compiled here
+    assert noted == [] and llm.model.n_past == 0
+    assert llm.model.decode_deferred()  # single tokens through the prompt kernels, for now
+    helper.callbacks["1"](helper_ok)
+    assert not llm.model.decode_deferred()  # then the one-call decode (compiled here if the helper failed)
+    assert noted == ([True] if helper_ok else [])
 
 
 def test_warm_up_starts_no_helper_when_warm(smollm2_path, monkeypatch):

@@ -1,23 +1,25 @@
-"""A second process that compiles a model's one-token (decode) kernels into numba's cache while
-this one compiles its prompt kernels: on a first run, or a format's first use, the two halves of
-the compile run on two cores at once, and the first reply starts about as soon as the slower
-half is done instead of after both.
+"""A second process that compiles half of a model's kernels into numba's cache while this one
+compiles the other half: on a first run, or a format's first use, the compile runs on two
+cores at once, and the first reply starts about as soon as this process's half is done.
 
 numba compiles in the thread that first calls a kernel and holds a process-wide lock while it
 does, so threads cannot share the work; processes can, through the cache folder: each writes
 what it compiled there (numba writes its cache files under temporary names and renames them
 into place), and a kernel called for the first time is looked up there before it is compiled.
-The helper loads the same file with the same settings (same kernels, same instruction set),
-evaluates the sizes it was given, says "ready N" on stdout after each, and exits.
-The kernels both halves call (attention's one-row kernel: the longest compile of the decode
-chain) are compiled by the caller, first; the helper compiles what only decode calls, loads the
-model, and waits for the caller's `go` (its stdin closed) before its decode step, which then reads
-them from the cache: the two halves of the work stay about even, and no kernel is compiled by
-both processes, as a race between them could do. The caller
-waits for the decode half before running it itself (so it reads it from the cache instead of
-compiling it a second time), and leaves the rest (ggml's tiled attention for long prompts) to
-finish in the background; a helper that fails or is killed costs nothing but the wait: the
-caller then compiles what is missing itself.
+The helper loads the same file with the same settings (same kernels, same instruction set) and
+works in three steps, saying on stdout when each is done:
+1. a prompt's per-token passes (norms, RoPE, SwiGLU, the activations' rounding: "ready passes"),
+   while the caller compiles the kernels prompts and decode share (attention's one-row kernel)
+   and the samplers; the caller then waits for this step and runs its first prompt, reading
+   the passes from the cache and compiling the products;
+2. after the caller's `go` (its stdin closed: the shared kernels are in the cache), the
+   one-token decode chain, what only decode calls first, then one decode step ("ready 1"); the
+   caller meanwhile decodes through the prompt kernels (LlamaModel.defer_decode: the same
+   floats) and switches when this step is done;
+3. the other sizes it was given ("ready N" after each: ggml's tiled attention of long prompts).
+So no kernel is compiled by both processes, as a race between them could do, and the caller's
+first reply waits for neither step 2 nor 3. A helper that fails or is killed costs nothing but
+the wait: the caller then compiles what is missing itself.
 
 Started only where it can help: two cores or more for this process, and memory for a second
 copy of the weights (the helper loads the model too, for a few seconds).
@@ -33,6 +35,7 @@ import threading
 from llamachat.runtime.model.model import available_memory as _available_memory
 
 READY = "ready"
+PASSES = "passes"  # the step after which the helper says "ready passes"
 MEMORY_SHARE = 0.4  # the helper's copy of the weights must fit in this share of the available memory
 
 
@@ -44,12 +47,13 @@ def _cores() -> int:
 
 
 class Helper:
-    """A running helper process; `wait_for(n)` blocks until it has evaluated n tokens (True), or
-    has ended without doing so (False)."""
+    """A running helper process; `wait_for(n)` blocks until it has evaluated n tokens (or done
+    step n: PASSES) (True), or has ended without doing so (False); `when_done(n, fn)` calls fn
+    with the same answer, from another thread, without blocking."""
 
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
-        self._done: set[int] = set()
+        self._done: set[str] = set()
         self._cond = threading.Condition()
         self._ended = False
         threading.Thread(target=self._read, name="llamachat-compile-ahead", daemon=True).start()
@@ -58,9 +62,9 @@ class Helper:
         try:
             for line in self.proc.stdout:
                 parts = line.split()
-                if len(parts) == 2 and parts[0] == READY and parts[1].isdigit():
+                if len(parts) == 2 and parts[0] == READY:
                     with self._cond:
-                        self._done.add(int(parts[1]))
+                        self._done.add(parts[1])
                         self._cond.notify_all()
         except (OSError, ValueError):
             pass
@@ -70,10 +74,15 @@ class Helper:
                 self._ended = True
                 self._cond.notify_all()
 
-    def wait_for(self, n: int, timeout: float | None = None) -> bool:
+    def wait_for(self, n: int | str, timeout: float | None = None) -> bool:
+        key = str(n)
         with self._cond:
-            self._cond.wait_for(lambda: n in self._done or self._ended, timeout)
-            return n in self._done
+            self._cond.wait_for(lambda: key in self._done or self._ended, timeout)
+            return key in self._done
+
+    def when_done(self, n: int | str, fn) -> None:
+        """Call fn(True) once step n is done, or fn(False) if the helper ends first."""
+        threading.Thread(target=lambda: fn(self.wait_for(n)), name="llamachat-compile-ahead-wait", daemon=True).start()
 
     def go(self) -> None:
         """Let the helper start its decode step: the kernels it shares with this process are in
@@ -116,22 +125,25 @@ def start(llm, sizes: tuple[int, ...]) -> Helper | None:
 
 
 def main(argv: list[str]) -> int:
-    """The helper: load argv[0], evaluate each size in argv[1:], saying "ready N" after each;
-    the first only after stdin ends (the caller's `go`)."""
+    """The helper: load argv[0], compile a prompt's passes ("ready passes"), evaluate each size in
+    argv[1:], saying "ready N" after each; the first only after stdin ends (the caller's `go`)."""
     path, sizes = argv[0], [int(a) for a in argv[1:]]
     from llamachat.runtime.generation.llama_api import Llama
 
-    from llamachat.runtime.model.forward import compile_decode_kernels
+    from llamachat.runtime.model.forward import compile_decode_kernels, compile_prompt_passes
 
     llm = Llama(path, n_ctx=max(sizes) + 8, n_threads=1, verbose=False)
-    compile_decode_kernels(llm.model.weights, llm.model.decode_context)  # while the caller compiles the shared ones
-    from .engine_worker import sample_tokens
-
-    ids = sample_tokens(llm, max(sizes))
+    model = llm.model
+    compile_prompt_passes(model.config, model.weights, model.cache)  # while the caller compiles the shared ones
+    print(READY, PASSES, flush=True)
     try:
         sys.stdin.read()  # until the caller's go: the shared kernels are then in the cache
     except (OSError, ValueError, AttributeError):
         pass
+    compile_decode_kernels(model.weights, model.decode_context)
+    from .engine_worker import sample_tokens
+
+    ids = sample_tokens(llm, max(sizes))
     for n in sizes:
         llm.reset()
         llm.model.eval(ids[:n], logits="last")

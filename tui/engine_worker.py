@@ -413,20 +413,22 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
     model's sampler and random stream are not touched. Warm, it costs a fraction of a second; a failure
     here is left for the first reply to report.
 
-    Cold (a first run, a format's first use), a second process (tui/compile_ahead) compiles
-    the one-token kernels, and the tiled prompt kernels where a shorter prompt size comes
-    first, while this one compiles the prompt kernels; this one then waits for the one-token
-    half and reads it from the cache. The tiled kernels may still be compiling in the helper
-    when this returns: the first prompt of FA_TILE_Q tokens reads them from the cache if it
-    has finished, else compiles them itself. The sampling kernels are compiled here too
-    (`warm_sampler`; the model's samplers are not touched), while the helper works or after
-    the one-token step."""
+    Cold (a first run, a format's first use), a second process (tui/compile_ahead) compiles a
+    prompt's per-token passes, then the one-token decode kernels, then the tiled prompt kernels
+    where a shorter prompt size comes first, while this one compiles the kernels both share and
+    the samplers; this one then waits for the passes and runs its prompt sizes (compiling the
+    products). It does not wait for the decode kernels: until the helper has them in the cache
+    the model decodes through the prompt kernels (LlamaModel.defer_decode; the same floats),
+    and the model's `.warm` note is written once they are there. The tiled kernels may still be
+    compiling in the helper when the first long prompt comes: it reads them from the cache if
+    the helper has finished, else compiles them itself."""
     model = getattr(llm, "model", None)
     if model is None or not hasattr(model, "eval"):
         return
     helper = None
     try:
         from llamachat.runtime.model.forward import FA_TILE_Q
+        from llamachat.runtime.model.model import one_thread
 
         from .compile_progress import WATCH, model_is_warm, note_warm
 
@@ -448,20 +450,33 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
             if helper is not None:
                 from llamachat.runtime.model.forward import compile_shared_kernels
 
+                from .compile_ahead import PASSES
+
                 try:
                     compile_shared_kernels(model.config, model.weights)  # here, first: the helper's decode reads them
                 finally:
                     helper.go()
-            for n in order:
-                if n == 1 and helper is not None:
-                    warm_sampler(model.config.n_vocab)  # while the helper compiles the one-token kernels
-                    with WATCH.elsewhere("the one-token kernels, in a second process"):
-                        helper.wait_for(1, timeout=600)
-                model.eval(ids[:n], logits="last")
-                llm.reset()
-                if n == 1 and helper is None:
-                    warm_sampler(model.config.n_vocab)
-        if cold:
+                warm_sampler(model.config.n_vocab)  # while the helper compiles a prompt's passes
+                with WATCH.elsewhere("a prompt's per-token passes, in a second process"):
+                    helper.wait_for(PASSES, timeout=600)
+                decoded = threading.Event()
+
+                def _decode_compiled(done: bool) -> None:
+                    if done:
+                        note_warm(llm)  # the next start finds the kernels cached and starts no helper
+                    decoded.set()  # (a helper that failed: decode compiles here, at its first token)
+
+                model.defer_decode(decoded)
+                helper.when_done(1, _decode_compiled)
+            # with a helper: on one thread (the other core compiles; a parallel step would wait for
+            # its second thread each time), the one-token step through the prompt kernels
+            with one_thread() if helper is not None else contextlib.nullcontext():
+                for n in order:
+                    model.eval(ids[:n], logits="last")
+                    llm.reset()
+                    if n == 1 and helper is None:
+                        warm_sampler(model.config.n_vocab)
+        if cold and helper is None:
             note_warm(llm)  # the next start finds the kernels cached and starts no helper
     except Exception:  # noqa: BLE001 - the first reply meets the same problem and names it
         pass

@@ -123,7 +123,7 @@ def run(args) -> int:
 
     from llamachat.runtime.generation.llama_api import Llama, timing_lines
 
-    from .compile_progress import StderrProgress, model_is_warm, note_warm
+    from .compile_progress import StderrProgress, model_is_warm
     from .engine_worker import warm_up
 
     threads = settings["threads"] or None  # 0 = all cores
@@ -134,8 +134,7 @@ def run(args) -> int:
             # line showing, rather than between the first words: a batch (the prompt's length, at
             # least 2: every later prompt then finds its kernels), then decode
             n_prompt = len(llm.tokenizer.encode(prompt_text, add_special=True, parse_special=True))
-            warm_up(llm, sizes=(max(2, n_prompt), 1))
-            note_warm(llm)
+            warm_up(llm, sizes=(max(2, n_prompt), 1))  # (notes the model warm once all is cached)
     for warning in getattr(llm.model, "warnings", []):
         print(f"llamachat: warning: {warning}", file=sys.stderr)
     n_vocab = llm.tokenizer.n_vocab

@@ -454,20 +454,20 @@ def forward(cfg, w, cache, tokens: np.ndarray, want_all: bool, hidden: bool = Fa
         # attention
         act = Activations.empty(n_tok, cfg.n_embd, layer.wq.act_mode)
         add_norm_rows(x, o, layer.attn_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
-        q = matmul(layer.wq, act)
-        k = matmul(layer.wk, act if layer.wk.act_mode == act.mode else quantize_for(h, layer.wk))
-        v = matmul(layer.wv, act if layer.wv.act_mode == act.mode else quantize_for(h, layer.wv))
+        q = matmul(layer.wq, act, batch_one=True)
+        k = matmul(layer.wk, act if layer.wk.act_mode == act.mode else quantize_for(h, layer.wk), batch_one=True)
+        v = matmul(layer.wv, act if layer.wv.act_mode == act.mode else quantize_for(h, layer.wv), batch_one=True)
         rope_store_rows(q, k, v, cos, sin, cfg.n_head, cfg.n_head_kv, hd, cfg.n_rot, cache.k[il], cache.v[il], pos0)
         attend(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
-        o = matmul(layer.wo, attn_out)
+        o = matmul(layer.wo, attn_out, batch_one=True)
         # feed-forward (SwiGLU)
         act = Activations.empty(n_tok, cfg.n_embd, layer.w_gate.act_mode)
         add_norm_rows(x, o, layer.ffn_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
-        gate = matmul(layer.w_gate, act)
-        up = matmul(layer.w_up, act if layer.w_up.act_mode == act.mode else quantize_for(h, layer.w_up))
+        gate = matmul(layer.w_gate, act, batch_one=True)
+        up = matmul(layer.w_up, act if layer.w_up.act_mode == act.mode else quantize_for(h, layer.w_up), batch_one=True)
         act = np.empty_like(gate)
         _silu_mul_rows(gate, up, act)
-        o = matmul(layer.w_down, act)
+        o = matmul(layer.w_down, act, batch_one=True)
     cache.n_past = pos0 + n_tok
 
     rows = slice(None) if want_all else slice(n_tok - 1, None)  # (views: the last row alone when only it is wanted)
@@ -476,7 +476,7 @@ def forward(cfg, w, cache, tokens: np.ndarray, want_all: bool, hidden: bool = Fa
     add_norm_rows(x, o, w.output_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
     if hidden:
         return h if want_all else h[0]
-    logits = matmul(w.output, act)
+    logits = matmul(w.output, act)  # (one row: its one-token kernel, compile_shared_kernels')
     return logits if want_all else logits[0]
 
 
@@ -763,7 +763,8 @@ def rerotate_keys(cfg, cache, start: int, end: int, delta: int) -> None:
 
 def compile_shared_kernels(cfg, weights) -> None:
     """Run once, on tiny arrays, the kernels that prompts and decode share (attention's one-row
-    half; the RoPE tables and the embedding rows of this model's format), with the argument
+    half; the RoPE tables, the embedding rows of this model's format, the output product of
+    one row, as a prompt's last row takes it), with the argument
     types the forward pass gives them, so that they are compiled (or read from numba's cache)
     now: a cold start's warm-up does this first, then lets tui/compile_ahead's helper, which
     compiles decode, read them from the cache."""
@@ -772,6 +773,30 @@ def compile_shared_kernels(cfg, weights) -> None:
     attend_rows(q, kv, kv, 0, 1, 1, 32, np.empty_like(q))
     rope_tables(np.array([0]), cfg)
     embed(cfg, weights, np.array([0]))
+    matmul(weights.output, Activations.empty(1, cfg.n_embd, weights.output.act_mode))  # a prompt's last row
+
+
+def compile_prompt_passes(cfg, weights, cache) -> None:
+    """Like compile_shared_kernels, a prompt's per-token passes (`forward`'s add_norm_rows,
+    rope_store_rows and SwiGLU, and the activations' rounding of a product's input), run on
+    two tokens with the argument types `forward` gives them (this model's norms and cache rows:
+    the cache's first two positions are overwritten). tui/compile_ahead's helper runs this
+    while the caller compiles the shared kernels, then the caller's first prompt reads them
+    from numba's cache."""
+    n, hd = 2, cfg.head_dim
+    layer = weights.layers[0]
+    x = np.zeros((n, cfg.n_embd), np.float32)
+    h = np.empty_like(x)
+    act = Activations.empty(n, cfg.n_embd, layer.wq.act_mode)
+    add_norm_rows(x, np.empty((0, cfg.n_embd), np.float32), layer.attn_norm, np.float32(cfg.rms_eps), act.mode, h,
+                  act.xq, act.xd, act.xs, act.xhat)
+    quantize_for(h, layer.wo)
+    cos, sin = rope_tables(np.arange(n), cfg)
+    q = np.zeros((n, cfg.n_head * hd), np.float32)
+    k = np.zeros((n, cfg.n_head_kv * hd), np.float32)
+    rope_store_rows(q, k, k.copy(), cos, sin, cfg.n_head, cfg.n_head_kv, hd, cfg.n_rot, cache.k[0], cache.v[0], 0)
+    gate = np.zeros((n, 32), np.float32)
+    _silu_mul_rows(gate, gate, np.empty_like(gate))
 
 
 def compile_decode_kernels(weights, ctx) -> None:

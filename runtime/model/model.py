@@ -12,6 +12,7 @@ stacking) runtime/model/loading.py; products on quantized weights runtime/quants
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -306,6 +307,19 @@ def _check_threads(n_threads) -> int:
     return min(int(n_threads), numba.config.NUMBA_NUM_THREADS)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """numba's parallel kernels run on one thread (the calling thread's setting) while open."""
+    import numba
+
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(n)
+
+
 class LlamaModel:
     """A loaded model with its KV cache: evaluate tokens, keep or drop cached positions."""
 
@@ -341,6 +355,21 @@ class LlamaModel:
         if fused is not None:  # the kernels this model decodes with: only those are compiled
             st = self._decode_stack
             self._decode_ctx = decode_context(st.types + (st.head.types,) + tuple(types for _, _, types in fused))
+        self._decode_gate: threading.Event | None = None  # see defer_decode
+
+    def defer_decode(self, ready: threading.Event) -> None:
+        """Run single tokens through the batch forward pass (the same floats: one arithmetic)
+        until `ready` is set, then through the one-call decode kernels: a cold start's warm-up
+        lets a second process compile those (tui/compile_ahead) while the first reply already
+        runs on the prompt kernels, compiled and in hand, instead of waiting for them."""
+        self._decode_gate = ready
+
+    def decode_deferred(self) -> bool:
+        """Whether single tokens still go through the batch forward pass (defer_decode)."""
+        gate = self._decode_gate
+        if gate is not None and gate.is_set():
+            self._decode_gate = gate = None
+        return gate is not None
 
     @property
     def decode_context(self):
@@ -389,10 +418,15 @@ class LlamaModel:
                     raise EvalCancelled(start)
                 chunk = ids[start:start + self.n_batch]
                 last = start + self.n_batch >= ids.size
-                if len(chunk) == 1 and self.fused is not None and not hidden:
+                if len(chunk) == 1 and not hidden and self.fused is not None and not self.decode_deferred():
                     logits_1 = decode_token(self.config, self.weights, self.fused, self._decode_stack, self._decode_ctx,
                                             self.cache, int(chunk[0]))
                     outs.append(logits_1[None, :] if want_all else logits_1)
+                elif len(chunk) == 1 and self.decode_deferred():
+                    # one thread: the other core is compiling the decode kernels (a parallel
+                    # product would wait for its second thread at every step)
+                    with one_thread():
+                        outs.append(forward(self.config, self.weights, self.cache, chunk, want_all, hidden))
                 elif want_all or last:
                     outs.append(forward(self.config, self.weights, self.cache, chunk, want_all, hidden))
                 else:

@@ -335,12 +335,11 @@ class Activations:
     def __init__(self, x: np.ndarray, mode: int):
         n_tok = x.shape[0]
         self._allocate(n_tok, x.shape[1], mode)
-        if mode == ACT_F16 and n_tok > 1:  # the same rounding on the bits, vectorized
+        # (one token too: the kernels a prompt has compiled; quantize_activations' floats)
+        if mode == ACT_F16:  # the same rounding on the bits, vectorized
             round_rows_to_half(x, self.xhat)
-        elif n_tok > 1:
-            _quantize_activations_rows(x, mode, self.xq, self.xd, self.xs, self.xhat)
         else:
-            quantize_activations(x, mode, self.xq, self.xd, self.xs, self.xhat)
+            _quantize_activations_rows(x, mode, self.xq, self.xd, self.xs, self.xhat)
 
 
     def _allocate(self, n_tok: int, k: int, mode: int) -> None:
@@ -363,11 +362,15 @@ def quantize_for(x: np.ndarray, w: QuantWeight) -> Activations:
     return Activations(np.ascontiguousarray(x, dtype=np.float32), w.act_mode)
 
 
-def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None = None, isa: str | None = None) -> np.ndarray:
+def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None = None, isa: str | None = None,
+           batch_one: bool = False) -> np.ndarray:
     """x [T, n_in] (or Activations for w's format) -> x @ W.T as float32 [T, n_out]. For the
     fused formats each token's row is the same bits whatever T (one arithmetic for prompts and
     decode); the others multiply float32 tiles with BLAS. isa: the instruction set the kernels
-    are compiled for (kernel_context; None: this CPU's)."""
+    are compiled for (kernel_context; None: this CPU's). One token goes to the format's
+    one-token kernel, or with batch_one to its batch kernel (the same floats), where it has one:
+    the batch forward pass's choice, so that a prompt's kernels also serve its last row and
+    single tokens (runtime.model.forward)."""
     ctx = kernel_context(isa)
     act = x if isinstance(x, Activations) else quantize_for(x, w)
     if act.mode != w.act_mode:
@@ -379,7 +382,7 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
         out = np.empty((n_tok, w.n_out), np.float32)
     t = w.ggml_type
     tr = w.traits
-    if n_tok > 1 and tr.batch is not None and w.n_out % tr.batch_rows == 0:
+    if (n_tok > 1 or batch_one) and tr.batch is not None and w.n_out % tr.batch_rows == 0:
         tr.batch(read_only_view(np.ascontiguousarray(w.rows)), ctx, act.xq, act.xd, act.xs, act.xhat, out)
         return out
     if tr.decode is not None:
