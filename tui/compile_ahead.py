@@ -7,7 +7,8 @@ does, so threads cannot share the work; processes can, through the cache folder:
 what it compiled there (numba writes its cache files under temporary names and renames them
 into place), and a kernel called for the first time is looked up there before it is compiled.
 The helper loads the same file with the same settings (same kernels, same instruction set) and
-works in three steps, saying on stdout when each is done:
+works in three steps, saying on stdout when each is done (and, after the second, noting the
+model warm: compile_progress.note_warm):
 1. a prompt's per-token passes (norms, RoPE, SwiGLU, the activations' rounding: "ready passes"),
    while the caller compiles the kernels prompts and decode share (attention's one-row kernel)
    and the samplers; the caller then waits for this step and runs its first prompt, reading
@@ -93,6 +94,12 @@ class Helper:
         except OSError:
             pass
 
+    def release(self) -> None:
+        """At this process's end: let the helper finish the step it is in on its own (the decode
+        kernels go into the cache and the model is noted warm, so that a short first run, a
+        one-shot, leaves the next start warm); it ends at its next word, which nobody reads."""
+        self.go()
+
     def close(self) -> None:
         """Stop the helper if it still runs (what it has cached stays cached)."""
         self.go()
@@ -141,13 +148,19 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, AttributeError):
         pass
     compile_decode_kernels(model.weights, model.decode_context)
+    from .compile_progress import note_warm
     from .engine_worker import sample_tokens
 
     ids = sample_tokens(llm, max(sizes))
     for n in sizes:
         llm.reset()
         llm.model.eval(ids[:n], logits="last")
-        print(READY, n, flush=True)
+        if n == 1:  # the decode kernels are in the cache: the next start needs no helper
+            note_warm(llm)
+        try:
+            print(READY, n, flush=True)
+        except (BrokenPipeError, ValueError):  # the caller has ended (release): nobody waits for more
+            return 0
     return 0
 
 

@@ -419,7 +419,7 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
     the samplers; this one then waits for the passes and runs its prompt sizes (compiling the
     products). It does not wait for the decode kernels: until the helper has them in the cache
     the model decodes through the prompt kernels (LlamaModel.defer_decode; the same floats),
-    and the model's `.warm` note is written once they are there. The tiled kernels may still be
+    and the helper writes the model's `.warm` note once they are there. The tiled kernels may still be
     compiling in the helper when the first long prompt comes: it reads them from the cache if
     the helper has finished, else compiles them itself."""
     model = getattr(llm, "model", None)
@@ -444,7 +444,7 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
 
             helper = compile_ahead.start(llm, (1,) + tuple(n for n in sizes if n > 1 and n not in here))
             if helper is not None:
-                atexit.register(helper.close)
+                atexit.register(helper.release)  # (it finishes the decode kernels, then ends)
                 order = tuple(here) + (1,)
         with WATCH.holding():  # the notice stays up between two kernels until the warm-up ends
             if helper is not None:
@@ -459,15 +459,9 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
                 warm_sampler(model.config.n_vocab)  # while the helper compiles a prompt's passes
                 with WATCH.elsewhere("a prompt's per-token passes, in a second process"):
                     helper.wait_for(PASSES, timeout=600)
-                decoded = threading.Event()
-
-                def _decode_compiled(done: bool) -> None:
-                    if done:
-                        note_warm(llm)  # the next start finds the kernels cached and starts no helper
-                    decoded.set()  # (a helper that failed: decode compiles here, at its first token)
-
+                decoded = threading.Event()  # (set too when the helper fails: decode then compiles here)
                 model.defer_decode(decoded)
-                helper.when_done(1, _decode_compiled)
+                helper.when_done(1, lambda _: decoded.set())  # (the helper notes the model warm)
             # with a helper: on one thread (the other core compiles; a parallel step would wait for
             # its second thread each time), the one-token step through the prompt kernels
             with one_thread() if helper is not None else contextlib.nullcontext():
