@@ -138,3 +138,32 @@ def test_chat_turn_is_the_same_with_and_without_the_prompt_cache(smollm2_path):
     assert cached["choices"][0]["message"]["content"] == reply
     # llama.cpp's reply to these messages (issue 16, llama-cpp-python's create_chat_completion)
     assert reply.strip() == "The capital of France is Paris."
+
+
+def test_the_products_shares_cover_every_batch_kernel_once(tmp_path, monkeypatch):
+    """forward.compile_products: a cold start's two processes each compile one share of a
+    prompt's batch products; together they are every (kernel, layout) a prompt multiplies with,
+    and no kernel is in both (two processes adding entries to one kernel's cache index at once
+    would lose one)."""
+    from llamachat.runtime.model import forward
+
+    w = _weights(3)
+    mix = {"attn_q": T.Q5_0, "attn_k": T.Q8_0, "attn_v": T.Q4_K, "attn_output": T.Q5_0,
+           "ffn_gate": T.Q6_K, "ffn_up": T.Q4_1, "ffn_down": T.Q8_0}
+    types = {name: (mix[name.split(".")[2]] if name.startswith("blk.") else T.Q8_0)
+             for name in w if not name.endswith("norm.weight")}
+    md = tiny_metadata(**{"llama.embedding_length": N_EMBD, "llama.feed_forward_length": N_FF})
+    m = load_model(write_tiny(tmp_path / "mix.gguf", w, md, types), n_ctx=64, n_threads=2)
+    seen = []
+    real = forward.matmul
+    monkeypatch.setattr(forward, "matmul", lambda wt, act, **kw: seen.append((part, getattr(wt.traits.batch, 'func', wt.traits.batch), wt.ggml_type, wt.packed)) or real(wt, act, **kw))
+    for part in (0, 1):
+        forward.compile_products(m.weights, part)
+    layouts = {(getattr(w.traits.batch, 'func', w.traits.batch), w.ggml_type, w.packed) for layer in m.weights.layers
+               for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)}
+    assert sorted(map(repr, layouts)) == sorted(repr(s[1:]) for s in seen)  # each once
+    kernels = {p: {s[1] for s in seen if s[0] == p} for p in (0, 1)}
+    assert kernels[0] and kernels[1] and not kernels[0] & kernels[1]
+    # the prompt then multiplies with what the shares compiled, the same floats as decode
+    whole = logits_by_split(m, list(range(3, 23)), (20,))
+    assert np.array_equal(logits_by_split(m, list(range(3, 23)), (1,) * 20).view(np.uint32), whole.view(np.uint32))

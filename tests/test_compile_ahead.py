@@ -77,11 +77,11 @@ def test_no_helper_where_it_cannot_help(tmp_path, monkeypatch):
 
 def test_the_helper_process_evaluates_its_sizes(smollm2_path, capsys):
     assert compile_ahead.main([str(smollm2_path), "1", "8"]) == 0
-    assert capsys.readouterr().out.split("\n") == ["ready passes", "ready 1", "ready 8", ""]
+    assert capsys.readouterr().out.split("\n") == ["ready prompt", "ready 1", "ready 8", ""]
 
 
 class _ReaderGone:
-    """The helper's stdout once the caller has ended after reading "ready passes"."""
+    """The helper's stdout once the caller has ended after reading "ready prompt"."""
 
     def __init__(self):
         self.lines = []
@@ -111,17 +111,17 @@ def test_a_released_helper_notes_the_model_warm_and_ends(smollm2_path, monkeypat
     real_eval = LlamaModel.eval
     monkeypatch.setattr(LlamaModel, "eval", lambda self, ids, **kw: evaluated.append(len(ids)) or real_eval(self, ids, **kw))
     assert compile_ahead.main([str(smollm2_path), "1", "64"]) == 0
-    assert "".join(out.lines) == "ready passes\n"
+    assert "".join(out.lines) == "ready prompt\n"
     assert noted == [1] and evaluated == [1]  # after its decode step; never the 64-token prompt
 
 
 def test_when_done_calls_back_with_the_answer():
-    helper = _helper("import time\nprint('ready passes', flush=True)\ntime.sleep(0.3)\nprint('ready 1', flush=True)")
+    helper = _helper("import time\nprint('ready prompt', flush=True)\ntime.sleep(0.3)\nprint('ready 1', flush=True)")
     got = []
     done = threading.Event()
     helper.when_done(1, lambda ok: got.append(ok) or done.set())
     assert done.wait(30) and got == [True]
-    assert helper.wait_for(compile_ahead.PASSES, timeout=30)
+    assert helper.wait_for(compile_ahead.PROMPT, timeout=30)
     helper.close()
     failed = _helper("import sys\nsys.exit(3)")
     done.clear()
@@ -156,8 +156,9 @@ class _FakeHelper:
 ])
 @pytest.mark.parametrize("helper_ok", [True, False])
 def test_warm_up_leaves_decode_to_the_helper_when_cold(smollm2_path, monkeypatch, sizes, here, ahead, helper_ok):
-    """Cold: the helper compiles a prompt's passes while this process compiles the shared
-    kernels (it is let go first), this process waits for the passes only, and decodes through
+    """Cold: the helper compiles a prompt's passes and half its products while this process
+    compiles the shared kernels (it is let go first) and the other half, this process waits for
+    the helper's prompt kernels only, and decodes through
     the prompt kernels until the helper says its decode step is done (or has failed); the model
     is noted warm by the helper, when its decode kernels are in the cache, not here."""
     from llamachat.runtime import Llama
@@ -174,7 +175,7 @@ def test_warm_up_leaves_decode_to_the_helper_when_cold(smollm2_path, monkeypatch
     engine_worker.warm_up(llm, sizes)
     (helper,) = started
     assert evaluated == here
-    assert helper.sizes == ahead and helper.waited == [compile_ahead.PASSES]  # not its decode step
+    assert helper.sizes == ahead and helper.waited == [compile_ahead.PROMPT]  # not its decode step
     assert helper.went == 1  # let go once, after the kernels both processes call were compiled here
     assert noted == [] and llm.model.n_past == 0
     assert llm.model.decode_deferred()  # single tokens through the prompt kernels, for now

@@ -9,10 +9,11 @@ into place), and a kernel called for the first time is looked up there before it
 The helper loads the same file with the same settings (same kernels, same instruction set) and
 works in three steps, saying on stdout when each is done (and, after the second, noting the
 model warm: compile_progress.note_warm):
-1. a prompt's per-token passes (norms, RoPE, SwiGLU, the activations' rounding: "ready passes"),
-   while the caller compiles the kernels prompts and decode share (attention's one-row kernel)
-   and the samplers; the caller then waits for this step and runs its first prompt, reading
-   the passes from the cache and compiling the products;
+1. a prompt's per-token passes (norms, RoPE, SwiGLU, the activations' rounding) and one share
+   of its batch products ("ready prompt"), while the caller compiles the kernels prompts and
+   decode share (attention's one-row kernel), the samplers and the other share; the caller
+   then waits for this step and runs its first prompt, reading this step's kernels from the
+   cache;
 2. after the caller's `go` (its stdin closed: the shared kernels are in the cache), the
    one-token decode chain, what only decode calls first, then one decode step ("ready 1"); the
    caller meanwhile decodes through the prompt kernels (LlamaModel.defer_decode: the same
@@ -36,7 +37,7 @@ import threading
 from llamachat.runtime.model.model import available_memory as _available_memory
 
 READY = "ready"
-PASSES = "passes"  # the step after which the helper says "ready passes"
+PROMPT = "prompt"  # the step after which the helper says "ready prompt"
 MEMORY_SHARE = 0.4  # the helper's copy of the weights must fit in this share of the available memory
 
 
@@ -49,7 +50,7 @@ def _cores() -> int:
 
 class Helper:
     """A running helper process; `wait_for(n)` blocks until it has evaluated n tokens (or done
-    step n: PASSES) (True), or has ended without doing so (False); `when_done(n, fn)` calls fn
+    step n: PROMPT) (True), or has ended without doing so (False); `when_done(n, fn)` calls fn
     with the same answer, from another thread, without blocking."""
 
     def __init__(self, proc: subprocess.Popen):
@@ -132,17 +133,19 @@ def start(llm, sizes: tuple[int, ...]) -> Helper | None:
 
 
 def main(argv: list[str]) -> int:
-    """The helper: load argv[0], compile a prompt's passes ("ready passes"), evaluate each size in
+    """The helper: load argv[0], compile a prompt's passes and its share of the products ("ready
+    prompt"), evaluate each size in
     argv[1:], saying "ready N" after each; the first only after stdin ends (the caller's `go`)."""
     path, sizes = argv[0], [int(a) for a in argv[1:]]
     from llamachat.runtime.generation.llama_api import Llama
 
-    from llamachat.runtime.model.forward import compile_decode_kernels, compile_prompt_passes
+    from llamachat.runtime.model.forward import compile_decode_kernels, compile_products, compile_prompt_passes
 
     llm = Llama(path, n_ctx=max(sizes) + 8, n_threads=1, verbose=False)
     model = llm.model
     compile_prompt_passes(model.config, model.weights, model.cache)  # while the caller compiles the shared ones
-    print(READY, PASSES, flush=True)
+    compile_products(model.weights, part=1)  # (the caller compiles part 0)
+    print(READY, PROMPT, flush=True)
     try:
         sys.stdin.read()  # until the caller's go: the shared kernels are then in the cache
     except (OSError, ValueError, AttributeError):

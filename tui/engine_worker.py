@@ -414,10 +414,11 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
     here is left for the first reply to report.
 
     Cold (a first run, a format's first use), a second process (tui/compile_ahead) compiles a
-    prompt's per-token passes, then the one-token decode kernels, then the tiled prompt kernels
-    where a shorter prompt size comes first, while this one compiles the kernels both share and
-    the samplers; this one then waits for the passes and runs its prompt sizes (compiling the
-    products). It does not wait for the decode kernels: until the helper has them in the cache
+    prompt's per-token passes and half of its batch products, then the one-token decode kernels,
+    then the tiled prompt kernels where a shorter prompt size comes first, while this one
+    compiles the kernels both share, the samplers and the other half of the products; this one
+    then waits for the helper's prompt kernels and runs its prompt sizes. It does not wait for
+    the decode kernels: until the helper has them in the cache
     the model decodes through the prompt kernels (LlamaModel.defer_decode; the same floats),
     and the helper writes the model's `.warm` note once they are there. The tiled kernels may still be
     compiling in the helper when the first long prompt comes: it reads them from the cache if
@@ -448,17 +449,18 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
                 order = tuple(here) + (1,)
         with WATCH.holding():  # the notice stays up between two kernels until the warm-up ends
             if helper is not None:
-                from llamachat.runtime.model.forward import compile_shared_kernels
+                from llamachat.runtime.model.forward import compile_products, compile_shared_kernels
 
-                from .compile_ahead import PASSES
+                from .compile_ahead import PROMPT
 
                 try:
                     compile_shared_kernels(model.config, model.weights)  # here, first: the helper's decode reads them
                 finally:
                     helper.go()
                 warm_sampler(model.config.n_vocab)  # while the helper compiles a prompt's passes
-                with WATCH.elsewhere("a prompt's per-token passes, in a second process"):
-                    helper.wait_for(PASSES, timeout=600)
+                compile_products(model.weights, part=0)  # and the helper part 1
+                with WATCH.elsewhere("a prompt's kernels, in a second process"):
+                    helper.wait_for(PROMPT, timeout=600)
                 decoded = threading.Event()  # (set too when the helper fails: decode then compiles here)
                 model.defer_decode(decoded)
                 helper.when_done(1, lambda _: decoded.set())  # (the helper notes the model warm)

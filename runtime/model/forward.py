@@ -799,6 +799,31 @@ def compile_prompt_passes(cfg, weights, cache) -> None:
     _silu_mul_rows(gate, gate, np.empty_like(gate))
 
 
+def compile_products(weights, part: int, parts: int = 2) -> None:
+    """Like compile_shared_kernels, the batch products of a prompt, or the `part`-th of `parts`
+    shares of them (each share whole batch kernels: all of one kernel's layouts, so that two
+    processes never add entries to one kernel's cache index at once, where numba would keep only
+    one of them): on two tokens, through `matmul` as `forward` calls it. The shares are made the
+    same way in every process from the model alone (kernels with more layouts first, each to
+    the share with fewest, the first share taking ties), so tui/compile_ahead's helper and its
+    caller can each compile one."""
+    groups: dict = {}
+    for layer in weights.layers:
+        for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
+            tr = w.traits
+            if tr.batch is not None and w.n_out % tr.batch_rows == 0:
+                kernel = getattr(getattr(tr.batch, "func", tr.batch), "py_func", None)  # (a partial's kernel)
+                key = f"{kernel.__module__}.{kernel.__qualname__}" if kernel is not None else repr(tr.batch)
+                groups.setdefault(key, {}).setdefault((w.ggml_type, w.packed), w)
+    loads = [0] * parts
+    for key in sorted(groups, key=lambda k: (-len(groups[k]), k)):
+        share = loads.index(min(loads))
+        loads[share] += len(groups[key])
+        if share == part:
+            for w in groups[key].values():
+                matmul(w, Activations.empty(2, w.n_in, w.act_mode))
+
+
 def compile_decode_kernels(weights, ctx) -> None:
     """Like compile_shared_kernels, the kernels only decode calls: SwiGLU of one row and, when
     the model decodes in compiled code (ctx: its decode context, else None), `_project` with
