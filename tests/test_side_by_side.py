@@ -2,6 +2,7 @@
 output here (no model runs; milliseconds)."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -68,8 +69,9 @@ def test_table_rows_ratios_and_failed_runs(tmp_path):
     header = dict(date="d", duration="1 min", cpu="Xeon", cores=2, flags="avx2 avx512_vnni", isa="avx512vnni",
                   llama_bench="llama-bench", build="unknown (0)", ggml="ggml built with AVX2",
                   load_start="0.1 0.1 0.1", load_end="0.2 0.2 0.2")
-    start = [dict(what="cold: empty numba cache", label="Q4_1 (x.gguf)", wall=46.8, cpu=44.3, reply="The capital of France"),
-             dict(what="warm", label="Q4_1 (x.gguf)", wall=None, cpu=None, reply="")]
+    start = [dict(what="cold: empty numba cache", label="Q4_1 (x.gguf)", first=9.6, wall=10.4, cpu=9.9, background=16.0,
+                  reply="The capital of France"),
+             dict(what="warm", label="Q4_1 (x.gguf)", first=None, wall=None, cpu=None, background=None, reply="")]
     text = sbs.render([good, failed], header, start, rounds=2)
     lines = text.splitlines()
     assert lines[0] == sbs.START_MARK and lines[-1] == sbs.END_MARK
@@ -80,10 +82,20 @@ def test_table_rows_ratios_and_failed_runs(tmp_path):
     assert row[5:9] == ["45.8, 45.8", "6.5, failed", "7.00", "46 / 7 |"]
     row = next(line for line in lines if line.startswith("| SmolLM2-135M Q4_0 (pp256 / tg64) | 1 |")).split(" | ")
     assert row[2:5] == ["failed", "42.3, 42.3", "-"]
-    assert "| cold: empty numba cache | Q4_1 (x.gguf) | 46.8 s | 44.3 s | The capital of France |" in lines
-    assert "| warm | Q4_1 (x.gguf) | failed | - |  |" in lines
+    assert "| cold: empty numba cache | Q4_1 (x.gguf) | 9.6 s | 10.4 s | 9.9 s | 16.0 s | The capital of France |" in lines
+    assert "| warm | Q4_1 (x.gguf) | failed | failed | - | - |  |" in lines
     # behind llama.cpp: the ratio in bold
     slow = sbs.Cell(t, 2, ours=[dict(ours, pp=21.0)], theirs=[theirs])
     assert "| **0.50** |" in sbs.render([slow], header, None, rounds=1)
     level = sbs.Cell(t, 2, ours=[dict(ours, pp=42.2)], theirs=[theirs])  # 0.9975: shown as 1.00, not bold
     assert "| 1.00 |" in sbs.render([level], header, None, rounds=1)
+
+
+def test_a_start_is_timed_to_its_first_output_and_its_exit():
+    code = "import sys, time; time.sleep(0.3); print('answer', flush=True); time.sleep(0.5)"
+    why, out, first, wall = sbs._run_timed([sys.executable, "-c", code], dict(os.environ), timeout=60)
+    assert why == "" and out.strip() == "answer"
+    assert 0.3 <= first < wall and wall >= 0.8
+    why, *_ = sbs._run_timed([sys.executable, "-c", "import sys; sys.exit('no model')"], dict(os.environ), timeout=60)
+    assert why.startswith("exit status 1") and "no model" in why
+    assert all(isinstance(pid, int) for pid in sbs.helpers_running())
