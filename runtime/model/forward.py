@@ -671,15 +671,17 @@ def decode_layer(x, layer, kv, pos, rope, dims, table, isa, kernels):
     # the same compiled kernels for both (a slice's type would compile each of them again)
     q = np.empty((1, q_dim), np.float32)
     k = np.empty((1, kv_dim), np.float32)
+    v = np.empty((1, kv_dim), np.float32)
     for i in range(q_dim):  # loops: a slice assignment compiles numba's shape-mismatch message
         q[0, i] = qkv[0, i]
     for i in range(kv_dim):
         k[0, i] = qkv[0, q_dim + i]
+        v[0, i] = qkv[0, q_dim + kv_dim + i]
     apply_rope(q, dims.n_head, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
     apply_rope(k, dims.n_head_kv, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
-    for i in range(kv_dim):  # the cache holds half floats
-        kv.k[pos, i] = round_to_f16(k[0, i])
-        kv.v[pos, i] = round_to_f16(qkv[0, q_dim + kv_dim + i])
+    tmp = np.empty(kv_dim, np.float32)  # the cache holds half floats: rounded as a prompt's rows are
+    round_row_to_half(k[0], kv.k[pos], tmp)
+    round_row_to_half(v[0], kv.v[pos], tmp)
     attend_rows(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, att)  # one token: attend's choice
     wo = layer.wo[0]
     _project((wo, wo, wo), layer.types[1], att, ctx, proj)
