@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import resource
 import select
 import shutil

@@ -814,8 +814,9 @@ def compile_products(weights, part: int, parts: int = 2) -> None:
         for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
             tr = w.traits
             if tr.batch is not None and w.n_out % tr.batch_rows == 0:
-                kernel = getattr(getattr(tr.batch, "func", tr.batch), "py_func", None)  # (a partial's kernel)
-                key = f"{kernel.__module__}.{kernel.__qualname__}" if kernel is not None else repr(tr.batch)
+                kernel = getattr(tr.batch, "func", tr.batch)  # (a partial's function)
+                kernel = getattr(kernel, "py_func", kernel)  # (a numba kernel's Python function)
+                key = f"{kernel.__module__}.{kernel.__qualname__}"
                 groups.setdefault(key, {}).setdefault((w.ggml_type, w.packed), w)
     loads = [0] * parts
     for key in sorted(groups, key=lambda k: (-len(groups[k]), k)):

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (_ZERO, _ZERO8, FormatKernels, _fma, _half, _hsum8, _i8, _lane_accumulate, _lanes_unsigned, _load, _vec,
-                   format_rows, format_tile, format_tile1, has_vnni, pair_layout, pair_tile_kernel, row_kernels, tile_kernel)
+                   format_rows, format_tile, format_tile1, pair_layout, pair_tile_kernel, row_kernels, tile_kernel)
 
 FLT_MAX = np.float32(3.4028234663852886e38)
 
@@ -135,30 +135,45 @@ def vnni_kernels(name: str, block_bytes: int, unpack_shifted, rows) -> "functool
     return functools.partial(matmat, kernels)
 
 
-@njit(cache=True, parallel=True)
 def matmat(fk, w, ctx, xq, xd, xs, xhat, out):
     """A batch: each (row, token) the format's matvec float. With VNNI TILE_ROWS rows x
-    TILE_PAIRS pairs of tokens at a time (runtime.quants.simd.pair_tile_kernel: a pair per
-    512-bit vector, one vpdpbusd per two block products, the pairs' activations laid out once by
-    pair_layout), each tile's tokens meeting CHUNK_GROUPS groups of rows while their activations
-    stay in L1; the leftover tokens one at a time (tile_kernel); elsewhere one row and four
-    tokens at a time. fk: the format's FormatKernels (numba compiles this once per format)."""
-    if has_vnni(ctx.isa):
-        n_rows, n_tok = w.shape[0], xq.shape[0]
-        yp, sp, dp = pair_layout(xq, xd)
-        n_tiles = n_tok // (2 * TILE_PAIRS)
-        n_groups = n_rows // TILE_ROWS
-        n_chunks = (n_groups + CHUNK_GROUPS - 1) // CHUNK_GROUPS
-        for job in prange(n_tiles * n_chunks):
-            p0 = job // n_chunks * TILE_PAIRS
-            c = job % n_chunks
-            for g in range(c * CHUNK_GROUPS, min(n_groups, (c + 1) * CHUNK_GROUPS)):
-                format_tile(fk, w, TILE_ROWS * g, yp, sp, dp, p0, out, ctx.isa)
-        for g in prange(n_groups):
-            for t in range(2 * TILE_PAIRS * n_tiles, n_tok):
-                format_tile1(fk, w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
-        for r in range(n_rows - n_rows % TILE_ROWS, n_rows):
-            format_rows(fk, w, r, xq, xd, out, ctx.isa)
+    TILE_PAIRS pairs of tokens at a time (`matmat_vnni`), elsewhere one row and four tokens at a
+    time (`matmat_rows`). fk: the format's FormatKernels (numba compiles each once per format).
+    Chosen here, in Python, not by a branch on has_vnni in one kernel: numba would type and
+    lower the parallel loop of the branch never taken too (about a third of a second of a cold
+    start per format)."""
+    if ctx.isa.name == "avx512vnni":
+        matmat_vnni(fk, w, ctx, xq, xd, out)
     else:
-        for r in prange(w.shape[0]):
-            format_rows(fk, w, r, xq, xd, out, ctx.isa)
+        matmat_rows(fk, w, ctx, xq, xd, out)
+
+
+@njit(cache=True, parallel=True)
+def matmat_vnni(fk, w, ctx, xq, xd, out):
+    """`matmat` on AVX-512 VNNI: TILE_ROWS rows x TILE_PAIRS pairs of tokens at a time
+    (runtime.quants.simd.pair_tile_kernel: a pair per 512-bit vector, one vpdpbusd per two block
+    products, the pairs' activations laid out once by pair_layout), each tile's tokens meeting
+    CHUNK_GROUPS groups of rows while their activations stay in L1; the leftover tokens one at a
+    time (tile_kernel)."""
+    n_rows, n_tok = w.shape[0], xq.shape[0]
+    yp, sp, dp = pair_layout(xq, xd)
+    n_tiles = n_tok // (2 * TILE_PAIRS)
+    n_groups = n_rows // TILE_ROWS
+    n_chunks = (n_groups + CHUNK_GROUPS - 1) // CHUNK_GROUPS
+    for job in prange(n_tiles * n_chunks):
+        p0 = job // n_chunks * TILE_PAIRS
+        c = job % n_chunks
+        for g in range(c * CHUNK_GROUPS, min(n_groups, (c + 1) * CHUNK_GROUPS)):
+            format_tile(fk, w, TILE_ROWS * g, yp, sp, dp, p0, out, ctx.isa)
+    for g in prange(n_groups):
+        for t in range(2 * TILE_PAIRS * n_tiles, n_tok):
+            format_tile1(fk, w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
+    for r in range(n_rows - n_rows % TILE_ROWS, n_rows):
+        format_rows(fk, w, r, xq, xd, out, ctx.isa)
+
+
+@njit(cache=True, parallel=True)
+def matmat_rows(fk, w, ctx, xq, xd, out):
+    """`matmat` without VNNI: one row and four tokens at a time (the format's row kernels)."""
+    for r in prange(w.shape[0]):
+        format_rows(fk, w, r, xq, xd, out, ctx.isa)
