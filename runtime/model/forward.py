@@ -268,103 +268,182 @@ FA_TILE_Q = 64
 FA_TILE_KV = 64
 
 
+# query rows (a token's head) that `attention_tiled` takes through each KV tile together, in
+# steps of TILED_ROWS: each key and value loaded feeds TILED_ROWS fma chains
+TILED_ROWS = 4
+
+
 @njit(cache=True)
-def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, job, acc, s, xs, ns, kbits):
-    """One (token, head) pair of `attention_tiled` (job = t * n_head + h), kt its keys laid out
-    dimension by dimension: the loop body written once as a plain kernel (see _attention_job)."""
+def _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, g, t0, n_t, qs, acc, s, m, m_next,
+                           total, n_kv, xs, mx):
+    """Tokens t0..t0+n_t-1 of `attention_tiled`, every query head that reads KV head g (the
+    GQA group): their rows go through each KV tile together, the tile's keys and values
+    loaded once for all of them, each row's arithmetic that of one row alone. Rows are taken
+    token by token, head by head, and padded to a multiple of TILED_ROWS by repeating the
+    last (which computes and writes the same floats twice). kt: the keys laid out dimension
+    by dimension; qs, acc [rows, head_dim], s [rows, FA_TILE_KV], m, m_next, total, n_kv
+    [rows], xs [FA_TILE_KV], mx [16]: scratch. The loop body written once as a plain kernel (see
+    _attention_job)."""
     group = n_head // n_head_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    t = job // n_head
-    h = job % n_head
-    g = h // group
     kv0 = g * head_dim
-    n_kv = n_past + t + 1
-    acc[:] = 0.0
-    two_n = kbits.view(np.float32)
-    mx = np.empty(16, np.float32)
-    total = np.float32(0.0)
-    m = np.float32(-np.inf)
+    n_real = n_t * group
+    n_rows = -(-n_real // TILED_ROWS) * TILED_ROWS
+    for r in range(n_rows):
+        rr = min(r, n_real - 1)
+        t = t0 + rr // group
+        h = g * group + rr % group
+        n_kv[r] = n_past + t + 1
+        qrow = q[t, h * head_dim:(h + 1) * head_dim]  # (row views: copies that vectorize)
+        qsr = qs[r]
+        accr = acc[r]
+        for d in range(head_dim):
+            qsr[d] = qrow[d]
+            accr[d] = 0.0
+        m[r] = -np.inf
+        total[r] = 0.0
     n_d4 = head_dim - head_dim % 4
-    for ic in range(0, n_kv, FA_TILE_KV):
-        for tk in range(FA_TILE_KV):
-            s[tk] = 0.0
-        # each chain's fmas in dimension order, four dimensions per pass over the 64 lanes (the
-        # same fmas: s stays in registers between them instead of going through memory each time)
-        for d in range(0, n_d4, 4):
-            q0 = q[t, h * head_dim + d]
-            q1 = q[t, h * head_dim + d + 1]
-            q2 = q[t, h * head_dim + d + 2]
-            q3 = q[t, h * head_dim + d + 3]
-            k0 = kt[g, d, ic:ic + FA_TILE_KV]  # contiguous: the 64 chains advance in vector lanes
-            k1 = kt[g, d + 1, ic:ic + FA_TILE_KV]
-            k2 = kt[g, d + 2, ic:ic + FA_TILE_KV]
-            k3 = kt[g, d + 3, ic:ic + FA_TILE_KV]
+    n_kv_max = n_past + t0 + n_t
+    for ic in range(0, n_kv_max, FA_TILE_KV):
+        # each (row, key) chain's fmas in dimension order, four dimensions of four rows per pass
+        # over the 64 lanes (a chain's fmas are the same; its sum stays in a register between them)
+        for r in range(0, n_rows, TILED_ROWS):
+            s0, s1, s2, s3 = s[r], s[r + 1], s[r + 2], s[r + 3]
+            qa, qb, qc, qd = qs[r], qs[r + 1], qs[r + 2], qs[r + 3]
             for tk in range(FA_TILE_KV):
-                s[tk] = fmaf(q3, k3[tk], fmaf(q2, k2[tk], fmaf(q1, k1[tk], fmaf(q0, k0[tk], s[tk]))))
-        for d in range(n_d4, head_dim):
-            qd = q[t, h * head_dim + d]
-            krow = kt[g, d, ic:ic + FA_TILE_KV]
+                s0[tk] = 0.0
+                s1[tk] = 0.0
+                s2[tk] = 0.0
+                s3[tk] = 0.0
+            for d in range(0, n_d4, 4):
+                k0 = kt[g, d, ic:ic + FA_TILE_KV]  # contiguous: the 64 chains advance in vector lanes
+                k1 = kt[g, d + 1, ic:ic + FA_TILE_KV]
+                k2 = kt[g, d + 2, ic:ic + FA_TILE_KV]
+                k3 = kt[g, d + 3, ic:ic + FA_TILE_KV]
+                a0, a1, a2, a3 = qa[d], qa[d + 1], qa[d + 2], qa[d + 3]
+                b0, b1, b2, b3 = qb[d], qb[d + 1], qb[d + 2], qb[d + 3]
+                c0, c1, c2, c3 = qc[d], qc[d + 1], qc[d + 2], qc[d + 3]
+                e0, e1, e2, e3 = qd[d], qd[d + 1], qd[d + 2], qd[d + 3]
+                for tk in range(FA_TILE_KV):
+                    x0, x1, x2, x3 = k0[tk], k1[tk], k2[tk], k3[tk]
+                    s0[tk] = fmaf(a3, x3, fmaf(a2, x2, fmaf(a1, x1, fmaf(a0, x0, s0[tk]))))
+                    s1[tk] = fmaf(b3, x3, fmaf(b2, x2, fmaf(b1, x1, fmaf(b0, x0, s1[tk]))))
+                    s2[tk] = fmaf(c3, x3, fmaf(c2, x2, fmaf(c1, x1, fmaf(c0, x0, s2[tk]))))
+                    s3[tk] = fmaf(e3, x3, fmaf(e2, x2, fmaf(e1, x1, fmaf(e0, x0, s3[tk]))))
+            for d in range(n_d4, head_dim):
+                krow = kt[g, d, ic:ic + FA_TILE_KV]
+                a0, b0, c0, e0 = qa[d], qb[d], qc[d], qd[d]
+                for tk in range(FA_TILE_KV):
+                    x0 = krow[tk]
+                    s0[tk] = fmaf(a0, x0, s0[tk])
+                    s1[tk] = fmaf(b0, x0, s1[tk])
+                    s2[tk] = fmaf(c0, x0, s2[tk])
+                    s3[tk] = fmaf(e0, x0, s3[tk])
+        # each row's softmax step on its own, in two passes over the rows (a row's maximum is a
+        # chain of compares: the rows' chains overlap); a row that has no key in this tile (the
+        # block's last tile holds keys of its later tokens only) skips it
+        n_common = FA_TILE_KV
+        for r in range(n_rows):
+            n_valid = min(FA_TILE_KV, n_kv[r] - ic)
+            n_common = min(n_common, n_valid)
+            if n_valid <= 0:
+                continue
+            sr = s[r]
             for tk in range(FA_TILE_KV):
-                s[tk] = fmaf(qd, krow[tk], s[tk])
-        for tk in range(FA_TILE_KV):
-            s[tk] = s[tk] * scale if ic + tk < n_kv else -np.inf  # masked (future or padding): weight 0
-        # the tile's maximum through 16 running maxima (vector lanes; one chain of compares would
-        # not vectorize): the same maximum in any order
-        for j in range(16):
-            mx[j] = s[j]
-        for c in range(16, FA_TILE_KV, 16):
-            for j in range(16):
-                mx[j] = max(mx[j], s[c + j])
-        tile_max = mx[0]
-        for j in range(1, 16):
-            tile_max = max(tile_max, mx[j])
-        m_new = max(m, tile_max)
-        if m_new > m:
-            ms = np.float32(math.exp(np.float32(m - m_new)))  # libm expf
-            for d in range(head_dim):
-                acc[d] *= ms
-            total *= ms
-        m = m_new
-        # s = _ggml_expf(s - m_new) in vectorizable loops (2**n from its bits), then ggml's
-        # slow path (|n| > 126: the masked and the vanishing weights) one by one
-        for tk in range(FA_TILE_KV):
-            xs[tk] = s[tk] - m_new
-        for tk in range(FA_TILE_KV):
-            n, b = _expf_reduce(xs[tk])
-            ns[tk] = n
-            kbits[tk] = (np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23
-            s[tk] = fmaf(_expf_poly(b), two_n[tk], two_n[tk])
-        for tk in range(FA_TILE_KV):
-            if not abs(ns[tk]) <= 126.0:  # (a masked weight is _ggml_expf(-inf) = 0 without the call)
-                s[tk] = np.float32(0.0) if xs[tk] == -np.inf else _ggml_expf(xs[tk])
-        tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
-        for c in range(0, FA_TILE_KV, 8):
-            r0 = s[c + 4] + s[c + 0]
-            r1 = s[c + 5] + s[c + 1]
-            r2 = s[c + 6] + s[c + 2]
-            r3 = s[c + 7] + s[c + 3]
-            tile_sum += np.float64((r0 + r2) + (r1 + r3))
-        total = np.float32(np.float64(total) + tile_sum)
-        # the values in position order, four positions per pass over acc (the same fmas per
-        # dimension, as above)
-        n_valid = min(FA_TILE_KV, n_kv - ic)
-        n_v4 = n_valid - n_valid % 4
-        for tk in range(0, n_v4, 4):
-            p0, p1, p2, p3 = s[tk], s[tk + 1], s[tk + 2], s[tk + 3]
-            v0 = v_cache[ic + tk, kv0:kv0 + head_dim]
-            v1 = v_cache[ic + tk + 1, kv0:kv0 + head_dim]
-            v2 = v_cache[ic + tk + 2, kv0:kv0 + head_dim]
-            v3 = v_cache[ic + tk + 3, kv0:kv0 + head_dim]
-            for d in range(head_dim):
-                acc[d] = fmaf(p3, v3[d], fmaf(p2, v2[d], fmaf(p1, v1[d], fmaf(p0, v0[d], acc[d]))))
-        for tk in range(n_v4, n_valid):
-            p = s[tk]
-            vrow = v_cache[ic + tk, kv0:kv0 + head_dim]
-            for d in range(head_dim):
-                acc[d] = fmaf(p, vrow[d], acc[d])
-    inv = np.float32(1.0) / total
-    for d in range(head_dim):
-        out[t, h * head_dim + d] = acc[d] * inv
+                sr[tk] = sr[tk] * scale if tk < n_valid else -np.inf  # masked (future or padding): weight 0
+            # the tile's maximum through 16 running maxima (vector lanes; one chain of compares
+            # would not vectorize): the same maximum in any order. (mx's length, not a constant,
+            # bounds the loop: LLVM unrolls a constant 16 into scalar code before its vectorizer
+            # sees the loop.)
+            for j in range(mx.shape[0]):
+                mx[j] = max(max(max(sr[j], sr[16 + j]), sr[32 + j]), sr[48 + j])
+            tile_max = mx[0]
+            for j in range(1, 16):
+                tile_max = max(tile_max, mx[j])
+            m_next[r] = max(m[r], tile_max)
+        for r in range(n_rows):
+            if n_kv[r] <= ic:
+                continue
+            sr = s[r]
+            m_old = m[r]
+            m_new = m_next[r]
+            if m_new > m_old:
+                ms = np.float32(math.exp(np.float32(m_old - m_new)))  # libm expf
+                accr = acc[r]
+                for d in range(head_dim):
+                    accr[d] *= ms
+                total[r] *= ms
+            m[r] = m_new
+            # sr = _ggml_expf(sr - m_new) in a vectorizable loop (2**n from its bits; a masked
+            # weight is _ggml_expf(-inf) = 0), then ggml's slow path (|n| > 126: vanishing
+            # weights) one by one, if any
+            n_slow = 0
+            for tk in range(FA_TILE_KV):
+                x = sr[tk] - m_new
+                xs[tk] = x
+                n, b = _expf_reduce(x)
+                two_n = f32_from_bits(np.int32((np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23))
+                sr[tk] = np.float32(0.0) if x == -np.inf else fmaf(_expf_poly(b), two_n, two_n)
+                n_slow += 0 if abs(n) <= 126.0 or x == -np.inf else 1
+            if n_slow > 0:
+                for tk in range(FA_TILE_KV):
+                    x = xs[tk]
+                    n, _ = _expf_reduce(x)
+                    if not abs(n) <= 126.0 and x != -np.inf:
+                        sr[tk] = _ggml_expf(x)
+            tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
+            for c in range(0, FA_TILE_KV, 8):
+                r0 = sr[c + 4] + sr[c + 0]
+                r1 = sr[c + 5] + sr[c + 1]
+                r2 = sr[c + 6] + sr[c + 2]
+                r3 = sr[c + 7] + sr[c + 3]
+                tile_sum += np.float64((r0 + r2) + (r1 + r3))
+            total[r] = np.float32(np.float64(total[r]) + tile_sum)
+        # the values in position order: the positions every row has, four positions of four rows
+        # per pass over the accumulators (the same fmas per dimension, as above), then each
+        # row's further positions
+        n_c4 = max(n_common, 0) - max(n_common, 0) % 4
+        for r in range(0, n_rows, TILED_ROWS):
+            acc0, acc1, acc2, acc3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
+            s0, s1, s2, s3 = s[r], s[r + 1], s[r + 2], s[r + 3]
+            for tk in range(0, n_c4, 4):
+                v0 = v_cache[ic + tk, kv0:kv0 + head_dim]
+                v1 = v_cache[ic + tk + 1, kv0:kv0 + head_dim]
+                v2 = v_cache[ic + tk + 2, kv0:kv0 + head_dim]
+                v3 = v_cache[ic + tk + 3, kv0:kv0 + head_dim]
+                a0, a1, a2, a3 = s0[tk], s0[tk + 1], s0[tk + 2], s0[tk + 3]
+                b0, b1, b2, b3 = s1[tk], s1[tk + 1], s1[tk + 2], s1[tk + 3]
+                c0, c1, c2, c3 = s2[tk], s2[tk + 1], s2[tk + 2], s2[tk + 3]
+                e0, e1, e2, e3 = s3[tk], s3[tk + 1], s3[tk + 2], s3[tk + 3]
+                for d in range(head_dim):
+                    x0, x1, x2, x3 = v0[d], v1[d], v2[d], v3[d]
+                    acc0[d] = fmaf(a3, x3, fmaf(a2, x2, fmaf(a1, x1, fmaf(a0, x0, acc0[d]))))
+                    acc1[d] = fmaf(b3, x3, fmaf(b2, x2, fmaf(b1, x1, fmaf(b0, x0, acc1[d]))))
+                    acc2[d] = fmaf(c3, x3, fmaf(c2, x2, fmaf(c1, x1, fmaf(c0, x0, acc2[d]))))
+                    acc3[d] = fmaf(e3, x3, fmaf(e2, x2, fmaf(e1, x1, fmaf(e0, x0, acc3[d]))))
+        for r in range(n_rows):
+            accr = acc[r]
+            sr = s[r]
+            for tk in range(n_c4, min(FA_TILE_KV, n_kv[r] - ic)):
+                p = sr[tk]
+                vrow = v_cache[ic + tk, kv0:kv0 + head_dim]
+                for d in range(head_dim):
+                    accr[d] = fmaf(p, vrow[d], accr[d])
+    for r in range(n_rows):
+        rr = min(r, n_real - 1)
+        t = t0 + rr // group
+        h = g * group + rr % group
+        inv = np.float32(1.0) / total[r]
+        orow = out[t, h * head_dim:(h + 1) * head_dim]
+        accr = acc[r]
+        for d in range(head_dim):
+            orow[d] = accr[d] * inv
+
+
+# tokens `attention_tiled` takes through the KV tiles together (with their GQA group's heads):
+# blocks start at positions that are multiples of it, so that a block's tokens have the same
+# tiles
+TILED_TOKENS = 4
 
 
 @njit(cache=True, parallel=True)
@@ -377,7 +456,8 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     float sum, and the values are accumulated in float32 by fma in position order. Same
     arguments as `attention`. (The keys are first laid out dimension by dimension, so that a
     tile's 64 chains advance together in vector lanes: each chain is still the same sequence
-    of fmas.)"""
+    of fmas. Blocks of TILED_TOKENS tokens and the heads of one KV head go through the tiles
+    together: _attention_tiled_block.)"""
     n_tok = q.shape[0]
     n_all = n_past + n_tok
     n_pad = -(-n_all // FA_TILE_KV) * FA_TILE_KV
@@ -387,18 +467,28 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
         d = gd % head_dim
         for j in range(n_all):
             kt[g, d, j] = k_cache[j, gd]
-    for i in prange(n_tok):
-        # tokens taken from both ends in turn: a thread's contiguous share then holds short and
-        # long rows of the causal triangle alike; one token's heads share the scratch arrays
-        t = i // 2 if i % 2 == 0 else n_tok - 1 - i // 2
-        acc = np.empty(head_dim, np.float32)
-        s = np.empty(FA_TILE_KV, np.float32)
+    # token blocks: the first ends at the first position that is a multiple of TILED_TOKENS
+    first = TILED_TOKENS - n_past % TILED_TOKENS
+    n_blocks = 1 + -(-max(n_tok - first, 0) // TILED_TOKENS)
+    n_rows = -(-TILED_TOKENS * (n_head // n_head_kv) // TILED_ROWS) * TILED_ROWS
+    for i in prange(n_blocks * n_head_kv):
+        # blocks taken from both ends in turn: a thread's contiguous share then holds short and
+        # long rows of the causal triangle alike
+        j = i // n_head_kv
+        b = j // 2 if j % 2 == 0 else n_blocks - 1 - j // 2
+        t0 = 0 if b == 0 else first + (b - 1) * TILED_TOKENS
+        t1 = min(first + b * TILED_TOKENS, n_tok)
+        qs = np.empty((n_rows, head_dim), np.float32)
+        acc = np.empty((n_rows, head_dim), np.float32)
+        s = np.empty((n_rows, FA_TILE_KV), np.float32)
+        m = np.empty(n_rows, np.float32)
+        m_next = np.empty(n_rows, np.float32)
+        total = np.empty(n_rows, np.float32)
+        n_kv = np.empty(n_rows, np.int64)
         xs = np.empty(FA_TILE_KV, np.float32)
-        ns = np.empty(FA_TILE_KV, np.float32)
-        kbits = np.empty(FA_TILE_KV, np.int32)
-        for h in range(n_head):
-            _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(t * n_head + h),
-                                 acc, s, xs, ns, kbits)
+        mx = np.empty(FA_TILE_KV // 4, np.float32)
+        _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(i % n_head_kv),
+                               np.int64(t0), np.int64(t1 - t0), qs, acc, s, m, m_next, total, n_kv, xs, mx)
 
 
 def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
