@@ -268,27 +268,85 @@ FA_TILE_Q = 64
 FA_TILE_KV = 64
 
 
-# query rows (a token's head) that `attention_tiled` takes through each KV tile together, in
-# steps of TILED_ROWS: each key and value loaded feeds TILED_ROWS fma chains
+# `attention_tiled` takes a block of TILED_TOKENS tokens, with all the query heads of one KV head,
+# through the KV tiles together, its rows (a token's head) TILED_ROWS at a time (_fma_4x4's
+# four): each key and value loaded feeds four fma chains. Blocks start at positions that are
+# multiples of TILED_TOKENS, so that a block's tokens have the same tiles. The scores are computed
+# SCORE_SPAN keys at a time.
 TILED_ROWS = 4
+TILED_TOKENS = 4
+SCORE_SPAN = 4 * FA_TILE_KV
 
 
 @njit(cache=True)
-def _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, g, t0, n_t, qs, acc, s, m, m_next,
-                           total, n_kv, xs, mx):
+def _fma_4x4(y, r, x, i0, x0, c, j0, n, n_steps):
+    """Chains advanced by n_steps fmas each (n_steps a multiple of 4), in step order: for the
+    rows y_k = y[r + k, :n] (k = 0..3) and each step st, y_k[e] = fma(c[r + k, j0 + st],
+    x[i0 + st, x0 + e], y_k[e]). Four steps of the four rows per pass over the elements: each
+    x row loaded once for the four rows, a chain's sum kept in a register across the four
+    steps. The scores' and the values' fmas of `attention_tiled`, written once (a kernel of its
+    own, called at both places: one compile)."""
+    y0 = y[r][:n]
+    y1 = y[r + 1][:n]
+    y2 = y[r + 2][:n]
+    y3 = y[r + 3][:n]
+    for st in range(0, n_steps, 4):
+        i = i0 + st
+        j = j0 + st
+        u0 = x[i][x0:x0 + n]
+        u1 = x[i + 1][x0:x0 + n]
+        u2 = x[i + 2][x0:x0 + n]
+        u3 = x[i + 3][x0:x0 + n]
+        a0 = c[r, j]
+        a1 = c[r, j + 1]
+        a2 = c[r, j + 2]
+        a3 = c[r, j + 3]
+        b0 = c[r + 1, j]
+        b1 = c[r + 1, j + 1]
+        b2 = c[r + 1, j + 2]
+        b3 = c[r + 1, j + 3]
+        d0 = c[r + 2, j]
+        d1 = c[r + 2, j + 1]
+        d2 = c[r + 2, j + 2]
+        d3 = c[r + 2, j + 3]
+        e0 = c[r + 3, j]
+        e1 = c[r + 3, j + 1]
+        e2 = c[r + 3, j + 2]
+        e3 = c[r + 3, j + 3]
+        for k in range(n):
+            w0 = u0[k]
+            w1 = u1[k]
+            w2 = u2[k]
+            w3 = u3[k]
+            y0[k] = fmaf(a3, w3, fmaf(a2, w2, fmaf(a1, w1, fmaf(a0, w0, y0[k]))))
+            y1[k] = fmaf(b3, w3, fmaf(b2, w2, fmaf(b1, w1, fmaf(b0, w0, y1[k]))))
+            y2[k] = fmaf(d3, w3, fmaf(d2, w2, fmaf(d1, w1, fmaf(d0, w0, y2[k]))))
+            y3[k] = fmaf(e3, w3, fmaf(e2, w2, fmaf(e1, w1, fmaf(e0, w0, y3[k]))))
+
+
+@njit(cache=True)
+def _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, g, t0, n_t):
     """Tokens t0..t0+n_t-1 of `attention_tiled`, every query head that reads KV head g (the
     GQA group): their rows go through each KV tile together, the tile's keys and values
     loaded once for all of them, each row's arithmetic that of one row alone. Rows are taken
     token by token, head by head, and padded to a multiple of TILED_ROWS by repeating the
-    last (which computes and writes the same floats twice). kt: the keys laid out dimension
-    by dimension; qs, acc [rows, head_dim], s [rows, FA_TILE_KV], m, m_next, total, n_kv
-    [rows], xs [FA_TILE_KV], mx [16]: scratch. The loop body written once as a plain kernel (see
-    _attention_job)."""
+    last (which computes and writes the same floats twice). kt: KV head g's keys laid out
+    dimension by dimension, zero-padded to a multiple of 4 dimensions. The loop body written
+    once as a plain kernel (see _attention_job)."""
     group = n_head // n_head_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
     kv0 = g * head_dim
     n_real = n_t * group
     n_rows = -(-n_real // TILED_ROWS) * TILED_ROWS
+    qs = np.empty((n_rows, kt.shape[0]), np.float32)
+    acc = np.empty((n_rows, head_dim), np.float32)
+    s = np.empty((n_rows, SCORE_SPAN), np.float32)
+    m = np.empty(n_rows, np.float32)
+    m_next = np.empty(n_rows, np.float32)
+    total = np.empty(n_rows, np.float32)
+    n_kv = np.empty(n_rows, np.int64)
+    xs = np.empty(FA_TILE_KV, np.float32)
+    mx = np.empty(FA_TILE_KV // 4, np.float32)
     for r in range(n_rows):
         rr = min(r, n_real - 1)
         t = t0 + rr // group
@@ -300,135 +358,100 @@ def _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, 
         for d in range(head_dim):
             qsr[d] = qrow[d]
             accr[d] = 0.0
+        for d in range(head_dim, qs.shape[1]):
+            qsr[d] = 0.0
         m[r] = -np.inf
         total[r] = 0.0
-    n_d4 = head_dim - head_dim % 4
+    n_d4 = qs.shape[1]
     n_kv_max = n_past + t0 + n_t
-    for ic in range(0, n_kv_max, FA_TILE_KV):
-        # each (row, key) chain's fmas in dimension order, four dimensions of four rows per pass
-        # over the 64 lanes (a chain's fmas are the same; its sum stays in a register between them)
-        for r in range(0, n_rows, TILED_ROWS):
-            s0, s1, s2, s3 = s[r], s[r + 1], s[r + 2], s[r + 3]
-            qa, qb, qc, qd = qs[r], qs[r + 1], qs[r + 2], qs[r + 3]
-            for tk in range(FA_TILE_KV):
-                s0[tk] = 0.0
-                s1[tk] = 0.0
-                s2[tk] = 0.0
-                s3[tk] = 0.0
-            for d in range(0, n_d4, 4):
-                k0 = kt[g, d, ic:ic + FA_TILE_KV]  # contiguous: the 64 chains advance in vector lanes
-                k1 = kt[g, d + 1, ic:ic + FA_TILE_KV]
-                k2 = kt[g, d + 2, ic:ic + FA_TILE_KV]
-                k3 = kt[g, d + 3, ic:ic + FA_TILE_KV]
-                a0, a1, a2, a3 = qa[d], qa[d + 1], qa[d + 2], qa[d + 3]
-                b0, b1, b2, b3 = qb[d], qb[d + 1], qb[d + 2], qb[d + 3]
-                c0, c1, c2, c3 = qc[d], qc[d + 1], qc[d + 2], qc[d + 3]
-                e0, e1, e2, e3 = qd[d], qd[d + 1], qd[d + 2], qd[d + 3]
-                for tk in range(FA_TILE_KV):
-                    x0, x1, x2, x3 = k0[tk], k1[tk], k2[tk], k3[tk]
-                    s0[tk] = fmaf(a3, x3, fmaf(a2, x2, fmaf(a1, x1, fmaf(a0, x0, s0[tk]))))
-                    s1[tk] = fmaf(b3, x3, fmaf(b2, x2, fmaf(b1, x1, fmaf(b0, x0, s1[tk]))))
-                    s2[tk] = fmaf(c3, x3, fmaf(c2, x2, fmaf(c1, x1, fmaf(c0, x0, s2[tk]))))
-                    s3[tk] = fmaf(e3, x3, fmaf(e2, x2, fmaf(e1, x1, fmaf(e0, x0, s3[tk]))))
-            for d in range(n_d4, head_dim):
-                krow = kt[g, d, ic:ic + FA_TILE_KV]
-                a0, b0, c0, e0 = qa[d], qb[d], qc[d], qd[d]
-                for tk in range(FA_TILE_KV):
-                    x0 = krow[tk]
-                    s0[tk] = fmaf(a0, x0, s0[tk])
-                    s1[tk] = fmaf(b0, x0, s1[tk])
-                    s2[tk] = fmaf(c0, x0, s2[tk])
-                    s3[tk] = fmaf(e0, x0, s3[tk])
-        # each row's softmax step on its own, in two passes over the rows (a row's maximum is a
-        # chain of compares: the rows' chains overlap); a row that has no key in this tile (the
-        # block's last tile holds keys of its later tokens only) skips it
-        n_common = FA_TILE_KV
+    for ic0 in range(0, n_kv_max, SCORE_SPAN):
+        # the scores of up to SCORE_SPAN keys: each (row, key) chain's fmas in dimension order,
+        # the keys' rows (by dimension) in vector lanes
+        n_span = min(SCORE_SPAN, -(-(n_kv_max - ic0) // FA_TILE_KV) * FA_TILE_KV)
         for r in range(n_rows):
-            n_valid = min(FA_TILE_KV, n_kv[r] - ic)
-            n_common = min(n_common, n_valid)
-            if n_valid <= 0:
-                continue
             sr = s[r]
-            for tk in range(FA_TILE_KV):
-                sr[tk] = sr[tk] * scale if tk < n_valid else -np.inf  # masked (future or padding): weight 0
-            # the tile's maximum through 16 running maxima (vector lanes; one chain of compares
-            # would not vectorize): the same maximum in any order. (mx's length, not a constant,
-            # bounds the loop: LLVM unrolls a constant 16 into scalar code before its vectorizer
-            # sees the loop.)
-            for j in range(mx.shape[0]):
-                mx[j] = max(max(max(sr[j], sr[16 + j]), sr[32 + j]), sr[48 + j])
-            tile_max = mx[0]
-            for j in range(1, 16):
-                tile_max = max(tile_max, mx[j])
-            m_next[r] = max(m[r], tile_max)
-        for r in range(n_rows):
-            if n_kv[r] <= ic:
-                continue
-            sr = s[r]
-            m_old = m[r]
-            m_new = m_next[r]
-            if m_new > m_old:
-                ms = np.float32(math.exp(np.float32(m_old - m_new)))  # libm expf
-                accr = acc[r]
-                for d in range(head_dim):
-                    accr[d] *= ms
-                total[r] *= ms
-            m[r] = m_new
-            # sr = _ggml_expf(sr - m_new) in a vectorizable loop (2**n from its bits; a masked
-            # weight is _ggml_expf(-inf) = 0), then ggml's slow path (|n| > 126: vanishing
-            # weights) one by one, if any
-            n_slow = 0
-            for tk in range(FA_TILE_KV):
-                x = sr[tk] - m_new
-                xs[tk] = x
-                n, b = _expf_reduce(x)
-                two_n = f32_from_bits(np.int32((np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23))
-                sr[tk] = np.float32(0.0) if x == -np.inf else fmaf(_expf_poly(b), two_n, two_n)
-                n_slow += 0 if abs(n) <= 126.0 or x == -np.inf else 1
-            if n_slow > 0:
+            for tk in range(n_span):
+                sr[tk] = 0.0
+        for r in range(0, n_rows, TILED_ROWS):  # (np.int64(0): the values' call's signature)
+            _fma_4x4(s, r, kt, np.int64(0), ic0, qs, np.int64(0), n_span, n_d4)
+        for ic in range(ic0, ic0 + n_span, FA_TILE_KV):
+            # each row's softmax step on its own, in two passes over the rows (a row's maximum is a
+            # chain of compares: the rows' chains overlap); a row that has no key in this tile (the
+            # block's last tile holds keys of its later tokens only) skips it
+            n_common = FA_TILE_KV
+            for r in range(n_rows):
+                n_valid = min(FA_TILE_KV, n_kv[r] - ic)
+                n_common = min(n_common, n_valid)
+                if n_valid <= 0:
+                    continue
+                sr = s[r][ic - ic0:ic - ic0 + FA_TILE_KV]
+                for tk in range(FA_TILE_KV):
+                    sr[tk] = sr[tk] * scale if tk < n_valid else -np.inf  # masked (future or padding): weight 0
+                # the tile's maximum through 16 running maxima (vector lanes; one chain of compares
+                # would not vectorize): the same maximum in any order. (mx's length, not a constant,
+                # bounds the loop: LLVM unrolls a constant 16 into scalar code before its vectorizer
+                # sees the loop.)
+                for j in range(mx.shape[0]):
+                    mx[j] = max(max(max(sr[j], sr[16 + j]), sr[32 + j]), sr[48 + j])
+                tile_max = mx[0]
+                for j in range(1, 16):
+                    tile_max = max(tile_max, mx[j])
+                m_next[r] = max(m[r], tile_max)
+            for r in range(n_rows):
+                if n_kv[r] <= ic:
+                    continue
+                sr = s[r][ic - ic0:ic - ic0 + FA_TILE_KV]
+                m_old = m[r]
+                m_new = m_next[r]
+                if m_new > m_old:
+                    ms = np.float32(math.exp(np.float32(m_old - m_new)))  # libm expf
+                    accr = acc[r]
+                    for d in range(head_dim):
+                        accr[d] *= ms
+                    total[r] *= ms
+                m[r] = m_new
+                # sr = _ggml_expf(sr - m_new) in a vectorizable loop (2**n from its bits; a masked
+                # weight is _ggml_expf(-inf) = 0), then ggml's slow path (|n| > 126: vanishing
+                # weights) one by one, if any
+                for tk in range(FA_TILE_KV):
+                    x = sr[tk] - m_new
+                    xs[tk] = x
+                    n, b = _expf_reduce(x)
+                    two_n = f32_from_bits(np.int32((np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23))
+                    sr[tk] = np.float32(0.0) if x == -np.inf else fmaf(_expf_poly(b), two_n, two_n)
+                n_slow = 0
                 for tk in range(FA_TILE_KV):
                     x = xs[tk]
                     n, _ = _expf_reduce(x)
-                    if not abs(n) <= 126.0 and x != -np.inf:
-                        sr[tk] = _ggml_expf(x)
-            tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
-            for c in range(0, FA_TILE_KV, 8):
-                r0 = sr[c + 4] + sr[c + 0]
-                r1 = sr[c + 5] + sr[c + 1]
-                r2 = sr[c + 6] + sr[c + 2]
-                r3 = sr[c + 7] + sr[c + 3]
-                tile_sum += np.float64((r0 + r2) + (r1 + r3))
-            total[r] = np.float32(np.float64(total[r]) + tile_sum)
-        # the values in position order: the positions every row has, four positions of four rows
-        # per pass over the accumulators (the same fmas per dimension, as above), then each
-        # row's further positions
-        n_c4 = max(n_common, 0) - max(n_common, 0) % 4
-        for r in range(0, n_rows, TILED_ROWS):
-            acc0, acc1, acc2, acc3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
-            s0, s1, s2, s3 = s[r], s[r + 1], s[r + 2], s[r + 3]
-            for tk in range(0, n_c4, 4):
-                v0 = v_cache[ic + tk, kv0:kv0 + head_dim]
-                v1 = v_cache[ic + tk + 1, kv0:kv0 + head_dim]
-                v2 = v_cache[ic + tk + 2, kv0:kv0 + head_dim]
-                v3 = v_cache[ic + tk + 3, kv0:kv0 + head_dim]
-                a0, a1, a2, a3 = s0[tk], s0[tk + 1], s0[tk + 2], s0[tk + 3]
-                b0, b1, b2, b3 = s1[tk], s1[tk + 1], s1[tk + 2], s1[tk + 3]
-                c0, c1, c2, c3 = s2[tk], s2[tk + 1], s2[tk + 2], s2[tk + 3]
-                e0, e1, e2, e3 = s3[tk], s3[tk + 1], s3[tk + 2], s3[tk + 3]
-                for d in range(head_dim):
-                    x0, x1, x2, x3 = v0[d], v1[d], v2[d], v3[d]
-                    acc0[d] = fmaf(a3, x3, fmaf(a2, x2, fmaf(a1, x1, fmaf(a0, x0, acc0[d]))))
-                    acc1[d] = fmaf(b3, x3, fmaf(b2, x2, fmaf(b1, x1, fmaf(b0, x0, acc1[d]))))
-                    acc2[d] = fmaf(c3, x3, fmaf(c2, x2, fmaf(c1, x1, fmaf(c0, x0, acc2[d]))))
-                    acc3[d] = fmaf(e3, x3, fmaf(e2, x2, fmaf(e1, x1, fmaf(e0, x0, acc3[d]))))
-        for r in range(n_rows):
-            accr = acc[r]
-            sr = s[r]
-            for tk in range(n_c4, min(FA_TILE_KV, n_kv[r] - ic)):
-                p = sr[tk]
-                vrow = v_cache[ic + tk, kv0:kv0 + head_dim]
-                for d in range(head_dim):
-                    accr[d] = fmaf(p, vrow[d], accr[d])
+                    n_slow += 0 if abs(n) <= 126.0 or x == -np.inf else 1
+                if n_slow > 0:
+                    for tk in range(FA_TILE_KV):
+                        x = xs[tk]
+                        n, _ = _expf_reduce(x)
+                        if not abs(n) <= 126.0 and x != -np.inf:
+                            sr[tk] = _ggml_expf(x)
+                tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
+                for c in range(0, FA_TILE_KV, 8):
+                    r0 = sr[c + 4] + sr[c + 0]
+                    r1 = sr[c + 5] + sr[c + 1]
+                    r2 = sr[c + 6] + sr[c + 2]
+                    r3 = sr[c + 7] + sr[c + 3]
+                    tile_sum += np.float64((r0 + r2) + (r1 + r3))
+                total[r] = np.float32(np.float64(total[r]) + tile_sum)
+            # the values in position order: the positions every row has, four rows together, then
+            # each row's further positions
+            n_c4 = max(n_common, 0) - max(n_common, 0) % 4
+            o = ic - ic0
+            for r in range(0, n_rows, TILED_ROWS):
+                _fma_4x4(acc, r, v_cache, ic, kv0, s, o, head_dim, n_c4)
+            for r in range(n_rows):
+                accr = acc[r]
+                sr = s[r][ic - ic0:ic - ic0 + FA_TILE_KV]
+                for tk in range(n_c4, min(FA_TILE_KV, n_kv[r] - ic)):
+                    p = sr[tk]
+                    vrow = v_cache[ic + tk, kv0:kv0 + head_dim]
+                    for d in range(head_dim):
+                        accr[d] = fmaf(p, vrow[d], accr[d])
     for r in range(n_rows):
         rr = min(r, n_real - 1)
         t = t0 + rr // group
@@ -440,11 +463,6 @@ def _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, 
             orow[d] = accr[d] * inv
 
 
-# tokens `attention_tiled` takes through the KV tiles together (with their GQA group's heads):
-# blocks start at positions that are multiples of it, so that a block's tokens have the same
-# tiles
-TILED_TOKENS = 4
-
 
 @njit(cache=True, parallel=True)
 def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
@@ -455,22 +473,30 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     weights are ggml_v_expf(s - max) summed 8 lanes at a time into a double added to the
     float sum, and the values are accumulated in float32 by fma in position order. Same
     arguments as `attention`. (The keys are first laid out dimension by dimension, so that a
-    tile's 64 chains advance together in vector lanes: each chain is still the same sequence
-    of fmas. Blocks of TILED_TOKENS tokens and the heads of one KV head go through the tiles
-    together: _attention_tiled_block.)"""
+    tile's chains advance together in vector lanes: each chain is still the same sequence of
+    fmas. Blocks of TILED_TOKENS tokens with the heads of one KV head go through the tiles
+    together: _attention_tiled_block. The layout is made on one thread: a small serial step,
+    and one parallel region fewer to compile.)"""
     n_tok = q.shape[0]
     n_all = n_past + n_tok
     n_pad = -(-n_all // FA_TILE_KV) * FA_TILE_KV
-    kt = np.zeros((n_head_kv, head_dim, n_pad), np.float32)
-    for gd in prange(n_head_kv * head_dim):  # (by dimension: 3 KV heads split unevenly over 2 threads)
-        g = gd // head_dim
-        d = gd % head_dim
-        for j in range(n_all):
-            kt[g, d, j] = k_cache[j, gd]
+    # the keys laid out dimension by dimension, zeros past the last position and for the dimensions
+    # up to a multiple of 4 (that a chain's steps go four at a time): a chain's fma of a zero key
+    # and a zero query adds +0, which at most turns a score of -0 into +0, the same weights
+    kt = np.empty((n_head_kv, -(-head_dim // 4) * 4, n_pad), np.float32)
+    for g in range(n_head_kv):
+        for d in range(kt.shape[1]):
+            ktr = kt[g, d]
+            j0 = 0
+            if d < head_dim:
+                for j in range(n_all):
+                    ktr[j] = k_cache[j, g * head_dim + d]
+                j0 = n_all
+            for j in range(j0, n_pad):
+                ktr[j] = 0.0
     # token blocks: the first ends at the first position that is a multiple of TILED_TOKENS
     first = TILED_TOKENS - n_past % TILED_TOKENS
     n_blocks = 1 + -(-max(n_tok - first, 0) // TILED_TOKENS)
-    n_rows = -(-TILED_TOKENS * (n_head // n_head_kv) // TILED_ROWS) * TILED_ROWS
     for i in prange(n_blocks * n_head_kv):
         # blocks taken from both ends in turn: a thread's contiguous share then holds short and
         # long rows of the causal triangle alike
@@ -478,17 +504,9 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
         b = j // 2 if j % 2 == 0 else n_blocks - 1 - j // 2
         t0 = 0 if b == 0 else first + (b - 1) * TILED_TOKENS
         t1 = min(first + b * TILED_TOKENS, n_tok)
-        qs = np.empty((n_rows, head_dim), np.float32)
-        acc = np.empty((n_rows, head_dim), np.float32)
-        s = np.empty((n_rows, FA_TILE_KV), np.float32)
-        m = np.empty(n_rows, np.float32)
-        m_next = np.empty(n_rows, np.float32)
-        total = np.empty(n_rows, np.float32)
-        n_kv = np.empty(n_rows, np.int64)
-        xs = np.empty(FA_TILE_KV, np.float32)
-        mx = np.empty(FA_TILE_KV // 4, np.float32)
-        _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(i % n_head_kv),
-                               np.int64(t0), np.int64(t1 - t0), qs, acc, s, m, m_next, total, n_kv, xs, mx)
+        g = i % n_head_kv
+        _attention_tiled_block(q, kt[g], v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(g), np.int64(t0),
+                               np.int64(t1 - t0))
 
 
 def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
