@@ -362,7 +362,7 @@ def _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, 
             qsr[d] = 0.0
         m[r] = -np.inf
         total[r] = 0.0
-    n_d4 = qs.shape[1]
+    hd4 = qs.shape[1]  # (head_dim rounded up to a multiple of 4)
     n_kv_max = n_past + t0 + n_t
     for ic0 in range(0, n_kv_max, SCORE_SPAN):
         # the scores of up to SCORE_SPAN keys: each (row, key) chain's fmas in dimension order,
@@ -373,7 +373,7 @@ def _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, 
             for tk in range(n_span):
                 sr[tk] = 0.0
         for r in range(0, n_rows, TILED_ROWS):  # (np.int64(0): the values' call's signature)
-            _fma_4x4(s, r, kt, np.int64(0), ic0, qs, np.int64(0), n_span, n_d4)
+            _fma_4x4(s, r, kt, np.int64(0), ic0, qs, np.int64(0), n_span, hd4)
         for ic in range(ic0, ic0 + n_span, FA_TILE_KV):
             # each row's softmax step on its own, in two passes over the rows (a row's maximum is a
             # chain of compares: the rows' chains overlap); a row that has no key in this tile (the
