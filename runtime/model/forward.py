@@ -412,24 +412,20 @@ def _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, 
                 m[r] = m_new
                 # sr = _ggml_expf(sr - m_new) in a vectorizable loop (2**n from its bits; a masked
                 # weight is _ggml_expf(-inf) = 0), then ggml's slow path (|n| > 126: vanishing
-                # weights) one by one, if any
+                # weights, whose x is kept in xs, 0 for the others) one by one, if any
                 for tk in range(FA_TILE_KV):
                     x = sr[tk] - m_new
-                    xs[tk] = x
                     n, b = _expf_reduce(x)
                     two_n = f32_from_bits(np.int32((np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23))
                     sr[tk] = np.float32(0.0) if x == -np.inf else fmaf(_expf_poly(b), two_n, two_n)
+                    xs[tk] = x if not abs(n) <= 126.0 and x != -np.inf else np.float32(0.0)
                 n_slow = 0
                 for tk in range(FA_TILE_KV):
-                    x = xs[tk]
-                    n, _ = _expf_reduce(x)
-                    n_slow += 0 if abs(n) <= 126.0 or x == -np.inf else 1
+                    n_slow += 0 if xs[tk] == 0.0 else 1
                 if n_slow > 0:
                     for tk in range(FA_TILE_KV):
-                        x = xs[tk]
-                        n, _ = _expf_reduce(x)
-                        if not abs(n) <= 126.0 and x != -np.inf:
-                            sr[tk] = _ggml_expf(x)
+                        if xs[tk] != 0.0:
+                            sr[tk] = _ggml_expf(xs[tk])
                 tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
                 for c in range(0, FA_TILE_KV, 8):
                     r0 = sr[c + 4] + sr[c + 0]
