@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from oracles import causal_attention
+from oracles import causal_attention, tiled_attention_row_by_row
 
 from llamachat.runtime.model.forward import (_ggml_expf, _silu_mul, apply_rope, attention, attention_serial, rmsnorm,
                                        rope_tables)
@@ -198,6 +198,37 @@ def test_decode_attention_is_causal_softmax_attention(kernel):
         for t in range(n_tok):
             for h in range(n_head):
                 assert np.abs(out[t, h * hd:(h + 1) * hd] - want[t, h * hd:(h + 1) * hd]).max() <= 4e-3, (n_tok, t, h)
+
+
+# (n_past, n_tok, n_head, n_head_kv, head_dim, score size): no cache and a cache; batches of
+# one tile and a bit more, not a multiple of 4 or of 64 long; GQA groups of 1, 3 and 8; a head
+# size not a multiple of 4; scores spread wide enough that weights vanish (ggml's slow path)
+TILED_SHAPES = [(0, 64, 9, 3, 64, 1.0), (0, 65, 4, 4, 32, 1.0), (37, 100, 6, 2, 64, 1.0), (5, 200, 3, 1, 30, 1.0),
+                (130, 64, 8, 1, 16, 1.0), (3, 70, 9, 3, 64, 40.0), (64, 128, 32, 4, 64, 1.0)]
+
+
+@pytest.mark.parametrize("shape", TILED_SHAPES, ids=lambda s: "past{}-tok{}-h{}-kv{}-d{}-x{:g}".format(*s))
+def test_tiled_attention_is_the_row_by_row_kernel_bit_for_bit(shape):
+    """forward.attention_tiled (rows taken through each KV tile together) gives the bits of
+    the kernel it replaced, which went through the tiles one (token, head) row at a time
+    (oracles.tiled_attention_row_by_row); cache rows past the batch hold NaN and inf, which
+    no output may see."""
+    from llamachat.runtime.model.forward import attention_tiled
+
+    n_past, n_tok, n_head, n_kv, hd, spread = shape
+    rng = np.random.default_rng(n_past * 1000 + n_tok)
+    n_all = n_past + n_tok
+    q = (rng.standard_normal((n_tok, n_head * hd)) * spread).astype(np.float32)
+    k = np.full((n_all + 9, n_kv * hd), np.nan, np.float32)
+    v = np.full((n_all + 9, n_kv * hd), np.inf, np.float32)
+    k[:n_all] = rng.standard_normal((n_all, n_kv * hd)).astype(np.float16)
+    v[:n_all] = rng.standard_normal((n_all, n_kv * hd)).astype(np.float16)
+    want = np.empty_like(q)
+    tiled_attention_row_by_row(q, k, v, n_past, n_head, n_kv, hd, want)
+    got = np.full_like(q, np.nan)
+    attention_tiled(q, k, v, n_past, n_head, n_kv, hd, got)
+    assert np.isfinite(want).all()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("mode_name", ["ACT_F16", "ACT_Q8_0", "ACT_Q8_1", "ACT_Q8_K", "none"])

@@ -268,103 +268,196 @@ FA_TILE_Q = 64
 FA_TILE_KV = 64
 
 
+# `attention_tiled` takes a block of TILED_TOKENS tokens, with all the query heads of one KV head,
+# through the KV tiles together, its rows (a token's head) TILED_ROWS at a time (_fma_4x4's
+# four): each key and value loaded feeds four fma chains. Blocks start at positions that are
+# multiples of TILED_TOKENS, so that a block's tokens have the same tiles. The scores are computed
+# SCORE_SPAN keys at a time.
+TILED_ROWS = 4
+TILED_TOKENS = 4
+SCORE_SPAN = 4 * FA_TILE_KV
+
+
 @njit(cache=True)
-def _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, job, acc, s, xs, ns, kbits):
-    """One (token, head) pair of `attention_tiled` (job = t * n_head + h), kt its keys laid out
-    dimension by dimension: the loop body written once as a plain kernel (see _attention_job)."""
+def _fma_4x4(y, r, x, i0, x0, c, j0, n, n_steps):
+    """Chains advanced by n_steps fmas each (n_steps a multiple of 4), in step order: for the
+    rows y_k = y[r + k, :n] (k = 0..3) and each step st, y_k[e] = fma(c[r + k, j0 + st],
+    x[i0 + st, x0 + e], y_k[e]). Four steps of the four rows per pass over the elements: each
+    x row loaded once for the four rows, a chain's sum kept in a register across the four
+    steps. The scores' and the values' fmas of `attention_tiled`, written once (a kernel of its
+    own, called at both places: one compile)."""
+    y0 = y[r][:n]
+    y1 = y[r + 1][:n]
+    y2 = y[r + 2][:n]
+    y3 = y[r + 3][:n]
+    for st in range(0, n_steps, 4):
+        i = i0 + st
+        j = j0 + st
+        u0 = x[i][x0:x0 + n]
+        u1 = x[i + 1][x0:x0 + n]
+        u2 = x[i + 2][x0:x0 + n]
+        u3 = x[i + 3][x0:x0 + n]
+        a0 = c[r, j]
+        a1 = c[r, j + 1]
+        a2 = c[r, j + 2]
+        a3 = c[r, j + 3]
+        b0 = c[r + 1, j]
+        b1 = c[r + 1, j + 1]
+        b2 = c[r + 1, j + 2]
+        b3 = c[r + 1, j + 3]
+        d0 = c[r + 2, j]
+        d1 = c[r + 2, j + 1]
+        d2 = c[r + 2, j + 2]
+        d3 = c[r + 2, j + 3]
+        e0 = c[r + 3, j]
+        e1 = c[r + 3, j + 1]
+        e2 = c[r + 3, j + 2]
+        e3 = c[r + 3, j + 3]
+        for k in range(n):
+            w0 = u0[k]
+            w1 = u1[k]
+            w2 = u2[k]
+            w3 = u3[k]
+            y0[k] = fmaf(a3, w3, fmaf(a2, w2, fmaf(a1, w1, fmaf(a0, w0, y0[k]))))
+            y1[k] = fmaf(b3, w3, fmaf(b2, w2, fmaf(b1, w1, fmaf(b0, w0, y1[k]))))
+            y2[k] = fmaf(d3, w3, fmaf(d2, w2, fmaf(d1, w1, fmaf(d0, w0, y2[k]))))
+            y3[k] = fmaf(e3, w3, fmaf(e2, w2, fmaf(e1, w1, fmaf(e0, w0, y3[k]))))
+
+
+@njit(cache=True)
+def _attention_tiled_block(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, g, t0, n_t):
+    """Tokens t0..t0+n_t-1 of `attention_tiled`, every query head that reads KV head g (the
+    GQA group): their rows go through each KV tile together, the tile's keys and values
+    loaded once for all of them, each row's arithmetic that of one row alone. Rows are taken
+    token by token, head by head, and padded to a multiple of TILED_ROWS by repeating the
+    last (which computes and writes the same floats twice). kt: KV head g's keys laid out
+    dimension by dimension, zero-padded to a multiple of 4 dimensions. The loop body written
+    once as a plain kernel (see _attention_job)."""
     group = n_head // n_head_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    t = job // n_head
-    h = job % n_head
-    g = h // group
     kv0 = g * head_dim
-    n_kv = n_past + t + 1
-    acc[:] = 0.0
-    two_n = kbits.view(np.float32)
-    mx = np.empty(16, np.float32)
-    total = np.float32(0.0)
-    m = np.float32(-np.inf)
-    n_d4 = head_dim - head_dim % 4
-    for ic in range(0, n_kv, FA_TILE_KV):
-        for tk in range(FA_TILE_KV):
-            s[tk] = 0.0
-        # each chain's fmas in dimension order, four dimensions per pass over the 64 lanes (the
-        # same fmas: s stays in registers between them instead of going through memory each time)
-        for d in range(0, n_d4, 4):
-            q0 = q[t, h * head_dim + d]
-            q1 = q[t, h * head_dim + d + 1]
-            q2 = q[t, h * head_dim + d + 2]
-            q3 = q[t, h * head_dim + d + 3]
-            k0 = kt[g, d, ic:ic + FA_TILE_KV]  # contiguous: the 64 chains advance in vector lanes
-            k1 = kt[g, d + 1, ic:ic + FA_TILE_KV]
-            k2 = kt[g, d + 2, ic:ic + FA_TILE_KV]
-            k3 = kt[g, d + 3, ic:ic + FA_TILE_KV]
-            for tk in range(FA_TILE_KV):
-                s[tk] = fmaf(q3, k3[tk], fmaf(q2, k2[tk], fmaf(q1, k1[tk], fmaf(q0, k0[tk], s[tk]))))
-        for d in range(n_d4, head_dim):
-            qd = q[t, h * head_dim + d]
-            krow = kt[g, d, ic:ic + FA_TILE_KV]
-            for tk in range(FA_TILE_KV):
-                s[tk] = fmaf(qd, krow[tk], s[tk])
-        for tk in range(FA_TILE_KV):
-            s[tk] = s[tk] * scale if ic + tk < n_kv else -np.inf  # masked (future or padding): weight 0
-        # the tile's maximum through 16 running maxima (vector lanes; one chain of compares would
-        # not vectorize): the same maximum in any order
-        for j in range(16):
-            mx[j] = s[j]
-        for c in range(16, FA_TILE_KV, 16):
-            for j in range(16):
-                mx[j] = max(mx[j], s[c + j])
-        tile_max = mx[0]
-        for j in range(1, 16):
-            tile_max = max(tile_max, mx[j])
-        m_new = max(m, tile_max)
-        if m_new > m:
-            ms = np.float32(math.exp(np.float32(m - m_new)))  # libm expf
-            for d in range(head_dim):
-                acc[d] *= ms
-            total *= ms
-        m = m_new
-        # s = _ggml_expf(s - m_new) in vectorizable loops (2**n from its bits), then ggml's
-        # slow path (|n| > 126: the masked and the vanishing weights) one by one
-        for tk in range(FA_TILE_KV):
-            xs[tk] = s[tk] - m_new
-        for tk in range(FA_TILE_KV):
-            n, b = _expf_reduce(xs[tk])
-            ns[tk] = n
-            kbits[tk] = (np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23
-            s[tk] = fmaf(_expf_poly(b), two_n[tk], two_n[tk])
-        for tk in range(FA_TILE_KV):
-            if not abs(ns[tk]) <= 126.0:  # (a masked weight is _ggml_expf(-inf) = 0 without the call)
-                s[tk] = np.float32(0.0) if xs[tk] == -np.inf else _ggml_expf(xs[tk])
-        tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
-        for c in range(0, FA_TILE_KV, 8):
-            r0 = s[c + 4] + s[c + 0]
-            r1 = s[c + 5] + s[c + 1]
-            r2 = s[c + 6] + s[c + 2]
-            r3 = s[c + 7] + s[c + 3]
-            tile_sum += np.float64((r0 + r2) + (r1 + r3))
-        total = np.float32(np.float64(total) + tile_sum)
-        # the values in position order, four positions per pass over acc (the same fmas per
-        # dimension, as above)
-        n_valid = min(FA_TILE_KV, n_kv - ic)
-        n_v4 = n_valid - n_valid % 4
-        for tk in range(0, n_v4, 4):
-            p0, p1, p2, p3 = s[tk], s[tk + 1], s[tk + 2], s[tk + 3]
-            v0 = v_cache[ic + tk, kv0:kv0 + head_dim]
-            v1 = v_cache[ic + tk + 1, kv0:kv0 + head_dim]
-            v2 = v_cache[ic + tk + 2, kv0:kv0 + head_dim]
-            v3 = v_cache[ic + tk + 3, kv0:kv0 + head_dim]
-            for d in range(head_dim):
-                acc[d] = fmaf(p3, v3[d], fmaf(p2, v2[d], fmaf(p1, v1[d], fmaf(p0, v0[d], acc[d]))))
-        for tk in range(n_v4, n_valid):
-            p = s[tk]
-            vrow = v_cache[ic + tk, kv0:kv0 + head_dim]
-            for d in range(head_dim):
-                acc[d] = fmaf(p, vrow[d], acc[d])
-    inv = np.float32(1.0) / total
-    for d in range(head_dim):
-        out[t, h * head_dim + d] = acc[d] * inv
+    n_real = n_t * group
+    n_rows = -(-n_real // TILED_ROWS) * TILED_ROWS
+    qs = np.empty((n_rows, kt.shape[0]), np.float32)
+    acc = np.empty((n_rows, head_dim), np.float32)
+    s = np.empty((n_rows, SCORE_SPAN), np.float32)
+    m = np.empty(n_rows, np.float32)
+    m_next = np.empty(n_rows, np.float32)
+    total = np.empty(n_rows, np.float32)
+    n_kv = np.empty(n_rows, np.int64)
+    xs = np.empty(FA_TILE_KV, np.float32)
+    mx = np.empty(FA_TILE_KV // 4, np.float32)
+    for r in range(n_rows):
+        rr = min(r, n_real - 1)
+        t = t0 + rr // group
+        h = g * group + rr % group
+        n_kv[r] = n_past + t + 1
+        qrow = q[t, h * head_dim:(h + 1) * head_dim]  # (row views: copies that vectorize)
+        qsr = qs[r]
+        accr = acc[r]
+        for d in range(head_dim):
+            qsr[d] = qrow[d]
+            accr[d] = 0.0
+        for d in range(head_dim, qs.shape[1]):
+            qsr[d] = 0.0
+        m[r] = -np.inf
+        total[r] = 0.0
+    hd4 = qs.shape[1]  # (head_dim rounded up to a multiple of 4)
+    n_kv_max = n_past + t0 + n_t
+    for ic0 in range(0, n_kv_max, SCORE_SPAN):
+        # the scores of up to SCORE_SPAN keys: each (row, key) chain's fmas in dimension order,
+        # the keys' rows (by dimension) in vector lanes
+        n_span = min(SCORE_SPAN, -(-(n_kv_max - ic0) // FA_TILE_KV) * FA_TILE_KV)
+        for r in range(n_rows):
+            sr = s[r]
+            for tk in range(n_span):
+                sr[tk] = 0.0
+        for r in range(0, n_rows, TILED_ROWS):  # (np.int64(0): the values' call's signature)
+            _fma_4x4(s, r, kt, np.int64(0), ic0, qs, np.int64(0), n_span, hd4)
+        for ic in range(ic0, ic0 + n_span, FA_TILE_KV):
+            # each row's softmax step on its own, in two passes over the rows (a row's maximum is a
+            # chain of compares: the rows' chains overlap); a row that has no key in this tile (the
+            # block's last tile holds keys of its later tokens only) skips it
+            n_common = FA_TILE_KV
+            for r in range(n_rows):
+                n_valid = min(FA_TILE_KV, n_kv[r] - ic)
+                n_common = min(n_common, n_valid)
+                if n_valid <= 0:
+                    continue
+                sr = s[r][ic - ic0:ic - ic0 + FA_TILE_KV]
+                for tk in range(FA_TILE_KV):
+                    sr[tk] = sr[tk] * scale if tk < n_valid else -np.inf  # masked (future or padding): weight 0
+                # the tile's maximum through 16 running maxima (vector lanes; one chain of compares
+                # would not vectorize): the same maximum in any order. (mx's length, not a constant,
+                # bounds the loop: LLVM unrolls a constant 16 into scalar code before its vectorizer
+                # sees the loop.)
+                for j in range(mx.shape[0]):
+                    mx[j] = max(max(max(sr[j], sr[16 + j]), sr[32 + j]), sr[48 + j])
+                tile_max = mx[0]
+                for j in range(1, 16):
+                    tile_max = max(tile_max, mx[j])
+                m_next[r] = max(m[r], tile_max)
+            for r in range(n_rows):
+                if n_kv[r] <= ic:
+                    continue
+                sr = s[r][ic - ic0:ic - ic0 + FA_TILE_KV]
+                m_old = m[r]
+                m_new = m_next[r]
+                if m_new > m_old:
+                    ms = np.float32(math.exp(np.float32(m_old - m_new)))  # libm expf
+                    accr = acc[r]
+                    for d in range(head_dim):
+                        accr[d] *= ms
+                    total[r] *= ms
+                m[r] = m_new
+                # sr = _ggml_expf(sr - m_new) in a vectorizable loop (2**n from its bits; a masked
+                # weight is _ggml_expf(-inf) = 0), then ggml's slow path (|n| > 126: vanishing
+                # weights, whose x is kept in xs, 0 for the others) one by one, if any
+                for tk in range(FA_TILE_KV):
+                    x = sr[tk] - m_new
+                    n, b = _expf_reduce(x)
+                    two_n = f32_from_bits(np.int32((np.int32(min(max(n, np.float32(-126.0)), np.float32(126.0))) + 127) << 23))
+                    sr[tk] = np.float32(0.0) if x == -np.inf else fmaf(_expf_poly(b), two_n, two_n)
+                    xs[tk] = x if not abs(n) <= 126.0 and x != -np.inf else np.float32(0.0)
+                n_slow = 0
+                for tk in range(FA_TILE_KV):
+                    n_slow += 0 if xs[tk] == 0.0 else 1
+                if n_slow > 0:
+                    for tk in range(FA_TILE_KV):
+                        if xs[tk] != 0.0:
+                            sr[tk] = _ggml_expf(xs[tk])
+                tile_sum = 0.0  # ggml_vec_soft_max_f32: AVX2 lanes of 8, hsum, summed in double
+                for c in range(0, FA_TILE_KV, 8):
+                    r0 = sr[c + 4] + sr[c + 0]
+                    r1 = sr[c + 5] + sr[c + 1]
+                    r2 = sr[c + 6] + sr[c + 2]
+                    r3 = sr[c + 7] + sr[c + 3]
+                    tile_sum += np.float64((r0 + r2) + (r1 + r3))
+                total[r] = np.float32(np.float64(total[r]) + tile_sum)
+            # the values in position order: the positions every row has, four rows together, then
+            # each row's further positions
+            n_c4 = max(n_common, 0) - max(n_common, 0) % 4
+            o = ic - ic0
+            for r in range(0, n_rows, TILED_ROWS):
+                _fma_4x4(acc, r, v_cache, ic, kv0, s, o, head_dim, n_c4)
+            for r in range(n_rows):
+                accr = acc[r]
+                sr = s[r][ic - ic0:ic - ic0 + FA_TILE_KV]
+                for tk in range(n_c4, min(FA_TILE_KV, n_kv[r] - ic)):
+                    p = sr[tk]
+                    vrow = v_cache[ic + tk, kv0:kv0 + head_dim]
+                    for d in range(head_dim):
+                        accr[d] = fmaf(p, vrow[d], accr[d])
+    for r in range(n_rows):
+        rr = min(r, n_real - 1)
+        t = t0 + rr // group
+        h = g * group + rr % group
+        inv = np.float32(1.0) / total[r]
+        orow = out[t, h * head_dim:(h + 1) * head_dim]
+        accr = acc[r]
+        for d in range(head_dim):
+            orow[d] = accr[d] * inv
+
 
 
 @njit(cache=True, parallel=True)
@@ -376,29 +469,40 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
     weights are ggml_v_expf(s - max) summed 8 lanes at a time into a double added to the
     float sum, and the values are accumulated in float32 by fma in position order. Same
     arguments as `attention`. (The keys are first laid out dimension by dimension, so that a
-    tile's 64 chains advance together in vector lanes: each chain is still the same sequence
-    of fmas.)"""
+    tile's chains advance together in vector lanes: each chain is still the same sequence of
+    fmas. Blocks of TILED_TOKENS tokens with the heads of one KV head go through the tiles
+    together: _attention_tiled_block. The layout is made on one thread: a small serial step,
+    and one parallel region fewer to compile.)"""
     n_tok = q.shape[0]
     n_all = n_past + n_tok
     n_pad = -(-n_all // FA_TILE_KV) * FA_TILE_KV
-    kt = np.zeros((n_head_kv, head_dim, n_pad), np.float32)
-    for gd in prange(n_head_kv * head_dim):  # (by dimension: 3 KV heads split unevenly over 2 threads)
-        g = gd // head_dim
-        d = gd % head_dim
-        for j in range(n_all):
-            kt[g, d, j] = k_cache[j, gd]
-    for i in prange(n_tok):
-        # tokens taken from both ends in turn: a thread's contiguous share then holds short and
-        # long rows of the causal triangle alike; one token's heads share the scratch arrays
-        t = i // 2 if i % 2 == 0 else n_tok - 1 - i // 2
-        acc = np.empty(head_dim, np.float32)
-        s = np.empty(FA_TILE_KV, np.float32)
-        xs = np.empty(FA_TILE_KV, np.float32)
-        ns = np.empty(FA_TILE_KV, np.float32)
-        kbits = np.empty(FA_TILE_KV, np.int32)
-        for h in range(n_head):
-            _attention_tiled_job(q, kt, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(t * n_head + h),
-                                 acc, s, xs, ns, kbits)
+    # the keys laid out dimension by dimension, zeros past the last position and for the dimensions
+    # up to a multiple of 4 (that a chain's steps go four at a time): a chain's fma of a zero key
+    # and a zero query adds +0, which at most turns a score of -0 into +0, the same weights
+    kt = np.empty((n_head_kv, -(-head_dim // 4) * 4, n_pad), np.float32)
+    for g in range(n_head_kv):
+        for d in range(kt.shape[1]):
+            ktr = kt[g, d]
+            j0 = 0
+            if d < head_dim:
+                for j in range(n_all):
+                    ktr[j] = k_cache[j, g * head_dim + d]
+                j0 = n_all
+            for j in range(j0, n_pad):
+                ktr[j] = 0.0
+    # token blocks: the first ends at the first position that is a multiple of TILED_TOKENS
+    first = TILED_TOKENS - n_past % TILED_TOKENS
+    n_blocks = 1 + -(-max(n_tok - first, 0) // TILED_TOKENS)
+    for i in prange(n_blocks * n_head_kv):
+        # blocks taken from both ends in turn: a thread's contiguous share then holds short and
+        # long rows of the causal triangle alike
+        j = i // n_head_kv
+        b = j // 2 if j % 2 == 0 else n_blocks - 1 - j // 2
+        t0 = 0 if b == 0 else first + (b - 1) * TILED_TOKENS
+        t1 = min(first + b * TILED_TOKENS, n_tok)
+        g = i % n_head_kv
+        _attention_tiled_block(q, kt[g], v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(g), np.int64(t0),
+                               np.int64(t1 - t0))
 
 
 def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
