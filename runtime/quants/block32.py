@@ -20,7 +20,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange
 
-from .ksearch import signed_absmax
+from .ksearch import format_function, signed_absmax
 from .rounding import read_f16, write_f16
 from .simd import (_ZERO, _ZERO8, FormatKernels, _fma, _half, _hsum8, _i1, _i8, _i32, _lane_accumulate, _lanes_unsigned, _load,
                    _nibbles, _vec, format_rows, format_tile, format_tile1, has_vnni, pair_layout, pair_tile_kernel, row_kernels,
@@ -71,14 +71,15 @@ def write_qh(row, o, qh):
 
 def row_converters(layout: Layout32, module: str):
     """The (dequantize_row(row, y), quantize_row(xr, row)) of the format whose block is `layout`,
-    as functions of its module (`module`: its __name__): ggml's dequantize_row_q4_0/q4_1/q5_0/
-    q5_1, and quantize_row_q4_0_ref/q5_0_ref (d = the block's value of largest magnitude /
-    -offset, q = min(nmax, (int)(x / d + offset + 0.5))) or quantize_row_q4_1_ref/q5_1_ref
-    (d = (max - min) / nmax, m = min, q = min(nmax, (int)((x - min) / d + 0.5))); row uint8,
-    whole blocks; x, y float32. numba takes the layout's numbers (closure variables) as
-    constants: each format compiles its own two converters, as if written out, and no more.
-    (quantize_row_q5_1_ref does not clamp: its q never exceeds 31, as d * 31 rounds to the
-    block's range; non-finite values give the same bits either way.)"""
+    as functions of its module (`module`: its __name__; ksearch.format_function): ggml's
+    dequantize_row_q4_0/q4_1/q5_0/q5_1, and quantize_row_q4_0_ref/q5_0_ref (d = the block's
+    value of largest magnitude / -offset, q = min(nmax, (int)(x / d + offset + 0.5))) or
+    quantize_row_q4_1_ref/q5_1_ref (d = (max - min) / nmax, m = min, q = min(nmax,
+    (int)((x - min) / d + 0.5))); row uint8, whole blocks; x, y float32. numba takes the
+    layout's numbers (closure variables) as constants: each format compiles its own two
+    converters, as if written out, and no more. (quantize_row_q5_1_ref does not clamp: its q
+    never exceeds 31, as d * 31 rounds to the block's range; non-finite values give the same
+    bits either way.)"""
     block_bytes, m_at, qh_at, qs_at, offset, nmax = layout
     bias = np.float32(offset + 0.5)
 
@@ -127,13 +128,7 @@ def row_converters(layout: Layout32, module: str):
             if qh_at:
                 write_qh(row, o + qh_at, qh)
 
-    # numba names compiled code by module and qualified name (plus a counter of its own process):
-    # the four formats' converters, all defined here, would load from the cache under one name
-    # and link to one another's code. As the format module's own functions, each is named apart.
-    for f in (dequantize_row, quantize_row):
-        f.__module__ = module
-        f.__qualname__ = f.__name__
-    return njit(cache=True, nogil=True)(dequantize_row), njit(cache=True, nogil=True)(quantize_row)
+    return format_function(dequantize_row, module), format_function(quantize_row, module)
 
 
 def fifth_bit_values(builder, blk, layout, if_set, if_clear):
