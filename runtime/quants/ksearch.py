@@ -138,6 +138,16 @@ def make_q3_quants(n, nmax, x, L):
     return sumlx / suml2 if suml2 > 0 else f32(0.0)
 
 
+@njit(cache=True, inline='always')
+def subblock_scales16(search, nmax, xb, L, scales):
+    """The opening of quantize_row_q3_K_ref / q6_K_ref for one 256-value super-block xb: per
+    16-value sub-block j, scales[j] = search(16, nmax, its values, its quants in L)
+    (make_q3_quants or make_qx_quants); returns signed_absmax of the 16 scales."""
+    for j in range(16):
+        scales[j] = search(16, nmax, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+    return signed_absmax(16, scales)
+
+
 @njit(cache=True)
 def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
     """make_qkx2_quants: fit x ~ scale * L + min (min <= 0, L in [0, nmax]) by weighted least
