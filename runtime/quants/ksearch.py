@@ -1,9 +1,11 @@
 """The scale searches ggml's K-quant reference quantizers run per sub-block (ggml-quants.c):
 make_qx_quants (rmse_type 1, no importance weights: Q6_K), make_q3_quants (Q3_K) and
-make_qkx2_quants (Q2_K, Q4_K, Q5_K), and what Q4_K and Q5_K share around it (the 12 bytes
-of packed 6-bit scales and mins: get_scale_min_k4, scales_mins_k4, quantize_scales_mins_k4).
-Without an imatrix, llama-quantize's quantize_q*_K call
-quantize_row_q*_K_ref, which use exactly these.
+make_qkx2_quants (Q2_K, Q4_K, Q5_K); what Q3_K and Q6_K share around theirs
+(subblock_scales16); what Q4_K and Q5_K share around it (the 12 bytes of packed 6-bit scales
+and mins: get_scale_min_k4, scales_mins_k4, quantize_scales_mins_k4) and their row converters
+(k4_row_converters); and format_function, which compiles a converter one factory makes for
+several formats as its format module's own. Without an imatrix, llama-quantize's
+quantize_q*_K call quantize_row_q*_K_ref, which use exactly these.
 
 Byte-exactness depends on doing every step in float32 in the C order: numba turns
 float32 * int into float64, so every integer is converted with f32() before it meets a float,
