@@ -79,3 +79,35 @@ def test_only_the_formats_used_compile_and_are_found_again(tmp_path):
     other_formats = {"plain", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
     assert not [name for name in first if name.split(".")[0] in other_formats]
     assert eval(runs[1].stdout.strip().splitlines()[-1]) == []  # noqa: S307
+
+
+_CONVERT_CHILD = """
+import sys
+import numpy as np
+from gguf import quants as gq
+from gguf.constants import GGMLQuantizationType as T
+from llamachat.runtime import quants
+x = np.random.default_rng(3).standard_normal((8, 256)).astype(np.float32)
+for name in sys.argv[1:]:
+    t = T[name]
+    q = quants.quantize(x, t)
+    y = quants.dequantize(q, t, 256)
+    assert np.array_equal(y, gq.dequantize(q, t).reshape(8, -1)), name
+    if name.endswith("_K"):  # (gguf-py does not quantize these: another format's code is far off)
+        assert np.sqrt(np.mean((y - x) ** 2) / np.mean(x ** 2)) < {"Q4_K": 0.143, "Q5_K": 0.0736}[name], name
+    else:
+        assert np.array_equal(q, gq.quantize(x, t).reshape(8, -1)), name
+print("ok")
+"""
+
+
+def test_converters_compiled_apart_are_found_again_apart(tmp_path):
+    """Row converters made by one factory for several formats (runtime.quants.block32.
+    row_converters, ksearch.k4_row_converters): compiled in different processes, in the same
+    order, then loaded together from the cache, each must still run its own format's code
+    (ggml's bytes and floats, as gguf-py's reference gives them)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    for formats in (["Q4_0", "Q5_0", "Q4_K"], ["Q4_1", "Q5_1", "Q5_K"], ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K"]):
+        run = subprocess.run([sys.executable, "-c", _CONVERT_CHILD, *formats], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0 and run.stdout.strip() == "ok", (formats, run.stderr[-2000:])

@@ -1,7 +1,11 @@
-"""What the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1) share, as inlined numba helpers:
-the range of a block, and the 5th bits of Q5_0/Q5_1, kept as one little-endian uint32 `qh`
-where bit j belongs to value j (j < 32). Each format module keeps its own layout, dequantize
-and quantize; these are only the steps that are the same in both of a pair;
+"""What the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1) share:
+their row converters (`row_converters`: the walk over a row's blocks, their fields, the nibbles
+and 5th bits of the quants, ggml's scale search and rounding), made for a format from its field
+offsets (`Layout32`: each format module draws its block and passes its numbers here); the 5th
+bits of Q5_0/Q5_1 are kept as one little-endian uint32 `qh` where bit j belongs to value j
+(j < 32);
+and the IR that reads a Q5 block's quants (`fifth_bit_values`) and the product against Q8_1 of
+the formats with a minimum (`min_kernels`);
 and the interleaved copy of Q4_0 and Q4_1 matrices (`pack_x8`) both formats' 8-row kernels read;
 and the batch loop of the formats whose VNNI tiles share Q8_0's arithmetic (Q8_0, Q4_0, Q5_0:
 `vnni_kernels`, `matmat`).
@@ -10,14 +14,33 @@ and the batch loop of the formats whose VNNI tiles share Q8_0's arithmetic (Q8_0
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
 
-from .simd import (_ZERO, _ZERO8, FormatKernels, _fma, _half, _hsum8, _i8, _lane_accumulate, _lanes_unsigned, _load, _vec,
-                   format_rows, format_tile, format_tile1, pair_layout, pair_tile_kernel, row_kernels, tile_kernel)
+from .ksearch import format_function, signed_absmax
+from .rounding import read_f16, write_f16
+from .simd import (_ZERO, _ZERO8, FormatKernels, _fma, _half, _hsum8, _i1, _i8, _i32, _lane_accumulate, _lanes_unsigned, _load,
+                   _nibbles, _vec, format_rows, format_tile, format_tile1, pair_layout, pair_tile_kernel, row_kernels,
+                   tile_kernel)
 
+QK = 32  # values per block
+HALF = QK // 2  # quant byte j holds value j (low nibble) and value j + HALF (high nibble)
 FLT_MAX = np.float32(3.4028234663852886e38)
+
+
+class Layout32(NamedTuple):
+    """Where a 32-value format of 4- or 5-bit quants keeps its fields (byte offsets in a block;
+    the scale d, a half, is always at 0; 0 for a field the format lacks) and how a quant q maps
+    to its value."""
+    block_bytes: int
+    m: int  # the minimum (a half; the _1 formats): x = d * q + m
+    qh: int  # the 32 5th bits (uint32 LE; the Q5 formats)
+    qs: int  # the 16 bytes of low nibbles
+    offset: int  # the _0 formats: x = d * (q - offset)
+    nmax: int  # the largest quant: 15 or 31
 
 
 @njit(cache=True, inline='always')
@@ -46,20 +69,75 @@ def write_qh(row, o, qh):
         row[o + k] = np.uint8((qh >> (8 * k)) & 0xFF)
 
 
-@njit(cache=True, inline='always')
-def high_bits(qh, j):
-    """The 5th bits of values j and j + 16 (j < 16), each at bit 4 (0 or 0x10)."""
-    return np.int32((qh >> j) << 4) & 0x10, np.int32(qh >> (j + 12)) & 0x10
+def row_converters(layout: Layout32, module: str):
+    """The (dequantize_row(row, y), quantize_row(xr, row)) of the format whose block is `layout`,
+    as functions of its module (`module`: its __name__; ksearch.format_function): ggml's
+    dequantize_row_q4_0/q4_1/q5_0/q5_1, and quantize_row_q4_0_ref/q5_0_ref (d = the block's
+    value of largest magnitude / -offset, q = min(nmax, (int)(x / d + offset + 0.5))) or
+    quantize_row_q4_1_ref/q5_1_ref (d = (max - min) / nmax, m = min, q = min(nmax,
+    (int)((x - min) / d + 0.5))); row uint8, whole blocks; x, y float32. numba takes the
+    layout's numbers (closure variables) as constants: each format compiles its own two
+    converters, as if written out, and no more. (quantize_row_q5_1_ref does not clamp: its q
+    never exceeds 31, as d * 31 rounds to the block's range; non-finite values give the same
+    bits either way.)"""
+    block_bytes, m_at, qh_at, qs_at, offset, nmax = layout
+    bias = np.float32(offset + 0.5)
+
+    def dequantize_row(row, y):
+        for b in range(y.shape[0] // QK):
+            o = b * block_bytes
+            d = read_f16(row, o)
+            m = read_f16(row, o + m_at) if m_at else np.float32(0.0)
+            qh = read_qh(row, o + qh_at) if qh_at else np.int64(0)
+            for j in range(HALF):
+                q = np.int32(row[o + qs_at + j])
+                q0 = (q & 0xF) | (np.int32((qh >> j) << 4) & 0x10)
+                q1 = (q >> 4) | (np.int32(qh >> (j + 12)) & 0x10)
+                if m_at:
+                    y[b * QK + j] = np.float32(q0) * d + m
+                    y[b * QK + HALF + j] = np.float32(q1) * d + m
+                else:
+                    y[b * QK + j] = np.float32(q0 - offset) * d
+                    y[b * QK + HALF + j] = np.float32(q1 - offset) * d
+
+    def quantize_row(xr, row):
+        for b in range(xr.shape[0] // QK):
+            xb = xr[b * QK:(b + 1) * QK]
+            o = b * block_bytes
+            if m_at:
+                vmin, vmax = min_max(QK, xb)
+                d = (vmax - vmin) / np.float32(nmax)
+            else:
+                vmax, _ = signed_absmax(QK, xb)
+                vmin = np.float32(0.0)  # (x - 0 is x, bit for bit: one formula for both kinds)
+                d = vmax / np.float32(-offset)
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            write_f16(row, o, d)
+            if m_at:
+                write_f16(row, o + m_at, vmin)
+            qh = np.int64(0)
+            for j in range(HALF):
+                q0 = min(nmax, int((xb[j] - vmin) * inv + bias))
+                q1 = min(nmax, int((xb[HALF + j] - vmin) * inv + bias))
+                if qh_at:
+                    row[o + qs_at + j] = np.uint8((q0 & 0xF) | ((q1 & 0xF) << 4))
+                    qh |= ((q0 & 0x10) >> 4) << j
+                    qh |= ((q1 & 0x10) >> 4) << (j + HALF)
+                else:
+                    row[o + qs_at + j] = np.uint8(q0 | (q1 << 4))
+            if qh_at:
+                write_qh(row, o + qh_at, qh)
+
+    return format_function(dequantize_row, module), format_function(quantize_row, module)
 
 
-@njit(cache=True, inline='always')
-def pack_pair(row, o, qh, j, q0, q1):
-    """Store 5-bit quants q0 (value j) and q1 (value j + 16): their low nibbles in the byte
-    row[o + j], their 5th bits added to qh, which is returned."""
-    row[o + j] = np.uint8((q0 & 0xF) | ((q1 & 0xF) << 4))
-    qh |= ((q0 & 0x10) >> 4) << j
-    qh |= ((q1 & 0x10) >> 4) << (j + 16)
-    return qh
+def fifth_bit_values(builder, blk, layout, if_set, if_clear):
+    """A Q5 block's 32 quants as <32 x i8> (the IR of ggml's AVX2 bytes_from_nibbles_32 |
+    bytes_from_bits_32): the nibbles, each or'ed with if_set where its 5th bit is set, else with
+    if_clear."""
+    bits = builder.bitcast(_load(builder, blk, _i32, layout.qh), _vec(_i1, 32))
+    high = builder.select(bits, ir.Constant(_vec(_i8, 32), [if_set] * 32), ir.Constant(_vec(_i8, 32), [if_clear] * 32))
+    return builder.or_(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), layout.qs)), high)
 
 
 def min_kernels(block_bytes: int, values):

@@ -1,9 +1,11 @@
 """The scale searches ggml's K-quant reference quantizers run per sub-block (ggml-quants.c):
 make_qx_quants (rmse_type 1, no importance weights: Q6_K), make_q3_quants (Q3_K) and
-make_qkx2_quants (Q2_K, Q4_K, Q5_K), and what Q4_K and Q5_K share around it (the 12 bytes
-of packed 6-bit scales and mins: get_scale_min_k4, scales_mins_k4, quantize_scales_mins_k4).
-Without an imatrix, llama-quantize's quantize_q*_K call
-quantize_row_q*_K_ref, which use exactly these.
+make_qkx2_quants (Q2_K, Q4_K, Q5_K); what Q3_K and Q6_K share around theirs
+(subblock_scales16); what Q4_K and Q5_K share around it (the 12 bytes of packed 6-bit scales
+and mins: get_scale_min_k4, scales_mins_k4, quantize_scales_mins_k4) and their row converters
+(k4_row_converters); and format_function, which compiles a converter one factory makes for
+several formats as its format module's own. Without an imatrix, llama-quantize's
+quantize_q*_K call quantize_row_q*_K_ref, which use exactly these.
 
 Byte-exactness depends on doing every step in float32 in the C order: numba turns
 float32 * int into float64, so every integer is converted with f32() before it meets a float,
@@ -14,12 +16,24 @@ ggml-base is built without -mfma, and numba without fastmath does not contract).
 import math
 
 import numpy as np
+from gguf.constants import QK_K
 from numba import njit
 
-from .rounding import nearest_int, write_f16
+from .rounding import nearest_int, read_f16_pair, write_f16
 
 GROUP_MAX_EPS = np.float32(1e-15)
 f32 = np.float32
+
+
+def format_function(f, module: str):
+    """njit(f) (cached, nogil) as the function f.__name__ of `module` (a format module's
+    __name__), for the converters one factory here or in runtime.quants.block32 makes for several
+    formats: numba names compiled code by module and qualified name (plus a counter of its own
+    process), so under their common name closures compiled in different processes would load
+    from the cache and link to one another's code."""
+    f.__module__ = module
+    f.__qualname__ = f.__name__
+    return njit(cache=True, nogil=True)(f)
 
 
 @njit(cache=True, inline='always')
@@ -124,6 +138,16 @@ def make_q3_quants(n, nmax, x, L):
     for i in range(n):
         L[i] += nmax
     return sumlx / suml2 if suml2 > 0 else f32(0.0)
+
+
+@njit(cache=True, inline='always')
+def subblock_scales16(search, nmax, xb, L, scales):
+    """The opening of quantize_row_q3_K_ref / q6_K_ref for one 256-value super-block xb: per
+    16-value sub-block j, scales[j] = search(16, nmax, its values, its quants in L)
+    (make_q3_quants or make_qx_quants); returns signed_absmax of the 16 scales."""
+    for j in range(16):
+        scales[j] = search(16, nmax, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+    return signed_absmax(16, scales)
 
 
 @njit(cache=True)
@@ -277,3 +301,62 @@ def quantize_scales_mins_k4(xb, blk, L, Laux, weights, scales, mins, nmax, rmin,
         for ii in range(32):
             l = nearest_int((xb[32 * j + ii] + dm) / dj)
             L[32 * j + ii] = max(0, min(nmax, l))
+
+
+def k4_row_converters(block_bytes: int, qh_at: int, qs_at: int, nmax: int, rmin: float, nstep: int, module: str):
+    """The (dequantize_row(row, y), quantize_row(xr, row)) of Q4_K (qh_at 0: no 5th bits) or
+    Q5_K (qh: 32 bytes at qh_at, value 64g + l (l < 32) has bit 2g of qh[l], value 64g + 32 + l
+    bit 2g + 1), as functions of `module` (format_function): ggml's dequantize_row_q4_K/q5_K and
+    quantize_row_q4_K_ref/q5_K_ref (quantize_scales_mins_k4 with nmax, rmin, nstep), the low 4
+    bits at qs_at, per 64 values 32 bytes: low nibbles values 0..31, high nibbles 32..63. numba
+    takes the numbers (closure variables) as constants: one specialised converter per format and
+    direction."""
+
+    def dequantize_row(row, y):
+        for b in range(y.shape[0] // QK_K):
+            o = b * block_bytes
+            d, dmin = read_f16_pair(row, o)
+            sc = row[o + 4:o + 16]
+            qs = row[o + qs_at:o + block_bytes]
+            yb = y[b * QK_K:(b + 1) * QK_K]
+            for g in range(4):  # 64 values per group: two sub-blocks sharing 32 bytes
+                d1, mm1, d2, mm2 = scales_mins_k4(g, sc, d, dmin)
+                for l in range(32):
+                    q = np.int32(qs[32 * g + l]) & 0xF
+                    if qh_at:
+                        q += ((np.int32(row[o + qh_at + l]) >> (2 * g)) & 1) << 4
+                    yb[64 * g + l] = d1 * f32(q) - mm1
+                for l in range(32):
+                    q = np.int32(qs[32 * g + l]) >> 4
+                    if qh_at:
+                        q += ((np.int32(row[o + qh_at + l]) >> (2 * g + 1)) & 1) << 4
+                    yb[64 * g + 32 + l] = d2 * f32(q) - mm2
+
+    def quantize_row(xr, row):
+        L = np.empty(QK_K, np.uint8)
+        Laux = np.empty(32, np.uint8)
+        weights = np.empty(32, np.float32)
+        scales = np.empty(8, np.float32)
+        mins = np.empty(8, np.float32)
+        for b in range(xr.shape[0] // QK_K):
+            xb = xr[b * QK_K:(b + 1) * QK_K]
+            blk = row[b * block_bytes:(b + 1) * block_bytes]
+            quantize_scales_mins_k4(xb, blk, L, Laux, weights, scales, mins, nmax, rmin, nstep)
+            qs = blk[qs_at:]
+            if qh_at:
+                qh = blk[qh_at:qh_at + 32]
+                qh[:] = 0
+            for g in range(4):
+                for l in range(32):
+                    l1 = np.int32(L[64 * g + l])
+                    l2 = np.int32(L[64 * g + 32 + l])
+                    if qh_at:
+                        if l1 > 15:
+                            l1 -= 16
+                            qh[l] |= 1 << (2 * g)
+                        if l2 > 15:
+                            l2 -= 16
+                            qh[l] |= 2 << (2 * g)
+                    qs[32 * g + l] = l1 | (l2 << 4)
+
+    return format_function(dequantize_row, module), format_function(quantize_row, module)

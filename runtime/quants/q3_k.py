@@ -16,7 +16,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
-from .ksearch import f32, make_q3_quants, signed_absmax
+from .ksearch import f32, make_q3_quants, subblock_scales16
 from .rounding import nearest_int, read_f16, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K]
@@ -59,9 +59,7 @@ def quantize_row(xr, row):
     for b in range(n // QK):
         xb = xr[b * QK:(b + 1) * QK]
         blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-        for j in range(16):
-            scales[j] = make_q3_quants(16, 4, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
-        max_scale, _ = signed_absmax(16, scales)
+        max_scale, _ = subblock_scales16(make_q3_quants, 4, xb, L, scales)
         sc = blk[96:108]
         sc[:] = 0
         if max_scale != 0:

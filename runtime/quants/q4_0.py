@@ -23,40 +23,12 @@ from numba.extending import intrinsic
 from .simd import (_ZERO8, isa_typer, _broadcast8, _fma, _half, _halves_to_float, _i8, _i16, _f32, _lane_accumulate, _lanes_finish,
                     _lanes_signed, _load, _nibbles, _pair_add, _prefetch, _quad_lanes, _splat, _state_loop, _vec, row_kernels,
                     _dpbusd, _i32, _i64, _mask, _vnni, c_arrays, has_vnni)
-from .block32 import pack_x8, vnni_kernels
-from .ksearch import signed_absmax
-from .rounding import read_f16, write_f16
+from .block32 import Layout32, pack_x8, row_converters, vnni_kernels
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
-HALF = QK // 2
-
-
-@njit(cache=True, nogil=True)
-def dequantize_row(row, y):
-    n = y.shape[0]
-    for b in range(n // QK):
-        o = b * BLOCK_BYTES
-        d = read_f16(row, o)
-        for j in range(HALF):
-            q = np.int32(row[o + 2 + j])
-            y[b * QK + j] = np.float32((q & 0xF) - 8) * d
-            y[b * QK + HALF + j] = np.float32((q >> 4) - 8) * d
-
-
-@njit(cache=True, nogil=True)
-def quantize_row(xr, row):
-    n = xr.shape[0]
-    for b in range(n // QK):
-        xb = xr[b * QK:(b + 1) * QK]
-        o = b * BLOCK_BYTES
-        vmax, _ = signed_absmax(QK, xb)
-        d = vmax / np.float32(-8)
-        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-        write_f16(row, o, d)
-        for j in range(HALF):
-            q0 = min(15, int(xb[j] * inv + np.float32(8.5)))
-            q1 = min(15, int(xb[HALF + j] * inv + np.float32(8.5)))
-            row[o + 2 + j] = np.uint8(q0 | (q1 << 4))
+LAYOUT = Layout32(BLOCK_BYTES, m=0, qh=0, qs=2, offset=8, nmax=15)  # the fields above
+# ggml's dequantize_row_q4_0 and quantize_row_q4_0_ref (above), compiled for LAYOUT
+dequantize_row, quantize_row = row_converters(LAYOUT, __name__)
 
 
 # --- the product with Q8_0 activations, file layout (ggml's AVX2 vec_dot_q4_0_q8_0) --------

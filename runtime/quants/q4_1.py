@@ -14,7 +14,6 @@ vec_dot's floats.
 
 from __future__ import annotations
 
-import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
@@ -22,40 +21,12 @@ from numba.extending import intrinsic
 
 from .simd import (_ZERO8, c_arrays, isa_typer, _broadcast8, _fma, _halves_to_float, _i8, _i16, _f32, _lanes_unsigned, _load, _mask,
                     _nibbles, _pair_add, _prefetch, _splat, _state_loop, _vec)
-from .block32 import min_kernels, min_max, pack_x8
-from .rounding import read_f16_pair, write_f16
+from .block32 import Layout32, min_kernels, pack_x8, row_converters
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
-HALF = QK // 2
-
-
-@njit(cache=True, nogil=True)
-def dequantize_row(row, y):
-    n = y.shape[0]
-    for b in range(n // QK):
-        o = b * BLOCK_BYTES
-        d, m = read_f16_pair(row, o)
-        for j in range(HALF):
-            q = np.int32(row[o + 4 + j])
-            y[b * QK + j] = np.float32(q & 0xF) * d + m
-            y[b * QK + HALF + j] = np.float32(q >> 4) * d + m
-
-
-@njit(cache=True, nogil=True)
-def quantize_row(xr, row):
-    n = xr.shape[0]
-    for b in range(n // QK):
-        xb = xr[b * QK:(b + 1) * QK]
-        o = b * BLOCK_BYTES
-        vmin, vmax = min_max(QK, xb)
-        d = (vmax - vmin) / np.float32(15)
-        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-        write_f16(row, o, d)
-        write_f16(row, o + 2, vmin)
-        for j in range(HALF):
-            q0 = min(15, int((xb[j] - vmin) * inv + np.float32(0.5)))
-            q1 = min(15, int((xb[HALF + j] - vmin) * inv + np.float32(0.5)))
-            row[o + 4 + j] = np.uint8(q0 | (q1 << 4))
+LAYOUT = Layout32(BLOCK_BYTES, m=2, qh=0, qs=4, offset=0, nmax=15)  # the fields above
+# ggml's dequantize_row_q4_1 and quantize_row_q4_1_ref (above), compiled for LAYOUT
+dequantize_row, quantize_row = row_converters(LAYOUT, __name__)
 
 
 # --- the product with Q8_1 activations, file layout (ggml's AVX2 vec_dot_q4_1_q8_1) --------

@@ -29,45 +29,13 @@ from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _h
 from . import kbatch
 from numba.core import cgutils
 from .simd import _i64, c_arrays
-from .ksearch import f32, get_scale_min_k4, quantize_scales_mins_k4, scale_min_k4, scales_mins_k4
-from .rounding import read_f16_pair
+from .ksearch import get_scale_min_k4, k4_row_converters, scale_min_k4
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
 
 
-@njit(cache=True, nogil=True)
-def dequantize_row(row, y):
-    n = y.shape[0]
-    for b in range(n // QK):
-        o = b * BLOCK_BYTES
-        d, dmin = read_f16_pair(row, o)
-        sc = row[o + 4:o + 16]
-        qs = row[o + 16:o + BLOCK_BYTES]
-        yb = y[b * QK:(b + 1) * QK]
-        for g in range(4):  # 64 values per group: two sub-blocks sharing 32 bytes
-            d1, mm1, d2, mm2 = scales_mins_k4(g, sc, d, dmin)
-            for l in range(32):
-                yb[64 * g + l] = d1 * f32(np.int32(qs[32 * g + l]) & 0xF) - mm1
-            for l in range(32):
-                yb[64 * g + 32 + l] = d2 * f32(np.int32(qs[32 * g + l]) >> 4) - mm2
-
-
-@njit(cache=True, nogil=True)
-def quantize_row(xr, row):
-    n = xr.shape[0]
-    L = np.empty(QK, np.uint8)
-    Laux = np.empty(32, np.uint8)
-    weights = np.empty(32, np.float32)
-    scales = np.empty(8, np.float32)
-    mins = np.empty(8, np.float32)
-    for b in range(n // QK):
-        xb = xr[b * QK:(b + 1) * QK]
-        blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-        quantize_scales_mins_k4(xb, blk, L, Laux, weights, scales, mins, 15, -1.0, 20)
-        qs = blk[16:]
-        for g in range(4):
-            for l in range(32):
-                qs[32 * g + l] = L[64 * g + l] | (L[64 * g + 32 + l] << 4)
+# ggml's dequantize_row_q4_K and quantize_row_q4_K_ref (above): the fields at the offsets drawn there
+dequantize_row, quantize_row = k4_row_converters(BLOCK_BYTES, qh_at=0, qs_at=16, nmax=15, rmin=-1.0, nstep=20, module=__name__)
 
 
 # --- the product with Q8_K activations, 8 rows at a time ------------------------------------

@@ -29,59 +29,14 @@ from numba.extending import intrinsic
 from . import simd
 from .simd import c_arrays, isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _vec
 from . import kbatch
-from .ksearch import f32, quantize_scales_mins_k4, scales_mins_k4
+from .ksearch import k4_row_converters
 from .q4_k import broadcast_word, scale_words, scales_mins_ir, scales_mins_vec
-from .rounding import read_f16_pair
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]
 
 
-@njit(cache=True, nogil=True)
-def dequantize_row(row, y):
-    n = y.shape[0]
-    for b in range(n // QK):
-        o = b * BLOCK_BYTES
-        d, dmin = read_f16_pair(row, o)
-        sc = row[o + 4:o + 16]
-        qh = row[o + 16:o + 48]
-        qs = row[o + 48:o + BLOCK_BYTES]
-        yb = y[b * QK:(b + 1) * QK]
-        for g in range(4):
-            d1, mm1, d2, mm2 = scales_mins_k4(g, sc, d, dmin)
-            for l in range(32):
-                q = (np.int32(qs[32 * g + l]) & 0xF) + (((np.int32(qh[l]) >> (2 * g)) & 1) << 4)
-                yb[64 * g + l] = d1 * f32(q) - mm1
-            for l in range(32):
-                q = (np.int32(qs[32 * g + l]) >> 4) + (((np.int32(qh[l]) >> (2 * g + 1)) & 1) << 4)
-                yb[64 * g + 32 + l] = d2 * f32(q) - mm2
-
-
-@njit(cache=True, nogil=True)
-def quantize_row(xr, row):
-    n = xr.shape[0]
-    L = np.empty(QK, np.uint8)
-    Laux = np.empty(32, np.uint8)
-    weights = np.empty(32, np.float32)
-    scales = np.empty(8, np.float32)
-    mins = np.empty(8, np.float32)
-    for b in range(n // QK):
-        xb = xr[b * QK:(b + 1) * QK]
-        blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-        quantize_scales_mins_k4(xb, blk, L, Laux, weights, scales, mins, 31, -0.5, 15)
-        qh = blk[16:48]
-        qs = blk[48:]
-        qh[:] = 0
-        for g in range(4):
-            for l in range(32):
-                l1 = np.int32(L[64 * g + l])
-                if l1 > 15:
-                    l1 -= 16
-                    qh[l] |= 1 << (2 * g)
-                l2 = np.int32(L[64 * g + 32 + l])
-                if l2 > 15:
-                    l2 -= 16
-                    qh[l] |= 2 << (2 * g)
-                qs[32 * g + l] = l1 | (l2 << 4)
+# ggml's dequantize_row_q5_K and quantize_row_q5_K_ref (above): the fields at the offsets drawn there
+dequantize_row, quantize_row = k4_row_converters(BLOCK_BYTES, qh_at=16, qs_at=48, nmax=31, rmin=-0.5, nstep=15, module=__name__)
 
 
 # --- products: ggml_vec_dot_q5_K_q8_K's arithmetic in LLVM vector IR (runtime.quants.simd's helpers) ---

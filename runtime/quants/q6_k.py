@@ -20,7 +20,7 @@ from numba import njit, prange
 from . import simd
 from .simd import _ZERO8, _f32, _half, _hsum8, _i16, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _mask, _scaled_lanes, _vec, row_kernels
 from . import kbatch
-from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, signed_absmax
+from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, subblock_scales16
 from .rounding import nearest_int, read_f16, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
@@ -55,9 +55,7 @@ def quantize_row(xr, row):
     for b in range(n // QK):
         xb = xr[b * QK:(b + 1) * QK]
         blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-        for j in range(16):
-            scales[j] = make_qx_quants(16, 32, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
-        max_scale, max_abs_scale = signed_absmax(16, scales)
+        max_scale, max_abs_scale = subblock_scales16(make_qx_quants, 32, xb, L, scales)
         if max_abs_scale < GROUP_MAX_EPS:
             blk[:] = 0  # all-zero block; d = +0.0 is also all-zero bytes
             continue

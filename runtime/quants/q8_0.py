@@ -13,6 +13,7 @@ from llvmlite import ir
 
 from .simd import (_ZERO8, _half, _i8, _lane_accumulate, _lanes_finish, _lanes_signed, _load, _vec, row_kernels)
 from .block32 import vnni_kernels
+from .ksearch import signed_absmax
 from .rounding import read_f16, roundf, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
@@ -35,9 +36,7 @@ def quantize_row(xr, row):
     for b in range(n // QK):
         xb = xr[b * QK:(b + 1) * QK]
         o = b * BLOCK_BYTES
-        amax = np.float32(0.0)
-        for j in range(QK):
-            amax = max(amax, abs(xb[j]))
+        _, amax = signed_absmax(QK, xb)
         d = amax / np.float32(127)
         inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
         write_f16(row, o, d)
