@@ -28,7 +28,7 @@ from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _h
                     _load, _mask, _pairs_us, _prefetch, _scaled_lanes, _scaled_pairs_acc, _splat, _state_loop, _vec)
 from . import kbatch
 from numba.core import cgutils
-from .simd import _i64, c_arrays
+from .simd import _i64, c_arrays, has_vnni
 from .ksearch import get_scale_min_k4, k4_row_converters, scale_min_k4
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
@@ -388,7 +388,7 @@ def _concat(builder, parts):
 
 def _q4_k_tile():
     """The typer of an intrinsic (w, r0, ty, ts, td, tt, out, isa) for AVX-512 VNNI (for another
-    Isa it does nothing: only matmat_vnni calls it): rows
+    Isa it does nothing: callers branch on has_vnni): rows
     r0..r0+7 of w (past the last row: the last row again, not stored) times token tile tt of
     `layout_tile` (ty, ts, td) into out[t, r0:r0+8] for the tile's tokens t < T (out float32
     [T, rows])."""
@@ -401,8 +401,8 @@ def _q4_k_tile():
         return types.none(w, r0, ty, ts, td, tt, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        if not _vnni():  # (a target without 512-bit vpdpbusd to emit: matmat never calls
-            return context.get_dummy_value()  # matmat_vnni there)
+        if not _vnni():  # (matmat calls it only under has_vnni; its other branch is still lowered,
+            return context.get_dummy_value()  # and another target has no 512-bit vpdpbusd to emit)
         wt, _, tyt, tst, tdt, _, outt = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
         r0, tt = args[1], args[5]
@@ -599,48 +599,36 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
         out[r] = acc - accm
 
 
+@njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
     """out [T, rows] = the T tokens' products, each (row, token) matvec's float. With AVX-512
-    VNNI `matmat_vnni`, else `matmat_rows`: chosen here, in Python, so that numba compiles only
-    the one this CPU runs (a branch on has_vnni inside one kernel types and lowers both: about
-    a second of a Q4_K file's first use)."""
-    if ctx.isa.name == "avx512vnni":
-        matmat_vnni(w, ctx, xq, xd, out)
-    else:
-        matmat_rows(w, ctx, xq, xd, out)
-
-
-@njit(cache=True, parallel=True)
-def matmat_vnni(w, ctx, xq, xd, out):
-    """`matmat` on AVX-512 VNNI: tiles of 8 rows times TILE_TOKENS tokens (`tile`),
-    TILE_ROW_GROUPS groups of 8 rows per thread's work item, every token tile passing over a
-    group's rows while they sit in cache."""
+    VNNI: tiles of 8 rows times TILE_TOKENS tokens (`tile`), TILE_ROW_GROUPS groups of 8 rows
+    per thread's work item, every token tile passing over a group's rows while they sit in
+    cache. Else one row times 16 tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per
+    work item. (One parallel loop for both: each more costs seconds of compiling.)"""
     n_tok, k = xq.shape
     n_rows = w.shape[0]
-    ty, ts, td = tile_arrays(n_tok, k)
-    for tt in range(ty.shape[0]):  # (serial: 0.1-0.3 ms)
-        layout_tile(xq, xd, tt, ty, ts, td)
-    rows_per_item = 8 * TILE_ROW_GROUPS
+    vnni = has_vnni(ctx.isa)
+    if vnni:
+        ty, ts, td = tile_arrays(n_tok, k)
+        for tt in range(ty.shape[0]):  # (serial: 0.1-0.3 ms)
+            layout_tile(xq, xd, tt, ty, ts, td)
+        dx8, bs8 = np.empty((0, 0), np.float32), np.empty((0, 0), np.int16)
+        rows_per_item = 8 * TILE_ROW_GROUPS
+    else:
+        ty, ts, td = tile_arrays(0, 0)
+        dx8, bs8 = kbatch.prepare(xq, xd)
+        rows_per_item = kbatch.ROW_BLOCK
     n_tiles = ty.shape[0]
+    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
     for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
         start = item * rows_per_item
         stop = min(n_rows, start + rows_per_item)
-        for r0 in range(start, stop, 8):
-            for tt in range(n_tiles):
-                tile(w, r0, ty, ts, td, tt, out, ctx.isa)
-
-
-@njit(cache=True, parallel=True)
-def matmat_rows(w, ctx, xq, xd, out):
-    """`matmat` without VNNI: one row times 16 tokens per pass (runtime.quants.kbatch),
-    ROW_BLOCK rows per work item."""
-    n_tok = xq.shape[0]
-    n_rows = w.shape[0]
-    dx8, bs8 = kbatch.prepare(xq, xd)
-    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
-    for item in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
-        start = item * kbatch.ROW_BLOCK
-        stop = min(n_rows, start + kbatch.ROW_BLOCK)
-        for c in range(chunks):
-            for r in range(start, stop):
-                _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
+        if vnni:
+            for r0 in range(start, stop, 8):
+                for tt in range(n_tiles):
+                    tile(w, r0, ty, ts, td, tt, out, ctx.isa)
+        else:
+            for c in range(chunks):
+                for r in range(start, stop):
+                    _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
