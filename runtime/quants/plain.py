@@ -18,7 +18,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _ZERO8, c_arrays, host_isas, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _i64, _load, _mask, _prefetch, _state_loop, _vec
+from .simd import c_arrays, host_isas, isa_typer, _f32, _fma, _halves_to_float, _i8, _i16, _i32, _i64, _load, _mask, _prefetch, _state_loop, _vec
 
 F16_MAGIC = np.float32(2.0**-14)  # subtracting it turns a denormal half's rebased bits into its value
 
@@ -137,19 +137,22 @@ def _f16_dot_typer(typingctx, w, r, x, isa):
         row = builder.gep(warr.data, [builder.mul(args[1], builder.extract_value(warr.strides, 0))])
         xp = builder.bitcast(context.make_array(xt)(context, builder, args[2]).data, _i8.as_pointer())
         n_steps = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, 64))
-        f32x8 = _vec(_f32, 8)
-        slots = [cgutils.alloca_once_value(builder, _ZERO8) for _ in range(4)]
+        # ggml's 4 accumulators of 8 lanes held as two of 16, a0|a1 and a2|a3 (as _f16_tile's):
+        # fma is lane by lane, so each lane's chain is the same; on AVX-512 half the
+        # instructions (vcvtph2ps and vfmadd on zmm), elsewhere LLVM splits them in two
+        f32x16 = _vec(_f32, 16)
+        slots = [cgutils.alloca_once_value(builder, ir.Constant(f32x16, [0.0] * 16)) for _ in range(2)]
         with cgutils.for_range(builder, n_steps) as loop:
             o = builder.mul(loop.index, ir.Constant(loop.index.type, 64))
             _prefetch(builder, row, o, 64)
             xo = builder.mul(loop.index, ir.Constant(loop.index.type, 128))
-            for j in range(4):
-                bits = _load(builder, row, _vec(_i16, 8), builder.add(o, ir.Constant(o.type, 16 * j)))
+            for j in range(2):
+                bits = _load(builder, row, _vec(_i16, 16), builder.add(o, ir.Constant(o.type, 32 * j)))
                 wv = _halves_to_float(builder, bits)
-                xv = _load(builder, xp, f32x8, builder.add(xo, ir.Constant(xo.type, 32 * j)))
+                xv = _load(builder, xp, f32x16, builder.add(xo, ir.Constant(xo.type, 64 * j)))
                 builder.store(_fma(builder, wv, xv, builder.load(slots[j])), slots[j])
-        a = [builder.load(sl) for sl in slots]
-        v = builder.fadd(builder.fadd(a[0], a[2]), builder.fadd(a[1], a[3]))
+        s = builder.fadd(builder.load(slots[0]), builder.load(slots[1]))  # (a0 + a2) | (a1 + a3)
+        v = builder.fadd(builder.shuffle_vector(s, s, _mask(range(8))), builder.shuffle_vector(s, s, _mask(range(8, 16))))
         t0 = builder.fadd(builder.shuffle_vector(v, v, _mask([0, 1, 2, 3])), builder.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
         # _mm_hadd_ps(t0, t0) twice: (t0_0 + t0_1) + (t0_2 + t0_3)
         e = [builder.extract_element(t0, ir.Constant(_i32, i)) for i in range(4)]
