@@ -96,9 +96,10 @@ class Helper:
             pass
 
     def release(self) -> None:
-        """At this process's end: let the helper finish the step it is in on its own (the decode
-        kernels go into the cache and the model is noted warm, so that a short first run, a
-        one-shot, leaves the next start warm); it ends at its next word, which nobody reads."""
+        """At this process's end: let the helper finish its steps on its own (the decode
+        kernels go into the cache and the model is noted warm, then the long-prompt kernels),
+        so that a short first run, a one-shot or a piped question, leaves the next start warm;
+        it then ends."""
         self.go()
 
     def close(self) -> None:
@@ -155,15 +156,17 @@ def main(argv: list[str]) -> int:
     from .engine_worker import sample_tokens
 
     ids = sample_tokens(llm, max(sizes))
+    heard = True
     for n in sizes:
         llm.reset()
         llm.model.eval(ids[:n], logits="last")
         if n == 1:  # the decode kernels are in the cache: the next start needs no helper
             note_warm(llm)
-        try:
-            print(READY, n, flush=True)
-        except (BrokenPipeError, ValueError):  # the caller has ended (release): nobody waits for more
-            return 0
+        if heard:
+            try:
+                print(READY, n, flush=True)
+            except (BrokenPipeError, ValueError):  # the caller has ended (release): go on unheard,
+                heard = False  # so that its next start finds every kernel of its warm-up cached
     return 0
 
 
