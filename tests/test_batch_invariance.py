@@ -160,7 +160,7 @@ def test_the_products_shares_cover_every_batch_kernel_once(tmp_path, monkeypatch
     for part in (0, 1):
         forward.compile_products(m.weights, part)
     layouts = {(getattr(w.traits.batch, 'func', w.traits.batch), w.ggml_type, w.packed) for layer in m.weights.layers
-               for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)}
+               for w in layer.matrices}
     assert sorted(map(repr, layouts)) == sorted(repr(s[1:]) for s in seen)  # each once
     kernels = {p: {s[1] for s in seen if s[0] == p} for p in (0, 1)}
     assert kernels[0] and kernels[1] and not kernels[0] & kernels[1]

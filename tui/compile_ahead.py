@@ -135,8 +135,8 @@ def start(llm, sizes: tuple[int, ...]) -> Helper | None:
 
 def main(argv: list[str]) -> int:
     """The helper: load argv[0], compile a prompt's passes and its share of the products ("ready
-    prompt"), evaluate each size in
-    argv[1:], saying "ready N" after each; the first only after stdin ends (the caller's `go`)."""
+    prompt"), then evaluate each size in argv[1:], saying "ready N" after each, the first only
+    after stdin ends (the caller's `go`)."""
     path, sizes = argv[0], [int(a) for a in argv[1:]]
     from llamachat.runtime.generation.llama_api import Llama
 

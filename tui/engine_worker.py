@@ -418,11 +418,11 @@ def warm_up(llm, sizes: tuple[int, ...] | None = None) -> None:
     then the tiled prompt kernels where a shorter prompt size comes first, while this one
     compiles the kernels both share, the samplers and the other half of the products; this one
     then waits for the helper's prompt kernels and runs its prompt sizes. It does not wait for
-    the decode kernels: until the helper has them in the cache
-    the model decodes through the prompt kernels (LlamaModel.defer_decode; the same floats),
-    and the helper writes the model's `.warm` note once they are there. The tiled kernels may still be
-    compiling in the helper when the first long prompt comes: it reads them from the cache if
-    the helper has finished, else compiles them itself."""
+    the decode kernels: until the helper has them in the cache the model decodes through the
+    prompt kernels (LlamaModel.defer_decode; the same floats), and the helper writes the
+    model's `.warm` note once they are there. The tiled kernels may still be compiling in the
+    helper when the first long prompt comes: it reads them from the cache if the helper has
+    finished, else compiles them itself."""
     model = getattr(llm, "model", None)
     if model is None or not hasattr(model, "eval"):
         return

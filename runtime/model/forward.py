@@ -915,7 +915,7 @@ def compile_products(weights, part: int, parts: int = 2) -> None:
     caller can each compile one."""
     groups: dict = {}
     for layer in weights.layers:
-        for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
+        for w in layer.matrices:
             tr = w.traits
             if tr.batch is not None and w.n_out % tr.batch_rows == 0:
                 kernel = getattr(tr.batch, "func", tr.batch)  # (a partial's function)
@@ -942,8 +942,7 @@ def compile_decode_kernels(weights, ctx) -> None:
     if ctx is None:
         return
     seen = set()
-    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-    for w in [*(getattr(layer, n) for layer in weights.layers for n in names), weights.output]:
+    for w in [*(w for layer in weights.layers for w in layer.matrices), weights.output]:
         k = w.kernel if w.ggml_type in FUSED_TYPES else -1
         if k < 0 or k in seen or w.n_in % 32:
             continue

@@ -47,7 +47,7 @@ def _repack_each(weights) -> None:
     """Every repackable matrix (`repackable`: the layers' Q4_0 and Q4_1 with rows a multiple of 8,
     and an untied output), each into its own array: for models decoded by `forward`."""
     for layer in weights.layers:
-        for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
+        for w in layer.matrices:
             if repackable(w):
                 _repack_alone(w)
     if weights.output is not weights.token_embd and repackable(weights.output):
@@ -71,7 +71,7 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     out_w = weights.output
     plan = []
     for layer in weights.layers:
-        ws = (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
+        ws = layer.matrices
         if any(w.ggml_type not in FUSED_TYPES or w.n_in % 32 for w in ws):
             _repack_each(weights)
             return None, None
@@ -91,7 +91,7 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     for il, groups in enumerate(plan):
         layer = weights.layers[il]
         if groups is None:  # one matrix at a time
-            groups = tuple((w,) for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
+            groups = tuple((w,) for w in layer.matrices)
         mats = []
         for i, ws_i in enumerate(groups):
             if stacks is not None:

@@ -222,6 +222,11 @@ class LayerWeights:
     w_up: QuantWeight
     w_down: QuantWeight
 
+    @property
+    def matrices(self) -> tuple:
+        """The layer's seven weight matrices, in the forward pass's order."""
+        return (self.wq, self.wk, self.wv, self.wo, self.w_gate, self.w_up, self.w_down)
+
 
 @dataclass
 class Weights:
@@ -234,7 +239,7 @@ class Weights:
     def nbytes(self) -> int:
         total = self.token_embd.nbytes + (0 if self.output is self.token_embd else self.output.nbytes)
         for layer in self.layers:
-            total += sum(w.nbytes for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
+            total += sum(w.nbytes for w in layer.matrices)
         return total
 
 
@@ -418,17 +423,17 @@ class LlamaModel:
                     raise EvalCancelled(start)
                 chunk = ids[start:start + self.n_batch]
                 last = start + self.n_batch >= ids.size
-                if len(chunk) == 1 and not hidden and self.fused is not None and not self.decode_deferred():
+                # a single token decoded through the batch pass (defer_decode) runs on one thread:
+                # the other core is compiling the decode kernels, and a parallel product would
+                # wait for its second thread at every step
+                deferred = len(chunk) == 1 and self.decode_deferred()
+                if len(chunk) == 1 and not hidden and self.fused is not None and not deferred:
                     logits_1 = decode_token(self.config, self.weights, self.fused, self._decode_stack, self._decode_ctx,
                                             self.cache, int(chunk[0]))
                     outs.append(logits_1[None, :] if want_all else logits_1)
-                elif len(chunk) == 1 and self.decode_deferred():
-                    # one thread: the other core is compiling the decode kernels (a parallel
-                    # product would wait for its second thread at every step)
-                    with one_thread():
-                        outs.append(forward(self.config, self.weights, self.cache, chunk, want_all, hidden))
                 elif want_all or last:
-                    outs.append(forward(self.config, self.weights, self.cache, chunk, want_all, hidden))
+                    with one_thread() if deferred else contextlib.nullcontext():
+                        outs.append(forward(self.config, self.weights, self.cache, chunk, want_all, hidden))
                 else:
                     forward(self.config, self.weights, self.cache, chunk, False)
         return np.concatenate(outs) if want_all else outs[-1]
