@@ -70,6 +70,13 @@ def test_with_the_pulled_defaults_the_real_model_says_paris(smollm2_path, seed):
     "Paris is lovely. " + "la femme, " * 25,
     "The answer is:\n" + "I am sorry, I cannot help with that.\n" * 8,
     "!" * 250,
+    # a paragraph of 300 characters said three times (SmolLM2 on "Describe the history of France."):
+    # the guard looked for stretches of at most 400 characters, said four times
+    "France has a long history.\n\n" + (
+        "The French Revolution, which began in 1789, was a pivotal moment in the history of France, as it "
+        "was a struggle for democracy and the rights of the people. The French Revolution was a turning point "
+        "for Europe, as it spread the ideas of liberty, equality and fraternity across the continent and beyond.\n\n") * 3
+    + "The French Revolution, which began",
 ])
 def test_loop_guard_sees_a_loop(text):
     assert LoopGuard.looping(text)
@@ -84,6 +91,12 @@ def test_loop_guard_sees_a_loop(text):
     "=" * 80 + "\nTitle\n" + "=" * 80,
     "The capital of France is Paris. Paris is known for the Eiffel Tower, the Louvre and its cafés; "
     "Paris has been the capital since the tenth century, and Paris is also the largest city of France.",
+    # a long sentence said twice is not yet a loop
+    "In short: the French Revolution was a turning point for Europe, as it spread liberty and equality.\n" * 2,
+    # an ordinary list whose lines are alike (a near-repeat measure would cut it)
+    "Here are some fruits:\n" + "".join(f"{i}. {f}: {f}s are usually {c}, but they can also be green when unripe.\n"
+                                        for i, (f, c) in enumerate([("Banana", "yellow"), ("Lemon", "yellow"), ("Orange", "orange"),
+                                                                    ("Plum", "purple"), ("Tomato", "red"), ("Mango", "yellow")], 1)),
 ])
 def test_loop_guard_leaves_ordinary_text_alone(text):
     assert not LoopGuard.looping(text)
