@@ -204,3 +204,39 @@ def test_k_quant_quantize_matches_ggml_reference_bytes(t):
     import hashlib
 
     assert hashlib.sha256(quantize(k_quant_golden_input(), t).tobytes()).hexdigest() == K_QUANT_GOLDEN[t]
+
+
+# The same functions on values past float32's comfort: make_qx_quants' and make_q3_quants' x^2
+# weights overflow (sum w*x*l = inf) from |x| ~ 2e12, so the super-block scale is inf and
+# quantize_row_q3_K/q6_K_ref's 1/iscale divides by zero (C: -inf), and inf values give
+# make_qkx2_quants a range of inf. ggml writes non-finite scales without stopping; so must we
+# (hashes of ggml's bytes on this input, produced as K_QUANT_GOLDEN's).
+K_QUANT_HUGE_GOLDEN = {
+    T.Q2_K: "dc68549aae21fd1ca5e6e9931bf79354d9ab5cff90a1fa6c659460e85d1524c1",
+    T.Q3_K: "2c46239bdb87c54c3ce80fd18509111b15da023e05440ef799eef9f897c000fa",
+    T.Q4_K: "ca252dc31e4928ae23ba770254c10df176d1506104bd37ba19947199aa44fa1c",
+    T.Q5_K: "ec46e63e171626f88fe6ec43bccfc2f78b76a02a4fdadc95b60aa949a78db43f",
+    T.Q6_K: "861ba44c56b9919a2e7415777aabc9c246f18b8ce85f0e1d3cbf0f22e7884cad",
+}
+
+
+def k_quant_huge_input() -> np.ndarray:
+    rng = np.random.default_rng(20261207)
+    x = rng.standard_normal((6, 256)).astype(np.float32)
+    x[0] *= np.float32(7e12)
+    x[1] *= np.float32(3e13)
+    x[1, :16] *= np.float32(1e-13)  # one sub-block of ordinary values among huge ones
+    x[2] *= np.float32(1e30)
+    x[3, 5] = np.inf
+    x[4, 7] = -np.inf
+    x[4, 9] = np.float32(3e38)
+    with np.errstate(over="ignore"):
+        x[5] *= np.float32(3e38)  # some overflow to +-inf
+    return x
+
+
+@pytest.mark.parametrize("t", list(K_QUANT_HUGE_GOLDEN), ids=lambda t: t.name)
+def test_k_quant_quantize_of_huge_values_matches_ggml_and_does_not_raise(t):
+    import hashlib
+
+    assert hashlib.sha256(quantize(k_quant_huge_input(), t).tobytes()).hexdigest() == K_QUANT_HUGE_GOLDEN[t]

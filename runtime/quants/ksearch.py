@@ -11,6 +11,9 @@ Byte-exactness depends on doing every step in float32 in the C order: numba turn
 float32 * int into float64, so every integer is converted with f32() before it meets a float,
 and sums are accumulated one term at a time like the C loops (no reassociation, no FMA:
 ggml-base is built without -mfma, and numba without fastmath does not contract).
+The quantizers compile with error_model="numpy", so that a float division by zero gives C's
+inf or NaN (values of ~1e13 overflow the x^2-weighted sums to inf, and the scales derived from
+them divide by zero) where numba would raise ZeroDivisionError.
 """
 
 import math
@@ -33,7 +36,7 @@ def format_function(f, module: str):
     from the cache and link to one another's code."""
     f.__module__ = module
     f.__qualname__ = f.__name__
-    return njit(cache=True, nogil=True)(f)
+    return njit(cache=True, nogil=True, error_model="numpy")(f)
 
 
 @njit(cache=True, inline='always')
@@ -69,7 +72,7 @@ def _first_fit(n, nmax, x, L, offset, iscale):
     return sumlx, suml2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qx_quants(n, nmax, x, L):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): weights x^2, scale search over
     iscale = -(nmax + 0.1*is)/max for is in -9..9. L gets l + nmax in [0, 2*nmax)."""
@@ -103,7 +106,7 @@ def make_qx_quants(n, nmax, x, L):
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_q3_quants(n, nmax, x, L):
     """make_q3_quants(n, nmax, x, L, do_rmse=true): start from iscale = -nmax/max, then up to
     5 rounds of moving single quants while that improves the x^2-weighted fit.
@@ -150,7 +153,7 @@ def subblock_scales16(search, nmax, xb, L, scales):
     return signed_absmax(16, scales)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
     """make_qkx2_quants: fit x ~ scale * L + min (min <= 0, L in [0, nmax]) by weighted least
     squares over nstep+1 candidate iscales. Returns (scale, the_min) with the_min = -min."""

@@ -51,7 +51,7 @@ def dequantize_row(row, y):
                         yb[128 * h + 32 * s + k] = dl * f32(q)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_row(xr, row):
     n = xr.shape[0]
     L = np.empty(QK, np.int8)
