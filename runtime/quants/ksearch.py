@@ -1,7 +1,7 @@
 """The scale searches ggml's K-quant reference quantizers run per sub-block (ggml-quants.c):
 make_qx_quants (rmse_type 1, no importance weights: Q6_K), make_q3_quants (Q3_K) and
 make_qkx2_quants (Q2_K, Q4_K, Q5_K); what Q3_K and Q6_K share around theirs
-(subblock_scales16); what Q4_K and Q5_K share around it (the 12 bytes of packed 6-bit scales
+(quantize_row16); what Q4_K and Q5_K share around it (the 12 bytes of packed 6-bit scales
 and mins: get_scale_min_k4, scales_mins_k4, quantize_scales_mins_k4) and their row converters
 (k4_row_converters); and format_function, which compiles a converter one factory makes for
 several formats as its format module's own. Without an imatrix, llama-quantize's
@@ -144,13 +144,36 @@ def make_q3_quants(n, nmax, x, L):
 
 
 @njit(cache=True, inline='always')
-def subblock_scales16(search, nmax, xb, L, scales):
-    """The opening of quantize_row_q3_K_ref / q6_K_ref for one 256-value super-block xb: per
-    16-value sub-block j, scales[j] = search(16, nmax, its values, its quants in L)
-    (make_q3_quants or make_qx_quants); returns signed_absmax of the 16 scales."""
-    for j in range(16):
-        scales[j] = search(16, nmax, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
-    return signed_absmax(16, scales)
+def quantize_row16(search, nmax, write_scales, scale_of, scales_at, write_quants, block_bytes, xr, row):
+    """quantize_row_q3_K_ref / q6_K_ref: per 256-value super-block xb of xr, into its block
+    blk of `row` (block_bytes each):
+      scales[j] = search(16, nmax, sub-block j's values, its quants in L) (make_q3_quants or
+          make_qx_quants; L holds l + nmax);
+      d = write_scales(blk, scales, max_scale, max_abs_scale, L): the format packs the scales
+          against the one of largest magnitude (max_scale, signed_absmax of the 16) and writes
+          d, returning it as stored (a half);
+      every value requantized with its sub-block's rounded scale d * scale_of(sc, j) (sc: the
+          block's bytes from scales_at), L = clamp(nearest_int(x / that), -nmax, nmax - 1) +
+          nmax, a sub-block whose scale is 0 keeping its quants;
+      write_quants(L, blk): the format packs the quants."""
+    L = np.empty(QK_K, np.int8)
+    scales = np.empty(16, np.float32)
+    for b in range(xr.shape[0] // QK_K):
+        xb = xr[b * QK_K:(b + 1) * QK_K]
+        blk = row[b * block_bytes:(b + 1) * block_bytes]
+        for j in range(16):
+            scales[j] = search(16, nmax, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+        max_scale, max_abs_scale = signed_absmax(16, scales)
+        d = write_scales(blk, scales, max_scale, max_abs_scale, L)
+        sc = blk[scales_at:]
+        for j in range(16):
+            dj = d * f32(scale_of(sc, j))
+            if dj == 0:
+                continue
+            for ii in range(16):
+                l = nearest_int(xb[16 * j + ii] / dj)
+                L[16 * j + ii] = max(-nmax, min(nmax - 1, l)) + nmax
+        write_quants(L, blk)
 
 
 @njit(cache=True, error_model="numpy")
