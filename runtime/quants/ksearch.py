@@ -28,15 +28,17 @@ GROUP_MAX_EPS = np.float32(1e-15)
 f32 = np.float32
 
 
-def format_function(f, module: str):
-    """njit(f) (cached, nogil) as the function f.__name__ of `module` (a format module's
-    __name__), for the converters one factory here or in runtime.quants.block32 makes for several
-    formats: numba names compiled code by module and qualified name (plus a counter of its own
-    process), so under their common name closures compiled in different processes would load
-    from the cache and link to one another's code."""
+def format_function(f, module: str, **options):
+    """njit(f) (cached, nogil, or as `options` say) as the function f.__name__ of `module` (a
+    format module's __name__), for the converters and kernels one factory here or in
+    runtime.quants.block32 makes for several formats: numba names compiled code by module and
+    qualified name (plus a counter of its own process), so under their common name closures
+    compiled in different processes would load from the cache and link to one another's code.
+    (numba's cache tells the formats' closures apart by their variables' pickled bytes: numbers,
+    or a FormatKernels, which pickles as its name.)"""
     f.__module__ = module
     f.__qualname__ = f.__name__
-    return njit(cache=True, nogil=True, error_model="numpy")(f)
+    return njit(cache=True, **(options or {"nogil": True, "error_model": "numpy"}))(f)
 
 
 @njit(cache=True, inline='always')

@@ -21,7 +21,7 @@ from numba.extending import intrinsic
 
 from .simd import (_ZERO8, c_arrays, isa_typer, _broadcast8, _fma, _halves_to_float, _i8, _i16, _f32, _lanes_unsigned, _load, _mask,
                     _nibbles, _pair_add, _prefetch, _splat, _state_loop, _vec)
-from .block32 import Layout32, min_kernels, pack_x8, row_converters
+from .block32 import Layout32, min_products, pack_x8, row_converters
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
 LAYOUT = Layout32(BLOCK_BYTES, m=2, qh=0, qs=4, offset=0, nmax=15)  # the fields above
@@ -31,24 +31,12 @@ dequantize_row, quantize_row = row_converters(LAYOUT, __name__)
 
 # --- the product with Q8_1 activations, file layout (ggml's AVX2 vec_dot_q4_1_q8_1) --------
 
-dot, rows = min_kernels(BLOCK_BYTES, lambda builder, blk: _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4)))
-
-
-@njit(cache=True, parallel=True)
-def matvec(w, ctx, xq, xd, xs, xhat, out):
-    """w = d*q + m, as ggml's AVX2 vec_dot_q4_1_q8_1: per block 8 integer lanes (values
-    4l..4l+3; the low nibbles are values 0-15, the high ones 16-31), each accumulated over
-    blocks as fma(d*dx, lane, acc_l); the min terms fma'd into one scalar (m * the Q8_1 block
-    sum); result = hsum_float_8(acc) + mins."""
-    for r in prange(w.shape[0]):
-        out[r] = dot(w, r, xq, xd, xs, ctx.isa)
-
-
-@njit(cache=True, parallel=True)
-def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float; rows over threads."""
-    for r in prange(w.shape[0]):
-        rows(w, r, xq, xd, xs, out, ctx.isa)
+# w = d*q + m, as ggml's AVX2 vec_dot_q4_1_q8_1: per block 8 integer lanes (values 4l..4l+3; the
+# low nibbles are values 0-15, the high ones 16-31), each accumulated over blocks as
+# fma(d*dx, lane, acc_l); the min terms fma'd into one scalar (m * the Q8_1 block sum); result =
+# hsum_float_8(acc) + mins
+dot, rows, matvec, matmat = min_products("Q4_1", BLOCK_BYTES, lambda builder, blk: _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4)),
+                                         __name__)
 
 
 # --- the repacked layout: 8 rows interleaved, in vec_dot's lane order ------------------------

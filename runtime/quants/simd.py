@@ -797,6 +797,15 @@ class FormatKernels:
     def __repr__(self) -> str:
         return f"FormatKernels({self.name!r})"
 
+    def __reduce__(self):
+        # by name: numba's cache keys a closure over a FormatKernels on its pickled bytes, which
+        # must be the same in every process (an intrinsic pickles with a random id)
+        return _format_kernels_named, (self.name,)
+
+
+def _format_kernels_named(name: str) -> "FormatKernels":
+    return FormatKernels._BY_NAME[name]
+
 
 class FormatKernelsType(types.Dummy):
     def __init__(self, name: str):
