@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .simd import (_ZERO8, c_arrays, isa_typer, _broadcast8, _fma, _halves_to_float, _i8, _i16, _f32, _lanes_unsigned, _load, _mask,
+from .simd import (_ZERO8, array_args, c_arrays, isa_typer, offsets, row_at, _broadcast8, _fma, _halves_to_float, _i8, _i16, _f32, _lanes_unsigned, _load, _mask,
                     _nibbles, _pair_add, _prefetch, _splat, _state_loop, _vec)
 from .block32 import Layout32, min_products, pack_x8, row_converters
 
@@ -65,20 +65,14 @@ def _q4_1x8(n_t, prefetch):
         return types.none(w, r0, xq, xd, xs, t0, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, xst, _, outt = signature.args[:-1]
-        warr = context.make_array(wt)(context, builder, args[0])
-        r0, t0 = args[1], args[5]
-        group = builder.gep(warr.data, [builder.mul(r0, builder.extract_value(warr.strides, 0))])
+        warr, r0, xarr, darr, sarr, t0, oarr, _ = array_args(context, builder, signature, args)
+        group = row_at(builder, warr, r0)
         row_bytes = builder.extract_value(warr.shape, 1)
         nb = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
-        xarr = context.make_array(xqt)(context, builder, args[2])
-        k_vals = builder.extract_value(xarr.shape, 1)
-        oarr = context.make_array(outt)(context, builder, args[6])
-        n_out = builder.extract_value(oarr.shape, 1)
-        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
-        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
-        yd = [builder.gep(context.make_array(xdt)(context, builder, args[3]).data, [builder.mul(tk, nb)]) for tk in toks]
-        ys = [builder.gep(context.make_array(xst)(context, builder, args[4]).data, [builder.mul(tk, nb)]) for tk in toks]
+        toks = offsets(builder, t0, n_t)
+        yq = [row_at(builder, xarr, tk) for tk in toks]
+        yd = [row_at(builder, darr, tk) for tk in toks]
+        ys = [row_at(builder, sarr, tk) for tk in toks]
         v32, f32x8 = _vec(_i8, 32), _vec(_f32, 8)
 
         def block(b, state):
@@ -115,8 +109,7 @@ def _q4_1x8(n_t, prefetch):
             sets = [builder.fadd(builder.fadd(st[4 * s + 2], st[4 * s]), builder.fadd(st[4 * s + 3], st[4 * s + 1]))
                     for s in range(2)]
             total = builder.fadd(_pair_add(builder, sets[0], sets[1]), st[8])
-            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r0)])
-            builder.store(total, builder.bitcast(dst, f32x8.as_pointer()), align=4)
+            builder.store(total, builder.bitcast(builder.gep(row_at(builder, oarr, toks[t]), [r0]), f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return isa_typer(typer)
