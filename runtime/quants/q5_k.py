@@ -64,7 +64,7 @@ def _block(builder, blk, n_t, yq, bsums, yd, b, state):
     mins = builder.shuffle_vector(builder.bitcast(sm, _vec(_i8, 16)), ir.Constant(_vec(_i8, 16), [0] * 16),
                                   _mask([8 + i // 2 if i % 2 == 0 else 16 for i in range(16)]))  # 8 words
     dh, dminh = _half(builder, blk, 0), _half(builder, blk, 2)
-    v8w, v4 = _vec(_i16, 8), _vec(_i32, 4)
+    v8w = _vec(_i16, 8)
     new = []
     for t in range(n_t):
         y = builder.gep(yq[t], [builder.mul(b, ir.Constant(b.type, 256))])
