@@ -31,12 +31,13 @@ dequantize_row, quantize_row = row_converters(LAYOUT, __name__)
 
 # --- the product with Q8_1 activations, file layout (ggml's AVX2 vec_dot_q4_1_q8_1) --------
 
-# w = d*q + m, as ggml's AVX2 vec_dot_q4_1_q8_1: per block 8 integer lanes (values 4l..4l+3; the
-# low nibbles are values 0-15, the high ones 16-31), each accumulated over blocks as
-# fma(d*dx, lane, acc_l); the min terms fma'd into one scalar (m * the Q8_1 block sum); result =
-# hsum_float_8(acc) + mins
-dot, rows, matvec, matmat = min_products("Q4_1", BLOCK_BYTES, lambda builder, blk: _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4)),
-                                         __name__)
+def _values(builder, blk):
+    """The 32 quants as unsigned bytes: the low nibbles are values 0-15, the high ones 16-31."""
+    return _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4))
+
+
+# w = d*q + m, as ggml's AVX2 vec_dot_q4_1_q8_1 (see min_kernels)
+dot, rows, matvec, matmat = min_products("Q4_1", BLOCK_BYTES, _values, __name__)
 
 
 # --- the repacked layout: 8 rows interleaved, in vec_dot's lane order ------------------------
