@@ -57,6 +57,15 @@ def signed_absmax(n, x):
 
 
 @njit(cache=True, inline='always')
+def _clamped(v, nmax):
+    """MAX(-nmax, MIN(nmax - 1, nearest_int(v))), the quant make_qx_quants, make_q3_quants and
+    the Q3_K/Q6_K requantize take. For NaN (from NaN or inf values) ggml's nearest_int gives 0
+    (the mantissa of a quiet NaN), numba's conversion does not: guarded here, where it decides
+    bytes, rather than in nearest_int, which the other quantizers call in tighter loops."""
+    return max(-nmax, min(nmax - 1, nearest_int(v) if v == v else 0))
+
+
+@njit(cache=True, inline='always')
 def _first_fit(n, nmax, x, L, offset, iscale):
     """The opening step of make_qx_quants and make_q3_quants: l = clamp(nearest_int(iscale *
     x), -nmax, nmax - 1) stored as l + offset, and the x^2-weighted sums (sum w*x*l,
@@ -64,8 +73,7 @@ def _first_fit(n, nmax, x, L, offset, iscale):
     sumlx = f32(0.0)
     suml2 = f32(0.0)
     for i in range(n):
-        l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
+        l = _clamped(iscale * x[i], nmax)
         L[i] = l + offset
         w = x[i] * x[i]
         fl = f32(l)
@@ -93,16 +101,14 @@ def make_qx_quants(n, nmax, x, L):
         sumlx = f32(0.0)
         suml2 = f32(0.0)
         for i in range(n):
-            l = nearest_int(iscale * x[i])
-            l = max(-nmax, min(nmax - 1, l))
+            l = _clamped(iscale * x[i], nmax)
             w = x[i] * x[i]
             fl = f32(l)
             sumlx += w * x[i] * fl
             suml2 += w * fl * fl
         if suml2 > 0 and sumlx * sumlx > best * suml2:
             for i in range(n):
-                l = nearest_int(iscale * x[i])
-                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+                L[i] = nmax + _clamped(iscale * x[i], nmax)
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
@@ -127,8 +133,7 @@ def make_q3_quants(n, nmax, x, L):
             slx = sumlx - w * x[i] * fL
             if slx > 0:
                 sl2 = suml2 - w * fL * fL
-                new_l = nearest_int(x[i] * sl2 / slx)
-                new_l = max(-nmax, min(nmax - 1, new_l))
+                new_l = _clamped(x[i] * sl2 / slx, nmax)
                 if new_l != L[i]:
                     fn = f32(new_l)
                     slx += w * x[i] * fn
@@ -173,8 +178,7 @@ def quantize_row16(search, nmax, write_scales, scale_of, scales_at, write_quants
             if dj == 0:
                 continue
             for ii in range(16):
-                l = nearest_int(xb[16 * j + ii] / dj)
-                L[16 * j + ii] = max(-nmax, min(nmax - 1, l)) + nmax
+                L[16 * j + ii] = _clamped(xb[16 * j + ii] / dj, nmax) + nmax
         write_quants(L, blk)
 
 

@@ -9,7 +9,7 @@
   `read_f16_pair(row, offset)` the two at row[offset:offset+4] (a block's d and m/dmin).
 - `write_f16(row, offset, x)`: round x to half (RNE), store it, and return the stored value as
   float32: ggml's quantizers keep computing with GGML_FP16_TO_FP32(y.d), the rounded scale.
-- `nearest_int(x)`: ggml's `nearest_int` (adds 1.5*2^23 in float32: round half to even; 0 for NaN).
+- `nearest_int(x)`: ggml's `nearest_int` (adds 1.5*2^23 in float32: round half to even).
 - `roundf(x)`: C's roundf (half away from zero), used by the Q8 quantizers.
 
 All arithmetic on float32 values stays float32 where ggml's C does (numba promotes float32 op
@@ -96,8 +96,6 @@ def write_f16(row, offset, x):
 
 @njit(cache=True)
 def nearest_int(x):
-    if x != x:  # NaN: ggml's trick reads the mantissa of NaN + 1.5*2^23, a quiet NaN's: 0
-        return np.int32(0)
     return np.int32(np.rint(x))
 
 
