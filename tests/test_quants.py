@@ -209,20 +209,21 @@ def test_k_quant_quantize_matches_ggml_reference_bytes(t):
 # The same functions on values past float32's comfort: make_qx_quants' and make_q3_quants' x^2
 # weights overflow (sum w*x*l = inf) from |x| ~ 2e12, so the super-block scale is inf and
 # quantize_row_q3_K/q6_K_ref's 1/iscale divides by zero (C: -inf), and inf values give
-# make_qkx2_quants a range of inf. ggml writes non-finite scales without stopping; so must we
-# (hashes of ggml's bytes on this input, produced as K_QUANT_GOLDEN's).
+# make_qkx2_quants a range of inf; NaN values round to quant 0 in ggml's nearest_int. ggml writes
+# non-finite scales without stopping; so must we (hashes of ggml's bytes on this input, produced
+# as K_QUANT_GOLDEN's).
 K_QUANT_HUGE_GOLDEN = {
-    T.Q2_K: "dc68549aae21fd1ca5e6e9931bf79354d9ab5cff90a1fa6c659460e85d1524c1",
-    T.Q3_K: "2c46239bdb87c54c3ce80fd18509111b15da023e05440ef799eef9f897c000fa",
-    T.Q4_K: "ca252dc31e4928ae23ba770254c10df176d1506104bd37ba19947199aa44fa1c",
-    T.Q5_K: "ec46e63e171626f88fe6ec43bccfc2f78b76a02a4fdadc95b60aa949a78db43f",
-    T.Q6_K: "861ba44c56b9919a2e7415777aabc9c246f18b8ce85f0e1d3cbf0f22e7884cad",
+    T.Q2_K: "95eaaed41273347a90c8c490ac9a6445ecb078d221a13b6a1cd1b3f301556b3c",
+    T.Q3_K: "0e72a663778c01297aa742cfcff30ae65c0be3d08909f27129357bf95b1ef056",
+    T.Q4_K: "90e1fe90ae290214ed5adf6f1964576364580754ac3609cf4d9c17301700e2f2",
+    T.Q5_K: "b2e8178be8a42bf6384e0c63648d9fc822ddb825a609cecf7ab01df09d3471dd",
+    T.Q6_K: "d1ccb1379496b759b2a863c9538d31e305c01a4654ef0ccfea0b1a9d487e533a",
 }
 
 
 def k_quant_huge_input() -> np.ndarray:
     rng = np.random.default_rng(20261207)
-    x = rng.standard_normal((6, 256)).astype(np.float32)
+    x = rng.standard_normal((7, 256)).astype(np.float32)
     x[0] *= np.float32(7e12)
     x[1] *= np.float32(3e13)
     x[1, :16] *= np.float32(1e-13)  # one sub-block of ordinary values among huge ones
@@ -232,6 +233,7 @@ def k_quant_huge_input() -> np.ndarray:
     x[4, 9] = np.float32(3e38)
     with np.errstate(over="ignore"):
         x[5] *= np.float32(3e38)  # some overflow to +-inf
+    x[6, [3, 40, 41]] = np.nan
     return x
 
 
