@@ -166,7 +166,7 @@ def test_a_models_warm_note_names_its_formats_and_goes_with_the_cache(tmp_path, 
 
     def llm(t, stack):
         w = SimpleNamespace(ggml_type=t, packed=False)
-        layer = SimpleNamespace(wq=w, wk=w, wv=w, wo=w, w_gate=w, w_up=w, w_down=w)
+        layer = SimpleNamespace(matrices=(w,) * 7)
         embd = SimpleNamespace(ggml_type=T.Q8_0, packed=False)
         weights = SimpleNamespace(token_embd=embd, output=embd, layers=[layer])
         return SimpleNamespace(model=SimpleNamespace(weights=weights, layer_stack=object() if stack else None))

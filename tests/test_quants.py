@@ -204,3 +204,41 @@ def test_k_quant_quantize_matches_ggml_reference_bytes(t):
     import hashlib
 
     assert hashlib.sha256(quantize(k_quant_golden_input(), t).tobytes()).hexdigest() == K_QUANT_GOLDEN[t]
+
+
+# The same functions on values past float32's comfort: make_qx_quants' and make_q3_quants' x^2
+# weights overflow (sum w*x*l = inf) from |x| ~ 2e12, so the super-block scale is inf and
+# quantize_row_q3_K/q6_K_ref's 1/iscale divides by zero (C: -inf), and inf values give
+# make_qkx2_quants a range of inf; NaN values round to quant 0 in ggml's nearest_int. ggml writes
+# non-finite scales without stopping; so must we (hashes of ggml's bytes on this input, produced
+# as K_QUANT_GOLDEN's).
+K_QUANT_HUGE_GOLDEN = {
+    T.Q2_K: "95eaaed41273347a90c8c490ac9a6445ecb078d221a13b6a1cd1b3f301556b3c",
+    T.Q3_K: "0e72a663778c01297aa742cfcff30ae65c0be3d08909f27129357bf95b1ef056",
+    T.Q4_K: "90e1fe90ae290214ed5adf6f1964576364580754ac3609cf4d9c17301700e2f2",
+    T.Q5_K: "b2e8178be8a42bf6384e0c63648d9fc822ddb825a609cecf7ab01df09d3471dd",
+    T.Q6_K: "d1ccb1379496b759b2a863c9538d31e305c01a4654ef0ccfea0b1a9d487e533a",
+}
+
+
+def k_quant_huge_input() -> np.ndarray:
+    rng = np.random.default_rng(20261207)
+    x = rng.standard_normal((7, 256)).astype(np.float32)
+    x[0] *= np.float32(7e12)
+    x[1] *= np.float32(3e13)
+    x[1, :16] *= np.float32(1e-13)  # one sub-block of ordinary values among huge ones
+    x[2] *= np.float32(1e30)
+    x[3, 5] = np.inf
+    x[4, 7] = -np.inf
+    x[4, 9] = np.float32(3e38)
+    with np.errstate(over="ignore"):
+        x[5] *= np.float32(3e38)  # some overflow to +-inf
+    x[6, [3, 40, 41]] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("t", list(K_QUANT_HUGE_GOLDEN), ids=lambda t: t.name)
+def test_k_quant_quantize_of_huge_values_matches_ggml_and_does_not_raise(t):
+    import hashlib
+
+    assert hashlib.sha256(quantize(k_quant_huge_input(), t).tobytes()).hexdigest() == K_QUANT_HUGE_GOLDEN[t]

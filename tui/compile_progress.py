@@ -211,11 +211,9 @@ def _warm_note(llm) -> str | None:
     weights = getattr(model, "weights", None)
     if weights is None:
         return None
-    layouts = set()
-    for w in [weights.token_embd, weights.output] + [getattr(layer, name) for layer in weights.layers for name in
-                                                      ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]:
-        layouts.add(f"{w.ggml_type.name}{'x8' if getattr(w, 'packed', False) else ''}")
-    shape = "stack" if getattr(model, "layer_stack", None) is not None else "layers"
+    matrices = [weights.token_embd, weights.output, *(w for layer in weights.layers for w in layer.matrices)]
+    layouts = {f"{w.ggml_type.name}{'x8' if w.packed else ''}" for w in matrices}
+    shape = "stack" if model.layer_stack is not None else "layers"
     key = "-".join([HOST_ISA.name, shape, *sorted(layouts)])
     folder = numba_cache.cache_dir_for(os.path.dirname(os.path.abspath(numba_cache.__file__)))
     return os.path.join(folder, key + numba_cache.WARM_SUFFIX)

@@ -4,8 +4,8 @@ and 5th bits of the quants, ggml's scale search and rounding), made for a format
 offsets (`Layout32`: each format module draws its block and passes its numbers here); the 5th
 bits of Q5_0/Q5_1 are kept as one little-endian uint32 `qh` where bit j belongs to value j
 (j < 32);
-and the IR that reads a Q5 block's quants (`fifth_bit_values`) and the product against Q8_1 of
-the formats with a minimum (`min_kernels`);
+and the IR that reads a Q5 block's quants (`fifth_bit_values`) and the products against Q8_1 of
+the formats with a minimum (`min_kernels`, `min_products`);
 and the interleaved copy of Q4_0 and Q4_1 matrices (`pack_x8`) both formats' 8-row kernels read;
 and the batch loop of the formats whose VNNI tiles share Q8_0's arithmetic (Q8_0, Q4_0, Q5_0:
 `vnni_kernels`, `matmat`).
@@ -19,10 +19,11 @@ from typing import NamedTuple
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
+from numba.extending import intrinsic
 
 from .ksearch import format_function, signed_absmax
 from .rounding import read_f16, write_f16
-from .simd import (_ZERO, _ZERO8, FormatKernels, _fma, _half, _hsum8, _i1, _i8, _i32, _lane_accumulate, _lanes_unsigned, _load,
+from .simd import (_ZERO, _ZERO8, FormatKernels, _delegate, _fma, _half, _hsum8, _i1, _i8, _i32, _lane_accumulate, _lanes_unsigned, _load,
                    _nibbles, _vec, format_rows, format_tile, format_tile1, pair_layout, pair_tile_kernel, row_kernels,
                    tile_kernel)
 
@@ -158,6 +159,37 @@ def min_kernels(block_bytes: int, values):
         return builder.fadd(_hsum8(builder, state[0]), state[1])
 
     return row_kernels(block_bytes, 2, [_ZERO8, _ZERO], body, finish)
+
+
+@intrinsic
+def _min_dot(typingctx, fk, w, r, xq, xd, xs, isa):
+    """fk's min_kernels dot (w, r, xq, xd, xs, isa)."""
+    return _delegate("dot", typingctx, fk, (w, r, xq, xd, xs, isa))
+
+
+@intrinsic
+def _min_rows(typingctx, fk, w, r, xq, xd, xs, out, isa):
+    """fk's min_kernels rows (w, r, xq, xd, xs, out, isa)."""
+    return _delegate("rows", typingctx, fk, (w, r, xq, xd, xs, out, isa))
+
+
+def min_products(name: str, block_bytes: int, values, module: str):
+    """The (dot, rows, matvec, matmat) of a format with a minimum (see min_kernels), matvec and
+    matmat as functions of `module` (ksearch.format_function): one token (out [rows]) and a
+    batch (out [T, rows]), each row's products by dot / rows, rows over threads; a batch's
+    (row, token) is matvec's float."""
+    dot, rows = min_kernels(block_bytes, values)
+    fk = FormatKernels(name, dot=dot, rows=rows)
+
+    def matvec(w, ctx, xq, xd, xs, xhat, out):
+        for r in prange(w.shape[0]):
+            out[r] = _min_dot(fk, w, r, xq, xd, xs, ctx.isa)
+
+    def matmat(w, ctx, xq, xd, xs, xhat, out):
+        for r in prange(w.shape[0]):
+            _min_rows(fk, w, r, xq, xd, xs, out, ctx.isa)
+
+    return dot, rows, format_function(matvec, module, parallel=True), format_function(matmat, module, parallel=True)
 
 
 # --- 8 rows interleaved block by block (Q4_0, Q4_1) -----------------------------------------

@@ -34,7 +34,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import c_arrays, _f32, _fn, _i8, _i16, _i32, _load, _mask, _scaled_pairs_acc, _splat, _state_loop, _vec, isa_typer
+from .simd import array_args, c_arrays, offsets, row_at, _f32, _fn, _i8, _i16, _i32, _load, _mask, _scaled_pairs_acc, _splat, _state_loop, _vec, isa_typer
 
 GROUP = 8  # tokens side by side in one vector (a format's body multiplies a block with them)
 GROUPS = 2  # groups per pass over a row: the block unpacked once for all
@@ -115,31 +115,19 @@ def batch_kernel(block_bytes, init, body, finish):
         return types.none(w, r, xq, dx8, bs8, c, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, dxt, bst, _, outt, _ = signature.args
-        warr = context.make_array(wt)(context, builder, args[0])
-        r, c = args[1], args[5]
+        warr, r, xarr, dxarr, bsarr, c, oarr, _ = array_args(context, builder, signature, args)
         row_bytes = builder.extract_value(warr.shape, 1)
-        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
-        xarr = context.make_array(xqt)(context, builder, args[2])
-        dxarr = context.make_array(dxt)(context, builder, args[3])
-        bsarr = context.make_array(bst)(context, builder, args[4])
-        oarr = context.make_array(outt)(context, builder, args[6])
+        row = row_at(builder, warr, r)
         n_tok = builder.extract_value(xarr.shape, 0)
-        k_vals = builder.extract_value(xarr.shape, 1)
-        n_out = builder.extract_value(oarr.shape, 1)
         last = builder.sub(n_tok, ir.Constant(n_tok.type, 1))
-        xbase = builder.bitcast(xarr.data, _i8.as_pointer())
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
         f32x8 = _vec(_f32, 8)
         groups = []  # per group: its tokens, their activation rows, its dx8 and bs8 rows
-        for s in range(GROUPS):
-            gi = builder.add(builder.mul(c, ir.Constant(c.type, GROUPS)), ir.Constant(c.type, s))
-            toks = [builder.add(builder.mul(gi, ir.Constant(c.type, GROUP)), ir.Constant(c.type, i)) for i in range(GROUP)]
+        for gi in offsets(builder, builder.mul(c, ir.Constant(c.type, GROUPS)), GROUPS):
+            toks = offsets(builder, builder.mul(gi, ir.Constant(c.type, GROUP)), GROUP)
             clamped = [builder.select(builder.icmp_signed("<", t, n_tok), t, last) for t in toks]
-            yq = [builder.gep(xbase, [builder.mul(t, k_vals)]) for t in clamped]
-            dxrow = builder.gep(dxarr.data, [builder.mul(gi, builder.extract_value(dxarr.shape, 1))])
-            bsrow = builder.bitcast(builder.gep(bsarr.data, [builder.mul(gi, builder.extract_value(bsarr.shape, 1))]), _i8.as_pointer())
-            groups.append((toks, yq, dxrow, bsrow))
+            yq = [row_at(builder, xarr, t) for t in clamped]
+            groups.append((toks, yq, row_at(builder, dxarr, gi), builder.bitcast(row_at(builder, bsarr, gi), _i8.as_pointer())))
         n_state = len(init)
 
         def step(b, state):
@@ -158,8 +146,7 @@ def batch_kernel(block_bytes, init, body, finish):
             result = finish(builder, state[n_state * s:n_state * (s + 1)])
             for i, t in enumerate(toks):
                 with cgutils.if_likely(builder, builder.icmp_signed("<", t, n_tok)):
-                    dst = builder.gep(oarr.data, [builder.add(builder.mul(t, n_out), r)])
-                    builder.store(builder.extract_element(result, ir.Constant(_i32, i)), dst)
+                    builder.store(builder.extract_element(result, ir.Constant(_i32, i)), builder.gep(row_at(builder, oarr, t), [r]))
         return context.get_dummy_value()
 
     return intrinsic(isa_typer(typer))

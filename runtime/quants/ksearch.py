@@ -1,7 +1,7 @@
 """The scale searches ggml's K-quant reference quantizers run per sub-block (ggml-quants.c):
 make_qx_quants (rmse_type 1, no importance weights: Q6_K), make_q3_quants (Q3_K) and
 make_qkx2_quants (Q2_K, Q4_K, Q5_K); what Q3_K and Q6_K share around theirs
-(subblock_scales16); what Q4_K and Q5_K share around it (the 12 bytes of packed 6-bit scales
+(quantize_row16); what Q4_K and Q5_K share around it (the 12 bytes of packed 6-bit scales
 and mins: get_scale_min_k4, scales_mins_k4, quantize_scales_mins_k4) and their row converters
 (k4_row_converters); and format_function, which compiles a converter one factory makes for
 several formats as its format module's own. Without an imatrix, llama-quantize's
@@ -11,6 +11,9 @@ Byte-exactness depends on doing every step in float32 in the C order: numba turn
 float32 * int into float64, so every integer is converted with f32() before it meets a float,
 and sums are accumulated one term at a time like the C loops (no reassociation, no FMA:
 ggml-base is built without -mfma, and numba without fastmath does not contract).
+The quantizers compile with error_model="numpy", so that a float division by zero gives C's
+inf or NaN (values of ~1e13 overflow the x^2-weighted sums to inf, and the scales derived from
+them divide by zero) where numba would raise ZeroDivisionError.
 """
 
 import math
@@ -25,15 +28,17 @@ GROUP_MAX_EPS = np.float32(1e-15)
 f32 = np.float32
 
 
-def format_function(f, module: str):
-    """njit(f) (cached, nogil) as the function f.__name__ of `module` (a format module's
-    __name__), for the converters one factory here or in runtime.quants.block32 makes for several
-    formats: numba names compiled code by module and qualified name (plus a counter of its own
-    process), so under their common name closures compiled in different processes would load
-    from the cache and link to one another's code."""
+def format_function(f, module: str, **options):
+    """njit(f) (cached, nogil, or as `options` say) as the function f.__name__ of `module` (a
+    format module's __name__), for the converters and kernels one factory here or in
+    runtime.quants.block32 makes for several formats: numba names compiled code by module and
+    qualified name (plus a counter of its own process), so under their common name closures
+    compiled in different processes would load from the cache and link to one another's code.
+    (numba's cache tells the formats' closures apart by their variables' pickled bytes: numbers,
+    or a FormatKernels, which pickles as its name.)"""
     f.__module__ = module
     f.__qualname__ = f.__name__
-    return njit(cache=True, nogil=True)(f)
+    return njit(cache=True, **(options or {"nogil": True, "error_model": "numpy"}))(f)
 
 
 @njit(cache=True, inline='always')
@@ -52,6 +57,15 @@ def signed_absmax(n, x):
 
 
 @njit(cache=True, inline='always')
+def _clamped(v, nmax):
+    """MAX(-nmax, MIN(nmax - 1, nearest_int(v))), the quant make_qx_quants, make_q3_quants and
+    the Q3_K/Q6_K requantize take. For NaN (from NaN or inf values) ggml's nearest_int gives 0
+    (the mantissa of a quiet NaN), numba's conversion does not: guarded here, where it decides
+    bytes, rather than in nearest_int, which the other quantizers call in tighter loops."""
+    return max(-nmax, min(nmax - 1, nearest_int(v) if v == v else 0))
+
+
+@njit(cache=True, inline='always')
 def _first_fit(n, nmax, x, L, offset, iscale):
     """The opening step of make_qx_quants and make_q3_quants: l = clamp(nearest_int(iscale *
     x), -nmax, nmax - 1) stored as l + offset, and the x^2-weighted sums (sum w*x*l,
@@ -59,8 +73,7 @@ def _first_fit(n, nmax, x, L, offset, iscale):
     sumlx = f32(0.0)
     suml2 = f32(0.0)
     for i in range(n):
-        l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
+        l = _clamped(iscale * x[i], nmax)
         L[i] = l + offset
         w = x[i] * x[i]
         fl = f32(l)
@@ -69,7 +82,7 @@ def _first_fit(n, nmax, x, L, offset, iscale):
     return sumlx, suml2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qx_quants(n, nmax, x, L):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL): weights x^2, scale search over
     iscale = -(nmax + 0.1*is)/max for is in -9..9. L gets l + nmax in [0, 2*nmax)."""
@@ -88,22 +101,20 @@ def make_qx_quants(n, nmax, x, L):
         sumlx = f32(0.0)
         suml2 = f32(0.0)
         for i in range(n):
-            l = nearest_int(iscale * x[i])
-            l = max(-nmax, min(nmax - 1, l))
+            l = _clamped(iscale * x[i], nmax)
             w = x[i] * x[i]
             fl = f32(l)
             sumlx += w * x[i] * fl
             suml2 += w * fl * fl
         if suml2 > 0 and sumlx * sumlx > best * suml2:
             for i in range(n):
-                l = nearest_int(iscale * x[i])
-                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+                L[i] = nmax + _clamped(iscale * x[i], nmax)
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_q3_quants(n, nmax, x, L):
     """make_q3_quants(n, nmax, x, L, do_rmse=true): start from iscale = -nmax/max, then up to
     5 rounds of moving single quants while that improves the x^2-weighted fit.
@@ -122,8 +133,7 @@ def make_q3_quants(n, nmax, x, L):
             slx = sumlx - w * x[i] * fL
             if slx > 0:
                 sl2 = suml2 - w * fL * fL
-                new_l = nearest_int(x[i] * sl2 / slx)
-                new_l = max(-nmax, min(nmax - 1, new_l))
+                new_l = _clamped(x[i] * sl2 / slx, nmax)
                 if new_l != L[i]:
                     fn = f32(new_l)
                     slx += w * x[i] * fn
@@ -141,16 +151,38 @@ def make_q3_quants(n, nmax, x, L):
 
 
 @njit(cache=True, inline='always')
-def subblock_scales16(search, nmax, xb, L, scales):
-    """The opening of quantize_row_q3_K_ref / q6_K_ref for one 256-value super-block xb: per
-    16-value sub-block j, scales[j] = search(16, nmax, its values, its quants in L)
-    (make_q3_quants or make_qx_quants); returns signed_absmax of the 16 scales."""
-    for j in range(16):
-        scales[j] = search(16, nmax, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
-    return signed_absmax(16, scales)
+def quantize_row16(search, nmax, write_scales, scale_of, scales_at, write_quants, block_bytes, xr, row):
+    """quantize_row_q3_K_ref / q6_K_ref: per 256-value super-block xb of xr, into its block
+    blk of `row` (block_bytes each):
+      scales[j] = search(16, nmax, sub-block j's values, its quants in L) (make_q3_quants or
+          make_qx_quants; L holds l + nmax);
+      d = write_scales(blk, scales, max_scale, max_abs_scale, L): the format packs the scales
+          against the one of largest magnitude (max_scale, signed_absmax of the 16) and writes
+          d, returning it as stored (a half);
+      every value requantized with its sub-block's rounded scale d * scale_of(sc, j) (sc: the
+          block's bytes from scales_at), L = clamp(nearest_int(x / that), -nmax, nmax - 1) +
+          nmax, a sub-block whose scale is 0 keeping its quants;
+      write_quants(L, blk): the format packs the quants."""
+    L = np.empty(QK_K, np.int8)
+    scales = np.empty(16, np.float32)
+    for b in range(xr.shape[0] // QK_K):
+        xb = xr[b * QK_K:(b + 1) * QK_K]
+        blk = row[b * block_bytes:(b + 1) * block_bytes]
+        for j in range(16):
+            scales[j] = search(16, nmax, xb[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
+        max_scale, max_abs_scale = signed_absmax(16, scales)
+        d = write_scales(blk, scales, max_scale, max_abs_scale, L)
+        sc = blk[scales_at:]
+        for j in range(16):
+            dj = d * f32(scale_of(sc, j))
+            if dj == 0:
+                continue
+            for ii in range(16):
+                L[16 * j + ii] = _clamped(xb[16 * j + ii] / dj, nmax) + nmax
+        write_quants(L, blk)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
     """make_qkx2_quants: fit x ~ scale * L + min (min <= 0, L in [0, nmax]) by weighted least
     squares over nstep+1 candidate iscales. Returns (scale, the_min) with the_min = -min."""

@@ -41,7 +41,7 @@ def dequantize_row(row, y):
                         yb[128 * h + 32 * s + 16 * half + l] = dl * f32(q) - ml
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_row(xr, row):
     n = xr.shape[0]
     L = np.empty(QK, np.uint8)

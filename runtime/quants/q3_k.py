@@ -16,7 +16,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
-from .ksearch import f32, make_q3_quants, subblock_scales16
+from .ksearch import f32, make_q3_quants, quantize_row16
 from .rounding import nearest_int, read_f16, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K]
@@ -51,53 +51,49 @@ def dequantize_row(row, y):
                         yb[128 * h + 32 * s + k] = dl * f32(q)
 
 
-@njit(cache=True, nogil=True)
-def quantize_row(xr, row):
-    n = xr.shape[0]
-    L = np.empty(QK, np.int8)
-    scales = np.empty(16, np.float32)
-    for b in range(n // QK):
-        xb = xr[b * QK:(b + 1) * QK]
-        blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-        max_scale, _ = subblock_scales16(make_q3_quants, 4, xb, L, scales)
-        sc = blk[96:108]
-        sc[:] = 0
-        if max_scale != 0:
-            iscale = f32(-32) / max_scale
-            for j in range(16):
-                l = nearest_int(iscale * scales[j])
-                l = ((l + 128) & 0xFF) - 128  # C stores it in an int8_t
-                l = max(-32, min(31, l)) + 32
-                if j < 8:
-                    sc[j] = l & 0xF
-                else:
-                    sc[j - 8] |= (l & 0xF) << 4
-                l >>= 4
-                sc[j % 4 + 8] |= l << (2 * (j // 4))
-            d = write_f16(blk, 108, f32(1.0) / iscale)
+@njit(cache=True, inline='always')
+def _write_scales(blk, scales, max_scale, max_abs_scale, L):
+    """The 16 scales to 6 bits against max_scale (iscale = -32 / max_scale), packed; d."""
+    sc = blk[96:108]
+    sc[:] = 0
+    if max_scale == 0:
+        return write_f16(blk, 108, f32(0.0))
+    iscale = f32(-32) / max_scale
+    for j in range(16):
+        l = nearest_int(iscale * scales[j])
+        l = ((l + 128) & 0xFF) - 128  # C stores it in an int8_t
+        l = max(-32, min(31, l)) + 32
+        if j < 8:
+            sc[j] = l & 0xF
         else:
-            d = write_f16(blk, 108, f32(0.0))
-        for j in range(16):
-            dj = d * f32(_scale(sc, j))
-            if dj == 0:
-                continue
-            for ii in range(16):
-                l = nearest_int(xb[16 * j + ii] / dj)
-                L[16 * j + ii] = max(-4, min(3, l)) + 4
-        hmask = blk[0:32]
-        hmask[:] = 0
-        m = 0
-        hbit = 1
-        for j in range(QK):
-            if L[j] > 3:
-                hmask[m] |= hbit
-                L[j] -= 4
-            m += 1
-            if m == 32:
-                m = 0
-                hbit <<= 1
-        qs = blk[32:96]
-        for h in range(2):
-            for l in range(32):
-                o = 128 * h + l
-                qs[32 * h + l] = L[o] | (L[o + 32] << 2) | (L[o + 64] << 4) | (L[o + 96] << 6)
+            sc[j - 8] |= (l & 0xF) << 4
+        l >>= 4
+        sc[j % 4 + 8] |= l << (2 * (j // 4))
+    return write_f16(blk, 108, f32(1.0) / iscale)
+
+
+@njit(cache=True, inline='always')
+def _write_quants(L, blk):
+    """The high bits of L (0..7) into hmask, the low 2 bits into qs."""
+    hmask = blk[0:32]
+    hmask[:] = 0
+    m = 0
+    hbit = 1
+    for j in range(QK):
+        if L[j] > 3:
+            hmask[m] |= hbit
+            L[j] -= 4
+        m += 1
+        if m == 32:
+            m = 0
+            hbit <<= 1
+    qs = blk[32:96]
+    for h in range(2):
+        for l in range(32):
+            o = 128 * h + l
+            qs[32 * h + l] = L[o] | (L[o + 32] << 2) | (L[o + 64] << 4) | (L[o + 96] << 6)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def quantize_row(xr, row):
+    quantize_row16(make_q3_quants, 4, _write_scales, _scale, 96, _write_quants, BLOCK_BYTES, xr, row)

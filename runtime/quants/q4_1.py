@@ -19,9 +19,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .simd import (_ZERO8, c_arrays, isa_typer, _broadcast8, _fma, _halves_to_float, _i8, _i16, _f32, _lanes_unsigned, _load, _mask,
+from .simd import (_ZERO8, array_args, c_arrays, isa_typer, offsets, row_at, _broadcast8, _fma, _halves_to_float, _i8, _i16, _f32, _lanes_unsigned, _load, _mask,
                     _nibbles, _pair_add, _prefetch, _splat, _state_loop, _vec)
-from .block32 import Layout32, min_kernels, pack_x8, row_converters
+from .block32 import Layout32, min_products, pack_x8, row_converters
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1]
 LAYOUT = Layout32(BLOCK_BYTES, m=2, qh=0, qs=4, offset=0, nmax=15)  # the fields above
@@ -31,24 +31,13 @@ dequantize_row, quantize_row = row_converters(LAYOUT, __name__)
 
 # --- the product with Q8_1 activations, file layout (ggml's AVX2 vec_dot_q4_1_q8_1) --------
 
-dot, rows = min_kernels(BLOCK_BYTES, lambda builder, blk: _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4)))
+def _values(builder, blk):
+    """The 32 quants as unsigned bytes: the low nibbles are values 0-15, the high ones 16-31."""
+    return _nibbles(builder, _load(builder, blk, _vec(_i8, 16), 4))
 
 
-@njit(cache=True, parallel=True)
-def matvec(w, ctx, xq, xd, xs, xhat, out):
-    """w = d*q + m, as ggml's AVX2 vec_dot_q4_1_q8_1: per block 8 integer lanes (values
-    4l..4l+3; the low nibbles are values 0-15, the high ones 16-31), each accumulated over
-    blocks as fma(d*dx, lane, acc_l); the min terms fma'd into one scalar (m * the Q8_1 block
-    sum); result = hsum_float_8(acc) + mins."""
-    for r in prange(w.shape[0]):
-        out[r] = dot(w, r, xq, xd, xs, ctx.isa)
-
-
-@njit(cache=True, parallel=True)
-def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float; rows over threads."""
-    for r in prange(w.shape[0]):
-        rows(w, r, xq, xd, xs, out, ctx.isa)
+# w = d*q + m, as ggml's AVX2 vec_dot_q4_1_q8_1 (see min_kernels)
+dot, rows, matvec, matmat = min_products("Q4_1", BLOCK_BYTES, _values, __name__)
 
 
 # --- the repacked layout: 8 rows interleaved, in vec_dot's lane order ------------------------
@@ -77,20 +66,14 @@ def _q4_1x8(n_t, prefetch):
         return types.none(w, r0, xq, xd, xs, t0, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, xst, _, outt = signature.args[:-1]
-        warr = context.make_array(wt)(context, builder, args[0])
-        r0, t0 = args[1], args[5]
-        group = builder.gep(warr.data, [builder.mul(r0, builder.extract_value(warr.strides, 0))])
+        warr, r0, xarr, darr, sarr, t0, oarr, _ = array_args(context, builder, signature, args)
+        group = row_at(builder, warr, r0)
         row_bytes = builder.extract_value(warr.shape, 1)
         nb = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
-        xarr = context.make_array(xqt)(context, builder, args[2])
-        k_vals = builder.extract_value(xarr.shape, 1)
-        oarr = context.make_array(outt)(context, builder, args[6])
-        n_out = builder.extract_value(oarr.shape, 1)
-        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
-        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
-        yd = [builder.gep(context.make_array(xdt)(context, builder, args[3]).data, [builder.mul(tk, nb)]) for tk in toks]
-        ys = [builder.gep(context.make_array(xst)(context, builder, args[4]).data, [builder.mul(tk, nb)]) for tk in toks]
+        toks = offsets(builder, t0, n_t)
+        yq = [row_at(builder, xarr, tk) for tk in toks]
+        yd = [row_at(builder, darr, tk) for tk in toks]
+        ys = [row_at(builder, sarr, tk) for tk in toks]
         v32, f32x8 = _vec(_i8, 32), _vec(_f32, 8)
 
         def block(b, state):
@@ -127,8 +110,7 @@ def _q4_1x8(n_t, prefetch):
             sets = [builder.fadd(builder.fadd(st[4 * s + 2], st[4 * s]), builder.fadd(st[4 * s + 3], st[4 * s + 1]))
                     for s in range(2)]
             total = builder.fadd(_pair_add(builder, sets[0], sets[1]), st[8])
-            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r0)])
-            builder.store(total, builder.bitcast(dst, f32x8.as_pointer()), align=4)
+            builder.store(total, builder.bitcast(builder.gep(row_at(builder, oarr, toks[t]), [r0]), f32x8.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return isa_typer(typer)

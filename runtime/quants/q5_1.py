@@ -14,9 +14,8 @@ per-block sums carry the minimum's term.
 """
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit, prange
 
-from .block32 import Layout32, fifth_bit_values, min_kernels, row_converters
+from .block32 import Layout32, fifth_bit_values, min_products, row_converters
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_1]
 LAYOUT = Layout32(BLOCK_BYTES, m=2, qh=4, qs=8, offset=0, nmax=31)  # the fields above
@@ -31,20 +30,5 @@ def _values(builder, blk):
     return fifth_bit_values(builder, blk, LAYOUT, 0x10, 0)
 
 
-dot, rows = min_kernels(BLOCK_BYTES, _values)
-
-
-@njit(cache=True, parallel=True)
-def matvec(w, ctx, xq, xd, xs, xhat, out):
-    """w = d*q + m, as ggml's AVX2 vec_dot_q5_1_q8_1: per block 8 integer lanes (values
-    4l..4l+3 of the 5-bit quants), each accumulated over blocks as fma(d*dx, lane, acc_l); the
-    min terms fma'd into one scalar (m * the Q8_1 block sum); result = hsum_float_8(acc) + mins."""
-    for r in prange(w.shape[0]):
-        out[r] = dot(w, r, xq, xd, xs, ctx.isa)
-
-
-@njit(cache=True, parallel=True)
-def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float; rows over threads."""
-    for r in prange(w.shape[0]):
-        rows(w, r, xq, xd, xs, out, ctx.isa)
+# w = d*q + m, as ggml's AVX2 vec_dot_q5_1_q8_1 (see min_kernels)
+dot, rows, matvec, matmat = min_products("Q5_1", BLOCK_BYTES, _values, __name__)

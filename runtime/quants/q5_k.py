@@ -27,7 +27,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import c_arrays, isa_typer, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _vec
+from .simd import array_args, c_arrays, isa_typer, offsets, row_at, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _vec
 from . import kbatch
 from .ksearch import k4_row_converters
 from .q4_k import broadcast_word, scale_words, scales_mins_ir, scales_mins_vec
@@ -64,7 +64,7 @@ def _block(builder, blk, n_t, yq, bsums, yd, b, state):
     mins = builder.shuffle_vector(builder.bitcast(sm, _vec(_i8, 16)), ir.Constant(_vec(_i8, 16), [0] * 16),
                                   _mask([8 + i // 2 if i % 2 == 0 else 16 for i in range(16)]))  # 8 words
     dh, dminh = _half(builder, blk, 0), _half(builder, blk, 2)
-    v8w, v4 = _vec(_i16, 8), _vec(_i32, 4)
+    v8w = _vec(_i16, 8)
     new = []
     for t in range(n_t):
         y = builder.gep(yq[t], [builder.mul(b, ir.Constant(b.type, 256))])
@@ -95,22 +95,13 @@ def _rows_typer(n_t, prefetch):
         return types.none(w, r, xq, xd, bsum, t0, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, bst, _, outt, _ = signature.args
-        warr = context.make_array(wt)(context, builder, args[0])
-        r, t0 = args[1], args[5]
+        warr, r, xarr, darr, barr, t0, oarr, _ = array_args(context, builder, signature, args)
         row_bytes = builder.extract_value(warr.shape, 1)
-        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
-        xarr = context.make_array(xqt)(context, builder, args[2])
-        darr = context.make_array(xdt)(context, builder, args[3])
-        barr = context.make_array(bst)(context, builder, args[4])
-        oarr = context.make_array(outt)(context, builder, args[6])
-        k_vals = builder.extract_value(xarr.shape, 1)
-        n_groups = builder.extract_value(darr.shape, 1)
-        n_out = builder.extract_value(oarr.shape, 1)
-        toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
-        yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
-        yd = [builder.gep(darr.data, [builder.mul(tk, n_groups)]) for tk in toks]
-        bsums = [builder.gep(barr.data, [builder.mul(tk, n_groups)]) for tk in toks]
+        row = row_at(builder, warr, r)
+        toks = offsets(builder, t0, n_t)
+        yq = [row_at(builder, xarr, tk) for tk in toks]
+        yd = [row_at(builder, darr, tk) for tk in toks]
+        bsums = [row_at(builder, barr, tk) for tk in toks]
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
 
         def step(b, state):
@@ -121,8 +112,7 @@ def _rows_typer(n_t, prefetch):
 
         state = simd._state_loop(builder, n_blocks, [_ZERO8, _ZERO] * n_t, step)
         for t in range(n_t):
-            dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
-            builder.store(builder.fadd(_hsum8(builder, state[2 * t]), state[2 * t + 1]), dst)
+            builder.store(builder.fadd(_hsum8(builder, state[2 * t]), state[2 * t + 1]), builder.gep(row_at(builder, oarr, toks[t]), [r]))
         return context.get_dummy_value()
 
     return typer

@@ -20,10 +20,17 @@ from numba import njit, prange
 from . import simd
 from .simd import _ZERO8, _f32, _half, _hsum8, _i16, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _mask, _scaled_lanes, _vec, row_kernels
 from . import kbatch
-from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, subblock_scales16
+from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, quantize_row16
 from .rounding import nearest_int, read_f16, write_f16
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
+
+
+@njit(cache=True, inline='always')
+def _scale(sc, j):
+    """Sub-block j's int8 scale."""
+    s = np.int32(sc[j])
+    return s - ((s & 0x80) << 1)
 
 
 @njit(cache=True, nogil=True)
@@ -42,49 +49,44 @@ def dequantize_row(row, y):
                     lo = np.int32(ql[32 * (s % 2) + l])
                     lo = (lo & 0xF) if s < 2 else (lo >> 4)
                     q = (lo | (((np.int32(qh[l]) >> (2 * s)) & 3) << 4)) - 32
-                    scale = np.int32(sc[2 * s + l // 16])
-                    scale = scale - ((scale & 0x80) << 1)
-                    yb[128 * h + 32 * s + l] = d * f32(scale) * f32(q)
+                    yb[128 * h + 32 * s + l] = d * f32(_scale(sc, 2 * s + l // 16)) * f32(q)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, inline='always')
+def _write_scales(blk, scales, max_scale, max_abs_scale, L):
+    """The 16 int8 scales against max_scale (iscale = -128 / max_scale); d. An all-zero block
+    (scales below GROUP_MAX_EPS) is all-zero bytes: d = +0.0 and quants 0."""
+    if max_abs_scale < GROUP_MAX_EPS:
+        blk[:] = 0
+        L[:] = 0
+        return f32(0.0)
+    iscale = f32(-128) / max_scale
+    sc = blk[192:208]
+    for j in range(16):
+        sc[j] = np.uint8(min(127, nearest_int(iscale * scales[j])) & 0xFF)
+    return write_f16(blk, 208, f32(1.0) / iscale)
+
+
+@njit(cache=True, inline='always')
+def _write_quants(L, blk):
+    """L (0..63): the low 4 bits into ql, the high 2 into qh."""
+    for h in range(2):
+        ql = blk[64 * h:64 * h + 64]
+        qh = blk[128 + 32 * h:128 + 32 * h + 32]
+        for l in range(32):
+            o = 128 * h + l
+            q1 = np.int32(L[o])
+            q2 = np.int32(L[o + 32])
+            q3 = np.int32(L[o + 64])
+            q4 = np.int32(L[o + 96])
+            ql[l] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+            ql[l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
+            qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_row(xr, row):
-    n = xr.shape[0]
-    L = np.empty(QK, np.int8)
-    scales = np.empty(16, np.float32)
-    for b in range(n // QK):
-        xb = xr[b * QK:(b + 1) * QK]
-        blk = row[b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES]
-        max_scale, max_abs_scale = subblock_scales16(make_qx_quants, 32, xb, L, scales)
-        if max_abs_scale < GROUP_MAX_EPS:
-            blk[:] = 0  # all-zero block; d = +0.0 is also all-zero bytes
-            continue
-        iscale = f32(-128) / max_scale
-        d = write_f16(blk, 208, f32(1.0) / iscale)
-        sc = blk[192:208]
-        for j in range(16):
-            sc[j] = np.uint8(min(127, nearest_int(iscale * scales[j])) & 0xFF)
-        for j in range(16):
-            s = np.int32(sc[j])
-            s = s - ((s & 0x80) << 1)
-            dj = d * f32(s)
-            if dj == 0:
-                continue
-            for ii in range(16):
-                l = nearest_int(xb[16 * j + ii] / dj)
-                L[16 * j + ii] = max(-32, min(31, l)) + 32
-        for h in range(2):
-            ql = blk[64 * h:64 * h + 64]
-            qh = blk[128 + 32 * h:128 + 32 * h + 32]
-            for l in range(32):
-                o = 128 * h + l
-                q1 = np.int32(L[o])
-                q2 = np.int32(L[o + 32])
-                q3 = np.int32(L[o + 64])
-                q4 = np.int32(L[o + 96])
-                ql[l] = (q1 & 0xF) | ((q3 & 0xF) << 4)
-                ql[l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4)
-                qh[l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+    quantize_row16(make_qx_quants, 32, _write_scales, _scale, 192, _write_quants, BLOCK_BYTES, xr, row)
 
 
 # --- the product with Q8_K activations (ggml's AVX2 vec_dot_q6_K_q8_K) ---------------------

@@ -119,6 +119,24 @@ def c_arrays(*arrays, ndim=None) -> bool:
     return all(isinstance(a, types.Array) and a.layout == "C" and (ndim is None or a.ndim == ndim) for a in arrays)
 
 
+def array_args(context, builder, signature, args) -> list:
+    """An intrinsic codegen's arguments, each array as its llvm struct (context.make_array:
+    .data, .shape, .strides), the others as they are."""
+    return [context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else a
+            for t, a in zip(signature.args, args)]
+
+
+def row_at(builder, arr, r):
+    """The address of row r of a C-contiguous 2-D array (an array_args struct): its data plus r
+    rows (r * shape[1] elements; an int8 or uint8 array's data is an i8*)."""
+    return builder.gep(arr.data, [builder.mul(r, builder.extract_value(arr.shape, 1))])
+
+
+def offsets(builder, first, n):
+    """The IR integers first, first + 1, ..., first + n - 1 (a kernel's rows or tokens)."""
+    return [builder.add(first, ir.Constant(first.type, i)) for i in range(n)]
+
+
 def _vnni() -> bool:
     """AVX-512 VNNI (vpdpbusd, on 256-bit vectors with AVX-512VL) may be emitted too."""
     return _EMITTING[0] == "avx512vnni"
@@ -326,12 +344,11 @@ def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32):
         return types.float32(w, r, xq, *act_isa)
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, *act_t = signature.args[:-1]
-        warr = context.make_array(wt)(context, builder, args[0])
+        warr, r, xarr, *act_arrs, _ = array_args(context, builder, signature, args)
         row_bytes = builder.extract_value(warr.shape, 1)
-        row = builder.gep(warr.data, [builder.mul(args[1], builder.extract_value(warr.strides, 0))])
-        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-        scale_ptrs = [context.make_array(t)(context, builder, a).data for t, a in zip(act_t, args[3:-1])]
+        row = row_at(builder, warr, r)
+        yq = builder.bitcast(xarr.data, _i8.as_pointer())
+        scale_ptrs = [a.data for a in act_arrs]
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
         slots = [cgutils.alloca_once_value(builder, v) for v in init]
         with cgutils.for_range(builder, n_blocks) as loop:
@@ -482,26 +499,17 @@ def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
         return types.none(w, r, xq, *act, out, isa)
 
     def codegen(context, builder, signature, args):
-        wt, _, xqt, *act_t = signature.args[:3 + n_act]
-        outt = signature.args[-2]
-        warr = context.make_array(wt)(context, builder, args[0])
-        r = args[1]
+        warr, r, xarr, *act_arrs, oarr, _ = array_args(context, builder, signature, args)
         row_bytes = builder.extract_value(warr.shape, 1)
-        row = builder.gep(warr.data, [builder.mul(r, builder.extract_value(warr.strides, 0))])
-        xarr = context.make_array(xqt)(context, builder, args[2])
+        row = row_at(builder, warr, r)
         n_tok = builder.extract_value(xarr.shape, 0)
-        k_vals = builder.extract_value(xarr.shape, 1)
-        act_arrs = [context.make_array(t)(context, builder, a) for t, a in zip(act_t, args[3:3 + n_act])]
-        oarr = context.make_array(outt)(context, builder, args[-2])
-        n_out = builder.extract_value(oarr.shape, 1)
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
         n_state = len(init)
 
         def tokens(t0, n_t):  # row r times tokens t0..t0+n_t-1
-            toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_t)]
-            yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
-            scale_rows = [[builder.gep(a.data, [builder.mul(tk, builder.extract_value(a.shape, 1))]) for a in act_arrs]
-                          for tk in toks]
+            toks = offsets(builder, t0, n_t)
+            yq = [row_at(builder, xarr, tk) for tk in toks]
+            scale_rows = [[row_at(builder, a, tk) for a in act_arrs] for tk in toks]
 
             def block(b, state):
                 o = builder.mul(b, ir.Constant(b.type, block_bytes))
@@ -516,8 +524,7 @@ def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
 
             state = _state_loop(builder, n_blocks, list(init) * n_t, block)
             for t in range(n_t):
-                dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
-                builder.store(finish(builder, state[n_state * t:n_state * (t + 1)]), dst)
+                builder.store(finish(builder, state[n_state * t:n_state * (t + 1)]), builder.gep(row_at(builder, oarr, toks[t]), [r]))
 
         in_steps = builder.sub(n_tok, builder.srem(n_tok, ir.Constant(n_tok.type, ROW_TOKENS)))
         with cgutils.for_range_slice(builder, ir.Constant(n_tok.type, 0), in_steps, ir.Constant(n_tok.type, ROW_TOKENS)) as (t0, _):
@@ -612,22 +619,13 @@ def tile_kernel(block_bytes, unpack, n_rows, n_tok):
             return None
 
         def codegen(context, builder, signature, args):
-            wt, _, xqt, xdt, _, outt = signature.args[:-1]
-            warr = context.make_array(wt)(context, builder, args[0])
-            r0, t0 = args[1], args[4]
-            stride = builder.extract_value(warr.strides, 0)
-            rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, i)), stride)])
-                    for i in range(n_rows)]
-            xarr = context.make_array(xqt)(context, builder, args[2])
+            warr, r0, xarr, darr, t0, oarr, _ = array_args(context, builder, signature, args)
+            rows = [row_at(builder, warr, r) for r in offsets(builder, r0, n_rows)]
             k_vals = builder.extract_value(xarr.shape, 1)
             nb = builder.sdiv(k_vals, ir.Constant(k_vals.type, 32))
-            darr = context.make_array(xdt)(context, builder, args[3])
-            d_cols = builder.extract_value(darr.shape, 1)
-            oarr = context.make_array(outt)(context, builder, args[5])
-            n_out = builder.extract_value(oarr.shape, 1)
-            toks = [builder.add(t0, ir.Constant(t0.type, t)) for t in range(n_tok)]
-            yq = [builder.gep(builder.bitcast(xarr.data, _i8.as_pointer()), [builder.mul(tk, k_vals)]) for tk in toks]
-            yd = [builder.gep(darr.data, [builder.mul(tk, d_cols)]) for tk in toks]
+            toks = offsets(builder, t0, n_tok)
+            yq = [row_at(builder, xarr, tk) for tk in toks]
+            yd = [row_at(builder, darr, tk) for tk in toks]
             v32 = _vec(_i8, 32)
             shift = ir.Constant(v32, [128 - 256] * 32)  # (0x80; vpdpbusd reads it unsigned)
             zero = ir.Constant(_vec(_i32, 8), [0] * 8)
@@ -648,11 +646,9 @@ def tile_kernel(block_bytes, unpack, n_rows, n_tok):
                 return new
 
             accs = _state_loop(builder, nb, [_ZERO8] * (n_rows * n_tok), block)
-            for i in range(n_rows):
-                r = builder.add(r0, ir.Constant(r0.type, i))
+            for i, r in enumerate(offsets(builder, r0, n_rows)):
                 for t in range(n_tok):
-                    dst = builder.gep(oarr.data, [builder.add(builder.mul(toks[t], n_out), r)])
-                    builder.store(_hsum8(builder, accs[i * n_tok + t]), dst)
+                    builder.store(_hsum8(builder, accs[i * n_tok + t]), builder.gep(row_at(builder, oarr, toks[t]), [r]))
             return context.get_dummy_value()
 
         return types.none(w, r0, xq, xd, t0, out, isa), codegen
@@ -703,24 +699,14 @@ def pair_tile_kernel(block_bytes, unpack, n_rows, n_pairs):
             return None
 
         def codegen(context, builder, signature, args):
-            wt, _, ypt, spt, dpt, _, outt = signature.args[:-1]
-            warr = context.make_array(wt)(context, builder, args[0])
-            r0, p0 = args[1], args[5]
-            stride = builder.extract_value(warr.strides, 0)
-            rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, i)), stride)])
-                    for i in range(n_rows)]
-            yarr = context.make_array(ypt)(context, builder, args[2])
-            sarr = context.make_array(spt)(context, builder, args[3])
-            darr = context.make_array(dpt)(context, builder, args[4])
+            warr, r0, yarr, sarr, darr, p0, oarr, _ = array_args(context, builder, signature, args)
+            rows = [row_at(builder, warr, r) for r in offsets(builder, r0, n_rows)]
             y_cols = builder.extract_value(yarr.shape, 1)
-            s_cols = builder.extract_value(sarr.shape, 1)
             nb = builder.sdiv(y_cols, ir.Constant(y_cols.type, 64))
-            oarr = context.make_array(outt)(context, builder, args[6])
-            n_out = builder.extract_value(oarr.shape, 1)
-            pairs = [builder.add(p0, ir.Constant(p0.type, v)) for v in range(n_pairs)]
-            ybase = [builder.gep(builder.bitcast(yarr.data, _i8.as_pointer()), [builder.mul(p, y_cols)]) for p in pairs]
-            sbase = [builder.gep(sarr.data, [builder.mul(p, s_cols)]) for p in pairs]
-            dbase = [builder.gep(darr.data, [builder.mul(p, s_cols)]) for p in pairs]
+            pairs = offsets(builder, p0, n_pairs)
+            ybase = [row_at(builder, yarr, p) for p in pairs]
+            sbase = [row_at(builder, sarr, p) for p in pairs]
+            dbase = [row_at(builder, darr, p) for p in pairs]
             v16i, v16f = _vec(_i32, 16), _vec(_f32, 16)
             zero16 = ir.Constant(v16f, [0.0] * 16)
 
@@ -745,13 +731,11 @@ def pair_tile_kernel(block_bytes, unpack, n_rows, n_pairs):
                 return new
 
             accs = _state_loop(builder, nb, [zero16] * (n_rows * n_pairs), block)
-            for i in range(n_rows):
-                r = builder.add(r0, ir.Constant(r0.type, i))
+            for i, r in enumerate(offsets(builder, r0, n_rows)):
                 for v in range(n_pairs):
-                    for h in range(2):
-                        t = builder.add(builder.mul(pairs[v], ir.Constant(p0.type, 2)), ir.Constant(p0.type, h))
+                    for h, t in enumerate(offsets(builder, builder.mul(pairs[v], ir.Constant(p0.type, 2)), 2)):
                         half = builder.shuffle_vector(accs[i * n_pairs + v], accs[i * n_pairs + v], _mask(range(8 * h, 8 * h + 8)))
-                        builder.store(_hsum8(builder, half), builder.gep(oarr.data, [builder.add(builder.mul(t, n_out), r)]))
+                        builder.store(_hsum8(builder, half), builder.gep(row_at(builder, oarr, t), [r]))
             return context.get_dummy_value()
 
         return types.none(w, r0, yp, sp, dp, p0, out, isa), codegen
@@ -796,6 +780,15 @@ class FormatKernels:
 
     def __repr__(self) -> str:
         return f"FormatKernels({self.name!r})"
+
+    def __reduce__(self):
+        # by name: numba's cache keys a closure over a FormatKernels on its pickled bytes, which
+        # must be the same in every process (an intrinsic pickles with a random id)
+        return _format_kernels_named, (self.name,)
+
+
+def _format_kernels_named(name: str) -> "FormatKernels":
+    return FormatKernels._BY_NAME[name]
 
 
 class FormatKernelsType(types.Dummy):

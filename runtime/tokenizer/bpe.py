@@ -3,7 +3,7 @@
 A pre-tokenized word is first byte-encoded: its UTF-8 bytes become the printable stand-ins of
 GPT-2's byte-to-unicode table ('Ġ' for a space, ...), the alphabet the vocabulary and the merges
 are written in. Then adjacent symbols are merged, lowest merge rank first (ties: leftmost),
-by `merge_pairs` (the loop SentencePiece shares): a heap of candidate pairs over a linked list
+by `merge_loop` (the loop SentencePiece and the numba kernel share): a heap of candidate pairs over a linked list
 of symbols, so a word of n characters costs O(n log n); a candidate whose two symbols changed
 since it was queued is skipped, as in llama.cpp (llm_tokenizer_bpe_session). A final symbol that is not a token falls back to its
 single-character tokens, where they exist. Words repeat a lot in real text: results are cached.
@@ -151,9 +151,9 @@ class BPEMerger:
             tid = vocab.get(word)
             if tid is not None:
                 return (tid,)
-        ranks = self.ranks
+        syms = list(word)
         out: list[int] = []
-        for s in merge_pairs(list(word), lambda a, b: ranks.get(a + " " + b)):
+        for s in (syms[p] for p in merge_loop(syms, self.ranks, _ranked_pair, "")):
             tid = vocab.get(s)
             if tid is not None:
                 out.append(tid)
@@ -168,50 +168,60 @@ class BPEMerger:
         return tuple(out)
 
 
-def merge_pairs(syms: list[str], priority) -> list[str]:
-    """The merge loop of llama.cpp's BPE and SentencePiece tokenizers, on symbol texts: keep
-    joining the adjacent pair of lowest priority(left, right) (None: never joined; ties: the
-    leftmost pair), using a heap of candidates over a linked list of symbols. A candidate is
-    joined only if, when it comes out, both symbols are alive and still make the text it was
-    queued with (else one side changed: stale). syms (non-empty) is used up; returns the final
-    symbols in order. (kernels.merge_symbols is this loop on ids, for long words.)"""
+def merge_loop(syms, table, pair, dead):
+    """The merge loop of llama.cpp's BPE and SentencePiece tokenizers: keep joining the adjacent
+    pair of symbols of lowest priority (ties: the leftmost pair), using a heap of candidates
+    over a linked list of symbols. pair(table, a, b) -> (priority, joined symbol), the symbol
+    `dead` if a and b do not join. A
+    candidate is joined only if, when it comes out, its two places still hold the symbols it
+    was queued with (else one side was joined since: stale; a place's symbol only grows or
+    dies, so this is llama.cpp's test of the joined text or size). syms (a list or an array, n > 0)
+    is used up: a joined pair's symbol goes to its left place, `dead` to its right one. Returns
+    the places of the final symbols, in order.
+
+    Written once for both kinds of symbol: texts (bpe/spm `_merge`, in Python) and token ids
+    (runtime.tokenizer.kernels compiles this with numba for long words)."""
     n = len(syms)
     nxt = list(range(1, n + 1))
-    nxt[-1] = -1
+    nxt[n - 1] = -1
     prv = list(range(-1, n - 1))
-    heap: list[tuple] = []
+    heap = []
     for i in range(n - 1):
-        r = priority(syms[i], syms[i + 1])
-        if r is not None:
-            heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
+        r, joined = pair(table, syms[i], syms[i + 1])
+        if joined != dead:
+            heap.append((r, i, i + 1, joined, syms[i], syms[i + 1]))
     heapq.heapify(heap)
-    pop, push = heapq.heappop, heapq.heappush
-    while heap:
-        _, left, right, text = pop(heap)
-        ls, rs = syms[left], syms[right]
-        if not ls or not rs or ls + rs != text:
-            continue  # stale: one side changed since this pair was queued
-        syms[left] = text
-        syms[right] = ""
+    while len(heap) > 0:
+        _, left, right, joined, ls, rs = heapq.heappop(heap)
+        if syms[left] != ls or syms[right] != rs:
+            continue  # stale
+        syms[left] = joined
+        syms[right] = dead
         after = nxt[right]
         nxt[left] = after
         if after >= 0:
             prv[after] = left
         before = prv[left]
         if before >= 0:
-            r = priority(syms[before], text)
-            if r is not None:
-                push(heap, (r, before, left, syms[before] + text))
+            r, j = pair(table, syms[before], joined)
+            if j != dead:
+                heapq.heappush(heap, (r, before, left, j, syms[before], joined))
         if after >= 0:
-            r = priority(text, syms[after])
-            if r is not None:
-                push(heap, (r, left, after, text + syms[after]))
-    out = []
+            r, j = pair(table, joined, syms[after])
+            if j != dead:
+                heapq.heappush(heap, (r, left, after, j, joined, syms[after]))
+    places = []
     i = 0
     while i != -1:
-        out.append(syms[i])
+        places.append(i)
         i = nxt[i]
-    return out
+    return places
+
+
+def _ranked_pair(ranks, a, b):
+    """merge_loop's pair for BPE on texts: the merge's rank (None: no merge)."""
+    r = ranks.get(a + " " + b)
+    return (0, "") if r is None else (r, a + b)
 
 
 def _merge_kernel(ids, table, base):

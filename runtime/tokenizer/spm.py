@@ -2,7 +2,7 @@
 
 The text arrives with spaces already escaped to '▁'. Start from single characters and keep
 merging the adjacent pair whose concatenation is the vocabulary token with the highest score
-(ties: leftmost): bpe.merge_pairs, the loop both tokenizers share. A final symbol that is not a token is emitted
+(ties: leftmost): bpe.merge_loop, the loop both tokenizers share. A final symbol that is not a token is emitted
 byte by byte as `<0xXX>` byte tokens (byte fallback).
 
 Speed without changing the result: when no token contains '▁' right after another character,
@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import re
 
-from .bpe import merge_pairs
+from .bpe import merge_loop
 
 _SEGMENT = re.compile("\u2581+[^\u2581]*|[^\u2581]+")
 _CACHE_LIMIT = 200_000
 _CACHEABLE = 1_000
 LONG_SEGMENT = 256
+
+
+def _scored_pair(vocab_scores, a, b):
+    """merge_loop's pair for SentencePiece on texts: the joined token's score, highest first."""
+    vocab, scores = vocab_scores
+    joined = a + b
+    tid = vocab.get(joined)
+    return (0.0, "") if tid is None else (-scores[tid], joined)
 
 
 class SPMMerger:
@@ -131,14 +139,10 @@ class SPMMerger:
         return out
 
     def _merge(self, text: str) -> tuple[int, ...]:
-        vocab, scores = self.token_to_id, self.scores
-
-        def priority(a, b):  # the highest-scoring token first
-            tid = vocab.get(a + b)
-            return None if tid is None else -scores[tid]
-
+        vocab = self.token_to_id
+        syms = list(text)
         out: list[int] = []
-        for s in merge_pairs(list(text), priority):
+        for s in (syms[p] for p in merge_loop(syms, (vocab, self.scores), _scored_pair, "")):
             tid = vocab.get(s)
             if tid is not None:
                 out.append(tid)

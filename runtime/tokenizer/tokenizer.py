@@ -65,6 +65,10 @@ _FIM_MID_TEXTS = ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁e
 _FIM_PAD_TEXTS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")
 _FIM_REP_TEXTS = ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")
 _FIM_SEP_TEXTS = ("<|file_sep|>",)
+# attribute name -> the texts that give it when the metadata did not
+_SPECIAL_ID_TEXTS = (("eot_id", _EOT_TEXTS), ("eom_id", _EOM_TEXTS), ("fim_pre_id", _FIM_PRE_TEXTS),
+                     ("fim_suf_id", _FIM_SUF_TEXTS), ("fim_mid_id", _FIM_MID_TEXTS), ("fim_pad_id", _FIM_PAD_TEXTS),
+                     ("fim_rep_id", _FIM_REP_TEXTS), ("fim_sep_id", _FIM_SEP_TEXTS))
 _EOG_TEXTS = frozenset((
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
     "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
@@ -366,22 +370,9 @@ class Tokenizer:
                     return tid
             return None
 
-        if self.eot_id is None:
-            self.eot_id = find(_EOT_TEXTS)
-        if self.eom_id is None:
-            self.eom_id = find(_EOM_TEXTS)
-        if self.fim_pre_id is None:
-            self.fim_pre_id = find(_FIM_PRE_TEXTS)
-        if self.fim_suf_id is None:
-            self.fim_suf_id = find(_FIM_SUF_TEXTS)
-        if self.fim_mid_id is None:
-            self.fim_mid_id = find(_FIM_MID_TEXTS)
-        if self.fim_pad_id is None:
-            self.fim_pad_id = find(_FIM_PAD_TEXTS)
-        if self.fim_rep_id is None:
-            self.fim_rep_id = find(_FIM_REP_TEXTS)
-        if self.fim_sep_id is None:
-            self.fim_sep_id = find(_FIM_SEP_TEXTS)
+        for attr, candidates in _SPECIAL_ID_TEXTS:
+            if getattr(self, attr) is None:
+                setattr(self, attr, find(candidates))
 
         eog = {t for t in (self.fim_pad_id, self.fim_rep_id, self.fim_sep_id) if t is not None}
         for text in _EOG_TEXTS:
