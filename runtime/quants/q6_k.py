@@ -91,20 +91,15 @@ def quantize_row(xr, row):
 
 # --- the product with Q8_K activations (ggml's AVX2 vec_dot_q6_K_q8_K) ---------------------
 
-def _dot_body(builder, blk, y, scales, state):
-    """ggml's AVX2 vec_dot_q6_K_q8_K for one 256-value block (210 B: ql[128], qh[64],
-    int8 scales[16], d): 8 int32 lanes of sum(scale * (q - 32) * y), then
-    acc = fma(d*dx, lanes, acc). Value v: low 4 bits from ql (64 bytes per 128 values: values
-    0-31 and 32-63 in the low nibbles, 64-95 and 96-127 in the high ones), 2 high bits from qh
-    (bits 2k of byte l for values l + 32k), scale scales[v / 16]."""
+def _quants(builder, blk):
+    """The block's 256 quants q (0..63) as 8 <32 x i8> vectors, vector g = values 32g..32g+31:
+    per 128 values (half j) their low 4 bits from ql's 64 bytes (values 0-31 and 32-63 in the
+    low nibbles of its two 32-byte halves, 64-95 and 96-127 in the high ones), their 2 high
+    bits from qh's 32 bytes (bits 2k..2k+1 of byte l for value 32k + l)."""
     v32 = _vec(_i8, 32)
-    v16 = _vec(_i16, 16)
     m4 = ir.Constant(v32, [15] * 32)
     m2 = ir.Constant(v32, [3] * 32)
-    # the 16 scales as int16 words (one vpmovsxbw); a group's pair of scales, the first on words
-    # 0-7 (its values 0-15: lanes 0-3), the second on words 8-15, by one shuffle
-    sc = builder.sext(_load(builder, blk, _vec(_i8, 16), 192), v16)
-    lanes = None
+    quants = []
     for j in range(2):
         bits1 = _load(builder, blk, v32, 64 * j)
         bits2 = _load(builder, blk, v32, 64 * j + 32)
@@ -113,16 +108,28 @@ def _dot_body(builder, blk, y, scales, state):
                builder.lshr(bits1, ir.Constant(v32, [4] * 32)), builder.lshr(bits2, ir.Constant(v32, [4] * 32))]
         for k in range(4):
             high = builder.and_(builder.lshr(bits_h, ir.Constant(v32, [2 * k] * 32)), m2)
-            q = builder.or_(low[k], builder.shl(high, ir.Constant(v32, [4] * 32)))
-            qy = _load(builder, y, v32, 128 * j + 32 * k)
-            # (q - 32) * y in int16 pairs: vpmaddubsw(q, y) - vpmaddubsw(32, y), exact (ggml's)
-            pairs = builder.sub(simd._pairs_us(builder, q, qy), simd._pairs_us(builder, ir.Constant(v32, [32] * 32), qy))
-            g = 8 * j + 2 * k
-            pair_scales = builder.shuffle_vector(sc, sc, _mask([g] * 8 + [g + 1] * 8))
-            lanes = simd._scaled_pairs_acc(builder, lanes, pairs, pair_scales)
+            quants.append(builder.or_(low[k], builder.shl(high, ir.Constant(v32, [4] * 32))))
+    return quants
+
+
+def _dot_body(builder, blk, y, scales, state):
+    """ggml's AVX2 vec_dot_q6_K_q8_K for one 256-value block (210 B: ql[128], qh[64],
+    int8 scales[16], d): 8 int32 lanes of sum(scale * (q - 32) * y) (q: `_quants`), then
+    acc = fma(d*dx, lanes, acc), scale scales[v / 16] for value v."""
+    v32 = _vec(_i8, 32)
+    v16 = _vec(_i16, 16)
+    # the 16 scales as int16 words (one vpmovsxbw); a group's pair of scales, the first on words
+    # 0-7 (its values 0-15: lanes 0-3), the second on words 8-15, by one shuffle
+    sc = builder.sext(_load(builder, blk, _vec(_i8, 16), 192), v16)
+    lanes = None
+    for g, q in enumerate(_quants(builder, blk)):
+        qy = _load(builder, y, v32, 32 * g)
+        # (q - 32) * y in int16 pairs: vpmaddubsw(q, y) - vpmaddubsw(32, y), exact (ggml's)
+        pairs = builder.sub(simd._pairs_us(builder, q, qy), simd._pairs_us(builder, ir.Constant(v32, [32] * 32), qy))
+        pair_scales = builder.shuffle_vector(sc, sc, _mask([2 * g] * 8 + [2 * g + 1] * 8))
+        lanes = simd._scaled_pairs_acc(builder, lanes, pairs, pair_scales)
     d = builder.fmul(scales[0], _half(builder, blk, 208))  # ggml: y.d * x.d
     return [_lane_accumulate(builder, d, lanes, state[0])]
-
 
 
 dot = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish, block_values=QK)[0]
@@ -137,20 +144,8 @@ def _batch_body(builder, blk, ys, dx, bsp, state):
     row's alone: computed once for the 8 tokens (exact integers; pairs within int16:
     |255 * 32 * 2| < 2^15)."""
     v32 = _vec(_i8, 32)
-    m4 = ir.Constant(v32, [15] * 32)
-    m2 = ir.Constant(v32, [3] * 32)
     sc = [builder.sext(_load(builder, blk, _i8, 192 + i), _i32) for i in range(16)]
-    quants = []  # values 128j + 32k .. +31 (k = 0..3 within j), minus 32
-    for j in range(2):
-        bits1 = _load(builder, blk, v32, 64 * j)
-        bits2 = _load(builder, blk, v32, 64 * j + 32)
-        bits_h = _load(builder, blk, v32, 128 + 32 * j)
-        low = [builder.and_(bits1, m4), builder.and_(bits2, m4),
-               builder.lshr(bits1, ir.Constant(v32, [4] * 32)), builder.lshr(bits2, ir.Constant(v32, [4] * 32))]
-        for k in range(4):
-            high = builder.and_(builder.lshr(bits_h, ir.Constant(v32, [2 * k] * 32)), m2)
-            q = builder.or_(low[k], builder.shl(high, ir.Constant(v32, [4] * 32)))
-            quants.append(builder.sub(q, ir.Constant(v32, [32] * 32)))
+    quants = [builder.sub(q, ir.Constant(v32, [32] * 32)) for q in _quants(builder, blk)]  # q - 32
     ones = ir.Constant(v32, [1] * 32)
     offset = None  # 128 * sc * (q - 32), per lane
     for g in range(8):
