@@ -920,7 +920,10 @@ def compile_products(weights, part: int, parts: int = 2) -> None:
             if tr.batch is not None and w.n_out % tr.batch_rows == 0:
                 kernel = getattr(tr.batch, "func", tr.batch)  # (a partial's function)
                 kernel = getattr(kernel, "py_func", kernel)  # (a numba kernel's Python function)
-                key = f"{kernel.__module__}.{kernel.__qualname__}"
+                # one cache index per code object: the formats' closures of one shared driver
+                # (ksearch.format_function: kbatch.batch_products, block32.min_products) are one kernel
+                code = kernel.__code__
+                key = f"{code.co_filename}:{code.co_firstlineno}:{kernel.__qualname__}"
                 groups.setdefault(key, {}).setdefault((w.ggml_type, w.packed), w)
     loads = [0] * parts
     for key in sorted(groups, key=lambda k: (-len(groups[k]), k)):

@@ -13,7 +13,9 @@ one-token kernel (Q4_K's, and Q5_K's mins) run on 8 tokens in one vector.
 A batch of T tokens is cut into ceil(T / TOKENS) chunks; the last chunk repeats its last token
 in the unused places (computed, not stored), so there is no separate tail kernel.
 
-`batch_kernel(block_bytes, init, body, finish)` makes a format's intrinsic
+`batch_products(name, block_bytes, init, body, finish, module)` makes a format's batch product
+`matmat` (traits' `batch`): the driver below over its `batch_kernel`. `batch_kernel(block_bytes,
+init, body, finish)` makes a format's intrinsic
 (w, r, xq, dx8, bs8, c, out, isa): row r of w times chunk c's tokens into
 out[TOKENS c:TOKENS (c+1), r]. The format gives the per-block arithmetic of one group of 8
 tokens (called once per group; LLVM merges the repeated unpacking of the block):
@@ -30,11 +32,13 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import array_args, c_arrays, offsets, row_at, _f32, _fn, _i8, _i16, _i32, _load, _mask, _scaled_pairs_acc, _splat, _state_loop, _vec, isa_typer
+from .ksearch import format_function
+from .simd import (FormatKernels, _delegate, array_args, c_arrays, offsets, row_at, _f32, _fn, _i8, _i16, _i32, _load, _mask,
+                   _scaled_pairs_acc, _splat, _state_loop, _vec, isa_typer)
 
 GROUP = 8  # tokens side by side in one vector (a format's body multiplies a block with them)
 GROUPS = 2  # groups per pass over a row: the block unpacked once for all
@@ -151,3 +155,42 @@ def batch_kernel(block_bytes, init, body, finish):
 
     return intrinsic(isa_typer(typer))
 
+
+@intrinsic
+def _format_batch(typingctx, fk, w, r, xq, dx8, bs8, c, out, isa):
+    """fk's batch_kernel (w, r, xq, dx8, bs8, c, out, isa)."""
+    return _delegate("batch", typingctx, fk, (w, r, xq, dx8, bs8, c, out, isa))
+
+
+def batch_products(name: str, block_bytes: int, init, body, finish, module: str, shifted: bool = False):
+    """A K-quant's batch product `matmat` (traits' `batch`) over its batch_kernel (init, body,
+    finish: see the module's docstring), as the function matmat of `module`
+    (ksearch.format_function; numba compiles and caches it once per format, its closure
+    pickling as the format's name and `shifted`). shifted: the body reads the activations as
+    y + 128, unsigned bytes (Q6_K), from a copy made once per batch. (A format whose batch
+    takes another path on some instruction set, as Q4_K's VNNI tiles, can choose this driver
+    for the others in Python, as block32.matmat chooses.)"""
+    fk = FormatKernels(name, batch=batch_kernel(block_bytes, init, body, finish))
+
+    def matmat(w, ctx, xq, xd, xs, xhat, out):
+        """out [T, rows] = the T tokens' Q8_K activations (xq int8 [T, K], xd float32 [T, K/32])
+        times the rows w (uint8 [rows, row bytes], C-contiguous): each (row, token) the
+        format's matvec float, so a token's floats do not depend on its batch. One row times
+        TOKENS tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
+        n_tok, k = xq.shape
+        chunks = (n_tok + TOKENS - 1) // TOKENS
+        dx8, bs8 = prepare(xq, xd)
+        y = xq
+        if shifted:
+            y = np.empty((n_tok, k), np.int8)
+            for t in range(n_tok):
+                for i in range(k):
+                    y[t, i] = np.int8(np.int32(xq[t, i]) ^ 0x80)  # the bits of y + 128 (0..255) as a uint8
+        n_rows = w.shape[0]
+        for rb in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            stop = min(n_rows, (rb + 1) * ROW_BLOCK)
+            for c in range(chunks):
+                for r in range(rb * ROW_BLOCK, stop):
+                    _format_batch(fk, w, r, y, dx8, bs8, c, out, ctx.isa)
+
+    return format_function(matmat, module, parallel=True)

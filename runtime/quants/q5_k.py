@@ -155,24 +155,7 @@ def _batch_finish(builder, state):
     return builder.fadd(sums, state[kbatch.GROUP])
 
 
-_batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8] * (kbatch.GROUP + 1), _batch_body, _batch_finish)
-
-
-@njit(cache=True, parallel=True)
-def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """out [T, rows] = the T tokens' Q8_K activations (xq int8 [T, K], xd float32 [T, K/32])
-    times the Q5_K rows w (uint8 [rows, K/256*176], C-contiguous): ggml_vec_dot_q5_K_q8_K per
-    (row, token), so a token's floats do not depend on its batch. One row times 8 tokens per
-    pass (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
-    n_tok, k = xq.shape
-    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
-    dx8, bs8 = kbatch.prepare(xq, xd)
-    n_rows = w.shape[0]
-    for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
-        stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)
-        for c in range(chunks):
-            for r in range(rb * kbatch.ROW_BLOCK, stop):
-                _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
+matmat = kbatch.batch_products("Q5_K", BLOCK_BYTES, [_ZERO8] * (kbatch.GROUP + 1), _batch_body, _batch_finish, __name__)  # (runtime.quants.kbatch)
 
 
 @njit(cache=True, parallel=True)

@@ -164,8 +164,10 @@ def _batch_body(builder, blk, ys, dx, bsp, state):
     return new
 
 
-_batch = kbatch.batch_kernel(BLOCK_BYTES, [_ZERO8] * kbatch.GROUP, _batch_body,
-                             lambda builder, state: kbatch.gather8(builder, [_hsum8(builder, a) for a in state], _f32))
+# the batch product (runtime.quants.kbatch), the activations as y + 128
+matmat = kbatch.batch_products("Q6_K", BLOCK_BYTES, [_ZERO8] * kbatch.GROUP, _batch_body,
+                               lambda builder, state: kbatch.gather8(builder, [_hsum8(builder, a) for a in state], _f32),
+                               __name__, shifted=True)
 
 
 @njit(cache=True, parallel=True)
@@ -175,21 +177,3 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
     for r in prange(w.shape[0]):
         out[r] = dot(w, r, xq, xd, ctx.isa)
 
-
-@njit(cache=True, parallel=True)
-def matmat(w, ctx, xq, xd, xs, xhat, out):
-    """A batch: each (row, token) matvec's float; one row times 8 tokens per pass
-    (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
-    n_tok, k = xq.shape
-    chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
-    dx8, bs8 = kbatch.prepare(xq, xd)  # (bs8: Q6_K has no mins)
-    yu = np.empty((n_tok, k), np.uint8)  # y + 128: every int8 y in 0..255
-    for t in range(n_tok):
-        for i in range(k):
-            yu[t, i] = np.uint8(np.int32(xq[t, i]) + 128)
-    n_rows = w.shape[0]
-    for rb in prange((n_rows + kbatch.ROW_BLOCK - 1) // kbatch.ROW_BLOCK):
-        stop = min(n_rows, (rb + 1) * kbatch.ROW_BLOCK)
-        for c in range(chunks):
-            for r in range(rb * kbatch.ROW_BLOCK, stop):
-                _batch(w, r, yu, dx8, bs8, c, out, ctx.isa)
