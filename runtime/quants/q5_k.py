@@ -41,6 +41,25 @@ dequantize_row, quantize_row = k4_row_converters(BLOCK_BYTES, qh_at=16, qs_at=48
 
 # --- products: ggml_vec_dot_q5_K_q8_K's arithmetic in LLVM vector IR (runtime.quants.simd's helpers) ---
 
+def _quants(builder, blk):
+    """The block's 256 quants (0..31) as 8 <32 x i8> vectors, vector g = values 32g..32g+31:
+    value 64c + l (l < 32) the low nibble of qs[32c + l] | bit 2c of qh[l] << 4, value
+    64c + 32 + l the high nibble, bit 2c + 1."""
+    v32 = _vec(_i8, 32)
+    qh = _load(builder, blk, v32, 16)
+    sixteen = ir.Constant(v32, [16] * 32)
+    quants = []
+    for c in range(4):
+        qs = _load(builder, blk, v32, 48 + 32 * c)
+        for h in range(2):
+            low = builder.and_(qs, ir.Constant(v32, [15] * 32)) if h == 0 else builder.lshr(qs, ir.Constant(v32, [4] * 32))
+            bit = 2 * c + h  # moved to bit 4 of its byte, the rest masked off
+            moved = (builder.shl(qh, ir.Constant(v32, [4 - bit] * 32)) if bit < 4 else
+                     builder.lshr(qh, ir.Constant(v32, [bit - 4] * 32)) if bit > 4 else qh)
+            quants.append(builder.or_(low, builder.and_(moved, sixteen)))
+    return quants
+
+
 def _block(builder, blk, n_t, yq, bsums, yd, b, state):
     """One 256-value block of a row against n_t tokens: state [acc, summs] per token. The scales
     and mins unpacked by vector steps (q4_k.scales_mins_vec), each group's scale broadcast by one
@@ -50,17 +69,7 @@ def _block(builder, blk, n_t, yq, bsums, yd, b, state):
     v32 = _vec(_i8, 32)
     sm = scales_mins_vec(builder, blk)
     sc_words = scale_words(builder, sm)
-    qh = _load(builder, blk, v32, 16)
-    quants = []  # value 64c + l (l < 32): low nibble of qs[32c + l] | bit 2c of qh[l] << 4; +32: high nibble, bit 2c + 1
-    sixteen = ir.Constant(v32, [16] * 32)
-    for c in range(4):
-        qs = _load(builder, blk, v32, 48 + 32 * c)
-        for h in range(2):
-            low = builder.and_(qs, ir.Constant(v32, [15] * 32)) if h == 0 else builder.lshr(qs, ir.Constant(v32, [4] * 32))
-            bit = 2 * c + h  # moved to bit 4 of its byte, the rest masked off
-            moved = (builder.shl(qh, ir.Constant(v32, [4 - bit] * 32)) if bit < 4 else
-                     builder.lshr(qh, ir.Constant(v32, [bit - 4] * 32)) if bit > 4 else qh)
-            quants.append(builder.or_(low, builder.and_(moved, sixteen)))
+    quants = _quants(builder, blk)
     mins = builder.shuffle_vector(builder.bitcast(sm, _vec(_i8, 16)), ir.Constant(_vec(_i8, 16), [0] * 16),
                                   _mask([8 + i // 2 if i % 2 == 0 else 16 for i in range(16)]))  # 8 words
     dh, dminh = _half(builder, blk, 0), _half(builder, blk, 2)
@@ -127,14 +136,7 @@ def _batch_body(builder, blk, ys, dx, bsp, state):
     tokens in one vector."""
     v32 = _vec(_i8, 32)
     pairs = scales_mins_ir(builder, blk)
-    qh = _load(builder, blk, v32, 16)
-    quants = []
-    for c in range(4):
-        qs = _load(builder, blk, v32, 48 + 32 * c)
-        for h in range(2):
-            low = builder.and_(qs, ir.Constant(v32, [15] * 32)) if h == 0 else builder.lshr(qs, ir.Constant(v32, [4] * 32))
-            fifth = builder.and_(builder.lshr(qh, ir.Constant(v32, [2 * c + h] * 32)), ir.Constant(v32, [1] * 32))
-            quants.append(builder.or_(low, builder.shl(fifth, ir.Constant(v32, [4] * 32))))
+    quants = _quants(builder, blk)
     dh, dminh = _half(builder, blk, 0), _half(builder, blk, 2)
     new = []
     for i, y in enumerate(ys):
