@@ -668,31 +668,20 @@ def matmat(w, ctx, xq, xd, xs, xhat, out):
 X8_BLOCK = 8 * BLOCK_BYTES
 
 
-@njit(cache=True)
-def _pack_rows(rows, out):
-    """`pack` on the rows as 8-byte words (a block: 18, the 2 of the head and 16 of qs)."""
-    n, row_words = rows.shape
-    nb = row_words // 18
-    group = np.empty(8 * row_words, np.uint64)
-    for g in range(n // 8):
-        for b in range(nb):
-            dst = b * 144
-            for i in range(8):
-                src = rows[8 * g + i, 18 * b:18 * b + 18]
-                group[dst + 2 * i] = src[0]
-                group[dst + 2 * i + 1] = src[1]
-                for j in range(16):  # qword m = j % 4 of the 32 bytes of c = j // 4
-                    group[dst + 16 + 8 * j + i] = src[2 + j]
-        for i in range(8):  # (through a scratch group: out may be rows itself)
-            out[8 * g + i, :] = group[i * row_words:(i + 1) * row_words]
-
-
 def pack(rows, out=None):
     """Rows [n, row bytes] (n a multiple of 8) -> the repacked layout above, into out (may be
-    rows itself) or a new array of the same shape."""
+    rows itself) or a new array of the same shape. (numpy on 8-byte words, a block's 18: the 2
+    of the head and 16 of qs, qword m of the 32 bytes of c at 4 c + m; nothing to compile.)"""
+    n, row_bytes = rows.shape
+    nb = row_bytes // BLOCK_BYTES
     if out is None:
         out = np.empty_like(rows)
-    _pack_rows(rows.view(np.uint64), out.view(np.uint64))
+    elif np.shares_memory(out, rows):
+        rows = rows.copy()
+    words = rows.view(np.uint64).reshape(n // 8, 8, nb, 18)
+    dst = out.view(np.uint64).reshape(n // 8, nb, 144)
+    np.copyto(dst[..., :16].reshape(n // 8, nb, 8, 2), words[..., :2].transpose(0, 2, 1, 3))
+    np.copyto(dst[..., 16:].reshape(n // 8, nb, 16, 8), words[..., 2:].transpose(0, 2, 3, 1))
     return out
 
 
