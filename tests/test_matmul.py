@@ -591,6 +591,33 @@ def test_q4_k_sums_as_llama_cpp_repacked_kernels():
     assert np.array_equal(full[:19].view(np.uint32), part.view(np.uint32))
 
 
+def test_repacked_q4_k_gives_the_file_layouts_floats_on_every_instruction_set():
+    """Q4_K matrices repacked at load (AVX-512 VNNI CPUs: 8 rows interleaved, q4_k.pack) give
+    the file layout's floats bit for bit - one token (matvec_x8) and batches (the tiles, or
+    token by token), on each instruction set this CPU runs, the portable IR by argument - and
+    the layout holds the same bytes."""
+    from llamachat.runtime.quants import simd
+
+    rng = np.random.default_rng(45)
+    raw = random_rows(T.Q4_K, 24, 768, rng)
+    packed = q4_k.pack(raw)
+    assert np.array_equal(np.sort(packed.reshape(3, -1), axis=1), np.sort(raw.reshape(3, -1), axis=1))
+    in_place = raw.copy()
+    assert q4_k.pack(in_place, out=in_place) is in_place and np.array_equal(in_place, packed)
+    w = mm.QuantWeight("w", T.Q4_K, 768, 24, raw)
+    wp = mm.QuantWeight("w", T.Q4_K, 768, 24, packed)
+    wp.packed = True
+    for n_tok in (1, 5, 13):  # 13: a full tile of 12 tokens and one more
+        x = (rng.standard_normal((n_tok, 768)) * 2).astype(np.float32)
+        for isa in simd.host_isas():
+            want = mm.matmul(w, x, isa=isa)
+            got = mm.matmul(wp, x, isa=isa)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (n_tok, isa)
+            if n_tok > 1:  # each token of a batch: the one-token kernel's floats
+                one = np.concatenate([mm.matmul(wp, x[t:t + 1], isa=isa) for t in range(n_tok)])
+                assert np.array_equal(one.view(np.uint32), want.view(np.uint32)), (n_tok, isa)
+
+
 def _q6_k_values(raw):
     """Q6_K rows -> d [n, nb] and scale * (q - 32) [n, nb, 256] as integers."""
     n, nb = raw.shape[0], raw.shape[1] // 210

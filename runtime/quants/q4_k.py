@@ -13,7 +13,8 @@ make_qkx2_quants(32, 15, weights = rms + |x|, rmin -1, rdelta 0.1, 20 steps) per
 
 Products: 8 rows at a time in the order of llama.cpp's ggml_gemv_q4_K_8x8_q8_K (it repacks Q4_K
 matrices at load on an AVX2 CPU; the sums are exact integers, so the file's layout gives the
-same floats).
+same floats). On an AVX-512 VNNI CPU the matrices are repacked at load (8 rows interleaved,
+`pack`, at the end of this module) for kernels with no per-row shuffles or horizontal sums.
 """
 
 from __future__ import annotations
@@ -181,6 +182,12 @@ def _wide_row_lanes(builder, blk, sm, first, qy):
     return builder.add(builder.shuffle_vector(acc, acc, _mask(range(8))), builder.shuffle_vector(acc, acc, _mask(range(8, 16))))
 
 
+# The weights stream from DRAM: each row's bytes 16 KiB ahead are asked for, into L2 only
+# (prefetcht1). Into L1 (prefetcht0, 8 KiB ahead) the hints hold the core's few L1 fill buffers,
+# and a thread streamed about 15% slower.
+PREFETCH_AHEAD, PREFETCH_LOCALITY = 16384, 2
+
+
 def _q4_k_rows8():
     """The typer of an intrinsic (w, r0, xq, xd, bsp, out, isa) writing Q4_K rows r0..r0+7 times
     one token (xq int8 [K], xd float32 [K/32], bsp = bsum_pairs(xq)) into out[r0:r0+8]: per
@@ -224,7 +231,7 @@ def _q4_k_rows8():
         def block(b, state):
             o = builder.mul(b, ir.Constant(b.type, BLOCK_BYTES))
             for row in rows:
-                _prefetch(builder, row, o, BLOCK_BYTES)
+                _prefetch(builder, row, o, BLOCK_BYTES, PREFETCH_AHEAD, PREFETCH_LOCALITY)
             blks = [builder.gep(row, [o]) for row in rows]
             y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, 256))])
             if wide:
@@ -279,7 +286,7 @@ def _q4_k_rows8():
     return isa_typer(typer)
 
 
-dot8 = intrinsic(_q4_k_rows8())  # prefetching 8 KiB ahead: the weights stream from DRAM
+dot8 = intrinsic(_q4_k_rows8())
 
 
 # (inlined: a call from the parallel matvec to a function of its own made numba's cached matvec
@@ -386,12 +393,13 @@ def _concat(builder, parts):
     return parts[0]
 
 
-def _q4_k_tile():
+def _q4_k_tile(x8=False):
     """The typer of an intrinsic (w, r0, ty, ts, td, tt, out, isa) for AVX-512 VNNI (for another
     Isa it does nothing: callers branch on has_vnni): rows
     r0..r0+7 of w (past the last row: the last row again, not stored) times token tile tt of
     `layout_tile` (ty, ts, td) into out[t, r0:r0+8] for the tile's tokens t < T (out float32
-    [T, rows])."""
+    [T, rows]). x8: w in the repacked layout (`pack`; r0 a multiple of 8), whose quant
+    bytes are already the transposed qwords."""
 
     def typer(typingctx, w, r0, ty, ts, td, tt, out, isa):
         if not c_arrays(w, ty, ts, td, out):
@@ -438,9 +446,15 @@ def _q4_k_tile():
         def bcast8(ptr, offset):  # the 8 bytes at ptr + offset in every 64-bit lane
             return builder.bitcast(_splat(builder, _load(builder, ptr, _i64, offset), 8), _vec(_i8, 64))
 
+        group = builder.gep(warr.data, [builder.mul(r0, stride)])
+
         def block(b, state):
-            o = builder.mul(b, ir.Constant(ity, BLOCK_BYTES))
-            blks = [builder.gep(row, [o]) for row in rows]
+            if x8:
+                o = builder.mul(b, ir.Constant(ity, X8_BLOCK))
+                blks = [builder.gep(group, [builder.add(o, ir.Constant(ity, 16 * i))]) for i in range(8)]
+            else:
+                o = builder.mul(b, ir.Constant(ity, BLOCK_BYTES))
+                blks = [builder.gep(row, [o]) for row in rows]
             yb = builder.gep(yt, [builder.mul(b, ir.Constant(ity, TILE_TOKENS * 256))])
             sb = builder.gep(st, [builder.mul(b, ir.Constant(ity, TILE_TOKENS * 16))])
             db = builder.bitcast(builder.gep(dt, [builder.mul(b, ir.Constant(ity, TILE_TOKENS * 4))]), _f32.as_pointer())
@@ -455,9 +469,13 @@ def _q4_k_tile():
                 builder.store(words, builder.gep(s_slots, [ir.Constant(ity, 0), ir.Constant(ity, c)]))
 
             def chunk(c, isum):  # values 64c..64c+63 of the block (a loop: LLVM interleaves less)
-                loaded = [_load(builder, blk, i64x4, builder.add(builder.mul(c, ir.Constant(ity, 32)), ir.Constant(ity, 16)))
-                          for blk in blks]
-                quads = _transpose_qwords(builder, loaded)  # quads[m]: qword m of rows 0..7
+                if x8:
+                    quads = [_load(builder, blks[0], _vec(_i64, 8), builder.add(builder.mul(c, ir.Constant(ity, 256)), ir.Constant(ity, 128 + 64 * m)))
+                             for m in range(4)]
+                else:
+                    loaded = [_load(builder, blk, i64x4, builder.add(builder.mul(c, ir.Constant(ity, 32)), ir.Constant(ity, 16)))
+                              for blk in blks]
+                    quads = _transpose_qwords(builder, loaded)  # quads[m]: qword m of rows 0..7
                 lo = [builder.bitcast(builder.and_(builder.bitcast(v, i32x16), low_mask), _vec(_i8, 64)) for v in quads]
                 hi = [builder.bitcast(builder.and_(builder.lshr(builder.bitcast(v, i32x16), four), low_mask), _vec(_i8, 64)) for v in quads]
                 scales = builder.bitcast(builder.load(builder.gep(s_slots, [ir.Constant(ity, 0), c])), i32x16)
@@ -632,3 +650,218 @@ def matmat(w, ctx, xq, xd, xs, xhat, out):
             for c in range(chunks):
                 for r in range(start, stop):
                     _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
+
+
+# --- the repacked layout: 8 rows interleaved ------------------------------------------------
+#
+# On an AVX-512 VNNI CPU Q4_K matrices whose rows are a multiple of 8 are repacked at load
+# (`pack`), X8_BLOCK bytes per block of 8 rows, the same bytes as the file's in another order:
+#   bytes 0-127      row i's first 16 bytes (d, dmin, the scales field) at 16 i
+#   bytes 128-1151   per 64 values c (0..3), 256 bytes: per qword m (0..3) of the 32 quant bytes
+#                    of c, 64 bytes: that qword of rows 0..7, row order
+# which is the tile kernel's transposed view (`_transpose_qwords`) stored: a 512-bit vector
+# holds 8 quant bytes of each of the 8 rows (two int32 lanes a row), so one vpdpbusd multiplies
+# 8 rows at once with 8 activations broadcast to every row, and after a block the 8 rows' sums
+# lie in row order with no horizontal sums (the file's layout needs a vpackssdw, a scale shuffle
+# and a vpdpwssd per row and 128 values, and 8-lane reductions per row and block). The integers
+# are exact, so the floats are the file layout's kernels', bit for bit.
+X8_BLOCK = 8 * BLOCK_BYTES
+
+
+def pack(rows, out=None):
+    """Rows [n, row bytes] (n a multiple of 8) -> the repacked layout above, into out (may be
+    rows itself) or a new array of the same shape. (numpy on 8-byte words, a block's 18: the 2
+    of the head and 16 of qs, qword m of the 32 bytes of c at 4 c + m; nothing to compile.)"""
+    n, row_bytes = rows.shape
+    nb = row_bytes // BLOCK_BYTES
+    if out is None:
+        out = np.empty_like(rows)
+    elif np.shares_memory(out, rows):
+        rows = rows.copy()
+    words = rows.view(np.uint64).reshape(n // 8, 8, nb, 18)
+    dst = out.view(np.uint64).reshape(n // 8, nb, 144)
+    np.copyto(dst[..., :16].reshape(n // 8, nb, 8, 2), words[..., :2].transpose(0, 2, 1, 3))
+    np.copyto(dst[..., 16:].reshape(n // 8, nb, 16, 8), words[..., 2:].transpose(0, 2, 3, 1))
+    return out
+
+
+def _dpbusd_any(builder, acc, q, y):
+    """_dpbusd on <16 x i32> lanes on any instruction set (the portable IR's sums elsewhere)."""
+    if _vnni():
+        return _dpbusd(builder, acc, q, y)
+    n = acc.type.count
+    q, y = (builder.bitcast(v, _vec(_i8, 4 * n)) for v in (q, y))
+    prod = builder.mul(builder.zext(q, _vec(_i32, 4 * n)), builder.sext(y, _vec(_i32, 4 * n)))
+    for k in range(4):
+        acc = builder.add(acc, builder.shuffle_vector(prod, prod, _mask(range(k, 4 * n, 4))))
+    return acc
+
+
+def _pack_words(builder, a, b):
+    """vpackssdw of two <16 x i32> whose lanes fit in int16 (per 128-bit lane: 4 words of a,
+    then 4 of b)."""
+    i32x16, v16x32 = _vec(_i32, 16), _vec(_i16, 32)
+    if _vnni():
+        return builder.call(_fn(builder, "llvm.x86.avx512.packssdw.512", v16x32, [i32x16, i32x16]), [a, b])
+    ta, tb = (builder.trunc(v, _vec(_i16, 16)) for v in (a, b))
+    return builder.shuffle_vector(ta, tb, _mask([16 * s + 4 * q + j for q in range(4) for s in range(2) for j in range(4)]))
+
+
+def _dpwssd_any(builder, acc, words, scales):
+    """acc (<16 x i32>) + lane l = words[2l]*scales[2l] + words[2l+1]*scales[2l+1] (<32 x i16>)."""
+    i32x16 = _vec(_i32, 16)
+    if _vnni():
+        fn = _fn(builder, "llvm.x86.avx512.vpdpwssd.512", i32x16, [i32x16] * 3)
+        return builder.call(fn, [acc, builder.bitcast(words, i32x16), builder.bitcast(scales, i32x16)])
+    prod = builder.mul(builder.sext(words, _vec(_i32, 32)), builder.sext(scales, _vec(_i32, 32)))
+    return builder.add(acc, builder.add(builder.shuffle_vector(prod, prod, _mask(range(0, 32, 2))),
+                                        builder.shuffle_vector(prod, prod, _mask(range(1, 32, 2)))))
+
+
+def _x8_scales(builder, heads):
+    """The 8 rows' heads (2 <16 x i32>: rows 0-3, 4-7, each row's first 16 bytes) -> sm
+    (<128 x i8>: row i's 8 scales at 16 i, its 8 mins at 16 i + 8) and dd (<8 x i32>: each
+    row's d | dmin << 16)."""
+    sm4 = [unpack_scales_mins(builder, h, first=1) for h in heads]
+    sm = builder.bitcast(builder.shuffle_vector(sm4[0], sm4[1], _mask(range(32))), _vec(_i8, 128))
+    dd = builder.shuffle_vector(heads[0], heads[1], _mask(range(0, 32, 4)))
+    return sm, dd
+
+
+def _x8_scale_words(builder, sm, c):
+    """The scale words vpdpwssd multiplies the packed sums of 64 values c with (per 128-bit
+    lane q: rows 2q, 2q+1 of sub-block 2c, then of 2c+1, each twice)."""
+    idx = []
+    for q in range(4):
+        for g in (2 * c, 2 * c + 1):
+            idx += [16 * (2 * q) + g] * 2 + [16 * (2 * q + 1) + g] * 2
+    return builder.zext(builder.shuffle_vector(sm, sm, _mask(idx)), _vec(_i16, 32))
+
+
+def _x8_isums(builder, blk, sm, bcast):
+    """The 8 rows' exact isum (<8 x i32>, row order) of the repacked block at blk: bcast(offset)
+    gives the token's 8 activations at value `offset` of the block broadcast to <64 x i8>."""
+    v64, i32x16 = _vec(_i8, 64), _vec(_i32, 16)
+    zero = ir.Constant(i32x16, [0] * 16)
+    isum = zero
+    for c in range(4):
+        sums = []
+        for h in range(2):  # the low nibbles: sub-block 2c; the high ones: 2c + 1
+            a = zero
+            for m in range(4):
+                qs = _load(builder, blk, v64, 128 + 256 * c + 64 * m)
+                q = builder.and_(qs, ir.Constant(v64, [15] * 64)) if h == 0 else builder.lshr(qs, ir.Constant(v64, [4] * 64))
+                a = _dpbusd_any(builder, a, builder.bitcast(q, i32x16), bcast(64 * c + 32 * h + 8 * m))
+            sums.append(a)  # per row 2 lanes of 16 products each (|.| <= 16 * 15 * 128: exact in int16)
+        isum = _dpwssd_any(builder, isum, _pack_words(builder, *sums), _x8_scale_words(builder, sm, c))
+    # per 128-bit lane q: [row 2q, row 2q+1] of the even sub-blocks, then of the odd ones
+    return builder.add(builder.shuffle_vector(isum, isum, _mask([0, 1, 4, 5, 8, 9, 12, 13])),
+                       builder.shuffle_vector(isum, isum, _mask([2, 3, 6, 7, 10, 11, 14, 15])))
+
+
+def _x8_mins(builder, sm, pair):
+    """The 8 rows' exact imin (<8 x i32>): pair(p) gives bsum_pairs' word pair p of the block
+    (<16 x i16>, both words broadcast)."""
+    imin = None
+    for p in range(4):
+        lo = 4 * (p // 2) + p % 2  # bsum_pairs' pair p: 32-groups lo and lo + 2
+        words = builder.zext(builder.shuffle_vector(sm, sm, _mask([16 * i + 8 + g for i in range(8) for g in (lo, lo + 2)])), _vec(_i16, 16))
+        imin = _scaled_pairs_acc(builder, imin, words, pair(p))
+    return imin
+
+
+def _q4_k_x8_rows8():
+    """The typer of an intrinsic (w, r0, xq, xd, bsp, out, isa): dot8 for the repacked layout,
+    rows r0..r0+7 (one 8-row group) times one token into out[r0:r0+8], the same floats."""
+
+    def typer(typingctx, w, r0, xq, xd, bsp, out, isa):
+        if not c_arrays(w, xq, xd, bsp, out):
+            return None
+        if w.ndim != 2 or xq.ndim != 1 or xd.ndim != 1 or bsp.ndim != 1 or out.ndim != 1:
+            return None
+        return types.none(w, r0, xq, xd, bsp, out, isa), codegen
+
+    def codegen(context, builder, signature, args):
+        wt, _, xqt, xdt, bpt, outt = signature.args[:-1]
+        warr = context.make_array(wt)(context, builder, args[0])
+        row_bytes = builder.extract_value(warr.shape, 1)
+        stride = builder.extract_value(warr.strides, 0)
+        r0 = args[1]
+        ity = r0.type
+        group = builder.gep(warr.data, [builder.mul(r0, stride)])
+        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
+        yd = context.make_array(xdt)(context, builder, args[3]).data
+        bp = builder.bitcast(context.make_array(bpt)(context, builder, args[4]).data, _i32.as_pointer())
+        oarr = context.make_array(outt)(context, builder, args[5])
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(ity, BLOCK_BYTES))
+        v16, f32x8 = _vec(_i16, 16), _vec(_f32, 8)
+
+        def block(b, state):
+            o = builder.mul(b, ir.Constant(ity, X8_BLOCK))
+            _prefetch(builder, group, o, X8_BLOCK, PREFETCH_AHEAD, PREFETCH_LOCALITY)
+            blk = builder.gep(group, [o])
+            y = builder.gep(yq, [builder.mul(b, ir.Constant(ity, 256))])
+            heads = [_load(builder, blk, _vec(_i32, 16), 64 * k) for k in range(2)]
+            sm, dd8 = _x8_scales(builder, heads)
+            isums = _x8_isums(builder, blk, sm, lambda off: builder.bitcast(_splat(builder, _load(builder, y, _i64, off), 8), _vec(_i8, 64)))
+            imin = _x8_mins(builder, sm, lambda p: builder.bitcast(
+                _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(ity, 4)), ir.Constant(ity, p))])), 8), v16))
+            halves = builder.bitcast(dd8, v16)
+            dh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(0, 16, 2))))
+            dminh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(1, 16, 2))))
+            dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(ity, 8))])), 8)
+            return [_fma(builder, builder.sitofp(isums, f32x8), builder.fmul(dh, dx), state[0]),
+                    _fma(builder, builder.sitofp(imin, f32x8), builder.fmul(dminh, dx), state[1])]
+
+        state = _state_loop(builder, n_blocks, [_ZERO8] * 2, block)
+        dst = builder.gep(oarr.data, [r0])
+        builder.store(builder.fsub(state[0], state[1]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return isa_typer(typer)
+
+
+dot8_x8 = intrinsic(_q4_k_x8_rows8())
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def matvec_x8(w, ctx, xq, xd, xs, xhat, out):
+    """matvec for a repacked matrix (`pack`): the same floats, 8 rows per step."""
+    bsp = bsum_pairs(xq)
+    for g in prange(w.shape[0] // 8):
+        dot8_x8(w, 8 * g, xq, xd, bsp, out, ctx.isa)
+
+
+tile_x8 = intrinsic(_q4_k_tile(x8=True))
+
+
+@njit(cache=True, parallel=True)
+def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
+    """matmat for a repacked matrix: the same floats. With AVX-512 VNNI the tiles of `matmat`
+    (tile_x8, no transposing); else each token as matvec_x8 (the repacked layout is made on
+    AVX-512 VNNI CPUs only: runtime.quants.matmul.repackable). One parallel loop for both."""
+    n_tok, k = xq.shape
+    n_rows = w.shape[0]
+    vnni = has_vnni(ctx.isa)
+    if vnni:
+        ty, ts, td = tile_arrays(n_tok, k)
+        for tt in range(ty.shape[0]):
+            layout_tile(xq, xd, tt, ty, ts, td)
+        bsp = np.empty((0, 0), np.uint32)
+    else:
+        ty, ts, td = tile_arrays(0, 0)
+        bsp = np.empty((n_tok, k // 64), np.uint32)
+        for t in range(n_tok):
+            bsp[t] = bsum_pairs(xq[t])
+    n_tiles = ty.shape[0]
+    rows_per_item = 8 * TILE_ROW_GROUPS
+    for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
+        start = item * rows_per_item
+        stop = min(n_rows, start + rows_per_item)
+        for r0 in range(start, stop, 8):
+            if vnni:
+                for tt in range(n_tiles):
+                    tile_x8(w, r0, ty, ts, td, tt, out, ctx.isa)
+            else:
+                for t in range(n_tok):
+                    dot8_x8(w, r0, xq[t], xd[t], bsp[t], out[t], ctx.isa)

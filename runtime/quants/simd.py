@@ -225,12 +225,13 @@ def _halves_to_float(builder, bits):
 PREFETCH_AHEAD = 8192
 
 
-def _prefetch(builder, ptr, offset, nbytes):
-    """Prefetch the nbytes at ptr + offset + PREFETCH_AHEAD, one hint per 64-byte line."""
+def _prefetch(builder, ptr, offset, nbytes, ahead=PREFETCH_AHEAD, locality=3):
+    """Prefetch the nbytes at ptr + offset + ahead, one hint per 64-byte line (locality: LLVM's,
+    3 = prefetcht0 into L1, 2 = prefetcht1, 1 = prefetcht2 into L2 only)."""
     fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
     for line in range(0, nbytes, 64):
-        addr = builder.gep(ptr, [builder.add(offset, ir.Constant(offset.type, PREFETCH_AHEAD + line))])
-        builder.call(fn, [addr, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        addr = builder.gep(ptr, [builder.add(offset, ir.Constant(offset.type, ahead + line))])
+        builder.call(fn, [addr, ir.Constant(_i32, 0), ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
 
 
 def _splat(builder, x, n):
@@ -330,12 +331,12 @@ def _fma(builder, a, b, c):
     return builder.call(_fn(builder, name, a.type, [a.type, a.type, a.type]), [a, b, c])
 
 
-def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32):
+def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3)):
     """An intrinsic (w, r, xq, xd[, xs], isa) -> float32 looping over row r's blocks. The state (a
     list of accumulators) starts as `init`; body(builder, blk, y, scales, state) gets the
     block's byte pointer, a pointer to its block_values int8 activations and the n_act
     activation scales of the block's first 32 values, and returns the new state;
-    finish(builder, state) gives the row's result."""
+    finish(builder, state) gives the row's result. prefetch: _prefetch's (ahead, locality)."""
 
     def make_sig(w, r, xq, *act_isa):
         arrays = (w, xq, *act_isa[:-1])
@@ -354,7 +355,7 @@ def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32):
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             o = builder.mul(b, ir.Constant(b.type, block_bytes))
-            _prefetch(builder, row, o, block_bytes)
+            _prefetch(builder, row, o, block_bytes, *prefetch)
             blk = builder.gep(row, [o])
             y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, block_values))])
             scale_at = builder.mul(b, ir.Constant(b.type, block_values // 32))
@@ -546,12 +547,12 @@ def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
 ROW_TOKENS = 4
 
 
-def row_kernels(block_bytes, n_act, init, body, finish, block_values=32):
+def row_kernels(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3)):
     """A format's kernels from its per-block body (see _row_kernel): `dot` (w, r, xq, xd[, xs],
     isa) -> float32, one row against one token's activations, and its batch form `rows` (w, r,
     xq, xd[, xs], out, isa): row r times every token of a batch, each token the one-token kernel's
-    floats (see _tokens_kernel)."""
-    return (intrinsic(_row_kernel(block_bytes, n_act, init, body, finish, block_values)),
+    floats (see _tokens_kernel); prefetch: the one-token kernel's (_prefetch's ahead, locality)."""
+    return (intrinsic(_row_kernel(block_bytes, n_act, init, body, finish, block_values, prefetch)),
             _tokens_kernel(block_bytes, n_act, init, body, finish, block_values))
 
 
