@@ -910,9 +910,9 @@ def compile_products(weights, part: int, parts: int = 2) -> None:
     shares of them (each share whole batch kernels: all of one kernel's layouts, so that two
     processes never add entries to one kernel's cache index at once, where numba would keep only
     one of them): on two tokens, through `matmul` as `forward` calls it. The shares are made the
-    same way in every process from the model alone (kernels with more layouts first, each to
-    the share with fewest, the first share taking ties), so tui/compile_ahead's helper and its
-    caller can each compile one."""
+    same way in every process from the model alone (the costlier kernels first, each to the
+    share with least, the first share taking ties; a kernel's cost: its layouts' compile_cost),
+    so tui/compile_ahead's helper and its caller can each compile one."""
     groups: dict = {}
     for layer in weights.layers:
         for w in layer.matrices:
@@ -925,10 +925,11 @@ def compile_products(weights, part: int, parts: int = 2) -> None:
                 code = kernel.__code__
                 key = f"{code.co_filename}:{code.co_firstlineno}:{kernel.__qualname__}"
                 groups.setdefault(key, {}).setdefault((w.ggml_type, w.packed), w)
-    loads = [0] * parts
-    for key in sorted(groups, key=lambda k: (-len(groups[k]), k)):
+    cost = {key: sum(w.traits.compile_cost for w in group.values()) for key, group in groups.items()}
+    loads = [0.0] * parts
+    for key in sorted(groups, key=lambda k: (-cost[k], k)):
         share = loads.index(min(loads))
-        loads[share] += len(groups[key])
+        loads[share] += cost[key]
         if share == part:
             for w in groups[key].values():
                 matmul(w, Activations.empty(2, w.n_in, w.act_mode))
