@@ -29,7 +29,7 @@ from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _h
                     _load, _mask, _pairs_us, _prefetch, _scaled_lanes, _scaled_pairs_acc, _splat, _state_loop, _vec)
 from . import kbatch
 from numba.core import cgutils
-from .simd import _i64, c_arrays, has_vnni
+from .simd import _i64, array_args, c_arrays, has_vnni, offsets, row_at
 from .ksearch import get_scale_min_k4, k4_row_converters, scale_min_k4
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
@@ -188,6 +188,33 @@ def _wide_row_lanes(builder, blk, sm, first, qy):
 PREFETCH_AHEAD, PREFETCH_LOCALITY = 16384, 2
 
 
+def _dot8_typer(emit):
+    """The typer of an intrinsic (w, r0, xq, xd, bsp, out, isa): rows r0..r0+7 (one 8-row group)
+    of w times one token into out[r0:r0+8]. What both layouts' kernels share is here: the
+    argument checks, the arguments as pointers, the store of acc - accm; emit(builder, w's
+    struct, r0, xq's i8*, xd's float*, bsp's i32*, blocks a row) emits the loop over a row's
+    blocks and returns its two sums [8] (acc, accm)."""
+
+    def typer(typingctx, w, r0, xq, xd, bsp, out, isa):
+        if not c_arrays(w, xq, xd, bsp, out):
+            return None
+        if w.ndim != 2 or xq.ndim != 1 or xd.ndim != 1 or bsp.ndim != 1 or out.ndim != 1:
+            return None
+        return types.none(w, r0, xq, xd, bsp, out, isa), codegen
+
+    def codegen(context, builder, signature, args):
+        warr, r0, xarr, darr, barr, oarr, _ = array_args(context, builder, signature, args)
+        row_bytes = builder.extract_value(warr.shape, 1)
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
+        acc, accm = emit(builder, warr, r0, builder.bitcast(xarr.data, _i8.as_pointer()), darr.data,
+                         builder.bitcast(barr.data, _i32.as_pointer()), n_blocks)
+        dst = builder.gep(oarr.data, [r0])
+        builder.store(builder.fsub(acc, accm), builder.bitcast(dst, _vec(_f32, 8).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return isa_typer(typer)
+
+
 def _q4_k_rows8():
     """The typer of an intrinsic (w, r0, xq, xd, bsp, out, isa) writing Q4_K rows r0..r0+7 times
     one token (xq int8 [K], xd float32 [K/32], bsp = bsum_pairs(xq)) into out[r0:r0+8]: per
@@ -201,25 +228,8 @@ def _q4_k_rows8():
     rows multiplied with the activation sums by 4 vpmaddwd. The integers are exact, so any
     grouping of them gives the same isum and imin."""
 
-    def typer(typingctx, w, r0, xq, xd, bsp, out, isa):
-        if not c_arrays(w, xq, xd, bsp, out):
-            return None
-        if w.ndim != 2 or xq.ndim != 1 or xd.ndim != 1 or bsp.ndim != 1 or out.ndim != 1:
-            return None
-        return types.none(w, r0, xq, xd, bsp, out, isa), codegen
-
-    def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, bpt, outt = signature.args[:-1]
-        warr = context.make_array(wt)(context, builder, args[0])
-        row_bytes = builder.extract_value(warr.shape, 1)
-        stride = builder.extract_value(warr.strides, 0)
-        r0 = args[1]
-        rows = [builder.gep(warr.data, [builder.mul(builder.add(r0, ir.Constant(r0.type, k)), stride)]) for k in range(8)]
-        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-        yd = context.make_array(xdt)(context, builder, args[3]).data
-        bp = builder.bitcast(context.make_array(bpt)(context, builder, args[4]).data, _i32.as_pointer())
-        oarr = context.make_array(outt)(context, builder, args[5])
-        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
+    def emit(builder, warr, r0, yq, yd, bp, n_blocks):
+        rows = [row_at(builder, warr, r) for r in offsets(builder, r0, 8)]
         v32 = _vec(_i8, 32)
         v16 = _vec(_i16, 16)
         i32x8 = _vec(_i32, 8)
@@ -278,12 +288,9 @@ def _q4_k_rows8():
             return [_fma(builder, isums, builder.fmul(dh, dx), state[0]),
                     _fma(builder, builder.sitofp(imin, f32x8), builder.fmul(dminh, dx), state[1])]
 
-        state = _state_loop(builder, n_blocks, [_ZERO8] * 2, block)
-        dst = builder.gep(oarr.data, [r0])
-        builder.store(builder.fsub(state[0], state[1]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
-        return context.get_dummy_value()
+        return _state_loop(builder, n_blocks, [_ZERO8] * 2, block)
 
-    return isa_typer(typer)
+    return _dot8_typer(emit)
 
 
 dot8 = intrinsic(_q4_k_rows8())
@@ -432,7 +439,6 @@ def _q4_k_tile(x8=False):
         n_tok = builder.extract_value(oarr.shape, 0)
         n_out = builder.extract_value(oarr.shape, 1)
         v16 = _vec(_i16, 16)
-        i32x8 = _vec(_i32, 8)
         i32x16 = _vec(_i32, 16)
         i64x4 = _vec(_i64, 4)
         f32x8 = _vec(_f32, 8)
@@ -774,26 +780,9 @@ def _q4_k_x8_rows8():
     """The typer of an intrinsic (w, r0, xq, xd, bsp, out, isa): dot8 for the repacked layout,
     rows r0..r0+7 (one 8-row group) times one token into out[r0:r0+8], the same floats."""
 
-    def typer(typingctx, w, r0, xq, xd, bsp, out, isa):
-        if not c_arrays(w, xq, xd, bsp, out):
-            return None
-        if w.ndim != 2 or xq.ndim != 1 or xd.ndim != 1 or bsp.ndim != 1 or out.ndim != 1:
-            return None
-        return types.none(w, r0, xq, xd, bsp, out, isa), codegen
-
-    def codegen(context, builder, signature, args):
-        wt, _, xqt, xdt, bpt, outt = signature.args[:-1]
-        warr = context.make_array(wt)(context, builder, args[0])
-        row_bytes = builder.extract_value(warr.shape, 1)
-        stride = builder.extract_value(warr.strides, 0)
-        r0 = args[1]
+    def emit(builder, warr, r0, yq, yd, bp, n_blocks):
         ity = r0.type
-        group = builder.gep(warr.data, [builder.mul(r0, stride)])
-        yq = builder.bitcast(context.make_array(xqt)(context, builder, args[2]).data, _i8.as_pointer())
-        yd = context.make_array(xdt)(context, builder, args[3]).data
-        bp = builder.bitcast(context.make_array(bpt)(context, builder, args[4]).data, _i32.as_pointer())
-        oarr = context.make_array(outt)(context, builder, args[5])
-        n_blocks = builder.sdiv(row_bytes, ir.Constant(ity, BLOCK_BYTES))
+        group = row_at(builder, warr, r0)
         v16, f32x8 = _vec(_i16, 16), _vec(_f32, 8)
 
         def block(b, state):
@@ -813,12 +802,9 @@ def _q4_k_x8_rows8():
             return [_fma(builder, builder.sitofp(isums, f32x8), builder.fmul(dh, dx), state[0]),
                     _fma(builder, builder.sitofp(imin, f32x8), builder.fmul(dminh, dx), state[1])]
 
-        state = _state_loop(builder, n_blocks, [_ZERO8] * 2, block)
-        dst = builder.gep(oarr.data, [r0])
-        builder.store(builder.fsub(state[0], state[1]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
-        return context.get_dummy_value()
+        return _state_loop(builder, n_blocks, [_ZERO8] * 2, block)
 
-    return isa_typer(typer)
+    return _dot8_typer(emit)
 
 
 dot8_x8 = intrinsic(_q4_k_x8_rows8())
