@@ -188,6 +188,32 @@ def _wide_row_lanes(builder, blk, sm, first, qy):
 PREFETCH_AHEAD, PREFETCH_LOCALITY = 16384, 2
 
 
+def _d_dmin(builder, dd):
+    """8 rows' d and dmin as float <8 x float> each, from dd (<8 x i32>: each row's d | dmin << 16,
+    the half floats of its block's first 4 bytes)."""
+    halves = builder.bitcast(dd, _vec(_i16, 16))
+    return (_halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(0, 16, 2)))),
+            _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(1, 16, 2)))))
+
+
+def _scale_words(builder, sm, c):
+    """The scale words vpdpwssd multiplies the packed sums of 64 values c of 8 rows with (sm:
+    row i's 8 scales at byte 16 i; per 128-bit lane q: rows 2q, 2q+1 of sub-block 2c, then of
+    2c+1, each twice), <32 x i16>."""
+    idx = []
+    for q in range(4):
+        for g in (2 * c, 2 * c + 1):
+            idx += [16 * (2 * q) + g] * 2 + [16 * (2 * q + 1) + g] * 2
+    return builder.zext(builder.shuffle_vector(sm, sm, _mask(idx)), _vec(_i16, 32))
+
+
+def _rows_order(builder, isum):
+    """8 rows' isum (<8 x i32>, row order) from the <16 x i32> those scale words accumulate: per
+    128-bit lane q, [row 2q, row 2q+1] of the even sub-blocks, then of the odd ones."""
+    return builder.add(builder.shuffle_vector(isum, isum, _mask([0, 1, 4, 5, 8, 9, 12, 13])),
+                       builder.shuffle_vector(isum, isum, _mask([2, 3, 6, 7, 10, 11, 14, 15])))
+
+
 def _dot8_typer(emit):
     """The typer of an intrinsic (w, r0, xq, xd, bsp, out, isa): rows r0..r0+7 (one 8-row group)
     of w times one token into out[r0:r0+8]. What both layouts' kernels share is here: the
@@ -281,9 +307,7 @@ def _q4_k_rows8():
                 words = builder.and_(builder.lshr(m, ir.Constant(i32x8, [shift] * 8)) if shift else m, bytes_mask)
                 pair = _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(b.type, 4)), ir.Constant(b.type, p))])), 8)
                 imin = _scaled_pairs_acc(builder, imin, builder.bitcast(words, v16), builder.bitcast(pair, v16))
-            halves = builder.bitcast(dd8, v16)
-            dh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(0, 16, 2))))
-            dminh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(1, 16, 2))))
+            dh, dminh = _d_dmin(builder, dd8)
             dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(b.type, 8))])), 8)
             return [_fma(builder, isums, builder.fmul(dh, dx), state[0]),
                     _fma(builder, builder.sitofp(imin, f32x8), builder.fmul(dminh, dx), state[1])]
@@ -466,13 +490,8 @@ def _q4_k_tile(x8=False):
             db = builder.bitcast(builder.gep(dt, [builder.mul(b, ir.Constant(ity, TILE_TOKENS * 4))]), _f32.as_pointer())
             # the 8 rows' scales and mins: bytes 16 i + j = row i's scale j (j < 8), min j - 8
             sm = _concat(builder, [builder.bitcast(scales_mins_vec(builder, blk), _vec(_i8, 16)) for blk in blks])
-            for c in range(4):  # the scales of packssdw's words in the loop below, per 128-bit lane q
-                idx = []
-                for q in range(4):
-                    for g in (2 * c, 2 * c + 1):
-                        idx += [16 * (2 * q) + g] * 2 + [16 * (2 * q + 1) + g] * 2
-                words = builder.zext(builder.shuffle_vector(sm, sm, _mask(idx)), _vec(_i16, 32))
-                builder.store(words, builder.gep(s_slots, [ir.Constant(ity, 0), ir.Constant(ity, c)]))
+            for c in range(4):  # the scales of packssdw's words in the loop below
+                builder.store(_scale_words(builder, sm, c), builder.gep(s_slots, [ir.Constant(ity, 0), ir.Constant(ity, c)]))
 
             def chunk(c, isum):  # values 64c..64c+63 of the block (a loop: LLVM interleaves less)
                 if x8:
@@ -502,14 +521,10 @@ def _q4_k_tile(x8=False):
             mins = [builder.zext(builder.shuffle_vector(sm, sm, _mask([16 * i + 8 + 2 * p + e for i in range(8) for e in range(2)])), v16)
                     for p in range(4)]
             dd = kbatch.gather8(builder, [_load(builder, blk, _i32, 0) for blk in blks], _i32)  # d | dmin << 16
-            halves = builder.bitcast(dd, v16)
-            dh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(0, 16, 2))))
-            dminh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(1, 16, 2))))
+            dh, dminh = _d_dmin(builder, dd)
             new = []
             for j in range(TILE_TOKENS):
-                # per 128-bit lane q: [row 2q, row 2q+1] over the even sub-blocks, then the odd
-                rows_sum = builder.add(builder.shuffle_vector(isum[j], isum[j], _mask([0, 1, 4, 5, 8, 9, 12, 13])),
-                                       builder.shuffle_vector(isum[j], isum[j], _mask([2, 3, 6, 7, 10, 11, 14, 15])))
+                rows_sum = _rows_order(builder, isum[j])
                 imin = None
                 for p in range(4):
                     pair = builder.bitcast(_splat(builder, _load(builder, sb, _i32, 16 * j + 4 * p), 8), v16)
@@ -734,16 +749,6 @@ def _x8_scales(builder, heads):
     return sm, dd
 
 
-def _x8_scale_words(builder, sm, c):
-    """The scale words vpdpwssd multiplies the packed sums of 64 values c with (per 128-bit
-    lane q: rows 2q, 2q+1 of sub-block 2c, then of 2c+1, each twice)."""
-    idx = []
-    for q in range(4):
-        for g in (2 * c, 2 * c + 1):
-            idx += [16 * (2 * q) + g] * 2 + [16 * (2 * q + 1) + g] * 2
-    return builder.zext(builder.shuffle_vector(sm, sm, _mask(idx)), _vec(_i16, 32))
-
-
 def _x8_isums(builder, blk, sm, bcast):
     """The 8 rows' exact isum (<8 x i32>, row order) of the repacked block at blk: bcast(offset)
     gives the token's 8 activations at value `offset` of the block broadcast to <64 x i8>."""
@@ -759,10 +764,8 @@ def _x8_isums(builder, blk, sm, bcast):
                 q = builder.and_(qs, ir.Constant(v64, [15] * 64)) if h == 0 else builder.lshr(qs, ir.Constant(v64, [4] * 64))
                 a = _dpbusd_any(builder, a, builder.bitcast(q, i32x16), bcast(64 * c + 32 * h + 8 * m))
             sums.append(a)  # per row 2 lanes of 16 products each (|.| <= 16 * 15 * 128: exact in int16)
-        isum = _dpwssd_any(builder, isum, _pack_words(builder, *sums), _x8_scale_words(builder, sm, c))
-    # per 128-bit lane q: [row 2q, row 2q+1] of the even sub-blocks, then of the odd ones
-    return builder.add(builder.shuffle_vector(isum, isum, _mask([0, 1, 4, 5, 8, 9, 12, 13])),
-                       builder.shuffle_vector(isum, isum, _mask([2, 3, 6, 7, 10, 11, 14, 15])))
+        isum = _dpwssd_any(builder, isum, _pack_words(builder, *sums), _scale_words(builder, sm, c))
+    return _rows_order(builder, isum)
 
 
 def _x8_mins(builder, sm, pair):
@@ -795,9 +798,7 @@ def _q4_k_x8_rows8():
             isums = _x8_isums(builder, blk, sm, lambda off: builder.bitcast(_splat(builder, _load(builder, y, _i64, off), 8), _vec(_i8, 64)))
             imin = _x8_mins(builder, sm, lambda p: builder.bitcast(
                 _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(ity, 4)), ir.Constant(ity, p))])), 8), v16))
-            halves = builder.bitcast(dd8, v16)
-            dh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(0, 16, 2))))
-            dminh = _halves_to_float(builder, builder.shuffle_vector(halves, halves, _mask(range(1, 16, 2))))
+            dh, dminh = _d_dmin(builder, dd8)
             dx = _splat(builder, builder.load(builder.gep(yd, [builder.mul(b, ir.Constant(ity, 8))])), 8)
             return [_fma(builder, builder.sitofp(isums, f32x8), builder.fmul(dh, dx), state[0]),
                     _fma(builder, builder.sitofp(imin, f32x8), builder.fmul(dminh, dx), state[1])]
