@@ -111,15 +111,18 @@ def test_a_fixed_seed_restarts_the_random_stream(llm):
     assert one() == one()
 
 
+GREEDY_SETTINGS = {"temp": 0.0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "typical_p": 1.0, "repeat_penalty": 1.0,
+                   "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0, "mirostat": 0,
+                   "mirostat_tau": 5.0, "mirostat_eta": 0.1}
+
+
 def test_engine_uses_the_seam_and_still_reports_like_before(smollm2_path):
     engine = Engine()
     engine.load(smollm2_path, n_ctx=512)
     assert isinstance(engine.backend, LocalBackend)
     conv = Conversation(system_prompt="You are a helpful assistant.")
     conv.messages.append(Message("user", "What is the capital of France?"))
-    settings = {"temp": 0.0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "typical_p": 1.0, "repeat_penalty": 1.0,
-                "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0, "mirostat": 0,
-                "mirostat_tau": 5.0, "mirostat_eta": 0.1, "n_predict": 24}
+    settings = dict(GREEDY_SETTINGS, n_predict=24)
     shown: list[str] = []
     result = engine.generate(conv.request(), call_kwargs(settings), shown.append)
     assert result.error is None
@@ -127,6 +130,44 @@ def test_engine_uses_the_seam_and_still_reports_like_before(smollm2_path):
     assert result.n_ctx == 512 and result.n_tokens == result.stats["n_past"]
     assert result.tokens_per_second and result.stop_reason in ("eos", "length")
     engine.close()
+
+
+def test_a_warm_start_runs_its_warm_up_after_the_load_unless_a_reply_comes_first(smollm2_path, monkeypatch):
+    """The app's warm start: load(defer_warm=True) returns without evaluating anything when
+    numba's cache holds the model's kernels; warm_up_later then runs the warm-up in a thread
+    and leaves the KV cache empty, or does nothing once a reply has used the engine (that reply
+    loaded the kernels, and its context must stay). A cold model still warms up inside load."""
+    import llamachat.tui.compile_progress as compile_progress
+    import llamachat.tui.engine_worker as engine_worker
+
+    runs = []
+    real_warm_up = engine_worker.warm_up
+    monkeypatch.setattr(engine_worker, "warm_up", lambda llm, sizes=None: (runs.append(llm), real_warm_up(llm, sizes)))
+    warm = [True]
+    monkeypatch.setattr(compile_progress, "model_is_warm", lambda llm: warm[0])
+    engine = Engine()
+    greedy = call_kwargs(dict(GREEDY_SETTINGS, n_predict=4))
+    request = Conversation(system_prompt="You are a helpful assistant.", messages=[Message("user", "Hi")]).request()
+    try:
+        engine.load(smollm2_path, n_ctx=256, defer_warm=True)
+        assert runs == []
+        thread = engine.warm_up_later()
+        thread.join(60)
+        assert runs == [engine.llm] and engine.n_tokens() == 0
+        assert engine.warm_up_later() is None  # once
+
+        engine.load(smollm2_path, n_ctx=256, defer_warm=True)
+        assert len(runs) == 1
+        result = engine.generate(request, greedy, lambda text: None)
+        assert result.error is None and engine.n_tokens() > 0
+        kept = engine.n_tokens()
+        assert engine.warm_up_later() is None and engine.n_tokens() == kept and len(runs) == 1
+
+        warm[0] = False  # a first run or a format's first use: the warm-up (its compiles) is part of the load
+        engine.load(smollm2_path, n_ctx=256, defer_warm=True)
+        assert runs[-1] is engine.llm and len(runs) == 2 and engine.warm_up_later() is None
+    finally:
+        engine.close()
 
 
 def test_params_from_call_checks_values():

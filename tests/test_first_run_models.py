@@ -71,3 +71,32 @@ async def test_a_default_model_whose_file_is_gone_opens_the_library(tmp_path):
         app.screen.action_use_model()
         await wait_for(pilot, lambda: app.entry is not None and app.engine.loaded and not app.loading)
         assert app.entry.name == "beta" and picker(app).value == "beta"
+
+
+async def test_the_load_started_before_the_screen_is_taken_over_not_repeated(tmp_path):
+    """run() starts loading the model before Textual starts up (ChatApp.start_loading_now); the
+    chat screen, once composed, waits for that load instead of starting another."""
+    import threading
+
+    make_library(tmp_path)
+    app, script = make_app()
+    calls, release = [], threading.Event()
+    factory = script.factory
+
+    def slow_factory(model_path, **kwargs):
+        calls.append(model_path)
+        release.wait(10)  # still loading when the screen is composed
+        return factory(model_path, **kwargs)
+
+    app.engine._factory = slow_factory
+    app.start_loading_now()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.loading)
+        assert "loading" in app.status_text()
+        release.set()
+        await ready(pilot, app)
+        assert len(calls) == 1 and app.engine.loaded and "ctx " in app.status_text()
+        app.chat_screen.chat_input.text = "What is the capital of France?"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(script.calls) == 1 and not app.generating)
+    assert len(calls) == 1

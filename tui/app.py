@@ -98,6 +98,33 @@ class LoadDone(TextualMessage):
         self.seq = seq
 
 
+class _LoadJob:
+    """A model load running in its own thread (ChatApp._spawn_load): what it loads, its outcome
+    (error: None when it loaded), and `wait` for the app's event loop."""
+
+    def __init__(self, entry, kwargs: dict):
+        self.entry, self.kwargs = entry, kwargs
+        self.error: str | None = "the load did not finish"
+        self._done = threading.Event()
+        self._wake = None  # set by `wait`: wakes the event loop waiting for this load
+
+    def finish(self) -> None:  # (the load's thread, at its end)
+        self._done.set()
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:  # the app quit while this loaded (its loop is closed): nobody waits
+                pass
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        finished = asyncio.Event()
+        self._wake = lambda: loop.call_soon_threadsafe(finished.set)
+        if not self._done.is_set():  # (set before _wake was: finish() has not called it)
+            await finished.wait()
+
+
 class ChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "llamachat"
@@ -131,6 +158,7 @@ class ChatApp(App):
         self._compiles_before_reply = 0
         self.left_a_load = False  # quit while a model was loading (run() does not wait for it)
         self._load_thread: threading.Thread | None = None
+        self._early_load: _LoadJob | None = None  # the load start_loading_now began, until _start_load takes it
         self.loaded_settings: dict = {}  # the load-time settings of the model now in the engine
         self._pending_reply = False  # a reply to start once the load in progress ends
         self._live: tuple[float, int] | None = None  # (time, n_tokens) at the reply's first text
@@ -492,42 +520,54 @@ class ChatApp(App):
         return conv_mod.load_kwargs(self.settings, self.args)
 
     def _start_load(self, entry, reason: str) -> None:
-        WATCH.reset()  # count this load's compiles (a first run, another format's first use)
+        kwargs = self._load_settings()
+        job, self._early_load = self._early_load, None
+        if job is None or reason != "start" or job.entry is not entry or job.kwargs != kwargs:
+            WATCH.reset()  # count this load's compiles (a first run, another format's first use)
+            job = None
         self.loading = True
-        self.load_fraction = 0.0
-        self.chat_screen.sidebar.show_progress(0.0)
+        self.load_fraction = 0.0 if job is None else self.load_fraction
+        self.chat_screen.sidebar.show_progress(self.load_fraction)
         self.update_status()
         self._load_seq += 1
-        self._load_worker(entry, self._load_settings(), reason, self._load_seq)
+        self._load_worker(job or self._spawn_load(entry, kwargs), reason, self._load_seq)
 
-    @work(exit_on_error=False, group="engine")
-    async def _load_worker(self, entry, kwargs: dict, reason: str, seq: int) -> None:
-        """The load runs in a daemon thread of its own, not in a thread worker: Textual's exit
+    def start_loading_now(self) -> None:
+        """Start loading the model the app opens with before Textual starts up (run() calls
+        this): the load then runs beside the first layout, and the chat screen takes it over
+        once composed (`_start_load`) instead of starting it then, a quarter of a second later."""
+        if self.entry is None or getattr(self.entry, "remote", False) or self._early_load is not None:
+            return
+        WATCH.reset()
+        self._early_load = self._spawn_load(self.entry, self._load_settings())
+
+    def _spawn_load(self, entry, kwargs: dict) -> "_LoadJob":
+        """Load `entry` in a daemon thread of its own, not in a thread worker: Textual's exit
         waits for its worker threads, so Ctrl+Q during a first run's compile (minutes) would
         not end the app until the compile did; run() ends the process without this thread."""
-        loop = asyncio.get_running_loop()
-        finished = asyncio.Event()
-        outcome: dict = {}
+        job = _LoadJob(entry, kwargs)
 
         def progress(fraction: float) -> None:
             self.load_fraction = float(fraction)  # read by the UI timer
 
         def load() -> None:
             try:
-                self.engine.load_entry(entry, progress=progress, **kwargs)
-                outcome["error"] = None
+                self.engine.load_entry(entry, progress=progress, defer_warm=True, **kwargs)
+                job.error = None
             except BaseException as err:  # noqa: BLE001 - shown as a notification
-                outcome["error"] = describe_error(err)
+                job.error = describe_error(err)
             finally:
-                try:
-                    loop.call_soon_threadsafe(finished.set)
-                except RuntimeError:  # the app quit while this loaded (its loop is closed): nobody waits
-                    pass
+                job.finish()
 
         self._load_thread = threading.Thread(target=load, name="llamachat-load", daemon=True)
         self._load_thread.start()
-        await finished.wait()
-        self.post_message(LoadDone(entry, outcome.get("error"), reason, kwargs, seq))
+        return job
+
+    @work(exit_on_error=False, group="engine")
+    async def _load_worker(self, job: "_LoadJob", reason: str, seq: int) -> None:
+        """Wait for a load's thread (`_spawn_load`), then report it with LoadDone."""
+        await job.wait()
+        self.post_message(LoadDone(job.entry, job.error, reason, job.kwargs, seq))
 
     @_while_screen_exists
     def on_load_done(self, message: LoadDone) -> None:
@@ -559,6 +599,8 @@ class ChatApp(App):
                 self.start_reply()
             elif not self.conv.user_speaks_first() and not self.generating:
                 self.start_reply()
+            if not self.generating:  # (a reply loads the kernels itself)
+                self.engine.warm_up_later()
         self.update_status()
 
     # -- settings ---------------------------------------------------------------------------
@@ -1149,6 +1191,7 @@ def run(args) -> int:
     conv_mod.parse_logit_bias(getattr(args, "logit_bias", None))
     app = ChatApp(args, entry=entry, start_problem=problem)
     app.quiet_crashes = True
+    app.start_loading_now()
     app.run()
     if app.crash_message:
         raise UserError(app.crash_message, exit_code=1)

@@ -158,15 +158,20 @@ class Engine:
         self.state_key: int | None = None
         self._saved_tokens: list[int] | None = None
         self.last_resume: int | None = None  # tokens the last reply took from a saved state
+        self._warm_pending = None  # the Llama whose warm-up `load` left to `warm_up_later`
 
     @property
     def loaded(self) -> bool:
         return self.backend is not None
 
-    def load(self, model_path, progress: Callable[[float], None] | None = None, **kwargs) -> None:
+    def load(self, model_path, progress: Callable[[float], None] | None = None, *, defer_warm: bool = False,
+             **kwargs) -> None:
         """(Re-)create the Llama for `model_path` with these keywords, then run the kernels once
         (compiling them on a first run, while the user types, not after they press Enter);
-        raises EngineError/UserError."""
+        raises EngineError/UserError. defer_warm: when numba's cache already holds the model's
+        kernels, leave that run to `warm_up_later` (the app calls it once it shows the model
+        ready: the kernels' cache loads and a few evaluations, about half a second of a warm
+        start, then happen while the user types)."""
         real = self._factory is None
         factory = self._factory or default_llama_factory()
         hold = contextlib.nullcontext()
@@ -198,13 +203,38 @@ class Engine:
             self.model_path = model_path
             self.load_kwargs = dict(kwargs)
             if real:
-                warm_up(self.llm)
+                from .compile_progress import model_is_warm
 
-    def load_entry(self, entry, progress: Callable[[float], None] | None = None, **kwargs) -> None:
+                if defer_warm and model_is_warm(self.llm):
+                    self._warm_pending = self.llm
+                else:
+                    warm_up(self.llm)
+
+    def warm_up_later(self) -> threading.Thread | None:
+        """Run the warm-up a `load(defer_warm=True)` left, in a daemon thread under the engine's
+        lock (returned; None when there is none to run), unless a reply (or another model) took
+        the engine first: a reply loads the same kernels itself, and warm_up empties the KV cache
+        a reply has filled."""
+        llm = self._warm_pending
+        if llm is None:
+            return None
+
+        def run() -> None:
+            with self._lock:
+                if self._warm_pending is llm and self.llm is llm:
+                    self._warm_pending = None
+                    warm_up(llm)
+
+        thread = threading.Thread(target=run, name="llamachat-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def load_entry(self, entry, progress: Callable[[float], None] | None = None, *, defer_warm: bool = False,
+                   **kwargs) -> None:
         """Load a library entry: a local model file (`load`), or connect to a remote one
         (checks the server and the model; RemoteError in one sentence)."""
         if not getattr(entry, "remote", False):
-            return self.load(entry.path, progress=progress, **kwargs)
+            return self.load(entry.path, progress=progress, defer_warm=defer_warm, **kwargs)
         from .remote_backend import RemoteBackend
 
         backend = RemoteBackend(entry.base_url, entry.model, api_key_env=entry.api_key_env, name=entry.name)
@@ -371,6 +401,7 @@ class Engine:
         looped = False
         with self._lock:
             backend = self.backend
+            self._warm_pending = None  # this reply loads the kernels; a warm-up after it would empty its context
             try:
                 self._resume_locked(chat_key)
             except Exception:  # noqa: BLE001 - only the shortcut is lost: the prompt is processed as usual
