@@ -137,12 +137,16 @@ def llama_bench(exe: str, path: Path, args) -> dict[str, float]:
 
 # Published models' shapes (the vocabulary and tokenizer are SmolLM2's, read from the library's
 # file, or --vocab-from's): TinyLlama-1.1B (head size 64, 8 query heads per KV head), Llama-3.2-3B
-# (head size 128, 3 per KV head), Llama-2-7B (head size 128, no grouping)
+# (head size 128, 3 per KV head), Llama-2-7B (head size 128, no grouping); and Llama-3.2-1B
+# (head size 64, 4 per KV head), whose 128256-token vocabulary (SmolLM2's padded with control
+# tokens no text produces) makes the output product, tied to the embedding, a fifth of the weights
 SYNTHETIC_SHAPES = {
     "1b": dict(n_embd=2048, n_layer=22, n_head=32, n_head_kv=4, n_ff=5632),
     "3b": dict(n_embd=3072, n_layer=28, n_head=24, n_head_kv=8, n_ff=8192),
     "7b": dict(n_embd=4096, n_layer=32, n_head=32, n_head_kv=32, n_ff=11008),
+    "llama3-1b": dict(n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=128256, tied=True),
 }
+CONTROL_TOKEN = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
 SYNTHETIC_QUANTS = ["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 
 
@@ -165,6 +169,14 @@ def synthetic_model(size: str, folder: Path, quants: list[str], tokenizer_file: 
             vtypes = {k: v for k, v in g.value_types.items() if k in meta}
             atypes = {k: v for k, v in g.array_types.items() if k in meta}
         n_vocab = len(meta["tokenizer.ggml.tokens"])
+        if shape.get("n_vocab", n_vocab) > n_vocab:  # pad every per-token array to the shape's vocabulary
+            pad = shape["n_vocab"] - n_vocab
+            meta["tokenizer.ggml.tokens"] = list(meta["tokenizer.ggml.tokens"]) + [f"<|reserved_{i}|>" for i in range(pad)]
+            if "tokenizer.ggml.token_type" in meta:
+                meta["tokenizer.ggml.token_type"] = list(meta["tokenizer.ggml.token_type"]) + [CONTROL_TOKEN] * pad
+            if "tokenizer.ggml.scores" in meta:
+                meta["tokenizer.ggml.scores"] = list(meta["tokenizer.ggml.scores"]) + [0.0] * pad
+            n_vocab = shape["n_vocab"]
         d, n_ff, n_head, n_kv = shape["n_embd"], shape["n_ff"], shape["n_head"], shape["n_head_kv"]
         kv = n_kv * (d // n_head)
         meta.update({
@@ -189,7 +201,9 @@ def synthetic_model(size: str, folder: Path, quants: list[str], tokenizer_file: 
                                      ("ffn_gate", n_ff, d), ("ffn_up", n_ff, d), ("ffn_down", d, n_ff)):
                 tensors.append((f"blk.{i}.{name}.weight", (cols, rows), T.F16, normal(rows, cols)))
             tensors += [(f"blk.{i}.attn_norm.weight", (d,), T.F32, ones(d)), (f"blk.{i}.ffn_norm.weight", (d,), T.F32, ones(d))]
-        tensors += [("output_norm.weight", (d,), T.F32, ones(d)), ("output.weight", (d, n_vocab), T.F16, normal(n_vocab, d))]
+        tensors.append(("output_norm.weight", (d,), T.F32, ones(d)))
+        if not shape.get("tied"):
+            tensors.append(("output.weight", (d, n_vocab), T.F16, normal(n_vocab, d)))
         print(f"writing {f16} ...", flush=True)
         write_gguf(f16, meta, tensors, value_types=vtypes, array_types=atypes)
     out = []
@@ -211,8 +225,8 @@ def main() -> int:
     ap.add_argument("-r", "--repetitions", dest="reps", type=int, default=3)
     ap.add_argument("--llama-bench", dest="llama_bench", help="path to a llama-bench binary for side-by-side ratios")
     ap.add_argument("--synthetic", choices=sorted(SYNTHETIC_SHAPES),
-                    help="measure a random-weights llama of this size (TinyLlama's shape for 1b, Llama-3.2's for 3b, "
-                         "Llama-2's for 7b), written into --cache")
+                    help="measure a random-weights llama of this size (TinyLlama's shape for 1b, Llama-3.2's for 3b "
+                         "and llama3-1b, Llama-2's for 7b), written into --cache")
     ap.add_argument("--cache", type=Path, help="folder holding the --synthetic files (written there once)")
     ap.add_argument("--vocab-from", dest="vocab_from", type=Path,
                     help="--synthetic's tokenizer source (.gguf; default: the library's default model, SmolLM2)")
