@@ -418,3 +418,37 @@ def test_vectorized_swiglu_is_the_scalar_one_bit_for_bit():
     _silu_mul(g, up, out)
     want = np.array([(x / (np.float32(1.0) + _ggml_expf(-x))) * u for x, u in zip(g, up)], np.float32)
     assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
+def test_every_instruction_set_this_cpu_runs_gives_the_same_logits(tmp_path):
+    """load_model(isa=...) runs the kernels built for that instruction set (how an older CPU's
+    path is measured on a newer one: `llamachat bench --isa`): the parameter reaches every
+    product (each matrix's isa, the decode context), and the floats are the host's, prompt and
+    decode. One the CPU cannot run, or an unknown name, is one sentence."""
+    from llamachat.runtime.quants.simd import HOST_ISA, host_isas
+
+    w = tiny_weights(2)
+    kinds = (T.Q4_0, T.Q4_1, T.Q8_0)
+    names = [k for k in w if k.endswith(".weight") and w[k].ndim == 2 and w[k].shape[1] % 32 == 0]
+    path = write_tiny(tmp_path / "q.gguf", w, types={k: kinds[i % 3] for i, k in enumerate(names)})
+
+    def run(isa):
+        m = load_model(path, n_ctx=32, n_threads=1, isa=isa)
+        block = m.eval(TOKENS, logits="all")
+        m.truncate(0)
+        steps = np.stack([m.eval([t]) for t in TOKENS])
+        return m, block, steps
+
+    _, block, steps = run(None)
+    for isa in host_isas():
+        m, b, s = run(isa)
+        assert m.isa == isa and m.decode_context.isa.name == isa
+        assert all(x.isa == isa for layer in m.weights.layers for x in layer.matrices)
+        assert np.array_equal(b, block) and np.array_equal(s, steps), isa
+    assert HOST_ISA.name == host_isas()[0]
+    with pytest.raises(ModelError, match="unknown instruction set 'sse9'"):
+        load_model(path, n_ctx=32, isa="sse9")
+    missing = [name for name in ("avx512vnni", "avx2") if name not in host_isas()]
+    for name in missing:
+        with pytest.raises(ModelError, match=f"cannot run the instruction set '{name}'"):
+            load_model(path, n_ctx=32, isa=name)

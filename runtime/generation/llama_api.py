@@ -208,7 +208,8 @@ class Llama:
     def __init__(self, model_path: str | Path, n_ctx: int = 512, n_threads: int | None = None, seed: int = -1,
                  verbose: bool = False, n_batch: int = 512, chat_format: str | None = None,
                  context_shift: bool = False, n_keep: int = 0, progress=None, embedding: bool = False,
-                 pooling_type: int = LLAMA_POOLING_TYPE_UNSPECIFIED, logits_all: bool = False, **ignored: Any):
+                 pooling_type: int = LLAMA_POOLING_TYPE_UNSPECIFIED, logits_all: bool = False, isa: str | None = None,
+                 **ignored: Any):
         from ..gguf.reader import GGUFFile
         from ..model.model import load_model, trained_context_length
         from ..thread_env import apply_thread_env
@@ -225,7 +226,7 @@ class Llama:
             if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx == 0:
                 # llama-cpp-python: n_ctx=0 means the context the model was trained with
                 n_ctx = trained_context_length(gguf)
-            model = load_model(gguf, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, progress=progress)
+            model = load_model(gguf, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, progress=progress, isa=isa)
         except BaseException:
             gguf.close()
             raise

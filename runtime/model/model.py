@@ -24,7 +24,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from ..errors import ModelError, UserError, shown
 from .kv_cache import KVCache
-from ..quants.matmul import SUPPORTED_TYPES, QuantWeight, decode_context, dequantize_rows
+from ..quants.matmul import SUPPORTED_TYPES, QuantWeight, decode_context, dequantize_rows, kernel_context
 
 log = logging.getLogger("llamachat")
 
@@ -329,7 +329,7 @@ class LlamaModel:
     """A loaded model with its KV cache: evaluate tokens, keep or drop cached positions."""
 
     def __init__(self, gguf_file, config: ModelConfig, weights: Weights, n_ctx: int, n_batch: int, n_threads: int,
-                 fused=None, layer_stack=None):
+                 fused=None, layer_stack=None, isa: str | None = None):
         self.gguf = gguf_file
         self.path = Path(gguf_file.path)
         self.config = config
@@ -337,6 +337,7 @@ class LlamaModel:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_threads = n_threads
+        self.isa = isa  # the instruction set its kernels run with (None: this CPU's best, simd.HOST_ISA)
         try:
             self.cache = KVCache(config.n_layer, n_ctx, config.n_head_kv * config.head_dim)
         except MemoryError:
@@ -359,7 +360,7 @@ class LlamaModel:
             self._decode_stack = head_stack(weights)
         if fused is not None:  # the kernels this model decodes with: only those are compiled
             st = self._decode_stack
-            self._decode_ctx = decode_context(st.types + (st.head.types,) + tuple(types for _, _, types in fused))
+            self._decode_ctx = decode_context(st.types + (st.head.types,) + tuple(types for _, _, types in fused), isa)
         self._decode_gate: threading.Event | None = None  # see defer_decode
 
     def defer_decode(self, ready: threading.Event) -> None:
@@ -461,9 +462,12 @@ class LlamaModel:
 
 
 def load_model(path, n_ctx: int = 2048, n_threads: int | None = None, n_batch: int = 512,
-               progress: Callable[[float], None] | None = None) -> LlamaModel:
+               progress: Callable[[float], None] | None = None, isa: str | None = None) -> LlamaModel:
     """Open and check a llama GGUF; weights stay in the memory map. ModelError/GGUFError/UserError
-    for anything wrong with the file or the settings; a too-large model only warns (m.warnings)."""
+    for anything wrong with the file or the settings; a too-large model only warns (m.warnings).
+    isa: the instruction set to run the kernels with ("avx512vnni", "avx2", "portable"; None:
+    the best this CPU has), one this CPU can run: the same floats on every one, only the speed
+    differs (how an older CPU's path is measured on a newer one)."""
     from ..gguf.reader import GGUFFile
 
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx <= 0:
@@ -473,6 +477,11 @@ def load_model(path, n_ctx: int = 2048, n_threads: int | None = None, n_batch: i
     if isinstance(n_batch, bool) or not isinstance(n_batch, (int, np.integer)) or n_batch <= 0:
         raise ModelError(f"batch size must be a positive number of tokens, not {n_batch!r}")
     threads = _check_threads(n_threads)
+    if isa is not None:
+        try:
+            kernel_context(isa)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
 
     g = path if hasattr(path, "tensors") else GGUFFile(path)
     try:
@@ -480,10 +489,12 @@ def load_model(path, n_ctx: int = 2048, n_threads: int | None = None, n_batch: i
             progress(0.0)
         cfg = config_from_gguf(g)
         weights = weights_from_gguf(g, cfg, progress)
+        for w in (weights.token_embd, weights.output, *(m for layer in weights.layers for m in layer.matrices)):
+            w.isa = isa  # (before fused_layers: which layout a matrix is repacked into depends on it)
         from .loading import fused_layers
 
         fused, layer_stack = fused_layers(weights)
-        model = LlamaModel(g, cfg, weights, int(n_ctx), int(n_batch), threads, fused, layer_stack)
+        model = LlamaModel(g, cfg, weights, int(n_ctx), int(n_batch), threads, fused, layer_stack, isa)
     except BaseException:
         if g is not path:
             g.close()

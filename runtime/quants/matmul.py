@@ -129,17 +129,17 @@ def kernel_context(isa: str | None = None, kernels=None) -> KernelContext:
     return ctx
 
 
-def decode_context(codes) -> KernelContext:
+def decode_context(codes, isa: str | None = None) -> KernelContext:
     """The context for decoding with matrices whose kernel numbers are `codes` (int64 arrays, or
-    tuples of them, e.g. runtime.model.forward.Layer's `types`; -1 entries ignored), this CPU's
-    instruction set: one per set of kernels (kernel_context keeps them). Made once per model, at
-    load."""
+    tuples of them, e.g. runtime.model.forward.Layer's `types`; -1 entries ignored), instruction
+    set isa (None: this CPU's): one per set of kernels (kernel_context keeps them). Made once per
+    model, at load."""
     arrays = []
     stack = list(codes)
     while stack:
         c = stack.pop()
         stack.extend(c) if isinstance(c, (tuple, list)) else arrays.append(np.ravel(c))
-    return kernel_context(None, np.concatenate(arrays).tolist())
+    return kernel_context(isa, np.concatenate(arrays).tolist())
 
 
 @njit(cache=True, inline="always")
@@ -279,7 +279,7 @@ class QuantWeight:
     [n_out, row bytes] (ggml shape (n_in, n_out)), the file's blocks; or, once `repack`ed
     (`packed`), the same bytes in its format's interleaved layout (its record's `packed`)."""
 
-    __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode", "packed")
+    __slots__ = ("name", "ggml_type", "n_in", "n_out", "rows", "act_mode", "packed", "isa")
 
     def __init__(self, name: str, ggml_type, n_in: int, n_out: int, rows: np.ndarray):
         self.name = name
@@ -289,6 +289,7 @@ class QuantWeight:
         self.rows = rows
         self.act_mode = TRAITS[self.ggml_type].vec_dot_type
         self.packed = False
+        self.isa: str | None = None  # the instruction set its products run with (None: this CPU's); set before repacking
 
     @property
     def nbytes(self) -> int:
@@ -316,7 +317,7 @@ def repackable(w: QuantWeight) -> bool:
     """Whether `repack` applies: a format with an interleaved layout (Q4_0, as llama.cpp repacks
     it on an AVX2 CPU; Q4_1, the same floats as its vec_dot; Q4_K on an AVX-512 VNNI CPU, whose
     512-bit kernels it is made for), rows a multiple of 8."""
-    if w.ggml_type == T.Q4_K and HOST_ISA.name != "avx512vnni":
+    if w.ggml_type == T.Q4_K and (w.isa or HOST_ISA.name) != "avx512vnni":
         return False
     return TRAITS[w.ggml_type].packed is not None and w.n_out % 8 == 0 and w.n_in % 32 == 0 and not w.packed
 
@@ -370,10 +371,11 @@ def matmul(w: QuantWeight, x: np.ndarray | Activations, out: np.ndarray | None =
     """x [T, n_in] (or Activations for w's format) -> x @ W.T as float32 [T, n_out]. For the
     fused formats each token's row is the same bits whatever T (one arithmetic for prompts and
     decode); the others multiply float32 tiles with BLAS. isa: the instruction set the kernels
-    are compiled for (kernel_context; None: this CPU's). One token goes to the format's
+    are compiled for (kernel_context; None: w's, QuantWeight.isa). One token goes to the format's
     one-token kernel, or with batch_one to its batch kernel (the same floats), where it has one:
     the batch forward pass's choice, so that a prompt's kernels also serve its last row and
     single tokens (runtime.model.forward)."""
+    isa = w.isa if isa is None else isa
     ctx = kernel_context(isa)
     act = x if isinstance(x, Activations) else quantize_for(x, w)
     if act.mode != w.act_mode:

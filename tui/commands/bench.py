@@ -24,6 +24,9 @@ def configure(parser) -> None:
     parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("-r", "--repetitions", dest="reps", type=int, default=3, help="repetitions of each test after a warm-up (default 3)")
     parser.add_argument("-b", "--batch-size", dest="n_batch", type=int, default=2048, help="tokens per evaluation call (default 2048)")
+    parser.add_argument("--isa", choices=("avx512vnni", "avx2", "portable"), default=None,
+                        help="run the kernels built for this instruction set (default: the best this CPU has; "
+                             "avx2 measures what an AVX2-only CPU runs)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
@@ -38,7 +41,11 @@ def run(args) -> int:
     if args.n_prompt == 0 and args.n_gen == 0:
         raise UserError("nothing to measure: -p and -n are both 0")
     path = Path(Library.load().resolve(args.model).path)
-    model = load_model(path, n_ctx=max(args.n_prompt, args.n_gen, 1), n_threads=args.threads, n_batch=args.n_batch)
+    model = load_model(path, n_ctx=max(args.n_prompt, args.n_gen, 1), n_threads=args.threads, n_batch=args.n_batch,
+                       isa=args.isa)
+    from llamachat.runtime.quants.simd import HOST_ISA
+
+    isa = args.isa or HOST_ISA.name  # the kernels' instruction set
     name = model.metadata.get("general.name") or path.stem
     size_gib = path.stat().st_size / 2**30
     n_params = sum(t.n_elements for t in model.gguf.tensors.values())
@@ -63,7 +70,8 @@ def run(args) -> int:
     for res in bench(model, args.n_prompt, args.n_gen, args.reps, on_result=show):
         row = {"model": name, "model_path": str(path), "model_size": path.stat().st_size, "model_type": ftype,
                "test": res.test, "n_tokens": res.n_tokens, "tokens_per_second": round(res.mean, 3),
-               "stddev": round(res.stddev, 3), "samples": [round(s, 3) for s in res.samples], "threads": res.threads}
+               "stddev": round(res.stddev, 3), "samples": [round(s, 3) for s in res.samples], "threads": res.threads,
+               "isa": isa}
         pct = res.bound_percent(bandwidth) if bandwidth else None
         if pct is not None:
             row.update(bandwidth_bytes_per_second=round(bandwidth), weight_bytes_per_token=res.weight_bytes,
@@ -75,6 +83,8 @@ def run(args) -> int:
     if notes and not args.json:
         print()
         print("\n".join(notes))
+    if not args.json:
+        print(f"kernels: {isa}" + (" (--isa)" if args.isa else " (the best this CPU has)"))
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
