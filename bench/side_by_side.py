@@ -228,9 +228,9 @@ def run_tool(cmd: list[str], parse, timeout: float, env=None) -> tuple[dict | No
         return None, f"unreadable output ({e}): {out.stdout[:200]!r}"
 
 
-def ours_cmd(llamachat: list[str], t: Target, threads: int) -> list[str]:
+def ours_cmd(llamachat: list[str], t: Target, threads: int, isa: str | None = None) -> list[str]:
     return [*llamachat, "bench", "-m", str(t.path), "-p", str(t.n_prompt), "-n", str(t.n_gen),
-            "-t", str(threads), "-r", str(t.reps), "--json"]
+            "-t", str(threads), "-r", str(t.reps), "--json", *(["--isa", isa] if isa else [])]
 
 
 def theirs_cmd(exe: str, t: Target, threads: int) -> list[str]:
@@ -494,6 +494,9 @@ def main(argv=None) -> int:
                     help="measure only files whose path or label contains this (repeatable)")
     ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH", DEFAULT_LLAMA_BENCH),
                     help=f"llama.cpp's llama-bench (default: $LLAMA_BENCH or {DEFAULT_LLAMA_BENCH}; bench/build_llama_bench.sh builds one)")
+    ap.add_argument("--isa", choices=("avx512vnni", "avx2", "portable"), default=None,
+                    help="llamachat's kernels for this instruction set (`llamachat bench --isa`; default: the best "
+                         "this CPU has); beside an llama-bench built for the same (build_llama_bench.sh DIR avx2)")
     ap.add_argument("--llamachat", default=None,
                     help="the llamachat command (default: the `llamachat` script beside this Python)")
     ap.add_argument("--start-model", default=DEFAULT_SMALL[0], help="the cold and warm start's file (default: the Q4_1 one)")
@@ -565,7 +568,7 @@ def main(argv=None) -> int:
 
     cpu, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
     header = dict(cpu=cpu, cores=os.cpu_count(), flags=" ".join(flags) or "unknown",
-                  isa=engine_isa(sys.executable), llama_bench=exe, build="unknown",
+                  isa=f"{args.isa} (--isa)" if args.isa else engine_isa(sys.executable), llama_bench=exe, build="unknown",
                   ggml=ggml_features(exe), load_start=load_average(),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     compiler = compiler_line(exe)
@@ -581,7 +584,7 @@ def main(argv=None) -> int:
                     progress.say(f"{t.label} -t {c.threads}, round {rnd}/{args.rounds}: {name}")
                     t0 = time.monotonic()
                     if tool == "ours":
-                        res, why = run_tool(ours_cmd(llamachat, t, c.threads), parse_ours, args.timeout)
+                        res, why = run_tool(ours_cmd(llamachat, t, c.threads, args.isa), parse_ours, args.timeout)
                         c.ours.append(res)
                     else:
                         res, why = run_tool(theirs_cmd(exe, t, c.threads), parse_llama_bench, args.timeout, env_theirs)
