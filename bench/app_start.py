@@ -40,13 +40,17 @@ def is_ready(text: str) -> bool:
     return "ctx " in tail and "loading" not in tail
 
 
-def one_run(command: list[str], width: int, height: int, timeout: float) -> float | None:
+def one_run(command: list[str], width: int, height: int, timeout: float) -> tuple[float | None, float | None]:
+    """(seconds to the first screen the app draws, seconds to the model shown ready)."""
     tmux("kill-session", "-t", SESSION, check=False)
     start = time.perf_counter()
     tmux("new-session", "-d", "-s", SESSION, "-x", str(width), "-y", str(height), shlex.join(command))
-    ready = None
+    shown = ready = None
     while time.perf_counter() - start < timeout:
-        if is_ready(screen()):
+        text = screen()
+        if shown is None and ("ctx " in text or "loading" in text):  # the status line is drawn
+            shown = time.perf_counter() - start
+        if is_ready(text):
             ready = time.perf_counter() - start
             break
         time.sleep(0.02)
@@ -56,7 +60,7 @@ def one_run(command: list[str], width: int, height: int, timeout: float) -> floa
                                                        capture_output=True).returncode == 0:
         time.sleep(0.05)
     tmux("kill-session", "-t", SESSION, check=False)
-    return ready
+    return shown, ready
 
 
 def main() -> int:
@@ -76,17 +80,19 @@ def main() -> int:
         print(f"error: --size {a.size!r}: expected COLUMNSxLINES, e.g. 120x35", file=sys.stderr)
         return 2
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    times = []
+    times, screens = [], []
     for i in range(a.runs):
-        t = one_run([a.llamachat, *a.args], width, height, a.timeout)
+        shown, t = one_run([a.llamachat, *a.args], width, height, a.timeout)
         if t is None:
             print(f"run {i + 1}: not ready within {a.timeout:g} s; the screen:\n{screen()}", file=sys.stderr)
             return 1
         times.append(t)
-        print(f"run {i + 1}: ready {t:.2f} s after launch" + (" (may include compiling)" if i == 0 else ""), flush=True)
-    warm = times[1:] or times
-    print(f"warm runs: median {statistics.median(warm):.2f} s, {min(warm):.2f}-{max(warm):.2f} s; "
-          f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        screens.append(shown if shown is not None else t)
+        print(f"run {i + 1}: screen drawn {screens[-1]:.2f} s, model ready {t:.2f} s after launch"
+              + (" (may include compiling)" if i == 0 else ""), flush=True)
+    warm, drawn = (times[1:], screens[1:]) if len(times) > 1 else (times, screens)
+    print(f"warm runs: ready median {statistics.median(warm):.2f} s ({min(warm):.2f}-{max(warm):.2f}), screen drawn "
+          f"median {statistics.median(drawn):.2f} s; load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 
 
