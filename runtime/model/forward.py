@@ -16,9 +16,10 @@ LLM_ARCH_LLAMA uses: dimensions (2i, 2i+1) of each head rotate together by
 pos * freq_scale * base**(-2i/n_rot) (divided by rope_freqs[i] when the file has that tensor);
 dimensions past n_rot are left alone.
 
-Two drivers run these steps: `forward` for a batch of tokens (a prompt, perplexity, embeddings;
-one Python call per step), and `decode_token` for one token, which runs them inside compiled
-code (`decode_layer`; `decode_all_layers` for the whole model when its layers are alike, else
+A layer is written once, `layer_steps`, one line a step. `forward` runs it as Python for a batch
+of tokens (a prompt, perplexity, embeddings; each step one kernel over the tokens), and
+`decode_token` runs it compiled for one token (`decode_layer`, each step's one-token
+implementation inlined; `decode_all_layers` for the whole model when its layers are alike, else
 for the output product after one call per layer) on the arrays runtime.model.loading prepared.
 Both take the model's config, weights and KV cache and change nothing but the cache;
 attention is chosen in one place, `attend` (decode, one token, goes straight to its one-row half).
@@ -27,6 +28,7 @@ attention is chosen in one place, `attend` (decode, one token, goes straight to 
 from __future__ import annotations
 
 import math
+from types import FunctionType
 from typing import NamedTuple
 
 import numpy as np
@@ -542,42 +544,23 @@ def forward(cfg, w, cache, tokens: np.ndarray, want_all: bool, hidden: bool = Fa
     """Run tokens [T] at positions cache.n_past.. through the model (config cfg, weights w),
     append them to the KV cache and return the logits of the last token [n_vocab] (or of all
     tokens [T, n_vocab]); hidden: the final-norm hidden states instead of logits (embeddings,
-    llama.cpp's result_norm). Changes nothing but the cache."""
+    llama.cpp's result_norm). Changes nothing but the cache. The layers are `layer_steps`, run
+    as Python: each step one kernel over all the tokens."""
     n_tok = len(tokens)
     pos0 = cache.n_past
-    positions = np.arange(pos0, pos0 + n_tok)
-    cos, sin = rope_tables(positions, cfg)
-    hd = cfg.head_dim
-    attn_out = np.empty((n_tok, cfg.n_head * hd), np.float32)
-
-    eps = np.float32(cfg.rms_eps)
+    rope = Rope(*rope_tables(np.arange(pos0, pos0 + n_tok), cfg))
+    dims = Dims.of(cfg)
     x = embed(cfg, w, tokens)  # (a new array: the residual sums go into it)
-    h = np.empty_like(x)
-    o = np.empty((0, cfg.n_embd), np.float32)  # the product to add before a norm (none before the first)
+    o = np.empty((0, cfg.n_embd), np.float32)  # the output to add before a norm (none before the first)
     for il, layer in enumerate(w.layers):
-        # attention
-        act = Activations.empty(n_tok, cfg.n_embd, layer.wq.act_mode)
-        add_norm_rows(x, o, layer.attn_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
-        q = matmul(layer.wq, act, batch_one=True)
-        k = matmul(layer.wk, act if layer.wk.act_mode == act.mode else quantize_for(h, layer.wk), batch_one=True)
-        v = matmul(layer.wv, act if layer.wv.act_mode == act.mode else quantize_for(h, layer.wv), batch_one=True)
-        rope_store_rows(q, k, v, cos, sin, cfg.n_head, cfg.n_head_kv, hd, cfg.n_rot, cache.k[il], cache.v[il], pos0)
-        attend(q, cache.k[il], cache.v[il], pos0, cfg.n_head, cfg.n_head_kv, hd, attn_out)
-        o = matmul(layer.wo, attn_out, batch_one=True)
-        # feed-forward (SwiGLU)
-        act = Activations.empty(n_tok, cfg.n_embd, layer.w_gate.act_mode)
-        add_norm_rows(x, o, layer.ffn_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
-        gate = matmul(layer.w_gate, act, batch_one=True)
-        up = matmul(layer.w_up, act if layer.w_up.act_mode == act.mode else quantize_for(h, layer.w_up), batch_one=True)
-        act = np.empty_like(gate)
-        _silu_mul_rows(gate, up, act)
-        o = matmul(layer.w_down, act, batch_one=True)
+        o = layer_steps(x, o, layer, KV(cache.k[il], cache.v[il]), pos0, rope, dims, None)
     cache.n_past = pos0 + n_tok
 
     rows = slice(None) if want_all else slice(n_tok - 1, None)  # (views: the last row alone when only it is wanted)
-    x, o, h = x[rows], o[rows], h[rows]
+    x, o = x[rows], o[rows]
+    h = np.empty_like(x)
     act = Activations.empty(len(x), cfg.n_embd, -1 if hidden else w.output.act_mode)
-    add_norm_rows(x, o, w.output_norm, eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
+    add_norm_rows(x, o, w.output_norm, dims.eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
     if hidden:
         return h if want_all else h[0]
     logits = matmul(w.output, act)  # (one row: its one-token kernel, compile_shared_kernels')
@@ -655,9 +638,8 @@ def _silu_mul_rows(gate, up, out):
                 o[i] = (g[i] / (np.float32(1.0) + _ggml_expf(-g[i]))) * u[i]
 
 
-# --- one token in one compiled call ----------------------------------------------------------
-# A decode step runs the steps of `forward` for a batch of one inside compiled code, so that a
-# token costs no Python-level call per step. Its arguments are grouped in the NamedTuples below.
+# --- the arguments of a layer, grouped -----------------------------------------------------------
+# (NamedTuples: numba compiles a function of them once for every model)
 
 class Dims(NamedTuple):
     """The model's sizes a layer needs (ModelConfig's, as numba takes them)."""
@@ -745,73 +727,204 @@ def _project(mats, types, x, ctx, out):
         start += rows
 
 
-@njit(cache=True)
-def decode_layer(x, layer, kv, pos, rope, dims, table, isa, kernels):
-    """One layer (a Layer) for one token at position pos (x [1, n_embd], updated in place; kv:
-    the layer's cache): the steps and kernels of `forward`, in one compiled call. table, isa,
-    kernels: the kernels' KernelContext, taken apart (numba's dispatcher types an array, an Isa
-    and a KernelSet without Python code, a KernelContext only with it: tens of microseconds a
-    call)."""
-    ctx = KernelContext(table, isa, kernels)
-    n_embd = x.shape[1]
+# --- one layer, written once -------------------------------------------------------------------
+# `layer_steps` is a layer of the module docstring, one line a step. A prompt runs it as Python
+# (`forward`): each step below is one kernel over all the tokens, the tokens split over threads.
+# A decode step runs the same code compiled (`decode_layer`), each step bound to its one-token
+# implementation (the _one function under it; `_ONE_TOKEN`), all inlined into one compiled call,
+# so a token costs no Python-level call per step. Both give each token the same floats (one
+# arithmetic: tests/test_batch_invariance).
+
+ATTENTION, FEED_FORWARD = 0, 1  # add_norm's norm: the layer's first or its second
+
+
+def layer_steps(x, o, layer, kv, pos, rope, dims, ctx):
+    """One layer for the tokens of x [T, n_embd] at positions pos.. (x: the residual stream,
+    updated in place; o: the previous layer's output, not yet added to x, no rows before the
+    first layer; kv: the layer's cache, appended to); returns the layer's output, for the next
+    add_norm. layer: a LayerWeights (Python) or a Layer (compiled); ctx: the products'
+    KernelContext (compiled; None in Python, where each matrix has its own)."""
+    # attention
+    h = add_norm(x, o, layer, ATTENTION, dims)  # x += o;  h = rmsnorm(x) * attn_norm
+    q, k, v = project_qkv(layer, h, dims, ctx)  # h @ Wq, h @ Wk, h @ Wv
+    rope_store(q, k, v, rope, kv, pos, dims)  # rotate q and k by their positions; append k, v to the cache
+    att = attend_cache(q, kv, pos, dims)  # softmax(q k^T / sqrt(head_dim), causal) v, over the cache
+    o = project_out(layer, att, ctx)  # att @ Wo
+    # feed-forward (SwiGLU)
+    h = add_norm(x, o, layer, FEED_FORWARD, dims)  # x += o;  h = rmsnorm(x) * ffn_norm
+    gate, up = project_gate_up(layer, h, ctx)  # h @ Wgate, h @ Wup
+    return project_down(layer, silu_mul(gate, up), ctx)  # (silu(gate) * up) @ Wdown
+
+
+# The steps for a batch (Python: each one kernel over the tokens), each followed by its
+# one-token implementation (compiled; inline="always": numba inlines it where it is called, as
+# it does the layer, so neither compiles on its own).
+
+def add_norm(x, o, layer, which, dims):
+    """x += o (when o has rows), then the normed rows h = rmsnorm(x) * the layer's norm
+    (which: ATTENTION or FEED_FORWARD), with h rounded to the activation format of the first
+    product that reads it: (h, Activations)."""
+    first, norm = (layer.wq, layer.attn_norm) if which == ATTENTION else (layer.w_gate, layer.ffn_norm)
+    act = Activations.empty(x.shape[0], x.shape[1], first.act_mode)
+    h = np.empty_like(x)
+    add_norm_rows(x, o, norm, dims.eps, act.mode, h, act.xq, act.xd, act.xs, act.xhat)
+    return h, act
+
+
+@njit(inline="always")
+def _add_norm_one(x, o, layer, which, dims):  # h only: _project rounds it for each product
+    for t in range(o.shape[0]):  # (no rows: nothing to add) loops: a slice assignment compiles
+        for i in range(x.shape[1]):  # numba's shape-mismatch message
+            x[t, i] += o[t, i]
+    h = np.empty_like(x)
+    _rmsnorm(x, (layer.attn_norm, layer.ffn_norm)[which], dims.eps, h)  # (ATTENTION 0, FEED_FORWARD 1)
+    return h
+
+
+def _reuse_or_round(h, act, w):
+    """The Activations of h for w: act when w reads act's format, else h rounded to w's."""
+    return act if w.act_mode == act.mode else quantize_for(h, w)
+
+
+def project_qkv(layer, h, dims, ctx):
+    h, act = h
+    return (matmul(layer.wq, act, batch_one=True), matmul(layer.wk, _reuse_or_round(h, act, layer.wk), batch_one=True),
+            matmul(layer.wv, _reuse_or_round(h, act, layer.wv), batch_one=True))
+
+
+@njit(inline="always")
+def _project_qkv_one(layer, h, dims, ctx):  # the three products in one call (stacked, when the layer is grouped)
     q_dim = dims.n_head * dims.head_dim
     kv_dim = dims.n_head_kv * dims.head_dim
-    h = np.empty((1, n_embd), np.float32)
     qkv = np.empty((1, q_dim + 2 * kv_dim), np.float32)
-    att = np.empty((1, q_dim), np.float32)
-    proj = np.empty((1, n_embd), np.float32)
-    n_ff = 0
-    for i in range(len(layer.gate_up)):
-        if layer.types[2][i] >= 0:
-            n_ff += layer.gate_up[i].shape[0]
-    n_ff //= 2
-    gu = np.empty((1, 2 * n_ff), np.float32)
-    act = np.empty((1, n_ff), np.float32)
-
-    # attention
-    _rmsnorm(x, layer.attn_norm, dims.eps, h)
     _project(layer.qkv, layer.types[0], h, ctx, qkv)
     # q and k copied out of qkv: contiguous, as a prompt's are, so that RoPE and attention are
     # the same compiled kernels for both (a slice's type would compile each of them again)
     q = np.empty((1, q_dim), np.float32)
     k = np.empty((1, kv_dim), np.float32)
     v = np.empty((1, kv_dim), np.float32)
-    for i in range(q_dim):  # loops: a slice assignment compiles numba's shape-mismatch message
+    for i in range(q_dim):
         q[0, i] = qkv[0, i]
     for i in range(kv_dim):
         k[0, i] = qkv[0, q_dim + i]
         v[0, i] = qkv[0, q_dim + kv_dim + i]
+    return q, k, v
+
+
+def rope_store(q, k, v, rope, kv, pos, dims):
+    rope_store_rows(q, k, v, rope.cos, rope.sin, dims.n_head, dims.n_head_kv, dims.head_dim, dims.n_rot, kv.k, kv.v, pos)
+
+
+@njit(inline="always")
+def _rope_store_one(q, k, v, rope, kv, pos, dims):
     apply_rope(q, dims.n_head, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
     apply_rope(k, dims.n_head_kv, dims.head_dim, dims.n_rot, rope.cos, rope.sin)
-    tmp = np.empty(kv_dim, np.float32)  # the cache holds half floats: rounded as a prompt's rows are
-    round_row_to_half(k[0], kv.k[pos], tmp)
-    round_row_to_half(v[0], kv.v[pos], tmp)
-    attend_rows(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, att)  # one token: attend's choice
-    wo = layer.wo[0]
-    _project((wo, wo, wo), layer.types[1], att, ctx, proj)
-    for i in range(n_embd):
-        x[0, i] += proj[0, i]
+    tmp = np.empty(k.shape[1], np.float32)  # the cache holds half floats: rounded as a prompt's rows are
+    for t in range(k.shape[0]):
+        round_row_to_half(k[t], kv.k[pos + t], tmp)
+        round_row_to_half(v[t], kv.v[pos + t], tmp)
 
-    # feed-forward (SwiGLU)
-    _rmsnorm(x, layer.ffn_norm, dims.eps, h)
+
+def attend_cache(q, kv, pos, dims):
+    out = np.empty((q.shape[0], dims.n_head * dims.head_dim), np.float32)
+    attend(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, out)
+    return out
+
+
+@njit(inline="always")
+def _attend_cache_one(q, kv, pos, dims):  # fewer than FA_TILE_Q tokens: attend's choice, without the tiled kernel
+    out = np.empty((q.shape[0], dims.n_head * dims.head_dim), np.float32)
+    attend_rows(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, out)
+    return out
+
+
+def project_out(layer, att, ctx):
+    return matmul(layer.wo, att, batch_one=True)
+
+
+@njit(inline="always")
+def _project_out_one(layer, att, ctx):
+    wo = layer.wo[0]
+    out = np.empty((1, wo.shape[0]), np.float32)
+    _project((wo, wo, wo), layer.types[1], att, ctx, out)
+    return out
+
+
+def project_gate_up(layer, h, ctx):
+    h, act = h
+    return matmul(layer.w_gate, act, batch_one=True), matmul(layer.w_up, _reuse_or_round(h, act, layer.w_up), batch_one=True)
+
+
+@njit(inline="always")
+def _project_gate_up_one(layer, h, ctx):  # both products in one call (stacked, when the layer is grouped); gate, up: token 0's rows
+    n_ff = 0
+    for i in range(len(layer.gate_up)):
+        if layer.types[2][i] >= 0:
+            n_ff += layer.gate_up[i].shape[0]
+    n_ff //= 2
+    gu = np.empty((1, 2 * n_ff), np.float32)
     _project((layer.gate_up[0], layer.gate_up[1], layer.gate_up[1]), layer.types[2], h, ctx, gu)
-    _silu_mul(gu[0, :n_ff], gu[0, n_ff:], act[0])
+    return gu[0, :n_ff], gu[0, n_ff:]
+
+
+def silu_mul(gate, up):
+    out = np.empty_like(gate)
+    _silu_mul_rows(gate, up, out)
+    return out
+
+
+@njit(inline="always")
+def _silu_mul_one(gate, up):
+    out = np.empty((1, gate.shape[0]), np.float32)
+    _silu_mul(gate, up, out[0])
+    return out
+
+
+def project_down(layer, a, ctx):
+    return matmul(layer.w_down, a, batch_one=True)
+
+
+@njit(inline="always")
+def _project_down_one(layer, a, ctx):
     down = layer.down[0]
-    _project((down, down, down), layer.types[3], act, ctx, proj)
-    for i in range(n_embd):
-        x[0, i] += proj[0, i]
+    out = np.empty((1, down.shape[0]), np.float32)
+    _project((down, down, down), layer.types[3], a, ctx, out)
+    return out
+
+
+# decode_layer's layer: layer_steps' own code with each step bound to its one-token version
+# (numba inlines it and them into decode_layer, as it inlines any inline="always" function: no
+# compile of their own)
+_ONE_TOKEN = dict(add_norm=_add_norm_one, project_qkv=_project_qkv_one, rope_store=_rope_store_one,
+                  attend_cache=_attend_cache_one, project_out=_project_out_one, project_gate_up=_project_gate_up_one,
+                  silu_mul=_silu_mul_one, project_down=_project_down_one)
+_compiled_layer_steps = njit(inline="always")(
+    FunctionType(layer_steps.__code__, {**globals(), **_ONE_TOKEN}, "layer_steps"))
 
 
 @njit(cache=True)
-def decode_all_layers(x, st, kv, pos, rope, dims, table, isa, kernels, logits):
+def decode_layer(x, o, layer, kv, pos, rope, dims, table, isa, kernels):
+    """layer_steps compiled, for one token at position pos (x, o [1, n_embd]; layer: a Layer;
+    kv: the layer's cache): the one-token implementation of each step. table, isa, kernels:
+    the kernels' KernelContext, taken apart (numba's dispatcher types an array, an Isa and a
+    KernelSet without Python code, a KernelContext only with it: tens of microseconds a call)."""
+    return _compiled_layer_steps(x, o, layer, kv, pos, rope, dims, KernelContext(table, isa, kernels))
+
+
+@njit(cache=True)
+def decode_all_layers(x, o, st, kv, pos, rope, dims, table, isa, kernels, logits):
     """decode_layer for every layer of a LayerStack (kv: the whole cache; a stack may hold no
-    layer, see head_stack), then the final norm and the output product into logits
+    layer, see head_stack), o added to x (the output of the layer before these, or of the last
+    one: no rows when there was none), then the final norm and the output product into logits
     [1, n_vocab] (unless its kernel code is -1)."""
     for il in range(st.qkv.shape[0]):
         qkv, gate_up = st.qkv[il], st.gate_up[il]
         layer = Layer(st.attn_norm[il], st.ffn_norm[il], (qkv, qkv, qkv), (st.wo[il],), (gate_up, gate_up),
                       (st.down[il],), st.types)
-        decode_layer(x, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, table, isa, kernels)
+        o = decode_layer(x, o, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, table, isa, kernels)
+    for t in range(o.shape[0]):
+        for i in range(x.shape[1]):
+            x[t, i] += o[t, i]
     if st.head.types[0] >= 0:
         xn = np.empty_like(x)
         _rmsnorm(x, st.head.norm, dims.eps, xn)
@@ -841,14 +954,15 @@ def decode_token(cfg, weights, fused, st, ctx, cache, token: int) -> np.ndarray:
     rope = Rope(*rope_tables(np.array([pos]), cfg))
     dims = Dims.of(cfg)
     x = embed(cfg, weights, np.array([token]))
+    o = np.empty((0, cfg.n_embd), np.float32)
     table, isa, kernels = ctx
     if st.qkv.shape[0] == 0:
         for il, (_, mats, types) in enumerate(fused):
             layer = weights.layers[il]
-            decode_layer(x, Layer(layer.attn_norm, layer.ffn_norm, *mats, types), KV(cache.k[il], cache.v[il]),
-                         pos, rope, dims, table, isa, kernels)
+            o = decode_layer(x, o, Layer(layer.attn_norm, layer.ffn_norm, *mats, types), KV(cache.k[il], cache.v[il]),
+                             pos, rope, dims, table, isa, kernels)
     logits = np.empty((1, cfg.n_vocab), np.float32)
-    decode_all_layers(x, st, KV(cache.k, cache.v), pos, rope, dims, table, isa, kernels, logits)
+    decode_all_layers(x, o, st, KV(cache.k, cache.v), pos, rope, dims, table, isa, kernels, logits)
     cache.n_past = pos + 1
     if st.head.types[0] >= 0:
         return logits[0]
