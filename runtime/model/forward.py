@@ -843,11 +843,16 @@ def project_out(layer, att, ctx):
 
 
 @njit(inline="always")
-def _project_out_one(layer, att, ctx):
-    wo = layer.wo[0]
-    out = np.empty((1, wo.shape[0]), np.float32)
-    _project((wo, wo, wo), layer.types[1], att, ctx, out)
+def _project_one(w, types, x, ctx):
+    """x [1, n_in] @ w (one matrix, its kernel code in types) as a new [1, rows] array."""
+    out = np.empty((1, w.shape[0]), np.float32)
+    _project((w, w, w), types, x, ctx, out)
     return out
+
+
+@njit(inline="always")
+def _project_out_one(layer, att, ctx):
+    return _project_one(layer.wo[0], layer.types[1], att, ctx)
 
 
 def project_gate_up(layer, h, ctx):
@@ -886,10 +891,7 @@ def project_down(layer, a, ctx):
 
 @njit(inline="always")
 def _project_down_one(layer, a, ctx):
-    down = layer.down[0]
-    out = np.empty((1, down.shape[0]), np.float32)
-    _project((down, down, down), layer.types[3], a, ctx, out)
-    return out
+    return _project_one(layer.down[0], layer.types[3], a, ctx)
 
 
 # decode_layer's layer: layer_steps' own code with each step bound to its one-token version
