@@ -1196,7 +1196,7 @@ def run(args) -> int:
     if app.crash_message:
         raise UserError(app.crash_message, exit_code=1)
     load = app._load_thread
-    if app.left_a_load and load is not None and load.is_alive():
+    if load is not None and load.is_alive():  # (Ctrl+Q during a load, or a quit before the screen took the early load over)
         # a daemon thread, but it could still be compiling while the interpreter shuts down
         sys.stdout.flush()
         sys.stderr.flush()
