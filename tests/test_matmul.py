@@ -315,7 +315,7 @@ def run(kind, w, xq, xd, xs, out):
         elif kind == 3:
             out[r] = q5_0.dot(w, r, xq, xd, ISA)
         elif kind == 4:
-            out[r] = q6_k.dot(w, r, xq, xd, ISA)
+            out[r] = q6_k.dot(w, r, xq, xd, q6_k.offsets32(xq), ISA)  # (the offsets: read with VNNI only)
         elif r % 8 == 0 and r + 8 <= w.shape[0]:  # kind 5: Q4_K, 8 rows at a time
             q4_k.dot8(w, r, xq, xd, q4_k.bsum_pairs(xq), out, ISA)
 outs = {}
@@ -654,6 +654,43 @@ def test_q6_k_decode_is_llama_cpp_avx2_order():
         r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
         want = ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), scale
+
+
+def _q6_k_avx2_replay(raw, xq, xd):
+    """ggml's AVX2 vec_dot_q6_K_q8_K in numpy (test_q6_k_decode_is_llama_cpp_avx2_order's)."""
+    n, nb = raw.shape[0], raw.shape[1] // 210
+    d, vals = _q6_k_values(raw)
+    lanes = (vals * xq.astype(np.int64).reshape(nb, 256)).reshape(n, nb, 8, 8, 4).sum(axis=(2, 4)).astype(np.float64)
+    acc = np.zeros((n, 8), np.float32)
+    for b in range(nb):
+        db = (np.float32(xd[8 * b]) * d[:, b]).astype(np.float32)
+        acc = (db[:, None].astype(np.float64) * lanes[:, b] + acc.astype(np.float64)).astype(np.float32)
+    r = [acc[:, i + 4] + acc[:, i] for i in range(4)]
+    return ((r[0] + r[2]) + (r[1] + r[3])).astype(np.float32)
+
+
+def test_q6_k_decode_at_the_integer_extremes_on_every_instruction_set():
+    """The Q6_K one-token kernels where their integer steps are closest to overflowing (quants
+    0 and 63, scales -128 and 127, activations +-127: the VNNI kernel's int16 lanes hold
+    sum4((q - 32) * y) up to 4 * 32 * 127), on each instruction set this CPU runs: ggml's AVX2
+    floats, bit for bit."""
+    from llamachat.runtime.quants import simd
+
+    rng = np.random.default_rng(49)
+    raw = random_rows(T.Q6_K, 16, 768, rng).reshape(16, 3, 210)
+    for r in range(8):  # rows 0-7: every quant 0 or 63, every scale -128 or 127
+        raw[r, :, :192] = 0x00 if r % 2 else 0xFF
+        raw[r, :, 192:208] = np.uint8(0x80) if r // 2 % 2 else np.uint8(127)
+    raw[8:, :, 192:208] = rng.choice(np.array([0x80, 0x7F, 0x81, 0x00, 0x01], np.uint8), size=(8, 3, 16))
+    raw = raw.reshape(16, 630)
+    w = mm.QuantWeight("w", T.Q6_K, 768, 16, raw)
+    for sign in (1.0, -1.0, 0.0):
+        x = np.full((1, 768), sign * 3.0, np.float32) if sign else (rng.standard_normal((1, 768)) * 5).astype(np.float32)
+        act = mm.quantize_for(x, w)
+        want = _q6_k_avx2_replay(raw, act.xq[0], act.xd[0])
+        for isa in [i for i in simd.host_isas() if i != "portable"]:
+            got = mm.matmul(w, x, isa=isa)[0]
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (sign, isa)
 
 
 def _ggml_q5_k_dot(raw, xq, xd):

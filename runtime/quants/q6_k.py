@@ -15,10 +15,12 @@ scales against the one of largest magnitude (iscale = -128 / that scale), values
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from . import simd
-from .simd import _ZERO8, _f32, _half, _hsum8, _i16, _i32, _i8, _lane_accumulate, _lanes_finish, _load, _mask, _scaled_lanes, _vec, row_kernels
+from .simd import (_ZERO8, _dpbusd, _f32, _fn, _half, _hsum8, _i16, _i32, _i8, _lane_accumulate, _load, _mask, _prefetch,
+                   _scaled_lanes, _state_loop, _vec, _vnni, array_args, c_arrays, has_vnni, isa_typer, row_at)
 from . import kbatch
 from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, quantize_row16
 from .rounding import nearest_int, read_f16, write_f16
@@ -132,7 +134,93 @@ def _dot_body(builder, blk, y, scales, state):
     return [_lane_accumulate(builder, d, lanes, state[0])]
 
 
-dot = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish, block_values=QK)[0]
+def _wide_dot_body(builder, blk, y, st, dx, state):
+    """_dot_body's 8 integer lanes on AVX-512 VNNI, 64 values per step. Per 128 values (half h)
+    the quants q (0..63): qh's 32 bytes twice in a 512-bit vector, masked to the 2-bit fields of
+    values 0-31 and 64-95 (bits 0-1, 4-5; first copy) and 32-63 and 96-127 (bits 2-3, 6-7;
+    second copy), shifted per copy to bits 4-5 (word shifts: what crosses into a neighbouring
+    byte lands in its bits 0-3, which the select replaces) and one bit select with ql's nibbles
+    each. Then per 64 values vpdpbusd(st, q, y) = sum4((q - 32) * y) per int32 lane (st: the
+    token's -32 * sum4(y), `offsets32`; |.| <= 4 * 32 * 128 < 2^15, so the lane is its own low
+    word) and one vpdpwssd multiplies the lanes with their scales (words sc | 0 << 16: the
+    lane's high word, its sign, meets 0). Lanes 0-7 of the 16 hold the even 32-groups, 8-15 the
+    odd ones: added, the 8 lanes of ggml's AVX2 loop, the same exact integers, so the same fma
+    steps give its floats. (Two vpdpwssd chains, one per half: on one chain of four LLVM splits
+    three into vpmaddwd + vpaddd.)"""
+    v64, w32, i32x16 = _vec(_i8, 64), _vec(_i16, 32), _vec(_i32, 16)
+    # the 16 scales as dwords sc | 0 << 16
+    sc = builder.and_(builder.sext(_load(builder, blk, _vec(_i8, 16), 192), i32x16), ir.Constant(i32x16, [0xFFFF] * 16))
+    dpwssd = _fn(builder, "llvm.x86.avx512.vpdpwssd.512", i32x16, [i32x16] * 3)
+    low4, high4 = ir.Constant(v64, [0x0F] * 64), ir.Constant(v64, [0xF0] * 64)
+    halves = []
+    for h in range(2):
+        ql = _load(builder, blk, v64, 64 * h)
+        qh = _load(builder, blk, _vec(_i8, 32), 128 + 32 * h)
+        qh2 = builder.and_(builder.bitcast(builder.shuffle_vector(qh, qh, _mask(list(range(32)) * 2)), w32),
+                           ir.Constant(w32, [0x3333] * 16 + [0xCCCC] * 16))
+        hi_a = builder.bitcast(builder.shl(qh2, ir.Constant(w32, [4] * 16 + [2] * 16)), v64)  # values 0-63
+        hi_b = builder.bitcast(builder.lshr(qh2, ir.Constant(w32, [0] * 16 + [2] * 16)), v64)  # values 64-127
+        lo_b = builder.bitcast(builder.lshr(builder.bitcast(ql, w32), ir.Constant(w32, [4] * 32)), v64)
+        acc = ir.Constant(i32x16, [0] * 16)
+        for c, (lo, hi) in enumerate(((ql, hi_a), (lo_b, hi_b)), start=2 * h):  # values 64c..64c+63
+            q = builder.or_(builder.and_(lo, low4), builder.and_(hi, high4))
+            lanes = _dpbusd(builder, _load(builder, st, i32x16, 64 * c), q, _load(builder, y, v64, 64 * c))
+            words = builder.shuffle_vector(sc, sc, _mask([4 * c + i // 4 for i in range(16)]))  # scales 4c..4c+3, 4 lanes each
+            acc = builder.call(dpwssd, [acc, lanes, words])
+        halves.append(acc)
+    acc = builder.add(*halves)
+    lanes8 = builder.add(builder.shuffle_vector(acc, acc, _mask(range(8))), builder.shuffle_vector(acc, acc, _mask(range(8, 16))))
+    d = builder.fmul(dx, _half(builder, blk, 208))  # ggml: y.d * x.d
+    return _lane_accumulate(builder, d, lanes8, state)
+
+
+# The weights stream from DRAM: each row's bytes 16 KiB ahead are asked for, into L2 only
+# (prefetcht1), as Q4_K's kernels do.
+PREFETCH_AHEAD, PREFETCH_LOCALITY = 16384, 2
+
+
+def _dot_typer(typingctx, w, r, xq, xd, st, isa):
+    """An intrinsic (w, r, xq, xd, st, isa) -> float32: row r of w times one token (xq int8 [K],
+    xd float32 [K/32]; st int32 [K/4] = offsets32(xq), read on AVX-512 VNNI only), as ggml's
+    AVX2 vec_dot_q6_K_q8_K (_dot_body; _wide_dot_body with VNNI: the same integer lanes)."""
+    if not c_arrays(w, xq, xd, st):
+        return None
+
+    def codegen(context, builder, signature, args):
+        warr, r, xarr, darr, sarr, _ = array_args(context, builder, signature, args)
+        row_bytes = builder.extract_value(warr.shape, 1)
+        row = row_at(builder, warr, r)
+        yq = builder.bitcast(xarr.data, _i8.as_pointer())
+        stp = builder.bitcast(sarr.data, _i8.as_pointer())
+        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
+        wide = _vnni()
+
+        def block(b, state):
+            o = builder.mul(b, ir.Constant(b.type, BLOCK_BYTES))
+            _prefetch(builder, row, o, BLOCK_BYTES, PREFETCH_AHEAD, PREFETCH_LOCALITY)
+            blk = builder.gep(row, [o])
+            yo = builder.mul(b, ir.Constant(b.type, QK))
+            dx = builder.load(builder.gep(darr.data, [builder.mul(b, ir.Constant(b.type, QK // 32))]))
+            if wide:
+                return [_wide_dot_body(builder, blk, builder.gep(yq, [yo]), builder.gep(stp, [yo]), dx, state[0])]
+            return _dot_body(builder, blk, builder.gep(yq, [yo]), [dx], state)
+
+        return _hsum8(builder, _state_loop(builder, n_blocks, [_ZERO8], block)[0])
+
+    return types.float32(w, r, xq, xd, st, isa), codegen
+
+
+dot = intrinsic(isa_typer(_dot_typer))
+
+
+# (inlined, as q4_k.bsum_pairs)
+@njit(cache=True, inline="always")
+def offsets32(xq):
+    """_wide_dot_body's start lanes: -32 times each 4 activations' sum, int32 [K/4]."""
+    st = np.empty(xq.shape[0] // 4, np.int32)
+    for i in range(st.shape[0]):
+        st[i] = -32 * (np.int32(xq[4 * i]) + np.int32(xq[4 * i + 1]) + np.int32(xq[4 * i + 2]) + np.int32(xq[4 * i + 3]))
+    return st
 
 
 def _batch_body(builder, blk, ys, dx, bsp, state):
@@ -174,6 +262,7 @@ matmat = kbatch.batch_products("Q6_K", BLOCK_BYTES, [_ZERO8] * kbatch.GROUP, _ba
 def matvec(w, ctx, xq, xd, xs, xhat, out):
     """As ggml's AVX2 vec_dot_q6_K_q8_K: per 256-value block 8 integer lanes of
     scale * (q - 32) * x, acc_l = fma(dx*d, lane, acc_l), result hsum_float_8(acc)."""
+    st = offsets32(xq) if has_vnni(ctx.isa) else np.empty(0, np.int32)
     for r in prange(w.shape[0]):
-        out[r] = dot(w, r, xq, xd, ctx.isa)
+        out[r] = dot(w, r, xq, xd, st, ctx.isa)
 
