@@ -595,7 +595,8 @@ def test_q4_k_sums_as_llama_cpp_repacked_kernels():
 def test_repacked_k_quants_give_the_file_layouts_floats_on_every_instruction_set(qtype):
     """Q4_K and Q5_K matrices repacked at load (AVX-512 VNNI CPUs: 8 rows interleaved,
     q4_k.pack / q5_k.pack) give the file layout's floats bit for bit - one token (matvec_x8)
-    and batches (Q4_K's tiles, Q5_K's 8 rows x 2 tokens, or token by token), on each instruction
+    and batches (Q4_K's tiles, Q5_K's rows put back in the file's order per work item, or token by
+    token), on each instruction
     set this CPU runs, the portable IR by argument - and the layout holds the same bytes."""
     from llamachat.runtime.quants import simd
 
@@ -608,7 +609,7 @@ def test_repacked_k_quants_give_the_file_layouts_floats_on_every_instruction_set
     w = mm.QuantWeight("w", qtype, 768, 24, raw)
     wp = mm.QuantWeight("w", qtype, 768, 24, packed)
     wp.packed = True
-    for n_tok in (1, 5, 13):  # 13: a full tile of 12 tokens and one more (Q4_K); 5, 13: a leftover token (Q5_K)
+    for n_tok in (1, 5, 13):  # 13: a full tile of 12 tokens and one more (Q4_K)
         x = (rng.standard_normal((n_tok, 768)) * 2).astype(np.float32)
         for isa in simd.host_isas():
             want = mm.matmul(w, x, isa=isa)

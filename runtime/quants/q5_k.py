@@ -17,7 +17,9 @@ one token and for every token of a batch: per block, with the Q8_K activations' 
                     (vpmaddubsw of q and y, vpmaddwd against the scales: exact integers)
   imin              sum_g m_g * (sum of sub-block g's activations)  (exact)
   acc_l = fma(dx * d, lane_l, acc_l),  summs = fma(-dx * dmin, imin, summs)
-and the row's result hsum_float_8(acc) + summs.
+and the row's result hsum_float_8(acc) + summs. On an AVX-512 VNNI CPU the matrices are repacked
+at load (8 rows interleaved, `pack`, at the end of this module) for a one-token kernel with no
+per-row shuffles or reductions, the same floats.
 """
 
 import numpy as np
@@ -27,7 +29,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import array_args, c_arrays, has_vnni, isa_typer, offsets, row_at, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _splat, _vec
+from .simd import array_args, c_arrays, isa_typer, offsets, row_at, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _splat, _vec
 from . import kbatch
 from .ksearch import k4_row_converters
 from .q4_k import (PREFETCH_AHEAD, PREFETCH_LOCALITY, broadcast_word, bcast8, bsum_pairs, interleave_qwords, scale_words,
@@ -209,7 +211,9 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
 # sub-block scale, and the int32 lanes are ggml's (row i's lanes 2m, 2m+1 in places 2i, 2i+1 of
 # the vector of qword m): the same exact integers, the same fma per lane, the same
 # hsum_float_8 at the end (done for 8 rows at once), so the floats are the file layout's, bit
-# for bit - without the file layout's per-row shuffles, scale broadcasts and reductions.
+# for bit - without the file layout's per-row shuffles, scale broadcasts and reductions. A batch
+# puts each work item's rows back in the file's order and runs the file layout's batch kernel
+# (kbatch.batch_products(interleaved=True)).
 X8_BLOCK = 8 * BLOCK_BYTES
 
 
@@ -219,73 +223,57 @@ def pack(rows, out=None):
     return interleave_qwords(rows, BLOCK_BYTES, out)
 
 
-def _x8_emit(n_t):
-    """_tokens_typer's emit for the repacked layout: rows r..r+7 (r a multiple of 8) times n_t
-    tokens (bsum: q4_k.bsum_pairs of each token, uint32 [T, K/64]) into out[t0:t0+n_t, r:r+8];
-    each 8-row block unpacked once for the n_t tokens."""
+def _x8_emit(builder, warr, r0, yq, yd, bsums, toks, oarr):
+    """_tokens_typer's emit for the repacked layout: rows r0..r0+7 (r0 a multiple of 8) times
+    one token (bsum: q4_k.bsum_pairs of each token, uint32 [T, K/64]) into out[t0, r0:r0+8]."""
+    ity = r0.type
+    group = row_at(builder, warr, r0)
+    row_bytes = builder.extract_value(warr.shape, 1)
+    n_blocks = builder.sdiv(row_bytes, ir.Constant(ity, BLOCK_BYTES))
+    v64, v16, i32x16, f32x8, f32x16 = _vec(_i8, 64), _vec(_i16, 16), _vec(_i32, 16), _vec(_f32, 8), _vec(_f32, 16)
+    zero = ir.Constant(i32x16, [0] * 16)
+    bp = builder.bitcast(bsums[0], _i32.as_pointer())
 
-    def emit(builder, warr, r0, yq, yd, bsums, toks, oarr):
-        ity = r0.type
-        group = row_at(builder, warr, r0)
-        row_bytes = builder.extract_value(warr.shape, 1)
-        n_blocks = builder.sdiv(row_bytes, ir.Constant(ity, BLOCK_BYTES))
-        v64, v16, i32x16, f32x8, f32x16 = _vec(_i8, 64), _vec(_i16, 16), _vec(_i32, 16), _vec(_f32, 8), _vec(_f32, 16)
-        zero = ir.Constant(i32x16, [0] * 16)
+    def block(b, state):
+        o = builder.mul(b, ir.Constant(ity, X8_BLOCK))
+        _prefetch(builder, group, o, X8_BLOCK, PREFETCH_AHEAD, PREFETCH_LOCALITY)  # the weights stream from DRAM
+        blk = builder.gep(group, [o])
+        sm, dd8 = _x8_scales(builder, [_load(builder, blk, i32x16, 64 * k) for k in range(2)])
+        dh, dminh = _d_dmin(builder, dd8)
+        # sub-block g's scale of row i in words 4i..4i+3 (the row's 4 pairs of a qword; the high
+        # bytes from the zero vector: the scales are below 64)
+        zeros = ir.Constant(sm.type, [0] * sm.type.count)
+        scales = [builder.bitcast(builder.shuffle_vector(sm, zeros, _mask([v for i in range(8) for v in [16 * i + g, 128] * 4])), _vec(_i16, 32))
+                  for g in range(8)]
+        qh = [_load(builder, blk, v64, 128 + 64 * m) for m in range(4)]
+        y = builder.gep(yq[0], [builder.mul(b, ir.Constant(ity, 256))])
+        lanes = [zero] * 4  # per qword m
+        for c in range(4):  # (each quant vector used as soon as made: fewer live registers)
+            for m in range(4):
+                qs = _load(builder, blk, v64, 384 + 256 * c + 64 * m)
+                for h in range(2):
+                    g = 2 * c + h
+                    pairs = simd._pairs_us(builder, _with_high_bit(builder, qs, qh[m], g), bcast8(builder, y, 32 * g + 8 * m))
+                    lanes[m] = _dpwssd_any(builder, lanes[m], pairs, scales[g])
+        dx = _splat(builder, builder.load(builder.gep(yd[0], [builder.mul(b, ir.Constant(ity, 8))])), 8)
+        dxd = builder.fmul(dx, dh)
+        dxd = builder.shuffle_vector(dxd, dxd, _mask([i // 2 for i in range(16)]))  # row i's in places 2i, 2i+1
+        imin = _x8_mins(builder, sm, lambda p: builder.bitcast(
+            _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(ity, 4)), ir.Constant(ity, p))])), 8), v16))
+        dmin = builder.fmul(builder.fsub(ir.Constant(f32x8, [-0.0] * 8), dx), dminh)  # ggml: -y.d * dmin
+        return ([_fma(builder, dxd, builder.sitofp(lanes[m], f32x16), state[m]) for m in range(4)]
+                + [_fma(builder, dmin, builder.sitofp(imin, f32x8), state[4])])
 
-        def block(b, state):
-            o = builder.mul(b, ir.Constant(ity, X8_BLOCK))
-            if n_t == 1:  # one token: the weights stream from DRAM
-                _prefetch(builder, group, o, X8_BLOCK, PREFETCH_AHEAD, PREFETCH_LOCALITY)
-            blk = builder.gep(group, [o])
-            sm, dd8 = _x8_scales(builder, [_load(builder, blk, i32x16, 64 * k) for k in range(2)])
-            dh, dminh = _d_dmin(builder, dd8)
-            # sub-block g's scale of row i in words 4i..4i+3 (the row's 4 pairs of a qword)
-            # (the scales' high bytes from the zero vector: the scales are below 64)
-            zeros = ir.Constant(sm.type, [0] * sm.type.count)
-            scales = [builder.bitcast(builder.shuffle_vector(sm, zeros, _mask([v for i in range(8) for v in [16 * i + g, 128] * 4])), _vec(_i16, 32))
-                      for g in range(8)]
-            qh = [_load(builder, blk, v64, 128 + 64 * m) for m in range(4)]
-            ys = [builder.gep(y, [builder.mul(b, ir.Constant(ity, 256))]) for y in yq]
-            lanes = [[zero] * 4 for _ in range(n_t)]  # per token and qword m
-            for c in range(4):  # (each quant vector used as soon as made: fewer live registers)
-                for m in range(4):
-                    qs = _load(builder, blk, v64, 384 + 256 * c + 64 * m)
-                    for h in range(2):
-                        g = 2 * c + h
-                        quants = _with_high_bit(builder, qs, qh[m], g)
-                        for t in range(n_t):
-                            pairs = simd._pairs_us(builder, quants, bcast8(builder, ys[t], 32 * g + 8 * m))
-                            lanes[t][m] = _dpwssd_any(builder, lanes[t][m], pairs, scales[g])
-            new = []
-            for t in range(n_t):
-                dx = _splat(builder, builder.load(builder.gep(yd[t], [builder.mul(b, ir.Constant(ity, 8))])), 8)
-                dxd = builder.fmul(dx, dh)
-                dxd = builder.shuffle_vector(dxd, dxd, _mask([i // 2 for i in range(16)]))
-                new += [_fma(builder, dxd, builder.sitofp(lanes[t][m], f32x16), state[5 * t + m]) for m in range(4)]
-                bp = builder.bitcast(bsums[t], _i32.as_pointer())
-                imin = _x8_mins(builder, sm, lambda p: builder.bitcast(
-                    _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(ity, 4)), ir.Constant(ity, p))])), 8), v16))
-                dmin = builder.fmul(builder.fsub(ir.Constant(f32x8, [-0.0] * 8), dx), dminh)  # ggml: -y.d * dmin
-                new.append(_fma(builder, dmin, builder.sitofp(imin, f32x8), state[5 * t + 4]))
-            return new
-
-        zero16 = ir.Constant(f32x16, [0.0] * 16)
-        state = simd._state_loop(builder, n_blocks, ([zero16] * 4 + [_ZERO8]) * n_t, block)
-        for t in range(n_t):
-            # hsum_float_8 of each row, its lanes 2m, 2m+1 in acc m: (a4+a0) + (a6+a2), then + (a5+a1) + (a7+a3)
-            a = state[5 * t:5 * t + 4]
-            s = builder.fadd(builder.fadd(a[2], a[0]), builder.fadd(a[3], a[1]))
-            rows = builder.fadd(builder.shuffle_vector(s, s, _mask(range(0, 16, 2))), builder.shuffle_vector(s, s, _mask(range(1, 16, 2))))
-            dst = builder.gep(row_at(builder, oarr, toks[t]), [r0])
-            builder.store(builder.fadd(rows, state[5 * t + 4]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
-
-    emit.n_t = n_t
-    return emit
+    state = simd._state_loop(builder, n_blocks, [ir.Constant(f32x16, [0.0] * 16)] * 4 + [_ZERO8], block)
+    # hsum_float_8 of each row, its lanes 2m, 2m+1 in acc m: (a4+a0) + (a6+a2), then + (a5+a1) + (a7+a3)
+    s = builder.fadd(builder.fadd(state[2], state[0]), builder.fadd(state[3], state[1]))
+    rows = builder.fadd(builder.shuffle_vector(s, s, _mask(range(0, 16, 2))), builder.shuffle_vector(s, s, _mask(range(1, 16, 2))))
+    dst = builder.gep(row_at(builder, oarr, toks[0]), [r0])
+    builder.store(builder.fadd(rows, state[4]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
 
 
-_x8_rows1 = intrinsic(_tokens_typer(_x8_emit(1)))
-BATCH_X8_TOKENS = 2  # tokens per pass of the batch over a repacked 8-row group
-_x8_rows = intrinsic(_tokens_typer(_x8_emit(BATCH_X8_TOKENS)))
+_x8_emit.n_t = 1
+_x8_rows1 = intrinsic(_tokens_typer(_x8_emit))
 
 
 @njit(cache=True, parallel=True)
@@ -300,22 +288,5 @@ def matvec_x8(w, ctx, xq, xd, xs, xhat, out):
         _x8_rows1(w, 8 * g, xq2, xd2, bsp, 0, out2, ctx.isa)
 
 
-@njit(cache=True, parallel=True)
-def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
-    """matmat for a repacked matrix: the same floats, each (row, token) matvec_x8's; 8 rows times
-    BATCH_X8_TOKENS tokens per pass (the leftover token alone), X8_ROW_GROUPS groups per work item."""
-    n_tok, k = xq.shape
-    bsp = np.empty((n_tok, k // 64), np.uint32)
-    for t in range(n_tok):
-        bsp[t] = bsum_pairs(xq[t])
-    in_steps = n_tok - n_tok % BATCH_X8_TOKENS
-    n_groups = w.shape[0] // 8
-    for item in prange((n_groups + X8_ROW_GROUPS - 1) // X8_ROW_GROUPS):
-        for g in range(item * X8_ROW_GROUPS, min(n_groups, (item + 1) * X8_ROW_GROUPS)):
-            for t0 in range(0, in_steps, BATCH_X8_TOKENS):
-                _x8_rows(w, 8 * g, xq, xd, bsp, t0, out, ctx.isa)
-            for t0 in range(in_steps, n_tok):
-                _x8_rows1(w, 8 * g, xq, xd, bsp, t0, out, ctx.isa)
-
-
-X8_ROW_GROUPS = 4  # 8-row groups per parallel work item (their blocks stay in L2 for every token)
+# a batch of a repacked matrix: matmat's kernel, each work item's rows put back in the file's order
+matmat_x8 = kbatch.batch_products("Q5_K", BLOCK_BYTES, [_ZERO8] * (kbatch.GROUP + 1), _batch_body, _batch_finish, __name__, interleaved=True)
