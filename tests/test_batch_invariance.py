@@ -64,7 +64,7 @@ def logits_by_split(m, tokens, split):
 def test_logits_do_not_depend_on_the_split(tmp_path, qtype):
     m = tiny_model(tmp_path, qtype)
     assert m.fused is not None  # decode takes the one-call path, prompts `forward`
-    if qtype in (T.Q4_K, T.Q5_K):  # repacked at load on an AVX-512 VNNI CPU (their 8-row kernels), else the file's layout
+    if qtype == T.Q4_K:  # repacked at load on an AVX-512 VNNI CPU (its 8-row kernels), else the file's layout
         from llamachat.runtime.quants.simd import HOST_ISA
         assert m.weights.layers[0].w_up.packed == (HOST_ISA.name == "avx512vnni")
     rng = np.random.default_rng(int(qtype))

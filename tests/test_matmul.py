@@ -13,7 +13,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
 from llamachat.runtime.quants import matmul as mm
-from llamachat.runtime.quants import TRAITS, q4_k, q5_k
+from llamachat.runtime.quants import TRAITS, q4_k
 from llamachat.runtime.quants.ksearch import get_scale_min_k4
 
 # byte offsets of the half-float scale fields in each block (random bytes elsewhere)
@@ -591,25 +591,23 @@ def test_q4_k_sums_as_llama_cpp_repacked_kernels():
     assert np.array_equal(full[:19].view(np.uint32), part.view(np.uint32))
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
-def test_repacked_k_quants_give_the_file_layouts_floats_on_every_instruction_set(qtype):
-    """Q4_K and Q5_K matrices repacked at load (AVX-512 VNNI CPUs: 8 rows interleaved,
-    q4_k.pack / q5_k.pack) give the file layout's floats bit for bit - one token (matvec_x8)
-    and batches (Q4_K's tiles, Q5_K's rows put back in the file's order per work item, or token by
-    token), on each instruction
-    set this CPU runs, the portable IR by argument - and the layout holds the same bytes."""
+def test_repacked_q4_k_gives_the_file_layouts_floats_on_every_instruction_set():
+    """Q4_K matrices repacked at load (AVX-512 VNNI CPUs: 8 rows interleaved, q4_k.pack) give
+    the file layout's floats bit for bit - one token (matvec_x8) and batches (the tiles, or
+    token by token), on each instruction set this CPU runs, the portable IR by argument - and
+    the layout holds the same bytes."""
     from llamachat.runtime.quants import simd
 
-    rng = np.random.default_rng(45 + int(qtype))
-    raw = random_rows(qtype, 24, 768, rng)
-    packed = mm.pack_x8(raw, qtype)
+    rng = np.random.default_rng(45)
+    raw = random_rows(T.Q4_K, 24, 768, rng)
+    packed = q4_k.pack(raw)
     assert np.array_equal(np.sort(packed.reshape(3, -1), axis=1), np.sort(raw.reshape(3, -1), axis=1))
     in_place = raw.copy()
-    assert mm.pack_x8(in_place, qtype, out=in_place) is in_place and np.array_equal(in_place, packed)
-    w = mm.QuantWeight("w", qtype, 768, 24, raw)
-    wp = mm.QuantWeight("w", qtype, 768, 24, packed)
+    assert q4_k.pack(in_place, out=in_place) is in_place and np.array_equal(in_place, packed)
+    w = mm.QuantWeight("w", T.Q4_K, 768, 24, raw)
+    wp = mm.QuantWeight("w", T.Q4_K, 768, 24, packed)
     wp.packed = True
-    for n_tok in (1, 5, 13):  # 13: a full tile of 12 tokens and one more (Q4_K)
+    for n_tok in (1, 5, 13):  # 13: a full tile of 12 tokens and one more
         x = (rng.standard_normal((n_tok, 768)) * 2).astype(np.float32)
         for isa in simd.host_isas():
             want = mm.matmul(w, x, isa=isa)
@@ -618,25 +616,6 @@ def test_repacked_k_quants_give_the_file_layouts_floats_on_every_instruction_set
             if n_tok > 1:  # each token of a batch: the one-token kernel's floats
                 one = np.concatenate([mm.matmul(wp, x[t:t + 1], isa=isa) for t in range(n_tok)])
                 assert np.array_equal(one.view(np.uint32), want.view(np.uint32)), (n_tok, isa)
-
-
-def test_repacked_q5_k_layout():
-    """q5_k.pack's layout, byte for byte as its comment draws it: per 8 rows and block the rows'
-    16-byte heads, then qh's and qs's qwords of rows 0..7 side by side."""
-    rng = np.random.default_rng(48)
-    raw = random_rows(T.Q5_K, 16, 512, rng)
-    packed = q5_k.pack(raw)
-    for r in range(16):
-        g, i = divmod(r, 8)
-        for b in range(2):
-            blk = raw[r, 176 * b:176 * (b + 1)]
-            x8 = packed[8 * g:8 * g + 8].reshape(-1)[q5_k.X8_BLOCK * b:q5_k.X8_BLOCK * (b + 1)]
-            assert np.array_equal(x8[16 * i:16 * i + 16], blk[:16])
-            for m in range(4):
-                assert np.array_equal(x8[128 + 64 * m + 8 * i:128 + 64 * m + 8 * i + 8], blk[16 + 8 * m:24 + 8 * m])
-                for c in range(4):
-                    at = 384 + 256 * c + 64 * m + 8 * i
-                    assert np.array_equal(x8[at:at + 8], blk[48 + 32 * c + 8 * m:56 + 32 * c + 8 * m])
 
 
 def _q6_k_values(raw):

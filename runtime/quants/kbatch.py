@@ -162,26 +162,30 @@ def _format_batch(typingctx, fk, w, r, xq, dx8, bs8, c, out, isa):
     return _delegate("batch", typingctx, fk, (w, r, xq, dx8, bs8, c, out, isa))
 
 
-def batch_products(name: str, block_bytes: int, init, body, finish, module: str, shifted: bool = False,
-                   interleaved: bool = False):
+def batch_products(name: str, block_bytes: int, init, body, finish, module: str, shifted: bool = False):
     """A K-quant's batch product `matmat` (traits' `batch`) over its batch_kernel (init, body,
     finish: see the module's docstring), as the function matmat of `module`
     (ksearch.format_function; numba compiles and caches it once per format, its closure
     pickling as the format's name and `shifted`). shifted: the body reads the activations as
-    y + 128, unsigned bytes (Q6_K), from a copy made once per batch. interleaved: the product
-    of the rows repacked 8 by 8 (q4_k.interleave_qwords), as matmat_x8 of `module`: each work
-    item's rows copied back into the file's order first (`deinterleave_qwords`, a few KiB),
-    then the same kernel, so the same floats. (A format whose batch
+    y + 128, unsigned bytes (Q6_K), from a copy made once per batch. (A format whose batch
     takes another path on some instruction set, as Q4_K's VNNI tiles, can choose this driver
     for the others in Python, as block32.matmat chooses.)"""
-    fk = FormatKernels(name + ("_x8" if interleaved else ""), batch=batch_kernel(block_bytes, init, body, finish))
+    fk = FormatKernels(name, batch=batch_kernel(block_bytes, init, body, finish))
 
     def matmat(w, ctx, xq, xd, xs, xhat, out):
         """out [T, rows] = the T tokens' Q8_K activations (xq int8 [T, K], xd float32 [T, K/32])
         times the rows w (uint8 [rows, row bytes], C-contiguous): each (row, token) the
         format's matvec float, so a token's floats do not depend on its batch. One row times
         TOKENS tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per thread's work item."""
-        chunks, dx8, bs8, y = _batch_inputs(xq, xd, shifted)
+        n_tok, k = xq.shape
+        chunks = (n_tok + TOKENS - 1) // TOKENS
+        dx8, bs8 = prepare(xq, xd)
+        y = xq
+        if shifted:
+            y = np.empty((n_tok, k), np.int8)
+            for t in range(n_tok):
+                for i in range(k):
+                    y[t, i] = np.int8(np.int32(xq[t, i]) ^ 0x80)  # the bits of y + 128 (0..255) as a uint8
         n_rows = w.shape[0]
         for rb in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
             stop = min(n_rows, (rb + 1) * ROW_BLOCK)
@@ -189,55 +193,4 @@ def batch_products(name: str, block_bytes: int, init, body, finish, module: str,
                 for r in range(rb * ROW_BLOCK, stop):
                     _format_batch(fk, w, r, y, dx8, bs8, c, out, ctx.isa)
 
-    def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
-        """matmat for rows interleaved 8 by 8: the same floats."""
-        chunks, dx8, bs8, y = _batch_inputs(xq, xd, shifted)
-        n_rows = w.shape[0]
-        for rb in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
-            start = rb * ROW_BLOCK
-            stop = min(n_rows, start + ROW_BLOCK)
-            rows = deinterleave_qwords(w, start, stop, block_bytes // 8)
-            part = np.empty((xq.shape[0], stop - start), np.float32)
-            for c in range(chunks):
-                for r in range(stop - start):
-                    _format_batch(fk, rows, r, y, dx8, bs8, c, part, ctx.isa)
-            for t in range(part.shape[0]):  # (loops: an array expression here would be a parfor of its own to compile)
-                for r in range(stop - start):
-                    out[t, start + r] = part[t, r]
-
-    return format_function(matmat_x8 if interleaved else matmat, module, parallel=True)
-
-
-@njit(cache=True, nogil=True)
-def _batch_inputs(xq, xd, shifted):
-    """(chunks of TOKENS tokens, `prepare`'s dx8 and bs8, the activations as the body reads
-    them: xq, or shifted, a copy holding the bits of y + 128 as unsigned bytes)."""
-    n_tok, k = xq.shape
-    dx8, bs8 = prepare(xq, xd)
-    y = xq
-    if shifted:
-        y = np.empty((n_tok, k), np.int8)
-        for t in range(n_tok):
-            for i in range(k):
-                y[t, i] = np.int8(np.int32(xq[t, i]) ^ 0x80)  # the bits of y + 128 (0..255) as a uint8
-    return (n_tok + TOKENS - 1) // TOKENS, dx8, bs8, y
-
-
-@njit(cache=True, inline="always")  # (inlined: a function of its own costs most of a second more to compile)
-def deinterleave_qwords(w, start, stop, block_words, head=2):
-    """Rows start..stop (multiples of 8) of w, repacked by q4_k.interleave_qwords (blocks of
-    block_words 8-byte words, `head` of them a row's own), as a new array in the file's order."""
-    row_words = w.shape[1] // 8
-    src = w[start:stop].reshape(-1).view(np.uint64)
-    rows = np.empty((stop - start, w.shape[1]), np.uint8)
-    dst = rows.reshape(-1).view(np.uint64)
-    for g in range((stop - start) // 8):
-        for b in range(row_words // block_words):
-            at = (g * row_words + b * block_words) * 8  # the 8 rows' block b
-            for i in range(8):
-                to = (8 * g + i) * row_words + b * block_words
-                for k in range(head):
-                    dst[to + k] = src[at + head * i + k]
-                for q in range(block_words - head):
-                    dst[to + head + q] = src[at + 8 * head + 8 * q + i]
-    return rows
+    return format_function(matmat, module, parallel=True)

@@ -314,9 +314,9 @@ def pack_x8(rows: np.ndarray, t, out: np.ndarray | None = None) -> np.ndarray:
 
 def repackable(w: QuantWeight) -> bool:
     """Whether `repack` applies: a format with an interleaved layout (Q4_0, as llama.cpp repacks
-    it on an AVX2 CPU; Q4_1, the same floats as its vec_dot; Q4_K and Q5_K on an AVX-512 VNNI
-    CPU, whose 512-bit kernels they are made for), rows a multiple of 8."""
-    if w.ggml_type in (T.Q4_K, T.Q5_K) and HOST_ISA.name != "avx512vnni":
+    it on an AVX2 CPU; Q4_1, the same floats as its vec_dot; Q4_K on an AVX-512 VNNI CPU, whose
+    512-bit kernels it is made for), rows a multiple of 8."""
+    if w.ggml_type == T.Q4_K and HOST_ISA.name != "avx512vnni":
         return False
     return TRAITS[w.ggml_type].packed is not None and w.n_out % 8 == 0 and w.n_in % 32 == 0 and not w.packed
 

@@ -473,6 +473,9 @@ def _q4_k_tile(x8=False):
         pack = _fn(builder, "llvm.x86.avx512.packssdw.512", _vec(_i16, 32), [i32x16, i32x16])
         dpwssd = _fn(builder, "llvm.x86.avx512.vpdpwssd.512", i32x16, [i32x16] * 3)
 
+        def bcast8(ptr, offset):  # the 8 bytes at ptr + offset in every 64-bit lane
+            return builder.bitcast(_splat(builder, _load(builder, ptr, _i64, offset), 8), _vec(_i8, 64))
+
         group = builder.gep(warr.data, [builder.mul(r0, stride)])
 
         def block(b, state):
@@ -508,7 +511,7 @@ def _q4_k_tile(x8=False):
                     for h, quants in enumerate((lo, hi)):
                         a = zero
                         for m in range(4):
-                            a = _dpbusd(builder, a, quants[m], bcast8(builder, yc, 256 * j + 32 * h + 8 * m))
+                            a = _dpbusd(builder, a, quants[m], bcast8(yc, 256 * j + 32 * h + 8 * m))
                         sums.append(a)
                     packed = builder.bitcast(builder.call(pack, sums), i32x16)
                     new.append(builder.call(dpwssd, [isum[j], packed, scales]))
@@ -688,33 +691,19 @@ X8_BLOCK = 8 * BLOCK_BYTES
 
 def pack(rows, out=None):
     """Rows [n, row bytes] (n a multiple of 8) -> the repacked layout above, into out (may be
-    rows itself) or a new array of the same shape."""
-    return interleave_qwords(rows, BLOCK_BYTES, out)
-
-
-def interleave_qwords(rows, block_bytes, out=None, head=2):
-    """Rows [n, row bytes] of blocks of block_bytes (n a multiple of 8) -> per 8 rows and block:
-    each row's first `head` 8-byte words (row order), then per following word q of a block that
-    word of rows 0..7 (this layout, and Q5_K's with its qh words first), into out (may be rows
-    itself) or a new array of the same shape. (numpy on 8-byte words: two strided copies,
-    nothing to compile.)"""
+    rows itself) or a new array of the same shape. (numpy on 8-byte words, a block's 18: the 2
+    of the head and 16 of qs, qword m of the 32 bytes of c at 4 c + m; nothing to compile.)"""
     n, row_bytes = rows.shape
-    nb, words = row_bytes // block_bytes, block_bytes // 8
+    nb = row_bytes // BLOCK_BYTES
     if out is None:
         out = np.empty_like(rows)
     elif np.shares_memory(out, rows):
         rows = rows.copy()
-    src = rows.view(np.uint64).reshape(n // 8, 8, nb, words)
-    dst = out.view(np.uint64).reshape(n // 8, nb, 8 * words)
-    np.copyto(dst[..., :8 * head].reshape(n // 8, nb, 8, head), src[..., :head].transpose(0, 2, 1, 3))
-    np.copyto(dst[..., 8 * head:].reshape(n // 8, nb, words - head, 8), src[..., head:].transpose(0, 2, 3, 1))
+    words = rows.view(np.uint64).reshape(n // 8, 8, nb, 18)
+    dst = out.view(np.uint64).reshape(n // 8, nb, 144)
+    np.copyto(dst[..., :16].reshape(n // 8, nb, 8, 2), words[..., :2].transpose(0, 2, 1, 3))
+    np.copyto(dst[..., 16:].reshape(n // 8, nb, 16, 8), words[..., 2:].transpose(0, 2, 3, 1))
     return out
-
-
-def bcast8(builder, ptr, offset):
-    """The 8 bytes at ptr + offset in every 64-bit lane of a <64 x i8> (vpbroadcastq): a token's
-    8 activations for the 8 rows of an interleaved vector."""
-    return builder.bitcast(_splat(builder, _load(builder, ptr, _i64, offset), 8), _vec(_i8, 64))
 
 
 def _dpbusd_any(builder, acc, q, y):
@@ -806,7 +795,7 @@ def _q4_k_x8_rows8():
             y = builder.gep(yq, [builder.mul(b, ir.Constant(ity, 256))])
             heads = [_load(builder, blk, _vec(_i32, 16), 64 * k) for k in range(2)]
             sm, dd8 = _x8_scales(builder, heads)
-            isums = _x8_isums(builder, blk, sm, lambda off: bcast8(builder, y, off))
+            isums = _x8_isums(builder, blk, sm, lambda off: builder.bitcast(_splat(builder, _load(builder, y, _i64, off), 8), _vec(_i8, 64)))
             imin = _x8_mins(builder, sm, lambda p: builder.bitcast(
                 _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(ity, 4)), ir.Constant(ity, p))])), 8), v16))
             dh, dminh = _d_dmin(builder, dd8)

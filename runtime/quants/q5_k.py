@@ -17,9 +17,7 @@ one token and for every token of a batch: per block, with the Q8_K activations' 
                     (vpmaddubsw of q and y, vpmaddwd against the scales: exact integers)
   imin              sum_g m_g * (sum of sub-block g's activations)  (exact)
   acc_l = fma(dx * d, lane_l, acc_l),  summs = fma(-dx * dmin, imin, summs)
-and the row's result hsum_float_8(acc) + summs. On an AVX-512 VNNI CPU the matrices are repacked
-at load (8 rows interleaved, `pack`, at the end of this module) for a one-token kernel with no
-per-row shuffles or reductions, the same floats.
+and the row's result hsum_float_8(acc) + summs.
 """
 
 import numpy as np
@@ -29,11 +27,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import array_args, c_arrays, isa_typer, offsets, row_at, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _splat, _vec
+from .simd import array_args, c_arrays, isa_typer, offsets, row_at, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _vec
 from . import kbatch
 from .ksearch import k4_row_converters
-from .q4_k import (PREFETCH_AHEAD, PREFETCH_LOCALITY, broadcast_word, bcast8, bsum_pairs, interleave_qwords, scale_words,
-                   scales_mins_ir, scales_mins_vec, _d_dmin, _dpwssd_any, _x8_mins, _x8_scales)
+from .q4_k import PREFETCH_AHEAD, PREFETCH_LOCALITY, broadcast_word, scale_words, scales_mins_ir, scales_mins_vec
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]
 
@@ -50,22 +47,17 @@ def _quants(builder, blk):
     64c + 32 + l the high nibble, bit 2c + 1."""
     v32 = _vec(_i8, 32)
     qh = _load(builder, blk, v32, 16)
+    sixteen = ir.Constant(v32, [16] * 32)
     quants = []
     for c in range(4):
         qs = _load(builder, blk, v32, 48 + 32 * c)
-        quants += [_with_high_bit(builder, qs, qh, 2 * c + h) for h in range(2)]
+        for h in range(2):
+            low = builder.and_(qs, ir.Constant(v32, [15] * 32)) if h == 0 else builder.lshr(qs, ir.Constant(v32, [4] * 32))
+            bit = 2 * c + h  # moved to bit 4 of its byte, the rest masked off
+            moved = (builder.shl(qh, ir.Constant(v32, [4 - bit] * 32)) if bit < 4 else
+                     builder.lshr(qh, ir.Constant(v32, [bit - 4] * 32)) if bit > 4 else qh)
+            quants.append(builder.or_(low, builder.and_(moved, sixteen)))
     return quants
-
-
-def _with_high_bit(builder, qs, qh, bit):
-    """Quants (0..31) from qs's low (bit even) or high (bit odd) nibbles and bit `bit` of the qh
-    bytes at the same places (i8 vectors of one length) as their bit 4."""
-    vt = qs.type
-    n = vt.count
-    low = builder.and_(qs, ir.Constant(vt, [15] * n)) if bit % 2 == 0 else builder.lshr(qs, ir.Constant(vt, [4] * n))
-    moved = (builder.shl(qh, ir.Constant(vt, [4 - bit] * n)) if bit < 4 else
-             builder.lshr(qh, ir.Constant(vt, [bit - 4] * n)) if bit > 4 else qh)
-    return builder.or_(low, builder.and_(moved, ir.Constant(vt, [16] * n)))
 
 
 def _block(builder, blk, n_t, yq, bsums, yd, b, state):
@@ -99,12 +91,11 @@ def _block(builder, blk, n_t, yq, bsums, yd, b, state):
     return new
 
 
-def _tokens_typer(emit):
-    """The typer of an intrinsic (w, r, xq, xd, bsum, t0, out, isa): row (or 8-row group) r of w
-    times tokens t0.. (xq int8 [T, K], xd float32 [T, K/32] the Q8_K scale of each 32 values,
-    bsum the tokens' activation sums) into out (float32 [T, rows]).
-    emit(builder, w's struct, r, the tokens' xq rows (i8*), xd rows, bsum rows, tokens, out's
-    struct) emits the loops and the stores."""
+def _rows_typer(n_t, prefetch):
+    """The typer of an intrinsic (w, r, xq, xd, bsum, t0, out, isa): Q5_K row r times tokens
+    t0..t0+n_t-1 (xq int8 [T, K], xd float32 [T, K/32] the Q8_K scale of each 32 values, bsum
+    int16 [T, K/32] each 32 values' sum) into out[t0:t0+n_t, r] (float32 [T, rows]); the row's
+    blocks unpacked once for the n_t tokens, each token's floats those of the one-token kernel."""
 
     def typer(typingctx, w, r, xq, xd, bsum, t0, out, isa):
         arrays = (w, xq, xd, bsum, out)
@@ -114,22 +105,12 @@ def _tokens_typer(emit):
 
     def codegen(context, builder, signature, args):
         warr, r, xarr, darr, barr, t0, oarr, _ = array_args(context, builder, signature, args)
-        toks = offsets(builder, t0, emit.n_t)
-        emit(builder, warr, r, [row_at(builder, xarr, tk) for tk in toks], [row_at(builder, darr, tk) for tk in toks],
-             [row_at(builder, barr, tk) for tk in toks], toks, oarr)
-        return context.get_dummy_value()
-
-    return isa_typer(typer)
-
-
-def _rows_emit(n_t, prefetch):
-    """_tokens_typer's emit for the file layout: row r times n_t tokens (bsum int16 [T, K/32]
-    each 32 values' sum) into out[t0:t0+n_t, r]; the row's blocks unpacked once for the n_t
-    tokens, each token's floats those of the one-token kernel."""
-
-    def emit(builder, warr, r, yq, yd, bsums, toks, oarr):
         row_bytes = builder.extract_value(warr.shape, 1)
         row = row_at(builder, warr, r)
+        toks = offsets(builder, t0, n_t)
+        yq = [row_at(builder, xarr, tk) for tk in toks]
+        yd = [row_at(builder, darr, tk) for tk in toks]
+        bsums = [row_at(builder, barr, tk) for tk in toks]
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
 
         def step(b, state):
@@ -141,12 +122,12 @@ def _rows_emit(n_t, prefetch):
         state = simd._state_loop(builder, n_blocks, [_ZERO8, _ZERO] * n_t, step)
         for t in range(n_t):
             builder.store(builder.fadd(_hsum8(builder, state[2 * t]), state[2 * t + 1]), builder.gep(row_at(builder, oarr, toks[t]), [r]))
+        return context.get_dummy_value()
 
-    emit.n_t = n_t
-    return emit
+    return typer
 
 
-_rows1 = intrinsic(_tokens_typer(_rows_emit(1, True)))  # one token (decode), prefetching as Q4_K's kernels
+_rows1 = intrinsic(isa_typer(_rows_typer(1, True)))  # one token (decode), prefetching as Q4_K's kernels (16 KiB ahead into L2)
 
 
 def _batch_body(builder, blk, ys, dx, bsp, state):
@@ -195,98 +176,3 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
     out2 = out.reshape((1, out.shape[0]))
     for r in prange(w.shape[0]):
         _rows1(w, r, xq2, xd2, bsum, 0, out2, ctx.isa)
-
-
-# --- the repacked layout: 8 rows interleaved ------------------------------------------------
-#
-# On an AVX-512 VNNI CPU Q5_K matrices whose rows are a multiple of 8 are repacked at load
-# (`pack`), X8_BLOCK bytes per block of 8 rows, the same bytes as the file's in another order
-# (q4_k.interleave_qwords, as Q4_K's layout with the qh words before the qs ones):
-#   bytes 0-127      row i's first 16 bytes (d, dmin, the scales field) at 16 i
-#   bytes 128-383    per qword m (0..3) of qh, 64 bytes: that qword of rows 0..7, row order
-#   bytes 384-1407   per 64 values c (0..3), 256 bytes: per qword m (0..3) of the 32 qs bytes
-#                    of c, 64 bytes: that qword of rows 0..7
-# A 512-bit vector then holds 8 quants of each of the 8 rows: one vpmaddubsw multiplies them
-# with the token's 8 activations broadcast to every row, one vpdpwssd scales them by each row's
-# sub-block scale, and the int32 lanes are ggml's (row i's lanes 2m, 2m+1 in places 2i, 2i+1 of
-# the vector of qword m): the same exact integers, the same fma per lane, the same
-# hsum_float_8 at the end (done for 8 rows at once), so the floats are the file layout's, bit
-# for bit - without the file layout's per-row shuffles, scale broadcasts and reductions. A batch
-# puts each work item's rows back in the file's order and runs the file layout's batch kernel
-# (kbatch.batch_products(interleaved=True)).
-X8_BLOCK = 8 * BLOCK_BYTES
-
-
-def pack(rows, out=None):
-    """Rows [n, row bytes] (n a multiple of 8) -> the repacked layout above, into out (may be
-    rows itself) or a new array of the same shape."""
-    return interleave_qwords(rows, BLOCK_BYTES, out)
-
-
-def _x8_emit(builder, warr, r0, yq, yd, bsums, toks, oarr):
-    """_tokens_typer's emit for the repacked layout: rows r0..r0+7 (r0 a multiple of 8) times
-    one token (bsum: q4_k.bsum_pairs of each token, uint32 [T, K/64]) into out[t0, r0:r0+8]."""
-    ity = r0.type
-    group = row_at(builder, warr, r0)
-    row_bytes = builder.extract_value(warr.shape, 1)
-    n_blocks = builder.sdiv(row_bytes, ir.Constant(ity, BLOCK_BYTES))
-    v64, v16, i32x16, f32x8, f32x16 = _vec(_i8, 64), _vec(_i16, 16), _vec(_i32, 16), _vec(_f32, 8), _vec(_f32, 16)
-    zero = ir.Constant(i32x16, [0] * 16)
-    bp = builder.bitcast(bsums[0], _i32.as_pointer())
-
-    def block(b, state):
-        o = builder.mul(b, ir.Constant(ity, X8_BLOCK))
-        _prefetch(builder, group, o, X8_BLOCK, PREFETCH_AHEAD, PREFETCH_LOCALITY)  # the weights stream from DRAM
-        blk = builder.gep(group, [o])
-        sm, dd8 = _x8_scales(builder, [_load(builder, blk, i32x16, 64 * k) for k in range(2)])
-        dh, dminh = _d_dmin(builder, dd8)
-        # sub-block g's scale of row i in words 4i..4i+3 (the row's 4 pairs of a qword; the high
-        # bytes from the zero vector: the scales are below 64)
-        zeros = ir.Constant(sm.type, [0] * sm.type.count)
-        scales = [builder.bitcast(builder.shuffle_vector(sm, zeros, _mask([v for i in range(8) for v in [16 * i + g, 128] * 4])), _vec(_i16, 32))
-                  for g in range(8)]
-        qh = [_load(builder, blk, v64, 128 + 64 * m) for m in range(4)]
-        y = builder.gep(yq[0], [builder.mul(b, ir.Constant(ity, 256))])
-        lanes = [zero] * 4  # per qword m
-        for c in range(4):  # (each quant vector used as soon as made: fewer live registers)
-            for m in range(4):
-                qs = _load(builder, blk, v64, 384 + 256 * c + 64 * m)
-                for h in range(2):
-                    g = 2 * c + h
-                    pairs = simd._pairs_us(builder, _with_high_bit(builder, qs, qh[m], g), bcast8(builder, y, 32 * g + 8 * m))
-                    lanes[m] = _dpwssd_any(builder, lanes[m], pairs, scales[g])
-        dx = _splat(builder, builder.load(builder.gep(yd[0], [builder.mul(b, ir.Constant(ity, 8))])), 8)
-        dxd = builder.fmul(dx, dh)
-        dxd = builder.shuffle_vector(dxd, dxd, _mask([i // 2 for i in range(16)]))  # row i's in places 2i, 2i+1
-        imin = _x8_mins(builder, sm, lambda p: builder.bitcast(
-            _splat(builder, builder.load(builder.gep(bp, [builder.add(builder.mul(b, ir.Constant(ity, 4)), ir.Constant(ity, p))])), 8), v16))
-        dmin = builder.fmul(builder.fsub(ir.Constant(f32x8, [-0.0] * 8), dx), dminh)  # ggml: -y.d * dmin
-        return ([_fma(builder, dxd, builder.sitofp(lanes[m], f32x16), state[m]) for m in range(4)]
-                + [_fma(builder, dmin, builder.sitofp(imin, f32x8), state[4])])
-
-    state = simd._state_loop(builder, n_blocks, [ir.Constant(f32x16, [0.0] * 16)] * 4 + [_ZERO8], block)
-    # hsum_float_8 of each row, its lanes 2m, 2m+1 in acc m: (a4+a0) + (a6+a2), then + (a5+a1) + (a7+a3)
-    s = builder.fadd(builder.fadd(state[2], state[0]), builder.fadd(state[3], state[1]))
-    rows = builder.fadd(builder.shuffle_vector(s, s, _mask(range(0, 16, 2))), builder.shuffle_vector(s, s, _mask(range(1, 16, 2))))
-    dst = builder.gep(row_at(builder, oarr, toks[0]), [r0])
-    builder.store(builder.fadd(rows, state[4]), builder.bitcast(dst, f32x8.as_pointer()), align=4)
-
-
-_x8_emit.n_t = 1
-_x8_rows1 = intrinsic(_tokens_typer(_x8_emit))
-
-
-@njit(cache=True, parallel=True)
-def matvec_x8(w, ctx, xq, xd, xs, xhat, out):
-    """matvec for a repacked matrix (`pack`): the same floats, 8 rows per step."""
-    k = xq.shape[0]
-    bsp = bsum_pairs(xq).reshape((1, k // 64))
-    xq2 = xq.reshape((1, k))
-    xd2 = xd.reshape((1, xd.shape[0]))
-    out2 = out.reshape((1, out.shape[0]))
-    for g in prange(w.shape[0] // 8):
-        _x8_rows1(w, 8 * g, xq2, xd2, bsp, 0, out2, ctx.isa)
-
-
-# a batch of a repacked matrix: matmat's kernel, each work item's rows put back in the file's order
-matmat_x8 = kbatch.batch_products("Q5_K", BLOCK_BYTES, [_ZERO8] * (kbatch.GROUP + 1), _batch_body, _batch_finish, __name__, interleaved=True)

@@ -260,17 +260,13 @@ def _dpbusd(builder, acc, qx, qy):
 
 def _pairs_us(builder, q, y):
     """<32 x i8> q (unsigned, each < 128) times y (signed) -> <16 x i16>, word i = q[2i]*y[2i] +
-    q[2i+1]*y[2i+1] (vpmaddubsw; exact, as |sum| <= 2*127*128 does not saturate); <64 x i8>
-    likewise to <32 x i16> (the 512-bit vpmaddubsw with AVX-512)."""
-    n = q.type.count
-    vw = _vec(_i16, n // 2)
-    if _avx2() and n == 32:
-        return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", vw, [q.type, y.type]), [q, y])
-    if _vnni() and n == 64:
-        return builder.call(_fn(builder, "llvm.x86.avx512.pmaddubs.w.512", vw, [q.type, y.type]), [q, y])
-    prod = builder.mul(builder.zext(q, _vec(_i16, n)), builder.sext(y, _vec(_i16, n)))
-    return builder.add(builder.shuffle_vector(prod, prod, _mask(range(0, n, 2))),
-                       builder.shuffle_vector(prod, prod, _mask(range(1, n, 2))))
+    q[2i+1]*y[2i+1] (vpmaddubsw; exact, as |sum| <= 2*127*128 does not saturate)."""
+    v16 = _vec(_i16, 16)
+    if _avx2():
+        return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", v16, [q.type, y.type]), [q, y])
+    prod = builder.mul(builder.zext(q, _vec(_i16, 32)), builder.sext(y, _vec(_i16, 32)))
+    return builder.add(builder.shuffle_vector(prod, prod, _mask(range(0, 32, 2))),
+                       builder.shuffle_vector(prod, prod, _mask(range(1, 32, 2))))
 
 
 def _scaled_pairs_acc(builder, acc, pairs, scales):

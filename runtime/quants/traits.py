@@ -36,8 +36,7 @@ class Traits(NamedTuple):
     # numba's CPU time to compile `batch`, relative to a block32 format's (1): only to split a
     # cold start's compile evenly between two processes (forward.compile_products). Measured on
     # the Xeon (2026-12-07): a block32 layout 0.9-1.4 s, Q5_K/Q6_K's 1.3 s, Q4_K's 2.5 s (file
-    # layout) and 3.6 s (repacked); Q5_K repacked (its rows put back per work item) 3.0-3.6 s
-    # beside its file layout's 1.5-2.6 s (load 2.4-3.6)
+    # layout) and 3.6 s (repacked)
     compile_cost: float = 1.0
 
     @property
