@@ -30,7 +30,7 @@ from . import simd
 from .simd import array_args, c_arrays, isa_typer, offsets, row_at, _ZERO, _ZERO8, _f32, _fma, _half, _hsum8, _i8, _i16, _i32, _lane_accumulate, _load, _mask, _prefetch, _vec
 from . import kbatch
 from .ksearch import k4_row_converters
-from .q4_k import broadcast_word, scale_words, scales_mins_ir, scales_mins_vec
+from .q4_k import PREFETCH_AHEAD, PREFETCH_LOCALITY, broadcast_word, scale_words, scales_mins_ir, scales_mins_vec
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K]
 
@@ -116,7 +116,7 @@ def _rows_typer(n_t, prefetch):
         def step(b, state):
             o = builder.mul(b, ir.Constant(b.type, BLOCK_BYTES))
             if prefetch:  # one token: the weights stream from DRAM
-                _prefetch(builder, row, o, BLOCK_BYTES)
+                _prefetch(builder, row, o, BLOCK_BYTES, PREFETCH_AHEAD, PREFETCH_LOCALITY)
             return _block(builder, builder.gep(row, [o]), n_t, yq, bsums, yd, b, state)
 
         state = simd._state_loop(builder, n_blocks, [_ZERO8, _ZERO] * n_t, step)
@@ -127,7 +127,7 @@ def _rows_typer(n_t, prefetch):
     return typer
 
 
-_rows1 = intrinsic(isa_typer(_rows_typer(1, True)))  # one token (decode), prefetching 8 KiB ahead
+_rows1 = intrinsic(isa_typer(_rows_typer(1, True)))  # one token (decode), prefetching as Q4_K's kernels (16 KiB ahead into L2)
 
 
 def _batch_body(builder, blk, ys, dx, bsp, state):
