@@ -34,9 +34,8 @@ class Traits(NamedTuple):
     packed: "Traits | None" = None  # the record of its interleaved layout, if it has one
     pack: Callable | None = None  # (rows [n, row bytes], out=None) -> rows in the `packed` layout
     # numba's CPU time to compile `batch`, relative to a block32 format's (1): only to split a
-    # cold start's compile evenly between two processes (forward.compile_products). Measured on
-    # the Xeon (2026-12-07): a block32 layout 0.9-1.4 s, Q5_K/Q6_K's 1.3 s, Q4_K's 2.5 s (file
-    # layout) and 3.6 s (repacked)
+    # cold start's compile evenly between two processes (forward.compile_products); the
+    # measured times behind each record's figure are in the commit that set it (649c235)
     compile_cost: float = 1.0
 
     @property
