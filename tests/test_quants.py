@@ -199,11 +199,15 @@ def k_quant_golden_input() -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("t", list(K_QUANT_GOLDEN), ids=lambda t: t.name)
-def test_k_quant_quantize_matches_ggml_reference_bytes(t):
+def quantized_sha256(x: np.ndarray, t) -> str:
     import hashlib
 
-    assert hashlib.sha256(quantize(k_quant_golden_input(), t).tobytes()).hexdigest() == K_QUANT_GOLDEN[t]
+    return hashlib.sha256(quantize(x, t).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("t", list(K_QUANT_GOLDEN), ids=lambda t: t.name)
+def test_k_quant_quantize_matches_ggml_reference_bytes(t):
+    assert quantized_sha256(k_quant_golden_input(), t) == K_QUANT_GOLDEN[t]
 
 
 # The same functions on values past float32's comfort: make_qx_quants' and make_q3_quants' x^2
@@ -239,6 +243,4 @@ def k_quant_huge_input() -> np.ndarray:
 
 @pytest.mark.parametrize("t", list(K_QUANT_HUGE_GOLDEN), ids=lambda t: t.name)
 def test_k_quant_quantize_of_huge_values_matches_ggml_and_does_not_raise(t):
-    import hashlib
-
-    assert hashlib.sha256(quantize(k_quant_huge_input(), t).tobytes()).hexdigest() == K_QUANT_HUGE_GOLDEN[t]
+    assert quantized_sha256(k_quant_huge_input(), t) == K_QUANT_HUGE_GOLDEN[t]

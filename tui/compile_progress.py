@@ -214,7 +214,7 @@ def _warm_note(llm) -> str | None:
     matrices = [weights.token_embd, weights.output, *(w for layer in weights.layers for w in layer.matrices)]
     layouts = {f"{w.ggml_type.name}{'x8' if w.packed else ''}" for w in matrices}
     shape = "stack" if model.layer_stack is not None else "layers"
-    key = "-".join([HOST_ISA.name, shape, *sorted(layouts)])
+    key = "-".join([getattr(model, "isa", None) or HOST_ISA.name, shape, *sorted(layouts)])  # (its forced instruction set: its own kernels)
     folder = numba_cache.cache_dir_for(os.path.dirname(os.path.abspath(numba_cache.__file__)))
     return os.path.join(folder, key + numba_cache.WARM_SUFFIX)
 

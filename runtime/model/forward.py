@@ -779,10 +779,17 @@ def add_norm(x, o, layer, which, dims, buf):
 
 
 @njit(inline="always")
-def _add_norm_one(x, o, layer, which, dims, ctx):  # h only: _project rounds it for each product
-    for t in range(o.shape[0]):  # (no rows: nothing to add) loops: a slice assignment compiles
-        for i in range(x.shape[1]):  # numba's shape-mismatch message
+def _add_rows(x, o):
+    """x += o, row by row (o with no rows: nothing to add). Loops: a slice assignment compiles
+    numba's shape-mismatch message."""
+    for t in range(o.shape[0]):
+        for i in range(x.shape[1]):
             x[t, i] += o[t, i]
+
+
+@njit(inline="always")
+def _add_norm_one(x, o, layer, which, dims, ctx):  # h only: _project rounds it for each product
+    _add_rows(x, o)
     h = np.empty_like(x)
     _rmsnorm(x, (layer.attn_norm, layer.ffn_norm)[which], dims.eps, h)  # (ATTENTION 0, FEED_FORWARD 1)
     return h
@@ -930,9 +937,7 @@ def decode_all_layers(x, o, st, kv, pos, rope, dims, table, isa, kernels, logits
         layer = Layer(st.attn_norm[il], st.ffn_norm[il], (qkv, qkv, qkv), (st.wo[il],), (gate_up, gate_up),
                       (st.down[il],), st.types)
         o = decode_layer(x, o, layer, KV(kv.k[il], kv.v[il]), pos, rope, dims, table, isa, kernels)
-    for t in range(o.shape[0]):
-        for i in range(x.shape[1]):
-            x[t, i] += o[t, i]
+    _add_rows(x, o)
     if st.head.types[0] >= 0:
         xn = np.empty_like(x)
         _rmsnorm(x, st.head.norm, dims.eps, xn)
