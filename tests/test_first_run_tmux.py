@@ -154,6 +154,53 @@ async def test_footer_at_80_columns_shows_help_and_quit(tmp_path):
         await wait_for(pilot, lambda: not footer.compact and footer.show_command_palette)
 
 
+def _footer_keys(footer) -> dict:
+    return {k.key_display: k.region for k in footer.query("FooterKey") if k.display}
+
+
+async def test_footer_after_a_resize_to_80_columns_shows_help_and_quit(tmp_path):
+    """Made narrower while running, the footer kept its "^p palette" key (Footer shows a change
+    of it only at its next bindings update), drawn over f1 Help and ^q Quit."""
+    from textual.widgets import Footer
+
+    make_library(tmp_path)
+    app, _ = make_app()
+    async with app.run_test(size=(120, 35)) as pilot:
+        await ready(pilot, app)
+        footer = app.chat_screen.query_one(Footer)
+        await wait_for(pilot, lambda: "^p" in _footer_keys(footer))
+        await pilot.resize_terminal(80, 24)
+        await wait_for(pilot, lambda: "^p" not in _footer_keys(footer))
+        await pilot.pause(0.1)
+        shown = _footer_keys(footer)
+        assert {"f1", "^q"} <= set(shown) and max(r.right for r in shown.values()) <= 80
+        await pilot.resize_terminal(120, 35)
+        await wait_for(pilot, lambda: "^p" in _footer_keys(footer))
+
+
+async def test_footer_is_not_rebuilt_for_the_keys_it_shows(tmp_path):
+    """Footer made all its key widgets again (and styled them) on every bindings update, nine
+    times while the chat screen first showed, mostly for the same keys; it now does so only when
+    what it shows changes."""
+    from textual.widgets import Footer
+
+    make_library(tmp_path)
+    app, _ = make_app()
+    async with app.run_test(size=(120, 35)) as pilot:
+        await ready(pilot, app)
+        footer = app.chat_screen.query_one(Footer)
+        await pilot.pause(0.2)
+        before = list(footer.query("FooterKey"))
+        for _ in range(3):
+            app.chat_screen.refresh_bindings()
+            await pilot.pause(0.05)
+        assert list(footer.query("FooterKey")) == before  # the same widgets: not composed again
+        app.chat_screen.query_one("#setting-temp").focus()  # a field's own keys may show: that may rebuild it
+        app.chat_screen.chat_input.focus()
+        await pilot.pause(0.2)
+        assert {k.key_display for k in footer.query("FooterKey")} >= {"^n", "f1", "^q"}
+
+
 async def test_ctrl_q_while_the_engine_is_prepared_quits_at_once(tmp_path):
     """Ctrl+Q during a first run's compile (the model load) did nothing until the compile was
     over, minutes on a busy machine: the load is no longer waited for."""

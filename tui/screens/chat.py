@@ -12,9 +12,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Static
+from textual.widgets import Button, Static
 
 from ..widgets.chat_input import ChatInput
+from ..widgets.footer import KeyFooter
 from ..widgets.message_view import MessageView
 from ..widgets.sidebar import Sidebar
 
@@ -70,7 +71,7 @@ class ChatScreen(Screen):
                         yield Button("Stop", id="stop", variant="error", compact=True, disabled=True)
             yield Sidebar(id="sidebar")
         yield StatusLine("", id="status")
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self._fit_width(self.app.size.width)
@@ -161,7 +162,7 @@ class ChatScreen(Screen):
         self.set_class(narrow, "-narrow")
         # at 80 columns the footer's keys ran under its "^p palette" (f1 Help and ^q Quit were
         # hidden): narrow, they go closer together and the palette key (still Ctrl+P) is left out
-        footer = self.query_one(Footer)
+        footer = self.query_one(KeyFooter)
         footer.compact = narrow
         footer.show_command_palette = not narrow
 

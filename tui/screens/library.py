@@ -20,13 +20,14 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Input, Label, Static
+from textual.widgets import Button, DataTable, Input, Label, Static
 
 from llamachat.model_store.library import quality_details, quality_text
 from llamachat.runtime.errors import UserError
 from llamachat.runtime.params import SETTINGS, check_setting
 
 from ..widgets.sidebar import format_value
+from ..widgets.footer import KeyFooter
 from .confirm import ConfirmScreen
 from .import_dialog import ImportDialog
 
@@ -97,7 +98,7 @@ class LibraryScreen(Screen[str | None]):
                     yield Button("Set default", id="default", compact=True)
                     yield Button("Remove", id="remove", variant="error", compact=True)
                     yield Button("Back", id="back", compact=True)
-        yield Footer()
+        yield KeyFooter()
 
     def on_resize(self, event) -> None:
         # below 100 columns the form goes under the table instead of beside it
