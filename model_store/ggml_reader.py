@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
 
 from llamachat.runtime.errors import UserError
 from llamachat.runtime.gguf.writer import write_gguf

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGMLQuantizationType
 
 from llamachat.runtime.errors import GGUFError, ModelError, UserError
 
@@ -111,7 +111,7 @@ def plan_gguf(path: Path, name: str) -> Conversion:
     conv = Conversion(source=path, kind="GGUF", recorder=new_recorder(name))
     gw = conv.recorder
     skip = {"general.architecture", "general.type", "general.name", "general.file_type", "general.quantization_version", "general.alignment"}
-    from gguf.constants import GGUFValueType
+    from llamachat.runtime.gguf.constants import GGUFValueType
 
     for key, value in g.metadata.items():
         if key in skip:

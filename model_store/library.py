@@ -859,7 +859,7 @@ class FileSummary:
 def file_type_name(file_type, tensor_types) -> str | None:
     """general.file_type as llama.cpp names it (Q4_1, Q4_K_M, F16...); without that key, the
     commonest tensor type other than F32."""
-    from gguf.constants import LlamaFileType
+    from llamachat.runtime.gguf.constants import LlamaFileType
 
     if isinstance(file_type, int) and not isinstance(file_type, bool):
         try:

@@ -291,3 +291,28 @@ def test_smollm2_matches_gguf_py_and_round_trips(smollm2_path, tmp_path):
             assert x == y
             if not x:
                 break
+
+
+def test_own_constants_equal_gguf_py():
+    """runtime.gguf.constants copies gguf-py's numbers (importing gguf-py costs every start
+    about 50 ms): each enum has the same members and values, and the block sizes are the same."""
+    import gguf.constants as theirs
+
+    from llamachat.runtime.gguf import constants as ours
+
+    for name in ("GGMLQuantizationType", "GGUFValueType", "LlamaFileType", "TokenType"):
+        assert {m.name: int(m) for m in getattr(ours, name)} == {m.name: int(m) for m in getattr(theirs, name)}, name
+    assert {int(k): v for k, v in ours.GGML_QUANT_SIZES.items()} == {int(k): v for k, v in theirs.GGML_QUANT_SIZES.items()}
+    assert ours.QK_K == theirs.QK_K
+    assert ours.GGMLQuantizationType.Q4_K == theirs.GGMLQuantizationType.Q4_K  # interchangeable as keys
+    assert theirs.GGML_QUANT_SIZES[ours.GGMLQuantizationType.Q6_K] == ours.GGML_QUANT_SIZES[theirs.GGMLQuantizationType.Q6_K]
+
+
+def test_starting_the_app_and_engine_does_not_import_gguf_py():
+    import subprocess
+
+    code = ("import sys, llamachat.tui.cli, llamachat.tui.app, llamachat.tui.engine_worker, "
+            "llamachat.runtime.generation.llama_api, llamachat.runtime.model.model; "
+            "print(sorted(m for m in sys.modules if m == 'gguf' or m.startswith('gguf.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

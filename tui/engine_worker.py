@@ -553,7 +553,7 @@ def quant_name(metadata: dict) -> str:
     if ftype is None:
         return ""
     try:
-        from gguf import LlamaFileType
+        from llamachat.runtime.gguf.constants import LlamaFileType
 
         name = LlamaFileType(int(ftype)).name
     except Exception:

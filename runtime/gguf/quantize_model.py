@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from ..errors import UserError
 from .reader import GGUFFile

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..atomic_file import atomic_output
 from .reader import ARRAY_DTYPES, DEFAULT_ALIGNMENT, GGUF_MAGIC

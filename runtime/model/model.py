@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType as T
+from llamachat.runtime.gguf.constants import GGMLQuantizationType as T
 
 from ..errors import ModelError, UserError, shown
 from .kv_cache import KVCache

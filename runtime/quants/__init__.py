@@ -15,7 +15,7 @@ drivers and runtime.quants.matmul.matvec_fused find its kernels there).
 out_2d_uint8)` run the kernels (numba for the block formats, parallel over rows) writing into
 caller-provided C-contiguous arrays, so the engine can dequantize a weight tile into a reused
 buffer. Inside numba code, call a module's `dequantize_row(row_u8, y_f32)` directly.
-Block and type sizes come from gguf.constants.GGML_QUANT_SIZES.
+Block and type sizes come from runtime.gguf.constants.GGML_QUANT_SIZES (gguf-py's table).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit, prange, types
 from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 

@@ -19,7 +19,7 @@ them divide by zero) where numba would raise ZeroDivisionError.
 import math
 
 import numpy as np
-from gguf.constants import QK_K
+from llamachat.runtime.gguf.constants import QK_K
 from numba import njit
 
 from .rounding import nearest_int, read_f16_pair, write_f16

@@ -27,7 +27,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType as T
+from llamachat.runtime.gguf.constants import GGMLQuantizationType as T
 from numba import njit, prange, types
 from numba.core.imputils import impl_ret_borrowed
 from numba.core.typing.typeof import _typeof_tuple

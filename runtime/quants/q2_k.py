@@ -12,7 +12,7 @@ then every value requantized with the rounded scales.
 """
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
 from .ksearch import f32, make_qkx2_quants

@@ -13,7 +13,7 @@ against the one of largest magnitude (iscale = -32 / that scale), values requant
 """
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
 from .ksearch import f32, make_q3_quants, quantize_row16

@@ -14,7 +14,7 @@ runtime.quants.block32.pack_x8) and multiplied in the order of its ggml_gemv/gem
 from __future__ import annotations
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils

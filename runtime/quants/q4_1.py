@@ -14,7 +14,7 @@ vec_dot's floats.
 
 from __future__ import annotations
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic

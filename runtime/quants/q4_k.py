@@ -20,7 +20,7 @@ same floats). On an AVX-512 VNNI CPU the matrices are repacked at load (8 rows i
 from __future__ import annotations
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic

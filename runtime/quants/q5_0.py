@@ -8,7 +8,7 @@ quantize is quantize_row_q5_0_ref: d = (the value of largest magnitude) / -16,
 q = min(31, (int8)(x / d + 16.5)).
 """
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange
 

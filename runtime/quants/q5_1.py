@@ -13,7 +13,7 @@ Products: `dot`/`rows` (ggml's AVX2 vec_dot_q5_1_q8_1) against Q8_1 activations,
 per-block sums carry the minimum's term.
 """
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .block32 import Layout32, fifth_bit_values, min_products, row_converters
 

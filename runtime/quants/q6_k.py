@@ -13,7 +13,7 @@ scales against the one of largest magnitude (iscale = -128 / that scale), values
 """
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic

@@ -6,7 +6,7 @@ quantize is quantize_row_q8_0_ref: d = amax / 127, q = roundf(x / d) (half away 
 """
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit, prange
 
 from llvmlite import ir

@@ -15,7 +15,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from gguf.constants import LlamaFileType
+from llamachat.runtime.gguf.constants import LlamaFileType
 
 from llamachat.runtime.gguf.reader import GGUFFile
 
