@@ -171,7 +171,7 @@ class ChatApp(App):
     # -- start and stop ---------------------------------------------------------------------
 
     def get_default_screen(self) -> Screen:
-        self._chat_screen = ChatScreen(id="chat")
+        self._chat_screen = ChatScreen(id="chat", settings=self.settings)
         return self._chat_screen
 
     @property

@@ -205,6 +205,10 @@ class Engine:
             if real:
                 from .compile_progress import model_is_warm
 
+                try:  # the chat template made here, not on the UI thread when the context meter first counts
+                    self.llm.chat_template  # (importing jinja2 and compiling: a tenth of a warm start)
+                except Exception:  # noqa: BLE001 - it says so where the chat uses it, as before
+                    pass
                 if defer_warm and model_is_warm(self.llm):
                     self._warm_pending = self.llm
                 else:

@@ -59,6 +59,11 @@ class ChatScreen(Screen):
         Binding("question_mark", "app.help", "Help", show=False),
     ]
 
+    def __init__(self, *args, settings: dict | None = None, **kwargs):
+        """settings: what the sidebar's fields start with (the app's settings)."""
+        super().__init__(*args, **kwargs)
+        self._settings = settings
+
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
@@ -69,7 +74,7 @@ class ChatScreen(Screen):
                     with Vertical(id="input-buttons"):
                         yield Button("Send", id="send", variant="primary", compact=True)
                         yield Button("Stop", id="stop", variant="error", compact=True, disabled=True)
-            yield Sidebar(id="sidebar")
+            yield Sidebar(id="sidebar", settings=self._settings)
         yield StatusLine("", id="status")
         yield KeyFooter()
 

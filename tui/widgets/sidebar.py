@@ -48,7 +48,14 @@ class Sidebar(VerticalScroll):
             super().__init__()
             self.text = text
 
+    def __init__(self, *args, settings: dict | None = None, **kwargs):
+        """settings: the values the fields start with (show_settings changes them later);
+        made with them, the fields need no update after they are shown, which restyled each."""
+        super().__init__(*args, **kwargs)
+        self._initial = settings or {}
+
     def compose(self) -> ComposeResult:
+        first = self._initial
         yield Label("Model", classes="sidebar-title")
         yield Select([], id="model-select", prompt="(no model)", allow_blank=True, compact=True)
         yield Static("", id="model-quality")
@@ -58,14 +65,19 @@ class Sidebar(VerticalScroll):
         for name, label in SIDEBAR_SETTINGS:
             with Horizontal(classes="setting-row"):
                 yield Label(label, classes="setting-label")
-                yield Input(id=f"setting-{name}", compact=True, classes="setting-input",
-                            tooltip=SETTINGS[name].help)
+                # (validate_on=[]: the checks are _check's; Textual's own, with no validators,
+                # only set and restyled a "-valid" class on every change)
+                yield Input(format_value(first[name]) if name in first else "", id=f"setting-{name}", compact=True,
+                            classes="setting-input", tooltip=SETTINGS[name].help, validate_on=[])
             yield Static("", id=f"error-{name}", classes="setting-error")
         yield Label("When the chat outgrows n_ctx", classes="sidebar-title")
-        yield Select(POLICY_LABELS, id="context-policy", allow_blank=False, compact=True,
+        if first.get("context_policy") in {value for _, value in POLICY_LABELS}:
+            self._policy = first["context_policy"]
+        yield Select(POLICY_LABELS, value=self._policy, id="context-policy", allow_blank=False, compact=True,
                      tooltip=SETTINGS["context_policy"].help)
         yield Label("System prompt", classes="sidebar-title")
-        yield TextArea(id="system-prompt", soft_wrap=True, compact=True, tab_behavior="focus")
+        yield TextArea(first.get("system_prompt", ""), id="system-prompt", soft_wrap=True, compact=True,
+                       tab_behavior="focus")
         yield ResumeBudget()
 
     # -- filled in by the app ---------------------------------------------------------------
@@ -75,15 +87,17 @@ class Sidebar(VerticalScroll):
     def show_settings(self, settings: dict) -> None:
         for name, _ in SIDEBAR_SETTINGS:
             field = self.query_one(f"#setting-{name}", Input)
-            field.value = format_value(settings[name])
+            if field.value != format_value(settings[name]):
+                field.value = format_value(settings[name])
             field.remove_class("-invalid")
             self.query_one(f"#error-{name}", Static).update("")
             self.query_one(f"#error-{name}", Static).remove_class("-shown")
         policy = self.query_one("#context-policy", Select)
         if settings.get("context_policy") in {value for _, value in POLICY_LABELS}:
             self._policy = settings["context_policy"]
-            with policy.prevent(Select.Changed):  # filled in, not chosen: nothing to report
-                policy.value = self._policy
+            if policy.value != self._policy:
+                with policy.prevent(Select.Changed):  # filled in, not chosen: nothing to report
+                    policy.value = self._policy
         area = self.query_one("#system-prompt", TextArea)
         if area.text != settings.get("system_prompt", ""):
             area.text = settings.get("system_prompt", "")
