@@ -100,8 +100,10 @@ async def test_flags_override_library_defaults_and_sidebar_edits_reach_sampler(l
         sidebar.query_one("#setting-top_p").value = "0.5"
         sidebar.query_one("#setting-n_predict").value = "7"
         sidebar.query_one("#setting-temp").value = "-1"
+        # (the line under a field is made when it first has a sentence)
+        await wait_for(pilot, lambda: sidebar.query("#error-temp") and
+                       "temp must be at least 0" in str(sidebar.query_one("#error-temp").render()))
         error = sidebar.query_one("#error-temp")
-        await wait_for(pilot, lambda: "temp must be at least 0" in str(error.render()))
         await wait_for(pilot, lambda: app.settings["top_p"] == 0.5 and app.settings["n_predict"] == 7)
         assert error.has_class("-shown")
         await send(pilot, app, "second")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.widgets import Input, Label, ProgressBar, Select, Static, TextArea
 
@@ -69,7 +70,6 @@ class Sidebar(VerticalScroll):
                 # only set and restyled a "-valid" class on every change)
                 yield Input(format_value(first[name]) if name in first else "", id=f"setting-{name}", compact=True,
                             classes="setting-input", tooltip=SETTINGS[name].help, validate_on=[])
-            yield Static("", id=f"error-{name}", classes="setting-error")
         yield Label("When the chat outgrows n_ctx", classes="sidebar-title")
         if first.get("context_policy") in {value for _, value in POLICY_LABELS}:
             self._policy = first["context_policy"]
@@ -90,8 +90,7 @@ class Sidebar(VerticalScroll):
             if field.value != format_value(settings[name]):
                 field.value = format_value(settings[name])
             field.remove_class("-invalid")
-            self.query_one(f"#error-{name}", Static).update("")
-            self.query_one(f"#error-{name}", Static).remove_class("-shown")
+            self._show_error(name, "")
         policy = self.query_one("#context-policy", Select)
         if settings.get("context_policy") in {value for _, value in POLICY_LABELS}:
             self._policy = settings["context_policy"]
@@ -132,17 +131,29 @@ class Sidebar(VerticalScroll):
 
     def _check(self, field: Input) -> tuple[str, object] | None:
         name = field.id.removeprefix("setting-")
-        error = self.query_one(f"#error-{name}", Static)
         try:
             value = check_setting(name, field.value.strip())
         except ValueError as err:
             field.add_class("-invalid")
-            error.update(str(err)); error.add_class("-shown")
+            self._show_error(name, str(err))
             return None
         field.remove_class("-invalid")
-        error.update("")
-        error.remove_class("-shown")
+        self._show_error(name, "")
         return name, value
+
+    def _show_error(self, name: str, sentence: str) -> None:
+        """The sentence under setting `name`'s row ("": none). Its line is made the first time
+        one is shown: nine hidden lines made and styled with the screen were a tenth of its
+        widgets."""
+        try:
+            line = self.query_one(f"#error-{name}", Static)
+        except NoMatches:
+            if not sentence:
+                return
+            line = Static("", id=f"error-{name}", classes="setting-error")
+            self.mount(line, after=self.query_one(f"#setting-{name}", Input).parent)
+        line.update(sentence)
+        line.set_class(bool(sentence), "-shown")
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if not (event.input.id or "").startswith("setting-"):
