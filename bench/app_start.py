@@ -79,10 +79,17 @@ def main() -> int:
     except ValueError:
         print(f"error: --size {a.size!r}: expected COLUMNSxLINES, e.g. 120x35", file=sys.stderr)
         return 2
+    command = [a.llamachat, *a.args]
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        # with it, Python compiles every llamachat module at every launch of an editable install
+        # (pip leaves an installed copy's bytecode compiled): about 0.1 s that no user pays
+        print("PYTHONDONTWRITEBYTECODE is set: the runs unset it, so that launches after the first use "
+              "compiled bytecode, as an installed llamachat does")
+        command = ["env", "-u", "PYTHONDONTWRITEBYTECODE", *command]
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     times, screens = [], []
     for i in range(a.runs):
-        shown, t = one_run([a.llamachat, *a.args], width, height, a.timeout)
+        shown, t = one_run(command, width, height, a.timeout)
         if t is None:
             print(f"run {i + 1}: not ready within {a.timeout:g} s; the screen:\n{screen()}", file=sys.stderr)
             return 1
