@@ -296,6 +296,9 @@ def measure_start(llamachat: list[str], first: Path, second: Path, timeout: floa
     with tempfile.TemporaryDirectory(prefix="side-by-side-start-") as tmp:
         env = dict(os.environ)
         env.pop("LLAMACHAT_CACHE_DIR", None)
+        # an installed llamachat has its modules' bytecode compiled (pip does it); with this set,
+        # an editable install's would be compiled from source at every start
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["LLAMACHAT_HOME"] = str(Path(tmp) / "home")
         # set as well: numba's cache must be empty even where the user set NUMBA_CACHE_DIR (theirs would win)
         env["NUMBA_CACHE_DIR"] = str(Path(tmp) / "numba")
