@@ -28,10 +28,15 @@ class StatusLine(Static):
         self._source = text
         self._render_source()
 
+    _shown = None  # the text last rendered
+
     def _render_source(self) -> None:
         source = getattr(self, "_source", "")
         width = self.content_region.width or max(self.screen.size.width - 2, 1)
-        self.update(source(width) if callable(source) else source)
+        text = source(width) if callable(source) else source
+        if text != self._shown:  # (an update lays the whole screen out again; the app's timer
+            self._shown = text   # shows the line ten times a second during a load or a reply)
+            self.update(text)
 
     def on_resize(self, event) -> None:
         self._render_source()
@@ -140,7 +145,8 @@ class ChatScreen(Screen):
     def show_notice(self, text: str | None) -> None:
         notice = self.query_one("#engine-notice", Static)
         notice.display = bool(text)
-        if text:
+        if text and text != getattr(notice, "_shown", None):  # (as StatusLine: not re-laid out ten times a second)
+            notice._shown = text
             notice.update(text)
 
     def set_status(self, text) -> None:
