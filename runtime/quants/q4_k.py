@@ -839,7 +839,10 @@ def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
         ty, ts, td = tile_arrays(0, 0)
         bsp = np.empty((n_tok, k // 64), np.uint32)
         for t in range(n_tok):
-            bsp[t] = bsum_pairs(xq[t])
+            pairs = bsum_pairs(xq[t])
+            for j in range(pairs.shape[0]):  # (not bsp[t] = ...: an array assigned to a slice makes
+                bsp[t, j] = pairs[j]          # numba compile its shape-mismatch message, str() and
+                                              # f-strings, 1.2-1.9 s of this kernel's first compile)
     n_tiles = ty.shape[0]
     rows_per_item = 8 * TILE_ROW_GROUPS
     for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
