@@ -331,14 +331,18 @@ def _fma(builder, a, b, c):
     return builder.call(_fn(builder, name, a.type, [a.type, a.type, a.type]), [a, b, c])
 
 
-def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3), d_at=None):
+def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3), d_at=None,
+                per_value=()):
     """An intrinsic (w, r, xq, xd[, xs], isa) -> float32 looping over row r's blocks. The state (a
     list of accumulators) starts as `init`; body(builder, blk, y, scales, state) gets the
     block's byte pointer, a pointer to its block_values int8 activations and the n_act
     activation scales of the block's first 32 values, and returns the new state;
     finish(builder, state) gives the row's result. prefetch: _prefetch's (ahead, locality).
     d_at: the byte offset of the block's half-float scale d, if scales[0] is to be d times the
-    activations' first scale (`_block_scales`)."""
+    activations' first scale (`_block_scales`). per_value: for each further array argument
+    (after the scales, before isa; C-contiguous, laid out along the activations, e.g. Q6_K's
+    offsets32), its bytes per activation value; body then gets, after state, a byte pointer to
+    each one's part for the block. (n_act + len(per_value) arrays after xq: 1 or 2.)"""
 
     def make_sig(w, r, xq, *act_isa):
         arrays = (w, xq, *act_isa[:-1])
@@ -351,7 +355,8 @@ def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetc
         row_bytes = builder.extract_value(warr.shape, 1)
         row = row_at(builder, warr, r)
         yq = builder.bitcast(xarr.data, _i8.as_pointer())
-        scale_ptrs = [a.data for a in act_arrs]
+        scale_ptrs = [a.data for a in act_arrs[:n_act]]
+        value_ptrs = [builder.bitcast(a.data, _i8.as_pointer()) for a in act_arrs[n_act:]]
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
         slots = [cgutils.alloca_once_value(builder, v) for v in init]
         with cgutils.for_range(builder, n_blocks) as loop:
@@ -363,12 +368,13 @@ def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetc
             scale_at = builder.mul(b, ir.Constant(b.type, block_values // 32))
             scales = [builder.load(builder.gep(p, [scale_at])) for p in scale_ptrs]
             scales[0] = _block_scales(builder, blk, d_at, scales[0])
-            state = body(builder, blk, y, scales, [builder.load(s) for s in slots])
+            parts = [builder.gep(p, [builder.mul(b, ir.Constant(b.type, block_values * n))]) for p, n in zip(value_ptrs, per_value)]
+            state = body(builder, blk, y, scales, [builder.load(s) for s in slots], *parts)
             for s, v in zip(slots, state):
                 builder.store(v, s)
         return finish(builder, [builder.load(s) for s in slots])
 
-    if n_act == 1:  # (numba's intrinsics take no *args)
+    if n_act + len(per_value) == 1:  # (numba's intrinsics take no *args)
         def typer(typingctx, w, r, xq, xd, isa):
             return make_sig(w, r, xq, xd, isa), codegen
     else:
