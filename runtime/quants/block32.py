@@ -152,13 +152,13 @@ def min_kernels(block_bytes: int, values):
         qy = _load(builder, y, _vec(_i8, 32), 0)
         yd, ys = scales
         acc, mins = state
-        acc = _lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), yd), _lanes_unsigned(builder, values(builder, blk), qy), acc)
+        acc = _lane_accumulate(builder, yd, _lanes_unsigned(builder, values(builder, blk), qy), acc)  # (yd: d * d_y, d_at=0)
         return [acc, _fma(builder, _half(builder, blk, 2), ys, mins)]
 
     def finish(builder, state):
         return builder.fadd(_hsum8(builder, state[0]), state[1])
 
-    return row_kernels(block_bytes, 2, [_ZERO8, _ZERO], body, finish)
+    return row_kernels(block_bytes, 2, [_ZERO8, _ZERO], body, finish, d_at=0)
 
 
 @intrinsic

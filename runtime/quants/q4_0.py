@@ -37,11 +37,10 @@ def _dot_body(builder, blk, y, scales, state):
     qy = _load(builder, y, _vec(_i8, 32), 0)
     qx = builder.sub(_nibbles(builder, _load(builder, blk, _vec(_i8, 16), 2)), ir.Constant(_vec(_i8, 32), [8] * 32))
     lanes = _lanes_signed(builder, qx, qy)
-    return [_lane_accumulate(builder, builder.fmul(_half(builder, blk, 0), scales[0]), lanes, state[0])]
+    return [_lane_accumulate(builder, scales[0], lanes, state[0])]  # (scales[0]: d * d_y, d_at=0)
 
 
-
-dot, rows = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish)
+dot, rows = row_kernels(BLOCK_BYTES, 1, [_ZERO8], _dot_body, _lanes_finish, d_at=0)
 
 
 @njit(cache=True, parallel=True)

@@ -15,12 +15,12 @@ scales against the one of largest magnitude (iscale = -128 / that scale), values
 import numpy as np
 from llamachat.runtime.gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, prange
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import (_ZERO8, _dpbusd, _f32, _fn, _half, _hsum8, _i16, _i32, _i8, _lane_accumulate, _load, _mask, _prefetch,
-                   _scaled_lanes, _state_loop, _vec, _vnni, array_args, c_arrays, has_vnni, isa_typer, row_at)
+from .simd import (_ZERO8, _dpbusd, _f32, _fn, _half, _hsum8, _i16, _i32, _i8, _lane_accumulate, _lanes_finish, _load,
+                   _mask, _scaled_lanes, _vec, _vnni, has_vnni)
 from . import kbatch
 from .ksearch import GROUP_MAX_EPS, f32, make_qx_quants, quantize_row16
 from .rounding import nearest_int, read_f16, write_f16
@@ -179,38 +179,19 @@ def _wide_dot_body(builder, blk, y, st, dx, state):
 PREFETCH_AHEAD, PREFETCH_LOCALITY = 16384, 2
 
 
-def _dot_typer(typingctx, w, r, xq, xd, st, isa):
-    """An intrinsic (w, r, xq, xd, st, isa) -> float32: row r of w times one token (xq int8 [K],
-    xd float32 [K/32]; st int32 [K/4] = offsets32(xq), read on AVX-512 VNNI only), as ggml's
-    AVX2 vec_dot_q6_K_q8_K (_dot_body; _wide_dot_body with VNNI: the same integer lanes)."""
-    if not c_arrays(w, xq, xd, st):
-        return None
-
-    def codegen(context, builder, signature, args):
-        warr, r, xarr, darr, sarr, _ = array_args(context, builder, signature, args)
-        row_bytes = builder.extract_value(warr.shape, 1)
-        row = row_at(builder, warr, r)
-        yq = builder.bitcast(xarr.data, _i8.as_pointer())
-        stp = builder.bitcast(sarr.data, _i8.as_pointer())
-        n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, BLOCK_BYTES))
-        wide = _vnni()
-
-        def block(b, state):
-            o = builder.mul(b, ir.Constant(b.type, BLOCK_BYTES))
-            _prefetch(builder, row, o, BLOCK_BYTES, PREFETCH_AHEAD, PREFETCH_LOCALITY)
-            blk = builder.gep(row, [o])
-            yo = builder.mul(b, ir.Constant(b.type, QK))
-            dx = builder.load(builder.gep(darr.data, [builder.mul(b, ir.Constant(b.type, QK // 32))]))
-            if wide:
-                return [_wide_dot_body(builder, blk, builder.gep(yq, [yo]), builder.gep(stp, [yo]), dx, state[0])]
-            return _dot_body(builder, blk, builder.gep(yq, [yo]), [dx], state)
-
-        return _hsum8(builder, _state_loop(builder, n_blocks, [_ZERO8], block)[0])
-
-    return types.float32(w, r, xq, xd, st, isa), codegen
+def _row_body(builder, blk, y, scales, state, st):
+    """A block of dot's row: _wide_dot_body on AVX-512 VNNI (st: the block's part of
+    offsets32), _dot_body elsewhere."""
+    if _vnni():
+        return [_wide_dot_body(builder, blk, y, st, scales[0], state[0])]
+    return _dot_body(builder, blk, y, scales, state)
 
 
-dot = intrinsic(isa_typer(_dot_typer))
+# An intrinsic (w, r, xq, xd, st, isa) -> float32: row r of w times one token (xq int8 [K], xd
+# float32 [K/32]; st int32 [K/4] = offsets32(xq), one byte per value, read on AVX-512 VNNI only),
+# as ggml's AVX2 vec_dot_q6_K_q8_K (_dot_body; _wide_dot_body with VNNI: the same integer lanes).
+dot = intrinsic(simd._row_kernel(BLOCK_BYTES, 1, [_ZERO8], _row_body, _lanes_finish, QK,
+                                 (PREFETCH_AHEAD, PREFETCH_LOCALITY), per_value=(1,)))
 
 
 # (inlined, as q4_k.bsum_pairs)

@@ -331,12 +331,18 @@ def _fma(builder, a, b, c):
     return builder.call(_fn(builder, name, a.type, [a.type, a.type, a.type]), [a, b, c])
 
 
-def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3)):
+def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3), d_at=None,
+                per_value=()):
     """An intrinsic (w, r, xq, xd[, xs], isa) -> float32 looping over row r's blocks. The state (a
     list of accumulators) starts as `init`; body(builder, blk, y, scales, state) gets the
     block's byte pointer, a pointer to its block_values int8 activations and the n_act
     activation scales of the block's first 32 values, and returns the new state;
-    finish(builder, state) gives the row's result. prefetch: _prefetch's (ahead, locality)."""
+    finish(builder, state) gives the row's result. prefetch: _prefetch's (ahead, locality).
+    d_at: the byte offset of the block's half-float scale d, if scales[0] is to be d times the
+    activations' first scale (`_block_scales`). per_value: for each further array argument
+    (after the scales, before isa; C-contiguous, laid out along the activations, e.g. Q6_K's
+    offsets32), its bytes per activation value; body then gets, after state, a byte pointer to
+    each one's part for the block. (n_act + len(per_value) arrays after xq: 1 or 2.)"""
 
     def make_sig(w, r, xq, *act_isa):
         arrays = (w, xq, *act_isa[:-1])
@@ -349,7 +355,8 @@ def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetc
         row_bytes = builder.extract_value(warr.shape, 1)
         row = row_at(builder, warr, r)
         yq = builder.bitcast(xarr.data, _i8.as_pointer())
-        scale_ptrs = [a.data for a in act_arrs]
+        scale_ptrs = [a.data for a in act_arrs[:n_act]]
+        value_ptrs = [builder.bitcast(a.data, _i8.as_pointer()) for a in act_arrs[n_act:]]
         n_blocks = builder.sdiv(row_bytes, ir.Constant(row_bytes.type, block_bytes))
         slots = [cgutils.alloca_once_value(builder, v) for v in init]
         with cgutils.for_range(builder, n_blocks) as loop:
@@ -360,18 +367,30 @@ def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetc
             y = builder.gep(yq, [builder.mul(b, ir.Constant(b.type, block_values))])
             scale_at = builder.mul(b, ir.Constant(b.type, block_values // 32))
             scales = [builder.load(builder.gep(p, [scale_at])) for p in scale_ptrs]
-            state = body(builder, blk, y, scales, [builder.load(s) for s in slots])
+            scales[0] = _block_scales(builder, blk, d_at, scales[0])
+            parts = [builder.gep(p, [builder.mul(b, ir.Constant(b.type, block_values * n))]) for p, n in zip(value_ptrs, per_value)]
+            state = body(builder, blk, y, scales, [builder.load(s) for s in slots], *parts)
             for s, v in zip(slots, state):
                 builder.store(v, s)
         return finish(builder, [builder.load(s) for s in slots])
 
-    if n_act == 1:  # (numba's intrinsics take no *args)
+    if n_act + len(per_value) == 1:  # (numba's intrinsics take no *args)
         def typer(typingctx, w, r, xq, xd, isa):
             return make_sig(w, r, xq, xd, isa), codegen
     else:
         def typer(typingctx, w, r, xq, xd, xs, isa):
             return make_sig(w, r, xq, xd, xs, isa), codegen
     return isa_typer(typer)
+
+
+def _block_scales(builder, blk, d_at, yd):
+    """d * yd, d the block's half-float scale at byte d_at, yd a token's activation scale or
+    several tokens' (<n x float>; one vmulps where each token would take a vmulss); yd itself if
+    d_at is None. (Each product is the same IEEE multiplication either way.)"""
+    if d_at is None:
+        return yd
+    d = _half(builder, blk, d_at)
+    return builder.fmul(_splat(builder, d, yd.type.count) if isinstance(yd.type, ir.VectorType) else d, yd)
 
 
 _ZERO8 = ir.Constant(_vec(_f32, 8), [0.0] * 8)
@@ -484,13 +503,14 @@ def _pair_add(builder, lo, hi):
 
 
 
-def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
+def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32, d_at=None):
     """The batch form of a `_row_kernel`: an intrinsic (w, r, xq, xd[, xs], out, isa) writing row r
     times every token t of the batch into out[t, r] (xq int8 [T, K], xd/xs float32 [T, K/32],
     out float32 [T, rows], all C-contiguous), ROW_TOKENS tokens per pass over the row, the
     leftover tokens one per pass. Each token's state goes through the same body and finish as
     the one-token kernel (the same floats, bit for bit); a block's bytes are loaded and
-    unpacked once for all the tokens of a pass (LLVM merges the repeated loads)."""
+    unpacked once for all the tokens of a pass (LLVM merges the repeated loads); with d_at, the
+    pass's products d * d_y in one vector multiply (`_block_scales`)."""
 
     def make_sig(w, r, xq, act, out, isa):
         if not c_arrays(w, xq, *act, out):
@@ -517,9 +537,20 @@ def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
                 blk = builder.gep(row, [o])
                 yo = builder.mul(b, ir.Constant(b.type, block_values))
                 scale_at = builder.mul(b, ir.Constant(b.type, block_values // 32))
+                loaded = [[builder.load(builder.gep(p, [scale_at])) for p in scale_rows[t]] for t in range(n_t)]
+                if d_at is not None and n_t > 1:  # the tokens' first scales in one vector
+                    yd = ir.Constant(_vec(_f32, n_t), ir.Undefined)
+                    for t in range(n_t):
+                        yd = builder.insert_element(yd, loaded[t][0], ir.Constant(_i32, t))
+                    yd = _block_scales(builder, blk, d_at, yd)
+                    for t in range(n_t):
+                        loaded[t][0] = builder.extract_element(yd, ir.Constant(_i32, t))
+                else:
+                    for t in range(n_t):
+                        loaded[t][0] = _block_scales(builder, blk, d_at, loaded[t][0])
                 new = []
                 for t in range(n_t):
-                    scales = [builder.load(builder.gep(p, [scale_at])) for p in scale_rows[t]]
+                    scales = loaded[t]
                     new += body(builder, blk, builder.gep(yq[t], [yo]), scales, state[n_state * t:n_state * (t + 1)])
                 return new
 
@@ -547,13 +578,14 @@ def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32):
 ROW_TOKENS = 4
 
 
-def row_kernels(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3)):
+def row_kernels(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3), d_at=None):
     """A format's kernels from its per-block body (see _row_kernel): `dot` (w, r, xq, xd[, xs],
     isa) -> float32, one row against one token's activations, and its batch form `rows` (w, r,
     xq, xd[, xs], out, isa): row r times every token of a batch, each token the one-token kernel's
-    floats (see _tokens_kernel); prefetch: the one-token kernel's (_prefetch's ahead, locality)."""
-    return (intrinsic(_row_kernel(block_bytes, n_act, init, body, finish, block_values, prefetch)),
-            _tokens_kernel(block_bytes, n_act, init, body, finish, block_values))
+    floats (see _tokens_kernel); prefetch: the one-token kernel's (_prefetch's ahead, locality);
+    d_at: see _row_kernel."""
+    return (intrinsic(_row_kernel(block_bytes, n_act, init, body, finish, block_values, prefetch, d_at)),
+            _tokens_kernel(block_bytes, n_act, init, body, finish, block_values, d_at))
 
 
 def _fmaf_typer(typingctx, a, b, c):
