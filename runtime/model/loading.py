@@ -43,6 +43,17 @@ def _repack_alone(w) -> None:
     _release_pages(mapped)
 
 
+def _copy_alone(w) -> None:
+    """Move a matrix the decode kernels read from the memory map into an array of its own, its
+    file pages released (no more memory held). The map's pages are 4 KiB, while numpy asks for
+    2 MiB pages (transparent huge pages, where the kernel has them) for an array this large, and
+    the one-token kernels stream those faster: Q6_K's, from a 1.1B model's output matrix, about
+    13% faster on one thread."""
+    mapped = w.rows
+    w.rows = np.array(mapped)
+    _release_pages(mapped)
+
+
 def _repack_each(weights) -> None:
     """Every repackable matrix (`repackable`: the layers' Q4_0 and Q4_1 with rows a multiple of 8,
     and an untied output), each into its own array: for models decoded by `forward`."""
@@ -57,17 +68,17 @@ def _repack_each(weights) -> None:
 def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     """Per layer what decode_token needs: (kind, (qkv, wo, gate_up, down), types) as
     runtime.model.forward.Layer takes them. "grouped" when q/k/v share a format and gate/up share one:
-    qkv and gate_up each one stacked matrix (copies made once at load, their file pages
-    released: the layers' size, 66 MB for SmolLM2 Q4_1); else "plain": qkv the 3 matrices and
-    gate_up the 2 as in the memory map. Either way qkv holds 3 matrices and gate_up 2 (a stacked
-    one repeated, its repeats' kernel numbers -1), so every layer of every model has one numba
-    type and decode_layer compiles once. None if some matrix has no fused kernel (or the shapes
-    do not suit it): those decode via `forward`. Weights whose rows were copied read the copy
-    from then on (their file pages released), so nothing is held twice. When every layer is
-    grouped with the same formats and shapes (any llama GGUF quantized to one type), the copies
-    are written straight into the arrays of a LayerStack (the per-layer entries are views of
-    them), so decode_all_layers takes a whole token in one compiled call; else the stack is
-    None."""
+    qkv and gate_up each one stacked matrix; else "plain": qkv the 3 matrices and gate_up the 2.
+    Every matrix decode reads, the output one too, is a copy made once at load, its file pages
+    released (the model's size, 66 MB for SmolLM2 Q4_1), on 2 MiB pages (_copy_alone). Either
+    way qkv holds 3 matrices and gate_up 2 (a stacked one repeated, its repeats' kernel numbers
+    -1), so every layer of every model has one numba type and decode_layer compiles once. None
+    if some matrix has no fused kernel (or the shapes do not suit it): those decode via
+    `forward`. Weights whose rows were copied read the copy from then on (their file pages
+    released), so nothing is held twice. When every layer is grouped with the same formats and
+    shapes (any llama GGUF quantized to one type), the copies are written straight into the
+    arrays of a LayerStack (the per-layer entries are views of them), so decode_all_layers
+    takes a whole token in one compiled call; else the stack is None."""
     out_w = weights.output
     plan = []
     for layer in weights.layers:
@@ -96,8 +107,8 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
         for i, ws_i in enumerate(groups):
             if stacks is not None:
                 m = np.concatenate([w.rows for w in ws_i], out=stacks[i][il])
-            else:  # a lone matrix stays the memory map's rows
-                m = np.concatenate([w.rows for w in ws_i]) if len(ws_i) > 1 else np.ascontiguousarray(ws_i[0].rows)
+            else:  # a lone matrix copied too (on 2 MiB pages: _copy_alone)
+                m = np.concatenate([w.rows for w in ws_i])
             packed = all(repackable(w) for w in ws_i)
             if packed:  # (8-row groups never straddle two matrices: each has a multiple of 8 rows)
                 m = pack_x8(m, ws_i[0].ggml_type, out=m if m.base is not ws_i[0].rows.base else None)
@@ -121,6 +132,8 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
         out.append(("grouped" if len(groups) == 4 else "plain", parts, types))
     if out_w is not weights.token_embd and repackable(out_w):
         _repack_alone(out_w)
+    elif out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0 and not out_w.packed:
+        _copy_alone(out_w)  # (tied: the token embeddings too, whose rows embed then reads from the copy)
     if stacks is None:
         return out, None
     if out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0:

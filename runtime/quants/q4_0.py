@@ -222,7 +222,7 @@ def _gemm_typer(typingctx, w, r0, r1, xq, xd, ysum8, t0, out, isa):
 
 
 x8_gemm = intrinsic(isa_typer(_gemm_typer))  # a batch: two groups of 8 rows x GEMM_TOKENS(_VNNI) tokens
-x8_gemv = intrinsic(isa_typer(_gemv_typer))  # 1 token, prefetching 8 KiB ahead
+x8_gemv = intrinsic(isa_typer(_gemv_typer))  # 1 token, prefetching 16 KiB ahead into L2
 
 
 def pack(rows, out=None):

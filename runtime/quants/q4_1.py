@@ -118,7 +118,7 @@ def _q4_1x8(n_t, prefetch):
 
 X8_TOKENS = 2  # tokens per step of the batch kernel (9 vector accumulators per token)
 x8_gemm = intrinsic(_q4_1x8(X8_TOKENS, False))  # a batch's tokens, X8_TOKENS at a time
-x8_gemv = intrinsic(_q4_1x8(1, True))  # one token, prefetching 8 KiB ahead
+x8_gemv = intrinsic(_q4_1x8(1, True))  # one token, prefetching 16 KiB ahead into L2
 
 
 def pack(rows, out=None):

@@ -23,7 +23,7 @@ Pieces:
   _load, _half, _halves_to_float, _splat, _nibbles   reading bytes, half floats, nibbles
   _lanes_unsigned / _lanes_signed / _scaled_lanes    8 int32 lanes of byte products
   _hsum8, _fma, _lane_accumulate, _pair_add          ggml's float reductions and fma steps
-  _prefetch                                          asking for the bytes 8 KiB ahead
+  _prefetch                                          asking for the bytes 16 KiB ahead, into L2
   _state_loop                                        a loop whose state lives in registers
   row_kernels(block_bytes, ...)                      a format's one-row kernel and its batch
                                                      forms from one per-block body
@@ -221,11 +221,15 @@ def _halves_to_float(builder, bits):
 
 # Decode reads every weight once per token, from DRAM (a layer is larger than the L3 cache):
 # the one-token kernels ask for the bytes PREFETCH_AHEAD ahead of the block being summed (the
-# same matrix's next rows), which the hardware prefetcher alone does not keep up with.
-PREFETCH_AHEAD = 8192
+# same matrix's next rows), which the hardware prefetcher alone does not keep up with, into L2
+# only (prefetcht1, PREFETCH_LOCALITY 2). Hints into L1 (prefetcht0) hold the core's few L1
+# fill buffers until DRAM answers, which then caps a thread's stream below what the memory
+# gives it (Q4_0's 8-row kernel streamed about 20% slower with them, 8 KiB ahead, on one thread
+# and on two); Q4_K's and Q6_K's kernels take the same hints.
+PREFETCH_AHEAD, PREFETCH_LOCALITY = 16384, 2
 
 
-def _prefetch(builder, ptr, offset, nbytes, ahead=PREFETCH_AHEAD, locality=3):
+def _prefetch(builder, ptr, offset, nbytes, ahead=PREFETCH_AHEAD, locality=PREFETCH_LOCALITY):
     """Prefetch the nbytes at ptr + offset + ahead, one hint per 64-byte line (locality: LLVM's,
     3 = prefetcht0 into L1, 2 = prefetcht1, 1 = prefetcht2 into L2 only)."""
     fn = _fn(builder, "llvm.prefetch.p0i8", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
@@ -331,8 +335,8 @@ def _fma(builder, a, b, c):
     return builder.call(_fn(builder, name, a.type, [a.type, a.type, a.type]), [a, b, c])
 
 
-def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3), d_at=None,
-                per_value=()):
+def _row_kernel(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, PREFETCH_LOCALITY),
+                d_at=None, per_value=()):
     """An intrinsic (w, r, xq, xd[, xs], isa) -> float32 looping over row r's blocks. The state (a
     list of accumulators) starts as `init`; body(builder, blk, y, scales, state) gets the
     block's byte pointer, a pointer to its block_values int8 activations and the n_act
@@ -578,7 +582,8 @@ def _tokens_kernel(block_bytes, n_act, init, body, finish, block_values=32, d_at
 ROW_TOKENS = 4
 
 
-def row_kernels(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, 3), d_at=None):
+def row_kernels(block_bytes, n_act, init, body, finish, block_values=32, prefetch=(PREFETCH_AHEAD, PREFETCH_LOCALITY),
+                d_at=None):
     """A format's kernels from its per-block body (see _row_kernel): `dot` (w, r, xq, xd[, xs],
     isa) -> float32, one row against one token's activations, and its batch form `rows` (w, r,
     xq, xd[, xs], out, isa): row r times every token of a batch, each token the one-token kernel's
