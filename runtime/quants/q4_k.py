@@ -29,7 +29,7 @@ from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _h
                     _load, _mask, _pairs_us, _prefetch, _scaled_lanes, _scaled_pairs_acc, _splat, _state_loop, _vec)
 from . import kbatch
 from numba.core import cgutils
-from .simd import _i64, array_args, c_arrays, has_vnni, offsets, row_at
+from .simd import PREFETCH_AHEAD, PREFETCH_LOCALITY, _i64, array_args, c_arrays, has_vnni, offsets, row_at
 from .ksearch import get_scale_min_k4, k4_row_converters, scale_min_k4
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
@@ -182,10 +182,8 @@ def _wide_row_lanes(builder, blk, sm, first, qy):
     return builder.add(builder.shuffle_vector(acc, acc, _mask(range(8))), builder.shuffle_vector(acc, acc, _mask(range(8, 16))))
 
 
-# The weights stream from DRAM: each row's bytes 16 KiB ahead are asked for, into L2 only
-# (prefetcht1). Into L1 (prefetcht0, 8 KiB ahead) the hints hold the core's few L1 fill buffers,
-# and a thread streamed about 15% slower.
-PREFETCH_AHEAD, PREFETCH_LOCALITY = 16384, 2
+# The weights stream from DRAM: each row's bytes asked for simd.PREFETCH_AHEAD ahead, into L2 only,
+# as every one-token kernel does (simd's comment says why).
 
 
 def _d_dmin(builder, dd):

@@ -174,9 +174,6 @@ def _wide_dot_body(builder, blk, y, st, dx, state):
     return _lane_accumulate(builder, d, lanes8, state)
 
 
-# The weights stream from DRAM: each row's bytes 16 KiB ahead are asked for, into L2 only
-# (prefetcht1), as Q4_K's kernels do.
-PREFETCH_AHEAD, PREFETCH_LOCALITY = 16384, 2
 
 
 def _row_body(builder, blk, y, scales, state, st):
@@ -190,8 +187,7 @@ def _row_body(builder, blk, y, scales, state, st):
 # An intrinsic (w, r, xq, xd, st, isa) -> float32: row r of w times one token (xq int8 [K], xd
 # float32 [K/32]; st int32 [K/4] = offsets32(xq), one byte per value, read on AVX-512 VNNI only),
 # as ggml's AVX2 vec_dot_q6_K_q8_K (_dot_body; _wide_dot_body with VNNI: the same integer lanes).
-dot = intrinsic(simd._row_kernel(BLOCK_BYTES, 1, [_ZERO8], _row_body, _lanes_finish, QK,
-                                 (PREFETCH_AHEAD, PREFETCH_LOCALITY), per_value=(1,)))
+dot = intrinsic(simd._row_kernel(BLOCK_BYTES, 1, [_ZERO8], _row_body, _lanes_finish, QK, per_value=(1,)))
 
 
 # (inlined, as q4_k.bsum_pairs)
