@@ -144,8 +144,7 @@ async def test_footer_at_80_columns_shows_help_and_quit(tmp_path):
         await ready(pilot, app)
         await pilot.pause(0.1)
         footer = app.chat_screen.query_one(Footer)
-        keys = [k for k in footer.query("FooterKey") if k.display]
-        shown = {k.key_display: k.region for k in keys}
+        shown = _footer_keys(footer)
         assert {"f1", "^q", "^o", "^b"} <= set(shown)
         spans = sorted((r.x, r.right) for r in shown.values())
         assert spans[-1][1] <= 80  # inside the screen

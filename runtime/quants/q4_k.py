@@ -182,10 +182,6 @@ def _wide_row_lanes(builder, blk, sm, first, qy):
     return builder.add(builder.shuffle_vector(acc, acc, _mask(range(8))), builder.shuffle_vector(acc, acc, _mask(range(8, 16))))
 
 
-# The weights stream from DRAM: each row's bytes asked for simd.PREFETCH_AHEAD ahead, into L2 only,
-# as every one-token kernel does (simd's comment says why).
-
-
 def _d_dmin(builder, dd):
     """8 rows' d and dmin as float <8 x float> each, from dd (<8 x i32>: each row's d | dmin << 16,
     the half floats of its block's first 4 bytes)."""
@@ -325,8 +321,17 @@ def bsum_pairs(xq):
     """dot8's activation sums: per 256-value block, the int16 sums s0..s7 of its 32-groups as 4
     words pairs [s0 | s2, s1 | s3, s4 | s6, s5 | s7] (|s| <= 32 * 128), the pairs vpmaddwd
     multiplies with the words of mins 0-3 and 4-7."""
+    bsp = np.empty(xq.shape[0] // 64, np.uint32)
+    bsum_pairs_into(xq, bsp)
+    return bsp
+
+
+@njit(cache=True, inline="always")
+def bsum_pairs_into(xq, bsp):
+    """bsum_pairs into bsp (uint32 [K/64]; a batch's row: no array assigned to a slice, which
+    makes numba compile its shape-mismatch message, str() and f-strings, 1.2-1.9 s of a first
+    compile)."""
     nb = xq.shape[0] // 256
-    bsp = np.empty(nb * 4, np.uint32)
     s = np.empty(8, np.int64)
     for b in range(nb):
         for g in range(8):
@@ -337,7 +342,6 @@ def bsum_pairs(xq):
         for p in range(4):
             lo = 4 * (p // 2) + p % 2
             bsp[4 * b + p] = np.uint32(s[lo] | (s[lo + 2] << 16))
-    return bsp
 
 
 def _batch_body(builder, blk, ys, dx, bsp, state):
@@ -837,10 +841,7 @@ def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
         ty, ts, td = tile_arrays(0, 0)
         bsp = np.empty((n_tok, k // 64), np.uint32)
         for t in range(n_tok):
-            pairs = bsum_pairs(xq[t])
-            for j in range(pairs.shape[0]):  # (not bsp[t] = ...: an array assigned to a slice makes
-                bsp[t, j] = pairs[j]          # numba compile its shape-mismatch message, str() and
-                                              # f-strings, 1.2-1.9 s of this kernel's first compile)
+            bsum_pairs_into(xq[t], bsp[t])
     n_tiles = ty.shape[0]
     rows_per_item = 8 * TILE_ROW_GROUPS
     for item in prange((n_rows + rows_per_item - 1) // rows_per_item):

@@ -21,8 +21,11 @@ from ..widgets.sidebar import Sidebar
 
 
 class StatusLine(Static):
-    """The status line, made again for its width when that changes: at 80 columns the app's
-    whole line does not fit and it chooses what to leave out (ChatApp.status_text)."""
+    """A line of status (the status line, the compile notice), made again for its width when
+    that changes (at 80 columns the app's whole status line does not fit and it chooses what to
+    leave out: ChatApp.status_text) and only then or when its text changes: an update lays the
+    whole screen out again, and the app's timer shows these ten times a second during a load or
+    a reply."""
 
     def show(self, text) -> None:
         self._source = text
@@ -34,8 +37,8 @@ class StatusLine(Static):
         source = getattr(self, "_source", "")
         width = self.content_region.width or max(self.screen.size.width - 2, 1)
         text = source(width) if callable(source) else source
-        if text != self._shown:  # (an update lays the whole screen out again; the app's timer
-            self._shown = text   # shows the line ten times a second during a load or a reply)
+        if text != self._shown:
+            self._shown = text
             self.update(text)
 
     def on_resize(self, event) -> None:
@@ -73,7 +76,7 @@ class ChatScreen(Screen):
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
                 yield VerticalScroll(id="messages")
-                yield Static("", id="engine-notice")  # what a long wait is (kernels compiling)
+                yield StatusLine("", id="engine-notice")  # what a long wait is (kernels compiling)
                 with Horizontal(id="input-row"):
                     yield ChatInput(id="prompt")
                     with Vertical(id="input-buttons"):
@@ -143,11 +146,10 @@ class ChatScreen(Screen):
         self.query_one("#send", Button).disabled = generating
 
     def show_notice(self, text: str | None) -> None:
-        notice = self.query_one("#engine-notice", Static)
+        notice = self.query_one("#engine-notice", StatusLine)
         notice.display = bool(text)
-        if text and text != getattr(notice, "_shown", None):  # (as StatusLine: not re-laid out ten times a second)
-            notice._shown = text
-            notice.update(text)
+        if text:
+            notice.show(text)
 
     def set_status(self, text) -> None:
         """`text`: the line, or a function of the width it has (the app's status_text)."""

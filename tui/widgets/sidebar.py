@@ -71,8 +71,7 @@ class Sidebar(VerticalScroll):
                 yield Input(format_value(first[name]) if name in first else "", id=f"setting-{name}", compact=True,
                             classes="setting-input", tooltip=SETTINGS[name].help, validate_on=[])
         yield Label("When the chat outgrows n_ctx", classes="sidebar-title")
-        if first.get("context_policy") in {value for _, value in POLICY_LABELS}:
-            self._policy = first["context_policy"]
+        self._take_policy(first)
         yield Select(POLICY_LABELS, value=self._policy, id="context-policy", allow_blank=False, compact=True,
                      tooltip=SETTINGS["context_policy"].help)
         yield Label("System prompt", classes="sidebar-title")
@@ -86,20 +85,26 @@ class Sidebar(VerticalScroll):
 
     def show_settings(self, settings: dict) -> None:
         for name, _ in SIDEBAR_SETTINGS:
-            field = self.query_one(f"#setting-{name}", Input)
-            if field.value != format_value(settings[name]):
-                field.value = format_value(settings[name])
+            field, value = self.query_one(f"#setting-{name}", Input), format_value(settings[name])
+            if field.value != value:
+                field.value = value
             field.remove_class("-invalid")
             self._show_error(name, "")
         policy = self.query_one("#context-policy", Select)
-        if settings.get("context_policy") in {value for _, value in POLICY_LABELS}:
-            self._policy = settings["context_policy"]
+        if self._take_policy(settings):
             if policy.value != self._policy:
                 with policy.prevent(Select.Changed):  # filled in, not chosen: nothing to report
                     policy.value = self._policy
         area = self.query_one("#system-prompt", TextArea)
         if area.text != settings.get("system_prompt", ""):
             area.text = settings.get("system_prompt", "")
+
+    def _take_policy(self, settings: dict) -> bool:
+        """Make settings' context_policy the one the picker shows, if it is one of its choices."""
+        if settings.get("context_policy") in {value for _, value in POLICY_LABELS}:
+            self._policy = settings["context_policy"]
+            return True
+        return False
 
     def show_models(self, options: list[tuple[str, str]], current: str | None, quality: dict | None = None) -> None:
         """Show the models and which one is in use. Not a user's choice, so no ModelChosen:
