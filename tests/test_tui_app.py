@@ -39,7 +39,9 @@ async def reply_done(pilot, app):
 
 async def test_reply_streams_in_batches_and_is_saved(library):
     words = " ".join(f"word{i}" for i in range(60))
-    script = FakeScript(replies=[words], delay=0.01)
+    # 20 ms a token: at 10 ms the whole reply (0.6 s) could end, on a slow CI machine, before
+    # `send` returned, leaving no reply view to watch
+    script = FakeScript(replies=[words], delay=0.02)
     app, _ = make_app(script=script)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot, app)
@@ -53,7 +55,7 @@ async def test_reply_streams_in_batches_and_is_saved(library):
         await reply_done(pilot, app)
         assert app.conv.messages[-1].content == words
         assert view.source.strip() == words
-        # 60 tokens at 10 ms each (~0.6 s), drained every 0.1 s: a handful of updates, not one per token
+        # 60 tokens at 20 ms each (~1.2 s), drained every 0.1 s: a handful of updates, not one per token
         assert 1 <= len(appends) <= 30
         assert "tok/s" in app.status_text() and "ctx " in app.status_text()
         assert app.store.list()[0].n_messages == 2
