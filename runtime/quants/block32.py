@@ -272,14 +272,18 @@ def matmat_vnni(fk, w, ctx, xq, xd, out):
     n_tiles = n_tok // (2 * TILE_PAIRS)
     n_groups = n_rows // TILE_ROWS
     n_chunks = (n_groups + CHUNK_GROUPS - 1) // CHUNK_GROUPS
-    for job in prange(n_tiles * n_chunks):
-        p0 = job // n_chunks * TILE_PAIRS
+    n_steps = max(n_tiles, 1)  # (no whole tile: one step, of leftover tokens alone)
+    # one parallel loop, not one for the tiles and one for the leftover tokens: numba compiles
+    # each parallel loop on its own (a second one cost each format's first prompt 0.3-0.5 s)
+    for job in prange(n_steps * n_chunks):
+        k = job // n_chunks
         c = job % n_chunks
         for g in range(c * CHUNK_GROUPS, min(n_groups, (c + 1) * CHUNK_GROUPS)):
-            format_tile(fk, w, TILE_ROWS * g, yp, sp, dp, p0, out, ctx.isa)
-    for g in prange(n_groups):
-        for t in range(2 * TILE_PAIRS * n_tiles, n_tok):
-            format_tile1(fk, w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
+            if k < n_tiles:
+                format_tile(fk, w, TILE_ROWS * g, yp, sp, dp, k * TILE_PAIRS, out, ctx.isa)
+            if k == c % n_steps:  # the leftover tokens: each chunk's with one step's jobs, spread over the steps
+                for t in range(2 * TILE_PAIRS * n_tiles, n_tok):
+                    format_tile1(fk, w, TILE_ROWS * g, xq, xd, t, out, ctx.isa)
     for r in range(n_rows - n_rows % TILE_ROWS, n_rows):
         format_rows(fk, w, r, xq, xd, out, ctx.isa)
 

@@ -265,8 +265,7 @@ def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
     token passes; the leftover tokens one at a time."""
     n_tok, k = xq.shape
     ysum8 = np.empty((n_tok, k // 32), np.int32)
-    for t in prange(n_tok):
-        _block_sums8(xq[t:t + 1], ysum8[t:t + 1])
+    _block_sums8(xq, ysum8)  # (serial: a few microseconds; a second parallel loop costs a cold start ~0.3 s of compile)
     step = GEMM_TOKENS_VNNI if has_vnni(ctx.isa) else GEMM_TOKENS
     n_steps = n_tok // step
     n_groups = w.shape[0] // 8
