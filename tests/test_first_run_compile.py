@@ -222,5 +222,5 @@ def test_q4_k_batch_kernel_compiles_no_error_message_code(tmp_path):
     r = subprocess.run([sys.executable, "-c", _NO_MESSAGE_CODE], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     compiled = r.stdout.split()
-    assert "matmat_x8" in compiled  # (the kernel was compiled here, not read from a cache)
+    assert {"_matmat_x8_tiles", "_matmat_x8_rows"} & set(compiled)  # (compiled here, not read from a cache)
     assert not [n for n in compiled if "raise_with_shape_context" in n or "str_generic" in n], compiled

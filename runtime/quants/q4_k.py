@@ -29,7 +29,7 @@ from .simd import (_ZERO8, _avx2, _dpbusd, _vnni, isa_typer, _f32, _fma, _fn, _h
                     _load, _mask, _pairs_us, _prefetch, _scaled_lanes, _scaled_pairs_acc, _splat, _state_loop, _vec)
 from . import kbatch
 from numba.core import cgutils
-from .simd import PREFETCH_AHEAD, PREFETCH_LOCALITY, _i64, array_args, c_arrays, has_vnni, offsets, row_at
+from .simd import PREFETCH_AHEAD, PREFETCH_LOCALITY, _i64, array_args, c_arrays, offsets, row_at
 from .ksearch import get_scale_min_k4, k4_row_converters, scale_min_k4
 
 QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
@@ -428,7 +428,7 @@ def _concat(builder, parts):
 
 def _q4_k_tile(x8=False):
     """The typer of an intrinsic (w, r0, ty, ts, td, tt, out, isa) for AVX-512 VNNI (for another
-    Isa it does nothing: callers branch on has_vnni): rows
+    Isa it does nothing: matmat and matmat_x8 call it only on AVX-512 VNNI): rows
     r0..r0+7 of w (past the last row: the last row again, not stored) times token tile tt of
     `layout_tile` (ty, ts, td) into out[t, r0:r0+8] for the tile's tokens t < T (out float32
     [T, rows]). x8: w in the repacked layout (`pack`; r0 a multiple of 8), whose quant
@@ -442,8 +442,8 @@ def _q4_k_tile(x8=False):
         return types.none(w, r0, ty, ts, td, tt, out, isa), codegen
 
     def codegen(context, builder, signature, args):
-        if not _vnni():  # (matmat calls it only under has_vnni; its other branch is still lowered,
-            return context.get_dummy_value()  # and another target has no 512-bit vpdpbusd to emit)
+        if not _vnni():  # (another target has no 512-bit vpdpbusd to emit)
+            return context.get_dummy_value()
         wt, _, tyt, tst, tdt, _, outt = signature.args[:-1]
         warr = context.make_array(wt)(context, builder, args[0])
         r0, tt = args[1], args[5]
@@ -640,39 +640,51 @@ def matvec(w, ctx, xq, xd, xs, xhat, out):
         out[r] = acc - accm
 
 
-@njit(cache=True, parallel=True)
 def matmat(w, ctx, xq, xd, xs, xhat, out):
     """out [T, rows] = the T tokens' products, each (row, token) matvec's float. With AVX-512
     VNNI: tiles of 8 rows times TILE_TOKENS tokens (`tile`), TILE_ROW_GROUPS groups of 8 rows
     per thread's work item, every token tile passing over a group's rows while they sit in
     cache. Else one row times 16 tokens per pass (runtime.quants.kbatch), ROW_BLOCK rows per
-    work item. (One parallel loop for both: each more costs seconds of compiling.)"""
+    work item. Chosen here, in Python (as matmat_x8): a kernel holding both would be typed and
+    lowered for both."""
+    if ctx.isa.name == "avx512vnni":
+        _matmat_tiles(w, ctx, xq, xd, out)
+    else:
+        _matmat_kbatch(w, ctx, xq, xd, out)
+
+
+@njit(cache=True, parallel=True)
+def _matmat_tiles(w, ctx, xq, xd, out):
+    """matmat on AVX-512 VNNI (see matmat)."""
     n_tok, k = xq.shape
     n_rows = w.shape[0]
-    vnni = has_vnni(ctx.isa)
-    if vnni:
-        ty, ts, td = tile_arrays(n_tok, k)
-        for tt in range(ty.shape[0]):  # (serial: 0.1-0.3 ms)
-            layout_tile(xq, xd, tt, ty, ts, td)
-        dx8, bs8 = np.empty((0, 0), np.float32), np.empty((0, 0), np.int16)
-        rows_per_item = 8 * TILE_ROW_GROUPS
-    else:
-        ty, ts, td = tile_arrays(0, 0)
-        dx8, bs8 = kbatch.prepare(xq, xd)
-        rows_per_item = kbatch.ROW_BLOCK
+    ty, ts, td = tile_arrays(n_tok, k)
+    for tt in range(ty.shape[0]):  # (serial: 0.1-0.3 ms)
+        layout_tile(xq, xd, tt, ty, ts, td)
     n_tiles = ty.shape[0]
+    rows_per_item = 8 * TILE_ROW_GROUPS
+    for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
+        start = item * rows_per_item
+        stop = min(n_rows, start + rows_per_item)
+        for r0 in range(start, stop, 8):
+            for tt in range(n_tiles):
+                tile(w, r0, ty, ts, td, tt, out, ctx.isa)
+
+
+@njit(cache=True, parallel=True)
+def _matmat_kbatch(w, ctx, xq, xd, out):
+    """matmat without VNNI (see matmat)."""
+    n_tok = xq.shape[0]
+    n_rows = w.shape[0]
+    dx8, bs8 = kbatch.prepare(xq, xd)
+    rows_per_item = kbatch.ROW_BLOCK
     chunks = (n_tok + kbatch.TOKENS - 1) // kbatch.TOKENS
     for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
         start = item * rows_per_item
         stop = min(n_rows, start + rows_per_item)
-        if vnni:
-            for r0 in range(start, stop, 8):
-                for tt in range(n_tiles):
-                    tile(w, r0, ty, ts, td, tt, out, ctx.isa)
-        else:
-            for c in range(chunks):
-                for r in range(start, stop):
-                    _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
+        for c in range(chunks):
+            for r in range(start, stop):
+                _batch(w, r, xq, dx8, bs8, c, out, ctx.isa)
 
 
 # --- the repacked layout: 8 rows interleaved ------------------------------------------------
@@ -824,33 +836,49 @@ def matvec_x8(w, ctx, xq, xd, xs, xhat, out):
 tile_x8 = intrinsic(_q4_k_tile(x8=True))
 
 
-@njit(cache=True, parallel=True)
 def matmat_x8(w, ctx, xq, xd, xs, xhat, out):
     """matmat for a repacked matrix: the same floats. With AVX-512 VNNI the tiles of `matmat`
     (tile_x8, no transposing); else each token as matvec_x8 (the repacked layout is made on
-    AVX-512 VNNI CPUs only: runtime.quants.matmul.repackable). One parallel loop for both."""
+    AVX-512 VNNI CPUs only: runtime.quants.matmul.repackable; tests force the others). Chosen
+    here, in Python, not by a branch in one kernel: numba types and lowers the branch never
+    taken too (0.3 s of a Q4_K file's first prompt)."""
+    if ctx.isa.name == "avx512vnni":
+        _matmat_x8_tiles(w, ctx, xq, xd, out)
+    else:
+        _matmat_x8_rows(w, ctx, xq, xd, out)
+
+
+@njit(cache=True, parallel=True)
+def _matmat_x8_tiles(w, ctx, xq, xd, out):
+    """matmat_x8 on AVX-512 VNNI: the tokens laid out in tiles once, then TILE_ROW_GROUPS groups
+    of 8 rows per work item, each meeting every tile."""
     n_tok, k = xq.shape
     n_rows = w.shape[0]
-    vnni = has_vnni(ctx.isa)
-    if vnni:
-        ty, ts, td = tile_arrays(n_tok, k)
-        for tt in range(ty.shape[0]):
-            layout_tile(xq, xd, tt, ty, ts, td)
-        bsp = np.empty((0, 0), np.uint32)
-    else:
-        ty, ts, td = tile_arrays(0, 0)
-        bsp = np.empty((n_tok, k // 64), np.uint32)
-        for t in range(n_tok):
-            bsum_pairs_into(xq[t], bsp[t])
+    ty, ts, td = tile_arrays(n_tok, k)
+    for tt in range(ty.shape[0]):
+        layout_tile(xq, xd, tt, ty, ts, td)
     n_tiles = ty.shape[0]
     rows_per_item = 8 * TILE_ROW_GROUPS
     for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
         start = item * rows_per_item
         stop = min(n_rows, start + rows_per_item)
         for r0 in range(start, stop, 8):
-            if vnni:
-                for tt in range(n_tiles):
-                    tile_x8(w, r0, ty, ts, td, tt, out, ctx.isa)
-            else:
-                for t in range(n_tok):
-                    dot8_x8(w, r0, xq[t], xd[t], bsp[t], out[t], ctx.isa)
+            for tt in range(n_tiles):
+                tile_x8(w, r0, ty, ts, td, tt, out, ctx.isa)
+
+
+@njit(cache=True, parallel=True)
+def _matmat_x8_rows(w, ctx, xq, xd, out):
+    """matmat_x8 elsewhere: each token as matvec_x8, 8 rows per step."""
+    n_tok, k = xq.shape
+    n_rows = w.shape[0]
+    bsp = np.empty((n_tok, k // 64), np.uint32)
+    for t in range(n_tok):
+        bsum_pairs_into(xq[t], bsp[t])
+    rows_per_item = 8 * TILE_ROW_GROUPS
+    for item in prange((n_rows + rows_per_item - 1) // rows_per_item):
+        start = item * rows_per_item
+        stop = min(n_rows, start + rows_per_item)
+        for r0 in range(start, stop, 8):
+            for t in range(n_tok):
+                dot8_x8(w, r0, xq[t], xd[t], bsp[t], out[t], ctx.isa)
