@@ -194,8 +194,8 @@ TRAITS: dict[GGMLQuantizationType, Traits] = _number_kernels({
     T.Q5_1: _block(T.Q5_1, ACT_Q8_1, q5_1, decode=q5_1.matvec, batch=q5_1.matmat),
     T.Q2_K: _block(T.Q2_K, ACT_Q8_K, q2_k),
     T.Q3_K: _block(T.Q3_K, ACT_Q8_K, q3_k),
-    T.Q4_K: _block(T.Q4_K, ACT_Q8_K, q4_k, decode=q4_k.matvec, batch=q4_k.matmat, compile_cost=2.0,
-                   packed=_packed(T.Q4_K, ACT_Q8_K, q4_k, compile_cost=3.0), pack=q4_k.pack),
+    T.Q4_K: _block(T.Q4_K, ACT_Q8_K, q4_k, decode=q4_k.matvec, batch=q4_k.matmat, compile_cost=1.5,
+                   packed=_packed(T.Q4_K, ACT_Q8_K, q4_k, compile_cost=1.5), pack=q4_k.pack),
     T.Q5_K: _block(T.Q5_K, ACT_Q8_K, q5_k, decode=q5_k.matvec, batch=q5_k.matmat),
     T.Q6_K: _block(T.Q6_K, ACT_Q8_K, q6_k, decode=q6_k.matvec, batch=q6_k.matmat),
 })

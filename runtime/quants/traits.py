@@ -35,7 +35,8 @@ class Traits(NamedTuple):
     pack: Callable | None = None  # (rows [n, row bytes], out=None) -> rows in the `packed` layout
     # numba's CPU time to compile `batch`, relative to a block32 format's (1): only to split a
     # cold start's compile evenly between two processes (forward.compile_products); the
-    # measured times behind each record's figure are in the commit that set it (649c235)
+    # measured times behind each record's figure are in the commit that set it (Q4_K: the commit
+    # after 118ef88)
     compile_cost: float = 1.0
 
     @property
