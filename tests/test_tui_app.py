@@ -572,3 +572,16 @@ async def test_typing_stays_responsive_while_a_fast_reply_streams(library):
         assert app.generating, f"keys reached the box only after the reply ended ({typed:.2f} s)"
         await reply_done(pilot, app)
         assert app.conv.messages[-1].content == words
+
+
+def test_starting_the_app_does_not_import_the_markdown_renderer():
+    """The app's modules leave Textual's Markdown widget (markdown-it, the code highlighter: 25-45
+    ms of a 1 s warm start) to the first message or help screen that shows it: a new chat's first
+    screen has neither."""
+    import subprocess
+
+    code = ("import sys, llamachat.tui.cli, llamachat.tui.app, llamachat.tui.screens.chat, llamachat.tui.screens.help, "
+            "llamachat.tui.widgets.message_view; print(sorted(m for m in sys.modules if m.startswith(('markdown_it', "
+            "'textual.widgets._markdown'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

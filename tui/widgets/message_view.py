@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Label, Markdown, Static
+from textual.widgets import Label, Static
 
 
 class MessageView(Vertical):
@@ -36,6 +36,9 @@ class MessageView(Vertical):
         yield Label(self._header(), classes="message-header")
         text = self._text or ("…" if self.streaming else "")
         if self.markdown:
+            from textual.widgets import Markdown  # (here, not at the top: markdown-it and the code highlighter
+            # take 25 ms of a 1 s start, and the first screen of a new chat shows no message)
+
             yield Markdown(text, classes="message-body")
         else:
             yield Static(text, markup=False, classes="message-body plain")
@@ -86,6 +89,8 @@ class MessageView(Vertical):
             self.run_worker(self._flush, group="markdown-stream")
 
     async def _flush(self) -> None:
+        from textual.widgets import Markdown
+
         markdown = self.query_one(Markdown)
         try:
             while self._queued or self._final is not None:
