@@ -16,7 +16,7 @@ from numba import njit
 
 from oracles import causal_attention, tiled_attention_row_by_row
 
-from llamachat.runtime.model.forward import (_ggml_expf, _silu_mul, apply_rope, attention, attention_serial, rmsnorm,
+from llamachat.runtime.model.forward import (_ggml_expf, _silu_mul, apply_rope, attention, attend_rows, rmsnorm,
                                        rope_tables)
 
 # (x bits, ggml_v_expf(x) bits)
@@ -180,7 +180,7 @@ def test_rmsnorm_against_float64(scale, eps):
     assert ulps(rmsnorm(x, w, eps), exact).max() <= 3.0
 
 
-@pytest.mark.parametrize("kernel", [attention, attention_serial], ids=["parallel", "serial"])
+@pytest.mark.parametrize("kernel", [attention, attend_rows], ids=["attention", "attend_rows"])
 def test_decode_attention_is_causal_softmax_attention(kernel):
     """The small-batch / decode attention (ggml's one-row flash attention: q and the running
     sum of values in half precision) against float64 causal softmax attention with grouped

@@ -178,10 +178,9 @@ def _round_half_inplace(acc, bits, magic, magic_bits):
 # fastmath 'contract': each a*b + c below is one fused multiply-add, as in ggml's SIMD code
 @njit(cache=True, fastmath={"contract"})
 def _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out, job):
-    """One (token, head) pair of `attention`: job = t * n_head + h. Written once, as a plain
-    kernel that both the threaded and the serial driver call: numba's analysis of a parallel
-    loop costs seconds of a cold start per loop body, and two dispatchers of one Python
-    function would share (and mix up) one cache entry."""
+    """One (token, head) pair of `attention`: job = t * n_head + h. A plain kernel of its own:
+    numba's analysis of a parallel loop costs seconds of a cold start per loop body, so the
+    parallel driver's body is one call."""
     group = n_head // n_head_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
     n_simd = head_dim - head_dim % 32
@@ -251,19 +250,6 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
     for job in prange(q.shape[0] * n_head):
         _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(job))
 
-
-# the same kernel without threads (identical arithmetic), for a query row too short to share
-@njit(cache=True)
-def attention_serial(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
-    for job in range(q.shape[0] * n_head):
-        _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(job))
-
-
-# `attend` runs the one-row kernel in parallel from this many (query, key) pairs on (for one
-# token: cached positions). Each (token, head) pair's job costs some 1 us before its first key
-# (a 1.1B's 32 heads: 28 us serial at position 0, 70 at 16), a parallel region 1-2 us: one
-# token's heads are worth splitting from the start, where the other thread would only wait
-ATTN_PARALLEL_MIN = 1
 
 # ggml's CPU flash attention takes a tiled path when a batch holds at least this many query rows
 # (GGML_FA_TILE_Q; the KV tiles are GGML_FA_TILE_KV = 64 long); fewer rows use `attention`
@@ -524,16 +510,13 @@ def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
 
 @njit(cache=True)
 def attend_rows(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
-    """`attend` for fewer than FA_TILE_Q tokens: ggml's one-row kernel, in parallel from
-    ATTN_PARALLEL_MIN (query, key) pairs on (the same floats either way). Apart from `attend`
-    so that compiled decode does not carry the tiled kernel it never runs (numba compiles
-    every branch of a function, and links all of it into each caller: seconds of a cold
-    start)."""
-    n_tok = q.shape[0]
-    if n_tok * (n_past + n_tok) >= ATTN_PARALLEL_MIN:
-        attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
-    else:
-        attention_serial(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
+    """`attend` for fewer than FA_TILE_Q tokens: ggml's one-row kernel, the (token, head) pairs
+    split over the threads even for one token at the first position (each pair's job costs some
+    1 us before its first key, a parallel region 1-2 us: a 1.1B's 32 heads took 28 us serial at
+    position 0 and 70 at 16, 14.5 and 35 split). Apart from `attend` so that compiled decode
+    does not carry the tiled kernel it never runs (numba compiles every branch of a function,
+    and links all of it into each caller: seconds of a cold start)."""
+    attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
 
 
 def embed(cfg, w, tokens: np.ndarray) -> np.ndarray:
