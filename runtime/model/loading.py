@@ -106,20 +106,21 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
         mats = []
         for i, ws_i in enumerate(groups):
             if stacks is not None:
-                m = np.concatenate([w.rows for w in ws_i], out=stacks[i][il])
+                m = stacks[i][il]
             else:  # a lone matrix copied too (on 2 MiB pages: _copy_alone)
-                m = np.concatenate([w.rows for w in ws_i])
+                m = np.empty((sum(w.n_out for w in ws_i), ws_i[0].rows.shape[1]), np.uint8)
             packed = all(repackable(w) for w in ws_i)
-            if packed:  # (8-row groups never straddle two matrices: each has a multiple of 8 rows)
-                m = pack_x8(m, ws_i[0].ggml_type, out=m if m.base is not ws_i[0].rows.base else None)
-            if m.base is not ws_i[0].rows.base:  # a copy: every product reads it
-                start = 0
-                for w in ws_i:
-                    view = m[start:start + w.n_out]
-                    start += w.n_out
-                    _release_pages(w.rows)
-                    w.rows = view
-                    w.packed = packed
+            start = 0
+            for w in ws_i:  # each matrix from the map straight into its place: one copy
+                view = m[start:start + w.n_out]
+                start += w.n_out
+                if packed:  # (8-row groups never straddle two matrices: each has a multiple of 8 rows)
+                    pack_x8(w.rows, w.ggml_type, out=view)
+                else:
+                    view[...] = w.rows
+                _release_pages(w.rows)
+                w.rows = view  # every product reads the copy
+                w.packed = packed
             m = read_only_view(m)  # one array type for every matrix (the memory map's is read-only): one compile
             mats.append(m)
         kernels = [g[0].kernel for g in groups]

@@ -212,23 +212,24 @@ def pack_x8(rows: np.ndarray, block_bytes: int, n_scales: int, out: np.ndarray |
     """Rows [n, row bytes] (n a multiple of 8) of a 32-value format whose blocks are n_scales
     half floats then 16 quant bytes -> the same weights interleaved 8 rows at a time (above),
     into `out` (may be `rows` itself) or a new array. (The bytes move as uint16 scales and
-    uint64 halves of the quants, read in place through strided views: a model load's copy, 8
-    times fewer elements than byte by byte.)"""
+    uint64 halves of the quants, read in place through strided views and written straight into
+    `out`: a model load's one copy per matrix, 8 times fewer elements than byte by byte.)"""
     n, rb = rows.shape
     nb = rb // block_bytes
     g = n // 8
+    if out is None:
+        out = np.empty((n, rb), np.uint8)
+    elif np.shares_memory(out, rows):
+        rows = rows.copy()  # (in place: the source first, as the interleaving reads every row of a group)
     src = np.ascontiguousarray(rows)
-    packed = np.empty((g, nb, 8 * block_bytes), np.uint8)
+    packed = out.reshape(g, nb, 8 * block_bytes)
     for i in range(n_scales):  # [g, nb, 8 rows] of scale i
         scales = np.ndarray((g, 8, nb), np.uint16, src, 2 * i, (8 * rb, rb, block_bytes))
         packed[:, :, 16 * i:16 * i + 16].view(np.uint16)[...] = scales.transpose(0, 2, 1)
-    qs = np.ndarray((g, 8, nb, 2), np.uint64, src, block_bytes - 16, (8 * rb, rb, block_bytes, 8))
-    qs = qs[:, list(X8_ROWS_LO + X8_ROWS_HI)].reshape(g, 2, 4, nb, 2)  # [g, s, row, nb, v]: bytes 8v..8v+7
-    packed[:, :, 16 * n_scales:].view(np.uint64).reshape(g, nb, 2, 2, 4)[...] = qs.transpose(0, 3, 1, 4, 2)
-    packed = packed.reshape(n, rb)
-    if out is None:
-        return packed
-    out[...] = packed
+    # a group's row r = 4a + 2b + c as [a, b, c]: b = 0 are X8_ROWS_LO (0, 1, 4, 5), b = 1 X8_ROWS_HI
+    qs = np.ndarray((g, 2, 2, 2, nb, 2), np.uint64, src, block_bytes - 16, (8 * rb, 4 * rb, 2 * rb, rb, block_bytes, 8))
+    dst = packed[:, :, 16 * n_scales:].view(np.uint64).reshape(g, nb, 2, 2, 2, 2)  # [g, nb, b, v (bytes 8v..8v+7), a, c]
+    dst[...] = qs.transpose(0, 4, 2, 5, 1, 3)
     return out
 
 
