@@ -10,11 +10,24 @@ The forward pass (runtime/model/forward.py) only reads what this leaves behind.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .forward import Head, LayerStack
 from ..quants.matmul import FUSED_TYPES, pack_x8, repack, repackable
 from ..quants import read_only_view
+
+
+def _load_threads() -> int:
+    """Threads that copy a model's layers at load: the cores this process may use, at most 4
+    (the copies are bound by memory, not arithmetic)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def _release_pages(a: np.ndarray) -> None:
@@ -98,8 +111,9 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     stacks = None
     if all(p is not None for p in plan) and len({shape(p) for p in plan}) == 1:
         stacks = tuple(np.empty((len(plan), n_out, row_bytes), np.uint8) for _, n_out, row_bytes in shape(plan[0]))
-    out = []
-    for il, groups in enumerate(plan):
+
+    def layer_entry(il):
+        groups = plan[il]
         layer = weights.layers[il]
         if groups is None:  # one matrix at a time
             groups = tuple((w,) for w in layer.matrices)
@@ -130,7 +144,12 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
         else:
             parts = (tuple(mats[0:3]), (mats[3],), tuple(mats[4:6]), (mats[6],))
         types = tuple(np.array(kernels[a:b], np.int64) for a, b in ((0, 3), (3, 4), (4, 6), (6, 7)))
-        out.append(("grouped" if len(groups) == 4 else "plain", parts, types))
+        return "grouped" if len(groups) == 4 else "plain", parts, types
+
+    # the layers on several threads: the copies are numpy's and the page releases ctypes', both
+    # without the GIL, and each layer writes its own slices of the stacks and its own weights
+    with ThreadPoolExecutor(max_workers=_load_threads()) as pool:
+        out = list(pool.map(layer_entry, range(len(plan))))
     if out_w is not weights.token_embd and repackable(out_w):
         _repack_alone(out_w)
     elif out_w.ggml_type in FUSED_TYPES and out_w.n_in % 32 == 0 and not out_w.packed:
