@@ -35,17 +35,15 @@ import sys
 import threading
 
 from llamachat.runtime.model.model import available_memory as _available_memory
+from llamachat.runtime.quants import available_cores
 
 READY = "ready"
 PROMPT = "prompt"  # the step after which the helper says "ready prompt"
 MEMORY_SHARE = 0.4  # the helper's copy of the weights must fit in this share of the available memory
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def _cores() -> int:  # (a module name: tests replace it)
+    return available_cores()
 
 
 class Helper:

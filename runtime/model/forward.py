@@ -245,7 +245,10 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
     q [T, n_head*head_dim] for positions n_past..n_past+T-1; k_cache/v_cache [n_ctx, n_head_kv*
     head_dim] of one layer, already holding those positions. Query head h reads KV head
     h // (n_head/n_head_kv), as ggml's broadcast does. The (token, head) pairs are split over
-    the threads.
+    the threads, even one token's at the first position (a pair's job costs some 1 us before its
+    first key, a parallel region 1-2 us: a 1.1B's 32 heads took 28 us serial at position 0 and
+    70 at 16, 14.5 and 35 split). ggml's one-row kernel: `attend` runs it for batches of under
+    FA_TILE_Q tokens, and decode calls it from compiled code, without the tiled kernel.
     """
     for job in prange(q.shape[0] * n_head):
         _attention_job(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out, np.int64(job))
@@ -497,26 +500,15 @@ def attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, ou
 def attend(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
     """Attention of q's T tokens, the kernel chosen as llama.cpp's CPU flash attention chooses:
     ggml's tiled kernel for batches of FA_TILE_Q tokens or more, else its one-row kernel
-    (`attend_rows`). Every caller - prompts, decode, perplexity - comes through here, decode
-    (always one token) straight to `attend_rows` from compiled code. Same arguments as
+    (`attention`). Every caller - prompts, decode, perplexity - comes through here, decode
+    (always one token) straight to `attention` from compiled code. Same arguments as
     `attention`. (So a token's attention is the same bits in any batch of under FA_TILE_Q
     tokens; batches of FA_TILE_Q or more follow llama.cpp into the tiled kernel's other
     arithmetic.)"""
     if q.shape[0] >= FA_TILE_Q:
         attention_tiled(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
     else:
-        attend_rows(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
-
-
-@njit(cache=True)
-def attend_rows(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out):
-    """`attend` for fewer than FA_TILE_Q tokens: ggml's one-row kernel, the (token, head) pairs
-    split over the threads even for one token at the first position (each pair's job costs some
-    1 us before its first key, a parallel region 1-2 us: a 1.1B's 32 heads took 28 us serial at
-    position 0 and 70 at 16, 14.5 and 35 split). Apart from `attend` so that compiled decode
-    does not carry the tiled kernel it never runs (numba compiles every branch of a function,
-    and links all of it into each caller: seconds of a cold start)."""
-    attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
+        attention(q, k_cache, v_cache, n_past, n_head, n_head_kv, head_dim, out)
 
 
 def embed(cfg, w, tokens: np.ndarray) -> np.ndarray:
@@ -831,7 +823,7 @@ def attend_cache(q, kv, pos, dims, buf):
 @njit(inline="always")
 def _attend_cache_one(q, kv, pos, dims, ctx):  # fewer than FA_TILE_Q tokens: attend's choice, without the tiled kernel
     out = np.empty((q.shape[0], dims.n_head * dims.head_dim), np.float32)
-    attend_rows(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, out)
+    attention(q, kv.k, kv.v, pos, dims.n_head, dims.n_head_kv, dims.head_dim, out)
     return out
 
 
@@ -987,7 +979,7 @@ def compile_shared_kernels(cfg, weights) -> None:
     compiles decode, read them from the cache."""
     q = np.zeros((1, 32), np.float32)
     kv = np.zeros((2, 32), np.float32)
-    attend_rows(q, kv, kv, 0, 1, 1, 32, np.empty_like(q))
+    attention(q, kv, kv, 0, 1, 1, 32, np.empty_like(q))
     rope_tables(np.array([0]), cfg)
     embed(cfg, weights, np.array([0]))
     matmul(weights.output, Activations.empty(1, cfg.n_embd, weights.output.act_mode))  # a prompt's last row

@@ -10,24 +10,13 @@ The forward pass (runtime/model/forward.py) only reads what this leaves behind.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .forward import Head, LayerStack
 from ..quants.matmul import FUSED_TYPES, pack_x8, repack, repackable
-from ..quants import read_only_view
-
-
-def _load_threads() -> int:
-    """Threads that copy a model's layers at load: the cores this process may use, at most 4
-    (the copies are bound by memory, not arithmetic)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+from ..quants import available_cores, read_only_view
 
 
 def _release_pages(a: np.ndarray) -> None:
@@ -146,9 +135,10 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
         types = tuple(np.array(kernels[a:b], np.int64) for a, b in ((0, 3), (3, 4), (4, 6), (6, 7)))
         return "grouped" if len(groups) == 4 else "plain", parts, types
 
-    # the layers on several threads: the copies are numpy's and the page releases ctypes', both
-    # without the GIL, and each layer writes its own slices of the stacks and its own weights
-    with ThreadPoolExecutor(max_workers=_load_threads()) as pool:
+    # the layers on several threads (at most 4: the copies are bound by memory, not arithmetic):
+    # the copies are numpy's and the page releases ctypes', both without the GIL, and each layer
+    # writes its own slices of the stacks and its own weights
+    with ThreadPoolExecutor(max_workers=min(4, available_cores())) as pool:
         out = list(pool.map(layer_entry, range(len(plan))))
     if out_w is not weights.token_embd and repackable(out_w):
         _repack_alone(out_w)

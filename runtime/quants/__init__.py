@@ -116,7 +116,8 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _threads() -> int:
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -136,13 +137,13 @@ def _block_quantizer(kind: int):
         # (the numba kernel releases the GIL), which needs no parallel compilation
         global _pool
         x = read_only_view(x)
-        n_threads = min(_threads(), max(1, x.shape[0] // 16))
+        n_threads = min(available_cores(), max(1, x.shape[0] // 16))
         if n_threads == 1:
             _quantize_block_rows(kind, x, out)
             return
         with _pool_lock:
             if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="llamachat-quantize")
+                _pool = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="llamachat-quantize")
         bounds = np.linspace(0, x.shape[0], n_threads + 1).astype(int)
         jobs = [_pool.submit(_quantize_block_rows, kind, x[a:b], out[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         for job in jobs:
