@@ -183,6 +183,12 @@ def test_rms_epsilon_is_the_files(tmp_path):
     assert close(np.stack([m.eval([t]) for t in TOKENS]), ref, 1.3e-3)
 
 
+def _root(a):
+    while a.base is not None:
+        a = a.base
+    return a
+
+
 def test_quantized_tiny_model_and_tied_output(tmp_path):
     w = tiny_weights(1)
     types = {k: T.Q8_0 for k in w if k.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_up.weight", "token_embd.weight"))}
@@ -206,6 +212,13 @@ def test_quantized_tiny_model_and_tied_output(tmp_path):
     # the Q4_0 and Q4_1 matrices repacked 8 rows at a time, the others as in the file
     layers = m.weights.layers
     assert all(layer.w_gate.packed and layer.wo.packed and layer.w_down.packed and not layer.wq.packed for layer in layers)
+    # every copy in one buffer that starts on a 2 MiB boundary (where the kernel puts 2 MiB pages
+    # under all of it, not only under matrices of 4 MiB or more), each at a 4 KiB boundary
+    mats = [w.rows for layer in layers for w in layer.matrices]
+    buffers = {id(_root(a)) for a in mats}
+    assert len(buffers) == 1
+    first = min(a.ctypes.data for a in mats)
+    assert first % (2 << 20) == 0 and all(a.ctypes.data % 4096 == 0 for a in mats)
     m.truncate(0)
     assert np.array_equal(np.stack([m.eval([t]) for t in TOKENS]), block)
 

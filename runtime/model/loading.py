@@ -56,6 +56,28 @@ def _copy_alone(w) -> None:
     _release_pages(mapped)
 
 
+_HUGE_PAGE = 2 << 20
+
+
+def _arena(shapes) -> list[np.ndarray]:
+    """One uint8 array per shape, all carved from one buffer that starts on a 2 MiB boundary,
+    each at a 4 KiB-aligned offset. numpy asks the kernel for 2 MiB pages (transparent huge pages,
+    madvise) only inside the 2 MiB-aligned part of an allocation of 4 MiB or more: a matrix of
+    its own (a mixed-format model's lone q or wo, 2.4 MB in a 1.1B model) sat on 4 KiB pages,
+    and the edges of every larger one too. On 4 KiB pages a matrix streams slower (a 1.1B
+    Q4_K_M file's wo matrices were read at 11 GB/s on one thread, its output matrix, on 2 MiB
+    pages, at 16.6). In one buffer they all sit on 2 MiB pages, where the kernel has them."""
+    page = 4096
+    sizes = [int(np.prod(s)) for s in shapes]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // page) * page
+    buf = np.empty(total + _HUGE_PAGE, np.uint8)
+    start = -buf.ctypes.data % _HUGE_PAGE
+    return [buf[start + o:start + o + n].reshape(s) for o, n, s in zip(offsets, sizes, shapes)]
+
+
 def _repack_each(weights) -> None:
     """Every repackable matrix (`repackable`: the layers' Q4_0 and Q4_1 with rows a multiple of 8,
     and an untied output), each into its own array: for models decoded by `forward`."""
@@ -72,7 +94,7 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     runtime.model.forward.Layer takes them. "grouped" when q/k/v share a format and gate/up share one:
     qkv and gate_up each one stacked matrix; else "plain": qkv the 3 matrices and gate_up the 2.
     Every matrix decode reads, the output one too, is a copy made once at load, its file pages
-    released (the model's size, 66 MB for SmolLM2 Q4_1), on 2 MiB pages (_copy_alone). Either
+    released (the model's size, 66 MB for SmolLM2 Q4_1), on 2 MiB pages (_arena). Either
     way qkv holds 3 matrices and gate_up 2 (a stacked one repeated, its repeats' kernel numbers
     -1), so every layer of every model has one numba type and decode_layer compiles once. None
     if some matrix has no fused kernel (or the shapes do not suit it): those decode via
@@ -97,9 +119,16 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     def shape(groups):  # formats and matrix shapes of a grouped layer
         return tuple((int(g[0].ggml_type), sum(w.n_out for w in g), g[0].rows.shape[1]) for g in groups)
 
-    stacks = None
+    stacks = lone = None
     if all(p is not None for p in plan) and len({shape(p) for p in plan}) == 1:
-        stacks = tuple(np.empty((len(plan), n_out, row_bytes), np.uint8) for _, n_out, row_bytes in shape(plan[0]))
+        stacks = tuple(_arena([(len(plan), n_out, row_bytes) for _, n_out, row_bytes in shape(plan[0])]))
+    else:  # every copy in one arena (on 2 MiB pages), in order: layer by layer, group by group
+        groups_of = [plan[il] or tuple((w,) for w in layer.matrices) for il, layer in enumerate(weights.layers)]
+        flat = _arena([(sum(w.n_out for w in g), g[0].rows.shape[1]) for gs in groups_of for g in gs])
+        lone, k = [], 0
+        for gs in groups_of:
+            lone.append(flat[k:k + len(gs)])
+            k += len(gs)
 
     def layer_entry(il):
         groups = plan[il]
@@ -110,8 +139,8 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
         for i, ws_i in enumerate(groups):
             if stacks is not None:
                 m = stacks[i][il]
-            else:  # a lone matrix copied too (on 2 MiB pages: _copy_alone)
-                m = np.empty((sum(w.n_out for w in ws_i), ws_i[0].rows.shape[1]), np.uint8)
+            else:
+                m = lone[il][i]
             packed = all(repackable(w) for w in ws_i)
             start = 0
             for w in ws_i:  # each matrix from the map straight into its place: one copy
