@@ -98,7 +98,7 @@ async def _send(pilot, app, text: str) -> None:
 async def test_a_reopened_chat_is_not_read_again(smollm2_path):
     app = real_app(smollm2_path, "--temp", "0", "-n", "8")
     async with app.run_test(size=(110, 36)) as pilot:
-        await wait_for(pilot, lambda: app.engine.loaded and not app.loading, "the model to load", timeout=LOAD)
+        await wait_for(pilot, lambda: app.engine.loaded and not app.loading and app.chat_screen.sidebar.built, "the model to load", timeout=LOAD)
         llm = app.engine.llm
         chat = _saved_chat(app)
         states = app.engine.resume
@@ -130,7 +130,7 @@ async def test_a_reopened_chat_is_not_read_again(smollm2_path):
     # the next run: the chat comes back from its file
     app = real_app(smollm2_path, "--temp", "0", "-n", "8")
     async with app.run_test(size=(110, 36)) as pilot:
-        await wait_for(pilot, lambda: app.engine.loaded and not app.loading, "the model to load", timeout=LOAD)
+        await wait_for(pilot, lambda: app.engine.loaded and not app.loading and app.chat_screen.sidebar.built, "the model to load", timeout=LOAD)
         app.open_chat(chat)
         await _send(pilot, app, "Thank you.")
         stats = app.engine.llm.generator.last_stats
@@ -140,7 +140,7 @@ async def test_a_reopened_chat_is_not_read_again(smollm2_path):
     # another context size: the saved context is refused and the history processed again
     app = real_app(smollm2_path, "--temp", "0", "-n", "8", "-c", "1024")
     async with app.run_test(size=(110, 36)) as pilot:
-        await wait_for(pilot, lambda: app.engine.loaded and not app.loading, "the model to load", timeout=LOAD)
+        await wait_for(pilot, lambda: app.engine.loaded and not app.loading and app.chat_screen.sidebar.built, "the model to load", timeout=LOAD)
         app.open_chat(chat)
         await _send(pilot, app, "Goodbye.")
         stats = app.engine.llm.generator.last_stats
@@ -152,7 +152,7 @@ async def test_a_reopened_chat_is_not_read_again(smollm2_path):
 async def test_budget_is_shown_and_edited_in_the_sidebar(smollm2_path):
     app = real_app(smollm2_path, "--temp", "0", "-n", "4")
     async with app.run_test(size=(110, 36)) as pilot:
-        await wait_for(pilot, lambda: app.engine.resume is not None, "the saved contexts")
+        await wait_for(pilot, lambda: app.engine.resume is not None and app.chat_screen.sidebar.built, "the saved contexts")
         box = app.chat_screen.sidebar.query_one(ResumeBudget)
         field = box.query_one("#resume-budget")
         assert field.value == "1024" and "0 of 1024 MiB used (0 chats)" in str(box.query_one("#resume-usage").render())
@@ -162,7 +162,7 @@ async def test_budget_is_shown_and_edited_in_the_sidebar(smollm2_path):
         await pilot.press("backspace", "0", "enter")
         await wait_for(pilot, lambda: app.engine.resume.budget_bytes == 0, "the budget to apply")
         assert Library.load().resume_budget_mib == 0
-        await wait_for(pilot, lambda: app.engine.loaded and not app.loading, "the model to load", timeout=LOAD)
+        await wait_for(pilot, lambda: app.engine.loaded and not app.loading and app.chat_screen.sidebar.built, "the model to load", timeout=LOAD)
         chat = _saved_chat(app)
         app.open_chat(chat)
         await _send(pilot, app, "Hi")

@@ -585,3 +585,40 @@ def test_starting_the_app_does_not_import_the_markdown_renderer():
             "'textual.widgets._markdown'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+async def test_sidebar_fields_are_made_once_the_model_is_ready(library):
+    """The sidebar's fields (about 45 widgets, a sixth of a warm start's CPU before the model is
+    ready) are made after the load, and show what the app gave the sidebar before: the settings,
+    the model picked, the mode line, the saved contexts' budget; the load's bar is hidden."""
+    from textual.widgets import Input, Select, Static
+
+    from llamachat.tui.widgets.resume_budget import ResumeBudget
+
+    app, _ = make_app(script=FakeScript(replies=["Paris."], load_delay=0.5))
+    async with app.run_test(size=SIZE) as pilot:
+        sidebar = app.chat_screen.sidebar
+        await wait_for(pilot, lambda: app.loading)
+        await pilot.pause(0.1)
+        assert not sidebar.built and not sidebar.query(Input)  # no fields while the model loads
+        await ready(pilot, app)
+        assert sidebar.query_one("#setting-temp", Input).value == "0.3"  # alpha's library settings
+        assert sidebar.query_one("#setting-top_k", Input).value == "12"
+        assert sidebar.query_one("#model-select", Select).value == "alpha"
+        assert "mode: chat" in str(sidebar.query_one("#mode-info", Static).render())
+        assert not sidebar.query_one("#load-progress").display
+        await wait_for(pilot, lambda: "MiB used" in str(sidebar.query_one(ResumeBudget).query_one("#resume-usage").render()))
+
+
+async def test_sidebar_fields_are_made_during_a_long_load(library, monkeypatch):
+    """A load longer than Sidebar.BUILD_AFTER (a first run's compile) does not leave the sidebar
+    empty: its fields come after that many seconds, with the load's bar."""
+    from llamachat.tui.widgets.sidebar import Sidebar
+
+    monkeypatch.setattr(Sidebar, "BUILD_AFTER", 0.3)
+    app, _ = make_app(script=FakeScript(replies=["Paris."], load_delay=30))
+    async with app.run_test(size=SIZE) as pilot:
+        sidebar = app.chat_screen.sidebar
+        await wait_for(pilot, lambda: sidebar.built, timeout=20)
+        assert app.loading and sidebar.query_one("#load-progress").display
+        await pilot.press("ctrl+q")

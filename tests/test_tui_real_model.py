@@ -57,7 +57,7 @@ async def test_app_answers_with_the_real_model(smollm2_path):
     app = real_app(smollm2_path, "--temp", "0", "-n", "24")
     question = "What is the capital of France? Answer in one word."
     async with app.run_test(size=(100, 30)) as pilot:
-        await wait_for(pilot, lambda: app.engine.loaded and not app.loading, "the model to load", timeout=LOAD)
+        await wait_for(pilot, lambda: app.engine.loaded and not app.loading and app.chat_screen.sidebar.built, "the model to load", timeout=LOAD)
         box = app.chat_screen.chat_input
         box.focus()
         box.text = question
@@ -96,7 +96,7 @@ async def test_every_sidebar_setting_reaches_the_real_sampler(smollm2_path, monk
     question = "Write a long story about a robot who learns to paint."
     app = real_app(smollm2_path)
     async with app.run_test(size=(110, 40)) as pilot:
-        await wait_for(pilot, lambda: app.engine.loaded and not app.loading, "the model to load", timeout=LOAD)
+        await wait_for(pilot, lambda: app.engine.loaded and not app.loading and app.chat_screen.sidebar.built, "the model to load", timeout=LOAD)
         sidebar = app.chat_screen.sidebar
         for name, text in typed.items():
             await type_into(pilot, sidebar.query_one(f"#setting-{name}"), text)
@@ -174,7 +174,7 @@ async def test_a_long_chat_with_the_real_model_drops_then_shifts(smollm2_path):
 
     app = real_app(smollm2_path, "--temp", "0", "-n", "24", "-c", "160", "--system", "Be brief.")
     async with app.run_test(size=(100, 30)) as pilot:
-        await wait_for(pilot, lambda: app.engine.loaded and not app.loading, "the model to load", timeout=LOAD)
+        await wait_for(pilot, lambda: app.engine.loaded and not app.loading and app.chat_screen.sidebar.built, "the model to load", timeout=LOAD)
         for i, topic in enumerate(("France", "Italy", "Spain", "Germany", "Norway", "Japan")):
             app.chat_screen.chat_input.focus()
             app.chat_screen.chat_input.text = f"Tell me one fact about {topic}, please."

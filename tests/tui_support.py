@@ -63,7 +63,8 @@ async def wait_for(pilot, condition, what: str | None = None, timeout: float = 6
 
 
 async def ready(pilot, app):
-    await wait_for(pilot, lambda: app.engine.loaded and not app.loading)
+    """The model loaded and the sidebar's fields made (the app makes them once it is loaded)."""
+    await wait_for(pilot, lambda: app.engine.loaded and not app.loading and app.chat_screen.sidebar.built)
 
 
 async def send(pilot, app, text):

@@ -200,6 +200,11 @@ class ChatApp(App):
             self.push_screen(FirstRunScreen(self._puller), self._first_run_closed)
         else:
             self._start_load(self.entry, reason="start")
+        sidebar = self.chat_screen.sidebar
+        if self.loading:  # its fields once the model is ready (on_load_done), or in BUILD_AFTER s
+            self.set_timer(sidebar.BUILD_AFTER, sidebar.build)
+        else:
+            sidebar.build()
         self.update_status()
 
     async def action_quit(self) -> None:
@@ -282,13 +287,7 @@ class ChatApp(App):
             rp = ", ".join(repr(r) for r in conv.reverse_prompts) or "none"
             text = f"mode: interactive ({conv.preamble_name or 'no prompt'}; reverse prompt {rp})"
         try:
-            info = self.chat_screen.query_one("#mode-info")
-            info.update(text)
-            # measured again once the screen has settled: set while the sidebar was gaining its
-            # scrollbar, the line kept the one-line height it had empty and lost its wrapped end
-            self.call_after_refresh(info.refresh, layout=True)
-            area = self.chat_screen.query_one("#system-prompt")
-            area.disabled = conv.mode != CHAT
+            self.chat_screen.sidebar.show_mode(text, system_prompt=conv.mode == CHAT)
         except NoMatches:  # the chat screen is not composed yet or already gone
             pass
 
@@ -602,6 +601,7 @@ class ChatApp(App):
             if not self.generating:  # (a reply loads the kernels itself)
                 self.engine.warm_up_later()
         self.update_status()
+        self.call_after_refresh(self.chat_screen.sidebar.build)  # (after the status shows the model ready)
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -1067,8 +1067,7 @@ class ChatApp(App):
     def _show_resume_usage(self) -> None:
         resume = self.engine.resume
         if resume is not None:
-            self.chat_screen.sidebar.query_one(ResumeBudget).show(resume.budget_bytes >> 20, resume.used_bytes(),
-                                                                  len(resume.files()))
+            self.chat_screen.sidebar.show_resume(resume.budget_bytes >> 20, resume.used_bytes(), len(resume.files()))
 
     def _leave_chat(self) -> None:
         """The chat on screen is being left: its context is saved (in the engine's thread)."""

@@ -82,7 +82,7 @@ class ChatScreen(Screen):
                     with Vertical(id="input-buttons"):
                         yield Button("Send", id="send", variant="primary", compact=True)
                         yield Button("Stop", id="stop", variant="error", compact=True, disabled=True)
-            yield Sidebar(id="sidebar", settings=self._settings)
+            yield Sidebar(id="sidebar", settings=self._settings, deferred=True)
         yield StatusLine("", id="status")
         yield KeyFooter()
 

@@ -28,8 +28,21 @@ def format_value(value) -> str:
 
 
 class Sidebar(VerticalScroll):
+    """The fields are made by `build`, not when the chat screen is: about 45 widgets, a sixth of
+    a warm start's CPU before the model is ready (Python runs the app's layout and the model
+    load on one core at a time), so the app builds them once the model is ready (or after
+    BUILD_AFTER seconds of a longer load, or at once when there is none). Until then the
+    show_* methods keep what they are given, and `build` shows it."""
+
     _policy = SETTINGS["context_policy"].default  # the context policy the picker shows
     _quality: dict = {}  # model name -> its quality figures in short ("" or absent: none)
+    BUILD_AFTER = 1.5  # seconds: the latest the app builds the fields during a load
+    built = False  # the fields are there (build has ended)
+    _building = False
+    _models: tuple | None = None  # show_models' arguments, kept until built
+    _progress: float | None = None  # show_progress's fraction, kept until built
+    _resume: tuple | None = None  # show_resume's arguments, kept until built
+    _mode: tuple | None = None  # show_mode's arguments, kept until built
     class SettingChanged(Message):
         def __init__(self, name: str, value, submitted: bool = False):
             super().__init__()
@@ -49,13 +62,17 @@ class Sidebar(VerticalScroll):
             super().__init__()
             self.text = text
 
-    def __init__(self, *args, settings: dict | None = None, **kwargs):
+    def __init__(self, *args, settings: dict | None = None, deferred: bool = False, **kwargs):
         """settings: the values the fields start with (show_settings changes them later);
-        made with them, the fields need no update after they are shown, which restyled each."""
+        made with them, the fields need no update after they are shown, which restyled each.
+        deferred: the fields wait for `build` (the chat screen's); else they are made at once."""
         super().__init__(*args, **kwargs)
         self._initial = settings or {}
+        self._building = self.built = not deferred
 
     def compose(self) -> ComposeResult:
+        if not self._building:
+            return
         first = self._initial
         yield Label("Model", classes="sidebar-title")
         yield Select([], id="model-select", prompt="(no model)", allow_blank=True, compact=True)
@@ -79,11 +96,32 @@ class Sidebar(VerticalScroll):
                        tab_behavior="focus")
         yield ResumeBudget()
 
+    def build(self) -> None:
+        """Make the fields, once (see the class), with what the show_* methods were given."""
+        if not self._building and self.is_attached:
+            self._building = True
+            self.call_later(self._build)
+
+    async def _build(self) -> None:
+        await self.recompose()
+        self.built = True
+        self.show_settings(self._initial)  # (any given while compose ran)
+        if self._models is not None:
+            self.show_models(*self._models)
+        self.show_progress(self._progress)
+        if self._mode is not None:
+            self.show_mode(*self._mode)
+        if self._resume is not None:
+            self.show_resume(*self._resume)
+
     # -- filled in by the app ---------------------------------------------------------------
 
     # Filling a field posts Changed like a user edit would; the app ignores values it already has.
 
     def show_settings(self, settings: dict) -> None:
+        if not self.built:
+            self._initial = dict(settings)  # (what compose fills the fields with)
+            return
         for name, _ in SIDEBAR_SETTINGS:
             field, value = self.query_one(f"#setting-{name}", Input), format_value(settings[name])
             if field.value != value:
@@ -110,6 +148,9 @@ class Sidebar(VerticalScroll):
         """Show the models and which one is in use. Not a user's choice, so no ModelChosen:
         re-filling the list passes through the blank entry, which would unload the model.
         `quality`: model name -> its figures in short (model_store.library.quality_text)."""
+        if not self.built:
+            self._models = (options, current, quality)
+            return
         self._quality = dict(quality or {})
         select = self.query_one("#model-select", Select)
         with select.prevent(Select.Changed):
@@ -127,10 +168,32 @@ class Sidebar(VerticalScroll):
         line.display = bool(text)
 
     def show_progress(self, fraction: float | None) -> None:
+        if not self.built:
+            self._progress = fraction
+            return
         bar = self.query_one("#load-progress", ProgressBar)
         bar.display = fraction is not None
         if fraction is not None:
             bar.update(progress=max(0.0, min(1.0, fraction)) * 100)
+
+    def show_mode(self, text: str, system_prompt: bool) -> None:
+        """The chat's mode line; system_prompt: whether the mode reads the system prompt field."""
+        if not self.built:
+            self._mode = (text, system_prompt)
+            return
+        info = self.query_one("#mode-info", Static)
+        info.update(text)
+        # measured again once the screen has settled: set while the sidebar was gaining its
+        # scrollbar, the line kept the one-line height it had empty and lost its wrapped end
+        self.app.call_after_refresh(info.refresh, layout=True)
+        self.query_one("#system-prompt", TextArea).disabled = not system_prompt
+
+    def show_resume(self, mib: int, used_bytes: int, n_chats: int) -> None:
+        """The saved contexts' budget and use (ResumeBudget.show)."""
+        if not self.built:
+            self._resume = (mib, used_bytes, n_chats)
+            return
+        self.query_one(ResumeBudget).show(mib, used_bytes, n_chats)
 
     # -- user edits -----------------------------------------------------------------------
 
