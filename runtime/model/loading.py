@@ -119,28 +119,20 @@ def fused_layers(weights) -> tuple[list | None, LayerStack | None]:
     def shape(groups):  # formats and matrix shapes of a grouped layer
         return tuple((int(g[0].ggml_type), sum(w.n_out for w in g), g[0].rows.shape[1]) for g in groups)
 
-    stacks = lone = None
+    # per layer its groups of matrices copied side by side (a grouped layer's 4, else its 7 one by one)
+    groups_of = [plan[il] or tuple((w,) for w in layer.matrices) for il, layer in enumerate(weights.layers)]
+    stacks = None
     if all(p is not None for p in plan) and len({shape(p) for p in plan}) == 1:
         stacks = tuple(_arena([(len(plan), n_out, row_bytes) for _, n_out, row_bytes in shape(plan[0])]))
+        places = [[s[il] for s in stacks] for il in range(len(plan))]
     else:  # every copy in one arena (on 2 MiB pages), in order: layer by layer, group by group
-        groups_of = [plan[il] or tuple((w,) for w in layer.matrices) for il, layer in enumerate(weights.layers)]
-        flat = _arena([(sum(w.n_out for w in g), g[0].rows.shape[1]) for gs in groups_of for g in gs])
-        lone, k = [], 0
-        for gs in groups_of:
-            lone.append(flat[k:k + len(gs)])
-            k += len(gs)
+        flat = iter(_arena([(sum(w.n_out for w in g), g[0].rows.shape[1]) for gs in groups_of for g in gs]))
+        places = [[next(flat) for _ in gs] for gs in groups_of]
 
     def layer_entry(il):
-        groups = plan[il]
-        layer = weights.layers[il]
-        if groups is None:  # one matrix at a time
-            groups = tuple((w,) for w in layer.matrices)
+        groups = groups_of[il]
         mats = []
-        for i, ws_i in enumerate(groups):
-            if stacks is not None:
-                m = stacks[i][il]
-            else:
-                m = lone[il][i]
+        for ws_i, m in zip(groups, places[il]):
             packed = all(repackable(w) for w in ws_i)
             start = 0
             for w in ws_i:  # each matrix from the map straight into its place: one copy
